@@ -1,0 +1,128 @@
+#include "kernels/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace dpo::cpu {
+
+template <class T>
+void attention_forward(T* out, T* att, const T* qkv, const int32_t* keymask, int64_t B, int64_t T_, int64_t C,
+                       int64_t NH) {
+  const int64_t C3 = 3 * C, hs = C / NH;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hs));
+  const int64_t rows = B * NH * T_;
+#pragma omp parallel
+  {
+    std::vector<double> p(T_), acc(hs);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t t = r % T_, h = (r / T_) % NH, b = r / (T_ * NH);
+      const T* q = qkv + (b * T_ + t) * C3 + h * hs;
+      T* arow = att + r * T_;
+      T* o = out + (b * T_ + t) * C + h * hs;
+
+      double mx = -std::numeric_limits<double>::infinity();
+      bool any = false;  // a query with no visible key (left padding) gets att = 0, out = 0
+      for (int64_t s = 0; s <= t; ++s) {
+        if (keymask && keymask[b * T_ + s] == 0) continue;
+        const T* k = qkv + (b * T_ + s) * C3 + C + h * hs;
+        double d = 0.0;
+        for (int64_t i = 0; i < hs; ++i) d += static_cast<double>(q[i]) * static_cast<double>(k[i]);
+        p[s] = d * scale;
+        mx = std::max(mx, p[s]);
+        any = true;
+      }
+      double sum = 0.0;
+      for (int64_t s = 0; s <= t; ++s) {
+        if (keymask && keymask[b * T_ + s] == 0) {
+          p[s] = 0.0;
+          continue;
+        }
+        p[s] = std::exp(p[s] - mx);
+        sum += p[s];
+      }
+      const double inv = any ? 1.0 / sum : 0.0;
+      for (int64_t i = 0; i < hs; ++i) acc[i] = 0.0;
+      for (int64_t s = 0; s <= t; ++s) {
+        p[s] *= inv;
+        arow[s] = static_cast<T>(p[s]);
+        if (p[s] == 0.0) continue;
+        const T* v = qkv + (b * T_ + s) * C3 + 2 * C + h * hs;
+        for (int64_t i = 0; i < hs; ++i) acc[i] += p[s] * static_cast<double>(v[i]);
+      }
+      for (int64_t s = t + 1; s < T_; ++s) arow[s] = T(0);
+      for (int64_t i = 0; i < hs; ++i) o[i] = static_cast<T>(acc[i]);
+    }
+  }
+}
+
+template <class T>
+void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* att, int64_t B, int64_t T_, int64_t C,
+                        int64_t NH) {
+  const int64_t C3 = 3 * C, hs = C / NH;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hs));
+  // One (b,h) per iteration owns disjoint channels of dqkv, and sums over t and s run in a fixed order inside
+  // it, so the result does not depend on the thread count. Gradients are collected in local buffers and added
+  // to dqkv once.
+#pragma omp parallel
+  {
+    std::vector<double> dq(T_ * hs), dk(T_ * hs), dv(T_ * hs), datt(T_);
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * NH; ++bh) {
+      const int64_t b = bh / NH, h = bh % NH;
+      std::fill(dq.begin(), dq.end(), 0.0);
+      std::fill(dk.begin(), dk.end(), 0.0);
+      std::fill(dv.begin(), dv.end(), 0.0);
+      for (int64_t t = 0; t < T_; ++t) {
+        const T* arow = att + (bh * T_ + t) * T_;
+        const T* q = qkv + (b * T_ + t) * C3 + h * hs;
+        const T* d = dout + (b * T_ + t) * C + h * hs;
+        // Probabilities that are exactly 0 (future, masked, or a row with no visible key) contribute nothing.
+        double dot = 0.0;
+        for (int64_t s = 0; s <= t; ++s) {
+          const double a = static_cast<double>(arow[s]);
+          if (a == 0.0) continue;
+          const T* v = qkv + (b * T_ + s) * C3 + 2 * C + h * hs;
+          double g = 0.0;
+          for (int64_t i = 0; i < hs; ++i) {
+            g += static_cast<double>(d[i]) * static_cast<double>(v[i]);
+            dv[s * hs + i] += a * static_cast<double>(d[i]);
+          }
+          datt[s] = g;
+          dot += a * g;
+        }
+        for (int64_t s = 0; s <= t; ++s) {
+          const double a = static_cast<double>(arow[s]);
+          if (a == 0.0) continue;
+          const double dpre = a * (datt[s] - dot) * scale;
+          const T* k = qkv + (b * T_ + s) * C3 + C + h * hs;
+          for (int64_t i = 0; i < hs; ++i) {
+            dq[t * hs + i] += dpre * static_cast<double>(k[i]);
+            dk[s * hs + i] += dpre * static_cast<double>(q[i]);
+          }
+        }
+      }
+      for (int64_t t = 0; t < T_; ++t) {
+        T* g = dqkv + (b * T_ + t) * C3 + h * hs;
+        for (int64_t i = 0; i < hs; ++i) {
+          g[i] += static_cast<T>(dq[t * hs + i]);
+          g[C + i] += static_cast<T>(dk[t * hs + i]);
+          g[2 * C + i] += static_cast<T>(dv[t * hs + i]);
+        }
+      }
+    }
+  }
+}
+
+template void attention_forward<float>(float*, float*, const float*, const int32_t*, int64_t, int64_t, int64_t,
+                                       int64_t);
+template void attention_forward<double>(double*, double*, const double*, const int32_t*, int64_t, int64_t, int64_t,
+                                        int64_t);
+template void attention_backward<float>(float*, const float*, const float*, const float*, int64_t, int64_t, int64_t,
+                                        int64_t);
+template void attention_backward<double>(double*, const double*, const double*, const double*, int64_t, int64_t,
+                                         int64_t, int64_t);
+
+}  // namespace dpo::cpu

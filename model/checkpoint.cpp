@@ -1,0 +1,179 @@
+#include "model/checkpoint.h"
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "runtime/safetensors.h"
+
+namespace dpo {
+
+namespace {
+
+using json = nlohmann::json;
+
+int64_t get_int(const json& j, const std::string& path, const char* key, bool required, int64_t dflt) {
+  if (!j.contains(key) || j[key].is_null()) {
+    if (required) throw InputError(path + ": missing field '" + key + "'");
+    return dflt;
+  }
+  const json& v = j[key];
+  if (!v.is_number_integer()) throw InputError(path + ": field '" + key + "' must be an integer, got " + v.dump());
+  return v.get<int64_t>();
+}
+
+}  // namespace
+
+GPT2Config load_gpt2_config(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) throw InputError(path + ": cannot open");
+  json j;
+  try {
+    j = json::parse(f);
+  } catch (const json::parse_error& e) {
+    throw InputError(path + ": not valid JSON: " + e.what());
+  }
+  if (!j.is_object()) throw InputError(path + ": top level is not a JSON object");
+  if (j.contains("model_type") && j["model_type"] != "gpt2")
+    throw InputError(path + ": field 'model_type' is " + j["model_type"].dump() + ", only \"gpt2\" is supported");
+  GPT2Config c;
+  c.vocab_size = get_int(j, path, "vocab_size", true, 0);
+  c.max_seq_len = get_int(j, path, "n_positions", true, 0);
+  c.n_embd = get_int(j, path, "n_embd", true, 0);
+  c.n_layer = get_int(j, path, "n_layer", true, 0);
+  c.n_head = get_int(j, path, "n_head", true, 0);
+  if (j.contains("layer_norm_epsilon")) {
+    if (!j["layer_norm_epsilon"].is_number())
+      throw InputError(path + ": field 'layer_norm_epsilon' must be a number");
+    c.ln_eps = j["layer_norm_epsilon"].get<double>();
+  }
+  if (j.contains("n_inner") && !j["n_inner"].is_null()) {
+    int64_t inner = get_int(j, path, "n_inner", false, 0);
+    if (inner != 4 * c.n_embd)
+      throw InputError(path + ": field 'n_inner' is " + std::to_string(inner) + ", only 4*n_embd (" +
+                       std::to_string(4 * c.n_embd) + ") is supported");
+  }
+  if (j.contains("activation_function")) {
+    const json& a = j["activation_function"];
+    if (!a.is_string() || (a != "gelu_new" && a != "gelu_pytorch_tanh"))
+      throw InputError(path + ": field 'activation_function' is " + a.dump() +
+                       ", only the tanh GELU (\"gelu_new\", \"gelu_pytorch_tanh\") is supported");
+  }
+  if (j.contains("tie_word_embeddings") && j["tie_word_embeddings"] != true)
+    throw InputError(path + ": field 'tie_word_embeddings' must be true (the LM head is tied to wte)");
+  for (const char* flag : {"scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"})
+    if (j.contains(flag) && j[flag] == true)
+      throw InputError(path + ": field '" + std::string(flag) + "' = true is not supported");
+  if (j.contains("scale_attn_weights") && j["scale_attn_weights"] != true)
+    throw InputError(path + ": field 'scale_attn_weights' must be true");
+  c.validate(path);
+  return c;
+}
+
+std::string gpt2_config_json(const GPT2Config& c) {
+  json j = {
+      {"architectures", {"GPT2LMHeadModel"}},
+      {"model_type", "gpt2"},
+      {"vocab_size", c.vocab_size},
+      {"n_positions", c.max_seq_len},
+      {"n_ctx", c.max_seq_len},
+      {"n_embd", c.n_embd},
+      {"n_layer", c.n_layer},
+      {"n_head", c.n_head},
+      {"n_inner", nullptr},
+      {"activation_function", "gelu_new"},
+      {"layer_norm_epsilon", c.ln_eps},
+      {"resid_pdrop", 0.0},
+      {"embd_pdrop", 0.0},
+      {"attn_pdrop", 0.0},
+      {"initializer_range", 0.02},
+      {"scale_attn_weights", true},
+      {"scale_attn_by_inverse_layer_idx", false},
+      {"reorder_and_upcast_attn", false},
+      {"tie_word_embeddings", true},
+      {"torch_dtype", "float32"},
+  };
+  return j.dump(2) + "\n";
+}
+
+LoadReport load_gpt2_weights(GPT2& model, const std::string& path) {
+  SafetensorsFile file(path);
+  LoadReport report;
+  // Map stored names to parameter names.
+  std::map<std::string, const SafetensorsEntry*> by_param;
+  const SafetensorsEntry* lm_head = nullptr;
+  std::set<std::string> known;
+  for (const auto& s : model.specs()) known.insert(s.name);
+  for (const auto& e : file.entries()) {
+    std::string n = e.name;
+    if (n.rfind("transformer.", 0) == 0) n = n.substr(12);
+    if (n == "lm_head.weight") {
+      lm_head = &e;
+      continue;
+    }
+    if (n.rfind("h.", 0) == 0 && (n.size() > 10) &&
+        (n.compare(n.size() - 10, 10, ".attn.bias") == 0 || n.find(".attn.masked_bias") != std::string::npos)) {
+      report.ignored.push_back(e.name);
+      continue;
+    }
+    if (!known.count(n))
+      throw InputError(path + ": unexpected tensor '" + e.name + "' (not a GPT-2 parameter)");
+    if (by_param.count(n)) throw InputError(path + ": tensor '" + n + "' appears twice (with and without prefix)");
+    by_param[n] = &e;
+  }
+  Backend& be = model.backend();
+  for (const auto& s : model.specs()) {
+    auto it = by_param.find(s.name);
+    if (it == by_param.end()) throw InputError(path + ": missing tensor '" + s.name + "'");
+    const SafetensorsEntry& e = *it->second;
+    if (e.shape != s.shape)
+      throw InputError(path + ": tensor '" + e.name + "' has shape " + shape_str(e.shape) + ", config expects " +
+                       shape_str(s.shape));
+    if (e.dtype != DType::F32 && e.dtype != DType::F64 && e.dtype != DType::BF16 && e.dtype != DType::F16)
+      throw InputError(path + ": tensor '" + e.name + "' has dtype " + dtype_name(e.dtype) +
+                       "; weights must be F32, F64, BF16 or F16");
+    Tensor host = file.read_as(e.name, DType::F64);
+    be.copy_from_host(model.param(s.name), host);
+  }
+  if (lm_head) {
+    if (lm_head->shape != model.spec("wte.weight").shape)
+      throw InputError(path + ": tensor '" + lm_head->name + "' has shape " + shape_str(lm_head->shape) +
+                       ", expected the tied wte shape");
+    Tensor a = file.read_as(lm_head->name, DType::F64);
+    Tensor b = file.read_as(by_param.at("wte.weight")->name, DType::F64);
+    if (std::memcmp(a.raw(), b.raw(), static_cast<size_t>(a.nbytes())) != 0)
+      throw InputError(path + ": tensor '" + lm_head->name +
+                       "' differs from wte.weight; only a tied LM head is supported");
+  }
+  return report;
+}
+
+std::unique_ptr<GPT2> load_gpt2_checkpoint(Backend& backend, const std::string& dir, DType dtype,
+                                           LoadReport* report) {
+  namespace fs = std::filesystem;
+  if (!fs::is_directory(dir)) throw InputError(dir + ": not a checkpoint directory");
+  GPT2Config cfg = load_gpt2_config((fs::path(dir) / "config.json").string());
+  auto model = std::make_unique<GPT2>(backend, cfg, dtype);
+  LoadReport r = load_gpt2_weights(*model, (fs::path(dir) / "model.safetensors").string());
+  if (report) *report = std::move(r);
+  return model;
+}
+
+void save_gpt2_checkpoint(const GPT2& model, const std::string& dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw Error("cannot create directory " + dir + ": " + ec.message());
+  Tensor host = Tensor::host({model.params().numel()}, DType::F32);
+  model.backend().copy_to_host(host, model.params());
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const auto& s : model.specs()) tensors.emplace_back("transformer." + s.name, host.view(s.offset, s.shape));
+  save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
+  write_file_atomic((fs::path(dir) / "config.json").string(), gpt2_config_json(model.config()));
+}
+
+}  // namespace dpo

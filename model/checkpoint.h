@@ -1,0 +1,39 @@
+// HF-format GPT-2 checkpoints: a directory with config.json and model.safetensors.
+//
+// Loading accepts what HF writes: tensor names with or without the "transformer." prefix, F32/F64/BF16/F16
+// weights (converted to the model's dtype), the non-parameter buffers old checkpoints carry (h.<l>.attn.bias,
+// h.<l>.attn.masked_bias: ignored and listed in LoadReport), and lm_head.weight when it equals wte (tied). Every
+// other deviation -- a missing or unexpected tensor, a wrong shape, an unsupported dtype, an untied LM head, a
+// config field missing, mistyped or inconsistent -- throws dpo::InputError naming the file and the field/tensor.
+//
+// Saving writes config.json and model.safetensors (F32, "transformer."-prefixed names, as GPT2LMHeadModel's
+// save_pretrained does) so that transformers' from_pretrained loads it; each file is written atomically.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/gpt2.h"
+
+namespace dpo {
+
+// Parses and validates a GPT-2 config.json.
+GPT2Config load_gpt2_config(const std::string& path);
+std::string gpt2_config_json(const GPT2Config& cfg);
+
+struct LoadReport {
+  std::vector<std::string> ignored;  // buffers that are not parameters
+};
+
+// Loads weights into an existing model whose config matches the file's shapes.
+LoadReport load_gpt2_weights(GPT2& model, const std::string& safetensors_path);
+
+// config.json + model.safetensors from `dir`.
+std::unique_ptr<GPT2> load_gpt2_checkpoint(Backend& backend, const std::string& dir, DType dtype,
+                                           LoadReport* report = nullptr);
+
+// Creates `dir` if needed; writes config.json and model.safetensors.
+void save_gpt2_checkpoint(const GPT2& model, const std::string& dir);
+
+}  // namespace dpo

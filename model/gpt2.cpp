@@ -1,0 +1,265 @@
+#include "model/gpt2.h"
+
+#include <cmath>
+
+namespace dpo {
+
+void GPT2Config::validate(const std::string& where) const {
+  auto positive = [&](int64_t v, const char* field) {
+    if (v <= 0) throw InputError(where + ": " + field + " must be positive, got " + std::to_string(v));
+  };
+  positive(max_seq_len, "n_positions");
+  positive(vocab_size, "vocab_size");
+  positive(n_layer, "n_layer");
+  positive(n_head, "n_head");
+  positive(n_embd, "n_embd");
+  if (n_embd % n_head != 0)
+    throw InputError(where + ": n_embd (" + std::to_string(n_embd) + ") is not divisible by n_head (" +
+                     std::to_string(n_head) + ")");
+  if (vocab_size > INT32_MAX) throw InputError(where + ": vocab_size does not fit in int32 token ids");
+  if (!(ln_eps > 0) || !std::isfinite(ln_eps))
+    throw InputError(where + ": layer_norm_epsilon must be a positive finite number");
+}
+
+int64_t GPT2Config::num_parameters() const {
+  const int64_t C = n_embd;
+  return vocab_size * C + max_seq_len * C + n_layer * (12 * C * C + 13 * C) + 2 * C;
+}
+
+std::vector<ParamSpec> gpt2_param_specs(const GPT2Config& cfg) {
+  const int64_t C = cfg.n_embd;
+  std::vector<ParamSpec> s;
+  int64_t off = 0;
+  auto add = [&](std::string name, Shape shape, bool decay) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    s.push_back({std::move(name), std::move(shape), off, decay});
+    off += n;
+  };
+  add("wte.weight", {cfg.vocab_size, C}, true);
+  add("wpe.weight", {cfg.max_seq_len, C}, true);
+  for (int64_t l = 0; l < cfg.n_layer; ++l) {
+    const std::string p = "h." + std::to_string(l) + ".";
+    add(p + "ln_1.weight", {C}, false);
+    add(p + "ln_1.bias", {C}, false);
+    add(p + "attn.c_attn.weight", {C, 3 * C}, true);
+    add(p + "attn.c_attn.bias", {3 * C}, false);
+    add(p + "attn.c_proj.weight", {C, C}, true);
+    add(p + "attn.c_proj.bias", {C}, false);
+    add(p + "ln_2.weight", {C}, false);
+    add(p + "ln_2.bias", {C}, false);
+    add(p + "mlp.c_fc.weight", {C, 4 * C}, true);
+    add(p + "mlp.c_fc.bias", {4 * C}, false);
+    add(p + "mlp.c_proj.weight", {4 * C, C}, true);
+    add(p + "mlp.c_proj.bias", {C}, false);
+  }
+  add("ln_f.weight", {C}, false);
+  add("ln_f.bias", {C}, false);
+  return s;
+}
+
+struct GPT2::Acts {
+  int64_t B = 0, T = 0;
+  Tensor encoded;  // [B,T,C]
+  struct Layer {
+    Tensor ln1, ln1_mean, ln1_rstd, qkv, atty, att, res2, ln2, ln2_mean, ln2_rstd, fch, fch_gelu, res3;
+  };
+  std::vector<Layer> layers;
+  Tensor lnf, lnf_mean, lnf_rstd, logits;
+  Tensor proj;  // [B,T,C] scratch for c_proj outputs before the residual add
+  // gradient scratch
+  Tensor dres, dln, dqkv, datty, dfch, dfch_gelu;
+};
+
+GPT2::GPT2(Backend& backend, GPT2Config cfg, DType dtype) : be_(&backend), cfg_(cfg), dtype_(dtype) {
+  cfg_.validate("GPT2Config");
+  specs_ = gpt2_param_specs(cfg_);
+  const int64_t n = cfg_.num_parameters();
+  DPO_ASSERT(specs_.back().offset + cfg_.n_embd == n, "parameter layout does not add up");
+  params_ = be_->zeros({n}, dtype_);
+  grads_ = be_->zeros({n}, dtype_);
+}
+
+const ParamSpec& GPT2::spec(const std::string& name) const {
+  for (const auto& s : specs_)
+    if (s.name == name) return s;
+  throw Error("GPT-2 has no parameter named '" + name + "'");
+}
+
+Tensor GPT2::param(const std::string& name) const {
+  const ParamSpec& s = spec(name);
+  return params_.view(s.offset, s.shape);
+}
+
+Tensor GPT2::grad(const std::string& name) const {
+  const ParamSpec& s = spec(name);
+  return grads_.view(s.offset, s.shape);
+}
+
+void GPT2::init_random(Rng& rng) {
+  Tensor host = Tensor::host({params_.numel()}, DType::F64);
+  double* p = host.data<double>();
+  const double resid_std = 0.02 / std::sqrt(2.0 * static_cast<double>(cfg_.n_layer));
+  for (const auto& s : specs_) {
+    int64_t n = 1;
+    for (int64_t d : s.shape) n *= d;
+    const bool is_ln = s.name.find("ln_") != std::string::npos;
+    const bool is_bias = s.name.size() >= 5 && s.name.compare(s.name.size() - 5, 5, ".bias") == 0;
+    const bool is_resid = s.name.find("c_proj.weight") != std::string::npos;
+    for (int64_t i = 0; i < n; ++i) {
+      double v;
+      if (is_bias) v = 0.0;
+      else if (is_ln) v = 1.0;
+      else v = rng.normal() * (is_resid ? resid_std : 0.02);
+      p[s.offset + i] = v;
+    }
+  }
+  be_->copy_from_host(params_, host);
+}
+
+void GPT2::zero_grad() { be_->fill_zero(grads_); }
+
+void GPT2::ensure_acts(int64_t B, int64_t T) {
+  if (acts_ && acts_->B == B && acts_->T == T) return;
+  auto a = std::make_shared<Acts>();
+  a->B = B;
+  a->T = T;
+  const int64_t C = cfg_.n_embd, V = cfg_.vocab_size, NH = cfg_.n_head;
+  auto t = [&](Shape s) { return be_->empty(std::move(s), dtype_); };
+  a->encoded = t({B, T, C});
+  a->layers.resize(static_cast<size_t>(cfg_.n_layer));
+  for (auto& L : a->layers) {
+    L.ln1 = t({B, T, C});
+    L.ln1_mean = t({B, T});
+    L.ln1_rstd = t({B, T});
+    L.qkv = t({B, T, 3 * C});
+    L.atty = t({B, T, C});
+    L.att = t(be_->attention_saved_shape(B, T, NH));
+    L.res2 = t({B, T, C});
+    L.ln2 = t({B, T, C});
+    L.ln2_mean = t({B, T});
+    L.ln2_rstd = t({B, T});
+    L.fch = t({B, T, 4 * C});
+    L.fch_gelu = t({B, T, 4 * C});
+    L.res3 = t({B, T, C});
+  }
+  a->lnf = t({B, T, C});
+  a->lnf_mean = t({B, T});
+  a->lnf_rstd = t({B, T});
+  a->logits = t({B, T, V});
+  a->proj = t({B, T, C});
+  a->dres = t({B, T, C});
+  a->dln = t({B, T, C});
+  a->dqkv = t({B, T, 3 * C});
+  a->datty = t({B, T, C});
+  a->dfch = t({B, T, 4 * C});
+  a->dfch_gelu = t({B, T, 4 * C});
+  acts_ = std::move(a);
+}
+
+void GPT2::check_tokens(const Tensor& tokens) const {
+  check_dtype(tokens, DType::I32, "tokens");
+  if (tokens.dim() != 2) throw Error("tokens must be [B,T], got " + shape_str(tokens.shape()));
+  if (tokens.size(1) > cfg_.max_seq_len)
+    throw InputError("sequence length " + std::to_string(tokens.size(1)) + " exceeds the model's n_positions (" +
+                     std::to_string(cfg_.max_seq_len) + ")");
+  // Out-of-range ids would index outside wte. On the host we can check cheaply here; device backends check when
+  // batches are built (the data pipeline validates every id against the vocabulary).
+  if (tokens.device().kind == DeviceKind::CPU) {
+    const int32_t* p = tokens.data<int32_t>();
+    for (int64_t i = 0; i < tokens.numel(); ++i)
+      if (p[i] < 0 || p[i] >= cfg_.vocab_size)
+        throw InputError("token id " + std::to_string(p[i]) + " at position " + std::to_string(i) +
+                         " is outside the vocabulary [0, " + std::to_string(cfg_.vocab_size) + ")");
+  }
+}
+
+const Tensor& GPT2::forward(const Tensor& tokens, const Tensor& keymask) {
+  check_tokens(tokens);
+  const int64_t B = tokens.size(0), T = tokens.size(1), NH = cfg_.n_head;
+  ensure_acts(B, T);
+  Acts& a = *acts_;
+  Backend& be = *be_;
+  be.encoder_forward(a.encoded, tokens, param("wte.weight"), param("wpe.weight"));
+  Tensor residual = a.encoded;
+  for (int64_t l = 0; l < cfg_.n_layer; ++l) {
+    auto& L = a.layers[static_cast<size_t>(l)];
+    const std::string p = "h." + std::to_string(l) + ".";
+    be.layernorm_forward(L.ln1, L.ln1_mean, L.ln1_rstd, residual, param(p + "ln_1.weight"), param(p + "ln_1.bias"),
+                         cfg_.ln_eps);
+    be.matmul_forward(L.qkv, L.ln1, param(p + "attn.c_attn.weight"), param(p + "attn.c_attn.bias"),
+                      WeightLayout::InOut);
+    be.attention_forward(L.atty, L.att, L.qkv, keymask, NH);
+    be.matmul_forward(a.proj, L.atty, param(p + "attn.c_proj.weight"), param(p + "attn.c_proj.bias"),
+                      WeightLayout::InOut);
+    be.residual_forward(L.res2, residual, a.proj);
+    be.layernorm_forward(L.ln2, L.ln2_mean, L.ln2_rstd, L.res2, param(p + "ln_2.weight"), param(p + "ln_2.bias"),
+                         cfg_.ln_eps);
+    be.matmul_forward(L.fch, L.ln2, param(p + "mlp.c_fc.weight"), param(p + "mlp.c_fc.bias"), WeightLayout::InOut);
+    be.gelu_forward(L.fch_gelu, L.fch);
+    be.matmul_forward(a.proj, L.fch_gelu, param(p + "mlp.c_proj.weight"), param(p + "mlp.c_proj.bias"),
+                      WeightLayout::InOut);
+    be.residual_forward(L.res3, L.res2, a.proj);
+    residual = L.res3;
+  }
+  be.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, param("ln_f.weight"), param("ln_f.bias"),
+                       cfg_.ln_eps);
+  be.matmul_forward(a.logits, a.lnf, param("wte.weight"), Tensor(), WeightLayout::OutIn);
+  tokens_ = tokens;
+  keymask_ = keymask;
+  return a.logits;
+}
+
+void GPT2::sequence_logprobs(const Tensor& tokens, const Tensor& keymask, const Tensor& targets,
+                             const Tensor& weights, const Tensor& seq_logp, const Tensor& token_logp) {
+  const Tensor& logits = forward(tokens, keymask);
+  be_->logprob_forward(seq_logp, token_logp, logits, targets, weights);
+  targets_ = targets;
+  weights_ = weights;
+}
+
+void GPT2::backward(const Tensor& dseq) {
+  DPO_ASSERT(acts_ && targets_.defined(), "backward without a preceding sequence_logprobs");
+  Acts& a = *acts_;
+  Backend& be = *be_;
+  const int64_t NH = cfg_.n_head;
+  // The logits buffer becomes dlogits (the CPU kernel supports the alias; the logits are not needed again).
+  be.logprob_backward(a.logits, a.logits, targets_, weights_, dseq);
+  be.fill_zero(a.dln);
+  be.matmul_backward(a.dln, grad("wte.weight"), Tensor(), a.logits, a.lnf, param("wte.weight"), WeightLayout::OutIn);
+  const Tensor& last = cfg_.n_layer > 0 ? a.layers.back().res3 : a.encoded;
+  be.fill_zero(a.dres);
+  be.layernorm_backward(a.dres, grad("ln_f.weight"), grad("ln_f.bias"), a.dln, last, param("ln_f.weight"),
+                        a.lnf_mean, a.lnf_rstd);
+  // a.dres holds dL/d(residual stream) at the current depth; both branches of each residual add read it, and
+  // each LayerNorm backward accumulates into it, which is the residual backward done in place.
+  for (int64_t l = cfg_.n_layer - 1; l >= 0; --l) {
+    auto& L = a.layers[static_cast<size_t>(l)];
+    const std::string p = "h." + std::to_string(l) + ".";
+    const Tensor& residual = l > 0 ? a.layers[static_cast<size_t>(l - 1)].res3 : a.encoded;
+    be.fill_zero(a.dfch_gelu);
+    be.matmul_backward(a.dfch_gelu, grad(p + "mlp.c_proj.weight"), grad(p + "mlp.c_proj.bias"), a.dres,
+                       L.fch_gelu, param(p + "mlp.c_proj.weight"), WeightLayout::InOut);
+    be.fill_zero(a.dfch);
+    be.gelu_backward(a.dfch, a.dfch_gelu, L.fch);
+    be.fill_zero(a.dln);
+    be.matmul_backward(a.dln, grad(p + "mlp.c_fc.weight"), grad(p + "mlp.c_fc.bias"), a.dfch, L.ln2,
+                       param(p + "mlp.c_fc.weight"), WeightLayout::InOut);
+    be.layernorm_backward(a.dres, grad(p + "ln_2.weight"), grad(p + "ln_2.bias"), a.dln, L.res2,
+                          param(p + "ln_2.weight"), L.ln2_mean, L.ln2_rstd);
+    be.fill_zero(a.datty);
+    be.matmul_backward(a.datty, grad(p + "attn.c_proj.weight"), grad(p + "attn.c_proj.bias"), a.dres, L.atty,
+                       param(p + "attn.c_proj.weight"), WeightLayout::InOut);
+    be.fill_zero(a.dqkv);
+    be.attention_backward(a.dqkv, a.datty, L.qkv, L.att, NH);
+    be.fill_zero(a.dln);
+    be.matmul_backward(a.dln, grad(p + "attn.c_attn.weight"), grad(p + "attn.c_attn.bias"), a.dqkv, L.ln1,
+                       param(p + "attn.c_attn.weight"), WeightLayout::InOut);
+    be.layernorm_backward(a.dres, grad(p + "ln_1.weight"), grad(p + "ln_1.bias"), a.dln, residual,
+                          param(p + "ln_1.weight"), L.ln1_mean, L.ln1_rstd);
+  }
+  be.encoder_backward(grad("wte.weight"), grad("wpe.weight"), a.dres, tokens_);
+  targets_ = Tensor();  // the logits were consumed; a second backward needs a new forward
+}
+
+}  // namespace dpo

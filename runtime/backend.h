@@ -1,0 +1,79 @@
+// The op interface the model and trainer call. One implementation per device: CpuBackend (runtime/cpu_backend.cpp,
+// over the CPU reference kernels in kernels/*_cpu.cpp) and, with [cuda-core], a CUDA backend over kernels/*.cu.
+// Model and trainer code only ever see Backend&, so a new backend needs no change above this line.
+//
+// Conventions for every op:
+//   - Tensors are contiguous and live on this backend's device; shapes and dtypes are checked here, at the
+//     boundary, once per call (a mismatch throws dpo::Error naming the argument).
+//   - Floating tensors of one call share one dtype (F32 or F64 on the CPU). Token ids, targets and masks are I32.
+//   - "=" outputs are overwritten, "+=" outputs accumulate (gradients). Each op's contract comment is in
+//     kernels/<op>.h; the shapes below use B batch, T time, C channels, NH heads, V vocabulary, N = B*T rows.
+//   - An undefined Tensor() passed for an optional argument means "absent".
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "kernels/common.h"
+#include "runtime/tensor.h"
+
+namespace dpo {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;
+
+  // --- memory -------------------------------------------------------------------------------------------------
+  virtual Tensor empty(Shape shape, DType dtype) = 0;  // contents unspecified
+  Tensor zeros(Shape shape, DType dtype) {
+    Tensor t = empty(std::move(shape), dtype);
+    fill_zero(t);
+    return t;
+  }
+  virtual void fill_zero(const Tensor& t) = 0;
+  // Same shape; dtype conversion between floating types is allowed (host F64 -> device F32, etc.).
+  virtual void copy_from_host(const Tensor& dst, const Tensor& host_src) = 0;
+  virtual void copy_to_host(const Tensor& host_dst, const Tensor& src) = 0;
+  virtual void copy(const Tensor& dst, const Tensor& src) = 0;  // same device, same dtype and numel
+  virtual void synchronize() {}
+
+  // --- GPT-2 ops ----------------------------------------------------------------------------------------------
+  // out[B,T,C] = wte[tokens] + wpe[0..T)            | dwte[V,C] +=, dwpe[maxT,C] +=
+  virtual void encoder_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte, const Tensor& wpe) = 0;
+  virtual void encoder_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
+                                const Tensor& tokens) = 0;
+  // inp[N,C] -> out[N,C], mean[N], rstd[N]           | dinp +=, dw +=, db +=
+  virtual void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp,
+                                 const Tensor& w, const Tensor& b, double eps) = 0;
+  virtual void layernorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& db, const Tensor& dout,
+                                  const Tensor& inp, const Tensor& w, const Tensor& mean, const Tensor& rstd) = 0;
+  // out[N,OC] = inp[N,C] @ W + bias (bias optional)   | dinp +=, dw +=, dbias += (each optional)
+  virtual void matmul_forward(const Tensor& out, const Tensor& inp, const Tensor& w, const Tensor& bias,
+                              WeightLayout layout) = 0;
+  virtual void matmul_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dbias, const Tensor& dout,
+                               const Tensor& inp, const Tensor& w, WeightLayout layout) = 0;
+  // qkv[B,T,3C] -> out[B,T,C]; `saved` holds what the backward needs, in a backend-defined shape
+  // (attention_saved_shape): the CPU keeps the probabilities [B,NH,T,T]. keymask[B,T] I32 is optional.
+  virtual Shape attention_saved_shape(int64_t B, int64_t T, int64_t NH) const = 0;
+  virtual void attention_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& keymask,
+                                 int64_t n_head) = 0;
+  virtual void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
+                                  int64_t n_head) = 0;
+  virtual void gelu_forward(const Tensor& out, const Tensor& inp) = 0;
+  virtual void gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) = 0;
+  virtual void residual_forward(const Tensor& out, const Tensor& a, const Tensor& b) = 0;
+  virtual void residual_backward(const Tensor& da, const Tensor& db, const Tensor& dout) = 0;
+  // logits[B,T,V], targets[B,T] I32, weights[B,T] -> seq_logp[B] (=), token_logp[B,T] (=, optional)
+  virtual void logprob_forward(const Tensor& seq_logp, const Tensor& token_logp, const Tensor& logits,
+                               const Tensor& targets, const Tensor& weights) = 0;
+  // dlogits[B,T,V] = dseq[b] * weights * (onehot - softmax)  (=; may alias logits)
+  virtual void logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                                const Tensor& weights, const Tensor& dseq) = 0;
+};
+
+// The CPU backend over the reference kernels. `num_threads` <= 0 keeps OpenMP's default.
+std::unique_ptr<Backend> make_cpu_backend(int num_threads = 0);
+
+}  // namespace dpo

@@ -1,0 +1,275 @@
+// CpuBackend: checks shapes and dtypes once per call, then dispatches to the float or double CPU reference kernel.
+#include <omp.h>
+
+#include <cstring>
+
+#include "kernels/attention.h"
+#include "kernels/encoder.h"
+#include "kernels/gelu.h"
+#include "kernels/layernorm.h"
+#include "kernels/logprob.h"
+#include "kernels/matmul.h"
+#include "kernels/residual.h"
+#include "runtime/backend.h"
+#include "runtime/safetensors.h"
+
+namespace dpo {
+
+namespace {
+
+void check_host(const Tensor& t, const char* name) {
+  if (!t.defined()) throw Error(std::string(name) + ": tensor is undefined");
+  if (t.device().kind != DeviceKind::CPU) throw Error(std::string(name) + ": tensor is on " + t.device().str());
+}
+
+void check_float(const Tensor& t, const char* name) {
+  check_host(t, name);
+  if (t.dtype() != DType::F32 && t.dtype() != DType::F64)
+    throw Error(std::string(name) + ": CPU kernels take F32 or F64, got " + dtype_name(t.dtype()));
+}
+
+// Calls f(T{}) with T = float or double according to `dtype`.
+template <class F>
+void dispatch(DType dtype, F&& f) {
+  if (dtype == DType::F32) f(float{});
+  else if (dtype == DType::F64) f(double{});
+  else throw Error(std::string("CPU kernels take F32 or F64, got ") + dtype_name(dtype));
+}
+
+template <class T>
+T* opt(const Tensor& t) {
+  return t.defined() ? t.data<T>() : nullptr;
+}
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int num_threads) {
+    if (num_threads > 0) omp_set_num_threads(num_threads);
+  }
+  Device device() const override { return Device{DeviceKind::CPU, 0}; }
+  std::string name() const override { return "cpu"; }
+
+  Tensor empty(Shape shape, DType dtype) override { return Tensor::host(std::move(shape), dtype); }
+  void fill_zero(const Tensor& t) override {
+    check_host(t, "fill_zero");
+    std::memset(t.raw(), 0, static_cast<size_t>(t.nbytes()));
+  }
+  void copy_from_host(const Tensor& dst, const Tensor& src) override { convert_into(dst, src, "copy_from_host"); }
+  void copy_to_host(const Tensor& dst, const Tensor& src) override { convert_into(dst, src, "copy_to_host"); }
+  void copy(const Tensor& dst, const Tensor& src) override {
+    check_host(dst, "copy dst");
+    check_host(src, "copy src");
+    check_same_dtype(dst, src, "copy dst", "copy src");
+    DPO_ASSERT(dst.numel() == src.numel(), "copy: sizes differ");
+    std::memmove(dst.raw(), src.raw(), static_cast<size_t>(src.nbytes()));
+  }
+
+  void encoder_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte, const Tensor& wpe) override {
+    check_float(out, "encoder out");
+    check_dtype(tokens, DType::I32, "encoder tokens");
+    const int64_t B = tokens.size(0), T = tokens.size(1), C = wte.size(1);
+    check_shape(out, {B, T, C}, "encoder out");
+    DPO_ASSERT(wpe.size(0) >= T && wpe.size(1) == C, "wpe " + shape_str(wpe.shape()) + " for T=" + std::to_string(T));
+    check_same_dtype(out, wte, "out", "wte");
+    check_same_dtype(out, wpe, "out", "wpe");
+    dispatch(out.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::encoder_forward<F>(out.data<F>(), tokens.data<int32_t>(), wte.data<F>(), wpe.data<F>(), B, T, C);
+    });
+  }
+  void encoder_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens) override {
+    check_float(dout, "encoder dout");
+    check_dtype(tokens, DType::I32, "encoder tokens");
+    const int64_t B = tokens.size(0), T = tokens.size(1), C = dwte.size(1);
+    check_shape(dout, {B, T, C}, "encoder dout");
+    check_same_dtype(dout, dwte, "dout", "dwte");
+    check_same_dtype(dout, dwpe, "dout", "dwpe");
+    dispatch(dout.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::encoder_backward<F>(dwte.data<F>(), dwpe.data<F>(), dout.data<F>(), tokens.data<int32_t>(), B, T, C);
+    });
+  }
+
+  void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp,
+                         const Tensor& w, const Tensor& b, double eps) override {
+    check_float(inp, "layernorm inp");
+    const int64_t C = inp.size(-1), N = inp.numel() / C;
+    check_shape(out, inp.shape(), "layernorm out");
+    check_shape(w, {C}, "layernorm w");
+    check_shape(b, {C}, "layernorm b");
+    DPO_ASSERT(mean.numel() == N && rstd.numel() == N, "layernorm mean/rstd must have N elements");
+    dispatch(inp.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::layernorm_forward<F>(out.data<F>(), mean.data<F>(), rstd.data<F>(), inp.data<F>(), w.data<F>(),
+                                b.data<F>(), N, C, eps);
+    });
+  }
+  void layernorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& db, const Tensor& dout,
+                          const Tensor& inp, const Tensor& w, const Tensor& mean, const Tensor& rstd) override {
+    check_float(inp, "layernorm inp");
+    const int64_t C = inp.size(-1), N = inp.numel() / C;
+    check_shape(dinp, inp.shape(), "layernorm dinp");
+    check_shape(dout, inp.shape(), "layernorm dout");
+    check_shape(dw, {C}, "layernorm dw");
+    check_shape(db, {C}, "layernorm db");
+    dispatch(inp.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::layernorm_backward<F>(dinp.data<F>(), dw.data<F>(), db.data<F>(), dout.data<F>(), inp.data<F>(),
+                                 w.data<F>(), mean.data<F>(), rstd.data<F>(), N, C);
+    });
+  }
+
+  static void matmul_dims(const Tensor& inp, const Tensor& w, WeightLayout layout, int64_t* N, int64_t* C,
+                          int64_t* OC) {
+    *C = inp.size(-1);
+    *N = inp.numel() / *C;
+    DPO_ASSERT(w.dim() == 2, "matmul w must be 2-D, got " + shape_str(w.shape()));
+    const int64_t wc = layout == WeightLayout::InOut ? w.size(0) : w.size(1);
+    *OC = layout == WeightLayout::InOut ? w.size(1) : w.size(0);
+    DPO_ASSERT(wc == *C, "matmul: inp " + shape_str(inp.shape()) + " does not match w " + shape_str(w.shape()));
+  }
+  void matmul_forward(const Tensor& out, const Tensor& inp, const Tensor& w, const Tensor& bias,
+                      WeightLayout layout) override {
+    check_float(inp, "matmul inp");
+    int64_t N, C, OC;
+    matmul_dims(inp, w, layout, &N, &C, &OC);
+    DPO_ASSERT(out.numel() == N * OC && out.size(-1) == OC, "matmul out " + shape_str(out.shape()));
+    if (bias.defined()) check_shape(bias, {OC}, "matmul bias");
+    dispatch(inp.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::matmul_forward<F>(out.data<F>(), inp.data<F>(), w.data<F>(), opt<F>(bias), N, C, OC, layout);
+    });
+  }
+  void matmul_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dbias, const Tensor& dout,
+                       const Tensor& inp, const Tensor& w, WeightLayout layout) override {
+    check_float(inp, "matmul inp");
+    int64_t N, C, OC;
+    matmul_dims(inp, w, layout, &N, &C, &OC);
+    DPO_ASSERT(dout.numel() == N * OC, "matmul dout " + shape_str(dout.shape()));
+    if (dinp.defined()) check_shape(dinp, inp.shape(), "matmul dinp");
+    if (dw.defined()) check_shape(dw, w.shape(), "matmul dw");
+    if (dbias.defined()) check_shape(dbias, {OC}, "matmul dbias");
+    dispatch(inp.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::matmul_backward<F>(opt<F>(dinp), opt<F>(dw), opt<F>(dbias), dout.data<F>(), inp.data<F>(), w.data<F>(),
+                              N, C, OC, layout);
+    });
+  }
+
+  Shape attention_saved_shape(int64_t B, int64_t T, int64_t NH) const override { return {B, NH, T, T}; }
+  void attention_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& keymask,
+                         int64_t n_head) override {
+    check_float(qkv, "attention qkv");
+    const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
+    DPO_ASSERT(qkv.size(2) == 3 * C && C % n_head == 0, "attention qkv " + shape_str(qkv.shape()));
+    check_shape(out, {B, T, C}, "attention out");
+    check_shape(saved, {B, n_head, T, T}, "attention saved");
+    if (keymask.defined()) {
+      check_dtype(keymask, DType::I32, "attention keymask");
+      check_shape(keymask, {B, T}, "attention keymask");
+    }
+    dispatch(qkv.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::attention_forward<F>(out.data<F>(), saved.data<F>(), qkv.data<F>(), opt<int32_t>(keymask), B, T, C,
+                                n_head);
+    });
+  }
+  void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
+                          int64_t n_head) override {
+    check_float(qkv, "attention qkv");
+    const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
+    check_shape(dqkv, qkv.shape(), "attention dqkv");
+    check_shape(dout, {B, T, C}, "attention dout");
+    check_shape(saved, {B, n_head, T, T}, "attention saved");
+    dispatch(qkv.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::attention_backward<F>(dqkv.data<F>(), dout.data<F>(), qkv.data<F>(), saved.data<F>(), B, T, C, n_head);
+    });
+  }
+
+  void gelu_forward(const Tensor& out, const Tensor& inp) override {
+    check_float(inp, "gelu inp");
+    check_shape(out, inp.shape(), "gelu out");
+    dispatch(inp.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::gelu_forward<F>(out.data<F>(), inp.data<F>(), inp.numel());
+    });
+  }
+  void gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) override {
+    check_float(inp, "gelu inp");
+    check_shape(dinp, inp.shape(), "gelu dinp");
+    check_shape(dout, inp.shape(), "gelu dout");
+    dispatch(inp.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::gelu_backward<F>(dinp.data<F>(), dout.data<F>(), inp.data<F>(), inp.numel());
+    });
+  }
+  void residual_forward(const Tensor& out, const Tensor& a, const Tensor& b) override {
+    check_float(a, "residual a");
+    check_shape(b, a.shape(), "residual b");
+    check_shape(out, a.shape(), "residual out");
+    dispatch(a.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::residual_forward<F>(out.data<F>(), a.data<F>(), b.data<F>(), a.numel());
+    });
+  }
+  void residual_backward(const Tensor& da, const Tensor& db, const Tensor& dout) override {
+    check_float(dout, "residual dout");
+    check_shape(da, dout.shape(), "residual da");
+    check_shape(db, dout.shape(), "residual db");
+    dispatch(dout.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::residual_backward<F>(da.data<F>(), db.data<F>(), dout.data<F>(), dout.numel());
+    });
+  }
+
+  void logprob_forward(const Tensor& seq_logp, const Tensor& token_logp, const Tensor& logits,
+                       const Tensor& targets, const Tensor& weights) override {
+    check_float(logits, "logprob logits");
+    const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
+    check_shape(targets, {B, T}, "logprob targets");
+    check_dtype(targets, DType::I32, "logprob targets");
+    check_shape(weights, {B, T}, "logprob weights");
+    check_shape(seq_logp, {B}, "logprob seq_logp");
+    if (token_logp.defined()) check_shape(token_logp, {B, T}, "logprob token_logp");
+    dispatch(logits.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::logprob_forward<F>(seq_logp.data<F>(), opt<F>(token_logp), logits.data<F>(), targets.data<int32_t>(),
+                              weights.data<F>(), B, T, V);
+    });
+  }
+  void logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets, const Tensor& weights,
+                        const Tensor& dseq) override {
+    check_float(logits, "logprob logits");
+    const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
+    check_shape(dlogits, logits.shape(), "logprob dlogits");
+    check_shape(targets, {B, T}, "logprob targets");
+    check_shape(weights, {B, T}, "logprob weights");
+    check_shape(dseq, {B}, "logprob dseq");
+    dispatch(logits.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::logprob_backward<F>(dlogits.data<F>(), logits.data<F>(), targets.data<int32_t>(), weights.data<F>(),
+                               dseq.data<F>(), B, T, V);
+    });
+  }
+
+ private:
+  static void convert_into(const Tensor& dst, const Tensor& src, const char* what) {
+    check_host(dst, what);
+    check_host(src, what);
+    DPO_ASSERT(dst.shape() == src.shape(), std::string(what) + ": shapes " + shape_str(dst.shape()) + " and " +
+                                               shape_str(src.shape()) + " differ");
+    if (dst.dtype() == src.dtype()) {
+      std::memmove(dst.raw(), src.raw(), static_cast<size_t>(src.nbytes()));
+      return;
+    }
+    Tensor c = convert_host(src, dst.dtype(), what);
+    std::memcpy(dst.raw(), c.raw(), static_cast<size_t>(c.nbytes()));
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(int num_threads) { return std::make_unique<CpuBackend>(num_threads); }
+
+}  // namespace dpo

@@ -1,0 +1,877 @@
+// CPU reference kernels: finite-difference gradient checks in double, forward checks against closed forms and
+// naive loops, float-vs-double agreement, poisoning of (=) outputs, determinism.
+#include <omp.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/attention.h"
+#include "kernels/encoder.h"
+#include "kernels/gelu.h"
+#include "kernels/layernorm.h"
+#include "kernels/logprob.h"
+#include "kernels/matmul.h"
+#include "kernels/residual.h"
+#include "runtime/error.h"
+#include "test_util.h"
+
+namespace {
+
+using namespace dpo::cpu;
+using dpo::test::dot;
+using dpo::test::max_rel_err;
+using dpo::test::numeric_grad;
+using dpo::test::poison;
+using dpo::test::randn;
+using dpo::test::test_seed;
+
+// Awkward sizes so that no loop bound is a multiple of a block or vector width.
+constexpr int64_t kB = 3, kT = 7, kC = 12, kNH = 3, kV = 37, kOC = 11;
+constexpr int64_t kN = kB * kT;  // rows for layernorm / matmul
+
+// Gradient checks run in double with central differences, h = 1e-6: truncation O(h^2) and round-off
+// O(eps_d * |L| / h) are both ~1e-10 relative for these O(1)..O(10) losses, so 1e-7 leaves a 1000x margin while a
+// wrong term (a missing factor, a dropped sum) shows up as an O(1) error.
+constexpr double kGradTol = 1e-7;
+
+// Float vs double on identical (float-representable) inputs: each output is a short chain of at most ~100
+// float roundings (eps_f = 6e-8), so a worst-case linear accumulation stays below 1e-5 relative; a kernel that
+// e.g. skips a term or mixes up an index is off by O(1).
+constexpr double kFloatTol = 1e-5;
+
+std::vector<double> to_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+std::vector<float> to_float(const std::vector<double>& v) {
+  std::vector<float> r(v.size());
+  for (size_t i = 0; i < v.size(); ++i) r[i] = static_cast<float>(v[i]);
+  return r;
+}
+// Random inputs rounded to float, so float and double kernels see exactly the same values.
+std::vector<double> randn_f(std::mt19937_64& g, size_t n, double scale = 1.0) {
+  return to_double(to_float(randn<double>(g, n, scale)));
+}
+std::vector<double> minus(const std::vector<double>& a, const std::vector<double>& b) {
+  std::vector<double> r(a.size());
+  for (size_t i = 0; i < a.size(); ++i) r[i] = a[i] - b[i];
+  return r;
+}
+template <class T>
+bool all_finite(const std::vector<T>& v) {
+  for (T x : v)
+    if (!std::isfinite(x)) return false;
+  return true;
+}
+template <class T>
+bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+// Analytic gradient of a (+=) backward: the buffer starts at random R, the backward adds g, and g = buf - R.
+struct AccGrad {
+  std::vector<double> R, buf;
+  AccGrad(std::mt19937_64& g, size_t n) : R(randn<double>(g, n)), buf(R) {}
+  std::vector<double> grad() const { return minus(buf, R); }
+};
+
+void expect_grad(std::vector<double>& x, const std::vector<double>& analytic, const std::function<double()>& L,
+                 const char* what) {
+  std::vector<double> num = numeric_grad(x, L);
+  EXPECT_LT(max_rel_err(analytic, num), kGradTol) << "gradient w.r.t. " << what;
+}
+
+void expect_float_close(const std::vector<float>& f, const std::vector<double>& d, const char* what) {
+  ASSERT_TRUE(all_finite(f)) << what;
+  ASSERT_TRUE(all_finite(d)) << what;
+  EXPECT_LT(max_rel_err(to_double(f), d), kFloatTol) << what;
+}
+
+class ThreadCount {
+ public:
+  explicit ThreadCount(int n) : saved_(omp_get_max_threads()) { omp_set_num_threads(n); }
+  ~ThreadCount() { omp_set_num_threads(saved_); }
+
+ private:
+  int saved_;
+};
+
+std::vector<int32_t> random_tokens(std::mt19937_64& g, size_t n, int32_t lo, int32_t hi) {
+  std::uniform_int_distribution<int32_t> d(lo, hi - 1);
+  std::vector<int32_t> v(n);
+  for (auto& x : v) x = d(g);
+  return v;
+}
+
+// ============================================================================================== encoder
+
+template <class T>
+void check_encoder_forward(std::mt19937_64& g) {
+  const int64_t maxT = kT + 2;
+  auto tokens = random_tokens(g, kB * kT, 0, kV);
+  auto wte = randn<T>(g, kV * kC), wpe = randn<T>(g, maxT * kC);
+  std::vector<T> out(kB * kT * kC);
+  poison(out);
+  encoder_forward(out.data(), tokens.data(), wte.data(), wpe.data(), kB, kT, kC);
+  for (int64_t b = 0; b < kB; ++b)
+    for (int64_t t = 0; t < kT; ++t)
+      for (int64_t c = 0; c < kC; ++c)
+        ASSERT_EQ(out[(b * kT + t) * kC + c], wte[tokens[b * kT + t] * kC + c] + wpe[t * kC + c])
+            << "b=" << b << " t=" << t << " c=" << c;
+}
+
+TEST(KernelEncoder, ForwardIsTokenRowPlusPositionRow) {
+  std::mt19937_64 g(test_seed());
+  check_encoder_forward<float>(g);
+  check_encoder_forward<double>(g);
+}
+
+TEST(KernelEncoder, GradCheckWithRepeatedTokens) {
+  std::mt19937_64 g(test_seed());
+  const int64_t maxT = kT + 2;  // rows t >= T of wpe must get no gradient
+  // Tokens from a small range so that many (b,t) share a row of wte; one token is the last row.
+  auto tokens = random_tokens(g, kB * kT, 0, 4);
+  tokens[5] = kV - 1;
+  auto wte = randn<double>(g, kV * kC), wpe = randn<double>(g, maxT * kC), G = randn<double>(g, kB * kT * kC);
+  std::vector<double> out(kB * kT * kC);
+  auto L = [&] {
+    encoder_forward(out.data(), tokens.data(), wte.data(), wpe.data(), kB, kT, kC);
+    return dot(out, G);
+  };
+  AccGrad dwte(g, wte.size()), dwpe(g, wpe.size());
+  encoder_backward(dwte.buf.data(), dwpe.buf.data(), G.data(), tokens.data(), kB, kT, kC);
+  expect_grad(wte, dwte.grad(), L, "wte");
+  expect_grad(wpe, dwpe.grad(), L, "wpe");
+}
+
+TEST(KernelEncoder, FloatMatchesDouble) {
+  std::mt19937_64 g(test_seed());
+  const int64_t maxT = kT;
+  auto tokens = random_tokens(g, kB * kT, 0, 5);
+  auto wte = randn_f(g, kV * kC), wpe = randn_f(g, maxT * kC), G = randn_f(g, kB * kT * kC);
+  auto wte_f = to_float(wte), wpe_f = to_float(wpe), G_f = to_float(G);
+  std::vector<double> out(kB * kT * kC), dwte(wte.size(), 0.0), dwpe(wpe.size(), 0.0);
+  std::vector<float> out_f(out.size()), dwte_f(wte.size(), 0.f), dwpe_f(wpe.size(), 0.f);
+  poison(out);
+  poison(out_f);
+  encoder_forward(out.data(), tokens.data(), wte.data(), wpe.data(), kB, kT, kC);
+  encoder_forward(out_f.data(), tokens.data(), wte_f.data(), wpe_f.data(), kB, kT, kC);
+  encoder_backward(dwte.data(), dwpe.data(), G.data(), tokens.data(), kB, kT, kC);
+  encoder_backward(dwte_f.data(), dwpe_f.data(), G_f.data(), tokens.data(), kB, kT, kC);
+  expect_float_close(out_f, out, "out");
+  expect_float_close(dwte_f, dwte, "dwte");
+  expect_float_close(dwpe_f, dwpe, "dwpe");
+}
+
+TEST(KernelEncoder, BackwardIsBitwiseDeterministicAcrossThreadCounts) {
+  std::mt19937_64 g(test_seed());
+  // Float and few distinct tokens: every dwte row sums ~100 rows of dout, so any change in summation order
+  // (atomics, per-thread partial sums) changes the bits.
+  const int64_t B = 4, T = 33, C = 100, V = 5;
+  auto tokens = random_tokens(g, B * T, 0, V);
+  auto dout = randn<float>(g, B * T * C);
+  auto R = randn<float>(g, V * C), Rp = randn<float>(g, T * C);
+  auto run = [&](int threads) {
+    ThreadCount tc(threads);
+    std::vector<float> dwte = R, dwpe = Rp;
+    encoder_backward(dwte.data(), dwpe.data(), dout.data(), tokens.data(), B, T, C);
+    dwte.insert(dwte.end(), dwpe.begin(), dwpe.end());
+    return dwte;
+  };
+  auto ref = run(1);
+  EXPECT_TRUE(bitwise_equal(run(1), ref));
+  EXPECT_TRUE(bitwise_equal(run(3), ref));
+  EXPECT_TRUE(bitwise_equal(run(3), ref));
+}
+
+// ============================================================================================== layernorm
+
+template <class T>
+void check_layernorm_normalizes(std::mt19937_64& g, double tol) {
+  const double eps = 1e-5;
+  // Rows centred far from 0 (|mean| / std = 600): a float or one-pass E[x^2] - E[x]^2 statistic would lose
+  // several digits here, accumulation in double does not.
+  std::vector<T> inp(kN * kC);
+  std::normal_distribution<double> nd(0.0, 0.5);
+  for (int64_t n = 0; n < kN; ++n)
+    for (int64_t c = 0; c < kC; ++c) inp[n * kC + c] = static_cast<T>(300.0 + 10.0 * n + nd(g));
+  std::vector<T> w(kC, T(1)), b(kC, T(0)), out(kN * kC), mean(kN), rstd(kN);
+  poison(out);
+  poison(mean);
+  poison(rstd);
+  layernorm_forward(out.data(), mean.data(), rstd.data(), inp.data(), w.data(), b.data(), kN, kC, eps);
+  for (int64_t n = 0; n < kN; ++n) {
+    long double m = 0, v = 0, om = 0, ov = 0;
+    for (int64_t c = 0; c < kC; ++c) m += inp[n * kC + c];
+    m /= kC;
+    for (int64_t c = 0; c < kC; ++c) v += (inp[n * kC + c] - m) * (inp[n * kC + c] - m);
+    v /= kC;
+    for (int64_t c = 0; c < kC; ++c) om += out[n * kC + c];
+    om /= kC;
+    for (int64_t c = 0; c < kC; ++c) ov += (out[n * kC + c] - om) * (out[n * kC + c] - om);
+    ov /= kC;
+    EXPECT_NEAR(static_cast<double>(om), 0.0, tol) << "row " << n;
+    EXPECT_NEAR(static_cast<double>(ov), static_cast<double>(v / (v + eps)), tol) << "row " << n;
+    EXPECT_NEAR(static_cast<double>(mean[n]) / static_cast<double>(m), 1.0, tol) << "row " << n;
+    EXPECT_NEAR(static_cast<double>(rstd[n]) * std::sqrt(static_cast<double>(v + eps)), 1.0, tol) << "row " << n;
+  }
+}
+
+TEST(KernelLayerNorm, ForwardNormalizesRows) {
+  std::mt19937_64 g(test_seed());
+  // Outputs are O(1), rounded once to T: a few eps of T.
+  check_layernorm_normalizes<float>(g, 1e-6);
+  check_layernorm_normalizes<double>(g, 1e-13);
+}
+
+TEST(KernelLayerNorm, GradCheck) {
+  std::mt19937_64 g(test_seed());
+  auto inp = randn<double>(g, kN * kC, 2.0), w = randn<double>(g, kC), b = randn<double>(g, kC);
+  auto G = randn<double>(g, kN * kC);
+  for (auto& x : inp) x += 1.5;
+  std::vector<double> out(kN * kC), mean(kN), rstd(kN);
+  auto L = [&] {
+    layernorm_forward(out.data(), mean.data(), rstd.data(), inp.data(), w.data(), b.data(), kN, kC, 1e-5);
+    return dot(out, G);
+  };
+  L();
+  AccGrad dinp(g, inp.size()), dw(g, w.size()), db(g, b.size());
+  layernorm_backward(dinp.buf.data(), dw.buf.data(), db.buf.data(), G.data(), inp.data(), w.data(), mean.data(),
+                     rstd.data(), kN, kC);
+  expect_grad(inp, dinp.grad(), L, "inp");
+  expect_grad(w, dw.grad(), L, "w");
+  expect_grad(b, db.grad(), L, "b");
+}
+
+TEST(KernelLayerNorm, FloatMatchesDouble) {
+  std::mt19937_64 g(test_seed());
+  auto inp = randn_f(g, kN * kC, 2.0), w = randn_f(g, kC), b = randn_f(g, kC), G = randn_f(g, kN * kC);
+  auto inp_f = to_float(inp), w_f = to_float(w), b_f = to_float(b), G_f = to_float(G);
+  std::vector<double> out(kN * kC), mean(kN), rstd(kN), dinp(kN * kC, 0.0), dw(kC, 0.0), db(kC, 0.0);
+  std::vector<float> out_f(kN * kC), mean_f(kN), rstd_f(kN), dinp_f(kN * kC, 0.f), dw_f(kC, 0.f), db_f(kC, 0.f);
+  poison(out), poison(mean), poison(rstd), poison(out_f), poison(mean_f), poison(rstd_f);
+  layernorm_forward(out.data(), mean.data(), rstd.data(), inp.data(), w.data(), b.data(), kN, kC, 1e-5);
+  layernorm_forward(out_f.data(), mean_f.data(), rstd_f.data(), inp_f.data(), w_f.data(), b_f.data(), kN, kC, 1e-5);
+  layernorm_backward(dinp.data(), dw.data(), db.data(), G.data(), inp.data(), w.data(), mean.data(), rstd.data(), kN,
+                     kC);
+  layernorm_backward(dinp_f.data(), dw_f.data(), db_f.data(), G_f.data(), inp_f.data(), w_f.data(), mean_f.data(),
+                     rstd_f.data(), kN, kC);
+  expect_float_close(out_f, out, "out");
+  expect_float_close(mean_f, mean, "mean");
+  expect_float_close(rstd_f, rstd, "rstd");
+  expect_float_close(dinp_f, dinp, "dinp");
+  expect_float_close(dw_f, dw, "dw");
+  expect_float_close(db_f, db, "db");
+}
+
+TEST(KernelLayerNorm, BackwardTwiceAccumulatesExactlyTwice) {
+  std::mt19937_64 g(test_seed());
+  auto inp = randn<float>(g, kN * kC), w = randn<float>(g, kC), b = randn<float>(g, kC), G = randn<float>(g, kN * kC);
+  std::vector<float> out(kN * kC), mean(kN), rstd(kN);
+  layernorm_forward(out.data(), mean.data(), rstd.data(), inp.data(), w.data(), b.data(), kN, kC, 1e-5);
+  auto run = [&](int times) {
+    std::vector<float> dinp(kN * kC, 0.f), dw(kC, 0.f), db(kC, 0.f);
+    for (int i = 0; i < times; ++i)
+      layernorm_backward(dinp.data(), dw.data(), db.data(), G.data(), inp.data(), w.data(), mean.data(),
+                         rstd.data(), kN, kC);
+    dinp.insert(dinp.end(), dw.begin(), dw.end());
+    dinp.insert(dinp.end(), db.begin(), db.end());
+    return dinp;
+  };
+  auto once = run(1), twice = run(2);
+  ASSERT_EQ(once.size(), twice.size());
+  for (size_t i = 0; i < once.size(); ++i) ASSERT_EQ(twice[i], 2.0f * once[i]) << "element " << i;
+}
+
+// ============================================================================================== matmul
+
+// w in the requested layout, read as W[c][j] (the [C,OC] matrix of out = inp @ W).
+template <class T>
+T weight_at(const std::vector<T>& w, int64_t c, int64_t j, WeightLayout layout) {
+  return layout == WeightLayout::InOut ? w[c * kOC + j] : w[j * kC + c];
+}
+
+template <class T>
+void check_matmul_naive(std::mt19937_64& g, WeightLayout layout, bool with_bias) {
+  auto inp = randn<T>(g, kN * kC), w = randn<T>(g, kC * kOC), bias = randn<T>(g, kOC);
+  std::vector<T> out(kN * kOC);
+  poison(out);
+  matmul_forward(out.data(), inp.data(), w.data(), with_bias ? bias.data() : nullptr, kN, kC, kOC, layout);
+  // Standard dot-product error bound: |fl(sum) - sum| <= (K+1) eps sum|terms|, with a factor 2 of slack.
+  const double eps = std::numeric_limits<T>::epsilon();
+  for (int64_t n = 0; n < kN; ++n)
+    for (int64_t j = 0; j < kOC; ++j) {
+      long double ref = with_bias ? bias[j] : 0, mag = with_bias ? std::fabs(bias[j]) : 0;
+      for (int64_t c = 0; c < kC; ++c) {
+        const long double term = static_cast<long double>(inp[n * kC + c]) * weight_at(w, c, j, layout);
+        ref += term;
+        mag += std::fabs(term);
+      }
+      ASSERT_NEAR(out[n * kOC + j], static_cast<double>(ref), 2.0 * (kC + 1) * eps * static_cast<double>(mag))
+          << "n=" << n << " j=" << j << " layout=" << int(layout) << " bias=" << with_bias;
+    }
+}
+
+TEST(KernelMatmul, ForwardMatchesNaiveLoop) {
+  std::mt19937_64 g(test_seed());
+  for (auto layout : {WeightLayout::InOut, WeightLayout::OutIn})
+    for (bool bias : {true, false}) {
+      check_matmul_naive<float>(g, layout, bias);
+      check_matmul_naive<double>(g, layout, bias);
+    }
+}
+
+void matmul_gradcheck(WeightLayout layout) {
+  std::mt19937_64 g(test_seed());
+  auto inp = randn<double>(g, kN * kC), w = randn<double>(g, kC * kOC), bias = randn<double>(g, kOC);
+  auto G = randn<double>(g, kN * kOC);
+  std::vector<double> out(kN * kOC);
+  auto L = [&] {
+    matmul_forward(out.data(), inp.data(), w.data(), bias.data(), kN, kC, kOC, layout);
+    return dot(out, G);
+  };
+  AccGrad dinp(g, inp.size()), dw(g, w.size()), dbias(g, bias.size());
+  matmul_backward(dinp.buf.data(), dw.buf.data(), dbias.buf.data(), G.data(), inp.data(), w.data(), kN, kC, kOC,
+                  layout);
+  expect_grad(inp, dinp.grad(), L, "inp");
+  expect_grad(w, dw.grad(), L, "w");
+  expect_grad(bias, dbias.grad(), L, "bias");
+}
+
+TEST(KernelMatmul, GradCheckInOut) { matmul_gradcheck(WeightLayout::InOut); }
+TEST(KernelMatmul, GradCheckOutIn) { matmul_gradcheck(WeightLayout::OutIn); }
+
+TEST(KernelMatmul, NullGradientsAreSkipped) {
+  std::mt19937_64 g(test_seed());
+  for (auto layout : {WeightLayout::InOut, WeightLayout::OutIn}) {
+    auto inp = randn<double>(g, kN * kC), w = randn<double>(g, kC * kOC), G = randn<double>(g, kN * kOC);
+    auto R1 = randn<double>(g, kN * kC), R2 = randn<double>(g, kC * kOC), R3 = randn<double>(g, kOC);
+    auto dinp = R1, dw = R2, dbias = R3;
+    matmul_backward(dinp.data(), dw.data(), dbias.data(), G.data(), inp.data(), w.data(), kN, kC, kOC, layout);
+    auto only_dinp = R1, only_dw = R2, only_dbias = R3;
+    matmul_backward(only_dinp.data(), nullptr, nullptr, G.data(), inp.data(), w.data(), kN, kC, kOC, layout);
+    matmul_backward<double>(nullptr, only_dw.data(), nullptr, G.data(), inp.data(), w.data(), kN, kC, kOC, layout);
+    matmul_backward<double>(nullptr, nullptr, only_dbias.data(), G.data(), inp.data(), w.data(), kN, kC, kOC,
+                            layout);
+    EXPECT_TRUE(bitwise_equal(only_dinp, dinp));
+    EXPECT_TRUE(bitwise_equal(only_dw, dw));
+    EXPECT_TRUE(bitwise_equal(only_dbias, dbias));
+    EXPECT_FALSE(bitwise_equal(dinp, R1));  // the full call did change every buffer
+    EXPECT_FALSE(bitwise_equal(dw, R2));
+    EXPECT_FALSE(bitwise_equal(dbias, R3));
+  }
+}
+
+TEST(KernelMatmul, FloatMatchesDouble) {
+  std::mt19937_64 g(test_seed());
+  for (auto layout : {WeightLayout::InOut, WeightLayout::OutIn}) {
+    auto inp = randn_f(g, kN * kC), w = randn_f(g, kC * kOC), bias = randn_f(g, kOC), G = randn_f(g, kN * kOC);
+    auto inp_f = to_float(inp), w_f = to_float(w), bias_f = to_float(bias), G_f = to_float(G);
+    std::vector<double> out(kN * kOC), dinp(kN * kC, 0.0), dw(kC * kOC, 0.0), db(kOC, 0.0);
+    std::vector<float> out_f(kN * kOC), dinp_f(kN * kC, 0.f), dw_f(kC * kOC, 0.f), db_f(kOC, 0.f);
+    poison(out), poison(out_f);
+    matmul_forward(out.data(), inp.data(), w.data(), bias.data(), kN, kC, kOC, layout);
+    matmul_forward(out_f.data(), inp_f.data(), w_f.data(), bias_f.data(), kN, kC, kOC, layout);
+    matmul_backward(dinp.data(), dw.data(), db.data(), G.data(), inp.data(), w.data(), kN, kC, kOC, layout);
+    matmul_backward(dinp_f.data(), dw_f.data(), db_f.data(), G_f.data(), inp_f.data(), w_f.data(), kN, kC, kOC,
+                    layout);
+    expect_float_close(out_f, out, "out");
+    expect_float_close(dinp_f, dinp, "dinp");
+    expect_float_close(dw_f, dw, "dw");
+    expect_float_close(db_f, db, "dbias");
+  }
+}
+
+TEST(KernelMatmul, BackwardTwiceAccumulatesExactlyTwice) {
+  std::mt19937_64 g(test_seed());
+  for (auto layout : {WeightLayout::InOut, WeightLayout::OutIn}) {
+    auto inp = randn<float>(g, kN * kC), w = randn<float>(g, kC * kOC), G = randn<float>(g, kN * kOC);
+    auto run = [&](int times) {
+      std::vector<float> dinp(kN * kC, 0.f), dw(kC * kOC, 0.f), db(kOC, 0.f);
+      for (int i = 0; i < times; ++i)
+        matmul_backward(dinp.data(), dw.data(), db.data(), G.data(), inp.data(), w.data(), kN, kC, kOC, layout);
+      dinp.insert(dinp.end(), dw.begin(), dw.end());
+      dinp.insert(dinp.end(), db.begin(), db.end());
+      return dinp;
+    };
+    auto once = run(1), twice = run(2);
+    ASSERT_EQ(once.size(), twice.size());
+    for (size_t i = 0; i < once.size(); ++i) ASSERT_EQ(twice[i], 2.0f * once[i]) << "element " << i;
+  }
+}
+
+// ============================================================================================== attention
+
+constexpr int64_t kHS = kC / kNH;
+
+// Sequence 0: two left-padding tokens; sequence 1: no padding; sequence 2: a padding hole at position 3.
+std::vector<int32_t> test_keymask() {
+  std::vector<int32_t> m(kB * kT, 1);
+  m[0 * kT + 0] = m[0 * kT + 1] = 0;
+  m[2 * kT + 3] = 0;
+  return m;
+}
+
+int64_t qkv_at(int64_t b, int64_t t, int64_t part, int64_t h, int64_t i) {
+  return (b * kT + t) * 3 * kC + part * kC + h * kHS + i;
+}
+
+TEST(KernelAttention, EqualKeysGiveMeanOfVisibleValues) {
+  std::mt19937_64 g(test_seed());
+  auto mask = test_keymask();
+  auto qkv = randn<double>(g, kB * kT * 3 * kC);
+  // Every key of a head is the same vector: all visible scores are equal and softmax is uniform.
+  for (int64_t b = 0; b < kB; ++b)
+    for (int64_t h = 0; h < kNH; ++h)
+      for (int64_t t = 1; t < kT; ++t)
+        for (int64_t i = 0; i < kHS; ++i) qkv[qkv_at(b, t, 1, h, i)] = qkv[qkv_at(b, 0, 1, h, i)];
+  std::vector<double> out(kB * kT * kC), att(kB * kNH * kT * kT);
+  poison(out), poison(att);
+  attention_forward(out.data(), att.data(), qkv.data(), mask.data(), kB, kT, kC, kNH);
+  for (int64_t b = 0; b < kB; ++b)
+    for (int64_t h = 0; h < kNH; ++h)
+      for (int64_t t = 0; t < kT; ++t) {
+        int count = 0;
+        for (int64_t s = 0; s <= t; ++s) count += mask[b * kT + s] != 0;
+        for (int64_t i = 0; i < kHS; ++i) {
+          double ref = 0;
+          for (int64_t s = 0; s <= t; ++s)
+            if (mask[b * kT + s]) ref += qkv[qkv_at(b, s, 2, h, i)] / count;
+          ASSERT_NEAR(out[(b * kT + t) * kC + h * kHS + i], count ? ref : 0.0, 1e-13)
+              << "b=" << b << " h=" << h << " t=" << t << " i=" << i;
+        }
+        for (int64_t s = 0; s < kT; ++s) {
+          const bool visible = s <= t && mask[b * kT + s];
+          ASSERT_NEAR(att[((b * kNH + h) * kT + t) * kT + s], visible ? 1.0 / count : 0.0, 1e-15);
+        }
+      }
+}
+
+TEST(KernelAttention, MaskAndEmptyRows) {
+  std::mt19937_64 g(test_seed());
+  auto mask = test_keymask();
+  auto qkv = randn<double>(g, kB * kT * 3 * kC);
+  std::vector<double> out(kB * kT * kC), att(kB * kNH * kT * kT);
+  poison(out), poison(att);
+  attention_forward(out.data(), att.data(), qkv.data(), mask.data(), kB, kT, kC, kNH);
+  ASSERT_TRUE(all_finite(out));
+  ASSERT_TRUE(all_finite(att));
+  for (int64_t b = 0; b < kB; ++b)
+    for (int64_t h = 0; h < kNH; ++h)
+      for (int64_t t = 0; t < kT; ++t) {
+        const double* row = &att[((b * kNH + h) * kT + t) * kT];
+        bool any = false;
+        double sum = 0;
+        for (int64_t s = 0; s < kT; ++s) {
+          const bool visible = s <= t && mask[b * kT + s];
+          any |= visible;
+          if (!visible) EXPECT_EQ(row[s], 0.0) << "b=" << b << " h=" << h << " t=" << t << " s=" << s;
+          sum += row[s];
+        }
+        EXPECT_NEAR(sum, any ? 1.0 : 0.0, 1e-14) << "b=" << b << " h=" << h << " t=" << t;
+        if (!any)
+          for (int64_t i = 0; i < kHS; ++i) EXPECT_EQ(out[(b * kT + t) * kC + h * kHS + i], 0.0);
+      }
+  // Changing the keys and values of masked positions changes nothing (their queries are left alone).
+  auto qkv2 = qkv;
+  for (int64_t b = 0; b < kB; ++b)
+    for (int64_t t = 0; t < kT; ++t)
+      if (!mask[b * kT + t])
+        for (int64_t c = kC; c < 3 * kC; ++c) qkv2[(b * kT + t) * 3 * kC + c] += 10.0;
+  std::vector<double> out2(out.size()), att2(att.size());
+  attention_forward(out2.data(), att2.data(), qkv2.data(), mask.data(), kB, kT, kC, kNH);
+  EXPECT_TRUE(bitwise_equal(out2, out));
+  EXPECT_TRUE(bitwise_equal(att2, att));
+  // Without the mask the same change does matter (the test above is not vacuous).
+  std::vector<double> out3(out.size()), out4(out.size());
+  attention_forward(out3.data(), att2.data(), qkv.data(), nullptr, kB, kT, kC, kNH);
+  attention_forward(out4.data(), att2.data(), qkv2.data(), nullptr, kB, kT, kC, kNH);
+  EXPECT_FALSE(bitwise_equal(out3, out4));
+}
+
+TEST(KernelAttention, IsCausal) {
+  std::mt19937_64 g(test_seed());
+  auto qkv = randn<double>(g, kB * kT * 3 * kC);
+  std::vector<double> out(kB * kT * kC), att(kB * kNH * kT * kT), out2(out.size()), att2(att.size());
+  attention_forward(out.data(), att.data(), qkv.data(), nullptr, kB, kT, kC, kNH);
+  const int64_t b0 = 1, t0 = 4;
+  for (int64_t c = 0; c < 3 * kC; ++c) qkv[(b0 * kT + t0) * 3 * kC + c] += 1.0;
+  attention_forward(out2.data(), att2.data(), qkv.data(), nullptr, kB, kT, kC, kNH);
+  for (int64_t b = 0; b < kB; ++b)
+    for (int64_t t = 0; t < kT; ++t) {
+      const bool affected = b == b0 && t >= t0;
+      bool same = true;
+      for (int64_t c = 0; c < kC; ++c) same &= out[(b * kT + t) * kC + c] == out2[(b * kT + t) * kC + c];
+      // Earlier queries never read the later key/value; later queries must see the change.
+      EXPECT_EQ(same, !affected) << "b=" << b << " t=" << t;
+    }
+}
+
+TEST(KernelAttention, GradCheckWithPadding) {
+  std::mt19937_64 g(test_seed());
+  auto mask = test_keymask();
+  auto qkv = randn<double>(g, kB * kT * 3 * kC), G = randn<double>(g, kB * kT * kC);
+  std::vector<double> out(kB * kT * kC), att(kB * kNH * kT * kT);
+  auto L = [&] {
+    attention_forward(out.data(), att.data(), qkv.data(), mask.data(), kB, kT, kC, kNH);
+    return dot(out, G);
+  };
+  L();
+  AccGrad dqkv(g, qkv.size());
+  attention_backward(dqkv.buf.data(), G.data(), qkv.data(), att.data(), kB, kT, kC, kNH);
+  expect_grad(qkv, dqkv.grad(), L, "qkv");
+  // Masked keys and values get exactly no gradient.
+  auto grad = dqkv.grad();
+  for (int64_t b = 0; b < kB; ++b)
+    for (int64_t t = 0; t < kT; ++t)
+      if (!mask[b * kT + t])
+        for (int64_t c = kC; c < 3 * kC; ++c) EXPECT_EQ(grad[(b * kT + t) * 3 * kC + c], 0.0);
+}
+
+TEST(KernelAttention, FloatMatchesDouble) {
+  std::mt19937_64 g(test_seed());
+  auto mask = test_keymask();
+  auto qkv = randn_f(g, kB * kT * 3 * kC), G = randn_f(g, kB * kT * kC);
+  auto qkv_f = to_float(qkv), G_f = to_float(G);
+  std::vector<double> out(kB * kT * kC), att(kB * kNH * kT * kT), dqkv(qkv.size(), 0.0);
+  std::vector<float> out_f(out.size()), att_f(att.size()), dqkv_f(qkv.size(), 0.f);
+  poison(out), poison(att), poison(out_f), poison(att_f);
+  attention_forward(out.data(), att.data(), qkv.data(), mask.data(), kB, kT, kC, kNH);
+  attention_forward(out_f.data(), att_f.data(), qkv_f.data(), mask.data(), kB, kT, kC, kNH);
+  attention_backward(dqkv.data(), G.data(), qkv.data(), att.data(), kB, kT, kC, kNH);
+  attention_backward(dqkv_f.data(), G_f.data(), qkv_f.data(), att_f.data(), kB, kT, kC, kNH);
+  expect_float_close(out_f, out, "out");
+  expect_float_close(att_f, att, "att");
+  expect_float_close(dqkv_f, dqkv, "dqkv");
+}
+
+TEST(KernelAttention, BackwardIsBitwiseDeterministicAcrossThreadCounts) {
+  std::mt19937_64 g(test_seed());
+  const int64_t B = 2, T = 29, C = 40, NH = 4;
+  std::vector<int32_t> mask(B * T, 1);
+  for (int64_t t = 0; t < 5; ++t) mask[t] = 0;
+  auto qkv = randn<float>(g, B * T * 3 * C), dout = randn<float>(g, B * T * C), R = randn<float>(g, qkv.size());
+  std::vector<float> out(B * T * C), att(B * NH * T * T);
+  attention_forward(out.data(), att.data(), qkv.data(), mask.data(), B, T, C, NH);
+  auto run = [&](int threads) {
+    ThreadCount tc(threads);
+    auto dqkv = R;
+    attention_backward(dqkv.data(), dout.data(), qkv.data(), att.data(), B, T, C, NH);
+    return dqkv;
+  };
+  auto ref = run(1);
+  EXPECT_TRUE(bitwise_equal(run(1), ref));
+  EXPECT_TRUE(bitwise_equal(run(3), ref));
+  EXPECT_TRUE(bitwise_equal(run(3), ref));
+}
+
+// ============================================================================================== gelu
+
+long double gelu_ref(long double x) {
+  const long double a = std::sqrt(2.0L / 3.14159265358979323846264338327950288L);
+  return 0.5L * x * (1.0L + std::tanh(a * (x + 0.044715L * x * x * x)));
+}
+
+template <class T>
+void check_gelu_points() {
+  std::vector<T> x = {T(0), T(10), T(-10), T(-3), T(-1), T(-0.5), T(0.1), T(0.7), T(1), T(2.5), T(6)};
+  std::vector<T> y(x.size());
+  poison(y);
+  gelu_forward(y.data(), x.data(), static_cast<int64_t>(x.size()));
+  EXPECT_EQ(y[0], T(0));
+  EXPECT_EQ(y[1], T(10));              // tanh saturates to 1: gelu(x) = x
+  EXPECT_LE(std::fabs(y[2]), T(1e-30));  // and to -1: gelu(x) = 0
+  // 0.5 x (1 + tanh u): tanh has an O(eps) absolute error, multiplied by |x|/2; allow 8 eps |x|.
+  const double eps = std::numeric_limits<T>::epsilon();
+  for (size_t i = 0; i < x.size(); ++i)
+    EXPECT_NEAR(static_cast<double>(y[i]), static_cast<double>(gelu_ref(x[i])),
+                8 * eps * std::max(1.0, std::fabs(static_cast<double>(x[i]))))
+        << "x=" << x[i];
+}
+
+TEST(KernelGelu, KnownPoints) {
+  check_gelu_points<float>();
+  check_gelu_points<double>();
+}
+
+TEST(KernelGelu, GradCheck) {
+  std::mt19937_64 g(test_seed());
+  const int64_t N = kB * kT * kC;
+  auto inp = randn<double>(g, N, 2.0), G = randn<double>(g, N);
+  std::vector<double> out(N);
+  auto L = [&] {
+    gelu_forward(out.data(), inp.data(), N);
+    return dot(out, G);
+  };
+  AccGrad dinp(g, N);
+  gelu_backward(dinp.buf.data(), G.data(), inp.data(), N);
+  expect_grad(inp, dinp.grad(), L, "inp");
+}
+
+TEST(KernelGelu, FloatMatchesDouble) {
+  std::mt19937_64 g(test_seed());
+  const int64_t N = kB * kT * kC;
+  auto inp = randn_f(g, N, 2.0), G = randn_f(g, N);
+  auto inp_f = to_float(inp), G_f = to_float(G);
+  std::vector<double> out(N), dinp(N, 0.0);
+  std::vector<float> out_f(N), dinp_f(N, 0.f);
+  poison(out), poison(out_f);
+  gelu_forward(out.data(), inp.data(), N);
+  gelu_forward(out_f.data(), inp_f.data(), N);
+  gelu_backward(dinp.data(), G.data(), inp.data(), N);
+  gelu_backward(dinp_f.data(), G_f.data(), inp_f.data(), N);
+  expect_float_close(out_f, out, "out");
+  expect_float_close(dinp_f, dinp, "dinp");
+}
+
+// ============================================================================================== residual
+
+template <class T>
+void check_residual_forward(std::mt19937_64& g) {
+  const int64_t N = kN * kC;
+  auto a = randn<T>(g, N), b = randn<T>(g, N);
+  std::vector<T> ref(N), out(N);
+  for (int64_t i = 0; i < N; ++i) ref[i] = a[i] + b[i];
+  poison(out);
+  residual_forward(out.data(), a.data(), b.data(), N);
+  EXPECT_TRUE(bitwise_equal(out, ref));
+  auto a2 = a, b2 = b;
+  residual_forward(a2.data(), a2.data(), b.data(), N);  // out aliases a
+  residual_forward(b2.data(), a.data(), b2.data(), N);  // out aliases b
+  EXPECT_TRUE(bitwise_equal(a2, ref));
+  EXPECT_TRUE(bitwise_equal(b2, ref));
+}
+
+TEST(KernelResidual, ForwardAllowsAliasing) {
+  std::mt19937_64 g(test_seed());
+  check_residual_forward<float>(g);
+  check_residual_forward<double>(g);
+}
+
+TEST(KernelResidual, GradCheckAndFloatMatchesDouble) {
+  std::mt19937_64 g(test_seed());
+  const int64_t N = kN * kC;
+  auto a = randn<double>(g, N), b = randn<double>(g, N), G = randn<double>(g, N);
+  std::vector<double> out(N);
+  auto L = [&] {
+    residual_forward(out.data(), a.data(), b.data(), N);
+    return dot(out, G);
+  };
+  AccGrad da(g, N), db(g, N);
+  residual_backward(da.buf.data(), db.buf.data(), G.data(), N);
+  expect_grad(a, da.grad(), L, "a");
+  expect_grad(b, db.grad(), L, "b");
+
+  auto a_f = to_float(a), b_f = to_float(b), G_f = to_float(G);
+  std::vector<float> out_f(N), da_f = to_float(da.R), db_f = to_float(db.R);
+  poison(out_f);
+  residual_forward(out_f.data(), a_f.data(), b_f.data(), N);
+  residual_backward(da_f.data(), db_f.data(), G_f.data(), N);
+  residual_forward(out.data(), a.data(), b.data(), N);
+  expect_float_close(out_f, out, "out");
+  expect_float_close(da_f, da.buf, "da");
+  expect_float_close(db_f, db.buf, "db");
+}
+
+// ============================================================================================== logprob
+
+// Weights with zeros (prompt / padding) and non-1 values; targets at weight-0 positions are garbage (-1).
+template <class T>
+void logprob_inputs(std::mt19937_64& g, std::vector<int32_t>& targets, std::vector<T>& weights) {
+  targets = random_tokens(g, kB * kT, 0, kV);
+  weights.assign(kB * kT, T(1));
+  const double choices[] = {0.0, 1.0, 0.5, 2.0, -0.75};
+  std::uniform_int_distribution<int> pick(0, 4);
+  for (auto& w : weights) w = static_cast<T>(choices[pick(g)]);
+  weights[0] = weights[1] = T(0);  // sequence 0 starts with a prompt
+  weights[2] = T(1);
+  targets[0] = -1;
+  targets[1] = static_cast<int32_t>(kV + 3);
+  for (int64_t t = 0; t < kT; ++t) weights[1 * kT + t] = t < 3 ? T(0) : T(1);  // sequence 1: 0/1 mask
+}
+
+template <class T>
+void check_logprob_uniform(std::mt19937_64& g, double tol) {
+  std::vector<int32_t> targets;
+  std::vector<T> weights;
+  logprob_inputs(g, targets, weights);
+  std::vector<T> logits(kB * kT * kV);
+  std::normal_distribution<double> nd(0.0, 5.0);
+  for (int64_t i = 0; i < kB * kT; ++i) {
+    const T c = static_cast<T>(nd(g));
+    for (int64_t v = 0; v < kV; ++v) logits[i * kV + v] = c;
+  }
+  std::vector<T> seq(kB), tok(kB * kT), seq2(kB);
+  poison(seq), poison(tok), poison(seq2);
+  logprob_forward(seq.data(), tok.data(), logits.data(), targets.data(), weights.data(), kB, kT, kV);
+  logprob_forward<T>(seq2.data(), nullptr, logits.data(), targets.data(), weights.data(), kB, kT, kV);
+  const double lp = -std::log(static_cast<double>(kV));
+  for (int64_t b = 0; b < kB; ++b) {
+    double wsum = 0;
+    for (int64_t t = 0; t < kT; ++t) {
+      wsum += weights[b * kT + t];
+      EXPECT_NEAR(tok[b * kT + t], weights[b * kT + t] != T(0) ? lp : 0.0, tol);
+    }
+    EXPECT_NEAR(seq[b], wsum * lp, tol * kT);
+    EXPECT_EQ(seq2[b], seq[b]);
+  }
+}
+
+TEST(KernelLogprob, UniformLogitsGiveMinusLogV) {
+  std::mt19937_64 g(test_seed());
+  // Logits up to ~20 in magnitude, rounded to T: a few eps of T times 20.
+  check_logprob_uniform<float>(g, 1e-5);
+  check_logprob_uniform<double>(g, 1e-13);
+}
+
+template <class T>
+void check_logprob_reference(std::mt19937_64& g, double tol) {
+  std::vector<int32_t> targets;
+  std::vector<T> weights;
+  logprob_inputs(g, targets, weights);
+  auto logits = randn<T>(g, kB * kT * kV, 3.0);
+  logits[5 * kV + 7] = T(80);  // a dominant logit: exp without the max shift would overflow in float
+  std::vector<T> seq(kB), tok(kB * kT);
+  poison(seq), poison(tok);
+  logprob_forward(seq.data(), tok.data(), logits.data(), targets.data(), weights.data(), kB, kT, kV);
+  for (int64_t b = 0; b < kB; ++b) {
+    long double sref = 0;
+    for (int64_t t = 0; t < kT; ++t) {
+      const int64_t i = b * kT + t;
+      long double lp = 0;
+      if (weights[i] != T(0)) {
+        long double z = 0;
+        for (int64_t v = 0; v < kV; ++v) z += std::exp(static_cast<long double>(logits[i * kV + v]));
+        lp = logits[i * kV + targets[i]] - std::log(z);
+      }
+      sref += weights[i] * lp;
+      EXPECT_NEAR(tok[i], static_cast<double>(lp), tol * std::max(1.0L, std::fabs(lp))) << "b=" << b << " t=" << t;
+    }
+    EXPECT_NEAR(seq[b], static_cast<double>(sref), tol * std::max(1.0L, std::fabs(sref)) * kT) << "b=" << b;
+  }
+}
+
+TEST(KernelLogprob, ForwardMatchesLongDoubleReference) {
+  std::mt19937_64 g(test_seed());
+  check_logprob_reference<float>(g, 1e-6);
+  check_logprob_reference<double>(g, 1e-13);
+}
+
+TEST(KernelLogprob, GradCheck) {
+  std::mt19937_64 g(test_seed());
+  std::vector<int32_t> targets;
+  std::vector<double> weights;
+  logprob_inputs(g, targets, weights);
+  auto logits = randn<double>(g, kB * kT * kV, 2.0), dseq = randn<double>(g, kB);
+  std::vector<double> seq(kB);
+  auto L = [&] {
+    logprob_forward<double>(seq.data(), nullptr, logits.data(), targets.data(), weights.data(), kB, kT, kV);
+    return dot(seq, dseq);
+  };
+  std::vector<double> dlogits(logits.size());
+  poison(dlogits);  // (=) semantics: every element must be written
+  logprob_backward(dlogits.data(), logits.data(), targets.data(), weights.data(), dseq.data(), kB, kT, kV);
+  ASSERT_TRUE(all_finite(dlogits));
+  expect_grad(logits, dlogits, L, "logits");
+  for (int64_t i = 0; i < kB * kT; ++i)
+    if (weights[i] == 0.0)
+      for (int64_t v = 0; v < kV; ++v) EXPECT_EQ(dlogits[i * kV + v], 0.0) << "row " << i;
+}
+
+TEST(KernelLogprob, BackwardInPlace) {
+  std::mt19937_64 g(test_seed());
+  std::vector<int32_t> targets;
+  std::vector<float> weights;
+  logprob_inputs(g, targets, weights);
+  auto logits = randn<float>(g, kB * kT * kV, 2.0), dseq = randn<float>(g, kB);
+  std::vector<float> dlogits(logits.size());
+  poison(dlogits);
+  logprob_backward(dlogits.data(), logits.data(), targets.data(), weights.data(), dseq.data(), kB, kT, kV);
+  auto inplace = logits;
+  logprob_backward(inplace.data(), inplace.data(), targets.data(), weights.data(), dseq.data(), kB, kT, kV);
+  EXPECT_TRUE(bitwise_equal(inplace, dlogits));
+}
+
+TEST(KernelLogprob, OutOfRangeTargetThrowsBeforeWriting) {
+  std::mt19937_64 g(test_seed());
+  std::vector<int32_t> targets;
+  std::vector<double> weights;
+  logprob_inputs(g, targets, weights);
+  auto logits = randn<double>(g, kB * kT * kV), dseq = randn<double>(g, kB);
+  const int64_t b0 = 2, t0 = 4;
+  weights[b0 * kT + t0] = 0.5;
+  for (int32_t bad : {static_cast<int32_t>(kV), static_cast<int32_t>(kV + 5), -1}) {
+    SCOPED_TRACE("target " + std::to_string(bad));
+    auto tg = targets;
+    tg[b0 * kT + t0] = bad;
+    const std::vector<double> seq0 = randn<double>(g, kB), tok0 = randn<double>(g, kB * kT);
+    auto seq = seq0, tok = tok0, dlogits = logits;
+    try {
+      logprob_forward(seq.data(), tok.data(), logits.data(), tg.data(), weights.data(), kB, kT, kV);
+      ADD_FAILURE() << "logprob_forward did not throw";
+    } catch (const dpo::Error& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("b=2"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("t=4"), std::string::npos) << msg;
+      EXPECT_NE(msg.find(std::to_string(bad)), std::string::npos) << msg;
+      EXPECT_NE(msg.find("V=37"), std::string::npos) << msg;
+    }
+    EXPECT_TRUE(bitwise_equal(seq, seq0));
+    EXPECT_TRUE(bitwise_equal(tok, tok0));
+    EXPECT_THROW(
+        logprob_backward(dlogits.data(), logits.data(), tg.data(), weights.data(), dseq.data(), kB, kT, kV),
+        dpo::Error);
+    EXPECT_TRUE(bitwise_equal(dlogits, logits));
+  }
+}
+
+TEST(KernelLogprob, IgnoredTargetsMayBeOutOfRange) {
+  std::mt19937_64 g(test_seed());
+  std::vector<int32_t> targets;
+  std::vector<double> weights;
+  logprob_inputs(g, targets, weights);
+  auto logits = randn<double>(g, kB * kT * kV), dseq = randn<double>(g, kB);
+  // Same batch with the ignored targets replaced by valid ones: results must not change.
+  auto valid = targets;
+  int n_bad = 0;
+  for (int64_t i = 0; i < kB * kT; ++i)
+    if (weights[i] == 0.0) {
+      n_bad += targets[i] < 0 || targets[i] >= kV;
+      valid[i] = 3;
+    }
+  ASSERT_GE(n_bad, 2);
+  std::vector<double> seq(kB), tok(kB * kT), seq2(kB), tok2(kB * kT), d(logits.size()), d2(logits.size());
+  poison(seq), poison(tok), poison(d);
+  ASSERT_NO_THROW(logprob_forward(seq.data(), tok.data(), logits.data(), targets.data(), weights.data(), kB, kT, kV));
+  ASSERT_NO_THROW(
+      logprob_backward(d.data(), logits.data(), targets.data(), weights.data(), dseq.data(), kB, kT, kV));
+  logprob_forward(seq2.data(), tok2.data(), logits.data(), valid.data(), weights.data(), kB, kT, kV);
+  logprob_backward(d2.data(), logits.data(), valid.data(), weights.data(), dseq.data(), kB, kT, kV);
+  EXPECT_TRUE(bitwise_equal(seq, seq2));
+  EXPECT_TRUE(bitwise_equal(tok, tok2));
+  EXPECT_TRUE(bitwise_equal(d, d2));
+  for (int64_t i = 0; i < kB * kT; ++i)
+    if (weights[i] == 0.0) EXPECT_EQ(tok[i], 0.0);
+}
+
+TEST(KernelLogprob, FloatMatchesDouble) {
+  std::mt19937_64 g(test_seed());
+  std::vector<int32_t> targets;
+  std::vector<double> weights;
+  logprob_inputs(g, targets, weights);
+  auto logits = randn_f(g, kB * kT * kV, 3.0), dseq = randn_f(g, kB);
+  auto logits_f = to_float(logits), dseq_f = to_float(dseq), weights_f = to_float(weights);
+  std::vector<double> seq(kB), tok(kB * kT), d(logits.size());
+  std::vector<float> seq_f(kB), tok_f(kB * kT), d_f(logits.size());
+  poison(seq), poison(tok), poison(d), poison(seq_f), poison(tok_f), poison(d_f);
+  logprob_forward(seq.data(), tok.data(), logits.data(), targets.data(), weights.data(), kB, kT, kV);
+  logprob_forward(seq_f.data(), tok_f.data(), logits_f.data(), targets.data(), weights_f.data(), kB, kT, kV);
+  logprob_backward(d.data(), logits.data(), targets.data(), weights.data(), dseq.data(), kB, kT, kV);
+  logprob_backward(d_f.data(), logits_f.data(), targets.data(), weights_f.data(), dseq_f.data(), kB, kT, kV);
+  expect_float_close(seq_f, seq, "seq_logp");
+  expect_float_close(tok_f, tok, "token_logp");
+  expect_float_close(d_f, d, "dlogits");
+}
+
+}  // namespace
