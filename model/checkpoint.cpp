@@ -96,6 +96,9 @@ std::string gpt2_config_json(const GPT2Config& c) {
       {"reorder_and_upcast_attn", false},
       {"tie_word_embeddings", true},
       {"torch_dtype", "float32"},
+      // GPT-2 uses its last id as <|endoftext|> for both; HF's default (50256) is outside smaller vocabularies.
+      {"bos_token_id", c.vocab_size - 1},
+      {"eos_token_id", c.vocab_size - 1},
   };
   return j.dump(2) + "\n";
 }
