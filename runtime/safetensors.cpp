@@ -193,9 +193,14 @@ SafetensorsFile::SafetensorsFile(std::string path) : path_(std::move(path)) {
   std::vector<const SafetensorsEntry*> by_offset;
   for (const auto& e : entries_) by_offset.push_back(&e);
   std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) { return a->begin < b->begin; });
-  for (size_t i = 1; i < by_offset.size(); ++i) {
-    if (by_offset[i]->begin < by_offset[i - 1]->end && by_offset[i]->end > by_offset[i]->begin)
-      bad(path_, "tensors '" + by_offset[i - 1]->name + "' and '" + by_offset[i]->name + "' overlap");
+  // Compare each non-empty tensor with the non-empty one that reaches furthest before it (empty tensors occupy
+  // no bytes, so they neither overlap nor hide an overlap).
+  const SafetensorsEntry* reach = nullptr;
+  for (const SafetensorsEntry* e : by_offset) {
+    if (e->end == e->begin) continue;
+    if (reach && e->begin < reach->end)
+      bad(path_, "tensors '" + reach->name + "' and '" + e->name + "' overlap");
+    if (!reach || e->end > reach->end) reach = e;
   }
 }
 
