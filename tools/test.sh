@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The project's test command (README, .ci/run):
+#   1. installs what a fresh machine lacks (tools/install_deps.sh),
+#   2. configures and builds everything (the CUDA part too when nvcc is on PATH; it compiles here even where
+#      nothing can run it),
+#   3. runs every ctest test (CUDA tests skip with a reason on a machine without a GPU),
+#   4. builds again with AddressSanitizer + UndefinedBehaviorSanitizer (CPU only) and runs the CPU tests under it.
+# Usage: tools/test.sh [--no-sanitize]      Build trees: build/ and build-asan/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+sanitize=1
+for a in "$@"; do
+  case "$a" in
+    --no-sanitize) sanitize=0 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "test.sh: unknown argument '$a'" >&2; exit 2 ;;
+  esac
+done
+
+jobs=$(nproc)
+tools/install_deps.sh
+
+echo "== build (release)"
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo
+cmake --build build -j"$jobs"
+echo "== tests (release)"
+ctest --test-dir build --output-on-failure -j"$jobs"
+
+if [ "$sanitize" = 1 ]; then
+  echo "== build (ASan + UBSan, CPU only)"
+  cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DDPO_SANITIZE=ON -DDPO_ENABLE_CUDA=OFF
+  cmake --build build-asan -j"$jobs"
+  echo "== tests (ASan + UBSan)"
+  # halt_on_error: any report fails the run. detect_leaks stays on (LeakSanitizer is part of ASan on Linux).
+  ASAN_OPTIONS=halt_on_error=1:detect_leaks=1:abort_on_error=1 \
+  UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+    ctest --test-dir build-asan --output-on-failure -L cpu -j"$jobs"
+fi
+echo "== all tests passed"
