@@ -133,3 +133,29 @@ TEST(CpuBackend, ChecksShapesAtTheBoundary) {
 
 }  // namespace
 }  // namespace dpo
+
+#ifdef DPO_HAVE_MPI
+#include "runtime/mpi_check.h"
+
+namespace dpo {
+namespace {
+
+TEST(Errors, MpiFailureNamesStatementAndMpiMessage) {
+  // Without MPI_Init (Open MPI would abort in MPI_Error_string) the code is reported by number.
+  auto fails = [] { return MPI_ERR_COMM; };
+  try {
+    DPO_MPI_CHECK(fails());
+    FAIL() << "no throw";
+  } catch (const Error& e) {
+    std::string m = e.what();
+    EXPECT_NE(m.find("MPI error"), std::string::npos) << m;
+    EXPECT_NE(m.find("fails()"), std::string::npos) << m;
+    EXPECT_NE(m.find("test_runtime.cpp"), std::string::npos) << m;
+    EXPECT_NE(m.find("MPI error code " + std::to_string(MPI_ERR_COMM)), std::string::npos) << m;
+  }
+  EXPECT_NO_THROW(DPO_MPI_CHECK(MPI_SUCCESS));
+}
+
+}  // namespace
+}  // namespace dpo
+#endif
