@@ -14,6 +14,7 @@
 #include <memory>
 #include <string>
 
+#include "kernels/adamw.h"
 #include "kernels/common.h"
 #include "runtime/tensor.h"
 
@@ -71,6 +72,16 @@ class Backend {
   // dlogits[B,T,V] = dseq[b] * weights * (onehot - softmax)  (=; may alias logits)
   virtual void logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                                 const Tensor& weights, const Tensor& dseq) = 0;
+
+  // --- optimizer ops (kernels/adamw.h) ------------------------------------------------------------------------
+  // One AdamW step, in place on param, m, v (all four tensors: same shape, same floating dtype, no aliasing);
+  // grad is read only and multiplied by p.grad_scale first. p.step is 1-based.
+  virtual void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                            const AdamWParams& p) = 0;
+  // sum(x^2) accumulated in double; bitwise reproducible for a given x whatever the thread count.
+  virtual double sum_squares(const Tensor& x) = 0;
+  // x *= s, in place.
+  virtual void scale(const Tensor& x, double s) = 0;
 };
 
 // The CPU backend over the reference kernels. `num_threads` <= 0 keeps OpenMP's default.

@@ -3,6 +3,7 @@
 
 #include <cstring>
 
+#include "kernels/adamw.h"
 #include "kernels/attention.h"
 #include "kernels/encoder.h"
 #include "kernels/gelu.h"
@@ -250,6 +251,47 @@ class CpuBackend final : public Backend {
       using F = decltype(z);
       cpu::logprob_backward<F>(dlogits.data<F>(), logits.data<F>(), targets.data<int32_t>(), weights.data<F>(),
                                dseq.data<F>(), B, T, V);
+    });
+  }
+
+  void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                    const AdamWParams& p) override {
+    check_float(param, "adamw param");
+    check_shape(grad, param.shape(), "adamw grad");
+    check_shape(m, param.shape(), "adamw m");
+    check_shape(v, param.shape(), "adamw v");
+    check_same_dtype(param, grad, "adamw param", "adamw grad");
+    check_same_dtype(param, m, "adamw param", "adamw m");
+    check_same_dtype(param, v, "adamw param", "adamw v");
+    DPO_ASSERT(p.step >= 1, "adamw step is 1-based, got " + std::to_string(p.step));
+    const Tensor* ts[4] = {&param, &grad, &m, &v};
+    const char* names[4] = {"param", "grad", "m", "v"};
+    for (int a = 0; a < 4; ++a)
+      for (int b = a + 1; b < 4; ++b) {
+        const char* pa = static_cast<const char*>(ts[a]->raw());
+        const char* pb = static_cast<const char*>(ts[b]->raw());
+        const bool overlap = pa < pb + ts[b]->nbytes() && pb < pa + ts[a]->nbytes();
+        DPO_ASSERT(!overlap, std::string("adamw: ") + names[a] + " and " + names[b] + " overlap");
+      }
+    dispatch(param.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::adamw_update<F>(param.data<F>(), grad.data<F>(), m.data<F>(), v.data<F>(), param.numel(), p);
+    });
+  }
+  double sum_squares(const Tensor& x) override {
+    check_float(x, "sum_squares x");
+    double s = 0.0;
+    dispatch(x.dtype(), [&](auto z) {
+      using F = decltype(z);
+      s = cpu::sum_squares<F>(x.data<F>(), x.numel());
+    });
+    return s;
+  }
+  void scale(const Tensor& x, double s) override {
+    check_float(x, "scale x");
+    dispatch(x.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::scale<F>(x.data<F>(), x.numel(), s);
     });
   }
 

@@ -8,6 +8,10 @@
 
 #include "model/checkpoint.h"
 #include "runtime/backend.h"
+#include "train/config.h"
+#include "train/sample.h"
+#include "train/tokenizer.h"
+#include "train/trainer.h"
 
 namespace {
 
@@ -42,6 +46,89 @@ int cmd_init(const std::string& out, const dpo::GPT2Config& cfg, uint64_t seed) 
   return 0;
 }
 
+struct TrainArgs {
+  std::string config;
+  std::vector<std::string> overrides;
+  std::string resume;
+  bool plain = false;
+  bool help_config = false;
+};
+
+void add_train_args(CLI::App* sub, TrainArgs& a, bool resume) {
+  sub->add_option("--config,-c", a.config, "YAML config file (keys: --help-config)");
+  sub->add_option("overrides", a.overrides, "key=value overrides applied after the config file");
+  if (resume) sub->add_option("--resume", a.resume, "checkpoint directory to continue from, or 'latest'");
+  sub->add_flag("--plain", a.plain, "plain progress lines even on a terminal");
+  sub->add_flag("--help-config", a.help_config, "list every config key with its default and exit");
+}
+
+void print_metrics(const std::map<std::string, double>& m) {
+  for (const auto& [k, v] : m) std::printf("  %-28s %.6g\n", k.c_str(), v);
+}
+
+int cmd_train(const TrainArgs& a, dpo::RunKind kind) {
+  if (a.help_config) {
+    std::fputs(dpo::config_help().c_str(), stdout);
+    return 0;
+  }
+  dpo::TrainConfig cfg = dpo::load_train_config(a.config, a.overrides, kind);
+  dpo::RunOptions ro;
+  ro.resume = a.resume;
+  ro.plain_progress = a.plain;
+  dpo::RunSummary s = dpo::run_training(cfg, kind, ro);
+  std::printf("done: %lld steps in %.1f s; checkpoint %s\n", static_cast<long long>(s.steps), s.seconds,
+              s.final_checkpoint.c_str());
+  print_metrics(s.last_log);
+  print_metrics(s.eval);
+  return 0;
+}
+
+int cmd_eval(const TrainArgs& a, const std::string& checkpoint) {
+  if (a.help_config) {
+    std::fputs(dpo::config_help().c_str(), stdout);
+    return 0;
+  }
+  std::vector<std::string> ov = a.overrides;
+  // eval needs no out_dir; a placeholder keeps validation uniform.
+  ov.insert(ov.begin(), "out_dir=.");
+  dpo::TrainConfig cfg = dpo::load_train_config(a.config, ov, dpo::RunKind::Dpo);
+  print_metrics(dpo::run_evaluation(cfg, checkpoint));
+  return 0;
+}
+
+struct SampleArgs {
+  std::string checkpoint;
+  std::vector<std::string> prompts;
+  dpo::SampleOptions opt;
+  uint64_t seed = 0;
+  int64_t num = 1;
+};
+
+int cmd_sample(SampleArgs& a) {
+  auto be = dpo::make_cpu_backend();
+  auto model = dpo::load_gpt2_checkpoint(*be, a.checkpoint, dpo::DType::F32);
+  auto tok = dpo::make_tokenizer("byte");
+  if (tok->vocab_size() > model->config().vocab_size)
+    throw dpo::InputError(a.checkpoint + ": vocab_size " + std::to_string(model->config().vocab_size) +
+                          " is smaller than the byte tokenizer's " + std::to_string(tok->vocab_size()));
+  if (a.num <= 0) throw dpo::InputError("--num must be > 0");
+  a.opt.eos_id = tok->eos_id();
+  std::vector<std::vector<int32_t>> prompts;
+  for (const auto& p : a.prompts) {
+    if (!dpo::valid_utf8(p)) throw dpo::InputError("prompt is not valid UTF-8");
+    for (int64_t i = 0; i < a.num; ++i) prompts.push_back(tok->encode(p));
+  }
+  dpo::Rng rng(a.seed);
+  auto outs = dpo::generate(*model, prompts, a.opt, rng);
+  for (size_t i = 0; i < outs.size(); ++i) {
+    std::vector<int32_t> ids;
+    for (int32_t t : outs[i])
+      if (t != tok->eos_id()) ids.push_back(t);
+    std::printf("%s%s\n", a.prompts[i / static_cast<size_t>(a.num)].c_str(), tok->decode(ids).c_str());
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -65,6 +152,27 @@ int main(int argc, char** argv) {
   init->add_option("--n-positions", cfg.max_seq_len, "Context length")->capture_default_str();
   init->add_option("--seed", seed, "RNG seed")->capture_default_str();
 
+  TrainArgs train_args, sft_args, eval_args;
+  auto* train = app.add_subcommand("train", "DPO-family training (sigmoid, ipo, hinge, robust, cdpo, + sft term)");
+  add_train_args(train, train_args, true);
+  auto* sftc = app.add_subcommand("sft", "Supervised fine-tuning on {prompt, completion} JSONL");
+  add_train_args(sftc, sft_args, true);
+  std::string eval_ckpt;
+  auto* evalc = app.add_subcommand("eval", "Evaluate a policy checkpoint on preference pairs (eval_* metrics)");
+  evalc->add_option("checkpoint", eval_ckpt, "policy checkpoint directory")->required();
+  add_train_args(evalc, eval_args, false);
+
+  SampleArgs sa;
+  auto* sample = app.add_subcommand("sample", "Sample completions from a checkpoint (byte tokenizer)");
+  sample->add_option("checkpoint", sa.checkpoint, "checkpoint directory")->required();
+  sample->add_option("--prompt,-p", sa.prompts, "prompt text (repeatable)")->required();
+  sample->add_option("--num,-n", sa.num, "samples per prompt")->capture_default_str();
+  sample->add_option("--temperature", sa.opt.temperature, "0 = greedy")->capture_default_str();
+  sample->add_option("--top-k", sa.opt.top_k, "keep the k most likely tokens; 0 = off")->capture_default_str();
+  sample->add_option("--top-p", sa.opt.top_p, "nucleus sampling mass; 1 = off")->capture_default_str();
+  sample->add_option("--max-new-tokens", sa.opt.max_new_tokens, "tokens to generate")->capture_default_str();
+  sample->add_option("--seed", sa.seed, "sampling seed")->capture_default_str();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -81,6 +189,10 @@ int main(int argc, char** argv) {
   try {
     if (*info) return cmd_info(info_dir);
     if (*init) return cmd_init(init_out, cfg, seed);
+    if (*train) return cmd_train(train_args, dpo::RunKind::Dpo);
+    if (*sftc) return cmd_train(sft_args, dpo::RunKind::Sft);
+    if (*evalc) return cmd_eval(eval_args, eval_ckpt);
+    if (*sample) return cmd_sample(sa);
   } catch (const dpo::InputError& e) {
     std::fprintf(stderr, "dpo: error: %s\n", e.what());
     return 2;

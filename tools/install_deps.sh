@@ -13,6 +13,8 @@ PKGS=(
   libopenblas-dev        # CBLAS for the CPU matmuls
   libgtest-dev           # GoogleTest
   libopenmpi-dev openmpi-bin   # MPI (CPU data-parallel backend, NCCL bootstrap)
+  libcairo2-dev fonts-dejavu-core   # PNG charts (train/plot.cpp) and their font
+  libssl-dev             # SHA-256 (reference-cache keys, checkpoint verification)
 )
 
 missing=()

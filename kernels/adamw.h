@@ -1,0 +1,56 @@
+// Optimizer kernels: the AdamW update, the sum of squares behind the global gradient norm, and an in-place scale.
+//
+// adamw_update: one AdamW step over n elements, exactly torch.optim.AdamW (PyTorch 2.x, single-tensor path
+// `_single_tensor_adam` with decoupled weight decay, amsgrad=False, maximize=False) in its order of operations:
+//     g      = grad * grad_scale                      (grad_scale < 1 when the caller clips; grad is not modified)
+//     param *= 1 - lr * weight_decay                  (param.mul_(1 - lr * weight_decay))
+//     m      = lerp(m, g, 1 - beta1)                  (exp_avg.lerp_(grad, 1 - beta1), ATen's two-branch lerp)
+//     v      = v * beta2 + (1 - beta2) * g * g        (exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1-beta2))
+//     bc1    = 1 - beta1^step,  bc2 = 1 - beta2^step  (step is 1-based: the first update has step = 1)
+//     denom  = sqrt(v) / sqrt(bc2) + eps              ((exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps))
+//     param += (-lr / bc1) * m / denom                (param.addcdiv_(exp_avg, denom, value=-step_size))
+//   i.e. param -= lr * (mhat / (sqrt(vhat) + eps) + weight_decay * param_old) with mhat = m/bc1, vhat = v/bc2
+//   (decoupled weight decay, Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019).
+//   param, m, v are read and written in place (+= style state, not "="); grad is read only. No two of param, grad,
+//   m, v may alias. Elementwise, so the result does not depend on the thread count.
+//   Precision: the CPU twin keeps m and v in the parameters' type T and does each element's arithmetic in double
+//   (ATen's opmath for float is float, so a float run differs from PyTorch's by float round-off only). The CUDA
+//   kernel will keep m and v in fp32 whatever the parameters' type, with fp32 arithmetic; it shares AdamWParams.
+//
+// sum_squares: sum_i x[i]^2 accumulated in double. The input is cut into fixed chunks of kSumSquaresChunk
+//   elements; each chunk is summed in a fixed order and the chunk sums are added in index order, so the result is
+//   bitwise the same for every thread count. NaN/Inf propagate (the caller decides what a non-finite norm means).
+//
+// scale: x[i] *= s (in place), computed in double and rounded to T.
+#pragma once
+#include <cstdint>
+
+namespace dpo {
+
+// Hyper-parameters of one AdamW update (shared by the CPU twin and the CUDA kernel).
+struct AdamWParams {
+  double lr = 0.0;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 0.0;
+  double grad_scale = 1.0;  // grads are multiplied by this first (gradient clipping); grad itself is not modified
+  int64_t step = 1;         // 1-based step number, for the bias corrections
+};
+
+}  // namespace dpo
+
+namespace dpo::cpu {
+
+constexpr int64_t kSumSquaresChunk = 4096;
+
+template <class T>
+void adamw_update(T* param, const T* grad, T* m, T* v, int64_t n, const AdamWParams& p);
+
+template <class T>
+double sum_squares(const T* x, int64_t n);
+
+template <class T>
+void scale(T* x, int64_t n, double s);
+
+}  // namespace dpo::cpu

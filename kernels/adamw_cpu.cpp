@@ -1,0 +1,84 @@
+#include <cmath>
+#include <vector>
+
+#include "kernels/adamw.h"
+
+namespace dpo::cpu {
+
+namespace {
+
+// ATen's lerp (aten/src/ATen/native/Lerp.h): two branches so that weight 0 and weight 1 both give exact ends.
+inline double lerp(double self, double end, double weight) {
+  return std::fabs(weight) < 0.5 ? self + weight * (end - self) : end - (end - self) * (1.0 - weight);
+}
+
+}  // namespace
+
+template <class T>
+void adamw_update(T* param, const T* grad, T* m, T* v, int64_t n, const AdamWParams& p) {
+  // Scalars as torch.optim.AdamW computes them in Python (double): _single_tensor_adam.
+  const double decay = 1.0 - p.lr * p.weight_decay;
+  const double bias_correction1 = 1.0 - std::pow(p.beta1, static_cast<double>(p.step));
+  const double bias_correction2 = 1.0 - std::pow(p.beta2, static_cast<double>(p.step));
+  const double step_size = p.lr / bias_correction1;
+  const double bias_correction2_sqrt = std::sqrt(bias_correction2);
+  const double w1 = 1.0 - p.beta1, w2 = 1.0 - p.beta2;
+  const double beta2 = p.beta2, eps = p.eps, gs = p.grad_scale;
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) {
+    const double g = static_cast<double>(grad[i]) * gs;
+    double x = static_cast<double>(param[i]) * decay;        // param.mul_(1 - lr * weight_decay)
+    const double mi = lerp(static_cast<double>(m[i]), g, w1);  // exp_avg.lerp_(grad, 1 - beta1)
+    double vi = static_cast<double>(v[i]) * beta2;             // exp_avg_sq.mul_(beta2)
+    vi = vi + w2 * g * g;                                      //   .addcmul_(grad, grad, value=1 - beta2)
+    const double denom = std::sqrt(vi) / bias_correction2_sqrt + eps;
+    x = x + (-step_size) * mi / denom;  // param.addcdiv_(exp_avg, denom, value=-step_size)
+    param[i] = static_cast<T>(x);
+    m[i] = static_cast<T>(mi);
+    v[i] = static_cast<T>(vi);
+  }
+}
+
+template <class T>
+double sum_squares(const T* x, int64_t n) {
+  if (n <= 0) return 0.0;
+  const int64_t chunks = (n + kSumSquaresChunk - 1) / kSumSquaresChunk;
+  std::vector<double> partial(static_cast<size_t>(chunks));
+  // Each chunk: 8 lanes in a fixed order (independent of threads), then the lanes in index order.
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t lo = c * kSumSquaresChunk;
+    const int64_t hi = lo + kSumSquaresChunk < n ? lo + kSumSquaresChunk : n;
+    double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t i = lo;
+    for (; i + 8 <= hi; i += 8)
+      for (int k = 0; k < 8; ++k) {
+        const double e = static_cast<double>(x[i + k]);
+        lane[k] += e * e;
+      }
+    for (int k = 0; i < hi; ++i, ++k) {
+      const double e = static_cast<double>(x[i]);
+      lane[k] += e * e;
+    }
+    partial[static_cast<size_t>(c)] =
+        ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  }
+  double s = 0.0;
+  for (double q : partial) s += q;
+  return s;
+}
+
+template <class T>
+void scale(T* x, int64_t n, double s) {
+#pragma omp parallel for schedule(static) if (n > 65536)
+  for (int64_t i = 0; i < n; ++i) x[i] = static_cast<T>(static_cast<double>(x[i]) * s);
+}
+
+template void adamw_update<float>(float*, const float*, float*, float*, int64_t, const AdamWParams&);
+template void adamw_update<double>(double*, const double*, double*, double*, int64_t, const AdamWParams&);
+template double sum_squares<float>(const float*, int64_t);
+template double sum_squares<double>(const double*, int64_t);
+template void scale<float>(float*, int64_t, double);
+template void scale<double>(double*, int64_t, double);
+
+}  // namespace dpo::cpu

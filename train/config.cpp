@@ -1,0 +1,345 @@
+#include "train/config.h"
+
+#include <yaml-cpp/yaml.h>
+
+#include <cmath>
+#include <functional>
+#include <sstream>
+
+#include "runtime/error.h"
+
+namespace dpo {
+
+namespace {
+
+enum class Kind { Int, Double, Bool, String, StringList, DoubleList };
+
+struct Key {
+  const char* name;
+  Kind kind;
+  const char* help;
+  // Sets the field from a YAML node; throws std::string with the reason on a type error.
+  std::function<void(TrainConfig&, const YAML::Node&)> set;
+  std::function<YAML::Node(const TrainConfig&)> get;
+};
+
+const char* kind_name(Kind k) {
+  switch (k) {
+    case Kind::Int: return "an integer";
+    case Kind::Double: return "a number";
+    case Kind::Bool: return "true or false";
+    case Kind::String: return "a string";
+    case Kind::StringList: return "a string or a list of strings";
+    case Kind::DoubleList: return "a number or a list of numbers";
+  }
+  return "?";
+}
+
+std::string scalar_of(const YAML::Node& n) {
+  if (n.IsScalar()) return n.Scalar();
+  std::stringstream s;
+  s << n;
+  return s.str();
+}
+
+int64_t as_int(const YAML::Node& n) {
+  if (!n.IsScalar()) throw std::string("expected an integer");
+  const std::string s = n.Scalar();
+  try {
+    size_t pos = 0;
+    long long v = std::stoll(s, &pos, 10);
+    if (pos != s.size()) throw 0;
+    return v;
+  } catch (...) {
+    throw std::string("expected an integer, got '" + s + "'");
+  }
+}
+
+double as_double(const YAML::Node& n) {
+  if (!n.IsScalar()) throw std::string("expected a number");
+  const std::string s = n.Scalar();
+  try {
+    size_t pos = 0;
+    double v = std::stod(s, &pos);
+    if (pos != s.size()) throw 0;
+    return v;
+  } catch (...) {
+    throw std::string("expected a number, got '" + s + "'");
+  }
+}
+
+bool as_bool(const YAML::Node& n) {
+  if (n.IsScalar()) {
+    const std::string s = n.Scalar();
+    if (s == "true" || s == "True" || s == "yes" || s == "on") return true;
+    if (s == "false" || s == "False" || s == "no" || s == "off") return false;
+  }
+  throw std::string("expected true or false, got '" + scalar_of(n) + "'");
+}
+
+std::string as_string(const YAML::Node& n) {
+  if (n.IsNull()) return "";
+  if (!n.IsScalar()) throw std::string("expected a string");
+  return n.Scalar();
+}
+
+template <class T, class F>
+std::vector<T> as_list(const YAML::Node& n, F one) {
+  std::vector<T> out;
+  if (n.IsSequence()) {
+    for (const auto& e : n) out.push_back(one(e));
+  } else {
+    out.push_back(one(n));
+  }
+  return out;
+}
+
+#define INT_KEY(f, help)                                                                                 \
+  Key {                                                                                                  \
+    #f, Kind::Int, help, [](TrainConfig& c, const YAML::Node& n) { c.f = as_int(n); },                    \
+        [](const TrainConfig& c) { return YAML::Node(c.f); }                                             \
+  }
+#define DOUBLE_KEY(f, help)                                                                              \
+  Key {                                                                                                  \
+    #f, Kind::Double, help, [](TrainConfig& c, const YAML::Node& n) { c.f = as_double(n); },              \
+        [](const TrainConfig& c) { return YAML::Node(c.f); }                                             \
+  }
+#define BOOL_KEY(f, help)                                                                                \
+  Key {                                                                                                  \
+    #f, Kind::Bool, help, [](TrainConfig& c, const YAML::Node& n) { c.f = as_bool(n); },                  \
+        [](const TrainConfig& c) { return YAML::Node(c.f); }                                             \
+  }
+#define STRING_KEY(f, help)                                                                              \
+  Key {                                                                                                  \
+    #f, Kind::String, help, [](TrainConfig& c, const YAML::Node& n) { c.f = as_string(n); },              \
+        [](const TrainConfig& c) { return YAML::Node(c.f); }                                             \
+  }
+
+const std::vector<Key>& keys() {
+  static const std::vector<Key> k = {
+      STRING_KEY(model, "policy initialisation: HF GPT-2 checkpoint directory (config.json + model.safetensors)"),
+      STRING_KEY(ref_model, "reference model directory; empty = same as model"),
+      STRING_KEY(train_file, "training data, JSONL (prompt/chosen/rejected or *_ids)"),
+      STRING_KEY(eval_file, "evaluation data, JSONL; optional"),
+      STRING_KEY(out_dir, "output directory: metrics.jsonl, checkpoints/, config.yaml"),
+      STRING_KEY(tokenizer, "tokenizer: byte"),
+      STRING_KEY(device, "cpu or cuda"),
+      INT_KEY(seed, "seed for data order and sampling"),
+      INT_KEY(num_threads, "CPU threads; 0 = OpenMP default"),
+      INT_KEY(max_length, "maximum prompt + completion tokens"),
+      INT_KEY(max_prompt_length, "maximum prompt tokens (< max_length)"),
+      STRING_KEY(truncation_mode, "which end of a long prompt is kept: keep_end or keep_start"),
+      BOOL_KEY(skip_malformed, "skip and count malformed records instead of stopping"),
+      Key{"loss_type", Kind::StringList, "one loss or a list: sigmoid, ipo, hinge, robust, cdpo, sft",
+          [](TrainConfig& c, const YAML::Node& n) { c.loss_type = as_list<std::string>(n, as_string); },
+          [](const TrainConfig& c) { return YAML::Node(c.loss_type); }},
+      Key{"loss_weights", Kind::DoubleList, "weights of the loss_type list; empty = 1 each",
+          [](TrainConfig& c, const YAML::Node& n) { c.loss_weights = as_list<double>(n, as_double); },
+          [](const TrainConfig& c) { return YAML::Node(c.loss_weights); }},
+      DOUBLE_KEY(beta, "KL strength beta (> 0); IPO's tau"),
+      DOUBLE_KEY(label_smoothing, "epsilon of robust / cdpo, in [0, 0.5)"),
+      BOOL_KEY(ipo_length_normalize, "IPO on per-token mean log-ratios"),
+      DOUBLE_KEY(odpo_alpha, "ODPO offset alpha * log(score_chosen - score_rejected); 0 = off"),
+      DOUBLE_KEY(rpo_alpha, "weight of an added SFT term (NLL of the chosen completion); 0 = off"),
+      BOOL_KEY(reference_free, "drop the reference model terms"),
+      BOOL_KEY(precompute_ref_log_probs, "compute reference log-probs once and cache them on disk"),
+      STRING_KEY(ref_cache_dir, "reference log-prob cache; empty = $XDG_CACHE_HOME/dpo/ref or ~/.cache/dpo/ref"),
+      DOUBLE_KEY(learning_rate, "peak learning rate (> 0)"),
+      DOUBLE_KEY(weight_decay, "AdamW decoupled weight decay (not on biases and LayerNorm)"),
+      DOUBLE_KEY(adam_beta1, "AdamW beta1 in [0, 1)"),
+      DOUBLE_KEY(adam_beta2, "AdamW beta2 in [0, 1)"),
+      DOUBLE_KEY(adam_epsilon, "AdamW epsilon (> 0)"),
+      STRING_KEY(lr_scheduler_type, "after warmup: constant, cosine or linear"),
+      INT_KEY(warmup_steps, "linear warmup steps"),
+      DOUBLE_KEY(max_grad_norm, "global gradient-norm clip; <= 0 disables"),
+      INT_KEY(per_device_train_batch_size, "pairs per micro-batch"),
+      INT_KEY(per_device_eval_batch_size, "pairs per evaluation batch"),
+      INT_KEY(gradient_accumulation_steps, "micro-batches per optimizer step"),
+      INT_KEY(num_train_epochs, "passes over the training data"),
+      INT_KEY(max_steps, "optimizer steps; -1 = from num_train_epochs"),
+      INT_KEY(logging_steps, "log every N optimizer steps"),
+      INT_KEY(eval_steps, "evaluate every N optimizer steps; 0 = at the end only"),
+      INT_KEY(save_steps, "checkpoint every N optimizer steps; 0 = at the end only"),
+      INT_KEY(save_total_limit, "keep at most N step checkpoints; 0 = all"),
+  };
+  return k;
+}
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j)
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+const Key* find_key(const std::string& name) {
+  for (const auto& k : keys())
+    if (name == k.name) return &k;
+  return nullptr;
+}
+
+[[noreturn]] void unknown_key(const std::string& where, const std::string& name) {
+  std::string best;
+  size_t best_d = 4;  // suggest only close matches
+  for (const auto& k : keys()) {
+    size_t d = edit_distance(name, k.name);
+    bool prefix = std::string(k.name).find(name) != std::string::npos && name.size() >= 2;
+    if (prefix) d = std::min<size_t>(d, 1);
+    if (d < best_d) {
+      best_d = d;
+      best = k.name;
+    }
+  }
+  throw InputError(where + ": unknown key '" + name + "'" + (best.empty() ? "" : " (did you mean '" + best + "'?)"));
+}
+
+void apply(TrainConfig& cfg, const std::string& where, const std::string& name, const YAML::Node& value) {
+  const Key* k = find_key(name);
+  if (!k) unknown_key(where, name);
+  try {
+    k->set(cfg, value);
+  } catch (const std::string& why) {
+    throw InputError(where + ": key '" + name + "': " + why + " (" + kind_name(k->kind) + ")");
+  } catch (const YAML::Exception& e) {
+    throw InputError(where + ": key '" + name + "': " + e.what());
+  }
+}
+
+[[noreturn]] void bad(const std::string& key, const std::string& what) {
+  throw InputError("key '" + key + "': " + what);
+}
+
+std::string num(double v) {
+  std::ostringstream s;
+  s << v;
+  return s.str();
+}
+
+}  // namespace
+
+void validate(const TrainConfig& c, RunKind kind) {
+  auto positive = [](const char* key, int64_t v) {
+    if (v <= 0) bad(key, "must be > 0, got " + std::to_string(v));
+  };
+  auto nonneg = [](const char* key, int64_t v) {
+    if (v < 0) bad(key, "must be >= 0, got " + std::to_string(v));
+  };
+  auto finite = [](const char* key, double v) {
+    if (!std::isfinite(v)) bad(key, "must be a finite number, got " + num(v));
+  };
+  if (c.model.empty()) bad("model", "is required (an HF GPT-2 checkpoint directory)");
+  if (c.train_file.empty()) bad("train_file", "is required");
+  if (c.out_dir.empty()) bad("out_dir", "is required");
+  if (c.device != "cpu" && c.device != "cuda") bad("device", "must be cpu or cuda, got '" + c.device + "'");
+  if (c.tokenizer != "byte") bad("tokenizer", "must be byte, got '" + c.tokenizer + "'");
+  nonneg("num_threads", c.num_threads);
+  positive("max_length", c.max_length);
+  positive("max_prompt_length", c.max_prompt_length);
+  if (c.max_prompt_length >= c.max_length)
+    bad("max_prompt_length", "must be < max_length (" + std::to_string(c.max_length) + "), got " +
+                                 std::to_string(c.max_prompt_length));
+  if (c.truncation_mode != "keep_end" && c.truncation_mode != "keep_start")
+    bad("truncation_mode", "must be keep_end or keep_start, got '" + c.truncation_mode + "'");
+  finite("learning_rate", c.learning_rate);
+  if (c.learning_rate <= 0) bad("learning_rate", "must be > 0, got " + num(c.learning_rate));
+  finite("weight_decay", c.weight_decay);
+  if (c.weight_decay < 0) bad("weight_decay", "must be >= 0, got " + num(c.weight_decay));
+  if (!(c.adam_beta1 >= 0 && c.adam_beta1 < 1)) bad("adam_beta1", "must be in [0, 1), got " + num(c.adam_beta1));
+  if (!(c.adam_beta2 >= 0 && c.adam_beta2 < 1)) bad("adam_beta2", "must be in [0, 1), got " + num(c.adam_beta2));
+  if (!(c.adam_epsilon > 0) || !std::isfinite(c.adam_epsilon))
+    bad("adam_epsilon", "must be > 0, got " + num(c.adam_epsilon));
+  if (c.lr_scheduler_type != "constant" && c.lr_scheduler_type != "cosine" && c.lr_scheduler_type != "linear")
+    bad("lr_scheduler_type", "must be constant, cosine or linear, got '" + c.lr_scheduler_type + "'");
+  nonneg("warmup_steps", c.warmup_steps);
+  finite("max_grad_norm", c.max_grad_norm);
+  positive("per_device_train_batch_size", c.per_device_train_batch_size);
+  positive("per_device_eval_batch_size", c.per_device_eval_batch_size);
+  positive("gradient_accumulation_steps", c.gradient_accumulation_steps);
+  positive("num_train_epochs", c.num_train_epochs);
+  if (c.max_steps == 0 || c.max_steps < -1) bad("max_steps", "must be -1 or > 0, got " + std::to_string(c.max_steps));
+  positive("logging_steps", c.logging_steps);
+  nonneg("eval_steps", c.eval_steps);
+  nonneg("save_steps", c.save_steps);
+  nonneg("save_total_limit", c.save_total_limit);
+  if (kind == RunKind::Dpo) {
+    finite("beta", c.beta);
+    if (c.beta <= 0) bad("beta", "must be > 0, got " + num(c.beta));
+    if (!(c.label_smoothing >= 0 && c.label_smoothing < 0.5))
+      bad("label_smoothing", "must be in [0, 0.5), got " + num(c.label_smoothing));
+    finite("odpo_alpha", c.odpo_alpha);
+    if (c.odpo_alpha < 0) bad("odpo_alpha", "must be >= 0, got " + num(c.odpo_alpha));
+    finite("rpo_alpha", c.rpo_alpha);
+    if (c.rpo_alpha < 0) bad("rpo_alpha", "must be >= 0, got " + num(c.rpo_alpha));
+    if (c.loss_type.empty()) bad("loss_type", "needs at least one loss");
+    if (!c.loss_weights.empty() && c.loss_weights.size() != c.loss_type.size())
+      bad("loss_weights", "has " + std::to_string(c.loss_weights.size()) + " entries but loss_type has " +
+                              std::to_string(c.loss_type.size()));
+    for (double w : c.loss_weights)
+      if (!std::isfinite(w)) bad("loss_weights", "entries must be finite numbers");
+  }
+}
+
+TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& overrides, RunKind kind) {
+  TrainConfig cfg;
+  if (!path.empty()) {
+    YAML::Node root;
+    try {
+      root = YAML::LoadFile(path);
+    } catch (const YAML::BadFile&) {
+      throw InputError(path + ": cannot open config file");
+    } catch (const YAML::Exception& e) {
+      throw InputError(path + ":" + std::to_string(e.mark.line + 1) + ": not valid YAML: " + e.msg);
+    }
+    if (!root.IsNull() && !root.IsMap()) throw InputError(path + ": the config must be a mapping of key: value");
+    for (auto it = root.begin(); it != root.end(); ++it) {
+      const std::string where = path + ":" + std::to_string(it->first.Mark().line + 1);
+      apply(cfg, where, it->first.as<std::string>(), it->second);
+    }
+  }
+  for (const std::string& o : overrides) {
+    const std::string where = "override '" + o + "'";
+    const size_t eq = o.find('=');
+    if (eq == std::string::npos || eq == 0) throw InputError(where + ": expected key=value");
+    YAML::Node value;
+    try {
+      value = YAML::Load(o.substr(eq + 1));
+    } catch (const YAML::Exception& e) {
+      throw InputError(where + ": value is not valid YAML: " + e.msg);
+    }
+    apply(cfg, where, o.substr(0, eq), value);
+  }
+  try {
+    validate(cfg, kind);
+  } catch (const InputError& e) {
+    throw InputError((path.empty() ? std::string("config") : path) + ": " + e.what());
+  }
+  return cfg;
+}
+
+std::string to_yaml(const TrainConfig& cfg) {
+  YAML::Emitter out;
+  out << YAML::BeginMap;
+  for (const auto& k : keys()) out << YAML::Key << k.name << YAML::Value << k.get(cfg);
+  out << YAML::EndMap;
+  return std::string(out.c_str()) + "\n";
+}
+
+std::string config_help() {
+  TrainConfig d;
+  std::ostringstream s;
+  s << "Configuration keys (YAML file and key=value overrides):\n";
+  for (const auto& k : keys()) {
+    YAML::Emitter e;
+    e << YAML::Flow << k.get(d);
+    s << "  " << k.name << std::string(k.name ? std::max<int>(1, 30 - static_cast<int>(std::string(k.name).size())) : 1, ' ')
+      << k.help << "  [default: " << e.c_str() << "]\n";
+  }
+  return s.str();
+}
+
+}  // namespace dpo

@@ -1,0 +1,78 @@
+// Run configuration: one YAML file plus `key=value` overrides from the command line, one flat namespace of keys
+// with TRL's names where TRL has one. Every key is declared once (config.cpp, `kKeys`) with its type, default and
+// one line of help; `dpo train --help-config` prints that table.
+//
+// Errors name the key and where it came from ("run.yaml:12: key 'beta': must be > 0, got -1",
+// "override 'lr=x': unknown key 'lr' (did you mean 'learning_rate'?)") and are dpo::InputError (exit code 2):
+// unknown keys, wrong types, out-of-range values, inconsistent combinations.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace dpo {
+
+struct TrainConfig {
+  // model and data
+  std::string model;       // policy initialisation: HF GPT-2 checkpoint directory
+  std::string ref_model;   // reference model directory; empty = same as `model`
+  std::string train_file;  // JSONL
+  std::string eval_file;   // JSONL, optional
+  std::string out_dir;
+  std::string tokenizer = "byte";
+  std::string device = "cpu";
+  int64_t seed = 42;
+  int64_t num_threads = 0;  // CPU threads; 0 = OpenMP default
+  // data
+  int64_t max_length = 512;
+  int64_t max_prompt_length = 256;
+  std::string truncation_mode = "keep_end";
+  bool skip_malformed = false;
+  // loss
+  std::vector<std::string> loss_type = {"sigmoid"};
+  std::vector<double> loss_weights;  // empty = 1 for each loss_type
+  double beta = 0.1;
+  double label_smoothing = 0.0;
+  bool ipo_length_normalize = false;
+  double odpo_alpha = 0.0;
+  double rpo_alpha = 0.0;  // weight of an added SFT (NLL) term on the chosen completion; 0 = off
+  bool reference_free = false;
+  // reference log-probs
+  bool precompute_ref_log_probs = true;
+  std::string ref_cache_dir;  // empty = $XDG_CACHE_HOME/dpo/ref or ~/.cache/dpo/ref
+  // optimisation
+  double learning_rate = 1e-6;
+  double weight_decay = 0.0;
+  double adam_beta1 = 0.9;
+  double adam_beta2 = 0.999;
+  double adam_epsilon = 1e-8;
+  std::string lr_scheduler_type = "constant";
+  int64_t warmup_steps = 0;
+  double max_grad_norm = 1.0;
+  int64_t per_device_train_batch_size = 8;  // pairs per micro-batch
+  int64_t per_device_eval_batch_size = 16;
+  int64_t gradient_accumulation_steps = 1;
+  int64_t num_train_epochs = 1;
+  int64_t max_steps = -1;  // optimizer steps; -1 = from epochs
+  // logging and checkpoints
+  int64_t logging_steps = 10;
+  int64_t eval_steps = 0;  // 0 = evaluate at the end only
+  int64_t save_steps = 0;  // 0 = save at the end only
+  int64_t save_total_limit = 0;  // keep at most this many step checkpoints; 0 = keep all
+};
+
+enum class RunKind { Dpo, Sft };
+
+// Loads `path` (may be empty: defaults only), applies `overrides` ("key=value", value parsed as YAML so lists
+// work: "loss_type=[sigmoid,sft]"), validates for `kind`. Throws InputError naming the key and its source.
+TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& overrides, RunKind kind);
+
+// Checks ranges and combinations; throws InputError naming the key.
+void validate(const TrainConfig& cfg, RunKind kind);
+
+// The effective configuration as YAML (written to <out_dir>/config.yaml) and as a key table for --help-config.
+std::string to_yaml(const TrainConfig& cfg);
+std::string config_help();
+
+}  // namespace dpo

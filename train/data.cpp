@@ -1,0 +1,456 @@
+#include "train/data.h"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <utility>
+
+#include "runtime/error.h"
+#include "runtime/rng.h"
+
+namespace dpo {
+
+namespace {
+
+using json = nlohmann::json;
+
+// A malformed record: `reason` is the LoadStats key, `what` the message after "path:line: ".
+struct Malformed {
+  std::string reason, what;
+};
+
+[[noreturn]] void bad(const char* reason, std::string what) { throw Malformed{reason, std::move(what)}; }
+
+std::string fld(const std::string& name) { return " (field '" + name + "')"; }
+
+// Which top-level field of a (possibly broken) JSON object line holds byte `pos`: a small scanner that tracks
+// strings, nesting and whether the next string at depth 1 is a key. Used only to name the field in the
+// invalid-UTF-8 message, since nlohmann-json refuses to parse such a line at all.
+struct FieldAt {
+  std::string key;       // the field whose value holds pos ("" if unknown)
+  bool in_name = false;  // pos is inside a field name
+};
+
+FieldAt field_at(std::string_view s, size_t pos) {
+  FieldAt r;
+  int depth = 0;
+  bool in_str = false, esc = false, is_key = false, expect_key = false;
+  size_t start = 0;
+  for (size_t i = 0; i < s.size(); ++i) {
+    const char c = s[i];
+    if (i == pos) {
+      if (in_str && is_key) r.in_name = true;
+      return r;
+    }
+    if (in_str) {
+      if (esc) {
+        esc = false;
+      } else if (c == '\\') {
+        esc = true;
+      } else if (c == '"') {
+        in_str = false;
+        if (is_key) r.key = std::string(s.substr(start, i - start));
+      }
+      continue;
+    }
+    switch (c) {
+      case '"':
+        in_str = true;
+        is_key = depth == 1 && expect_key;
+        start = i + 1;
+        break;
+      case '{':
+      case '[':
+        ++depth;
+        if (depth == 1) expect_key = c == '{';
+        break;
+      case '}':
+      case ']':
+        --depth;
+        break;
+      case ',':
+        if (depth == 1) expect_key = true;
+        break;
+      case ':':
+        if (depth == 1) expect_key = false;
+        break;
+      default:
+        break;
+    }
+  }
+  return r;
+}
+
+// One sequence of a record: its text-form and token-id-form field names.
+struct Role {
+  const char* text;
+  const char* ids;
+};
+
+std::vector<int32_t> parse_ids(const json& v, const std::string& key, int64_t vocab) {
+  if (!v.is_array()) bad("wrong_type", std::string("expected an array of token ids, got ") + v.type_name() + fld(key));
+  std::vector<int32_t> out;
+  out.reserve(v.size());
+  for (size_t k = 0; k < v.size(); ++k) {
+    const json& e = v[k];
+    if (!e.is_number_integer())
+      bad("wrong_type", "element " + std::to_string(k) + " is " + (e.is_number() ? "a non-integer number" : e.type_name()) +
+                            ", expected an integer token id" + fld(key));
+    bool ok;
+    std::string shown;
+    int64_t id = 0;
+    if (e.is_number_unsigned()) {
+      const uint64_t u = e.get<uint64_t>();
+      ok = u < static_cast<uint64_t>(vocab);
+      shown = std::to_string(u);
+      id = ok ? static_cast<int64_t>(u) : 0;
+    } else {
+      id = e.get<int64_t>();
+      ok = id >= 0 && id < vocab;
+      shown = std::to_string(id);
+    }
+    if (!ok)
+      bad("id_out_of_range", "token id " + shown + " at index " + std::to_string(k) + " is outside [0, " +
+                                 std::to_string(vocab) + ")" + fld(key));
+    out.push_back(static_cast<int32_t>(id));
+  }
+  return out;
+}
+
+// The sequences of `roles` in order, from the text form or the token-id form; roles[0] is the prompt.
+// Checks forms, presence, types, ids, UTF-8 and emptiness (prompt non-empty, completions non-empty before EOS).
+std::vector<std::vector<int32_t>> parse_sequences(const json& j, const std::vector<Role>& roles,
+                                                  const Tokenizer& tok) {
+  const char* text_seen = nullptr;
+  const char* ids_seen = nullptr;
+  for (const Role& r : roles) {
+    if (!text_seen && j.contains(r.text)) text_seen = r.text;
+    if (!ids_seen && j.contains(r.ids)) ids_seen = r.ids;
+  }
+  if (text_seen && ids_seen)
+    bad("mixed_forms", std::string("record mixes the text form and the token-id form (fields '") + text_seen +
+                           "' and '" + ids_seen + "')");
+  if (!text_seen && !ids_seen) {
+    std::string t, i;
+    for (const Role& r : roles) {
+      t += std::string(t.empty() ? "" : ", ") + "'" + r.text + "'";
+      i += std::string(i.empty() ? "" : ", ") + "'" + r.ids + "'";
+    }
+    bad("no_form", "record has neither the text fields (" + t + ") nor the token-id fields (" + i + ")" +
+                       fld(roles[0].text));
+  }
+  const bool text = text_seen != nullptr;
+  std::vector<std::vector<int32_t>> seqs;
+  for (const Role& r : roles) {
+    const std::string key = text ? r.text : r.ids;
+    auto it = j.find(key);
+    if (it == j.end()) bad("missing_field", "missing field" + fld(key));
+    if (text) {
+      if (!it->is_string()) bad("wrong_type", std::string("expected a string, got ") + it->type_name() + fld(key));
+      const std::string& s = it->get_ref<const std::string&>();
+      const size_t b = utf8_first_invalid(s);
+      if (b != std::string::npos)
+        bad("invalid_utf8", "invalid UTF-8 at byte " + std::to_string(b) + " of the string" + fld(key));
+      seqs.push_back(tok.encode(s));
+    } else {
+      seqs.push_back(parse_ids(*it, key, tok.vocab_size()));
+    }
+  }
+  const int32_t eos = tok.eos_id();
+  for (size_t k = 0; k < roles.size(); ++k) {
+    const std::string key = text ? roles[k].text : roles[k].ids;
+    const auto& s = seqs[k];
+    if (k == 0 && s.empty())
+      bad("empty_prompt", "empty prompt: the first completion token needs a preceding token" + fld(key));
+    if (k > 0 && (s.empty() || (s.size() == 1 && s[0] == eos)))
+      bad("empty_completion", "empty completion" + fld(key));
+  }
+  return seqs;
+}
+
+void append_eos(std::vector<int32_t>& c, int32_t eos) {
+  if (c.empty() || c.back() != eos) c.push_back(eos);
+}
+
+// TRL's rule (see data.h). Returns whether anything was cut.
+bool truncate_record(std::vector<int32_t>& prompt, const std::vector<std::vector<int32_t>*>& comps,
+                     const DataOptions& opt) {
+  int64_t longest = 0;
+  for (auto* c : comps) longest = std::max<int64_t>(longest, static_cast<int64_t>(c->size()));
+  int64_t P = static_cast<int64_t>(prompt.size());
+  if (P + longest <= opt.max_length) return false;
+  if (P > opt.max_prompt_length) {
+    if (opt.truncation == TruncationMode::KeepEnd)
+      prompt.erase(prompt.begin(), prompt.end() - opt.max_prompt_length);
+    else
+      prompt.resize(static_cast<size_t>(opt.max_prompt_length));
+    P = opt.max_prompt_length;
+  }
+  if (P + longest > opt.max_length) {
+    const int64_t keep = opt.max_length - P;  // >= 1 since max_prompt_length < max_length
+    for (auto* c : comps)
+      if (static_cast<int64_t>(c->size()) > keep) c->resize(static_cast<size_t>(keep));
+  }
+  return true;
+}
+
+bool is_blank(const std::string& s) {
+  return std::all_of(s.begin(), s.end(), [](char c) {
+    return c == ' ' || c == '\t' || c == '\r' || c == '\n' || c == '\f' || c == '\v';
+  });
+}
+
+// Reads `path` line by line; `parse(j, &truncated)` turns one JSON object into a record or throws Malformed.
+template <class Rec, class Parse>
+std::vector<Rec> load_jsonl(const std::string& path, const DataOptions& opt, LoadStats* stats, Parse parse) {
+  opt.validate();
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) throw InputError(path + ": cannot open data file (no such file)");
+  if (std::filesystem::is_directory(path, ec)) throw InputError(path + ": cannot open data file (a directory)");
+  std::ifstream f(path, std::ios::binary);
+  if (!f) throw InputError(path + ": cannot open data file");
+
+  LoadStats st;
+  std::vector<Rec> out;
+  std::string line;
+  int64_t lineno = 0;
+  while (std::getline(f, line)) {
+    ++lineno;
+    if (lineno == 1 && line.rfind("\xEF\xBB\xBF", 0) == 0) line.erase(0, 3);
+    if (is_blank(line)) continue;
+    ++st.read;
+    try {
+      const size_t b = utf8_first_invalid(line);
+      if (b != std::string::npos) {
+        const FieldAt fa = field_at(line, b);
+        std::string what = "invalid UTF-8 at byte " + std::to_string(b) + " of the line";
+        if (fa.in_name)
+          what += " (in a field name)";
+        else if (!fa.key.empty())
+          what += fld(fa.key);
+        bad("invalid_utf8", what);
+      }
+      json j;
+      try {
+        j = json::parse(line);
+      } catch (const json::exception& e) {  // parse_error, or out_of_range for 1e999
+        bad("bad_json", std::string("not valid JSON: ") + e.what());
+      }
+      if (!j.is_object()) bad("not_object", std::string("expected a JSON object, got ") + j.type_name());
+      bool truncated = false;
+      out.push_back(parse(j, &truncated));
+      out.back().line = lineno;
+      ++st.kept;
+      if (truncated) ++st.truncated;
+    } catch (const Malformed& m) {
+      const std::string msg = path + ":" + std::to_string(lineno) + ": " + m.what;
+      if (!opt.skip_malformed) throw InputError(msg);
+      ++st.skipped;
+      ++st.skipped_by_reason[m.reason];
+    }
+  }
+  if (f.bad()) throw InputError(path + ": read error after line " + std::to_string(lineno));
+  if (stats) *stats = st;
+  if (out.empty()) {
+    std::string why = st.read == 0 ? "the file has no records" : std::to_string(st.read) + " records read, all skipped as malformed (";
+    if (st.read != 0) {
+      bool first = true;
+      for (const auto& [reason, n] : st.skipped_by_reason) {
+        why += std::string(first ? "" : ", ") + reason + ": " + std::to_string(n);
+        first = false;
+      }
+      why += ")";
+    }
+    throw InputError(path + ": no usable records: " + why);
+  }
+  return out;
+}
+
+double parse_score(const json& j, const char* key) {
+  const json& v = j.at(key);
+  if (!v.is_number()) bad("wrong_type", std::string("expected a number, got ") + v.type_name() + fld(key));
+  const double x = v.get<double>();
+  if (!std::isfinite(x)) bad("scores", "score is not finite" + fld(key));
+  return x;
+}
+
+template <class W>
+void fill_rows(Batch& b, const std::vector<std::pair<const std::vector<int32_t>*, const std::vector<int32_t>*>>& rows,
+               int32_t pad_id) {
+  const int64_t R = static_cast<int64_t>(rows.size()), T = b.T;
+  int32_t* tok = b.tokens.data<int32_t>();
+  int32_t* km = b.keymask.data<int32_t>();
+  int32_t* tg = b.targets.data<int32_t>();
+  W* w = b.weights.data<W>();
+  for (int64_t r = 0; r < R; ++r) {
+    const auto& p = *rows[r].first;
+    const auto& c = *rows[r].second;
+    const int64_t P = static_cast<int64_t>(p.size()), len = P + static_cast<int64_t>(c.size());
+    int32_t* row = tok + r * T;
+    for (int64_t t = 0; t < T; ++t) row[t] = t < P ? p[t] : t < len ? c[t - P] : pad_id;
+    for (int64_t t = 0; t < T; ++t) {
+      km[r * T + t] = t < len ? 1 : 0;
+      const bool next_real = t + 1 < len;
+      tg[r * T + t] = next_real ? row[t + 1] : -1;
+      w[r * T + t] = (next_real && t + 1 >= P) ? W(1) : W(0);
+    }
+    b.completion_len[r] = len - P;
+    b.tokens_total += len;
+  }
+}
+
+Batch build_batch(const std::vector<std::pair<const std::vector<int32_t>*, const std::vector<int32_t>*>>& rows,
+                  int64_t pairs, DType weight_dtype, int32_t pad_id) {
+  if (weight_dtype != DType::F32 && weight_dtype != DType::F64)
+    throw Error(std::string("make_batch: weight dtype must be F32 or F64, got ") + dtype_name(weight_dtype));
+  if (pad_id < 0) throw Error("make_batch: pad_id " + std::to_string(pad_id) + " is negative");
+  Batch b;
+  b.pairs = pairs;
+  for (const auto& [p, c] : rows) b.T = std::max<int64_t>(b.T, static_cast<int64_t>(p->size() + c->size()));
+  const int64_t R = static_cast<int64_t>(rows.size());
+  b.tokens = Tensor::host({R, b.T}, DType::I32);
+  b.keymask = Tensor::host({R, b.T}, DType::I32);
+  b.targets = Tensor::host({R, b.T}, DType::I32);
+  b.weights = Tensor::host({R, b.T}, weight_dtype);
+  b.completion_len.assign(static_cast<size_t>(R), 0);
+  if (weight_dtype == DType::F32)
+    fill_rows<float>(b, rows, pad_id);
+  else
+    fill_rows<double>(b, rows, pad_id);
+  return b;
+}
+
+template <class Rec>
+void check_indices(const std::vector<Rec>& data, const std::vector<int64_t>& indices, const char* fn) {
+  if (indices.empty()) throw Error(std::string(fn) + ": no indices");
+  const int64_t n = static_cast<int64_t>(data.size());
+  for (int64_t i : indices)
+    if (i < 0 || i >= n)
+      throw Error(std::string(fn) + ": index " + std::to_string(i) + " outside [0, " + std::to_string(n) + ")");
+}
+
+void check_seqs(const std::vector<int32_t>& prompt, const std::vector<int32_t>& comp, int64_t index, const char* fn) {
+  if (prompt.empty() || comp.empty())
+    throw Error(std::string(fn) + ": record " + std::to_string(index) + " has an empty " +
+                (prompt.empty() ? "prompt" : "completion"));
+}
+
+uint64_t mix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+}  // namespace
+
+void DataOptions::validate() const {
+  if (max_length <= 0) throw InputError("data options: max_length must be > 0, got " + std::to_string(max_length));
+  if (max_prompt_length <= 0)
+    throw InputError("data options: max_prompt_length must be > 0, got " + std::to_string(max_prompt_length));
+  if (max_prompt_length >= max_length)
+    throw InputError("data options: max_prompt_length (" + std::to_string(max_prompt_length) +
+                     ") must be < max_length (" + std::to_string(max_length) + ")");
+}
+
+std::vector<PreferencePair> load_preferences(const std::string& path, const Tokenizer& tok, const DataOptions& opt,
+                                             LoadStats* stats) {
+  static const std::vector<Role> roles = {{"prompt", "prompt_ids"}, {"chosen", "chosen_ids"},
+                                          {"rejected", "rejected_ids"}};
+  int64_t with_scores = 0;
+  auto parse = [&](const json& j, bool* truncated) {
+    auto seqs = parse_sequences(j, roles, tok);
+    PreferencePair p;
+    const bool hc = j.contains("score_chosen"), hr = j.contains("score_rejected");
+    if (hc != hr)
+      bad("scores", "score_chosen and score_rejected must be given together" +
+                        fld(hc ? "score_rejected" : "score_chosen"));
+    if (hc) {
+      p.has_scores = true;
+      p.score_chosen = parse_score(j, "score_chosen");
+      p.score_rejected = parse_score(j, "score_rejected");
+    }
+    p.prompt = std::move(seqs[0]);
+    p.chosen = std::move(seqs[1]);
+    p.rejected = std::move(seqs[2]);
+    if (opt.append_eos) {
+      append_eos(p.chosen, tok.eos_id());
+      append_eos(p.rejected, tok.eos_id());
+    }
+    *truncated = truncate_record(p.prompt, {&p.chosen, &p.rejected}, opt);
+    if (p.has_scores) ++with_scores;
+    return p;
+  };
+  auto out = load_jsonl<PreferencePair>(path, opt, stats, parse);
+  if (stats) stats->with_scores = with_scores;
+  return out;
+}
+
+std::vector<SftExample> load_sft(const std::string& path, const Tokenizer& tok, const DataOptions& opt,
+                                 LoadStats* stats) {
+  static const std::vector<Role> roles = {{"prompt", "prompt_ids"}, {"completion", "completion_ids"}};
+  auto parse = [&](const json& j, bool* truncated) {
+    auto seqs = parse_sequences(j, roles, tok);
+    SftExample e;
+    e.prompt = std::move(seqs[0]);
+    e.completion = std::move(seqs[1]);
+    if (opt.append_eos) append_eos(e.completion, tok.eos_id());
+    *truncated = truncate_record(e.prompt, {&e.completion}, opt);
+    return e;
+  };
+  return load_jsonl<SftExample>(path, opt, stats, parse);
+}
+
+Batch make_batch(const std::vector<PreferencePair>& data, const std::vector<int64_t>& indices, DType weight_dtype,
+                 int32_t pad_id) {
+  check_indices(data, indices, "make_batch");
+  const int64_t P = static_cast<int64_t>(indices.size());
+  std::vector<std::pair<const std::vector<int32_t>*, const std::vector<int32_t>*>> rows(2 * P);
+  bool all_scores = true;
+  for (int64_t i = 0; i < P; ++i) {
+    const PreferencePair& p = data[indices[i]];
+    check_seqs(p.prompt, p.chosen, indices[i], "make_batch");
+    check_seqs(p.prompt, p.rejected, indices[i], "make_batch");
+    rows[i] = {&p.prompt, &p.chosen};
+    rows[P + i] = {&p.prompt, &p.rejected};
+    all_scores = all_scores && p.has_scores;
+  }
+  Batch b = build_batch(rows, P, weight_dtype, pad_id);
+  b.has_scores = all_scores;
+  if (all_scores) {
+    for (int64_t i : indices) {
+      b.score_chosen.push_back(data[i].score_chosen);
+      b.score_rejected.push_back(data[i].score_rejected);
+    }
+  }
+  return b;
+}
+
+Batch make_sft_batch(const std::vector<SftExample>& data, const std::vector<int64_t>& indices, DType weight_dtype,
+                     int32_t pad_id) {
+  check_indices(data, indices, "make_sft_batch");
+  const int64_t P = static_cast<int64_t>(indices.size());
+  std::vector<std::pair<const std::vector<int32_t>*, const std::vector<int32_t>*>> rows(P);
+  for (int64_t i = 0; i < P; ++i) {
+    const SftExample& e = data[indices[i]];
+    check_seqs(e.prompt, e.completion, indices[i], "make_sft_batch");
+    rows[i] = {&e.prompt, &e.completion};
+  }
+  return build_batch(rows, P, weight_dtype, pad_id);
+}
+
+std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch) {
+  if (n < 0) throw Error("epoch_order: n = " + std::to_string(n) + " is negative");
+  std::vector<int64_t> v(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) v[i] = i;
+  Rng rng(mix64(seed ^ mix64(static_cast<uint64_t>(epoch) ^ 0x5851f42d4c957f2dull)));
+  for (int64_t i = n - 1; i > 0; --i) {
+    const int64_t j = static_cast<int64_t>(rng.below(static_cast<uint64_t>(i + 1)));
+    std::swap(v[i], v[j]);
+  }
+  return v;
+}
+
+}  // namespace dpo

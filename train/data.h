@@ -1,0 +1,124 @@
+// Preference (DPO) and SFT data: JSONL loading, validation, truncation, batching, epoch order.
+//
+// File format: JSONL, one JSON object per line. Lines holding only whitespace are ignored and counted nowhere
+// (not in LoadStats::read); line numbers in messages are physical 1-based line numbers, blank lines included.
+// A UTF-8 byte-order mark at the start of the file is skipped.
+//
+// Preference records take one of two forms (load_preferences):
+//   text      {"prompt": str, "chosen": str, "rejected": str}                 tokenised with the given Tokenizer
+//   token ids {"prompt_ids": [int], "chosen_ids": [int], "rejected_ids": [int]}  each id in [0, vocab_size)
+// plus optional "score_chosen" / "score_rejected" (finite numbers, both or neither; for ODPO). Other fields
+// are allowed and ignored (datasets carry ids, sources, ratings, ...). Chat-style message lists are not
+// supported: apply the chat template before writing the file. SFT records (load_sft) are {"prompt",
+// "completion"} or {"prompt_ids", "completion_ids"}.
+//
+// Malformed records throw InputError("path:line: <what> (field 'x')"), or with DataOptions::skip_malformed are
+// skipped and counted by reason in LoadStats::skipped_by_reason (read == kept + skipped always holds). Reasons:
+//   bad_json          the line is not valid JSON
+//   invalid_utf8      the line holds bytes that are not strict UTF-8 (any field; nlohmann-json cannot parse it)
+//   not_object        the line is valid JSON but not an object
+//   mixed_forms       the record has fields of both the text and the token-id form
+//   no_form           the record has fields of neither form
+//   missing_field     a field of the chosen form is absent
+//   wrong_type        a field has the wrong JSON type (not a string / not an array of integers / not a number)
+//   id_out_of_range   a token id is outside [0, vocab_size)
+//   empty_prompt      the prompt is empty: the first completion token would have no position predicting it
+//   empty_completion  a completion is empty, or holds only EOS
+//   scores            only one of score_chosen / score_rejected, or a non-finite score
+// A file that cannot be opened, an I/O error, or a file with no kept record throws InputError naming the file.
+//
+// EOS (DataOptions::append_eos): appended to each completion unless it already ends with eos_id (never doubled);
+// never added to the prompt. EOS ids elsewhere in a token-id record are kept as given.
+//
+// Truncation (TRL's rule, applied to a whole record so chosen and rejected are always cut the same way):
+//   L = len(prompt) + max(len(chosen), len(rejected))   (after EOS; SFT: the single completion)
+//   if L > max_length:
+//     cut the prompt to max_prompt_length tokens (KeepEnd: keep its last tokens, KeepStart: its first);
+//     if still L > max_length: cut every completion to max_length - len(prompt) tokens, keeping its start.
+//   A completion cut this way loses its EOS. A prompt longer than max_prompt_length is left whole when the
+//   record fits in max_length. Every record that was cut counts once in LoadStats::truncated.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "runtime/tensor.h"
+#include "train/tokenizer.h"
+
+namespace dpo {
+
+struct PreferencePair {
+  std::vector<int32_t> prompt, chosen, rejected;  // completions include the appended EOS
+  bool has_scores = false;
+  double score_chosen = 0, score_rejected = 0;
+  int64_t line = 0;  // 1-based line in the source file
+};
+
+struct SftExample {
+  std::vector<int32_t> prompt, completion;  // completion includes the appended EOS
+  int64_t line = 0;
+};
+
+// Which part of the PROMPT is kept when it is cut. KeepEnd keeps the last tokens (TRL's default).
+enum class TruncationMode { KeepEnd, KeepStart };
+
+struct DataOptions {
+  int64_t max_length = 512;         // prompt + longest completion, in tokens
+  int64_t max_prompt_length = 256;  // prompt length after a cut
+  TruncationMode truncation = TruncationMode::KeepEnd;
+  bool skip_malformed = false;  // skip and count malformed records instead of throwing
+  bool append_eos = true;
+
+  // Throws InputError naming the option unless 0 < max_prompt_length < max_length.
+  void validate() const;
+};
+
+struct LoadStats {
+  int64_t read = 0;       // non-blank lines
+  int64_t kept = 0;       // records returned
+  int64_t skipped = 0;    // malformed records skipped (skip_malformed)
+  int64_t truncated = 0;  // kept records that were cut
+  int64_t with_scores = 0;  // kept records carrying score_chosen/score_rejected
+  std::map<std::string, int64_t> skipped_by_reason;
+};
+
+// `stats` may be null. Throws InputError as described above.
+std::vector<PreferencePair> load_preferences(const std::string& path, const Tokenizer& tok, const DataOptions& opt,
+                                             LoadStats* stats);
+std::vector<SftExample> load_sft(const std::string& path, const Tokenizer& tok, const DataOptions& opt,
+                                 LoadStats* stats);
+
+// A batch as host tensors. Preference batches have 2P rows: rows 0..P-1 the chosen sequences, rows P..2P-1 the
+// rejected ones, pair i in rows i and P+i. SFT batches have P rows (pairs == rows == P).
+// Each row is prompt + completion, right-padded with pad_id to T = the longest row in the batch.
+//   tokens   [R,T] I32   the sequence, pad_id after its end
+//   keymask  [R,T] I32   1 on real tokens, 0 on padding
+//   targets  [R,T] I32   tokens[r,t+1] where t+1 is a real token, else -1
+//   weights  [R,T] F32|F64  1 exactly where targets[r,t] is a completion token (t+1 >= len(prompt)), else 0:
+//                        the loss covers the completion, its EOS included, never the prompt or padding
+// as kernels/logprob.h expects (targets are ignored where the weight is 0).
+struct Batch {
+  int64_t pairs = 0, T = 0;
+  Tensor tokens, keymask, targets;
+  Tensor weights;
+  std::vector<int64_t> completion_len;  // per row: number of weighted tokens (= completion length)
+  std::vector<double> score_chosen, score_rejected;  // per pair; filled only when has_scores
+  bool has_scores = false;  // true iff every pair in the batch has scores
+  int64_t tokens_total = 0;  // real (non-padding) tokens in the batch
+};
+
+// indices select the pairs (duplicates allowed); they must be in range and non-empty, weight_dtype F32 or F64,
+// pad_id >= 0 (a token the model can embed; GPT-2 convention: the EOS id), every pair with a non-empty prompt
+// and completions (as the loaders guarantee). Violations throw dpo::Error.
+Batch make_batch(const std::vector<PreferencePair>& data, const std::vector<int64_t>& indices, DType weight_dtype,
+                 int32_t pad_id);
+Batch make_sft_batch(const std::vector<SftExample>& data, const std::vector<int64_t>& indices, DType weight_dtype,
+                     int32_t pad_id);
+
+// A permutation of 0..n-1: Fisher-Yates driven by dpo::Rng seeded with a mix of (seed, epoch). The same inputs
+// give the same permutation on every machine and compiler. n >= 0.
+std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch);
+
+}  // namespace dpo

@@ -1,0 +1,113 @@
+// Preference losses on per-sequence log-probs (host code, double precision).
+//
+// Everything here acts on one scalar per sequence: the summed log-prob of a completion under the policy and under
+// the reference. The gradient of a loss w.r.t. a sequence's log-prob is one scalar per sequence too; the model's
+// backward turns it into per-token logit gradients (REFERENCE.md: scalar x (onehot(y_t) - softmax(logits_t))).
+//
+// Notation (per pair): c = policy_chosen - ref_chosen, r = policy_rejected - ref_rejected, D = c - r.
+// With reference_free the ref terms are 0. eps = label_smoothing, z = beta*D.
+//
+//   sigmoid  -log s(z - D_r)                      D_r = odpo_alpha*log(score_chosen - score_rejected) if alpha > 0
+//   cdpo     -(1-eps) log s(z) - eps log s(-z)    conservative DPO (DPO repo); TRL's "sigmoid" with label smoothing
+//   robust   [-(1-eps) log s(z) + eps log s(-z)] / (1-2eps)   Chowdhury et al. 2024 (unbiased under flip rate eps;
+//            unbounded below as z -> +inf when eps > 0, that is the estimator, not a bug)
+//   ipo      (D - 1/(2 beta))^2                   ipo_length_normalize: c, r are per-token means (/ completion length)
+//   hinge    max(0, 1 - z)                        subgradient 0 at z == 1 exactly (the right derivative), -beta below
+//   sft      -policy_chosen / len_chosen          mean per-token NLL of the chosen completion (RPO's extra term);
+//                                                 no reference, no beta; gradient only w.r.t. policy_chosen
+//
+// Decisions:
+//  * ODPO's offset applies to the sigmoid term only (as TRL applies offsets to sigmoid-type losses); validate()
+//    rejects odpo_alpha > 0 without a sigmoid term rather than silently ignoring it.
+//  * label_smoothing is used by robust and cdpo only; validate() rejects label_smoothing > 0 without one of them
+//    (TRL folds smoothing into "sigmoid"; here that is "cdpo", and a silent no-op would surprise TRL users).
+//  * Per-pair data problems (ODPO without scores or with score_chosen <= score_rejected, a non-positive completion
+//    length where a length is used) throw dpo::InputError. Non-finite log-probs are not checked: they propagate
+//    to a non-finite loss for the trainer's NaN check.
+//  * Metrics follow TRL and do not depend on the loss type: rewards are beta*(policy - ref) of the summed log-probs
+//    (never length-normalised, ref = 0 when reference_free), accuracy counts reward_chosen > reward_rejected
+//    strictly, margin = reward_chosen - reward_rejected, logps are the policy's summed log-probs.
+//  * log s(x) = -softplus(-x) with softplus(x) = max(x,0) + log1p(exp(-|x|)), s(x) evaluated on the side that
+//    cannot overflow: the sigmoid-family losses and their gradients are finite for any finite z (tested at
+//    |z| = 1e4, where the naive log(1/(1+exp(-z))) gives inf).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace dpo {
+
+enum class LossType { Sigmoid, Ipo, Hinge, Robust, Cdpo, Sft };
+
+// "sigmoid" (alias "dpo"), "ipo", "hinge", "robust", "cdpo", "sft". Exact, lower case.
+// Unknown -> InputError("loss_type: unknown value '<s>'; valid: sigmoid, ipo, hinge, robust, cdpo, sft").
+LossType parse_loss_type(const std::string& name);
+const char* loss_type_name(LossType type);  // the canonical name parse_loss_type accepts
+
+struct LossTerm {
+  LossType type = LossType::Sigmoid;
+  double weight = 1.0;
+};
+
+// TRL-style config lists `loss_type: [sigmoid, sft]`, `loss_weights: [1.0, 0.5]` -> terms. Empty weights means all
+// 1.0; otherwise the sizes must match (InputError naming loss_weights). Does not validate() the result.
+std::vector<LossTerm> make_loss_terms(const std::vector<std::string>& types, const std::vector<double>& weights);
+
+struct LossConfig {
+  std::vector<LossTerm> terms = {{LossType::Sigmoid, 1.0}};  // total loss = sum_i weight_i * loss_i
+  double beta = 0.1;
+  double label_smoothing = 0.0;       // eps for robust / cdpo, in [0, 0.5)
+  bool ipo_length_normalize = false;  // IPO on per-token mean log-ratios
+  double odpo_alpha = 0.0;            // ODPO offset scale (sigmoid term only); 0 = off
+  bool reference_free = false;        // ref log-probs treated as 0
+
+  // Throws InputError "<where>: <key> ..." (just "<key> ..." when where is empty) naming the key:
+  //   beta            not finite or <= 0
+  //   label_smoothing not finite, < 0 or >= 0.5, or > 0 without a robust/cdpo term
+  //   loss_type       no terms, or the same type twice
+  //   loss_weights    a weight not finite or < 0, or all weights 0
+  //   odpo_alpha      not finite or < 0, or > 0 without a sigmoid term
+  void validate(const std::string& where = "") const;
+};
+
+struct PairInput {
+  double policy_chosen = 0, policy_rejected = 0;  // summed completion log-probs
+  double ref_chosen = 0, ref_rejected = 0;        // ignored when reference_free
+  int64_t len_chosen = 1, len_rejected = 1;       // completion token counts (used by sft and normalised IPO)
+  bool has_scores = false;                        // ODPO scores present
+  double score_chosen = 0, score_rejected = 0;
+};
+
+struct PairOutput {
+  double loss = 0;  // sum_i weight_i * loss_i for this pair (not normalised)
+  double d_policy_chosen = 0, d_policy_rejected = 0;  // dloss/d policy log-prob
+  double reward_chosen = 0, reward_rejected = 0;      // beta*(policy - ref)
+};
+
+// Validates cfg, then evaluates one pair.
+PairOutput pair_loss(const LossConfig& cfg, const PairInput& in);
+
+struct BatchLoss {
+  double loss_sum = 0;                     // sum over pairs of the pair loss (divide by the normalizer to report)
+  std::vector<double> term_loss_sum;       // per cfg.terms entry, unweighted, summed over pairs
+  std::vector<double> d_policy_chosen;     // per pair, already divided by `normalizer`
+  std::vector<double> d_policy_rejected;   // per pair, already divided by `normalizer`
+  double reward_chosen_sum = 0, reward_rejected_sum = 0;
+  double accuracy_sum = 0;  // count of reward_chosen > reward_rejected (strict)
+  double margin_sum = 0;    // sum of reward_chosen - reward_rejected
+  double logps_chosen_sum = 0, logps_rejected_sum = 0;  // policy summed log-probs
+  int64_t pairs = 0;
+};
+
+// Gradient-accumulation rule: `normalizer` is the global pair count of the optimizer step (all micro-batches, all
+// ranks), so micro-batches' gradients add up to the gradient of the mean loss over the step. The sums are left
+// unnormalised so they can be reduced across micro-batches and ranks. normalizer must be finite and > 0 (Error).
+BatchLoss batch_loss(const LossConfig& cfg, const std::vector<PairInput>& pairs, double normalizer);
+
+// Numerically stable primitives (exposed for tests and other losses).
+double softplus(double x);    // log(1 + e^x)
+double log_sigmoid(double x); // -softplus(-x)
+double sigmoid(double x);
+
+}  // namespace dpo

@@ -1,0 +1,151 @@
+#include "train/optim.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numbers>
+#include <sstream>
+
+namespace dpo {
+
+namespace {
+
+std::string num(double x) {
+  std::ostringstream os;
+  os << x;
+  return os.str();
+}
+
+[[noreturn]] void bad(const char* key, const std::string& what, const std::string& got) {
+  throw InputError(std::string(key) + ": must be " + what + ", got " + got);
+}
+
+}  // namespace
+
+LrSchedule parse_lr_schedule(const std::string& name) {
+  if (name == "constant" || name == "constant_with_warmup") return LrSchedule::Constant;
+  if (name == "cosine") return LrSchedule::Cosine;
+  if (name == "linear") return LrSchedule::Linear;
+  throw InputError("lr_scheduler_type: unknown value '" + name +
+                   "' (valid: constant, constant_with_warmup, cosine, linear)");
+}
+
+const char* lr_schedule_name(LrSchedule s) {
+  switch (s) {
+    case LrSchedule::Constant: return "constant";
+    case LrSchedule::Cosine: return "cosine";
+    case LrSchedule::Linear: return "linear";
+  }
+  return "?";
+}
+
+void OptimConfig::validate() const {
+  if (!std::isfinite(lr) || !(lr > 0)) bad("learning_rate", "a finite number > 0", num(lr));
+  if (!(beta1 >= 0 && beta1 < 1)) bad("adam_beta1", "in [0, 1)", num(beta1));
+  if (!(beta2 >= 0 && beta2 < 1)) bad("adam_beta2", "in [0, 1)", num(beta2));
+  if (!std::isfinite(eps) || !(eps > 0)) bad("adam_epsilon", "a finite number > 0", num(eps));
+  if (!std::isfinite(weight_decay) || !(weight_decay >= 0)) bad("weight_decay", "a finite number >= 0", num(weight_decay));
+  if (!(lr * weight_decay < 1))
+    bad("weight_decay", "such that learning_rate * weight_decay < 1 (learning_rate " + num(lr) + ")",
+        num(weight_decay));
+  if (!std::isfinite(max_grad_norm)) bad("max_grad_norm", "a finite number (<= 0 disables clipping)", num(max_grad_norm));
+  if (warmup_steps < 0) bad("warmup_steps", ">= 0", std::to_string(warmup_steps));
+  if (!(min_lr_ratio >= 0 && min_lr_ratio <= 1)) bad("min_lr_ratio", "in [0, 1]", num(min_lr_ratio));
+}
+
+double lr_at(const OptimConfig& cfg, int64_t step, int64_t total_steps) {
+  DPO_ASSERT(step >= 0, "lr_at: step must be >= 0, got " + std::to_string(step));
+  DPO_ASSERT(total_steps >= 0, "lr_at: total_steps must be >= 0, got " + std::to_string(total_steps));
+  const int64_t W = cfg.warmup_steps;
+  if (step < W) return cfg.lr * static_cast<double>(step + 1) / static_cast<double>(W);
+  if (cfg.schedule == LrSchedule::Constant) return cfg.lr;
+  const double span = static_cast<double>(std::max<int64_t>(1, total_steps - W));
+  const double progress = std::clamp(static_cast<double>(step - W) / span, 0.0, 1.0);
+  const double lo = cfg.min_lr_ratio * cfg.lr;
+  const double f = cfg.schedule == LrSchedule::Cosine ? 0.5 * (1.0 + std::cos(std::numbers::pi * progress))
+                                                      : 1.0 - progress;
+  return lo + (cfg.lr - lo) * f;
+}
+
+double global_grad_norm(Backend& backend, const Tensor& grads) { return std::sqrt(backend.sum_squares(grads)); }
+
+AdamW::AdamW(Backend& backend, const std::vector<ParamSpec>& specs, int64_t n_params, DType dtype, OptimConfig cfg,
+             int64_t total_steps)
+    : be_(&backend), cfg_(cfg), n_params_(n_params), dtype_(dtype), total_steps_(total_steps) {
+  cfg_.validate();
+  DPO_ASSERT(n_params > 0, "AdamW: n_params must be positive, got " + std::to_string(n_params));
+  DPO_ASSERT(total_steps >= 0, "AdamW: total_steps must be >= 0, got " + std::to_string(total_steps));
+  DPO_ASSERT(dtype == DType::F32 || dtype == DType::F64 || dtype == DType::BF16 || dtype == DType::F16,
+             std::string("AdamW: parameters must be floating, got ") + dtype_name(dtype));
+
+  // Check that the segments tile [0, n_params), then merge neighbours with the same decay flag into runs.
+  std::vector<const ParamSpec*> sorted;
+  sorted.reserve(specs.size());
+  for (const ParamSpec& s : specs) sorted.push_back(&s);
+  std::sort(sorted.begin(), sorted.end(), [](const ParamSpec* a, const ParamSpec* b) { return a->offset < b->offset; });
+  int64_t at = 0;
+  for (const ParamSpec* s : sorted) {
+    int64_t n = 1;
+    for (int64_t d : s->shape) n *= d;
+    DPO_ASSERT(s->offset == at, "AdamW: parameter '" + s->name + "' starts at " + std::to_string(s->offset) +
+                                    ", expected " + std::to_string(at) + " (segments must tile the parameters)");
+    if (n == 0) continue;
+    if (!runs_.empty() && runs_.back().decay == s->weight_decay) runs_.back().numel += n;
+    else runs_.push_back({s->offset, n, s->weight_decay});
+    at += n;
+  }
+  DPO_ASSERT(at == n_params, "AdamW: segments cover " + std::to_string(at) + " of " + std::to_string(n_params) +
+                                 " parameters");
+
+  // Half-precision parameters would keep fp32 moments (no CPU kernel takes them today; the backend says so).
+  const DType state = (dtype == DType::F32 || dtype == DType::F64) ? dtype : DType::F32;
+  m_ = be_->zeros({n_params}, state);
+  v_ = be_->zeros({n_params}, state);
+}
+
+void AdamW::set_step(int64_t step) {
+  DPO_ASSERT(step >= 0, "AdamW::set_step: step must be >= 0, got " + std::to_string(step));
+  step_ = step;
+}
+
+AdamW::StepInfo AdamW::step(const Tensor& params, const Tensor& grads) {
+  check_shape(params, {n_params_}, "AdamW params");
+  check_shape(grads, {n_params_}, "AdamW grads");
+  check_dtype(params, dtype_, "AdamW params");
+  check_dtype(grads, dtype_, "AdamW grads");
+
+  StepInfo info;
+  info.lr = lr_at(cfg_, step_, total_steps_);
+  const double norm = global_grad_norm(*be_, grads);
+  if (!std::isfinite(norm)) {
+    info.grad_norm = std::numeric_limits<double>::quiet_NaN();
+    info.skipped = true;
+    return info;
+  }
+  info.grad_norm = norm;
+
+  AdamWParams p;
+  p.lr = info.lr;
+  p.beta1 = cfg_.beta1;
+  p.beta2 = cfg_.beta2;
+  p.eps = cfg_.eps;
+  p.grad_scale = 1.0;
+  p.step = step_ + 1;
+  if (cfg_.max_grad_norm > 0) {
+    // torch.nn.utils.clip_grad_norm_: clip_coef = max_norm / (total_norm + 1e-6), clamped to at most 1.
+    const double coef = cfg_.max_grad_norm / (norm + 1e-6);
+    if (coef < 1.0) {
+      p.grad_scale = coef;
+      info.clipped = true;
+    }
+  }
+  for (const Run& r : runs_) {
+    p.weight_decay = r.decay ? cfg_.weight_decay : 0.0;
+    be_->adamw_update(params.view(r.offset, {r.numel}), grads.view(r.offset, {r.numel}), m_.view(r.offset, {r.numel}),
+                      v_.view(r.offset, {r.numel}), p);
+  }
+  ++step_;
+  return info;
+}
+
+}  // namespace dpo

@@ -1,0 +1,109 @@
+// The optimizer: AdamW with decoupled weight decay, global-norm gradient clipping and a learning-rate schedule.
+//
+// Semantics follow what an HF/TRL DPO run does with torch.optim.AdamW + torch.nn.utils.clip_grad_norm_ +
+// transformers' schedulers, with the differences listed here:
+//   - Warmup: the lr of 0-based optimizer step s < warmup_steps is lr * (s+1) / warmup_steps, so the first step
+//     already moves (HF's first warmup step uses lr 0) and step warmup_steps-1 reaches the full lr.
+//   - "constant" keeps the warmup (HF's "constant" ignores warmup_steps; it is our "constant_with_warmup").
+//   - Decay (cosine / linear) runs over steps [warmup_steps, total_steps] with progress
+//     (s - warmup_steps) / max(1, total_steps - warmup_steps) clamped to [0, 1], from lr down to min_lr_ratio * lr
+//     (HF's cosine / linear with min_lr_ratio = 0, HF's "cosine_with_min_lr" with min_lr_rate = min_lr_ratio).
+//   - The gradient norm is accumulated in double (PyTorch: in the gradients' dtype). Clipping multiplies the
+//     gradients by min(1, max_grad_norm / (norm + 1e-6)) as clip_grad_norm_ does, but through the kernel's
+//     grad_scale: the gradient tensor itself is left untouched.
+//   - A non-finite gradient norm (NaN or Inf anywhere in the gradients) skips the step: parameters, moments and
+//     the step counter are left as they were and StepInfo reports grad_norm = NaN, skipped = true. Whether to
+//     stop, skip the batch or count it is the caller's decision (PyTorch would write NaN into every parameter).
+//
+// Configuration keys (HF TrainingArguments names): learning_rate, adam_beta1, adam_beta2, adam_epsilon,
+// weight_decay, max_grad_norm, warmup_steps, lr_scheduler_type, min_lr_ratio.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "model/gpt2.h"
+#include "runtime/backend.h"
+
+namespace dpo {
+
+enum class LrSchedule { Constant, Cosine, Linear };
+
+// "constant" (alias "constant_with_warmup"), "cosine", "linear". Anything else: InputError naming the key
+// lr_scheduler_type, the value and the valid list.
+LrSchedule parse_lr_schedule(const std::string& name);
+const char* lr_schedule_name(LrSchedule s);
+
+struct OptimConfig {
+  double lr = 5e-7;            // learning_rate
+  double beta1 = 0.9;          // adam_beta1
+  double beta2 = 0.999;        // adam_beta2
+  double eps = 1e-8;           // adam_epsilon
+  double weight_decay = 0.0;   // weight_decay (decoupled; never applied to biases and LayerNorm parameters)
+  double max_grad_norm = 1.0;  // max_grad_norm; <= 0 disables clipping
+  int64_t warmup_steps = 0;    // warmup_steps
+  LrSchedule schedule = LrSchedule::Constant;  // lr_scheduler_type
+  double min_lr_ratio = 0.0;   // min_lr_ratio: the decay ends at min_lr_ratio * lr
+
+  // Throws InputError "<key>: must be ..., got <value>" for: learning_rate not finite or <= 0; adam_beta1 or
+  // adam_beta2 outside [0, 1); adam_epsilon not finite or <= 0; weight_decay not finite or < 0; learning_rate *
+  // weight_decay >= 1 (the decay factor 1 - lr*wd would not be positive); max_grad_norm NaN or Inf;
+  // warmup_steps < 0; min_lr_ratio outside [0, 1].
+  void validate() const;
+};
+
+// The learning rate of 0-based optimizer step `step` of a run of `total_steps` steps (see the top of this file).
+double lr_at(const OptimConfig& cfg, int64_t step, int64_t total_steps);
+
+// sqrt(sum of squares of every gradient), accumulated in double; NaN/Inf propagate.
+double global_grad_norm(Backend& backend, const Tensor& grads);
+
+class AdamW {
+ public:
+  // `specs` must tile [0, n_params) of the flat parameter vector (any order, no gaps, no overlap); params and
+  // grads passed to step() are flat [n_params] tensors of `dtype` in that layout. cfg is validated here.
+  // The moments m and v are flat [n_params] zero-initialised tensors of `dtype` for F32/F64 parameters and F32 for
+  // BF16/F16 ones (the CUDA kernel keeps fp32 moments; the CPU kernels take F32 or F64 only).
+  AdamW(Backend& backend, const std::vector<ParamSpec>& specs, int64_t n_params, DType dtype, OptimConfig cfg,
+        int64_t total_steps);
+
+  struct StepInfo {
+    double grad_norm = 0.0;  // global norm before clipping; NaN when it was not finite (then skipped = true)
+    double lr = 0.0;         // the learning rate used (or that would have been used, when skipped)
+    bool clipped = false;    // the gradients were scaled down (max_grad_norm / (norm + 1e-6) < 1)
+    bool skipped = false;    // non-finite gradient norm: nothing was updated and step_count() did not advance
+  };
+
+  // One optimizer step: lr = lr_at(cfg, step_count(), total_steps); global gradient norm over all of `grads`;
+  // clipping; then one adamw_update per run of consecutive segments with the same ParamSpec::weight_decay flag
+  // (weight_decay = cfg.weight_decay or 0) with bias-correction step step_count() + 1; then step_count() += 1.
+  // grads is read only.
+  StepInfo step(const Tensor& params, const Tensor& grads);
+
+  int64_t step_count() const { return step_; }
+  int64_t total_steps() const { return total_steps_; }
+  const OptimConfig& config() const { return cfg_; }
+
+  // State for checkpoints: the moments (flat, same layout as the parameters; write into them to restore) and the
+  // number of steps taken (the next step uses bias correction set_step's value + 1 and lr_at(value)).
+  const Tensor& m() const { return m_; }
+  const Tensor& v() const { return v_; }
+  void set_step(int64_t step);
+
+ private:
+  struct Run {
+    int64_t offset, numel;
+    bool decay;
+  };
+  Backend* be_;
+  OptimConfig cfg_;
+  int64_t n_params_;
+  DType dtype_;
+  int64_t total_steps_;
+  int64_t step_ = 0;
+  std::vector<Run> runs_;
+  Tensor m_, v_;
+};
+
+}  // namespace dpo

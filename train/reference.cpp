@@ -1,0 +1,101 @@
+#include "train/reference.h"
+
+#include <cstdlib>
+#include <filesystem>
+
+#include "model/checkpoint.h"
+#include "runtime/safetensors.h"
+#include "train/hash.h"
+
+namespace dpo {
+
+RefLogps compute_ref_logps(GPT2& ref, const std::vector<PreferencePair>& data, int64_t batch_pairs) {
+  RefLogps out;
+  out.chosen.resize(data.size());
+  out.rejected.resize(data.size());
+  Backend& be = ref.backend();
+  const int64_t n = static_cast<int64_t>(data.size());
+  for (int64_t start = 0; start < n; start += batch_pairs) {
+    std::vector<int64_t> idx;
+    for (int64_t i = start; i < std::min(n, start + batch_pairs); ++i) idx.push_back(i);
+    Batch b = make_batch(data, idx, ref.dtype(), 0);
+    const int64_t R = 2 * b.pairs;
+    Tensor seq = be.empty({R}, ref.dtype());
+    ref.sequence_logprobs(b.tokens, b.keymask, b.targets, b.weights, seq);
+    Tensor host = Tensor::host({R}, DType::F64);
+    be.copy_to_host(host, seq);
+    for (int64_t p = 0; p < b.pairs; ++p) {
+      out.chosen[static_cast<size_t>(idx[p])] = host.data<double>()[p];
+      out.rejected[static_cast<size_t>(idx[p])] = host.data<double>()[b.pairs + p];
+    }
+  }
+  return out;
+}
+
+std::string default_ref_cache_dir() {
+  if (const char* x = std::getenv("XDG_CACHE_HOME"); x && *x) return std::string(x) + "/dpo/ref";
+  if (const char* h = std::getenv("HOME"); h && *h) return std::string(h) + "/.cache/dpo/ref";
+  return ".dpo-cache/ref";
+}
+
+RefCacheResult cached_ref_logps(GPT2& ref, const std::vector<PreferencePair>& data, const std::string& data_path,
+                                const std::string& settings, const std::string& cache_dir, int64_t batch_pairs) {
+  namespace fs = std::filesystem;
+  Tensor host = Tensor::host({ref.params().numel()}, DType::F32);
+  ref.backend().copy_to_host(host, ref.params());
+  Sha256 wh;
+  wh.update(gpt2_config_json(ref.config()));
+  wh.update(host.raw(), static_cast<size_t>(host.nbytes()));
+  const std::string weights_sha = wh.hex();
+  const std::string data_sha = sha256_file(data_path);
+  const std::string key = sha256_string(weights_sha + "\n" + data_sha + "\n" + settings);
+  const std::map<std::string, std::string> meta = {{"key", key},
+                                                   {"weights_sha256", weights_sha},
+                                                   {"data_sha256", data_sha},
+                                                   {"settings", settings},
+                                                   {"pairs", std::to_string(data.size())}};
+  RefCacheResult r;
+  r.path = (fs::path(cache_dir) / ("ref-" + key.substr(0, 32) + ".safetensors")).string();
+  if (fs::exists(r.path)) {
+    try {
+      SafetensorsFile f(r.path);
+      std::string why;
+      for (const auto& [k, v] : meta) {
+        auto it = f.metadata().find(k);
+        if (it == f.metadata().end() || it->second != v) {
+          why = "metadata '" + k + "' differs";
+          break;
+        }
+      }
+      if (why.empty()) {
+        Tensor c = f.read_as("chosen", DType::F64), rj = f.read_as("rejected", DType::F64);
+        const int64_t n = static_cast<int64_t>(data.size());
+        if (c.numel() != n || rj.numel() != n) {
+          why = "holds " + std::to_string(c.numel()) + " pairs, data has " + std::to_string(n);
+        } else {
+          r.logps.chosen.assign(c.data<double>(), c.data<double>() + n);
+          r.logps.rejected.assign(rj.data<double>(), rj.data<double>() + n);
+          r.status = RefCacheResult::Status::Hit;
+          return r;
+        }
+      }
+      r.status = RefCacheResult::Status::Stale;
+      r.reason = why;
+    } catch (const Error& e) {
+      r.status = RefCacheResult::Status::Stale;
+      r.reason = e.what();
+    }
+  }
+  r.logps = compute_ref_logps(ref, data, batch_pairs);
+  std::error_code ec;
+  fs::create_directories(cache_dir, ec);
+  if (ec) throw Error("cannot create reference cache directory " + cache_dir + ": " + ec.message());
+  const int64_t n = static_cast<int64_t>(data.size());
+  Tensor c = Tensor::host({n}, DType::F64), rj = Tensor::host({n}, DType::F64);
+  std::copy(r.logps.chosen.begin(), r.logps.chosen.end(), c.data<double>());
+  std::copy(r.logps.rejected.begin(), r.logps.rejected.end(), rj.data<double>());
+  save_safetensors(r.path, {{"chosen", c}, {"rejected", rj}}, meta);
+  return r;
+}
+
+}  // namespace dpo

@@ -1,0 +1,39 @@
+// Reference-model log-probs: computed live, or once per (reference weights, data, tokenisation settings) and
+// cached on disk.
+//
+// The cache key is SHA-256 over the reference parameters as loaded (bytes of the F32 vector plus the config), the
+// data file's bytes, and a settings string (tokenizer, truncation, lengths). The cache file is
+// <cache_dir>/ref-<key>.safetensors holding F64 "chosen" and "rejected" [N] and, in its metadata, every component
+// of the key. A file whose metadata does not match what this run computes, or that is unreadable, is reported
+// as stale and recomputed; it is never used.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "model/gpt2.h"
+#include "train/data.h"
+
+namespace dpo {
+
+struct RefLogps {
+  std::vector<double> chosen, rejected;  // per pair, summed completion log-probs under the reference
+};
+
+// Forward passes of the reference over every pair, `batch_pairs` at a time.
+RefLogps compute_ref_logps(GPT2& ref, const std::vector<PreferencePair>& data, int64_t batch_pairs);
+
+struct RefCacheResult {
+  RefLogps logps;
+  std::string path;
+  enum class Status { Hit, Miss, Stale } status = Status::Miss;
+  std::string reason;  // why a file was stale
+};
+
+RefCacheResult cached_ref_logps(GPT2& ref, const std::vector<PreferencePair>& data, const std::string& data_path,
+                                const std::string& settings, const std::string& cache_dir, int64_t batch_pairs);
+
+// $XDG_CACHE_HOME/dpo/ref, else $HOME/.cache/dpo/ref, else ./.dpo-cache/ref.
+std::string default_ref_cache_dir();
+
+}  // namespace dpo

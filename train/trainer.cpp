@@ -1,0 +1,528 @@
+#include "train/trainer.h"
+
+#include <unistd.h>
+#include <yaml-cpp/yaml.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+#include "model/checkpoint.h"
+#include "runtime/safetensors.h"
+#include "train/data.h"
+#include "train/hash.h"
+#include "train/loss.h"
+#include "train/metrics.h"
+#include "train/optim.h"
+#include "train/reference.h"
+#include "train/tokenizer.h"
+
+namespace dpo {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+std::unique_ptr<Backend> make_backend(const TrainConfig& c) {
+  if (c.device == "cuda")
+    throw InputError("key 'device': cuda is not available yet (the CUDA backend has not landed); use device: cpu");
+  return make_cpu_backend(static_cast<int>(c.num_threads));
+}
+
+DataOptions data_options(const TrainConfig& c) {
+  DataOptions d;
+  d.max_length = c.max_length;
+  d.max_prompt_length = c.max_prompt_length;
+  d.truncation = c.truncation_mode == "keep_start" ? TruncationMode::KeepStart : TruncationMode::KeepEnd;
+  d.skip_malformed = c.skip_malformed;
+  d.append_eos = true;
+  return d;
+}
+
+// Everything that changes the tokens the reference sees, for the reference-cache key.
+std::string data_settings(const TrainConfig& c) {
+  std::ostringstream s;
+  s << "tokenizer=" << c.tokenizer << ";max_length=" << c.max_length << ";max_prompt_length=" << c.max_prompt_length
+    << ";truncation=" << c.truncation_mode << ";skip_malformed=" << c.skip_malformed << ";append_eos=1";
+  return s.str();
+}
+
+LossConfig loss_config(const TrainConfig& c) {
+  LossConfig l;
+  l.terms = make_loss_terms(c.loss_type, c.loss_weights);
+  if (c.rpo_alpha > 0) l.terms.push_back({LossType::Sft, c.rpo_alpha});
+  l.beta = c.beta;
+  l.label_smoothing = c.label_smoothing;
+  l.ipo_length_normalize = c.ipo_length_normalize;
+  l.odpo_alpha = c.odpo_alpha;
+  l.reference_free = c.reference_free;
+  l.validate();
+  return l;
+}
+
+OptimConfig optim_config(const TrainConfig& c) {
+  OptimConfig o;
+  o.lr = c.learning_rate;
+  o.beta1 = c.adam_beta1;
+  o.beta2 = c.adam_beta2;
+  o.eps = c.adam_epsilon;
+  o.weight_decay = c.weight_decay;
+  o.max_grad_norm = c.max_grad_norm;
+  o.warmup_steps = c.warmup_steps;
+  o.schedule = parse_lr_schedule(c.lr_scheduler_type);
+  o.validate();
+  return o;
+}
+
+void check_fits(const TrainConfig& c, const GPT2& model, const Tokenizer& tok, const std::string& which) {
+  if (tok.vocab_size() > model.config().vocab_size)
+    throw InputError(which + ": the " + tok.name() + " tokenizer has " + std::to_string(tok.vocab_size()) +
+                     " ids but the model's vocab_size is " + std::to_string(model.config().vocab_size));
+  if (c.max_length > model.config().max_seq_len)
+    throw InputError("key 'max_length': " + std::to_string(c.max_length) + " exceeds the model's n_positions (" +
+                     std::to_string(model.config().max_seq_len) + ")");
+}
+
+// Keys that may differ between a run and the run it resumes (they do not change the computed weights).
+const std::set<std::string> kResumeFreeKeys = {"out_dir",       "num_threads", "logging_steps", "eval_steps",
+                                               "save_steps",    "save_total_limit", "ref_cache_dir", "eval_file",
+                                               "per_device_eval_batch_size"};
+
+void check_resume_config(const std::string& saved_yaml, const TrainConfig& now, const std::string& where) {
+  YAML::Node a = YAML::Load(saved_yaml), b = YAML::Load(to_yaml(now));
+  std::vector<std::string> diff;
+  for (auto it = b.begin(); it != b.end(); ++it) {
+    const std::string k = it->first.as<std::string>();
+    if (kResumeFreeKeys.count(k)) continue;
+    YAML::Emitter ea, eb;
+    ea << YAML::Flow << a[k];
+    eb << YAML::Flow << it->second;
+    if (std::string(ea.c_str()) != std::string(eb.c_str()))
+      diff.push_back(k + " (checkpoint: " + ea.c_str() + ", now: " + eb.c_str() + ")");
+  }
+  if (!diff.empty()) {
+    std::string m = where + ": cannot resume with a different configuration:";
+    for (const auto& d : diff) m += "\n  " + d;
+    throw InputError(m);
+  }
+}
+
+struct Position {
+  int64_t step = 0;      // optimizer steps done
+  int64_t epoch = 0;     // current epoch
+  int64_t pos = 0;       // next index into this epoch's order
+};
+
+void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW& opt, const Position& p,
+                      const std::string& config_yaml, int64_t save_total_limit) {
+  const fs::path root = fs::path(out_dir) / "checkpoints";
+  const std::string name = "step-" + std::to_string(p.step);
+  const fs::path final_dir = root / name;
+  const fs::path tmp = root / ("." + name + ".tmp-" + std::to_string(::getpid()));
+  std::error_code ec;
+  fs::remove_all(tmp, ec);
+  fs::create_directories(tmp, ec);
+  if (ec) throw Error("cannot create " + tmp.string() + ": " + ec.message());
+  save_gpt2_checkpoint(model, tmp.string());
+  Backend& be = model.backend();
+  Tensor m = Tensor::host(opt.m().shape(), DType::F32), v = Tensor::host(opt.v().shape(), DType::F32);
+  be.copy_to_host(m, opt.m());
+  be.copy_to_host(v, opt.v());
+  save_safetensors((tmp / "optimizer.safetensors").string(), {{"exp_avg", m}, {"exp_avg_sq", v}},
+                   {{"optimizer", "adamw"}, {"step", std::to_string(opt.step_count())}});
+  json files = json::object();
+  for (const char* f : {"model.safetensors", "config.json", "optimizer.safetensors"})
+    files[f] = sha256_file((tmp / f).string());
+  json st = {{"step", p.step},          {"epoch", p.epoch},     {"position", p.pos},
+             {"optimizer_step", opt.step_count()}, {"files_sha256", files}, {"config", config_yaml},
+             {"format", "dpo-checkpoint-1"}};
+  write_file_atomic((tmp / "trainer_state.json").string(), st.dump(2) + "\n");
+  if (fs::exists(final_dir)) fs::remove_all(final_dir);
+  fs::rename(tmp, final_dir, ec);
+  if (ec) throw Error("cannot rename " + tmp.string() + " to " + final_dir.string() + ": " + ec.message());
+  write_file_atomic((root / "latest").string(), name + "\n");
+  if (save_total_limit > 0) {
+    std::vector<std::pair<int64_t, fs::path>> steps;
+    for (const auto& e : fs::directory_iterator(root)) {
+      const std::string n = e.path().filename().string();
+      if (e.is_directory() && n.rfind("step-", 0) == 0) steps.emplace_back(std::stoll(n.substr(5)), e.path());
+    }
+    std::sort(steps.begin(), steps.end());
+    for (size_t i = 0; i + static_cast<size_t>(save_total_limit) < steps.size(); ++i) fs::remove_all(steps[i].second);
+  }
+}
+
+std::string resolve_resume(const std::string& resume, const std::string& out_dir) {
+  if (resume != "latest") return resume;
+  const fs::path latest = fs::path(out_dir) / "checkpoints" / "latest";
+  std::ifstream f(latest);
+  std::string name;
+  if (!f || !(f >> name)) throw InputError(latest.string() + ": no checkpoint to resume from");
+  return (fs::path(out_dir) / "checkpoints" / name).string();
+}
+
+// Verifies every file against trainer_state.json, loads weights and optimizer state; returns the position.
+Position load_checkpoint(const std::string& dir, GPT2& model, AdamW& opt, const TrainConfig& cfg) {
+  const std::string state_path = (fs::path(dir) / "trainer_state.json").string();
+  std::ifstream f(state_path);
+  if (!f) throw InputError(state_path + ": cannot open (not a training checkpoint?)");
+  json st;
+  try {
+    st = json::parse(f);
+  } catch (const json::parse_error& e) {
+    throw InputError(state_path + ": not valid JSON: " + e.what());
+  }
+  for (const char* k : {"step", "epoch", "position", "optimizer_step", "files_sha256", "config"})
+    if (!st.contains(k)) throw InputError(state_path + ": missing field '" + k + "'");
+  for (auto it = st["files_sha256"].begin(); it != st["files_sha256"].end(); ++it) {
+    const std::string path = (fs::path(dir) / it.key()).string();
+    if (sha256_file(path) != it.value().get<std::string>())
+      throw InputError(path + ": SHA-256 does not match trainer_state.json (corrupted or modified checkpoint)");
+  }
+  check_resume_config(st["config"].get<std::string>(), cfg, state_path);
+  load_gpt2_weights(model, (fs::path(dir) / "model.safetensors").string());
+  SafetensorsFile of((fs::path(dir) / "optimizer.safetensors").string());
+  Backend& be = model.backend();
+  Tensor m = of.read_as("exp_avg", DType::F32), v = of.read_as("exp_avg_sq", DType::F32);
+  if (m.numel() != opt.m().numel() || v.numel() != opt.v().numel())
+    throw InputError(of.path() + ": optimizer state size does not match the model");
+  be.copy_from_host(opt.m(), m.reshape(opt.m().shape()));
+  be.copy_from_host(opt.v(), v.reshape(opt.v().shape()));
+  opt.set_step(st["optimizer_step"].get<int64_t>());
+  Position p;
+  p.step = st["step"].get<int64_t>();
+  p.epoch = st["epoch"].get<int64_t>();
+  p.pos = st["position"].get<int64_t>();
+  return p;
+}
+
+// Drops metrics records logged after `step` (they belong to the interrupted run's future), atomically.
+void truncate_metrics(const std::string& path, int64_t step) {
+  std::ifstream f(path);
+  if (!f) return;
+  std::string line, kept;
+  while (std::getline(f, line)) {
+    if (line.empty()) continue;
+    try {
+      json j = json::parse(line);
+      if (j.contains("step") && j["step"].get<int64_t>() > step) continue;
+    } catch (const json::exception&) {
+      continue;  // a line cut by a crash
+    }
+    kept += line + "\n";
+  }
+  write_file_atomic(path, kept);
+}
+
+// Sums of per-pair quantities over a logging window.
+struct Window {
+  double pairs = 0, loss = 0, rc = 0, rr = 0, acc = 0, margin = 0, lpc = 0, lpr = 0, tokens = 0, seconds = 0;
+  void add(const BatchLoss& b) {
+    pairs += static_cast<double>(b.pairs);
+    rc += b.reward_chosen_sum;
+    rr += b.reward_rejected_sum;
+    acc += b.accuracy_sum;
+    margin += b.margin_sum;
+    lpc += b.logps_chosen_sum;
+    lpr += b.logps_rejected_sum;
+  }
+  std::map<std::string, double> dpo_metrics(const std::string& prefix) const {
+    const double n = std::max(pairs, 1.0);
+    return {{prefix + "loss", loss / n},           {prefix + "rewards/chosen", rc / n},
+            {prefix + "rewards/rejected", rr / n}, {prefix + "rewards/accuracies", acc / n},
+            {prefix + "rewards/margins", margin / n}, {prefix + "logps/chosen", lpc / n},
+            {prefix + "logps/rejected", lpr / n}};
+  }
+};
+
+Tensor to_device(Backend& be, const Tensor& host) {
+  if (be.device().kind == DeviceKind::CPU) return host;
+  Tensor d = be.empty(host.shape(), host.dtype());
+  be.copy_from_host(d, host);
+  return d;
+}
+
+std::vector<double> to_host_f64(Backend& be, const Tensor& t) {
+  Tensor h = Tensor::host(t.shape(), DType::F64);
+  be.copy_to_host(h, t);
+  return std::vector<double>(h.data<double>(), h.data<double>() + h.numel());
+}
+
+// Policy log-probs of a batch; rows 0..P-1 chosen, P..2P-1 rejected.
+std::vector<double> policy_logps(GPT2& m, const Batch& b) {
+  Backend& be = m.backend();
+  Tensor seq = be.empty({b.tokens.size(0)}, m.dtype());
+  m.sequence_logprobs(to_device(be, b.tokens), to_device(be, b.keymask), to_device(be, b.targets),
+                      to_device(be, b.weights), seq);
+  return to_host_f64(be, seq);
+}
+
+std::vector<PairInput> pair_inputs(const Batch& b, const std::vector<double>& pol, const std::vector<int64_t>& idx,
+                                   const RefLogps* cached, const std::vector<double>* live) {
+  std::vector<PairInput> in(static_cast<size_t>(b.pairs));
+  for (int64_t p = 0; p < b.pairs; ++p) {
+    PairInput& x = in[static_cast<size_t>(p)];
+    x.policy_chosen = pol[static_cast<size_t>(p)];
+    x.policy_rejected = pol[static_cast<size_t>(b.pairs + p)];
+    if (cached) {
+      x.ref_chosen = cached->chosen[static_cast<size_t>(idx[p])];
+      x.ref_rejected = cached->rejected[static_cast<size_t>(idx[p])];
+    } else if (live) {
+      x.ref_chosen = (*live)[static_cast<size_t>(p)];
+      x.ref_rejected = (*live)[static_cast<size_t>(b.pairs + p)];
+    }
+    x.len_chosen = b.completion_len[static_cast<size_t>(p)];
+    x.len_rejected = b.completion_len[static_cast<size_t>(b.pairs + p)];
+    x.has_scores = b.has_scores;
+    if (b.has_scores) {
+      x.score_chosen = b.score_chosen[static_cast<size_t>(p)];
+      x.score_rejected = b.score_rejected[static_cast<size_t>(p)];
+    }
+  }
+  return in;
+}
+
+std::map<std::string, double> evaluate(GPT2& policy, GPT2* live_ref, const RefLogps* cached,
+                                       const std::vector<PreferencePair>& data, const LossConfig& lc,
+                                       int64_t batch_pairs) {
+  Window w;
+  const int64_t n = static_cast<int64_t>(data.size());
+  for (int64_t s = 0; s < n; s += batch_pairs) {
+    std::vector<int64_t> idx;
+    for (int64_t i = s; i < std::min(n, s + batch_pairs); ++i) idx.push_back(i);
+    Batch b = make_batch(data, idx, policy.dtype(), 0);
+    std::vector<double> pol = policy_logps(policy, b), live;
+    if (live_ref) live = policy_logps(*live_ref, b);
+    BatchLoss bl = batch_loss(lc, pair_inputs(b, pol, idx, cached, live_ref ? &live : nullptr), 1.0);
+    w.add(bl);
+    w.loss += bl.loss_sum;
+  }
+  return w.dpo_metrics("eval_");
+}
+
+std::string fmt(double v) {
+  char b[64];
+  std::snprintf(b, sizeof b, "%.4g", v);
+  return b;
+}
+
+}  // namespace
+
+RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& ro) {
+  const auto t0 = std::chrono::steady_clock::now();
+  validate(cfg, kind);
+  auto be = make_backend(cfg);
+  auto tok = make_tokenizer(cfg.tokenizer);
+  const DataOptions dopt = data_options(cfg);
+  std::unique_ptr<Progress> progress;
+  auto say = [&](const std::string& s) {
+    if (ro.quiet) return;
+    if (progress) progress->message(s);
+    else std::fprintf(stderr, "%s\n", s.c_str());
+  };
+
+  std::error_code ec;
+  fs::create_directories(cfg.out_dir, ec);
+  if (ec) throw InputError("key 'out_dir': cannot create " + cfg.out_dir + ": " + ec.message());
+  const std::string config_yaml = to_yaml(cfg);
+
+  auto policy = load_gpt2_checkpoint(*be, cfg.model, DType::F32);
+  check_fits(cfg, *policy, *tok, cfg.model);
+
+  // Data
+  LoadStats stats;
+  std::vector<PreferencePair> pairs;
+  std::vector<SftExample> sft;
+  if (kind == RunKind::Dpo) pairs = load_preferences(cfg.train_file, *tok, dopt, &stats);
+  else sft = load_sft(cfg.train_file, *tok, dopt, &stats);
+  say("data: " + cfg.train_file + ": " + std::to_string(stats.kept) + " records (" + std::to_string(stats.truncated) +
+      " truncated, " + std::to_string(stats.skipped) + " skipped)");
+  for (const auto& [why, n] : stats.skipped_by_reason) say("  skipped " + std::to_string(n) + ": " + why);
+  const int64_t N = kind == RunKind::Dpo ? static_cast<int64_t>(pairs.size()) : static_cast<int64_t>(sft.size());
+
+  std::vector<PreferencePair> eval_pairs;
+  if (kind == RunKind::Dpo && !cfg.eval_file.empty()) {
+    LoadStats es;
+    eval_pairs = load_preferences(cfg.eval_file, *tok, dopt, &es);
+    say("data: " + cfg.eval_file + ": " + std::to_string(es.kept) + " evaluation records");
+  }
+
+  // Reference
+  LossConfig lc;
+  std::unique_ptr<GPT2> ref;
+  RefLogps ref_train, ref_eval;
+  const bool use_ref = kind == RunKind::Dpo && !cfg.reference_free;
+  const bool cached = use_ref && cfg.precompute_ref_log_probs;
+  if (kind == RunKind::Dpo) lc = loss_config(cfg);
+  if (use_ref) {
+    const std::string ref_dir = cfg.ref_model.empty() ? cfg.model : cfg.ref_model;
+    ref = load_gpt2_checkpoint(*be, ref_dir, DType::F32);
+    check_fits(cfg, *ref, *tok, ref_dir);
+    if (cached) {
+      const std::string cache_dir = cfg.ref_cache_dir.empty() ? default_ref_cache_dir() : cfg.ref_cache_dir;
+      auto one = [&](const std::vector<PreferencePair>& d, const std::string& path) {
+        RefCacheResult r = cached_ref_logps(*ref, d, path, data_settings(cfg), cache_dir,
+                                            cfg.per_device_eval_batch_size);
+        const char* what = r.status == RefCacheResult::Status::Hit    ? "reused"
+                           : r.status == RefCacheResult::Status::Miss ? "computed"
+                                                                      : "recomputed (stale cache)";
+        say(std::string("reference log-probs for ") + path + ": " + what + " -> " + r.path +
+            (r.reason.empty() ? "" : " [" + r.reason + "]"));
+        return r.logps;
+      };
+      ref_train = one(pairs, cfg.train_file);
+      if (!eval_pairs.empty()) ref_eval = one(eval_pairs, cfg.eval_file);
+      ref.reset();  // no longer needed: frees its memory
+    }
+  }
+
+  // Optimizer and schedule
+  const int64_t per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps;
+  const int64_t steps_per_epoch = (N + per_step - 1) / per_step;
+  const int64_t total = cfg.max_steps > 0 ? cfg.max_steps : steps_per_epoch * cfg.num_train_epochs;
+  AdamW opt(*be, policy->specs(), policy->params().numel(), DType::F32, optim_config(cfg), total);
+
+  Position p;
+  if (!ro.resume.empty()) {
+    const std::string dir = resolve_resume(ro.resume, cfg.out_dir);
+    p = load_checkpoint(dir, *policy, opt, cfg);
+    say("resumed from " + dir + " at step " + std::to_string(p.step));
+  }
+  write_file_atomic((fs::path(cfg.out_dir) / "config.yaml").string(), config_yaml);
+  const std::string metrics_path = (fs::path(cfg.out_dir) / "metrics.jsonl").string();
+  if (!ro.resume.empty()) truncate_metrics(metrics_path, p.step);
+  MetricsLog log(metrics_path, !ro.resume.empty());
+  if (!ro.quiet)
+    progress = std::make_unique<Progress>(kind == RunKind::Dpo ? "dpo" : "sft", total, ro.plain_progress);
+
+  RunSummary sum;
+  std::vector<int64_t> order = epoch_order(N, static_cast<uint64_t>(cfg.seed), p.epoch);
+  Window w;
+  double w_grad_norm = 0, w_lr = 0;
+  int64_t last_saved = -1;
+  std::map<std::string, double> eval_metrics;
+  auto run_eval = [&]() {
+    if (eval_pairs.empty()) return;
+    eval_metrics = evaluate(*policy, cached ? nullptr : ref.get(), cached ? &ref_eval : nullptr, eval_pairs, lc,
+                            cfg.per_device_eval_batch_size);
+    log.write(p.step, eval_metrics);
+    say("eval step " + std::to_string(p.step) + ": loss " + fmt(eval_metrics["eval_loss"]) + ", accuracy " +
+        fmt(eval_metrics["eval_rewards/accuracies"]) + ", margin " + fmt(eval_metrics["eval_rewards/margins"]));
+  };
+
+  while (p.step < total) {
+    if (p.pos >= N) {
+      ++p.epoch;
+      p.pos = 0;
+      order = epoch_order(N, static_cast<uint64_t>(cfg.seed), p.epoch);
+    }
+    const auto ts = std::chrono::steady_clock::now();
+    const int64_t step_items = std::min(per_step, N - p.pos);
+    policy->zero_grad();
+    double step_tokens = 0;
+    if (kind == RunKind::Sft) {
+      // Normaliser: completion tokens in the whole optimizer step.
+      double norm_tokens = 0;
+      for (int64_t i = 0; i < step_items; ++i)
+        norm_tokens += static_cast<double>(sft[static_cast<size_t>(order[p.pos + i])].completion.size());
+      for (int64_t s = 0; s < step_items; s += cfg.per_device_train_batch_size) {
+        std::vector<int64_t> idx(order.begin() + p.pos + s,
+                                 order.begin() + p.pos + std::min(step_items, s + cfg.per_device_train_batch_size));
+        Batch b = make_sft_batch(sft, idx, DType::F32, 0);
+        std::vector<double> lp = policy_logps(*policy, b);
+        Tensor dseq = Tensor::host({b.tokens.size(0)}, DType::F32);
+        for (size_t r = 0; r < lp.size(); ++r) {
+          w.loss -= lp[r];
+          dseq.data<float>()[r] = static_cast<float>(-1.0 / norm_tokens);
+        }
+        policy->backward(to_device(*be, dseq));
+        step_tokens += static_cast<double>(b.tokens_total);
+      }
+      w.pairs += norm_tokens;  // SFT's loss is per completion token
+    } else {
+      const double normalizer = static_cast<double>(step_items);
+      for (int64_t s = 0; s < step_items; s += cfg.per_device_train_batch_size) {
+        std::vector<int64_t> idx(order.begin() + p.pos + s,
+                                 order.begin() + p.pos + std::min(step_items, s + cfg.per_device_train_batch_size));
+        Batch b = make_batch(pairs, idx, DType::F32, 0);
+        std::vector<double> live;
+        if (use_ref && !cached) live = policy_logps(*ref, b);
+        std::vector<double> pol = policy_logps(*policy, b);
+        BatchLoss bl = batch_loss(lc, pair_inputs(b, pol, idx, cached ? &ref_train : nullptr, use_ref && !cached ? &live : nullptr),
+                                  normalizer);
+        Tensor dseq = Tensor::host({2 * b.pairs}, DType::F32);
+        for (int64_t q = 0; q < b.pairs; ++q) {
+          dseq.data<float>()[q] = static_cast<float>(bl.d_policy_chosen[static_cast<size_t>(q)]);
+          dseq.data<float>()[b.pairs + q] = static_cast<float>(bl.d_policy_rejected[static_cast<size_t>(q)]);
+        }
+        policy->backward(to_device(*be, dseq));
+        w.add(bl);
+        w.loss += bl.loss_sum;
+        step_tokens += static_cast<double>(b.tokens_total);
+      }
+    }
+    AdamW::StepInfo info = opt.step(policy->params(), policy->grads());
+    if (info.skipped) say("step " + std::to_string(p.step + 1) + ": non-finite gradient norm; update skipped");
+    p.pos += step_items;
+    ++p.step;
+    w.tokens += step_tokens;
+    w.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
+    w_grad_norm = info.grad_norm;
+    w_lr = info.lr;
+
+    const double tps = w.seconds > 0 ? w.tokens / w.seconds : 0;
+    if (progress) {
+      const double n = std::max(w.pairs, 1.0);
+      progress->update(p.step, w.loss / n, kind == RunKind::Dpo ? w.acc / n : std::nan(""), tps, cfg.logging_steps);
+    }
+    if (p.step % cfg.logging_steps == 0 || p.step == total) {
+      std::map<std::string, double> m;
+      if (kind == RunKind::Dpo) m = w.dpo_metrics("");
+      else m = {{"loss", w.loss / std::max(w.pairs, 1.0)}};
+      m["grad_norm"] = w_grad_norm;
+      m["learning_rate"] = w_lr;
+      m["epoch"] = static_cast<double>(p.epoch) + static_cast<double>(p.pos) / static_cast<double>(N);
+      m["tokens_per_second"] = tps;
+      log.write(p.step, m);
+      sum.last_log = m;
+      w = Window{};
+    }
+    if (cfg.eval_steps > 0 && p.step % cfg.eval_steps == 0 && p.step < total) run_eval();
+    if (cfg.save_steps > 0 && p.step % cfg.save_steps == 0) {
+      write_checkpoint(cfg.out_dir, *policy, opt, p, config_yaml, cfg.save_total_limit);
+      last_saved = p.step;
+    }
+  }
+  if (progress) progress->finish();
+  run_eval();
+  if (last_saved != p.step) write_checkpoint(cfg.out_dir, *policy, opt, p, config_yaml, cfg.save_total_limit);
+  sum.steps = p.step;
+  sum.final_checkpoint = (fs::path(cfg.out_dir) / "checkpoints" / ("step-" + std::to_string(p.step))).string();
+  sum.eval = eval_metrics;
+  sum.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return sum;
+}
+
+std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::string& checkpoint) {
+  auto be = make_backend(cfg);
+  auto tok = make_tokenizer(cfg.tokenizer);
+  auto policy = load_gpt2_checkpoint(*be, checkpoint, DType::F32);
+  check_fits(cfg, *policy, *tok, checkpoint);
+  const std::string path = cfg.eval_file.empty() ? cfg.train_file : cfg.eval_file;
+  LoadStats st;
+  auto data = load_preferences(path, *tok, data_options(cfg), &st);
+  LossConfig lc = loss_config(cfg);
+  std::unique_ptr<GPT2> ref;
+  if (!cfg.reference_free) {
+    const std::string ref_dir = cfg.ref_model.empty() ? cfg.model : cfg.ref_model;
+    ref = load_gpt2_checkpoint(*be, ref_dir, DType::F32);
+  }
+  return evaluate(*policy, ref.get(), nullptr, data, lc, cfg.per_device_eval_batch_size);
+}
+
+}  // namespace dpo
