@@ -165,7 +165,7 @@ TEST(SentimentCorpus, DeterministicForASeedAndDifferentForAnother) {
   const std::vector<std::pair<std::string, std::string>> expected = {
       {"the plot felt", " silly and i loathed it ."},
       {"the music was", " silly ."},
-      {"this movie is", " truly funny and i loved it ."}};
+      {"this movie is", " quite funny and i loved it ."}};
   EXPECT_EQ(pinned, expected);
   EXPECT_EQ(make_sft_corpus(SentimentCorpusOptions{0, 0, 1}).size(), 0u);
 }

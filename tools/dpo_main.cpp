@@ -9,6 +9,7 @@
 #include "model/checkpoint.h"
 #include "runtime/backend.h"
 #include "train/config.h"
+#include "train/demo.h"
 #include "train/sample.h"
 #include "train/tokenizer.h"
 #include "train/trainer.h"
@@ -173,6 +174,15 @@ int main(int argc, char** argv) {
   sample->add_option("--max-new-tokens", sa.opt.max_new_tokens, "tokens to generate")->capture_default_str();
   sample->add_option("--seed", sa.seed, "sampling seed")->capture_default_str();
 
+  dpo::DemoOptions demo_opt;
+  auto* demo = app.add_subcommand("demo", "Built-in offline task: SFT, preference pairs from a known reward, DPO, report");
+  demo->add_option("--out,-o", demo_opt.out_dir, "output directory")->required();
+  demo->add_option("--betas", demo_opt.betas, "DPO beta values (one DPO run each)")->delimiter(',')->capture_default_str();
+  demo->add_option("--seed", demo_opt.seed, "seed for the corpus, initialisation and sampling")->capture_default_str();
+  demo->add_option("--threads", demo_opt.num_threads, "CPU threads; 0 = OpenMP default")->capture_default_str();
+  demo->add_flag("--quick", demo_opt.quick, "a much smaller run (seconds): a smoke test, not a result");
+  demo->add_flag("--plain", demo_opt.plain_progress, "plain progress lines even on a terminal");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -193,6 +203,10 @@ int main(int argc, char** argv) {
     if (*sftc) return cmd_train(sft_args, dpo::RunKind::Sft);
     if (*evalc) return cmd_eval(eval_args, eval_ckpt);
     if (*sample) return cmd_sample(sa);
+    if (*demo) {
+      dpo::run_demo(demo_opt);
+      return 0;
+    }
   } catch (const dpo::InputError& e) {
     std::fprintf(stderr, "dpo: error: %s\n", e.what());
     return 2;

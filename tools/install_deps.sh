@@ -10,7 +10,7 @@ PKGS=(
   libyaml-cpp-dev        # YAML configs
   nlohmann-json3-dev     # JSON (safetensors headers, config.json, metrics)
   libcli11-dev           # command line
-  libopenblas-dev        # CBLAS for the CPU matmuls
+  libopenblas-openmp-dev # CBLAS for the CPU matmuls, OpenMP build (shares our thread pool)
   libgtest-dev           # GoogleTest
   libopenmpi-dev openmpi-bin   # MPI (CPU data-parallel backend, NCCL bootstrap)
   libcairo2-dev fonts-dejavu-core   # PNG charts (train/plot.cpp) and their font

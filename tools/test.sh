@@ -19,6 +19,8 @@ for a in "$@"; do
 done
 
 jobs=$(nproc)
+# Tests run several OpenMP processes at once on few cores: spinning worker threads would starve each other.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
 tools/install_deps.sh
 
 echo "== build (release)"

@@ -28,7 +28,7 @@ const std::vector<std::string> kNegativeAdjectives = {"awful", "bad",   "bland",
                                                       "stale", "tedious", "terrible", "weak"};
 const std::vector<std::string> kPositiveVerbs = {"adored", "enjoyed", "liked", "loved"};
 const std::vector<std::string> kNegativeVerbs = {"disliked", "hated", "loathed", "regretted"};
-const std::vector<std::string> kIntensifiers = {"quite", "really", "so", "too", "truly", "very"};
+const std::vector<std::string> kIntensifiers = {"quite", "really", "so", "truly", "very"};
 const std::vector<std::string> kNeutralAdjectives = {"different", "familiar", "long",   "loud",
                                                      "quiet",     "serious",  "short",  "simple"};
 const std::vector<std::string> kFillers = {"at first", "at times", "for me", "in places", "overall", "to me"};

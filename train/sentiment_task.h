@@ -14,12 +14,12 @@
 //               e.g. " not very funny .", " superb and i loved it .", " dull but quite short .",
 //                    " really brilliant to me ."
 //               Completions start with a space (the prompt has none at its end) and end in " .";
-//               4..48 bytes, typically 10..30 (kMaxCompletionBytes bounds every generated completion).
+//               6..48 bytes, mean about 19, 90% at most 29 (kMaxCompletionBytes bounds every one).
 //
 // The ground-truth reward, sentiment_reward(completion), exactly:
 //   1. Words are the maximal runs of ASCII letters, case-folded to lowercase. Every other byte (space,
-//      punctuation, digit, non-ASCII) separates words; so "great." and "GREAT" are the word "great", while
-//      "greatness" and "great-ish" are not "great" ("great-ish" is the words "great" and "ish": it counts).
+//      punctuation, digit, non-ASCII) separates words: "great." and "GREAT" are the word "great";
+//      "greatness" is not "great"; "great-ish" is the two words "great" and "ish", so it counts.
 //   2. Each word of positive_words() scores +1, each word of negative_words() scores -1; all others score 0.
 //   3. Negation: the word "not" flips the sign of the next sentiment word if only intensifiers() lie between
 //      them ("not great" = -1, "not very good" = -1, "not bad" = +1). If any other word comes first, or
@@ -71,7 +71,8 @@ struct SentimentCorpusOptions {
 
 // n_train (prompt, completion) pairs: prompts from the train set (balanced: each used floor or ceil of
 // n_train / 39 times, order shuffled), each completion positive with probability positive_fraction,
-// else negative. Deterministic in the options. Throws InputError for n_train < 0 or a fraction outside [0, 1].
+// else negative. Deterministic in the options. Throws InputError for n_train or n_eval < 0, or a fraction
+// outside [0, 1] (all four generators check the options the same way).
 std::vector<std::pair<std::string, std::string>> make_sft_corpus(const SentimentCorpusOptions& opts);
 
 // n_train prompts from the train set / n_eval prompts from the eval set (balanced as above; disjoint sets),

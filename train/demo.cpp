@@ -1,0 +1,381 @@
+#include "train/demo.h"
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "model/checkpoint.h"
+#include "runtime/safetensors.h"
+#include "train/data.h"
+#include "train/plot.h"
+#include "train/sample.h"
+#include "train/sentiment_task.h"
+#include "train/tokenizer.h"
+#include "train/trainer.h"
+
+namespace dpo {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+struct Sizes {
+  int64_t n_layer, n_embd, n_head, sft_examples, sft_epochs, pair_prompts, eval_prompts, eval_samples_per_prompt,
+      eval_pairs_prompts, dpo_epochs;
+};
+
+Sizes sizes(bool quick) {
+  if (quick) return {2, 32, 2, 400, 1, 60, 9, 2, 20, 1};
+  return {4, 96, 4, 6000, 2, 1200, 9, 24, 200, 2};
+}
+
+std::string fmt(double v, int prec = 3) {
+  std::ostringstream s;
+  s.setf(std::ios::fixed);
+  s.precision(prec);
+  s << v;
+  return s.str();
+}
+
+// Sequence log-probs of completions under `m` (rows: prompt + completion, weights on the completion).
+std::vector<double> completion_logps(GPT2& m, const std::vector<SftExample>& ex, int64_t batch) {
+  std::vector<double> out(ex.size());
+  const int64_t n = static_cast<int64_t>(ex.size());
+  for (int64_t s = 0; s < n; s += batch) {
+    std::vector<int64_t> idx;
+    for (int64_t i = s; i < std::min(n, s + batch); ++i) idx.push_back(i);
+    Batch b = make_sft_batch(ex, idx, m.dtype(), 0);
+    Tensor seq = Tensor::host({b.tokens.size(0)}, m.dtype());
+    m.sequence_logprobs(b.tokens, b.keymask, b.targets, b.weights, seq);
+    for (size_t r = 0; r < idx.size(); ++r) out[static_cast<size_t>(idx[r])] = seq.data<float>()[r];
+  }
+  return out;
+}
+
+struct Samples {
+  std::vector<std::string> prompts, completions;  // completion text without EOS
+  std::vector<SftExample> examples;               // token form, completion with EOS when generated
+};
+
+Samples sample_from(GPT2& m, const Tokenizer& tok, const std::vector<std::string>& prompts, uint64_t seed,
+                    int64_t batch) {
+  Samples s;
+  SampleOptions so;
+  so.temperature = 1.0;  // exact samples of the policy: the KL estimate needs them
+  so.max_new_tokens = kMaxCompletionBytes + 1;
+  so.eos_id = tok.eos_id();
+  Rng rng(seed);
+  for (size_t start = 0; start < prompts.size(); start += static_cast<size_t>(batch)) {
+    std::vector<std::vector<int32_t>> ids;
+    const size_t end = std::min(prompts.size(), start + static_cast<size_t>(batch));
+    for (size_t i = start; i < end; ++i) ids.push_back(tok.encode(prompts[i]));
+    auto outs = generate(m, ids, so, rng);
+    for (size_t i = 0; i < outs.size(); ++i) {
+      std::vector<int32_t> text;
+      for (int32_t t : outs[i])
+        if (t != tok.eos_id()) text.push_back(t);
+      s.prompts.push_back(prompts[start + i]);
+      s.completions.push_back(tok.decode(text));
+      SftExample e;
+      e.prompt = ids[i];
+      e.completion = outs[i];
+      if (e.completion.empty()) e.completion.push_back(tok.eos_id());
+      s.examples.push_back(std::move(e));
+    }
+  }
+  return s;
+}
+
+struct PolicyEval {
+  double reward_mean = 0, reward_sem = 0, kl = 0, kl_sem = 0, grammatical = 0;
+  std::vector<std::string> examples;
+};
+
+PolicyEval evaluate_policy(GPT2& policy, GPT2& sft, const Tokenizer& tok, const std::vector<std::string>& prompts,
+                           uint64_t seed) {
+  Samples s = sample_from(policy, tok, prompts, seed, 64);
+  std::vector<double> lp = completion_logps(policy, s.examples, 64), lq = completion_logps(sft, s.examples, 64);
+  PolicyEval e;
+  const double n = static_cast<double>(s.completions.size());
+  double r2 = 0, k2 = 0;
+  for (size_t i = 0; i < s.completions.size(); ++i) {
+    const double r = sentiment_reward(s.completions[i]);
+    const double k = lp[i] - lq[i];
+    e.reward_mean += r / n;
+    r2 += r * r / n;
+    e.kl += k / n;
+    k2 += k * k / n;
+    e.grammatical += is_grammatical_completion(s.completions[i]) ? 1.0 / n : 0.0;
+    if (i < 8) e.examples.push_back(s.prompts[i] + s.completions[i]);
+  }
+  e.reward_sem = std::sqrt(std::max(0.0, r2 - e.reward_mean * e.reward_mean) / n);
+  e.kl_sem = std::sqrt(std::max(0.0, k2 - e.kl * e.kl) / n);
+  return e;
+}
+
+// Pairs from SFT samples labelled by the ground-truth reward; ties are dropped (and counted). Pairs are kept in
+// token form: a sampled completion need not be valid UTF-8, so it cannot always be written as JSON text.
+struct TokenPair {
+  std::vector<int32_t> prompt, chosen, rejected;
+  double score_chosen = 0, score_rejected = 0;
+};
+
+std::vector<TokenPair> label_pairs(const Samples& s, int64_t* ties) {
+  std::vector<TokenPair> out;
+  for (size_t i = 0; i + 1 < s.completions.size(); i += 2) {
+    const double ra = sentiment_reward(s.completions[i]), rb = sentiment_reward(s.completions[i + 1]);
+    if (ra == rb) {
+      ++*ties;
+      continue;
+    }
+    const size_t w = ra > rb ? i : i + 1, l = ra > rb ? i + 1 : i;
+    TokenPair p;
+    p.prompt = s.examples[i].prompt;
+    p.chosen = s.examples[w].completion;
+    p.rejected = s.examples[l].completion;
+    p.score_chosen = std::max(ra, rb);
+    p.score_rejected = std::min(ra, rb);
+    out.push_back(std::move(p));
+  }
+  return out;
+}
+
+void write_token_pairs(const std::string& path, const std::vector<TokenPair>& pairs) {
+  std::string text;
+  for (const auto& p : pairs) {
+    json j = {{"prompt_ids", p.prompt},         {"chosen_ids", p.chosen},          {"rejected_ids", p.rejected},
+              {"score_chosen", p.score_chosen}, {"score_rejected", p.score_rejected}};
+    text += j.dump() + "\n";
+  }
+  write_file_atomic(path, text);
+}
+
+std::vector<std::map<std::string, double>> read_metrics(const std::string& path) {
+  std::vector<std::map<std::string, double>> out;
+  std::ifstream f(path);
+  std::string line;
+  while (std::getline(f, line)) {
+    json j = json::parse(line);
+    std::map<std::string, double> m;
+    for (auto it = j.begin(); it != j.end(); ++it)
+      if (it.value().is_number()) m[it.key()] = it.value().get<double>();
+    out.push_back(m);
+  }
+  return out;
+}
+
+Series curve(const std::vector<std::map<std::string, double>>& rows, const std::string& key, const std::string& label) {
+  Series s;
+  s.label = label;
+  for (const auto& r : rows) {
+    auto it = r.find(key);
+    if (it == r.end()) continue;
+    s.x.push_back(r.at("step"));
+    s.y.push_back(it->second);
+  }
+  return s;
+}
+
+}  // namespace
+
+std::string run_demo(const DemoOptions& opt) {
+  const auto t0 = std::chrono::steady_clock::now();
+  if (opt.out_dir.empty()) throw InputError("--out is required");
+  if (opt.betas.empty()) throw InputError("--betas needs at least one value");
+  for (double b : opt.betas)
+    if (!(b > 0) || !std::isfinite(b)) throw InputError("--betas: every beta must be > 0, got " + std::to_string(b));
+  const Sizes z = sizes(opt.quick);
+  const fs::path out = opt.out_dir;
+  std::error_code ec;
+  fs::create_directories(out / "data", ec);
+  if (ec) throw InputError("--out: cannot create " + out.string() + ": " + ec.message());
+  auto say = [&](const std::string& s) { std::fprintf(stderr, "[demo] %s\n", s.c_str()); };
+  auto elapsed = [&]() { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
+  auto tok = make_tokenizer("byte");
+
+  // (a) corpus
+  SentimentCorpusOptions co;
+  co.n_train = z.sft_examples;
+  co.n_eval = 0;
+  co.seed = opt.seed;
+  write_sft_jsonl((out / "data/sft.jsonl").string(), make_sft_corpus(co));
+  say("(a) corpus: " + std::to_string(z.sft_examples) + " SFT examples -> " + (out / "data/sft.jsonl").string());
+
+  // (b) SFT from a random init
+  {
+    auto be = make_cpu_backend(static_cast<int>(opt.num_threads));
+    GPT2Config c;
+    c.vocab_size = tok->vocab_size();
+    c.max_seq_len = 80;  // prompts <= 24 bytes + completions <= 48 bytes + EOS
+    c.n_layer = z.n_layer;
+    c.n_embd = z.n_embd;
+    c.n_head = z.n_head;
+    GPT2 m(*be, c, DType::F32);
+    Rng rng(opt.seed);
+    m.init_random(rng);
+    save_gpt2_checkpoint(m, (out / "init").string());
+  }
+  TrainConfig base;
+  base.max_length = 80;
+  base.max_prompt_length = kMaxPromptBytes + 1;
+  base.seed = static_cast<int64_t>(opt.seed);
+  base.num_threads = opt.num_threads;
+  base.ref_cache_dir = (out / "ref_cache").string();
+  base.logging_steps = 10;
+  RunOptions ro;
+  ro.plain_progress = opt.plain_progress;
+
+  TrainConfig sft = base;
+  sft.model = (out / "init").string();
+  sft.train_file = (out / "data/sft.jsonl").string();
+  sft.out_dir = (out / "sft").string();
+  sft.learning_rate = 2e-3;
+  sft.lr_scheduler_type = "cosine";
+  sft.warmup_steps = 20;
+  sft.weight_decay = 0.01;
+  sft.per_device_train_batch_size = 32;
+  sft.num_train_epochs = z.sft_epochs;
+  say("(b) SFT of a GPT-2 (" + std::to_string(z.n_layer) + " layers, width " + std::to_string(z.n_embd) + ")");
+  RunSummary sft_run = run_training(sft, RunKind::Sft, ro);
+  const std::string sft_ckpt = sft_run.final_checkpoint;
+
+  // (c) pairs from SFT samples, labelled by the ground-truth reward
+  auto be = make_cpu_backend(static_cast<int>(opt.num_threads));
+  auto sft_model = load_gpt2_checkpoint(*be, sft_ckpt, DType::F32);
+  std::vector<std::string> pair_prompts;
+  {
+    SentimentCorpusOptions po = co;
+    po.n_train = z.pair_prompts;
+    po.n_eval = z.eval_pairs_prompts;
+    for (const auto& p : train_prompts(po)) {
+      pair_prompts.push_back(p);
+      pair_prompts.push_back(p);  // two samples per prompt make one candidate pair
+    }
+    int64_t ties = 0;
+    Samples s = sample_from(*sft_model, *tok, pair_prompts, opt.seed + 1, 64);
+    auto pairs = label_pairs(s, &ties);
+    write_token_pairs((out / "data/pairs_train.jsonl").string(), pairs);
+    std::vector<std::string> eval_pp;
+    for (const auto& p : eval_prompts(po)) {
+      eval_pp.push_back(p);
+      eval_pp.push_back(p);
+    }
+    int64_t eval_ties = 0;
+    auto eval_pairs = label_pairs(sample_from(*sft_model, *tok, eval_pp, opt.seed + 2, 64), &eval_ties);
+    write_token_pairs((out / "data/pairs_eval.jsonl").string(), eval_pairs);
+    say("(c) pairs: " + std::to_string(pairs.size()) + " train, " + std::to_string(eval_pairs.size()) +
+        " held-out (ties dropped: " + std::to_string(ties + eval_ties) + ")");
+  }
+
+  // Held-out prompts for (e): the eval prompt set, each repeated.
+  std::vector<std::string> eval_prompts_rep;
+  for (const auto& p : eval_prompt_set())
+    for (int64_t k = 0; k < z.eval_samples_per_prompt; ++k) eval_prompts_rep.push_back(p);
+  PolicyEval sft_eval = evaluate_policy(*sft_model, *sft_model, *tok, eval_prompts_rep, opt.seed + 3);
+  say("(e) SFT policy: reward " + fmt(sft_eval.reward_mean) + " +- " + fmt(sft_eval.reward_sem));
+
+  // (d) DPO per beta, (e) evaluation
+  json runs = json::array();
+  std::vector<Chart> curves;
+  Series frontier;
+  frontier.label = "DPO (beta)";
+  frontier.style = Series::Style::LinePoints;
+  json best;
+  for (double beta : opt.betas) {
+    TrainConfig d = base;
+    d.model = sft_ckpt;
+    d.train_file = (out / "data/pairs_train.jsonl").string();
+    d.eval_file = (out / "data/pairs_eval.jsonl").string();
+    std::ostringstream name;
+    name << "dpo_beta_" << beta;
+    d.out_dir = (out / name.str()).string();
+    d.beta = beta;
+    d.learning_rate = 1e-3;
+    d.warmup_steps = 10;
+    d.per_device_train_batch_size = 16;
+    d.gradient_accumulation_steps = 2;
+    d.num_train_epochs = z.dpo_epochs;
+    d.eval_steps = 20;
+    say("(d) DPO with beta " + fmt(beta, 3));
+    RunSummary r = run_training(d, RunKind::Dpo, ro);
+    auto pol = load_gpt2_checkpoint(*be, r.final_checkpoint, DType::F32);
+    PolicyEval e = evaluate_policy(*pol, *sft_model, *tok, eval_prompts_rep, opt.seed + 3);
+    say("(e) DPO beta " + fmt(beta, 3) + ": reward " + fmt(e.reward_mean) + " +- " + fmt(e.reward_sem) + ", KL " +
+        fmt(e.kl) + " +- " + fmt(e.kl_sem) + ", held-out implicit accuracy " +
+        fmt(r.eval.count("eval_rewards/accuracies") ? r.eval.at("eval_rewards/accuracies") : NAN));
+    json j = {{"beta", beta},
+              {"reward_mean", e.reward_mean},
+              {"reward_sem", e.reward_sem},
+              {"kl", e.kl},
+              {"kl_sem", e.kl_sem},
+              {"grammatical_fraction", e.grammatical},
+              {"implicit_reward_accuracy", r.eval.count("eval_rewards/accuracies") ? r.eval.at("eval_rewards/accuracies") : NAN},
+              {"eval_loss", r.eval.count("eval_loss") ? r.eval.at("eval_loss") : NAN},
+              {"checkpoint", r.final_checkpoint},
+              {"samples", e.examples}};
+    runs.push_back(j);
+    frontier.x.push_back(e.kl);
+    frontier.y.push_back(e.reward_mean);
+    if (best.is_null() || std::fabs(beta - 0.1) < std::fabs(best["beta"].get<double>() - 0.1)) best = j;
+    auto rows = read_metrics(d.out_dir + "/metrics.jsonl");
+    Chart c1{"DPO beta " + fmt(beta, 2) + ": loss", "step", "loss", {curve(rows, "loss", "train"), curve(rows, "eval_loss", "held-out")}};
+    Chart c2{"DPO beta " + fmt(beta, 2) + ": implicit reward", "step", "reward", {curve(rows, "rewards/chosen", "chosen"), curve(rows, "rewards/rejected", "rejected"), curve(rows, "rewards/margins", "margin")}};
+    Chart c3{"DPO beta " + fmt(beta, 2) + ": preference accuracy", "step", "accuracy", {curve(rows, "rewards/accuracies", "train"), curve(rows, "eval_rewards/accuracies", "held-out")}};
+    curves.push_back(c1);
+    curves.push_back(c2);
+    curves.push_back(c3);
+  }
+  auto sft_rows = read_metrics(sft.out_dir + "/metrics.jsonl");
+  curves.insert(curves.begin(), Chart{"SFT: loss (NLL per token)", "step", "loss", {curve(sft_rows, "loss", "train")}});
+  write_png_grid(curves, 3, (out / "training_curves.png").string());
+  Series sft_point;
+  sft_point.label = "SFT";
+  sft_point.style = Series::Style::Points;
+  sft_point.x = {0.0};
+  sft_point.y = {sft_eval.reward_mean};
+  write_png(Chart{"Ground-truth reward against KL(policy || SFT)", "KL (nats per completion)", "mean reward", {sft_point, frontier}},
+            (out / "reward_vs_kl.png").string());
+
+  json report = {{"task", "synthetic controlled sentiment (byte-level GPT-2)"},
+                 {"seed", opt.seed},
+                 {"quick", opt.quick},
+                 {"sft", {{"reward_mean", sft_eval.reward_mean}, {"reward_sem", sft_eval.reward_sem}, {"kl", 0.0},
+                          {"grammatical_fraction", sft_eval.grammatical}, {"checkpoint", sft_ckpt},
+                          {"samples", sft_eval.examples}}},
+                 {"dpo", best},
+                 {"runs", runs},
+                 {"eval_samples", eval_prompts_rep.size()},
+                 {"seconds", elapsed()}};
+  const std::string report_path = (out / "report.json").string();
+  write_file_atomic(report_path, report.dump(2) + "\n");
+
+  std::ostringstream md;
+  md << "# dpo demo report\n\n"
+     << "Synthetic controlled-sentiment task, byte-level GPT-2 (" << z.n_layer << " layers, width " << z.n_embd
+     << "), seed " << opt.seed << (opt.quick ? ", quick mode" : "") << ". Evaluated on " << eval_prompts_rep.size()
+     << " samples from held-out prompts. KL is the sequence-level KL(policy || SFT) estimated from policy samples "
+        "(nats per completion); +- is one standard error.\n\n"
+     << "| policy | beta | mean reward | KL | implicit-reward accuracy (held-out pairs) | grammatical |\n"
+     << "|---|---|---|---|---|---|\n"
+     << "| SFT | - | " << fmt(sft_eval.reward_mean) << " +- " << fmt(sft_eval.reward_sem) << " | 0 | - | "
+     << fmt(sft_eval.grammatical) << " |\n";
+  for (const auto& r : runs)
+    md << "| DPO | " << r["beta"].get<double>() << " | " << fmt(r["reward_mean"].get<double>()) << " +- "
+       << fmt(r["reward_sem"].get<double>()) << " | " << fmt(r["kl"].get<double>()) << " +- "
+       << fmt(r["kl_sem"].get<double>()) << " | " << fmt(r["implicit_reward_accuracy"].get<double>()) << " | "
+       << fmt(r["grammatical_fraction"].get<double>()) << " |\n";
+  md << "\nSFT samples:\n\n";
+  for (const auto& s : sft_eval.examples) md << "    " << s << "\n";
+  md << "\nDPO samples (beta " << best["beta"].get<double>() << "):\n\n";
+  for (const auto& s : best["samples"]) md << "    " << s.get<std::string>() << "\n";
+  md << "\nPlots: training_curves.png, reward_vs_kl.png. Total time " << fmt(elapsed(), 1) << " s.\n";
+  write_file_atomic((out / "report.md").string(), md.str());
+  std::printf("%s", md.str().c_str());
+  return report_path;
+}
+
+}  // namespace dpo
