@@ -180,7 +180,6 @@ int main(int argc, char** argv) {
   demo->add_option("--betas", demo_opt.betas, "DPO beta values (one DPO run each)")->delimiter(',')->capture_default_str();
   demo->add_option("--seed", demo_opt.seed, "seed for the corpus, initialisation and sampling")->capture_default_str();
   demo->add_option("--threads", demo_opt.num_threads, "CPU threads; 0 = OpenMP default")->capture_default_str();
-  demo->add_flag("--quick", demo_opt.quick, "a much smaller run (seconds): a smoke test, not a result");
   demo->add_flag("--plain", demo_opt.plain_progress, "plain progress lines even on a terminal");
 
   try {

@@ -4,7 +4,8 @@
 #   2. configures and builds everything (the CUDA part too when nvcc is on PATH; it compiles here even where
 #      nothing can run it),
 #   3. runs every ctest test (CUDA tests skip with a reason on a machine without a GPU),
-#   4. builds again with AddressSanitizer + UndefinedBehaviorSanitizer (CPU only) and runs the CPU tests under it.
+#   4. builds again with AddressSanitizer + UndefinedBehaviorSanitizer (CPU only) and runs the CPU tests under it
+#      (label `cpu`; the `slow` end-to-end demo test runs only in step 3).
 # Usage: tools/test.sh [--no-sanitize]      Build trees: build/ and build-asan/.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -15,9 +15,8 @@ namespace dpo {
 
 struct DemoOptions {
   std::string out_dir;
-  std::vector<double> betas = {0.1};
+  std::vector<double> betas = {0.1, 0.5};
   uint64_t seed = 1;
-  bool quick = false;  // smaller everything: a smoke run for tests (minutes -> seconds)
   int64_t num_threads = 0;
   bool plain_progress = false;
 };
