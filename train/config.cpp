@@ -2,6 +2,7 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include <charconv>
 #include <cmath>
 #include <functional>
 #include <sstream>
@@ -99,10 +100,17 @@ std::vector<T> as_list(const YAML::Node& n, F one) {
     #f, Kind::Int, help, [](TrainConfig& c, const YAML::Node& n) { c.f = as_int(n); },                    \
         [](const TrainConfig& c) { return YAML::Node(c.f); }                                             \
   }
+// Shortest text that reads back as the same double (0.1, not 0.10000000000000001).
+YAML::Node double_node(double v) {
+  char buf[64];
+  auto r = std::to_chars(buf, buf + sizeof buf, v);
+  return YAML::Node(std::string(buf, r.ptr));
+}
+
 #define DOUBLE_KEY(f, help)                                                                              \
   Key {                                                                                                  \
     #f, Kind::Double, help, [](TrainConfig& c, const YAML::Node& n) { c.f = as_double(n); },              \
-        [](const TrainConfig& c) { return YAML::Node(c.f); }                                             \
+        [](const TrainConfig& c) { return double_node(c.f); }                                            \
   }
 #define BOOL_KEY(f, help)                                                                                \
   Key {                                                                                                  \
@@ -135,7 +143,11 @@ const std::vector<Key>& keys() {
           [](const TrainConfig& c) { return YAML::Node(c.loss_type); }},
       Key{"loss_weights", Kind::DoubleList, "weights of the loss_type list; empty = 1 each",
           [](TrainConfig& c, const YAML::Node& n) { c.loss_weights = as_list<double>(n, as_double); },
-          [](const TrainConfig& c) { return YAML::Node(c.loss_weights); }},
+          [](const TrainConfig& c) {
+            YAML::Node n(YAML::NodeType::Sequence);
+            for (double w : c.loss_weights) n.push_back(double_node(w));
+            return n;
+          }},
       DOUBLE_KEY(beta, "KL strength beta (> 0); IPO's tau"),
       DOUBLE_KEY(label_smoothing, "epsilon of robust / cdpo, in [0, 0.5)"),
       BOOL_KEY(ipo_length_normalize, "IPO on per-token mean log-ratios"),
@@ -184,6 +196,14 @@ const Key* find_key(const std::string& name) {
 }
 
 [[noreturn]] void unknown_key(const std::string& where, const std::string& name) {
+  // Names users bring from other trainers.
+  static const std::pair<const char*, const char*> aliases[] = {
+      {"lr", "learning_rate"},           {"batch_size", "per_device_train_batch_size"},
+      {"epochs", "num_train_epochs"},    {"grad_accum", "gradient_accumulation_steps"},
+      {"warmup", "warmup_steps"},        {"loss", "loss_type"},
+      {"eval_batch_size", "per_device_eval_batch_size"}, {"output_dir", "out_dir"}};
+  for (const auto& [a, k] : aliases)
+    if (name == a) throw InputError(where + ": unknown key '" + name + "' (did you mean '" + k + "'?)");
   std::string best;
   size_t best_d = 4;  // suggest only close matches
   for (const auto& k : keys()) {
