@@ -315,3 +315,23 @@ TEST(Trainer, DpoImprovesPreferenceAccuracyOnHeldInPairs) {
 
 }  // namespace
 }  // namespace dpo
+
+namespace dpo {
+namespace {
+
+TEST(Trainer, EvalCommandAgreesWithEvaluationDuringTraining) {
+  Workdir w;
+  setup(w);
+  TrainConfig c = base_config(w, "ev");
+  c.eval_file = w / "pref.jsonl";
+  RunSummary r = run_training(c, RunKind::Dpo, quiet());
+  // `dpo eval` runs the reference live; training used cached reference log-probs from other batches, so only
+  // float rounding separates them.
+  auto m = run_evaluation(c, r.final_checkpoint);
+  for (const char* k : {"eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_logps/chosen"})
+    EXPECT_NEAR(m.at(k), r.eval.at(k), 1e-4) << k;
+  EXPECT_GT(std::fabs(m.at("eval_rewards/margins")), 1e-3);  // the policy moved: not a trivial agreement at 0
+}
+
+}  // namespace
+}  // namespace dpo
