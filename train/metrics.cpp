@@ -54,8 +54,10 @@ void Progress::update(int64_t step, double loss, double accuracy, double tps, in
   const double per_step = elapsed / static_cast<double>(std::max<int64_t>(1, step - start_step_));
   const double eta = per_step * static_cast<double>(total_ - step);
   char buf[256];
-  std::snprintf(buf, sizeof buf, "%s step %lld/%lld  loss %.4f  acc %.3f  %.0f tok/s  ETA %s", label_.c_str(),
-                static_cast<long long>(step), static_cast<long long>(total_), loss, accuracy, tps,
+  char acc[32] = "";
+  if (std::isfinite(accuracy)) std::snprintf(acc, sizeof acc, "  acc %.3f", accuracy);  // DPO only
+  std::snprintf(buf, sizeof buf, "%s step %lld/%lld  loss %.4f%s  %.0f tok/s  ETA %s", label_.c_str(),
+                static_cast<long long>(step), static_cast<long long>(total_), loss, acc, tps,
                 fmt_duration(eta).c_str());
   if (live_) {
     std::fprintf(stderr, "\r\033[K%s", buf);
