@@ -89,14 +89,7 @@ void expect_float_close(const std::vector<float>& f, const std::vector<double>& 
   EXPECT_LT(max_rel_err(to_double(f), d), kFloatTol) << what;
 }
 
-class ThreadCount {
- public:
-  explicit ThreadCount(int n) : saved_(omp_get_max_threads()) { omp_set_num_threads(n); }
-  ~ThreadCount() { omp_set_num_threads(saved_); }
-
- private:
-  int saved_;
-};
+using dpo::test::ThreadCount;
 
 std::vector<int32_t> random_tokens(std::mt19937_64& g, size_t n, int32_t lo, int32_t hi) {
   std::uniform_int_distribution<int32_t> d(lo, hi - 1);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <cstdint>
@@ -63,6 +64,18 @@ inline double max_rel_err(const std::vector<double>& a, const std::vector<double
   }
   return err / scale;
 }
+
+// Sets the OpenMP thread count for a scope (determinism tests run the same kernel at several counts).
+class ThreadCount {
+ public:
+  explicit ThreadCount(int n) : saved_(omp_get_max_threads()) { omp_set_num_threads(n); }
+  ~ThreadCount() { omp_set_num_threads(saved_); }
+  ThreadCount(const ThreadCount&) = delete;
+  ThreadCount& operator=(const ThreadCount&) = delete;
+
+ private:
+  int saved_;
+};
 
 inline double dot(const std::vector<double>& a, const std::vector<double>& b) {
   double s = 0;
