@@ -8,6 +8,7 @@
 
 #include "model/checkpoint.h"
 #include "runtime/backend.h"
+#include "runtime/comm.h"
 #include "train/config.h"
 #include "train/demo.h"
 #include "train/sample.h"
@@ -17,6 +18,15 @@
 namespace {
 
 constexpr const char* kVersion = "0.1.0";
+
+// Under mpirun/srun only rank 0 prints results (every rank computes them).
+bool prints() { return dpo::launcher_rank() <= 0; }
+
+// " (rank R)" when started by a launcher, for error messages.
+std::string rank_tag() {
+  const int r = dpo::launcher_rank();
+  return r >= 0 && dpo::launcher_size() > 1 ? " (rank " + std::to_string(r) + ")" : "";
+}
 
 int cmd_info(const std::string& dir) {
   auto be = dpo::make_cpu_backend();
@@ -77,6 +87,7 @@ int cmd_train(const TrainArgs& a, dpo::RunKind kind) {
   ro.resume = a.resume;
   ro.plain_progress = a.plain;
   dpo::RunSummary s = dpo::run_training(cfg, kind, ro);
+  if (!prints()) return 0;
   std::printf("done: %lld steps in %.1f s; checkpoint %s\n", static_cast<long long>(s.steps), s.seconds,
               s.final_checkpoint.c_str());
   print_metrics(s.last_log);
@@ -93,7 +104,8 @@ int cmd_eval(const TrainArgs& a, const std::string& checkpoint) {
   // eval needs no out_dir; a placeholder keeps validation uniform.
   ov.insert(ov.begin(), "out_dir=.");
   dpo::TrainConfig cfg = dpo::load_train_config(a.config, ov, dpo::RunKind::Dpo);
-  print_metrics(dpo::run_evaluation(cfg, checkpoint));
+  auto m = dpo::run_evaluation(cfg, checkpoint);
+  if (prints()) print_metrics(m);
   return 0;
 }
 
@@ -133,6 +145,7 @@ int cmd_sample(SampleArgs& a) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  dpo::install_terminate_handler();
   CLI::App app{"dpo: Direct Preference Optimization for GPT-2 models, in C++ and CUDA"};
   app.set_version_flag("--version", kVersion);
   app.require_subcommand(1);
@@ -207,10 +220,12 @@ int main(int argc, char** argv) {
       return 0;
     }
   } catch (const dpo::InputError& e) {
-    std::fprintf(stderr, "dpo: error: %s\n", e.what());
+    std::fprintf(stderr, "dpo: error%s: %s\n", rank_tag().c_str(), e.what());
+    dpo::abort_job_if_distributed(2);  // under MPI: end every rank now (the others may be waiting on this one)
     return 2;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "dpo: internal error: %s\n", e.what());
+    std::fprintf(stderr, "dpo: internal error%s: %s\n", rank_tag().c_str(), e.what());
+    dpo::abort_job_if_distributed(1);
     return 1;
   }
   return 0;

@@ -3,8 +3,11 @@
 #include <unistd.h>
 #include <yaml-cpp/yaml.h>
 
+#include <array>
 #include <chrono>
+#include <csignal>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -12,6 +15,7 @@
 #include <sstream>
 
 #include "model/checkpoint.h"
+#include "runtime/comm.h"
 #include "runtime/safetensors.h"
 #include "train/data.h"
 #include "train/hash.h"
@@ -222,6 +226,17 @@ void truncate_metrics(const std::string& path, int64_t step) {
 // Sums of per-pair quantities over a logging window.
 struct Window {
   double pairs = 0, loss = 0, rc = 0, rr = 0, acc = 0, margin = 0, lpc = 0, lpr = 0, tokens = 0, seconds = 0;
+  static constexpr int64_t kSums = 9;  // the fields that are summed over ranks (not seconds: rank 0's clock)
+  Tensor sums() const {
+    Tensor t = Tensor::host({kSums}, DType::F64);
+    const std::array<double, kSums> v = {pairs, loss, rc, rr, acc, margin, lpc, lpr, tokens};
+    std::copy(v.begin(), v.end(), t.data<double>());
+    return t;
+  }
+  void set_sums(const Tensor& t) {
+    const double* v = t.data<double>();
+    pairs = v[0], loss = v[1], rc = v[2], rr = v[3], acc = v[4], margin = v[5], lpc = v[6], lpr = v[7], tokens = v[8];
+  }
   void add(const BatchLoss& b) {
     pairs += static_cast<double>(b.pairs);
     rc += b.reward_chosen_sum;
@@ -239,6 +254,47 @@ struct Window {
             {prefix + "logps/rejected", lpr / n}};
   }
 };
+
+// w += every rank's per-micro-batch sums, folded in global micro-batch order (rank order, then each rank's order):
+// the same additions in the same order as one process doing every micro-batch, whatever the rank count.
+void fold_window(Communicator& comm, Window& w, const std::vector<Window>& chunks) {
+  Tensor acc = w.sums();
+  std::vector<Tensor> terms;
+  terms.reserve(chunks.size());
+  for (const Window& c : chunks) terms.push_back(c.sums());
+  comm.ordered_fold(acc, terms);
+  w.set_sums(acc);
+}
+
+// Contiguous shard [first, second) of n items for `rank` of `size`; the first n % size ranks get one more.
+std::pair<int64_t, int64_t> shard(int64_t n, int size, int rank) {
+  const int64_t base = n / size, extra = n % size, r = rank;
+  const int64_t b = r * base + std::min(r, extra);
+  return {b, b + base + (r < extra ? 1 : 0)};
+}
+
+// Rank 0's values, broadcast (a sum where the other ranks contribute zeros), must equal every rank's own values.
+void check_same_on_all_ranks(Communicator& comm, const std::vector<double>& v, const std::string& what) {
+  if (comm.size() == 1) return;
+  std::vector<double> b(v.size(), 0.0);
+  if (comm.rank() == 0) b = v;
+  comm.allreduce_sum(b.data(), static_cast<int64_t>(b.size()));
+  double bad = b == v ? 0.0 : 1.0;
+  comm.allreduce_sum(&bad, 1);
+  if (bad > 0)
+    throw InputError(what + " differ between the ranks (every rank must see the same files and configuration)");
+}
+
+// Test hook (tests/test_mpi_failure.cpp): DPO_TEST_FAIL_RANK / DPO_TEST_FAIL_STEP / DPO_TEST_FAIL_MODE.
+void test_fail_hook(int rank, int64_t step) {
+  const char* r = std::getenv("DPO_TEST_FAIL_RANK");
+  const char* s = std::getenv("DPO_TEST_FAIL_STEP");
+  if (!r || !s || std::atoi(r) != rank || std::atoll(s) != step) return;
+  const char* m = std::getenv("DPO_TEST_FAIL_MODE");
+  if (m && std::string(m) == "kill") std::raise(SIGKILL);
+  throw Error("DPO_TEST_FAIL_RANK=" + std::string(r) + " DPO_TEST_FAIL_STEP=" + s +
+              ": test hook failure on rank " + std::to_string(rank) + " in step " + std::to_string(step));
+}
 
 Tensor to_device(Backend& be, const Tensor& host) {
   if (be.device().kind == DeviceKind::CPU) return host;
@@ -287,21 +343,27 @@ std::vector<PairInput> pair_inputs(const Batch& b, const std::vector<double>& po
   return in;
 }
 
-std::map<std::string, double> evaluate(GPT2& policy, GPT2* live_ref, const RefLogps* cached,
+// Batches of batch_pairs pairs, contiguous runs of batches per rank; sums folded in batch order.
+std::map<std::string, double> evaluate(Communicator& comm, GPT2& policy, GPT2* live_ref, const RefLogps* cached,
                                        const std::vector<PreferencePair>& data, const LossConfig& lc,
                                        int64_t batch_pairs) {
-  Window w;
   const int64_t n = static_cast<int64_t>(data.size());
-  for (int64_t s = 0; s < n; s += batch_pairs) {
+  const auto [c0, c1] = shard((n + batch_pairs - 1) / batch_pairs, comm.size(), comm.rank());
+  std::vector<Window> chunks;
+  for (int64_t c = c0; c < c1; ++c) {
     std::vector<int64_t> idx;
-    for (int64_t i = s; i < std::min(n, s + batch_pairs); ++i) idx.push_back(i);
+    for (int64_t i = c * batch_pairs; i < std::min(n, (c + 1) * batch_pairs); ++i) idx.push_back(i);
     Batch b = make_batch(data, idx, policy.dtype(), 0);
     std::vector<double> pol = policy_logps(policy, b), live;
     if (live_ref) live = policy_logps(*live_ref, b);
     BatchLoss bl = batch_loss(lc, pair_inputs(b, pol, idx, cached, live_ref ? &live : nullptr), 1.0);
-    w.add(bl);
-    w.loss += bl.loss_sum;
+    Window cw;
+    cw.add(bl);
+    cw.loss += bl.loss_sum;
+    chunks.push_back(cw);
   }
+  Window w;
+  fold_window(comm, w, chunks);
   return w.dpo_metrics("eval_");
 }
 
@@ -316,25 +378,32 @@ std::string fmt(double v) {
 RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& ro) {
   const auto t0 = std::chrono::steady_clock::now();
   validate(cfg, kind);
+  std::unique_ptr<Communicator> own_comm;
+  if (!ro.comm) own_comm = make_communicator();
+  Communicator& comm = ro.comm ? *ro.comm : *own_comm;
+  const int n_ranks = comm.size(), me = comm.rank();
+  const bool lead = me == 0;  // rank 0 alone writes out_dir and prints
   auto be = make_backend(cfg);
   auto tok = make_tokenizer(cfg.tokenizer);
   const DataOptions dopt = data_options(cfg);
   std::unique_ptr<Progress> progress;
   auto say = [&](const std::string& s) {
-    if (ro.quiet) return;
+    if (ro.quiet || !lead) return;
     if (progress) progress->message(s);
     else std::fprintf(stderr, "%s\n", s.c_str());
   };
 
   std::error_code ec;
-  fs::create_directories(cfg.out_dir, ec);
-  if (ec) throw InputError("key 'out_dir': cannot create " + cfg.out_dir + ": " + ec.message());
+  if (lead) {
+    fs::create_directories(cfg.out_dir, ec);
+    if (ec) throw InputError("key 'out_dir': cannot create " + cfg.out_dir + ": " + ec.message());
+  }
   const std::string config_yaml = to_yaml(cfg);
 
   auto policy = load_gpt2_checkpoint(*be, cfg.model, DType::F32);
   check_fits(cfg, *policy, *tok, cfg.model);
 
-  // Data
+  // Data (every rank loads all of it: the epoch order is computed identically everywhere)
   LoadStats stats;
   std::vector<PreferencePair> pairs;
   std::vector<SftExample> sft;
@@ -351,6 +420,10 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     eval_pairs = load_preferences(cfg.eval_file, *tok, dopt, &es);
     say("data: " + cfg.eval_file + ": " + std::to_string(es.kept) + " evaluation records");
   }
+  check_same_on_all_ranks(comm,
+                          {static_cast<double>(N), static_cast<double>(eval_pairs.size()),
+                           static_cast<double>(policy->params().numel())},
+                          "the number of training records, evaluation records or model parameters");
 
   // Reference
   LossConfig lc;
@@ -375,29 +448,49 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
             (r.reason.empty() ? "" : " [" + r.reason + "]"));
         return r.logps;
       };
-      ref_train = one(pairs, cfg.train_file);
-      if (!eval_pairs.empty()) ref_eval = one(eval_pairs, cfg.eval_file);
+      // Rank 0 computes and writes the cache; the others wait, then read it (or, where the cache directory is
+      // not shared with rank 0, compute their own copy: the cache file is written atomically either way).
+      auto both = [&]() {
+        ref_train = one(pairs, cfg.train_file);
+        if (!eval_pairs.empty()) ref_eval = one(eval_pairs, cfg.eval_file);
+      };
+      if (lead) both();
+      comm.barrier();
+      if (!lead) both();
       ref.reset();  // no longer needed: frees its memory
     }
   }
 
-  // Optimizer and schedule
-  const int64_t per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps;
+  // Optimizer and schedule. A step is per_step pairs (SFT: examples) whatever the rank count, cut into micro-batches
+  // ("chunks") of per_device_train_batch_size; each rank runs a contiguous run of the step's chunks.
+  const int64_t mb = cfg.per_device_train_batch_size;
+  const int64_t per_step = mb * cfg.gradient_accumulation_steps;
   const int64_t steps_per_epoch = (N + per_step - 1) / per_step;
   const int64_t total = cfg.max_steps > 0 ? cfg.max_steps : steps_per_epoch * cfg.num_train_epochs;
   AdamW opt(*be, policy->specs(), policy->params().numel(), DType::F32, optim_config(cfg), total);
+  if (n_ranks > 1) {
+    say("data parallel: " + std::to_string(n_ranks) + " ranks (" + comm.name() + "), " + std::to_string(per_step) +
+        " pairs per step in micro-batches of " + std::to_string(mb));
+    if (cfg.gradient_accumulation_steps % n_ranks != 0)
+      say("warning: gradient_accumulation_steps (" + std::to_string(cfg.gradient_accumulation_steps) +
+          ") is not a multiple of the " + std::to_string(n_ranks) +
+          " ranks: some ranks run fewer micro-batches per step (or none) and wait for the others");
+  }
 
   Position p;
   if (!ro.resume.empty()) {
     const std::string dir = resolve_resume(ro.resume, cfg.out_dir);
-    p = load_checkpoint(dir, *policy, opt, cfg);
+    p = load_checkpoint(dir, *policy, opt, cfg);  // on every rank
     say("resumed from " + dir + " at step " + std::to_string(p.step));
   }
-  write_file_atomic((fs::path(cfg.out_dir) / "config.yaml").string(), config_yaml);
   const std::string metrics_path = (fs::path(cfg.out_dir) / "metrics.jsonl").string();
-  if (!ro.resume.empty()) truncate_metrics(metrics_path, p.step);
-  MetricsLog log(metrics_path, !ro.resume.empty());
-  if (!ro.quiet)
+  std::unique_ptr<MetricsLog> log;
+  if (lead) {
+    write_file_atomic((fs::path(cfg.out_dir) / "config.yaml").string(), config_yaml);
+    if (!ro.resume.empty()) truncate_metrics(metrics_path, p.step);
+    log = std::make_unique<MetricsLog>(metrics_path, !ro.resume.empty());
+  }
+  if (!ro.quiet && lead)
     progress = std::make_unique<Progress>(kind == RunKind::Dpo ? "dpo" : "sft", total, ro.plain_progress);
 
   RunSummary sum;
@@ -408,12 +501,25 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   std::map<std::string, double> eval_metrics;
   auto run_eval = [&]() {
     if (eval_pairs.empty()) return;
-    eval_metrics = evaluate(*policy, cached ? nullptr : ref.get(), cached ? &ref_eval : nullptr, eval_pairs, lc,
-                            cfg.per_device_eval_batch_size);
-    log.write(p.step, eval_metrics);
+    eval_metrics = evaluate(comm, *policy, cached ? nullptr : ref.get(), cached ? &ref_eval : nullptr, eval_pairs,
+                            lc, cfg.per_device_eval_batch_size);
+    if (log) log->write(p.step, eval_metrics);
     say("eval step " + std::to_string(p.step) + ": loss " + fmt(eval_metrics["eval_loss"]) + ", accuracy " +
         fmt(eval_metrics["eval_rewards/accuracies"]) + ", margin " + fmt(eval_metrics["eval_rewards/margins"]));
   };
+  auto save = [&]() {
+    if (lead) write_checkpoint(cfg.out_dir, *policy, opt, p, config_yaml, cfg.save_total_limit);
+    comm.barrier();  // no rank runs ahead of a checkpoint it might be asked to resume from
+    last_saved = p.step;
+  };
+
+  // The step's gradient is the left fold g_0 + g_1 + ... over its micro-batches in order, each g_k computed from
+  // zeroed gradients: rank 0 folds its own micro-batches into `grad` as it goes, the other ranks keep theirs in
+  // `stash`, and ordered_fold continues the fold across ranks. One process and R processes therefore do the
+  // same float additions in the same order (docs/distributed.md).
+  const int64_t n_params = policy->params().numel();
+  Tensor grad = be->empty({n_params}, DType::F32);
+  std::vector<Tensor> pool;  // stash buffers, kept across steps (ranks > 0)
 
   while (p.step < total) {
     if (p.pos >= N) {
@@ -423,33 +529,50 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     }
     const auto ts = std::chrono::steady_clock::now();
     const int64_t step_items = std::min(per_step, N - p.pos);
-    policy->zero_grad();
-    double step_tokens = 0;
+    const auto [c0, c1] = shard((step_items + mb - 1) / mb, n_ranks, me);
+    be->fill_zero(grad);
+    std::vector<Tensor> stash;
+    std::vector<Window> chunks;
+    auto accumulate = [&]() {
+      if (lead) {
+        be->residual_forward(grad, grad, policy->grads());
+        return;
+      }
+      if (pool.size() <= stash.size()) pool.push_back(be->empty({n_params}, DType::F32));
+      be->copy(pool[stash.size()], policy->grads());
+      stash.push_back(pool[stash.size()]);
+    };
+    auto chunk_idx = [&](int64_t c) {
+      return std::vector<int64_t>(order.begin() + p.pos + c * mb,
+                                  order.begin() + p.pos + std::min(step_items, (c + 1) * mb));
+    };
+    double sft_norm_tokens = 0;
     if (kind == RunKind::Sft) {
-      // Normaliser: completion tokens in the whole optimizer step.
-      double norm_tokens = 0;
+      // Normaliser: completion tokens in the whole optimizer step (all ranks' micro-batches).
       for (int64_t i = 0; i < step_items; ++i)
-        norm_tokens += static_cast<double>(sft[static_cast<size_t>(order[p.pos + i])].completion.size());
-      for (int64_t s = 0; s < step_items; s += cfg.per_device_train_batch_size) {
-        std::vector<int64_t> idx(order.begin() + p.pos + s,
-                                 order.begin() + p.pos + std::min(step_items, s + cfg.per_device_train_batch_size));
+        sft_norm_tokens += static_cast<double>(sft[static_cast<size_t>(order[p.pos + i])].completion.size());
+      for (int64_t c = c0; c < c1; ++c) {
+        std::vector<int64_t> idx = chunk_idx(c);
         Batch b = make_sft_batch(sft, idx, DType::F32, 0);
+        policy->zero_grad();
         std::vector<double> lp = policy_logps(*policy, b);
         Tensor dseq = Tensor::host({b.tokens.size(0)}, DType::F32);
+        Window cw;
         for (size_t r = 0; r < lp.size(); ++r) {
-          w.loss -= lp[r];
-          dseq.data<float>()[r] = static_cast<float>(-1.0 / norm_tokens);
+          cw.loss -= lp[r];
+          dseq.data<float>()[r] = static_cast<float>(-1.0 / sft_norm_tokens);
         }
         policy->backward(to_device(*be, dseq));
-        step_tokens += static_cast<double>(b.tokens_total);
+        accumulate();
+        cw.tokens += static_cast<double>(b.tokens_total);
+        chunks.push_back(cw);
       }
-      w.pairs += norm_tokens;  // SFT's loss is per completion token
     } else {
       const double normalizer = static_cast<double>(step_items);
-      for (int64_t s = 0; s < step_items; s += cfg.per_device_train_batch_size) {
-        std::vector<int64_t> idx(order.begin() + p.pos + s,
-                                 order.begin() + p.pos + std::min(step_items, s + cfg.per_device_train_batch_size));
+      for (int64_t c = c0; c < c1; ++c) {
+        std::vector<int64_t> idx = chunk_idx(c);
         Batch b = make_batch(pairs, idx, DType::F32, 0);
+        policy->zero_grad();
         std::vector<double> live;
         if (use_ref && !cached) live = policy_logps(*ref, b);
         std::vector<double> pol = policy_logps(*policy, b);
@@ -461,16 +584,23 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
           dseq.data<float>()[b.pairs + q] = static_cast<float>(bl.d_policy_rejected[static_cast<size_t>(q)]);
         }
         policy->backward(to_device(*be, dseq));
-        w.add(bl);
-        w.loss += bl.loss_sum;
-        step_tokens += static_cast<double>(b.tokens_total);
+        accumulate();
+        Window cw;
+        cw.add(bl);
+        cw.loss += bl.loss_sum;
+        cw.tokens += static_cast<double>(b.tokens_total);
+        chunks.push_back(cw);
       }
     }
-    AdamW::StepInfo info = opt.step(policy->params(), policy->grads());
+    test_fail_hook(me, p.step + 1);
+    // The reductions: one per optimizer step (none per micro-batch).
+    comm.ordered_fold(grad, stash);
+    fold_window(comm, w, chunks);
+    if (kind == RunKind::Sft) w.pairs += sft_norm_tokens;  // SFT's loss is per completion token
+    AdamW::StepInfo info = opt.step(policy->params(), grad);
     if (info.skipped) say("step " + std::to_string(p.step + 1) + ": non-finite gradient norm; update skipped");
     p.pos += step_items;
     ++p.step;
-    w.tokens += step_tokens;
     w.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
     w_grad_norm = info.grad_norm;
     w_lr = info.lr;
@@ -488,19 +618,16 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       m["learning_rate"] = w_lr;
       m["epoch"] = static_cast<double>(p.epoch) + static_cast<double>(p.pos) / static_cast<double>(N);
       m["tokens_per_second"] = tps;
-      log.write(p.step, m);
+      if (log) log->write(p.step, m);
       sum.last_log = m;
       w = Window{};
     }
     if (cfg.eval_steps > 0 && p.step % cfg.eval_steps == 0 && p.step < total) run_eval();
-    if (cfg.save_steps > 0 && p.step % cfg.save_steps == 0) {
-      write_checkpoint(cfg.out_dir, *policy, opt, p, config_yaml, cfg.save_total_limit);
-      last_saved = p.step;
-    }
+    if (cfg.save_steps > 0 && p.step % cfg.save_steps == 0) save();
   }
   if (progress) progress->finish();
   run_eval();
-  if (last_saved != p.step) write_checkpoint(cfg.out_dir, *policy, opt, p, config_yaml, cfg.save_total_limit);
+  if (last_saved != p.step) save();
   sum.steps = p.step;
   sum.final_checkpoint = (fs::path(cfg.out_dir) / "checkpoints" / ("step-" + std::to_string(p.step))).string();
   sum.eval = eval_metrics;
@@ -508,7 +635,11 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   return sum;
 }
 
-std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::string& checkpoint) {
+std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::string& checkpoint,
+                                             Communicator* comm_in) {
+  std::unique_ptr<Communicator> own_comm;
+  if (!comm_in) own_comm = make_communicator();
+  Communicator& comm = comm_in ? *comm_in : *own_comm;
   auto be = make_backend(cfg);
   auto tok = make_tokenizer(cfg.tokenizer);
   auto policy = load_gpt2_checkpoint(*be, checkpoint, DType::F32);
@@ -516,13 +647,14 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
   const std::string path = cfg.eval_file.empty() ? cfg.train_file : cfg.eval_file;
   LoadStats st;
   auto data = load_preferences(path, *tok, data_options(cfg), &st);
+  check_same_on_all_ranks(comm, {static_cast<double>(data.size())}, "the number of evaluation records");
   LossConfig lc = loss_config(cfg);
   std::unique_ptr<GPT2> ref;
   if (!cfg.reference_free) {
     const std::string ref_dir = cfg.ref_model.empty() ? cfg.model : cfg.ref_model;
     ref = load_gpt2_checkpoint(*be, ref_dir, DType::F32);
   }
-  return evaluate(*policy, ref.get(), nullptr, data, lc, cfg.per_device_eval_batch_size);
+  return evaluate(comm, *policy, ref.get(), nullptr, data, lc, cfg.per_device_eval_batch_size);
 }
 
 }  // namespace dpo

@@ -18,10 +18,15 @@
 
 namespace dpo {
 
+class Communicator;  // runtime/comm.h
+
 struct RunOptions {
   std::string resume;          // checkpoint directory, or "latest" (out_dir/checkpoints/latest)
   bool plain_progress = false;  // never draw the live terminal line
   bool quiet = false;           // no progress output at all
+  // The ranks of a data-parallel run (docs/distributed.md). nullptr: make_communicator(), i.e. MPI when started
+  // by mpirun/srun with several processes, else a single process. Not owned.
+  Communicator* comm = nullptr;
 };
 
 struct RunSummary {
@@ -32,10 +37,17 @@ struct RunSummary {
   double seconds = 0;
 };
 
+// Under several ranks every rank calls this with the same configuration and data; rank 0 alone writes out_dir
+// (config.yaml, metrics.jsonl, checkpoints) and prints progress. Every rank returns the same RunSummary (except
+// `seconds` and tokens_per_second). Test hook: DPO_TEST_FAIL_RANK=r DPO_TEST_FAIL_STEP=s [DPO_TEST_FAIL_MODE=kill]
+// makes rank r throw (or SIGKILL itself) in optimizer step s, after its micro-batches and before the gradient
+// reduction (tests/test_mpi_failure.cpp).
 RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& opt);
 
 // Evaluates a policy checkpoint on cfg.eval_file (or train_file when eval_file is empty) against the reference:
 // loss and reward metrics with the eval_ prefix.
-std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::string& checkpoint);
+// Sharded by pair over the ranks of `comm` (nullptr: make_communicator()); every rank returns the same metrics.
+std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::string& checkpoint,
+                                             Communicator* comm = nullptr);
 
 }  // namespace dpo

@@ -1,0 +1,100 @@
+// A rank that fails mid-step must take the whole job down promptly: `mpirun -np 2 dpo train` with the trainer's
+// test hook (DPO_TEST_FAIL_RANK / DPO_TEST_FAIL_STEP / DPO_TEST_FAIL_MODE, train/trainer.h) must exit non-zero
+// within 60 s, never hang. Runs as one ordinary process (ctest label mpi) and starts mpirun itself.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "test_mpi_util.h"
+
+namespace dpo {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Workdir {
+  fs::path dir;
+  Workdir() {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir = fs::path(::testing::TempDir()) / (std::string("dpo_mpi_fail_") + info->name());
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    test::write_tiny_fixture(dir.string(), 16);
+  }
+  ~Workdir() { fs::remove_all(dir); }
+  std::string operator/(const std::string& s) const { return (dir / s).string(); }
+};
+
+struct Launch {
+  int exit_code = -1;
+  double seconds = 0;
+  std::string log;
+};
+
+// `env` is prepended to the mpirun command line. `timeout 120` guards the test itself against a hang.
+Launch launch(const Workdir& w, const std::string& env) {
+  std::ostringstream cmd;
+  cmd << "env OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMP_NUM_THREADS=1 " << env
+      << " timeout 120 " << DPO_MPIEXEC << " --oversubscribe -np 2 " << DPO_BINARY_DIR << "/dpo train --plain"
+      << " model=" << (w / "base") << " train_file=" << (w / "pref.jsonl") << " out_dir=" << (w / "out")
+      << " ref_cache_dir=" << (w / "cache") << " max_length=32 max_prompt_length=16 per_device_train_batch_size=2"
+      << " gradient_accumulation_steps=2 num_train_epochs=2 num_threads=1 learning_rate=1e-3"
+      << " > " << (w / "log.txt") << " 2>&1";
+  const auto t0 = std::chrono::steady_clock::now();
+  const int st = std::system(cmd.str().c_str());
+  Launch r;
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.exit_code = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + (WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+  std::ifstream f(w / "log.txt");
+  r.log = std::string(std::istreambuf_iterator<char>(f), {});
+  return r;
+}
+
+TEST(MpiFailure, HealthyRunSucceeds) {
+  // The control: the same launch without the hook trains to the end (so the failures below are the hook's).
+  Workdir w;
+  Launch r = launch(w, "");
+  EXPECT_EQ(r.exit_code, 0) << r.log;
+  EXPECT_TRUE(fs::exists(fs::path(w / "out") / "checkpoints" / "step-8" / "model.safetensors")) << r.log;
+  EXPECT_NE(r.log.find("data parallel: 2 ranks (mpi)"), std::string::npos) << r.log;
+}
+
+TEST(MpiFailure, RankOneThrowingInStepTwoEndsEveryRank) {
+  Workdir w;
+  Launch r = launch(w, "DPO_TEST_FAIL_RANK=1 DPO_TEST_FAIL_STEP=2");
+  EXPECT_NE(r.exit_code, 0) << r.log;
+  EXPECT_NE(r.exit_code, 124) << "timed out (hang):\n" << r.log;
+  EXPECT_LT(r.seconds, 60.0) << r.log;
+  EXPECT_NE(r.log.find("(rank 1): DPO_TEST_FAIL_RANK=1"), std::string::npos) << r.log;
+  EXPECT_FALSE(fs::exists(fs::path(w / "out") / "checkpoints" / "step-8")) << r.log;
+}
+
+TEST(MpiFailure, RankZeroThrowingEndsEveryRank) {
+  Workdir w;
+  Launch r = launch(w, "DPO_TEST_FAIL_RANK=0 DPO_TEST_FAIL_STEP=3");
+  EXPECT_NE(r.exit_code, 0) << r.log;
+  EXPECT_NE(r.exit_code, 124) << "timed out (hang):\n" << r.log;
+  EXPECT_LT(r.seconds, 60.0) << r.log;
+  EXPECT_NE(r.log.find("(rank 0): DPO_TEST_FAIL_RANK=0"), std::string::npos) << r.log;
+}
+
+TEST(MpiFailure, KilledRankEndsEveryRank) {
+  Workdir w;
+  Launch r = launch(w, "DPO_TEST_FAIL_RANK=1 DPO_TEST_FAIL_STEP=2 DPO_TEST_FAIL_MODE=kill");
+  EXPECT_NE(r.exit_code, 0) << r.log;
+  EXPECT_NE(r.exit_code, 124) << "timed out (hang):\n" << r.log;
+  EXPECT_LT(r.seconds, 60.0) << r.log;
+}
+
+}  // namespace
+}  // namespace dpo
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  return RUN_ALL_TESTS();
+}

@@ -1,0 +1,211 @@
+// Data-parallel training: the run on the launched ranks (2 under ctest) against a one-process run of the same
+// configuration computed in this process on rank 0 with a local communicator. On the CPU backend the reduction
+// order is fixed (docs/distributed.md), so final weights, optimizer state, metrics and evaluation must be
+// bit-identical, with gradient accumulation, uneven shards and short last steps.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "test_mpi_util.h"
+#include "train/trainer.h"
+
+namespace dpo {
+namespace {
+
+namespace fs = std::filesystem;
+using test::world;
+
+// A directory every rank sees (one machine): rank 0 creates and fills it, the others wait.
+struct SharedDir {
+  fs::path dir;
+  explicit SharedDir(int n_pairs) {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir = fs::path(::testing::TempDir()) / (std::string("dpo_mpi_") + info->name());
+    if (world().rank() == 0) {
+      fs::remove_all(dir);
+      fs::create_directories(dir);
+      test::write_tiny_fixture(dir.string(), n_pairs);
+    }
+    world().barrier();
+  }
+  ~SharedDir() {
+    world().barrier();
+    if (world().rank() == 0) fs::remove_all(dir);
+  }
+  std::string operator/(const std::string& s) const { return (dir / s).string(); }
+};
+
+TrainConfig base_config(const SharedDir& w, const std::string& out) {
+  TrainConfig c;
+  c.model = w / "base";
+  c.train_file = w / "pref.jsonl";
+  c.out_dir = w / out;
+  c.ref_cache_dir = w / "cache";
+  c.max_length = 32;
+  c.max_prompt_length = 16;
+  c.learning_rate = 1e-2;
+  c.per_device_train_batch_size = 2;
+  c.gradient_accumulation_steps = 4;
+  c.num_train_epochs = 2;
+  c.logging_steps = 1;
+  c.seed = 7;
+  c.num_threads = 1;  // the same kernels in every process
+  c.weight_decay = 0.1;
+  c.lr_scheduler_type = "cosine";
+  c.warmup_steps = 2;
+  return c;
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+// metrics.jsonl without the wall-clock field.
+std::vector<std::string> metrics_records(const std::string& out_dir) {
+  std::ifstream f(out_dir + "/metrics.jsonl");
+  std::vector<std::string> out;
+  std::string line;
+  while (std::getline(f, line)) {
+    nlohmann::json j = nlohmann::json::parse(line);
+    j.erase("tokens_per_second");
+    out.push_back(j.dump());
+  }
+  return out;
+}
+
+std::map<std::string, double> without_time(std::map<std::string, double> m) {
+  m.erase("tokens_per_second");
+  return m;
+}
+
+// Trains `cfg` on the launched ranks (out_dir cfg.out_dir) and on rank 0 alone (out_dir + "-single"), and
+// compares. `resume_at` > 0: the distributed run is interrupted at that step and resumed from its checkpoint.
+void expect_same_as_one_process(TrainConfig cfg, RunKind kind, int64_t expect_steps, int64_t resume_at = 0) {
+  Communicator& comm = world();
+  RunOptions ro;
+  ro.quiet = true;
+  ro.comm = &comm;
+  RunSummary dist;
+  if (resume_at > 0) {
+    TrainConfig part = cfg;
+    part.save_steps = resume_at;
+    run_training(part, kind, ro);
+    comm.barrier();
+    if (comm.rank() == 0) {
+      for (const auto& e : fs::directory_iterator(fs::path(cfg.out_dir) / "checkpoints"))
+        if (e.path().filename() != "step-" + std::to_string(resume_at) && e.is_directory()) fs::remove_all(e.path());
+    }
+    comm.barrier();
+    RunOptions r2 = ro;
+    r2.resume = (fs::path(cfg.out_dir) / "checkpoints" / ("step-" + std::to_string(resume_at))).string();
+    dist = run_training(part, kind, r2);
+  } else {
+    dist = run_training(cfg, kind, ro);
+  }
+  ASSERT_EQ(dist.steps, expect_steps);
+  comm.barrier();
+  if (comm.rank() == 0) {
+    auto local = make_local_communicator();
+    TrainConfig one = cfg;
+    one.out_dir = cfg.out_dir + "-single";
+    RunOptions lo = ro;
+    lo.comm = local.get();
+    RunSummary single = run_training(one, kind, lo);
+    ASSERT_EQ(single.steps, expect_steps);
+    const std::string wd = slurp(dist.final_checkpoint + "/model.safetensors");
+    const std::string ws = slurp(single.final_checkpoint + "/model.safetensors");
+    ASSERT_FALSE(wd.empty());
+    EXPECT_TRUE(wd == ws) << "weights after " << comm.size() << " ranks differ from one process";
+    EXPECT_TRUE(slurp(dist.final_checkpoint + "/optimizer.safetensors") ==
+                slurp(single.final_checkpoint + "/optimizer.safetensors"));
+    EXPECT_NE(ws, slurp(cfg.model + "/model.safetensors"));  // training moved the weights
+    EXPECT_EQ(metrics_records(cfg.out_dir), metrics_records(one.out_dir));
+    EXPECT_EQ(without_time(dist.last_log), without_time(single.last_log));
+    EXPECT_EQ(dist.eval, single.eval);
+  }
+  comm.barrier();
+}
+
+TEST(MpiTrain, DpoWithAccumulationIsBitIdenticalToOneProcess) {
+  // 22 pairs, steps of 4 micro-batches x 2 pairs: 8, 8, 6 pairs (the last step: 3 micro-batches, shards 2 + 1),
+  // two epochs; evaluation every 2 steps, 9 pairs in batches of 4 (3 batches over the ranks).
+  SharedDir w(22);
+  TrainConfig c = base_config(w, "dpo");
+  c.eval_file = w / "eval.jsonl";
+  c.eval_steps = 2;
+  c.per_device_eval_batch_size = 4;
+  expect_same_as_one_process(c, RunKind::Dpo, 6);
+}
+
+TEST(MpiTrain, UnevenSevenPairsPerStep) {
+  // 17 pairs, 7 per step in micro-batches of 1: shards 4 + 3, then a last step of 3 pairs (2 + 1). N is not a
+  // multiple of the step or of the rank count.
+  SharedDir w(17);
+  TrainConfig c = base_config(w, "uneven");
+  c.per_device_train_batch_size = 1;
+  c.gradient_accumulation_steps = 7;
+  expect_same_as_one_process(c, RunKind::Dpo, 6);
+}
+
+TEST(MpiTrain, UnevenMicroBatches) {
+  // 22 pairs, micro-batches of 3, 3 per step: 9, 9, 4 pairs; the last step is one micro-batch of 3 and one of 1.
+  SharedDir w(22);
+  TrainConfig c = base_config(w, "uneven3");
+  c.per_device_train_batch_size = 3;
+  c.gradient_accumulation_steps = 3;
+  c.num_train_epochs = 1;
+  expect_same_as_one_process(c, RunKind::Dpo, 3);
+}
+
+TEST(MpiTrain, FewerMicroBatchesThanRanks) {
+  // One micro-batch per step: the other ranks idle but still take part in the reductions.
+  SharedDir w(10);
+  TrainConfig c = base_config(w, "idle");
+  c.per_device_train_batch_size = 4;
+  c.gradient_accumulation_steps = 1;
+  c.num_train_epochs = 1;
+  expect_same_as_one_process(c, RunKind::Dpo, 3);
+}
+
+TEST(MpiTrain, LiveReferenceAndRpoTerm) {
+  SharedDir w(14);
+  TrainConfig c = base_config(w, "live");
+  c.precompute_ref_log_probs = false;
+  c.rpo_alpha = 0.5;
+  c.num_train_epochs = 1;
+  expect_same_as_one_process(c, RunKind::Dpo, 2);
+}
+
+TEST(MpiTrain, SftIsBitIdenticalToOneProcess) {
+  SharedDir w(22);
+  TrainConfig c = base_config(w, "sft");
+  c.train_file = w / "sft.jsonl";
+  c.learning_rate = 1e-3;
+  expect_same_as_one_process(c, RunKind::Sft, 6);
+}
+
+TEST(MpiTrain, ResumeOnAllRanksIsBitIdentical) {
+  SharedDir w(22);
+  TrainConfig c = base_config(w, "resume");
+  expect_same_as_one_process(c, RunKind::Dpo, 6, /*resume_at=*/4);
+}
+
+TEST(MpiTrain, EvalCommandIsShardedAndExact) {
+  SharedDir w(22);
+  TrainConfig c = base_config(w, "eval");
+  c.eval_file = w / "eval.jsonl";
+  c.per_device_eval_batch_size = 2;  // 5 batches: shards 3 + 2
+  auto dist = run_evaluation(c, c.model, &world());
+  auto local = make_local_communicator();
+  auto single = run_evaluation(c, c.model, local.get());
+  EXPECT_EQ(dist, single);
+  EXPECT_GT(dist.at("eval_logps/chosen"), -1e9);
+}
+
+}  // namespace
+}  // namespace dpo
+
+DPO_MPI_TEST_MAIN()
