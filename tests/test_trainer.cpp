@@ -284,6 +284,13 @@ TEST(Trainer, CorruptedCheckpointIsRejectedOnResume) {
   } catch (const InputError& e) {
     EXPECT_NE(std::string(e.what()).find("SHA-256"), std::string::npos) << e.what();
   }
+  // Starting over in the same out_dir without --resume is refused.
+  try {
+    run_training(c, RunKind::Dpo, quiet());
+    FAIL() << "no error";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("--resume"), std::string::npos) << e.what();
+  }
   // Resuming with a different learning rate is refused and names the key.
   ro.resume = "latest";
   TrainConfig d = c;

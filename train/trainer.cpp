@@ -394,6 +394,11 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   };
 
   std::error_code ec;
+  // A finished or interrupted run is never overwritten by accident: continuing it needs --resume.
+  if (ro.resume.empty() && fs::exists(fs::path(cfg.out_dir) / "checkpoints" / "latest"))
+    throw InputError("key 'out_dir': " + cfg.out_dir +
+                     " already holds checkpoints of a run; pass --resume latest to continue it, or choose another "
+                     "out_dir");
   if (lead) {
     fs::create_directories(cfg.out_dir, ec);
     if (ec) throw InputError("key 'out_dir': cannot create " + cfg.out_dir + ": " + ec.message());
