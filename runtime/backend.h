@@ -87,4 +87,11 @@ class Backend {
 // The CPU backend over the reference kernels. `num_threads` <= 0 keeps OpenMP's default.
 std::unique_ptr<Backend> make_cpu_backend(int num_threads = 0);
 
+#ifdef DPO_HAVE_CUDA
+// The CUDA backend on GPU `device` (runtime/cuda/cuda_backend.h): F32 device tensors, kernels/*.cu. Declared and
+// defined only when the build has CUDA (DPO_HAVE_CUDA, set by CMake when nvcc is found); it throws dpo::Error when
+// `device` does not exist (e.g. no GPU on this machine).
+std::unique_ptr<Backend> make_cuda_backend(int device);
+#endif
+
 }  // namespace dpo

@@ -32,9 +32,29 @@ using json = nlohmann::json;
 
 namespace {
 
+// The process's GPU: its local rank on the node (Open MPI, Slurm), else 0.
+int local_device() {
+  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID"})
+    if (const char* v = std::getenv(name)) return std::atoi(v);
+  return 0;
+}
+
 std::unique_ptr<Backend> make_backend(const TrainConfig& c) {
-  if (c.device == "cuda")
-    throw InputError("key 'device': cuda is not available yet (the CUDA backend has not landed); use device: cpu");
+  if (c.device == "cuda") {
+#ifdef DPO_HAVE_CUDA
+    try {
+      return make_cuda_backend(local_device());
+    } catch (const InputError&) {
+      throw;
+    } catch (const Error& e) {
+      throw InputError(std::string("key 'device': cuda: ") + e.what());
+    }
+#else
+    (void)local_device;
+    throw InputError("key 'device': this build has no CUDA backend (nvcc was not found at configure time); use "
+                     "device: cpu");
+#endif
+  }
   return make_cpu_backend(static_cast<int>(c.num_threads));
 }
 

@@ -1,0 +1,314 @@
+// Causal attention with materialised scores; contract in kernels/attention.cuh (CPU twin: kernels/attention_cpu.cpp).
+//
+// Every product here is, per (b, h), a small GEMM on strided views of the packed qkv, dout and the [T,T] score
+// matrices, and every one is triangular. One tiled kernel covers them all (tri_gemm_kernel), with the triangle
+// expressed as the k-range or the set of output tiles:
+//   forward : S = scale * Q K^T          lower output tiles only (s <= t)                      -> att (raw scores)
+//             att = masked softmax(S)    one warp per row, fp32; writes zeros for s > t and masked keys
+//             out = att V                k (= s) runs over [0, end of this t-tile)             (=)
+//   backward: dP = dO V^T                lower output tiles only                               -> scratch
+//             dS = att (dP - rowsum(dP att)) * scale     one warp per row, in place in scratch; zeros for s > t
+//             dV += att^T dO             k (= t) runs over [start of this s-tile, T)           (+=)
+//             dQ += dS K                 k (= s) runs over [0, end of this t-tile)             (+=)
+//             dK += dS^T Q               k (= t) runs over [start of this s-tile, T)           (+=)
+// Inside a diagonal tile the k-range includes a few entries above the diagonal; the softmax kernels leave those
+// exactly 0 in att and dS, so they add nothing. The raw scores that the first GEMM writes above the diagonal of a
+// diagonal tile are overwritten by the softmax, which writes every entry of every row.
+//
+// Why not cuBLAS strided-batched GEMMs: the packed layout needs two batch strides (b and h), the triangle would be
+// computed in full, and the plain kernel is deterministic by construction. A flash-style kernel (no [T,T] state)
+// replaces all of this when attention dominates; this one is the correct, readable baseline.
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "kernels/attention.cuh"
+#include "runtime/cuda/cuda_check.h"
+#include "runtime/cuda/nvtx.h"
+
+namespace dpo::cuda {
+
+namespace {
+
+constexpr int kTile = 64;      // output tile: kTile x kTile
+constexpr int kTileK = 32;     // k-slice staged in shared memory per step
+constexpr int kThreads = 256;  // 16 x 16 threads, each owns a 4 x 4 block of the output tile (strided by 16)
+constexpr int kMicro = kTile / 16;
+static_assert(kTile * kTileK % kThreads == 0, "tile loads must divide evenly among the threads");
+
+enum class Tri {
+  kLowerTiles,  // compute only output tiles that touch s <= t (n-tile index <= m-tile index); full k range
+  kKUpToRow,    // k in [0, min(K, m0 + kTile)): sum over s <= t
+  kKFromRow,    // k in [m0, K): sum over t >= s
+};
+
+// Element (r, c) of one operand for batch (b, h): p[b*sb + h*sh + r*sr + c*sc]. For A, r = m and c = k; for B,
+// r = k and c = n.
+struct Operand {
+  const float* p;
+  int64_t sb, sh, sr, sc;
+};
+
+// Output element (m, n) of batch (b, h): p[b*sb + h*sh + m*sm + n] (n is contiguous in every use).
+struct Output {
+  float* p;
+  int64_t sb, sh, sm;
+};
+
+struct GemmParams {
+  Operand a;  // A(m, k)
+  Operand b;  // B(k, n)
+  Output c;
+  int64_t M, N, K;
+  int64_t NH;   // blockIdx.x = b * NH + h
+  float alpha;  // C (= or +=) alpha * A B
+};
+
+// kAKContig / kBKContig say which index of A / B is contiguous in memory; they only choose the thread-to-element
+// mapping of the shared-memory loads (so that a warp reads consecutive addresses), never the result. The summation
+// order over k is fixed (k ascending, one fmaf per term), so results are bitwise reproducible.
+template <Tri kTri, bool kAKContig, bool kBKContig, bool kAccumulate>
+__global__ void __launch_bounds__(kThreads) tri_gemm_kernel(GemmParams p) {
+  const int64_t z = blockIdx.x;
+  const int64_t bi = z / p.NH, hi = z % p.NH;
+  const int64_t m0 = int64_t(blockIdx.y) * kTile;
+  const int64_t n0 = int64_t(blockIdx.z) * kTile;
+  if (kTri == Tri::kLowerTiles && n0 > m0) return;  // the whole tile lies above the diagonal
+
+  int64_t k_begin = 0, k_end = p.K;
+  if (kTri == Tri::kKUpToRow && m0 + kTile < p.K) k_end = m0 + kTile;
+  if (kTri == Tri::kKFromRow) k_begin = m0;
+
+  const float* A = p.a.p + bi * p.a.sb + hi * p.a.sh;
+  const float* Bm = p.b.p + bi * p.b.sb + hi * p.b.sh;
+
+  // +1 padding: the k-contiguous loads store down a column, which is then conflict-free.
+  __shared__ float As[kTileK][kTile + 1];
+  __shared__ float Bs[kTileK][kTile + 1];
+
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  float acc[kMicro][kMicro];
+#pragma unroll
+  for (int i = 0; i < kMicro; ++i) {
+#pragma unroll
+    for (int j = 0; j < kMicro; ++j) acc[i][j] = 0.0f;
+  }
+
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kTileK) {
+#pragma unroll
+    for (int e = 0; e < kTile * kTileK / kThreads; ++e) {
+      const int l = tid + e * kThreads;
+      const int mm = kAKContig ? l / kTileK : l % kTile;
+      const int kk = kAKContig ? l % kTileK : l / kTile;
+      const int64_t m = m0 + mm, k = k0 + kk;
+      As[kk][mm] = (m < p.M && k < k_end) ? A[m * p.a.sr + k * p.a.sc] : 0.0f;
+    }
+#pragma unroll
+    for (int e = 0; e < kTile * kTileK / kThreads; ++e) {
+      const int l = tid + e * kThreads;
+      const int nn = kBKContig ? l / kTileK : l % kTile;
+      const int kk = kBKContig ? l % kTileK : l / kTile;
+      const int64_t n = n0 + nn, k = k0 + kk;
+      Bs[kk][nn] = (n < p.N && k < k_end) ? Bm[k * p.b.sr + n * p.b.sc] : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int kk = 0; kk < kTileK; ++kk) {
+      float ar[kMicro], br[kMicro];
+#pragma unroll
+      for (int i = 0; i < kMicro; ++i) ar[i] = As[kk][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < kMicro; ++j) br[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < kMicro; ++i) {
+#pragma unroll
+        for (int j = 0; j < kMicro; ++j) acc[i][j] = fmaf(ar[i], br[j], acc[i][j]);
+      }
+    }
+    __syncthreads();
+  }
+
+  float* Cm = p.c.p + bi * p.c.sb + hi * p.c.sh;
+#pragma unroll
+  for (int i = 0; i < kMicro; ++i) {
+    const int64_t m = m0 + ty + 16 * i;
+    if (m >= p.M) continue;
+#pragma unroll
+    for (int j = 0; j < kMicro; ++j) {
+      const int64_t n = n0 + tx + 16 * j;
+      if (n >= p.N) continue;
+      float* dst = Cm + m * p.c.sm + n;
+      const float v = p.alpha * acc[i][j];
+      if (kAccumulate) {
+        *dst += v;
+      } else {
+        *dst = v;
+      }
+    }
+  }
+}
+
+template <Tri kTri, bool kAKContig, bool kBKContig, bool kAccumulate>
+void launch_tri_gemm(CudaContext& ctx, const GemmParams& p, int64_t batches) {
+  const dim3 grid(static_cast<unsigned>(batches), static_cast<unsigned>((p.M + kTile - 1) / kTile),
+                  static_cast<unsigned>((p.N + kTile - 1) / kTile));
+  tri_gemm_kernel<kTri, kAKContig, kBKContig, kAccumulate><<<grid, kThreads, 0, ctx.stream()>>>(p);
+  DPO_CUDA_CHECK(cudaGetLastError());
+}
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kRowsPerBlock = 8;  // one warp per row, 256 threads
+
+__device__ float warp_max(float v) {
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, off));
+  return v;
+}
+
+__device__ float warp_sum(float v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+// att row r = (b, h, t) holds raw scaled scores for s <= t on entry; on exit the masked softmax over the visible
+// keys s <= t (keymask[b,s] != 0), and exact zeros elsewhere. A row with no visible key becomes all zeros.
+__global__ void __launch_bounds__(kRowsPerBlock * 32)
+    softmax_forward_kernel(float* __restrict__ att, const int32_t* __restrict__ keymask, int64_t rows, int64_t T,
+                           int64_t NH) {
+  const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  if (r >= rows) return;  // uniform per warp
+  const int lane = threadIdx.x % 32;
+  const int64_t t = r % T, b = r / (T * NH);
+  float* row = att + r * T;
+  const int32_t* mask = keymask ? keymask + b * T : nullptr;
+
+  float mx = -INFINITY;
+  bool any = false;
+  for (int64_t s = lane; s <= t; s += 32) {
+    if (mask && mask[s] == 0) continue;
+    mx = fmaxf(mx, row[s]);
+    any = true;
+  }
+  mx = warp_max(mx);
+  const bool visible = __any_sync(kFullMask, any);
+  float sum = 0.0f;
+  if (visible) {
+    for (int64_t s = lane; s <= t; s += 32) {
+      if (mask && mask[s] == 0) continue;
+      sum += expf(row[s] - mx);
+    }
+  }
+  sum = warp_sum(sum);
+  const float inv = visible ? 1.0f / sum : 0.0f;
+  for (int64_t s = lane; s < T; s += 32) {
+    float pv = 0.0f;
+    if (visible && s <= t && !(mask && mask[s] == 0)) pv = expf(row[s] - mx) * inv;
+    row[s] = pv;
+  }
+}
+
+// ds row r holds dP = dO V^T for s <= t on entry; on exit dS = att * (dP - sum_s att dP) * scale for s <= t and 0
+// for s > t (att is 0 at masked keys, so they get 0 too).
+__global__ void __launch_bounds__(kRowsPerBlock * 32)
+    softmax_backward_kernel(float* __restrict__ ds, const float* __restrict__ att, int64_t rows, int64_t T,
+                            float scale) {
+  const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
+  if (r >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const int64_t t = r % T;
+  const float* a = att + r * T;
+  float* d = ds + r * T;
+  float dot = 0.0f;
+  for (int64_t s = lane; s <= t; s += 32) dot += a[s] * d[s];
+  dot = warp_sum(dot);
+  for (int64_t s = lane; s < T; s += 32) d[s] = s <= t ? a[s] * (d[s] - dot) * scale : 0.0f;
+}
+
+void check_shape(const char* fn, int64_t B, int64_t T, int64_t C, int64_t NH) {
+  DPO_ASSERT(NH > 0 && C > 0 && C % NH == 0, std::string(fn) + ": C must be a positive multiple of NH");
+  DPO_ASSERT(B * NH <= INT_MAX, std::string(fn) + ": B*NH exceeds the grid's x range");
+  DPO_ASSERT((T + kTile - 1) / kTile <= 65535, std::string(fn) + ": T exceeds the grid's y/z range");
+}
+
+unsigned row_blocks(int64_t rows) {
+  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  DPO_ASSERT(blocks <= INT_MAX, "attention: B*NH*T rows exceed the grid's x range");
+  return static_cast<unsigned>(blocks);
+}
+
+}  // namespace
+
+void attention_forward(CudaContext& ctx, float* out, float* att, const float* qkv, const int32_t* keymask, int64_t B,
+                       int64_t T, int64_t C, int64_t NH) {
+  DPO_NVTX_RANGE("attention_forward");
+  if (B == 0 || T == 0) return;
+  check_shape("attention_forward", B, T, C, NH);
+  const int64_t C3 = 3 * C, hs = C / NH, TT = T * T;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hs)));
+
+  GemmParams s{};  // att <- scale * Q K^T (raw scores)
+  s.a = {qkv, T * C3, hs, C3, 1};
+  s.b = {qkv + C, T * C3, hs, 1, C3};
+  s.c = {att, NH * TT, TT, T};
+  s.M = T, s.N = T, s.K = hs, s.NH = NH, s.alpha = scale;
+  launch_tri_gemm<Tri::kLowerTiles, true, true, false>(ctx, s, B * NH);
+
+  const int64_t rows = B * NH * T;
+  softmax_forward_kernel<<<row_blocks(rows), kRowsPerBlock * 32, 0, ctx.stream()>>>(att, keymask, rows, T, NH);
+  DPO_CUDA_CHECK(cudaGetLastError());
+
+  GemmParams o{};  // out = att V
+  o.a = {att, NH * TT, TT, T, 1};
+  o.b = {qkv + 2 * C, T * C3, hs, C3, 1};
+  o.c = {out, T * C, hs, C};
+  o.M = T, o.N = hs, o.K = T, o.NH = NH, o.alpha = 1.0f;
+  launch_tri_gemm<Tri::kKUpToRow, true, false, false>(ctx, o, B * NH);
+}
+
+void attention_backward(CudaContext& ctx, float* dqkv, const float* dout, const float* qkv, const float* att,
+                        int64_t B, int64_t T, int64_t C, int64_t NH) {
+  DPO_NVTX_RANGE("attention_backward");
+  if (B == 0 || T == 0) return;
+  check_shape("attention_backward", B, T, C, NH);
+  const int64_t C3 = 3 * C, hs = C / NH, TT = T * T;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hs)));
+  // dS scratch [B,NH,T,T]; released with cudaFreeAsync on the stream after the kernels below.
+  const auto scratch = ctx.alloc(B * NH * TT * static_cast<int64_t>(sizeof(float)));
+  float* ds = static_cast<float*>(scratch->data());
+
+  GemmParams dp{};  // ds <- dO V^T
+  dp.a = {dout, T * C, hs, C, 1};
+  dp.b = {qkv + 2 * C, T * C3, hs, 1, C3};
+  dp.c = {ds, NH * TT, TT, T};
+  dp.M = T, dp.N = T, dp.K = hs, dp.NH = NH, dp.alpha = 1.0f;
+  launch_tri_gemm<Tri::kLowerTiles, true, true, false>(ctx, dp, B * NH);
+
+  const int64_t rows = B * NH * T;
+  softmax_backward_kernel<<<row_blocks(rows), kRowsPerBlock * 32, 0, ctx.stream()>>>(ds, att, rows, T, scale);
+  DPO_CUDA_CHECK(cudaGetLastError());
+
+  GemmParams dv{};  // dV += att^T dO: A(m = s, k = t) = att[t, s]
+  dv.a = {att, NH * TT, TT, 1, T};
+  dv.b = {dout, T * C, hs, C, 1};
+  dv.c = {dqkv + 2 * C, T * C3, hs, C3};
+  dv.M = T, dv.N = hs, dv.K = T, dv.NH = NH, dv.alpha = 1.0f;
+  launch_tri_gemm<Tri::kKFromRow, false, false, true>(ctx, dv, B * NH);
+
+  GemmParams dq{};  // dQ += dS K
+  dq.a = {ds, NH * TT, TT, T, 1};
+  dq.b = {qkv + C, T * C3, hs, C3, 1};
+  dq.c = {dqkv, T * C3, hs, C3};
+  dq.M = T, dq.N = hs, dq.K = T, dq.NH = NH, dq.alpha = 1.0f;
+  launch_tri_gemm<Tri::kKUpToRow, true, false, true>(ctx, dq, B * NH);
+
+  GemmParams dk{};  // dK += dS^T Q: A(m = s, k = t) = dS[t, s]
+  dk.a = {ds, NH * TT, TT, 1, T};
+  dk.b = {qkv, T * C3, hs, C3, 1};
+  dk.c = {dqkv + C, T * C3, hs, C3};
+  dk.M = T, dk.N = hs, dk.K = T, dk.NH = NH, dk.alpha = 1.0f;
+  launch_tri_gemm<Tri::kKFromRow, false, false, true>(ctx, dk, B * NH);
+}
+
+}  // namespace dpo::cuda

@@ -1,0 +1,19 @@
+// GELU, tanh form (GPT-2's "gelu_new"), on the GPU. Contract: kernels/gelu.h (CPU twin cpu::gelu_forward/backward).
+//   gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+//   forward : out[N] = gelu(inp)                 (=; out may alias inp)
+//   backward: dinp[N] += dout * gelu'(inp)       (+=)
+// float only, the CPU twin's formula term for term; results differ from it by tanhf's error (<= 2 ulp, CUDA math
+// API) against the host libm's, i.e. float round-off. 64-bit indices; asynchronous on ctx.stream().
+#pragma once
+#include <cstdint>
+
+namespace dpo {
+class CudaContext;
+}
+
+namespace dpo::cuda {
+
+void gelu_forward(CudaContext& ctx, float* out, const float* inp, int64_t N);
+void gelu_backward(CudaContext& ctx, float* dinp, const float* dout, const float* inp, int64_t N);
+
+}  // namespace dpo::cuda

@@ -1,0 +1,150 @@
+#include "kernels/layernorm.cuh"
+
+#include <algorithm>
+#include <string>
+
+#include "runtime/cuda/cuda_check.h"
+#include "runtime/cuda/cuda_context.h"
+#include "runtime/cuda/nvtx.h"
+
+namespace dpo::cuda {
+
+constexpr int kWarpSize = 32;
+constexpr int kWarpsPerBlock = 8;    // rows per block in the warp-per-row kernels
+constexpr int kChannelTile = 128;    // dw/db: channels per block
+constexpr int64_t kMaxChunks = 512;  // dw/db: at most this many row chunks (partials per channel)
+constexpr int64_t kMinChunkRows = 32;
+
+// Butterfly sum: every lane ends with bitwise the same value (float addition is commutative, and at each level lane
+// i and lane i^o add the same two numbers).
+static __device__ float warp_sum(float v) {
+  for (int o = kWarpSize / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+static __global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, const float* inp, const float* w,
+                                                const float* b, int64_t N, int64_t C, float eps) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x % kWarpSize);
+  if (row >= N) return;  // the whole warp leaves together
+  const float* x = inp + row * C;
+  const float x0 = x[0];
+  const float fc = static_cast<float>(C);
+  float s = 0.0f;
+  for (int64_t c = lane; c < C; c += kWarpSize) s += x[c] - x0;
+  const float delta = warp_sum(s) / fc;  // mean - x0
+  float v = 0.0f;
+  for (int64_t c = lane; c < C; c += kWarpSize) {
+    const float d = (x[c] - x0) - delta;
+    v += d * d;
+  }
+  const float var = warp_sum(v) / fc;
+  const float rs = 1.0f / sqrtf(var + eps);
+  float* o = out + row * C;
+  for (int64_t c = lane; c < C; c += kWarpSize) o[c] = ((x[c] - x0) - delta) * rs * w[c] + b[c];
+  if (lane == 0) {
+    mean[row] = x0 + delta;
+    rstd[row] = rs;
+  }
+}
+
+static __global__ void layernorm_backward_dinp_kernel(float* dinp, const float* dout, const float* inp, const float* w,
+                                                      const float* mean, const float* rstd, int64_t N, int64_t C) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  const int lane = static_cast<int>(threadIdx.x % kWarpSize);
+  if (row >= N) return;
+  const float* x = inp + row * C;
+  const float* d = dout + row * C;
+  const float m = mean[row], s = rstd[row];
+  const float fc = static_cast<float>(C);
+  float dnorm = 0.0f, dnorm_xn = 0.0f;
+  for (int64_t c = lane; c < C; c += kWarpSize) {
+    const float xn = (x[c] - m) * s;
+    const float dn = w[c] * d[c];
+    dnorm += dn;
+    dnorm_xn += dn * xn;
+  }
+  const float dnorm_mean = warp_sum(dnorm) / fc;
+  const float dnorm_norm_mean = warp_sum(dnorm_xn) / fc;
+  float* di = dinp + row * C;
+  for (int64_t c = lane; c < C; c += kWarpSize) {
+    const float xn = (x[c] - m) * s;
+    const float dn = w[c] * d[c];
+    di[c] += (dn - dnorm_mean - xn * dnorm_norm_mean) * s;
+  }
+}
+
+// Pass 1: block (j, r) sums rows [r*chunk_rows, ...) for channels [j*kChannelTile, ...), rows in ascending order.
+static __global__ void layernorm_backward_partial_kernel(float* pw, float* pb, const float* dout, const float* inp,
+                                                         const float* mean, const float* rstd, int64_t N, int64_t C,
+                                                         int64_t chunk_rows) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kChannelTile + threadIdx.x;
+  const int64_t r = blockIdx.y;
+  if (c >= C) return;
+  const int64_t n0 = r * chunk_rows;
+  const int64_t n1 = n0 + chunk_rows < N ? n0 + chunk_rows : N;
+  float sw = 0.0f, sb = 0.0f;
+  for (int64_t n = n0; n < n1; ++n) {
+    const float d = dout[n * C + c];
+    sw += d * ((inp[n * C + c] - mean[n]) * rstd[n]);
+    sb += d;
+  }
+  pw[r * C + c] = sw;
+  pb[r * C + c] = sb;
+}
+
+// Pass 2: one thread per channel adds the chunks' partials in chunk order, then accumulates into dw, db.
+static __global__ void layernorm_backward_reduce_kernel(float* dw, float* db, const float* pw, const float* pb,
+                                                        int64_t chunks, int64_t C) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  float sw = 0.0f, sb = 0.0f;
+  for (int64_t r = 0; r < chunks; ++r) {
+    sw += pw[r * C + c];
+    sb += pb[r * C + c];
+  }
+  dw[c] += sw;
+  db[c] += sb;
+}
+
+static unsigned row_blocks(int64_t N, const char* fn) {
+  const int64_t blocks = (N + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  DPO_ASSERT(blocks <= INT32_MAX, std::string(fn) + ": N = " + std::to_string(N) + " exceeds one launch");
+  return static_cast<unsigned>(blocks);
+}
+
+void layernorm_forward(CudaContext& ctx, float* out, float* mean, float* rstd, const float* inp, const float* w,
+                       const float* b, int64_t N, int64_t C, double eps) {
+  DPO_NVTX_RANGE("layernorm_forward");
+  if (N <= 0 || C <= 0) return;
+  layernorm_forward_kernel<<<row_blocks(N, "layernorm_forward"), kWarpsPerBlock * kWarpSize, 0, ctx.stream()>>>(
+      out, mean, rstd, inp, w, b, N, C, static_cast<float>(eps));
+  DPO_CUDA_CHECK(cudaGetLastError());
+}
+
+void layernorm_backward(CudaContext& ctx, float* dinp, float* dw, float* db, const float* dout, const float* inp,
+                        const float* w, const float* mean, const float* rstd, int64_t N, int64_t C) {
+  DPO_NVTX_RANGE("layernorm_backward");
+  if (N <= 0 || C <= 0) return;
+  layernorm_backward_dinp_kernel<<<row_blocks(N, "layernorm_backward"), kWarpsPerBlock * kWarpSize, 0, ctx.stream()>>>(
+      dinp, dout, inp, w, mean, rstd, N, C);
+  DPO_CUDA_CHECK(cudaGetLastError());
+
+  // The chunking depends on N only, never on the device, so the summation order is fixed.
+  const int64_t chunk_rows = std::max(kMinChunkRows, (N + kMaxChunks - 1) / kMaxChunks);
+  const int64_t chunks = (N + chunk_rows - 1) / chunk_rows;
+  const int64_t tiles = (C + kChannelTile - 1) / kChannelTile;
+  DPO_ASSERT(tiles <= INT32_MAX, "layernorm_backward: C = " + std::to_string(C) + " exceeds one launch");
+  auto scratch = ctx.alloc(2 * chunks * C * static_cast<int64_t>(sizeof(float)));
+  float* pw = static_cast<float*>(scratch->data());
+  float* pb = pw + chunks * C;
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks));
+  layernorm_backward_partial_kernel<<<grid, kChannelTile, 0, ctx.stream()>>>(pw, pb, dout, inp, mean, rstd, N, C,
+                                                                             chunk_rows);
+  DPO_CUDA_CHECK(cudaGetLastError());
+  layernorm_backward_reduce_kernel<<<static_cast<unsigned>(tiles), kChannelTile, 0, ctx.stream()>>>(dw, db, pw, pb,
+                                                                                                    chunks, C);
+  DPO_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace dpo::cuda

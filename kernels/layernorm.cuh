@@ -1,0 +1,30 @@
+// LayerNorm over the last dimension on the GPU. Contract: kernels/layernorm.h (CPU twin cpu::layernorm_forward/
+// backward).
+//   forward : out[N,C] = (inp - mean) * rstd * w + b;  mean[N], rstd[N] saved for backward   (=)
+//             rstd = 1 / sqrt(var + eps), var = mean((inp - mean)^2)  (biased)
+//   backward: dinp[N,C] += ..., dw[C] += ..., db[C] += ...                                  (+=)
+//             dinp must not alias dout or inp.
+// Precision: float storage, fp32 statistics (the CPU twin uses double). To keep fp32 accurate when |mean| >> std
+// (GPT-2's residual stream has such channels), the forward works on x - x[0] (the shifted-data algorithm): the
+// shift is exact for x near x[0], and the sums then carry the spread of the row, not its offset. Mean and variance
+// are two passes over the row, as in the CPU twin.
+// Layout: forward and the dinp part of backward use one warp per row (lanes stride over C, butterfly shuffles).
+// dw/db are deterministic, with no atomics: pass 1 splits the rows into a fixed number of chunks (a function of N
+// only) and writes one partial per (chunk, channel); pass 2 adds the partials of each channel in chunk order. The
+// same inputs give bitwise the same result on every run and every GPU.
+// 64-bit indices; asynchronous on ctx.stream(); pass-1 scratch comes from ctx.alloc (stream-ordered).
+#pragma once
+#include <cstdint>
+
+namespace dpo {
+class CudaContext;
+}
+
+namespace dpo::cuda {
+
+void layernorm_forward(CudaContext& ctx, float* out, float* mean, float* rstd, const float* inp, const float* w,
+                       const float* b, int64_t N, int64_t C, double eps);
+void layernorm_backward(CudaContext& ctx, float* dinp, float* dw, float* db, const float* dout, const float* inp,
+                        const float* w, const float* mean, const float* rstd, int64_t N, int64_t C);
+
+}  // namespace dpo::cuda

@@ -1,0 +1,29 @@
+// Fused log-softmax + target gather + per-sequence masked sum on the GPU; the contract of the CPU twin
+// (kernels/logprob.h):
+//   logits[B,T,V], targets[B,T] int32, weights[B,T] (completion mask; any real, 0 = ignored).
+//   lp[b,t] = logits[b,t,targets[b,t]] - logsumexp(logits[b,t,:])        where weights[b,t] != 0, else 0
+//   forward : seq_logp[B] = sum_t weights[b,t] * lp[b,t]                   (=)
+//             token_logp[B,T] = lp (skipped if null)                       (=)
+//   backward: dlogits[b,t,:] = dseq[b] * weights[b,t] * (onehot(targets[b,t]) - softmax(logits[b,t,:]))   (=)
+//             rows with weight 0 are set to 0. dlogits may alias logits (in place); no other aliasing.
+// float storage, fp32 log-sum-exp (online max / sum of exponentials), the per-sequence sum in double.
+// Targets: the CPU twin throws on a target outside [0, V) with a non-zero weight; here the data pipeline is trusted
+// to have validated the ids (no device-to-host sync to check them). Such a target never causes an out-of-bounds
+// access: its lp is NaN (so seq_logp[b] is NaN) and its dlogits row is all NaN, which the trainer's non-finite
+// loss/gradient checks report. Targets with weight 0 are never read.
+// Deterministic: fixed reduction trees, no atomics; repeated calls give bitwise-equal results.
+// The forward takes a B*T-float stream-ordered scratch from ctx.alloc when token_logp is null.
+#pragma once
+#include <cstdint>
+
+#include "runtime/cuda/cuda_context.h"
+
+namespace dpo::cuda {
+
+void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, const float* logits,
+                     const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V);
+
+void logprob_backward(CudaContext& ctx, float* dlogits, const float* logits, const int32_t* targets,
+                      const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V);
+
+}  // namespace dpo::cuda

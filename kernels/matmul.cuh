@@ -1,0 +1,24 @@
+// Dense layer on the GPU: cuBLASLt in FP32 compute, the same contract as the CPU twin (kernels/matmul.h).
+//   WeightLayout::InOut  w is [C, OC] row-major (HF Conv1D).  WeightLayout::OutIn  w is [OC, C] (nn.Linear, wte).
+//   forward : out[N,OC]  = inp[N,C] @ W + bias[OC]             (=; bias may be null)
+//   backward: dinp[N,C] += dout[N,OC] @ W^T                     (+=; skipped if dinp is null)
+//             dw        += inp^T @ dout in w's layout           (+=; skipped if dw is null)
+//             dbias[OC] += sum over n of dout[n,:]              (+=; skipped if dbias is null)
+// float only, all pointers device pointers, asynchronous on ctx.stream(). out must not alias inp or w; the
+// gradient outputs must not alias each other or the inputs. Bitwise reproducible run to run on one GPU model (cuBLAS
+// guarantees this for cublasLtMatmul with a caller-owned workspace on one stream; dbias is a fixed-order reduction).
+#pragma once
+#include <cstdint>
+
+#include "kernels/common.h"
+#include "runtime/cuda/cuda_context.h"
+
+namespace dpo::cuda {
+
+void matmul_forward(CudaContext& ctx, float* out, const float* inp, const float* w, const float* bias, int64_t N,
+                    int64_t C, int64_t OC, WeightLayout layout);
+
+void matmul_backward(CudaContext& ctx, float* dinp, float* dw, float* dbias, const float* dout, const float* inp,
+                     const float* w, int64_t N, int64_t C, int64_t OC, WeightLayout layout);
+
+}  // namespace dpo::cuda

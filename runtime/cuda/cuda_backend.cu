@@ -1,0 +1,422 @@
+// CudaBackend: boundary checks (shapes, dtypes, device of every tensor), then one launcher call per op. See
+// cuda_backend.h for where the host waits.
+#include "runtime/cuda/cuda_backend.h"
+
+#include <cstring>
+#include <string>
+#include <utility>
+
+#include "kernels/adamw.cuh"
+#include "kernels/attention.cuh"
+#include "kernels/elementwise.cuh"
+#include "kernels/encoder.cuh"
+#include "kernels/gelu.cuh"
+#include "kernels/layernorm.cuh"
+#include "kernels/logprob.cuh"
+#include "kernels/matmul.cuh"
+#include "kernels/residual.cuh"
+#include "runtime/cuda/cuda_check.h"
+#include "runtime/safetensors.h"
+
+namespace dpo {
+
+namespace {
+
+std::string arg(const char* name, const std::string& what) { return std::string(name) + ": " + what; }
+
+void check_host(const Tensor& t, const char* name) {
+  if (!t.defined()) throw Error(arg(name, "tensor is undefined"));
+  if (t.device().kind != DeviceKind::CPU)
+    throw Error(arg(name, "expected a host tensor, got one on " + t.device().str()));
+}
+
+void check_same_shape(const Tensor& a, const Tensor& b, const char* what) {
+  if (a.shape() != b.shape())
+    throw Error(arg(what, "shapes " + shape_str(a.shape()) + " and " + shape_str(b.shape()) + " differ"));
+}
+
+float* f32(const Tensor& t) { return t.data<float>(); }
+float* opt_f32(const Tensor& t) { return t.defined() ? t.data<float>() : nullptr; }
+
+// Page-locked host memory is read by the DMA engine after cudaMemcpyAsync returns, so a copy from it must finish
+// before the caller may reuse the buffer. When the query fails, assume it is page-locked (the safe side).
+bool is_page_locked(const void* p) {
+  cudaPointerAttributes a{};
+  if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+    cudaGetLastError();  // clear the (non-sticky) error
+    return true;
+  }
+  return a.type == cudaMemoryTypeHost;
+}
+
+bool overlap(const Tensor& a, const Tensor& b) {
+  const char* pa = static_cast<const char*>(a.raw());
+  const char* pb = static_cast<const char*>(b.raw());
+  return pa < pb + b.nbytes() && pb < pa + a.nbytes();
+}
+
+}  // namespace
+
+CudaBackend::CudaBackend(int device) {
+  const int n = CudaContext::device_count();
+  if (device < 0 || device >= n)
+    throw Error("CUDA device " + std::to_string(device) + " does not exist (this machine has " + std::to_string(n) +
+                " CUDA device" + (n == 1 ? "" : "s") + ")");
+  ctx_ = std::make_shared<CudaContext>(device);
+}
+
+Device CudaBackend::device() const { return Device{DeviceKind::CUDA, ctx_->device()}; }
+
+void CudaBackend::check_device(const Tensor& t, const char* name) const {
+  if (!t.defined()) throw Error(arg(name, "tensor is undefined"));
+  if (!(t.device() == device()))
+    throw Error(arg(name, "tensor is on " + t.device().str() + ", this backend is " + device().str()));
+}
+
+void CudaBackend::check_f32(const Tensor& t, const char* name) const {
+  check_device(t, name);
+  if (t.dtype() != DType::F32)
+    throw Error(arg(name, std::string("the CUDA backend takes F32, got ") + dtype_name(t.dtype())));
+}
+
+void CudaBackend::check_i32(const Tensor& t, const char* name) const {
+  check_device(t, name);
+  check_dtype(t, DType::I32, name);
+}
+
+// --- memory -------------------------------------------------------------------------------------------------------
+
+Tensor CudaBackend::empty(Shape shape, DType dtype) {
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    DPO_ASSERT(d >= 0, "empty: negative dimension in " + shape_str(shape));
+    n *= d;
+  }
+  const int64_t bytes = n * dtype_size(dtype);
+  std::shared_ptr<Buffer> inner = ctx_->alloc(bytes);
+  void* p = inner->data();
+  // The outer buffer keeps the context alive until the memory is released (in stream order, on its stream).
+  auto release = [inner, ctx = ctx_](void*) mutable {
+    inner.reset();
+    ctx.reset();
+  };
+  return Tensor(std::make_shared<Buffer>(p, bytes, device(), std::move(release)), 0, dtype, std::move(shape));
+}
+
+void CudaBackend::fill_zero(const Tensor& t) {
+  check_device(t, "fill_zero");
+  if (t.nbytes() == 0) return;
+  DPO_CUDA_CHECK(cudaMemsetAsync(t.raw(), 0, static_cast<size_t>(t.nbytes()), ctx_->stream()));
+}
+
+void CudaBackend::copy_from_host(const Tensor& dst, const Tensor& src) {
+  check_device(dst, "copy_from_host dst");
+  check_host(src, "copy_from_host src");
+  check_same_shape(dst, src, "copy_from_host");
+  if (dst.nbytes() == 0) return;
+  if (dst.dtype() == src.dtype()) {
+    DPO_CUDA_CHECK(cudaMemcpyAsync(dst.raw(), src.raw(), static_cast<size_t>(src.nbytes()), cudaMemcpyHostToDevice,
+                                   ctx_->stream()));
+    if (is_page_locked(src.raw())) ctx_->synchronize();
+    return;
+  }
+  // Convert on the host into pageable staging memory; cudaMemcpyAsync has staged it before it returns, so the
+  // temporary may be freed at the end of this scope without a sync.
+  const Tensor staged = convert_host(src, dst.dtype(), "copy_from_host");
+  DPO_CUDA_CHECK(cudaMemcpyAsync(dst.raw(), staged.raw(), static_cast<size_t>(staged.nbytes()), cudaMemcpyHostToDevice,
+                                 ctx_->stream()));
+}
+
+void CudaBackend::copy_to_host(const Tensor& dst, const Tensor& src) {
+  check_host(dst, "copy_to_host dst");
+  check_device(src, "copy_to_host src");
+  check_same_shape(dst, src, "copy_to_host");
+  if (dst.nbytes() == 0) return;
+  if (dst.dtype() == src.dtype()) {
+    DPO_CUDA_CHECK(cudaMemcpyAsync(dst.raw(), src.raw(), static_cast<size_t>(src.nbytes()), cudaMemcpyDeviceToHost,
+                                   ctx_->stream()));
+    ctx_->synchronize();  // the caller reads dst on return
+    return;
+  }
+  const Tensor staged = Tensor::host(src.shape(), src.dtype());
+  DPO_CUDA_CHECK(cudaMemcpyAsync(staged.raw(), src.raw(), static_cast<size_t>(src.nbytes()), cudaMemcpyDeviceToHost,
+                                 ctx_->stream()));
+  ctx_->synchronize();
+  const Tensor c = convert_host(staged, dst.dtype(), "copy_to_host");
+  std::memcpy(dst.raw(), c.raw(), static_cast<size_t>(c.nbytes()));
+}
+
+void CudaBackend::copy(const Tensor& dst, const Tensor& src) {
+  check_device(dst, "copy dst");
+  check_device(src, "copy src");
+  check_same_dtype(dst, src, "copy dst", "copy src");
+  DPO_ASSERT(dst.numel() == src.numel(), "copy: sizes differ");
+  if (dst.nbytes() == 0 || dst.raw() == src.raw()) return;
+  DPO_ASSERT(!overlap(dst, src), "copy: dst and src overlap");
+  DPO_CUDA_CHECK(cudaMemcpyAsync(dst.raw(), src.raw(), static_cast<size_t>(src.nbytes()), cudaMemcpyDeviceToDevice,
+                                 ctx_->stream()));
+}
+
+void CudaBackend::synchronize() { ctx_->synchronize(); }
+
+// --- GPT-2 ops ----------------------------------------------------------------------------------------------------
+
+void CudaBackend::encoder_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte, const Tensor& wpe) {
+  check_f32(out, "encoder out");
+  check_i32(tokens, "encoder tokens");
+  check_f32(wte, "encoder wte");
+  check_f32(wpe, "encoder wpe");
+  DPO_ASSERT(tokens.dim() == 2 && wte.dim() == 2 && wpe.dim() == 2,
+             "encoder: tokens, wte and wpe must be 2-D, got " + shape_str(tokens.shape()) + ", " +
+                 shape_str(wte.shape()) + ", " + shape_str(wpe.shape()));
+  const int64_t B = tokens.size(0), T = tokens.size(1), V = wte.size(0), C = wte.size(1);
+  check_shape(out, {B, T, C}, "encoder out");
+  DPO_ASSERT(wpe.size(0) >= T && wpe.size(1) == C, "wpe " + shape_str(wpe.shape()) + " for T=" + std::to_string(T));
+  cuda::encoder_forward(*ctx_, f32(out), tokens.data<int32_t>(), f32(wte), f32(wpe), B, T, C, V);
+}
+
+void CudaBackend::encoder_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens) {
+  check_f32(dwte, "encoder dwte");
+  check_f32(dwpe, "encoder dwpe");
+  check_f32(dout, "encoder dout");
+  check_i32(tokens, "encoder tokens");
+  DPO_ASSERT(tokens.dim() == 2 && dwte.dim() == 2 && dwpe.dim() == 2,
+             "encoder: tokens, dwte and dwpe must be 2-D, got " + shape_str(tokens.shape()) + ", " +
+                 shape_str(dwte.shape()) + ", " + shape_str(dwpe.shape()));
+  const int64_t B = tokens.size(0), T = tokens.size(1), V = dwte.size(0), C = dwte.size(1);
+  check_shape(dout, {B, T, C}, "encoder dout");
+  DPO_ASSERT(dwpe.size(0) >= T && dwpe.size(1) == C, "dwpe " + shape_str(dwpe.shape()) + " for T=" + std::to_string(T));
+  cuda::encoder_backward(*ctx_, f32(dwte), f32(dwpe), f32(dout), tokens.data<int32_t>(), B, T, C, V);
+}
+
+void CudaBackend::layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp,
+                                    const Tensor& w, const Tensor& b, double eps) {
+  check_f32(inp, "layernorm inp");
+  check_f32(out, "layernorm out");
+  check_f32(mean, "layernorm mean");
+  check_f32(rstd, "layernorm rstd");
+  check_f32(w, "layernorm w");
+  check_f32(b, "layernorm b");
+  const int64_t C = inp.size(-1);
+  DPO_ASSERT(C > 0, "layernorm inp " + shape_str(inp.shape()) + " has no channels");
+  const int64_t N = inp.numel() / C;
+  check_shape(out, inp.shape(), "layernorm out");
+  check_shape(w, {C}, "layernorm w");
+  check_shape(b, {C}, "layernorm b");
+  DPO_ASSERT(mean.numel() == N && rstd.numel() == N, "layernorm mean/rstd must have N elements");
+  cuda::layernorm_forward(*ctx_, f32(out), f32(mean), f32(rstd), f32(inp), f32(w), f32(b), N, C, eps);
+}
+
+void CudaBackend::layernorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& db, const Tensor& dout,
+                                     const Tensor& inp, const Tensor& w, const Tensor& mean, const Tensor& rstd) {
+  check_f32(inp, "layernorm inp");
+  check_f32(dinp, "layernorm dinp");
+  check_f32(dw, "layernorm dw");
+  check_f32(db, "layernorm db");
+  check_f32(dout, "layernorm dout");
+  check_f32(w, "layernorm w");
+  check_f32(mean, "layernorm mean");
+  check_f32(rstd, "layernorm rstd");
+  const int64_t C = inp.size(-1);
+  DPO_ASSERT(C > 0, "layernorm inp " + shape_str(inp.shape()) + " has no channels");
+  const int64_t N = inp.numel() / C;
+  check_shape(dinp, inp.shape(), "layernorm dinp");
+  check_shape(dout, inp.shape(), "layernorm dout");
+  check_shape(dw, {C}, "layernorm dw");
+  check_shape(db, {C}, "layernorm db");
+  check_shape(w, {C}, "layernorm w");
+  DPO_ASSERT(mean.numel() == N && rstd.numel() == N, "layernorm mean/rstd must have N elements");
+  cuda::layernorm_backward(*ctx_, f32(dinp), f32(dw), f32(db), f32(dout), f32(inp), f32(w), f32(mean), f32(rstd), N, C);
+}
+
+namespace {
+
+void matmul_dims(const Tensor& inp, const Tensor& w, WeightLayout layout, int64_t* N, int64_t* C, int64_t* OC) {
+  *C = inp.size(-1);
+  DPO_ASSERT(*C > 0, "matmul inp " + shape_str(inp.shape()) + " has no channels");
+  *N = inp.numel() / *C;
+  DPO_ASSERT(w.dim() == 2, "matmul w must be 2-D, got " + shape_str(w.shape()));
+  const int64_t wc = layout == WeightLayout::InOut ? w.size(0) : w.size(1);
+  *OC = layout == WeightLayout::InOut ? w.size(1) : w.size(0);
+  DPO_ASSERT(wc == *C, "matmul: inp " + shape_str(inp.shape()) + " does not match w " + shape_str(w.shape()));
+}
+
+}  // namespace
+
+void CudaBackend::matmul_forward(const Tensor& out, const Tensor& inp, const Tensor& w, const Tensor& bias,
+                                 WeightLayout layout) {
+  check_f32(inp, "matmul inp");
+  check_f32(w, "matmul w");
+  check_f32(out, "matmul out");
+  if (bias.defined()) check_f32(bias, "matmul bias");
+  int64_t N, C, OC;
+  matmul_dims(inp, w, layout, &N, &C, &OC);
+  DPO_ASSERT(out.numel() == N * OC && out.size(-1) == OC, "matmul out " + shape_str(out.shape()));
+  if (bias.defined()) check_shape(bias, {OC}, "matmul bias");
+  cuda::matmul_forward(*ctx_, f32(out), f32(inp), f32(w), opt_f32(bias), N, C, OC, layout);
+}
+
+void CudaBackend::matmul_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dbias, const Tensor& dout,
+                                  const Tensor& inp, const Tensor& w, WeightLayout layout) {
+  check_f32(inp, "matmul inp");
+  check_f32(w, "matmul w");
+  check_f32(dout, "matmul dout");
+  int64_t N, C, OC;
+  matmul_dims(inp, w, layout, &N, &C, &OC);
+  DPO_ASSERT(dout.numel() == N * OC, "matmul dout " + shape_str(dout.shape()));
+  if (dinp.defined()) {
+    check_f32(dinp, "matmul dinp");
+    check_shape(dinp, inp.shape(), "matmul dinp");
+  }
+  if (dw.defined()) {
+    check_f32(dw, "matmul dw");
+    check_shape(dw, w.shape(), "matmul dw");
+  }
+  if (dbias.defined()) {
+    check_f32(dbias, "matmul dbias");
+    check_shape(dbias, {OC}, "matmul dbias");
+  }
+  cuda::matmul_backward(*ctx_, opt_f32(dinp), opt_f32(dw), opt_f32(dbias), f32(dout), f32(inp), f32(w), N, C, OC,
+                        layout);
+}
+
+void CudaBackend::attention_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& keymask,
+                                    int64_t n_head) {
+  check_f32(qkv, "attention qkv");
+  check_f32(out, "attention out");
+  check_f32(saved, "attention saved");
+  DPO_ASSERT(qkv.dim() == 3 && n_head > 0, "attention qkv must be [B,T,3C], got " + shape_str(qkv.shape()));
+  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
+  DPO_ASSERT(qkv.size(2) == 3 * C && C % n_head == 0, "attention qkv " + shape_str(qkv.shape()));
+  check_shape(out, {B, T, C}, "attention out");
+  check_shape(saved, attention_saved_shape(B, T, n_head), "attention saved");
+  if (keymask.defined()) {
+    check_i32(keymask, "attention keymask");
+    check_shape(keymask, {B, T}, "attention keymask");
+  }
+  cuda::attention_forward(*ctx_, f32(out), f32(saved), f32(qkv), keymask.defined() ? keymask.data<int32_t>() : nullptr,
+                          B, T, C, n_head);
+}
+
+void CudaBackend::attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
+                                     int64_t n_head) {
+  check_f32(qkv, "attention qkv");
+  check_f32(dqkv, "attention dqkv");
+  check_f32(dout, "attention dout");
+  check_f32(saved, "attention saved");
+  DPO_ASSERT(qkv.dim() == 3 && n_head > 0, "attention qkv must be [B,T,3C], got " + shape_str(qkv.shape()));
+  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
+  DPO_ASSERT(qkv.size(2) == 3 * C && C % n_head == 0, "attention qkv " + shape_str(qkv.shape()));
+  check_shape(dqkv, qkv.shape(), "attention dqkv");
+  check_shape(dout, {B, T, C}, "attention dout");
+  check_shape(saved, attention_saved_shape(B, T, n_head), "attention saved");
+  cuda::attention_backward(*ctx_, f32(dqkv), f32(dout), f32(qkv), f32(saved), B, T, C, n_head);
+}
+
+void CudaBackend::gelu_forward(const Tensor& out, const Tensor& inp) {
+  check_f32(inp, "gelu inp");
+  check_f32(out, "gelu out");
+  check_shape(out, inp.shape(), "gelu out");
+  cuda::gelu_forward(*ctx_, f32(out), f32(inp), inp.numel());
+}
+
+void CudaBackend::gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) {
+  check_f32(inp, "gelu inp");
+  check_f32(dinp, "gelu dinp");
+  check_f32(dout, "gelu dout");
+  check_shape(dinp, inp.shape(), "gelu dinp");
+  check_shape(dout, inp.shape(), "gelu dout");
+  cuda::gelu_backward(*ctx_, f32(dinp), f32(dout), f32(inp), inp.numel());
+}
+
+void CudaBackend::residual_forward(const Tensor& out, const Tensor& a, const Tensor& b) {
+  check_f32(a, "residual a");
+  check_f32(b, "residual b");
+  check_f32(out, "residual out");
+  check_shape(b, a.shape(), "residual b");
+  check_shape(out, a.shape(), "residual out");
+  cuda::residual_forward(*ctx_, f32(out), f32(a), f32(b), a.numel());
+}
+
+void CudaBackend::residual_backward(const Tensor& da, const Tensor& db, const Tensor& dout) {
+  check_f32(dout, "residual dout");
+  check_f32(da, "residual da");
+  check_f32(db, "residual db");
+  check_shape(da, dout.shape(), "residual da");
+  check_shape(db, dout.shape(), "residual db");
+  cuda::residual_backward(*ctx_, f32(da), f32(db), f32(dout), dout.numel());
+}
+
+void CudaBackend::logprob_forward(const Tensor& seq_logp, const Tensor& token_logp, const Tensor& logits,
+                                  const Tensor& targets, const Tensor& weights) {
+  check_f32(logits, "logprob logits");
+  check_i32(targets, "logprob targets");
+  check_f32(weights, "logprob weights");
+  check_f32(seq_logp, "logprob seq_logp");
+  DPO_ASSERT(logits.dim() == 3, "logprob logits must be [B,T,V], got " + shape_str(logits.shape()));
+  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
+  check_shape(targets, {B, T}, "logprob targets");
+  check_shape(weights, {B, T}, "logprob weights");
+  check_shape(seq_logp, {B}, "logprob seq_logp");
+  if (token_logp.defined()) {
+    check_f32(token_logp, "logprob token_logp");
+    check_shape(token_logp, {B, T}, "logprob token_logp");
+  }
+  cuda::logprob_forward(*ctx_, f32(seq_logp), opt_f32(token_logp), f32(logits), targets.data<int32_t>(), f32(weights),
+                        B, T, V);
+}
+
+void CudaBackend::logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                                   const Tensor& weights, const Tensor& dseq) {
+  check_f32(logits, "logprob logits");
+  check_f32(dlogits, "logprob dlogits");
+  check_i32(targets, "logprob targets");
+  check_f32(weights, "logprob weights");
+  check_f32(dseq, "logprob dseq");
+  DPO_ASSERT(logits.dim() == 3, "logprob logits must be [B,T,V], got " + shape_str(logits.shape()));
+  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
+  check_shape(dlogits, logits.shape(), "logprob dlogits");
+  check_shape(targets, {B, T}, "logprob targets");
+  check_shape(weights, {B, T}, "logprob weights");
+  check_shape(dseq, {B}, "logprob dseq");
+  cuda::logprob_backward(*ctx_, f32(dlogits), f32(logits), targets.data<int32_t>(), f32(weights), f32(dseq), B, T, V);
+}
+
+// --- optimizer ops ------------------------------------------------------------------------------------------------
+
+void CudaBackend::adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                               const AdamWParams& p) {
+  check_f32(param, "adamw param");
+  check_f32(grad, "adamw grad");
+  check_f32(m, "adamw m");
+  check_f32(v, "adamw v");
+  check_shape(grad, param.shape(), "adamw grad");
+  check_shape(m, param.shape(), "adamw m");
+  check_shape(v, param.shape(), "adamw v");
+  DPO_ASSERT(p.step >= 1, "adamw step is 1-based, got " + std::to_string(p.step));
+  const Tensor* ts[4] = {&param, &grad, &m, &v};
+  const char* names[4] = {"param", "grad", "m", "v"};
+  for (int a = 0; a < 4; ++a)
+    for (int b = a + 1; b < 4; ++b)
+      DPO_ASSERT(!overlap(*ts[a], *ts[b]), std::string("adamw: ") + names[a] + " and " + names[b] + " overlap");
+  cuda::adamw_update(*ctx_, f32(param), f32(grad), f32(m), f32(v), param.numel(), p);
+}
+
+double CudaBackend::sum_squares(const Tensor& x) {
+  check_f32(x, "sum_squares x");
+  auto out = ctx_->alloc(static_cast<int64_t>(sizeof(double)));
+  cuda::sum_squares(*ctx_, static_cast<double*>(out->data()), f32(x), x.numel());
+  double s = 0.0;
+  DPO_CUDA_CHECK(cudaMemcpyAsync(&s, out->data(), sizeof(double), cudaMemcpyDeviceToHost, ctx_->stream()));
+  ctx_->synchronize();  // the one host sync: the caller needs the value now
+  return s;
+}
+
+void CudaBackend::scale(const Tensor& x, double s) {
+  check_f32(x, "scale x");
+  cuda::scale(*ctx_, f32(x), x.numel(), s);
+}
+
+std::unique_ptr<Backend> make_cuda_backend(int device) { return std::make_unique<CudaBackend>(device); }
+
+}  // namespace dpo

@@ -1,0 +1,91 @@
+// CudaBackend: the Backend op interface (runtime/backend.h) on one GPU, over the launchers in kernels/*.cuh and a
+// CudaContext (runtime/cuda/cuda_context.h). Model and trainer code see only Backend&.
+//
+// Tensors. Every floating argument of an op is F32 (F64/BF16/F16 throw dpo::Error naming the argument); token ids,
+// targets and masks are I32. Every tensor must live on this backend's device; the checks (defined, device, dtype,
+// shape) are those of CpuBackend plus device and dtype for every argument, once per call, before any launch.
+// empty() accepts any dtype (it is memory only), and copy_from_host / copy_to_host convert between floating dtypes
+// (or I32/I64) on the host, e.g. a host F64 parameter vector into a device F32 one.
+//
+// Streams and host syncs. Every op is enqueued on the context's single stream and returns without waiting. The
+// host blocks only in:
+//   - copy_to_host: the caller reads the host buffer on return (one cudaStreamSynchronize);
+//   - sum_squares: it returns a host double (the gradient-norm clip needs it on the host; one sync);
+//   - synchronize();
+//   - copy_from_host from page-locked host memory, so that the caller may reuse the buffer on return. From ordinary
+//     pageable memory (Tensor::host) cudaMemcpyAsync has staged the bytes before it returns, so no sync is needed.
+// Errors inside a kernel therefore surface at the next of these points (CUDA's asynchronous error model).
+//
+// Lifetime. Device tensors hold a reference to the context (stream, device), so a tensor may outlive the backend
+// that made it; the memory is freed in stream order on that stream. The calling thread's current device must be
+// this backend's device (the constructor selects it); one backend per device per process is the intended use.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "runtime/backend.h"
+#include "runtime/cuda/cuda_context.h"
+
+namespace dpo {
+
+class CudaBackend final : public Backend {
+ public:
+  // Selects `device` before anything else is created on it (throws dpo::Error for a device that does not exist).
+  explicit CudaBackend(int device);
+  ~CudaBackend() override = default;
+
+  CudaContext& context() { return *ctx_; }
+
+  Device device() const override;
+  std::string name() const override { return "cuda"; }
+
+  Tensor empty(Shape shape, DType dtype) override;
+  void fill_zero(const Tensor& t) override;
+  void copy_from_host(const Tensor& dst, const Tensor& host_src) override;
+  void copy_to_host(const Tensor& host_dst, const Tensor& src) override;
+  void copy(const Tensor& dst, const Tensor& src) override;
+  void synchronize() override;
+
+  void encoder_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte, const Tensor& wpe) override;
+  void encoder_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens) override;
+  void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp, const Tensor& w,
+                         const Tensor& b, double eps) override;
+  void layernorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& db, const Tensor& dout, const Tensor& inp,
+                          const Tensor& w, const Tensor& mean, const Tensor& rstd) override;
+  void matmul_forward(const Tensor& out, const Tensor& inp, const Tensor& w, const Tensor& bias,
+                      WeightLayout layout) override;
+  void matmul_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dbias, const Tensor& dout, const Tensor& inp,
+                       const Tensor& w, WeightLayout layout) override;
+  // The probabilities [B,NH,T,T], as on the CPU (kernels/attention.cuh).
+  Shape attention_saved_shape(int64_t B, int64_t T, int64_t NH) const override { return {B, NH, T, T}; }
+  void attention_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& keymask,
+                         int64_t n_head) override;
+  void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
+                          int64_t n_head) override;
+  void gelu_forward(const Tensor& out, const Tensor& inp) override;
+  void gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) override;
+  void residual_forward(const Tensor& out, const Tensor& a, const Tensor& b) override;
+  void residual_backward(const Tensor& da, const Tensor& db, const Tensor& dout) override;
+  // Targets outside [0, V) with a non-zero weight cannot be reported here without a device sync; see
+  // kernels/logprob.cuh for what the kernel does with them (the data pipeline validates every id).
+  void logprob_forward(const Tensor& seq_logp, const Tensor& token_logp, const Tensor& logits, const Tensor& targets,
+                       const Tensor& weights) override;
+  void logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets, const Tensor& weights,
+                        const Tensor& dseq) override;
+
+  void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                    const AdamWParams& p) override;
+  // Deterministic (kernels/elementwise.cuh): bitwise the same for the same x on every run; syncs once.
+  double sum_squares(const Tensor& x) override;
+  void scale(const Tensor& x, double s) override;
+
+ private:
+  void check_device(const Tensor& t, const char* name) const;
+  void check_f32(const Tensor& t, const char* name) const;
+  void check_i32(const Tensor& t, const char* name) const;
+
+  std::shared_ptr<CudaContext> ctx_;
+};
+
+}  // namespace dpo
