@@ -25,6 +25,16 @@
 #include "train/reference.h"
 #include "train/tokenizer.h"
 
+#ifdef DPO_HAVE_CUDA
+#include "runtime/cuda/nvtx.h"
+// One NVTX range per training phase, so Nsight Systems shows the structure of a step (kernels add their own).
+#define DPO_PHASE(name) DPO_NVTX_RANGE(name)
+#else
+#define DPO_PHASE(name) \
+  do {                  \
+  } while (0)
+#endif
+
 namespace dpo {
 
 namespace fs = std::filesystem;
@@ -331,6 +341,7 @@ std::vector<double> to_host_f64(Backend& be, const Tensor& t) {
 
 // Policy log-probs of a batch; rows 0..P-1 chosen, P..2P-1 rejected.
 std::vector<double> policy_logps(GPT2& m, const Batch& b) {
+  DPO_PHASE("forward + log-probs");
   Backend& be = m.backend();
   Tensor seq = be.empty({b.tokens.size(0)}, m.dtype());
   m.sequence_logprobs(to_device(be, b.tokens), to_device(be, b.keymask), to_device(be, b.targets),
@@ -526,6 +537,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   std::map<std::string, double> eval_metrics;
   auto run_eval = [&]() {
     if (eval_pairs.empty()) return;
+    DPO_PHASE("evaluation");
     eval_metrics = evaluate(comm, *policy, cached ? nullptr : ref.get(), cached ? &ref_eval : nullptr, eval_pairs,
                             lc, cfg.per_device_eval_batch_size);
     if (log) log->write(p.step, eval_metrics);
@@ -533,6 +545,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
         fmt(eval_metrics["eval_rewards/accuracies"]) + ", margin " + fmt(eval_metrics["eval_rewards/margins"]));
   };
   auto save = [&]() {
+    DPO_PHASE("checkpoint");
     if (lead) write_checkpoint(cfg.out_dir, *policy, opt, p, config_yaml, cfg.save_total_limit);
     comm.barrier();  // no rank runs ahead of a checkpoint it might be asked to resume from
     last_saved = p.step;
@@ -587,7 +600,10 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
           cw.loss -= lp[r];
           dseq.data<float>()[r] = static_cast<float>(-1.0 / sft_norm_tokens);
         }
-        policy->backward(to_device(*be, dseq));
+        {
+          DPO_PHASE("backward");
+          policy->backward(to_device(*be, dseq));
+        }
         accumulate();
         cw.tokens += static_cast<double>(b.tokens_total);
         chunks.push_back(cw);
@@ -608,7 +624,10 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
           dseq.data<float>()[q] = static_cast<float>(bl.d_policy_chosen[static_cast<size_t>(q)]);
           dseq.data<float>()[b.pairs + q] = static_cast<float>(bl.d_policy_rejected[static_cast<size_t>(q)]);
         }
-        policy->backward(to_device(*be, dseq));
+        {
+          DPO_PHASE("backward");
+          policy->backward(to_device(*be, dseq));
+        }
         accumulate();
         Window cw;
         cw.add(bl);
@@ -619,10 +638,16 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     }
     test_fail_hook(me, p.step + 1);
     // The reductions: one per optimizer step (none per micro-batch).
-    comm.ordered_fold(grad, stash);
-    fold_window(comm, w, chunks);
+    {
+      DPO_PHASE("gradient reduction");
+      comm.ordered_fold(grad, stash);
+      fold_window(comm, w, chunks);
+    }
     if (kind == RunKind::Sft) w.pairs += sft_norm_tokens;  // SFT's loss is per completion token
-    AdamW::StepInfo info = opt.step(policy->params(), grad);
+    AdamW::StepInfo info = [&] {
+      DPO_PHASE("optimizer");
+      return opt.step(policy->params(), grad);
+    }();
     if (info.skipped) say("step " + std::to_string(p.step + 1) + ": non-finite gradient norm; update skipped");
     p.pos += step_items;
     ++p.step;
