@@ -9,6 +9,7 @@
 #include "model/checkpoint.h"
 #include "runtime/backend.h"
 #include "runtime/comm.h"
+#include "train/bench.h"
 #include "train/config.h"
 #include "train/demo.h"
 #include "train/sample.h"
@@ -195,6 +196,26 @@ int main(int argc, char** argv) {
   demo->add_option("--threads", demo_opt.num_threads, "CPU threads; 0 = OpenMP default")->capture_default_str();
   demo->add_flag("--plain", demo_opt.plain_progress, "plain progress lines even on a terminal");
 
+  dpo::BenchOptions bench_opt;
+  std::string bench_json;
+  auto* bench = app.add_subcommand("bench", "Time full DPO optimizer steps on a random-init GPT-2 and synthetic pairs");
+  bench->add_option("--shape", bench_opt.shape, "tiny, small, gpt2-124m or gpt2-350m")->capture_default_str();
+  bench->add_option("--workload", bench_opt.workload, "hh (150/90/70), tldr (512/35/35), long (768/256/256), custom")
+      ->capture_default_str();
+  bench->add_option("--prompt-len", bench_opt.prompt_len, "custom workload: prompt tokens");
+  bench->add_option("--chosen-len", bench_opt.chosen_len, "custom workload: chosen completion tokens");
+  bench->add_option("--rejected-len", bench_opt.rejected_len, "custom workload: rejected completion tokens");
+  bench->add_option("--pairs", bench_opt.pairs, "preference pairs per step")->capture_default_str();
+  bench->add_option("--steps", bench_opt.steps, "timed optimizer steps")->capture_default_str();
+  bench->add_option("--warmup", bench_opt.warmup, "untimed steps first")->capture_default_str();
+  bench->add_option("--reference", bench_opt.reference, "precomputed (fixed log-probs) or live (reference forward)")
+      ->capture_default_str();
+  bench->add_option("--device", bench_opt.device, "cpu or cuda")->capture_default_str();
+  bench->add_option("--threads", bench_opt.threads, "CPU threads; 0 = OpenMP default")->capture_default_str();
+  bench->add_option("--peak-tflops", bench_opt.peak_tflops, "peak for MFU (default: 989 on cuda, none on cpu)");
+  bench->add_option("--seed", bench_opt.seed, "seed for weights and tokens")->capture_default_str();
+  bench->add_option("--json", bench_json, "write the results as JSON to this file");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -215,6 +236,14 @@ int main(int argc, char** argv) {
     if (*sftc) return cmd_train(sft_args, dpo::RunKind::Sft);
     if (*evalc) return cmd_eval(eval_args, eval_ckpt);
     if (*sample) return cmd_sample(sa);
+    if (*bench) {
+      std::string cl;
+      for (int i = 0; i < argc; ++i) cl += (i ? " " : "") + std::string(argv[i]);
+      bench_opt.command_line = cl;
+      bench_opt.json_path = bench_json;
+      dpo::run_bench(bench_opt);
+      return 0;
+    }
     if (*demo) {
       dpo::run_demo(demo_opt);
       return 0;

@@ -1,0 +1,425 @@
+#include "train/bench.h"
+
+#include <omp.h>
+#include <sched.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <ctime>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <vector>
+
+#ifdef DPO_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+#include "runtime/backend.h"
+#include "runtime/error.h"
+#include "runtime/rng.h"
+#include "train/data.h"
+#include "train/loss.h"
+#include "train/optim.h"
+
+namespace dpo {
+
+using json = nlohmann::json;
+
+namespace {
+
+const char* const kPhases[] = {"batch_and_zero", "reference_forward", "policy_forward", "loss",
+                               "backward",       "optimizer",         "other"};
+constexpr int kNumPhases = 7;
+
+std::string run_cmd(const char* cmd) {
+  std::string out;
+  if (FILE* f = ::popen(cmd, "r")) {
+    char buf[512];
+    while (std::fgets(buf, sizeof buf, f)) out += buf;
+    if (::pclose(f) != 0) return "";
+  }
+  while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
+  return out;
+}
+
+std::string cpu_model() {
+  std::ifstream f("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind("model name", 0) == 0) {
+      auto c = line.find(':');
+      if (c != std::string::npos) {
+        std::string v = line.substr(c + 1);
+        v.erase(0, v.find_first_not_of(" \t"));
+        return v;
+      }
+    }
+  return "unknown";
+}
+
+int online_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+  return static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
+}
+
+std::string utc_now() {
+  std::time_t t = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char b[64];
+  std::strftime(b, sizeof b, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return b;
+}
+
+double median(std::vector<double> v) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+Tensor to_device(Backend& be, const Tensor& host) {
+  if (be.device().kind == DeviceKind::CPU) return host;
+  Tensor d = be.empty(host.shape(), host.dtype());
+  be.copy_from_host(d, host);
+  return d;
+}
+
+// As train/trainer.cpp's policy_logps: rows 0..P-1 chosen, P..2P-1 rejected.
+std::vector<double> seq_logps(GPT2& m, const Batch& b) {
+  Backend& be = m.backend();
+  Tensor seq = be.empty({b.tokens.size(0)}, m.dtype());
+  m.sequence_logprobs(to_device(be, b.tokens), to_device(be, b.keymask), to_device(be, b.targets),
+                      to_device(be, b.weights), seq);
+  Tensor h = Tensor::host(seq.shape(), DType::F64);
+  be.copy_to_host(h, seq);
+  return std::vector<double>(h.data<double>(), h.data<double>() + h.numel());
+}
+
+struct Lengths {
+  int64_t prompt, chosen, rejected;
+};
+
+Lengths workload_lengths(const BenchOptions& o) {
+  if (o.workload == "hh") return {150, 90, 70};
+  if (o.workload == "tldr") return {512, 35, 35};
+  if (o.workload == "long") return {768, 256, 256};
+  if (o.workload == "custom") {
+    if (o.prompt_len <= 0 || o.chosen_len <= 0 || o.rejected_len <= 0)
+      throw InputError("--workload custom needs --prompt-len, --chosen-len and --rejected-len, each > 0");
+    return {o.prompt_len, o.chosen_len, o.rejected_len};
+  }
+  throw InputError("--workload: unknown value '" + o.workload + "'; valid: hh, tldr, long, custom");
+}
+
+std::unique_ptr<Backend> bench_backend(const BenchOptions& o) {
+  if (o.device == "cuda") {
+#ifdef DPO_HAVE_CUDA
+    return make_cuda_backend(0);
+#else
+    throw InputError("--device cuda: this build has no CUDA backend (nvcc was not found at configure time)");
+#endif
+  }
+  if (o.device != "cpu") throw InputError("--device: unknown value '" + o.device + "'; valid: cpu, cuda");
+  return make_cpu_backend(o.threads);
+}
+
+// cudaMemGetInfo total - free, in MiB (device-wide, at the time of the call); negative when unavailable.
+double device_used_mib(const BenchOptions& o) {
+#ifdef DPO_HAVE_CUDA
+  if (o.device == "cuda") {
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) == cudaSuccess) return static_cast<double>(total_b - free_b) / (1 << 20);
+  }
+#else
+  (void)o;
+#endif
+  return -1;
+}
+
+json num_or_null(double v, bool ok) { return ok ? json(v) : json(nullptr); }
+
+}  // namespace
+
+GPT2Config bench_shape(const std::string& name) {
+  GPT2Config c;
+  c.vocab_size = 50257;
+  c.max_seq_len = 1024;
+  if (name == "tiny") c.n_layer = 2, c.n_embd = 128, c.n_head = 4;
+  else if (name == "small") c.n_layer = 6, c.n_embd = 384, c.n_head = 6;
+  else if (name == "gpt2-124m") c.n_layer = 12, c.n_embd = 768, c.n_head = 12;
+  else if (name == "gpt2-350m") c.n_layer = 24, c.n_embd = 1024, c.n_head = 16;
+  else throw InputError("--shape: unknown value '" + name + "'; valid: tiny, small, gpt2-124m, gpt2-350m");
+  return c;
+}
+
+json run_bench(const BenchOptions& o) {
+  // --- validation -------------------------------------------------------------------------------------------
+  const GPT2Config mc = bench_shape(o.shape);
+  const Lengths len = workload_lengths(o);
+  if (o.pairs <= 0) throw InputError("--pairs must be > 0");
+  if (o.steps <= 0) throw InputError("--steps must be > 0");
+  if (o.warmup < 0) throw InputError("--warmup must be >= 0");
+  if (o.reference != "precomputed" && o.reference != "live")
+    throw InputError("--reference: unknown value '" + o.reference + "'; valid: precomputed, live");
+  if (len.prompt + std::max(len.chosen, len.rejected) > mc.max_seq_len)
+    throw InputError("workload: prompt + longest completion (" + std::to_string(len.prompt + std::max(len.chosen, len.rejected)) +
+                     ") exceeds n_positions " + std::to_string(mc.max_seq_len));
+  const bool live = o.reference == "live";
+  const bool cuda = o.device == "cuda";
+  double peak = o.peak_tflops;
+  if (peak < 0) peak = cuda ? 989.0 : 0.0;  // 0: none
+
+  auto be = bench_backend(o);
+  const int threads_used = cuda ? 0 : omp_get_max_threads();
+
+  // --- model, data --------------------------------------------------------------------------------------------
+  Rng rng(o.seed);
+  GPT2 policy(*be, mc, DType::F32);
+  policy.init_random(rng);
+  std::unique_ptr<GPT2> ref;
+  if (live) {
+    ref = std::make_unique<GPT2>(*be, mc, DType::F32);
+    be->copy(ref->params(), policy.params());  // the reference starts as the policy, as in a real run
+  }
+  std::vector<PreferencePair> data(static_cast<size_t>(o.pairs));
+  const auto V = static_cast<uint64_t>(mc.vocab_size);
+  for (auto& p : data) {
+    for (int64_t i = 0; i < len.prompt; ++i) p.prompt.push_back(static_cast<int32_t>(rng.below(V)));
+    for (int64_t i = 0; i < len.chosen; ++i) p.chosen.push_back(static_cast<int32_t>(rng.below(V)));
+    for (int64_t i = 0; i < len.rejected; ++i) p.rejected.push_back(static_cast<int32_t>(rng.below(V)));
+  }
+  // Fixed "precomputed" reference log-probs: about what a random-init model gives (-ln V per token).
+  std::vector<double> ref_c(data.size()), ref_r(data.size());
+  for (size_t i = 0; i < data.size(); ++i) {
+    ref_c[i] = -std::log(static_cast<double>(V)) * static_cast<double>(len.chosen) * (1 + 0.01 * rng.normal());
+    ref_r[i] = -std::log(static_cast<double>(V)) * static_cast<double>(len.rejected) * (1 + 0.01 * rng.normal());
+  }
+  std::vector<int64_t> idx(static_cast<size_t>(o.pairs));
+  for (int64_t i = 0; i < o.pairs; ++i) idx[static_cast<size_t>(i)] = i;
+
+  LossConfig lc;  // sigmoid, beta 0.1
+  OptimConfig oc;
+  AdamW opt(*be, policy.specs(), policy.params().numel(), DType::F32, oc, o.warmup + o.steps);
+  const int64_t n_params = policy.params().numel();
+  Tensor grad = be->empty({n_params}, DType::F32);
+
+  // --- one step, as run_training does it ------------------------------------------------------------------------
+  using clk = std::chrono::steady_clock;
+  int64_t tokens_total = 0, padded_T = 0;
+  double last_loss = 0, last_grad_norm = 0;
+  auto step = [&](std::array<double, kNumPhases>& ph) -> double {
+    be->synchronize();
+    const auto t0 = clk::now();
+    auto t = t0;
+    auto mark = [&](int k) {
+      if (cuda) be->synchronize();
+      const auto n = clk::now();
+      ph[static_cast<size_t>(k)] = std::chrono::duration<double>(n - t).count();
+      t = n;
+    };
+    ph.fill(0);
+    Batch b = make_batch(data, idx, DType::F32, 0);
+    tokens_total = b.tokens_total;
+    padded_T = b.T;
+    be->fill_zero(grad);
+    policy.zero_grad();
+    mark(0);
+    std::vector<double> live_lp;
+    if (live) live_lp = seq_logps(*ref, b);
+    mark(1);
+    std::vector<double> pol = seq_logps(policy, b);
+    mark(2);
+    std::vector<PairInput> in(static_cast<size_t>(b.pairs));
+    for (int64_t p = 0; p < b.pairs; ++p) {
+      PairInput& x = in[static_cast<size_t>(p)];
+      x.policy_chosen = pol[static_cast<size_t>(p)];
+      x.policy_rejected = pol[static_cast<size_t>(b.pairs + p)];
+      x.ref_chosen = live ? live_lp[static_cast<size_t>(p)] : ref_c[static_cast<size_t>(p)];
+      x.ref_rejected = live ? live_lp[static_cast<size_t>(b.pairs + p)] : ref_r[static_cast<size_t>(p)];
+      x.len_chosen = b.completion_len[static_cast<size_t>(p)];
+      x.len_rejected = b.completion_len[static_cast<size_t>(b.pairs + p)];
+    }
+    BatchLoss bl = batch_loss(lc, in, static_cast<double>(b.pairs));
+    last_loss = bl.loss_sum / static_cast<double>(b.pairs);
+    Tensor dseq = Tensor::host({2 * b.pairs}, DType::F32);
+    for (int64_t q = 0; q < b.pairs; ++q) {
+      dseq.data<float>()[q] = static_cast<float>(bl.d_policy_chosen[static_cast<size_t>(q)]);
+      dseq.data<float>()[b.pairs + q] = static_cast<float>(bl.d_policy_rejected[static_cast<size_t>(q)]);
+    }
+    mark(3);
+    policy.backward(to_device(*be, dseq));
+    be->residual_forward(grad, grad, policy.grads());  // the trainer's accumulate() on rank 0
+    mark(4);
+    AdamW::StepInfo info = opt.step(policy.params(), grad);
+    last_grad_norm = info.grad_norm;
+    mark(5);
+    be->synchronize();
+    const double total = std::chrono::duration<double>(clk::now() - t0).count();
+    double sum = 0;
+    for (int k = 0; k < 6; ++k) sum += ph[static_cast<size_t>(k)];
+    ph[6] = std::max(0.0, total - sum);
+    return total;
+  };
+
+  std::array<double, kNumPhases> ph{};
+  for (int64_t i = 0; i < o.warmup; ++i) step(ph);
+  if (o.inspect) o.inspect(policy, false);
+  std::vector<double> times;
+  std::vector<std::vector<double>> phases(kNumPhases);
+  for (int64_t i = 0; i < o.steps; ++i) {
+    times.push_back(step(ph));
+    for (int k = 0; k < kNumPhases; ++k) phases[static_cast<size_t>(k)].push_back(ph[static_cast<size_t>(k)]);
+  }
+  if (o.inspect) o.inspect(policy, true);
+  const double dev_mib = device_used_mib(o);
+
+  // --- numbers ------------------------------------------------------------------------------------------------
+  const double med = median(times);
+  const double P = static_cast<double>(o.pairs);
+  const double T = static_cast<double>(tokens_total) / (2 * P);  // mean real length of the 2P rows
+  const double N = static_cast<double>(mc.num_parameters());
+  const double L = static_cast<double>(mc.n_layer), d = static_cast<double>(mc.n_embd);
+  const double coef = live ? 16 : 12;
+  const double flops = coef * P * T * (N + L * d * T);
+  const double achieved = flops / med;
+  struct rusage ru {};
+  getrusage(RUSAGE_SELF, &ru);
+  const double rss_mib = static_cast<double>(ru.ru_maxrss) / 1024.0;  // Linux: KiB
+
+  json r;
+  r["schema"] = "dpo-bench-1";
+  r["date"] = utc_now();
+  const std::string git = run_cmd("git rev-parse HEAD 2>/dev/null");
+  r["git_commit"] = git.empty() ? "unknown" : git;
+  r["command_line"] = o.command_line;
+  r["machine"] = {{"uname", run_cmd("uname -a")}, {"nproc", online_cpus()}, {"cpu_model", cpu_model()}};
+  r["device"] = o.device;
+  r["backend"] = be->name();
+  r["threads"] = {{"requested", o.threads}, {"used", cuda ? json(nullptr) : json(threads_used)}};
+  r["dtype"] = "F32";
+  r["seed"] = o.seed;
+  r["shape"] = {{"name", o.shape},          {"n_layer", mc.n_layer},        {"n_embd", mc.n_embd},
+                {"n_head", mc.n_head},      {"vocab_size", mc.vocab_size}, {"n_positions", mc.max_seq_len},
+                {"parameters", mc.num_parameters()}};
+  r["workload"] = {{"name", o.workload},
+                   {"prompt_len", len.prompt},
+                   {"chosen_len", len.chosen},
+                   {"rejected_len", len.rejected},
+                   {"lengths", "exact (every pair the same lengths; no log-normal draw)"}};
+  r["reference"] = o.reference;
+  r["loss"] = "sigmoid, beta 0.1";
+  r["optimizer"] = "AdamW lr 5e-7, max_grad_norm 1, constant schedule";
+  r["pairs"] = o.pairs;
+  r["rows"] = 2 * o.pairs;
+  r["warmup_steps"] = o.warmup;
+  r["timed_steps"] = o.steps;
+  r["tokens_per_step"] = tokens_total;
+  r["padded_len"] = padded_T;
+  r["padded_tokens_per_step"] = 2 * o.pairs * padded_T;
+  r["mean_seq_len"] = T;
+  r["step_seconds"] = times;
+  r["step_seconds_median"] = med;
+  r["step_seconds_min"] = *std::min_element(times.begin(), times.end());
+  r["step_seconds_max"] = *std::max_element(times.begin(), times.end());
+  r["tokens_per_second"] = static_cast<double>(tokens_total) / med;
+  r["pairs_per_second"] = P / med;
+  json pm = json::object(), praw = json::object();
+  for (int k = 0; k < kNumPhases; ++k) {
+    pm[kPhases[k]] = median(phases[static_cast<size_t>(k)]);
+    praw[kPhases[k]] = phases[static_cast<size_t>(k)];
+  }
+  r["phase_seconds_median"] = pm;
+  r["phase_seconds"] = praw;
+  r["phase_timing"] = cuda ? "host steady_clock with backend.synchronize() at every phase boundary (not CUDA events)"
+                           : "host steady_clock (CPU: synchronous, exact)";
+  std::ostringstream fs;
+  fs << (live ? "16" : "12") << "*P*T*(N + L*d*T), P=" << o.pairs << " T=" << T << " N=" << mc.num_parameters()
+     << " L=" << mc.n_layer << " d=" << mc.n_embd;
+  r["flops_formula"] = fs.str();
+  r["flops_per_step"] = flops;
+  r["achieved_flops_per_second"] = achieved;
+  r["achieved_tflops"] = achieved / 1e12;
+  r["peak_tflops"] = num_or_null(peak, peak > 0);
+  r["mfu"] = num_or_null(achieved / (peak * 1e12), peak > 0);
+  r["peak_rss_mib"] = rss_mib;
+  r["device_memory_used_mib"] = num_or_null(dev_mib, dev_mib >= 0);
+  r["device_memory_note"] = "cudaMemGetInfo total - free after the timed steps (device-wide, not a peak); null on CPU";
+  r["last_loss"] = last_loss;
+  r["last_grad_norm"] = last_grad_norm;
+  r["optimizer_steps"] = opt.step_count();
+
+  if (o.print_table) std::fputs(format_bench_table(r).c_str(), stdout);
+  if (!o.json_path.empty()) {
+    std::ofstream f(o.json_path);
+    if (!f) throw InputError("--json: cannot write " + o.json_path);
+    f << r.dump(2) << "\n";
+    if (!f) throw InputError("--json: write failed for " + o.json_path);
+  }
+  return r;
+}
+
+std::string format_bench_table(const json& r) {
+  std::ostringstream s;
+  char b[512];
+  auto line = [&](const char* k, const std::string& v) {
+    std::snprintf(b, sizeof b, "  %-24s %s\n", k, v.c_str());
+    s << b;
+  };
+  auto f = [&](const char* fmt, double v) {
+    std::snprintf(b, sizeof b, fmt, v);
+    return std::string(b);
+  };
+  const auto& sh = r["shape"];
+  const auto& w = r["workload"];
+  s << "dpo bench\n";
+  line("shape", sh["name"].get<std::string>() + " (L=" + std::to_string(sh["n_layer"].get<int64_t>()) +
+                    " d=" + std::to_string(sh["n_embd"].get<int64_t>()) +
+                    " h=" + std::to_string(sh["n_head"].get<int64_t>()) +
+                    ", N=" + std::to_string(sh["parameters"].get<int64_t>()) + ")");
+  line("workload", w["name"].get<std::string>() + " (prompt " + std::to_string(w["prompt_len"].get<int64_t>()) +
+                       ", chosen " + std::to_string(w["chosen_len"].get<int64_t>()) + ", rejected " +
+                       std::to_string(w["rejected_len"].get<int64_t>()) + "; exact lengths)");
+  line("device", r["device"].get<std::string>() + " / " + r["backend"].get<std::string>() + ", threads " +
+                     (r["threads"]["used"].is_null() ? std::string("n/a") : r["threads"]["used"].dump()));
+  line("reference", r["reference"].get<std::string>());
+  line("pairs / rows", std::to_string(r["pairs"].get<int64_t>()) + " / " + std::to_string(r["rows"].get<int64_t>()) +
+                           ", padded T " + std::to_string(r["padded_len"].get<int64_t>()));
+  line("steps", std::to_string(r["warmup_steps"].get<int64_t>()) + " warm-up + " +
+                    std::to_string(r["timed_steps"].get<int64_t>()) + " timed");
+  line("step time", f("median %.4f s", r["step_seconds_median"].get<double>()) +
+                        f(", min %.4f", r["step_seconds_min"].get<double>()) +
+                        f(", max %.4f", r["step_seconds_max"].get<double>()));
+  line("tokens / step", std::to_string(r["tokens_per_step"].get<int64_t>()) + " real (" +
+                            std::to_string(r["padded_tokens_per_step"].get<int64_t>()) + " padded)");
+  line("tokens/s", f("%.1f", r["tokens_per_second"].get<double>()));
+  line("pairs/s", f("%.3f", r["pairs_per_second"].get<double>()));
+  s << "  phases (median s, " << r["phase_timing"].get<std::string>() << ")\n";
+  const double med = r["step_seconds_median"].get<double>();
+  for (const char* k : kPhases) {
+    const double v = r["phase_seconds_median"][k].get<double>();
+    std::snprintf(b, sizeof b, "    %-22s %.4f  (%5.1f%%)\n", k, v, med > 0 ? 100 * v / med : 0.0);
+    s << b;
+  }
+  line("FLOPs / step", f("%.4g", r["flops_per_step"].get<double>()) + "  = " + r["flops_formula"].get<std::string>());
+  line("achieved", f("%.2f GFLOP/s", r["achieved_flops_per_second"].get<double>() / 1e9));
+  line("MFU", r["mfu"].is_null() ? std::string("n/a (no --peak-tflops)")
+                                 : f("%.2f%%", 100 * r["mfu"].get<double>()) +
+                                       f(" of %.0f TFLOP/s", r["peak_tflops"].get<double>()));
+  line("peak RSS", f("%.1f MiB", r["peak_rss_mib"].get<double>()));
+  line("device memory", r["device_memory_used_mib"].is_null() ? std::string("n/a")
+                                                              : f("%.1f MiB used", r["device_memory_used_mib"].get<double>()));
+  line("last loss", f("%.6g", r["last_loss"].get<double>()));
+  return s.str();
+}
+
+}  // namespace dpo

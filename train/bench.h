@@ -1,0 +1,62 @@
+// `dpo bench`: times full DPO optimizer steps on a random-init GPT-2 and synthetic preference pairs.
+//
+// Phases: batch_and_zero (make_batch, zeroing the step and model gradients), reference_forward (live only),
+// policy_forward, loss, backward (includes adding into the step gradient), optimizer, other (the remainder).
+//
+// One timed step is what run_training does for one micro-batch step (train/trainer.cpp): make_batch, zero the
+// step's gradient and the model's, [live reference forward], policy forward + log-probs, batch_loss (sigmoid,
+// beta 0.1), policy backward, accumulate into the step gradient, AdamW step (default OptimConfig: lr 5e-7,
+// max_grad_norm 1). The precomputed reference's log-probs are fixed random numbers (no reference forward).
+//
+// Workload lengths are exact (prompt / chosen / rejected token counts, every pair the same); no log-normal draw
+// yet. Token ids are uniform random in [0, vocab) from a seeded Rng.
+//
+// Phases are timed on the host with std::chrono::steady_clock. On the CPU there is no asynchrony, so that is
+// exact; on CUDA the backend is synchronize()d at every phase boundary (host-timed with syncs, not CUDA events).
+//
+// FLOPs per step (docs: ../shared/REFERENCE.md): 12*P*T*(N + L*d*T) with precomputed reference log-probs,
+// 16*P*T*(N + L*d*T) with a live reference; P pairs, T the mean real length of the 2P rows, N = parameters
+// including the (tied) LM head (GPT2Config::num_parameters(), which also counts wpe), L layers, d width.
+// These are the useful FLOPs: padding to the batch's longest row is not counted.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "model/gpt2.h"
+
+namespace dpo {
+
+struct BenchOptions {
+  std::string shape = "small";         // tiny | small | gpt2-124m | gpt2-350m
+  std::string workload = "hh";         // hh | tldr | long | custom
+  int64_t prompt_len = 0, chosen_len = 0, rejected_len = 0;  // custom only (all > 0)
+  int64_t pairs = 1;
+  int64_t steps = 5;                   // timed steps
+  int64_t warmup = 1;                  // untimed steps before them
+  std::string reference = "precomputed";  // precomputed | live
+  std::string device = "cpu";          // cpu | cuda
+  int threads = 0;                     // CPU threads; 0 = OpenMP default
+  double peak_tflops = -1;             // < 0: default (989 on cuda, none on cpu)
+  uint64_t seed = 1234;
+  std::string json_path;               // write the JSON here when non-empty
+  std::string command_line;            // recorded in the JSON
+  bool print_table = true;
+  // Test hook: called with the policy right before the first timed step (after = false) and after the last one
+  // (after = true).
+  std::function<void(const GPT2& policy, bool after)> inspect;
+};
+
+// The shape's GPT2Config; InputError naming --shape for an unknown name.
+GPT2Config bench_shape(const std::string& name);
+
+// Validates the options (InputError naming the flag), runs the benchmark, prints the table (print_table), writes
+// json_path, and returns the JSON document (schema "dpo-bench-1").
+nlohmann::json run_bench(const BenchOptions& opt);
+
+// The readable table for a run_bench result.
+std::string format_bench_table(const nlohmann::json& r);
+
+}  // namespace dpo
