@@ -2,7 +2,7 @@
 # One-command GPU validation (docs/gpu-validation.md). Runs on the device machine from the repository root,
 # with .deps carried (tools/prepare_gpu_deps.sh, run on the dev machine first):
 #
-#   tools/gpu_check.sh OUTDIR [--cpu-tests] [--system-deps] [--with-mpi] [--budget SECONDS] [--scale N]
+#   tools/gpu_check.sh OUTDIR [--cpu-tests] [--no-bench] [--system-deps] [--with-mpi] [--budget SECONDS] [--scale N]
 #
 # Phases, each with its own time limit, all inside --budget (default 470 s, under 8 minutes):
 #   env         machine facts (card, driver, nvcc, cmake, compiler, OS, deps)       -> OUTDIR/env.txt
@@ -14,6 +14,8 @@
 #   sanitizer   compute-sanitizer --tool memcheck over build-gpu/tests/test_cuda_* (kernel tests first), then
 #               2 training steps on cuda under memcheck when the cuda run worked    -> OUTDIR/sanitizer.log
 #   cpu-tests   (--cpu-tests) ctest -L cpu with the time that is left               -> OUTDIR/ctest.log, junit.xml
+#   bench       (unless --no-bench) short mode: dpo bench --device cuda on GPT-2 124M at HH-like lengths, then
+#               tools/bench_torch.py eager and torch.compile on the same batch      -> OUTDIR/bench.log
 # Then writes OUTDIR/summary.md (tools/gpu_check_summary.py) and prints it LAST. OUTDIR stays flat with at most
 # 8 files (the device tool returns no more); logs over 4 MiB are cut in the middle.
 # Exit status: 0 only when everything passed on a GPU; non-zero otherwise (the summary is always written).
@@ -30,13 +32,14 @@ cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
 
 OUT=""
-cpu_tests=0 system_deps=0 with_mpi=0 budget="" scale=1
+cpu_tests=0 system_deps=0 with_mpi=0 budget="" scale=1 bench=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --cpu-tests) cpu_tests=1 ;;
     --system-deps) system_deps=1 ;;
     --with-mpi) with_mpi=1 ;;
     --budget) shift; budget=${1:-} ;;
+    --no-bench) bench=0 ;;
     --scale) shift; scale=${1:-1} ;;
     -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option '$1'" >&2; exit 2 ;;
@@ -57,7 +60,7 @@ JOBS=$(nproc 2>/dev/null || echo 4)
 
 mkdir -p "$WORK"
 rm -f "$WORK"/*.tsv "$WORK"/*.xml "$WORK"/*.txt "$WORK"/verdict
-for f in env.txt build.log ctest.log junit.xml sanitizer.log train.log summary.md; do rm -f "$OUT/$f"; done
+for f in env.txt build.log ctest.log junit.xml sanitizer.log train.log bench.log summary.md; do rm -f "$OUT/$f"; done
 PHASES=$WORK/phases.tsv FACTS=$WORK/facts.tsv
 : >"$PHASES"; : >"$FACTS"
 
@@ -440,6 +443,34 @@ if [ "$cpu_tests" = 1 ]; then
   fi
 fi
 
+# --- benchmark (short mode) ----------------------------------------------------------------------------------------
+# One GPT-2 124M DPO step at HH-like lengths: dpo bench on the GPU, then the PyTorch harness (eager, then
+# torch.compile) on the same batch. Raw JSON of each run goes into bench.log (OUTDIR keeps at most 8 files).
+if [ "$bench" = 1 ]; then
+  t0=$(date +%s)
+  lim=$(allow 150)
+  : >"$OUT/bench.log"
+  if [ "$built" = 0 ] || [ ! -x "$BUILD/dpo" ]; then
+    phase_done bench skipped 0 "dpo not built"
+  elif [ "$lim" -lt 30 ]; then
+    phase_done bench skipped 0 "out of time"
+  else
+    brc=0
+    bench_args=(--shape gpt2-124m --workload hh --pairs 8 --steps 5 --warmup 2)
+    echo "== dpo bench --device cuda ${bench_args[*]}" >>"$OUT/bench.log"
+    tmo $((lim / 3)) "$BUILD/dpo" bench --device cuda "${bench_args[@]}" --json "$WORK/bench-dpo.json" >>"$OUT/bench.log" 2>&1 || brc=1
+    cat "$WORK/bench-dpo.json" >>"$OUT/bench.log" 2>/dev/null
+    for mode in eager compile; do
+      extra=(); [ "$mode" = compile ] && extra=(--compile)
+      echo "== tools/bench_torch.py --device cuda ${bench_args[*]} ${extra[*]}" >>"$OUT/bench.log"
+      tmo "$(allow $((lim / 3)))" python3 "$REPO/tools/bench_torch.py" --device cuda "${bench_args[@]}" "${extra[@]}" \
+          --json "$WORK/bench-torch-$mode.json" >>"$OUT/bench.log" 2>&1 || brc=1
+      cat "$WORK/bench-torch-$mode.json" >>"$OUT/bench.log" 2>/dev/null
+    done
+    phase_done bench "$([ $brc = 0 ] && echo ok || echo FAIL)" $(( $(date +%s) - t0 )) "bench.log: dpo bench, PyTorch eager and torch.compile"
+  fi
+fi
+
 # --- summary -------------------------------------------------------------------------------------------------------
 total=$(( $(date +%s) - START ))
 fact total_seconds "$total"
@@ -451,7 +482,7 @@ cut_log() {  # FILE: keep the first 256 KiB and the last 3.75 MiB of a log over 
   { head -c "$head" "$f"; printf '\n\n[... gpu_check: %d bytes cut ...]\n\n' $((size - max)); tail -c $((max - head)) "$f"; } >"$f.cut"
   mv "$f.cut" "$f"
 }
-for f in build.log ctest.log sanitizer.log train.log env.txt; do cut_log "$OUT/$f"; done
+for f in build.log ctest.log sanitizer.log train.log bench.log env.txt; do cut_log "$OUT/$f"; done
 
 verdict=FAIL
 if command -v python3 >/dev/null && python3 "$REPO/tools/gpu_check_summary.py" "$WORK" "$OUT" "$BUILD"; then
