@@ -13,6 +13,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "kernels/adamw.h"
 #include "kernels/common.h"
@@ -83,6 +84,11 @@ class Backend {
   // x *= s, in place.
   virtual void scale(const Tensor& x, double s) = 0;
 };
+
+// `host` itself when `be` is the CPU backend, else a copy on be's device (same dtype).
+Tensor to_backend(Backend& be, const Tensor& host);
+// Any tensor of `be`, converted to a host vector of doubles.
+std::vector<double> to_host_f64(Backend& be, const Tensor& t);
 
 // The CPU backend over the reference kernels. `num_threads` <= 0 keeps OpenMP's default.
 std::unique_ptr<Backend> make_cpu_backend(int num_threads = 0);

@@ -27,6 +27,7 @@
 #include "train/data.h"
 #include "train/loss.h"
 #include "train/optim.h"
+#include "train/reference.h"
 
 namespace dpo {
 
@@ -85,24 +86,6 @@ double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   const size_t n = v.size();
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-Tensor to_device(Backend& be, const Tensor& host) {
-  if (be.device().kind == DeviceKind::CPU) return host;
-  Tensor d = be.empty(host.shape(), host.dtype());
-  be.copy_from_host(d, host);
-  return d;
-}
-
-// As train/trainer.cpp's policy_logps: rows 0..P-1 chosen, P..2P-1 rejected.
-std::vector<double> seq_logps(GPT2& m, const Batch& b) {
-  Backend& be = m.backend();
-  Tensor seq = be.empty({b.tokens.size(0)}, m.dtype());
-  m.sequence_logprobs(to_device(be, b.tokens), to_device(be, b.keymask), to_device(be, b.targets),
-                      to_device(be, b.weights), seq);
-  Tensor h = Tensor::host(seq.shape(), DType::F64);
-  be.copy_to_host(h, seq);
-  return std::vector<double>(h.data<double>(), h.data<double>() + h.numel());
 }
 
 struct Lengths {
@@ -235,9 +218,9 @@ json run_bench(const BenchOptions& o) {
     policy.zero_grad();
     mark(0);
     std::vector<double> live_lp;
-    if (live) live_lp = seq_logps(*ref, b);
+    if (live) live_lp = sequence_logps(*ref, b);
     mark(1);
-    std::vector<double> pol = seq_logps(policy, b);
+    std::vector<double> pol = sequence_logps(policy, b);
     mark(2);
     std::vector<PairInput> in(static_cast<size_t>(b.pairs));
     for (int64_t p = 0; p < b.pairs; ++p) {
@@ -257,7 +240,7 @@ json run_bench(const BenchOptions& o) {
       dseq.data<float>()[b.pairs + q] = static_cast<float>(bl.d_policy_rejected[static_cast<size_t>(q)]);
     }
     mark(3);
-    policy.backward(to_device(*be, dseq));
+    policy.backward(to_backend(*be, dseq));
     be->residual_forward(grad, grad, policy.grads());  // the trainer's accumulate() on rank 0
     mark(4);
     AdamW::StepInfo info = opt.step(policy.params(), grad);

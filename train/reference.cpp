@@ -9,24 +9,27 @@
 
 namespace dpo {
 
+std::vector<double> sequence_logps(GPT2& m, const Batch& b) {
+  Backend& be = m.backend();
+  Tensor seq = be.empty({b.tokens.size(0)}, m.dtype());
+  m.sequence_logprobs(to_backend(be, b.tokens), to_backend(be, b.keymask), to_backend(be, b.targets),
+                      to_backend(be, b.weights), seq);
+  return to_host_f64(be, seq);
+}
+
 RefLogps compute_ref_logps(GPT2& ref, const std::vector<PreferencePair>& data, int64_t batch_pairs) {
   RefLogps out;
   out.chosen.resize(data.size());
   out.rejected.resize(data.size());
-  Backend& be = ref.backend();
   const int64_t n = static_cast<int64_t>(data.size());
   for (int64_t start = 0; start < n; start += batch_pairs) {
     std::vector<int64_t> idx;
     for (int64_t i = start; i < std::min(n, start + batch_pairs); ++i) idx.push_back(i);
     Batch b = make_batch(data, idx, ref.dtype(), 0);
-    const int64_t R = 2 * b.pairs;
-    Tensor seq = be.empty({R}, ref.dtype());
-    ref.sequence_logprobs(b.tokens, b.keymask, b.targets, b.weights, seq);
-    Tensor host = Tensor::host({R}, DType::F64);
-    be.copy_to_host(host, seq);
+    const std::vector<double> lp = sequence_logps(ref, b);
     for (int64_t p = 0; p < b.pairs; ++p) {
-      out.chosen[static_cast<size_t>(idx[p])] = host.data<double>()[p];
-      out.rejected[static_cast<size_t>(idx[p])] = host.data<double>()[b.pairs + p];
+      out.chosen[static_cast<size_t>(idx[p])] = lp[static_cast<size_t>(p)];
+      out.rejected[static_cast<size_t>(idx[p])] = lp[static_cast<size_t>(b.pairs + p)];
     }
   }
   return out;

@@ -20,6 +20,10 @@ struct RefLogps {
   std::vector<double> chosen, rejected;  // per pair, summed completion log-probs under the reference
 };
 
+// Summed completion log-probs of every row of a preference batch under `m` (rows 0..P-1 chosen, P..2P-1
+// rejected); the batch's host tensors are moved to m's backend as needed.
+std::vector<double> sequence_logps(GPT2& m, const Batch& b);
+
 // Forward passes of the reference over every pair, `batch_pairs` at a time.
 RefLogps compute_ref_logps(GPT2& ref, const std::vector<PreferencePair>& data, int64_t batch_pairs);
 

@@ -326,27 +326,10 @@ void test_fail_hook(int rank, int64_t step) {
               ": test hook failure on rank " + std::to_string(rank) + " in step " + std::to_string(step));
 }
 
-Tensor to_device(Backend& be, const Tensor& host) {
-  if (be.device().kind == DeviceKind::CPU) return host;
-  Tensor d = be.empty(host.shape(), host.dtype());
-  be.copy_from_host(d, host);
-  return d;
-}
-
-std::vector<double> to_host_f64(Backend& be, const Tensor& t) {
-  Tensor h = Tensor::host(t.shape(), DType::F64);
-  be.copy_to_host(h, t);
-  return std::vector<double>(h.data<double>(), h.data<double>() + h.numel());
-}
-
 // Policy log-probs of a batch; rows 0..P-1 chosen, P..2P-1 rejected.
 std::vector<double> policy_logps(GPT2& m, const Batch& b) {
   DPO_PHASE("forward + log-probs");
-  Backend& be = m.backend();
-  Tensor seq = be.empty({b.tokens.size(0)}, m.dtype());
-  m.sequence_logprobs(to_device(be, b.tokens), to_device(be, b.keymask), to_device(be, b.targets),
-                      to_device(be, b.weights), seq);
-  return to_host_f64(be, seq);
+  return sequence_logps(m, b);
 }
 
 std::vector<PairInput> pair_inputs(const Batch& b, const std::vector<double>& pol, const std::vector<int64_t>& idx,
@@ -602,7 +585,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
         }
         {
           DPO_PHASE("backward");
-          policy->backward(to_device(*be, dseq));
+          policy->backward(to_backend(*be, dseq));
         }
         accumulate();
         cw.tokens += static_cast<double>(b.tokens_total);
@@ -626,7 +609,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
         }
         {
           DPO_PHASE("backward");
-          policy->backward(to_device(*be, dseq));
+          policy->backward(to_backend(*be, dseq));
         }
         accumulate();
         Window cw;
