@@ -78,10 +78,7 @@ double rel_err(const std::vector<float>& got, const std::vector<float>& ref) {
   return max_rel_err(to_double(got), to_double(ref));
 }
 
-template <class T>
-bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
+using test::bitwise_equal;
 
 // Fixture: skips without a GPU, owns the context, and hands out seeded random inputs. Public so that the shared
 // case functions below can use it.

@@ -114,10 +114,7 @@ double max_abs(const std::vector<float>& v) {
   return m;
 }
 
-template <class T>
-bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
+using test::bitwise_equal;
 
 class CudaKernelsB : public ::testing::Test {
  public:

@@ -11,23 +11,15 @@
 #include <sstream>
 
 #include "test_mpi_util.h"
+#include "test_util.h"
 
 namespace dpo {
 namespace {
 
 namespace fs = std::filesystem;
 
-struct Workdir {
-  fs::path dir;
-  Workdir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir = fs::path(::testing::TempDir()) / (std::string("dpo_mpi_fail_") + info->name());
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-    test::write_tiny_fixture(dir.string(), 16);
-  }
-  ~Workdir() { fs::remove_all(dir); }
-  std::string operator/(const std::string& s) const { return (dir / s).string(); }
+struct Workdir : test::ScratchDir {
+  Workdir() : ScratchDir("dpo_mpi_fail_") { test::write_tiny_fixture(dir.string(), 16); }
 };
 
 struct Launch {

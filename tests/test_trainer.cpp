@@ -13,22 +13,15 @@
 #include "train/reference.h"
 #include "train/tokenizer.h"
 #include "train/trainer.h"
+#include "test_util.h"
 
 namespace dpo {
 namespace {
 
 namespace fs = std::filesystem;
 
-struct Workdir {
-  fs::path dir;
-  Workdir() {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir = fs::path(::testing::TempDir()) / (std::string("dpo_trainer_") + info->name());
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~Workdir() { fs::remove_all(dir); }
-  std::string operator/(const std::string& s) const { return (dir / s).string(); }
+struct Workdir : test::ScratchDir {
+  Workdir() : ScratchDir("dpo_trainer_") {}
 };
 
 void write_lines(const std::string& path, const std::vector<std::string>& lines) {

@@ -5,6 +5,8 @@
 #include <omp.h>
 
 #include <cmath>
+#include <cstring>
+#include <filesystem>
 #include <cstdint>
 #include <functional>
 #include <limits>
@@ -75,6 +77,26 @@ class ThreadCount {
 
  private:
   int saved_;
+};
+
+template <class T>
+bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+// A fresh directory per test (<TempDir>/<prefix><test name>), removed when the object goes out of scope.
+struct ScratchDir {
+  std::filesystem::path dir;
+  explicit ScratchDir(const std::string& prefix) {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir = std::filesystem::path(::testing::TempDir()) / (prefix + info->name());
+    std::filesystem::remove_all(dir);
+    std::filesystem::create_directories(dir);
+  }
+  ~ScratchDir() { std::filesystem::remove_all(dir); }
+  ScratchDir(const ScratchDir&) = delete;
+  ScratchDir& operator=(const ScratchDir&) = delete;
+  std::string operator/(const std::string& s) const { return (dir / s).string(); }
 };
 
 inline double dot(const std::vector<double>& a, const std::vector<double>& b) {
