@@ -1,5 +1,6 @@
 #include "kernels/adamw.cuh"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -24,27 +25,7 @@ struct AdamWScalars {
   float grad_scale;
 };
 
-static __global__ void adamw_kernel(float* param, const float* grad, float* m, float* v, int64_t n, AdamWScalars s) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const float g = grad[i] * s.grad_scale;
-  float x = param[i] * s.decay;  // param.mul_(1 - lr * weight_decay)
-  const float m0 = m[i];
-  // exp_avg.lerp_(grad, 1 - beta1), ATen's two branches (exact at both ends).
-  const float mi = fabsf(s.w1) < 0.5f ? m0 + s.w1 * (g - m0) : g - (g - m0) * s.one_minus_w1;
-  float vi = v[i] * s.beta2;  // exp_avg_sq.mul_(beta2)
-  vi = vi + s.w2 * g * g;     //   .addcmul_(grad, grad, value=1 - beta2)
-  const float denom = sqrtf(vi) / s.bc2_sqrt + s.eps;
-  x = x + (-s.step_size) * mi / denom;  // param.addcdiv_(exp_avg, denom, value=-step_size)
-  param[i] = x;
-  m[i] = mi;
-  v[i] = vi;
-}
-
-void adamw_update(CudaContext& ctx, float* param, const float* grad, float* m, float* v, int64_t n,
-                  const AdamWParams& p) {
-  DPO_NVTX_RANGE("adamw_update");
-  if (n <= 0) return;
+static AdamWScalars make_scalars(const AdamWParams& p) {
   const double bias_correction1 = 1.0 - std::pow(p.beta1, static_cast<double>(p.step));
   const double bias_correction2 = 1.0 - std::pow(p.beta2, static_cast<double>(p.step));
   const double w1 = 1.0 - p.beta1;
@@ -58,9 +39,122 @@ void adamw_update(CudaContext& ctx, float* param, const float* grad, float* m, f
   s.w2 = static_cast<float>(1.0 - p.beta2);
   s.eps = static_cast<float>(p.eps);
   s.grad_scale = static_cast<float>(p.grad_scale);
+  return s;
+}
+
+// Element i of one AdamW step. Both kernels call this one function with the same scalars, so their float
+// operations (and nvcc's FMA contractions of them) are the same and the results agree bitwise.
+static __device__ __forceinline__ void adamw_element(float* param, const float* grad, float* m, float* v, int64_t i,
+                                                     const AdamWScalars& s, float decay) {
+  const float g = grad[i] * s.grad_scale;
+  float x = param[i] * decay;  // param.mul_(1 - lr * weight_decay)
+  const float m0 = m[i];
+  // exp_avg.lerp_(grad, 1 - beta1), ATen's two branches (exact at both ends).
+  const float mi = fabsf(s.w1) < 0.5f ? m0 + s.w1 * (g - m0) : g - (g - m0) * s.one_minus_w1;
+  float vi = v[i] * s.beta2;  // exp_avg_sq.mul_(beta2)
+  vi = vi + s.w2 * g * g;     //   .addcmul_(grad, grad, value=1 - beta2)
+  const float denom = sqrtf(vi) / s.bc2_sqrt + s.eps;
+  x = x + (-s.step_size) * mi / denom;  // param.addcdiv_(exp_avg, denom, value=-step_size)
+  param[i] = x;
+  m[i] = mi;
+  v[i] = vi;
+}
+
+static __global__ void adamw_kernel(float* param, const float* grad, float* m, float* v, int64_t n, AdamWScalars s) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  adamw_element(param, grad, m, v, i, s, s.decay);
+}
+
+// table: [n_entries][4] = {first chunk, offset, numel, decay flag}, first chunks strictly increasing from 0 (every
+// entry has at least one chunk). Chunk c belongs to the last entry whose first chunk is <= c. decay_off is the
+// decay factor of weight_decay = 0 as adamw_update computes it (1.0f), so undecayed segments match it bitwise.
+static __global__ void adamw_segments_kernel(float* param, const float* grad, float* m, float* v,
+                                             const int64_t* __restrict__ table, int64_t n_entries, int64_t n_chunks,
+                                             AdamWScalars s, float decay_off) {
+  for (int64_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
+    int64_t lo = 0, hi = n_entries - 1;  // the whole block searches the same entries: broadcast loads
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo + 1) / 2;
+      if (table[4 * mid] <= c) lo = mid;
+      else hi = mid - 1;
+    }
+    const int64_t* e = table + 4 * lo;
+    const int64_t first = (c - e[0]) * kAdamWChunk;  // within the segment
+    const int64_t left = e[2] - first;
+    const int64_t len = left < kAdamWChunk ? left : kAdamWChunk;
+    const int64_t base = e[1] + first;
+    const float decay = e[3] != 0 ? s.decay : decay_off;
+    for (int64_t j = threadIdx.x; j < len; j += blockDim.x) adamw_element(param, grad, m, v, base + j, s, decay);
+  }
+}
+
+void adamw_update(CudaContext& ctx, float* param, const float* grad, float* m, float* v, int64_t n,
+                  const AdamWParams& p) {
+  DPO_NVTX_RANGE("adamw_update");
+  if (n <= 0) return;
+  const AdamWScalars s = make_scalars(p);
   const int64_t blocks = (n + kThreads - 1) / kThreads;
   DPO_ASSERT(blocks <= INT32_MAX, "adamw_update: n = " + std::to_string(n) + " exceeds one launch");
   adamw_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, ctx.stream()>>>(param, grad, m, v, n, s);
+  DPO_CUDA_CHECK(cudaGetLastError());
+}
+
+// --- the segment table --------------------------------------------------------------------------------------------
+
+static bool same_segments(const std::vector<AdamWSegment>& a, const AdamWSegment* b, int64_t n_b) {
+  if (static_cast<int64_t>(a.size()) != n_b) return false;
+  for (int64_t k = 0; k < n_b; ++k)
+    if (a[k].offset != b[k].offset || a[k].numel != b[k].numel || a[k].weight_decay != b[k].weight_decay) return false;
+  return true;
+}
+
+void AdamWSegmentTable::assign(CudaContext& ctx, const AdamWSegment* segs, int64_t n_segs, int64_t n) {
+  if (ctx_ == &ctx && n_ == n && same_segments(segs_, segs, n_segs)) return;
+  check_adamw_segments(segs, n_segs, n, "adamw_update_segments");
+  std::vector<int64_t> host;
+  int64_t chunks = 0;
+  for (int64_t k = 0; k < n_segs; ++k) {
+    const AdamWSegment& s = segs[k];
+    if (s.numel == 0) continue;
+    host.insert(host.end(), {chunks, s.offset, s.numel, s.weight_decay ? int64_t{1} : int64_t{0}});
+    chunks += (s.numel + kAdamWChunk - 1) / kAdamWChunk;
+  }
+  std::shared_ptr<Buffer> dev;
+  if (!host.empty()) {
+    const int64_t bytes = static_cast<int64_t>(host.size() * sizeof(int64_t));
+    dev = ctx.alloc(bytes);
+    // From pageable memory: the bytes are staged before cudaMemcpyAsync returns, and the copy is ordered before
+    // any later launch on the stream; the old table is freed in stream order after the launches that read it.
+    DPO_CUDA_CHECK(
+        cudaMemcpyAsync(dev->data(), host.data(), static_cast<size_t>(bytes), cudaMemcpyHostToDevice, ctx.stream()));
+  }
+  ctx_ = &ctx;
+  n_ = n;
+  segs_.assign(segs, segs + n_segs);
+  host_ = std::move(host);
+  dev_ = std::move(dev);
+  chunks_ = chunks;
+  ++uploads_;
+}
+
+const int64_t* AdamWSegmentTable::device_entries() const {
+  return dev_ ? static_cast<const int64_t*>(dev_->data()) : nullptr;
+}
+
+void adamw_update_segments(CudaContext& ctx, AdamWSegmentTable& table, float* param, const float* grad, float* m,
+                           float* v, int64_t n, const AdamWSegment* segs, int64_t n_segs, const AdamWParams& p) {
+  DPO_NVTX_RANGE("adamw_update_segments");
+  table.assign(ctx, segs, n_segs, n);
+  if (table.chunks() == 0) return;
+  const AdamWScalars s = make_scalars(p);
+  AdamWParams off = p;
+  off.weight_decay = 0.0;
+  const float decay_off = make_scalars(off).decay;
+  const int64_t max_blocks = static_cast<int64_t>(std::max(1, ctx.props().multiProcessorCount)) * kAdamWBlocksPerSm;
+  const int64_t blocks = std::min(table.chunks(), max_blocks);
+  adamw_segments_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, ctx.stream()>>>(
+      param, grad, m, v, table.device_entries(), table.entries(), table.chunks(), s, decay_off);
   DPO_CUDA_CHECK(cudaGetLastError());
 }
 

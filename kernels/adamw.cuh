@@ -11,18 +11,65 @@
 //   by float round-off; the scalars (bias corrections, step size, decay) are computed on the host in double, as
 //   PyTorch computes them in Python, then rounded to float. One thread per element, so the result does not depend
 //   on the launch configuration. p.step is 1-based. Asynchronous on ctx.stream(); 64-bit indices.
+//
+// adamw_update_segments: the same update over segs[0, n_segs) of flat arrays of n floats in ONE launch (the
+//   multi-tensor form; per-segment weight decay and the segment rules as in kernels/adamw.h, elements outside every
+//   segment untouched). Each segment is cut into chunks of kAdamWChunk elements; a device table lists, per
+//   non-empty segment, its first chunk (a prefix sum), offset, size and decay flag, and each block takes chunks in
+//   a grid-stride loop and finds a chunk's segment by binary search in the table. Every element goes through the
+//   same device function and the same host-computed float scalars as adamw_update, so the two agree bitwise.
+//   The table lives in an AdamWSegmentTable the caller keeps across steps: it is validated and uploaded
+//   (stream-ordered, no host sync) only when the segments, n or the context change, so a training step costs one
+//   launch and no host-device transfer.
 #pragma once
 #include <cstdint>
+#include <memory>
+#include <vector>
 
 #include "kernels/adamw.h"
 
 namespace dpo {
+class Buffer;
 class CudaContext;
-}
+}  // namespace dpo
 
 namespace dpo::cuda {
 
+constexpr int64_t kAdamWChunk = 4096;  // elements per chunk of adamw_update_segments (one block-iteration each)
+// The fused kernel's grid is min(chunks, kAdamWBlocksPerSm * SMs) blocks of 256 threads (one resident wave on
+// sm_80/sm_90); the grid-stride loop takes the remaining chunks.
+constexpr int kAdamWBlocksPerSm = 8;
+
 void adamw_update(CudaContext& ctx, float* param, const float* grad, float* m, float* v, int64_t n,
                   const AdamWParams& p);
+
+// The device copy of a segment list, cached by whoever calls adamw_update_segments step after step (CudaBackend
+// keeps one). Not thread-safe; one context at a time. Its device buffer is freed in stream order on the context's
+// stream, so the table must not outlive the context.
+class AdamWSegmentTable {
+ public:
+  // Makes the table describe segs[0, n_segs) of an n-element array on ctx. When they (and n and ctx) equal the
+  // current ones this only compares; otherwise it validates them (check_adamw_segments: dpo::Error, the table is
+  // left as it was) and enqueues the upload on ctx.stream().
+  void assign(CudaContext& ctx, const AdamWSegment* segs, int64_t n_segs, int64_t n);
+
+  const int64_t* device_entries() const;    // [entries()][4]: first chunk, offset, numel, decay flag (0/1)
+  int64_t entries() const { return static_cast<int64_t>(host_.size() / 4); }  // non-empty segments
+  int64_t chunks() const { return chunks_; }
+  int64_t uploads() const { return uploads_; }  // how many times assign() rebuilt the table (for cache tests)
+
+ private:
+  const CudaContext* ctx_ = nullptr;
+  int64_t n_ = -1;
+  std::vector<AdamWSegment> segs_;  // as last assigned, for the comparison
+  std::vector<int64_t> host_;       // the entries as uploaded
+  std::shared_ptr<Buffer> dev_;
+  int64_t chunks_ = 0;
+  int64_t uploads_ = 0;
+};
+
+// `table` is assign()ed first (so it may be a fresh table or one from earlier steps), then one launch.
+void adamw_update_segments(CudaContext& ctx, AdamWSegmentTable& table, float* param, const float* grad, float* m,
+                           float* v, int64_t n, const AdamWSegment* segs, int64_t n_segs, const AdamWParams& p);
 
 }  // namespace dpo::cuda

@@ -17,6 +17,15 @@
 //   (ATen's opmath for float is float, so a float run differs from PyTorch's by float round-off only). The CUDA
 //   kernel will keep m and v in fp32 whatever the parameters' type, with fp32 arithmetic; it shares AdamWParams.
 //
+// adamw_update_segments: the same step over the segments segs[0, n_segs) of flat arrays of n elements, the
+//   multi-tensor form (one call, one CUDA launch, for all of a model's parameters). Segment k covers elements
+//   [offset, offset + numel) and is updated with p.weight_decay when its weight_decay flag is set, with 0 otherwise
+//   (every other field of p is shared). Elements outside every segment are not read or written. Segments must have
+//   offset >= 0, numel >= 0, offset + numel <= n, and be sorted by offset without overlap (gaps and empty segments
+//   are allowed); anything else throws dpo::Error before any element is written. The result is bitwise that of one
+//   adamw_update per segment on the same arrays (the op is elementwise), on the CPU and, for the CUDA kernels,
+//   between cuda::adamw_update_segments and cuda::adamw_update.
+//
 // sum_squares: sum_i x[i]^2 accumulated in double. The input is cut into fixed chunks of kSumSquaresChunk
 //   elements; each chunk is summed in a fixed order and the chunk sums are added in index order, so the result is
 //   bitwise the same for every thread count. NaN/Inf propagate (the caller decides what a non-finite norm means).
@@ -38,6 +47,17 @@ struct AdamWParams {
   int64_t step = 1;         // 1-based step number, for the bias corrections
 };
 
+// One segment of a flat parameter array for adamw_update_segments.
+struct AdamWSegment {
+  int64_t offset = 0;         // first element
+  int64_t numel = 0;          // number of elements (0: an empty segment, skipped)
+  bool weight_decay = false;  // true: AdamWParams::weight_decay applies to this segment; false: no decay
+};
+
+// Throws dpo::Error naming `fn` and the first bad segment unless segs[0, n_segs) are valid segments of an array of
+// n elements (see adamw_update_segments above). Shared by the CPU twin and the CUDA launcher.
+void check_adamw_segments(const AdamWSegment* segs, int64_t n_segs, int64_t n, const char* fn);
+
 }  // namespace dpo
 
 namespace dpo::cpu {
@@ -46,6 +66,10 @@ constexpr int64_t kSumSquaresChunk = 4096;
 
 template <class T>
 void adamw_update(T* param, const T* grad, T* m, T* v, int64_t n, const AdamWParams& p);
+
+template <class T>
+void adamw_update_segments(T* param, const T* grad, T* m, T* v, int64_t n, const AdamWSegment* segs, int64_t n_segs,
+                           const AdamWParams& p);
 
 template <class T>
 double sum_squares(const T* x, int64_t n);

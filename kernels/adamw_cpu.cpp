@@ -1,7 +1,33 @@
 #include <cmath>
+#include <string>
 #include <vector>
 
 #include "kernels/adamw.h"
+#include "runtime/error.h"
+
+namespace dpo {
+
+// dpo::Error is thrown directly: dpo_kernels_cpu does not link dpo_runtime (no DPO_ASSERT here).
+void check_adamw_segments(const AdamWSegment* segs, int64_t n_segs, int64_t n, const char* fn) {
+  const std::string f(fn);
+  if (n < 0) throw Error(f + ": the array size n must be >= 0, got " + std::to_string(n));
+  if (n_segs < 0) throw Error(f + ": the segment count must be >= 0, got " + std::to_string(n_segs));
+  if (n_segs > 0 && segs == nullptr) throw Error(f + ": " + std::to_string(n_segs) + " segments but no table");
+  int64_t end = 0;  // end of the previous segment
+  for (int64_t k = 0; k < n_segs; ++k) {
+    const AdamWSegment& s = segs[k];
+    const std::string which = f + ": segment " + std::to_string(k) + " (offset " + std::to_string(s.offset) +
+                              ", numel " + std::to_string(s.numel) + ")";
+    if (s.offset < 0 || s.numel < 0) throw Error(which + " has a negative offset or size");
+    if (s.offset > n - s.numel) throw Error(which + " ends past the array's " + std::to_string(n) + " elements");
+    if (s.offset < end)
+      throw Error(which + " starts before the end of segment " + std::to_string(k - 1) + " (" + std::to_string(end) +
+                  "): segments must be sorted by offset and must not overlap");
+    end = s.offset + s.numel;
+  }
+}
+
+}  // namespace dpo
 
 namespace dpo::cpu {
 
@@ -36,6 +62,21 @@ void adamw_update(T* param, const T* grad, T* m, T* v, int64_t n, const AdamWPar
     param[i] = static_cast<T>(x);
     m[i] = static_cast<T>(mi);
     v[i] = static_cast<T>(vi);
+  }
+}
+
+// One adamw_update per segment: the per-segment results are bitwise those of separate calls by construction.
+// (On the CPU a fused loop would buy nothing; the CUDA kernel is the one that fuses.)
+template <class T>
+void adamw_update_segments(T* param, const T* grad, T* m, T* v, int64_t n, const AdamWSegment* segs, int64_t n_segs,
+                           const AdamWParams& p) {
+  check_adamw_segments(segs, n_segs, n, "adamw_update_segments");
+  AdamWParams q = p;
+  for (int64_t k = 0; k < n_segs; ++k) {
+    const AdamWSegment& s = segs[k];
+    if (s.numel == 0) continue;
+    q.weight_decay = s.weight_decay ? p.weight_decay : 0.0;
+    adamw_update<T>(param + s.offset, grad + s.offset, m + s.offset, v + s.offset, s.numel, q);
   }
 }
 
@@ -76,6 +117,10 @@ void scale(T* x, int64_t n, double s) {
 
 template void adamw_update<float>(float*, const float*, float*, float*, int64_t, const AdamWParams&);
 template void adamw_update<double>(double*, const double*, double*, double*, int64_t, const AdamWParams&);
+template void adamw_update_segments<float>(float*, const float*, float*, float*, int64_t, const AdamWSegment*, int64_t,
+                                          const AdamWParams&);
+template void adamw_update_segments<double>(double*, const double*, double*, double*, int64_t, const AdamWSegment*,
+                                           int64_t, const AdamWParams&);
 template double sum_squares<float>(const float*, int64_t);
 template double sum_squares<double>(const double*, int64_t);
 template void scale<float>(float*, int64_t, double);

@@ -1,6 +1,8 @@
 #include "model/gpt2.h"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace dpo {
 
@@ -65,7 +67,8 @@ struct GPT2::Acts {
     Tensor ln1, ln1_mean, ln1_rstd, qkv, atty, att, res2, ln2, ln2_mean, ln2_rstd, fch, fch_gelu, res3;
   };
   std::vector<Layer> layers;
-  Tensor lnf, lnf_mean, lnf_rstd, logits;
+  Tensor lnf, lnf_mean, lnf_rstd;
+  Tensor logits;  // [B,T,V], allocated by forward() only (the unfused path)
   Tensor proj;  // [B,T,C] scratch for c_proj outputs before the residual add
   // gradient scratch
   Tensor dres, dln, dqkv, datty, dfch, dfch_gelu;
@@ -124,7 +127,7 @@ void GPT2::ensure_acts(int64_t B, int64_t T) {
   auto a = std::make_shared<Acts>();
   a->B = B;
   a->T = T;
-  const int64_t C = cfg_.n_embd, V = cfg_.vocab_size, NH = cfg_.n_head;
+  const int64_t C = cfg_.n_embd, NH = cfg_.n_head;
   auto t = [&](Shape s) { return be_->empty(std::move(s), dtype_); };
   a->encoded = t({B, T, C});
   a->layers.resize(static_cast<size_t>(cfg_.n_layer));
@@ -146,7 +149,6 @@ void GPT2::ensure_acts(int64_t B, int64_t T) {
   a->lnf = t({B, T, C});
   a->lnf_mean = t({B, T});
   a->lnf_rstd = t({B, T});
-  a->logits = t({B, T, V});
   a->proj = t({B, T, C});
   a->dres = t({B, T, C});
   a->dln = t({B, T, C});
@@ -174,7 +176,7 @@ void GPT2::check_tokens(const Tensor& tokens) const {
   }
 }
 
-const Tensor& GPT2::forward(const Tensor& tokens, const Tensor& keymask) {
+void GPT2::forward_trunk(const Tensor& tokens, const Tensor& keymask) {
   check_tokens(tokens);
   const int64_t B = tokens.size(0), T = tokens.size(1), NH = cfg_.n_head;
   ensure_acts(B, T);
@@ -204,9 +206,17 @@ const Tensor& GPT2::forward(const Tensor& tokens, const Tensor& keymask) {
   }
   be.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, param("ln_f.weight"), param("ln_f.bias"),
                        cfg_.ln_eps);
-  be.matmul_forward(a.logits, a.lnf, param("wte.weight"), Tensor(), WeightLayout::OutIn);
   tokens_ = tokens;
   keymask_ = keymask;
+  targets_ = Tensor();  // any earlier head state is stale now
+  head_done_ = false;
+}
+
+const Tensor& GPT2::forward(const Tensor& tokens, const Tensor& keymask) {
+  forward_trunk(tokens, keymask);
+  Acts& a = *acts_;
+  if (!a.logits.defined()) a.logits = be_->empty({a.B, a.T, cfg_.vocab_size}, dtype_);
+  be_->matmul_forward(a.logits, a.lnf, param("wte.weight"), Tensor(), WeightLayout::OutIn);
   return a.logits;
 }
 
@@ -222,11 +232,18 @@ void GPT2::backward(const Tensor& dseq) {
   DPO_ASSERT(acts_ && targets_.defined(), "backward without a preceding sequence_logprobs");
   Acts& a = *acts_;
   Backend& be = *be_;
-  const int64_t NH = cfg_.n_head;
   // The logits buffer becomes dlogits (the CPU kernel supports the alias; the logits are not needed again).
   be.logprob_backward(a.logits, a.logits, targets_, weights_, dseq);
   be.fill_zero(a.dln);
   be.matmul_backward(a.dln, grad("wte.weight"), Tensor(), a.logits, a.lnf, param("wte.weight"), WeightLayout::OutIn);
+  backward_trunk();
+  targets_ = Tensor();  // the logits were consumed; a second backward needs a new forward
+}
+
+void GPT2::backward_trunk() {
+  Acts& a = *acts_;
+  Backend& be = *be_;
+  const int64_t NH = cfg_.n_head;
   const Tensor& last = cfg_.n_layer > 0 ? a.layers.back().res3 : a.encoded;
   be.fill_zero(a.dres);
   be.layernorm_backward(a.dres, grad("ln_f.weight"), grad("ln_f.bias"), a.dln, last, param("ln_f.weight"),
@@ -259,7 +276,129 @@ void GPT2::backward(const Tensor& dseq) {
                           param(p + "ln_1.weight"), L.ln1_mean, L.ln1_rstd);
   }
   be.encoder_backward(grad("wte.weight"), grad("wpe.weight"), a.dres, tokens_);
-  targets_ = Tensor();  // the logits were consumed; a second backward needs a new forward
+}
+
+// --- the chunked LM head ---------------------------------------------------------------------------------------
+
+void GPT2::set_logits_chunk_rows(int64_t rows) {
+  if (rows < 1) throw Error("logits_chunk_rows must be >= 1, got " + std::to_string(rows));
+  if (rows != chunk_rows_) chunk_ = Tensor();
+  chunk_rows_ = rows;
+}
+
+int64_t GPT2::logits_buffer_numel() const {
+  int64_t n = chunk_.defined() ? chunk_.numel() : 0;
+  if (acts_ && acts_->logits.defined()) n += acts_->logits.numel();
+  return n;
+}
+
+void GPT2::check_head_args(const Tensor& targets, const Tensor& weights) const {
+  const int64_t B = tokens_.size(0), T = tokens_.size(1);
+  check_shape(targets, {B, T}, "targets");
+  check_dtype(targets, DType::I32, "targets");
+  check_shape(weights, {B, T}, "weights");
+  check_dtype(weights, dtype_, "weights");
+}
+
+std::vector<std::vector<GPT2::Range>> GPT2::plan_chunks(int64_t B, int64_t T, int64_t pair_stride) {
+  DPO_ASSERT(pair_stride >= 0, "pair_stride must be >= 0");
+  if (pair_stride > 0)
+    DPO_ASSERT(B == 2 * pair_stride, "pair_stride " + std::to_string(pair_stride) + " needs a batch of " +
+                                         std::to_string(2 * pair_stride) + " sequences, got " + std::to_string(B));
+  const int64_t per_unit = pair_stride > 0 ? 2 : 1;
+  const int64_t units = pair_stride > 0 ? pair_stride : B;
+  const int64_t unit_rows = per_unit * std::max<int64_t>(T, 1);
+  const int64_t k = std::min(units, std::max<int64_t>(1, chunk_rows_ / unit_rows));  // units per chunk
+  std::vector<std::vector<Range>> plan;
+  for (int64_t u0 = 0; u0 < units; u0 += k) {
+    const int64_t n = std::min(k, units - u0);
+    std::vector<Range> c{{u0, n, 0}};
+    if (pair_stride > 0) c.push_back({u0 + pair_stride, n, n});
+    plan.push_back(std::move(c));
+  }
+  return plan;
+}
+
+Tensor GPT2::chunk_logits(int64_t rows) {
+  const int64_t V = cfg_.vocab_size;
+  if (!chunk_.defined() || chunk_.numel() < rows * V) chunk_ = be_->empty({rows, V}, dtype_);
+  return chunk_.view(0, {rows, V});
+}
+
+void GPT2::score(const Tensor& tokens, const Tensor& keymask, const Tensor& targets, const Tensor& weights,
+                 const Tensor& seq_logp) {
+  forward_trunk(tokens, keymask);
+  check_head_args(targets, weights);
+  Acts& a = *acts_;
+  const int64_t B = a.B, T = a.T, C = cfg_.n_embd, V = cfg_.vocab_size;
+  check_shape(seq_logp, {B}, "seq_logp");
+  const Tensor wte = param("wte.weight");
+  for (const auto& chunk : plan_chunks(B, T, 0)) {
+    for (const Range& r : chunk) {
+      const Tensor lg = chunk_logits(r.nseq * T);
+      be_->matmul_forward(lg, a.lnf.view(r.seq0 * T * C, {r.nseq * T, C}), wte, Tensor(), WeightLayout::OutIn);
+      be_->logprob_forward(seq_logp.view(r.seq0, {r.nseq}), Tensor(), lg.view(0, {r.nseq, T, V}),
+                           targets.view(r.seq0 * T, {r.nseq, T}), weights.view(r.seq0 * T, {r.nseq, T}));
+    }
+  }
+}
+
+std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keymask, const Tensor& targets,
+                                        const Tensor& weights, const LossHead& head) {
+  DPO_ASSERT(static_cast<bool>(head.grad), "fused_forward: the loss head has no grad function");
+  forward_trunk(tokens, keymask);
+  check_head_args(targets, weights);
+  Acts& a = *acts_;
+  Backend& be = *be_;
+  const int64_t B = a.B, T = a.T, C = cfg_.n_embd, V = cfg_.vocab_size;
+  const auto plan = plan_chunks(B, T, head.pair_stride);
+  const Tensor wte = param("wte.weight"), dwte = grad("wte.weight");
+  Tensor seq_dev = be.empty({B}, dtype_), dseq_dev = be.empty({B}, dtype_);
+  Tensor seq_host = Tensor::host({B}, dtype_), dseq_host = Tensor::host({B}, dtype_);
+  std::vector<double> logp(static_cast<size_t>(B), 0.0), dseq(static_cast<size_t>(B), 0.0);
+  be.fill_zero(a.dln);  // dL/d(ln_f output), accumulated chunk by chunk
+  auto host_at = [&](const Tensor& h, int64_t i) -> double {
+    return dtype_ == DType::F64 ? h.data<double>()[i] : static_cast<double>(h.data<float>()[i]);
+  };
+  for (size_t ci = 0; ci < plan.size(); ++ci) {
+    const auto& chunk = plan[ci];
+    int64_t rows = 0;
+    for (const Range& r : chunk) rows += r.nseq * T;
+    const Tensor lg_all = chunk_logits(rows);
+    auto lg = [&](const Range& r) { return lg_all.view(r.slot * T * V, {r.nseq, T, V}); };
+    for (const Range& r : chunk) {
+      be.matmul_forward(lg(r), a.lnf.view(r.seq0 * T * C, {r.nseq * T, C}), wte, Tensor(), WeightLayout::OutIn);
+      be.logprob_forward(seq_dev.view(r.seq0, {r.nseq}), Tensor(), lg(r), targets.view(r.seq0 * T, {r.nseq, T}),
+                         weights.view(r.seq0 * T, {r.nseq, T}));
+      be.copy_to_host(seq_host.view(r.seq0, {r.nseq}), seq_dev.view(r.seq0, {r.nseq}));
+      for (int64_t s = r.seq0; s < r.seq0 + r.nseq; ++s) logp[static_cast<size_t>(s)] = host_at(seq_host, s);
+    }
+    const int64_t u0 = chunk.front().seq0, u1 = u0 + chunk.front().nseq;
+    // A sequence the head forgets to set keeps NaN: its gradients become NaN (loud), never a silent 0.
+    for (const Range& r : chunk)
+      std::fill(dseq.begin() + r.seq0, dseq.begin() + r.seq0 + r.nseq, std::numeric_limits<double>::quiet_NaN());
+    head.grad(u0, u1, logp, dseq);
+    for (const Range& r : chunk) {
+      for (int64_t s = r.seq0; s < r.seq0 + r.nseq; ++s) {
+        const double d = dseq[static_cast<size_t>(s)];
+        if (dtype_ == DType::F64) dseq_host.data<double>()[s] = d;
+        else dseq_host.data<float>()[s] = static_cast<float>(d);
+      }
+      be.copy_from_host(dseq_dev.view(r.seq0, {r.nseq}), dseq_host.view(r.seq0, {r.nseq}));
+      const Tensor tg = targets.view(r.seq0 * T, {r.nseq, T}), w = weights.view(r.seq0 * T, {r.nseq, T});
+      be.logprob_backward(lg(r), lg(r), tg, w, dseq_dev.view(r.seq0, {r.nseq}));
+      be.matmul_backward(a.dln.view(r.seq0 * T * C, {r.nseq * T, C}), dwte, Tensor(), lg(r),
+                         a.lnf.view(r.seq0 * T * C, {r.nseq * T, C}), wte, WeightLayout::OutIn);
+    }
+  }
+  head_done_ = true;
+  return logp;
+}
+
+void GPT2::fused_backward() {
+  DPO_ASSERT(acts_ && head_done_, "fused_backward without a preceding fused_forward");
+  backward_trunk();
+  head_done_ = false;
 }
 
 }  // namespace dpo

@@ -13,6 +13,7 @@
 // Every op goes through a Backend, so the same model runs on the CPU (F32 or F64) and, with the CUDA backend, on a GPU.
 #pragma once
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -74,11 +75,59 @@ class GPT2 {
 
   // Backward of the last sequence_logprobs call, given dL/dseq_logp [B]. Gradients accumulate (+=) into grads().
   // Overwrites the stored logits with their gradient.
+  // sequence_logprobs + backward is the unfused path: it materialises the logits of the whole batch [B,T,V]. The
+  // tests use it as the reference for the chunked path below.
   void backward(const Tensor& dseq);
+
+  // --- The chunked LM head (no [B,T,V] logits) ------------------------------------------------------------------
+  // The LM head, log-softmax, gather and per-sequence sums run over chunks of whole sequences through one logits
+  // buffer of at most max(logits_chunk_rows, one unit) x V elements, whatever B is (a unit is one sequence, or a
+  // pair of sequences with the pair layout below). The GEMM work is that of the unfused path: one forward GEMM
+  // per chunk and, in fused_forward, the two backward GEMMs (d ln_f output, d wte) right after the chunk's loss
+  // gradient is known, so no logits are recomputed.
+  void set_logits_chunk_rows(int64_t rows);  // >= 1 (Error otherwise); default kDefaultLogitsChunkRows
+  int64_t logits_chunk_rows() const { return chunk_rows_; }
+  // Elements of every logits buffer this model holds now: the chunk buffer, plus [B,T,V] if forward() or
+  // sequence_logprobs() was called (memory accounting; tests).
+  int64_t logits_buffer_numel() const;
+
+  // Forward only, chunked: seq_logp[b] (=, [B] on the backend's device, the model's dtype) as sequence_logprobs
+  // computes it, without the [B,T,V] logits and without keeping anything for a backward pass.
+  void score(const Tensor& tokens, const Tensor& keymask, const Tensor& targets, const Tensor& weights,
+             const Tensor& seq_logp);
+
+  // How the loss turns sequence log-probs into dL/dseq_logp, one chunk at a time (host doubles).
+  struct LossHead {
+    // 0: every sequence is a unit of its own. P > 0: the batch is [chosen 0..P-1, rejected P..2P-1] (B == 2P)
+    // and unit q is the pair (q, q + P), so a pair's loss sees both of its log-probs in the same chunk.
+    int64_t pair_stride = 0;
+    // Called once per chunk, in order, for units [u0, u1): logp holds the log-probs of those units' sequences
+    // (entries of later chunks are not yet computed); it must set dseq for exactly those sequences.
+    std::function<void(int64_t u0, int64_t u1, const std::vector<double>& logp, std::vector<double>& dseq)> grad;
+  };
+
+  // The training forward: the transformer forward, then per chunk the LM head, the log-probs, head.grad, the
+  // log-softmax backward in place and the two LM-head backward GEMMs (d wte += into grads(), d ln_f output kept).
+  // Returns seq_logp [B] as host doubles (each rounded through the model's dtype, as sequence_logprobs does).
+  // fused_backward() then finishes the backward pass (gradients += into grads()).
+  std::vector<double> fused_forward(const Tensor& tokens, const Tensor& keymask, const Tensor& targets,
+                                    const Tensor& weights, const LossHead& head);
+  void fused_backward();
+
+  static constexpr int64_t kDefaultLogitsChunkRows = 2048;
 
  private:
   struct Acts;  // activations kept for the backward pass, sized for the current (B, T)
   void ensure_acts(int64_t B, int64_t T);
+  void forward_trunk(const Tensor& tokens, const Tensor& keymask);  // up to the ln_f output
+  void backward_trunk();  // from dL/d(ln_f output) in acts_->dln down to the embeddings
+  void check_head_args(const Tensor& targets, const Tensor& weights) const;
+  // Sequence ranges of each chunk: {first sequence, count, first row of the chunk buffer / T}.
+  struct Range {
+    int64_t seq0, nseq, slot;
+  };
+  std::vector<std::vector<Range>> plan_chunks(int64_t B, int64_t T, int64_t pair_stride);
+  Tensor chunk_logits(int64_t rows);  // a [rows, V] view of the chunk buffer, grown when needed
   void check_tokens(const Tensor& tokens) const;
 
   Backend* be_;
@@ -88,6 +137,9 @@ class GPT2 {
   Tensor params_, grads_;
   std::shared_ptr<Acts> acts_;
   Tensor tokens_, keymask_, targets_, weights_;  // inputs of the last sequence_logprobs, for backward
+  int64_t chunk_rows_ = kDefaultLogitsChunkRows;
+  Tensor chunk_;           // the chunked LM head's logits buffer
+  bool head_done_ = false;  // fused_forward ran; fused_backward may follow
 };
 
 }  // namespace dpo

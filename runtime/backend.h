@@ -79,6 +79,12 @@ class Backend {
   // grad is read only and multiplied by p.grad_scale first. p.step is 1-based.
   virtual void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                             const AdamWParams& p) = 0;
+  // The same step over segments of flat 1-D tensors (param, grad, m, v: same [n], same dtype, no aliasing), in one
+  // call (one launch on the GPU): segment k, elements [offset, offset + numel), uses p.weight_decay when its
+  // weight_decay flag is set and 0 otherwise; elements outside every segment are untouched. Segments: in range,
+  // sorted by offset, non-overlapping (dpo::Error otherwise). Bitwise equal to adamw_update per segment.
+  virtual void adamw_update_segments(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                                     const std::vector<AdamWSegment>& segs, const AdamWParams& p) = 0;
   // sum(x^2) accumulated in double; bitwise reproducible for a given x whatever the thread count.
   virtual double sum_squares(const Tensor& x) = 0;
   // x *= s, in place.

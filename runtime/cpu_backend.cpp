@@ -256,26 +256,21 @@ class CpuBackend final : public Backend {
 
   void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                     const AdamWParams& p) override {
-    check_float(param, "adamw param");
-    check_shape(grad, param.shape(), "adamw grad");
-    check_shape(m, param.shape(), "adamw m");
-    check_shape(v, param.shape(), "adamw v");
-    check_same_dtype(param, grad, "adamw param", "adamw grad");
-    check_same_dtype(param, m, "adamw param", "adamw m");
-    check_same_dtype(param, v, "adamw param", "adamw v");
-    DPO_ASSERT(p.step >= 1, "adamw step is 1-based, got " + std::to_string(p.step));
-    const Tensor* ts[4] = {&param, &grad, &m, &v};
-    const char* names[4] = {"param", "grad", "m", "v"};
-    for (int a = 0; a < 4; ++a)
-      for (int b = a + 1; b < 4; ++b) {
-        const char* pa = static_cast<const char*>(ts[a]->raw());
-        const char* pb = static_cast<const char*>(ts[b]->raw());
-        const bool overlap = pa < pb + ts[b]->nbytes() && pb < pa + ts[a]->nbytes();
-        DPO_ASSERT(!overlap, std::string("adamw: ") + names[a] + " and " + names[b] + " overlap");
-      }
+    check_adamw_args(param, grad, m, v, p);
     dispatch(param.dtype(), [&](auto z) {
       using F = decltype(z);
       cpu::adamw_update<F>(param.data<F>(), grad.data<F>(), m.data<F>(), v.data<F>(), param.numel(), p);
+    });
+  }
+  void adamw_update_segments(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                             const std::vector<AdamWSegment>& segs, const AdamWParams& p) override {
+    check_adamw_args(param, grad, m, v, p);
+    DPO_ASSERT(param.dim() == 1, "adamw_update_segments: param must be a flat 1-D tensor, got " +
+                                     shape_str(param.shape()));
+    dispatch(param.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::adamw_update_segments<F>(param.data<F>(), grad.data<F>(), m.data<F>(), v.data<F>(), param.numel(),
+                                    segs.data(), static_cast<int64_t>(segs.size()), p);
     });
   }
   double sum_squares(const Tensor& x) override {
@@ -296,6 +291,27 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  // The checks of both AdamW ops: floating host tensors of one dtype and one shape, no two overlapping, step >= 1.
+  static void check_adamw_args(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                               const AdamWParams& p) {
+    check_float(param, "adamw param");
+    check_shape(grad, param.shape(), "adamw grad");
+    check_shape(m, param.shape(), "adamw m");
+    check_shape(v, param.shape(), "adamw v");
+    check_same_dtype(param, grad, "adamw param", "adamw grad");
+    check_same_dtype(param, m, "adamw param", "adamw m");
+    check_same_dtype(param, v, "adamw param", "adamw v");
+    DPO_ASSERT(p.step >= 1, "adamw step is 1-based, got " + std::to_string(p.step));
+    const Tensor* ts[4] = {&param, &grad, &m, &v};
+    const char* names[4] = {"param", "grad", "m", "v"};
+    for (int a = 0; a < 4; ++a)
+      for (int b = a + 1; b < 4; ++b) {
+        const char* pa = static_cast<const char*>(ts[a]->raw());
+        const char* pb = static_cast<const char*>(ts[b]->raw());
+        const bool overlap = pa < pb + ts[b]->nbytes() && pb < pa + ts[a]->nbytes();
+        DPO_ASSERT(!overlap, std::string("adamw: ") + names[a] + " and " + names[b] + " overlap");
+      }
+  }
   static void convert_into(const Tensor& dst, const Tensor& src, const char* what) {
     check_host(dst, what);
     check_host(src, what);

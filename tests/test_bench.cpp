@@ -52,7 +52,8 @@ TEST(Bench, TinyCustomWorkload) {
     EXPECT_TRUE(r.contains(k)) << k;
   for (const char* k : {"uname", "nproc", "cpu_model"}) EXPECT_TRUE(r["machine"].contains(k)) << k;
   for (const char* k :
-       {"batch_and_zero", "reference_forward", "policy_forward", "loss", "backward", "optimizer", "other"}) {
+       {"batch_and_zero", "reference_forward", "policy_forward_fused_head", "loss", "backward", "optimizer",
+        "other"}) {
     EXPECT_TRUE(r["phase_seconds_median"].contains(k)) << k;
     EXPECT_EQ(r["phase_seconds"][k].size(), 2u) << k;
   }

@@ -180,6 +180,68 @@ TEST(CudaBackend, Gpt2LogprobsAndGradientsMatchCpu) {
   EXPECT_NEAR(gpu.sum_squares(m.mg.grads()), cpu.sum_squares(m.mc.grads()), 2 * kModelTol * norm);
 }
 
+// The chunked LM head (GPT2::score, fused_forward + fused_backward) on the GPU: one sequence per chunk (three
+// chunks, each a view at a different offset of the batch's activations), against the CPU model doing the same and
+// against the GPU's own unfused path. The loss head is nonlinear in the log-probs (d = dseq * (1 + tanh(lp / 10)))
+// so the per-chunk log-probs must be right for the gradient to be.
+TEST(CudaBackend, ChunkedLmHeadMatchesCpuAndTheUnfusedPath) {
+  DPO_REQUIRE_GPU();
+  std::mt19937_64 g(test::test_seed());
+  TwoModels m(g);
+  Batch in = make_batch(g, m.cfg);
+  Backend &cpu = *m.cpu, &gpu = *m.gpu;
+  const Tensor c_w = put(cpu, in.weights, DType::F32);
+  const Tensor g_tok = put(gpu, in.tokens, DType::I32), g_mask = put(gpu, in.keymask, DType::I32);
+  const Tensor g_tgt = put(gpu, in.targets, DType::I32), g_w = put(gpu, in.weights, DType::F32);
+  const std::vector<double> dseq = vec(in.dseq);
+  GPT2::LossHead head;
+  head.grad = [&](int64_t s0, int64_t s1, const std::vector<double>& lp, std::vector<double>& d) {
+    for (int64_t s = s0; s < s1; ++s) d[s] = dseq[s] * (1.0 + std::tanh(lp[s] / 10.0));
+  };
+  m.mc.set_logits_chunk_rows(in.T);
+  m.mg.set_logits_chunk_rows(in.T);
+
+  // score() against sequence_logprobs on the GPU, and against the CPU's score().
+  Tensor g_seq = gpu.empty({in.B}, DType::F32), g_full = gpu.empty({in.B}, DType::F32);
+  Tensor c_seq = cpu.empty({in.B}, DType::F32);
+  ASSERT_EQ(cudaMemsetAsync(g_seq.raw(), 0xFF, static_cast<size_t>(g_seq.nbytes()),
+                            static_cast<CudaBackend&>(gpu).context().stream()),
+            cudaSuccess);
+  m.mg.score(g_tok, g_mask, g_tgt, g_w, g_seq);
+  m.mc.score(in.tokens, in.keymask, in.targets, c_w, c_seq);
+  const auto sg = vec(get(gpu, g_seq)), sc = vec(get(cpu, c_seq));
+  EXPECT_LE(rel_norm_err(sg, sc), kModelTol);
+  m.mg.sequence_logprobs(g_tok, g_mask, g_tgt, g_w, g_full);
+  EXPECT_LE(rel_norm_err(sg, vec(get(gpu, g_full))), 1e-6) << "same kernels, chunked vs whole-batch GEMM";
+
+  m.mc.zero_grad();
+  m.mg.zero_grad();
+  const std::vector<double> lc = m.mc.fused_forward(in.tokens, in.keymask, in.targets, c_w, head);
+  m.mc.fused_backward();
+  const std::vector<double> lg = m.mg.fused_forward(g_tok, g_mask, g_tgt, g_w, head);
+  m.mg.fused_backward();
+  EXPECT_LE(rel_norm_err(lg, lc), kModelTol);
+  const auto ref_grad = vec(get(cpu, m.mc.grads())), got_grad = vec(get(gpu, m.mg.grads()));
+  for (const auto& s : m.mc.specs()) {
+    const auto r = vec(get(cpu, m.mc.grad(s.name))), q = vec(get(gpu, m.mg.grad(s.name)));
+    EXPECT_LE(rel_norm_err(q, r), kModelTol) << s.name;
+  }
+  double norm = 0;
+  for (double v : ref_grad) norm += v * v;
+  EXPECT_GT(norm, 1e-3);
+
+  // The GPU's unfused path with the head's gradients gives the same gradient up to float summation order.
+  Tensor dh = Tensor::host({in.B}, DType::F64);
+  for (int64_t s = 0; s < in.B; ++s) dh.data<double>()[s] = dseq[s] * (1.0 + std::tanh(lg[s] / 10.0));
+  Tensor g_d = put(gpu, dh, DType::F32), g_lp = gpu.empty({in.B}, DType::F32);
+  m.mg.zero_grad();
+  m.mg.sequence_logprobs(g_tok, g_mask, g_tgt, g_w, g_lp);
+  m.mg.backward(g_d);
+  EXPECT_LE(rel_norm_err(vec(get(gpu, m.mg.grads())), got_grad), 1e-5);
+  // Logits buffers: the chunk (one sequence) plus the unfused path's [B,T,V].
+  EXPECT_EQ(m.mg.logits_buffer_numel(), (1 + in.B) * in.T * m.cfg.vocab_size);
+}
+
 // One AdamW step through each backend on identical inputs (the CPU model's gradient, random state), then the
 // clip-style grad_scale from the backend's own sum of squares. The kernels differ only in float vs double per-element
 // arithmetic (kernels/adamw.h), i.e. ~10 float roundings of each quantity. The parameters are compared against the

@@ -1,5 +1,5 @@
-// CUDA matmul (cuBLASLt), attention and log-prob kernels against their CPU twins in float (kernels/<op>.cuh vs
-// kernels/<op>.h). In the shape of ggml's test_case: fresh seeded random inputs, the CPU twin as the reference, device
+// CUDA matmul (cuBLASLt), attention, log-prob and fused multi-tensor AdamW kernels against their CPU twins in float
+// (kernels/<op>.cuh vs kernels/<op>.h). In the shape of ggml's test_case: fresh seeded random inputs, the CPU twin as the reference, device
 // outputs poisoned with NaN (cudaMemset 0xFF) before each launch, sizes that are not multiples of a warp or a tile,
 // (+=) outputs pre-filled with random values, error budgets derived from fp32 round-off and the reduction length,
 // bitwise checks where the kernels promise determinism, and a log-prob case whose logits pass 2^32 elements.
@@ -17,11 +17,15 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "kernels/adamw.cuh"
+#include "kernels/adamw.h"
 #include "kernels/attention.cuh"
 #include "kernels/attention.h"
 #include "kernels/common.h"
@@ -133,6 +137,7 @@ class CudaKernelsB : public ::testing::Test {
 using CudaMatmul = CudaKernelsB;
 using CudaAttention = CudaKernelsB;
 using CudaLogprob = CudaKernelsB;
+using CudaAdamWSegments = CudaKernelsB;
 
 // --- matmul ---------------------------------------------------------------------------------------------------------
 // Budgets are per element and rigorous (see the top): a dot product of length K plus one more add (bias or the
@@ -708,6 +713,199 @@ TEST_F(CudaLogprob, IndexesPast32BitElementOffsets) {
   }
   EXPECT_TRUE(bitwise_equal(d_logits.download_range(zero_row * V, V), std::vector<float>(static_cast<size_t>(V), 0.0f)))
       << "a weight-0 row past 2^32 elements is not zeroed";
+}
+
+
+// --- adamw_update_segments ------------------------------------------------------------------------------------------
+// The fused multi-tensor kernel against (a) one single-tensor cuda::adamw_update per segment: bitwise, since both
+// run the same device function on the same float scalars; (b) the CPU twin cpu::adamw_update_segments: within the
+// budget of the single-tensor test (test_cuda_kernels_a.cpp, CudaAdamW.UpdateMatchesCpu: three steps of ~10 float
+// roundings, 2e-6 of max(1, max |ref|)). Elements in the gaps between segments are NaN in param, m, v and grad and
+// must come back bitwise unchanged.
+
+// A layout of segments with the given sizes (0 allowed), random gaps of 0..3 elements before each, a gap of 2 at
+// the start and 3 at the end, random decay flags (the first two fixed: one of each).
+struct SegmentLayout {
+  std::vector<AdamWSegment> segs;
+  int64_t n = 0;
+  std::vector<char> inside;  // [n]: 1 where some segment covers the element
+};
+
+SegmentLayout make_layout(std::mt19937_64& g, const std::vector<int64_t>& sizes) {
+  std::uniform_int_distribution<int> gap(0, 3), coin(0, 1);
+  SegmentLayout L;
+  int64_t at = 2;
+  for (size_t k = 0; k < sizes.size(); ++k) {
+    if (k > 0) at += gap(g);
+    const bool decay = k < 2 ? k == 0 : coin(g) == 1;
+    L.segs.push_back({at, sizes[k], decay});
+    at += sizes[k];
+  }
+  L.n = at + 3;
+  L.inside.assign(static_cast<size_t>(L.n), 0);
+  for (const AdamWSegment& sg : L.segs)
+    for (int64_t i = sg.offset; i < sg.offset + sg.numel; ++i) L.inside[static_cast<size_t>(i)] = 1;
+  return L;
+}
+
+// Host state of one AdamW run: random param, grad, m, v >= 0, NaN in the gaps.
+struct AdamWState {
+  std::vector<float> p, g, m, v;
+};
+
+AdamWState make_state(CudaKernelsB& f, const SegmentLayout& L) {
+  AdamWState s{f.rand(L.n), f.rand(L.n), f.rand(L.n, 0.1), f.rand(L.n, 0.1)};
+  for (auto& x : s.v) x = x * x;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (size_t i = 0; i < L.inside.size(); ++i)
+    if (!L.inside[i]) s.p[i] = s.g[i] = s.m[i] = s.v[i] = nan;
+  return s;
+}
+
+struct DeviceAdamW {
+  DeviceArray<float> p, g, m, v;
+  DeviceAdamW(CudaContext& ctx, const AdamWState& s, int64_t offset)
+      : p(ctx, s.p, offset), g(ctx, s.g, offset), m(ctx, s.m, offset), v(ctx, s.v, offset) {}
+};
+
+// The reference on the device: one single-tensor launch per non-empty segment, decay by flag.
+void per_segment_launches(CudaContext& ctx, DeviceAdamW& d, const std::vector<AdamWSegment>& segs,
+                          const AdamWParams& hp) {
+  for (const AdamWSegment& sg : segs) {
+    AdamWParams q = hp;
+    q.weight_decay = sg.weight_decay ? hp.weight_decay : 0.0;
+    const int64_t o = sg.offset;
+    cuda::adamw_update(ctx, d.p.get() + o, d.g.get() + o, d.m.get() + o, d.v.get() + o, sg.numel, q);
+  }
+}
+
+void fused_launch(CudaContext& ctx, cuda::AdamWSegmentTable& table, DeviceAdamW& d, int64_t n,
+                  const std::vector<AdamWSegment>& segs, const AdamWParams& hp) {
+  cuda::adamw_update_segments(ctx, table, d.p.get(), d.g.get(), d.m.get(), d.v.get(), n, segs.data(),
+                              static_cast<int64_t>(segs.size()), hp);
+}
+
+std::vector<double> inside_only(const std::vector<float>& x, const std::vector<char>& inside) {
+  std::vector<double> r;
+  for (size_t i = 0; i < x.size(); ++i)
+    if (inside[i]) r.push_back(x[i]);
+  return r;
+}
+
+// Gap elements bitwise equal to their (NaN) initial values.
+void expect_gaps_untouched(const std::vector<float>& got, const std::vector<float>& before,
+                           const std::vector<char>& inside, const char* what) {
+  int64_t changed = 0, first = -1;
+  for (size_t i = 0; i < got.size(); ++i)
+    if (!inside[i] && std::memcmp(&got[i], &before[i], sizeof(float)) != 0) {
+      if (first < 0) first = static_cast<int64_t>(i);
+      ++changed;
+    }
+  EXPECT_EQ(changed, 0) << what << ": " << changed << " gap elements were written, the first at " << first;
+}
+
+AdamWParams segment_test_params() {
+  AdamWParams p;
+  p.lr = 1e-2;
+  p.weight_decay = 0.1;
+  p.grad_scale = 0.7;
+  return p;
+}
+
+// Many segments of odd sizes: 1 (several), 0, around a block (255, 256, 257), around and past a chunk, plus 40
+// random sizes; arrays shifted by one float from the allocation, as parameter views are.
+TEST_F(CudaAdamWSegments, MatchesCpuTwinAndSingleTensorKernel) {
+  using cuda::kAdamWChunk;
+  std::vector<int64_t> sizes = {1, 17, 0, kAdamWChunk + 3, 1, 255, 256, 257, 2 * kAdamWChunk - 1, 1,
+                                3 * kAdamWChunk, kAdamWChunk, 5, 1};
+  std::uniform_int_distribution<int64_t> size(1, 3000);
+  for (int k = 0; k < 40; ++k) sizes.push_back(size(gen_));
+  const SegmentLayout L = make_layout(gen_, sizes);
+  const AdamWState s0 = make_state(*this, L);
+  DeviceAdamW fused(ctx(), s0, 1), single(ctx(), s0, 1);
+  AdamWState ref = s0;
+  cuda::AdamWSegmentTable table;
+  AdamWParams hp = segment_test_params();
+  for (int64_t step = 4; step <= 6; ++step) {
+    hp.step = step;
+    fused_launch(ctx(), table, fused, L.n, L.segs, hp);
+    per_segment_launches(ctx(), single, L.segs, hp);
+    cpu::adamw_update_segments<float>(ref.p.data(), ref.g.data(), ref.m.data(), ref.v.data(), L.n, L.segs.data(),
+                                      static_cast<int64_t>(L.segs.size()), hp);
+  }
+  EXPECT_EQ(table.uploads(), 1) << "the segment table is uploaded once, not per step";
+  const auto fp = fused.p.download(), fm = fused.m.download(), fv = fused.v.download();
+  EXPECT_TRUE(bitwise_equal(fp, single.p.download())) << "param vs the single-tensor kernel";
+  EXPECT_TRUE(bitwise_equal(fm, single.m.download())) << "m vs the single-tensor kernel";
+  EXPECT_TRUE(bitwise_equal(fv, single.v.download())) << "v vs the single-tensor kernel";
+  EXPECT_LE(test::max_rel_err(inside_only(fp, L.inside), inside_only(ref.p, L.inside)), 2e-6) << "param vs CPU";
+  EXPECT_LE(test::max_rel_err(inside_only(fm, L.inside), inside_only(ref.m, L.inside)), 2e-6) << "m vs CPU";
+  EXPECT_LE(test::max_rel_err(inside_only(fv, L.inside), inside_only(ref.v, L.inside)), 2e-6) << "v vs CPU";
+  expect_gaps_untouched(fp, s0.p, L.inside, "param");
+  expect_gaps_untouched(fm, s0.m, L.inside, "m");
+  expect_gaps_untouched(fv, s0.v, L.inside, "v");
+  EXPECT_TRUE(bitwise_equal(fused.g.download(), s0.g)) << "grad is read only";
+}
+
+// More chunks than the grid has blocks, so blocks loop (grid-stride) and the binary search runs over chunks far
+// from a block's first; a segment straddles 2^22 elements. Bitwise against the single-tensor kernel.
+TEST_F(CudaAdamWSegments, GridStrideCoversMoreChunksThanBlocks) {
+  using cuda::kAdamWChunk;
+  const int64_t grid = static_cast<int64_t>(std::max(1, ctx().props().multiProcessorCount)) * cuda::kAdamWBlocksPerSm;
+  const std::vector<int64_t> sizes = {1, 7 * kAdamWChunk + 1, (grid + 37) * kAdamWChunk + 12345, 3, kAdamWChunk - 1};
+  const SegmentLayout L = make_layout(gen_, sizes);
+  const AdamWState s0 = make_state(*this, L);
+  DeviceAdamW fused(ctx(), s0, 0), single(ctx(), s0, 0);
+  cuda::AdamWSegmentTable table;
+  AdamWParams hp = segment_test_params();
+  hp.step = 2;
+  fused_launch(ctx(), table, fused, L.n, L.segs, hp);
+  per_segment_launches(ctx(), single, L.segs, hp);
+  const auto fp = fused.p.download(), fm = fused.m.download(), fv = fused.v.download();
+  EXPECT_TRUE(bitwise_equal(fp, single.p.download())) << "param";
+  EXPECT_TRUE(bitwise_equal(fm, single.m.download())) << "m";
+  EXPECT_TRUE(bitwise_equal(fv, single.v.download())) << "v";
+  expect_gaps_untouched(fp, s0.p, L.inside, "param");
+  expect_gaps_untouched(fv, s0.v, L.inside, "v");
+}
+
+// The table is re-uploaded exactly when the segments change (a flag, the offsets, an empty list), a rejected table
+// leaves the cached one in place, and every step still matches the single-tensor kernel bitwise.
+TEST_F(CudaAdamWSegments, TableUploadsOnlyWhenSegmentsChange) {
+  const SegmentLayout L = make_layout(gen_, {300, 500, 100});
+  const AdamWState s0 = make_state(*this, L);
+  DeviceAdamW fused(ctx(), s0, 0), single(ctx(), s0, 0);
+  cuda::AdamWSegmentTable table;
+  AdamWParams hp = segment_test_params();
+  std::vector<AdamWSegment> flipped = L.segs;
+  flipped[1].weight_decay = !flipped[1].weight_decay;
+  const std::vector<AdamWSegment> merged = {{L.segs[0].offset, L.segs[2].offset + 100 - L.segs[0].offset, true}};
+  const std::vector<AdamWSegment> empty;
+  // (segments, uploads expected after the step)
+  const std::vector<std::pair<const std::vector<AdamWSegment>*, int64_t>> plan = {
+      {&L.segs, 1}, {&L.segs, 1}, {&flipped, 2}, {&flipped, 2}, {&L.segs, 3}, {&empty, 4}, {&L.segs, 5}};
+  for (size_t k = 0; k < plan.size(); ++k) {
+    SCOPED_TRACE("step " + std::to_string(k + 1));
+    hp.step = static_cast<int64_t>(k + 1);
+    fused_launch(ctx(), table, fused, L.n, *plan[k].first, hp);
+    per_segment_launches(ctx(), single, *plan[k].first, hp);
+    EXPECT_EQ(table.uploads(), plan[k].second);
+  }
+  const std::vector<AdamWSegment> bad = {{0, L.n + 1, true}};
+  EXPECT_THROW(fused_launch(ctx(), table, fused, L.n, bad, hp), Error);
+  EXPECT_EQ(table.uploads(), 5);
+  hp.step = 8;
+  fused_launch(ctx(), table, fused, L.n, L.segs, hp);  // still the cached table: no upload
+  per_segment_launches(ctx(), single, L.segs, hp);
+  EXPECT_EQ(table.uploads(), 5);
+  // The merged segment also covers the gaps between the three: NaN there stays NaN, so compare bitwise anyway.
+  hp.step = 9;
+  fused_launch(ctx(), table, fused, L.n, merged, hp);
+  per_segment_launches(ctx(), single, merged, hp);
+  EXPECT_EQ(table.uploads(), 6);
+  EXPECT_TRUE(bitwise_equal(fused.p.download(), single.p.download())) << "param";
+  EXPECT_TRUE(bitwise_equal(fused.m.download(), single.m.download())) << "m";
+  EXPECT_TRUE(bitwise_equal(fused.v.download(), single.v.download())) << "v";
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <omp.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -217,6 +218,117 @@ TYPED_TEST(Optim, KernelFirstStepClosedForm) {
   EXPECT_NEAR(static_cast<double>(p[6]), static_cast<double>(p0[6]) * (1 - lr * wd) + lr, 4 * rel * 10.0);
 }
 
+// ============================================================================================== segments
+
+// Segments of odd sizes (1, an empty one, one past kSumSquaresChunk, one past the kernel's OpenMP threshold of
+// 65536) with gaps before the first, between and after the last, alternating decay flags.
+std::vector<AdamWSegment> odd_segments(int64_t& n) {
+  struct Part {
+    int64_t gap, numel;
+    bool decay;
+  };
+  const Part parts[] = {{2, 1, true}, {0, 17, false}, {0, 0, true}, {0, 4101, true},
+                        {3, 1, false}, {0, 70001, true}, {1, 333, false}};
+  std::vector<AdamWSegment> segs;
+  int64_t at = 0;
+  for (const Part& q : parts) {
+    at += q.gap;
+    segs.push_back({at, q.numel, q.decay});
+    at += q.numel;
+  }
+  n = at + 5;
+  return segs;
+}
+
+// The fused call against one adamw_update per segment (decay or 0 by flag), over three steps with clipping-style
+// grad_scale: bitwise equal everywhere, and the gap elements (NaN-poisoned, in param, m and v) bitwise unchanged.
+TYPED_TEST(Optim, SegmentsMatchPerSegmentCallsBitwise) {
+  using T = TypeParam;
+  std::mt19937_64 g(test_seed());
+  int64_t n = 0;
+  const std::vector<AdamWSegment> segs = odd_segments(n);
+  const size_t N = static_cast<size_t>(n);
+  std::vector<char> inside(N, 0);
+  for (const AdamWSegment& sg : segs)
+    for (int64_t i = sg.offset; i < sg.offset + sg.numel; ++i) inside[static_cast<size_t>(i)] = 1;
+  std::vector<T> p = rounded<T>(g, N), m = rounded<T>(g, N, 0.1), v = rounded<T>(g, N, 0.1);
+  for (auto& x : v) x = x * x;
+  for (size_t i = 0; i < N; ++i)
+    if (!inside[i]) p[i] = m[i] = v[i] = std::numeric_limits<T>::quiet_NaN();
+  const std::vector<T> p0 = p, m0 = m, v0 = v;
+  std::vector<T> rp = p, rm = m, rv = v;
+  AdamWParams hp;
+  hp.lr = 1e-2;
+  hp.weight_decay = 0.1;
+  hp.grad_scale = 0.7;
+  for (int64_t step = 3; step <= 5; ++step) {
+    SCOPED_TRACE("step " + std::to_string(step));
+    hp.step = step;
+    const std::vector<T> grad = rounded<T>(g, N);
+    cpu::adamw_update_segments<T>(p.data(), grad.data(), m.data(), v.data(), n, segs.data(),
+                                  static_cast<int64_t>(segs.size()), hp);
+    for (const AdamWSegment& sg : segs) {
+      AdamWParams q = hp;
+      q.weight_decay = sg.weight_decay ? hp.weight_decay : 0.0;
+      const int64_t o = sg.offset;
+      cpu::adamw_update<T>(rp.data() + o, grad.data() + o, rm.data() + o, rv.data() + o, sg.numel, q);
+    }
+    ASSERT_TRUE(bitwise_equal(p, rp)) << "param";
+    ASSERT_TRUE(bitwise_equal(m, rm)) << "m";
+    ASSERT_TRUE(bitwise_equal(v, rv)) << "v";
+  }
+  int64_t gaps = 0, moved = 0;
+  for (size_t i = 0; i < N; ++i) {
+    if (inside[i]) {
+      moved += p[i] != p0[i];
+      continue;
+    }
+    ++gaps;
+    EXPECT_EQ(std::memcmp(&p[i], &p0[i], sizeof(T)), 0) << "param gap element " << i;
+    EXPECT_EQ(std::memcmp(&m[i], &m0[i], sizeof(T)), 0) << "m gap element " << i;
+    EXPECT_EQ(std::memcmp(&v[i], &v0[i], sizeof(T)), 0) << "v gap element " << i;
+  }
+  EXPECT_EQ(gaps, 11);
+  EXPECT_GT(moved, n - gaps - 10) << "the segments were updated";
+}
+
+// Bad tables throw dpo::Error before any element is written (here the first segment of each bad table is valid).
+TEST(AdamWKernel, SegmentsAreValidated) {
+  const int64_t n = 10;
+  std::vector<float> p(n, 1.0f), gr(n, 1.0f), m(n, 0.0f), v(n, 0.0f);
+  const std::vector<float> p0 = p;
+  AdamWParams hp;
+  hp.lr = 1e-2;
+  auto run_n = [&](const std::vector<AdamWSegment>& s, int64_t size) {
+    cpu::adamw_update_segments<float>(p.data(), gr.data(), m.data(), v.data(), size, s.data(),
+                                      static_cast<int64_t>(s.size()), hp);
+  };
+  auto run = [&](const std::vector<AdamWSegment>& s) { run_n(s, n); };
+  auto message = [&](const std::vector<AdamWSegment>& s) {
+    try {
+      run(s);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_THROW(run({{0, 2, true}, {-1, 2, true}}), Error);                 // negative offset
+  EXPECT_THROW(run({{0, 2, true}, {3, -1, true}}), Error);                 // negative size
+  EXPECT_THROW(run({{0, 2, true}, {8, 3, true}}), Error);                  // past the end
+  EXPECT_THROW(run({{0, 2, true}, {2, INT64_MAX, true}}), Error);          // offset + numel overflows
+  EXPECT_THROW(run({{0, 2, true}, {INT64_MAX, 1, true}}), Error);
+  EXPECT_THROW(run({{0, 4, true}, {3, 2, false}}), Error);                 // overlap
+  EXPECT_THROW(run({{5, 2, true}, {0, 2, false}}), Error);                 // not sorted
+  EXPECT_THROW(run_n({{0, 2, true}}, -1), Error);                          // negative n
+  EXPECT_THROW(cpu::adamw_update_segments<float>(p.data(), gr.data(), m.data(), v.data(), n, nullptr, 1, hp), Error);
+  EXPECT_TRUE(bitwise_equal(p, p0)) << "a rejected table must leave the parameters untouched";
+  EXPECT_NE(message({{0, 4, true}, {3, 2, false}}).find("segment 1 (offset 3, numel 2)"), std::string::npos)
+      << message({{0, 4, true}, {3, 2, false}});
+  EXPECT_NO_THROW(run({}));                                                // nothing to do
+  EXPECT_NO_THROW(run({{0, 0, true}, {0, 10, false}, {10, 0, true}}));     // empty segments at both ends
+  EXPECT_NO_THROW(run({{0, 3, true}, {3, 2, false}, {9, 1, true}}));       // adjacent, then a gap
+}
+
 // ============================================================================================== sum_squares
 
 template <class T>
@@ -299,6 +411,33 @@ TEST(AdamWBackend, BoundaryChecks) {
   EXPECT_THROW(be->scale(Tensor(), 2.0), Error);
 }
 
+TEST(AdamWBackend, SegmentsBoundaryChecks) {
+  auto be = make_cpu_backend();
+  Tensor p = Tensor::host({10}, DType::F32), gr = Tensor::host({10}, DType::F32);
+  Tensor m = Tensor::host({10}, DType::F32), v = Tensor::host({10}, DType::F32);
+  be->fill_zero(p);
+  be->fill_zero(gr);
+  be->fill_zero(m);
+  be->fill_zero(v);
+  const std::vector<AdamWSegment> segs = {{0, 4, true}, {6, 4, false}};
+  AdamWParams hp;
+  hp.lr = 1e-3;
+  EXPECT_NO_THROW(be->adamw_update_segments(p, gr, m, v, segs, hp));
+  EXPECT_NO_THROW(be->adamw_update_segments(p, gr, m, v, {}, hp));
+  EXPECT_THROW(be->adamw_update_segments(p, Tensor::host({9}, DType::F32), m, v, segs, hp), Error);
+  EXPECT_THROW(be->adamw_update_segments(p, gr, Tensor::host({10}, DType::F64), v, segs, hp), Error);
+  EXPECT_THROW(be->adamw_update_segments(Tensor::host({10}, DType::I32), gr, m, v, segs, hp), Error);
+  EXPECT_THROW(be->adamw_update_segments(p, gr, m, Tensor(), segs, hp), Error);
+  EXPECT_THROW(be->adamw_update_segments(p, gr, m, m, segs, hp), Error);  // aliasing
+  Tensor p2 = Tensor::host({2, 5}, DType::F32), g2 = Tensor::host({2, 5}, DType::F32);
+  Tensor m2 = Tensor::host({2, 5}, DType::F32), v2 = Tensor::host({2, 5}, DType::F32);
+  EXPECT_THROW(be->adamw_update_segments(p2, g2, m2, v2, segs, hp), Error);  // not flat
+  EXPECT_THROW(be->adamw_update_segments(p, gr, m, v, {{0, 11, true}}, hp), Error);
+  EXPECT_THROW(be->adamw_update_segments(p, gr, m, v, {{4, 2, true}, {0, 2, true}}, hp), Error);
+  hp.step = 0;
+  EXPECT_THROW(be->adamw_update_segments(p, gr, m, v, segs, hp), Error);
+}
+
 // ============================================================================================== AdamW class
 
 GPT2Config tiny_gpt2() {
@@ -353,6 +492,47 @@ TYPED_TEST(Optim, NoDecayOnBiasesAndLayerNorm) {
   }
   EXPECT_GT(decayed, 0);
   EXPECT_GT(kept, 0);
+}
+
+// AdamW::step (one fused call over the merged runs) against one backend adamw_update per ParamSpec, unmerged, with
+// the same lr, clip scale and decay flag: bitwise equal over three clipped steps (the update is elementwise).
+TYPED_TEST(Optim, StepEqualsOneUpdatePerParameterBitwise) {
+  using T = TypeParam;
+  auto be = make_cpu_backend();
+  const GPT2Config gc = tiny_gpt2();
+  const auto specs = gpt2_param_specs(gc);
+  const int64_t n = gc.num_parameters();
+  std::mt19937_64 g(test_seed());
+  const std::vector<T> p0 = randn<T>(g, static_cast<size_t>(n));
+  Tensor params = host_tensor(p0), ref = host_tensor(p0);
+  Tensor rm = be->zeros({n}, dtype_of<T>()), rv = be->zeros({n}, dtype_of<T>());
+  OptimConfig cfg = base_cfg();
+  cfg.max_grad_norm = 0.5;
+  cfg.warmup_steps = 2;
+  AdamW opt(*be, specs, n, dtype_of<T>(), cfg, 3);
+  for (int64_t s = 0; s < 3; ++s) {
+    SCOPED_TRACE("step " + std::to_string(s));
+    const Tensor grads = host_tensor(randn<T>(g, static_cast<size_t>(n)));
+    const auto info = opt.step(params, grads);
+    ASSERT_TRUE(info.clipped);
+    AdamWParams hp;
+    hp.lr = lr_at(cfg, s, 3);
+    hp.beta1 = cfg.beta1;
+    hp.beta2 = cfg.beta2;
+    hp.eps = cfg.eps;
+    hp.grad_scale = cfg.max_grad_norm / (global_grad_norm(*be, grads) + 1e-6);
+    hp.step = s + 1;
+    for (const ParamSpec& ps : specs) {
+      int64_t k = 1;
+      for (int64_t d : ps.shape) k *= d;
+      hp.weight_decay = ps.weight_decay ? cfg.weight_decay : 0.0;
+      be->adamw_update(ref.view(ps.offset, {k}), grads.view(ps.offset, {k}), rm.view(ps.offset, {k}),
+                       rv.view(ps.offset, {k}), hp);
+    }
+    ASSERT_TRUE(bitwise_equal(to_vec<T>(params), to_vec<T>(ref))) << "param";
+    ASSERT_TRUE(bitwise_equal(to_vec<T>(opt.m()), to_vec<T>(rm))) << "m";
+    ASSERT_TRUE(bitwise_equal(to_vec<T>(opt.v()), to_vec<T>(rv))) << "v";
+  }
 }
 
 // Two segments (one decayed, one not), three steps: the first has each segment's norm below max_grad_norm but

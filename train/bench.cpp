@@ -35,7 +35,7 @@ using json = nlohmann::json;
 
 namespace {
 
-const char* const kPhases[] = {"batch_and_zero", "reference_forward", "policy_forward", "loss",
+const char* const kPhases[] = {"batch_and_zero", "reference_forward", "policy_forward_fused_head", "loss",
                                "backward",       "optimizer",         "other"};
 constexpr int kNumPhases = 7;
 
@@ -167,11 +167,14 @@ json run_bench(const BenchOptions& o) {
 
   // --- model, data --------------------------------------------------------------------------------------------
   Rng rng(o.seed);
+  if (o.logits_chunk_rows < 1) throw InputError("--logits-chunk-rows must be >= 1");
   GPT2 policy(*be, mc, DType::F32);
   policy.init_random(rng);
+  policy.set_logits_chunk_rows(o.logits_chunk_rows);
   std::unique_ptr<GPT2> ref;
   if (live) {
     ref = std::make_unique<GPT2>(*be, mc, DType::F32);
+    ref->set_logits_chunk_rows(o.logits_chunk_rows);
     be->copy(ref->params(), policy.params());  // the reference starts as the policy, as in a real run
   }
   std::vector<PreferencePair> data(static_cast<size_t>(o.pairs));
@@ -220,27 +223,40 @@ json run_bench(const BenchOptions& o) {
     std::vector<double> live_lp;
     if (live) live_lp = sequence_logps(*ref, b);
     mark(1);
-    std::vector<double> pol = sequence_logps(policy, b);
-    mark(2);
-    std::vector<PairInput> in(static_cast<size_t>(b.pairs));
-    for (int64_t p = 0; p < b.pairs; ++p) {
+    const int64_t P = b.pairs;
+    std::vector<PairInput> in(static_cast<size_t>(P));
+    for (int64_t p = 0; p < P; ++p) {
       PairInput& x = in[static_cast<size_t>(p)];
-      x.policy_chosen = pol[static_cast<size_t>(p)];
-      x.policy_rejected = pol[static_cast<size_t>(b.pairs + p)];
       x.ref_chosen = live ? live_lp[static_cast<size_t>(p)] : ref_c[static_cast<size_t>(p)];
-      x.ref_rejected = live ? live_lp[static_cast<size_t>(b.pairs + p)] : ref_r[static_cast<size_t>(p)];
+      x.ref_rejected = live ? live_lp[static_cast<size_t>(P + p)] : ref_r[static_cast<size_t>(p)];
       x.len_chosen = b.completion_len[static_cast<size_t>(p)];
-      x.len_rejected = b.completion_len[static_cast<size_t>(b.pairs + p)];
+      x.len_rejected = b.completion_len[static_cast<size_t>(P + p)];
     }
-    BatchLoss bl = batch_loss(lc, in, static_cast<double>(b.pairs));
-    last_loss = bl.loss_sum / static_cast<double>(b.pairs);
-    Tensor dseq = Tensor::host({2 * b.pairs}, DType::F32);
-    for (int64_t q = 0; q < b.pairs; ++q) {
-      dseq.data<float>()[q] = static_cast<float>(bl.d_policy_chosen[static_cast<size_t>(q)]);
-      dseq.data<float>()[b.pairs + q] = static_cast<float>(bl.d_policy_rejected[static_cast<size_t>(q)]);
+    GPT2::LossHead head;
+    head.pair_stride = P;
+    head.grad = [&](int64_t q0, int64_t q1, const std::vector<double>& lp, std::vector<double>& d) {
+      std::vector<PairInput> part(in.begin() + q0, in.begin() + q1);
+      for (int64_t q = q0; q < q1; ++q) {
+        part[static_cast<size_t>(q - q0)].policy_chosen = lp[static_cast<size_t>(q)];
+        part[static_cast<size_t>(q - q0)].policy_rejected = lp[static_cast<size_t>(P + q)];
+      }
+      const BatchLoss pl = batch_loss(lc, part, static_cast<double>(P));
+      for (int64_t q = q0; q < q1; ++q) {
+        d[static_cast<size_t>(q)] = pl.d_policy_chosen[static_cast<size_t>(q - q0)];
+        d[static_cast<size_t>(P + q)] = pl.d_policy_rejected[static_cast<size_t>(q - q0)];
+      }
+    };
+    const std::vector<double> pol = policy.fused_forward(to_backend(*be, b.tokens), to_backend(*be, b.keymask),
+                                                         to_backend(*be, b.targets), to_backend(*be, b.weights), head);
+    mark(2);
+    for (int64_t p = 0; p < P; ++p) {
+      in[static_cast<size_t>(p)].policy_chosen = pol[static_cast<size_t>(p)];
+      in[static_cast<size_t>(p)].policy_rejected = pol[static_cast<size_t>(P + p)];
     }
+    BatchLoss bl = batch_loss(lc, in, static_cast<double>(P));
+    last_loss = bl.loss_sum / static_cast<double>(P);
     mark(3);
-    policy.backward(to_backend(*be, dseq));
+    policy.fused_backward();
     be->residual_forward(grad, grad, policy.grads());  // the trainer's accumulate() on rank 0
     mark(4);
     AdamW::StepInfo info = opt.step(policy.params(), grad);
@@ -300,6 +316,8 @@ json run_bench(const BenchOptions& o) {
                    {"rejected_len", len.rejected},
                    {"lengths", "exact (every pair the same lengths; no log-normal draw)"}};
   r["reference"] = o.reference;
+  r["logits_chunk_rows"] = o.logits_chunk_rows;
+  r["logits_buffer_elements"] = policy.logits_buffer_numel();
   r["loss"] = "sigmoid, beta 0.1";
   r["optimizer"] = "AdamW lr 5e-7, max_grad_norm 1, constant schedule";
   r["pairs"] = o.pairs;

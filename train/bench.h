@@ -1,12 +1,15 @@
 // `dpo bench`: times full DPO optimizer steps on a random-init GPT-2 and synthetic preference pairs.
 //
 // Phases: batch_and_zero (make_batch, zeroing the step and model gradients), reference_forward (live only),
-// policy_forward, loss, backward (includes adding into the step gradient), optimizer, other (the remainder).
+// policy_forward_fused_head (the transformer forward, then per chunk of pairs the LM head, log-probs, the pairs'
+// loss gradients and the LM-head backward: GPT2::fused_forward), loss (the batch's loss and metrics from the
+// log-probs), backward (the rest of the backward, and adding into the step gradient), optimizer, other.
 //
 // One timed step is what run_training does for one micro-batch step (train/trainer.cpp): make_batch, zero the
-// step's gradient and the model's, [live reference forward], policy forward + log-probs, batch_loss (sigmoid,
-// beta 0.1), policy backward, accumulate into the step gradient, AdamW step (default OptimConfig: lr 5e-7,
-// max_grad_norm 1). The precomputed reference's log-probs are fixed random numbers (no reference forward).
+// step's gradient and the model's, [live reference forward], the policy's fused forward (sigmoid loss, beta 0.1,
+// logits in chunks of logits_chunk_rows rows), the backward, accumulate into the step gradient, AdamW step
+// (default OptimConfig: lr 5e-7, max_grad_norm 1). The precomputed reference's log-probs are fixed random numbers
+// (no reference forward).
 //
 // Workload lengths are exact (prompt / chosen / rejected token counts, every pair the same); no log-normal draw
 // yet. Token ids are uniform random in [0, vocab) from a seeded Rng.
@@ -40,6 +43,7 @@ struct BenchOptions {
   std::string device = "cpu";          // cpu | cuda
   int threads = 0;                     // CPU threads; 0 = OpenMP default
   double peak_tflops = -1;             // < 0: default (989 on cuda, none on cpu)
+  int64_t logits_chunk_rows = GPT2::kDefaultLogitsChunkRows;  // as the training config key
   uint64_t seed = 1234;
   std::string json_path;               // write the JSON here when non-empty
   std::string command_line;            // recorded in the JSON

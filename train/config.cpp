@@ -134,6 +134,8 @@ const std::vector<Key>& keys() {
       STRING_KEY(device, "cpu or cuda"),
       INT_KEY(seed, "seed for data order and sampling"),
       INT_KEY(num_threads, "CPU threads; 0 = OpenMP default"),
+      INT_KEY(logits_chunk_rows, "token rows per chunk of the LM head and log-softmax (a chunk holds at least one "
+                                 "pair); logits memory is chunk x vocab, independent of the batch size"),
       INT_KEY(max_length, "maximum prompt + completion tokens"),
       INT_KEY(max_prompt_length, "maximum prompt tokens (< max_length)"),
       STRING_KEY(truncation_mode, "which end of a long prompt is kept: keep_end or keep_start"),
@@ -258,6 +260,7 @@ void validate(const TrainConfig& c, RunKind kind) {
   if (c.device != "cpu" && c.device != "cuda") bad("device", "must be cpu or cuda, got '" + c.device + "'");
   if (c.tokenizer != "byte") bad("tokenizer", "must be byte, got '" + c.tokenizer + "'");
   nonneg("num_threads", c.num_threads);
+  positive("logits_chunk_rows", c.logits_chunk_rows);
   positive("max_length", c.max_length);
   positive("max_prompt_length", c.max_prompt_length);
   if (c.max_prompt_length >= c.max_length)

@@ -52,6 +52,7 @@ struct TrainConfig {
   double max_grad_norm = 1.0;
   int64_t per_device_train_batch_size = 8;  // pairs per micro-batch
   int64_t per_device_eval_batch_size = 16;
+  int64_t logits_chunk_rows = 2048;  // LM head + log-softmax rows per chunk (at least one pair); memory chunk x V
   int64_t gradient_accumulation_steps = 1;
   int64_t num_train_epochs = 1;
   int64_t max_steps = -1;  // optimizer steps; -1 = from epochs

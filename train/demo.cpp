@@ -50,7 +50,7 @@ std::vector<double> completion_logps(GPT2& m, const std::vector<SftExample>& ex,
     for (int64_t i = s; i < std::min(n, s + batch); ++i) idx.push_back(i);
     Batch b = make_sft_batch(ex, idx, m.dtype(), 0);
     Tensor seq = Tensor::host({b.tokens.size(0)}, m.dtype());
-    m.sequence_logprobs(b.tokens, b.keymask, b.targets, b.weights, seq);
+    m.score(b.tokens, b.keymask, b.targets, b.weights, seq);
     for (size_t r = 0; r < idx.size(); ++r) out[static_cast<size_t>(idx[r])] = seq.data<float>()[r];
   }
   return out;

@@ -78,7 +78,8 @@ AdamW::AdamW(Backend& backend, const std::vector<ParamSpec>& specs, int64_t n_pa
   DPO_ASSERT(dtype == DType::F32 || dtype == DType::F64 || dtype == DType::BF16 || dtype == DType::F16,
              std::string("AdamW: parameters must be floating, got ") + dtype_name(dtype));
 
-  // Check that the segments tile [0, n_params), then merge neighbours with the same decay flag into runs.
+  // Check that the segments tile [0, n_params), then merge neighbours with the same decay flag (fewer entries in
+  // the backend's segment table; the update is elementwise, so merging changes no result).
   std::vector<const ParamSpec*> sorted;
   sorted.reserve(specs.size());
   for (const ParamSpec& s : specs) sorted.push_back(&s);
@@ -90,8 +91,8 @@ AdamW::AdamW(Backend& backend, const std::vector<ParamSpec>& specs, int64_t n_pa
     DPO_ASSERT(s->offset == at, "AdamW: parameter '" + s->name + "' starts at " + std::to_string(s->offset) +
                                     ", expected " + std::to_string(at) + " (segments must tile the parameters)");
     if (n == 0) continue;
-    if (!runs_.empty() && runs_.back().decay == s->weight_decay) runs_.back().numel += n;
-    else runs_.push_back({s->offset, n, s->weight_decay});
+    if (!segs_.empty() && segs_.back().weight_decay == s->weight_decay) segs_.back().numel += n;
+    else segs_.push_back({s->offset, n, s->weight_decay});
     at += n;
   }
   DPO_ASSERT(at == n_params, "AdamW: segments cover " + std::to_string(at) + " of " + std::to_string(n_params) +
@@ -139,11 +140,8 @@ AdamW::StepInfo AdamW::step(const Tensor& params, const Tensor& grads) {
       info.clipped = true;
     }
   }
-  for (const Run& r : runs_) {
-    p.weight_decay = r.decay ? cfg_.weight_decay : 0.0;
-    be_->adamw_update(params.view(r.offset, {r.numel}), grads.view(r.offset, {r.numel}), m_.view(r.offset, {r.numel}),
-                      v_.view(r.offset, {r.numel}), p);
-  }
+  p.weight_decay = cfg_.weight_decay;  // applied to the segments flagged weight_decay, 0 elsewhere
+  be_->adamw_update_segments(params, grads, m_, v_, segs_, p);
   ++step_;
   return info;
 }

@@ -76,8 +76,9 @@ class AdamW {
   };
 
   // One optimizer step: lr = lr_at(cfg, step_count(), total_steps); global gradient norm over all of `grads`;
-  // clipping; then one adamw_update per run of consecutive segments with the same ParamSpec::weight_decay flag
-  // (weight_decay = cfg.weight_decay or 0) with bias-correction step step_count() + 1; then step_count() += 1.
+  // clipping; then one adamw_update_segments call over all parameters (one launch on the GPU), whose segments are
+  // the runs of consecutive ParamSpecs with the same weight_decay flag (weight_decay = cfg.weight_decay or 0), with
+  // bias-correction step step_count() + 1; then step_count() += 1.
   // grads is read only.
   StepInfo step(const Tensor& params, const Tensor& grads);
 
@@ -92,17 +93,13 @@ class AdamW {
   void set_step(int64_t step);
 
  private:
-  struct Run {
-    int64_t offset, numel;
-    bool decay;
-  };
   Backend* be_;
   OptimConfig cfg_;
   int64_t n_params_;
   DType dtype_;
   int64_t total_steps_;
   int64_t step_ = 0;
-  std::vector<Run> runs_;
+  std::vector<AdamWSegment> segs_;  // sorted, tiling [0, n_params); neighbours differ in weight_decay
   Tensor m_, v_;
 };
 

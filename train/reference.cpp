@@ -12,8 +12,8 @@ namespace dpo {
 std::vector<double> sequence_logps(GPT2& m, const Batch& b) {
   Backend& be = m.backend();
   Tensor seq = be.empty({b.tokens.size(0)}, m.dtype());
-  m.sequence_logprobs(to_backend(be, b.tokens), to_backend(be, b.keymask), to_backend(be, b.targets),
-                      to_backend(be, b.weights), seq);
+  m.score(to_backend(be, b.tokens), to_backend(be, b.keymask), to_backend(be, b.targets), to_backend(be, b.weights),
+          seq);
   return to_host_f64(be, seq);
 }
 

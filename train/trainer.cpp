@@ -332,6 +332,27 @@ std::vector<double> policy_logps(GPT2& m, const Batch& b) {
   return sequence_logps(m, b);
 }
 
+// The policy's training pass over one batch: the fused forward (chunked LM head; `grad` turns each chunk's
+// log-probs into dL/dlog-prob, see GPT2::LossHead), then the rest of the backward. Returns the log-probs.
+std::vector<double> policy_train_pass(GPT2& m, const Batch& b, int64_t pair_stride,
+                                      const decltype(GPT2::LossHead::grad)& grad) {
+  Backend& be = m.backend();
+  GPT2::LossHead head;
+  head.pair_stride = pair_stride;
+  head.grad = grad;
+  std::vector<double> lp;
+  {
+    DPO_PHASE("forward + log-probs + LM-head backward");
+    lp = m.fused_forward(to_backend(be, b.tokens), to_backend(be, b.keymask), to_backend(be, b.targets),
+                         to_backend(be, b.weights), head);
+  }
+  {
+    DPO_PHASE("backward");
+    m.fused_backward();
+  }
+  return lp;
+}
+
 std::vector<PairInput> pair_inputs(const Batch& b, const std::vector<double>& pol, const std::vector<int64_t>& idx,
                                    const RefLogps* cached, const std::vector<double>* live) {
   std::vector<PairInput> in(static_cast<size_t>(b.pairs));
@@ -421,6 +442,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
 
   auto policy = load_gpt2_checkpoint(*be, cfg.model, DType::F32);
   check_fits(cfg, *policy, *tok, cfg.model);
+  policy->set_logits_chunk_rows(cfg.logits_chunk_rows);
 
   // Data (every rank loads all of it: the epoch order is computed identically everywhere)
   LoadStats stats;
@@ -455,6 +477,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     const std::string ref_dir = cfg.ref_model.empty() ? cfg.model : cfg.ref_model;
     ref = load_gpt2_checkpoint(*be, ref_dir, DType::F32);
     check_fits(cfg, *ref, *tok, ref_dir);
+    ref->set_logits_chunk_rows(cfg.logits_chunk_rows);
     if (cached) {
       const std::string cache_dir = cfg.ref_cache_dir.empty() ? default_ref_cache_dir() : cfg.ref_cache_dir;
       auto one = [&](const std::vector<PreferencePair>& d, const std::string& path) {
@@ -576,17 +599,12 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
         std::vector<int64_t> idx = chunk_idx(c);
         Batch b = make_sft_batch(sft, idx, DType::F32, 0);
         policy->zero_grad();
-        std::vector<double> lp = policy_logps(*policy, b);
-        Tensor dseq = Tensor::host({b.tokens.size(0)}, DType::F32);
+        const std::vector<double> lp = policy_train_pass(
+            *policy, b, 0, [&](int64_t s0, int64_t s1, const std::vector<double>&, std::vector<double>& d) {
+              for (int64_t s = s0; s < s1; ++s) d[static_cast<size_t>(s)] = -1.0 / sft_norm_tokens;
+            });
         Window cw;
-        for (size_t r = 0; r < lp.size(); ++r) {
-          cw.loss -= lp[r];
-          dseq.data<float>()[r] = static_cast<float>(-1.0 / sft_norm_tokens);
-        }
-        {
-          DPO_PHASE("backward");
-          policy->backward(to_backend(*be, dseq));
-        }
+        for (double v : lp) cw.loss -= v;
         accumulate();
         cw.tokens += static_cast<double>(b.tokens_total);
         chunks.push_back(cw);
@@ -599,18 +617,26 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
         policy->zero_grad();
         std::vector<double> live;
         if (use_ref && !cached) live = policy_logps(*ref, b);
-        std::vector<double> pol = policy_logps(*policy, b);
-        BatchLoss bl = batch_loss(lc, pair_inputs(b, pol, idx, cached ? &ref_train : nullptr, use_ref && !cached ? &live : nullptr),
-                                  normalizer);
-        Tensor dseq = Tensor::host({2 * b.pairs}, DType::F32);
-        for (int64_t q = 0; q < b.pairs; ++q) {
-          dseq.data<float>()[q] = static_cast<float>(bl.d_policy_chosen[static_cast<size_t>(q)]);
-          dseq.data<float>()[b.pairs + q] = static_cast<float>(bl.d_policy_rejected[static_cast<size_t>(q)]);
-        }
-        {
-          DPO_PHASE("backward");
-          policy->backward(to_backend(*be, dseq));
-        }
+        const RefLogps* cref = cached ? &ref_train : nullptr;
+        const std::vector<double>* lref = use_ref && !cached ? &live : nullptr;
+        const int64_t P = b.pairs;
+        // Per chunk of pairs: the pairs' losses and gradients (the same per-pair values as one batch_loss call
+        // over the whole micro-batch; the metrics below come from that call).
+        std::vector<PairInput> in = pair_inputs(b, std::vector<double>(static_cast<size_t>(2 * P), 0.0), idx, cref, lref);
+        const std::vector<double> pol = policy_train_pass(
+            *policy, b, P, [&](int64_t q0, int64_t q1, const std::vector<double>& lp, std::vector<double>& d) {
+              std::vector<PairInput> part(in.begin() + q0, in.begin() + q1);
+              for (int64_t q = q0; q < q1; ++q) {
+                part[static_cast<size_t>(q - q0)].policy_chosen = lp[static_cast<size_t>(q)];
+                part[static_cast<size_t>(q - q0)].policy_rejected = lp[static_cast<size_t>(P + q)];
+              }
+              const BatchLoss pl = batch_loss(lc, part, normalizer);
+              for (int64_t q = q0; q < q1; ++q) {
+                d[static_cast<size_t>(q)] = pl.d_policy_chosen[static_cast<size_t>(q - q0)];
+                d[static_cast<size_t>(P + q)] = pl.d_policy_rejected[static_cast<size_t>(q - q0)];
+              }
+            });
+        BatchLoss bl = batch_loss(lc, pair_inputs(b, pol, idx, cref, lref), normalizer);
         accumulate();
         Window cw;
         cw.add(bl);
@@ -677,6 +703,7 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
   auto tok = make_tokenizer(cfg.tokenizer);
   auto policy = load_gpt2_checkpoint(*be, checkpoint, DType::F32);
   check_fits(cfg, *policy, *tok, checkpoint);
+  policy->set_logits_chunk_rows(cfg.logits_chunk_rows);
   const std::string path = cfg.eval_file.empty() ? cfg.train_file : cfg.eval_file;
   LoadStats st;
   auto data = load_preferences(path, *tok, data_options(cfg), &st);
@@ -686,6 +713,7 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
   if (!cfg.reference_free) {
     const std::string ref_dir = cfg.ref_model.empty() ? cfg.model : cfg.ref_model;
     ref = load_gpt2_checkpoint(*be, ref_dir, DType::F32);
+    ref->set_logits_chunk_rows(cfg.logits_chunk_rows);
   }
   return evaluate(comm, *policy, ref.get(), nullptr, data, lc, cfg.per_device_eval_batch_size);
 }

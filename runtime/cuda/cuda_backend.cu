@@ -384,8 +384,8 @@ void CudaBackend::logprob_backward(const Tensor& dlogits, const Tensor& logits, 
 
 // --- optimizer ops ------------------------------------------------------------------------------------------------
 
-void CudaBackend::adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
-                               const AdamWParams& p) {
+void CudaBackend::check_adamw_args(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                                   const AdamWParams& p) const {
   check_f32(param, "adamw param");
   check_f32(grad, "adamw grad");
   check_f32(m, "adamw m");
@@ -399,7 +399,21 @@ void CudaBackend::adamw_update(const Tensor& param, const Tensor& grad, const Te
   for (int a = 0; a < 4; ++a)
     for (int b = a + 1; b < 4; ++b)
       DPO_ASSERT(!overlap(*ts[a], *ts[b]), std::string("adamw: ") + names[a] + " and " + names[b] + " overlap");
+}
+
+void CudaBackend::adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                               const AdamWParams& p) {
+  check_adamw_args(param, grad, m, v, p);
   cuda::adamw_update(*ctx_, f32(param), f32(grad), f32(m), f32(v), param.numel(), p);
+}
+
+void CudaBackend::adamw_update_segments(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                                        const std::vector<AdamWSegment>& segs, const AdamWParams& p) {
+  check_adamw_args(param, grad, m, v, p);
+  DPO_ASSERT(param.dim() == 1,
+             "adamw_update_segments: param must be a flat 1-D tensor, got " + shape_str(param.shape()));
+  cuda::adamw_update_segments(*ctx_, adamw_segments_, f32(param), f32(grad), f32(m), f32(v), param.numel(),
+                              segs.data(), static_cast<int64_t>(segs.size()), p);
 }
 
 double CudaBackend::sum_squares(const Tensor& x) {

@@ -24,6 +24,7 @@
 #include <memory>
 #include <string>
 
+#include "kernels/adamw.cuh"
 #include "runtime/backend.h"
 #include "runtime/cuda/cuda_context.h"
 
@@ -76,6 +77,10 @@ class CudaBackend final : public Backend {
 
   void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                     const AdamWParams& p) override;
+  // One launch (kernels/adamw.cuh). The segment table is uploaded on the first call and again only when the
+  // segments change (then one stream-ordered copy; never a host sync).
+  void adamw_update_segments(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                             const std::vector<AdamWSegment>& segs, const AdamWParams& p) override;
   // Deterministic (kernels/elementwise.cuh): bitwise the same for the same x on every run; syncs once.
   double sum_squares(const Tensor& x) override;
   void scale(const Tensor& x, double s) override;
@@ -84,8 +89,11 @@ class CudaBackend final : public Backend {
   void check_device(const Tensor& t, const char* name) const;
   void check_f32(const Tensor& t, const char* name) const;
   void check_i32(const Tensor& t, const char* name) const;
+  void check_adamw_args(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                        const AdamWParams& p) const;
 
   std::shared_ptr<CudaContext> ctx_;
+  cuda::AdamWSegmentTable adamw_segments_;  // after ctx_: freed on its stream before the context goes
 };
 
 }  // namespace dpo

@@ -1,0 +1,294 @@
+// The chunked LM head (GPT2::score, fused_forward + fused_backward) against two independent things: finite
+// differences of a nonlinear pair loss in double, and the unfused path (sequence_logprobs + backward, itself
+// checked against finite differences in test_gpt2_model and against HF in test_gpt2_hf_parity). Also: the logits
+// buffer does not grow with the batch, chunks hold whole pairs, and misuse is an error.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+
+#include "model/gpt2.h"
+#include "test_util.h"
+
+namespace dpo {
+namespace {
+
+GPT2Config tiny_config() {
+  GPT2Config c;
+  c.vocab_size = 11;  // not a multiple of anything
+  c.max_seq_len = 8;
+  c.n_embd = 8;
+  c.n_head = 2;
+  c.n_layer = 1;
+  return c;
+}
+
+struct Inputs {
+  Tensor tokens, keymask, targets, weights;
+  int64_t B, T;
+};
+
+// Right padding of a different length per row; completion weights from t = 2 on.
+Inputs make_inputs(std::mt19937_64& g, const GPT2Config& c, int64_t B, int64_t T) {
+  Inputs in{Tensor::host({B, T}, DType::I32), Tensor::host({B, T}, DType::I32), Tensor::host({B, T}, DType::I32),
+            Tensor::host({B, T}, DType::F64), B, T};
+  std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(c.vocab_size - 1));
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t len = T - b % 3;  // 0, 1 or 2 padding positions
+    for (int64_t t = 0; t < T; ++t) {
+      in.tokens.data<int32_t>()[b * T + t] = t < len ? tok(g) : 0;
+      in.keymask.data<int32_t>()[b * T + t] = t < len ? 1 : 0;
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      const bool real_next = t + 1 < len;
+      in.targets.data<int32_t>()[b * T + t] = real_next ? in.tokens.data<int32_t>()[b * T + t + 1] : -1;
+      in.weights.data<double>()[b * T + t] = (real_next && t >= 2) ? 1.0 : 0.0;
+    }
+  }
+  return in;
+}
+
+void randomize(GPT2& m, std::mt19937_64& g, double scale) {
+  auto v = test::randn<double>(g, static_cast<size_t>(m.params().numel()), scale);
+  std::copy(v.begin(), v.end(), m.params().data<double>());
+}
+
+std::vector<double> vec(const Tensor& t) {
+  return std::vector<double>(t.data<double>(), t.data<double>() + t.numel());
+}
+
+double softplus(double x) { return std::max(x, 0.0) + std::log1p(std::exp(-std::fabs(x))); }
+
+// A DPO-like pair loss, sum over pairs of softplus(-beta * ((c - ref_c) - (r - ref_r))), with random references.
+struct PairLoss {
+  double beta = 0.7;
+  std::vector<double> ref;  // [2P]
+  int64_t P = 0;
+  double value(const std::vector<double>& lp) const {
+    double s = 0;
+    for (int64_t q = 0; q < P; ++q) s += softplus(-beta * ((lp[q] - ref[q]) - (lp[P + q] - ref[P + q])));
+    return s;
+  }
+  // d/dc and d/dr of pair q
+  void grad(int64_t q, const std::vector<double>& lp, std::vector<double>& d) const {
+    const double z = beta * ((lp[q] - ref[q]) - (lp[P + q] - ref[P + q]));
+    const double s = -beta / (1.0 + std::exp(z));  // d softplus(-z)/dz * dz/dc
+    d[q] = s;
+    d[P + q] = -s;
+  }
+};
+
+GPT2::LossHead pair_head(const PairLoss& L, std::vector<std::pair<int64_t, int64_t>>* calls = nullptr) {
+  GPT2::LossHead h;
+  h.pair_stride = L.P;
+  h.grad = [&L, calls](int64_t u0, int64_t u1, const std::vector<double>& lp, std::vector<double>& d) {
+    if (calls) calls->push_back({u0, u1});
+    for (int64_t q = u0; q < u1; ++q) L.grad(q, lp, d);
+  };
+  return h;
+}
+
+TEST(Gpt2ChunkedHead, FusedGradientMatchesFiniteDifferencesOfAPairLoss) {
+  std::mt19937_64 g(test::test_seed());
+  auto be = make_cpu_backend();
+  const GPT2Config cfg = tiny_config();
+  GPT2 m(*be, cfg, DType::F64);
+  randomize(m, g, 0.3);
+  const int64_t P = 3, T = 6;
+  Inputs in = make_inputs(g, cfg, 2 * P, T);
+  PairLoss L;
+  L.P = P;
+  L.ref = test::randn<double>(g, static_cast<size_t>(2 * P), 2.0);
+  m.set_logits_chunk_rows(2 * T);  // one pair per chunk: three chunks
+
+  m.zero_grad();
+  const std::vector<double> lp = m.fused_forward(in.tokens, in.keymask, in.targets, in.weights, pair_head(L));
+  m.fused_backward();
+  const std::vector<double> analytic = vec(m.grads());
+
+  std::vector<double> x = vec(m.params());
+  double* p = m.params().data<double>();
+  Tensor seq = Tensor::host({2 * P}, DType::F64);
+  auto f = [&]() {
+    std::copy(x.begin(), x.end(), p);
+    m.score(in.tokens, in.keymask, in.targets, in.weights, seq);
+    return L.value(vec(seq));
+  };
+  const std::vector<double> numeric = test::numeric_grad(x, f);
+  for (const auto& s : m.specs()) {
+    int64_t n = 1;
+    for (int64_t d : s.shape) n *= d;
+    std::vector<double> a(analytic.begin() + s.offset, analytic.begin() + s.offset + n);
+    std::vector<double> b(numeric.begin() + s.offset, numeric.begin() + s.offset + n);
+    // Double, h = 1e-6, |f| ~ 1: truncation ~1e-12, round-off ~1e-10 (as in test_gpt2_model).
+    EXPECT_LT(test::max_rel_err(a, b), 1e-6) << s.name;
+  }
+  double norm = 0;
+  for (double v : analytic) norm += v * v;
+  EXPECT_GT(norm, 1e-4);
+}
+
+// Fused (any chunk size) == unfused with the same per-sequence gradients, pair layout and single layout.
+void expect_fused_matches_unfused(int64_t pair_stride, int64_t B, int64_t T, int64_t chunk_rows,
+                                  int64_t expect_chunks) {
+  SCOPED_TRACE("pair_stride=" + std::to_string(pair_stride) + " B=" + std::to_string(B) +
+               " chunk_rows=" + std::to_string(chunk_rows));
+  std::mt19937_64 g(test::test_seed() + static_cast<uint64_t>(chunk_rows));
+  auto be = make_cpu_backend();
+  const GPT2Config cfg = tiny_config();
+  GPT2 m(*be, cfg, DType::F64);
+  randomize(m, g, 0.3);
+  Inputs in = make_inputs(g, cfg, B, T);
+  PairLoss L;
+  L.P = pair_stride;
+  L.ref = test::randn<double>(g, static_cast<size_t>(B), 2.0);
+  const std::vector<double> dsingle = test::randn<double>(g, static_cast<size_t>(B), 1.0);
+
+  // Unfused: all log-probs first, then the loss gradient of the whole batch, then backward.
+  Tensor seq = Tensor::host({B}, DType::F64);
+  m.zero_grad();
+  m.sequence_logprobs(in.tokens, in.keymask, in.targets, in.weights, seq);
+  const std::vector<double> lp_ref = vec(seq);
+  Tensor dseq = Tensor::host({B}, DType::F64);
+  std::vector<double> d(static_cast<size_t>(B));
+  if (pair_stride > 0)
+    for (int64_t q = 0; q < pair_stride; ++q) L.grad(q, lp_ref, d);
+  else
+    d = dsingle;
+  std::copy(d.begin(), d.end(), dseq.data<double>());
+  m.backward(dseq);
+  const std::vector<double> g_ref = vec(m.grads());
+
+  m.set_logits_chunk_rows(chunk_rows);
+  std::vector<std::pair<int64_t, int64_t>> calls;
+  GPT2::LossHead head;
+  if (pair_stride > 0) {
+    head = pair_head(L, &calls);
+  } else {
+    head.grad = [&](int64_t u0, int64_t u1, const std::vector<double>&, std::vector<double>& out) {
+      calls.push_back({u0, u1});
+      for (int64_t s = u0; s < u1; ++s) out[s] = dsingle[s];
+    };
+  }
+  std::fill(m.grads().data<double>(), m.grads().data<double>() + m.grads().numel(),
+            std::numeric_limits<double>::quiet_NaN());  // zero_grad must clear a poisoned buffer
+  m.zero_grad();
+  const std::vector<double> lp = m.fused_forward(in.tokens, in.keymask, in.targets, in.weights, head);
+  m.fused_backward();
+  const std::vector<double> g_fused = vec(m.grads());
+
+  // Chunks: in order, contiguous, covering every unit once.
+  ASSERT_EQ(static_cast<int64_t>(calls.size()), expect_chunks);
+  int64_t next = 0;
+  for (auto [u0, u1] : calls) {
+    EXPECT_EQ(u0, next);
+    EXPECT_GT(u1, u0);
+    next = u1;
+  }
+  EXPECT_EQ(next, pair_stride > 0 ? pair_stride : B);
+  // The chunked GEMMs see the same rows; the log-probs agree to double round-off, and d wte sums its chunk
+  // contributions in a different grouping, a few ulps of the largest gradient.
+  EXPECT_LT(test::max_rel_err(lp, lp_ref), 1e-13);
+  EXPECT_LT(test::max_rel_err(g_fused, g_ref), 1e-13);
+  double norm = 0;
+  for (double v : g_fused) norm += v * v;
+  EXPECT_GT(norm, 1e-6);
+}
+
+TEST(Gpt2ChunkedHead, FusedMatchesUnfusedForEveryChunking) {
+  const int64_t T = 7;
+  // Pair layout, 5 pairs: a pair per chunk (rows < one pair), 2 pairs per chunk (uneven last), all in one.
+  expect_fused_matches_unfused(5, 10, T, 1, 5);
+  expect_fused_matches_unfused(5, 10, T, 4 * T + 3, 3);
+  expect_fused_matches_unfused(5, 10, T, 1 << 20, 1);
+  // One sequence per unit (SFT): 3 sequences per chunk over 7.
+  expect_fused_matches_unfused(0, 7, T, 3 * T, 3);
+}
+
+TEST(Gpt2ChunkedHead, ScoreMatchesSequenceLogprobsAndKeepsNoBatchLogits) {
+  std::mt19937_64 g(test::test_seed());
+  auto be = make_cpu_backend();
+  const GPT2Config cfg = tiny_config();
+  const int64_t T = 8, rows = 2 * T + 1;
+  for (int64_t B : {1, 4, 16}) {
+    GPT2 m(*be, cfg, DType::F64);
+    randomize(m, g, 0.3);
+    m.set_logits_chunk_rows(rows);
+    Inputs in = make_inputs(g, cfg, B, T);
+    Tensor chunked = Tensor::host({B}, DType::F64), full = Tensor::host({B}, DType::F64);
+    std::vector<double> poison(static_cast<size_t>(B));
+    test::poison(poison);
+    std::copy(poison.begin(), poison.end(), chunked.data<double>());
+    m.score(in.tokens, in.keymask, in.targets, in.weights, chunked);
+    // Two sequences per chunk: the buffer holds 2T rows, however many sequences the batch has.
+    EXPECT_EQ(m.logits_buffer_numel(), std::min<int64_t>(B, 2) * T * cfg.vocab_size) << "B=" << B;
+    m.sequence_logprobs(in.tokens, in.keymask, in.targets, in.weights, full);
+    EXPECT_LT(test::max_rel_err(vec(chunked), vec(full)), 1e-13) << "B=" << B;
+    // The unfused path does hold the batch's logits.
+    EXPECT_EQ(m.logits_buffer_numel(), (std::min<int64_t>(B, 2) + B) * T * cfg.vocab_size);
+  }
+}
+
+TEST(Gpt2ChunkedHead, FusedBufferIsOnePairWhenChunkRowsIsSmall) {
+  std::mt19937_64 g(test::test_seed());
+  auto be = make_cpu_backend();
+  const GPT2Config cfg = tiny_config();
+  const int64_t T = 5;
+  for (int64_t P : {1, 6}) {
+    GPT2 m(*be, cfg, DType::F64);
+    randomize(m, g, 0.3);
+    m.set_logits_chunk_rows(1);
+    Inputs in = make_inputs(g, cfg, 2 * P, T);
+    PairLoss L;
+    L.P = P;
+    L.ref.assign(static_cast<size_t>(2 * P), 0.0);
+    m.zero_grad();
+    m.fused_forward(in.tokens, in.keymask, in.targets, in.weights, pair_head(L));
+    m.fused_backward();
+    EXPECT_EQ(m.logits_buffer_numel(), 2 * T * cfg.vocab_size) << "P=" << P;
+  }
+}
+
+TEST(Gpt2ChunkedHead, AForgottenSequenceGetsNaNGradientsNotZero) {
+  std::mt19937_64 g(test::test_seed());
+  auto be = make_cpu_backend();
+  const GPT2Config cfg = tiny_config();
+  GPT2 m(*be, cfg, DType::F64);
+  randomize(m, g, 0.3);
+  Inputs in = make_inputs(g, cfg, 2, 6);
+  GPT2::LossHead head;
+  head.grad = [](int64_t u0, int64_t u1, const std::vector<double>&, std::vector<double>& d) {
+    if (u0 == 0) d[0] = 1.0;  // sequence 1 is never set
+  };
+  m.set_logits_chunk_rows(1);
+  m.zero_grad();
+  m.fused_forward(in.tokens, in.keymask, in.targets, in.weights, head);
+  m.fused_backward();
+  EXPECT_TRUE(std::isnan(m.grad("wte.weight").data<double>()[0]));
+}
+
+TEST(Gpt2ChunkedHead, MisuseIsAnError) {
+  std::mt19937_64 g(test::test_seed());
+  auto be = make_cpu_backend();
+  const GPT2Config cfg = tiny_config();
+  GPT2 m(*be, cfg, DType::F64);
+  randomize(m, g, 0.3);
+  EXPECT_THROW(m.set_logits_chunk_rows(0), Error);
+  EXPECT_THROW(m.fused_backward(), Error);
+  Inputs in = make_inputs(g, cfg, 3, 6);
+  GPT2::LossHead head;
+  head.pair_stride = 2;  // 3 sequences cannot be 2 pairs
+  head.grad = [](int64_t, int64_t, const std::vector<double>&, std::vector<double>&) {};
+  EXPECT_THROW(m.fused_forward(in.tokens, in.keymask, in.targets, in.weights, head), Error);
+  GPT2::LossHead empty;
+  EXPECT_THROW(m.fused_forward(in.tokens, in.keymask, in.targets, in.weights, empty), Error);
+  Tensor w32 = Tensor::host({3, 6}, DType::F32);
+  Tensor seq = Tensor::host({3}, DType::F64);
+  EXPECT_THROW(m.score(in.tokens, in.keymask, in.targets, w32, seq), Error);
+  // score() leaves nothing for a backward pass.
+  EXPECT_THROW(m.fused_backward(), Error);
+}
+
+}  // namespace
+}  // namespace dpo
