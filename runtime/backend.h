@@ -40,6 +40,9 @@ class Backend {
   virtual void copy_to_host(const Tensor& host_dst, const Tensor& src) = 0;
   virtual void copy(const Tensor& dst, const Tensor& src) = 0;  // same device, same dtype and numel
   virtual void synchronize() {}
+  // The stream every op is enqueued on (a cudaStream_t for the CUDA backend, type-erased; nullptr on the CPU), for
+  // components that must order their own work after the backend's (the NCCL communicator).
+  virtual void* native_stream() const { return nullptr; }
 
   // --- GPT-2 ops ----------------------------------------------------------------------------------------------
   // out[B,T,C] = wte[tokens] + wpe[0..T)            | dwte[V,C] +=, dwpe[maxT,C] +=

@@ -9,23 +9,62 @@
 #ifdef DPO_HAVE_MPI
 #include "runtime/mpi_check.h"
 #endif
+#ifdef DPO_HAVE_NCCL
+#include "runtime/cuda/nccl_comm.h"
+#endif
 
 namespace dpo {
 
-namespace {
+namespace comm_detail {
 
-void check_fold_args(const Tensor& acc, const std::vector<Tensor>& terms, bool host_only) {
+void check_fold_args(const Tensor& acc, const std::vector<Tensor>& terms) {
   DPO_ASSERT(acc.defined(), "ordered_fold: acc is undefined");
-  DPO_ASSERT(acc.dtype() == DType::F32 || acc.dtype() == DType::F64,
-             std::string("ordered_fold: acc must be F32 or F64, got ") + dtype_name(acc.dtype()));
-  if (host_only)
-    DPO_ASSERT(acc.device().kind == DeviceKind::CPU,
-               "ordered_fold: the " + std::string("MPI communicator takes host tensors, got one on ") +
-                   acc.device().str() + " (device tensors go through the NCCL communicator)");
+  check_sum_dtype("ordered_fold", acc);
   for (const Tensor& t : terms) {
     DPO_ASSERT(t.dtype() == acc.dtype() && t.numel() == acc.numel() && t.device() == acc.device(),
                "ordered_fold: every term must match acc's dtype, numel and device");
   }
+}
+
+void check_sum_dtype(const char* what, const Tensor& t) {
+  DPO_ASSERT(t.dtype() == DType::F32 || t.dtype() == DType::F64,
+             std::string(what) + ": tensors must be F32 or F64, got " + dtype_name(t.dtype()));
+}
+
+void check_shard_args(const char* what, const Tensor& shard, const Tensor& full, int ranks) {
+  DPO_ASSERT(shard.defined() && full.defined(), std::string(what) + ": shard or full is undefined");
+  DPO_ASSERT(shard.dtype() == full.dtype() && shard.device() == full.device(),
+             std::string(what) + ": shard and full must have the same dtype and device, got " +
+                 dtype_name(shard.dtype()) + " on " + shard.device().str() + " and " + dtype_name(full.dtype()) +
+                 " on " + full.device().str());
+  DPO_ASSERT(full.numel() == static_cast<int64_t>(ranks) * shard.numel(),
+             std::string(what) + ": full has " + std::to_string(full.numel()) + " elements, expected " +
+                 std::to_string(ranks) + " ranks x " + std::to_string(shard.numel()) + " (shard)");
+}
+
+}  // namespace comm_detail
+
+namespace {
+
+using comm_detail::check_fold_args;
+using comm_detail::check_shard_args;
+using comm_detail::check_sum_dtype;
+
+// The MPI communicator moves host memory only.
+void check_host(const char* what, const Tensor& t) {
+  DPO_ASSERT(t.device().kind == DeviceKind::CPU,
+             std::string(what) + ": the MPI communicator takes host tensors, got one on " + t.device().str() +
+                 " (device tensors go through the NCCL communicator)");
+}
+
+// The local communicator's reduce-scatter and all-gather: with one rank both are a copy of shard.numel() elements.
+void local_copy(const char* what, const Tensor& dst, const Tensor& src) {
+  if (dst.raw() == src.raw() || dst.nbytes() == 0) return;
+  DPO_ASSERT(dst.device().kind == DeviceKind::CPU,
+             std::string(what) + ": the local communicator copies host tensors only; on " + dst.device().str() +
+                 " call it in place (shard = full with one rank) or use the NCCL communicator "
+                 "(make_device_communicator with NcclUse::kAlways)");
+  std::memmove(dst.raw(), src.raw(), static_cast<size_t>(dst.nbytes()));
 }
 
 template <class T>
@@ -34,11 +73,14 @@ void add_into(T* acc, const T* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) acc[i] += x[i];
 }
 
+// acc[0, n) += x[0, n) elementwise in `dt` (F32 or F64): the one addition every host fold uses.
+void add_raw(DType dt, void* acc, const void* x, int64_t n) {
+  if (dt == DType::F32) add_into(static_cast<float*>(acc), static_cast<const float*>(x), n);
+  else add_into(static_cast<double*>(acc), static_cast<const double*>(x), n);
+}
+
 void fold_local(const Tensor& acc, const std::vector<Tensor>& terms) {
-  for (const Tensor& t : terms) {
-    if (acc.dtype() == DType::F32) add_into(acc.data<float>(), t.data<float>(), acc.numel());
-    else add_into(acc.data<double>(), t.data<double>(), acc.numel());
-  }
+  for (const Tensor& t : terms) add_raw(acc.dtype(), acc.raw(), t.raw(), acc.numel());
 }
 
 int env_int(const char* name) {
@@ -52,7 +94,7 @@ class LocalCommunicator final : public Communicator {
   int size() const override { return 1; }
   std::string name() const override { return "local"; }
   void ordered_fold(const Tensor& acc, const std::vector<Tensor>& terms) override {
-    check_fold_args(acc, terms, /*host_only=*/false);
+    check_fold_args(acc, terms);
     if (!terms.empty()) {
       DPO_ASSERT(acc.device().kind == DeviceKind::CPU, "ordered_fold: the local communicator folds host tensors");
       fold_local(acc, terms);
@@ -60,6 +102,18 @@ class LocalCommunicator final : public Communicator {
   }
   void allreduce_sum(const Tensor& t) override {}
   void allreduce_sum(double* v, int64_t n) override {}
+  void reduce_scatter_sum(const Tensor& shard, const Tensor& full) override {
+    check_shard_args("reduce_scatter_sum", shard, full, 1);
+    check_sum_dtype("reduce_scatter_sum", full);
+    local_copy("reduce_scatter_sum", shard, full);
+  }
+  void all_gather(const Tensor& full, const Tensor& shard) override {
+    check_shard_args("all_gather", shard, full, 1);
+    local_copy("all_gather", full, shard);
+  }
+  void broadcast_bytes(void* data, int64_t bytes, int root) override {
+    DPO_ASSERT(root == 0 && bytes >= 0, "broadcast_bytes: root " + std::to_string(root) + " of 1 rank");
+  }
   void barrier() override {}
   [[noreturn]] void abort(int code) override {
     std::fflush(stdout);
@@ -111,14 +165,69 @@ class MpiCommunicator final : public Communicator {
   std::string name() const override { return "mpi"; }
 
   void ordered_fold(const Tensor& acc, const std::vector<Tensor>& terms) override {
-    check_fold_args(acc, terms, /*host_only=*/true);
+    check_fold_args(acc, terms);
+    check_host("ordered_fold", acc);
     char* p = static_cast<char*>(acc.raw());
     const int64_t bytes = acc.nbytes();
-    if (rank_ > 0) recv(p, bytes, rank_ - 1);
+    if (rank_ > 0) recv(p, bytes, rank_ - 1, kTag);
     fold_local(acc, terms);
-    if (rank_ + 1 < size_) send(p, bytes, rank_ + 1);
-    for (int64_t off = 0; off < bytes; off += kPiece)
-      DPO_MPI_CHECK(MPI_Bcast(p + off, static_cast<int>(std::min(kPiece, bytes - off)), MPI_BYTE, size_ - 1, comm_));
+    if (rank_ + 1 < size_) send(p, bytes, rank_ + 1, kTag);
+    bcast(p, bytes, size_ - 1);
+  }
+
+  // Pipelined per-shard chain (cost in comm.h). Every rank reads all of `full` before it writes `shard`, so
+  // shard may alias full's own slice.
+  void reduce_scatter_sum(const Tensor& shard, const Tensor& full) override {
+    check_shard_args("reduce_scatter_sum", shard, full, size_);
+    check_sum_dtype("reduce_scatter_sum", full);
+    check_host("reduce_scatter_sum", full);
+    const DType dt = full.dtype();
+    const int64_t n = shard.numel(), sb = shard.nbytes();
+    const char* in = static_cast<const char*>(full.raw());
+    if (size_ == 1) {
+      if (shard.raw() != full.raw()) std::memmove(shard.raw(), in, static_cast<size_t>(sb));
+      return;
+    }
+    const int last = size_ - 1;
+    if (rank_ == 0) {
+      for (int s = 0; s < size_; ++s) send(in + s * sb, sb, 1, kTag);
+    } else if (rank_ < last) {
+      Tensor run = Tensor::host({n}, dt);  // the running sum of one shard, x_0 + ... + x_{r-1}
+      char* p = static_cast<char*>(run.raw());
+      for (int s = 0; s < size_; ++s) {
+        recv(p, sb, rank_ - 1, kTag);
+        add_raw(dt, p, in + s * sb, n);
+        send(p, sb, rank_ + 1, kTag);
+      }
+    } else {
+      // The last rank completes every shard's fold, then hands each to its owner. It sends only after the chain
+      // is through, so no rank is blocked in a chain send while the last rank waits to hand out (no deadlock).
+      Tensor sums = Tensor::host({size_ * n}, dt);
+      char* p = static_cast<char*>(sums.raw());
+      for (int s = 0; s < size_; ++s) {
+        recv(p + s * sb, sb, rank_ - 1, kTag);
+        add_raw(dt, p + s * sb, in + s * sb, n);
+      }
+      for (int s = 0; s < last; ++s) send(p + s * sb, sb, s, kTagScatter);
+      std::memcpy(shard.raw(), p + last * sb, static_cast<size_t>(sb));
+      return;
+    }
+    recv(static_cast<char*>(shard.raw()), sb, last, kTagScatter);
+  }
+
+  void all_gather(const Tensor& full, const Tensor& shard) override {
+    check_shard_args("all_gather", shard, full, size_);
+    check_host("all_gather", full);
+    const int64_t sb = shard.nbytes();
+    char* out = static_cast<char*>(full.raw());
+    if (shard.raw() != out + rank_ * sb) std::memmove(out + rank_ * sb, shard.raw(), static_cast<size_t>(sb));
+    for (int q = 0; q < size_; ++q) bcast(out + q * sb, sb, q);
+  }
+
+  void broadcast_bytes(void* data, int64_t bytes, int root) override {
+    DPO_ASSERT(root >= 0 && root < size_ && bytes >= 0,
+               "broadcast_bytes: root " + std::to_string(root) + " of " + std::to_string(size_) + " ranks");
+    bcast(static_cast<char*>(data), bytes, root);
   }
 
   void barrier() override { DPO_MPI_CHECK(MPI_Barrier(comm_)); }
@@ -131,15 +240,20 @@ class MpiCommunicator final : public Communicator {
   }
 
  private:
-  static constexpr int kTag = 7001;
-  void send(const char* p, int64_t bytes, int to) {
+  static constexpr int kTag = 7001;         // chains (ordered_fold, reduce_scatter_sum)
+  static constexpr int kTagScatter = 7002;  // reduce_scatter_sum's hand-out from the last rank
+  void send(const char* p, int64_t bytes, int to, int tag) {
     for (int64_t off = 0; off < bytes; off += kPiece)
-      DPO_MPI_CHECK(MPI_Send(p + off, static_cast<int>(std::min(kPiece, bytes - off)), MPI_BYTE, to, kTag, comm_));
+      DPO_MPI_CHECK(MPI_Send(p + off, static_cast<int>(std::min(kPiece, bytes - off)), MPI_BYTE, to, tag, comm_));
   }
-  void recv(char* p, int64_t bytes, int from) {
+  void recv(char* p, int64_t bytes, int from, int tag) {
     for (int64_t off = 0; off < bytes; off += kPiece)
-      DPO_MPI_CHECK(MPI_Recv(p + off, static_cast<int>(std::min(kPiece, bytes - off)), MPI_BYTE, from, kTag, comm_,
+      DPO_MPI_CHECK(MPI_Recv(p + off, static_cast<int>(std::min(kPiece, bytes - off)), MPI_BYTE, from, tag, comm_,
                              MPI_STATUS_IGNORE));
+  }
+  void bcast(char* p, int64_t bytes, int root) {
+    for (int64_t off = 0; off < bytes; off += kPiece)
+      DPO_MPI_CHECK(MPI_Bcast(p + off, static_cast<int>(std::min(kPiece, bytes - off)), MPI_BYTE, root, comm_));
   }
 
   MPI_Comm comm_ = MPI_COMM_NULL;
@@ -185,6 +299,26 @@ std::unique_ptr<Communicator> make_communicator() {
 #else
   throw Error("this process was started by a parallel launcher with " + std::to_string(n) +
               " processes, but dpo was built without MPI (install an MPI development package and rebuild)");
+#endif
+}
+
+std::unique_ptr<Communicator> make_device_communicator(std::unique_ptr<Communicator> host, const Device& dev,
+                                                       const DeviceCommOptions& options) {
+  DPO_ASSERT(host != nullptr, "make_device_communicator: no host communicator");
+  if (dev.kind != DeviceKind::CUDA) return host;
+  const char* force = std::getenv("DPO_FORCE_NCCL");
+  const bool forced =
+      options.nccl == NcclUse::kAlways || (force != nullptr && *force != '\0' && std::string(force) != "0");
+  if (host->size() == 1 && !forced) return host;
+#ifdef DPO_HAVE_NCCL
+  NcclOptions o;
+  o.init_timeout_s = options.nccl_timeout_s;
+  o.timeout_s = options.nccl_timeout_s;
+  return make_nccl_communicator(std::move(host), dev.index, static_cast<cudaStream_t>(options.cuda_stream), o);
+#else
+  throw Error("a CUDA run on " + std::to_string(host->size()) + " ranks" + (forced ? " (DPO_FORCE_NCCL / NcclUse::kAlways)" : "") +
+              " needs the NCCL communicator, but dpo was built without NCCL (install NCCL, e.g. libnccl-dev, and "
+              "rebuild with CUDA)");
 #endif
 }
 

@@ -1,20 +1,23 @@
 // Communication between the processes of a data-parallel run (docs/distributed.md).
 //
-// A Communicator connects the R ranks of one run. Two implementations today:
-//   local   one process, rank 0 of 1; every collective is a no-op (or a local fold). Used whenever the process
+// A Communicator connects the R ranks of one run. Three implementations:
+//   local   one process, rank 0 of 1; every collective is a no-op, a local fold or a copy. Used whenever the process
 //           was not started by an MPI launcher, so a single-process run never calls MPI_Init.
 //   mpi     Open MPI / MPICH over MPI_COMM_WORLD (a duplicate of it, with MPI_ERRORS_RETURN so every failure
 //           comes back through DPO_MPI_CHECK as a dpo::Error). Host tensors only.
-// A later NCCL communicator (CUDA path) implements the same interface over device tensors; it will give
-// allreduce_sum with NCCL's (not rank-count-invariant) reduction order.
+//   nccl    (runtime/cuda/nccl_comm.h, built with CUDA and NCCL) device tensors through NCCL on one stream, host
+//           tensors and host data through the MPI (or local) communicator it wraps. Its sums are in NCCL's order,
+//           which depends on the rank count and the algorithm: not the rank-order fold described below.
+// make_device_communicator() picks between them for the trainer's device.
 //
-// Reduction order. Every sum here is a left fold in rank order: ((x_0 + x_1) + x_2) + ..., computed by a chain
-// (rank r receives the running sum from r-1, adds its terms, passes it on; the last rank broadcasts it), so the
-// result has the same bits on every rank and the same bits as the same fold done in one process. That is what
-// makes CPU runs bit-identical across rank counts (the trainer folds per-micro-batch gradients in global
-// micro-batch order). The cost is latency: R-1 sequential point-to-point messages of the whole buffer plus a
-// broadcast, about 2x the bytes of a ring all-reduce per rank and O(R) steps instead of O(log R). Fine for CPU
-// runs on a few ranks; the GPU path uses NCCL's ring/tree all-reduce instead.
+// Reduction order (local and mpi). Every sum here is a left fold in rank order: ((x_0 + x_1) + x_2) + ...,
+// computed by a chain (rank r receives the running sum from r-1, adds its terms, passes it on; for ordered_fold
+// and allreduce_sum the last rank then broadcasts it), so the result has the same bits on every rank and the same
+// bits as the same fold done in one process. That is what makes CPU runs bit-identical across rank counts (the
+// trainer folds per-micro-batch gradients in global micro-batch order). The cost is latency: ordered_fold takes
+// R-1 sequential point-to-point messages of the whole buffer plus a broadcast, about 2x the bytes of a ring
+// all-reduce per rank and O(R) steps instead of O(log R) (reduce_scatter_sum pipelines its chain; see there).
+// Fine for CPU runs on a few ranks; the GPU path uses NCCL's ring/tree algorithms instead.
 #pragma once
 
 #include <memory>
@@ -30,7 +33,7 @@ class Communicator {
   virtual ~Communicator() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
-  virtual std::string name() const = 0;  // "local", "mpi"
+  virtual std::string name() const = 0;  // "local", "mpi", "nccl"
 
   // Ordered fold. `acc` on rank 0 holds the initial value (other ranks' acc contents are ignored); then rank 0,
   // rank 1, ... in turn add their own `terms`, in order (acc += term, elementwise in acc's dtype); the result is
@@ -42,6 +45,37 @@ class Communicator {
   // same bits on every rank. F32 or F64. Collective.
   virtual void allreduce_sum(const Tensor& t);
   virtual void allreduce_sum(double* v, int64_t n);
+
+  // Reduce-scatter (ZeRO-1: each rank keeps the summed gradient of its own slice of the parameters).
+  // `full` has numel R * S, `shard` has numel S (S = shard.numel(), any S >= 0, odd included); on rank r
+  //   shard = full_0[r*S, (r+1)*S) + full_1[r*S, (r+1)*S) + ... + full_{R-1}[r*S, (r+1)*S)
+  // summed as the left fold in rank order: the same bits as ordered_fold / allreduce_sum followed by taking the
+  // slice (local, mpi). `shard` is overwritten (=); `full` is read only. `shard` may be full's own slice r
+  // (in place); no other overlap. F32 or F64, same dtype and device. Collective.
+  //   local  a copy (nothing when in place). Device tensors: only in place (the local communicator does not
+  //          launch device copies; use the nccl one, see make_device_communicator).
+  //   mpi    per-shard chain, pipelined shard by shard: rank r receives the running sums of all R shards from
+  //          r-1, one shard at a time, adds its own and passes each on; the last rank then sends shard s to rank
+  //          s. Per rank about N bytes in and N out (N = full's bytes) plus N/R for the hand-out (the last rank
+  //          sends (R-1)N/R), R-1 + R-1 pipelined shard latencies. Extra memory: one shard on ranks
+  //          1..R-2, one full-size buffer on the last rank.
+  //   nccl   ncclReduceScatter (NCCL's order).
+  virtual void reduce_scatter_sum(const Tensor& shard, const Tensor& full) = 0;
+
+  // All-gather (ZeRO-1: every rank gets the parameters updated by the others). `full` has numel R * S, `shard`
+  // has numel S; on every rank full[r*S, (r+1)*S) = shard of rank r, for every r. `full` is overwritten; `shard`
+  // may be full's own slice (in place). Any dtype (data movement only, exact); same dtype and device. Collective.
+  //   local  a copy (nothing when in place; device tensors only in place, as above).
+  //   mpi    the own slice is copied into full, then one MPI_Bcast per rank of its slice (in pieces of 1 GiB, so
+  //          64-bit sizes work): each rank receives (R-1)/R of full's bytes, as in a ring all-gather, with R
+  //          broadcast latencies.
+  //   nccl   ncclAllGather.
+  virtual void all_gather(const Tensor& full, const Tensor& shard) = 0;
+
+  // Host bytes from `root` to every rank (data[0, bytes) is overwritten on the others). Used to hand out NCCL's
+  // unique id. local: root must be 0, nothing moves. mpi: MPI_Bcast in pieces. nccl: the wrapped host
+  // communicator's. Collective.
+  virtual void broadcast_bytes(void* data, int64_t bytes, int root) = 0;
 
   virtual void barrier() = 0;
 
@@ -57,6 +91,48 @@ class Communicator {
 // the whole job and race on out_dir).
 std::unique_ptr<Communicator> make_communicator();
 std::unique_ptr<Communicator> make_local_communicator();
+
+// When the device communicator uses NCCL.
+enum class NcclUse {
+  kWhenDistributed,  // a CUDA device with more than one rank (one rank keeps the host communicator)
+  kAlways,           // a CUDA device, also as rank 0 of 1 without MPI (a 1-rank NCCL run, e.g. a GPU check)
+};
+
+struct DeviceCommOptions {
+  // The cudaStream_t the device collectives are enqueued on and waited for: the CUDA backend's stream
+  // (CudaContext::stream()), so that they are ordered after the kernels that produce their inputs. Type-erased
+  // to keep this header free of CUDA; ignored for a CPU device.
+  void* cuda_stream = nullptr;
+  NcclUse nccl = NcclUse::kWhenDistributed;
+  // Longest a wait on NCCL work (initialisation, one collective with the stream work queued before it) may take
+  // before the NCCL communicator is aborted and dpo::Error is thrown; a dead or stuck peer ends as an error, never
+  // as a hang.
+  double nccl_timeout_s = 300;
+};
+
+// The communicator for tensors on `dev`, wrapping `host` (from make_communicator()):
+//   CPU device                                   -> `host` itself.
+//   CUDA device, built with NCCL, and host->size() > 1 or options.nccl == kAlways
+//                                                -> the NCCL communicator over `host` (runtime/cuda/nccl_comm.h:
+//                                                   rank 0 makes the NCCL id and broadcasts it over `host`).
+//   CUDA device, one rank, not forced            -> `host` (the local communicator; no NCCL).
+//   CUDA device, more than one rank, no NCCL     -> throws dpo::Error (the mpi communicator takes host tensors).
+// The caller has already selected `dev` (cudaSetDevice, e.g. by creating the CUDA backend on it).
+// Forcing NCCL for one process: pass options.nccl = NcclUse::kAlways, or set the environment variable
+// DPO_FORCE_NCCL=1 (read here; it turns kWhenDistributed into kAlways). Once the trainer makes its communicator
+// here, `DPO_FORCE_NCCL=1 ./build/dpo train --config run.yaml device=cuda` is a single-process training whose
+// gradient reductions go through a 1-rank NCCL communicator (no MPI launcher needed).
+std::unique_ptr<Communicator> make_device_communicator(std::unique_ptr<Communicator> host, const Device& dev,
+                                                       const DeviceCommOptions& options = {});
+
+// Argument checks shared by the implementations; each throws dpo::Error naming the op and the mismatch.
+namespace comm_detail {
+// acc defined, F32 or F64; every term with acc's dtype, numel and device.
+void check_fold_args(const Tensor& acc, const std::vector<Tensor>& terms);
+void check_sum_dtype(const char* what, const Tensor& t);  // F32 or F64
+// Both defined, same dtype and device, full.numel() == ranks * shard.numel().
+void check_shard_args(const char* what, const Tensor& shard, const Tensor& full, int ranks);
+}  // namespace comm_detail
 
 // The number of processes the launcher started (1 when none), read from the environment.
 int launcher_size();

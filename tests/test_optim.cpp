@@ -9,6 +9,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <memory>
 #include <numbers>
 #include <random>
 #include <string>
@@ -533,6 +534,59 @@ TYPED_TEST(Optim, StepEqualsOneUpdatePerParameterBitwise) {
     ASSERT_TRUE(bitwise_equal(to_vec<T>(opt.m()), to_vec<T>(rm))) << "m";
     ASSERT_TRUE(bitwise_equal(to_vec<T>(opt.v()), to_vec<T>(rv))) << "v";
   }
+}
+
+// ZeRO-1: three optimizers owning [0, a), [a, b), [b, n) (cuts inside parameters, an empty range too), each
+// updating its own range of a shared parameter vector, give bitwise the parameters and moments of one optimizer
+// over everything; step_shard with the norm passed in equals step. Elements outside a range are untouched.
+TYPED_TEST(Optim, ShardedStepsEqualTheWholeStepBitwise) {
+  using T = TypeParam;
+  auto be = make_cpu_backend();
+  const GPT2Config gc = tiny_gpt2();
+  const auto specs = gpt2_param_specs(gc);
+  const int64_t n = gc.num_parameters();
+  const int64_t cuts[] = {0, n / 3 + 1, n / 3 + 1, 2 * n / 3 + 5, n};  // [a, a) is empty
+  std::mt19937_64 g(test_seed());
+  const std::vector<T> p0 = randn<T>(g, static_cast<size_t>(n));
+  Tensor whole = host_tensor(p0), sharded = host_tensor(p0);
+  OptimConfig cfg = base_cfg();
+  cfg.max_grad_norm = 0.5;
+  AdamW ref(*be, specs, n, dtype_of<T>(), cfg, 3);
+  std::vector<std::unique_ptr<AdamW>> parts;
+  for (int k = 0; k < 4; ++k) {
+    parts.push_back(std::make_unique<AdamW>(*be, specs, n, dtype_of<T>(), cfg, 3));
+    parts.back()->set_shard(cuts[k], cuts[k + 1]);
+    ASSERT_EQ(parts.back()->m().numel(), cuts[k + 1] - cuts[k]);
+  }
+  for (int64_t s = 0; s < 3; ++s) {
+    SCOPED_TRACE("step " + std::to_string(s));
+    const Tensor grads = host_tensor(randn<T>(g, static_cast<size_t>(n)));
+    const auto want = ref.step(whole, grads);
+    const double norm = global_grad_norm(*be, grads);
+    for (int k = 0; k < 4; ++k) {
+      // Before this part's update, everything outside earlier parts' ranges is still the old value.
+      const auto before = to_vec<T>(sharded);
+      const int64_t b = cuts[k], len = cuts[k + 1] - cuts[k];
+      const auto got = (k % 2 == 0) ? parts[static_cast<size_t>(k)]->step(sharded, grads)
+                                    : parts[static_cast<size_t>(k)]->step_shard(sharded, grads.view(b, {len}), norm);
+      EXPECT_EQ(got.grad_norm, want.grad_norm);
+      EXPECT_EQ(got.clipped, want.clipped);
+      const auto after = to_vec<T>(sharded);
+      for (int64_t i = 0; i < n; ++i)
+        if (i < b || i >= b + len) ASSERT_EQ(std::memcmp(&after[i], &before[i], sizeof(T)), 0) << "element " << i;
+    }
+    ASSERT_TRUE(bitwise_equal(to_vec<T>(sharded), to_vec<T>(whole))) << "params";
+    for (int k = 0; k < 4; ++k) {
+      const int64_t b = cuts[k], len = cuts[k + 1] - cuts[k];
+      const auto rm = to_vec<T>(ref.m()), rv = to_vec<T>(ref.v());
+      const auto pm = to_vec<T>(parts[static_cast<size_t>(k)]->m()), pv = to_vec<T>(parts[static_cast<size_t>(k)]->v());
+      ASSERT_TRUE(bitwise_equal(pm, std::vector<T>(rm.begin() + b, rm.begin() + b + len))) << "m of part " << k;
+      ASSERT_TRUE(bitwise_equal(pv, std::vector<T>(rv.begin() + b, rv.begin() + b + len))) << "v of part " << k;
+    }
+  }
+  EXPECT_THROW(parts[0]->set_shard(5, 4), Error);
+  EXPECT_THROW(parts[0]->set_shard(0, n + 1), Error);
+  EXPECT_THROW(parts[1]->step_shard(sharded, host_tensor(std::vector<T>(7)), 1.0), Error);  // not the range size
 }
 
 // Two segments (one decayed, one not), three steps: the first has each segment's norm below max_grad_norm but

@@ -10,7 +10,9 @@
 #   build       ninja on all cores: dpo and the test_cuda_* tests (all tests with --cpu-tests)
 #   cuda-tests  ctest -L cuda --output-on-failure, JUnit                            -> OUTDIR/ctest.log, junit.xml
 #   train       dpo init (tiny GPT-2) + generated JSONL, 20 DPO steps with device=cuda and device=cpu;
-#               compares the step-1 log-probs (forward) and the final loss           -> OUTDIR/train.log
+#               compares the step-1 log-probs (forward) and the final loss; then the cuda run again with its
+#               gradient reduction through a 1-rank NCCL communicator (DPO_FORCE_NCCL=1): same loss expected
+#                                                                                    -> OUTDIR/train.log
 #   sanitizer   compute-sanitizer --tool memcheck over build-gpu/tests/test_cuda_* (kernel tests first), then
 #               2 training steps on cuda under memcheck when the cuda run worked    -> OUTDIR/sanitizer.log
 #   cpu-tests   (--cpu-tests) ctest -L cpu with the time that is left               -> OUTDIR/ctest.log, junit.xml
@@ -308,18 +310,19 @@ TRAIN=$WORK/train
 : >"$OUT/train.log"
 : >"$WORK/train.tsv"
 json_num() { grep -o "\"$2\":[^,}]*" "$1" | sed -n "${3:-1}p" | cut -d: -f2; }  # FILE KEY [LINE|$]
-train_one() {  # DEVICE LIMIT
-  local dev=$1 lim=$2 t rc run note=""
-  run=$TRAIN/run-$dev
-  rm -rf "$run" "$TRAIN/refcache-$dev"
-  echo "== dpo train device=$dev (limit ${lim}s)" >>"$OUT/train.log"
+train_one() {  # LABEL LIMIT   (LABEL: cpu, cuda, or cuda-nccl = cuda with DPO_FORCE_NCCL=1)
+  local label=$1 lim=$2 dev=${1%%-*} t rc run note="" force=0
+  [ "$label" = cuda-nccl ] && force=1
+  run=$TRAIN/run-$label
+  rm -rf "$run" "$TRAIN/refcache-$label"
+  echo "== dpo train device=$dev DPO_FORCE_NCCL=$force (limit ${lim}s)" >>"$OUT/train.log"
   t=$(date +%s)
-  tmo "$lim" "$BUILD/dpo" train model="$TRAIN/base" train_file="$TRAIN/prefs.jsonl" out_dir="$run" device="$dev" \
-      max_steps=20 per_device_train_batch_size=4 learning_rate=2e-4 logging_steps=1 max_length=96 \
-      max_prompt_length=48 seed=1 ref_cache_dir="$TRAIN/refcache-$dev" --plain >>"$OUT/train.log" 2>&1
+  DPO_FORCE_NCCL=$force tmo "$lim" "$BUILD/dpo" train model="$TRAIN/base" train_file="$TRAIN/prefs.jsonl" \
+      out_dir="$run" device="$dev" max_steps=20 per_device_train_batch_size=4 learning_rate=2e-4 logging_steps=1 \
+      max_length=96 max_prompt_length=48 seed=1 ref_cache_dir="$TRAIN/refcache-$label" --plain >>"$OUT/train.log" 2>&1
   rc=$?
   t=$(( $(date +%s) - t ))
-  echo "== dpo train device=$dev exit $rc (${t}s)" >>"$OUT/train.log"
+  echo "== dpo train $label exit $rc (${t}s)" >>"$OUT/train.log"
   local m=$run/metrics.jsonl steps="" lp1="" loss1="" lossN=""
   if [ -f "$m" ]; then
     steps=$(wc -l <"$m")
@@ -329,7 +332,7 @@ train_one() {  # DEVICE LIMIT
     note=$(grep -E 'error|Error|what\(\)' "$OUT/train.log" | tail -n1 | cut -c1-200)
     [ $rc = 124 ] && note="timed out after ${lim}s"
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$dev" "$rc" "$t" "${steps:-0}" "${lp1:-}" "${loss1:-}" "${lossN:-}" "$note" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$label" "$rc" "$t" "${steps:-0}" "${lp1:-}" "${loss1:-}" "${lossN:-}" "$note" \
     >>"$WORK/train.tsv"
   return $rc
 }
@@ -354,8 +357,9 @@ else
       --n-positions 128 --seed 1 >>"$OUT/train.log" 2>&1; then
     phase_done train FAIL $(( $(date +%s) - t0 )) "dpo init failed (train.log)"
   else
-    train_one cuda $(( lim * 3 / 5 )) && cuda_train_ok=1
+    train_one cuda $(( lim * 2 / 5 )) && cuda_train_ok=1
     train_one cpu "$(allow $(( lim * 2 / 5 / scale )))"
+    [ $cuda_train_ok = 1 ] && train_one cuda-nccl "$(allow $(( lim / 5 )))"
     phase_done train "$([ $cuda_train_ok = 1 ] && echo ok || echo FAIL)" $(( $(date +%s) - t0 )) "see Training below"
   fi
 fi

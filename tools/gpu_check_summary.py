@@ -214,7 +214,18 @@ def main():
             else:
                 problems.append("training produced no loss to compare")
             cmp_line = "; ".join(parts)
-        for dev in ("cuda", "cpu"):
+        n = tr.get("cuda-nccl")
+        if n is not None and c is not None and c[1] == "0":
+            if n[1] != "0":
+                problems.append("training on cuda with a 1-rank NCCL communicator failed: %s" % (n[7] or "exit " + n[1]))
+            else:
+                ln = fnum(n[6])
+                lc = fnum(c[6])
+                # One rank: NCCL's all-reduce of one buffer is a copy, so the run should match the plain cuda run
+                # up to run-to-run float noise (the kernels are deterministic; allow the cpu-comparison limit).
+                if ln is None or lc is None or abs(ln - lc) > LOSS_ATOL + LOSS_RTOL * abs(lc):
+                    problems.append("1-rank NCCL run's final loss %s differs from the cuda run's %s" % (n[6], c[6]))
+        for dev in ("cuda", "cpu", "cuda-nccl"):
             r = tr.get(dev)
             if r:
                 status = "ok" if r[1] == "0" else ("timeout" if r[1] in ("124", "137") else "exit %s" % r[1])

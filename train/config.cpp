@@ -134,6 +134,7 @@ const std::vector<Key>& keys() {
       STRING_KEY(device, "cpu or cuda"),
       INT_KEY(seed, "seed for data order and sampling"),
       INT_KEY(num_threads, "CPU threads; 0 = OpenMP default"),
+      INT_KEY(zero_stage, "0 or 1; 1 shards the AdamW moments across the ranks (ZeRO-1; same results)"),
       INT_KEY(logits_chunk_rows, "token rows per chunk of the LM head and log-softmax (a chunk holds at least one "
                                  "pair); logits memory is chunk x vocab, independent of the batch size"),
       INT_KEY(max_length, "maximum prompt + completion tokens"),
@@ -261,6 +262,8 @@ void validate(const TrainConfig& c, RunKind kind) {
   if (c.tokenizer != "byte") bad("tokenizer", "must be byte, got '" + c.tokenizer + "'");
   nonneg("num_threads", c.num_threads);
   positive("logits_chunk_rows", c.logits_chunk_rows);
+  if (c.zero_stage != 0 && c.zero_stage != 1)
+    bad("zero_stage", "must be 0 or 1, got " + std::to_string(c.zero_stage));
   positive("max_length", c.max_length);
   positive("max_prompt_length", c.max_prompt_length);
   if (c.max_prompt_length >= c.max_length)

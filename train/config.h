@@ -54,6 +54,7 @@ struct TrainConfig {
   int64_t per_device_eval_batch_size = 16;
   int64_t logits_chunk_rows = 2048;  // LM head + log-softmax rows per chunk (at least one pair); memory chunk x V
   int64_t gradient_accumulation_steps = 1;
+  int64_t zero_stage = 0;  // 1: ZeRO-1, AdamW moments sharded across the data-parallel ranks
   int64_t num_train_epochs = 1;
   int64_t max_steps = -1;  // optimizer steps; -1 = from epochs
   // logging and checkpoints

@@ -91,17 +91,31 @@ AdamW::AdamW(Backend& backend, const std::vector<ParamSpec>& specs, int64_t n_pa
     DPO_ASSERT(s->offset == at, "AdamW: parameter '" + s->name + "' starts at " + std::to_string(s->offset) +
                                     ", expected " + std::to_string(at) + " (segments must tile the parameters)");
     if (n == 0) continue;
-    if (!segs_.empty() && segs_.back().weight_decay == s->weight_decay) segs_.back().numel += n;
-    else segs_.push_back({s->offset, n, s->weight_decay});
+    if (!all_segs_.empty() && all_segs_.back().weight_decay == s->weight_decay) all_segs_.back().numel += n;
+    else all_segs_.push_back({s->offset, n, s->weight_decay});
     at += n;
   }
   DPO_ASSERT(at == n_params, "AdamW: segments cover " + std::to_string(at) + " of " + std::to_string(n_params) +
                                  " parameters");
 
   // Half-precision parameters would keep fp32 moments (no CPU kernel takes them today; the backend says so).
-  const DType state = (dtype == DType::F32 || dtype == DType::F64) ? dtype : DType::F32;
-  m_ = be_->zeros({n_params}, state);
-  v_ = be_->zeros({n_params}, state);
+  state_dtype_ = (dtype == DType::F32 || dtype == DType::F64) ? dtype : DType::F32;
+  set_shard(0, n_params);
+}
+
+void AdamW::set_shard(int64_t begin, int64_t end) {
+  DPO_ASSERT(0 <= begin && begin <= end && end <= n_params_,
+             "AdamW::set_shard: [" + std::to_string(begin) + ", " + std::to_string(end) + ") is not within [0, " +
+                 std::to_string(n_params_) + ")");
+  shard_begin_ = begin;
+  shard_end_ = end;
+  segs_.clear();
+  for (const AdamWSegment& s : all_segs_) {
+    const int64_t lo = std::max(s.offset, begin), hi = std::min(s.offset + s.numel, end);
+    if (lo < hi) segs_.push_back({lo - begin, hi - lo, s.weight_decay});
+  }
+  m_ = be_->zeros({end - begin}, state_dtype_);
+  v_ = be_->zeros({end - begin}, state_dtype_);
 }
 
 void AdamW::set_step(int64_t step) {
@@ -110,14 +124,20 @@ void AdamW::set_step(int64_t step) {
 }
 
 AdamW::StepInfo AdamW::step(const Tensor& params, const Tensor& grads) {
-  check_shape(params, {n_params_}, "AdamW params");
   check_shape(grads, {n_params_}, "AdamW grads");
-  check_dtype(params, dtype_, "AdamW params");
   check_dtype(grads, dtype_, "AdamW grads");
+  return step_shard(params, grads.view(shard_begin_, {shard_end_ - shard_begin_}), global_grad_norm(*be_, grads));
+}
+
+AdamW::StepInfo AdamW::step_shard(const Tensor& params, const Tensor& grad_shard, double norm) {
+  check_shape(params, {n_params_}, "AdamW params");
+  check_dtype(params, dtype_, "AdamW params");
+  const int64_t len = shard_end_ - shard_begin_;
+  check_shape(grad_shard, {len}, "AdamW grad shard");
+  check_dtype(grad_shard, dtype_, "AdamW grad shard");
 
   StepInfo info;
   info.lr = lr_at(cfg_, step_, total_steps_);
-  const double norm = global_grad_norm(*be_, grads);
   if (!std::isfinite(norm)) {
     info.grad_norm = std::numeric_limits<double>::quiet_NaN();
     info.skipped = true;
@@ -141,7 +161,7 @@ AdamW::StepInfo AdamW::step(const Tensor& params, const Tensor& grads) {
     }
   }
   p.weight_decay = cfg_.weight_decay;  // applied to the segments flagged weight_decay, 0 elsewhere
-  be_->adamw_update_segments(params, grads, m_, v_, segs_, p);
+  if (len > 0) be_->adamw_update_segments(params.view(shard_begin_, {len}), grad_shard, m_, v_, segs_, p);
   ++step_;
   return info;
 }

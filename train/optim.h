@@ -82,12 +82,25 @@ class AdamW {
   // grads is read only.
   StepInfo step(const Tensor& params, const Tensor& grads);
 
+  // ZeRO-1 (docs/distributed.md): from now on this optimizer owns [begin, end) of the flat vector only. Its
+  // moments shrink to that range (zero-initialised; call before the first step or restore them after), and
+  // step() updates only params[begin, end) (the clipping norm is still that of all of `grads`). The caller
+  // gathers the other ranks' ranges afterwards. An empty range (begin == end) is allowed.
+  void set_shard(int64_t begin, int64_t end);
+  int64_t shard_begin() const { return shard_begin_; }
+  int64_t shard_end() const { return shard_end_; }
+
+  // step() for a caller that holds only its range's gradient (grad_shard [shard_end - shard_begin]) and has
+  // computed the global gradient norm itself (e.g. from an all-reduce of per-shard sums of squares).
+  StepInfo step_shard(const Tensor& params, const Tensor& grad_shard, double grad_norm);
+
   int64_t step_count() const { return step_; }
   int64_t total_steps() const { return total_steps_; }
   const OptimConfig& config() const { return cfg_; }
 
-  // State for checkpoints: the moments (flat, same layout as the parameters; write into them to restore) and the
-  // number of steps taken (the next step uses bias correction set_step's value + 1 and lr_at(value)).
+  // State for checkpoints: the moments (flat, same layout as the parameters' [shard_begin, shard_end) range; write
+  // into them to restore) and the number of steps taken (the next step uses bias correction set_step's value + 1
+  // and lr_at(value)).
   const Tensor& m() const { return m_; }
   const Tensor& v() const { return v_; }
   void set_step(int64_t step);
@@ -99,7 +112,10 @@ class AdamW {
   DType dtype_;
   int64_t total_steps_;
   int64_t step_ = 0;
-  std::vector<AdamWSegment> segs_;  // sorted, tiling [0, n_params); neighbours differ in weight_decay
+  std::vector<AdamWSegment> all_segs_;  // sorted, tiling [0, n_params); neighbours differ in weight_decay
+  std::vector<AdamWSegment> segs_;      // all_segs_ cut to the shard, offsets relative to shard_begin_
+  int64_t shard_begin_ = 0, shard_end_ = 0;
+  DType state_dtype_;
   Tensor m_, v_;
 };
 

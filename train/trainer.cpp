@@ -123,9 +123,10 @@ void check_fits(const TrainConfig& c, const GPT2& model, const Tokenizer& tok, c
 }
 
 // Keys that may differ between a run and the run it resumes (they do not change the computed weights).
+// zero_stage only changes where the moments live (checkpoints always hold all of them).
 const std::set<std::string> kResumeFreeKeys = {"out_dir",       "num_threads", "logging_steps", "eval_steps",
                                                "save_steps",    "save_total_limit", "ref_cache_dir", "eval_file",
-                                               "per_device_eval_batch_size"};
+                                               "per_device_eval_batch_size", "zero_stage"};
 
 void check_resume_config(const std::string& saved_yaml, const TrainConfig& now, const std::string& where) {
   YAML::Node a = YAML::Load(saved_yaml), b = YAML::Load(to_yaml(now));
@@ -152,8 +153,9 @@ struct Position {
   int64_t pos = 0;       // next index into this epoch's order
 };
 
-void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW& opt, const Position& p,
-                      const std::string& config_yaml, int64_t save_total_limit) {
+// m, v: all of the moments (host F32, [n_params]), gathered from the ranks' shards under ZeRO-1.
+void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW& opt, const Tensor& m,
+                      const Tensor& v, const Position& p, const std::string& config_yaml, int64_t save_total_limit) {
   const fs::path root = fs::path(out_dir) / "checkpoints";
   const std::string name = "step-" + std::to_string(p.step);
   const fs::path final_dir = root / name;
@@ -163,10 +165,6 @@ void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW
   fs::create_directories(tmp, ec);
   if (ec) throw Error("cannot create " + tmp.string() + ": " + ec.message());
   save_gpt2_checkpoint(model, tmp.string());
-  Backend& be = model.backend();
-  Tensor m = Tensor::host(opt.m().shape(), DType::F32), v = Tensor::host(opt.v().shape(), DType::F32);
-  be.copy_to_host(m, opt.m());
-  be.copy_to_host(v, opt.v());
   save_safetensors((tmp / "optimizer.safetensors").string(), {{"exp_avg", m}, {"exp_avg_sq", v}},
                    {{"optimizer", "adamw"}, {"step", std::to_string(opt.step_count())}});
   json files = json::object();
@@ -223,10 +221,13 @@ Position load_checkpoint(const std::string& dir, GPT2& model, AdamW& opt, const 
   SafetensorsFile of((fs::path(dir) / "optimizer.safetensors").string());
   Backend& be = model.backend();
   Tensor m = of.read_as("exp_avg", DType::F32), v = of.read_as("exp_avg_sq", DType::F32);
-  if (m.numel() != opt.m().numel() || v.numel() != opt.v().numel())
+  const int64_t n = model.params().numel();
+  if (m.numel() != n || v.numel() != n)
     throw InputError(of.path() + ": optimizer state size does not match the model");
-  be.copy_from_host(opt.m(), m.reshape(opt.m().shape()));
-  be.copy_from_host(opt.v(), v.reshape(opt.v().shape()));
+  // This rank's range of the moments (all of them without ZeRO-1).
+  const int64_t b = opt.shard_begin(), len = opt.shard_end() - opt.shard_begin();
+  be.copy_from_host(opt.m(), m.reshape({n}).view(b, {len}));
+  be.copy_from_host(opt.v(), v.reshape({n}).view(b, {len}));
   opt.set_step(st["optimizer_step"].get<int64_t>());
   Position p;
   p.step = st["step"].get<int64_t>();
@@ -415,10 +416,17 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   validate(cfg, kind);
   std::unique_ptr<Communicator> own_comm;
   if (!ro.comm) own_comm = make_communicator();
+  auto be = make_backend(cfg);  // selects this rank's GPU first (device: cuda)
+  // Device tensors (gradients, ZeRO-1 gathers) go through NCCL on a GPU with several ranks (or DPO_FORCE_NCCL=1);
+  // host data (metrics) through the host communicator it wraps.
+  if (own_comm && be->device().kind == DeviceKind::CUDA) {
+    DeviceCommOptions dco;
+    dco.cuda_stream = be->native_stream();
+    own_comm = make_device_communicator(std::move(own_comm), be->device(), dco);
+  }
   Communicator& comm = ro.comm ? *ro.comm : *own_comm;
   const int n_ranks = comm.size(), me = comm.rank();
   const bool lead = me == 0;  // rank 0 alone writes out_dir and prints
-  auto be = make_backend(cfg);
   auto tok = make_tokenizer(cfg.tokenizer);
   const DataOptions dopt = data_options(cfg);
   std::unique_ptr<Progress> progress;
@@ -510,6 +518,39 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   const int64_t steps_per_epoch = (N + per_step - 1) / per_step;
   const int64_t total = cfg.max_steps > 0 ? cfg.max_steps : steps_per_epoch * cfg.num_train_epochs;
   AdamW opt(*be, policy->specs(), policy->params().numel(), DType::F32, optim_config(cfg), total);
+  const int64_t n_params = policy->params().numel();
+  // ZeRO-1 (docs/distributed.md): rank r owns [r*S, (r+1)*S) of the flat vector (cut at n_params), S = ceil(n/R):
+  // its AdamW moments, and the update of those parameters; an all-gather then gives every rank all of them.
+  const bool zero = cfg.zero_stage == 1 && n_ranks > 1;
+  const int64_t zS = (n_params + n_ranks - 1) / n_ranks;
+  Tensor zfull, zshard;  // all-gather buffers [R*S] and [S]
+  if (zero) {
+    opt.set_shard(std::min(n_params, me * zS), std::min(n_params, (me + 1) * zS));
+    zfull = be->zeros({n_ranks * zS}, DType::F32);
+    zshard = be->zeros({zS}, DType::F32);
+  }
+  // dst [n_params] = the ranks' ranges gathered; own_range is this rank's [shard_end - shard_begin].
+  auto gather_ranges = [&](const Tensor& dst, const Tensor& own_range) {
+    const int64_t len = opt.shard_end() - opt.shard_begin();
+    if (len > 0) be->copy(zshard.view(0, {len}), own_range);
+    comm.all_gather(zfull, zshard);
+    be->copy(dst, zfull.view(0, {n_params}));
+  };
+  // All of the moments as host F32 [n_params] (collective under ZeRO-1).
+  auto full_moments = [&]() {
+    std::pair<Tensor, Tensor> mv{Tensor::host({n_params}, DType::F32), Tensor::host({n_params}, DType::F32)};
+    if (zero) {
+      Tensor tmp = be->empty({n_params}, DType::F32);
+      gather_ranges(tmp, opt.m());
+      be->copy_to_host(mv.first, tmp);
+      gather_ranges(tmp, opt.v());
+      be->copy_to_host(mv.second, tmp);
+    } else {
+      be->copy_to_host(mv.first, opt.m());
+      be->copy_to_host(mv.second, opt.v());
+    }
+    return mv;
+  };
   if (n_ranks > 1) {
     say("data parallel: " + std::to_string(n_ranks) + " ranks (" + comm.name() + "), " + std::to_string(per_step) +
         " pairs per step in micro-batches of " + std::to_string(mb));
@@ -552,7 +593,8 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   };
   auto save = [&]() {
     DPO_PHASE("checkpoint");
-    if (lead) write_checkpoint(cfg.out_dir, *policy, opt, p, config_yaml, cfg.save_total_limit);
+    const auto [m, v] = full_moments();
+    if (lead) write_checkpoint(cfg.out_dir, *policy, opt, m, v, p, config_yaml, cfg.save_total_limit);
     comm.barrier();  // no rank runs ahead of a checkpoint it might be asked to resume from
     last_saved = p.step;
   };
@@ -561,7 +603,6 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   // zeroed gradients: rank 0 folds its own micro-batches into `grad` as it goes, the other ranks keep theirs in
   // `stash`, and ordered_fold continues the fold across ranks. One process and R processes therefore do the
   // same float additions in the same order (docs/distributed.md).
-  const int64_t n_params = policy->params().numel();
   Tensor grad = be->empty({n_params}, DType::F32);
   std::vector<Tensor> pool;  // stash buffers, kept across steps (ranks > 0)
 
@@ -655,7 +696,11 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     if (kind == RunKind::Sft) w.pairs += sft_norm_tokens;  // SFT's loss is per completion token
     AdamW::StepInfo info = [&] {
       DPO_PHASE("optimizer");
-      return opt.step(policy->params(), grad);
+      AdamW::StepInfo si = opt.step(policy->params(), grad);
+      // Every rank saw the same norm, so all skip or none does.
+      if (zero && !si.skipped)
+        gather_ranges(policy->params(), policy->params().view(opt.shard_begin(), {opt.shard_end() - opt.shard_begin()}));
+      return si;
     }();
     if (info.skipped) say("step " + std::to_string(p.step + 1) + ": non-finite gradient norm; update skipped");
     p.pos += step_items;

@@ -47,6 +47,7 @@ class CudaBackend final : public Backend {
   void copy_to_host(const Tensor& host_dst, const Tensor& src) override;
   void copy(const Tensor& dst, const Tensor& src) override;
   void synchronize() override;
+  void* native_stream() const override { return static_cast<void*>(ctx_->stream()); }
 
   void encoder_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte, const Tensor& wpe) override;
   void encoder_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens) override;
