@@ -23,9 +23,12 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <type_traits>
 
 #include "kernels/attention.cuh"
+#include "kernels/bf16.cuh"
 #include "runtime/cuda/cuda_check.h"
 #include "runtime/cuda/nvtx.h"
 
@@ -46,22 +49,25 @@ enum class Tri {
 };
 
 // Element (r, c) of one operand for batch (b, h): p[b*sb + h*sh + r*sr + c*sc]. For A, r = m and c = k; for B,
-// r = k and c = n.
+// r = k and c = n. T is the storage type (float or bf16); tiles are staged in shared memory as float.
+template <class T>
 struct Operand {
-  const float* p;
+  const T* p;
   int64_t sb, sh, sr, sc;
 };
 
 // Output element (m, n) of batch (b, h): p[b*sb + h*sh + m*sm + n] (n is contiguous in every use).
+template <class T>
 struct Output {
-  float* p;
+  T* p;
   int64_t sb, sh, sm;
 };
 
+template <class TA, class TB, class TC>
 struct GemmParams {
-  Operand a;  // A(m, k)
-  Operand b;  // B(k, n)
-  Output c;
+  Operand<TA> a;  // A(m, k)
+  Operand<TB> b;  // B(k, n)
+  Output<TC> c;
   int64_t M, N, K;
   int64_t NH;   // blockIdx.x = b * NH + h
   float alpha;  // C (= or +=) alpha * A B
@@ -69,9 +75,10 @@ struct GemmParams {
 
 // kAKContig / kBKContig say which index of A / B is contiguous in memory; they only choose the thread-to-element
 // mapping of the shared-memory loads (so that a warp reads consecutive addresses), never the result. The summation
-// order over k is fixed (k ascending, one fmaf per term), so results are bitwise reproducible.
-template <Tri kTri, bool kAKContig, bool kBKContig, bool kAccumulate>
-__global__ void __launch_bounds__(kThreads) tri_gemm_kernel(GemmParams p) {
+// order over k is fixed (k ascending, one fmaf per term), so results are bitwise reproducible. Operands are read
+// exactly into float tiles; each output is rounded once to TC (an accumulated one is read, added to, rounded once).
+template <Tri kTri, bool kAKContig, bool kBKContig, bool kAccumulate, class TA, class TB, class TC>
+__global__ void __launch_bounds__(kThreads) tri_gemm_kernel(GemmParams<TA, TB, TC> p) {
   const int64_t z = blockIdx.x;
   const int64_t bi = z / p.NH, hi = z % p.NH;
   const int64_t m0 = int64_t(blockIdx.y) * kTile;
@@ -82,8 +89,8 @@ __global__ void __launch_bounds__(kThreads) tri_gemm_kernel(GemmParams p) {
   if (kTri == Tri::kKUpToRow && m0 + kTile < p.K) k_end = m0 + kTile;
   if (kTri == Tri::kKFromRow) k_begin = m0;
 
-  const float* A = p.a.p + bi * p.a.sb + hi * p.a.sh;
-  const float* Bm = p.b.p + bi * p.b.sb + hi * p.b.sh;
+  const TA* A = p.a.p + bi * p.a.sb + hi * p.a.sh;
+  const TB* Bm = p.b.p + bi * p.b.sb + hi * p.b.sh;
 
   // +1 padding: the k-contiguous loads store down a column, which is then conflict-free.
   __shared__ float As[kTileK][kTile + 1];
@@ -104,7 +111,7 @@ __global__ void __launch_bounds__(kThreads) tri_gemm_kernel(GemmParams p) {
       const int mm = kAKContig ? l / kTileK : l % kTile;
       const int kk = kAKContig ? l % kTileK : l / kTile;
       const int64_t m = m0 + mm, k = k0 + kk;
-      As[kk][mm] = (m < p.M && k < k_end) ? A[m * p.a.sr + k * p.a.sc] : 0.0f;
+      As[kk][mm] = (m < p.M && k < k_end) ? to_float(A[m * p.a.sr + k * p.a.sc]) : 0.0f;
     }
 #pragma unroll
     for (int e = 0; e < kTile * kTileK / kThreads; ++e) {
@@ -112,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) tri_gemm_kernel(GemmParams p) {
       const int nn = kBKContig ? l / kTileK : l % kTile;
       const int kk = kBKContig ? l % kTileK : l / kTile;
       const int64_t n = n0 + nn, k = k0 + kk;
-      Bs[kk][nn] = (n < p.N && k < k_end) ? Bm[k * p.b.sr + n * p.b.sc] : 0.0f;
+      Bs[kk][nn] = (n < p.N && k < k_end) ? to_float(Bm[k * p.b.sr + n * p.b.sc]) : 0.0f;
     }
     __syncthreads();
 #pragma unroll 8
@@ -131,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) tri_gemm_kernel(GemmParams p) {
     __syncthreads();
   }
 
-  float* Cm = p.c.p + bi * p.c.sb + hi * p.c.sh;
+  TC* Cm = p.c.p + bi * p.c.sb + hi * p.c.sh;
 #pragma unroll
   for (int i = 0; i < kMicro; ++i) {
     const int64_t m = m0 + ty + 16 * i;
@@ -140,22 +147,22 @@ __global__ void __launch_bounds__(kThreads) tri_gemm_kernel(GemmParams p) {
     for (int j = 0; j < kMicro; ++j) {
       const int64_t n = n0 + tx + 16 * j;
       if (n >= p.N) continue;
-      float* dst = Cm + m * p.c.sm + n;
+      TC* dst = Cm + m * p.c.sm + n;
       const float v = p.alpha * acc[i][j];
       if (kAccumulate) {
-        *dst += v;
+        add_to(dst, v);
       } else {
-        *dst = v;
+        *dst = from_float<TC>(v);
       }
     }
   }
 }
 
-template <Tri kTri, bool kAKContig, bool kBKContig, bool kAccumulate>
-void launch_tri_gemm(CudaContext& ctx, const GemmParams& p, int64_t batches) {
+template <Tri kTri, bool kAKContig, bool kBKContig, bool kAccumulate, class TA, class TB, class TC>
+void launch_tri_gemm(CudaContext& ctx, const GemmParams<TA, TB, TC>& p, int64_t batches) {
   const dim3 grid(static_cast<unsigned>(batches), static_cast<unsigned>((p.M + kTile - 1) / kTile),
                   static_cast<unsigned>((p.N + kTile - 1) / kTile));
-  tri_gemm_kernel<kTri, kAKContig, kBKContig, kAccumulate><<<grid, kThreads, 0, ctx.stream()>>>(p);
+  tri_gemm_kernel<kTri, kAKContig, kBKContig, kAccumulate, TA, TB, TC><<<grid, kThreads, 0, ctx.stream()>>>(p);
   DPO_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -174,9 +181,12 @@ __device__ float warp_sum(float v) {
 
 // att row r = (b, h, t) holds raw scaled scores for s <= t on entry; on exit the masked softmax over the visible
 // keys s <= t (keymask[b,s] != 0), and exact zeros elsewhere. A row with no visible key becomes all zeros.
+// With bf16 storage the fp32 probabilities stay in `att` (a float scratch, for att @ v) and are also written,
+// rounded once, to `att_lo` (the saved state); with float storage att_lo is unused (null).
+template <class St>
 __global__ void __launch_bounds__(kRowsPerBlock * 32)
-    softmax_forward_kernel(float* __restrict__ att, const int32_t* __restrict__ keymask, int64_t rows, int64_t T,
-                           int64_t NH) {
+    softmax_forward_kernel(float* __restrict__ att, St* __restrict__ att_lo, const int32_t* __restrict__ keymask,
+                           int64_t rows, int64_t T, int64_t NH) {
   const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   if (r >= rows) return;  // uniform per warp
   const int lane = threadIdx.x % 32;
@@ -206,24 +216,26 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
     float pv = 0.0f;
     if (visible && s <= t && !(mask && mask[s] == 0)) pv = expf(row[s] - mx) * inv;
     row[s] = pv;
+    if constexpr (!std::is_same_v<St, float>) att_lo[r * T + s] = from_float<St>(pv);
   }
 }
 
 // ds row r holds dP = dO V^T for s <= t on entry; on exit dS = att * (dP - sum_s att dP) * scale for s <= t and 0
 // for s > t (att is 0 at masked keys, so they get 0 too).
+template <class St>
 __global__ void __launch_bounds__(kRowsPerBlock * 32)
-    softmax_backward_kernel(float* __restrict__ ds, const float* __restrict__ att, int64_t rows, int64_t T,
+    softmax_backward_kernel(float* __restrict__ ds, const St* __restrict__ att, int64_t rows, int64_t T,
                             float scale) {
   const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   if (r >= rows) return;
   const int lane = threadIdx.x % 32;
   const int64_t t = r % T;
-  const float* a = att + r * T;
+  const St* a = att + r * T;
   float* d = ds + r * T;
   float dot = 0.0f;
-  for (int64_t s = lane; s <= t; s += 32) dot += a[s] * d[s];
+  for (int64_t s = lane; s <= t; s += 32) dot += to_float(a[s]) * d[s];
   dot = warp_sum(dot);
-  for (int64_t s = lane; s < T; s += 32) d[s] = s <= t ? a[s] * (d[s] - dot) * scale : 0.0f;
+  for (int64_t s = lane; s < T; s += 32) d[s] = s <= t ? to_float(a[s]) * (d[s] - dot) * scale : 0.0f;
 }
 
 void check_shape(const char* fn, int64_t B, int64_t T, int64_t C, int64_t NH) {
@@ -238,47 +250,61 @@ unsigned row_blocks(int64_t rows) {
   return static_cast<unsigned>(blocks);
 }
 
-}  // namespace
-
-void attention_forward(CudaContext& ctx, float* out, float* att, const float* qkv, const int32_t* keymask, int64_t B,
-                       int64_t T, int64_t C, int64_t NH) {
+// Float storage: the scores, then the probabilities, live in att itself. bf16: they live in an fp32 scratch of
+// B*NH*T*T floats (stream-ordered, freed on return), so that neither the scores nor the probabilities that att @ v
+// reads are rounded; only the saved att is bf16.
+template <class St>
+void attention_forward_impl(CudaContext& ctx, St* out, St* att, const St* qkv, const int32_t* keymask, int64_t B,
+                            int64_t T, int64_t C, int64_t NH) {
   DPO_NVTX_RANGE("attention_forward");
   if (B == 0 || T == 0) return;
   check_shape("attention_forward", B, T, C, NH);
   const int64_t C3 = 3 * C, hs = C / NH, TT = T * T;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hs)));
+  constexpr bool kFloat = std::is_same_v<St, float>;
+  std::shared_ptr<Buffer> scratch;
+  float* att_f32 = nullptr;
+  if constexpr (kFloat) {
+    att_f32 = att;
+  } else {
+    scratch = ctx.alloc(B * NH * TT * static_cast<int64_t>(sizeof(float)));
+    att_f32 = static_cast<float*>(scratch->data());
+  }
 
-  GemmParams s{};  // att <- scale * Q K^T (raw scores)
+  GemmParams<St, St, float> s{};  // att_f32 <- scale * Q K^T (raw scores)
   s.a = {qkv, T * C3, hs, C3, 1};
   s.b = {qkv + C, T * C3, hs, 1, C3};
-  s.c = {att, NH * TT, TT, T};
+  s.c = {att_f32, NH * TT, TT, T};
   s.M = T, s.N = T, s.K = hs, s.NH = NH, s.alpha = scale;
   launch_tri_gemm<Tri::kLowerTiles, true, true, false>(ctx, s, B * NH);
 
   const int64_t rows = B * NH * T;
-  softmax_forward_kernel<<<row_blocks(rows), kRowsPerBlock * 32, 0, ctx.stream()>>>(att, keymask, rows, T, NH);
+  softmax_forward_kernel<St><<<row_blocks(rows), kRowsPerBlock * 32, 0, ctx.stream()>>>(
+      att_f32, kFloat ? nullptr : att, keymask, rows, T, NH);
   DPO_CUDA_CHECK(cudaGetLastError());
 
-  GemmParams o{};  // out = att V
-  o.a = {att, NH * TT, TT, T, 1};
+  GemmParams<float, St, St> o{};  // out = att V
+  o.a = {att_f32, NH * TT, TT, T, 1};
   o.b = {qkv + 2 * C, T * C3, hs, C3, 1};
   o.c = {out, T * C, hs, C};
   o.M = T, o.N = hs, o.K = T, o.NH = NH, o.alpha = 1.0f;
   launch_tri_gemm<Tri::kKUpToRow, true, false, false>(ctx, o, B * NH);
 }
 
-void attention_backward(CudaContext& ctx, float* dqkv, const float* dout, const float* qkv, const float* att,
-                        int64_t B, int64_t T, int64_t C, int64_t NH) {
+template <class St>
+void attention_backward_impl(CudaContext& ctx, St* dqkv, const St* dout, const St* qkv, const St* att, int64_t B,
+                             int64_t T, int64_t C, int64_t NH) {
   DPO_NVTX_RANGE("attention_backward");
   if (B == 0 || T == 0) return;
   check_shape("attention_backward", B, T, C, NH);
   const int64_t C3 = 3 * C, hs = C / NH, TT = T * T;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hs)));
-  // dS scratch [B,NH,T,T]; released with cudaFreeAsync on the stream after the kernels below.
+  // dS scratch [B,NH,T,T], fp32 for either storage type; released with cudaFreeAsync on the stream after the
+  // kernels below.
   const auto scratch = ctx.alloc(B * NH * TT * static_cast<int64_t>(sizeof(float)));
   float* ds = static_cast<float*>(scratch->data());
 
-  GemmParams dp{};  // ds <- dO V^T
+  GemmParams<St, St, float> dp{};  // ds <- dO V^T
   dp.a = {dout, T * C, hs, C, 1};
   dp.b = {qkv + 2 * C, T * C3, hs, 1, C3};
   dp.c = {ds, NH * TT, TT, T};
@@ -286,29 +312,49 @@ void attention_backward(CudaContext& ctx, float* dqkv, const float* dout, const 
   launch_tri_gemm<Tri::kLowerTiles, true, true, false>(ctx, dp, B * NH);
 
   const int64_t rows = B * NH * T;
-  softmax_backward_kernel<<<row_blocks(rows), kRowsPerBlock * 32, 0, ctx.stream()>>>(ds, att, rows, T, scale);
+  softmax_backward_kernel<St><<<row_blocks(rows), kRowsPerBlock * 32, 0, ctx.stream()>>>(ds, att, rows, T, scale);
   DPO_CUDA_CHECK(cudaGetLastError());
 
-  GemmParams dv{};  // dV += att^T dO: A(m = s, k = t) = att[t, s]
+  GemmParams<St, St, St> dv{};  // dV += att^T dO: A(m = s, k = t) = att[t, s]
   dv.a = {att, NH * TT, TT, 1, T};
   dv.b = {dout, T * C, hs, C, 1};
   dv.c = {dqkv + 2 * C, T * C3, hs, C3};
   dv.M = T, dv.N = hs, dv.K = T, dv.NH = NH, dv.alpha = 1.0f;
   launch_tri_gemm<Tri::kKFromRow, false, false, true>(ctx, dv, B * NH);
 
-  GemmParams dq{};  // dQ += dS K
+  GemmParams<float, St, St> dq{};  // dQ += dS K
   dq.a = {ds, NH * TT, TT, T, 1};
   dq.b = {qkv + C, T * C3, hs, C3, 1};
   dq.c = {dqkv, T * C3, hs, C3};
   dq.M = T, dq.N = hs, dq.K = T, dq.NH = NH, dq.alpha = 1.0f;
   launch_tri_gemm<Tri::kKUpToRow, true, false, true>(ctx, dq, B * NH);
 
-  GemmParams dk{};  // dK += dS^T Q: A(m = s, k = t) = dS[t, s]
+  GemmParams<float, St, St> dk{};  // dK += dS^T Q: A(m = s, k = t) = dS[t, s]
   dk.a = {ds, NH * TT, TT, 1, T};
   dk.b = {qkv, T * C3, hs, C3, 1};
   dk.c = {dqkv + C, T * C3, hs, C3};
   dk.M = T, dk.N = hs, dk.K = T, dk.NH = NH, dk.alpha = 1.0f;
   launch_tri_gemm<Tri::kKFromRow, false, false, true>(ctx, dk, B * NH);
+}
+
+}  // namespace
+
+void attention_forward(CudaContext& ctx, float* out, float* att, const float* qkv, const int32_t* keymask, int64_t B,
+                       int64_t T, int64_t C, int64_t NH) {
+  attention_forward_impl(ctx, out, att, qkv, keymask, B, T, C, NH);
+}
+void attention_forward(CudaContext& ctx, __nv_bfloat16* out, __nv_bfloat16* att, const __nv_bfloat16* qkv,
+                       const int32_t* keymask, int64_t B, int64_t T, int64_t C, int64_t NH) {
+  attention_forward_impl(ctx, out, att, qkv, keymask, B, T, C, NH);
+}
+
+void attention_backward(CudaContext& ctx, float* dqkv, const float* dout, const float* qkv, const float* att,
+                        int64_t B, int64_t T, int64_t C, int64_t NH) {
+  attention_backward_impl(ctx, dqkv, dout, qkv, att, B, T, C, NH);
+}
+void attention_backward(CudaContext& ctx, __nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv,
+                        const __nv_bfloat16* att, int64_t B, int64_t T, int64_t C, int64_t NH) {
+  attention_backward_impl(ctx, dqkv, dout, qkv, att, B, T, C, NH);
 }
 
 }  // namespace dpo::cuda

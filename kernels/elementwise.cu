@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "kernels/bf16.cuh"
 #include "runtime/cuda/cuda_check.h"
 #include "runtime/cuda/cuda_context.h"
 #include "runtime/cuda/nvtx.h"
@@ -21,9 +22,26 @@ static unsigned grid_for(int64_t n) {
   return static_cast<unsigned>(std::min<int64_t>(blocks, int64_t{1} << 16));
 }
 
-static __global__ void fill_kernel(float* x, int64_t n, float value) {
+template <class T>
+static __global__ void fill_kernel(T* x, int64_t n, T value) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) x[i] = value;
+}
+
+// One rounding per element, to nearest even (float -> bf16, double -> float, double -> bf16 directly, not through
+// float, which could round twice); widening conversions are exact. NaN stays NaN.
+static __device__ __forceinline__ void convert1(bf16* d, float s) { *d = __float2bfloat16_rn(s); }
+static __device__ __forceinline__ void convert1(bf16* d, double s) { *d = __double2bfloat16(s); }
+static __device__ __forceinline__ void convert1(float* d, bf16 s) { *d = __bfloat162float(s); }
+static __device__ __forceinline__ void convert1(float* d, double s) { *d = static_cast<float>(s); }
+static __device__ __forceinline__ void convert1(double* d, bf16 s) { *d = static_cast<double>(__bfloat162float(s)); }
+static __device__ __forceinline__ void convert1(double* d, float s) { *d = static_cast<double>(s); }
+
+template <class D, class S>
+static __global__ void convert_kernel(D* dst, const S* src, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    convert1(dst + i, src[i]);
 }
 
 static __global__ void scale_kernel(float* x, int64_t n, double s) {
@@ -67,9 +85,31 @@ static __global__ void sum_squares_final_kernel(double* out, const double* parti
 void fill(CudaContext& ctx, float* x, int64_t n, float value) {
   DPO_NVTX_RANGE("fill");
   if (n <= 0) return;
-  fill_kernel<<<grid_for(n), kThreads, 0, ctx.stream()>>>(x, n, value);
+  fill_kernel<float><<<grid_for(n), kThreads, 0, ctx.stream()>>>(x, n, value);
   DPO_CUDA_CHECK(cudaGetLastError());
 }
+
+void fill(CudaContext& ctx, __nv_bfloat16* x, int64_t n, float value) {
+  DPO_NVTX_RANGE("fill");
+  if (n <= 0) return;
+  fill_kernel<bf16><<<grid_for(n), kThreads, 0, ctx.stream()>>>(x, n, __float2bfloat16_rn(value));
+  DPO_CUDA_CHECK(cudaGetLastError());
+}
+
+template <class D, class S>
+static void convert_impl(CudaContext& ctx, D* dst, const S* src, int64_t n) {
+  DPO_NVTX_RANGE("convert");
+  if (n <= 0) return;
+  convert_kernel<D, S><<<grid_for(n), kThreads, 0, ctx.stream()>>>(dst, src, n);
+  DPO_CUDA_CHECK(cudaGetLastError());
+}
+
+void convert(CudaContext& ctx, __nv_bfloat16* dst, const float* src, int64_t n) { convert_impl(ctx, dst, src, n); }
+void convert(CudaContext& ctx, __nv_bfloat16* dst, const double* src, int64_t n) { convert_impl(ctx, dst, src, n); }
+void convert(CudaContext& ctx, float* dst, const __nv_bfloat16* src, int64_t n) { convert_impl(ctx, dst, src, n); }
+void convert(CudaContext& ctx, float* dst, const double* src, int64_t n) { convert_impl(ctx, dst, src, n); }
+void convert(CudaContext& ctx, double* dst, const __nv_bfloat16* src, int64_t n) { convert_impl(ctx, dst, src, n); }
+void convert(CudaContext& ctx, double* dst, const float* src, int64_t n) { convert_impl(ctx, dst, src, n); }
 
 void scale(CudaContext& ctx, float* x, int64_t n, double s) {
   DPO_NVTX_RANGE("scale");

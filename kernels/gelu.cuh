@@ -2,9 +2,13 @@
 //   gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 //   forward : out[N] = gelu(inp)                 (=; out may alias inp)
 //   backward: dinp[N] += dout * gelu'(inp)       (+=)
-// float only, the CPU twin's formula term for term; results differ from it by tanhf's error (<= 2 ulp, CUDA math
-// API) against the host libm's, i.e. float round-off. 64-bit indices; asynchronous on ctx.stream().
+// Storage float or bf16 (all three arrays of a call the same type); arithmetic in float, each bf16 output rounded
+// once (dinp: read, add in float, round once). The CPU twin's formula term for term; results differ from it by
+// tanhf's error (<= 2 ulp, CUDA math API) against the host libm's, i.e. float round-off. 64-bit indices; asynchronous
+// on ctx.stream().
 #pragma once
+#include <cuda_bf16.h>
+
 #include <cstdint>
 
 namespace dpo {
@@ -14,6 +18,9 @@ class CudaContext;
 namespace dpo::cuda {
 
 void gelu_forward(CudaContext& ctx, float* out, const float* inp, int64_t N);
+void gelu_forward(CudaContext& ctx, __nv_bfloat16* out, const __nv_bfloat16* inp, int64_t N);
 void gelu_backward(CudaContext& ctx, float* dinp, const float* dout, const float* inp, int64_t N);
+void gelu_backward(CudaContext& ctx, __nv_bfloat16* dinp, const __nv_bfloat16* dout, const __nv_bfloat16* inp,
+                   int64_t N);
 
 }  // namespace dpo::cuda

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <string>
 
+#include "kernels/bf16.cuh"
 #include "runtime/cuda/cuda_check.h"
 #include "runtime/cuda/cuda_context.h"
 #include "runtime/cuda/nvtx.h"
@@ -22,60 +23,64 @@ static __device__ float warp_sum(float v) {
   return v;
 }
 
-static __global__ void layernorm_forward_kernel(float* out, float* mean, float* rstd, const float* inp, const float* w,
-                                                const float* b, int64_t N, int64_t C, float eps) {
+template <class T>
+static __global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const T* inp, const T* w, const T* b,
+                                                int64_t N, int64_t C, float eps) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
   const int lane = static_cast<int>(threadIdx.x % kWarpSize);
   if (row >= N) return;  // the whole warp leaves together
-  const float* x = inp + row * C;
-  const float x0 = x[0];
+  const T* x = inp + row * C;
+  const float x0 = to_float(x[0]);
   const float fc = static_cast<float>(C);
   float s = 0.0f;
-  for (int64_t c = lane; c < C; c += kWarpSize) s += x[c] - x0;
+  for (int64_t c = lane; c < C; c += kWarpSize) s += to_float(x[c]) - x0;
   const float delta = warp_sum(s) / fc;  // mean - x0
   float v = 0.0f;
   for (int64_t c = lane; c < C; c += kWarpSize) {
-    const float d = (x[c] - x0) - delta;
+    const float d = (to_float(x[c]) - x0) - delta;
     v += d * d;
   }
   const float var = warp_sum(v) / fc;
   const float rs = 1.0f / sqrtf(var + eps);
-  float* o = out + row * C;
-  for (int64_t c = lane; c < C; c += kWarpSize) o[c] = ((x[c] - x0) - delta) * rs * w[c] + b[c];
+  T* o = out + row * C;
+  for (int64_t c = lane; c < C; c += kWarpSize)
+    o[c] = from_float<T>(((to_float(x[c]) - x0) - delta) * rs * to_float(w[c]) + to_float(b[c]));
   if (lane == 0) {
     mean[row] = x0 + delta;
     rstd[row] = rs;
   }
 }
 
-static __global__ void layernorm_backward_dinp_kernel(float* dinp, const float* dout, const float* inp, const float* w,
+template <class T>
+static __global__ void layernorm_backward_dinp_kernel(T* dinp, const T* dout, const T* inp, const T* w,
                                                       const float* mean, const float* rstd, int64_t N, int64_t C) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
   const int lane = static_cast<int>(threadIdx.x % kWarpSize);
   if (row >= N) return;
-  const float* x = inp + row * C;
-  const float* d = dout + row * C;
+  const T* x = inp + row * C;
+  const T* d = dout + row * C;
   const float m = mean[row], s = rstd[row];
   const float fc = static_cast<float>(C);
   float dnorm = 0.0f, dnorm_xn = 0.0f;
   for (int64_t c = lane; c < C; c += kWarpSize) {
-    const float xn = (x[c] - m) * s;
-    const float dn = w[c] * d[c];
+    const float xn = (to_float(x[c]) - m) * s;
+    const float dn = to_float(w[c]) * to_float(d[c]);
     dnorm += dn;
     dnorm_xn += dn * xn;
   }
   const float dnorm_mean = warp_sum(dnorm) / fc;
   const float dnorm_norm_mean = warp_sum(dnorm_xn) / fc;
-  float* di = dinp + row * C;
+  T* di = dinp + row * C;
   for (int64_t c = lane; c < C; c += kWarpSize) {
-    const float xn = (x[c] - m) * s;
-    const float dn = w[c] * d[c];
-    di[c] += (dn - dnorm_mean - xn * dnorm_norm_mean) * s;
+    const float xn = (to_float(x[c]) - m) * s;
+    const float dn = to_float(w[c]) * to_float(d[c]);
+    add_to(di + c, (dn - dnorm_mean - xn * dnorm_norm_mean) * s);
   }
 }
 
 // Pass 1: block (j, r) sums rows [r*chunk_rows, ...) for channels [j*kChannelTile, ...), rows in ascending order.
-static __global__ void layernorm_backward_partial_kernel(float* pw, float* pb, const float* dout, const float* inp,
+template <class T>
+static __global__ void layernorm_backward_partial_kernel(float* pw, float* pb, const T* dout, const T* inp,
                                                          const float* mean, const float* rstd, int64_t N, int64_t C,
                                                          int64_t chunk_rows) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kChannelTile + threadIdx.x;
@@ -85,8 +90,8 @@ static __global__ void layernorm_backward_partial_kernel(float* pw, float* pb, c
   const int64_t n1 = n0 + chunk_rows < N ? n0 + chunk_rows : N;
   float sw = 0.0f, sb = 0.0f;
   for (int64_t n = n0; n < n1; ++n) {
-    const float d = dout[n * C + c];
-    sw += d * ((inp[n * C + c] - mean[n]) * rstd[n]);
+    const float d = to_float(dout[n * C + c]);
+    sw += d * ((to_float(inp[n * C + c]) - mean[n]) * rstd[n]);
     sb += d;
   }
   pw[r * C + c] = sw;
@@ -113,21 +118,24 @@ static unsigned row_blocks(int64_t N, const char* fn) {
   return static_cast<unsigned>(blocks);
 }
 
-void layernorm_forward(CudaContext& ctx, float* out, float* mean, float* rstd, const float* inp, const float* w,
-                       const float* b, int64_t N, int64_t C, double eps) {
+template <class T>
+static void layernorm_forward_impl(CudaContext& ctx, T* out, float* mean, float* rstd, const T* inp, const T* w,
+                                   const T* b, int64_t N, int64_t C, double eps) {
   DPO_NVTX_RANGE("layernorm_forward");
   if (N <= 0 || C <= 0) return;
-  layernorm_forward_kernel<<<row_blocks(N, "layernorm_forward"), kWarpsPerBlock * kWarpSize, 0, ctx.stream()>>>(
+  layernorm_forward_kernel<T><<<row_blocks(N, "layernorm_forward"), kWarpsPerBlock * kWarpSize, 0, ctx.stream()>>>(
       out, mean, rstd, inp, w, b, N, C, static_cast<float>(eps));
   DPO_CUDA_CHECK(cudaGetLastError());
 }
 
-void layernorm_backward(CudaContext& ctx, float* dinp, float* dw, float* db, const float* dout, const float* inp,
-                        const float* w, const float* mean, const float* rstd, int64_t N, int64_t C) {
+template <class T>
+static void layernorm_backward_impl(CudaContext& ctx, T* dinp, float* dw, float* db, const T* dout, const T* inp,
+                                    const T* w, const float* mean, const float* rstd, int64_t N, int64_t C) {
   DPO_NVTX_RANGE("layernorm_backward");
   if (N <= 0 || C <= 0) return;
-  layernorm_backward_dinp_kernel<<<row_blocks(N, "layernorm_backward"), kWarpsPerBlock * kWarpSize, 0, ctx.stream()>>>(
-      dinp, dout, inp, w, mean, rstd, N, C);
+  const unsigned blocks = row_blocks(N, "layernorm_backward");
+  layernorm_backward_dinp_kernel<T><<<blocks, kWarpsPerBlock * kWarpSize, 0, ctx.stream()>>>(dinp, dout, inp, w, mean,
+                                                                                            rstd, N, C);
   DPO_CUDA_CHECK(cudaGetLastError());
 
   // The chunking depends on N only, never on the device, so the summation order is fixed.
@@ -139,12 +147,31 @@ void layernorm_backward(CudaContext& ctx, float* dinp, float* dw, float* db, con
   float* pw = static_cast<float*>(scratch->data());
   float* pb = pw + chunks * C;
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks));
-  layernorm_backward_partial_kernel<<<grid, kChannelTile, 0, ctx.stream()>>>(pw, pb, dout, inp, mean, rstd, N, C,
-                                                                             chunk_rows);
+  layernorm_backward_partial_kernel<T><<<grid, kChannelTile, 0, ctx.stream()>>>(pw, pb, dout, inp, mean, rstd, N, C,
+                                                                                chunk_rows);
   DPO_CUDA_CHECK(cudaGetLastError());
   layernorm_backward_reduce_kernel<<<static_cast<unsigned>(tiles), kChannelTile, 0, ctx.stream()>>>(dw, db, pw, pb,
                                                                                                     chunks, C);
   DPO_CUDA_CHECK(cudaGetLastError());
+}
+
+void layernorm_forward(CudaContext& ctx, float* out, float* mean, float* rstd, const float* inp, const float* w,
+                       const float* b, int64_t N, int64_t C, double eps) {
+  layernorm_forward_impl(ctx, out, mean, rstd, inp, w, b, N, C, eps);
+}
+void layernorm_forward(CudaContext& ctx, __nv_bfloat16* out, float* mean, float* rstd, const __nv_bfloat16* inp,
+                       const __nv_bfloat16* w, const __nv_bfloat16* b, int64_t N, int64_t C, double eps) {
+  layernorm_forward_impl(ctx, out, mean, rstd, inp, w, b, N, C, eps);
+}
+
+void layernorm_backward(CudaContext& ctx, float* dinp, float* dw, float* db, const float* dout, const float* inp,
+                        const float* w, const float* mean, const float* rstd, int64_t N, int64_t C) {
+  layernorm_backward_impl(ctx, dinp, dw, db, dout, inp, w, mean, rstd, N, C);
+}
+void layernorm_backward(CudaContext& ctx, __nv_bfloat16* dinp, float* dw, float* db, const __nv_bfloat16* dout,
+                        const __nv_bfloat16* inp, const __nv_bfloat16* w, const float* mean, const float* rstd,
+                        int64_t N, int64_t C) {
+  layernorm_backward_impl(ctx, dinp, dw, db, dout, inp, w, mean, rstd, N, C);
 }
 
 }  // namespace dpo::cuda

@@ -4,7 +4,10 @@
 //             rstd = 1 / sqrt(var + eps), var = mean((inp - mean)^2)  (biased)
 //   backward: dinp[N,C] += ..., dw[C] += ..., db[C] += ...                                  (+=)
 //             dinp must not alias dout or inp.
-// Precision: float storage, fp32 statistics (the CPU twin uses double). To keep fp32 accurate when |mean| >> std
+// Storage: inp, w, b, out (forward) and dinp, dout, inp, w (backward) are float or bf16, one type per call; mean,
+// rstd, dw, db are always float (statistics and parameter gradients, runtime/backend.h). bf16 values are read
+// exactly, everything is computed in float, and each bf16 output is rounded once (dinp: read, add, round once).
+// Precision: fp32 statistics (the CPU twin uses double). To keep fp32 accurate when |mean| >> std
 // (GPT-2's residual stream has such channels), the forward works on x - x[0] (the shifted-data algorithm): the
 // shift is exact for x near x[0], and the sums then carry the spread of the row, not its offset. Mean and variance
 // are two passes over the row, as in the CPU twin.
@@ -14,6 +17,8 @@
 // same inputs give bitwise the same result on every run and every GPU.
 // 64-bit indices; asynchronous on ctx.stream(); pass-1 scratch comes from ctx.alloc (stream-ordered).
 #pragma once
+#include <cuda_bf16.h>
+
 #include <cstdint>
 
 namespace dpo {
@@ -24,7 +29,12 @@ namespace dpo::cuda {
 
 void layernorm_forward(CudaContext& ctx, float* out, float* mean, float* rstd, const float* inp, const float* w,
                        const float* b, int64_t N, int64_t C, double eps);
+void layernorm_forward(CudaContext& ctx, __nv_bfloat16* out, float* mean, float* rstd, const __nv_bfloat16* inp,
+                       const __nv_bfloat16* w, const __nv_bfloat16* b, int64_t N, int64_t C, double eps);
 void layernorm_backward(CudaContext& ctx, float* dinp, float* dw, float* db, const float* dout, const float* inp,
                         const float* w, const float* mean, const float* rstd, int64_t N, int64_t C);
+void layernorm_backward(CudaContext& ctx, __nv_bfloat16* dinp, float* dw, float* db, const __nv_bfloat16* dout,
+                        const __nv_bfloat16* inp, const __nv_bfloat16* w, const float* mean, const float* rstd,
+                        int64_t N, int64_t C);
 
 }  // namespace dpo::cuda

@@ -1,9 +1,9 @@
 // Log-softmax + gather + per-sequence sum; contract in kernels/logprob.cuh (CPU twin: kernels/logprob_cpu.cpp).
 //
-// forward : one block per row (b, t): an online (max, sum of exp) over the row in fp32, float4 loads on the
-//           16-byte-aligned middle of the row, then a fixed-shape block reduction; lp goes to token_logp (or a
-//           scratch). A second kernel, one block per sequence, sums weights * lp in double in a fixed order.
-//           Two passes instead of atomics: the per-sequence sum is bitwise reproducible.
+// forward : one block per row (b, t): an online (max, sum of exp) over the row in fp32, 16-byte vector loads
+//           (4 floats or 8 bf16) on the 16-byte-aligned middle of the row, then a fixed-shape block reduction; lp
+//           goes to token_logp (or a scratch). A second kernel, one block per sequence, sums weights * lp in double
+//           in a fixed order. Two passes instead of atomics: the per-sequence sum is bitwise reproducible.
 // backward: one block per row: the same (max, sum) pass, a barrier, then every element is rewritten as
 //           g * (onehot - exp(x - max) / sum). Each thread reads an element before it writes it and all reads of
 //           the first pass finish at the barrier, so dlogits may alias logits.
@@ -16,6 +16,7 @@
 #include <memory>
 #include <string>
 
+#include "kernels/bf16.cuh"
 #include "kernels/logprob.cuh"
 #include "runtime/cuda/cuda_check.h"
 #include "runtime/cuda/nvtx.h"
@@ -49,35 +50,83 @@ __device__ void add1(MaxSum& st, float x) {
   }
 }
 
-__device__ void add4(MaxSum& st, float4 x) {
-  const float m4 = fmaxf(fmaxf(x.x, x.y), fmaxf(x.z, x.w));
-  if (m4 > st.m) {
-    st.s *= expf(st.m - m4);  // 0 * exp(-inf) = 0 for the first chunk
-    st.m = m4;
+// A 16-byte vector of storage: 4 floats or 8 bf16, unpacked to / packed from floats. p must be 16-byte aligned.
+template <class St>
+constexpr int kVec = 16 / static_cast<int>(sizeof(St));
+
+__device__ __forceinline__ void load_vec(const float* p, float (&x)[4]) {
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+}
+__device__ __forceinline__ void load_vec(const bf16* p, float (&x)[8]) {
+  const uint4 v = *reinterpret_cast<const uint4*>(p);
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 f = __bfloat1622float2(h[k]);
+    x[2 * k] = f.x, x[2 * k + 1] = f.y;
   }
-  if (st.m == -INFINITY) return;
-  st.s += expf(x.x - st.m) + expf(x.y - st.m) + expf(x.z - st.m) + expf(x.w - st.m);
+}
+__device__ __forceinline__ void store_vec(float* p, const float (&x)[4]) {
+  *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
+}
+__device__ __forceinline__ void store_vec(bf16* p, const float (&x)[8]) {
+  uint4 v;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) h[k] = __floats2bfloat162_rn(x[2 * k], x[2 * k + 1]);  // each rounded to nearest even
+  *reinterpret_cast<uint4*>(p) = v;
 }
 
-// Number of leading floats before p + head is 16-byte aligned (p is a float*, so 4-byte aligned), at most V.
-__device__ int64_t aligned_head(const void* p, int64_t V) {
+// Adds one vector of K values: the max by a pairwise tree, then the exponentials summed left to right; for K = 4,
+// fmaxf(fmaxf(x0, x1), fmaxf(x2, x3)) and s + (((e0 + e1) + e2) + e3).
+template <int K>
+__device__ void add_vec(MaxSum& st, const float (&x)[K]) {
+  float y[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) y[k] = x[k];
+#pragma unroll
+  for (int w = 1; w < K; w *= 2) {
+#pragma unroll
+    for (int k = 0; k + w < K; k += 2 * w) y[k] = fmaxf(y[k], y[k + w]);
+  }
+  const float mk = y[0];
+  if (mk > st.m) {
+    st.s *= expf(st.m - mk);  // 0 * exp(-inf) = 0 for the first chunk
+    st.m = mk;
+  }
+  if (st.m == -INFINITY) return;
+  float e = expf(x[0] - st.m);
+#pragma unroll
+  for (int k = 1; k < K; ++k) e += expf(x[k] - st.m);
+  st.s += e;
+}
+
+// Number of leading elements before p + head is 16-byte aligned (p is an St*, so sizeof(St)-aligned), at most V.
+template <class St>
+__device__ int64_t aligned_head(const St* p, int64_t V) {
   const auto a = reinterpret_cast<uintptr_t>(p);
-  const int64_t head = static_cast<int64_t>(((16u - (a & 15u)) & 15u) / 4u);
+  const int64_t head = static_cast<int64_t>(((16u - (a & 15u)) & 15u) / sizeof(St));
   return head < V ? head : V;
 }
 
 // (max, sum) of x[0, V) across the block, returned to every thread. Contains __syncthreads: the whole block
 // must call it. After it returns, every thread's reads of x are complete.
-__device__ MaxSum row_max_sum(const float* x, int64_t V) {
+template <class St>
+__device__ MaxSum row_max_sum(const St* x, int64_t V) {
+  constexpr int K = kVec<St>;
   __shared__ MaxSum warp_part[kRowThreads / 32];
   __shared__ MaxSum result;
   MaxSum st{-INFINITY, 0.0f};
   const int64_t head = aligned_head(x, V);
-  const int64_t n4 = (V - head) / 4;
-  for (int64_t v = threadIdx.x; v < head; v += blockDim.x) add1(st, x[v]);
-  const float4* x4 = reinterpret_cast<const float4*>(x + head);
-  for (int64_t j = threadIdx.x; j < n4; j += blockDim.x) add4(st, x4[j]);
-  for (int64_t v = head + 4 * n4 + threadIdx.x; v < V; v += blockDim.x) add1(st, x[v]);
+  const int64_t nv = (V - head) / K;
+  for (int64_t v = threadIdx.x; v < head; v += blockDim.x) add1(st, to_float(x[v]));
+  for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) {
+    float xv[K];
+    load_vec(x + head + K * j, xv);
+    add_vec(st, xv);
+  }
+  for (int64_t v = head + K * nv + threadIdx.x; v < V; v += blockDim.x) add1(st, to_float(x[v]));
 
   for (int off = 16; off > 0; off >>= 1) {
     const MaxSum o{__shfl_xor_sync(kFullMask, st.m, off), __shfl_xor_sync(kFullMask, st.s, off)};
@@ -99,20 +148,21 @@ __device__ MaxSum row_max_sum(const float* x, int64_t V) {
 }
 
 // lp[i] for row i = blockIdx.x (see logprob.cuh for the out-of-range target rule).
+template <class St>
 __global__ void __launch_bounds__(kRowThreads)
-    logprob_rows_kernel(float* __restrict__ lp, const float* __restrict__ logits, const int32_t* __restrict__ targets,
+    logprob_rows_kernel(float* __restrict__ lp, const St* __restrict__ logits, const int32_t* __restrict__ targets,
                         const float* __restrict__ weights, int64_t V) {
   const int64_t i = blockIdx.x;
   if (weights[i] == 0.0f) {  // uniform across the block
     if (threadIdx.x == 0) lp[i] = 0.0f;
     return;
   }
-  const float* x = logits + i * V;
+  const St* x = logits + i * V;
   const MaxSum st = row_max_sum(x, V);
   if (threadIdx.x == 0) {
     const int32_t tgt = targets[i];
     // (x_t - max) - log(sum): the two large terms cancel exactly first, unlike x_t - (max + log(sum)).
-    lp[i] = (tgt >= 0 && tgt < V) ? (x[tgt] - st.m) - logf(st.s) : NAN;
+    lp[i] = (tgt >= 0 && tgt < V) ? (to_float(x[tgt]) - st.m) - logf(st.s) : NAN;
   }
 }
 
@@ -135,22 +185,29 @@ __global__ void __launch_bounds__(kSeqThreads)
   if (threadIdx.x == 0) seq_logp[b] = static_cast<float>(part[0]);
 }
 
-// d[0, V) = value, float4 stores on the aligned middle of the row.
-__device__ void fill_row(float* d, int64_t V, float value) {
+// d[0, V) = value (rounded once to St), vector stores on the aligned middle of the row.
+template <class St>
+__device__ void fill_row(St* d, int64_t V, float value) {
+  constexpr int K = kVec<St>;
   const int64_t head = aligned_head(d, V);
-  const int64_t n4 = (V - head) / 4;
-  for (int64_t v = threadIdx.x; v < head; v += blockDim.x) d[v] = value;
-  float4* d4 = reinterpret_cast<float4*>(d + head);
-  for (int64_t j = threadIdx.x; j < n4; j += blockDim.x) d4[j] = make_float4(value, value, value, value);
-  for (int64_t v = head + 4 * n4 + threadIdx.x; v < V; v += blockDim.x) d[v] = value;
+  const int64_t nv = (V - head) / K;
+  const St value_st = from_float<St>(value);
+  for (int64_t v = threadIdx.x; v < head; v += blockDim.x) d[v] = value_st;
+  float vals[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) vals[k] = value;
+  for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) store_vec(d + head + K * j, vals);
+  for (int64_t v = head + K * nv + threadIdx.x; v < V; v += blockDim.x) d[v] = value_st;
 }
 
 // dlogits and logits may be the same pointer: no __restrict__ on either.
+template <class St>
 __global__ void __launch_bounds__(kRowThreads)
-    logprob_backward_kernel(float* dlogits, const float* logits, const int32_t* __restrict__ targets,
+    logprob_backward_kernel(St* dlogits, const St* logits, const int32_t* __restrict__ targets,
                             const float* __restrict__ weights, const float* __restrict__ dseq, int64_t T, int64_t V) {
+  constexpr int K = kVec<St>;
   const int64_t i = blockIdx.x;
-  float* d = dlogits + i * V;
+  St* d = dlogits + i * V;
   const float w = weights[i];
   if (w == 0.0f) {
     fill_row(d, V, 0.0f);
@@ -161,31 +218,27 @@ __global__ void __launch_bounds__(kRowThreads)
     fill_row(d, V, NAN);
     return;
   }
-  const float* x = logits + i * V;
+  const St* x = logits + i * V;
   const MaxSum st = row_max_sum(x, V);
   const float g = dseq[i / T] * w;
   const float inv = 1.0f / st.s;
-  // Same 16-byte phase for x and d (always true in place): float4 on the aligned middle; else element-wise.
+  // Same 16-byte phase for x and d (always true in place): vectors on the aligned middle; else element-wise.
   const bool same_phase = ((reinterpret_cast<uintptr_t>(x) ^ reinterpret_cast<uintptr_t>(d)) & 15u) == 0;
   const int64_t head = same_phase ? aligned_head(x, V) : V;
-  const int64_t n4 = (V - head) / 4;
+  const int64_t nv = (V - head) / K;
   for (int64_t v = threadIdx.x; v < head; v += blockDim.x) {
-    d[v] = g * ((v == tgt ? 1.0f : 0.0f) - expf(x[v] - st.m) * inv);
+    d[v] = from_float<St>(g * ((v == tgt ? 1.0f : 0.0f) - expf(to_float(x[v]) - st.m) * inv));
   }
-  const float4* x4 = reinterpret_cast<const float4*>(x + head);
-  float4* d4 = reinterpret_cast<float4*>(d + head);
-  for (int64_t j = threadIdx.x; j < n4; j += blockDim.x) {
-    const float4 xv = x4[j];
-    const int64_t v = head + 4 * j;
-    float4 r;
-    r.x = g * ((v == tgt ? 1.0f : 0.0f) - expf(xv.x - st.m) * inv);
-    r.y = g * ((v + 1 == tgt ? 1.0f : 0.0f) - expf(xv.y - st.m) * inv);
-    r.z = g * ((v + 2 == tgt ? 1.0f : 0.0f) - expf(xv.z - st.m) * inv);
-    r.w = g * ((v + 3 == tgt ? 1.0f : 0.0f) - expf(xv.w - st.m) * inv);
-    d4[j] = r;
+  for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) {
+    const int64_t v = head + K * j;
+    float r[K];
+    load_vec(x + v, r);
+#pragma unroll
+    for (int k = 0; k < K; ++k) r[k] = g * ((v + k == tgt ? 1.0f : 0.0f) - expf(r[k] - st.m) * inv);
+    store_vec(d + v, r);
   }
-  for (int64_t v = head + 4 * n4 + threadIdx.x; v < V; v += blockDim.x) {
-    d[v] = g * ((v == tgt ? 1.0f : 0.0f) - expf(x[v] - st.m) * inv);
+  for (int64_t v = head + K * nv + threadIdx.x; v < V; v += blockDim.x) {
+    d[v] = from_float<St>(g * ((v == tgt ? 1.0f : 0.0f) - expf(to_float(x[v]) - st.m) * inv));
   }
 }
 
@@ -194,10 +247,9 @@ unsigned grid_rows(const char* fn, int64_t rows) {
   return static_cast<unsigned>(rows);
 }
 
-}  // namespace
-
-void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, const float* logits,
-                     const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V) {
+template <class St>
+void logprob_forward_impl(CudaContext& ctx, float* seq_logp, float* token_logp, const St* logits,
+                          const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V) {
   DPO_NVTX_RANGE("logprob_forward");
   if (B == 0) return;
   DPO_ASSERT(V > 0, "logprob_forward: V must be positive");
@@ -209,21 +261,42 @@ void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, const
     lp = static_cast<float*>(scratch->data());
   }
   if (T > 0) {
-    logprob_rows_kernel<<<grid_rows("logprob_forward", B * T), kRowThreads, 0, ctx.stream()>>>(lp, logits, targets,
-                                                                                             weights, V);
+    logprob_rows_kernel<St><<<grid_rows("logprob_forward", B * T), kRowThreads, 0, ctx.stream()>>>(
+        lp, logits, targets, weights, V);
     DPO_CUDA_CHECK(cudaGetLastError());
   }
   logprob_seq_kernel<<<static_cast<unsigned>(B), kSeqThreads, 0, ctx.stream()>>>(seq_logp, lp, weights, T);
   DPO_CUDA_CHECK(cudaGetLastError());
 }
 
-void logprob_backward(CudaContext& ctx, float* dlogits, const float* logits, const int32_t* targets,
-                      const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V) {
+template <class St>
+void logprob_backward_impl(CudaContext& ctx, St* dlogits, const St* logits, const int32_t* targets,
+                           const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V) {
   DPO_NVTX_RANGE("logprob_backward");
   if (B == 0 || T == 0 || V == 0) return;
-  logprob_backward_kernel<<<grid_rows("logprob_backward", B * T), kRowThreads, 0, ctx.stream()>>>(
+  logprob_backward_kernel<St><<<grid_rows("logprob_backward", B * T), kRowThreads, 0, ctx.stream()>>>(
       dlogits, logits, targets, weights, dseq, T, V);
   DPO_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, const float* logits,
+                     const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V) {
+  logprob_forward_impl(ctx, seq_logp, token_logp, logits, targets, weights, B, T, V);
+}
+void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, const __nv_bfloat16* logits,
+                     const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V) {
+  logprob_forward_impl(ctx, seq_logp, token_logp, logits, targets, weights, B, T, V);
+}
+
+void logprob_backward(CudaContext& ctx, float* dlogits, const float* logits, const int32_t* targets,
+                      const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V) {
+  logprob_backward_impl(ctx, dlogits, logits, targets, weights, dseq, B, T, V);
+}
+void logprob_backward(CudaContext& ctx, __nv_bfloat16* dlogits, const __nv_bfloat16* logits, const int32_t* targets,
+                      const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V) {
+  logprob_backward_impl(ctx, dlogits, logits, targets, weights, dseq, B, T, V);
 }
 
 }  // namespace dpo::cuda

@@ -6,7 +6,9 @@
 //             token_logp[B,T] = lp (skipped if null)                       (=)
 //   backward: dlogits[b,t,:] = dseq[b] * weights[b,t] * (onehot(targets[b,t]) - softmax(logits[b,t,:]))   (=)
 //             rows with weight 0 are set to 0. dlogits may alias logits (in place); no other aliasing.
-// float storage, fp32 log-sum-exp (online max / sum of exponentials), the per-sequence sum in double.
+// Storage: logits and dlogits are float or bf16 (the same type); weights, seq_logp, token_logp and dseq are always
+// float (per-token / per-sequence scalars, runtime/backend.h). bf16 logits are read exactly; the log-sum-exp is fp32
+// (online max / sum of exponentials), the per-sequence sum double, and each bf16 dlogits element is rounded once.
 // Targets: the CPU twin throws on a target outside [0, V) with a non-zero weight; here the data pipeline is trusted
 // to have validated the ids (no device-to-host sync to check them). Such a target never causes an out-of-bounds
 // access: its lp is NaN (so seq_logp[b] is NaN) and its dlogits row is all NaN, which the trainer's non-finite
@@ -14,6 +16,8 @@
 // Deterministic: fixed reduction trees, no atomics; repeated calls give bitwise-equal results.
 // The forward takes a B*T-float stream-ordered scratch from ctx.alloc when token_logp is null.
 #pragma once
+#include <cuda_bf16.h>
+
 #include <cstdint>
 
 #include "runtime/cuda/cuda_context.h"
@@ -22,8 +26,12 @@ namespace dpo::cuda {
 
 void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, const float* logits,
                      const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V);
+void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, const __nv_bfloat16* logits,
+                     const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V);
 
 void logprob_backward(CudaContext& ctx, float* dlogits, const float* logits, const int32_t* targets,
+                      const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V);
+void logprob_backward(CudaContext& ctx, __nv_bfloat16* dlogits, const __nv_bfloat16* logits, const int32_t* targets,
                       const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V);
 
 }  // namespace dpo::cuda

@@ -12,18 +12,26 @@
 // The forward bias is the BIAS epilogue (a vector of length m = OC added to every column of the column-major D,
 // i.e. to every row of out). The gradients accumulate through beta = 1 with C = D (in place).
 //
-// Precision: CUBLAS_COMPUTE_32F is true fp32 (no TF32, no bf16x9 emulation): this is the fp32 parity mode. A
-// mixed-precision mode will go in lt_gemm (bf16 storage: CUDA_R_16BF layouts with CUBLAS_COMPUTE_32F; or TF32:
-// CUBLAS_COMPUTE_32F_FAST_TF32) selected by a precision enum passed down from the backend.
+// Precision: CUBLAS_COMPUTE_32F with CUDA_R_32F scale in every case (no TF32, no bf16x9 emulation). The type
+// combinations (A/B, C = D, bias), all in cuBLASLt's table of supported regular types for CUBLAS_COMPUTE_32F:
+//   fp32 storage: every operation   32F / 32F / 32F                     (the fp32 parity mode)
+//   bf16 storage: forward, dinp     16BF / 16BF / 16BF   (fp32 accumulate, split-K partials and epilogue; one
+//                                                         rounding of D; bias fused only when 16-byte aligned)
+//                 dw                16BF / 32F           (parameter gradient, += in fp32 through beta = 1)
+// A bf16 product of two bf16 numbers is exact in fp32, so with bf16 operands the only differences from the CPU
+// twin on the same values are the fp32 summation order (and the tensor cores' accumulation, which is fp32).
 //
 // dbias: the BGRADB epilogue writes (=) the bias gradient and cannot accumulate, so it would need a scratch vector
-// and an add; a fixed-order column-sum kernel is simpler, deterministic and reads dout once.
+// and an add (and in bf16 storage its output would be bf16, the type of D); a fixed-order column-sum kernel into
+// the fp32 dbias is simpler, deterministic and reads dout once.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
+#include "kernels/bf16.cuh"
 #include "kernels/matmul.cuh"
 #include "runtime/cuda/cuda_check.h"
 #include "runtime/cuda/nvtx.h"
@@ -32,14 +40,29 @@ namespace dpo::cuda {
 
 namespace {
 
-// Largest power of two (<= 256) dividing the address: cuBLASLt's heuristic assumes 256-byte aligned buffers unless
-// told otherwise, and parameter views into one flat buffer can sit at any float offset.
-uint32_t alignment_of(const void* p) {
+// Largest power of two (<= 256) dividing the address, at least the element size: cuBLASLt's heuristic assumes
+// 256-byte aligned buffers unless told otherwise, and parameter views into one flat buffer can sit at any element
+// offset.
+uint32_t alignment_of(const void* p, uint32_t elem_bytes) {
   const auto a = reinterpret_cast<uintptr_t>(p);
   uint32_t align = 256;
-  while (align > 4 && (a % align) != 0) align /= 2;
+  while (align > elem_bytes && (a % align) != 0) align /= 2;
   return align;
 }
+
+template <class T>
+constexpr cudaDataType_t cuda_type();
+template <>
+constexpr cudaDataType_t cuda_type<float>() {
+  return CUDA_R_32F;
+}
+template <>
+constexpr cudaDataType_t cuda_type<bf16>() {
+  return CUDA_R_16BF;
+}
+
+uint32_t type_bytes(cudaDataType_t t) { return t == CUDA_R_16BF ? 2u : 4u; }
+const char* type_name(cudaDataType_t t) { return t == CUDA_R_16BF ? "bf16" : "fp32"; }
 
 template <class V>
 void set_pref(cublasLtMatmulPreference_t pref, cublasLtMatmulPreferenceAttributes_t attr, V value) {
@@ -52,36 +75,41 @@ void set_desc(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, V 
 }
 
 // Bias rows without cuBLASLt. kSet: out[n, j] = bias[j] (or 0 when bias is null), the forward pass when C == 0 (an
-// empty product, which cuBLASLt rejects as k = 0). kAdd: out[n, j] += bias[j], the fallback when no cuBLASLt
-// algorithm supports the BIAS epilogue for these pointers (e.g. a misaligned bias view).
+// empty product, which cuBLASLt rejects as k = 0). kAdd: out[n, j] = acc[n, j] + bias[j], rounded once to T, the
+// fallback when no cuBLASLt algorithm supports the BIAS epilogue for these pointers (e.g. a misaligned bias view);
+// acc is out itself for float storage and an fp32 scratch for bf16 (so that a bf16 out is rounded once, not twice).
 enum class BiasMode { kSet, kAdd };
 
-template <BiasMode kMode>
-__global__ void bias_rows_kernel(float* __restrict__ out, const float* __restrict__ bias, int64_t N, int64_t OC) {
+template <BiasMode kMode, class T>
+__global__ void bias_rows_kernel(T* out, const float* acc, const T* __restrict__ bias, int64_t N, int64_t OC) {
   const int64_t total = N * OC;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     if (kMode == BiasMode::kSet) {
-      out[i] = bias ? bias[i % OC] : 0.0f;
+      out[i] = bias ? bias[i % OC] : from_float<T>(0.0f);
     } else {
-      out[i] += bias[i % OC];
+      out[i] = from_float<T>(acc[i] + to_float(bias[i % OC]));
     }
   }
 }
 
-template <BiasMode kMode>
-void launch_bias_rows(CudaContext& ctx, float* out, const float* bias, int64_t N, int64_t OC) {
+template <BiasMode kMode, class T>
+void launch_bias_rows(CudaContext& ctx, T* out, const float* acc, const T* bias, int64_t N, int64_t OC) {
   const int64_t blocks = std::min<int64_t>((N * OC + 255) / 256, 65536);
-  bias_rows_kernel<kMode><<<static_cast<unsigned>(blocks), 256, 0, ctx.stream()>>>(out, bias, N, OC);
+  bias_rows_kernel<kMode, T><<<static_cast<unsigned>(blocks), 256, 0, ctx.stream()>>>(out, acc, bias, N, OC);
   DPO_CUDA_CHECK(cudaGetLastError());
 }
 
-// Column-major D[m,n] = op(A)[m,k] @ op(B)[k,n] (+ bias[m] per column) + beta * D, all fp32.
-// A is stored [m,k] (ld >= m) if !ta, else [k,m] (ld >= k); likewise B is [k,n] if !tb, else [n,k].
+// Column-major D[m,n] = op(A)[m,k] @ op(B)[k,n] (+ bias[m] per column) + beta * D, fp32 compute.
+// A is stored [m,k] (ld >= m) if !ta, else [k,m] (ld >= k); likewise B is [k,n] if !tb, else [n,k]. A and B have
+// type ab_type, D (= C) and bias type d_type (see the table at the top).
 // Descriptors live on the stack (the *Init forms: nothing to free when a check throws). Building them and asking
-// the heuristic costs a few microseconds per call on the host; a per-context cache keyed by (shape, layout,
+// the heuristic costs a few microseconds per call on the host; a per-context cache keyed by (shape, layout, types,
 // epilogue, alignments) can remove that once the launch overhead matters (it will, next to the small kernels).
-void lt_gemm(CudaContext& ctx, int64_t m, int64_t n, int64_t k, const float* A, bool ta, int64_t lda,
-             const float* B, bool tb, int64_t ldb, float beta, float* D, int64_t ldd, const float* bias) {
+// Returns false (nothing enqueued) when `bias` is set and no algorithm takes the BIAS epilogue here; the caller then
+// adds the bias itself. Throws when there is no algorithm at all.
+bool lt_gemm(CudaContext& ctx, int64_t m, int64_t n, int64_t k, cudaDataType_t ab_type, const void* A, bool ta,
+             int64_t lda, const void* B, bool tb, int64_t ldb, float beta, cudaDataType_t d_type, void* D,
+             int64_t ldd, const void* bias) {
   cublasLtMatmulDescOpaque_t op_storage;
   cublasLtMatmulDesc_t op = &op_storage;
   DPO_CUBLAS_CHECK(cublasLtMatmulDescInit(op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -89,54 +117,82 @@ void lt_gemm(CudaContext& ctx, int64_t m, int64_t n, int64_t k, const float* A, 
   set_desc(op, CUBLASLT_MATMUL_DESC_TRANSB, tb ? CUBLAS_OP_T : CUBLAS_OP_N);
   if (bias) {
     set_desc(op, CUBLASLT_MATMUL_DESC_EPILOGUE, CUBLASLT_EPILOGUE_BIAS);
-    set_desc(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, static_cast<const void*>(bias));
-    set_desc(op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, CUDA_R_32F);
+    set_desc(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias);
+    set_desc(op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, static_cast<int32_t>(d_type));  // = D's type, the default
   }
 
   cublasLtMatrixLayoutOpaque_t a_storage, b_storage, d_storage;
   cublasLtMatrixLayout_t a_layout = &a_storage, b_layout = &b_storage, d_layout = &d_storage;
-  DPO_CUBLAS_CHECK(cublasLtMatrixLayoutInit(a_layout, CUDA_R_32F, static_cast<uint64_t>(ta ? k : m),
+  DPO_CUBLAS_CHECK(cublasLtMatrixLayoutInit(a_layout, ab_type, static_cast<uint64_t>(ta ? k : m),
                                             static_cast<uint64_t>(ta ? m : k), lda));
-  DPO_CUBLAS_CHECK(cublasLtMatrixLayoutInit(b_layout, CUDA_R_32F, static_cast<uint64_t>(tb ? n : k),
+  DPO_CUBLAS_CHECK(cublasLtMatrixLayoutInit(b_layout, ab_type, static_cast<uint64_t>(tb ? n : k),
                                             static_cast<uint64_t>(tb ? k : n), ldb));
-  DPO_CUBLAS_CHECK(cublasLtMatrixLayoutInit(d_layout, CUDA_R_32F, static_cast<uint64_t>(m),
-                                            static_cast<uint64_t>(n), ldd));
+  DPO_CUBLAS_CHECK(cublasLtMatrixLayoutInit(d_layout, d_type, static_cast<uint64_t>(m), static_cast<uint64_t>(n),
+                                            ldd));
 
   cublasLtMatmulPreferenceOpaque_t pref_storage;
   cublasLtMatmulPreference_t pref = &pref_storage;
   DPO_CUBLAS_CHECK(cublasLtMatmulPreferenceInit(pref));
   set_pref(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, static_cast<uint64_t>(ctx.workspace_bytes()));
-  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment_of(A));
-  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment_of(B));
-  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment_of(D));
-  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, alignment_of(D));
+  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment_of(A, type_bytes(ab_type)));
+  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment_of(B, type_bytes(ab_type)));
+  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment_of(D, type_bytes(d_type)));
+  set_pref(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, alignment_of(D, type_bytes(d_type)));
+  // Split-K partial sums must stay fp32: the INPLACE and OUTPUT_TYPE reduction schemes accumulate them in D's type,
+  // which for a bf16 D would round every partial (and break "fp32 compute, one rounding"). COMPUTE_TYPE keeps them in
+  // fp32 in the workspace. (A float D is left with every scheme allowed: they are all fp32 there.)
+  if (d_type == CUDA_R_16BF) {
+    set_pref(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+             static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE));
+  }
 
   cublasLtMatmulHeuristicResult_t heur{};
   int found = 0;
-  cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(ctx.cublaslt(), op, a_layout, b_layout, d_layout, d_layout,
-                                                     pref, 1, &heur, &found);
-  bool bias_after = false;
-  if (bias && (st == CUBLAS_STATUS_NOT_SUPPORTED || (st == CUBLAS_STATUS_SUCCESS && found == 0))) {
-    // No algorithm takes the BIAS epilogue here: plain GEMM, then a separate bias add (one extra pass over out).
-    set_desc(op, CUBLASLT_MATMUL_DESC_EPILOGUE, CUBLASLT_EPILOGUE_DEFAULT);
-    st = cublasLtMatmulAlgoGetHeuristic(ctx.cublaslt(), op, a_layout, b_layout, d_layout, d_layout, pref, 1, &heur,
-                                        &found);
-    bias_after = true;
-  }
-  auto shape = [&] { return "m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k); };
+  const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(ctx.cublaslt(), op, a_layout, b_layout, d_layout,
+                                                           d_layout, pref, 1, &heur, &found);
+  // No algorithm takes the BIAS epilogue here: the caller runs a plain GEMM, then a separate bias add.
+  if (bias && (st == CUBLAS_STATUS_NOT_SUPPORTED || (st == CUBLAS_STATUS_SUCCESS && found == 0))) return false;
+  auto what = [&] {
+    return std::string(type_name(ab_type)) + " x " + type_name(ab_type) + " -> " + type_name(d_type) +
+           " m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k);
+  };
   if (st != CUBLAS_STATUS_SUCCESS) {
-    throw_library_error("cuBLAS", cublasGetStatusName(st),
-                        ("cublasLtMatmulAlgoGetHeuristic, fp32 " + shape()).c_str(), __FILE__, __LINE__,
-                        cuda_detail::current_device());
+    throw_library_error("cuBLAS", cublasGetStatusName(st), ("cublasLtMatmulAlgoGetHeuristic, " + what()).c_str(),
+                        __FILE__, __LINE__, cuda_detail::current_device());
   }
-  DPO_ASSERT(found > 0, "cuBLASLt has no fp32 algorithm for " + shape());
+  DPO_ASSERT(found > 0, "cuBLASLt has no algorithm for " + what());
   const float alpha = 1.0f;
   // C and D are the same buffer with the same layout: the in-place accumulation cuBLASLt supports. With beta = 0
   // C is not read (BLAS semantics), so D may hold anything, NaN included.
   DPO_CUBLAS_CHECK(cublasLtMatmul(ctx.cublaslt(), op, &alpha, A, a_layout, B, b_layout, &beta, D, d_layout, D,
                                   d_layout, &heur.algo, ctx.workspace(), ctx.workspace_bytes(), ctx.stream()));
-  // Only the forward passes a bias: D is out[N, OC] row-major, m = OC, n = N.
-  if (bias_after) launch_bias_rows<BiasMode::kAdd>(ctx, D, bias, n, m);
+  return true;
+}
+
+// out[N,OC] (= out^T[OC,N] column-major) = inp @ W + bias, see the table at the top; bias may be null.
+template <class T>
+void gemm_forward(CudaContext& ctx, T* out, const T* inp, const T* w, const T* bias, int64_t N, int64_t C,
+                  int64_t OC, WeightLayout layout) {
+  constexpr cudaDataType_t t = cuda_type<T>();
+  const bool ta = layout == WeightLayout::OutIn;
+  const int64_t lda = layout == WeightLayout::InOut ? OC : C;
+  // The alignment preferences cover A, B, C and D but not the bias, and the heuristic has been seen to pick a kernel
+  // that assumes a 16-byte aligned bias (pytorch/pytorch#194497, "misaligned address"). A bf16 bias view into a flat
+  // parameter buffer is only 2-byte aligned in general, so it goes to the fallback unless it is 16-byte aligned.
+  // (The fp32 path keeps passing every bias to the heuristic, as its tests on misaligned views cover.)
+  const bool fuse = std::is_same_v<T, float> || reinterpret_cast<uintptr_t>(bias) % 16 == 0;
+  if (fuse && lt_gemm(ctx, OC, N, C, t, w, ta, lda, inp, false, C, 0.0f, t, out, OC, bias)) return;
+  // Bias fallback. Float: D = out, then out += bias (one more fp32 rounding, as in the CPU twin's separate add).
+  // bf16: D = an fp32 scratch (16BF x 16BF -> 32F, the dw combination), then out = bf16(D + bias), rounded once.
+  if constexpr (std::is_same_v<T, float>) {
+    lt_gemm(ctx, OC, N, C, t, w, ta, lda, inp, false, C, 0.0f, t, out, OC, nullptr);
+    launch_bias_rows<BiasMode::kAdd, float>(ctx, out, out, bias, N, OC);
+  } else {
+    auto scratch = ctx.alloc(N * OC * static_cast<int64_t>(sizeof(float)));
+    float* acc = static_cast<float*>(scratch->data());
+    lt_gemm(ctx, OC, N, C, t, w, ta, lda, inp, false, C, 0.0f, CUDA_R_32F, acc, OC, nullptr);
+    launch_bias_rows<BiasMode::kAdd, T>(ctx, out, acc, bias, N, OC);
+  }
 }
 
 // dbias[j] += sum_n dout[n, j]. A block owns 32 adjacent columns (coalesced rows of 128 bytes); its kBiasRows
@@ -145,14 +201,15 @@ void lt_gemm(CudaContext& ctx, int64_t m, int64_t n, int64_t k, const float* A, 
 constexpr int kBiasCols = 32;
 constexpr int kBiasRows = 16;
 
+template <class T>
 __global__ void __launch_bounds__(kBiasCols* kBiasRows)
-    bias_grad_kernel(float* __restrict__ dbias, const float* __restrict__ dout, int64_t N, int64_t OC) {
+    bias_grad_kernel(float* __restrict__ dbias, const T* __restrict__ dout, int64_t N, int64_t OC) {
   __shared__ float part[kBiasRows][kBiasCols + 1];
   const int64_t j = int64_t(blockIdx.x) * kBiasCols + threadIdx.x;
   float acc = 0.0f;
   if (j < OC) {
 #pragma unroll 4
-    for (int64_t n = threadIdx.y; n < N; n += kBiasRows) acc += dout[n * OC + j];
+    for (int64_t n = threadIdx.y; n < N; n += kBiasRows) acc += to_float(dout[n * OC + j]);
   }
   part[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
@@ -163,48 +220,67 @@ __global__ void __launch_bounds__(kBiasCols* kBiasRows)
   }
 }
 
-}  // namespace
-
-void matmul_forward(CudaContext& ctx, float* out, const float* inp, const float* w, const float* bias, int64_t N,
-                    int64_t C, int64_t OC, WeightLayout layout) {
+template <class T>
+void matmul_forward_impl(CudaContext& ctx, T* out, const T* inp, const T* w, const T* bias, int64_t N, int64_t C,
+                         int64_t OC, WeightLayout layout) {
   DPO_NVTX_RANGE("matmul_forward");
   if (N == 0 || OC == 0) return;
   if (C == 0) {
-    launch_bias_rows<BiasMode::kSet>(ctx, out, bias, N, OC);
+    launch_bias_rows<BiasMode::kSet, T>(ctx, out, nullptr, bias, N, OC);
     return;
   }
-  if (layout == WeightLayout::InOut) {
-    lt_gemm(ctx, OC, N, C, w, false, OC, inp, false, C, 0.0f, out, OC, bias);
-  } else {
-    lt_gemm(ctx, OC, N, C, w, true, C, inp, false, C, 0.0f, out, OC, bias);
-  }
+  gemm_forward(ctx, out, inp, w, bias, N, C, OC, layout);
 }
 
-void matmul_backward(CudaContext& ctx, float* dinp, float* dw, float* dbias, const float* dout, const float* inp,
-                     const float* w, int64_t N, int64_t C, int64_t OC, WeightLayout layout) {
+// dinp (type T, like the activations) and dw (always fp32) accumulate through beta = 1; see the table at the top.
+template <class T>
+void matmul_backward_impl(CudaContext& ctx, T* dinp, float* dw, float* dbias, const T* dout, const T* inp,
+                          const T* w, int64_t N, int64_t C, int64_t OC, WeightLayout layout) {
   DPO_NVTX_RANGE("matmul_backward");
+  constexpr cudaDataType_t t = cuda_type<T>();
   if (N > 0 && C > 0 && OC > 0) {  // otherwise dinp and dw receive empty sums
     if (dinp) {
       if (layout == WeightLayout::InOut) {
-        lt_gemm(ctx, C, N, OC, w, true, OC, dout, false, OC, 1.0f, dinp, C, nullptr);
+        lt_gemm(ctx, C, N, OC, t, w, true, OC, dout, false, OC, 1.0f, t, dinp, C, nullptr);
       } else {
-        lt_gemm(ctx, C, N, OC, w, false, C, dout, false, OC, 1.0f, dinp, C, nullptr);
+        lt_gemm(ctx, C, N, OC, t, w, false, C, dout, false, OC, 1.0f, t, dinp, C, nullptr);
       }
     }
     if (dw) {
       if (layout == WeightLayout::InOut) {
-        lt_gemm(ctx, OC, C, N, dout, false, OC, inp, true, C, 1.0f, dw, OC, nullptr);
+        lt_gemm(ctx, OC, C, N, t, dout, false, OC, inp, true, C, 1.0f, CUDA_R_32F, dw, OC, nullptr);
       } else {
-        lt_gemm(ctx, C, OC, N, inp, false, C, dout, true, OC, 1.0f, dw, C, nullptr);
+        lt_gemm(ctx, C, OC, N, t, inp, false, C, dout, true, OC, 1.0f, CUDA_R_32F, dw, C, nullptr);
       }
     }
   }
   if (dbias && N > 0 && OC > 0) {
     const int64_t blocks = (OC + kBiasCols - 1) / kBiasCols;
-    bias_grad_kernel<<<static_cast<unsigned>(blocks), dim3(kBiasCols, kBiasRows), 0, ctx.stream()>>>(dbias, dout, N,
-                                                                                                    OC);
+    bias_grad_kernel<T><<<static_cast<unsigned>(blocks), dim3(kBiasCols, kBiasRows), 0, ctx.stream()>>>(dbias, dout,
+                                                                                                       N, OC);
     DPO_CUDA_CHECK(cudaGetLastError());
   }
+}
+
+}  // namespace
+
+void matmul_forward(CudaContext& ctx, float* out, const float* inp, const float* w, const float* bias, int64_t N,
+                    int64_t C, int64_t OC, WeightLayout layout) {
+  matmul_forward_impl(ctx, out, inp, w, bias, N, C, OC, layout);
+}
+void matmul_forward(CudaContext& ctx, __nv_bfloat16* out, const __nv_bfloat16* inp, const __nv_bfloat16* w,
+                    const __nv_bfloat16* bias, int64_t N, int64_t C, int64_t OC, WeightLayout layout) {
+  matmul_forward_impl(ctx, out, inp, w, bias, N, C, OC, layout);
+}
+
+void matmul_backward(CudaContext& ctx, float* dinp, float* dw, float* dbias, const float* dout, const float* inp,
+                     const float* w, int64_t N, int64_t C, int64_t OC, WeightLayout layout) {
+  matmul_backward_impl(ctx, dinp, dw, dbias, dout, inp, w, N, C, OC, layout);
+}
+void matmul_backward(CudaContext& ctx, __nv_bfloat16* dinp, float* dw, float* dbias, const __nv_bfloat16* dout,
+                     const __nv_bfloat16* inp, const __nv_bfloat16* w, int64_t N, int64_t C, int64_t OC,
+                     WeightLayout layout) {
+  matmul_backward_impl(ctx, dinp, dw, dbias, dout, inp, w, N, C, OC, layout);
 }
 
 }  // namespace dpo::cuda

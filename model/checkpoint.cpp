@@ -140,8 +140,9 @@ LoadReport load_gpt2_weights(GPT2& model, const std::string& path) {
       throw InputError(path + ": tensor '" + e.name + "' has dtype " + dtype_name(e.dtype) +
                        "; weights must be F32, F64, BF16 or F16");
     Tensor host = file.read_as(e.name, DType::F64);
-    be.copy_from_host(model.param(s.name), host);
+    be.copy_from_host(model.master_param(s.name), host);
   }
+  model.sync_params();
   if (lm_head) {
     if (lm_head->shape != model.spec("wte.weight").shape)
       throw InputError(path + ": tensor '" + lm_head->name + "' has shape " + shape_str(lm_head->shape) +
@@ -172,7 +173,7 @@ void save_gpt2_checkpoint(const GPT2& model, const std::string& dir) {
   fs::create_directories(dir, ec);
   if (ec) throw Error("cannot create directory " + dir + ": " + ec.message());
   Tensor host = Tensor::host({model.params().numel()}, DType::F32);
-  model.backend().copy_to_host(host, model.params());
+  model.backend().copy_to_host(host, model.master_params());  // F32 master weights in BF16 mode
   std::vector<std::pair<std::string, Tensor>> tensors;
   for (const auto& s : model.specs()) tensors.emplace_back("transformer." + s.name, host.view(s.offset, s.shape));
   save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});

@@ -79,8 +79,12 @@ GPT2::GPT2(Backend& backend, GPT2Config cfg, DType dtype) : be_(&backend), cfg_(
   specs_ = gpt2_param_specs(cfg_);
   const int64_t n = cfg_.num_parameters();
   DPO_ASSERT(specs_.back().offset + cfg_.n_embd == n, "parameter layout does not add up");
+  DPO_ASSERT(dtype_ == DType::F32 || dtype_ == DType::F64 || dtype_ == DType::BF16,
+             std::string("GPT2: dtype must be F32, F64 or BF16, got ") + dtype_name(dtype_));
+  gdtype_ = grad_dtype(dtype_);
   params_ = be_->zeros({n}, dtype_);
-  grads_ = be_->zeros({n}, dtype_);
+  master_ = dtype_ == DType::BF16 ? be_->zeros({n}, DType::F32) : params_;
+  grads_ = be_->zeros({n}, gdtype_);
 }
 
 const ParamSpec& GPT2::spec(const std::string& name) const {
@@ -92,6 +96,15 @@ const ParamSpec& GPT2::spec(const std::string& name) const {
 Tensor GPT2::param(const std::string& name) const {
   const ParamSpec& s = spec(name);
   return params_.view(s.offset, s.shape);
+}
+
+Tensor GPT2::master_param(const std::string& name) const {
+  const ParamSpec& s = spec(name);
+  return master_.view(s.offset, s.shape);
+}
+
+void GPT2::sync_params() {
+  if (dtype_ == DType::BF16) be_->convert(params_, master_);
 }
 
 Tensor GPT2::grad(const std::string& name) const {
@@ -117,7 +130,8 @@ void GPT2::init_random(Rng& rng) {
       p[s.offset + i] = v;
     }
   }
-  be_->copy_from_host(params_, host);
+  be_->copy_from_host(master_, host);
+  sync_params();
 }
 
 void GPT2::zero_grad() { be_->fill_zero(grads_); }
@@ -129,26 +143,27 @@ void GPT2::ensure_acts(int64_t B, int64_t T) {
   a->T = T;
   const int64_t C = cfg_.n_embd, NH = cfg_.n_head;
   auto t = [&](Shape s) { return be_->empty(std::move(s), dtype_); };
+  auto stat = [&](Shape s) { return be_->empty(std::move(s), gdtype_); };  // LayerNorm mean / rstd
   a->encoded = t({B, T, C});
   a->layers.resize(static_cast<size_t>(cfg_.n_layer));
   for (auto& L : a->layers) {
     L.ln1 = t({B, T, C});
-    L.ln1_mean = t({B, T});
-    L.ln1_rstd = t({B, T});
+    L.ln1_mean = stat({B, T});
+    L.ln1_rstd = stat({B, T});
     L.qkv = t({B, T, 3 * C});
     L.atty = t({B, T, C});
-    L.att = t(be_->attention_saved_shape(B, T, NH));
+    L.att = be_->empty(be_->attention_saved_shape(B, T, NH), be_->attention_saved_dtype(dtype_));
     L.res2 = t({B, T, C});
     L.ln2 = t({B, T, C});
-    L.ln2_mean = t({B, T});
-    L.ln2_rstd = t({B, T});
+    L.ln2_mean = stat({B, T});
+    L.ln2_rstd = stat({B, T});
     L.fch = t({B, T, 4 * C});
     L.fch_gelu = t({B, T, 4 * C});
     L.res3 = t({B, T, C});
   }
   a->lnf = t({B, T, C});
-  a->lnf_mean = t({B, T});
-  a->lnf_rstd = t({B, T});
+  a->lnf_mean = stat({B, T});
+  a->lnf_rstd = stat({B, T});
   a->proj = t({B, T, C});
   a->dres = t({B, T, C});
   a->dln = t({B, T, C});
@@ -297,7 +312,7 @@ void GPT2::check_head_args(const Tensor& targets, const Tensor& weights) const {
   check_shape(targets, {B, T}, "targets");
   check_dtype(targets, DType::I32, "targets");
   check_shape(weights, {B, T}, "weights");
-  check_dtype(weights, dtype_, "weights");
+  check_dtype(weights, gdtype_, "weights");
 }
 
 std::vector<std::vector<GPT2::Range>> GPT2::plan_chunks(int64_t B, int64_t T, int64_t pair_stride) {
@@ -353,12 +368,12 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
   const int64_t B = a.B, T = a.T, C = cfg_.n_embd, V = cfg_.vocab_size;
   const auto plan = plan_chunks(B, T, head.pair_stride);
   const Tensor wte = param("wte.weight"), dwte = grad("wte.weight");
-  Tensor seq_dev = be.empty({B}, dtype_), dseq_dev = be.empty({B}, dtype_);
-  Tensor seq_host = Tensor::host({B}, dtype_), dseq_host = Tensor::host({B}, dtype_);
+  Tensor seq_dev = be.empty({B}, gdtype_), dseq_dev = be.empty({B}, gdtype_);
+  Tensor seq_host = Tensor::host({B}, gdtype_), dseq_host = Tensor::host({B}, gdtype_);
   std::vector<double> logp(static_cast<size_t>(B), 0.0), dseq(static_cast<size_t>(B), 0.0);
   be.fill_zero(a.dln);  // dL/d(ln_f output), accumulated chunk by chunk
   auto host_at = [&](const Tensor& h, int64_t i) -> double {
-    return dtype_ == DType::F64 ? h.data<double>()[i] : static_cast<double>(h.data<float>()[i]);
+    return gdtype_ == DType::F64 ? h.data<double>()[i] : static_cast<double>(h.data<float>()[i]);
   };
   for (size_t ci = 0; ci < plan.size(); ++ci) {
     const auto& chunk = plan[ci];
@@ -381,7 +396,7 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
     for (const Range& r : chunk) {
       for (int64_t s = r.seq0; s < r.seq0 + r.nseq; ++s) {
         const double d = dseq[static_cast<size_t>(s)];
-        if (dtype_ == DType::F64) dseq_host.data<double>()[s] = d;
+        if (gdtype_ == DType::F64) dseq_host.data<double>()[s] = d;
         else dseq_host.data<float>()[s] = static_cast<float>(d);
       }
       be.copy_from_host(dseq_dev.view(r.seq0, {r.nseq}), dseq_host.view(r.seq0, {r.nseq}));

@@ -11,6 +11,12 @@
 // Dense weights are in HF's Conv1D layout [in, out] (WeightLayout::InOut); the LM head reads wte as [V, C] (OutIn).
 //
 // Every op goes through a Backend, so the same model runs on the CPU (F32 or F64) and, with the CUDA backend, on a GPU.
+//
+// Precision (dtype): F32 or F64 run everything in that type. BF16 is mixed precision (runtime/backend.h): the
+// parameters the ops read and the activations are BF16, the gradients F32 (grads()), and an F32 master copy of
+// the parameters (master_params()) is what the optimizer updates and checkpoints hold; sync_params() rounds it
+// into the BF16 compute copy. In F32/F64 master_params() is params() itself and sync_params() does nothing.
+// Per-sequence tensors (weights, seq_logp, dseq) and LayerNorm statistics have dtype grad_dtype(dtype()).
 #pragma once
 
 #include <functional>
@@ -54,10 +60,13 @@ class GPT2 {
   const std::vector<ParamSpec>& specs() const { return specs_; }
   const ParamSpec& spec(const std::string& name) const;  // throws Error for an unknown name
 
-  const Tensor& params() const { return params_; }
-  const Tensor& grads() const { return grads_; }
+  const Tensor& params() const { return params_; }        // the compute copy (dtype())
+  const Tensor& master_params() const { return master_; }  // F32 master (BF16) or params() itself
+  const Tensor& grads() const { return grads_; }           // grad_dtype(dtype())
   Tensor param(const std::string& name) const;
+  Tensor master_param(const std::string& name) const;
   Tensor grad(const std::string& name) const;
+  void sync_params();  // params = master rounded to BF16; nothing in F32/F64
 
   // GPT-2's initialisation (as HF's _init_weights): weights and embeddings N(0, 0.02), residual projections
   // (attn.c_proj, mlp.c_proj) N(0, 0.02/sqrt(2 n_layer)), biases 0, LayerNorm weight 1, bias 0.
@@ -134,7 +143,8 @@ class GPT2 {
   GPT2Config cfg_;
   DType dtype_;
   std::vector<ParamSpec> specs_;
-  Tensor params_, grads_;
+  DType gdtype_;
+  Tensor params_, master_, grads_;
   std::shared_ptr<Acts> acts_;
   Tensor tokens_, keymask_, targets_, weights_;  // inputs of the last sequence_logprobs, for backward
   int64_t chunk_rows_ = kDefaultLogitsChunkRows;

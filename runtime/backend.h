@@ -5,10 +5,27 @@
 // Conventions for every op:
 //   - Tensors are contiguous and live on this backend's device; shapes and dtypes are checked here, at the
 //     boundary, once per call (a mismatch throws dpo::Error naming the argument).
-//   - Floating tensors of one call share one dtype (F32 or F64 on the CPU). Token ids, targets and masks are I32.
+//   - Floating tensors of one call share one dtype, the activation dtype A (F32, F64 on the CPU only, or BF16; see
+//     "Mixed precision" below for what differs with BF16). Token ids, targets and masks are I32.
 //   - "=" outputs are overwritten, "+=" outputs accumulate (gradients). Each op's contract comment is in
 //     kernels/<op>.h; the shapes below use B batch, T time, C channels, NH heads, V vocabulary, N = B*T rows.
 //   - An undefined Tensor() passed for an optional argument means "absent".
+//
+// Mixed precision (A = BF16; docs/architecture.md "Precision"). Activations, activation gradients and the
+// parameters the ops read (the model's BF16 compute copy) are BF16; everything that accumulates over rows or is
+// a per-sequence scalar is F32 (grad_dtype(A)):
+//   - parameter gradients: dwte, dwpe (encoder_backward), dw, db (layernorm_backward), dw, dbias
+//     (matmul_backward) are F32, += in fp32;
+//   - LayerNorm mean and rstd are F32;
+//   - log-prob: logits and dlogits BF16; weights, seq_logp, token_logp and dseq F32;
+//   - the attention's saved state has dtype attention_saved_dtype(A) (BF16 probabilities);
+//   - residual, GELU, fill_zero, copy: all BF16 (residual_forward also takes F32 tensors, e.g. gradients).
+// Every op computes in fp32 (or wider), reads BF16 exactly, and rounds each BF16 output once (round to nearest
+// even); a "+=" BF16 output is read, added to in fp32 and rounded once. The CPU backend implements BF16 this
+// way over its float kernels (the oracle); the CUDA kernels do the same arithmetic with their own summation
+// orders, so the two agree to about one BF16 rounding per output. With A = F32 or F64 every floating tensor is
+// A (the fp32 parity mode). The optimizer never sees BF16: AdamW updates F32 master weights, and convert()
+// rounds them into the BF16 compute copy.
 #pragma once
 
 #include <memory>
@@ -39,6 +56,9 @@ class Backend {
   virtual void copy_from_host(const Tensor& dst, const Tensor& host_src) = 0;
   virtual void copy_to_host(const Tensor& host_dst, const Tensor& src) = 0;
   virtual void copy(const Tensor& dst, const Tensor& src) = 0;  // same device, same dtype and numel
+  // dst = src converted (same device, same numel; F32, F64, BF16 either way; to BF16 rounds to nearest even,
+  // NaN stays NaN). The same dtype is a copy.
+  virtual void convert(const Tensor& dst, const Tensor& src) = 0;
   virtual void synchronize() {}
   // The stream every op is enqueued on (a cudaStream_t for the CUDA backend, type-erased; nullptr on the CPU), for
   // components that must order their own work after the backend's (the NCCL communicator).
@@ -62,6 +82,7 @@ class Backend {
   // qkv[B,T,3C] -> out[B,T,C]; `saved` holds what the backward needs, in a backend-defined shape
   // (attention_saved_shape): the CPU keeps the probabilities [B,NH,T,T]. keymask[B,T] I32 is optional.
   virtual Shape attention_saved_shape(int64_t B, int64_t T, int64_t NH) const = 0;
+  virtual DType attention_saved_dtype(DType activation) const { return activation; }
   virtual void attention_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& keymask,
                                  int64_t n_head) = 0;
   virtual void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
@@ -94,6 +115,10 @@ class Backend {
   virtual void scale(const Tensor& x, double s) = 0;
 };
 
+// The dtype of parameter gradients, LayerNorm statistics and per-sequence scalars for activation dtype `a`:
+// F32 for BF16 (and F16), else `a`.
+inline DType grad_dtype(DType a) { return (a == DType::BF16 || a == DType::F16) ? DType::F32 : a; }
+
 // `host` itself when `be` is the CPU backend, else a copy on be's device (same dtype).
 Tensor to_backend(Backend& be, const Tensor& host);
 // Any tensor of `be`, converted to a host vector of doubles.
@@ -103,7 +128,7 @@ std::vector<double> to_host_f64(Backend& be, const Tensor& t);
 std::unique_ptr<Backend> make_cpu_backend(int num_threads = 0);
 
 #ifdef DPO_HAVE_CUDA
-// The CUDA backend on GPU `device` (runtime/cuda/cuda_backend.h): F32 device tensors, kernels/*.cu. Declared and
+// The CUDA backend on GPU `device` (runtime/cuda/cuda_backend.h): F32 or BF16 activations, kernels/*.cu. Declared and
 // defined only when the build has CUDA (DPO_HAVE_CUDA, set by CMake when nvcc is found); it throws dpo::Error when
 // `device` does not exist (e.g. no GPU on this machine).
 std::unique_ptr<Backend> make_cuda_backend(int device);

@@ -42,6 +42,32 @@ T* opt(const Tensor& t) {
   return t.defined() ? t.data<T>() : nullptr;
 }
 
+// --- BF16 (runtime/backend.h, "Mixed precision"): each op on F32 working copies of its BF16 arguments, then each
+// BF16 output rounded once. F32 arguments (parameter gradients, statistics, per-sequence scalars) are used as they
+// are, so their "+=" accumulates in place in fp32.
+bool is_bf16(const Tensor& t) { return t.defined() && t.dtype() == DType::BF16; }
+
+// An F32 copy of a BF16 tensor (exact); any other tensor (or an undefined one) itself.
+Tensor up(const Tensor& t) {
+  if (!is_bf16(t)) return t;
+  return convert_host(t, DType::F32, "bf16 argument");
+}
+
+// dst (BF16) = f rounded to nearest even; nothing when dst is not BF16 (then f is dst itself).
+void down(const Tensor& dst, const Tensor& f) {
+  if (!is_bf16(dst)) return;
+  Tensor r = convert_host(f, DType::BF16, "bf16 result");
+  std::memcpy(dst.raw(), r.raw(), static_cast<size_t>(r.nbytes()));
+}
+
+// Optional argument `t` of a BF16 call must have dtype `d`.
+void need(const Tensor& t, DType d, const char* name) {
+  if (!t.defined()) return;
+  check_host(t, name);
+  if (t.dtype() != d)
+    throw Error(std::string(name) + ": a BF16 call takes " + dtype_name(d) + " here, got " + dtype_name(t.dtype()));
+}
+
 class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(int num_threads) {
@@ -64,8 +90,23 @@ class CpuBackend final : public Backend {
     DPO_ASSERT(dst.numel() == src.numel(), "copy: sizes differ");
     std::memmove(dst.raw(), src.raw(), static_cast<size_t>(src.nbytes()));
   }
+  void convert(const Tensor& dst, const Tensor& src) override {
+    DPO_ASSERT(dst.numel() == src.numel(), "convert: sizes differ (" + shape_str(dst.shape()) + " and " +
+                                               shape_str(src.shape()) + ")");
+    const char* d = static_cast<const char*>(dst.raw());
+    const char* s = static_cast<const char*>(src.raw());
+    DPO_ASSERT(dst.numel() == 0 || !(d < s + src.nbytes() && s < d + dst.nbytes()), "convert: dst and src overlap");
+    convert_into(dst, src.reshape(dst.shape()), "convert");
+  }
 
   void encoder_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte, const Tensor& wpe) override {
+    if (is_bf16(out)) {
+      need(wte, DType::BF16, "encoder wte");
+      need(wpe, DType::BF16, "encoder wpe");
+      const Tensor o = up(out);
+      encoder_forward(o, tokens, up(wte), up(wpe));
+      return down(out, o);
+    }
     check_float(out, "encoder out");
     check_dtype(tokens, DType::I32, "encoder tokens");
     const int64_t B = tokens.size(0), T = tokens.size(1), C = wte.size(1);
@@ -79,6 +120,11 @@ class CpuBackend final : public Backend {
     });
   }
   void encoder_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens) override {
+    if (is_bf16(dout)) {
+      need(dwte, DType::F32, "encoder dwte");
+      need(dwpe, DType::F32, "encoder dwpe");
+      return encoder_backward(dwte, dwpe, up(dout), tokens);
+    }
     check_float(dout, "encoder dout");
     check_dtype(tokens, DType::I32, "encoder tokens");
     const int64_t B = tokens.size(0), T = tokens.size(1), C = dwte.size(1);
@@ -93,6 +139,16 @@ class CpuBackend final : public Backend {
 
   void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp,
                          const Tensor& w, const Tensor& b, double eps) override {
+    if (is_bf16(inp)) {
+      need(out, DType::BF16, "layernorm out");
+      need(w, DType::BF16, "layernorm w");
+      need(b, DType::BF16, "layernorm b");
+      need(mean, DType::F32, "layernorm mean");
+      need(rstd, DType::F32, "layernorm rstd");
+      const Tensor o = up(out);
+      layernorm_forward(o, mean, rstd, up(inp), up(w), up(b), eps);
+      return down(out, o);
+    }
     check_float(inp, "layernorm inp");
     const int64_t C = inp.size(-1), N = inp.numel() / C;
     check_shape(out, inp.shape(), "layernorm out");
@@ -107,6 +163,18 @@ class CpuBackend final : public Backend {
   }
   void layernorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& db, const Tensor& dout,
                           const Tensor& inp, const Tensor& w, const Tensor& mean, const Tensor& rstd) override {
+    if (is_bf16(inp)) {
+      need(dinp, DType::BF16, "layernorm dinp");
+      need(dout, DType::BF16, "layernorm dout");
+      need(w, DType::BF16, "layernorm w");
+      need(dw, DType::F32, "layernorm dw");
+      need(db, DType::F32, "layernorm db");
+      need(mean, DType::F32, "layernorm mean");
+      need(rstd, DType::F32, "layernorm rstd");
+      const Tensor di = up(dinp);
+      layernorm_backward(di, dw, db, up(dout), up(inp), up(w), mean, rstd);
+      return down(dinp, di);
+    }
     check_float(inp, "layernorm inp");
     const int64_t C = inp.size(-1), N = inp.numel() / C;
     check_shape(dinp, inp.shape(), "layernorm dinp");
@@ -131,6 +199,14 @@ class CpuBackend final : public Backend {
   }
   void matmul_forward(const Tensor& out, const Tensor& inp, const Tensor& w, const Tensor& bias,
                       WeightLayout layout) override {
+    if (is_bf16(inp)) {
+      need(out, DType::BF16, "matmul out");
+      need(w, DType::BF16, "matmul w");
+      need(bias, DType::BF16, "matmul bias");
+      const Tensor o = up(out);
+      matmul_forward(o, up(inp), up(w), up(bias), layout);
+      return down(out, o);
+    }
     check_float(inp, "matmul inp");
     int64_t N, C, OC;
     matmul_dims(inp, w, layout, &N, &C, &OC);
@@ -143,6 +219,16 @@ class CpuBackend final : public Backend {
   }
   void matmul_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dbias, const Tensor& dout,
                        const Tensor& inp, const Tensor& w, WeightLayout layout) override {
+    if (is_bf16(inp)) {
+      need(dinp, DType::BF16, "matmul dinp");
+      need(dout, DType::BF16, "matmul dout");
+      need(w, DType::BF16, "matmul w");
+      need(dw, DType::F32, "matmul dw");
+      need(dbias, DType::F32, "matmul dbias");
+      const Tensor di = up(dinp);
+      matmul_backward(di, dw, dbias, up(dout), up(inp), up(w), layout);
+      return down(dinp, di);
+    }
     check_float(inp, "matmul inp");
     int64_t N, C, OC;
     matmul_dims(inp, w, layout, &N, &C, &OC);
@@ -160,6 +246,14 @@ class CpuBackend final : public Backend {
   Shape attention_saved_shape(int64_t B, int64_t T, int64_t NH) const override { return {B, NH, T, T}; }
   void attention_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& keymask,
                          int64_t n_head) override {
+    if (is_bf16(qkv)) {
+      need(out, DType::BF16, "attention out");
+      need(saved, DType::BF16, "attention saved");
+      const Tensor o = up(out), sv = up(saved);
+      attention_forward(o, sv, up(qkv), keymask, n_head);
+      down(out, o);
+      return down(saved, sv);
+    }
     check_float(qkv, "attention qkv");
     const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
     DPO_ASSERT(qkv.size(2) == 3 * C && C % n_head == 0, "attention qkv " + shape_str(qkv.shape()));
@@ -177,6 +271,14 @@ class CpuBackend final : public Backend {
   }
   void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
                           int64_t n_head) override {
+    if (is_bf16(qkv)) {
+      need(dqkv, DType::BF16, "attention dqkv");
+      need(dout, DType::BF16, "attention dout");
+      need(saved, DType::BF16, "attention saved");
+      const Tensor d = up(dqkv);
+      attention_backward(d, up(dout), up(qkv), up(saved), n_head);
+      return down(dqkv, d);
+    }
     check_float(qkv, "attention qkv");
     const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
     check_shape(dqkv, qkv.shape(), "attention dqkv");
@@ -189,6 +291,12 @@ class CpuBackend final : public Backend {
   }
 
   void gelu_forward(const Tensor& out, const Tensor& inp) override {
+    if (is_bf16(inp)) {
+      need(out, DType::BF16, "gelu out");
+      const Tensor o = up(out);
+      gelu_forward(o, up(inp));
+      return down(out, o);
+    }
     check_float(inp, "gelu inp");
     check_shape(out, inp.shape(), "gelu out");
     dispatch(inp.dtype(), [&](auto z) {
@@ -197,6 +305,13 @@ class CpuBackend final : public Backend {
     });
   }
   void gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) override {
+    if (is_bf16(inp)) {
+      need(dinp, DType::BF16, "gelu dinp");
+      need(dout, DType::BF16, "gelu dout");
+      const Tensor d = up(dinp);
+      gelu_backward(d, up(dout), up(inp));
+      return down(dinp, d);
+    }
     check_float(inp, "gelu inp");
     check_shape(dinp, inp.shape(), "gelu dinp");
     check_shape(dout, inp.shape(), "gelu dout");
@@ -206,6 +321,13 @@ class CpuBackend final : public Backend {
     });
   }
   void residual_forward(const Tensor& out, const Tensor& a, const Tensor& b) override {
+    if (is_bf16(a)) {
+      need(out, DType::BF16, "residual out");
+      need(b, DType::BF16, "residual b");
+      const Tensor o = up(out);
+      residual_forward(o, up(a), up(b));
+      return down(out, o);
+    }
     check_float(a, "residual a");
     check_shape(b, a.shape(), "residual b");
     check_shape(out, a.shape(), "residual out");
@@ -215,6 +337,14 @@ class CpuBackend final : public Backend {
     });
   }
   void residual_backward(const Tensor& da, const Tensor& db, const Tensor& dout) override {
+    if (is_bf16(dout)) {
+      need(da, DType::BF16, "residual da");
+      need(db, DType::BF16, "residual db");
+      const Tensor a = up(da), b = up(db);
+      residual_backward(a, b, up(dout));
+      down(da, a);
+      return down(db, b);
+    }
     check_float(dout, "residual dout");
     check_shape(da, dout.shape(), "residual da");
     check_shape(db, dout.shape(), "residual db");
@@ -226,6 +356,12 @@ class CpuBackend final : public Backend {
 
   void logprob_forward(const Tensor& seq_logp, const Tensor& token_logp, const Tensor& logits,
                        const Tensor& targets, const Tensor& weights) override {
+    if (is_bf16(logits)) {
+      need(seq_logp, DType::F32, "logprob seq_logp");
+      need(token_logp, DType::F32, "logprob token_logp");
+      need(weights, DType::F32, "logprob weights");
+      return logprob_forward(seq_logp, token_logp, up(logits), targets, weights);
+    }
     check_float(logits, "logprob logits");
     const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
     check_shape(targets, {B, T}, "logprob targets");
@@ -241,6 +377,14 @@ class CpuBackend final : public Backend {
   }
   void logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets, const Tensor& weights,
                         const Tensor& dseq) override {
+    if (is_bf16(logits)) {
+      need(dlogits, DType::BF16, "logprob dlogits");
+      need(weights, DType::F32, "logprob weights");
+      need(dseq, DType::F32, "logprob dseq");
+      const Tensor d = up(dlogits);  // a copy: dlogits may alias logits
+      logprob_backward(d, up(logits), targets, weights, dseq);
+      return down(dlogits, d);
+    }
     check_float(logits, "logprob logits");
     const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
     check_shape(dlogits, logits.shape(), "logprob dlogits");

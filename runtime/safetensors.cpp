@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -37,6 +38,22 @@ uint16_t f32_to_bf16(float f) {  // round to nearest even; NaN stays NaN
   if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
   bits += 0x7fffu + ((bits >> 16) & 1u);
   return static_cast<uint16_t>(bits >> 16);
+}
+
+// double -> bf16 with one rounding (to nearest even). Going through float with round-to-nearest would round twice
+// (a double just above a bf16 tie can become a float exactly on the tie, then round to even, the wrong way). So
+// the intermediate float is rounded to odd (truncate, then set the last bit when inexact): with 16 more bits than
+// bf16, round-to-odd then round-to-nearest equals one round-to-nearest.
+uint16_t f64_to_bf16(double v) {
+  float f = static_cast<float>(v);
+  if (std::isfinite(f) && static_cast<double>(f) != v) {
+    if (std::fabs(static_cast<double>(f)) > std::fabs(v)) f = std::nextafter(f, 0.0f);
+    uint32_t bits;
+    std::memcpy(&bits, &f, 4);
+    bits |= 1u;
+    std::memcpy(&f, &bits, 4);
+  }
+  return f32_to_bf16(f);
 }
 
 float f16_to_f32(uint16_t h) {
@@ -93,7 +110,7 @@ Tensor convert_host(const Tensor& src, DType dtype, const std::string& what) {
       double v = load_float(src.raw(), src.dtype(), i);
       if (dtype == DType::F32) out.data<float>()[i] = static_cast<float>(v);
       else if (dtype == DType::F64) out.data<double>()[i] = v;
-      else static_cast<uint16_t*>(out.raw())[i] = f32_to_bf16(static_cast<float>(v));
+      else static_cast<uint16_t*>(out.raw())[i] = f64_to_bf16(v);
     }
     return out;
   }

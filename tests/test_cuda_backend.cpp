@@ -242,6 +242,64 @@ TEST(CudaBackend, ChunkedLmHeadMatchesCpuAndTheUnfusedPath) {
   EXPECT_EQ(m.mg.logits_buffer_numel(), (1 + in.B) * in.T * m.cfg.vocab_size);
 }
 
+// Mixed precision on the GPU: the same BF16-exact weights in a BF16 model on the GPU, a BF16 model on the CPU (its
+// BF16 ops round exactly where the contract says, over the float kernels) and a double model on the CPU (the
+// oracle). The GPU's BF16 model must be as close to the double one as the CPU's BF16 model is allowed to be
+// (tests/test_gpt2_bf16.cpp: log-probs 2e-3, gradients 3e-2 relative, there measured at 7e-5 and 4.5e-3), and
+// close to the CPU's BF16 model. One optimizer-style round trip: master F32 -> convert -> BF16 compute copy.
+TEST(CudaBackend, Bf16ModelMatchesTheCpuBf16ModelAndTheDoubleOracle) {
+  DPO_REQUIRE_GPU();
+  std::mt19937_64 g(test::test_seed());
+  auto cpu = make_cpu_backend();
+  auto gpu = make_cuda_backend(0);
+  const GPT2Config cfg = small_config();
+  GPT2 c64(*cpu, cfg, DType::F64), c16(*cpu, cfg, DType::BF16), g16(*gpu, cfg, DType::BF16);
+  Tensor p = Tensor::host({c64.params().numel()}, DType::F64);
+  auto r = test::randn<double>(g, static_cast<size_t>(p.numel()), 0.2);
+  std::memcpy(p.raw(), r.data(), r.size() * sizeof(double));
+  Tensor p16 = Tensor::host({p.numel()}, DType::BF16);
+  cpu->convert(p16, p);
+  cpu->convert(p, p16);  // BF16-exact weights for all three models
+  cpu->copy_from_host(c64.master_params(), p);
+  cpu->copy_from_host(c16.master_params(), p);
+  gpu->copy_from_host(g16.master_params(), p);
+  c16.sync_params();
+  g16.sync_params();  // the GPU's convert kernel (F32 -> BF16)
+  EXPECT_EQ(vec(get(*gpu, g16.params())), vec(get(*cpu, c16.params()))) << "convert() rounds like the host";
+
+  Batch in = make_batch(g, cfg);
+  const std::vector<double> dseq = vec(in.dseq);
+  GPT2::LossHead head;
+  head.grad = [&](int64_t s0, int64_t s1, const std::vector<double>&, std::vector<double>& d) {
+    for (int64_t s = s0; s < s1; ++s) d[s] = dseq[s];
+  };
+  auto run = [&](GPT2& m, Backend& be, bool device) {
+    const DType wd = grad_dtype(m.dtype());
+    const Tensor tok = device ? put(be, in.tokens, DType::I32) : in.tokens;
+    const Tensor mask = device ? put(be, in.keymask, DType::I32) : in.keymask;
+    const Tensor tgt = device ? put(be, in.targets, DType::I32) : in.targets;
+    const Tensor w = put(be, in.weights, wd);
+    m.set_logits_chunk_rows(in.T);
+    m.zero_grad();
+    std::vector<double> lp = m.fused_forward(tok, mask, tgt, w, head);
+    m.fused_backward();
+    return std::make_pair(lp, vec(get(be, m.grads())));
+  };
+  const auto [lp64, g64] = run(c64, *cpu, false);
+  const auto [lpc, gc] = run(c16, *cpu, false);
+  const auto [lpg, gg] = run(g16, *gpu, true);
+  EXPECT_LE(rel_norm_err(lpc, lp64), 2e-3);
+  EXPECT_LE(rel_norm_err(gc, g64), 3e-2);
+  EXPECT_LE(rel_norm_err(lpg, lp64), 2e-3) << "GPU bf16 log-probs vs double";
+  EXPECT_LE(rel_norm_err(gg, g64), 3e-2) << "GPU bf16 gradient vs double";
+  EXPECT_LE(rel_norm_err(lpg, lpc), 2e-3) << "GPU bf16 vs CPU bf16 log-probs";
+  EXPECT_LE(rel_norm_err(gg, gc), 3e-2) << "GPU bf16 vs CPU bf16 gradient";
+  for (const auto& s : c64.specs()) {
+    const auto a = vec(get(*gpu, g16.grad(s.name))), b = vec(get(*cpu, c64.grad(s.name)));
+    EXPECT_LE(rel_norm_err(a, b), 5e-2) << s.name;
+  }
+}
+
 // One AdamW step through each backend on identical inputs (the CPU model's gradient, random state), then the
 // clip-style grad_scale from the backend's own sum of squares. The kernels differ only in float vs double per-element
 // arithmetic (kernels/adamw.h), i.e. ~10 float roundings of each quantity. The parameters are compared against the

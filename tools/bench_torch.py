@@ -104,6 +104,8 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: torch.autocast(bfloat16) around the forward passes (fp32 master weights, AMP)")
     a = ap.parse_args()
 
     if a.device == "cpu":
@@ -149,12 +151,13 @@ def main():
             torch.cuda.synchronize()
 
     def step():
-        lp = seq_logps(policy, ids, attn, lmask)
-        if ref is not None:
-            with torch.no_grad():
-                rlp = seq_logps(ref, ids, attn, lmask)
-        else:
-            rlp = ref_pre
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+            lp = seq_logps(policy, ids, attn, lmask).float()
+            if ref is not None:
+                with torch.no_grad():
+                    rlp = seq_logps(ref, ids, attn, lmask).float()
+            else:
+                rlp = ref_pre
         delta = (lp[:P] - rlp[:P]) - (lp[P:] - rlp[P:])
         loss = -F.logsigmoid(a.beta * delta).mean()
         loss.backward()
@@ -197,7 +200,7 @@ def main():
         "shape": a.shape, "n_layer": L, "n_embd": d, "n_head": s["n_head"], "n_params": n_params,
         "workload": a.workload, "prompt_len": pl, "chosen_len": cl, "rejected_len": rl,
         "pairs": P, "rows": 2 * P, "padded_len": ids.shape[1], "real_tokens_per_step": real_tokens,
-        "mean_row_len": T, "reference": a.reference, "compile": a.compile, "beta": a.beta, "lr": a.lr,
+        "mean_row_len": T, "reference": a.reference, "compile": a.compile, "precision": a.precision, "beta": a.beta, "lr": a.lr,
         "warmup": a.warmup, "steps": a.steps,
         "warmup_times_s": warm_times, "step_times_s": times,
         "median_step_s": med, "min_step_s": min(times), "max_step_s": max(times), "tokens_per_s": real_tokens / med, "pairs_per_s": P / med,

@@ -213,6 +213,7 @@ int main(int argc, char** argv) {
   bench->add_option("--device", bench_opt.device, "cpu or cuda")->capture_default_str();
   bench->add_option("--threads", bench_opt.threads, "CPU threads; 0 = OpenMP default")->capture_default_str();
   bench->add_option("--peak-tflops", bench_opt.peak_tflops, "peak for MFU (default: 989 on cuda, none on cpu)");
+  bench->add_option("--precision", bench_opt.precision, "fp32 (default) or bf16 (bf16 weights/activations, fp32 master)");
   bench->add_option("--logits-chunk-rows", bench_opt.logits_chunk_rows,
                     "token rows per chunk of the LM head and log-softmax (default 2048; at least one pair)");
   bench->add_option("--seed", bench_opt.seed, "seed for weights and tokens")->capture_default_str();

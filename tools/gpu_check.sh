@@ -16,8 +16,9 @@
 #   sanitizer   compute-sanitizer --tool memcheck over build-gpu/tests/test_cuda_* (kernel tests first), then
 #               2 training steps on cuda under memcheck when the cuda run worked    -> OUTDIR/sanitizer.log
 #   cpu-tests   (--cpu-tests) ctest -L cpu with the time that is left               -> OUTDIR/ctest.log, junit.xml
-#   bench       (unless --no-bench) short mode: dpo bench --device cuda on GPT-2 124M at HH-like lengths, then
-#               tools/bench_torch.py eager and torch.compile on the same batch      -> OUTDIR/bench.log
+#   bench       (unless --no-bench) short mode: dpo bench --device cuda on GPT-2 124M at HH-like lengths in fp32
+#               and bf16, then tools/bench_torch.py eager fp32, eager bf16 (autocast) and torch.compile bf16 on
+#               the same batch                                                     -> OUTDIR/bench.log
 # Then writes OUTDIR/summary.md (tools/gpu_check_summary.py) and prints it LAST. OUTDIR stays flat with at most
 # 8 files (the device tool returns no more); logs over 4 MiB are cut in the middle.
 # Exit status: 0 only when everything passed on a GPU; non-zero otherwise (the summary is always written).
@@ -462,14 +463,21 @@ if [ "$bench" = 1 ]; then
     brc=0
     bench_args=(--shape gpt2-124m --workload hh --pairs 8 --steps 5 --warmup 2)
     echo "== dpo bench --device cuda ${bench_args[*]}" >>"$OUT/bench.log"
-    tmo $((lim / 3)) "$BUILD/dpo" bench --device cuda "${bench_args[@]}" --json "$WORK/bench-dpo.json" >>"$OUT/bench.log" 2>&1 || brc=1
+    tmo $((lim / 5)) "$BUILD/dpo" bench --device cuda "${bench_args[@]}" --json "$WORK/bench-dpo.json" >>"$OUT/bench.log" 2>&1 || brc=1
     cat "$WORK/bench-dpo.json" >>"$OUT/bench.log" 2>/dev/null
-    for mode in eager compile; do
+    # bf16 (our mixed precision; PyTorch with autocast) is the configuration the targets are for.
+    echo "== dpo bench --device cuda ${bench_args[*]} --precision bf16" >>"$OUT/bench.log"
+    tmo "$(allow $((lim / 5)))" "$BUILD/dpo" bench --device cuda "${bench_args[@]}" --precision bf16 \
+        --json "$WORK/bench-dpo-bf16.json" >>"$OUT/bench.log" 2>&1 || brc=1
+    cat "$WORK/bench-dpo-bf16.json" >>"$OUT/bench.log" 2>/dev/null
+    # PyTorch: eager fp32, eager bf16 (autocast), torch.compile bf16 (compiling takes the longest share).
+    for run in eager:fp32:5 eager:bf16:5 compile:bf16:3; do
+      IFS=: read -r mode prec share <<<"$run"
       extra=(); [ "$mode" = compile ] && extra=(--compile)
-      echo "== tools/bench_torch.py --device cuda ${bench_args[*]} ${extra[*]}" >>"$OUT/bench.log"
-      tmo "$(allow $((lim / 3)))" python3 "$REPO/tools/bench_torch.py" --device cuda "${bench_args[@]}" "${extra[@]}" \
-          --json "$WORK/bench-torch-$mode.json" >>"$OUT/bench.log" 2>&1 || brc=1
-      cat "$WORK/bench-torch-$mode.json" >>"$OUT/bench.log" 2>/dev/null
+      echo "== tools/bench_torch.py --device cuda ${bench_args[*]} ${extra[*]} --precision $prec" >>"$OUT/bench.log"
+      tmo "$(allow $((lim / share)))" python3 "$REPO/tools/bench_torch.py" --device cuda "${bench_args[@]}" "${extra[@]}" \
+          --precision "$prec" --json "$WORK/bench-torch-$mode-$prec.json" >>"$OUT/bench.log" 2>&1 || brc=1
+      cat "$WORK/bench-torch-$mode-$prec.json" >>"$OUT/bench.log" 2>/dev/null
     done
     phase_done bench "$([ $brc = 0 ] && echo ok || echo FAIL)" $(( $(date +%s) - t0 )) "bench.log: dpo bench, PyTorch eager and torch.compile"
   fi

@@ -168,14 +168,18 @@ json run_bench(const BenchOptions& o) {
   // --- model, data --------------------------------------------------------------------------------------------
   Rng rng(o.seed);
   if (o.logits_chunk_rows < 1) throw InputError("--logits-chunk-rows must be >= 1");
-  GPT2 policy(*be, mc, DType::F32);
+  if (o.precision != "fp32" && o.precision != "bf16")
+    throw InputError("--precision: unknown value '" + o.precision + "'; valid: fp32, bf16");
+  const DType mdt = o.precision == "bf16" ? DType::BF16 : DType::F32;
+  GPT2 policy(*be, mc, mdt);
   policy.init_random(rng);
   policy.set_logits_chunk_rows(o.logits_chunk_rows);
   std::unique_ptr<GPT2> ref;
   if (live) {
-    ref = std::make_unique<GPT2>(*be, mc, DType::F32);
+    ref = std::make_unique<GPT2>(*be, mc, mdt);
     ref->set_logits_chunk_rows(o.logits_chunk_rows);
-    be->copy(ref->params(), policy.params());  // the reference starts as the policy, as in a real run
+    be->copy(ref->master_params(), policy.master_params());  // the reference starts as the policy, as in a real run
+    ref->sync_params();
   }
   std::vector<PreferencePair> data(static_cast<size_t>(o.pairs));
   const auto V = static_cast<uint64_t>(mc.vocab_size);
@@ -259,7 +263,8 @@ json run_bench(const BenchOptions& o) {
     policy.fused_backward();
     be->residual_forward(grad, grad, policy.grads());  // the trainer's accumulate() on rank 0
     mark(4);
-    AdamW::StepInfo info = opt.step(policy.params(), grad);
+    AdamW::StepInfo info = opt.step(policy.master_params(), grad);
+    if (!info.skipped) policy.sync_params();
     last_grad_norm = info.grad_norm;
     mark(5);
     be->synchronize();
@@ -305,7 +310,8 @@ json run_bench(const BenchOptions& o) {
   r["device"] = o.device;
   r["backend"] = be->name();
   r["threads"] = {{"requested", o.threads}, {"used", cuda ? json(nullptr) : json(threads_used)}};
-  r["dtype"] = "F32";
+  r["dtype"] = o.precision == "bf16" ? "BF16 (F32 master weights, gradients, optimizer state)" : "F32";
+  r["precision"] = o.precision;
   r["seed"] = o.seed;
   r["shape"] = {{"name", o.shape},          {"n_layer", mc.n_layer},        {"n_embd", mc.n_embd},
                 {"n_head", mc.n_head},      {"vocab_size", mc.vocab_size}, {"n_positions", mc.max_seq_len},

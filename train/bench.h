@@ -44,6 +44,7 @@ struct BenchOptions {
   int threads = 0;                     // CPU threads; 0 = OpenMP default
   double peak_tflops = -1;             // < 0: default (989 on cuda, none on cpu)
   int64_t logits_chunk_rows = GPT2::kDefaultLogitsChunkRows;  // as the training config key
+  std::string precision = "fp32";  // fp32 | bf16 (as the training config key)
   uint64_t seed = 1234;
   std::string json_path;               // write the JSON here when non-empty
   std::string command_line;            // recorded in the JSON

@@ -132,6 +132,8 @@ const std::vector<Key>& keys() {
       STRING_KEY(out_dir, "output directory: metrics.jsonl, checkpoints/, config.yaml"),
       STRING_KEY(tokenizer, "tokenizer: byte"),
       STRING_KEY(device, "cpu or cuda"),
+      STRING_KEY(precision, "fp32, or bf16: bf16 weights and activations with fp32 master weights, gradients and "
+                            "optimizer state (meant for cuda; on cpu it is emulated and slow)"),
       INT_KEY(seed, "seed for data order and sampling"),
       INT_KEY(num_threads, "CPU threads; 0 = OpenMP default"),
       INT_KEY(zero_stage, "0 or 1; 1 shards the AdamW moments across the ranks (ZeRO-1; same results)"),
@@ -260,6 +262,8 @@ void validate(const TrainConfig& c, RunKind kind) {
   if (c.out_dir.empty()) bad("out_dir", "is required");
   if (c.device != "cpu" && c.device != "cuda") bad("device", "must be cpu or cuda, got '" + c.device + "'");
   if (c.tokenizer != "byte") bad("tokenizer", "must be byte, got '" + c.tokenizer + "'");
+  if (c.precision != "fp32" && c.precision != "bf16")
+    bad("precision", "must be fp32 or bf16, got '" + c.precision + "'");
   nonneg("num_threads", c.num_threads);
   positive("logits_chunk_rows", c.logits_chunk_rows);
   if (c.zero_stage != 0 && c.zero_stage != 1)

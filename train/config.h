@@ -22,6 +22,7 @@ struct TrainConfig {
   std::string out_dir;
   std::string tokenizer = "byte";
   std::string device = "cpu";
+  std::string precision = "fp32";  // fp32 | bf16 (bf16 weights/activations, fp32 master weights and gradients)
   int64_t seed = 42;
   int64_t num_threads = 0;  // CPU threads; 0 = OpenMP default
   // data

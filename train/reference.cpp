@@ -11,7 +11,7 @@ namespace dpo {
 
 std::vector<double> sequence_logps(GPT2& m, const Batch& b) {
   Backend& be = m.backend();
-  Tensor seq = be.empty({b.tokens.size(0)}, m.dtype());
+  Tensor seq = be.empty({b.tokens.size(0)}, grad_dtype(m.dtype()));
   m.score(to_backend(be, b.tokens), to_backend(be, b.keymask), to_backend(be, b.targets), to_backend(be, b.weights),
           seq);
   return to_host_f64(be, seq);
@@ -25,7 +25,7 @@ RefLogps compute_ref_logps(GPT2& ref, const std::vector<PreferencePair>& data, i
   for (int64_t start = 0; start < n; start += batch_pairs) {
     std::vector<int64_t> idx;
     for (int64_t i = start; i < std::min(n, start + batch_pairs); ++i) idx.push_back(i);
-    Batch b = make_batch(data, idx, ref.dtype(), 0);
+    Batch b = make_batch(data, idx, grad_dtype(ref.dtype()), 0);
     const std::vector<double> lp = sequence_logps(ref, b);
     for (int64_t p = 0; p < b.pairs; ++p) {
       out.chosen[static_cast<size_t>(idx[p])] = lp[static_cast<size_t>(p)];
@@ -45,7 +45,7 @@ RefCacheResult cached_ref_logps(GPT2& ref, const std::vector<PreferencePair>& da
                                 const std::string& settings, const std::string& cache_dir, int64_t batch_pairs) {
   namespace fs = std::filesystem;
   Tensor host = Tensor::host({ref.params().numel()}, DType::F32);
-  ref.backend().copy_to_host(host, ref.params());
+  ref.backend().copy_to_host(host, ref.master_params());
   Sha256 wh;
   wh.update(gpt2_config_json(ref.config()));
   wh.update(host.raw(), static_cast<size_t>(host.nbytes()));

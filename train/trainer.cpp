@@ -83,8 +83,11 @@ std::string data_settings(const TrainConfig& c) {
   std::ostringstream s;
   s << "tokenizer=" << c.tokenizer << ";max_length=" << c.max_length << ";max_prompt_length=" << c.max_prompt_length
     << ";truncation=" << c.truncation_mode << ";skip_malformed=" << c.skip_malformed << ";append_eos=1";
+  if (c.precision != "fp32") s << ";precision=" << c.precision;  // the reference's arithmetic (fp32 keys unchanged)
   return s.str();
 }
+
+DType model_dtype(const TrainConfig& c) { return c.precision == "bf16" ? DType::BF16 : DType::F32; }
 
 LossConfig loss_config(const TrainConfig& c) {
   LossConfig l;
@@ -389,7 +392,7 @@ std::map<std::string, double> evaluate(Communicator& comm, GPT2& policy, GPT2* l
   for (int64_t c = c0; c < c1; ++c) {
     std::vector<int64_t> idx;
     for (int64_t i = c * batch_pairs; i < std::min(n, (c + 1) * batch_pairs); ++i) idx.push_back(i);
-    Batch b = make_batch(data, idx, policy.dtype(), 0);
+    Batch b = make_batch(data, idx, grad_dtype(policy.dtype()), 0);
     std::vector<double> pol = policy_logps(policy, b), live;
     if (live_ref) live = policy_logps(*live_ref, b);
     BatchLoss bl = batch_loss(lc, pair_inputs(b, pol, idx, cached, live_ref ? &live : nullptr), 1.0);
@@ -448,7 +451,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   }
   const std::string config_yaml = to_yaml(cfg);
 
-  auto policy = load_gpt2_checkpoint(*be, cfg.model, DType::F32);
+  auto policy = load_gpt2_checkpoint(*be, cfg.model, model_dtype(cfg));
   check_fits(cfg, *policy, *tok, cfg.model);
   policy->set_logits_chunk_rows(cfg.logits_chunk_rows);
 
@@ -483,7 +486,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   if (kind == RunKind::Dpo) lc = loss_config(cfg);
   if (use_ref) {
     const std::string ref_dir = cfg.ref_model.empty() ? cfg.model : cfg.ref_model;
-    ref = load_gpt2_checkpoint(*be, ref_dir, DType::F32);
+    ref = load_gpt2_checkpoint(*be, ref_dir, model_dtype(cfg));
     check_fits(cfg, *ref, *tok, ref_dir);
     ref->set_logits_chunk_rows(cfg.logits_chunk_rows);
     if (cached) {
@@ -696,10 +699,13 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     if (kind == RunKind::Sft) w.pairs += sft_norm_tokens;  // SFT's loss is per completion token
     AdamW::StepInfo info = [&] {
       DPO_PHASE("optimizer");
-      AdamW::StepInfo si = opt.step(policy->params(), grad);
+      // AdamW updates the F32 master weights (params() itself in fp32).
+      const Tensor& master = policy->master_params();
+      AdamW::StepInfo si = opt.step(master, grad);
       // Every rank saw the same norm, so all skip or none does.
       if (zero && !si.skipped)
-        gather_ranges(policy->params(), policy->params().view(opt.shard_begin(), {opt.shard_end() - opt.shard_begin()}));
+        gather_ranges(master, master.view(opt.shard_begin(), {opt.shard_end() - opt.shard_begin()}));
+      if (!si.skipped) policy->sync_params();
       return si;
     }();
     if (info.skipped) say("step " + std::to_string(p.step + 1) + ": non-finite gradient norm; update skipped");
@@ -746,7 +752,7 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
   Communicator& comm = comm_in ? *comm_in : *own_comm;
   auto be = make_backend(cfg);
   auto tok = make_tokenizer(cfg.tokenizer);
-  auto policy = load_gpt2_checkpoint(*be, checkpoint, DType::F32);
+  auto policy = load_gpt2_checkpoint(*be, checkpoint, model_dtype(cfg));
   check_fits(cfg, *policy, *tok, checkpoint);
   policy->set_logits_chunk_rows(cfg.logits_chunk_rows);
   const std::string path = cfg.eval_file.empty() ? cfg.train_file : cfg.eval_file;
@@ -757,7 +763,7 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
   std::unique_ptr<GPT2> ref;
   if (!cfg.reference_free) {
     const std::string ref_dir = cfg.ref_model.empty() ? cfg.model : cfg.ref_model;
-    ref = load_gpt2_checkpoint(*be, ref_dir, DType::F32);
+    ref = load_gpt2_checkpoint(*be, ref_dir, model_dtype(cfg));
     ref->set_logits_chunk_rows(cfg.logits_chunk_rows);
   }
   return evaluate(comm, *policy, ref.get(), nullptr, data, lc, cfg.per_device_eval_batch_size);

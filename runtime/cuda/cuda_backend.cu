@@ -2,6 +2,8 @@
 // cuda_backend.h for where the host waits.
 #include "runtime/cuda/cuda_backend.h"
 
+#include <cuda_bf16.h>
+
 #include <cstring>
 #include <string>
 #include <utility>
@@ -36,7 +38,29 @@ void check_same_shape(const Tensor& a, const Tensor& b, const char* what) {
 }
 
 float* f32(const Tensor& t) { return t.data<float>(); }
-float* opt_f32(const Tensor& t) { return t.defined() ? t.data<float>() : nullptr; }
+
+// Typed device pointers for the launchers, after the dtype checks (Tensor::data has no bf16 type).
+template <class T>
+T* ptr(const Tensor& t) {
+  return static_cast<T*>(t.raw());
+}
+template <class T>
+T* opt_ptr(const Tensor& t) {
+  return t.defined() ? ptr<T>(t) : nullptr;
+}
+
+// Calls f(float{}) for activation dtype F32 and f(__nv_bfloat16{}) for BF16, so that one body picks the launcher
+// overload of the storage type (kernels/*.cuh).
+template <class F>
+void with_storage(DType a, F&& f) {
+  if (a == DType::BF16) {
+    f(__nv_bfloat16{});
+  } else {
+    f(float{});
+  }
+}
+
+bool is_floating(DType t) { return t == DType::F32 || t == DType::F64 || t == DType::BF16; }
 
 // Page-locked host memory is read by the DMA engine after cudaMemcpyAsync returns, so a copy from it must finish
 // before the caller may reuse the buffer. When the query fails, assume it is page-locked (the safe side).
@@ -76,7 +100,24 @@ void CudaBackend::check_device(const Tensor& t, const char* name) const {
 void CudaBackend::check_f32(const Tensor& t, const char* name) const {
   check_device(t, name);
   if (t.dtype() != DType::F32)
-    throw Error(arg(name, std::string("the CUDA backend takes F32, got ") + dtype_name(t.dtype())));
+    throw Error(arg(name, std::string("the CUDA optimizer ops take F32 (master weights), got ") +
+                              dtype_name(t.dtype())));
+}
+
+DType CudaBackend::check_activation(const Tensor& t, const char* name) const {
+  check_device(t, name);
+  if (t.dtype() != DType::F32 && t.dtype() != DType::BF16)
+    throw Error(arg(name, std::string("the CUDA backend's activation dtype is F32 or BF16, got ") +
+                              dtype_name(t.dtype())));
+  return t.dtype();
+}
+
+void CudaBackend::check_is(const Tensor& t, DType expect, const char* name) const {
+  check_device(t, name);
+  if (t.dtype() != expect)
+    throw Error(arg(name, std::string("expected ") + dtype_name(expect) + ", got " + dtype_name(t.dtype()) +
+                              " (runtime/backend.h: activations share one dtype A; gradients of parameters, LayerNorm "
+                              "statistics and per-sequence scalars are grad_dtype(A))"));
 }
 
 void CudaBackend::check_i32(const Tensor& t, const char* name) const {
@@ -157,28 +198,55 @@ void CudaBackend::copy(const Tensor& dst, const Tensor& src) {
                                  ctx_->stream()));
 }
 
+void CudaBackend::convert(const Tensor& dst, const Tensor& src) {
+  check_device(dst, "convert dst");
+  check_device(src, "convert src");
+  DPO_ASSERT(dst.numel() == src.numel(),
+             "convert: sizes differ (" + shape_str(dst.shape()) + " and " + shape_str(src.shape()) + ")");
+  if (dst.dtype() == src.dtype()) return copy(dst, src);
+  if (!is_floating(dst.dtype()) || !is_floating(src.dtype()))
+    throw Error(std::string("convert: converts between F32, F64 and BF16, got ") + dtype_name(src.dtype()) + " -> " +
+                dtype_name(dst.dtype()));
+  if (dst.numel() == 0) return;
+  DPO_ASSERT(!overlap(dst, src), "convert: dst and src overlap");
+  const int64_t n = dst.numel();
+  const DType d = dst.dtype(), s = src.dtype();
+  if (d == DType::BF16 && s == DType::F32) return cuda::convert(*ctx_, ptr<__nv_bfloat16>(dst), ptr<float>(src), n);
+  if (d == DType::BF16 && s == DType::F64) return cuda::convert(*ctx_, ptr<__nv_bfloat16>(dst), ptr<double>(src), n);
+  if (d == DType::F32 && s == DType::BF16) return cuda::convert(*ctx_, ptr<float>(dst), ptr<__nv_bfloat16>(src), n);
+  if (d == DType::F32 && s == DType::F64) return cuda::convert(*ctx_, ptr<float>(dst), ptr<double>(src), n);
+  if (d == DType::F64 && s == DType::BF16) return cuda::convert(*ctx_, ptr<double>(dst), ptr<__nv_bfloat16>(src), n);
+  return cuda::convert(*ctx_, ptr<double>(dst), ptr<float>(src), n);  // F64 <- F32, the one left
+}
+
 void CudaBackend::synchronize() { ctx_->synchronize(); }
 
 // --- GPT-2 ops ----------------------------------------------------------------------------------------------------
 
+// Each op takes its activation dtype A from one activation argument (the first one checked), then requires A of
+// the other activations and G = grad_dtype(A) of parameter gradients, statistics and per-sequence scalars.
+
 void CudaBackend::encoder_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte, const Tensor& wpe) {
-  check_f32(out, "encoder out");
+  const DType A = check_activation(out, "encoder out");
   check_i32(tokens, "encoder tokens");
-  check_f32(wte, "encoder wte");
-  check_f32(wpe, "encoder wpe");
+  check_is(wte, A, "encoder wte");
+  check_is(wpe, A, "encoder wpe");
   DPO_ASSERT(tokens.dim() == 2 && wte.dim() == 2 && wpe.dim() == 2,
              "encoder: tokens, wte and wpe must be 2-D, got " + shape_str(tokens.shape()) + ", " +
                  shape_str(wte.shape()) + ", " + shape_str(wpe.shape()));
   const int64_t B = tokens.size(0), T = tokens.size(1), V = wte.size(0), C = wte.size(1);
   check_shape(out, {B, T, C}, "encoder out");
   DPO_ASSERT(wpe.size(0) >= T && wpe.size(1) == C, "wpe " + shape_str(wpe.shape()) + " for T=" + std::to_string(T));
-  cuda::encoder_forward(*ctx_, f32(out), tokens.data<int32_t>(), f32(wte), f32(wpe), B, T, C, V);
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::encoder_forward(*ctx_, ptr<S>(out), tokens.data<int32_t>(), ptr<S>(wte), ptr<S>(wpe), B, T, C, V);
+  });
 }
 
 void CudaBackend::encoder_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens) {
-  check_f32(dwte, "encoder dwte");
-  check_f32(dwpe, "encoder dwpe");
-  check_f32(dout, "encoder dout");
+  const DType A = check_activation(dout, "encoder dout");
+  check_is(dwte, grad_dtype(A), "encoder dwte");
+  check_is(dwpe, grad_dtype(A), "encoder dwpe");
   check_i32(tokens, "encoder tokens");
   DPO_ASSERT(tokens.dim() == 2 && dwte.dim() == 2 && dwpe.dim() == 2,
              "encoder: tokens, dwte and dwpe must be 2-D, got " + shape_str(tokens.shape()) + ", " +
@@ -186,17 +254,20 @@ void CudaBackend::encoder_backward(const Tensor& dwte, const Tensor& dwpe, const
   const int64_t B = tokens.size(0), T = tokens.size(1), V = dwte.size(0), C = dwte.size(1);
   check_shape(dout, {B, T, C}, "encoder dout");
   DPO_ASSERT(dwpe.size(0) >= T && dwpe.size(1) == C, "dwpe " + shape_str(dwpe.shape()) + " for T=" + std::to_string(T));
-  cuda::encoder_backward(*ctx_, f32(dwte), f32(dwpe), f32(dout), tokens.data<int32_t>(), B, T, C, V);
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::encoder_backward(*ctx_, f32(dwte), f32(dwpe), ptr<S>(dout), tokens.data<int32_t>(), B, T, C, V);
+  });
 }
 
 void CudaBackend::layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp,
                                     const Tensor& w, const Tensor& b, double eps) {
-  check_f32(inp, "layernorm inp");
-  check_f32(out, "layernorm out");
-  check_f32(mean, "layernorm mean");
-  check_f32(rstd, "layernorm rstd");
-  check_f32(w, "layernorm w");
-  check_f32(b, "layernorm b");
+  const DType A = check_activation(inp, "layernorm inp");
+  check_is(out, A, "layernorm out");
+  check_is(mean, grad_dtype(A), "layernorm mean");
+  check_is(rstd, grad_dtype(A), "layernorm rstd");
+  check_is(w, A, "layernorm w");
+  check_is(b, A, "layernorm b");
   const int64_t C = inp.size(-1);
   DPO_ASSERT(C > 0, "layernorm inp " + shape_str(inp.shape()) + " has no channels");
   const int64_t N = inp.numel() / C;
@@ -204,19 +275,23 @@ void CudaBackend::layernorm_forward(const Tensor& out, const Tensor& mean, const
   check_shape(w, {C}, "layernorm w");
   check_shape(b, {C}, "layernorm b");
   DPO_ASSERT(mean.numel() == N && rstd.numel() == N, "layernorm mean/rstd must have N elements");
-  cuda::layernorm_forward(*ctx_, f32(out), f32(mean), f32(rstd), f32(inp), f32(w), f32(b), N, C, eps);
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::layernorm_forward(*ctx_, ptr<S>(out), f32(mean), f32(rstd), ptr<S>(inp), ptr<S>(w), ptr<S>(b), N, C, eps);
+  });
 }
 
 void CudaBackend::layernorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& db, const Tensor& dout,
                                      const Tensor& inp, const Tensor& w, const Tensor& mean, const Tensor& rstd) {
-  check_f32(inp, "layernorm inp");
-  check_f32(dinp, "layernorm dinp");
-  check_f32(dw, "layernorm dw");
-  check_f32(db, "layernorm db");
-  check_f32(dout, "layernorm dout");
-  check_f32(w, "layernorm w");
-  check_f32(mean, "layernorm mean");
-  check_f32(rstd, "layernorm rstd");
+  const DType A = check_activation(inp, "layernorm inp");
+  const DType G = grad_dtype(A);
+  check_is(dinp, A, "layernorm dinp");
+  check_is(dw, G, "layernorm dw");
+  check_is(db, G, "layernorm db");
+  check_is(dout, A, "layernorm dout");
+  check_is(w, A, "layernorm w");
+  check_is(mean, G, "layernorm mean");
+  check_is(rstd, G, "layernorm rstd");
   const int64_t C = inp.size(-1);
   DPO_ASSERT(C > 0, "layernorm inp " + shape_str(inp.shape()) + " has no channels");
   const int64_t N = inp.numel() / C;
@@ -226,7 +301,11 @@ void CudaBackend::layernorm_backward(const Tensor& dinp, const Tensor& dw, const
   check_shape(db, {C}, "layernorm db");
   check_shape(w, {C}, "layernorm w");
   DPO_ASSERT(mean.numel() == N && rstd.numel() == N, "layernorm mean/rstd must have N elements");
-  cuda::layernorm_backward(*ctx_, f32(dinp), f32(dw), f32(db), f32(dout), f32(inp), f32(w), f32(mean), f32(rstd), N, C);
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::layernorm_backward(*ctx_, ptr<S>(dinp), f32(dw), f32(db), ptr<S>(dout), ptr<S>(inp), ptr<S>(w), f32(mean),
+                             f32(rstd), N, C);
+  });
 }
 
 namespace {
@@ -245,46 +324,52 @@ void matmul_dims(const Tensor& inp, const Tensor& w, WeightLayout layout, int64_
 
 void CudaBackend::matmul_forward(const Tensor& out, const Tensor& inp, const Tensor& w, const Tensor& bias,
                                  WeightLayout layout) {
-  check_f32(inp, "matmul inp");
-  check_f32(w, "matmul w");
-  check_f32(out, "matmul out");
-  if (bias.defined()) check_f32(bias, "matmul bias");
+  const DType A = check_activation(inp, "matmul inp");
+  check_is(w, A, "matmul w");
+  check_is(out, A, "matmul out");
+  if (bias.defined()) check_is(bias, A, "matmul bias");
   int64_t N, C, OC;
   matmul_dims(inp, w, layout, &N, &C, &OC);
   DPO_ASSERT(out.numel() == N * OC && out.size(-1) == OC, "matmul out " + shape_str(out.shape()));
   if (bias.defined()) check_shape(bias, {OC}, "matmul bias");
-  cuda::matmul_forward(*ctx_, f32(out), f32(inp), f32(w), opt_f32(bias), N, C, OC, layout);
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::matmul_forward(*ctx_, ptr<S>(out), ptr<S>(inp), ptr<S>(w), opt_ptr<S>(bias), N, C, OC, layout);
+  });
 }
 
 void CudaBackend::matmul_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dbias, const Tensor& dout,
                                   const Tensor& inp, const Tensor& w, WeightLayout layout) {
-  check_f32(inp, "matmul inp");
-  check_f32(w, "matmul w");
-  check_f32(dout, "matmul dout");
+  const DType A = check_activation(inp, "matmul inp");
+  check_is(w, A, "matmul w");
+  check_is(dout, A, "matmul dout");
   int64_t N, C, OC;
   matmul_dims(inp, w, layout, &N, &C, &OC);
   DPO_ASSERT(dout.numel() == N * OC, "matmul dout " + shape_str(dout.shape()));
   if (dinp.defined()) {
-    check_f32(dinp, "matmul dinp");
+    check_is(dinp, A, "matmul dinp");
     check_shape(dinp, inp.shape(), "matmul dinp");
   }
   if (dw.defined()) {
-    check_f32(dw, "matmul dw");
+    check_is(dw, grad_dtype(A), "matmul dw");
     check_shape(dw, w.shape(), "matmul dw");
   }
   if (dbias.defined()) {
-    check_f32(dbias, "matmul dbias");
+    check_is(dbias, grad_dtype(A), "matmul dbias");
     check_shape(dbias, {OC}, "matmul dbias");
   }
-  cuda::matmul_backward(*ctx_, opt_f32(dinp), opt_f32(dw), opt_f32(dbias), f32(dout), f32(inp), f32(w), N, C, OC,
-                        layout);
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::matmul_backward(*ctx_, opt_ptr<S>(dinp), opt_ptr<float>(dw), opt_ptr<float>(dbias), ptr<S>(dout),
+                          ptr<S>(inp), ptr<S>(w), N, C, OC, layout);
+  });
 }
 
 void CudaBackend::attention_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& keymask,
                                     int64_t n_head) {
-  check_f32(qkv, "attention qkv");
-  check_f32(out, "attention out");
-  check_f32(saved, "attention saved");
+  const DType A = check_activation(qkv, "attention qkv");
+  check_is(out, A, "attention out");
+  check_is(saved, attention_saved_dtype(A), "attention saved");
   DPO_ASSERT(qkv.dim() == 3 && n_head > 0, "attention qkv must be [B,T,3C], got " + shape_str(qkv.shape()));
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
   DPO_ASSERT(qkv.size(2) == 3 * C && C % n_head == 0, "attention qkv " + shape_str(qkv.shape()));
@@ -294,92 +379,119 @@ void CudaBackend::attention_forward(const Tensor& out, const Tensor& saved, cons
     check_i32(keymask, "attention keymask");
     check_shape(keymask, {B, T}, "attention keymask");
   }
-  cuda::attention_forward(*ctx_, f32(out), f32(saved), f32(qkv), keymask.defined() ? keymask.data<int32_t>() : nullptr,
-                          B, T, C, n_head);
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::attention_forward(*ctx_, ptr<S>(out), ptr<S>(saved), ptr<S>(qkv), opt_ptr<int32_t>(keymask), B, T, C,
+                            n_head);
+  });
 }
 
 void CudaBackend::attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
                                      int64_t n_head) {
-  check_f32(qkv, "attention qkv");
-  check_f32(dqkv, "attention dqkv");
-  check_f32(dout, "attention dout");
-  check_f32(saved, "attention saved");
+  const DType A = check_activation(qkv, "attention qkv");
+  check_is(dqkv, A, "attention dqkv");
+  check_is(dout, A, "attention dout");
+  check_is(saved, attention_saved_dtype(A), "attention saved");
   DPO_ASSERT(qkv.dim() == 3 && n_head > 0, "attention qkv must be [B,T,3C], got " + shape_str(qkv.shape()));
   const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
   DPO_ASSERT(qkv.size(2) == 3 * C && C % n_head == 0, "attention qkv " + shape_str(qkv.shape()));
   check_shape(dqkv, qkv.shape(), "attention dqkv");
   check_shape(dout, {B, T, C}, "attention dout");
   check_shape(saved, attention_saved_shape(B, T, n_head), "attention saved");
-  cuda::attention_backward(*ctx_, f32(dqkv), f32(dout), f32(qkv), f32(saved), B, T, C, n_head);
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::attention_backward(*ctx_, ptr<S>(dqkv), ptr<S>(dout), ptr<S>(qkv), ptr<S>(saved), B, T, C, n_head);
+  });
 }
 
 void CudaBackend::gelu_forward(const Tensor& out, const Tensor& inp) {
-  check_f32(inp, "gelu inp");
-  check_f32(out, "gelu out");
+  const DType A = check_activation(inp, "gelu inp");
+  check_is(out, A, "gelu out");
   check_shape(out, inp.shape(), "gelu out");
-  cuda::gelu_forward(*ctx_, f32(out), f32(inp), inp.numel());
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::gelu_forward(*ctx_, ptr<S>(out), ptr<S>(inp), inp.numel());
+  });
 }
 
 void CudaBackend::gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) {
-  check_f32(inp, "gelu inp");
-  check_f32(dinp, "gelu dinp");
-  check_f32(dout, "gelu dout");
+  const DType A = check_activation(inp, "gelu inp");
+  check_is(dinp, A, "gelu dinp");
+  check_is(dout, A, "gelu dout");
   check_shape(dinp, inp.shape(), "gelu dinp");
   check_shape(dout, inp.shape(), "gelu dout");
-  cuda::gelu_backward(*ctx_, f32(dinp), f32(dout), f32(inp), inp.numel());
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::gelu_backward(*ctx_, ptr<S>(dinp), ptr<S>(dout), ptr<S>(inp), inp.numel());
+  });
 }
 
 void CudaBackend::residual_forward(const Tensor& out, const Tensor& a, const Tensor& b) {
-  check_f32(a, "residual a");
-  check_f32(b, "residual b");
-  check_f32(out, "residual out");
+  const DType A = check_activation(a, "residual a");
+  check_is(b, A, "residual b");
+  check_is(out, A, "residual out");
   check_shape(b, a.shape(), "residual b");
   check_shape(out, a.shape(), "residual out");
-  cuda::residual_forward(*ctx_, f32(out), f32(a), f32(b), a.numel());
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::residual_forward(*ctx_, ptr<S>(out), ptr<S>(a), ptr<S>(b), a.numel());
+  });
 }
 
 void CudaBackend::residual_backward(const Tensor& da, const Tensor& db, const Tensor& dout) {
-  check_f32(dout, "residual dout");
-  check_f32(da, "residual da");
-  check_f32(db, "residual db");
+  const DType A = check_activation(dout, "residual dout");
+  check_is(da, A, "residual da");
+  check_is(db, A, "residual db");
   check_shape(da, dout.shape(), "residual da");
   check_shape(db, dout.shape(), "residual db");
-  cuda::residual_backward(*ctx_, f32(da), f32(db), f32(dout), dout.numel());
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::residual_backward(*ctx_, ptr<S>(da), ptr<S>(db), ptr<S>(dout), dout.numel());
+  });
 }
 
 void CudaBackend::logprob_forward(const Tensor& seq_logp, const Tensor& token_logp, const Tensor& logits,
                                   const Tensor& targets, const Tensor& weights) {
-  check_f32(logits, "logprob logits");
+  const DType A = check_activation(logits, "logprob logits");
+  const DType G = grad_dtype(A);
   check_i32(targets, "logprob targets");
-  check_f32(weights, "logprob weights");
-  check_f32(seq_logp, "logprob seq_logp");
+  check_is(weights, G, "logprob weights");
+  check_is(seq_logp, G, "logprob seq_logp");
   DPO_ASSERT(logits.dim() == 3, "logprob logits must be [B,T,V], got " + shape_str(logits.shape()));
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
   check_shape(targets, {B, T}, "logprob targets");
   check_shape(weights, {B, T}, "logprob weights");
   check_shape(seq_logp, {B}, "logprob seq_logp");
   if (token_logp.defined()) {
-    check_f32(token_logp, "logprob token_logp");
+    check_is(token_logp, G, "logprob token_logp");
     check_shape(token_logp, {B, T}, "logprob token_logp");
   }
-  cuda::logprob_forward(*ctx_, f32(seq_logp), opt_f32(token_logp), f32(logits), targets.data<int32_t>(), f32(weights),
-                        B, T, V);
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::logprob_forward(*ctx_, f32(seq_logp), opt_ptr<float>(token_logp), ptr<S>(logits), targets.data<int32_t>(),
+                          f32(weights), B, T, V);
+  });
 }
 
 void CudaBackend::logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                                    const Tensor& weights, const Tensor& dseq) {
-  check_f32(logits, "logprob logits");
-  check_f32(dlogits, "logprob dlogits");
+  const DType A = check_activation(logits, "logprob logits");
+  const DType G = grad_dtype(A);
+  check_is(dlogits, A, "logprob dlogits");
   check_i32(targets, "logprob targets");
-  check_f32(weights, "logprob weights");
-  check_f32(dseq, "logprob dseq");
+  check_is(weights, G, "logprob weights");
+  check_is(dseq, G, "logprob dseq");
   DPO_ASSERT(logits.dim() == 3, "logprob logits must be [B,T,V], got " + shape_str(logits.shape()));
   const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
   check_shape(dlogits, logits.shape(), "logprob dlogits");
   check_shape(targets, {B, T}, "logprob targets");
   check_shape(weights, {B, T}, "logprob weights");
   check_shape(dseq, {B}, "logprob dseq");
-  cuda::logprob_backward(*ctx_, f32(dlogits), f32(logits), targets.data<int32_t>(), f32(weights), f32(dseq), B, T, V);
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::logprob_backward(*ctx_, ptr<S>(dlogits), ptr<S>(logits), targets.data<int32_t>(), f32(weights), f32(dseq),
+                           B, T, V);
+  });
 }
 
 // --- optimizer ops ------------------------------------------------------------------------------------------------

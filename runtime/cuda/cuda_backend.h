@@ -1,11 +1,16 @@
 // CudaBackend: the Backend op interface (runtime/backend.h) on one GPU, over the launchers in kernels/*.cuh and a
 // CudaContext (runtime/cuda/cuda_context.h). Model and trainer code see only Backend&.
 //
-// Tensors. Every floating argument of an op is F32 (F64/BF16/F16 throw dpo::Error naming the argument); token ids,
-// targets and masks are I32. Every tensor must live on this backend's device; the checks (defined, device, dtype,
-// shape) are those of CpuBackend plus device and dtype for every argument, once per call, before any launch.
-// empty() accepts any dtype (it is memory only), and copy_from_host / copy_to_host convert between floating dtypes
-// (or I32/I64) on the host, e.g. a host F64 parameter vector into a device F32 one.
+// Tensors. The activation dtype A of a GPT-2 op is F32 or BF16 (runtime/backend.h, "Mixed precision"); F64 and F16
+// throw dpo::Error naming the argument. With A = F32 every floating argument is F32 (the fp32 parity mode). With
+// A = BF16 the activations, their gradients and the parameters the ops read are BF16, and parameter gradients,
+// LayerNorm statistics and per-sequence scalars are grad_dtype(A) = F32; the kernels read BF16 exactly, compute in
+// fp32 and round each BF16 output once (kernels/*.cuh). The optimizer ops (adamw_*, sum_squares, scale) take F32
+// only: they work on the F32 master weights and gradients. Token ids, targets and masks are I32. Every tensor must
+// live on this backend's device; the checks (defined, device, dtype, shape) are those of CpuBackend plus device and
+// dtype for every argument, once per call, before any launch. empty() accepts any dtype (it is memory only);
+// copy_from_host / copy_to_host convert between floating dtypes (or I32/I64) on the host, e.g. a host F64 parameter
+// vector into a device F32 one; convert() converts on the device (kernels/elementwise.cuh).
 //
 // Streams and host syncs. Every op is enqueued on the context's single stream and returns without waiting. The
 // host blocks only in:
@@ -46,6 +51,9 @@ class CudaBackend final : public Backend {
   void copy_from_host(const Tensor& dst, const Tensor& host_src) override;
   void copy_to_host(const Tensor& host_dst, const Tensor& src) override;
   void copy(const Tensor& dst, const Tensor& src) override;
+  // F32, F64, BF16 in any direction, one launch (kernels/elementwise.cuh: round to nearest even, NaN stays NaN); the
+  // same dtype is copy(). dst and src must not overlap.
+  void convert(const Tensor& dst, const Tensor& src) override;
   void synchronize() override;
   void* native_stream() const override { return static_cast<void*>(ctx_->stream()); }
 
@@ -59,8 +67,10 @@ class CudaBackend final : public Backend {
                       WeightLayout layout) override;
   void matmul_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dbias, const Tensor& dout, const Tensor& inp,
                        const Tensor& w, WeightLayout layout) override;
-  // The probabilities [B,NH,T,T], as on the CPU (kernels/attention.cuh).
+  // The probabilities [B,NH,T,T], as on the CPU (kernels/attention.cuh), stored in the activation dtype (BF16
+  // probabilities for A = BF16, rounded once from the fp32 softmax).
   Shape attention_saved_shape(int64_t B, int64_t T, int64_t NH) const override { return {B, NH, T, T}; }
+  DType attention_saved_dtype(DType activation) const override { return activation; }
   void attention_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& keymask,
                          int64_t n_head) override;
   void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
@@ -89,6 +99,10 @@ class CudaBackend final : public Backend {
  private:
   void check_device(const Tensor& t, const char* name) const;
   void check_f32(const Tensor& t, const char* name) const;
+  // On this device with dtype F32 or BF16, which it returns: the activation dtype A of a call.
+  DType check_activation(const Tensor& t, const char* name) const;
+  // On this device with dtype `expect` (A or grad_dtype(A)).
+  void check_is(const Tensor& t, DType expect, const char* name) const;
   void check_i32(const Tensor& t, const char* name) const;
   void check_adamw_args(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                         const AdamWParams& p) const;
