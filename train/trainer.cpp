@@ -532,6 +532,16 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     zfull = be->zeros({n_ranks * zS}, DType::F32);
     zshard = be->zeros({zS}, DType::F32);
   }
+  // How ZeRO-1 reduces the gradient. "fold" (the default off NCCL): the ordered fold of the whole gradient, then
+  // each rank updates its range: bit-identical to one process. "scatter" (NCCL; DPO_ZERO_REDUCE_SCATTER=1 forces
+  // it elsewhere, for tests): each rank sums its own micro-batches, a reduce-scatter leaves it only its range's
+  // sum (half the bytes of an all-reduce), and the clipping norm comes from an all-reduce of the ranges' sums of
+  // squares; equal to one process up to float reduction order.
+  const char* force_scatter = std::getenv("DPO_ZERO_REDUCE_SCATTER");
+  const bool zero_scatter =
+      zero && (comm.name() == "nccl" || (force_scatter && *force_scatter && std::string(force_scatter) != "0"));
+  if (zero) say(std::string("ZeRO-1: AdamW moments sharded over ") + std::to_string(n_ranks) + " ranks, gradients by " +
+                (zero_scatter ? "reduce-scatter" : "ordered fold"));
   // dst [n_params] = the ranks' ranges gathered; own_range is this rank's [shard_end - shard_begin].
   auto gather_ranges = [&](const Tensor& dst, const Tensor& own_range) {
     const int64_t len = opt.shard_end() - opt.shard_begin();
@@ -693,7 +703,14 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     // The reductions: one per optimizer step (none per micro-batch).
     {
       DPO_PHASE("gradient reduction");
-      comm.ordered_fold(grad, stash);
+      if (zero_scatter) {
+        for (const Tensor& t : stash) be->residual_forward(grad, grad, t);  // this rank's micro-batches
+        be->copy(zfull.view(0, {n_params}), grad);
+        if (n_ranks * zS > n_params) be->fill_zero(zfull.view(n_params, {n_ranks * zS - n_params}));
+        comm.reduce_scatter_sum(zshard, zfull);  // zshard[0, len): the summed gradient of this rank's range
+      } else {
+        comm.ordered_fold(grad, stash);
+      }
       fold_window(comm, w, chunks);
     }
     if (kind == RunKind::Sft) w.pairs += sft_norm_tokens;  // SFT's loss is per completion token
@@ -701,7 +718,15 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       DPO_PHASE("optimizer");
       // AdamW updates the F32 master weights (params() itself in fp32).
       const Tensor& master = policy->master_params();
-      AdamW::StepInfo si = opt.step(master, grad);
+      AdamW::StepInfo si;
+      if (zero_scatter) {
+        const int64_t len = opt.shard_end() - opt.shard_begin();
+        double ss = len > 0 ? be->sum_squares(zshard.view(0, {len})) : 0.0;
+        comm.allreduce_sum(&ss, 1);  // the same total on every rank: all skip or none does
+        si = opt.step_shard(master, zshard.view(0, {len}), std::sqrt(ss));
+      } else {
+        si = opt.step(master, grad);
+      }
       // Every rank saw the same norm, so all skip or none does.
       if (zero && !si.skipped)
         gather_ranges(master, master.view(opt.shard_begin(), {opt.shard_end() - opt.shard_begin()}));
