@@ -5,6 +5,8 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -113,6 +115,48 @@ TEST(Bench, LiveReferenceFlopsAndPeak) {
   EXPECT_DOUBLE_EQ(r["flops_per_step"].get<double>(), 16 * 1 * T * (N + L * d * T));
   EXPECT_DOUBLE_EQ(r["mfu"].get<double>(), r["achieved_flops_per_second"].get<double>() / 1e12);
   EXPECT_FALSE(format_bench_table(r).empty());
+}
+
+// --length-spread lognormal: lengths are the means times quantiles of LogNormal(-s^2/2, s), s = 0.4, at
+// (k + 0.5)/16, indexed k = i (prompt), 5i + 3 (chosen), 11i + 7 (rejected) mod 16. The expected token count is
+// computed here from the distribution itself (inverse normal CDF by bisection on erfc), not from the table in
+// bench.cpp, so a wrong table entry or index shows.
+TEST(Bench, LogNormalLengthSpread) {
+  auto quantile = [](double q) {  // standard normal inverse CDF by bisection
+    double lo = -10, hi = 10;
+    for (int it = 0; it < 200; ++it) {
+      const double mid = 0.5 * (lo + hi);
+      (0.5 * std::erfc(-mid / std::sqrt(2.0)) < q ? lo : hi) = mid;
+    }
+    return 0.5 * (lo + hi);
+  };
+  const double s = 0.4;
+  auto mult = [&](int64_t k) { return std::exp(-s * s / 2 + s * quantile((static_cast<double>(k % 16) + 0.5) / 16)); };
+  auto len = [&](int64_t mean, int64_t k) {
+    // the table holds 4 decimals: allow for that rounding by computing with the rounded multiplier
+    const double m = std::floor(mult(k) * 1e4 + 0.5) / 1e4;
+    return std::max<int64_t>(1, static_cast<int64_t>(std::floor(static_cast<double>(mean) * m + 0.5)));
+  };
+  BenchOptions o;
+  o.shape = "tiny";
+  o.workload = "custom";
+  o.prompt_len = 20, o.chosen_len = 11, o.rejected_len = 9;
+  o.pairs = 5, o.steps = 1, o.warmup = 0;
+  o.threads = 1;
+  o.length_spread = "lognormal";
+  o.print_table = false;
+  const json r = run_bench(o);
+  int64_t tokens = 0, longest = 0;
+  for (int64_t i = 0; i < 5; ++i) {
+    const int64_t p = len(20, i), c = len(11, 5 * i + 3), j = len(9, 11 * i + 7);
+    tokens += 2 * p + c + j;
+    longest = std::max(longest, p + std::max(c, j));
+  }
+  EXPECT_EQ(r["tokens_per_step"].get<int64_t>(), tokens);
+  EXPECT_EQ(r["padded_len"].get<int64_t>(), longest);
+  EXPECT_EQ(r["workload"]["length_spread"], "lognormal");
+  o.length_spread = "uniform";
+  EXPECT_THROW(run_bench(o), InputError);
 }
 
 TEST(Bench, RejectsBadFlags) {

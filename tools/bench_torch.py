@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import resource
+import math
 import statistics
 import subprocess
 import sys
@@ -56,10 +57,26 @@ def machine_info():
     return info
 
 
-def build_batch(P, prompt_len, chosen_len, rejected_len, vocab, seed, device):
+# --length-spread lognormal: the quantiles (k + 0.5)/16 of a log-normal with sigma 0.4 and mean 1, indexed as in
+# train/bench.cpp (pair_lengths), so both tools build batches of identical lengths.
+LOGNORMAL_QUANTILES = [0.4382, 0.5449, 0.6163, 0.6767, 0.7322, 0.7859, 0.8396, 0.8946,
+                       0.9525, 1.0150, 1.0843, 1.1638, 1.2593, 1.3826, 1.5639, 1.9447]
+
+
+def pair_lengths(prompt_len, chosen_len, rejected_len, spread, i):
+    if spread == "none":
+        return prompt_len, chosen_len, rejected_len
+
+    def at(mean, k):
+        return max(1, int(math.floor(mean * LOGNORMAL_QUANTILES[k % 16] + 0.5)))
+    return at(prompt_len, i), at(chosen_len, 5 * i + 3), at(rejected_len, 11 * i + 7)
+
+
+def build_batch(P, prompt_len, chosen_len, rejected_len, vocab, seed, device, spread="none"):
     """Rows 0..P-1 chosen, P..2P-1 rejected; right-padded to the longest row."""
     g = torch.Generator().manual_seed(seed)
-    row_lens = [prompt_len + chosen_len] * P + [prompt_len + rejected_len] * P
+    lens = [pair_lengths(prompt_len, chosen_len, rejected_len, spread, i) for i in range(P)]
+    row_lens = [pl + cl for pl, cl, _ in lens] + [pl + rl for pl, _, rl in lens]
     Tmax = max(row_lens)
     ids = torch.zeros(2 * P, Tmax, dtype=torch.long)
     attn = torch.zeros(2 * P, Tmax, dtype=torch.long)
@@ -67,15 +84,16 @@ def build_batch(P, prompt_len, chosen_len, rejected_len, vocab, seed, device):
     # prompt_len <= t+1 < row_len
     lmask = torch.zeros(2 * P, Tmax - 1, dtype=torch.float32)
     for i in range(P):
-        prompt = torch.randint(0, vocab, (prompt_len,), generator=g)
-        ch = torch.randint(0, vocab, (chosen_len,), generator=g)
-        rj = torch.randint(0, vocab, (rejected_len,), generator=g)
+        pl, cl, rl = lens[i]
+        prompt = torch.randint(0, vocab, (pl,), generator=g)
+        ch = torch.randint(0, vocab, (cl,), generator=g)
+        rj = torch.randint(0, vocab, (rl,), generator=g)
         for r, comp in ((i, ch), (P + i, rj)):
-            n = prompt_len + comp.numel()
-            ids[r, :prompt_len] = prompt
-            ids[r, prompt_len:n] = comp
+            n = pl + comp.numel()
+            ids[r, :pl] = prompt
+            ids[r, pl:n] = comp
             attn[r, :n] = 1
-            lmask[r, prompt_len - 1:n - 1] = 1.0
+            lmask[r, pl - 1:n - 1] = 1.0
     return ids.to(device), attn.to(device), lmask.to(device), row_lens
 
 
@@ -104,6 +122,8 @@ def main():
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--length-spread", choices=["none", "lognormal"], default="none",
+                    help="lognormal: per-pair lengths from the fixed quantile table dpo bench uses")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                     help="bf16: torch.autocast(bfloat16) around the forward passes (fp32 master weights, AMP)")
     a = ap.parse_args()
@@ -142,7 +162,7 @@ def main():
 
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
     P = a.pairs
-    ids, attn, lmask, row_lens = build_batch(P, pl, cl, rl, cfg.vocab_size, a.seed, dev)
+    ids, attn, lmask, row_lens = build_batch(P, pl, cl, rl, cfg.vocab_size, a.seed, dev, a.length_spread)
     g = torch.Generator().manual_seed(a.seed + 1)
     ref_pre = (-100.0 * torch.rand(2 * P, generator=g) - 50.0).to(dev)
 
@@ -198,7 +218,7 @@ def main():
         "torch": torch.__version__, "transformers": transformers.__version__,
         "device": a.device, "threads": torch.get_num_threads() if dev.type == "cpu" else None,
         "shape": a.shape, "n_layer": L, "n_embd": d, "n_head": s["n_head"], "n_params": n_params,
-        "workload": a.workload, "prompt_len": pl, "chosen_len": cl, "rejected_len": rl,
+        "workload": a.workload, "prompt_len": pl, "chosen_len": cl, "rejected_len": rl, "length_spread": a.length_spread,
         "pairs": P, "rows": 2 * P, "padded_len": ids.shape[1], "real_tokens_per_step": real_tokens,
         "mean_row_len": T, "reference": a.reference, "compile": a.compile, "precision": a.precision, "beta": a.beta, "lr": a.lr,
         "warmup": a.warmup, "steps": a.steps,

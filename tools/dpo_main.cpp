@@ -213,6 +213,9 @@ int main(int argc, char** argv) {
   bench->add_option("--device", bench_opt.device, "cpu or cuda")->capture_default_str();
   bench->add_option("--threads", bench_opt.threads, "CPU threads; 0 = OpenMP default")->capture_default_str();
   bench->add_option("--peak-tflops", bench_opt.peak_tflops, "peak for MFU (default: 989 on cuda, none on cpu)");
+  bench->add_option("--length-spread", bench_opt.length_spread,
+                    "none (every pair the workload's exact lengths, default) or lognormal (lengths spread over a fixed "
+                    "log-normal quantile table, sigma 0.4)");
   bench->add_option("--precision", bench_opt.precision, "fp32 (default) or bf16 (bf16 weights/activations, fp32 master)");
   bench->add_option("--logits-chunk-rows", bench_opt.logits_chunk_rows,
                     "token rows per chunk of the LM head and log-softmax (default 2048; at least one pair)");

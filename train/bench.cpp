@@ -104,6 +104,22 @@ Lengths workload_lengths(const BenchOptions& o) {
   throw InputError("--workload: unknown value '" + o.workload + "'; valid: hh, tldr, long, custom");
 }
 
+// --length-spread lognormal: the 16 quantiles (k + 0.5)/16 of a log-normal with sigma 0.4 and mean 1, so a
+// pair's lengths are the workload's means times one of these (prompt, chosen and rejected take different entries
+// for the same pair). A fixed table, not random draws: tools/bench_torch.py has the same table and the same
+// indexing, so both tools build batches of identical lengths.
+constexpr double kLogNormalQuantiles[16] = {0.4382, 0.5449, 0.6163, 0.6767, 0.7322, 0.7859, 0.8396, 0.8946,
+                                            0.9525, 1.0150, 1.0843, 1.1638, 1.2593, 1.3826, 1.5639, 1.9447};
+
+Lengths pair_lengths(const Lengths& mean, const std::string& spread, int64_t i) {
+  if (spread == "none") return mean;
+  auto at = [&](int64_t mean_len, int64_t k) {
+    return std::max<int64_t>(1, static_cast<int64_t>(std::floor(static_cast<double>(mean_len) *
+                                                                     kLogNormalQuantiles[k % 16] + 0.5)));
+  };
+  return {at(mean.prompt, i), at(mean.chosen, 5 * i + 3), at(mean.rejected, 11 * i + 7)};
+}
+
 std::unique_ptr<Backend> bench_backend(const BenchOptions& o) {
   if (o.device == "cuda") {
 #ifdef DPO_HAVE_CUDA
@@ -154,9 +170,15 @@ json run_bench(const BenchOptions& o) {
   if (o.warmup < 0) throw InputError("--warmup must be >= 0");
   if (o.reference != "precomputed" && o.reference != "live")
     throw InputError("--reference: unknown value '" + o.reference + "'; valid: precomputed, live");
-  if (len.prompt + std::max(len.chosen, len.rejected) > mc.max_seq_len)
-    throw InputError("workload: prompt + longest completion (" + std::to_string(len.prompt + std::max(len.chosen, len.rejected)) +
-                     ") exceeds n_positions " + std::to_string(mc.max_seq_len));
+  if (o.length_spread != "none" && o.length_spread != "lognormal")
+    throw InputError("--length-spread: unknown value '" + o.length_spread + "'; valid: none, lognormal");
+  for (int64_t i = 0; i < o.pairs; ++i) {
+    const Lengths l = pair_lengths(len, o.length_spread, i);
+    if (l.prompt + std::max(l.chosen, l.rejected) > mc.max_seq_len)
+      throw InputError("workload: pair " + std::to_string(i) + ": prompt + longest completion (" +
+                       std::to_string(l.prompt + std::max(l.chosen, l.rejected)) + ") exceeds n_positions " +
+                       std::to_string(mc.max_seq_len) + (o.length_spread == "none" ? "" : " (--length-spread)"));
+  }
   const bool live = o.reference == "live";
   const bool cuda = o.device == "cuda";
   double peak = o.peak_tflops;
@@ -183,16 +205,19 @@ json run_bench(const BenchOptions& o) {
   }
   std::vector<PreferencePair> data(static_cast<size_t>(o.pairs));
   const auto V = static_cast<uint64_t>(mc.vocab_size);
-  for (auto& p : data) {
-    for (int64_t i = 0; i < len.prompt; ++i) p.prompt.push_back(static_cast<int32_t>(rng.below(V)));
-    for (int64_t i = 0; i < len.chosen; ++i) p.chosen.push_back(static_cast<int32_t>(rng.below(V)));
-    for (int64_t i = 0; i < len.rejected; ++i) p.rejected.push_back(static_cast<int32_t>(rng.below(V)));
+  for (size_t q = 0; q < data.size(); ++q) {
+    const Lengths l = pair_lengths(len, o.length_spread, static_cast<int64_t>(q));
+    auto& p = data[q];
+    for (int64_t i = 0; i < l.prompt; ++i) p.prompt.push_back(static_cast<int32_t>(rng.below(V)));
+    for (int64_t i = 0; i < l.chosen; ++i) p.chosen.push_back(static_cast<int32_t>(rng.below(V)));
+    for (int64_t i = 0; i < l.rejected; ++i) p.rejected.push_back(static_cast<int32_t>(rng.below(V)));
   }
   // Fixed "precomputed" reference log-probs: about what a random-init model gives (-ln V per token).
   std::vector<double> ref_c(data.size()), ref_r(data.size());
   for (size_t i = 0; i < data.size(); ++i) {
-    ref_c[i] = -std::log(static_cast<double>(V)) * static_cast<double>(len.chosen) * (1 + 0.01 * rng.normal());
-    ref_r[i] = -std::log(static_cast<double>(V)) * static_cast<double>(len.rejected) * (1 + 0.01 * rng.normal());
+    const double lv = std::log(static_cast<double>(V));
+    ref_c[i] = -lv * static_cast<double>(data[i].chosen.size()) * (1 + 0.01 * rng.normal());
+    ref_r[i] = -lv * static_cast<double>(data[i].rejected.size()) * (1 + 0.01 * rng.normal());
   }
   std::vector<int64_t> idx(static_cast<size_t>(o.pairs));
   for (int64_t i = 0; i < o.pairs; ++i) idx[static_cast<size_t>(i)] = i;
@@ -320,6 +345,7 @@ json run_bench(const BenchOptions& o) {
                    {"prompt_len", len.prompt},
                    {"chosen_len", len.chosen},
                    {"rejected_len", len.rejected},
+                   {"length_spread", o.length_spread},
                    {"lengths", "exact (every pair the same lengths; no log-normal draw)"}};
   r["reference"] = o.reference;
   r["logits_chunk_rows"] = o.logits_chunk_rows;

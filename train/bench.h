@@ -11,8 +11,10 @@
 // (default OptimConfig: lr 5e-7, max_grad_norm 1). The precomputed reference's log-probs are fixed random numbers
 // (no reference forward).
 //
-// Workload lengths are exact (prompt / chosen / rejected token counts, every pair the same); no log-normal draw
-// yet. Token ids are uniform random in [0, vocab) from a seeded Rng.
+// Workload lengths: the workload's prompt / chosen / rejected token counts for every pair (--length-spread none),
+// or those means times entries of a fixed log-normal quantile table (sigma 0.4, mean 1; lognormal), different
+// entries for the prompt and the two completions of a pair; tools/bench_torch.py builds the same lengths. Rows
+// are right-padded to the batch's longest. Token ids are uniform random in [0, vocab) from a seeded Rng.
 //
 // Phases are timed on the host with std::chrono::steady_clock. On the CPU there is no asynchrony, so that is
 // exact; on CUDA the backend is synchronize()d at every phase boundary (host-timed with syncs, not CUDA events).
@@ -37,6 +39,7 @@ struct BenchOptions {
   std::string workload = "hh";         // hh | tldr | long | custom
   int64_t prompt_len = 0, chosen_len = 0, rejected_len = 0;  // custom only (all > 0)
   int64_t pairs = 1;
+  std::string length_spread = "none";  // none | lognormal (a fixed log-normal quantile table; bench.cpp)
   int64_t steps = 5;                   // timed steps
   int64_t warmup = 1;                  // untimed steps before them
   std::string reference = "precomputed";  // precomputed | live
