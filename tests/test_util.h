@@ -81,7 +81,8 @@ class ThreadCount {
 
 template <class T>
 bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+  // memcmp on an empty vector's (possibly null) data() would be undefined even with size 0
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
 
 // A fresh directory per test (<TempDir>/<prefix><test name>), removed when the object goes out of scope.
