@@ -51,7 +51,7 @@ using comm_detail::check_shard_args;
 using comm_detail::check_sum_dtype;
 
 // The MPI communicator moves host memory only.
-void check_host(const char* what, const Tensor& t) {
+[[maybe_unused]] void check_host(const char* what, const Tensor& t) {  // unused without MPI
   DPO_ASSERT(t.device().kind == DeviceKind::CPU,
              std::string(what) + ": the MPI communicator takes host tensors, got one on " + t.device().str() +
                  " (device tensors go through the NCCL communicator)");
