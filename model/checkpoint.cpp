@@ -168,12 +168,22 @@ std::unique_ptr<GPT2> load_gpt2_checkpoint(Backend& backend, const std::string& 
 }
 
 void save_gpt2_checkpoint(const GPT2& model, const std::string& dir) {
+  Tensor host = Tensor::host({model.params().numel()}, DType::F32);
+  DPO_ASSERT(!model.master_sharded(), "save_gpt2_checkpoint: the master weights are sharded; gather them first");
+  model.backend().copy_to_host(host, model.master_params());  // F32 master weights in BF16 mode
+  save_gpt2_checkpoint(model, dir, host);
+}
+
+void save_gpt2_checkpoint(const GPT2& model, const std::string& dir, const Tensor& host_weights) {
   namespace fs = std::filesystem;
+  DPO_ASSERT(host_weights.device().kind == DeviceKind::CPU && host_weights.numel() == model.params().numel(),
+             "save_gpt2_checkpoint: host_weights must be a host tensor of num_parameters elements");
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) throw Error("cannot create directory " + dir + ": " + ec.message());
-  Tensor host = Tensor::host({model.params().numel()}, DType::F32);
-  model.backend().copy_to_host(host, model.master_params());  // F32 master weights in BF16 mode
+  Tensor host = host_weights.dtype() == DType::F32 ? host_weights.reshape({host_weights.numel()})
+                                                   : convert_host(host_weights.reshape({host_weights.numel()}),
+                                                                  DType::F32, "save_gpt2_checkpoint");
   std::vector<std::pair<std::string, Tensor>> tensors;
   for (const auto& s : model.specs()) tensors.emplace_back("transformer." + s.name, host.view(s.offset, s.shape));
   save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});

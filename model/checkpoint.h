@@ -35,5 +35,8 @@ std::unique_ptr<GPT2> load_gpt2_checkpoint(Backend& backend, const std::string& 
 
 // Creates `dir` if needed; writes config.json and model.safetensors.
 void save_gpt2_checkpoint(const GPT2& model, const std::string& dir);
+// The same, with the weights taken from `host_weights` (host, [num_parameters], any floating dtype) instead of
+// the model's master: for a model whose master weights are sharded (the trainer gathers them first).
+void save_gpt2_checkpoint(const GPT2& model, const std::string& dir, const Tensor& host_weights);
 
 }  // namespace dpo

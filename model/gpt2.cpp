@@ -99,12 +99,26 @@ Tensor GPT2::param(const std::string& name) const {
 }
 
 Tensor GPT2::master_param(const std::string& name) const {
+  DPO_ASSERT(!master_sharded_, "master_param('" + name + "'): the master weights are sharded");
   const ParamSpec& s = spec(name);
   return master_.view(s.offset, s.shape);
 }
 
 void GPT2::sync_params() {
-  if (dtype_ == DType::BF16) be_->convert(params_, master_);
+  if (dtype_ != DType::BF16) return;
+  if (master_.numel() > 0) be_->convert(params_.view(master_begin_, {master_.numel()}), master_);
+}
+
+void GPT2::shard_master(int64_t begin, int64_t end) {
+  DPO_ASSERT(dtype_ == DType::BF16, "shard_master: only BF16 models keep a separate master copy");
+  DPO_ASSERT(!master_sharded_, "shard_master: already sharded");
+  DPO_ASSERT(0 <= begin && begin <= end && end <= params_.numel(),
+             "shard_master: [" + std::to_string(begin) + ", " + std::to_string(end) + ") is not within the parameters");
+  Tensor range = be_->empty({end - begin}, DType::F32);
+  if (end > begin) be_->copy(range, master_.view(begin, {end - begin}));
+  master_ = range;  // the full master is freed here
+  master_begin_ = begin;
+  master_sharded_ = true;
 }
 
 Tensor GPT2::grad(const std::string& name) const {
@@ -130,6 +144,7 @@ void GPT2::init_random(Rng& rng) {
       p[s.offset + i] = v;
     }
   }
+  DPO_ASSERT(!master_sharded_, "init_random: the master weights are sharded");
   be_->copy_from_host(master_, host);
   sync_params();
 }

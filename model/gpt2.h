@@ -66,7 +66,15 @@ class GPT2 {
   Tensor param(const std::string& name) const;
   Tensor master_param(const std::string& name) const;
   Tensor grad(const std::string& name) const;
-  void sync_params();  // params = master rounded to BF16; nothing in F32/F64
+  void sync_params();  // params = master rounded to BF16 (only the master's range when sharded); nothing in F32/F64
+
+  // ZeRO-1 with BF16: keep only [begin, end) of the F32 master (master_params() becomes that range, [end - begin]);
+  // the rest is freed. sync_params() then rounds only that range into params(); whoever sharded the master gathers
+  // the other ranges of params() (the trainer all-gathers them). master_param() throws once sharded. BF16 only
+  // (in F32/F64 the master is params() itself, which every rank needs whole).
+  void shard_master(int64_t begin, int64_t end);
+  bool master_sharded() const { return master_sharded_; }
+  int64_t master_begin() const { return master_begin_; }
 
   // GPT-2's initialisation (as HF's _init_weights): weights and embeddings N(0, 0.02), residual projections
   // (attn.c_proj, mlp.c_proj) N(0, 0.02/sqrt(2 n_layer)), biases 0, LayerNorm weight 1, bias 0.
@@ -145,6 +153,8 @@ class GPT2 {
   std::vector<ParamSpec> specs_;
   DType gdtype_;
   Tensor params_, master_, grads_;
+  bool master_sharded_ = false;
+  int64_t master_begin_ = 0;
   std::shared_ptr<Acts> acts_;
   Tensor tokens_, keymask_, targets_, weights_;  // inputs of the last sequence_logprobs, for backward
   int64_t chunk_rows_ = kDefaultLogitsChunkRows;

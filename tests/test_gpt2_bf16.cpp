@@ -166,6 +166,39 @@ TEST(Gpt2Bf16, MasterWeightsAreF32AndTheComputeCopyIsTheirRounding) {
   EXPECT_EQ(f.master_params().raw(), f.params().raw());
 }
 
+TEST(Gpt2Bf16, ShardedMasterKeepsOnlyItsRangeAndSyncsOnlyIt) {
+  auto be = make_cpu_backend();
+  const GPT2Config cfg = small_config();
+  GPT2 m(*be, cfg, DType::BF16);
+  Rng rng(5);
+  m.init_random(rng);
+  const int64_t n = m.params().numel(), b = n / 3, e = n / 3 + 1000;
+  const std::vector<float> full(m.master_params().data<float>(), m.master_params().data<float>() + n);
+  m.shard_master(b, e);
+  ASSERT_TRUE(m.master_sharded());
+  ASSERT_EQ(m.master_params().numel(), e - b);
+  ASSERT_EQ(std::memcmp(m.master_params().raw(), full.data() + b, static_cast<size_t>((e - b) * 4)), 0);
+  // A change to the range reaches params() at sync_params(); nothing outside the range moves.
+  const Tensor before = convert_host(m.params(), DType::BF16, "p");
+  for (int64_t i = 0; i < e - b; ++i) m.master_params().data<float>()[i] *= 2.0f;
+  m.sync_params();
+  const auto* p0 = static_cast<const uint16_t*>(before.raw());
+  const auto* p1 = static_cast<const uint16_t*>(m.params().raw());
+  for (int64_t i = 0; i < n; ++i) {
+    if (i >= b && i < e) {
+      const Tensor one = convert_host(m.master_params().view(i - b, {1}), DType::BF16, "x");
+      ASSERT_EQ(p1[i], static_cast<const uint16_t*>(one.raw())[0]) << i;
+    } else {
+      ASSERT_EQ(p1[i], p0[i]) << i;
+    }
+  }
+  EXPECT_THROW(m.master_param("wte.weight"), Error);
+  EXPECT_THROW(m.shard_master(0, 1), Error);  // already sharded
+  EXPECT_THROW(save_gpt2_checkpoint(m, "/nonexistent-dir-for-test"), Error);
+  GPT2 f(*be, cfg, DType::F32);
+  EXPECT_THROW(f.shard_master(0, 10), Error);  // fp32 has no separate master
+}
+
 TEST(Gpt2Bf16, CheckpointsHoldTheF32MasterExactly) {
   test::ScratchDir dir("dpo_bf16_");
   auto be = make_cpu_backend();

@@ -229,6 +229,17 @@ TEST(MpiTrain, ZeroStage1ResumeIsBitIdentical) {
   expect_same_as_one_process(c, RunKind::Dpo, 6, /*resume_at=*/3);
 }
 
+TEST(MpiTrain, ZeroStage1Bf16ShardsTheMasterWeightsBitIdentical) {
+  // bf16 with ZeRO-1: each rank keeps only its range of the F32 master weights, updates it, rounds it into its
+  // bf16 compute copy and all-gathers the bf16 ranges; checkpoints gather the master. Interrupted at step 3 and
+  // resumed (the resume loads all master weights, then shards them again).
+  SharedDir w(22);
+  TrainConfig c = base_config(w, "zero1bf16");
+  c.zero_stage = 1;
+  c.precision = "bf16";
+  expect_same_as_one_process(c, RunKind::Dpo, 6, /*resume_at=*/3);
+}
+
 // ZeRO-1 with the reduce-scatter path (what NCCL runs; forced here on MPI): each rank sums its own micro-batches,
 // so the additions are grouped differently from one process and the weights agree up to float reduction order,
 // not bitwise. The measure: the difference between the two runs' final weights, relative to how far training

@@ -131,8 +131,13 @@ AdamW::StepInfo AdamW::step(const Tensor& params, const Tensor& grads) {
 
 AdamW::StepInfo AdamW::step_shard(const Tensor& params, const Tensor& grad_shard, double norm) {
   check_shape(params, {n_params_}, "AdamW params");
-  check_dtype(params, dtype_, "AdamW params");
+  return step_owned(params.view(shard_begin_, {shard_end_ - shard_begin_}), grad_shard, norm);
+}
+
+AdamW::StepInfo AdamW::step_owned(const Tensor& param_range, const Tensor& grad_shard, double norm) {
   const int64_t len = shard_end_ - shard_begin_;
+  check_shape(param_range, {len}, "AdamW params (this shard's range)");
+  check_dtype(param_range, dtype_, "AdamW params");
   check_shape(grad_shard, {len}, "AdamW grad shard");
   check_dtype(grad_shard, dtype_, "AdamW grad shard");
 
@@ -161,7 +166,7 @@ AdamW::StepInfo AdamW::step_shard(const Tensor& params, const Tensor& grad_shard
     }
   }
   p.weight_decay = cfg_.weight_decay;  // applied to the segments flagged weight_decay, 0 elsewhere
-  if (len > 0) be_->adamw_update_segments(params.view(shard_begin_, {len}), grad_shard, m_, v_, segs_, p);
+  if (len > 0) be_->adamw_update_segments(param_range, grad_shard, m_, v_, segs_, p);
   ++step_;
   return info;
 }

@@ -93,6 +93,9 @@ class AdamW {
   // step() for a caller that holds only its range's gradient (grad_shard [shard_end - shard_begin]) and has
   // computed the global gradient norm itself (e.g. from an all-reduce of per-shard sums of squares).
   StepInfo step_shard(const Tensor& params, const Tensor& grad_shard, double grad_norm);
+  // step_shard for a caller that holds only its range of the parameters too (param_range [shard_end -
+  // shard_begin]; e.g. sharded master weights).
+  StepInfo step_owned(const Tensor& param_range, const Tensor& grad_shard, double grad_norm);
 
   int64_t step_count() const { return step_; }
   int64_t total_steps() const { return total_steps_; }

@@ -156,9 +156,11 @@ struct Position {
   int64_t pos = 0;       // next index into this epoch's order
 };
 
-// m, v: all of the moments (host F32, [n_params]), gathered from the ranks' shards under ZeRO-1.
+// m, v: all of the moments (host F32, [n_params]), gathered from the ranks' shards under ZeRO-1; weights: all of
+// the master weights (host) when the model's are sharded, else undefined (taken from the model).
 void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW& opt, const Tensor& m,
-                      const Tensor& v, const Position& p, const std::string& config_yaml, int64_t save_total_limit) {
+                      const Tensor& v, const Tensor& weights, const Position& p, const std::string& config_yaml,
+                      int64_t save_total_limit) {
   const fs::path root = fs::path(out_dir) / "checkpoints";
   const std::string name = "step-" + std::to_string(p.step);
   const fs::path final_dir = root / name;
@@ -167,7 +169,8 @@ void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW
   fs::remove_all(tmp, ec);
   fs::create_directories(tmp, ec);
   if (ec) throw Error("cannot create " + tmp.string() + ": " + ec.message());
-  save_gpt2_checkpoint(model, tmp.string());
+  if (weights.defined()) save_gpt2_checkpoint(model, tmp.string(), weights);
+  else save_gpt2_checkpoint(model, tmp.string());
   save_safetensors((tmp / "optimizer.safetensors").string(), {{"exp_avg", m}, {"exp_avg_sq", v}},
                    {{"optimizer", "adamw"}, {"step", std::to_string(opt.step_count())}});
   json files = json::object();
@@ -579,6 +582,14 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     p = load_checkpoint(dir, *policy, opt, cfg);  // on every rank
     say("resumed from " + dir + " at step " + std::to_string(p.step));
   }
+  // ZeRO-1 in bf16: each rank keeps only its range of the F32 master weights (after any resume, which loads all
+  // of them); after each update the ranks' bf16 compute copies of their ranges are all-gathered.
+  Tensor zfull16, zshard16;
+  if (zero && policy->dtype() == DType::BF16) {
+    policy->shard_master(opt.shard_begin(), opt.shard_end());
+    zfull16 = be->zeros({n_ranks * zS}, DType::BF16);
+    zshard16 = be->zeros({zS}, DType::BF16);
+  }
   const std::string metrics_path = (fs::path(cfg.out_dir) / "metrics.jsonl").string();
   std::unique_ptr<MetricsLog> log;
   if (lead) {
@@ -607,7 +618,14 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   auto save = [&]() {
     DPO_PHASE("checkpoint");
     const auto [m, v] = full_moments();
-    if (lead) write_checkpoint(cfg.out_dir, *policy, opt, m, v, p, config_yaml, cfg.save_total_limit);
+    Tensor weights;  // the gathered master weights when they are sharded (collective)
+    if (policy->master_sharded()) {
+      Tensor tmp = be->empty({n_params}, DType::F32);
+      gather_ranges(tmp, policy->master_params());
+      weights = Tensor::host({n_params}, DType::F32);
+      be->copy_to_host(weights, tmp);
+    }
+    if (lead) write_checkpoint(cfg.out_dir, *policy, opt, m, v, weights, p, config_yaml, cfg.save_total_limit);
     comm.barrier();  // no rank runs ahead of a checkpoint it might be asked to resume from
     last_saved = p.step;
   };
@@ -718,19 +736,30 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       DPO_PHASE("optimizer");
       // AdamW updates the F32 master weights (params() itself in fp32).
       const Tensor& master = policy->master_params();
-      AdamW::StepInfo si;
+      const int64_t b = opt.shard_begin(), len = opt.shard_end() - opt.shard_begin();
+      // This rank's range of the summed gradient, and the global norm (the same number on every rank, so all
+      // ranks skip a non-finite step together).
+      Tensor g_range = zero_scatter ? zshard.view(0, {len}) : grad.view(b, {len});
+      double norm;
       if (zero_scatter) {
-        const int64_t len = opt.shard_end() - opt.shard_begin();
-        double ss = len > 0 ? be->sum_squares(zshard.view(0, {len})) : 0.0;
-        comm.allreduce_sum(&ss, 1);  // the same total on every rank: all skip or none does
-        si = opt.step_shard(master, zshard.view(0, {len}), std::sqrt(ss));
+        double ss = len > 0 ? be->sum_squares(g_range) : 0.0;
+        comm.allreduce_sum(&ss, 1);
+        norm = std::sqrt(ss);
       } else {
-        si = opt.step(master, grad);
+        norm = global_grad_norm(*be, grad);
       }
-      // Every rank saw the same norm, so all skip or none does.
-      if (zero && !si.skipped)
-        gather_ranges(master, master.view(opt.shard_begin(), {opt.shard_end() - opt.shard_begin()}));
-      if (!si.skipped) policy->sync_params();
+      AdamW::StepInfo si = policy->master_sharded() ? opt.step_owned(master, g_range, norm)
+                                                    : opt.step_shard(master, g_range, norm);
+      if (si.skipped) return si;
+      if (policy->master_sharded()) {
+        policy->sync_params();  // rounds this rank's range into the bf16 compute copy
+        if (len > 0) be->copy(zshard16.view(0, {len}), policy->params().view(b, {len}));
+        comm.all_gather(zfull16, zshard16);
+        be->copy(policy->params(), zfull16.view(0, {n_params}));
+      } else {
+        if (zero) gather_ranges(master, master.view(b, {len}));
+        policy->sync_params();
+      }
       return si;
     }();
     if (info.skipped) say("step " + std::to_string(p.step + 1) + ": non-finite gradient norm; update skipped");
