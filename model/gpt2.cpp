@@ -270,14 +270,38 @@ void GPT2::backward(const Tensor& dseq) {
   targets_ = Tensor();  // the logits were consumed; a second backward needs a new forward
 }
 
+std::vector<std::pair<int64_t, int64_t>> GPT2::grad_buckets() const {
+  // ln_f.{weight,bias} are the last two specs; layer l's twelve specs are contiguous; wte, wpe come first.
+  std::vector<std::pair<int64_t, int64_t>> b;
+  const int64_t n = params_.numel();
+  const int64_t lnf = spec("ln_f.weight").offset;
+  b.push_back({lnf, n - lnf});
+  for (int64_t l = cfg_.n_layer - 1; l >= 0; --l) {
+    const int64_t lo = spec("h." + std::to_string(l) + ".ln_1.weight").offset;
+    const int64_t hi = l + 1 < cfg_.n_layer ? spec("h." + std::to_string(l + 1) + ".ln_1.weight").offset : lnf;
+    b.push_back({lo, hi - lo});
+  }
+  const int64_t first_layer = cfg_.n_layer > 0 ? spec("h.0.ln_1.weight").offset : lnf;
+  b.push_back({0, first_layer});
+  return b;
+}
+
 void GPT2::backward_trunk() {
   Acts& a = *acts_;
   Backend& be = *be_;
   const int64_t NH = cfg_.n_head;
+  const auto buckets = grad_hook_ ? grad_buckets() : std::vector<std::pair<int64_t, int64_t>>{};
+  size_t next_bucket = 0;
+  auto ready = [&]() {
+    if (!grad_hook_) return;
+    grad_hook_(buckets[next_bucket].first, buckets[next_bucket].second);
+    ++next_bucket;
+  };
   const Tensor& last = cfg_.n_layer > 0 ? a.layers.back().res3 : a.encoded;
   be.fill_zero(a.dres);
   be.layernorm_backward(a.dres, grad("ln_f.weight"), grad("ln_f.bias"), a.dln, last, param("ln_f.weight"),
                         a.lnf_mean, a.lnf_rstd);
+  ready();  // ln_f
   // a.dres holds dL/d(residual stream) at the current depth; both branches of each residual add read it, and
   // each LayerNorm backward accumulates into it, which is the residual backward done in place.
   for (int64_t l = cfg_.n_layer - 1; l >= 0; --l) {
@@ -304,8 +328,10 @@ void GPT2::backward_trunk() {
                        param(p + "attn.c_attn.weight"), WeightLayout::InOut);
     be.layernorm_backward(a.dres, grad(p + "ln_1.weight"), grad(p + "ln_1.bias"), a.dln, residual,
                           param(p + "ln_1.weight"), L.ln1_mean, L.ln1_rstd);
+    ready();  // h.l
   }
   be.encoder_backward(grad("wte.weight"), grad("wpe.weight"), a.dres, tokens_);
+  ready();  // wte + wpe
 }
 
 // --- the chunked LM head ---------------------------------------------------------------------------------------

@@ -133,6 +133,15 @@ class GPT2 {
 
   static constexpr int64_t kDefaultLogitsChunkRows = 2048;
 
+  // Gradient buckets, for overlapping the gradient all-reduce with the backward pass. The ranges (offset, numel)
+  // of grads() in the order their gradients become final in a backward pass: ln_f, h.{L-1}, ..., h.0, then
+  // wte + wpe (wte last: the embedding backward adds to it after the LM head did). Together they cover grads()
+  // exactly once. With a hook set, each backward pass (backward() and fused_backward()) calls it with each range
+  // right after that range's last gradient kernel has been enqueued; an empty function removes the hook.
+  using GradReadyHook = std::function<void(int64_t offset, int64_t numel)>;
+  std::vector<std::pair<int64_t, int64_t>> grad_buckets() const;
+  void set_grad_ready_hook(GradReadyHook hook) { grad_hook_ = std::move(hook); }
+
  private:
   struct Acts;  // activations kept for the backward pass, sized for the current (B, T)
   void ensure_acts(int64_t B, int64_t T);
@@ -154,6 +163,7 @@ class GPT2 {
   DType gdtype_;
   Tensor params_, master_, grads_;
   bool master_sharded_ = false;
+  GradReadyHook grad_hook_;
   int64_t master_begin_ = 0;
   std::shared_ptr<Acts> acts_;
   Tensor tokens_, keymask_, targets_, weights_;  // inputs of the last sequence_logprobs, for backward

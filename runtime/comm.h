@@ -77,6 +77,14 @@ class Communicator {
   // communicator's. Collective.
   virtual void broadcast_bytes(void* data, int64_t bytes, int root) = 0;
 
+  // Overlap with computation (the gradient all-reduce in buckets during the backward pass). allreduce_sum_async
+  // starts t = sum over ranks of t, in place, ordered after the device work enqueued so far, and returns without
+  // waiting; finish_async returns once every started one is complete and later device work is ordered after them.
+  // The defaults (local, mpi) are allreduce_sum at once and nothing; nccl runs the collectives on a stream of its
+  // own, waits with its timeout in finish_async only. Collective, in the same order on every rank.
+  virtual void allreduce_sum_async(const Tensor& t) { allreduce_sum(t); }
+  virtual void finish_async() {}
+
   virtual void barrier() = 0;
 
   // Ends every rank of the run with exit status `code` (MPI_Abort); never returns. The caller prints the reason

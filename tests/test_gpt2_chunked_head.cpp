@@ -4,6 +4,7 @@
 // buffer does not grow with the batch, chunks hold whole pairs, and misuse is an error.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -266,6 +267,63 @@ TEST(Gpt2ChunkedHead, AForgottenSequenceGetsNaNGradientsNotZero) {
   m.fused_forward(in.tokens, in.keymask, in.targets, in.weights, head);
   m.fused_backward();
   EXPECT_TRUE(std::isnan(m.grad("wte.weight").data<double>()[0]));
+}
+
+TEST(Gpt2ChunkedHead, GradReadyHookCoversEveryParameterOnceInBackwardOrder) {
+  std::mt19937_64 g(test::test_seed());
+  auto be = make_cpu_backend();
+  GPT2Config cfg = tiny_config();
+  cfg.n_layer = 3;
+  GPT2 m(*be, cfg, DType::F64);
+  randomize(m, g, 0.3);
+  const auto buckets = m.grad_buckets();
+  ASSERT_EQ(buckets.size(), static_cast<size_t>(cfg.n_layer + 2));
+  // Tiling: sorted by offset they cover [0, n) without gaps or overlaps; the order is ln_f, layers high to low,
+  // then the embeddings.
+  auto sorted = buckets;
+  std::sort(sorted.begin(), sorted.end());
+  int64_t at = 0;
+  for (const auto& [off, n] : sorted) {
+    EXPECT_EQ(off, at);
+    EXPECT_GT(n, 0);
+    at = off + n;
+  }
+  EXPECT_EQ(at, m.params().numel());
+  EXPECT_EQ(buckets.front().first, m.spec("ln_f.weight").offset);
+  EXPECT_EQ(buckets[1].first, m.spec("h.2.ln_1.weight").offset);
+  EXPECT_EQ(buckets.back().first, 0);
+  // During a backward pass each range is final when the hook sees it: its gradient then equals the gradient at
+  // the end of the pass (nothing is added to a range after its call).
+  Inputs in = make_inputs(g, cfg, 4, 6);
+  PairLoss L;
+  L.P = 2;
+  L.ref.assign(4, 0.0);
+  for (int fused = 0; fused < 2; ++fused) {
+    std::vector<std::pair<int64_t, int64_t>> seen;
+    std::vector<std::vector<double>> at_call;
+    m.set_grad_ready_hook([&](int64_t off, int64_t n) {
+      seen.push_back({off, n});
+      at_call.emplace_back(m.grads().data<double>() + off, m.grads().data<double>() + off + n);
+    });
+    m.zero_grad();
+    if (fused) {
+      m.fused_forward(in.tokens, in.keymask, in.targets, in.weights, pair_head(L));
+      m.fused_backward();
+    } else {
+      Tensor seq = Tensor::host({4}, DType::F64), d = Tensor::host({4}, DType::F64);
+      m.sequence_logprobs(in.tokens, in.keymask, in.targets, in.weights, seq);
+      for (int i = 0; i < 4; ++i) d.data<double>()[i] = 0.3 * (i + 1);
+      m.backward(d);
+    }
+    ASSERT_EQ(seen, buckets) << (fused ? "fused" : "unfused");
+    for (size_t k = 0; k < seen.size(); ++k) {
+      const auto [off, n] = seen[k];
+      EXPECT_TRUE(test::bitwise_equal(at_call[k], std::vector<double>(m.grads().data<double>() + off,
+                                                                      m.grads().data<double>() + off + n)))
+          << "bucket " << k << " changed after its hook call";
+    }
+    m.set_grad_ready_hook({});
+  }
 }
 
 TEST(Gpt2ChunkedHead, MisuseIsAnError) {

@@ -240,23 +240,22 @@ TEST(MpiTrain, ZeroStage1Bf16ShardsTheMasterWeightsBitIdentical) {
   expect_same_as_one_process(c, RunKind::Dpo, 6, /*resume_at=*/3);
 }
 
-// ZeRO-1 with the reduce-scatter path (what NCCL runs; forced here on MPI): each rank sums its own micro-batches,
-// so the additions are grouped differently from one process and the weights agree up to float reduction order,
-// not bitwise. The measure: the difference between the two runs' final weights, relative to how far training
-// moved them (Adam normalises each update, so a rounding-level change in a gradient changes its update by a
+// Paths whose additions are grouped differently from one process (each rank sums its own micro-batches first), so
+// the weights agree with one process up to float reduction order, not bitwise: the reduce-scatter ZeRO-1 path and
+// the bucketed, overlapped all-reduce (both what NCCL runs; forced here on MPI through their environment
+// switches). The measure: the difference between the two runs' final weights relative to how far training moved
+// them (Adam normalises each update, so a rounding-level change in a gradient changes its update by a
 // rounding-level fraction, except for elements whose gradient is within rounding of zero).
-TEST(MpiTrain, ZeroStage1ReduceScatterMatchesOneProcessToRounding) {
+void expect_close_to_one_process(TrainConfig c, RunKind kind, int64_t expect_steps, const char* env,
+                                 const char* what) {
   Communicator& comm = world();
-  SharedDir w(22);
-  TrainConfig c = base_config(w, "zero1rs");
-  c.zero_stage = 1;
-  ::setenv("DPO_ZERO_REDUCE_SCATTER", "1", 1);
+  ::setenv(env, "1", 1);
   RunOptions ro;
   ro.quiet = true;
   ro.comm = &comm;
-  const RunSummary dist = run_training(c, RunKind::Dpo, ro);
-  ::unsetenv("DPO_ZERO_REDUCE_SCATTER");
-  ASSERT_EQ(dist.steps, 6);
+  const RunSummary dist = run_training(c, kind, ro);
+  ::unsetenv(env);
+  ASSERT_EQ(dist.steps, expect_steps);
   comm.barrier();
   if (comm.rank() == 0) {
     auto local = make_local_communicator();
@@ -264,9 +263,8 @@ TEST(MpiTrain, ZeroStage1ReduceScatterMatchesOneProcessToRounding) {
     one.out_dir = c.out_dir + "-single";
     RunOptions lo = ro;
     lo.comm = local.get();
-    const RunSummary single = run_training(one, RunKind::Dpo, lo);
-    const auto wd = weights(dist.final_checkpoint), ws = weights(single.final_checkpoint),
-               w0 = weights(c.model);
+    const RunSummary single = run_training(one, kind, lo);
+    const auto wd = weights(dist.final_checkpoint), ws = weights(single.final_checkpoint), w0 = weights(c.model);
     ASSERT_EQ(wd.size(), ws.size());
     double diff = 0, moved = 0;
     for (size_t i = 0; i < ws.size(); ++i) {
@@ -275,11 +273,35 @@ TEST(MpiTrain, ZeroStage1ReduceScatterMatchesOneProcessToRounding) {
     }
     ASSERT_GT(moved, 0.0);
     const double r = std::sqrt(diff / moved);
-    std::printf("reduce-scatter ZeRO-1 on %d ranks vs one process: |dW| / |W - W0| = %.2e\n", comm.size(), r);
-    EXPECT_LT(r, 1e-3);
-    EXPECT_NEAR(dist.last_log.at("loss"), single.last_log.at("loss"), 1e-4);
+    std::printf("%s on %d ranks vs one process: |dW| / |W - W0| = %.2e\n", what, comm.size(), r);
+    EXPECT_LT(r, 1e-3) << what;
+    EXPECT_NEAR(dist.last_log.at("loss"), single.last_log.at("loss"), 1e-4) << what;
   }
   comm.barrier();
+}
+
+TEST(MpiTrain, ZeroStage1ReduceScatterMatchesOneProcessToRounding) {
+  SharedDir w(22);
+  TrainConfig c = base_config(w, "zero1rs");
+  c.zero_stage = 1;
+  expect_close_to_one_process(c, RunKind::Dpo, 6, "DPO_ZERO_REDUCE_SCATTER", "reduce-scatter ZeRO-1");
+}
+
+TEST(MpiTrain, OverlappedBucketAllreduceMatchesOneProcessToRounding) {
+  // Accumulation (4 micro-batches per step over the ranks), then one micro-batch per step (the other ranks have
+  // none and reduce zeros bucket by bucket), then SFT.
+  SharedDir w(22);
+  TrainConfig c = base_config(w, "overlap");
+  expect_close_to_one_process(c, RunKind::Dpo, 6, "DPO_OVERLAP_ALLREDUCE", "overlapped all-reduce, accumulation");
+  TrainConfig d = base_config(w, "overlap-idle");
+  d.per_device_train_batch_size = 4;
+  d.gradient_accumulation_steps = 1;
+  d.num_train_epochs = 1;
+  expect_close_to_one_process(d, RunKind::Dpo, 6, "DPO_OVERLAP_ALLREDUCE", "overlapped all-reduce, idle ranks");
+  TrainConfig e = base_config(w, "overlap-sft");
+  e.train_file = w / "sft.jsonl";
+  e.learning_rate = 1e-3;
+  expect_close_to_one_process(e, RunKind::Sft, 6, "DPO_OVERLAP_ALLREDUCE", "overlapped all-reduce, SFT");
 }
 
 TEST(MpiTrain, EvalCommandIsShardedAndExact) {

@@ -543,6 +543,16 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   const char* force_scatter = std::getenv("DPO_ZERO_REDUCE_SCATTER");
   const bool zero_scatter =
       zero && (comm.name() == "nccl" || (force_scatter && *force_scatter && std::string(force_scatter) != "0"));
+  // Overlap (NCCL without ZeRO-1; DPO_OVERLAP_ALLREDUCE=1 forces it elsewhere, for tests): during the backward
+  // pass of a rank's last micro-batch of the step, each bucket of parameters (GPT2::grad_buckets) is added into
+  // the step gradient and its all-reduce started as soon as the backward has produced it, on the communicator's
+  // own stream; the reduction then only waits for the last buckets. Accumulation micro-batches start nothing.
+  // Each rank sums its micro-batches first, so the result equals one process up to float reduction order.
+  const char* force_overlap = std::getenv("DPO_OVERLAP_ALLREDUCE");
+  const bool overlap = !zero && n_ranks > 1 &&
+                       (comm.name() == "nccl" || (force_overlap && *force_overlap && std::string(force_overlap) != "0"));
+  if (overlap) say("gradient all-reduce: " + std::to_string(policy->grad_buckets().size()) +
+                   " buckets, overlapped with the backward pass");
   if (zero) say(std::string("ZeRO-1: AdamW moments sharded over ") + std::to_string(n_ranks) + " ranks, gradients by " +
                 (zero_scatter ? "reduce-scatter" : "ordered fold"));
   // dst [n_params] = the ranks' ranges gathered; own_range is this rank's [shard_end - shard_begin].
@@ -649,7 +659,25 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     be->fill_zero(grad);
     std::vector<Tensor> stash;
     std::vector<Window> chunks;
+    bool overlapped = false;  // this step's all-reduce was started during the last micro-batch's backward
+    // Before micro-batch c's training pass: with overlap, on this rank's last micro-batch, fold the earlier ones
+    // (rank 0 has them in grad already; the others' are in stash) and hook the bucketed all-reduce.
+    auto begin_micro_batch = [&](int64_t c) {
+      if (!overlap || c != c1 - 1) return;
+      for (const Tensor& t : stash) be->residual_forward(grad, grad, t);
+      stash.clear();
+      policy->set_grad_ready_hook([&](int64_t off, int64_t n) {
+        const Tensor g = grad.view(off, {n});
+        be->residual_forward(g, g, policy->grads().view(off, {n}));
+        comm.allreduce_sum_async(g);
+      });
+      overlapped = true;
+    };
     auto accumulate = [&]() {
+      if (overlapped) {  // the hook added this micro-batch's gradient bucket by bucket
+        policy->set_grad_ready_hook({});
+        return;
+      }
       if (lead) {
         be->residual_forward(grad, grad, policy->grads());
         return;
@@ -671,6 +699,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
         std::vector<int64_t> idx = chunk_idx(c);
         Batch b = make_sft_batch(sft, idx, DType::F32, 0);
         policy->zero_grad();
+        begin_micro_batch(c);
         const std::vector<double> lp = policy_train_pass(
             *policy, b, 0, [&](int64_t s0, int64_t s1, const std::vector<double>&, std::vector<double>& d) {
               for (int64_t s = s0; s < s1; ++s) d[static_cast<size_t>(s)] = -1.0 / sft_norm_tokens;
@@ -692,6 +721,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
         const RefLogps* cref = cached ? &ref_train : nullptr;
         const std::vector<double>* lref = use_ref && !cached ? &live : nullptr;
         const int64_t P = b.pairs;
+        begin_micro_batch(c);
         // Per chunk of pairs: the pairs' losses and gradients (the same per-pair values as one batch_loss call
         // over the whole micro-batch; the metrics below come from that call).
         std::vector<PairInput> in = pair_inputs(b, std::vector<double>(static_cast<size_t>(2 * P), 0.0), idx, cref, lref);
@@ -721,7 +751,12 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     // The reductions: one per optimizer step (none per micro-batch).
     {
       DPO_PHASE("gradient reduction");
-      if (zero_scatter) {
+      if (overlap) {
+        // A rank without a micro-batch in this step starts the same buckets, in the same order, on zeros.
+        if (!overlapped)
+          for (const auto& [off, n] : policy->grad_buckets()) comm.allreduce_sum_async(grad.view(off, {n}));
+        comm.finish_async();
+      } else if (zero_scatter) {
         for (const Tensor& t : stash) be->residual_forward(grad, grad, t);  // this rank's micro-batches
         be->copy(zfull.view(0, {n_params}), grad);
         if (n_ranks * zS > n_params) be->fill_zero(zfull.view(n_params, {n_ranks * zS - n_params}));

@@ -75,6 +75,9 @@ class NcclCommunicator final : public Communicator {
     const cudaError_t ev = cudaEventCreateWithFlags(&done_, cudaEventDisableTiming);
     if (ev != cudaSuccess) fail("CUDA", cuda_status(ev), "cudaEventCreateWithFlags(&done_, cudaEventDisableTiming)",
                                 __FILE__, __LINE__);
+    DPO_CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
+    DPO_CUDA_CHECK(cudaEventCreateWithFlags(&comm_done_, cudaEventDisableTiming));
+    DPO_CUDA_CHECK(cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking));
   }
 
   ~NcclCommunicator() override {
@@ -96,6 +99,9 @@ class NcclCommunicator final : public Communicator {
       else ncclCommAbort(comm_);
     }
     if (done_ != nullptr) cudaEventDestroy(done_);
+    if (ready_ != nullptr) cudaEventDestroy(ready_);
+    if (comm_done_ != nullptr) cudaEventDestroy(comm_done_);
+    if (comm_stream_ != nullptr) cudaStreamDestroy(comm_stream_);
   }
 
   int rank() const override { return host_->rank(); }
@@ -119,6 +125,31 @@ class NcclCommunicator final : public Communicator {
     allreduce_in_place(t);
   }
   void allreduce_sum(double* v, int64_t n) override { host_->allreduce_sum(v, n); }
+
+  // On comm_stream_, after an event recorded on the compute stream now: the backward pass goes on while the
+  // bucket is reduced. No host wait here (finish_async waits once for all of them).
+  void allreduce_sum_async(const Tensor& t) override {
+    DPO_ASSERT(t.defined(), "allreduce_sum_async: undefined tensor");
+    comm_detail::check_sum_dtype("allreduce_sum_async", t);
+    if (!on_device("allreduce_sum_async", t)) return host_->allreduce_sum(t);
+    require_live();
+    if (t.numel() == 0) return;
+    DPO_CUDA_CHECK(cudaEventRecord(ready_, stream_));
+    DPO_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, ready_, 0));
+    DPO_NCCL_COMM_CALL(ncclAllReduce(t.raw(), t.raw(), static_cast<size_t>(t.numel()), nccl_sum_type(t.dtype()),
+                                     ncclSum, comm_, comm_stream_));
+    pending_ = true;
+  }
+  // The compute stream waits (on the device) for the comm stream; the host waits for it with the timeout and
+  // the asynchronous-error polling of every other collective, so a dead peer ends as an error, not a hang.
+  void finish_async() override {
+    if (!pending_) return;
+    require_live();
+    DPO_CUDA_CHECK(cudaEventRecord(comm_done_, comm_stream_));
+    DPO_CUDA_CHECK(cudaStreamWaitEvent(stream_, comm_done_, 0));
+    pending_ = false;
+    wait_event(comm_done_, "ncclAllReduce (bucketed, overlapped)", __FILE__, __LINE__);
+  }
 
   void reduce_scatter_sum(const Tensor& shard, const Tensor& full) override {
     comm_detail::check_shard_args("reduce_scatter_sum", shard, full, size());
@@ -195,9 +226,14 @@ class NcclCommunicator final : public Communicator {
   void wait_done(const char* stmt, const char* file, int line) {
     const cudaError_t rec = cudaEventRecord(done_, stream_);
     if (rec != cudaSuccess) fail("CUDA", cuda_status(rec), "cudaEventRecord(done_, stream_)", __FILE__, __LINE__);
+    wait_event(done_, stmt, file, line);
+  }
+
+  // Until `ev` (already recorded) has completed, polling NCCL's asynchronous error state, within the timeout.
+  void wait_event(cudaEvent_t ev, const char* stmt, const char* file, int line) {
     const auto t0 = Clock::now();
     for (;;) {
-      const cudaError_t q = cudaEventQuery(done_);
+      const cudaError_t q = cudaEventQuery(ev);
       if (q == cudaSuccess) return;
       if (q != cudaErrorNotReady) fail("CUDA", cuda_status(q), stmt, file, line);
       poll_async_error(stmt, file, line);
@@ -251,6 +287,10 @@ class NcclCommunicator final : public Communicator {
   NcclOptions options_;
   ncclComm_t comm_ = nullptr;
   cudaEvent_t done_ = nullptr;
+  // The overlapped all-reduces: their stream, the compute-stream event each waits for, and their completion.
+  cudaStream_t comm_stream_ = nullptr;
+  cudaEvent_t ready_ = nullptr, comm_done_ = nullptr;
+  bool pending_ = false;
 };
 
 #undef DPO_NCCL_COMM_CALL
