@@ -1,6 +1,9 @@
 #include "runtime/comm.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -279,6 +282,32 @@ void Communicator::allreduce_sum(double* v, int64_t n) {
   if (size() == 1 || n == 0) return;
   Tensor t(std::make_shared<Buffer>(v, n * 8, Device{}, nullptr), 0, DType::F64, {n});
   allreduce_sum(t);
+}
+
+int local_rank_among(const std::vector<std::string>& hosts, int me) {
+  DPO_ASSERT(me >= 0 && me < static_cast<int>(hosts.size()), "local_rank_among: rank out of range");
+  int n = 0;
+  for (int r = 0; r < me; ++r) n += hosts[static_cast<size_t>(r)] == hosts[static_cast<size_t>(me)];
+  return n;
+}
+
+int node_local_rank(Communicator& comm) {
+  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID"})
+    if (const char* v = std::getenv(name); v && *v) return std::atoi(v);
+  if (comm.size() == 1) return 0;
+  // Host names in fixed 256-byte slots (as I32 words: all_gather moves any dtype exactly).
+  constexpr int64_t kWords = 64;
+  char name[kWords * 4] = {};
+  if (::gethostname(name, sizeof name - 1) != 0) throw Error("gethostname failed: " + std::string(std::strerror(errno)));
+  Tensor mine = Tensor::host({kWords}, DType::I32), all = Tensor::host({kWords * comm.size()}, DType::I32);
+  std::memcpy(mine.raw(), name, sizeof name);
+  comm.all_gather(all, mine);
+  std::vector<std::string> hosts;
+  for (int r = 0; r < comm.size(); ++r) {
+    const char* p = static_cast<const char*>(all.raw()) + r * kWords * 4;
+    hosts.emplace_back(p, strnlen(p, kWords * 4));
+  }
+  return local_rank_among(hosts, comm.rank());
 }
 
 int launcher_size() {

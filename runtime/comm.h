@@ -145,6 +145,13 @@ void check_shard_args(const char* what, const Tensor& shard, const Tensor& full,
 // The number of processes the launcher started (1 when none), read from the environment.
 int launcher_size();
 
+// This process's rank among the ranks on its node (which GPU it takes): OMPI_COMM_WORLD_LOCAL_RANK, SLURM_LOCALID
+// or MPI_LOCALRANKID when the launcher sets one; otherwise the number of lower ranks whose host name equals this
+// one's (an all-gather of host names over `comm`; collective then). 0 for a single process.
+int node_local_rank(Communicator& comm);
+// The same rule on given host names: the number of ranks before `me` with hosts[me]'s name.
+int local_rank_among(const std::vector<std::string>& hosts, int me);
+
 // For error paths: if this process is one rank of a multi-process MPI job that is still running, aborts the whole
 // job with `code` (MPI_Abort on MPI_COMM_WORLD) and does not return; otherwise returns. Flushes stdout/stderr
 // first.

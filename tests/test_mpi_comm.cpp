@@ -3,6 +3,8 @@
 // broadcast move bytes exactly. Run by ctest on 2 ranks (mpirun); passes on 1 rank too.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -222,6 +224,25 @@ TEST(MpiComm, LaunchedRanksMatchTheCommunicator) {
   } else {
     EXPECT_EQ(c.name(), "local");
   }
+}
+
+TEST(MpiComm, NodeLocalRankFromTheLauncherOrFromHostNames) {
+  Communicator& comm = test::world();
+  // With the launcher's variable (mpirun sets OMPI_COMM_WORLD_LOCAL_RANK): that value.
+  const char* ompi = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+  if (ompi) EXPECT_EQ(node_local_rank(comm), std::atoi(ompi));
+  // Without any: from an all-gather of host names (all ranks of this test are on one host: local rank = rank).
+  std::vector<std::pair<std::string, std::string>> saved;
+  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID"}) {
+    if (const char* v = std::getenv(name)) saved.emplace_back(name, v);
+    ::unsetenv(name);
+  }
+  EXPECT_EQ(node_local_rank(comm), comm.rank());
+  for (const auto& [k, v] : saved) ::setenv(k.c_str(), v.c_str(), 1);
+  // The rule on given names: two nodes, interleaved ranks.
+  const std::vector<std::string> hosts = {"a", "b", "a", "b", "b"};
+  const int want[] = {0, 0, 1, 1, 2};
+  for (int r = 0; r < 5; ++r) EXPECT_EQ(local_rank_among(hosts, r), want[r]) << r;
 }
 
 TEST(MpiComm, RejectsMismatchedTerms) {

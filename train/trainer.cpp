@@ -42,25 +42,19 @@ using json = nlohmann::json;
 
 namespace {
 
-// The process's GPU: its local rank on the node (Open MPI, Slurm), else 0.
-int local_device() {
-  for (const char* name : {"OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID"})
-    if (const char* v = std::getenv(name)) return std::atoi(v);
-  return 0;
-}
-
-std::unique_ptr<Backend> make_backend(const TrainConfig& c) {
+// device: cuda takes the GPU numbered by the process's rank on its node (runtime/comm.h, node_local_rank).
+std::unique_ptr<Backend> make_backend(const TrainConfig& c, Communicator& comm) {
   if (c.device == "cuda") {
 #ifdef DPO_HAVE_CUDA
     try {
-      return make_cuda_backend(local_device());
+      return make_cuda_backend(node_local_rank(comm));
     } catch (const InputError&) {
       throw;
     } catch (const Error& e) {
       throw InputError(std::string("key 'device': cuda: ") + e.what());
     }
 #else
-    (void)local_device;
+    (void)comm;
     throw InputError("key 'device': this build has no CUDA backend (nvcc was not found at configure time); use "
                      "device: cpu");
 #endif
@@ -422,7 +416,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   validate(cfg, kind);
   std::unique_ptr<Communicator> own_comm;
   if (!ro.comm) own_comm = make_communicator();
-  auto be = make_backend(cfg);  // selects this rank's GPU first (device: cuda)
+  auto be = make_backend(cfg, ro.comm ? *ro.comm : *own_comm);  // selects this rank's GPU first (device: cuda)
   // Device tensors (gradients, ZeRO-1 gathers) go through NCCL on a GPU with several ranks (or DPO_FORCE_NCCL=1);
   // host data (metrics) through the host communicator it wraps.
   if (own_comm && be->device().kind == DeviceKind::CUDA) {
@@ -839,7 +833,7 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
   std::unique_ptr<Communicator> own_comm;
   if (!comm_in) own_comm = make_communicator();
   Communicator& comm = comm_in ? *comm_in : *own_comm;
-  auto be = make_backend(cfg);
+  auto be = make_backend(cfg, comm);
   auto tok = make_tokenizer(cfg.tokenizer);
   auto policy = load_gpt2_checkpoint(*be, checkpoint, model_dtype(cfg));
   check_fits(cfg, *policy, *tok, checkpoint);
