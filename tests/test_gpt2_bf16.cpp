@@ -14,6 +14,7 @@
 #include "model/checkpoint.h"
 #include "model/gpt2.h"
 #include "runtime/safetensors.h"
+#include "test_fixture.h"
 #include "test_util.h"
 #include "train/trainer.h"
 
@@ -30,28 +31,10 @@ GPT2Config small_config() {
   return c;
 }
 
-struct Inputs {
-  Tensor tokens, keymask, targets, weights;  // weights F64 (converted per model)
-  int64_t B, T;
-};
+using Inputs = test::PaddedBatch;
 
 Inputs make_inputs(std::mt19937_64& g, const GPT2Config& c, int64_t B, int64_t T) {
-  Inputs in{Tensor::host({B, T}, DType::I32), Tensor::host({B, T}, DType::I32), Tensor::host({B, T}, DType::I32),
-            Tensor::host({B, T}, DType::F64), B, T};
-  std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(c.vocab_size - 1));
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t len = T - b % 3;
-    for (int64_t t = 0; t < T; ++t) {
-      in.tokens.data<int32_t>()[b * T + t] = t < len ? tok(g) : 0;
-      in.keymask.data<int32_t>()[b * T + t] = t < len ? 1 : 0;
-    }
-    for (int64_t t = 0; t < T; ++t) {
-      const bool real_next = t + 1 < len;
-      in.targets.data<int32_t>()[b * T + t] = real_next ? in.tokens.data<int32_t>()[b * T + t + 1] : -1;
-      in.weights.data<double>()[b * T + t] = (real_next && t >= 2) ? 1.0 : 0.0;
-    }
-  }
-  return in;
+  return test::make_padded_batch(g, c.vocab_size, B, T);
 }
 
 std::vector<double> vec(Backend& be, const Tensor& t) { return to_host_f64(be, t); }
@@ -255,33 +238,9 @@ TEST(Gpt2Bf16, OpsRejectMixedUpDtypes) {
   EXPECT_NO_THROW(be->matmul_backward(a, dw32, Tensor(), o, a, w, WeightLayout::InOut));
 }
 
-void write_lines(const std::string& path, const std::vector<std::string>& lines) {
-  std::ofstream f(path);
-  for (const auto& l : lines) f << l << "\n";
-}
-
 TEST(Gpt2Bf16, DpoTrainingInBf16FollowsTheFp32Run) {
   test::ScratchDir dir("dpo_bf16_train_");
-  {
-    auto be = make_cpu_backend();
-    GPT2Config c;
-    c.vocab_size = 257;
-    c.max_seq_len = 40;
-    c.n_embd = 16;
-    c.n_head = 2;
-    c.n_layer = 2;
-    GPT2 m(*be, c, DType::F32);
-    Rng rng(3);
-    m.init_random(rng);
-    save_gpt2_checkpoint(m, dir / "base");
-  }
-  const char* good[] = {"great", "fine", "superb", "lovely"};
-  const char* bad[] = {"awful", "dull", "weak", "bad"};
-  std::vector<std::string> pref;
-  for (int i = 0; i < 16; ++i)
-    pref.push_back(std::string("{\"prompt\": \"review ") + std::to_string(i % 5) + ":\", \"chosen\": \" " +
-                   good[i % 4] + "\", \"rejected\": \" " + bad[(i + 1) % 4] + "\"}");
-  write_lines(dir / "pref.jsonl", pref);
+  test::write_tiny_fixture(dir.dir.string(), 16);
   auto config = [&](const std::string& precision) {
     TrainConfig c;
     c.model = dir / "base";

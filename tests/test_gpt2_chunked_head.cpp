@@ -10,6 +10,7 @@
 #include <random>
 
 #include "model/gpt2.h"
+#include "test_fixture.h"
 #include "test_util.h"
 
 namespace dpo {
@@ -25,35 +26,13 @@ GPT2Config tiny_config() {
   return c;
 }
 
-struct Inputs {
-  Tensor tokens, keymask, targets, weights;
-  int64_t B, T;
-};
+using Inputs = test::PaddedBatch;
 
-// Right padding of a different length per row; completion weights from t = 2 on.
 Inputs make_inputs(std::mt19937_64& g, const GPT2Config& c, int64_t B, int64_t T) {
-  Inputs in{Tensor::host({B, T}, DType::I32), Tensor::host({B, T}, DType::I32), Tensor::host({B, T}, DType::I32),
-            Tensor::host({B, T}, DType::F64), B, T};
-  std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(c.vocab_size - 1));
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t len = T - b % 3;  // 0, 1 or 2 padding positions
-    for (int64_t t = 0; t < T; ++t) {
-      in.tokens.data<int32_t>()[b * T + t] = t < len ? tok(g) : 0;
-      in.keymask.data<int32_t>()[b * T + t] = t < len ? 1 : 0;
-    }
-    for (int64_t t = 0; t < T; ++t) {
-      const bool real_next = t + 1 < len;
-      in.targets.data<int32_t>()[b * T + t] = real_next ? in.tokens.data<int32_t>()[b * T + t + 1] : -1;
-      in.weights.data<double>()[b * T + t] = (real_next && t >= 2) ? 1.0 : 0.0;
-    }
-  }
-  return in;
+  return test::make_padded_batch(g, c.vocab_size, B, T);
 }
 
-void randomize(GPT2& m, std::mt19937_64& g, double scale) {
-  auto v = test::randn<double>(g, static_cast<size_t>(m.params().numel()), scale);
-  std::copy(v.begin(), v.end(), m.params().data<double>());
-}
+void randomize(GPT2& m, std::mt19937_64& g, double scale) { test::randomize_f64(m, g, scale); }
 
 std::vector<double> vec(const Tensor& t) {
   return std::vector<double>(t.data<double>(), t.data<double>() + t.numel());

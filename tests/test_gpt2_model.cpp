@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "model/gpt2.h"
+#include "test_fixture.h"
 #include "test_util.h"
 
 namespace dpo {
@@ -48,10 +49,7 @@ Inputs make_inputs(std::mt19937_64& g, const GPT2Config& c, int64_t B = 3, int64
   return in;
 }
 
-void randomize(GPT2& m, std::mt19937_64& g, double scale) {
-  auto v = test::randn<double>(g, static_cast<size_t>(m.params().numel()), scale);
-  std::copy(v.begin(), v.end(), m.params().data<double>());
-}
+void randomize(GPT2& m, std::mt19937_64& g, double scale) { test::randomize_f64(m, g, scale); }
 
 double objective(GPT2& m, const Inputs& in) {
   Tensor seq = Tensor::host({in.B}, DType::F64);

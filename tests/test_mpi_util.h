@@ -19,6 +19,7 @@
 #include "model/checkpoint.h"
 #include "runtime/comm.h"
 #include "runtime/rng.h"
+#include "test_fixture.h"
 
 namespace dpo::test {
 
@@ -38,39 +39,6 @@ class AbortOnFailure : public ::testing::EmptyTestEventListener {
     if (c.size() > 1) c.abort(1);
   }
 };
-
-// A tiny GPT-2 (byte vocabulary) in dir/base, preference pairs in dir/pref.jsonl (n_pairs), evaluation pairs in
-// dir/eval.jsonl (9), SFT examples in dir/sft.jsonl (n_pairs). Same data as tests/test_trainer.cpp.
-inline void write_tiny_fixture(const std::string& dir, int n_pairs) {
-  auto be = make_cpu_backend(1);
-  GPT2Config c;
-  c.vocab_size = 257;
-  c.max_seq_len = 40;
-  c.n_embd = 16;
-  c.n_head = 2;
-  c.n_layer = 2;
-  GPT2 m(*be, c, DType::F32);
-  Rng rng(3);
-  m.init_random(rng);
-  save_gpt2_checkpoint(m, dir + "/base");
-  const char* good[] = {"great", "fine", "superb", "lovely"};
-  const char* bad[] = {"awful", "dull", "weak", "bad"};
-  std::ofstream pref(dir + "/pref.jsonl"), sft(dir + "/sft.jsonl"), ev(dir + "/eval.jsonl");
-  for (int i = 0; i < n_pairs; ++i) {
-    nlohmann::json j = {{"prompt", "review " + std::to_string(i % 5) + ":"},
-                        {"chosen", std::string(" ") + good[i % 4] + (i % 3 ? " film" : "")},
-                        {"rejected", std::string(" ") + bad[(i + 1) % 4]}};
-    pref << j.dump() << "\n";
-    nlohmann::json s = {{"prompt", "review:"}, {"completion", std::string(" ") + (i % 2 ? good : bad)[i % 4]}};
-    sft << s.dump() << "\n";
-  }
-  for (int i = 0; i < 9; ++i) {
-    nlohmann::json j = {{"prompt", "opinion " + std::to_string(i % 3) + ":"},
-                        {"chosen", std::string(" ") + good[(i + 2) % 4] + " show"},
-                        {"rejected", std::string(" ") + bad[i % 4] + (i % 2 ? " plot" : "")}};
-    ev << j.dump() << "\n";
-  }
-}
 
 inline int mpi_test_main(int argc, char** argv) {
   install_terminate_handler();

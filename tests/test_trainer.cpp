@@ -13,6 +13,7 @@
 #include "train/reference.h"
 #include "train/tokenizer.h"
 #include "train/trainer.h"
+#include "test_fixture.h"
 #include "test_util.h"
 
 namespace dpo {
@@ -24,38 +25,8 @@ struct Workdir : test::ScratchDir {
   Workdir() : ScratchDir("dpo_trainer_") {}
 };
 
-void write_lines(const std::string& path, const std::vector<std::string>& lines) {
-  std::ofstream f(path);
-  for (const auto& l : lines) f << l << "\n";
-}
-
-// A tiny model (byte vocabulary) and small data files.
-void setup(const Workdir& w, int n_pairs = 22) {
-  auto be = make_cpu_backend();
-  GPT2Config c;
-  c.vocab_size = 257;
-  c.max_seq_len = 40;
-  c.n_embd = 16;
-  c.n_head = 2;
-  c.n_layer = 2;
-  GPT2 m(*be, c, DType::F32);
-  Rng rng(3);
-  m.init_random(rng);
-  save_gpt2_checkpoint(m, w / "base");
-  const char* good[] = {"great", "fine", "superb", "lovely"};
-  const char* bad[] = {"awful", "dull", "weak", "bad"};
-  std::vector<std::string> pref, sft;
-  for (int i = 0; i < n_pairs; ++i) {
-    nlohmann::json j = {{"prompt", "review " + std::to_string(i % 5) + ":"},
-                        {"chosen", std::string(" ") + good[i % 4] + (i % 3 ? " film" : "")},
-                        {"rejected", std::string(" ") + bad[(i + 1) % 4]}};
-    pref.push_back(j.dump());
-    nlohmann::json s = {{"prompt", "review:"}, {"completion", std::string(" ") + (i % 2 ? good : bad)[i % 4]}};
-    sft.push_back(s.dump());
-  }
-  write_lines(w / "pref.jsonl", pref);
-  write_lines(w / "sft.jsonl", sft);
-}
+// A tiny model (byte vocabulary) and small data files (tests/test_fixture.h).
+void setup(const Workdir& w, int n_pairs = 22) { test::write_tiny_fixture(w.dir.string(), n_pairs); }
 
 TrainConfig base_config(const Workdir& w, const std::string& out) {
   TrainConfig c;
