@@ -18,7 +18,7 @@
 #   cpu-tests   (--cpu-tests) ctest -L cpu with the time that is left               -> OUTDIR/ctest.log, junit.xml
 #   bench       (unless --no-bench) short mode: dpo bench --device cuda on GPT-2 124M at HH-like lengths in fp32
 #               and bf16, then tools/bench_torch.py eager fp32, eager bf16 (autocast) and torch.compile bf16 on
-#               the same batch                                                     -> OUTDIR/bench.log
+#               the same batch, and tools/bench_trl.py (bf16) when python3 can import trl -> OUTDIR/bench.log
 # Then writes OUTDIR/summary.md (tools/gpu_check_summary.py) and prints it LAST. OUTDIR stays flat with at most
 # 8 files (the device tool returns no more); logs over 4 MiB are cut in the middle.
 # Exit status: 0 only when everything passed on a GPU; non-zero otherwise (the summary is always written).
@@ -479,6 +479,15 @@ if [ "$bench" = 1 ]; then
           --precision "$prec" --json "$WORK/bench-torch-$mode-$prec.json" >>"$OUT/bench.log" 2>&1 || brc=1
       cat "$WORK/bench-torch-$mode-$prec.json" >>"$OUT/bench.log" 2>/dev/null
     done
+    # TRL's DPOTrainer when the machine has TRL (the device tool cannot install it: no network).
+    if python3 -c 'import trl' >/dev/null 2>&1; then
+      echo "== tools/bench_trl.py --device cuda ${bench_args[*]} --precision bf16" >>"$OUT/bench.log"
+      tmo "$(allow $((lim / 5)))" python3 "$REPO/tools/bench_trl.py" --device cuda "${bench_args[@]}" --precision bf16 \
+          --json "$WORK/bench-trl-bf16.json" >>"$OUT/bench.log" 2>&1 || brc=1
+      cat "$WORK/bench-trl-bf16.json" >>"$OUT/bench.log" 2>/dev/null
+    else
+      echo "== tools/bench_trl.py: not run, python3 cannot import trl on this machine" >>"$OUT/bench.log"
+    fi
     phase_done bench "$([ $brc = 0 ] && echo ok || echo FAIL)" $(( $(date +%s) - t0 )) "bench.log: dpo bench, PyTorch eager and torch.compile"
   fi
 fi
