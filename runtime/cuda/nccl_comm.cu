@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "runtime/cuda/cuda_check.h"  // DPO_CUDA_CHECK; DPO_NCCL_CHECK for calls without a communicator
+#include "runtime/cuda/nvtx.h"
 #include "runtime/cuda/nccl_comm.h"
 
 namespace dpo {
@@ -109,6 +110,7 @@ class NcclCommunicator final : public Communicator {
   std::string name() const override { return "nccl"; }
 
   void ordered_fold(const Tensor& acc, const std::vector<Tensor>& terms) override {
+    DPO_NVTX_RANGE("nccl ordered_fold");
     comm_detail::check_fold_args(acc, terms);
     if (!on_device("ordered_fold", acc)) return host_->ordered_fold(acc, terms);
     require_live();
@@ -118,6 +120,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   void allreduce_sum(const Tensor& t) override {
+    DPO_NVTX_RANGE("nccl allreduce_sum");
     DPO_ASSERT(t.defined(), "allreduce_sum: undefined tensor");
     comm_detail::check_sum_dtype("allreduce_sum", t);
     if (!on_device("allreduce_sum", t)) return host_->allreduce_sum(t);
@@ -129,6 +132,7 @@ class NcclCommunicator final : public Communicator {
   // On comm_stream_, after an event recorded on the compute stream now: the backward pass goes on while the
   // bucket is reduced. No host wait here (finish_async waits once for all of them).
   void allreduce_sum_async(const Tensor& t) override {
+    DPO_NVTX_RANGE("nccl allreduce_sum_async");
     DPO_ASSERT(t.defined(), "allreduce_sum_async: undefined tensor");
     comm_detail::check_sum_dtype("allreduce_sum_async", t);
     if (!on_device("allreduce_sum_async", t)) return host_->allreduce_sum(t);
@@ -143,6 +147,7 @@ class NcclCommunicator final : public Communicator {
   // The compute stream waits (on the device) for the comm stream; the host waits for it with the timeout and
   // the asynchronous-error polling of every other collective, so a dead peer ends as an error, not a hang.
   void finish_async() override {
+    DPO_NVTX_RANGE("nccl finish_async");
     if (!pending_) return;
     require_live();
     DPO_CUDA_CHECK(cudaEventRecord(comm_done_, comm_stream_));
@@ -152,6 +157,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   void reduce_scatter_sum(const Tensor& shard, const Tensor& full) override {
+    DPO_NVTX_RANGE("nccl reduce_scatter_sum");
     comm_detail::check_shard_args("reduce_scatter_sum", shard, full, size());
     comm_detail::check_sum_dtype("reduce_scatter_sum", full);
     if (!on_device("reduce_scatter_sum", full)) return host_->reduce_scatter_sum(shard, full);
@@ -163,6 +169,7 @@ class NcclCommunicator final : public Communicator {
   }
 
   void all_gather(const Tensor& full, const Tensor& shard) override {
+    DPO_NVTX_RANGE("nccl all_gather");
     comm_detail::check_shard_args("all_gather", shard, full, size());
     if (!on_device("all_gather", full)) return host_->all_gather(full, shard);
     require_live();
