@@ -409,7 +409,7 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
   const int64_t B = a.B, T = a.T, C = cfg_.n_embd, V = cfg_.vocab_size;
   const auto plan = plan_chunks(B, T, head.pair_stride);
   const Tensor wte = param("wte.weight"), dwte = grad("wte.weight");
-  Tensor seq_dev = be.empty({B}, gdtype_), dseq_dev = be.empty({B}, gdtype_);
+  Tensor seq_dev = be.zeros({B}, gdtype_), dseq_dev = be.empty({B}, gdtype_);
   Tensor seq_host = Tensor::host({B}, gdtype_), dseq_host = Tensor::host({B}, gdtype_);
   std::vector<double> logp(static_cast<size_t>(B), 0.0), dseq(static_cast<size_t>(B), 0.0);
   be.fill_zero(a.dln);  // dL/d(ln_f output), accumulated chunk by chunk
@@ -426,9 +426,11 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
       be.matmul_forward(lg(r), a.lnf.view(r.seq0 * T * C, {r.nseq * T, C}), wte, Tensor(), WeightLayout::OutIn);
       be.logprob_forward(seq_dev.view(r.seq0, {r.nseq}), Tensor(), lg(r), targets.view(r.seq0 * T, {r.nseq, T}),
                          weights.view(r.seq0 * T, {r.nseq, T}));
-      be.copy_to_host(seq_host.view(r.seq0, {r.nseq}), seq_dev.view(r.seq0, {r.nseq}));
-      for (int64_t s = r.seq0; s < r.seq0 + r.nseq; ++s) logp[static_cast<size_t>(s)] = host_at(seq_host, s);
     }
+    // One copy (one device synchronisation) per chunk: all B entries, of which this chunk's are new.
+    be.copy_to_host(seq_host, seq_dev);
+    for (const Range& r : chunk)
+      for (int64_t s = r.seq0; s < r.seq0 + r.nseq; ++s) logp[static_cast<size_t>(s)] = host_at(seq_host, s);
     const int64_t u0 = chunk.front().seq0, u1 = u0 + chunk.front().nseq;
     // A sequence the head forgets to set keeps NaN: its gradients become NaN (loud), never a silent 0.
     for (const Range& r : chunk)

@@ -9,6 +9,13 @@ CudaContext::CudaContext(int device, size_t cublaslt_workspace_bytes) : device_(
   DPO_CUDA_CHECK(cudaSetDevice(device));
   DPO_CUDA_CHECK(cudaGetDeviceProperties(&props_, device));
   DPO_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  // Scratch and tensors come from the device's default stream-ordered pool (alloc below). Its release threshold
+  // defaults to 0: every synchronisation would hand freed memory back to the driver, and the next step would map
+  // it again (the chunked LM head and the gradient norm synchronise several times per step). Keep it instead.
+  cudaMemPool_t pool = nullptr;
+  DPO_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
+  uint64_t keep = UINT64_MAX;
+  DPO_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
   DPO_CUBLAS_CHECK(cublasLtCreate(&lt_));
   DPO_CUDNN_CHECK(cudnnCreate(&cudnn_));
   DPO_CUDNN_CHECK(cudnnSetStream(cudnn_, stream_));

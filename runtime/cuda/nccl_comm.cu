@@ -58,6 +58,9 @@ class NcclCommunicator final : public Communicator {
     DPO_ASSERT(current == device_, "make_nccl_communicator: device " + std::to_string(device_) +
                                        " is not the current device (" + std::to_string(current) +
                                        "); select it first (cudaSetDevice, or create the CUDA backend on it)");
+    // CUDA resources first, so that nothing can fail by throwing once the NCCL communicator exists (the destructor,
+    // which aborts it, does not run for a half-built object).
+    create_cuda_resources();
     ncclUniqueId id{};
     if (host_->rank() == 0) DPO_NCCL_CHECK(ncclGetUniqueId(&id));
     host_->broadcast_bytes(&id, static_cast<int64_t>(sizeof id), 0);
@@ -73,12 +76,6 @@ class NcclCommunicator final : public Communicator {
            __FILE__, __LINE__);
     }
     wait_ready("ncclCommInitRankConfig", __FILE__, __LINE__, options_.init_timeout_s);
-    const cudaError_t ev = cudaEventCreateWithFlags(&done_, cudaEventDisableTiming);
-    if (ev != cudaSuccess) fail("CUDA", cuda_status(ev), "cudaEventCreateWithFlags(&done_, cudaEventDisableTiming)",
-                                __FILE__, __LINE__);
-    DPO_CUDA_CHECK(cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming));
-    DPO_CUDA_CHECK(cudaEventCreateWithFlags(&comm_done_, cudaEventDisableTiming));
-    DPO_CUDA_CHECK(cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking));
   }
 
   ~NcclCommunicator() override {
@@ -188,6 +185,20 @@ class NcclCommunicator final : public Communicator {
   }
 
  private:
+  // Events and the communication stream; on failure releases what it made and throws.
+  void create_cuda_resources() {
+    cudaError_t e = cudaEventCreateWithFlags(&done_, cudaEventDisableTiming);
+    if (e == cudaSuccess) e = cudaEventCreateWithFlags(&ready_, cudaEventDisableTiming);
+    if (e == cudaSuccess) e = cudaEventCreateWithFlags(&comm_done_, cudaEventDisableTiming);
+    if (e == cudaSuccess) e = cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking);
+    if (e == cudaSuccess) return;
+    if (done_ != nullptr) cudaEventDestroy(done_);
+    if (ready_ != nullptr) cudaEventDestroy(ready_);
+    if (comm_done_ != nullptr) cudaEventDestroy(comm_done_);
+    done_ = ready_ = comm_done_ = nullptr;
+    DPO_CUDA_CHECK(e);
+  }
+
   static double seconds_since(Clock::time_point t0) {
     return std::chrono::duration<double>(Clock::now() - t0).count();
   }
