@@ -637,7 +637,8 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   // The step's gradient is the left fold g_0 + g_1 + ... over its micro-batches in order, each g_k computed from
   // zeroed gradients: rank 0 folds its own micro-batches into `grad` as it goes, the other ranks keep theirs in
   // `stash`, and ordered_fold continues the fold across ranks. One process and R processes therefore do the
-  // same float additions in the same order (docs/distributed.md).
+  // same float additions in the same order (docs/distributed.md). The NCCL paths (overlap, reduce-scatter) give
+  // that up: every rank folds its own micro-batches into `grad` and the ranks' sums are reduced.
   Tensor grad = be->empty({n_params}, DType::F32);
   std::vector<Tensor> pool;  // stash buffers, kept across steps (ranks > 0)
 
@@ -657,9 +658,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     // Before micro-batch c's training pass: with overlap, on this rank's last micro-batch, fold the earlier ones
     // (rank 0 has them in grad already; the others' are in stash) and hook the bucketed all-reduce.
     auto begin_micro_batch = [&](int64_t c) {
-      if (!overlap || c != c1 - 1) return;
-      for (const Tensor& t : stash) be->residual_forward(grad, grad, t);
-      stash.clear();
+      if (!overlap || c != c1 - 1) return;  // (with overlap, earlier micro-batches are already summed in grad)
       policy->set_grad_ready_hook([&](int64_t off, int64_t n) {
         const Tensor g = grad.view(off, {n});
         be->residual_forward(g, g, policy->grads().view(off, {n}));
@@ -672,7 +671,9 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
         policy->set_grad_ready_hook({});
         return;
       }
-      if (lead) {
+      // Rank 0 folds in place; so does every rank when its micro-batches are summed before the reduction anyway
+      // (overlap, reduce-scatter: the NCCL paths), which saves the stash's gradient-sized copies.
+      if (lead || overlap || zero_scatter) {
         be->residual_forward(grad, grad, policy->grads());
         return;
       }
@@ -751,8 +752,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
           for (const auto& [off, n] : policy->grad_buckets()) comm.allreduce_sum_async(grad.view(off, {n}));
         comm.finish_async();
       } else if (zero_scatter) {
-        for (const Tensor& t : stash) be->residual_forward(grad, grad, t);  // this rank's micro-batches
-        be->copy(zfull.view(0, {n_params}), grad);
+        be->copy(zfull.view(0, {n_params}), grad);  // grad: this rank's micro-batches, summed
         if (n_ranks * zS > n_params) be->fill_zero(zfull.view(n_params, {n_ranks * zS - n_params}));
         comm.reduce_scatter_sum(zshard, zfull);  // zshard[0, len): the summed gradient of this rank's range
       } else {
