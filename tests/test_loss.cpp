@@ -705,5 +705,35 @@ TEST(Loss, ValidateTermsWeightsAndOdpo) {
   EXPECT_NO_THROW(c.validate());
 }
 
+TEST(Loss, PairChunkGradsEqualOneBatchLossOverAllPairs) {
+  // Chunks of 1, 2 and the rest (uneven) of 7 pairs: each pair's gradient is bitwise what batch_loss gives for the
+  // whole batch, written at q (chosen) and P + q (rejected); entries of other chunks are left alone.
+  std::mt19937_64 g(test::test_seed());
+  const std::vector<PairInput> in = random_pairs(g, 7);
+  const int64_t P = 7;
+  LossConfig c;
+  c.terms = {{LossType::Sigmoid, 1.0}, {LossType::Sft, 0.3}};
+  c.beta = 0.2;
+  std::vector<double> logp(2 * P);
+  for (int64_t q = 0; q < P; ++q) {
+    logp[static_cast<size_t>(q)] = in[static_cast<size_t>(q)].policy_chosen;
+    logp[static_cast<size_t>(P + q)] = in[static_cast<size_t>(q)].policy_rejected;
+  }
+  std::vector<PairInput> blanked = in;  // pair_chunk_grads must take the policy values from logp
+  for (auto& x : blanked) x.policy_chosen = x.policy_rejected = std::nan("");
+  const BatchLoss all = batch_loss(c, in, 11.0);
+  std::vector<double> d(2 * P, -123.0);
+  const int64_t cuts[] = {0, 1, 3, 7};
+  for (int k = 0; k < 3; ++k) {
+    pair_chunk_grads(c, blanked, cuts[k], cuts[k + 1], logp, 11.0, d);
+    for (int64_t q = cuts[k + 1]; q < P; ++q) EXPECT_EQ(d[static_cast<size_t>(q)], -123.0) << "later chunk touched";
+  }
+  for (int64_t q = 0; q < P; ++q) {
+    EXPECT_EQ(d[static_cast<size_t>(q)], all.d_policy_chosen[static_cast<size_t>(q)]) << q;
+    EXPECT_EQ(d[static_cast<size_t>(P + q)], all.d_policy_rejected[static_cast<size_t>(q)]) << q;
+  }
+  EXPECT_THROW(pair_chunk_grads(c, blanked, 3, 8, logp, 11.0, d), Error);
+}
+
 }  // namespace
 }  // namespace dpo

@@ -264,16 +264,7 @@ json run_bench(const BenchOptions& o) {
     GPT2::LossHead head;
     head.pair_stride = P;
     head.grad = [&](int64_t q0, int64_t q1, const std::vector<double>& lp, std::vector<double>& d) {
-      std::vector<PairInput> part(in.begin() + q0, in.begin() + q1);
-      for (int64_t q = q0; q < q1; ++q) {
-        part[static_cast<size_t>(q - q0)].policy_chosen = lp[static_cast<size_t>(q)];
-        part[static_cast<size_t>(q - q0)].policy_rejected = lp[static_cast<size_t>(P + q)];
-      }
-      const BatchLoss pl = batch_loss(lc, part, static_cast<double>(P));
-      for (int64_t q = q0; q < q1; ++q) {
-        d[static_cast<size_t>(q)] = pl.d_policy_chosen[static_cast<size_t>(q - q0)];
-        d[static_cast<size_t>(P + q)] = pl.d_policy_rejected[static_cast<size_t>(q - q0)];
-      }
+      pair_chunk_grads(lc, in, q0, q1, lp, static_cast<double>(P), d);
     };
     const std::vector<double> pol = policy.fused_forward(to_backend(*be, b.tokens), to_backend(*be, b.keymask),
                                                          to_backend(*be, b.targets), to_backend(*be, b.weights), head);

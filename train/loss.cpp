@@ -232,4 +232,22 @@ BatchLoss batch_loss(const LossConfig& cfg, const std::vector<PairInput>& pairs,
   return b;
 }
 
+void pair_chunk_grads(const LossConfig& cfg, const std::vector<PairInput>& pairs, int64_t q0, int64_t q1,
+                      const std::vector<double>& logp, double normalizer, std::vector<double>& dseq) {
+  const auto P = static_cast<int64_t>(pairs.size());
+  DPO_ASSERT(0 <= q0 && q0 <= q1 && q1 <= P, "pair_chunk_grads: pairs [q0, q1) out of range");
+  DPO_ASSERT(static_cast<int64_t>(logp.size()) == 2 * P && static_cast<int64_t>(dseq.size()) == 2 * P,
+             "pair_chunk_grads: logp and dseq must have 2P entries");
+  std::vector<PairInput> part(pairs.begin() + q0, pairs.begin() + q1);
+  for (int64_t q = q0; q < q1; ++q) {
+    part[static_cast<size_t>(q - q0)].policy_chosen = logp[static_cast<size_t>(q)];
+    part[static_cast<size_t>(q - q0)].policy_rejected = logp[static_cast<size_t>(P + q)];
+  }
+  const BatchLoss bl = batch_loss(cfg, part, normalizer);
+  for (int64_t q = q0; q < q1; ++q) {
+    dseq[static_cast<size_t>(q)] = bl.d_policy_chosen[static_cast<size_t>(q - q0)];
+    dseq[static_cast<size_t>(P + q)] = bl.d_policy_rejected[static_cast<size_t>(q - q0)];
+  }
+}
+
 }  // namespace dpo

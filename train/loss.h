@@ -105,6 +105,14 @@ struct BatchLoss {
 // unnormalised so they can be reduced across micro-batches and ranks. normalizer must be finite and > 0 (Error).
 BatchLoss batch_loss(const LossConfig& cfg, const std::vector<PairInput>& pairs, double normalizer);
 
+// The loss gradient of pairs [q0, q1) of a batch laid out as [chosen 0..P-1, rejected P..2P-1] (P = pairs.size()),
+// for the chunked LM head (GPT2::LossHead): logp holds the policy's summed log-probs of those pairs' two rows
+// (other entries are ignored), `pairs` the rest of each pair's inputs (its policy fields are ignored). Sets
+// dseq[q] and dseq[P + q] to batch_loss's d_policy_chosen / d_policy_rejected (divided by `normalizer`), the same
+// values one batch_loss call over all pairs gives.
+void pair_chunk_grads(const LossConfig& cfg, const std::vector<PairInput>& pairs, int64_t q0, int64_t q1,
+                      const std::vector<double>& logp, double normalizer, std::vector<double>& dseq);
+
 // Numerically stable primitives (exposed for tests and other losses).
 double softplus(double x);    // log(1 + e^x)
 double log_sigmoid(double x); // -softplus(-x)

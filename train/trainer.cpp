@@ -722,16 +722,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
         std::vector<PairInput> in = pair_inputs(b, std::vector<double>(static_cast<size_t>(2 * P), 0.0), idx, cref, lref);
         const std::vector<double> pol = policy_train_pass(
             *policy, b, P, [&](int64_t q0, int64_t q1, const std::vector<double>& lp, std::vector<double>& d) {
-              std::vector<PairInput> part(in.begin() + q0, in.begin() + q1);
-              for (int64_t q = q0; q < q1; ++q) {
-                part[static_cast<size_t>(q - q0)].policy_chosen = lp[static_cast<size_t>(q)];
-                part[static_cast<size_t>(q - q0)].policy_rejected = lp[static_cast<size_t>(P + q)];
-              }
-              const BatchLoss pl = batch_loss(lc, part, normalizer);
-              for (int64_t q = q0; q < q1; ++q) {
-                d[static_cast<size_t>(q)] = pl.d_policy_chosen[static_cast<size_t>(q - q0)];
-                d[static_cast<size_t>(P + q)] = pl.d_policy_rejected[static_cast<size_t>(q - q0)];
-              }
+              pair_chunk_grads(lc, in, q0, q1, lp, normalizer, d);
             });
         BatchLoss bl = batch_loss(lc, pair_inputs(b, pol, idx, cref, lref), normalizer);
         accumulate();
