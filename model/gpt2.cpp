@@ -386,17 +386,20 @@ void GPT2::score(const Tensor& tokens, const Tensor& keymask, const Tensor& targ
   forward_trunk(tokens, keymask);
   check_head_args(targets, weights);
   Acts& a = *acts_;
-  const int64_t B = a.B, T = a.T, C = cfg_.n_embd, V = cfg_.vocab_size;
+  const int64_t B = a.B, T = a.T, V = cfg_.vocab_size;
   check_shape(seq_logp, {B}, "seq_logp");
-  const Tensor wte = param("wte.weight");
-  for (const auto& chunk : plan_chunks(B, T, 0)) {
-    for (const Range& r : chunk) {
-      const Tensor lg = chunk_logits(r.nseq * T);
-      be_->matmul_forward(lg, a.lnf.view(r.seq0 * T * C, {r.nseq * T, C}), wte, Tensor(), WeightLayout::OutIn);
-      be_->logprob_forward(seq_logp.view(r.seq0, {r.nseq}), Tensor(), lg.view(0, {r.nseq, T, V}),
-                           targets.view(r.seq0 * T, {r.nseq, T}), weights.view(r.seq0 * T, {r.nseq, T}));
-    }
-  }
+  for (const auto& chunk : plan_chunks(B, T, 0))
+    for (const Range& r : chunk) head_forward(r, chunk_logits(r.nseq * T).view(0, {r.nseq, T, V}), seq_logp, targets,
+                                              weights);
+}
+
+void GPT2::head_forward(const Range& r, const Tensor& logits, const Tensor& seq_logp, const Tensor& targets,
+                        const Tensor& weights) {
+  const int64_t T = acts_->T, C = cfg_.n_embd;
+  be_->matmul_forward(logits, acts_->lnf.view(r.seq0 * T * C, {r.nseq * T, C}), param("wte.weight"), Tensor(),
+                      WeightLayout::OutIn);
+  be_->logprob_forward(seq_logp.view(r.seq0, {r.nseq}), Tensor(), logits, targets.view(r.seq0 * T, {r.nseq, T}),
+                       weights.view(r.seq0 * T, {r.nseq, T}));
 }
 
 std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keymask, const Tensor& targets,
@@ -422,11 +425,7 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
     for (const Range& r : chunk) rows += r.nseq * T;
     const Tensor lg_all = chunk_logits(rows);
     auto lg = [&](const Range& r) { return lg_all.view(r.slot * T * V, {r.nseq, T, V}); };
-    for (const Range& r : chunk) {
-      be.matmul_forward(lg(r), a.lnf.view(r.seq0 * T * C, {r.nseq * T, C}), wte, Tensor(), WeightLayout::OutIn);
-      be.logprob_forward(seq_dev.view(r.seq0, {r.nseq}), Tensor(), lg(r), targets.view(r.seq0 * T, {r.nseq, T}),
-                         weights.view(r.seq0 * T, {r.nseq, T}));
-    }
+    for (const Range& r : chunk) head_forward(r, lg(r), seq_dev, targets, weights);
     // One copy (one device synchronisation) per chunk: all B entries, of which this chunk's are new.
     be.copy_to_host(seq_host, seq_dev);
     for (const Range& r : chunk)

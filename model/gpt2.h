@@ -154,6 +154,9 @@ class GPT2 {
   };
   std::vector<std::vector<Range>> plan_chunks(int64_t B, int64_t T, int64_t pair_stride);
   Tensor chunk_logits(int64_t rows);  // a [rows, V] view of the chunk buffer, grown when needed
+  // LM head and log-probs of the sequences of `r` into logits [nseq, T, V] and seq_logp[r.seq0 ...] (=).
+  void head_forward(const Range& r, const Tensor& logits, const Tensor& seq_logp, const Tensor& targets,
+                    const Tensor& weights);
   void check_tokens(const Tensor& tokens) const;
 
   Backend* be_;
