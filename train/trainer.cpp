@@ -549,12 +549,16 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
                    " buckets, overlapped with the backward pass");
   if (zero) say(std::string("ZeRO-1: AdamW moments sharded over ") + std::to_string(n_ranks) + " ranks, gradients by " +
                 (zero_scatter ? "reduce-scatter" : "ordered fold"));
-  // dst [n_params] = the ranks' ranges gathered; own_range is this rank's [shard_end - shard_begin].
-  auto gather_ranges = [&](const Tensor& dst, const Tensor& own_range) {
+  // dst [n_params] = the ranks' ranges gathered; own_range is this rank's [shard_end - shard_begin]. full [R*S]
+  // and shard [S] are all-gather buffers of dst's dtype (F32 by default).
+  auto gather_ranges = [&](const Tensor& dst, const Tensor& own_range, const Tensor& full = Tensor(),
+                           const Tensor& shard = Tensor()) {
+    const Tensor& f = full.defined() ? full : zfull;
+    const Tensor& s = shard.defined() ? shard : zshard;
     const int64_t len = opt.shard_end() - opt.shard_begin();
-    if (len > 0) be->copy(zshard.view(0, {len}), own_range);
-    comm.all_gather(zfull, zshard);
-    be->copy(dst, zfull.view(0, {n_params}));
+    if (len > 0) be->copy(s.view(0, {len}), own_range);
+    comm.all_gather(f, s);
+    be->copy(dst, f.view(0, {n_params}));
   };
   // All of the moments as host F32 [n_params] (collective under ZeRO-1).
   auto full_moments = [&]() {
@@ -773,9 +777,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       if (si.skipped) return si;
       if (policy->master_sharded()) {
         policy->sync_params();  // rounds this rank's range into the bf16 compute copy
-        if (len > 0) be->copy(zshard16.view(0, {len}), policy->params().view(b, {len}));
-        comm.all_gather(zfull16, zshard16);
-        be->copy(policy->params(), zfull16.view(0, {n_params}));
+        gather_ranges(policy->params(), policy->params().view(b, {len}), zfull16, zshard16);
       } else {
         if (zero) gather_ranges(master, master.view(b, {len}));
         policy->sync_params();
