@@ -7,10 +7,12 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "model/checkpoint.h"
 #include "model/gpt2.h"
 #include "runtime/rng.h"
+#include "runtime/safetensors.h"
 
 namespace dpo::test {
 
@@ -47,6 +49,17 @@ inline void randomize_f64(GPT2& m, std::mt19937_64& g, double scale) {
   std::normal_distribution<double> d(0.0, scale);
   double* p = m.params().data<double>();
   for (int64_t i = 0; i < m.params().numel(); ++i) p[i] = d(g);
+}
+
+// All weights of a checkpoint directory's model.safetensors, tensor by tensor in file order, as doubles.
+inline std::vector<double> checkpoint_weights(const std::string& dir) {
+  SafetensorsFile f(dir + "/model.safetensors");
+  std::vector<double> out;
+  for (const auto& e : f.entries()) {
+    Tensor t = f.read_as(e.name, DType::F64);
+    out.insert(out.end(), t.data<double>(), t.data<double>() + t.numel());
+  }
+  return out;
 }
 
 // A tiny GPT-2 (byte vocabulary, 2 layers, width 16, seeded) in dir/base, preference pairs in dir/pref.jsonl

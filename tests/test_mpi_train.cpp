@@ -11,7 +11,6 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "runtime/safetensors.h"
 #include "test_mpi_util.h"
 #include "train/trainer.h"
 
@@ -64,17 +63,6 @@ TrainConfig base_config(const SharedDir& w, const std::string& out) {
   return c;
 }
 
-// All weights of a checkpoint directory, in file order, as doubles.
-std::vector<double> weights(const std::string& dir) {
-  SafetensorsFile f(dir + "/model.safetensors");
-  std::vector<double> out;
-  for (const auto& e : f.entries()) {
-    Tensor t = f.read_as(e.name, DType::F64);
-    out.insert(out.end(), t.data<double>(), t.data<double>() + t.numel());
-  }
-  return out;
-}
-
 std::string slurp(const std::string& path) {
   std::ifstream f(path, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(f), {});
@@ -96,6 +84,17 @@ std::vector<std::string> metrics_records(const std::string& out_dir) {
 std::map<std::string, double> without_time(std::map<std::string, double> m) {
   m.erase("tokens_per_second");
   return m;
+}
+
+// The same configuration trained by rank 0 alone, with a local communicator, into out_dir + "-single".
+RunSummary run_on_rank0_alone(const TrainConfig& cfg, RunKind kind) {
+  auto local = make_local_communicator();
+  TrainConfig one = cfg;
+  one.out_dir = cfg.out_dir + "-single";
+  RunOptions lo;
+  lo.quiet = true;
+  lo.comm = local.get();
+  return run_training(one, kind, lo);
 }
 
 // Trains `cfg` on the launched ranks (out_dir cfg.out_dir) and on rank 0 alone (out_dir + "-single"), and
@@ -125,12 +124,7 @@ void expect_same_as_one_process(TrainConfig cfg, RunKind kind, int64_t expect_st
   ASSERT_EQ(dist.steps, expect_steps);
   comm.barrier();
   if (comm.rank() == 0) {
-    auto local = make_local_communicator();
-    TrainConfig one = cfg;
-    one.out_dir = cfg.out_dir + "-single";
-    RunOptions lo = ro;
-    lo.comm = local.get();
-    RunSummary single = run_training(one, kind, lo);
+    const RunSummary single = run_on_rank0_alone(cfg, kind);
     ASSERT_EQ(single.steps, expect_steps);
     const std::string wd = slurp(dist.final_checkpoint + "/model.safetensors");
     const std::string ws = slurp(single.final_checkpoint + "/model.safetensors");
@@ -139,7 +133,7 @@ void expect_same_as_one_process(TrainConfig cfg, RunKind kind, int64_t expect_st
     EXPECT_TRUE(slurp(dist.final_checkpoint + "/optimizer.safetensors") ==
                 slurp(single.final_checkpoint + "/optimizer.safetensors"));
     EXPECT_NE(ws, slurp(cfg.model + "/model.safetensors"));  // training moved the weights
-    EXPECT_EQ(metrics_records(cfg.out_dir), metrics_records(one.out_dir));
+    EXPECT_EQ(metrics_records(cfg.out_dir), metrics_records(cfg.out_dir + "-single"));
     EXPECT_EQ(without_time(dist.last_log), without_time(single.last_log));
     EXPECT_EQ(dist.eval, single.eval);
   }
@@ -258,13 +252,9 @@ void expect_close_to_one_process(TrainConfig c, RunKind kind, int64_t expect_ste
   ASSERT_EQ(dist.steps, expect_steps);
   comm.barrier();
   if (comm.rank() == 0) {
-    auto local = make_local_communicator();
-    TrainConfig one = c;
-    one.out_dir = c.out_dir + "-single";
-    RunOptions lo = ro;
-    lo.comm = local.get();
-    const RunSummary single = run_training(one, kind, lo);
-    const auto wd = weights(dist.final_checkpoint), ws = weights(single.final_checkpoint), w0 = weights(c.model);
+    const RunSummary single = run_on_rank0_alone(c, kind);
+    const auto wd = test::checkpoint_weights(dist.final_checkpoint), ws = test::checkpoint_weights(single.final_checkpoint),
+               w0 = test::checkpoint_weights(c.model);
     ASSERT_EQ(wd.size(), ws.size());
     double diff = 0, moved = 0;
     for (size_t i = 0; i < ws.size(); ++i) {
@@ -274,8 +264,10 @@ void expect_close_to_one_process(TrainConfig c, RunKind kind, int64_t expect_ste
     ASSERT_GT(moved, 0.0);
     const double r = std::sqrt(diff / moved);
     std::printf("%s on %d ranks vs one process: |dW| / |W - W0| = %.2e\n", what, comm.size(), r);
-    EXPECT_LT(r, 1e-3) << what;
-    EXPECT_NEAR(dist.last_log.at("loss"), single.last_log.at("loss"), 1e-4) << what;
+    // Measured 4.8e-7 (2 ranks; 0 at 4, where each rank holds one micro-batch); a dropped or doubled bucket or
+    // shard measured 0.37. 1e-5 leaves 20x for other reduction orders.
+    EXPECT_LT(r, 1e-5) << what;
+    EXPECT_NEAR(dist.last_log.at("loss"), single.last_log.at("loss"), 1e-5) << what;
   }
   comm.barrier();
 }

@@ -56,15 +56,7 @@ std::string slurp(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(f), {});
 }
 
-std::vector<float> weights_of(const std::string& dir) {
-  SafetensorsFile f(dir + "/model.safetensors");
-  std::vector<float> out;
-  for (const auto& e : f.entries()) {
-    Tensor t = f.read_as(e.name, DType::F32);
-    out.insert(out.end(), t.data<float>(), t.data<float>() + t.numel());
-  }
-  return out;
-}
+std::vector<double> weights_of(const std::string& dir) { return test::checkpoint_weights(dir); }
 
 void run_resume_case(RunKind kind) {
   Workdir w;
