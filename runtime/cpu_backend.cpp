@@ -53,6 +53,9 @@ Tensor up(const Tensor& t) {
   return convert_host(t, DType::F32, "bf16 argument");
 }
 
+// Scratch for a BF16 "=" output (its old contents are not read, so not converted); any other tensor itself.
+Tensor out32(const Tensor& t) { return is_bf16(t) ? Tensor::host(t.shape(), DType::F32) : t; }
+
 // dst (BF16) = f rounded to nearest even; nothing when dst is not BF16 (then f is dst itself).
 void down(const Tensor& dst, const Tensor& f) {
   if (!is_bf16(dst)) return;
@@ -103,7 +106,7 @@ class CpuBackend final : public Backend {
     if (is_bf16(out)) {
       need(wte, DType::BF16, "encoder wte");
       need(wpe, DType::BF16, "encoder wpe");
-      const Tensor o = up(out);
+      const Tensor o = out32(out);
       encoder_forward(o, tokens, up(wte), up(wpe));
       return down(out, o);
     }
@@ -145,7 +148,7 @@ class CpuBackend final : public Backend {
       need(b, DType::BF16, "layernorm b");
       need(mean, DType::F32, "layernorm mean");
       need(rstd, DType::F32, "layernorm rstd");
-      const Tensor o = up(out);
+      const Tensor o = out32(out);
       layernorm_forward(o, mean, rstd, up(inp), up(w), up(b), eps);
       return down(out, o);
     }
@@ -203,7 +206,7 @@ class CpuBackend final : public Backend {
       need(out, DType::BF16, "matmul out");
       need(w, DType::BF16, "matmul w");
       need(bias, DType::BF16, "matmul bias");
-      const Tensor o = up(out);
+      const Tensor o = out32(out);
       matmul_forward(o, up(inp), up(w), up(bias), layout);
       return down(out, o);
     }
@@ -249,7 +252,7 @@ class CpuBackend final : public Backend {
     if (is_bf16(qkv)) {
       need(out, DType::BF16, "attention out");
       need(saved, DType::BF16, "attention saved");
-      const Tensor o = up(out), sv = up(saved);
+      const Tensor o = out32(out), sv = out32(saved);
       attention_forward(o, sv, up(qkv), keymask, n_head);
       down(out, o);
       return down(saved, sv);
@@ -293,7 +296,7 @@ class CpuBackend final : public Backend {
   void gelu_forward(const Tensor& out, const Tensor& inp) override {
     if (is_bf16(inp)) {
       need(out, DType::BF16, "gelu out");
-      const Tensor o = up(out);
+      const Tensor o = out32(out);
       gelu_forward(o, up(inp));
       return down(out, o);
     }
@@ -324,7 +327,7 @@ class CpuBackend final : public Backend {
     if (is_bf16(a)) {
       need(out, DType::BF16, "residual out");
       need(b, DType::BF16, "residual b");
-      const Tensor o = up(out);
+      const Tensor o = out32(out);
       residual_forward(o, up(a), up(b));
       return down(out, o);
     }
