@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 namespace dpo {
@@ -414,6 +415,7 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
   const Tensor wte = param("wte.weight"), dwte = grad("wte.weight");
   Tensor seq_dev = be.zeros({B}, gdtype_), dseq_dev = be.empty({B}, gdtype_);
   Tensor seq_host = Tensor::host({B}, gdtype_), dseq_host = Tensor::host({B}, gdtype_);
+  std::memset(dseq_host.raw(), 0, static_cast<size_t>(dseq_host.nbytes()));
   std::vector<double> logp(static_cast<size_t>(B), 0.0), dseq(static_cast<size_t>(B), 0.0);
   be.fill_zero(a.dln);  // dL/d(ln_f output), accumulated chunk by chunk
   auto host_at = [&](const Tensor& h, int64_t i) -> double {
@@ -441,7 +443,10 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
         if (gdtype_ == DType::F64) dseq_host.data<double>()[s] = d;
         else dseq_host.data<float>()[s] = static_cast<float>(d);
       }
-      be.copy_from_host(dseq_dev.view(r.seq0, {r.nseq}), dseq_host.view(r.seq0, {r.nseq}));
+    }
+    // One upload per chunk, all B entries (earlier chunks' entries are rewritten with the same values).
+    be.copy_from_host(dseq_dev, dseq_host);
+    for (const Range& r : chunk) {
       const Tensor tg = targets.view(r.seq0 * T, {r.nseq, T}), w = weights.view(r.seq0 * T, {r.nseq, T});
       be.logprob_backward(lg(r), lg(r), tg, w, dseq_dev.view(r.seq0, {r.nseq}));
       be.matmul_backward(a.dln.view(r.seq0 * T * C, {r.nseq * T, C}), dwte, Tensor(), lg(r),
