@@ -1,4 +1,4 @@
-#include <cudnn.h>
+#include <string>
 
 #include "runtime/cuda/cuda_check.h"
 #include "runtime/cuda/cuda_context.h"
@@ -17,8 +17,6 @@ CudaContext::CudaContext(int device, size_t cublaslt_workspace_bytes) : device_(
   uint64_t keep = UINT64_MAX;
   DPO_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
   DPO_CUBLAS_CHECK(cublasLtCreate(&lt_));
-  DPO_CUDNN_CHECK(cudnnCreate(&cudnn_));
-  DPO_CUDNN_CHECK(cudnnSetStream(cudnn_, stream_));
   workspace_bytes_ = cublaslt_workspace_bytes;
   DPO_CUDA_CHECK(cudaMalloc(&workspace_, workspace_bytes_));
 }
@@ -28,7 +26,9 @@ CudaContext::~CudaContext() {
   cudaSetDevice(device_);
   if (stream_) cudaStreamSynchronize(stream_);
   if (workspace_) cudaFree(workspace_);
+#ifdef DPO_HAVE_CUDNN
   if (cudnn_) cudnnDestroy(cudnn_);
+#endif
   if (lt_) cublasLtDestroy(lt_);
   if (stream_) cudaStreamDestroy(stream_);
 }
@@ -42,10 +42,56 @@ std::shared_ptr<Buffer> CudaContext::alloc(int64_t bytes) {
 
 void CudaContext::synchronize() { DPO_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
 
-int CudaContext::device_count() {
+#ifdef DPO_HAVE_CUDNN
+cudnnHandle_t CudaContext::cudnn() {
+  if (!cudnn_) {
+    DPO_CUDA_CHECK(cudaSetDevice(device_));
+    cudnnHandle_t h = nullptr;
+    DPO_CUDNN_CHECK(cudnnCreate(&h));
+    cudnnStatus_t st = cudnnSetStream(h, stream_);
+    if (st != CUDNN_STATUS_SUCCESS) cudnnDestroy(h);
+    DPO_CUDNN_CHECK(st);
+    cudnn_ = h;
+  }
+  return cudnn_;
+}
+#endif
+
+CudaContext::DeviceQuery CudaContext::query_devices() {
+  DeviceQuery q;
   int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
-  return n;
+  const cudaError_t err = cudaGetDeviceCount(&n);
+  q.error_name = cudaGetErrorName(err);
+  if (err == cudaSuccess) {
+    q.count = n;
+    q.no_gpu = n == 0;
+    q.message = std::to_string(n) + " CUDA device(s)";
+    return q;
+  }
+  cudaGetLastError();  // cudaGetDeviceCount's error is not sticky, but leave no error behind for the next check
+  int driver = 0, runtime = 0;
+  cudaDriverGetVersion(&driver);  // 0 when no CUDA driver is installed
+  cudaRuntimeGetVersion(&runtime);
+  auto ver = [](int v) { return std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10); };
+  if (err == cudaErrorNoDevice) {
+    q.no_gpu = true;
+    q.message = "no CUDA device on this machine (cudaErrorNoDevice)";
+  } else if (driver == 0 && (err == cudaErrorInsufficientDriver || err == cudaErrorInitializationError)) {
+    q.no_gpu = true;
+    q.message = "no CUDA device on this machine (no CUDA driver installed; " + q.error_name + ")";
+  } else {
+    q.message = "cudaGetDeviceCount failed: " + q.error_name + " (" + cudaGetErrorString(err) + "); CUDA driver " +
+                (driver ? ver(driver) : std::string("not found")) + ", CUDA runtime " + ver(runtime) +
+                (err == cudaErrorInsufficientDriver ? " (the driver is older than this build's CUDA runtime needs)"
+                                                    : "");
+  }
+  return q;
+}
+
+int CudaContext::device_count() {
+  const DeviceQuery q = query_devices();
+  if (q.count == 0 && !q.no_gpu) throw Error(q.message);
+  return q.count;
 }
 
 }  // namespace dpo

@@ -1,14 +1,18 @@
 // Per-device CUDA state, owned (never global): the device, its properties, one compute stream, a cuBLASLt handle
-// and its workspace, a cuDNN handle bound to the stream. Created once per process per device by the CUDA backend
-// and passed by reference to every launcher.
+// and its workspace, and (in builds with cuDNN) a cuDNN handle bound to the stream, created on first use so that a
+// cuDNN that fails to load breaks only what uses it. Created once per process per device by the CUDA backend and
+// passed by reference to every launcher.
 #pragma once
 
 #include <cublasLt.h>
 #include <cuda_runtime.h>
+#ifdef DPO_HAVE_CUDNN
 #include <cudnn.h>
+#endif
 
 #include <cstddef>
 #include <memory>
+#include <string>
 
 #include "runtime/tensor.h"
 
@@ -26,7 +30,10 @@ class CudaContext {
   const cudaDeviceProp& props() const { return props_; }
   cudaStream_t stream() const { return stream_; }
   cublasLtHandle_t cublaslt() const { return lt_; }
-  cudnnHandle_t cudnn() const { return cudnn_; }
+#ifdef DPO_HAVE_CUDNN
+  // The cuDNN handle, created on the first call (throws dpo::Error naming cuDNN's status if it cannot be created).
+  cudnnHandle_t cudnn();
+#endif
   void* workspace() const { return workspace_; }
   size_t workspace_bytes() const { return workspace_bytes_; }
 
@@ -34,14 +41,30 @@ class CudaContext {
   std::shared_ptr<Buffer> alloc(int64_t bytes);
   void synchronize();
 
-  static int device_count();  // 0 when no driver or no device, never throws
+  // Number of CUDA devices this process can use. 0 when the machine has no GPU: cudaErrorNoDevice, or no CUDA
+  // driver installed at all (cudaDriverGetVersion reports 0). Any other failure, e.g. a driver older than this
+  // toolkit needs (cudaErrorInsufficientDriver with a driver present) or a broken device node, throws dpo::Error
+  // with the CUDA error's name and text and the driver and runtime versions: a machine with a GPU that cannot be
+  // used must fail loudly, never look like a machine without one (tests would then skip instead of fail).
+  static int device_count();
+  // What device_count() decided, without throwing: count, the CUDA error name ("cudaSuccess" when it worked) and a
+  // one-line explanation; no_gpu is true when the machine has no GPU (then count is 0 and that is not an error).
+  struct DeviceQuery {
+    int count = 0;
+    bool no_gpu = false;
+    std::string error_name;
+    std::string message;
+  };
+  static DeviceQuery query_devices();
 
  private:
   int device_ = 0;
   cudaDeviceProp props_{};
   cudaStream_t stream_ = nullptr;
   cublasLtHandle_t lt_ = nullptr;
+#ifdef DPO_HAVE_CUDNN
   cudnnHandle_t cudnn_ = nullptr;
+#endif
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
 };
