@@ -2,32 +2,41 @@
 # One-command GPU validation (docs/gpu-validation.md). Runs on the device machine from the repository root,
 # with .deps carried (tools/prepare_gpu_deps.sh, run on the dev machine first):
 #
-#   tools/gpu_check.sh OUTDIR [--cpu-tests] [--no-bench] [--system-deps] [--with-mpi] [--budget SECONDS] [--scale N]
+#   tools/gpu_check.sh OUTDIR [--quick] [--plan] [--gpus N] [--cpu-tests] [--no-bench] [--bench-compile]
+#                             [--system-deps] [--with-mpi] [--budget SECONDS] [--scale N]
 #
-# Phases, each with its own time limit, all inside --budget (default 470 s, under 8 minutes):
-#   env         machine facts (card, driver, nvcc, cmake, compiler, OS, deps)       -> OUTDIR/env.txt
-#   configure   cmake -G Ninja -DDPO_CUDA_ARCHITECTURES=90 into build-gpu/          -> OUTDIR/build.log
-#   build       ninja on all cores: dpo and the test_cuda_* tests (all tests with --cpu-tests)
-#   cuda-tests  ctest -L cuda --output-on-failure, JUnit                            -> OUTDIR/ctest.log, junit.xml
-#   train       dpo init (tiny GPT-2) + generated JSONL, 20 DPO steps with device=cuda and device=cpu;
-#               compares the step-1 log-probs (forward) and the final loss; then the cuda run again with its
-#               gradient reduction through a 1-rank NCCL communicator (DPO_FORCE_NCCL=1): same loss expected
-#                                                                                    -> OUTDIR/train.log
-#   sanitizer   compute-sanitizer --tool memcheck over build-gpu/tests/test_cuda_* (kernel tests first), then
-#               2 training steps on cuda under memcheck when the cuda run worked    -> OUTDIR/sanitizer.log
-#   cpu-tests   (--cpu-tests) ctest -L cpu with the time that is left               -> OUTDIR/ctest.log, junit.xml
-#   bench       (unless --no-bench) short mode: dpo bench --device cuda on GPT-2 124M at HH-like lengths in fp32
-#               and bf16, then tools/bench_torch.py eager fp32, eager bf16 (autocast) and torch.compile bf16 on
-#               the same batch, and tools/bench_trl.py (bf16) when python3 can import trl -> OUTDIR/bench.log
+# The check is a list of phases in tiers; each phase has a time limit (cut to what the budget leaves) and an
+# estimate (what it should take on an H100 host with 16 cores; unmeasured until the first GPU run):
+#   tier t0, the verdict tier (--quick runs only this; budget 480 s):
+#     env        machine facts (card, driver, nvcc, cmake, compiler, OS, deps)                 -> env.txt
+#     configure  cmake -G Ninja, sm_90, into build-gpu/ (kept: a later call builds incrementally) -> build.log
+#     build      ninja: dpo and the test_cuda_* targets on all cores
+#     cuda-t0    ctest -L cuda-t0: every CUDA kernel and the model against the CPU twin, small shapes -> ctest.log
+#     train      20 DPO steps, tiny GPT-2, device=cuda vs device=cpu (step-1 log-probs, final loss), the cuda
+#                run again through a 1-rank NCCL communicator                                  -> train.log
+#     memcheck   compute-sanitizer memcheck over the kernel tests (then 2 training steps if time) -> sanitizer.log
+#     racecheck  racecheck over the shared-memory kernels: attention, log-prob, LayerNorm, reductions
+#     initcheck  initcheck over the whole model's forward and backward (small shapes)
+#   tier t1 (the full run, default; budget 585 s):
+#     cuda-t1    ctest -L cuda-t1: GEMMs at GPT-2 124M shapes, tests past 2^31 elements
+#     parity     ~50 DPO steps against a plain PyTorch implementation of the same step, fp32 and bf16,
+#                from the same weights and batches (tools/torch_dpo_parity.py)                 -> train.log
+#     resume     the train phase's cuda run resumed from its step-10 checkpoint: final weights and optimizer
+#                state byte-identical to the uninterrupted run
+#     profile    whether nsys/ncu exist and ncu may read counters (tools/profile_probe.sh)      -> in env.txt
+#     bench      dpo bench on GPT-2 124M, HH lengths, bf16 and fp32, PyTorch eager bf16/fp32 (torch.compile
+#                only with --bench-compile: a cold compile does not fit)                      -> bench.log
+#   tier t2 (full run, two or more GPUs only; takes the bench's time): data-parallel training with NCCL across the
+#     GPUs (mpirun -np N when a launcher exists) against the 1-GPU run; on one GPU it reports itself as not run.
+# --plan prints the phases, tiers, limits and estimates for the chosen mode and checks that the limits add up to
+# less than the budget (exit 1 if not), without running anything; --gpus N plans for N GPUs (default: detected).
 # Then writes OUTDIR/summary.md (tools/gpu_check_summary.py) and prints it LAST. OUTDIR stays flat with at most
 # 8 files (the device tool returns no more); logs over 4 MiB are cut in the middle.
-# Exit status: 0 only when everything passed on a GPU; non-zero otherwise (the summary is always written).
+# Exit status: 0 only when everything run passed on a GPU; non-zero otherwise (the summary is always written).
 # --system-deps   ignore .deps and use the system's packages (a machine with tools/install_deps.sh done)
-# --with-mpi      let CMake look for MPI (off by default: single-GPU checks, and the device image's MPI is unknown)
+# --with-mpi      let CMake look for MPI (off by default: the device image has no MPI)
 # --scale N       multiply every phase limit and the default budget by N (a dry run on a 2-core machine: 4)
-# Environment: GPU_CHECK_SANITIZER_FILTER  gtest filter under memcheck; default leaves out the tests that touch more
-#              than 2^31 elements (minutes under memcheck; they run in cuda-tests):  -*Past32Bit*:*Beyond2Pow*:*Huge*
-#              DPO_GPU_BUILD  build folder (default build-gpu)
+# Environment: DPO_GPU_BUILD  build folder (default build-gpu)
 set -uo pipefail
 
 START=$(date +%s)
@@ -35,14 +44,18 @@ cd "$(dirname "$0")/.." || exit 2
 REPO=$(pwd)
 
 OUT=""
-cpu_tests=0 system_deps=0 with_mpi=0 budget="" scale=1 bench=1
+cpu_tests=0 system_deps=0 with_mpi=0 budget="" scale=1 bench=1 quick=0 plan_only=0 gpus="" bench_compile=0
 while [ $# -gt 0 ]; do
   case "$1" in
+    --quick) quick=1 ;;
+    --plan) plan_only=1 ;;
+    --gpus) shift; gpus=${1:-} ;;
     --cpu-tests) cpu_tests=1 ;;
     --system-deps) system_deps=1 ;;
     --with-mpi) with_mpi=1 ;;
     --budget) shift; budget=${1:-} ;;
     --no-bench) bench=0 ;;
+    --bench-compile) bench_compile=1 ;;
     --scale) shift; scale=${1:-1} ;;
     -h|--help) awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0 ;;
     -*) echo "gpu_check: unknown option '$1'" >&2; exit 2 ;;
@@ -50,35 +63,113 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-[ -n "$OUT" ] || { echo "usage: tools/gpu_check.sh OUTDIR [--cpu-tests] [--system-deps] [--with-mpi] [--budget S]" >&2; exit 2; }
+case "$scale" in ''|*[!0-9]*|0) echo "gpu_check: --scale takes a whole number >= 1" >&2; exit 2 ;; esac
+case "${budget:-1}" in *[!0-9]*) echo "gpu_check: --budget takes whole seconds" >&2; exit 2 ;; esac
+case "${gpus:-1}" in *[!0-9]*) echo "gpu_check: --gpus takes a whole number" >&2; exit 2 ;; esac
+if [ "$plan_only" = 0 ] && [ -z "$OUT" ]; then
+  echo "usage: tools/gpu_check.sh OUTDIR [--quick] [--plan] [options]   (--help)" >&2; exit 2
+fi
+
+# --- the plan: phase tier quick-limit full-limit estimate (seconds, before --scale) --------------------------------
+# A limit of 0 means the phase does not run in that mode. RESERVE is kept for the summary. The limits of a mode add
+# up to less than its budget (--plan checks it), so a phase that uses its whole limit never starves a later one.
+PLAN="
+env        t0  20  20   5
+configure  t0  45  45  20
+build      t0 180 180  90
+cuda-t0    t0  60  50  30
+train      t0  45  40  20
+memcheck   t0  60  45  40
+racecheck  t0  25  20  15
+initcheck  t0  20  15  10
+cuda-t1    t1   0  40  25
+parity     t1   0  35  20
+resume     t1   0  20  10
+profile    t1   0  15   8
+bench      t1   0  40  30
+multi-gpu  t2   0  40  30
+"
+QUICK_BUDGET=480 FULL_BUDGET=585 QUICK_RESERVE=15 FULL_RESERVE=10
+if [ -z "$gpus" ]; then
+  gpus=0
+  if command -v nvidia-smi >/dev/null; then
+    gpus=$(timeout 20 nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+  fi
+fi
+if [ "$quick" = 1 ]; then RESERVE=$((QUICK_RESERVE * scale)); else RESERVE=$((FULL_RESERVE * scale)); fi
+if [ -z "$budget" ]; then
+  if [ "$quick" = 1 ]; then budget=$((QUICK_BUDGET * scale)); else budget=$((FULL_BUDGET * scale)); fi
+fi
+# limit_of PHASE: this mode's limit in seconds (scaled); 0 = not run. With two or more GPUs the multi-GPU tier
+# takes the bench's time; with fewer it does not run. --no-bench frees the bench's.
+limit_of() {
+  local name=$1 row l
+  row=$(awk -v n="$name" '$1 == n' <<<"$PLAN")
+  [ -n "$row" ] || { echo 0; return; }
+  if [ "$quick" = 1 ]; then l=$(awk '{print $3}' <<<"$row"); else l=$(awk '{print $4}' <<<"$row"); fi
+  case "$name" in
+    multi-gpu) [ "${gpus:-0}" -ge 2 ] || l=0 ;;
+    bench) { [ "$bench" = 1 ] && [ "${gpus:-0}" -lt 2 ]; } || l=0 ;;
+  esac
+  echo $((l * scale))
+}
+print_plan() {
+  local name tier q f e l sum=0 n_run=0
+  printf 'gpu_check plan: %s run, %s GPU(s), scale %s, budget %ss, reserve %ss for the summary\n' \
+    "$([ "$quick" = 1 ] && echo quick || echo full)" "$gpus" "$scale" "$budget" "$RESERVE"
+  printf '  %-10s %-4s %8s %10s\n' phase tier "limit s" "estimate s"
+  while read -r name tier q f e; do
+    [ -n "$name" ] || continue
+    l=$(limit_of "$name")
+    if [ "$l" = 0 ]; then
+      printf '  %-10s %-4s %8s %10s\n' "$name" "$tier" "-" "not run"
+    else
+      printf '  %-10s %-4s %8s %10s\n' "$name" "$tier" "$l" "$((e * scale))"
+      sum=$((sum + l)); n_run=$((n_run + 1))
+    fi
+  done <<<"$PLAN"
+  printf '  sum of limits %ss + reserve %ss = %ss; budget %ss: %s\n' "$sum" "$RESERVE" "$((sum + RESERVE))" "$budget" \
+    "$([ $((sum + RESERVE)) -le "$budget" ] && echo "fits" || echo "DOES NOT FIT")"
+  [ $((sum + RESERVE)) -le "$budget" ]
+}
+if [ "$plan_only" = 1 ]; then
+  print_plan
+  exit $?
+fi
+
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
-case "$scale" in ''|*[!0-9]*) echo "gpu_check: --scale takes a whole number" >&2; exit 2 ;; esac
-budget=${budget:-$((470 * scale))}
 BUILD=$REPO/${DPO_GPU_BUILD:-build-gpu}
 WORK=$BUILD/gpu-check          # intermediate files; OUTDIR gets only the final ≤ 8 files
 DEADLINE=$((START + budget))
-RESERVE=15                     # seconds kept for the summary
 JOBS=$(nproc 2>/dev/null || echo 4)
 
 mkdir -p "$WORK"
-rm -f "$WORK"/*.tsv "$WORK"/*.xml "$WORK"/*.txt "$WORK"/verdict
-for f in env.txt build.log ctest.log junit.xml sanitizer.log train.log bench.log summary.md; do rm -f "$OUT/$f"; done
+rm -rf "$WORK"/*.tsv "$WORK"/*.xml "$WORK"/*.txt "$WORK"/*.json "$WORK"/verdict
+for f in env.txt build.log ctest.log junit.xml sanitizer.log train.log bench.log summary.md; do
+  rm -f "$OUT/$f"
+done
 PHASES=$WORK/phases.tsv FACTS=$WORK/facts.tsv
 : >"$PHASES"; : >"$FACTS"
 
 log() { echo "[gpu_check $(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"; }
 fact() { printf '%s\t%s\n' "$1" "$2" >>"$FACTS"; }
-# phase_done NAME STATUS SECONDS NOTE   (STATUS: ok | FAIL | timeout | skipped | unavailable)
+# phase_done NAME STATUS SECONDS NOTE   (STATUS: ok | FAIL | timeout | skipped | unavailable | not run)
 phase_done() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "${4:-}" >>"$PHASES"; log "phase $1: $2 (${3}s) ${4:-}"; }
-# Seconds a phase may use: its own limit, cut to what the overall budget leaves.
+# allow PHASE: seconds the phase may use: its planned limit, cut to what the overall budget leaves.
 allow() {
-  local want=$(($1 * scale)) left=$((DEADLINE - RESERVE - $(date +%s)))
+  local want left
+  want=$(limit_of "$1")
+  left=$((DEADLINE - RESERVE - $(date +%s)))
   if [ "$want" -lt "$left" ]; then echo "$want"; else echo $((left > 0 ? left : 0)); fi
 }
+# secs N: N seconds scaled (sub-limits inside a phase)
+secs() { echo $(($1 * scale)); }
 # tmo SECONDS CMD...: timeout that also kills the command's children; 124 on timeout.
 tmo() { timeout -k 5 "$1" "${@:2}"; }
 status_of() { case "$1" in 0) echo ok ;; 124|137) echo timeout ;; *) echo "FAIL" ;; esac; }
+print_plan | tee "$WORK/plan.txt"
+fact mode "$([ "$quick" = 1 ] && echo 'quick (tier t0)' || echo 'full (tiers t0, t1; t2 with 2+ GPUs)')"
 
 # --- environment ---------------------------------------------------------------------------------------------------
 t0=$(date +%s)
@@ -125,9 +216,11 @@ else
   gpu_line="none (nvidia-smi not found)"
 fi
 
-# cuDNN / NCCL: the toolkit folder or the system first; else PyTorch's pip wheels (nvidia/cudnn, nvidia/nccl).
-extra_flags="" extra_cmake=()
-find_cuda_extra() {  # NAME HEADER LIBNAME CMAKEVAR
+# cuDNN / NCCL: the toolkit folder or the system first (CMake finds those itself); else PyTorch's pip wheels
+# (site-packages/nvidia/{cudnn,nccl}), passed to CMake as the folder of the header and the library file
+# (DPO_<NAME>_INCLUDE_DIR, DPO_<NAME>_LIB: cmake/DpoCudaExtras.cmake checks both and fails on half a pair).
+extra_cmake=()
+find_cuda_extra() {  # NAME HEADER LIBNAME CMAKE-PREFIX
   local name=$1 hdr=$2 lib=$3 var=$4 d
   for d in "$CUDA_ROOT/include" "$CUDA_ROOT/targets/x86_64-linux/include" /usr/include /usr/include/x86_64-linux-gnu; do
     if [ -n "$d" ] && [ -f "$d/$hdr" ]; then fact "$name" "$d/$hdr"; return 0; fi
@@ -148,8 +241,7 @@ PY
   if [ -n "$found" ]; then
     local inc libf
     inc=$(echo "$found" | sed -n 1p); libf=$(echo "$found" | sed -n 2p)
-    extra_flags+=" -I$inc"
-    extra_cmake+=("-D$var=$libf")
+    extra_cmake+=("-D${var}_INCLUDE_DIR=$inc" "-D${var}_LIB=$libf")
     LD_LIBRARY_PATH="$(dirname "$libf")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     export LD_LIBRARY_PATH
     fact "$name" "$inc (pip wheel), library $libf"
@@ -158,8 +250,8 @@ PY
   fi
 }
 if [ -n "$CUDA_ROOT" ]; then
-  find_cuda_extra cudnn cudnn.h libcudnn DPO_CUDNN_LIB
-  find_cuda_extra nccl nccl.h libnccl DPO_NCCL_LIB
+  find_cuda_extra cudnn cudnn.h libcudnn DPO_CUDNN
+  find_cuda_extra nccl nccl.h libnccl DPO_NCCL
 fi
 
 # Commit: git when the copy has .git, else the COMMIT written by tools/prepare_gpu_deps.sh.
@@ -207,7 +299,7 @@ fact budget "${budget}s; cpu tests $([ "$cpu_tests" = 1 ] && echo on || echo off
   fi
   echo; echo "## environment"
   echo "PATH=$PATH"; echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"; echo "CMAKE_PREFIX_PATH=${CMAKE_PREFIX_PATH:-}"
-  echo "PKG_CONFIG_LIBDIR=${PKG_CONFIG_LIBDIR:-}"; echo "extra include flags:${extra_flags:- none}"
+  echo "PKG_CONFIG_LIBDIR=${PKG_CONFIG_LIBDIR:-}"; echo "extra CMake arguments:${extra_cmake[*]:- none}"
   echo "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-<unset>}"
 } >"$OUT/env.txt" 2>&1
 phase_done env ok $(( $(date +%s) - t0 )) "$gpu_line"
@@ -215,7 +307,7 @@ phase_done env ok $(( $(date +%s) - t0 )) "$gpu_line"
 # --- configure -----------------------------------------------------------------------------------------------------
 configured=0 built=0
 t0=$(date +%s)
-mode_key="$deps_mode|mpi=$with_mpi|$extra_flags|$REPO"
+mode_key="$deps_mode|mpi=$with_mpi|${extra_cmake[*]}|$REPO"
 if [ -f "$BUILD/CMakeCache.txt" ] && [ "$(cat "$BUILD/gpu-check-mode" 2>/dev/null)" != "$mode_key" ]; then
   log "build-gpu was configured differently; starting it afresh"
   find "$BUILD" -mindepth 1 -maxdepth 1 ! -name gpu-check ! -name deps-lib -exec rm -rf {} +
@@ -225,8 +317,7 @@ cmake_args=(-S "$REPO" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -D
 [ "$with_mpi" = 1 ] || cmake_args+=(-DCMAKE_DISABLE_FIND_PACKAGE_MPI=ON)
 [ "$deps_mode" = .deps ] && cmake_args+=("${DPO_DEPS_CMAKE_ARGS[@]}")
 cmake_args+=("${extra_cmake[@]}")
-[ -n "$extra_flags" ] && cmake_args+=("-DCMAKE_CXX_FLAGS=$extra_flags" "-DCMAKE_CUDA_FLAGS=$extra_flags")
-lim=$(allow 90)
+lim=$(allow configure)
 { echo "== configure (limit ${lim}s): cmake ${cmake_args[*]}"; } >"$OUT/build.log"
 if [ "$lim" -lt 10 ]; then
   phase_done configure skipped 0 "out of time"
@@ -239,7 +330,8 @@ else
     echo "$mode_key" >"$BUILD/gpu-check-mode"
     if grep -q 'dpo: CUDA enabled' "$OUT/build.log"; then note="CUDA enabled, sm_90"
     else note="CUDA NOT enabled: $(grep -m1 'dpo: nvcc not found' "$OUT/build.log" || echo 'see build.log')"; fi
-    for k in CMAKE_CUDA_COMPILER CMAKE_CXX_COMPILER DPO_OPENBLAS_LIB DPO_CUDNN_LIB DPO_NCCL_LIB yaml-cpp_DIR GTest_DIR \
+    for k in CMAKE_CUDA_COMPILER CMAKE_CXX_COMPILER DPO_OPENBLAS_LIB DPO_CUDNN_LIB DPO_CUDNN_INCLUDE_DIR DPO_NCCL_LIB \
+             DPO_NCCL_INCLUDE_DIR yaml-cpp_DIR GTest_DIR \
              OPENSSL_CRYPTO_LIBRARY pkgcfg_lib_CAIRO_cairo; do
       grep -E "^$k(:[A-Z]+)?=" "$BUILD/CMakeCache.txt" | head -n1
     done >"$WORK/cache.txt"
@@ -260,7 +352,7 @@ if [ "$cpu_tests" = 0 ]; then
     [ -f "$src" ] && grep -q 'dpo: CUDA enabled' "$OUT/build.log" && targets+=("$(basename "$src" .cpp)")
   done
 fi
-lim=$(allow 240)
+lim=$(allow build)
 if [ "$configured" = 0 ]; then
   phase_done build skipped 0 "not configured"
 elif [ "$lim" -lt 10 ]; then
@@ -292,25 +384,37 @@ run_ctest() {  # LABEL LIMIT JOBS -> junit-LABEL.xml
   return $rc
 }
 
-# --- cuda tests ----------------------------------------------------------------------------------------------------
+# --- cuda tests, tier t0 -------------------------------------------------------------------------------------------
 : >"$OUT/ctest.log"
-t0=$(date +%s)
-lim=$(allow 75)
-if [ "$built" = 0 ]; then
-  phase_done cuda-tests skipped 0 "not built"
-elif [ "$lim" -lt 10 ]; then
-  phase_done cuda-tests skipped 0 "out of time"
-else
-  run_ctest cuda "$lim" 8
-  rc=$?
-  phase_done cuda-tests "$(status_of $rc)" $(( $(date +%s) - t0 )) "see CUDA tests below"
-fi
+cuda_tier() {  # TIER PHASE
+  local tier=$1 phase=$2 lim rc t0
+  t0=$(date +%s)
+  lim=$(allow "$phase")
+  if [ "$(limit_of "$phase")" = 0 ]; then
+    return 0
+  elif [ "$built" = 0 ]; then
+    phase_done "$phase" skipped 0 "not built"
+  elif [ "$lim" -lt 10 ]; then
+    phase_done "$phase" skipped 0 "out of time"
+  else
+    run_ctest "cuda-$tier" "$lim" 8
+    rc=$?
+    phase_done "$phase" "$(status_of $rc)" $(( $(date +%s) - t0 )) "ctest -L cuda-$tier; see CUDA tests below"
+  fi
+}
+cuda_tier t0 cuda-t0
 
 # --- training: cuda vs cpu ------------------------------------------------------------------------------------------
 TRAIN=$WORK/train
 : >"$OUT/train.log"
 : >"$WORK/train.tsv"
 json_num() { grep -o "\"$2\":[^,}]*" "$1" | sed -n "${3:-1}p" | cut -d: -f2; }  # FILE KEY [LINE|$]
+# The same 20-step run for every device; the cuda run also saves at step 10 for the resume phase.
+train_args() {  # OUT_DIR DEVICE REFCACHE
+  echo model="$TRAIN/base" train_file="$TRAIN/prefs.jsonl" out_dir="$1" device="$2" max_steps=20 \
+    per_device_train_batch_size=4 learning_rate=2e-4 logging_steps=1 max_length=96 max_prompt_length=48 seed=1 \
+    save_steps=10 ref_cache_dir="$3"
+}
 train_one() {  # LABEL LIMIT   (LABEL: cpu, cuda, or cuda-nccl = cuda with DPO_FORCE_NCCL=1)
   local label=$1 lim=$2 dev=${1%%-*} t rc run note="" force=0
   [ "$label" = cuda-nccl ] && force=1
@@ -318,9 +422,9 @@ train_one() {  # LABEL LIMIT   (LABEL: cpu, cuda, or cuda-nccl = cuda with DPO_F
   rm -rf "$run" "$TRAIN/refcache-$label"
   echo "== dpo train device=$dev DPO_FORCE_NCCL=$force (limit ${lim}s)" >>"$OUT/train.log"
   t=$(date +%s)
-  DPO_FORCE_NCCL=$force tmo "$lim" "$BUILD/dpo" train model="$TRAIN/base" train_file="$TRAIN/prefs.jsonl" \
-      out_dir="$run" device="$dev" max_steps=20 per_device_train_batch_size=4 learning_rate=2e-4 logging_steps=1 \
-      max_length=96 max_prompt_length=48 seed=1 ref_cache_dir="$TRAIN/refcache-$label" --plain >>"$OUT/train.log" 2>&1
+  # shellcheck disable=SC2046
+  DPO_FORCE_NCCL=$force tmo "$lim" "$BUILD/dpo" train $(train_args "$run" "$dev" "$TRAIN/refcache-$label") \
+      --plain >>"$OUT/train.log" 2>&1
   rc=$?
   t=$(( $(date +%s) - t ))
   echo "== dpo train $label exit $rc (${t}s)" >>"$OUT/train.log"
@@ -338,7 +442,7 @@ train_one() {  # LABEL LIMIT   (LABEL: cpu, cuda, or cuda-nccl = cuda with DPO_F
   return $rc
 }
 t0=$(date +%s)
-lim=$(allow 60)
+lim=$(allow train)
 cuda_train_ok=0
 if [ "$built" = 0 ] || [ ! -x "$BUILD/dpo" ]; then
   phase_done train skipped 0 "dpo not built"
@@ -354,33 +458,41 @@ else
     printf '{"prompt": "review %d: the %s was", "chosen": " %s and %s, really %s.", "rejected": " %s and %s, really %s."}\n' \
       "$i" "$n" "$a" "$b" "$a" "$c" "$d" "$c"
   done >"$TRAIN/prefs.jsonl"
+  train_end=$(( $(date +%s) + lim ))
   if ! tmo 30 "$BUILD/dpo" init --out "$TRAIN/base" --n-layer 2 --n-head 2 --n-embd 64 --vocab-size 257 \
       --n-positions 128 --seed 1 >>"$OUT/train.log" 2>&1; then
     phase_done train FAIL $(( $(date +%s) - t0 )) "dpo init failed (train.log)"
   else
     train_one cuda $(( lim * 2 / 5 )) && cuda_train_ok=1
-    train_one cpu "$(allow $(( lim * 2 / 5 / scale )))"
-    [ $cuda_train_ok = 1 ] && train_one cuda-nccl "$(allow $(( lim / 5 )))"
+    left=$(( train_end - $(date +%s) ))
+    train_one cpu $(( left * 2 / 3 ))
+    left=$(( train_end - $(date +%s) ))
+    [ $cuda_train_ok = 1 ] && [ "$left" -ge 5 ] && train_one cuda-nccl "$left"
     phase_done train "$([ $cuda_train_ok = 1 ] && echo ok || echo FAIL)" $(( $(date +%s) - t0 )) "see Training below"
   fi
 fi
 
-# --- compute-sanitizer ---------------------------------------------------------------------------------------------
-t0=$(date +%s)
-lim=$(allow 150)
+# --- compute-sanitizer: memcheck, racecheck, initcheck --------------------------------------------------------------
+# Each tool is its own phase with its own limit; every run is a line of sanitizer.tsv (phase, run, result, errors,
+# seconds, gtest passed, failed, skipped). Tests that touch more than 2^31 elements are left out (minutes under a
+# sanitizer; they run in cuda-t1).
 : >"$WORK/sanitizer.tsv"
-SAN_FILTER=${GPU_CHECK_SANITIZER_FILTER:--*Past32Bit*:*Beyond2Pow*:*Huge*}
-{ echo "# compute-sanitizer --tool memcheck"; echo "gtest filter: $SAN_FILTER"; } >"$OUT/sanitizer.log"
-sanitize_one() {  # NAME LIMIT CMD...
-  local name=$1 l=$2 t rc errs res
-  shift 2
-  echo "== $name (limit ${l}s): $*" >>"$OUT/sanitizer.log"
+: >"$OUT/sanitizer.log"
+BIG="*Past32Bit*:*Beyond2Pow*:*Huge*"
+sanitize_one() {  # PHASE TOOL NAME LIMIT CMD...
+  local phase=$1 tool=$2 name=$3 l=$4 t rc errs res extra=()
+  shift 4
+  [ "$tool" = racecheck ] && extra=(--racecheck-report all)
+  echo "== [$phase] $name (limit ${l}s): $*" >>"$OUT/sanitizer.log"
   t=$(date +%s)
-  tmo "$l" "$SANITIZER" --tool memcheck --error-exitcode 86 --print-limit 30 "$@" >"$WORK/san-one.log" 2>&1
+  tmo "$l" "$SANITIZER" --tool "$tool" "${extra[@]}" --error-exitcode 86 --print-limit 30 "$@" >"$WORK/san-one.log" 2>&1
   rc=$?
   t=$(( $(date +%s) - t ))
   cat "$WORK/san-one.log" >>"$OUT/sanitizer.log"
   errs=$(grep -o 'ERROR SUMMARY: [0-9]*' "$WORK/san-one.log" | tail -n1 | awk '{print $3}')
+  if [ -z "$errs" ] && [ "$tool" = racecheck ]; then
+    errs=$(grep -o 'RACECHECK SUMMARY: [0-9]* hazard' "$WORK/san-one.log" | tail -n1 | awk '{print $3}')
+  fi
   local passed failed skipped
   passed=$(grep -o '\[  PASSED  \] [0-9]*' "$WORK/san-one.log" | tail -n1 | awk '{print $4}')
   failed=$(grep -o '^\[  FAILED  \] [A-Za-z][^ ]*' "$WORK/san-one.log" | sort -u | wc -l)
@@ -391,52 +503,151 @@ sanitize_one() {  # NAME LIMIT CMD...
   elif [ $rc != 0 ]; then res="FAIL (exit $rc)"
   elif [ "${skipped:-0}" != 0 ] && [ "${passed:-0}" = 0 ]; then res=skipped
   else res=clean; fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$res" "${errs:-?}" "$t" "${passed:-}" "${failed:-}" "${skipped:-}" \
-    >>"$WORK/sanitizer.tsv"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$phase" "$name" "$res" "${errs:-?}" "$t" "${passed:-}" "${failed:-}" \
+    "${skipped:-}" >>"$WORK/sanitizer.tsv"
 }
-if [ "$built" = 0 ]; then
-  phase_done sanitizer skipped 0 "not built"
-elif [ "$have_gpu" = 0 ]; then
-  phase_done sanitizer unavailable 0 "not run: no CUDA device"
-elif [ -z "$SANITIZER" ]; then
-  phase_done sanitizer unavailable 0 "not run: compute-sanitizer not found"
-elif [ "$lim" -lt 10 ]; then
-  phase_done sanitizer skipped 0 "out of time"
-else
-  san_end=$(( $(date +%s) + lim ))
-  bins=()
-  for b in "$BUILD"/tests/test_cuda_kernels_*; do [ -x "$b" ] && [ -f "$b" ] && bins+=("$b"); done
-  for b in "$BUILD"/tests/test_cuda_*; do
-    case "$b" in */test_cuda_kernels_*) continue ;; esac
-    [ -x "$b" ] && [ -f "$b" ] && bins+=("$b")
-  done
-  for b in "${bins[@]}"; do
-    l=$(( san_end - $(date +%s) ))
-    if [ "$l" -lt 5 ]; then printf '%s\tnot run (time)\t?\t0\t\t\t\n' "$(basename "$b")" >>"$WORK/sanitizer.tsv"; continue; fi
-    sanitize_one "$(basename "$b")" "$l" "$b" --gtest_filter="$SAN_FILTER" --gtest_brief=1
-  done
-  if [ "$cuda_train_ok" = 1 ]; then
-    l=$(( san_end - $(date +%s) ))
-    if [ "$l" -ge 10 ]; then
-      rm -rf "$TRAIN/run-san" "$TRAIN/refcache-san"
-      sanitize_one "dpo train device=cuda (2 steps)" "$l" "$BUILD/dpo" train model="$TRAIN/base" \
-        train_file="$TRAIN/prefs.jsonl" out_dir="$TRAIN/run-san" device=cuda max_steps=2 per_device_train_batch_size=4 \
-        learning_rate=2e-4 max_length=96 max_prompt_length=48 ref_cache_dir="$TRAIN/refcache-san" --plain
+# sanitizer_phase PHASE TOOL  RUN...   each RUN is "NAME|BINARY|GTEST_FILTER" (binary relative to build-gpu/; an
+# empty filter runs a dpo command line given in the binary field instead)
+sanitizer_phase() {
+  local phase=$1 tool=$2 lim t0 end run name bin filter l n_err bad st
+  shift 2
+  [ "$(limit_of "$phase")" = 0 ] && return 0
+  t0=$(date +%s)
+  lim=$(allow "$phase")
+  if [ "$built" = 0 ]; then phase_done "$phase" skipped 0 "not built"; return 0; fi
+  if [ "$have_gpu" = 0 ]; then phase_done "$phase" unavailable 0 "not run: no CUDA device"; return 0; fi
+  if [ -z "$SANITIZER" ]; then phase_done "$phase" unavailable 0 "not run: compute-sanitizer not found"; return 0; fi
+  if [ "$lim" -lt 10 ]; then phase_done "$phase" skipped 0 "out of time"; return 0; fi
+  end=$(( t0 + lim ))
+  for run in "$@"; do
+    IFS='|' read -r name bin filter <<<"$run"
+    l=$(( end - $(date +%s) ))
+    if [ "$l" -lt 5 ]; then
+      printf '%s\t%s\tnot run (time)\t?\t0\t\t\t\n' "$phase" "$name" >>"$WORK/sanitizer.tsv"; continue
+    fi
+    if [ -n "$filter" ]; then
+      if [ ! -x "$BUILD/$bin" ]; then
+        printf '%s\t%s\tnot run (no %s)\t?\t0\t\t\t\n' "$phase" "$name" "$bin" >>"$WORK/sanitizer.tsv"; continue
+      fi
+      sanitize_one "$phase" "$tool" "$name" "$l" "$BUILD/$bin" --gtest_filter="$filter" --gtest_brief=1
     else
-      printf 'dpo train device=cuda (2 steps)\tnot run (time)\t?\t0\t\t\t\n' >>"$WORK/sanitizer.tsv"
+      # shellcheck disable=SC2086
+      sanitize_one "$phase" "$tool" "$name" "$l" $bin
+    fi
+  done
+  n_err=$(awk -F'\t' -v p="$phase" '$1 == p && $4 ~ /^[0-9]+$/ {s += $4} END {print s + 0}' "$WORK/sanitizer.tsv")
+  bad=$(awk -F'\t' -v p="$phase" '$1 == p && $3 != "clean" {n++} END {print n + 0}' "$WORK/sanitizer.tsv")
+  runs=$(awk -F'\t' -v p="$phase" '$1 == p {n++} END {print n + 0}' "$WORK/sanitizer.tsv")
+  st=ok
+  if [ "$n_err" != 0 ] || [ "$bad" != 0 ] || [ "$runs" = 0 ]; then st=FAIL; fi
+  phase_done "$phase" "$st" $(( $(date +%s) - t0 )) "$n_err errors; $bad of $runs runs not clean"
+}
+mc_runs=()
+for b in test_cuda_kernels_a test_cuda_kernels_b test_cuda_bf16 test_cuda_backend test_cuda_runtime; do
+  mc_runs+=("$b|tests/$b|-$BIG")
+done
+if [ "$cuda_train_ok" = 1 ]; then
+  rm -rf "$TRAIN/run-san" "$TRAIN/refcache-san"
+  mc_runs+=("dpo train device=cuda (2 steps)|$BUILD/dpo train model=$TRAIN/base train_file=$TRAIN/prefs.jsonl out_dir=$TRAIN/run-san device=cuda max_steps=2 per_device_train_batch_size=4 learning_rate=2e-4 max_length=96 max_prompt_length=48 ref_cache_dir=$TRAIN/refcache-san --plain|")
+fi
+sanitizer_phase memcheck memcheck "${mc_runs[@]}"
+# racecheck: the kernels that share memory between threads of a block (block reductions, tiles).
+sanitizer_phase racecheck racecheck \
+  "attention, log-prob (fp32)|tests/test_cuda_kernels_b|CudaAttention.*:CudaLogprob.*-$BIG" \
+  "LayerNorm, encoder backward, sum of squares (fp32)|tests/test_cuda_kernels_a|CudaLayerNorm.*:CudaEncoder.Backward*:CudaElementwise.SumSquares*-$BIG" \
+  "attention, log-prob, LayerNorm (bf16)|tests/test_cuda_bf16|CudaBf16Ops.Attention*:CudaBf16Ops.Logprob*:CudaBf16Ops.LayerNorm*"
+# initcheck: a device read of memory nothing wrote, over the whole model (small shapes).
+sanitizer_phase initcheck initcheck \
+  "GPT-2 forward + backward vs CPU (fp32)|tests/test_cuda_backend|CudaBackend.Gpt2LogprobsAndGradientsMatchCpu" \
+  "dpo bench, tiny shape, 1 step|$BUILD/dpo bench --device cuda --shape tiny --steps 1 --warmup 0|"
+
+# --- tier t1 --------------------------------------------------------------------------------------------------------
+cuda_tier t1 cuda-t1
+
+# parity: ~50 DPO steps against a plain PyTorch implementation of the same step (tools/torch_dpo_parity.py).
+if [ "$(limit_of parity)" != 0 ]; then
+  t0=$(date +%s)
+  lim=$(allow parity)
+  PLOG=$OUT/train.log   # OUTDIR holds at most 8 files: the parity runs go into train.log
+  echo "== parity phase" >>"$PLOG"
+  if [ "$built" = 0 ] || [ ! -x "$BUILD/dpo" ]; then
+    phase_done parity skipped 0 "dpo not built"
+  elif [ "$lim" -lt 15 ]; then
+    phase_done parity skipped 0 "out of time"
+  elif [ ! -f "$REPO/tools/torch_dpo_parity.py" ]; then
+    phase_done parity "not run" 0 "tools/torch_dpo_parity.py is missing"
+  elif ! python3 -c 'import torch' >/dev/null 2>&1; then
+    phase_done parity unavailable 0 "not run: python3 cannot import torch"
+  else
+    dev=cuda; [ "$have_gpu" = 1 ] || dev=cpu
+    prc=0
+    for prec in fp32 bf16; do
+      l=$(( t0 + lim - $(date +%s) ))
+      [ "$l" -ge 5 ] || { echo "== $prec: not run (time)" >>"$PLOG"; prc=124; continue; }
+      echo "== tools/torch_dpo_parity.py --precision $prec --our-device $dev --device $dev (limit ${l}s)" >>"$PLOG"
+      PYTHONUNBUFFERED=1 tmo "$l" python3 "$REPO/tools/torch_dpo_parity.py" --dpo "$BUILD/dpo" --work "$WORK/parity-$prec" \
+          --precision "$prec" --our-device "$dev" --device "$dev" --json "$WORK/parity-$prec.json" \
+          >>"$PLOG" 2>&1
+      r=$?
+      echo "== $prec exit $r" >>"$PLOG"
+      [ $r = 0 ] || prc=$r
+    done
+    phase_done parity "$(status_of $prc)" $(( $(date +%s) - t0 )) "our step vs plain PyTorch, fp32 and bf16 (train.log)"
+  fi
+fi
+
+# resume: the cuda run of the train phase, resumed from its step-10 checkpoint in a copy of its out_dir, must end
+# with byte-identical weights and optimizer state (the CUDA kernels are deterministic).
+if [ "$(limit_of resume)" != 0 ]; then
+  t0=$(date +%s)
+  lim=$(allow resume)
+  full=$TRAIN/run-cuda/checkpoints/step-20
+  if [ "$cuda_train_ok" = 0 ] || [ ! -f "$full/model.safetensors" ]; then
+    phase_done resume skipped 0 "no finished cuda training run to resume"
+  elif [ "$lim" -lt 5 ]; then
+    phase_done resume skipped 0 "out of time"
+  else
+    rm -rf "$TRAIN/run-resume"
+    cp -r "$TRAIN/run-cuda" "$TRAIN/run-resume"
+    rm -rf "$TRAIN/run-resume/checkpoints/step-20"
+    echo "== resume on cuda from step-10 (limit ${lim}s)" >>"$OUT/train.log"
+    # shellcheck disable=SC2046
+    tmo "$lim" "$BUILD/dpo" train $(train_args "$TRAIN/run-resume" cuda "$TRAIN/refcache-cuda") --plain \
+        --resume "$TRAIN/run-resume/checkpoints/step-10" >>"$OUT/train.log" 2>&1
+    rc=$?
+    res=$TRAIN/run-resume/checkpoints/step-20
+    if [ $rc != 0 ]; then
+      phase_done resume "$(status_of $rc)" $(( $(date +%s) - t0 )) "resumed run exit $rc (train.log)"
+    elif cmp -s "$full/model.safetensors" "$res/model.safetensors" && \
+         cmp -s "$full/optimizer.safetensors" "$res/optimizer.safetensors"; then
+      phase_done resume ok $(( $(date +%s) - t0 )) "step-20 weights and optimizer state byte-identical"
+    else
+      phase_done resume FAIL $(( $(date +%s) - t0 )) "resumed step-20 differs from the uninterrupted run"
     fi
   fi
-  n_err=$(awk -F'\t' '$3 ~ /^[0-9]+$/ {s += $3} END {print s + 0}' "$WORK/sanitizer.tsv")
-  bad=$(awk -F'\t' '$2 != "clean" {n++} END {print n + 0}' "$WORK/sanitizer.tsv")
-  st=ok
-  if [ "$n_err" != 0 ] || [ "$bad" != 0 ] || [ ! -s "$WORK/sanitizer.tsv" ]; then st=FAIL; fi
-  phase_done sanitizer "$st" $(( $(date +%s) - t0 )) "$n_err errors; $bad of $(wc -l <"$WORK/sanitizer.tsv") runs not clean"
+fi
+
+# profile: can Nsight be used on this machine (docs/profiling.md)?
+if [ "$(limit_of profile)" != 0 ]; then
+  t0=$(date +%s)
+  lim=$(allow profile)
+  if [ ! -f "$REPO/tools/profile_probe.sh" ]; then
+    phase_done profile "not run" 0 "tools/profile_probe.sh is missing"
+  elif [ "$lim" -lt 5 ]; then
+    phase_done profile skipped 0 "out of time"
+  else
+    tmo "$lim" bash "$REPO/tools/profile_probe.sh" "$WORK/profile.txt" "$BUILD/dpo" >"$WORK/profile-run.log" 2>&1
+    rc=$?
+    { echo; echo "## profilers (tools/profile_probe.sh, exit $rc)"; cat "$WORK/profile.txt" 2>/dev/null
+      cat "$WORK/profile-run.log"; } >>"$OUT/env.txt"
+    phase_done profile "$(status_of $rc)" $(( $(date +%s) - t0 )) "$(head -n1 "$WORK/profile.txt" 2>/dev/null | cut -c1-160)"
+  fi
 fi
 
 # --- cpu tests (optional) ------------------------------------------------------------------------------------------
 if [ "$cpu_tests" = 1 ]; then
   t0=$(date +%s)
-  lim=$(allow 600)
+  lim=$(( DEADLINE - RESERVE - $(date +%s) ))
   if [ "$built" = 0 ]; then
     phase_done cpu-tests skipped 0 "not built"
   elif [ "$lim" -lt 20 ]; then
@@ -449,46 +660,76 @@ if [ "$cpu_tests" = 1 ]; then
 fi
 
 # --- benchmark (short mode) ----------------------------------------------------------------------------------------
-# One GPT-2 124M DPO step at HH-like lengths: dpo bench on the GPU, then the PyTorch harness (eager, then
-# torch.compile) on the same batch. Raw JSON of each run goes into bench.log (OUTDIR keeps at most 8 files).
-if [ "$bench" = 1 ]; then
+# One GPT-2 124M DPO step at HH-like lengths: dpo bench on the GPU (bf16 first: the configuration the targets are
+# for), then the PyTorch harness in eager mode on the same batch. Raw JSON of each run goes into bench.log.
+if [ "$(limit_of bench)" != 0 ]; then
   t0=$(date +%s)
-  lim=$(allow 150)
+  lim=$(allow bench)
   : >"$OUT/bench.log"
   if [ "$built" = 0 ] || [ ! -x "$BUILD/dpo" ]; then
     phase_done bench skipped 0 "dpo not built"
-  elif [ "$lim" -lt 30 ]; then
+  elif [ "$lim" -lt 20 ]; then
     phase_done bench skipped 0 "out of time"
   else
     brc=0
+    bench_end=$(( t0 + lim ))
+    left() { echo $(( bench_end - $(date +%s) )); }
     bench_args=(--shape gpt2-124m --workload hh --pairs 8 --steps 5 --warmup 2)
-    echo "== dpo bench --device cuda ${bench_args[*]}" >>"$OUT/bench.log"
-    tmo $((lim / 5)) "$BUILD/dpo" bench --device cuda "${bench_args[@]}" --json "$WORK/bench-dpo.json" >>"$OUT/bench.log" 2>&1 || brc=1
-    cat "$WORK/bench-dpo.json" >>"$OUT/bench.log" 2>/dev/null
-    # bf16 (our mixed precision; PyTorch with autocast) is the configuration the targets are for.
-    echo "== dpo bench --device cuda ${bench_args[*]} --precision bf16" >>"$OUT/bench.log"
-    tmo "$(allow $((lim / 5)))" "$BUILD/dpo" bench --device cuda "${bench_args[@]}" --precision bf16 \
-        --json "$WORK/bench-dpo-bf16.json" >>"$OUT/bench.log" 2>&1 || brc=1
-    cat "$WORK/bench-dpo-bf16.json" >>"$OUT/bench.log" 2>/dev/null
-    # PyTorch: eager fp32, eager bf16 (autocast), torch.compile bf16 (compiling takes the longest share).
-    for run in eager:fp32:5 eager:bf16:5 compile:bf16:3; do
-      IFS=: read -r mode prec share <<<"$run"
+    for prec in bf16 fp32; do
+      l=$(left); [ "$l" -ge 5 ] || { echo "== dpo bench $prec: not run (time)" >>"$OUT/bench.log"; continue; }
+      echo "== dpo bench --device cuda ${bench_args[*]} --precision $prec (limit ${l}s)" >>"$OUT/bench.log"
+      tmo "$((l / 2 > 5 ? l / 2 : l))" "$BUILD/dpo" bench --device cuda "${bench_args[@]}" --precision "$prec" \
+          --json "$WORK/bench-dpo-$prec.json" >>"$OUT/bench.log" 2>&1 || brc=1
+      cat "$WORK/bench-dpo-$prec.json" >>"$OUT/bench.log" 2>/dev/null
+    done
+    runs=(eager:bf16 eager:fp32)
+    [ "$bench_compile" = 1 ] && runs+=(compile:bf16)
+    for run in "${runs[@]}"; do
+      IFS=: read -r mode prec <<<"$run"
       extra=(); [ "$mode" = compile ] && extra=(--compile)
-      echo "== tools/bench_torch.py --device cuda ${bench_args[*]} ${extra[*]} --precision $prec" >>"$OUT/bench.log"
-      tmo "$(allow $((lim / share)))" python3 "$REPO/tools/bench_torch.py" --device cuda "${bench_args[@]}" "${extra[@]}" \
+      l=$(left); [ "$l" -ge 5 ] || { echo "== torch $mode $prec: not run (time)" >>"$OUT/bench.log"; continue; }
+      echo "== tools/bench_torch.py --device cuda ${bench_args[*]} ${extra[*]} --precision $prec (limit ${l}s)" >>"$OUT/bench.log"
+      tmo "$l" python3 "$REPO/tools/bench_torch.py" --device cuda "${bench_args[@]}" "${extra[@]}" \
           --precision "$prec" --json "$WORK/bench-torch-$mode-$prec.json" >>"$OUT/bench.log" 2>&1 || brc=1
       cat "$WORK/bench-torch-$mode-$prec.json" >>"$OUT/bench.log" 2>/dev/null
     done
-    # TRL's DPOTrainer when the machine has TRL (the device tool cannot install it: no network).
-    if python3 -c 'import trl' >/dev/null 2>&1; then
-      echo "== tools/bench_trl.py --device cuda ${bench_args[*]} --precision bf16" >>"$OUT/bench.log"
-      tmo "$(allow $((lim / 5)))" python3 "$REPO/tools/bench_trl.py" --device cuda "${bench_args[@]}" --precision bf16 \
-          --json "$WORK/bench-trl-bf16.json" >>"$OUT/bench.log" 2>&1 || brc=1
-      cat "$WORK/bench-trl-bf16.json" >>"$OUT/bench.log" 2>/dev/null
+    phase_done bench "$([ $brc = 0 ] && echo ok || echo FAIL)" $(( $(date +%s) - t0 )) "bench.log: dpo bench, PyTorch eager"
+  fi
+fi
+
+# --- tier t2: several GPUs -------------------------------------------------------------------------------------------
+# Data-parallel training across every GPU of the machine against the 1-GPU cuda run of the train phase: plain
+# (bucketed all-reduce overlapped with the backward) and ZeRO-1 (reduce-scatter). Needs an MPI launcher (the
+# trainer's ranks are processes); the device image has none unless one is carried.
+if [ "$quick" = 0 ]; then
+  t0=$(date +%s)
+  if [ "${gpus:-0}" -lt 2 ]; then
+    phase_done multi-gpu "not run" 0 "this machine has ${gpus:-0} GPU(s); the tier needs 2 or more"
+  else
+    lim=$(allow multi-gpu)
+    MPIRUN=$(command -v mpirun || true)
+    if [ -z "$MPIRUN" ]; then
+      phase_done multi-gpu "not run" 0 "$gpus GPUs but no mpirun on this machine (configure --with-mpi and carry a launcher)"
+    elif [ "$cuda_train_ok" = 0 ]; then
+      phase_done multi-gpu skipped 0 "the 1-GPU cuda training failed"
+    elif [ "$lim" -lt 15 ]; then
+      phase_done multi-gpu skipped 0 "out of time"
     else
-      echo "== tools/bench_trl.py: not run, python3 cannot import trl on this machine" >>"$OUT/bench.log"
+      mrc=0
+      for variant in plain zero1; do
+        extra=(); [ "$variant" = zero1 ] && extra=(zero_stage=1)
+        run=$TRAIN/run-mgpu-$variant
+        rm -rf "$run" "$TRAIN/refcache-mgpu-$variant"
+        echo "== mpirun -np $gpus dpo train device=cuda ${extra[*]}" >>"$OUT/train.log"
+        # shellcheck disable=SC2046
+        OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 tmo $(( (t0 + lim - $(date +%s)) / 2 )) \
+          "$MPIRUN" -np "$gpus" "$BUILD/dpo" train $(train_args "$run" cuda "$TRAIN/refcache-mgpu-$variant") \
+          "${extra[@]}" --plain >>"$OUT/train.log" 2>&1 || mrc=1
+        lossN=$(json_num "$run/metrics.jsonl" loss '$' 2>/dev/null)
+        printf '%s\t%s\t\t\t\t\t%s\t\n' "cuda-x$gpus-$variant" "$mrc" "${lossN:-}" >>"$WORK/train.tsv"
+      done
+      phase_done multi-gpu "$([ $mrc = 0 ] && echo ok || echo FAIL)" $(( $(date +%s) - t0 )) "see Training below"
     fi
-    phase_done bench "$([ $brc = 0 ] && echo ok || echo FAIL)" $(( $(date +%s) - t0 )) "bench.log: dpo bench, PyTorch eager and torch.compile"
   fi
 fi
 
@@ -514,7 +755,7 @@ else
     echo; echo "**Result: FAIL** (no summary script)"; echo
     echo '```'; cat "$FACTS"; echo; cat "$PHASES"; echo; cat "$WORK/train.tsv" "$WORK/sanitizer.tsv" 2>/dev/null; echo '```'
   } >"$OUT/summary.md"
-  cp "$WORK/junit-cuda.xml" "$OUT/junit.xml" 2>/dev/null
+  cp "$WORK/junit-cuda-t0.xml" "$OUT/junit.xml" 2>/dev/null
 fi
 echo
 echo "================================================================================"
