@@ -231,9 +231,26 @@ TEST(Bench, KernelTraceOffByDefault) {
   o.steps = 1, o.warmup = 0;
   o.threads = 1;
   o.print_table = false;
-  const json r = run_bench(o);
+  json r = run_bench(o);
   EXPECT_TRUE(r["kernels"].is_null());
   EXPECT_EQ(r["kernel_trace"]["status"], "not requested (--kernels)");
+  EXPECT_EQ(format_bench_table(r).find("GPU time by kernel"), std::string::npos);
+
+  // The printed table of a traced run comes from the JSON alone (format_bench_table), as a GPU run writes it.
+  r["kernels"] = json::array({{{"name", "nvjet_gemm"}, {"full_name", "nvjet_gemm"}, {"kind", "kernel"},
+                               {"calls", 2}, {"total_ms", 3.0}, {"mean_us", 1500.0}, {"share", 0.75}},
+                              {{"name", "[memset]"}, {"full_name", "[memset]"}, {"kind", "memset"},
+                               {"calls", 4}, {"total_ms", 1.0}, {"mean_us", 250.0}, {"share", 0.25}, {"bytes", 64}}});
+  r["kernel_trace"] = {{"status", "ok"},          {"gpu_time_ms", 4.0},       {"kernel_time_ms", 3.0},
+                       {"timed_wall_ms", 8.0},     {"gpu_busy_fraction", 0.5}, {"warnings", json::array()}};
+  const std::string text = format_bench_table(r);
+  EXPECT_NE(text.find("GPU time by kernel"), std::string::npos) << text;
+  EXPECT_LT(text.find("nvjet_gemm"), text.find("[memset]")) << text;
+  EXPECT_NE(text.find(" 75.00%"), std::string::npos) << text;
+  EXPECT_NE(text.find("50.0% of the timed steps' wall time"), std::string::npos) << text;
+  r["kernels"] = nullptr;
+  r["kernel_trace"] = {{"status", "unavailable"}, {"error", "cuptiActivityEnable(...) failed: test"}};
+  EXPECT_NE(format_bench_table(r).find("not available: cuptiActivityEnable(...) failed: test"), std::string::npos);
 }
 
 // Name shortening. The mangled names are written by hand from the Itanium C++ ABI and their demangled forms
