@@ -22,6 +22,7 @@
 #include "runtime/error.h"
 #include "runtime/kernel_trace.h"
 #include "train/bench.h"
+#include "train/config.h"
 
 namespace {
 
@@ -368,6 +369,49 @@ TEST(KernelTable, TraceAvailabilityIsExplained) {
   EXPECT_TRUE(tr.stop().rows.empty());
 #endif
   if (ok) EXPECT_TRUE(why.empty());
+}
+
+// profile_steps (train/config.h): "A-B" or "N", 1-based, A <= B, device cuda only; anything else is an InputError
+// naming the key.
+TEST(ProfileSteps, ParsesAndValidates) {
+  const StepRange r = parse_profile_steps("10-12");
+  EXPECT_EQ(r.first, 10);
+  EXPECT_EQ(r.last, 12);
+  EXPECT_FALSE(r.contains(9));
+  EXPECT_TRUE(r.contains(10));
+  EXPECT_TRUE(r.contains(12));
+  EXPECT_FALSE(r.contains(13));
+  const StepRange one = parse_profile_steps("7");
+  EXPECT_EQ(one.first, 7);
+  EXPECT_EQ(one.last, 7);
+  EXPECT_TRUE(parse_profile_steps("").empty());
+  EXPECT_FALSE(parse_profile_steps("").contains(1));
+  for (const char* bad : {"0", "0-3", "12-10", "-3", "3-", "a-b", "1-2-3", "1..3", " 4", "99999999999999999999"}) {
+    try {
+      parse_profile_steps(bad);
+      ADD_FAILURE() << "accepted '" << bad << "'";
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find("profile_steps"), std::string::npos) << e.what();
+    }
+  }
+  const std::vector<std::string> base = {"model=m", "train_file=t.jsonl", "out_dir=o"};
+  auto with = [&](std::vector<std::string> extra) {
+    std::vector<std::string> o = base;
+    o.insert(o.end(), extra.begin(), extra.end());
+    return load_train_config("", o, RunKind::Dpo);
+  };
+  EXPECT_EQ(with({"device=cuda", "profile_steps=10-12"}).profile_steps, "10-12");
+  EXPECT_EQ(with({"device=cuda", "profile_steps=3"}).profile_steps, "3");
+  EXPECT_TRUE(with({}).profile_steps.empty());
+  for (const std::vector<std::string>& bad : std::vector<std::vector<std::string>>{
+           {"device=cuda", "profile_steps=12-10"}, {"device=cpu", "profile_steps=1-2"}, {"profile_steps=x"}}) {
+    try {
+      with(bad);
+      ADD_FAILURE() << "accepted " << bad.back();
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find("key 'profile_steps'"), std::string::npos) << e.what();
+    }
+  }
 }
 
 }  // namespace
