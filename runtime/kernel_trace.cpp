@@ -168,14 +168,16 @@ std::string shorten_kernel_name(const std::string& raw, size_t max_len) {
 std::string format_kernel_table(const KernelTable& t, size_t max_rows, int64_t per) {
   std::ostringstream s;
   char b[512];
-  std::snprintf(b, sizeof b, "  GPU time by kernel (CUPTI activity records): %lld activities, %.3f ms GPU time, %.3f ms in kernels\n",
+  std::snprintf(b, sizeof b,
+                "  GPU time by kernel (CUPTI activity records): %lld activities, %.3f ms GPU time, %.3f ms in kernels\n",
                 static_cast<long long>(t.records), t.total_ms, t.kernel_ms);
   s << b;
   if (per > 0)
     std::snprintf(b, sizeof b, "    %7s %7s %11s %10s %8s %10s  %s\n", "share", "cum.", "total ms", "ms/step", "calls",
                   "mean us", "name");
   else
-    std::snprintf(b, sizeof b, "    %7s %7s %11s %8s %10s  %s\n", "share", "cum.", "total ms", "calls", "mean us", "name");
+    std::snprintf(b, sizeof b, "    %7s %7s %11s %8s %10s  %s\n", "share", "cum.", "total ms", "calls", "mean us",
+                  "name");
   s << b;
   double cum = 0;
   const size_t shown = std::min(max_rows, t.rows.size());

@@ -77,8 +77,8 @@ std::string demangle_kernel_name(const std::string& raw);
 
 // A readable name for a kernel: demangled, without the return type and the parameter list, without namespace and
 // class qualifiers (anywhere, template arguments included: "dpo::cuda::(anonymous namespace)::" and "cutlass::gemm::"
-// go), "__nv_bfloat16" written "bf16", cut to at most max_len characters with "..." at the end. Names that were never mangled (cuBLAS's
-// "sm90_xmma_gemm_...", "nvjet_...") are only cut. Two kernels may shorten to the same text; the table keeps them
+// go), "__nv_bfloat16" written "bf16", cut to at most max_len characters with "..." at the end. Names that were
+// never mangled (cuBLAS's "sm90_xmma_gemm_...", "nvjet_...") are only cut. Two kernels may shorten to the same text; the table keeps them
 // as separate rows (full_name tells them apart).
 std::string shorten_kernel_name(const std::string& raw, size_t max_len = 72);
 

@@ -212,8 +212,8 @@ TEST(Bench, KernelsRefusedOnCpu) {
   }
   const std::string err =
       (std::filesystem::temp_directory_path() / ("dpo_test_bench_err_" + std::to_string(::getpid()))).string();
-  const std::string cmd = "'" + dpo + "' bench --device cpu --shape tiny --steps 1 --warmup 0 --kernels >/dev/null 2>'" +
-                          err + "'";
+  const std::string cmd =
+      "'" + dpo + "' bench --device cpu --shape tiny --steps 1 --warmup 0 --kernels >/dev/null 2>'" + err + "'";
   const int st = std::system(cmd.c_str());
   ASSERT_TRUE(WIFEXITED(st)) << cmd;
   EXPECT_EQ(WEXITSTATUS(st), 2) << cmd;

@@ -107,7 +107,8 @@ case "$gpu" in
         if grep -q 'ERR_NVGPUCTRPERM' "$log"; then
           echo "no permission (ERR_NVGPUCTRPERM: performance counters are restricted to admin users here)"
         elif grep -q '"sm__cycles_elapsed.avg"' "$log"; then
-          echo "ok ($(grep '"sm__cycles_elapsed.avg"' "$log" | head -n 1 | awk -F'","' '{print $5 ": " $NF " cycles"}' | tr -d '"'))"
+          line=$(grep '"sm__cycles_elapsed.avg"' "$log" | head -n 1)
+          echo "ok ($(printf '%s\n' "$line" | awk -F'","' '{print $5 ": " $NF " cycles"}' | tr -d '"'))"
         elif grep -qi 'no kernels were profiled' "$log"; then
           echo "no kernel profiled"
         elif [ "$1" = 124 ] || [ "$1" = 137 ]; then
@@ -139,7 +140,7 @@ case "$gpu" in
           fi
         fi
         put ncu_counters "$res"
-        put ncu_output "$(grep -v '^[[:space:]]*$' "$log" | grep -i '==PROF==\|==ERROR==\|==WARNING==\|error' | oneline 6)"
+        put ncu_output "$(grep -i '==PROF==\|==ERROR==\|==WARNING==\|error' "$log" | oneline 6)"
       fi
       rm -f "$log"
     fi

@@ -191,7 +191,9 @@ KernelTable kernel_table_from_json(const json& r) {
   for (const auto& j : r["kernels"]) {
     KernelTableRow row;
     const std::string kind = j["kind"].get<std::string>();
-    row.kind = kind == "memcpy" ? GpuActivityKind::Memcpy : kind == "memset" ? GpuActivityKind::Memset : GpuActivityKind::Kernel;
+    row.kind = kind == "memcpy"   ? GpuActivityKind::Memcpy
+               : kind == "memset" ? GpuActivityKind::Memset
+                                  : GpuActivityKind::Kernel;
     row.name = j["name"].get<std::string>();
     row.full_name = j["full_name"].get<std::string>();
     row.calls = j["calls"].get<int64_t>();

@@ -190,7 +190,8 @@ KernelTable KernelTrace::stop() {
   std::vector<std::string> problems;
   for (size_t j = std::size(kTracedKinds); j-- > 0;) {
     const CUptiResult r = cuptiActivityDisable(kTracedKinds[j].kind);
-    if (r != CUPTI_SUCCESS) problems.push_back(cupti_error(std::string("cuptiActivityDisable(") + kTracedKinds[j].name + ")", r));
+    if (r != CUPTI_SUCCESS)
+      problems.push_back(cupti_error(std::string("cuptiActivityDisable(") + kTracedKinds[j].name + ")", r));
   }
   detach(&stats_);  // waits for a callback still running on CUPTI's thread
   if (flushed != CUPTI_SUCCESS)
