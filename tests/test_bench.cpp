@@ -1,21 +1,28 @@
 // `dpo bench` (train/bench.cpp): one fast run on the tiny shape with a tiny custom workload. Checks the JSON's
 // fields, the token count, the FLOP formula against a hand computation, that the timed steps moved the weights,
-// the written JSON file, and flag validation.
+// the written JSON file, and flag validation. Also the per-kernel table's CPU side (runtime/kernel_trace.h):
+// aggregation, ordering, shares and name shortening on synthetic records, and `--kernels` refused off the GPU.
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <sstream>
+#include <string>
 #include <vector>
 
 #include "runtime/backend.h"
 #include "runtime/error.h"
+#include "runtime/kernel_trace.h"
 #include "train/bench.h"
+#include "train/config.h"
 
 namespace {
 
@@ -176,6 +183,235 @@ TEST(Bench, RejectsBadFlags) {
   o.reference = "precomputed";
   o.workload = "custom", o.prompt_len = 1000, o.chosen_len = 30, o.rejected_len = 1;  // > n_positions
   EXPECT_THROW(run_bench(o), InputError);
+}
+
+// --kernels reads CUPTI on a GPU: on the CPU it is bad usage (InputError naming the flag and what it needs), before
+// any model is built, and the CLI exits with status 2.
+TEST(Bench, KernelsRefusedOnCpu) {
+  BenchOptions o;
+  o.shape = "tiny";
+  o.workload = "custom";
+  o.prompt_len = 4, o.chosen_len = 3, o.rejected_len = 3;
+  o.steps = 1, o.warmup = 0;
+  o.print_table = false;
+  o.kernels = true;
+  try {
+    run_bench(o);
+    ADD_FAILURE() << "--kernels on cpu was accepted";
+  } catch (const InputError& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("--kernels"), std::string::npos) << m;
+    EXPECT_NE(m.find("--device cuda"), std::string::npos) << m;
+    EXPECT_NE(m.find("CUDA build"), std::string::npos) << m;
+  }
+
+  const std::string dpo = std::string(DPO_BINARY_DIR) + "/dpo";
+  if (!std::filesystem::exists(dpo)) {
+    ADD_FAILURE() << "the dpo binary is not built: " << dpo;
+    return;
+  }
+  const std::string err =
+      (std::filesystem::temp_directory_path() / ("dpo_test_bench_err_" + std::to_string(::getpid()))).string();
+  const std::string cmd =
+      "'" + dpo + "' bench --device cpu --shape tiny --steps 1 --warmup 0 --kernels >/dev/null 2>'" + err + "'";
+  const int st = std::system(cmd.c_str());
+  ASSERT_TRUE(WIFEXITED(st)) << cmd;
+  EXPECT_EQ(WEXITSTATUS(st), 2) << cmd;
+  std::ifstream f(err);
+  std::stringstream text;
+  text << f.rdbuf();
+  EXPECT_NE(text.str().find("--kernels needs --device cuda and a CUDA build"), std::string::npos) << text.str();
+  std::remove(err.c_str());
+}
+
+TEST(Bench, KernelTraceOffByDefault) {
+  BenchOptions o;
+  o.shape = "tiny";
+  o.workload = "custom";
+  o.prompt_len = 4, o.chosen_len = 3, o.rejected_len = 3;
+  o.steps = 1, o.warmup = 0;
+  o.threads = 1;
+  o.print_table = false;
+  json r = run_bench(o);
+  EXPECT_TRUE(r["kernels"].is_null());
+  EXPECT_EQ(r["kernel_trace"]["status"], "not requested (--kernels)");
+  EXPECT_EQ(format_bench_table(r).find("GPU time by kernel"), std::string::npos);
+
+  // The printed table of a traced run comes from the JSON alone (format_bench_table), as a GPU run writes it.
+  r["kernels"] = json::array({{{"name", "nvjet_gemm"}, {"full_name", "nvjet_gemm"}, {"kind", "kernel"},
+                               {"calls", 2}, {"total_ms", 3.0}, {"mean_us", 1500.0}, {"share", 0.75}},
+                              {{"name", "[memset]"}, {"full_name", "[memset]"}, {"kind", "memset"},
+                               {"calls", 4}, {"total_ms", 1.0}, {"mean_us", 250.0}, {"share", 0.25}, {"bytes", 64}}});
+  r["kernel_trace"] = {{"status", "ok"},          {"gpu_time_ms", 4.0},       {"kernel_time_ms", 3.0},
+                       {"timed_wall_ms", 8.0},     {"gpu_busy_fraction", 0.5}, {"warnings", json::array()}};
+  const std::string text = format_bench_table(r);
+  EXPECT_NE(text.find("GPU time by kernel"), std::string::npos) << text;
+  EXPECT_LT(text.find("nvjet_gemm"), text.find("[memset]")) << text;
+  EXPECT_NE(text.find(" 75.00%"), std::string::npos) << text;
+  EXPECT_NE(text.find("50.0% of the timed steps' wall time"), std::string::npos) << text;
+  r["kernels"] = nullptr;
+  r["kernel_trace"] = {{"status", "unavailable"}, {"error", "cuptiActivityEnable(...) failed: test"}};
+  EXPECT_NE(format_bench_table(r).find("not available: cuptiActivityEnable(...) failed: test"), std::string::npos);
+}
+
+// Name shortening. The mangled names are written by hand from the Itanium C++ ABI and their demangled forms
+// checked with binutils' c++filt (not with our code): a template kernel in a namespace, one in an anonymous
+// namespace, a CUTLASS-style kernel whose template argument is qualified, a plain function, and cuBLAS-style names
+// that were never mangled.
+TEST(KernelTable, ShortensNames) {
+  EXPECT_EQ(demangle_kernel_name("_ZN3dpo4cuda19gelu_forward_kernelIfEEvPT_PKS2_l"),
+            "void dpo::cuda::gelu_forward_kernel<float>(float*, float const*, long)");
+  EXPECT_EQ(shorten_kernel_name("_ZN3dpo4cuda19gelu_forward_kernelIfEEvPT_PKS2_l"), "gelu_forward_kernel<float>");
+  EXPECT_EQ(shorten_kernel_name("_ZN3dpo4cuda19gelu_forward_kernelI13__nv_bfloat16EEvPT_PKS3_l"),
+            "gelu_forward_kernel<bf16>");
+  EXPECT_EQ(shorten_kernel_name("_ZN3dpo4cuda12_GLOBAL__N_114softmax_kernelILi4EEEvPfi"), "softmax_kernel<4>");
+  EXPECT_EQ(shorten_kernel_name("_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalIfEEEEvNT_6ParamsE"),
+            "device_kernel<GemmUniversal<float>>");
+  EXPECT_EQ(shorten_kernel_name("_ZN3dpo4cuda10add_kernelEPfl"), "add_kernel");
+  EXPECT_EQ(shorten_kernel_name("nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NNT"),
+            "nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NNT");
+  // Not a valid mangling: kept as it is (and still cut).
+  EXPECT_EQ(demangle_kernel_name("_Zbroken"), "_Zbroken");
+  const std::string xmma =
+      "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel__5x_"
+      "cublas";
+  const std::string cut = shorten_kernel_name(xmma, 40);
+  EXPECT_EQ(cut.size(), 40u);
+  EXPECT_EQ(cut, xmma.substr(0, 37) + "...");
+  EXPECT_EQ(shorten_kernel_name(xmma, 1000), xmma);
+}
+
+// Aggregation over synthetic records: calls and nanoseconds summed per name, untimed records left out and counted,
+// rows sorted by total time (ties by name), shares summing to 1, copies and sets as their own rows with bytes.
+TEST(KernelTable, AggregatesSortsAndShares) {
+  KernelStats st;
+  const std::string gelu = "_ZN3dpo4cuda19gelu_forward_kernelIfEEvPT_PKS2_l";
+  const std::string gemm = "nvjet_sm90_tst_128x256_64x4_2x1_v_bz_coopA_NNT";
+  const std::string ln = "_ZN3dpo4cuda10add_kernelEPfl";
+  // gelu: 3 calls of 1000, 1500, 2500 ns = 5000 ns; gemm: 2 calls of 9000 ns = 18000 ns; add_kernel: 5000 ns in one
+  // call (ties with gelu: "add_kernel" sorts first); memcpy HtoD: 2 calls, 1200 ns, 4096 + 1024 bytes; memset 800 ns.
+  uint64_t t = 1'000'000;
+  auto rec = [&](GpuActivityKind k, const std::string& name, uint64_t dur, uint64_t bytes = 0) {
+    st.add(k, name, t, t + dur, bytes);
+    t += dur + 100;
+  };
+  rec(GpuActivityKind::Kernel, gelu, 1000);
+  rec(GpuActivityKind::Kernel, gemm, 9000);
+  rec(GpuActivityKind::Memcpy, "[memcpy HtoD]", 700, 4096);
+  rec(GpuActivityKind::Kernel, gelu, 1500);
+  rec(GpuActivityKind::Kernel, ln, 5000);
+  rec(GpuActivityKind::Memset, "[memset]", 800, 512);
+  rec(GpuActivityKind::Kernel, gemm, 9000);
+  rec(GpuActivityKind::Memcpy, "[memcpy HtoD]", 500, 1024);
+  rec(GpuActivityKind::Kernel, gelu, 2500);
+  st.add(GpuActivityKind::Kernel, gelu, 0, 0);       // no timestamps
+  st.add(GpuActivityKind::Kernel, gemm, 5000, 4000);  // end before start
+  const KernelTable tab = st.table();
+
+  ASSERT_EQ(tab.rows.size(), 5u);
+  const std::vector<std::string> order = {gemm, "add_kernel", "gelu_forward_kernel<float>", "[memcpy HtoD]",
+                                          "[memset]"};
+  for (size_t i = 0; i < order.size(); ++i) EXPECT_EQ(tab.rows[i].name, order[i]) << i;
+  EXPECT_EQ(tab.rows[0].calls, 2);
+  EXPECT_DOUBLE_EQ(tab.rows[0].total_ms, 18000e-6);
+  EXPECT_DOUBLE_EQ(tab.rows[0].mean_us, 9.0);
+  EXPECT_EQ(tab.rows[2].calls, 3);
+  EXPECT_DOUBLE_EQ(tab.rows[2].total_ms, 5000e-6);
+  EXPECT_NEAR(tab.rows[2].mean_us, 5.0 / 3.0, 1e-12);
+  EXPECT_EQ(tab.rows[2].full_name, "void dpo::cuda::gelu_forward_kernel<float>(float*, float const*, long)");
+  EXPECT_EQ(tab.rows[3].kind, GpuActivityKind::Memcpy);
+  EXPECT_EQ(tab.rows[3].calls, 2);
+  EXPECT_EQ(tab.rows[3].bytes, 5120u);
+  EXPECT_EQ(tab.rows[4].kind, GpuActivityKind::Memset);
+  EXPECT_EQ(tab.rows[4].bytes, 512u);
+
+  const double total_ns = 5000 + 18000 + 5000 + 1200 + 800;
+  EXPECT_DOUBLE_EQ(tab.total_ms, total_ns * 1e-6);
+  EXPECT_DOUBLE_EQ(tab.kernel_ms, 28000e-6);
+  double sum = 0;
+  for (const auto& r : tab.rows) sum += r.share;
+  EXPECT_NEAR(sum, 1.0, 1e-12);
+  EXPECT_NEAR(tab.rows[0].share, 18000 / total_ns, 1e-15);
+  EXPECT_EQ(tab.records, 3 + 2 + 1 + 2 + 1);
+  EXPECT_EQ(tab.untimed_records, 2);
+  ASSERT_EQ(tab.warnings.size(), 1u);
+  EXPECT_NE(tab.warnings[0].find("2 activities had no timestamps"), std::string::npos);
+
+  // The text: rows in order, the per-step column, and the rest summed when rows are cut.
+  const std::string full = format_kernel_table(tab, 30, 3);
+  size_t last = 0;
+  for (const auto& n : order) {
+    const size_t at = full.find(n);
+    ASSERT_NE(at, std::string::npos) << n << "\n" << full;
+    EXPECT_GT(at, last) << n;
+    last = at;
+  }
+  EXPECT_NE(full.find("ms/step"), std::string::npos);
+  EXPECT_NE(full.find(" 60.00%"), std::string::npos) << full;  // 18000 / 30000
+  const std::string cut = format_kernel_table(tab, 2);
+  EXPECT_EQ(cut.find("[memset]"), std::string::npos);
+  EXPECT_NE(cut.find(" 6 calls in 3 more rows"), std::string::npos) << cut;
+  EXPECT_NE(format_kernel_table(KernelTable{}).find("no GPU activity"), std::string::npos);
+}
+
+// Without CUDA and CUPTI at build time the trace is a stub that says why; with them, built() is true (the trace
+// itself is tested on a GPU in tests/test_cuda_kernel_trace.cpp).
+TEST(KernelTable, TraceAvailabilityIsExplained) {
+  std::string why;
+  const bool ok = KernelTrace::built(&why);
+#ifdef DPO_HAVE_CUDA
+  if (!ok) EXPECT_NE(why.find("CUPTI"), std::string::npos) << why;
+#else
+  EXPECT_FALSE(ok);
+  EXPECT_NE(why.find("CUDA"), std::string::npos) << why;
+  KernelTrace tr;
+  EXPECT_FALSE(tr.start().empty());
+  EXPECT_TRUE(tr.stop().rows.empty());
+#endif
+  if (ok) EXPECT_TRUE(why.empty());
+}
+
+// profile_steps (train/config.h): "A-B" or "N", 1-based, A <= B, device cuda only; anything else is an InputError
+// naming the key.
+TEST(ProfileSteps, ParsesAndValidates) {
+  const StepRange r = parse_profile_steps("10-12");
+  EXPECT_EQ(r.first, 10);
+  EXPECT_EQ(r.last, 12);
+  EXPECT_FALSE(r.contains(9));
+  EXPECT_TRUE(r.contains(10));
+  EXPECT_TRUE(r.contains(12));
+  EXPECT_FALSE(r.contains(13));
+  const StepRange one = parse_profile_steps("7");
+  EXPECT_EQ(one.first, 7);
+  EXPECT_EQ(one.last, 7);
+  EXPECT_TRUE(parse_profile_steps("").empty());
+  EXPECT_FALSE(parse_profile_steps("").contains(1));
+  for (const char* bad : {"0", "0-3", "12-10", "-3", "3-", "a-b", "1-2-3", "1..3", " 4", "99999999999999999999"}) {
+    try {
+      parse_profile_steps(bad);
+      ADD_FAILURE() << "accepted '" << bad << "'";
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find("profile_steps"), std::string::npos) << e.what();
+    }
+  }
+  const std::vector<std::string> base = {"model=m", "train_file=t.jsonl", "out_dir=o"};
+  auto with = [&](std::vector<std::string> extra) {
+    std::vector<std::string> o = base;
+    o.insert(o.end(), extra.begin(), extra.end());
+    return load_train_config("", o, RunKind::Dpo);
+  };
+  EXPECT_EQ(with({"device=cuda", "profile_steps=10-12"}).profile_steps, "10-12");
+  EXPECT_EQ(with({"device=cuda", "profile_steps=3"}).profile_steps, "3");
+  EXPECT_TRUE(with({}).profile_steps.empty());
+  for (const std::vector<std::string>& bad : std::vector<std::vector<std::string>>{
+           {"device=cuda", "profile_steps=12-10"}, {"device=cpu", "profile_steps=1-2"}, {"profile_steps=x"}}) {
+    try {
+      with(bad);
+      ADD_FAILURE() << "accepted " << bad.back();
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find("key 'profile_steps'"), std::string::npos) << e.what();
+    }
+  }
 }
 
 }  // namespace

@@ -221,6 +221,8 @@ int main(int argc, char** argv) {
                     "token rows per chunk of the LM head and log-softmax (default 2048; at least one pair)");
   bench->add_option("--seed", bench_opt.seed, "seed for weights and tokens")->capture_default_str();
   bench->add_option("--json", bench_json, "write the results as JSON to this file");
+  bench->add_flag("--kernels", bench_opt.kernels,
+                  "GPU time per kernel over the timed steps, from CUPTI activity records (--device cuda, CUDA build)");
 
   try {
     app.parse(argc, argv);

@@ -19,10 +19,13 @@
 
 #ifdef DPO_HAVE_CUDA
 #include <cuda_runtime_api.h>
+
+#include "runtime/cuda/nvtx.h"
 #endif
 
 #include "runtime/backend.h"
 #include "runtime/error.h"
+#include "runtime/kernel_trace.h"
 #include "runtime/rng.h"
 #include "train/data.h"
 #include "train/loss.h"
@@ -147,6 +150,66 @@ double device_used_mib(const BenchOptions& o) {
 
 json num_or_null(double v, bool ok) { return ok ? json(v) : json(nullptr); }
 
+// One NVTX range per bench phase, named as the phase (Nsight Systems shows them; ncu --nvtx-include selects by them).
+// A phase's range closes after the synchronize that ends it, so it covers the phase's GPU work.
+void phase_range_push(const char* name) {
+#ifdef DPO_HAVE_CUDA
+  nvtxRangePushA(name);
+#else
+  (void)name;
+#endif
+}
+void phase_range_pop() {
+#ifdef DPO_HAVE_CUDA
+  nvtxRangePop();
+#endif
+}
+
+const char* activity_kind_name(GpuActivityKind k) {
+  switch (k) {
+    case GpuActivityKind::Kernel: return "kernel";
+    case GpuActivityKind::Memcpy: return "memcpy";
+    case GpuActivityKind::Memset: return "memset";
+  }
+  return "?";
+}
+
+json kernel_rows_json(const KernelTable& t) {
+  json rows = json::array();
+  for (const auto& r : t.rows) {
+    json j = {{"name", r.name},         {"calls", r.calls},     {"total_ms", r.total_ms}, {"mean_us", r.mean_us},
+              {"share", r.share},       {"kind", activity_kind_name(r.kind)}, {"full_name", r.full_name}};
+    if (r.kind != GpuActivityKind::Kernel) j["bytes"] = r.bytes;
+    rows.push_back(std::move(j));
+  }
+  return rows;
+}
+
+// The rows of a run_bench result back into a KernelTable, for format_kernel_table.
+KernelTable kernel_table_from_json(const json& r) {
+  KernelTable t;
+  for (const auto& j : r["kernels"]) {
+    KernelTableRow row;
+    const std::string kind = j["kind"].get<std::string>();
+    row.kind = kind == "memcpy"   ? GpuActivityKind::Memcpy
+               : kind == "memset" ? GpuActivityKind::Memset
+                                  : GpuActivityKind::Kernel;
+    row.name = j["name"].get<std::string>();
+    row.full_name = j["full_name"].get<std::string>();
+    row.calls = j["calls"].get<int64_t>();
+    row.total_ms = j["total_ms"].get<double>();
+    row.mean_us = j["mean_us"].get<double>();
+    row.share = j["share"].get<double>();
+    t.records += row.calls;
+    t.rows.push_back(std::move(row));
+  }
+  const json& kt = r["kernel_trace"];
+  t.total_ms = kt["gpu_time_ms"].get<double>();
+  t.kernel_ms = kt["kernel_time_ms"].get<double>();
+  for (const auto& w : kt["warnings"]) t.warnings.push_back(w.get<std::string>());
+  return t;
+}
+
 }  // namespace
 
 GPT2Config bench_shape(const std::string& name) {
@@ -172,6 +235,13 @@ json run_bench(const BenchOptions& o) {
     throw InputError("--reference: unknown value '" + o.reference + "'; valid: precomputed, live");
   if (o.length_spread != "none" && o.length_spread != "lognormal")
     throw InputError("--length-spread: unknown value '" + o.length_spread + "'; valid: none, lognormal");
+  if (o.kernels) {
+    if (o.device != "cuda")
+      throw InputError("--kernels needs --device cuda and a CUDA build (it reads per-kernel GPU times from CUPTI); "
+                       "got --device " + o.device);
+    std::string why;
+    if (!KernelTrace::built(&why)) throw InputError("--kernels: " + why);
+  }
   for (int64_t i = 0; i < o.pairs; ++i) {
     const Lengths l = pair_lengths(len, o.length_spread, i);
     if (l.prompt + std::max(l.chosen, l.rejected) > mc.max_seq_len)
@@ -241,8 +311,11 @@ json run_bench(const BenchOptions& o) {
       const auto n = clk::now();
       ph[static_cast<size_t>(k)] = std::chrono::duration<double>(n - t).count();
       t = n;
+      phase_range_pop();
+      if (k + 1 < 6) phase_range_push(kPhases[k + 1]);
     };
     ph.fill(0);
+    phase_range_push(kPhases[0]);
     Batch b = make_batch(data, idx, DType::F32, 0);
     tokens_total = b.tokens_total;
     padded_T = b.T;
@@ -294,12 +367,29 @@ json run_bench(const BenchOptions& o) {
   std::array<double, kNumPhases> ph{};
   for (int64_t i = 0; i < o.warmup; ++i) step(ph);
   if (o.inspect) o.inspect(policy, false);
+  // The timed steps only: inside the profiler capture range and, with --kernels, the CUPTI trace (started after the
+  // device is idle, so nothing from the warm-up or the inspect hook is counted; stopped after a synchronize, so
+  // every traced activity has finished).
+  be->synchronize();
+  if (cuda) profiler_capture_start();
+  KernelTrace trace;
+  std::string trace_error;
+  if (o.kernels) {
+    trace_error = trace.start();
+    if (!trace_error.empty())
+      std::fprintf(stderr, "dpo bench: --kernels: CUPTI could not start: %s; running without the kernel table\n",
+                   trace_error.c_str());
+  }
   std::vector<double> times;
   std::vector<std::vector<double>> phases(kNumPhases);
   for (int64_t i = 0; i < o.steps; ++i) {
     times.push_back(step(ph));
     for (int k = 0; k < kNumPhases; ++k) phases[static_cast<size_t>(k)].push_back(ph[static_cast<size_t>(k)]);
   }
+  be->synchronize();
+  KernelTable ktable;
+  if (trace.running()) ktable = trace.stop();
+  if (cuda) profiler_capture_stop();
   if (o.inspect) o.inspect(policy, true);
   const double dev_mib = device_used_mib(o);
 
@@ -381,6 +471,34 @@ json run_bench(const BenchOptions& o) {
   r["last_loss"] = last_loss;
   r["last_grad_norm"] = last_grad_norm;
   r["optimizer_steps"] = opt.step_count();
+  double timed_s = 0;
+  for (double t : times) timed_s += t;
+  json kt = {{"source", "CUPTI activity records (CONCURRENT_KERNEL, MEMCPY, MEMSET) over the timed steps; each "
+                        "kernel's start and end on the GPU"}};
+  if (!o.kernels) {
+    kt["status"] = "not requested (--kernels)";
+    r["kernels"] = nullptr;
+  } else if (!trace_error.empty()) {
+    kt["status"] = "unavailable";
+    kt["error"] = trace_error;
+    r["kernels"] = nullptr;
+  } else {
+    kt["status"] = "ok";
+    kt["gpu_time_ms"] = ktable.total_ms;
+    kt["kernel_time_ms"] = ktable.kernel_ms;
+    kt["timed_wall_ms"] = timed_s * 1e3;
+    // One stream, so the activities do not overlap: summed GPU time over the wall time is the fraction of the timed
+    // steps the GPU was busy (the rest is host work, launch gaps and the bench's phase synchronizations).
+    kt["gpu_busy_fraction"] = num_or_null(ktable.total_ms / (timed_s * 1e3), timed_s > 0);
+    kt["activities"] = ktable.records;
+    kt["untimed_activities"] = ktable.untimed_records;
+    kt["dropped_activities"] = ktable.dropped_records;
+    kt["warnings"] = ktable.warnings;
+    kt["note"] = "step times of a --kernels run include CUPTI's per-launch overhead; take step times from a run "
+                 "without --kernels";
+    r["kernels"] = kernel_rows_json(ktable);
+  }
+  r["kernel_trace"] = kt;
 
   if (o.print_table) std::fputs(format_bench_table(r).c_str(), stdout);
   if (!o.json_path.empty()) {
@@ -443,6 +561,18 @@ std::string format_bench_table(const json& r) {
   line("device memory", r["device_memory_used_mib"].is_null() ? std::string("n/a")
                                                               : f("%.1f MiB used", r["device_memory_used_mib"].get<double>()));
   line("last loss", f("%.6g", r["last_loss"].get<double>()));
+  if (r.contains("kernel_trace") && r["kernel_trace"]["status"] == "ok") {
+    const auto& kt = r["kernel_trace"];
+    s << format_kernel_table(kernel_table_from_json(r), 30, r["timed_steps"].get<int64_t>());
+    if (!kt["gpu_busy_fraction"].is_null())
+      line("GPU busy", f("%.1f%% of the timed steps' wall time", 100 * kt["gpu_busy_fraction"].get<double>()) +
+                           f(" (%.3f ms GPU", kt["gpu_time_ms"].get<double>()) +
+                           f(" in %.3f ms)", kt["timed_wall_ms"].get<double>()));
+    s << "  (step times above include CUPTI's tracing overhead)\n";
+  } else if (r.contains("kernel_trace") && r["kernel_trace"]["status"] == "unavailable") {
+    line("kernels", "not available: " + r["kernel_trace"]["error"].get<std::string>() +
+                        " (the bench ran without the kernel table)");
+  }
   return s.str();
 }
 

@@ -19,6 +19,18 @@
 // Phases are timed on the host with std::chrono::steady_clock. On the CPU there is no asynchrony, so that is
 // exact; on CUDA the backend is synchronize()d at every phase boundary (host-timed with syncs, not CUDA events).
 //
+// Each phase is also an NVTX range of the same name (kernel launchers open their own inside it).
+//
+// On CUDA the timed steps run inside a profiler capture range (cudaProfilerStart before the first, cudaProfilerStop
+// after the last; runtime/kernel_trace.h), so `nsys profile --capture-range=cudaProfilerApi` and
+// `ncu --profile-from-start off` see the steady state only (docs/profiling.md).
+//
+// --kernels (cuda only): GPU time per kernel over the timed steps, from CUPTI's activity records (each kernel's
+// start and end on the GPU; memory copies and sets as rows of their own): printed after the phases and written to
+// the JSON as "kernels" (rows, largest first) and "kernel_trace" (status, totals, GPU busy fraction). The step times
+// of such a run include CUPTI's per-launch overhead. When CUPTI cannot start at run time, the bench runs on without
+// the table and says why (kernel_trace.status "unavailable", kernel_trace.error).
+//
 // FLOPs per step (docs: ../shared/REFERENCE.md): 12*P*T*(N + L*d*T) with precomputed reference log-probs,
 // 16*P*T*(N + L*d*T) with a live reference; P pairs, T the mean real length of the 2P rows, N = parameters
 // including the (tied) LM head (GPT2Config::num_parameters(), which also counts wpe), L layers, d width.
@@ -52,6 +64,7 @@ struct BenchOptions {
   std::string json_path;               // write the JSON here when non-empty
   std::string command_line;            // recorded in the JSON
   bool print_table = true;
+  bool kernels = false;                // --kernels: per-kernel GPU time table (CUPTI; --device cuda only)
   // Test hook: called with the policy right before the first timed step (after = false) and after the last one
   // (after = true).
   std::function<void(const GPT2& policy, bool after)> inspect;

@@ -3,6 +3,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <charconv>
+#include <system_error>
 #include <cmath>
 #include <functional>
 #include <sstream>
@@ -178,6 +179,9 @@ const std::vector<Key>& keys() {
       INT_KEY(eval_steps, "evaluate every N optimizer steps; 0 = at the end only"),
       INT_KEY(save_steps, "checkpoint every N optimizer steps; 0 = at the end only"),
       INT_KEY(save_total_limit, "keep at most N step checkpoints; 0 = all"),
+      STRING_KEY(profile_steps, "optimizer steps inside a CUDA profiler capture range (cudaProfilerStart/Stop, for "
+                                "nsys --capture-range=cudaProfilerApi or ncu --profile-from-start off): \"A-B\" or "
+                                "\"N\", 1-based; empty = off; device: cuda only"),
   };
   return k;
 }
@@ -247,6 +251,30 @@ std::string num(double v) {
 
 }  // namespace
 
+StepRange parse_profile_steps(const std::string& v) {
+  if (v.empty()) return {};
+  auto number = [&](const char* b, const char* e) {
+    int64_t x = 0;
+    const auto r = std::from_chars(b, e, x);
+    if (b == e || r.ec != std::errc() || r.ptr != e || x < 1)
+      bad("profile_steps", "must be \"A-B\" (optimizer steps, 1-based, A <= B) or \"N\", got '" + v + "'");
+    return x;
+  };
+  const char* b = v.data();
+  const char* e = b + v.size();
+  const size_t dash = v.find('-');
+  StepRange r;
+  if (dash == std::string::npos) {
+    r.first = r.last = number(b, e);
+  } else {
+    r.first = number(b, b + dash);
+    r.last = number(b + dash + 1, e);
+  }
+  if (r.first > r.last)
+    bad("profile_steps", "the range '" + v + "' is empty: its first step is after its last");
+  return r;
+}
+
 void validate(const TrainConfig& c, RunKind kind) {
   auto positive = [](const char* key, int64_t v) {
     if (v <= 0) bad(key, "must be > 0, got " + std::to_string(v));
@@ -296,6 +324,9 @@ void validate(const TrainConfig& c, RunKind kind) {
   nonneg("eval_steps", c.eval_steps);
   nonneg("save_steps", c.save_steps);
   nonneg("save_total_limit", c.save_total_limit);
+  parse_profile_steps(c.profile_steps);
+  if (!c.profile_steps.empty() && c.device != "cuda")
+    bad("profile_steps", "needs device: cuda (it opens a CUDA profiler capture range), got device: " + c.device);
   if (kind == RunKind::Dpo) {
     finite("beta", c.beta);
     if (c.beta <= 0) bad("beta", "must be > 0, got " + num(c.beta));

@@ -63,7 +63,19 @@ struct TrainConfig {
   int64_t eval_steps = 0;  // 0 = evaluate at the end only
   int64_t save_steps = 0;  // 0 = save at the end only
   int64_t save_total_limit = 0;  // keep at most this many step checkpoints; 0 = keep all
+  // profiling
+  std::string profile_steps;  // "A-B" or "N": optimizer steps (1-based, inclusive) inside a CUDA profiler capture
+                              // range (cudaProfilerStart/Stop; docs/profiling.md); empty = off. device: cuda only.
 };
+
+// The optimizer steps of `profile_steps`, 1-based and inclusive; first > last (empty) when the key is off.
+struct StepRange {
+  int64_t first = 1, last = 0;
+  bool empty() const { return first > last; }
+  bool contains(int64_t step) const { return step >= first && step <= last; }
+};
+// Parses "A-B" (1 <= A <= B) or "N" (the range N-N); "" is the empty range. InputError naming the key otherwise.
+StepRange parse_profile_steps(const std::string& value);
 
 enum class RunKind { Dpo, Sft };
 

@@ -16,6 +16,7 @@
 
 #include "model/checkpoint.h"
 #include "runtime/comm.h"
+#include "runtime/kernel_trace.h"
 #include "runtime/safetensors.h"
 #include "train/data.h"
 #include "train/hash.h"
@@ -123,7 +124,7 @@ void check_fits(const TrainConfig& c, const GPT2& model, const Tokenizer& tok, c
 // zero_stage only changes where the moments live (checkpoints always hold all of them).
 const std::set<std::string> kResumeFreeKeys = {"out_dir",       "num_threads", "logging_steps", "eval_steps",
                                                "save_steps",    "save_total_limit", "ref_cache_dir", "eval_file",
-                                               "per_device_eval_batch_size", "zero_stage"};
+                                               "per_device_eval_batch_size", "zero_stage", "profile_steps"};
 
 void check_resume_config(const std::string& saved_yaml, const TrainConfig& now, const std::string& where) {
   YAML::Node a = YAML::Load(saved_yaml), b = YAML::Load(to_yaml(now));
@@ -646,11 +647,28 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   Tensor grad = be->empty({n_params}, DType::F32);
   std::vector<Tensor> pool;  // stash buffers, kept across steps (ranks > 0)
 
+  // profile_steps: a CUDA profiler capture range (cudaProfilerStart/Stop) around those optimizer steps only, so that
+  // Nsight sees steady-state steps (docs/profiling.md). The device is idle at both ends, so the range holds exactly
+  // the steps' work; evaluation and checkpoints after the last step fall outside it.
+  const StepRange profile = parse_profile_steps(cfg.profile_steps);
+  bool capturing = false;
+  if (!profile.empty()) {
+    say("profile_steps: CUDA profiler capture range over steps " + std::to_string(profile.first) + "-" +
+        std::to_string(profile.last) +
+        (profile.first > total ? " (after the run's last step " + std::to_string(total) + ": nothing is captured)"
+                               : ""));
+  }
+
   while (p.step < total) {
     if (p.pos >= N) {
       ++p.epoch;
       p.pos = 0;
       order = epoch_order(N, static_cast<uint64_t>(cfg.seed), p.epoch);
+    }
+    if (!capturing && profile.contains(p.step + 1)) {
+      be->synchronize();
+      profiler_capture_start();
+      capturing = true;
     }
     const auto ts = std::chrono::steady_clock::now();
     const int64_t step_items = std::min(per_step, N - p.pos);
@@ -787,6 +805,11 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     if (info.skipped) say("step " + std::to_string(p.step + 1) + ": non-finite gradient norm; update skipped");
     p.pos += step_items;
     ++p.step;
+    if (capturing && p.step >= profile.last) {
+      be->synchronize();
+      profiler_capture_stop();
+      capturing = false;
+    }
     w.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
     w_grad_norm = info.grad_norm;
     w_lr = info.lr;
@@ -810,6 +833,10 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     }
     if (cfg.eval_steps > 0 && p.step % cfg.eval_steps == 0 && p.step < total) run_eval();
     if (cfg.save_steps > 0 && p.step % cfg.save_steps == 0) save();
+  }
+  if (capturing) {  // the run ended inside the range
+    be->synchronize();
+    profiler_capture_stop();
   }
   if (progress) progress->finish();
   run_eval();
