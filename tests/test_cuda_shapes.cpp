@@ -1,8 +1,8 @@
 // CudaBackend at the shapes GPT-2 124M trains with, each result against a host reference, in fp32 and bf16:
 //   - the dense layers' GEMMs (matmul_forward / matmul_backward) with N = 2048 rows, C = 768: c_attn (C -> 3C),
-//     attn.c_proj (C -> C), mlp.c_fc (C -> 4C), mlp.c_proj (4C -> C), with and without bias, one case with every
-//     operand at an odd element offset (the bias-epilogue fallback and unaligned cuBLASLt operands), and the tied
-//     LM head (V = 50257, wte [V, C] in the OutIn layout) through LmHead below;
+//     attn.c_proj (C -> C), mlp.c_fc (C -> 4C), mlp.c_proj (4C -> C), with and without bias, one case with the
+//     weight, bias and their gradients at an odd element offset as views into a flat buffer are (unaligned cuBLASLt
+//     operands, the bias-epilogue fallback), and the tied LM head (V = 50257, wte [V, C], OutIn) through LmHead;
 //   - attention forward and backward with right-padded rows (real tokens, then padding: how DPO batches are padded),
 //     left-padded rows and a row that is all padding, at NH = 12, head size 64, T = 37 and 100, and a small case.
 // The GEMM reference is double precision, computed only for sampled rows and columns of each result (64 random rows
@@ -239,7 +239,8 @@ struct GemmCase {
   WeightLayout layout;
   bool bias;
   bool lm_head;    // through LmHead (OutIn, no bias, logits row stride ldv())
-  int64_t offset;  // elements by which every device operand is shifted from its (256-byte aligned) allocation
+  int64_t offset;  // element offset of w, bias, dw, dbias in their allocations (parameters and gradients are views
+                   // into one flat buffer; activations are allocations of their own, 256-byte aligned)
   DType dtype;
 };
 
@@ -301,9 +302,9 @@ TEST_P(CudaGemmShapes, ForwardAndBackwardMatchSampledDoubleReference) {
   const auto dw0 = uniform_values(seed + 6, C * OC, std::sqrt(double(N)) / 3, false);
   const auto db0 = uniform_values(seed + 7, OC, std::sqrt(double(N)) / 3, false);
 
-  const Tensor d_inp = upload(gpu, inp, A, {N, C}, off), d_w = upload(gpu, w, A, w_shape, off);
+  const Tensor d_inp = upload(gpu, inp, A, {N, C}), d_w = upload(gpu, w, A, w_shape, off);
   const Tensor d_bias = gc.bias ? upload(gpu, bias, A, {OC}, off) : Tensor();
-  const Tensor d_out = alloc(gpu, A, {N, ld}, off);
+  const Tensor d_out = alloc(gpu, A, {N, ld});
 
   // --- forward (=): twice from poison; the second must repeat the first bitwise (matmul.cuh promises it).
   std::vector<float> out[2];
@@ -328,8 +329,8 @@ TEST_P(CudaGemmShapes, ForwardAndBackwardMatchSampledDoubleReference) {
   }
 
   // --- backward (+=): dinp, dw, dbias from random starts; then dw and dbias once more (dinp not passed).
-  const Tensor d_dout = upload(gpu, dout, A, {N, ld}, off);
-  const Tensor d_dinp = upload(gpu, dinp0, A, {N, C}, off), d_dw = upload(gpu, dw0, G, w_shape, off);
+  const Tensor d_dout = upload(gpu, dout, A, {N, ld});
+  const Tensor d_dinp = upload(gpu, dinp0, A, {N, C}), d_dw = upload(gpu, dw0, G, w_shape, off);
   const Tensor d_db = gc.bias ? upload(gpu, db0, G, {OC}, off) : Tensor();
   if (gc.lm_head) head.backward(gpu, d_dinp, d_dw, d_dout, d_inp, d_w);
   else gpu.matmul_backward(d_dinp, d_dw, d_db, d_dout, d_inp, d_w, gc.layout);
