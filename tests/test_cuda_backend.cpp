@@ -2,7 +2,8 @@
 // the host), the same batch with left and right padding and fractional completion weights; logits, per-token and
 // per-sequence log-probs and every parameter's gradient compared; one AdamW step through each backend; the backend's
 // boundary checks, copies with dtype conversion and tensor lifetime. Every CUDA op is exercised here, including the
-// matmul, attention and log-prob kernels.
+// matmul, attention and log-prob kernels. CudaPaddedGpt2: two layers at GPT-2 124M's width on right-padded (DPO),
+// left-padded and all-padding rows, fp32 and bf16, against the CPU and a double model.
 // Without a GPU every test that needs one skips with the reason (ctest shows them as skipped, not passed).
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -12,6 +13,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -299,6 +301,188 @@ TEST(CudaBackend, Bf16ModelMatchesTheCpuBf16ModelAndTheDoubleOracle) {
     EXPECT_LE(rel_norm_err(a, b), 5e-2) << s.name;
   }
 }
+
+// --- GPT-2 124M's width with padded batches -------------------------------------------------------------------------
+// Two of GPT-2 124M's layers at its real width (C = 768, 12 heads of 64, V = 50257) on batches padded the way DPO
+// batches are (real tokens, then padding: keymask 1 then 0), with a left-padded row and a row that is all padding
+// beside them, at T = 37 and T = 100, in fp32 and bf16. Logits, per-token and per-sequence log-probs and every
+// parameter's gradient through the unfused path (sequence_logprobs + backward), against the CPU model in the same
+// precision and a double model on the CPU (the oracle), all with the same weights (N(0, 0.2), exact in the dtype);
+// then the chunked training path (fused_forward + fused_backward, one sequence per chunk) on the GPU against the
+// GPU's unfused path. Padded positions: their logits are computed and not used, but must be finite (a NaN there
+// would reach dwte through 0 * NaN in the LM-head backward); their token log-probs are exactly 0 (weight 0) and an
+// all-padding row's sequence log-prob is exactly 0.
+// Tolerances (norm-wise relative, as kModelTol above), from the CPU models' measured distance to the double one at
+// this configuration (seed of these tests, T = 37 and 100). fp32: logits 4.8e-7, token log-probs 7e-8, gradient
+// 7e-7, worst parameter 1.1e-6; the GPU is another float computation of the same functions (other summation
+// orders), so kModelTol = 1e-4 from the CPU float model and from the double one leaves a ~100x margin. bf16 (every
+// activation rounded to 8 significant bits, so the GPU's and the CPU's bf16 models are each that far from the
+// oracle and from each other): logits 4.2e-3 (budget 2e-2), sequence log-probs 9e-5 (2e-3), token log-probs 6.7e-4
+// (5e-3), gradient 6e-3 (3e-2), worst parameter 1.1e-2 (5e-2, as tests/test_gpt2_bf16.cpp).
+
+struct PaddedCase {
+  const char* name;
+  int64_t T;
+  DType dtype;
+};
+
+void PrintTo(const PaddedCase& c, std::ostream* os) { *os << c.name; }
+
+GPT2Config gpt2_small_width() {
+  GPT2Config c;
+  c.vocab_size = 50257;
+  c.max_seq_len = 128;
+  c.n_embd = 768;
+  c.n_head = 12;
+  c.n_layer = 2;
+  return c;
+}
+
+// Row b holds real tokens at [rows[b].first, rows[b].second), padding (token 0, keymask 0) elsewhere. Completion
+// weights from the third real token on wherever the next token is real, one of them 0.5; target -1 under weight 0.
+Batch make_padded_rows(std::mt19937_64& g, const GPT2Config& c, int64_t T,
+                       const std::vector<std::pair<int64_t, int64_t>>& rows) {
+  Batch in;
+  const int64_t B = static_cast<int64_t>(rows.size());
+  in.B = B;
+  in.T = T;
+  in.tokens = Tensor::host({B, T}, DType::I32);
+  in.keymask = Tensor::host({B, T}, DType::I32);
+  in.targets = Tensor::host({B, T}, DType::I32);
+  in.weights = Tensor::host({B, T}, DType::F64);
+  in.dseq = Tensor::host({B}, DType::F64);
+  std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(c.vocab_size - 1));
+  for (int64_t b = 0; b < B; ++b) {
+    const auto [begin, end] = rows[static_cast<size_t>(b)];
+    for (int64_t t = 0; t < T; ++t) {
+      const bool real = t >= begin && t < end;
+      in.tokens.data<int32_t>()[b * T + t] = real ? tok(g) : 0;
+      in.keymask.data<int32_t>()[b * T + t] = real ? 1 : 0;
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      const bool scored = t >= begin + 2 && t + 1 < end;
+      in.targets.data<int32_t>()[b * T + t] = scored ? in.tokens.data<int32_t>()[b * T + t + 1] : -1;
+      in.weights.data<double>()[b * T + t] = scored ? (t == begin + 4 ? 0.5 : 1.0) : 0.0;
+    }
+    in.dseq.data<double>()[b] = std::normal_distribution<double>(0, 1)(g);
+  }
+  return in;
+}
+
+class CudaPaddedGpt2 : public ::testing::TestWithParam<PaddedCase> {
+ public:
+  void SetUp() override {
+    DPO_REQUIRE_GPU();
+    gpu_ = make_cuda_backend(0);
+    cpu_ = make_cpu_backend();
+  }
+  std::unique_ptr<Backend> gpu_, cpu_;
+};
+
+struct ModelRun {
+  std::vector<double> logits, seq, tok, grads;
+  std::vector<std::vector<double>> param_grads;  // per spec, in spec order
+};
+
+// sequence_logprobs (after a forward() for the logits) and backward from zero gradients. Device outputs are
+// poisoned first.
+ModelRun run_unfused(GPT2& m, Backend& be, const Batch& in) {
+  const bool device = be.device().kind != DeviceKind::CPU;
+  const DType wd = grad_dtype(m.dtype());
+  const Tensor tok = device ? put(be, in.tokens, DType::I32) : in.tokens;
+  const Tensor mask = device ? put(be, in.keymask, DType::I32) : in.keymask;
+  const Tensor tgt = device ? put(be, in.targets, DType::I32) : in.targets;
+  const Tensor w = put(be, in.weights, wd), dseq = put(be, in.dseq, wd);
+  Tensor seq = be.empty({in.B}, wd), tokl = be.empty({in.B, in.T}, wd);
+  if (device)
+    for (const Tensor* t : {&seq, &tokl})
+      EXPECT_EQ(cudaMemsetAsync(t->raw(), 0xFF, static_cast<size_t>(t->nbytes()),
+                                static_cast<cudaStream_t>(be.native_stream())),
+                cudaSuccess);
+  ModelRun r;
+  r.logits = vec(get(be, m.forward(tok, mask)));
+  m.sequence_logprobs(tok, mask, tgt, w, seq, tokl);
+  r.seq = vec(get(be, seq));
+  r.tok = vec(get(be, tokl));
+  m.zero_grad();
+  m.backward(dseq);
+  r.grads = vec(get(be, m.grads()));
+  for (const auto& s : m.specs()) r.param_grads.push_back(vec(get(be, m.grad(s.name))));
+  return r;
+}
+
+TEST_P(CudaPaddedGpt2, LogprobsAndGradientsMatchCpuAndDouble) {
+  const PaddedCase& pc = GetParam();
+  Backend &cpu = *cpu_, &gpu = *gpu_;
+  const DType A = pc.dtype;
+  const bool bf = A == DType::BF16;
+  const int64_t T = pc.T;
+  std::mt19937_64 g(test::test_seed());
+  const GPT2Config cfg = gpt2_small_width();
+  GPT2 c64(cpu, cfg, DType::F64), cA(cpu, cfg, A), gA(gpu, cfg, A);
+
+  // Weights exact in A, the same in all three models.
+  Tensor p = Tensor::host({c64.params().numel()}, DType::F64);
+  const auto r = test::randn<double>(g, static_cast<size_t>(p.numel()), 0.2);
+  std::memcpy(p.raw(), r.data(), r.size() * sizeof(double));
+  Tensor pA = Tensor::host({p.numel()}, A);
+  cpu.convert(pA, p);
+  cpu.convert(p, pA);
+  cpu.copy_from_host(c64.master_params(), p);
+  cpu.copy_from_host(cA.master_params(), p);
+  gpu.copy_from_host(gA.master_params(), p);
+  cA.sync_params();
+  gA.sync_params();
+
+  // full length, right-padded (two thirds, three tokens), left-padded by a quarter, all padding
+  const Batch in = make_padded_rows(g, cfg, T, {{0, T}, {0, 2 * T / 3}, {0, 3}, {T / 4, T}, {0, 0}});
+  const ModelRun o = run_unfused(c64, cpu, in), c = run_unfused(cA, cpu, in), d = run_unfused(gA, gpu, in);
+
+  // The contract's exact values on the GPU.
+  int64_t non_finite = 0;
+  for (double x : d.logits) non_finite += !std::isfinite(x);
+  EXPECT_EQ(non_finite, 0) << "logits (padded positions included) must be finite";
+  for (int64_t i = 0; i < in.B * in.T; ++i)
+    if (in.weights.data<double>()[i] == 0.0) EXPECT_EQ(d.tok[static_cast<size_t>(i)], 0.0) << "token " << i;
+  EXPECT_EQ(d.seq[4], 0.0) << "an all-padding row has log-prob 0";
+
+  const double logit_tol = bf ? 2e-2 : kModelTol, seq_tol = bf ? 2e-3 : kModelTol, tok_tol = bf ? 5e-3 : kModelTol;
+  const double grad_tol = bf ? 3e-2 : kModelTol, param_tol = bf ? 5e-2 : kModelTol;
+  for (const ModelRun* ref : {&c, &o}) {
+    const char* vs = ref == &c ? "GPU vs the CPU model in the same dtype" : "GPU vs the double model";
+    EXPECT_LE(rel_norm_err(d.logits, ref->logits), logit_tol) << vs << ": logits";
+    EXPECT_LE(rel_norm_err(d.seq, ref->seq), seq_tol) << vs << ": sequence log-probs";
+    EXPECT_LE(rel_norm_err(d.tok, ref->tok), tok_tol) << vs << ": token log-probs";
+    EXPECT_LE(rel_norm_err(d.grads, ref->grads), grad_tol) << vs << ": gradient";
+    for (size_t k = 0; k < gA.specs().size(); ++k)
+      EXPECT_LE(rel_norm_err(d.param_grads[k], ref->param_grads[k]), param_tol) << vs << ": " << gA.specs()[k].name;
+  }
+
+  // The chunked training path on the GPU, one sequence per chunk, against the GPU's unfused path: the same kernels
+  // on other row counts, so the fp32 results differ by summation order only (1e-6 log-probs, 1e-5 gradients, as in
+  // ChunkedLmHeadMatchesCpuAndTheUnfusedPath); in bf16 the logits of a chunk GEMM may round differently from those of
+  // the whole-batch GEMM by one bf16 ulp, which the bf16 budgets above cover.
+  const std::vector<double> dseq = vec(in.dseq);
+  GPT2::LossHead head;
+  head.grad = [&](int64_t s0, int64_t s1, const std::vector<double>&, std::vector<double>& dd) {
+    for (int64_t s = s0; s < s1; ++s) dd[s] = dseq[s];
+  };
+  gA.set_logits_chunk_rows(T);
+  gA.zero_grad();
+  const std::vector<double> lp = gA.fused_forward(put(gpu, in.tokens, DType::I32), put(gpu, in.keymask, DType::I32),
+                                                  put(gpu, in.targets, DType::I32),
+                                                  put(gpu, in.weights, grad_dtype(A)), head);
+  gA.fused_backward();
+  EXPECT_LE(rel_norm_err(lp, d.seq), bf ? seq_tol : 1e-6) << "fused vs unfused log-probs";
+  EXPECT_LE(rel_norm_err(vec(get(gpu, gA.grads())), d.grads), bf ? grad_tol : 1e-5) << "fused vs unfused gradient";
+  EXPECT_EQ(lp[4], 0.0) << "an all-padding row has log-prob 0";
+}
+
+INSTANTIATE_TEST_SUITE_P(Gpt2SmallWidth, CudaPaddedGpt2,
+                         ::testing::Values(PaddedCase{"t37_f32", 37, DType::F32}, PaddedCase{"t100_f32", 100, DType::F32},
+                                           PaddedCase{"t37_bf16", 37, DType::BF16},
+                                           PaddedCase{"t100_bf16", 100, DType::BF16}),
+                         [](const ::testing::TestParamInfo<PaddedCase>& info) { return std::string(info.param.name); });
 
 // One AdamW step through each backend on identical inputs (the CPU model's gradient, random state), then the
 // clip-style grad_scale from the backend's own sum of squares. The kernels differ only in float vs double per-element

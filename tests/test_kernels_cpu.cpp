@@ -397,6 +397,71 @@ TEST(KernelMatmul, BackwardTwiceAccumulatesExactlyTwice) {
   }
 }
 
+// The sampled double reference of the GPU shape tests (tests/test_util.h: sampled_gemm and the operand views of
+// forward, dinp and dw) against the double CPU kernel computed whole, so that oracle is itself checked: every
+// sampled row and column of all three products in both layouts, with a padded row stride for out / dout, sizes
+// that exercise the dot-product and row-update loops, several k slabs (K > 512) and column blocks. Both sides
+// sum the same exact products in double, so they agree to ~K * 2^-53 of the magnitude; 1e-13 leaves a wide
+// margin while a wrong index is off by O(1). The magnitudes are checked against a naive sum of |terms|.
+TEST(KernelMatmul, SampledDoubleReferenceMatchesTheCpuKernel) {
+  std::mt19937_64 g(test_seed());
+  const int64_t N = 37, C = 53, OC = 601, ld = 640;
+  for (auto layout : {WeightLayout::InOut, WeightLayout::OutIn}) {
+    SCOPED_TRACE(layout == WeightLayout::InOut ? "InOut" : "OutIn");
+    const auto inp_f = dpo::test::randn<float>(g, N * C), w_f = dpo::test::randn<float>(g, C * OC);
+    std::vector<float> dout_f(N * ld, std::numeric_limits<float>::quiet_NaN());  // padding columns never read
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < OC; ++j) dout_f[n * ld + j] = static_cast<float>(std::normal_distribution<>()(g));
+    std::vector<double> dout_packed(N * OC);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < OC; ++j) dout_packed[n * OC + j] = dout_f[n * ld + j];
+    const auto inp = to_double(inp_f), w = to_double(w_f);
+    std::vector<double> out(N * OC), dinp(N * C, 0.0), dw(C * OC, 0.0);
+    matmul_forward<double>(out.data(), inp.data(), w.data(), nullptr, N, C, OC, layout);
+    matmul_backward<double>(dinp.data(), dw.data(), nullptr, dout_packed.data(), inp.data(), w.data(), N, C, OC,
+                            layout);
+    const int64_t dw_rows = layout == WeightLayout::InOut ? C : OC, dw_cols = layout == WeightLayout::InOut ? OC : C;
+    struct Product {
+      const char* what;
+      dpo::test::GemmOperands ops;
+      const std::vector<double>& whole;
+      int64_t M, P;
+    };
+    const Product products[] = {
+        {"forward", dpo::test::forward_operands(inp_f.data(), w_f.data(), N, C, OC, layout), out, N, OC},
+        {"dinp", dpo::test::dinp_operands(dout_f.data(), w_f.data(), N, C, OC, ld, layout), dinp, N, C},
+        {"dw", dpo::test::dw_operands(dout_f.data(), inp_f.data(), N, C, OC, ld, layout), dw, dw_rows, dw_cols},
+    };
+    for (const Product& p : products) {
+      SCOPED_TRACE(p.what);
+      ASSERT_EQ(p.ops.A.rows, p.M);
+      ASSERT_EQ(p.ops.B.cols, p.P);
+      const auto rows = dpo::test::sample_indices(g, p.M, 5), cols = dpo::test::sample_indices(g, p.P, 5);
+      ASSERT_EQ(rows.back(), p.M - 1);
+      ASSERT_EQ(cols.front(), 0);
+      const auto s = dpo::test::sampled_gemm(p.ops.A, p.ops.B, rows, cols);
+      auto naive_mag = [&](int64_t i, int64_t j) {
+        double m = 0;
+        for (int64_t k = 0; k < p.ops.A.cols; ++k)
+          m += std::fabs(double(p.ops.A.at(i, k)) * double(p.ops.B.at(k, j)));
+        return m;
+      };
+      for (size_t q = 0; q < rows.size(); ++q)
+        for (int64_t j = 0; j < p.P; ++j) {
+          const double v = s.rows.val[q * p.P + j], m = s.rows.mag[q * p.P + j];
+          ASSERT_NEAR(v, p.whole[rows[q] * p.P + j], 1e-13 * m) << "row " << rows[q] << " col " << j;
+          ASSERT_NEAR(m, naive_mag(rows[q], j), 1e-13 * m) << "row " << rows[q] << " col " << j;
+        }
+      for (size_t q = 0; q < cols.size(); ++q)
+        for (int64_t i = 0; i < p.M; ++i) {
+          const double v = s.cols.val[q * p.M + i], m = s.cols.mag[q * p.M + i];
+          ASSERT_NEAR(v, p.whole[i * p.P + cols[q]], 1e-13 * m) << "row " << i << " col " << cols[q];
+          ASSERT_NEAR(m, naive_mag(i, cols[q]), 1e-13 * m) << "row " << i << " col " << cols[q];
+        }
+    }
+  }
+}
+
 // ============================================================================================== attention
 
 constexpr int64_t kHS = kC / kNH;
