@@ -10,10 +10,18 @@ Times what a DPO trainer does per step on synthetic preference pairs:
 Usage:
   python tools/bench_torch.py --shape small|gpt2-124m --workload hh|tldr|custom \
       --pairs P --steps N --warmup W [--compile] [--reference precomputed|live] \
-      [--device cpu|cuda] [--threads 2] [--json FILE]
+      [--device cpu|cuda] [--threads 2] [--json FILE] [--model-impl auto|hf|plain]
   custom workload: --prompt-len/--chosen-len/--rejected-len.
+  python tools/bench_torch.py --check-hf [--device cpu|cuda] [--checkpoint DIR] [--json FILE]
+      builds the same random weights (or loads DIR) in transformers' GPT2LMHeadModel and in the plain model, compares logits and
+      gradients (float64 and float32), exits 1 above the tolerances.
 
-Standard library + torch + transformers only.
+The model: transformers' GPT2LMHeadModel when transformers is importable (--model-impl auto, the default) or
+--model-impl hf; otherwise, or with --model-impl plain, the plain-PyTorch GPT-2 of tools/torch_gpt2.py (same
+parameters, same computation; it uses F.scaled_dot_product_attention). The run prints which one it used and the
+JSON records it as "model_impl".
+
+Standard library + torch (+ transformers, optional).
 """
 import argparse
 import datetime
@@ -29,8 +37,14 @@ import time
 
 import torch
 import torch.nn.functional as F
-import transformers
-from transformers import GPT2Config, GPT2LMHeadModel
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_gpt2  # noqa: E402
+
+try:
+    import transformers
+except ImportError:  # the plain model is used
+    transformers = None
 
 SHAPES = {
     "small": dict(n_layer=6, n_embd=384, n_head=6),
@@ -104,6 +118,149 @@ def seq_logps(model, ids, attn, lmask):
     return (tok * lmask).sum(-1)
 
 
+def resolve_model_impl(choice):
+    if choice == "auto":
+        return "hf" if transformers is not None else "plain"
+    if choice == "hf" and transformers is None:
+        print("--model-impl hf: transformers is not importable here; use --model-impl plain", file=sys.stderr)
+        sys.exit(2)
+    return choice
+
+
+def describe_impl(impl):
+    if impl == "hf":
+        return f"transformers {transformers.__version__} GPT2LMHeadModel"
+    why = "transformers not importable" if transformers is None else "--model-impl plain"
+    return f"plain PyTorch GPT-2 (tools/torch_gpt2.py; {why})"
+
+
+def model_factory(impl, shape, attn_impl="sdpa"):
+    """(a function returning a new randomly initialised model, its config) for `impl` and shape
+    {vocab_size, n_positions, n_layer, n_embd, n_head}."""
+    if impl == "hf":
+        from transformers import GPT2Config, GPT2LMHeadModel
+        cfg = GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, activation_function="gelu_new",
+                         tie_word_embeddings=True, bos_token_id=shape["vocab_size"] - 1,
+                         eos_token_id=shape["vocab_size"] - 1, **shape)
+        return (lambda: GPT2LMHeadModel(cfg)), cfg
+    cfg = torch_gpt2.GPT2Config(**shape)
+    return (lambda: torch_gpt2.GPT2LMHeadModel(cfg, attn_impl)), cfg
+
+
+# --check-hf tolerances: the largest |plain - HF| of a tensor divided by the largest |HF| of it.
+#  float64: both models evaluate the same formulas with different kernels and summation orders, so they differ by
+#   accumulated float64 round-off, about 1e-16 times the depth of the computation (measured: about 1e-15); 1e-10 is
+#   far above that and far below any formula difference (erf vs tanh GELU, a wrong scale or mask: > 1e-4).
+#  float32: the same with unit round-off 6e-8, grown through dot products of up to 4C terms and the LayerNorm and
+#   softmax backward of each layer (measured: about 1e-6); 1e-4 leaves a 10x-100x margin.
+CHECK_TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def check_hf(a):
+    """Same random weights in transformers' GPT2LMHeadModel and the plain model: logits (real positions only) and
+    the gradient of every parameter of sum_r w_r * (completion log-prob of row r), w random, compared tensor by
+    tensor. Returns the exit code."""
+    if transformers is None:
+        print("--check-hf needs transformers (pip install transformers)", file=sys.stderr)
+        return 2
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda requested but CUDA is not available", file=sys.stderr)
+        return 2
+    if a.device == "cpu":
+        torch.set_num_threads(a.threads)
+    dev = torch.device(a.device)
+    # Small but not tile-friendly: V and C not powers of two, 3 layers, rows of different lengths.
+    shape = dict(vocab_size=317, n_positions=64, n_layer=3, n_embd=96, n_head=4)
+    if a.checkpoint:  # both models load the checkpoint: HF with from_pretrained, the plain one with its own reader
+        c = torch_gpt2.GPT2Config.from_json_file(os.path.join(a.checkpoint, "config.json"))
+        shape = dict(vocab_size=c.vocab_size, n_positions=c.n_positions, n_layer=c.n_layer, n_embd=c.n_embd,
+                     n_head=c.n_head)
+        if c.n_positions < 41:
+            print(f"--checkpoint: n_positions {c.n_positions} < 41, the check's row length", file=sys.stderr)
+            return 2
+    new_hf, _ = model_factory("hf", shape)
+    g = torch.Generator().manual_seed(a.seed)
+    B, T = 4, 41
+    row_len = [41, 36, 23, 9]
+    prompt_len = [12, 5, 20, 3]
+    ids = torch.randint(0, shape["vocab_size"], (B, T), generator=g)
+    attn = torch.zeros(B, T, dtype=torch.long)
+    lmask = torch.zeros(B, T - 1)
+    for r in range(B):
+        attn[r, :row_len[r]] = 1
+        lmask[r, prompt_len[r] - 1:row_len[r] - 1] = 1.0
+    w = torch.randn(B, generator=g)
+    print(f"check-hf: transformers {transformers.__version__}, torch {torch.__version__}, device {a.device}, "
+          f"shape {shape}, rows {row_len}, weights {a.checkpoint or 'random (HF init, seed ' + str(a.seed) + ')'}")
+    failed = False
+    report = []
+    for dtype in (torch.float64, torch.float32):
+        torch.manual_seed(a.seed)
+        if a.checkpoint:
+            hf = transformers.GPT2LMHeadModel.from_pretrained(a.checkpoint).to(dev, dtype)
+        else:
+            hf = new_hf().to(dev, dtype)
+        hf.eval()  # no dropout (the probabilities are 0 anyway)
+        for attn_impl in ("sdpa", "math"):
+            if a.checkpoint:
+                plain = torch_gpt2.load_checkpoint(a.checkpoint, dev, dtype, attn_impl)
+            else:
+                plain = torch_gpt2.GPT2LMHeadModel(torch_gpt2.GPT2Config(**shape), attn_impl).to(dev, dtype)
+                missing, unexpected = plain.load_state_dict(hf.state_dict(), strict=False)
+                unexpected = [k for k in unexpected if not k.endswith((".attn.bias", ".attn.masked_bias"))]
+                if missing or unexpected:
+                    print(f"  state_dict mismatch: missing {missing}, unexpected {unexpected}")
+                    return 1
+            outs = {}
+            for name, m in (("hf", hf), ("plain", plain)):
+                m.zero_grad(set_to_none=True)
+                d_ids, d_attn, d_lmask = ids.to(dev), attn.to(dev), lmask.to(dev, dtype)
+                logits = m(input_ids=d_ids, attention_mask=d_attn).logits
+                logp = torch.log_softmax(logits[:, :-1], dim=-1)
+                tok = torch.gather(logp, 2, d_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+                seq = (tok * d_lmask).sum(-1)
+                (seq * w.to(dev, dtype)).sum().backward()
+                grads = {k: p.grad.detach().clone() for k, p in m.named_parameters()}
+                outs[name] = (logits.detach()[attn.to(dev).bool()], seq.detach(), grads)
+            tol = CHECK_TOL[dtype]
+            worst = ("", 0.0, 0.0)
+
+            def cmp(what, x, ref):
+                nonlocal worst
+                err = (x - ref).abs().max().item()
+                rel = err / max(ref.abs().max().item(), 1e-30)
+                if rel > worst[2]:
+                    worst = (what, err, rel)
+                return err, rel
+
+            l_err, l_rel = cmp("logits", outs["plain"][0], outs["hf"][0])
+            s_err, s_rel = cmp("seq_logp", outs["plain"][1], outs["hf"][1])
+            g_rel = 0.0
+            for k, gref in outs["hf"][2].items():
+                if k not in outs["plain"][2]:
+                    print(f"  gradient of '{k}' missing in the plain model")
+                    return 1
+                g_rel = max(g_rel, cmp(f"grad {k}", outs["plain"][2][k], gref)[1])
+            ok = worst[2] <= tol
+            failed |= not ok
+            dname = str(dtype).replace("torch.", "")
+            print(f"  {dname:8s} attn={attn_impl:5s} logits max abs {l_err:.3e} (rel {l_rel:.3e}); seq log-prob max "
+                  f"abs {s_err:.3e} (rel {s_rel:.3e}); gradients max rel {g_rel:.3e}; worst {worst[0]} "
+                  f"abs {worst[1]:.3e} rel {worst[2]:.3e}; tol {tol:.0e}: {'ok' if ok else 'FAIL'}")
+            report.append(dict(dtype=dname, attn_impl=attn_impl, logits_max_abs=l_err, logits_max_rel=l_rel,
+                               seq_logp_max_abs=s_err, grad_max_rel=g_rel, worst=worst[0], worst_rel=worst[2],
+                               tol=tol, ok=ok))
+    print("check-hf:", "FAIL" if failed else "PASS")
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump({"check": "plain GPT-2 vs transformers GPT2LMHeadModel", "checkpoint": a.checkpoint,
+                       "torch": torch.__version__,
+                       "transformers": transformers.__version__, "device": a.device, "shape": shape,
+                       "results": report, "pass": not failed}, f, indent=2)
+    return 1 if failed else 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=list(SHAPES), default="small")
@@ -126,8 +283,19 @@ def main():
                     help="lognormal: per-pair lengths from the fixed quantile table dpo bench uses")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                     help="bf16: torch.autocast(bfloat16) around the forward passes (fp32 master weights, AMP)")
+    ap.add_argument("--model-impl", choices=["auto", "hf", "plain"], default="auto",
+                    help="auto: transformers' GPT2LMHeadModel when importable, else the plain model "
+                         "(tools/torch_gpt2.py); hf / plain: that one")
+    ap.add_argument("--check-hf", action="store_true",
+                    help="compare the plain model with transformers' GPT2LMHeadModel (logits and gradients on the "
+                         "same random weights, float64 and float32) and exit: 0 agree, 1 differ")
+    ap.add_argument("--checkpoint", default=None,
+                    help="--check-hf: load both models from this HF checkpoint directory (e.g. `dpo init`'s) "
+                         "instead of random weights")
     a = ap.parse_args()
 
+    if a.check_hf:
+        sys.exit(check_hf(a))
     if a.device == "cpu":
         torch.set_num_threads(a.threads)
     elif not torch.cuda.is_available():
@@ -142,16 +310,16 @@ def main():
         pl, cl, rl = WORKLOADS[a.workload]
 
     s = SHAPES[a.shape]
-    cfg = GPT2Config(vocab_size=50257, n_positions=1024, n_layer=s["n_layer"], n_embd=s["n_embd"],
-                     n_head=s["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                     activation_function="gelu_new", tie_word_embeddings=True)
-    model = GPT2LMHeadModel(cfg).to(dev)
+    impl = resolve_model_impl(a.model_impl)
+    print(f"model: {describe_impl(impl)}")
+    new_model, cfg = model_factory(impl, dict(vocab_size=50257, n_positions=1024, **s))
+    model = new_model().to(dev)
     model.train()
     # unique parameters: the LM head is tied to wte, so it is counted once
     n_params = sum(p.numel() for p in model.parameters())
     ref_model = None
     if a.reference == "live":
-        ref_model = GPT2LMHeadModel(cfg).to(dev)
+        ref_model = new_model().to(dev)
         ref_model.load_state_dict(model.state_dict())
         ref_model.eval()
         for p in ref_model.parameters():
@@ -215,7 +383,8 @@ def main():
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "machine": machine_info(),
-        "torch": torch.__version__, "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__ if impl == "hf" else None, "model_impl": impl,
         "device": a.device, "threads": torch.get_num_threads() if dev.type == "cpu" else None,
         "shape": a.shape, "n_layer": L, "n_embd": d, "n_head": s["n_head"], "n_params": n_params,
         "workload": a.workload, "prompt_len": pl, "chosen_len": cl, "rejected_len": rl, "length_spread": a.length_spread,
@@ -230,7 +399,7 @@ def main():
         "gflops_per_s": flops / med / 1e9, "last_loss": loss.detach().item(),
         "loadavg_start": load0, "loadavg_end": list(os.getloadavg()),
     }
-    print(f"{a.shape} {a.workload} P={P} ref={a.reference} compile={a.compile} dev={a.device}: "
+    print(f"{a.shape} {a.workload} P={P} ref={a.reference} compile={a.compile} dev={a.device} model={impl}: "
           f"median {med*1e3:.1f} ms/step (min {min(times)*1e3:.1f}, max {max(times)*1e3:.1f}), {res['tokens_per_s']:.1f} tok/s, {res['pairs_per_s']:.3f} pairs/s, "
           f"{res['gflops_per_s']:.2f} GFLOP/s, peak {peak_mb:.0f} MiB, N={n_params}, T={T:.1f}, "
           f"warmup {[round(x, 3) for x in warm_times]} s")
