@@ -7,7 +7,10 @@
 // backward: one block per row: the same (max, sum) pass, a barrier, then every element is rewritten as
 //           g * (onehot - exp(x - max) / sum). Each thread reads an element before it writes it and all reads of
 //           the first pass finish at the barrier, so dlogits may alias logits.
-// Index arithmetic on logits is 64-bit: a row starts at row * V, which passes 2^31 (and 2^32) for an LM head.
+// Index arithmetic on logits is 64-bit: a row starts at row * ld, which passes 2^31 (and 2^32) for an LM head.
+// Row stride ld >= V (kernels/logprob.h): only columns [0, V) of a row are read or written. With a padded ld that
+// is a multiple of 16 bytes (model/gpt2.h) every row starts 16-byte aligned, so aligned_head is 0 and the whole
+// row goes through the vector loads; an odd ld (V = 50257 unpadded) still works, each row at its own phase.
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -151,13 +154,13 @@ __device__ MaxSum row_max_sum(const St* x, int64_t V) {
 template <class St>
 __global__ void __launch_bounds__(kRowThreads)
     logprob_rows_kernel(float* __restrict__ lp, const St* __restrict__ logits, const int32_t* __restrict__ targets,
-                        const float* __restrict__ weights, int64_t V) {
+                        const float* __restrict__ weights, int64_t V, int64_t ld) {
   const int64_t i = blockIdx.x;
   if (weights[i] == 0.0f) {  // uniform across the block
     if (threadIdx.x == 0) lp[i] = 0.0f;
     return;
   }
-  const St* x = logits + i * V;
+  const St* x = logits + i * ld;
   const MaxSum st = row_max_sum(x, V);
   if (threadIdx.x == 0) {
     const int32_t tgt = targets[i];
@@ -204,10 +207,11 @@ __device__ void fill_row(St* d, int64_t V, float value) {
 template <class St>
 __global__ void __launch_bounds__(kRowThreads)
     logprob_backward_kernel(St* dlogits, const St* logits, const int32_t* __restrict__ targets,
-                            const float* __restrict__ weights, const float* __restrict__ dseq, int64_t T, int64_t V) {
+                            const float* __restrict__ weights, const float* __restrict__ dseq, int64_t T, int64_t V,
+                            int64_t ld) {
   constexpr int K = kVec<St>;
   const int64_t i = blockIdx.x;
-  St* d = dlogits + i * V;
+  St* d = dlogits + i * ld;
   const float w = weights[i];
   if (w == 0.0f) {
     fill_row(d, V, 0.0f);
@@ -218,7 +222,7 @@ __global__ void __launch_bounds__(kRowThreads)
     fill_row(d, V, NAN);
     return;
   }
-  const St* x = logits + i * V;
+  const St* x = logits + i * ld;
   const MaxSum st = row_max_sum(x, V);
   const float g = dseq[i / T] * w;
   const float inv = 1.0f / st.s;
@@ -249,10 +253,12 @@ unsigned grid_rows(const char* fn, int64_t rows) {
 
 template <class St>
 void logprob_forward_impl(CudaContext& ctx, float* seq_logp, float* token_logp, const St* logits,
-                          const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V) {
+                          const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V,
+                          int64_t ld) {
   DPO_NVTX_RANGE("logprob_forward");
   if (B == 0) return;
   DPO_ASSERT(V > 0, "logprob_forward: V must be positive");
+  DPO_ASSERT(ld >= V, "logprob_forward: row stride " + std::to_string(ld) + " < V " + std::to_string(V));
   DPO_ASSERT(B <= INT_MAX, "logprob_forward: B exceeds the grid's x range");
   std::shared_ptr<Buffer> scratch;  // lp when the caller does not want token_logp; freed in stream order
   float* lp = token_logp;
@@ -262,7 +268,7 @@ void logprob_forward_impl(CudaContext& ctx, float* seq_logp, float* token_logp, 
   }
   if (T > 0) {
     logprob_rows_kernel<St><<<grid_rows("logprob_forward", B * T), kRowThreads, 0, ctx.stream()>>>(
-        lp, logits, targets, weights, V);
+        lp, logits, targets, weights, V, ld);
     DPO_CUDA_CHECK(cudaGetLastError());
   }
   logprob_seq_kernel<<<static_cast<unsigned>(B), kSeqThreads, 0, ctx.stream()>>>(seq_logp, lp, weights, T);
@@ -271,32 +277,33 @@ void logprob_forward_impl(CudaContext& ctx, float* seq_logp, float* token_logp, 
 
 template <class St>
 void logprob_backward_impl(CudaContext& ctx, St* dlogits, const St* logits, const int32_t* targets,
-                           const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V) {
+                           const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V, int64_t ld) {
   DPO_NVTX_RANGE("logprob_backward");
   if (B == 0 || T == 0 || V == 0) return;
+  DPO_ASSERT(ld >= V, "logprob_backward: row stride " + std::to_string(ld) + " < V " + std::to_string(V));
   logprob_backward_kernel<St><<<grid_rows("logprob_backward", B * T), kRowThreads, 0, ctx.stream()>>>(
-      dlogits, logits, targets, weights, dseq, T, V);
+      dlogits, logits, targets, weights, dseq, T, V, ld);
   DPO_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace
 
 void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, const float* logits,
-                     const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V) {
-  logprob_forward_impl(ctx, seq_logp, token_logp, logits, targets, weights, B, T, V);
+                     const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V, int64_t ld) {
+  logprob_forward_impl(ctx, seq_logp, token_logp, logits, targets, weights, B, T, V, ld);
 }
 void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, const __nv_bfloat16* logits,
-                     const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V) {
-  logprob_forward_impl(ctx, seq_logp, token_logp, logits, targets, weights, B, T, V);
+                     const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V, int64_t ld) {
+  logprob_forward_impl(ctx, seq_logp, token_logp, logits, targets, weights, B, T, V, ld);
 }
 
 void logprob_backward(CudaContext& ctx, float* dlogits, const float* logits, const int32_t* targets,
-                      const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V) {
-  logprob_backward_impl(ctx, dlogits, logits, targets, weights, dseq, B, T, V);
+                      const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V, int64_t ld) {
+  logprob_backward_impl(ctx, dlogits, logits, targets, weights, dseq, B, T, V, ld);
 }
 void logprob_backward(CudaContext& ctx, __nv_bfloat16* dlogits, const __nv_bfloat16* logits, const int32_t* targets,
-                      const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V) {
-  logprob_backward_impl(ctx, dlogits, logits, targets, weights, dseq, B, T, V);
+                      const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V, int64_t ld) {
+  logprob_backward_impl(ctx, dlogits, logits, targets, weights, dseq, B, T, V, ld);
 }
 
 }  // namespace dpo::cuda

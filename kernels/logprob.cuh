@@ -13,6 +13,9 @@
 // to have validated the ids (no device-to-host sync to check them). Such a target never causes an out-of-bounds
 // access: its lp is NaN (so seq_logp[b] is NaN) and its dlogits row is all NaN, which the trainer's non-finite
 // loss/gradient checks report. Targets with weight 0 are never read.
+// Row stride (kernels/logprob.h): the forms with `ld` read logits and write dlogits as B*T rows of ld >= V
+// elements; columns [V, ld) are padding, never read and never written (they may hold NaN). ld a multiple of 16
+// bytes keeps every row on the 16-byte vector path; any ld >= V is correct. The forms without `ld` are ld = V.
 // Deterministic: fixed reduction trees, no atomics; repeated calls give bitwise-equal results.
 // The forward takes a B*T-float stream-ordered scratch from ctx.alloc when token_logp is null.
 #pragma once
@@ -25,13 +28,32 @@
 namespace dpo::cuda {
 
 void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, const float* logits,
-                     const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V);
+                     const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V, int64_t ld);
 void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, const __nv_bfloat16* logits,
-                     const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V);
+                     const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V, int64_t ld);
 
 void logprob_backward(CudaContext& ctx, float* dlogits, const float* logits, const int32_t* targets,
-                      const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V);
+                      const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V, int64_t ld);
 void logprob_backward(CudaContext& ctx, __nv_bfloat16* dlogits, const __nv_bfloat16* logits, const int32_t* targets,
-                      const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V);
+                      const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V, int64_t ld);
+
+// Dense rows (ld = V).
+inline void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, const float* logits,
+                            const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V) {
+  logprob_forward(ctx, seq_logp, token_logp, logits, targets, weights, B, T, V, V);
+}
+inline void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, const __nv_bfloat16* logits,
+                            const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V) {
+  logprob_forward(ctx, seq_logp, token_logp, logits, targets, weights, B, T, V, V);
+}
+inline void logprob_backward(CudaContext& ctx, float* dlogits, const float* logits, const int32_t* targets,
+                             const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V) {
+  logprob_backward(ctx, dlogits, logits, targets, weights, dseq, B, T, V, V);
+}
+inline void logprob_backward(CudaContext& ctx, __nv_bfloat16* dlogits, const __nv_bfloat16* logits,
+                             const int32_t* targets, const float* weights, const float* dseq, int64_t B, int64_t T,
+                             int64_t V) {
+  logprob_backward(ctx, dlogits, logits, targets, weights, dseq, B, T, V, V);
+}
 
 }  // namespace dpo::cuda

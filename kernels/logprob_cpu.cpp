@@ -37,11 +37,18 @@ double logsumexp(const T* x, int64_t V) {
   return m + std::log(s);
 }
 
+void check_stride(const char* fn, int64_t V, int64_t ld) {
+  if (V < 1 || ld < V)
+    throw Error(std::string(fn) + ": needs 1 <= V <= row stride, got V=" + std::to_string(V) + ", row stride " +
+                std::to_string(ld));
+}
+
 }  // namespace
 
 template <class T>
 void logprob_forward(T* seq_logp, T* token_logp, const T* logits, const int32_t* targets, const T* weights,
-                     int64_t B, int64_t T_, int64_t V) {
+                     int64_t B, int64_t T_, int64_t V, int64_t ld) {
+  check_stride("logprob_forward", V, ld);
   check_targets("logprob_forward", targets, weights, B, T_, V);
   const int64_t BT = B * T_;
   std::vector<double> lp(BT);
@@ -51,7 +58,7 @@ void logprob_forward(T* seq_logp, T* token_logp, const T* logits, const int32_t*
       lp[i] = 0.0;
       continue;
     }
-    const T* x = logits + i * V;
+    const T* x = logits + i * ld;
     lp[i] = static_cast<double>(x[targets[i]]) - logsumexp(x, V);
   }
   // The per-sequence sum runs over t in order after the parallel loop: deterministic for any thread count.
@@ -67,19 +74,20 @@ void logprob_forward(T* seq_logp, T* token_logp, const T* logits, const int32_t*
 
 template <class T>
 void logprob_backward(T* dlogits, const T* logits, const int32_t* targets, const T* weights, const T* dseq,
-                      int64_t B, int64_t T_, int64_t V) {
+                      int64_t B, int64_t T_, int64_t V, int64_t ld) {
+  check_stride("logprob_backward", V, ld);
   check_targets("logprob_backward", targets, weights, B, T_, V);
   const int64_t BT = B * T_;
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < BT; ++i) {
-    T* d = dlogits + i * V;
+    T* d = dlogits + i * ld;
     if (weights[i] == T(0)) {
       std::fill(d, d + V, T(0));
       continue;
     }
     // dlogits may alias logits: the log-sum-exp reads the whole row first, then each element is read before it
     // is overwritten.
-    const T* x = logits + i * V;
+    const T* x = logits + i * ld;
     const double lse = logsumexp(x, V);
     const double g = static_cast<double>(dseq[i / T_]) * static_cast<double>(weights[i]);
     const int64_t tgt = targets[i];
@@ -91,12 +99,12 @@ void logprob_backward(T* dlogits, const T* logits, const int32_t* targets, const
 }
 
 template void logprob_forward<float>(float*, float*, const float*, const int32_t*, const float*, int64_t, int64_t,
-                                     int64_t);
+                                     int64_t, int64_t);
 template void logprob_forward<double>(double*, double*, const double*, const int32_t*, const double*, int64_t,
-                                      int64_t, int64_t);
+                                      int64_t, int64_t, int64_t);
 template void logprob_backward<float>(float*, const float*, const int32_t*, const float*, const float*, int64_t,
-                                      int64_t, int64_t);
+                                      int64_t, int64_t, int64_t);
 template void logprob_backward<double>(double*, const double*, const int32_t*, const double*, const double*, int64_t,
-                                       int64_t, int64_t);
+                                       int64_t, int64_t, int64_t);
 
 }  // namespace dpo::cpu

@@ -12,6 +12,13 @@
 // The forward bias is the BIAS epilogue (a vector of length m = OC added to every column of the column-major D,
 // i.e. to every row of out). The gradients accumulate through beta = 1 with C = D (in place).
 //
+// Padded rows (the LM head's logits): out and dout may have a row stride ld >= OC. In the column-major view that is
+// just the leading dimension of out^T / dout^T ([OC, N] with ld >= OC), so the shapes (m, n, k) stay those above and
+// only ldd (forward) or the dout operand's ld (backward) changes; cuBLASLt reads and writes rows [0, m) of each
+// column, never the padding. The BIAS epilogue adds bias[0, m) to those rows only. With ld a multiple of 16 bytes
+// (ldv = round_up(V, 64) in model/gpt2.h) and a 256-byte-aligned base, every column starts 16-byte aligned, which
+// the heuristic needs for its fast kernels (V = 50257 itself gives 2-byte-aligned columns in bf16).
+//
 // Precision: CUBLAS_COMPUTE_32F with CUDA_R_32F scale in every case (no TF32, no bf16x9 emulation). The type
 // combinations (A/B, C = D, bias), all in cuBLASLt's table of supported regular types for CUBLAS_COMPUTE_32F:
 //   fp32 storage: every operation   32F / 32F / 32F                     (the fp32 parity mode)
@@ -77,25 +84,30 @@ void set_desc(cublasLtMatmulDesc_t desc, cublasLtMatmulDescAttributes_t attr, V 
 // Bias rows without cuBLASLt. kSet: out[n, j] = bias[j] (or 0 when bias is null), the forward pass when C == 0 (an
 // empty product, which cuBLASLt rejects as k = 0). kAdd: out[n, j] = acc[n, j] + bias[j], rounded once to T, the
 // fallback when no cuBLASLt algorithm supports the BIAS epilogue for these pointers (e.g. a misaligned bias view);
-// acc is out itself for float storage and an fp32 scratch for bf16 (so that a bf16 out is rounded once, not twice).
+// acc is out itself for float storage (ld_acc = ld_out) and a dense fp32 scratch for bf16 (ld_acc = OC; so that a
+// bf16 out is rounded once, not twice). Only columns [0, OC) of each row of out are written.
 enum class BiasMode { kSet, kAdd };
 
 template <BiasMode kMode, class T>
-__global__ void bias_rows_kernel(T* out, const float* acc, const T* __restrict__ bias, int64_t N, int64_t OC) {
+__global__ void bias_rows_kernel(T* out, int64_t ld_out, const float* acc, int64_t ld_acc,
+                                 const T* __restrict__ bias, int64_t N, int64_t OC) {
   const int64_t total = N * OC;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = i / OC, j = i - n * OC;
     if (kMode == BiasMode::kSet) {
-      out[i] = bias ? bias[i % OC] : from_float<T>(0.0f);
+      out[n * ld_out + j] = bias ? bias[j] : from_float<T>(0.0f);
     } else {
-      out[i] = from_float<T>(acc[i] + to_float(bias[i % OC]));
+      out[n * ld_out + j] = from_float<T>(acc[n * ld_acc + j] + to_float(bias[j]));
     }
   }
 }
 
 template <BiasMode kMode, class T>
-void launch_bias_rows(CudaContext& ctx, T* out, const float* acc, const T* bias, int64_t N, int64_t OC) {
+void launch_bias_rows(CudaContext& ctx, T* out, int64_t ld_out, const float* acc, int64_t ld_acc, const T* bias,
+                      int64_t N, int64_t OC) {
   const int64_t blocks = std::min<int64_t>((N * OC + 255) / 256, 65536);
-  bias_rows_kernel<kMode, T><<<static_cast<unsigned>(blocks), 256, 0, ctx.stream()>>>(out, acc, bias, N, OC);
+  bias_rows_kernel<kMode, T><<<static_cast<unsigned>(blocks), 256, 0, ctx.stream()>>>(out, ld_out, acc, ld_acc, bias,
+                                                                                      N, OC);
   DPO_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -169,10 +181,11 @@ bool lt_gemm(CudaContext& ctx, int64_t m, int64_t n, int64_t k, cudaDataType_t a
   return true;
 }
 
-// out[N,OC] (= out^T[OC,N] column-major) = inp @ W + bias, see the table at the top; bias may be null.
+// out[N,OC] (= out^T[OC,N] column-major, leading dimension ld_out) = inp @ W + bias, see the table at the top;
+// bias may be null.
 template <class T>
 void gemm_forward(CudaContext& ctx, T* out, const T* inp, const T* w, const T* bias, int64_t N, int64_t C,
-                  int64_t OC, WeightLayout layout) {
+                  int64_t OC, WeightLayout layout, int64_t ld_out) {
   constexpr cudaDataType_t t = cuda_type<T>();
   const bool ta = layout == WeightLayout::OutIn;
   const int64_t lda = layout == WeightLayout::InOut ? OC : C;
@@ -181,35 +194,36 @@ void gemm_forward(CudaContext& ctx, T* out, const T* inp, const T* w, const T* b
   // parameter buffer is only 2-byte aligned in general, so it goes to the fallback unless it is 16-byte aligned;
   // so does an fp32 bias (GPT-2's biases are 16-byte aligned in fp32 whenever C % 4 == 0, so they fuse).
   const bool fuse = reinterpret_cast<uintptr_t>(bias) % 16 == 0;
-  if (fuse && lt_gemm(ctx, OC, N, C, t, w, ta, lda, inp, false, C, 0.0f, t, out, OC, bias)) return;
+  if (fuse && lt_gemm(ctx, OC, N, C, t, w, ta, lda, inp, false, C, 0.0f, t, out, ld_out, bias)) return;
   // Bias fallback. Float: D = out, then out += bias (one more fp32 rounding, as in the CPU twin's separate add).
   // bf16: D = an fp32 scratch (16BF x 16BF -> 32F, the dw combination), then out = bf16(D + bias), rounded once.
   if constexpr (std::is_same_v<T, float>) {
-    lt_gemm(ctx, OC, N, C, t, w, ta, lda, inp, false, C, 0.0f, t, out, OC, nullptr);
-    launch_bias_rows<BiasMode::kAdd, float>(ctx, out, out, bias, N, OC);
+    lt_gemm(ctx, OC, N, C, t, w, ta, lda, inp, false, C, 0.0f, t, out, ld_out, nullptr);
+    launch_bias_rows<BiasMode::kAdd, float>(ctx, out, ld_out, out, ld_out, bias, N, OC);
   } else {
     auto scratch = ctx.alloc(N * OC * static_cast<int64_t>(sizeof(float)));
     float* acc = static_cast<float*>(scratch->data());
     lt_gemm(ctx, OC, N, C, t, w, ta, lda, inp, false, C, 0.0f, CUDA_R_32F, acc, OC, nullptr);
-    launch_bias_rows<BiasMode::kAdd, T>(ctx, out, acc, bias, N, OC);
+    launch_bias_rows<BiasMode::kAdd, T>(ctx, out, ld_out, acc, OC, bias, N, OC);
   }
 }
 
-// dbias[j] += sum_n dout[n, j]. A block owns 32 adjacent columns (coalesced rows of 128 bytes); its kBiasRows
-// thread rows each sum a fixed, strided set of n in order, then thread row 0 adds the partial sums in order.
+// dbias[j] += sum_n dout[n * ld + j] (ld >= OC: dout's row stride). A block owns 32 adjacent columns (coalesced
+// rows of 128 bytes); its kBiasRows thread rows each sum a fixed, strided set of n in order, then thread row 0 adds
+// the partial sums in order.
 // The summation order depends only on N, so the result is bitwise reproducible. fp32 accumulation.
 constexpr int kBiasCols = 32;
 constexpr int kBiasRows = 16;
 
 template <class T>
 __global__ void __launch_bounds__(kBiasCols* kBiasRows)
-    bias_grad_kernel(float* __restrict__ dbias, const T* __restrict__ dout, int64_t N, int64_t OC) {
+    bias_grad_kernel(float* __restrict__ dbias, const T* __restrict__ dout, int64_t N, int64_t OC, int64_t ld) {
   __shared__ float part[kBiasRows][kBiasCols + 1];
   const int64_t j = int64_t(blockIdx.x) * kBiasCols + threadIdx.x;
   float acc = 0.0f;
   if (j < OC) {
 #pragma unroll 4
-    for (int64_t n = threadIdx.y; n < N; n += kBiasRows) acc += to_float(dout[n * OC + j]);
+    for (int64_t n = threadIdx.y; n < N; n += kBiasRows) acc += to_float(dout[n * ld + j]);
   }
   part[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
@@ -220,44 +234,52 @@ __global__ void __launch_bounds__(kBiasCols* kBiasRows)
   }
 }
 
+void check_ld(const char* fn, const char* what, int64_t ld, int64_t OC) {
+  DPO_ASSERT(ld >= OC, std::string(fn) + ": the row stride of " + what + " (" + std::to_string(ld) +
+                           ") is smaller than OC (" + std::to_string(OC) + ")");
+}
+
 template <class T>
 void matmul_forward_impl(CudaContext& ctx, T* out, const T* inp, const T* w, const T* bias, int64_t N, int64_t C,
-                         int64_t OC, WeightLayout layout) {
+                         int64_t OC, WeightLayout layout, int64_t ld_out) {
   DPO_NVTX_RANGE("matmul_forward");
+  check_ld("matmul_forward", "out", ld_out, OC);
   if (N == 0 || OC == 0) return;
   if (C == 0) {
-    launch_bias_rows<BiasMode::kSet, T>(ctx, out, nullptr, bias, N, OC);
+    launch_bias_rows<BiasMode::kSet, T>(ctx, out, ld_out, nullptr, 0, bias, N, OC);
     return;
   }
-  gemm_forward(ctx, out, inp, w, bias, N, C, OC, layout);
+  gemm_forward(ctx, out, inp, w, bias, N, C, OC, layout, ld_out);
 }
 
 // dinp (type T, like the activations) and dw (always fp32) accumulate through beta = 1; see the table at the top.
+// dout^T is the column-major [OC, N] operand with leading dimension ld (the padded case at the top).
 template <class T>
 void matmul_backward_impl(CudaContext& ctx, T* dinp, float* dw, float* dbias, const T* dout, const T* inp,
-                          const T* w, int64_t N, int64_t C, int64_t OC, WeightLayout layout) {
+                          const T* w, int64_t N, int64_t C, int64_t OC, WeightLayout layout, int64_t ld) {
   DPO_NVTX_RANGE("matmul_backward");
+  check_ld("matmul_backward", "dout", ld, OC);
   constexpr cudaDataType_t t = cuda_type<T>();
   if (N > 0 && C > 0 && OC > 0) {  // otherwise dinp and dw receive empty sums
     if (dinp) {
       if (layout == WeightLayout::InOut) {
-        lt_gemm(ctx, C, N, OC, t, w, true, OC, dout, false, OC, 1.0f, t, dinp, C, nullptr);
+        lt_gemm(ctx, C, N, OC, t, w, true, OC, dout, false, ld, 1.0f, t, dinp, C, nullptr);
       } else {
-        lt_gemm(ctx, C, N, OC, t, w, false, C, dout, false, OC, 1.0f, t, dinp, C, nullptr);
+        lt_gemm(ctx, C, N, OC, t, w, false, C, dout, false, ld, 1.0f, t, dinp, C, nullptr);
       }
     }
     if (dw) {
       if (layout == WeightLayout::InOut) {
-        lt_gemm(ctx, OC, C, N, t, dout, false, OC, inp, true, C, 1.0f, CUDA_R_32F, dw, OC, nullptr);
+        lt_gemm(ctx, OC, C, N, t, dout, false, ld, inp, true, C, 1.0f, CUDA_R_32F, dw, OC, nullptr);
       } else {
-        lt_gemm(ctx, C, OC, N, t, inp, false, C, dout, true, OC, 1.0f, CUDA_R_32F, dw, C, nullptr);
+        lt_gemm(ctx, C, OC, N, t, inp, false, C, dout, true, ld, 1.0f, CUDA_R_32F, dw, C, nullptr);
       }
     }
   }
   if (dbias && N > 0 && OC > 0) {
     const int64_t blocks = (OC + kBiasCols - 1) / kBiasCols;
     bias_grad_kernel<T><<<static_cast<unsigned>(blocks), dim3(kBiasCols, kBiasRows), 0, ctx.stream()>>>(dbias, dout,
-                                                                                                       N, OC);
+                                                                                                       N, OC, ld);
     DPO_CUDA_CHECK(cudaGetLastError());
   }
 }
@@ -265,22 +287,23 @@ void matmul_backward_impl(CudaContext& ctx, T* dinp, float* dw, float* dbias, co
 }  // namespace
 
 void matmul_forward(CudaContext& ctx, float* out, const float* inp, const float* w, const float* bias, int64_t N,
-                    int64_t C, int64_t OC, WeightLayout layout) {
-  matmul_forward_impl(ctx, out, inp, w, bias, N, C, OC, layout);
+                    int64_t C, int64_t OC, WeightLayout layout, int64_t ld_out) {
+  matmul_forward_impl(ctx, out, inp, w, bias, N, C, OC, layout, ld_out);
 }
 void matmul_forward(CudaContext& ctx, __nv_bfloat16* out, const __nv_bfloat16* inp, const __nv_bfloat16* w,
-                    const __nv_bfloat16* bias, int64_t N, int64_t C, int64_t OC, WeightLayout layout) {
-  matmul_forward_impl(ctx, out, inp, w, bias, N, C, OC, layout);
+                    const __nv_bfloat16* bias, int64_t N, int64_t C, int64_t OC, WeightLayout layout,
+                    int64_t ld_out) {
+  matmul_forward_impl(ctx, out, inp, w, bias, N, C, OC, layout, ld_out);
 }
 
 void matmul_backward(CudaContext& ctx, float* dinp, float* dw, float* dbias, const float* dout, const float* inp,
-                     const float* w, int64_t N, int64_t C, int64_t OC, WeightLayout layout) {
-  matmul_backward_impl(ctx, dinp, dw, dbias, dout, inp, w, N, C, OC, layout);
+                     const float* w, int64_t N, int64_t C, int64_t OC, WeightLayout layout, int64_t ld_dout) {
+  matmul_backward_impl(ctx, dinp, dw, dbias, dout, inp, w, N, C, OC, layout, ld_dout);
 }
 void matmul_backward(CudaContext& ctx, __nv_bfloat16* dinp, float* dw, float* dbias, const __nv_bfloat16* dout,
                      const __nv_bfloat16* inp, const __nv_bfloat16* w, int64_t N, int64_t C, int64_t OC,
-                     WeightLayout layout) {
-  matmul_backward_impl(ctx, dinp, dw, dbias, dout, inp, w, N, C, OC, layout);
+                     WeightLayout layout, int64_t ld_dout) {
+  matmul_backward_impl(ctx, dinp, dw, dbias, dout, inp, w, N, C, OC, layout, ld_dout);
 }
 
 }  // namespace dpo::cuda

@@ -32,21 +32,25 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, const T* A, int64_t
 
 }  // namespace
 
+// The row strides (ld_out, ld_dout >= OC) are BLAS's ldc / lda / ldb for out and dout: BLAS touches only the
+// first OC elements of each row, so the padding columns are never read or written.
 template <class T>
 void matmul_forward(T* out, const T* inp, const T* w, const T* bias, int64_t N, int64_t C, int64_t OC,
-                    WeightLayout layout) {
+                    WeightLayout layout, int64_t ld_out) {
+  if (ld_out < OC)
+    throw Error("matmul_forward: row stride " + std::to_string(ld_out) + " < OC " + std::to_string(OC));
   if (N == 0 || OC == 0) return;
   if (C == 0) {
-    std::fill(out, out + N * OC, T(0));  // an empty product; BLAS would reject lda = 0
+    for (int64_t n = 0; n < N; ++n) std::fill(out + n * ld_out, out + n * ld_out + OC, T(0));  // an empty product
   } else if (layout == WeightLayout::InOut) {
-    gemm<T>(false, false, N, OC, C, inp, C, w, OC, T(0), out, OC);
+    gemm<T>(false, false, N, OC, C, inp, C, w, OC, T(0), out, ld_out);
   } else {
-    gemm<T>(false, true, N, OC, C, inp, C, w, C, T(0), out, OC);
+    gemm<T>(false, true, N, OC, C, inp, C, w, C, T(0), out, ld_out);
   }
   if (bias) {
 #pragma omp parallel for schedule(static)
     for (int64_t n = 0; n < N; ++n) {
-      T* o = out + n * OC;
+      T* o = out + n * ld_out;
       for (int64_t j = 0; j < OC; ++j) o[j] += bias[j];
     }
   }
@@ -54,20 +58,22 @@ void matmul_forward(T* out, const T* inp, const T* w, const T* bias, int64_t N, 
 
 template <class T>
 void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, const T* w, int64_t N, int64_t C,
-                     int64_t OC, WeightLayout layout) {
+                     int64_t OC, WeightLayout layout, int64_t ld_dout) {
+  if (ld_dout < OC)
+    throw Error("matmul_backward: row stride " + std::to_string(ld_dout) + " < OC " + std::to_string(OC));
   if (N > 0 && C > 0 && OC > 0) {  // otherwise dinp and dw get empty sums
     if (dinp) {
       if (layout == WeightLayout::InOut) {
-        gemm<T>(false, true, N, C, OC, dout, OC, w, OC, T(1), dinp, C);  // dout[N,OC] @ w[C,OC]^T
+        gemm<T>(false, true, N, C, OC, dout, ld_dout, w, OC, T(1), dinp, C);  // dout[N,OC] @ w[C,OC]^T
       } else {
-        gemm<T>(false, false, N, C, OC, dout, OC, w, C, T(1), dinp, C);  // dout[N,OC] @ w[OC,C]
+        gemm<T>(false, false, N, C, OC, dout, ld_dout, w, C, T(1), dinp, C);  // dout[N,OC] @ w[OC,C]
       }
     }
     if (dw) {
       if (layout == WeightLayout::InOut) {
-        gemm<T>(true, false, C, OC, N, inp, C, dout, OC, T(1), dw, OC);  // inp^T @ dout -> [C,OC]
+        gemm<T>(true, false, C, OC, N, inp, C, dout, ld_dout, T(1), dw, OC);  // inp^T @ dout -> [C,OC]
       } else {
-        gemm<T>(true, false, OC, C, N, dout, OC, inp, C, T(1), dw, C);  // dout^T @ inp -> [OC,C]
+        gemm<T>(true, false, OC, C, N, dout, ld_dout, inp, C, T(1), dw, C);  // dout^T @ inp -> [OC,C]
       }
     }
   }
@@ -80,7 +86,7 @@ void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, cons
       const int64_t j0 = blk * kBlock, j1 = std::min(OC, j0 + kBlock);
       double acc[kBlock] = {};
       for (int64_t n = 0; n < N; ++n) {
-        const T* d = dout + n * OC;
+        const T* d = dout + n * ld_dout;
         for (int64_t j = j0; j < j1; ++j) acc[j - j0] += static_cast<double>(d[j]);
       }
       for (int64_t j = j0; j < j1; ++j) dbias[j] += static_cast<T>(acc[j - j0]);
@@ -89,12 +95,12 @@ void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, cons
 }
 
 template void matmul_forward<float>(float*, const float*, const float*, const float*, int64_t, int64_t, int64_t,
-                                    WeightLayout);
+                                    WeightLayout, int64_t);
 template void matmul_forward<double>(double*, const double*, const double*, const double*, int64_t, int64_t, int64_t,
-                                     WeightLayout);
+                                     WeightLayout, int64_t);
 template void matmul_backward<float>(float*, float*, float*, const float*, const float*, const float*, int64_t,
-                                     int64_t, int64_t, WeightLayout);
+                                     int64_t, int64_t, WeightLayout, int64_t);
 template void matmul_backward<double>(double*, double*, double*, const double*, const double*, const double*,
-                                      int64_t, int64_t, int64_t, WeightLayout);
+                                      int64_t, int64_t, int64_t, WeightLayout, int64_t);
 
 }  // namespace dpo::cpu

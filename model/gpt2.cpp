@@ -69,7 +69,7 @@ struct GPT2::Acts {
   };
   std::vector<Layer> layers;
   Tensor lnf, lnf_mean, lnf_rstd;
-  Tensor logits;  // [B,T,V], allocated by forward() only (the unfused path)
+  Tensor logits;  // [B,T,ldv], allocated by forward() only (the unfused path)
   Tensor proj;  // [B,T,C] scratch for c_proj outputs before the residual add
   // gradient scratch
   Tensor dres, dln, dqkv, datty, dfch, dfch_gelu;
@@ -246,7 +246,8 @@ void GPT2::forward_trunk(const Tensor& tokens, const Tensor& keymask) {
 const Tensor& GPT2::forward(const Tensor& tokens, const Tensor& keymask) {
   forward_trunk(tokens, keymask);
   Acts& a = *acts_;
-  if (!a.logits.defined()) a.logits = be_->empty({a.B, a.T, cfg_.vocab_size}, dtype_);
+  // Zeroed once: the padding columns are never written after this (gpt2.h, "Logits layout").
+  if (!a.logits.defined()) a.logits = be_->zeros({a.B, a.T, logits_stride()}, dtype_);
   be_->matmul_forward(a.logits, a.lnf, param("wte.weight"), Tensor(), WeightLayout::OutIn);
   return a.logits;
 }
@@ -254,7 +255,7 @@ const Tensor& GPT2::forward(const Tensor& tokens, const Tensor& keymask) {
 void GPT2::sequence_logprobs(const Tensor& tokens, const Tensor& keymask, const Tensor& targets,
                              const Tensor& weights, const Tensor& seq_logp, const Tensor& token_logp) {
   const Tensor& logits = forward(tokens, keymask);
-  be_->logprob_forward(seq_logp, token_logp, logits, targets, weights);
+  be_->logprob_forward(seq_logp, token_logp, logits, targets, weights, cfg_.vocab_size);
   targets_ = targets;
   weights_ = weights;
 }
@@ -264,7 +265,7 @@ void GPT2::backward(const Tensor& dseq) {
   Acts& a = *acts_;
   Backend& be = *be_;
   // The logits buffer becomes dlogits (the CPU kernel supports the alias; the logits are not needed again).
-  be.logprob_backward(a.logits, a.logits, targets_, weights_, dseq);
+  be.logprob_backward(a.logits, a.logits, targets_, weights_, dseq, cfg_.vocab_size);
   be.fill_zero(a.dln);
   be.matmul_backward(a.dln, grad("wte.weight"), Tensor(), a.logits, a.lnf, param("wte.weight"), WeightLayout::OutIn);
   backward_trunk();
@@ -377,9 +378,10 @@ std::vector<std::vector<GPT2::Range>> GPT2::plan_chunks(int64_t B, int64_t T, in
 }
 
 Tensor GPT2::chunk_logits(int64_t rows) {
-  const int64_t V = cfg_.vocab_size;
-  if (!chunk_.defined() || chunk_.numel() < rows * V) chunk_ = be_->empty({rows, V}, dtype_);
-  return chunk_.view(0, {rows, V});
+  const int64_t ldv = logits_stride();
+  // Zeroed once, like forward()'s logits: the padding columns are never written afterwards.
+  if (!chunk_.defined() || chunk_.numel() < rows * ldv) chunk_ = be_->zeros({rows, ldv}, dtype_);
+  return chunk_.view(0, {rows, ldv});
 }
 
 void GPT2::score(const Tensor& tokens, const Tensor& keymask, const Tensor& targets, const Tensor& weights,
@@ -387,11 +389,11 @@ void GPT2::score(const Tensor& tokens, const Tensor& keymask, const Tensor& targ
   forward_trunk(tokens, keymask);
   check_head_args(targets, weights);
   Acts& a = *acts_;
-  const int64_t B = a.B, T = a.T, V = cfg_.vocab_size;
+  const int64_t B = a.B, T = a.T, ldv = logits_stride();
   check_shape(seq_logp, {B}, "seq_logp");
   for (const auto& chunk : plan_chunks(B, T, 0))
-    for (const Range& r : chunk) head_forward(r, chunk_logits(r.nseq * T).view(0, {r.nseq, T, V}), seq_logp, targets,
-                                              weights);
+    for (const Range& r : chunk)
+      head_forward(r, chunk_logits(r.nseq * T).view(0, {r.nseq, T, ldv}), seq_logp, targets, weights);
 }
 
 void GPT2::head_forward(const Range& r, const Tensor& logits, const Tensor& seq_logp, const Tensor& targets,
@@ -400,7 +402,7 @@ void GPT2::head_forward(const Range& r, const Tensor& logits, const Tensor& seq_
   be_->matmul_forward(logits, acts_->lnf.view(r.seq0 * T * C, {r.nseq * T, C}), param("wte.weight"), Tensor(),
                       WeightLayout::OutIn);
   be_->logprob_forward(seq_logp.view(r.seq0, {r.nseq}), Tensor(), logits, targets.view(r.seq0 * T, {r.nseq, T}),
-                       weights.view(r.seq0 * T, {r.nseq, T}));
+                       weights.view(r.seq0 * T, {r.nseq, T}), cfg_.vocab_size);
 }
 
 std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keymask, const Tensor& targets,
@@ -410,7 +412,7 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
   check_head_args(targets, weights);
   Acts& a = *acts_;
   Backend& be = *be_;
-  const int64_t B = a.B, T = a.T, C = cfg_.n_embd, V = cfg_.vocab_size;
+  const int64_t B = a.B, T = a.T, C = cfg_.n_embd, V = cfg_.vocab_size, ldv = logits_stride();
   const auto plan = plan_chunks(B, T, head.pair_stride);
   const Tensor wte = param("wte.weight"), dwte = grad("wte.weight");
   Tensor seq_dev = be.zeros({B}, gdtype_), dseq_dev = be.empty({B}, gdtype_);
@@ -426,7 +428,7 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
     int64_t rows = 0;
     for (const Range& r : chunk) rows += r.nseq * T;
     const Tensor lg_all = chunk_logits(rows);
-    auto lg = [&](const Range& r) { return lg_all.view(r.slot * T * V, {r.nseq, T, V}); };
+    auto lg = [&](const Range& r) { return lg_all.view(r.slot * T * ldv, {r.nseq, T, ldv}); };
     for (const Range& r : chunk) head_forward(r, lg(r), seq_dev, targets, weights);
     // One copy (one device synchronisation) per chunk: all B entries, of which this chunk's are new.
     be.copy_to_host(seq_host, seq_dev);
@@ -448,7 +450,7 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
     be.copy_from_host(dseq_dev, dseq_host);
     for (const Range& r : chunk) {
       const Tensor tg = targets.view(r.seq0 * T, {r.nseq, T}), w = weights.view(r.seq0 * T, {r.nseq, T});
-      be.logprob_backward(lg(r), lg(r), tg, w, dseq_dev.view(r.seq0, {r.nseq}));
+      be.logprob_backward(lg(r), lg(r), tg, w, dseq_dev.view(r.seq0, {r.nseq}), V);
       be.matmul_backward(a.dln.view(r.seq0 * T * C, {r.nseq * T, C}), dwte, Tensor(), lg(r),
                          a.lnf.view(r.seq0 * T * C, {r.nseq * T, C}), wte, WeightLayout::OutIn);
     }

@@ -17,6 +17,14 @@
 // the parameters (master_params()) is what the optimizer updates and checkpoints hold; sync_params() rounds it
 // into the BF16 compute copy. In F32/F64 master_params() is params() itself and sync_params() does nothing.
 // Per-sequence tensors (weights, seq_logp, dseq) and LayerNorm statistics have dtype grad_dtype(dtype()).
+//
+// Logits layout: every logits buffer (forward()'s [B,T,ldv] and the chunked head's [rows, ldv]) has the row stride
+// ldv = logits_stride() = V rounded up to kLogitsRowAlign elements, while the LM-head GEMM's output width stays V.
+// V = 50257 would leave the rows of the largest GEMMs (logits = ln_f @ wte^T and its two backward GEMMs) at an odd
+// element stride, 2-byte aligned in bf16, and cuBLASLt falls back to slow kernels; 64 elements (128 B in bf16,
+// 256 B in fp32) align every row. Columns [V, ldv) are zero from allocation on and no op reads or writes them
+// (runtime/backend.h, "Padded rows"): they never enter the softmax, the log-probs or any gradient. The parameters,
+// wte [V, C] included, and the checkpoints are unchanged.
 #pragma once
 
 #include <functional>
@@ -82,8 +90,16 @@ class GPT2 {
   void zero_grad();
 
   // tokens [B,T] I32 on the backend's device, T <= max_seq_len; keymask [B,T] I32 (1 real, 0 padding) or
-  // undefined. Positions are 0..T-1 for every row. Returns the logits [B,T,V], valid until the next forward.
+  // undefined. Positions are 0..T-1 for every row. Returns the logits [B,T,ldv] (ldv = logits_stride(); the logits
+  // of (b,t) are elements [0, V) of row (b,t), the rest is zero padding), valid until the next forward.
   const Tensor& forward(const Tensor& tokens, const Tensor& keymask);
+
+  // The row stride of every logits buffer: vocab_size rounded up to a multiple of kLogitsRowAlign.
+  static constexpr int64_t kLogitsRowAlign = 64;
+  static int64_t logits_stride(int64_t vocab_size) {
+    return (vocab_size + kLogitsRowAlign - 1) / kLogitsRowAlign * kLogitsRowAlign;
+  }
+  int64_t logits_stride() const { return logits_stride(cfg_.vocab_size); }
 
   // forward, then seq_logp[b] = sum_t weights[b,t] * log p(targets[b,t] | tokens[b, <=t])   (targets/weights
   // [B,T]; see kernels/logprob.h). token_logp [B,T] is optional.
@@ -98,14 +114,14 @@ class GPT2 {
 
   // --- The chunked LM head (no [B,T,V] logits) ------------------------------------------------------------------
   // The LM head, log-softmax, gather and per-sequence sums run over chunks of whole sequences through one logits
-  // buffer of at most max(logits_chunk_rows, one unit) x V elements, whatever B is (a unit is one sequence, or a
+  // buffer of at most max(logits_chunk_rows, one unit) x ldv elements, whatever B is (a unit is one sequence, or a
   // pair of sequences with the pair layout below). The GEMM work is that of the unfused path: one forward GEMM
   // per chunk and, in fused_forward, the two backward GEMMs (d ln_f output, d wte) right after the chunk's loss
   // gradient is known, so no logits are recomputed.
   void set_logits_chunk_rows(int64_t rows);  // >= 1 (Error otherwise); default kDefaultLogitsChunkRows
   int64_t logits_chunk_rows() const { return chunk_rows_; }
-  // Elements of every logits buffer this model holds now: the chunk buffer, plus [B,T,V] if forward() or
-  // sequence_logprobs() was called (memory accounting; tests).
+  // Elements of every logits buffer this model holds now, padding included (rows * ldv): the chunk buffer, plus
+  // [B,T,ldv] if forward() or sequence_logprobs() was called (memory accounting; tests; train/bench.cpp).
   int64_t logits_buffer_numel() const;
 
   // Forward only, chunked: seq_logp[b] (=, [B] on the backend's device, the model's dtype) as sequence_logprobs
@@ -153,8 +169,8 @@ class GPT2 {
     int64_t seq0, nseq, slot;
   };
   std::vector<std::vector<Range>> plan_chunks(int64_t B, int64_t T, int64_t pair_stride);
-  Tensor chunk_logits(int64_t rows);  // a [rows, V] view of the chunk buffer, grown when needed
-  // LM head and log-probs of the sequences of `r` into logits [nseq, T, V] and seq_logp[r.seq0 ...] (=).
+  Tensor chunk_logits(int64_t rows);  // a [rows, ldv] view of the chunk buffer, grown when needed
+  // LM head and log-probs of the sequences of `r` into logits [nseq, T, ldv] and seq_logp[r.seq0 ...] (=).
   void head_forward(const Range& r, const Tensor& logits, const Tensor& seq_logp, const Tensor& targets,
                     const Tensor& weights);
   void check_tokens(const Tensor& tokens) const;

@@ -5,6 +5,11 @@
 // Conventions for every op:
 //   - Tensors are contiguous and live on this backend's device; shapes and dtypes are checked here, at the
 //     boundary, once per call (a mismatch throws dpo::Error naming the argument).
+//   - Padded rows, the one exception (the LM head's logits, model/gpt2.h): matmul's out / dout and log-prob's
+//     logits / dlogits may have a last dim ld larger than the valid width (OC, taken from w; V, passed explicitly):
+//     each row is `width` valid elements followed by ld - width padding elements that the op never reads and never
+//     writes (they may hold NaN). A padded ld must make every row a multiple of 16 bytes (ld * dtype size), the
+//     alignment cuBLASLt's fast kernels and the vector loads need; check_row_stride() below is the check.
 //   - Floating tensors of one call share one dtype, the activation dtype A (F32, F64 on the CPU only, or BF16; see
 //     "Mixed precision" below for what differs with BF16). Token ids, targets and masks are I32.
 //   - "=" outputs are overwritten, "+=" outputs accumulate (gradients). Each op's contract comment is in
@@ -34,6 +39,7 @@
 
 #include "kernels/adamw.h"
 #include "kernels/common.h"
+#include "runtime/error.h"
 #include "runtime/tensor.h"
 
 namespace dpo {
@@ -75,6 +81,8 @@ class Backend {
   virtual void layernorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& db, const Tensor& dout,
                                   const Tensor& inp, const Tensor& w, const Tensor& mean, const Tensor& rstd) = 0;
   // out[N,OC] = inp[N,C] @ W + bias (bias optional)   | dinp +=, dw +=, dbias += (each optional)
+  // OC comes from w. out (forward) and dout (backward) are [..., ld] with N * ld elements and ld >= OC: columns
+  // [OC, ld) of each row are padding, untouched by the forward and never read by the backward.
   virtual void matmul_forward(const Tensor& out, const Tensor& inp, const Tensor& w, const Tensor& bias,
                               WeightLayout layout) = 0;
   virtual void matmul_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dbias, const Tensor& dout,
@@ -91,12 +99,23 @@ class Backend {
   virtual void gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) = 0;
   virtual void residual_forward(const Tensor& out, const Tensor& a, const Tensor& b) = 0;
   virtual void residual_backward(const Tensor& da, const Tensor& db, const Tensor& dout) = 0;
-  // logits[B,T,V], targets[B,T] I32, weights[B,T] -> seq_logp[B] (=), token_logp[B,T] (=, optional)
+  // logits[B,T,ld], targets[B,T] I32, weights[B,T] -> seq_logp[B] (=), token_logp[B,T] (=, optional). The
+  // vocabulary is columns [0, V) of each row, 1 <= V <= ld; columns [V, ld) are padding (never read).
   virtual void logprob_forward(const Tensor& seq_logp, const Tensor& token_logp, const Tensor& logits,
-                               const Tensor& targets, const Tensor& weights) = 0;
-  // dlogits[B,T,V] = dseq[b] * weights * (onehot - softmax)  (=; may alias logits)
+                               const Tensor& targets, const Tensor& weights, int64_t V) = 0;
+  // dlogits[B,T,ld] (same shape as logits), columns [0, V) = dseq[b] * weights * (onehot - softmax)  (=; may alias
+  // logits); columns [V, ld) are never written.
   virtual void logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
-                                const Tensor& weights, const Tensor& dseq) = 0;
+                                const Tensor& weights, const Tensor& dseq, int64_t V) = 0;
+  // Unpadded logits: V = the last dim.
+  void logprob_forward(const Tensor& seq_logp, const Tensor& token_logp, const Tensor& logits, const Tensor& targets,
+                       const Tensor& weights) {
+    logprob_forward(seq_logp, token_logp, logits, targets, weights, logits.size(-1));
+  }
+  void logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets, const Tensor& weights,
+                        const Tensor& dseq) {
+    logprob_backward(dlogits, logits, targets, weights, dseq, logits.size(-1));
+  }
 
   // --- optimizer ops (kernels/adamw.h) ------------------------------------------------------------------------
   // One AdamW step, in place on param, m, v (all four tensors: same shape, same floating dtype, no aliasing);
@@ -118,6 +137,21 @@ class Backend {
 // The dtype of parameter gradients, LayerNorm statistics and per-sequence scalars for activation dtype `a`:
 // F32 for BF16 (and F16), else `a`.
 inline DType grad_dtype(DType a) { return (a == DType::BF16 || a == DType::F16) ? DType::F32 : a; }
+
+// The row stride (last dim) of `t`, whose rows hold `width` valid elements and then padding (the "Padded rows"
+// convention above): ld >= width, and when ld > width, ld * dtype size a multiple of 16 bytes. Throws dpo::Error
+// naming `name` otherwise. Both backends apply the same rule, so a padded layout that runs on the CPU runs on a GPU.
+inline int64_t check_row_stride(const Tensor& t, int64_t width, const char* name) {
+  const int64_t ld = t.dim() > 0 ? t.size(-1) : 0;
+  if (ld < width)
+    throw Error(std::string(name) + " " + shape_str(t.shape()) + ": last dim " + std::to_string(ld) +
+                " is smaller than the row's width " + std::to_string(width));
+  if (ld > width && (ld * dtype_size(t.dtype())) % 16 != 0)
+    throw Error(std::string(name) + " " + shape_str(t.shape()) + ": a padded row stride must be a multiple of 16 " +
+                "bytes, got " + std::to_string(ld) + " " + dtype_name(t.dtype()) + " elements for width " +
+                std::to_string(width));
+  return ld;
+}
 
 // `host` itself when `be` is the CPU backend, else a copy on be's device (same dtype).
 Tensor to_backend(Backend& be, const Tensor& host);

@@ -63,6 +63,21 @@ void down(const Tensor& dst, const Tensor& f) {
   std::memcpy(dst.raw(), r.raw(), static_cast<size_t>(r.nbytes()));
 }
 
+// dst (BF16, rows of ld = dst.size(-1) elements) = the first `width` elements of each row of f rounded to nearest
+// even; the rest of each row of dst (padding, backend.h "Padded rows") is left as it is. Nothing when dst is not
+// BF16.
+void down_rows(const Tensor& dst, const Tensor& f, int64_t width) {
+  if (!is_bf16(dst)) return;
+  const int64_t ld = dst.size(-1);
+  if (width == ld) return down(dst, f);
+  Tensor r = convert_host(f, DType::BF16, "bf16 result");
+  const int64_t rows = ld > 0 ? dst.numel() / ld : 0;
+  const auto* src = static_cast<const char*>(r.raw());
+  auto* out = static_cast<char*>(dst.raw());
+  const auto row_bytes = static_cast<size_t>(width) * 2;
+  for (int64_t n = 0; n < rows; ++n) std::memcpy(out + n * ld * 2, src + n * ld * 2, row_bytes);
+}
+
 // Optional argument `t` of a BF16 call must have dtype `d`.
 void need(const Tensor& t, DType d, const char* name) {
   if (!t.defined()) return;
@@ -202,22 +217,25 @@ class CpuBackend final : public Backend {
   }
   void matmul_forward(const Tensor& out, const Tensor& inp, const Tensor& w, const Tensor& bias,
                       WeightLayout layout) override {
+    int64_t N, C, OC;
     if (is_bf16(inp)) {
       need(out, DType::BF16, "matmul out");
       need(w, DType::BF16, "matmul w");
       need(bias, DType::BF16, "matmul bias");
+      matmul_dims(inp, w, layout, &N, &C, &OC);
+      check_row_stride(out, OC, "matmul out");  // on the BF16 tensor: the F32 scratch's rows are twice as long
       const Tensor o = out32(out);
       matmul_forward(o, up(inp), up(w), up(bias), layout);
-      return down(out, o);
+      return down_rows(out, o, OC);
     }
     check_float(inp, "matmul inp");
-    int64_t N, C, OC;
     matmul_dims(inp, w, layout, &N, &C, &OC);
-    DPO_ASSERT(out.numel() == N * OC && out.size(-1) == OC, "matmul out " + shape_str(out.shape()));
+    const int64_t ld = check_row_stride(out, OC, "matmul out");
+    DPO_ASSERT(out.numel() == N * ld, "matmul out " + shape_str(out.shape()) + " for inp " + shape_str(inp.shape()));
     if (bias.defined()) check_shape(bias, {OC}, "matmul bias");
     dispatch(inp.dtype(), [&](auto z) {
       using F = decltype(z);
-      cpu::matmul_forward<F>(out.data<F>(), inp.data<F>(), w.data<F>(), opt<F>(bias), N, C, OC, layout);
+      cpu::matmul_forward<F>(out.data<F>(), inp.data<F>(), w.data<F>(), opt<F>(bias), N, C, OC, layout, ld);
     });
   }
   void matmul_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dbias, const Tensor& dout,
@@ -228,6 +246,9 @@ class CpuBackend final : public Backend {
       need(w, DType::BF16, "matmul w");
       need(dw, DType::F32, "matmul dw");
       need(dbias, DType::F32, "matmul dbias");
+      int64_t N, C, OC;
+      matmul_dims(inp, w, layout, &N, &C, &OC);
+      check_row_stride(dout, OC, "matmul dout");
       const Tensor di = up(dinp);
       matmul_backward(di, dw, dbias, up(dout), up(inp), up(w), layout);
       return down(dinp, di);
@@ -235,14 +256,15 @@ class CpuBackend final : public Backend {
     check_float(inp, "matmul inp");
     int64_t N, C, OC;
     matmul_dims(inp, w, layout, &N, &C, &OC);
-    DPO_ASSERT(dout.numel() == N * OC, "matmul dout " + shape_str(dout.shape()));
+    const int64_t ld = check_row_stride(dout, OC, "matmul dout");
+    DPO_ASSERT(dout.numel() == N * ld, "matmul dout " + shape_str(dout.shape()) + " for inp " + shape_str(inp.shape()));
     if (dinp.defined()) check_shape(dinp, inp.shape(), "matmul dinp");
     if (dw.defined()) check_shape(dw, w.shape(), "matmul dw");
     if (dbias.defined()) check_shape(dbias, {OC}, "matmul dbias");
     dispatch(inp.dtype(), [&](auto z) {
       using F = decltype(z);
       cpu::matmul_backward<F>(opt<F>(dinp), opt<F>(dw), opt<F>(dbias), dout.data<F>(), inp.data<F>(), w.data<F>(),
-                              N, C, OC, layout);
+                              N, C, OC, layout, ld);
     });
   }
 
@@ -357,16 +379,19 @@ class CpuBackend final : public Backend {
     });
   }
 
+  using Backend::logprob_backward;
+  using Backend::logprob_forward;
   void logprob_forward(const Tensor& seq_logp, const Tensor& token_logp, const Tensor& logits,
-                       const Tensor& targets, const Tensor& weights) override {
+                       const Tensor& targets, const Tensor& weights, int64_t V) override {
     if (is_bf16(logits)) {
       need(seq_logp, DType::F32, "logprob seq_logp");
       need(token_logp, DType::F32, "logprob token_logp");
       need(weights, DType::F32, "logprob weights");
-      return logprob_forward(seq_logp, token_logp, up(logits), targets, weights);
+      check_logits(logits, V);
+      return logprob_forward(seq_logp, token_logp, up(logits), targets, weights, V);
     }
     check_float(logits, "logprob logits");
-    const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
+    const int64_t B = logits.size(0), T = logits.size(1), ld = check_logits(logits, V);
     check_shape(targets, {B, T}, "logprob targets");
     check_dtype(targets, DType::I32, "logprob targets");
     check_shape(weights, {B, T}, "logprob weights");
@@ -375,21 +400,22 @@ class CpuBackend final : public Backend {
     dispatch(logits.dtype(), [&](auto z) {
       using F = decltype(z);
       cpu::logprob_forward<F>(seq_logp.data<F>(), opt<F>(token_logp), logits.data<F>(), targets.data<int32_t>(),
-                              weights.data<F>(), B, T, V);
+                              weights.data<F>(), B, T, V, ld);
     });
   }
   void logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets, const Tensor& weights,
-                        const Tensor& dseq) override {
+                        const Tensor& dseq, int64_t V) override {
     if (is_bf16(logits)) {
       need(dlogits, DType::BF16, "logprob dlogits");
       need(weights, DType::F32, "logprob weights");
       need(dseq, DType::F32, "logprob dseq");
+      check_logits(logits, V);
       const Tensor d = up(dlogits);  // a copy: dlogits may alias logits
-      logprob_backward(d, up(logits), targets, weights, dseq);
-      return down(dlogits, d);
+      logprob_backward(d, up(logits), targets, weights, dseq, V);
+      return down_rows(dlogits, d, V);
     }
     check_float(logits, "logprob logits");
-    const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
+    const int64_t B = logits.size(0), T = logits.size(1), ld = check_logits(logits, V);
     check_shape(dlogits, logits.shape(), "logprob dlogits");
     check_shape(targets, {B, T}, "logprob targets");
     check_shape(weights, {B, T}, "logprob weights");
@@ -397,7 +423,7 @@ class CpuBackend final : public Backend {
     dispatch(logits.dtype(), [&](auto z) {
       using F = decltype(z);
       cpu::logprob_backward<F>(dlogits.data<F>(), logits.data<F>(), targets.data<int32_t>(), weights.data<F>(),
-                               dseq.data<F>(), B, T, V);
+                               dseq.data<F>(), B, T, V, ld);
     });
   }
 
@@ -438,6 +464,13 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  // logits [B,T,ld] with 1 <= V <= ld (backend.h "Padded rows"); returns ld.
+  static int64_t check_logits(const Tensor& logits, int64_t V) {
+    check_host(logits, "logprob logits");
+    DPO_ASSERT(logits.dim() == 3, "logprob logits must be [B,T,ld], got " + shape_str(logits.shape()));
+    DPO_ASSERT(V >= 1, "logprob: the vocabulary width V must be >= 1, got " + std::to_string(V));
+    return check_row_stride(logits, V, "logprob logits");
+  }
   // The checks of both AdamW ops: floating host tensors of one dtype and one shape, no two overlapping, step >= 1.
   static void check_adamw_args(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                                const AdamWParams& p) {

@@ -32,7 +32,8 @@ namespace {
     if (CudaContext::device_count() == 0) GTEST_SKIP() << "no CUDA device on this machine"; \
   } while (0)
 
-// Small, but every size is awkward: V and T are odd, hs = 16 with 3 heads, two layers.
+// Small, but every size is awkward: V and T are odd, hs = 16 with 3 heads, two layers. The logits rows are padded
+// to ldv = 128 (model/gpt2.h), so the LM head runs with a row stride of 128 and 31 padding columns per row.
 GPT2Config small_config() {
   GPT2Config c;
   c.vocab_size = 97;
@@ -143,10 +144,21 @@ TEST(CudaBackend, Gpt2LogprobsAndGradientsMatchCpu) {
   const Tensor g_tgt = put(gpu, in.targets, DType::I32), g_w = put(gpu, in.weights, DType::F32);
   const Tensor g_dseq = put(gpu, in.dseq, DType::F32);
 
-  // Logits.
+  // Logits: [B,T,ldv] on both backends; the padding columns are zero from allocation and never written.
+  const int64_t V = m.cfg.vocab_size, ldv = m.mg.logits_stride();
+  ASSERT_EQ(ldv, 128);
   const auto ref_logits = vec(get(cpu, m.mc.forward(in.tokens, in.keymask)));
-  const auto got_logits = vec(get(gpu, m.mg.forward(g_tok, g_mask)));
+  const Tensor g_logits = m.mg.forward(g_tok, g_mask);  // the model's buffer: backward() reuses it below
+  const auto got_logits = vec(get(gpu, g_logits));
+  ASSERT_EQ(got_logits.size(), static_cast<size_t>(in.B * in.T * ldv));
   EXPECT_LE(rel_norm_err(got_logits, ref_logits), kModelTol);
+  auto padding_is_zero = [&](const std::vector<double>& rows) {
+    for (size_t r = 0; r < rows.size() / static_cast<size_t>(ldv); ++r)
+      for (int64_t v = V; v < ldv; ++v)
+        if (rows[r * static_cast<size_t>(ldv) + static_cast<size_t>(v)] != 0.0) return false;
+    return true;
+  };
+  EXPECT_TRUE(padding_is_zero(got_logits)) << "the LM-head GEMM wrote into the padding columns";
 
   // Per-sequence and per-token log-probs (outputs poisoned first on the device).
   Tensor c_seq = cpu.empty({in.B}, DType::F32), c_tok = cpu.empty({in.B, in.T}, DType::F32);
@@ -167,6 +179,8 @@ TEST(CudaBackend, Gpt2LogprobsAndGradientsMatchCpu) {
   m.mg.zero_grad();
   m.mc.backward(c_dseq);
   m.mg.backward(g_dseq);
+  // backward() turned the stored logits into dlogits in place: still nothing in the padding columns.
+  EXPECT_TRUE(padding_is_zero(vec(get(gpu, g_logits))));
   const auto ref_grad = vec(get(cpu, m.mc.grads())), got_grad = vec(get(gpu, m.mg.grads()));
   EXPECT_LE(rel_norm_err(got_grad, ref_grad), kModelTol);
   for (const auto& s : m.mc.specs()) {
@@ -240,8 +254,8 @@ TEST(CudaBackend, ChunkedLmHeadMatchesCpuAndTheUnfusedPath) {
   m.mg.sequence_logprobs(g_tok, g_mask, g_tgt, g_w, g_lp);
   m.mg.backward(g_d);
   EXPECT_LE(rel_norm_err(vec(get(gpu, m.mg.grads())), got_grad), 1e-5);
-  // Logits buffers: the chunk (one sequence) plus the unfused path's [B,T,V].
-  EXPECT_EQ(m.mg.logits_buffer_numel(), (1 + in.B) * in.T * m.cfg.vocab_size);
+  // Logits buffers, padding included: the chunk (one sequence) plus the unfused path's [B,T,ldv].
+  EXPECT_EQ(m.mg.logits_buffer_numel(), (1 + in.B) * in.T * m.mg.logits_stride());
 }
 
 // Mixed precision on the GPU: the same BF16-exact weights in a BF16 model on the GPU, a BF16 model on the CPU (its

@@ -246,6 +246,43 @@ class CudaBf16 : public ::testing::Test {
 using CudaBf16Convert = CudaBf16;
 using CudaBf16Ops = CudaBf16;
 
+// --- padded rows (the LM head's logits layout, model/gpt2.h) ------------------------------------------------------
+constexpr uint16_t kBf16PoisonBits = 0xFFFF;  // what CudaBf16::poison writes: a NaN
+
+// A BF16 device tensor of `shape` (last dim ld) whose rows hold the bf16-exact dense [rows, width] values v in
+// columns [0, width) and NaN bits (kBf16PoisonBits) in columns [width, ld).
+Tensor padded_bf16(CudaBf16& f, const Shape& shape, int64_t width, const std::vector<float>& v) {
+  const int64_t ld = shape.back();
+  Tensor h = Tensor::host(shape, DType::BF16);
+  const int64_t rows = h.numel() / ld;
+  EXPECT_EQ(static_cast<int64_t>(v.size()), rows * width);
+  auto* p = static_cast<uint16_t*>(h.raw());
+  std::fill(p, p + h.numel(), kBf16PoisonBits);
+  for (int64_t n = 0; n < rows; ++n)
+    for (int64_t j = 0; j < width; ++j) {
+      p[n * ld + j] = float_to_bf16(v[n * width + j]);
+      EXPECT_EQ(bf16_to_float(p[n * ld + j]), v[n * width + j]) << "test input is not bf16-exact";
+    }
+  Tensor t = f.gpu().empty(shape, DType::BF16);
+  f.gpu().copy_from_host(t, h);
+  return t;
+}
+
+// Columns [0, width) of every row of the BF16 bits, as floats, packed densely; and the number of padding elements
+// whose bits are not kBf16PoisonBits.
+std::vector<float> valid_of(const std::vector<uint16_t>& bits, int64_t width, int64_t ld) {
+  const int64_t rows = static_cast<int64_t>(bits.size()) / ld;
+  std::vector<float> r(static_cast<size_t>(rows * width));
+  for (int64_t n = 0; n < rows; ++n)
+    for (int64_t j = 0; j < width; ++j) r[n * width + j] = bf16_to_float(bits[n * ld + j]);
+  return r;
+}
+size_t padding_not_poison(const std::vector<uint16_t>& bits, int64_t width, int64_t ld) {
+  size_t bad = 0;
+  for (size_t i = 0; i < bits.size(); ++i) bad += static_cast<int64_t>(i) % ld >= width && bits[i] != kBf16PoisonBits;
+  return bad;
+}
+
 // --- convert, fill_zero, copy ------------------------------------------------------------------------------------
 
 // F32 -> BF16 must give exactly the host rounding's bits, and BF16 -> F32 must be exact. Random significands (so
@@ -576,6 +613,68 @@ TEST_F(CudaBf16Ops, MatmulBackwardAccumulates) {
   }
 }
 
+// Padded out / dout rows (row stride ld > OC, the LM head's layout): the same budgets on the valid columns; the
+// padding, NaN before the call, must come back with the same bits (forward) and must never be read (backward: a
+// NaN read shows up in dinp / dw / dbias). The cases: the LM head (OutIn, odd OC, ld = round_up(OC, 64)); a fused
+// BIAS epilogue on a padded D (16-byte aligned bias view); the bias fallback's kernel with a padded out (bias view at
+// an odd element offset); an ld that is a multiple of 16 bytes but not of 64 elements.
+TEST_F(CudaBf16Ops, MatmulWithPaddedRowsMatchesCpuAndLeavesThePadding) {
+  struct PaddedCase {
+    MatmulCase m;
+    int64_t ld;
+  };
+  const std::vector<PaddedCase> cases = {
+      {{37, 77, 257, WeightLayout::OutIn, false, 0}, 320},
+      {{64, 64, 1000, WeightLayout::OutIn, false, 0}, 1024},
+      {{130, 96, 200, WeightLayout::InOut, true, 0}, 256},
+      {{130, 96, 200, WeightLayout::InOut, true, 3}, 256},
+      {{45, 40, 100, WeightLayout::OutIn, true, 0}, 104},
+  };
+  for (const auto& pc : cases) {
+    const MatmulCase& m = pc.m;
+    const int64_t ld = pc.ld;
+    SCOPED_TRACE(describe(m) + " ld=" + std::to_string(ld));
+    const auto inp = rand_bf16(m.N * m.C), w = rand_bf16(m.C * m.OC), bias = rand_bf16(m.OC);
+    std::vector<float> ref(m.N * m.OC), mag(m.N * m.OC);
+    const float* bp = m.bias ? bias.data() : nullptr;
+    cpu::matmul_forward<float>(ref.data(), inp.data(), w.data(), bp, m.N, m.C, m.OC, m.layout);
+    const auto abias = abs_of(bias);
+    cpu::matmul_forward<float>(mag.data(), abs_of(inp).data(), abs_of(w).data(), m.bias ? abias.data() : nullptr, m.N,
+                               m.C, m.OC, m.layout);
+    Tensor d_w = view_at(DType::BF16, m.w_offset, w_shape(m));
+    put(d_w, w);
+    Tensor d_bias;
+    if (m.bias) {
+      d_bias = view_at(DType::BF16, m.w_offset, {m.OC});
+      put(d_bias, bias);
+    }
+    const Tensor d_inp = bf16({m.N, m.C}, inp);
+    Tensor out = gpu().empty({m.N, ld}, DType::BF16);
+    poison(out);
+    gpu().matmul_forward(out, d_inp, d_w, d_bias, m.layout);
+    const auto bits = read_bits(out);
+    expect_bf16_near(valid_of(bits, m.OC, ld), ref, scaled(mag, static_cast<double>(m.C)), "out");
+    EXPECT_EQ(padding_not_poison(bits, m.OC, ld), 0u) << "the forward wrote into the padding";
+
+    const auto dout = rand_bf16(m.N * m.OC);
+    const auto dinp0 = rand_bf16(m.N * m.C), dw0 = rand_bf16(m.C * m.OC), dbias0 = rand_bf16(m.OC);
+    std::vector<float> ref_dinp = dinp0, ref_dw = dw0, ref_dbias = dbias0;
+    cpu::matmul_backward<float>(ref_dinp.data(), ref_dw.data(), ref_dbias.data(), dout.data(), inp.data(), w.data(),
+                                m.N, m.C, m.OC, m.layout);
+    std::vector<float> mag_dinp = abs_of(dinp0), mag_dw = abs_of(dw0), mag_dbias = abs_of(dbias0);
+    cpu::matmul_backward<float>(mag_dinp.data(), mag_dw.data(), mag_dbias.data(), abs_of(dout).data(),
+                                abs_of(inp).data(), abs_of(w).data(), m.N, m.C, m.OC, m.layout);
+    Tensor dw = view_at(DType::F32, m.w_offset, w_shape(m));
+    put(dw, dw0);
+    Tensor dbias = f32({m.OC}, dbias0);
+    Tensor dinp = bf16({m.N, m.C}, dinp0);
+    gpu().matmul_backward(dinp, dw, dbias, padded_bf16(*this, {m.N, ld}, m.OC, dout), d_inp, d_w, m.layout);
+    expect_bf16_near(read(dinp), ref_dinp, scaled(mag_dinp, static_cast<double>(m.OC)), "dinp");
+    expect_within(read(dw), ref_dw, scaled(mag_dw, static_cast<double>(m.N)), "dw");
+    expect_within(read(dbias), ref_dbias, scaled(mag_dbias, static_cast<double>(m.N)), "dbias");
+  }
+}
+
 // --- attention ---------------------------------------------------------------------------------------------------
 // fp32 budgets of tests/test_cuda_kernels_b.cpp: forward (hs + T) eps (att absolute, as p <= 1; out relative to
 // max(1, max|ref|)), backward 2 (hs + T) eps relative. Both backwards read the same BF16 probabilities.
@@ -744,8 +843,12 @@ LogprobData make_logprob_data(CudaBf16& f, int64_t B, int64_t T, int64_t V) {
   return d;
 }
 
-void logprob_case(CudaBf16& f, int64_t B, int64_t T, int64_t V) {
-  SCOPED_TRACE("B=" + std::to_string(B) + " T=" + std::to_string(T) + " V=" + std::to_string(V));
+// ld > V: logits and dlogits are [B,T,ld] (the LM head's padded layout); the logits' padding holds NaN (never read),
+// dlogits' padding is poisoned and must keep its bits (never written), in place too.
+void logprob_case(CudaBf16& f, int64_t B, int64_t T, int64_t V, int64_t ld = 0) {
+  if (ld == 0) ld = V;
+  SCOPED_TRACE("B=" + std::to_string(B) + " T=" + std::to_string(T) + " V=" + std::to_string(V) +
+               " ld=" + std::to_string(ld));
   const auto d = make_logprob_data(f, B, T, V);
   std::vector<float> ref_seq(B), ref_lp(B * T);
   cpu::logprob_forward<float>(ref_seq.data(), ref_lp.data(), d.logits.data(), d.targets.data(), d.weights.data(), B,
@@ -765,17 +868,17 @@ void logprob_case(CudaBf16& f, int64_t B, int64_t T, int64_t V) {
     }
     seq_tol[b] += 4.0 * kEps * mag;
   }
-  const Tensor logits = f.bf16({B, T, V}, d.logits), targets = f.i32({B, T}, d.targets),
+  const Tensor logits = padded_bf16(f, {B, T, ld}, V, d.logits), targets = f.i32({B, T}, d.targets),
                weights = f.f32({B, T}, d.weights);
   Tensor seq = f.gpu().empty({B}, DType::F32), lp = f.gpu().empty({B, T}, DType::F32);
   f.poison(seq);
   f.poison(lp);
-  f.gpu().logprob_forward(seq, lp, logits, targets, weights);
+  f.gpu().logprob_forward(seq, lp, logits, targets, weights, V);
   const auto got_seq = f.read(seq);
   expect_within(f.read(lp), ref_lp, lp_tol, "token_logp");
   expect_within(got_seq, ref_seq, seq_tol, "seq_logp");
   f.poison(seq);
-  f.gpu().logprob_forward(seq, Tensor(), logits, targets, weights);
+  f.gpu().logprob_forward(seq, Tensor(), logits, targets, weights, V);
   EXPECT_TRUE(test::bitwise_equal(f.read(seq), got_seq)) << "seq_logp differs without token_logp";
 
   std::uniform_real_distribution<double> ud(-2.0, 2.0);
@@ -790,26 +893,72 @@ void logprob_case(CudaBf16& f, int64_t B, int64_t T, int64_t V) {
     std::fill(d_tol.begin() + r * V, d_tol.begin() + (r + 1) * V, g * (lse_budget(V) + 4.0 * kEps));
   }
   const Tensor d_dseq = f.f32({B}, dseq);
-  Tensor dlogits = f.gpu().empty({B, T, V}, DType::BF16);
+  Tensor dlogits = f.gpu().empty({B, T, ld}, DType::BF16);
   f.poison(dlogits);
-  f.gpu().logprob_backward(dlogits, logits, targets, weights, d_dseq);
-  const auto got = f.read(dlogits);
+  f.gpu().logprob_backward(dlogits, logits, targets, weights, d_dseq, V);
+  const auto got_bits = f.read_bits(dlogits);
+  const auto got = valid_of(got_bits, V, ld);
   expect_bf16_near(got, ref_d, d_tol, "dlogits");
+  EXPECT_EQ(padding_not_poison(got_bits, V, ld), 0u) << "the backward wrote into the padding";
   size_t nonzero = 0;
   for (int64_t r = 0; r < B * T; ++r)
     if (d.weights[r] == 0.0f)
       for (int64_t v = 0; v < V; ++v) nonzero += got[r * V + v] != 0.0f;
   EXPECT_EQ(nonzero, 0u) << "rows with weight 0 must be exactly 0";
-  // In place: dlogits == logits gives the out-of-place bits.
-  Tensor inplace = f.bf16({B, T, V}, d.logits);
-  f.gpu().logprob_backward(inplace, inplace, targets, weights, d_dseq);
-  EXPECT_TRUE(test::bitwise_equal(f.read(inplace), got)) << "in-place dlogits differs from out-of-place";
+  // In place: dlogits == logits gives the out-of-place bits; the padding keeps its NaN bits.
+  Tensor inplace = padded_bf16(f, {B, T, ld}, V, d.logits);
+  f.gpu().logprob_backward(inplace, inplace, targets, weights, d_dseq, V);
+  const auto inplace_bits = f.read_bits(inplace);
+  EXPECT_TRUE(test::bitwise_equal(valid_of(inplace_bits, V, ld), got)) << "in-place dlogits differs from out-of-place";
+  EXPECT_EQ(padding_not_poison(inplace_bits, V, ld), 0u) << "in place, the padding was written";
 }
 
 TEST_F(CudaBf16Ops, LogprobForwardAndBackward) {
   logprob_case(*this, 3, 7, 1000);   // rows 16-byte aligned (1000 * 2 bytes): vectors over whole rows
   logprob_case(*this, 3, 7, 50257);  // odd V: every 2-byte phase (head / body / tail)
   logprob_case(*this, 2, 5, 3);      // V smaller than a vector
+}
+
+// The padded LM-head layout: ld = round_up(V, 64) (every row 16-byte aligned: 8-element vectors over whole rows); an
+// ld that is a multiple of 16 bytes but not of 64 elements; V smaller than a vector in a padded row.
+TEST_F(CudaBf16Ops, LogprobWithPaddedRowsMatchesCpuAndLeavesThePadding) {
+  logprob_case(*this, 3, 7, 50257, 50304);
+  logprob_case(*this, 3, 7, 1000, 1024);
+  logprob_case(*this, 3, 7, 257, 264);
+  logprob_case(*this, 2, 5, 3, 64);
+}
+
+// The row-stride rule at the boundary (runtime/backend.h, "Padded rows"): ld >= the width, and a padded ld a multiple
+// of 16 bytes; a clear error naming the argument otherwise.
+TEST_F(CudaBf16Ops, PaddedRowStrideRulesThrowNamingTheArgument) {
+  auto expect_error = [](const std::function<void()>& f, const std::string& needle) {
+    try {
+      f();
+      ADD_FAILURE() << "no throw, expected one mentioning '" << needle << "'";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  const int64_t N = 4, C = 6, OC = 9;
+  auto bf = [&](Shape s) { return gpu().zeros(std::move(s), DType::BF16); };
+  auto fl = [&](Shape s) { return gpu().zeros(std::move(s), DType::F32); };
+  const Tensor x = bf({N, C}), w = bf({OC, C}), tg = gpu().zeros({1, 3}, DType::I32);
+  EXPECT_NO_THROW(gpu().matmul_forward(bf({N, 16}), x, w, Tensor(), WeightLayout::OutIn));  // 32-byte rows
+  expect_error([&] { gpu().matmul_forward(bf({N, 10}), x, w, Tensor(), WeightLayout::OutIn); }, "matmul out");
+  expect_error([&] { gpu().matmul_forward(bf({N, 8}), x, w, Tensor(), WeightLayout::OutIn); }, "matmul out");
+  expect_error([&] { gpu().matmul_backward(Tensor(), fl({OC, C}), Tensor(), bf({N, 10}), x, w, WeightLayout::OutIn); },
+               "matmul dout");
+  EXPECT_NO_THROW(gpu().matmul_forward(fl({N, 12}), fl({N, C}), fl({OC, C}), Tensor(), WeightLayout::OutIn));
+  expect_error([&] { gpu().matmul_forward(fl({N, 10}), fl({N, C}), fl({OC, C}), Tensor(), WeightLayout::OutIn); },
+               "16 bytes");
+  EXPECT_NO_THROW(gpu().logprob_forward(fl({1}), Tensor(), bf({1, 3, 16}), tg, fl({1, 3}), 9));
+  expect_error([&] { gpu().logprob_forward(fl({1}), Tensor(), bf({1, 3, 12}), tg, fl({1, 3}), 9); },
+               "logprob logits");
+  expect_error([&] { gpu().logprob_forward(fl({1}), Tensor(), bf({1, 3, 16}), tg, fl({1, 3}), 17); },
+               "logprob logits");
+  expect_error([&] { gpu().logprob_forward(fl({1}), Tensor(), bf({1, 3, 16}), tg, fl({1, 3}), 0); }, "V must be");
+  expect_error([&] { gpu().logprob_backward(bf({1, 3, 16}), bf({1, 3, 16}), tg, fl({1, 3}), fl({1}), 17); },
+               "logprob logits");
 }
 
 TEST_F(CudaBf16Ops, LogprobOutOfRangeTargetGivesNaN) {

@@ -112,6 +112,35 @@ void expect_within(const std::vector<float>& got, const std::vector<float>& want
 
 std::vector<double> constant_tol(size_t n, double tol) { return std::vector<double>(n, tol); }
 
+// --- padded rows (the LM head's logits layout, model/gpt2.h): `rows` rows of stride ld >= width -------------------
+// The dense [rows, width] matrix m spread over rows of stride ld, the padding columns filled with `pad`.
+std::vector<float> spread_rows(const std::vector<float>& m, int64_t rows, int64_t width, int64_t ld, float pad) {
+  std::vector<float> r(static_cast<size_t>(rows * ld), pad);
+  for (int64_t n = 0; n < rows; ++n) std::copy_n(m.begin() + n * width, width, r.begin() + n * ld);
+  return r;
+}
+// Columns [0, width) of each row, packed densely.
+std::vector<float> valid_rows(const std::vector<float>& p, int64_t rows, int64_t width, int64_t ld) {
+  std::vector<float> r(static_cast<size_t>(rows * width));
+  for (int64_t n = 0; n < rows; ++n) std::copy_n(p.begin() + n * ld, width, r.begin() + n * width);
+  return r;
+}
+// Padding elements (columns [width, ld) of every row) whose bits differ between `after` and `before`.
+size_t padding_changes(const std::vector<float>& after, const std::vector<float>& before, int64_t rows, int64_t width,
+                       int64_t ld) {
+  size_t changed = 0;
+  for (int64_t n = 0; n < rows; ++n)
+    for (int64_t j = width; j < ld; ++j)
+      changed += std::memcmp(&after[n * ld + j], &before[n * ld + j], sizeof(float)) != 0;
+  return changed;
+}
+// The bits DeviceArray::poison writes (all bytes 0xFF), as floats.
+std::vector<float> poison_bits(size_t n) {
+  std::vector<float> v(n);
+  std::memset(v.data(), 0xFF, n * sizeof(float));
+  return v;
+}
+
 double max_abs(const std::vector<float>& v) {
   double m = 0.0;
   for (float x : v) m = std::max(m, std::fabs(static_cast<double>(x)));
@@ -160,11 +189,14 @@ struct MatmulCase {
   WeightLayout layout;
   bool bias;
   int64_t offset;  // elements by which every device array is shifted from its 256-byte aligned allocation
+  int64_t ld = 0;  // row stride of out and dout; 0: dense (OC). Padding columns are poisoned with NaN.
+  int64_t row_stride() const { return ld > 0 ? ld : OC; }
 };
 
 std::string describe(const MatmulCase& m) {
   return "N=" + std::to_string(m.N) + " C=" + std::to_string(m.C) + " OC=" + std::to_string(m.OC) + " " +
-         layout_name(m.layout) + (m.bias ? " bias" : " no bias") + " offset=" + std::to_string(m.offset);
+         layout_name(m.layout) + (m.bias ? " bias" : " no bias") + " offset=" + std::to_string(m.offset) +
+         " ld=" + std::to_string(m.row_stride());
 }
 
 const std::vector<MatmulCase>& matmul_cases() {
@@ -173,6 +205,12 @@ const std::vector<MatmulCase>& matmul_cases() {
       {37, 77, 53, WeightLayout::OutIn, false, 0}, {37, 77, 53, WeightLayout::OutIn, true, 0},
       {300, 257, 130, WeightLayout::InOut, true, 1}, {300, 257, 130, WeightLayout::OutIn, true, 1},
       {1, 5, 3, WeightLayout::InOut, true, 3},     {4, 0, 6, WeightLayout::OutIn, true, 0},  // C = 0: out = bias
+      // Padded out / dout (the LM head: OutIn, OC = V not a multiple of 64, ld = round_up(V, 64)); with a bias, the
+      // BIAS epilogue on a padded D; a misaligned base; an ld that is a multiple of 16 bytes but not of 64 elements;
+      // C = 0 with padding (the bias-rows kernel's stride).
+      {37, 77, 257, WeightLayout::OutIn, false, 0, 320},  {37, 77, 257, WeightLayout::InOut, true, 0, 320},
+      {300, 64, 1000, WeightLayout::OutIn, true, 0, 1024}, {300, 64, 1000, WeightLayout::OutIn, false, 1, 1024},
+      {45, 33, 130, WeightLayout::InOut, false, 0, 132},  {4, 0, 6, WeightLayout::OutIn, true, 0, 8},
   };
   return cases;
 }
@@ -194,12 +232,15 @@ void matmul_forward_case(CudaKernelsB& f, const MatmulCase& mc) {
     }
   }
 
+  const int64_t ld = mc.row_stride();
   DeviceArray<float> d_inp(f.ctx(), inp, mc.offset), d_w(f.ctx(), w, mc.offset), d_bias(f.ctx(), bias, mc.offset);
-  DeviceArray<float> d_out(f.ctx(), N * OC, mc.offset);
+  DeviceArray<float> d_out(f.ctx(), N * ld, mc.offset);
   d_out.poison();
   cuda::matmul_forward(f.ctx(), d_out.get(), d_inp.get(), d_w.get(), mc.bias ? d_bias.get() : nullptr, N, C, OC,
-                       mc.layout);
-  expect_within(d_out.download(), ref, tol, "out");
+                       mc.layout, ld);
+  const auto got = d_out.download();
+  expect_within(valid_rows(got, N, OC, ld), ref, tol, "out");
+  EXPECT_EQ(padding_changes(got, poison_bits(got.size()), N, OC, ld), 0u) << "the forward wrote into the padding";
 }
 
 TEST_F(CudaMatmul, ForwardMatchesCpu) {
@@ -239,11 +280,15 @@ void matmul_backward_case(CudaKernelsB& f, const MatmulCase& mc) {
     tol_dbias[j] = static_cast<double>(N + 2) * kEps * mag;
   }
 
-  DeviceArray<float> d_inp(f.ctx(), inp, mc.offset), d_w(f.ctx(), w, mc.offset), d_dout(f.ctx(), dout, mc.offset);
+  // dout with NaN in its padding columns: a gradient that reads one is NaN and fails its budget.
+  const int64_t ld = mc.row_stride();
+  const auto dout_padded = spread_rows(dout, N, OC, ld, std::numeric_limits<float>::quiet_NaN());
+  DeviceArray<float> d_inp(f.ctx(), inp, mc.offset), d_w(f.ctx(), w, mc.offset),
+      d_dout(f.ctx(), dout_padded, mc.offset);
   DeviceArray<float> d_dinp(f.ctx(), dinp0, mc.offset), d_dw(f.ctx(), dw0, mc.offset),
       d_dbias(f.ctx(), dbias0, mc.offset);
   cuda::matmul_backward(f.ctx(), d_dinp.get(), d_dw.get(), d_dbias.get(), d_dout.get(), d_inp.get(), d_w.get(), N, C,
-                        OC, mc.layout);
+                        OC, mc.layout, ld);
   expect_within(d_dinp.download(), ref_dinp, tol_dinp, "dinp");
   expect_within(d_dw.download(), ref_dw, tol_dw, "dw");
   expect_within(d_dbias.download(), ref_dbias, tol_dbias, "dbias");
@@ -479,8 +524,11 @@ std::vector<double> seq_budgets(const LogprobData& d, const std::vector<float>& 
   return tol;
 }
 
-void logprob_forward_case(CudaKernelsB& f, int64_t B, int64_t T, int64_t V) {
-  SCOPED_TRACE("B=" + std::to_string(B) + " T=" + std::to_string(T) + " V=" + std::to_string(V));
+// ld > V: the device logits are rows of stride ld with NaN in the padding (the CPU reference reads dense rows).
+void logprob_forward_case(CudaKernelsB& f, int64_t B, int64_t T, int64_t V, int64_t ld = 0) {
+  if (ld == 0) ld = V;
+  SCOPED_TRACE("B=" + std::to_string(B) + " T=" + std::to_string(T) + " V=" + std::to_string(V) +
+               " ld=" + std::to_string(ld));
   const auto d = make_logprob_data(f, B, T, V);
   std::vector<float> ref_seq(static_cast<size_t>(B)), ref_lp(static_cast<size_t>(B * T));
   cpu::logprob_forward<float>(ref_seq.data(), ref_lp.data(), d.logits.data(), d.targets.data(), d.weights.data(), B, T,
@@ -488,25 +536,29 @@ void logprob_forward_case(CudaKernelsB& f, int64_t B, int64_t T, int64_t V) {
   const auto lp_tol = lp_budgets(d, ref_lp);
   const auto seq_tol = seq_budgets(d, ref_lp, lp_tol);
 
-  DeviceArray<float> d_logits(f.ctx(), d.logits), d_weights(f.ctx(), d.weights);
+  DeviceArray<float> d_logits(f.ctx(), spread_rows(d.logits, B * T, V, ld, std::numeric_limits<float>::quiet_NaN()));
+  DeviceArray<float> d_weights(f.ctx(), d.weights);
   DeviceArray<int32_t> d_targets(f.ctx(), d.targets);
   DeviceArray<float> d_seq(f.ctx(), B), d_lp(f.ctx(), B * T);
   d_seq.poison();
   d_lp.poison();
-  cuda::logprob_forward(f.ctx(), d_seq.get(), d_lp.get(), d_logits.get(), d_targets.get(), d_weights.get(), B, T, V);
+  cuda::logprob_forward(f.ctx(), d_seq.get(), d_lp.get(), d_logits.get(), d_targets.get(), d_weights.get(), B, T, V,
+                        ld);
   const auto seq = d_seq.download(), lp = d_lp.download();
   expect_within(lp, ref_lp, lp_tol, "token_logp");
   expect_within(seq, ref_seq, seq_tol, "seq_logp");
 
   // token_logp null (the launcher uses a scratch): same sequence sums, bit for bit.
   d_seq.poison();
-  cuda::logprob_forward(f.ctx(), d_seq.get(), nullptr, d_logits.get(), d_targets.get(), d_weights.get(), B, T, V);
+  cuda::logprob_forward(f.ctx(), d_seq.get(), nullptr, d_logits.get(), d_targets.get(), d_weights.get(), B, T, V,
+                        ld);
   EXPECT_TRUE(bitwise_equal(d_seq.download(), seq)) << "seq_logp differs without token_logp";
 
   // Determinism: the same call again gives the same bits.
   d_seq.poison();
   d_lp.poison();
-  cuda::logprob_forward(f.ctx(), d_seq.get(), d_lp.get(), d_logits.get(), d_targets.get(), d_weights.get(), B, T, V);
+  cuda::logprob_forward(f.ctx(), d_seq.get(), d_lp.get(), d_logits.get(), d_targets.get(), d_weights.get(), B, T, V,
+                        ld);
   EXPECT_TRUE(bitwise_equal(d_seq.download(), seq)) << "seq_logp differs between two identical calls";
   EXPECT_TRUE(bitwise_equal(d_lp.download(), lp)) << "token_logp differs between two identical calls";
 }
@@ -515,6 +567,15 @@ TEST_F(CudaLogprob, ForwardMatchesCpu) {
   logprob_forward_case(*this, 3, 7, 1000);   // rows 16-byte aligned: the float4 path over whole rows
   logprob_forward_case(*this, 3, 7, 50257);  // odd V: rows start at every 16-byte phase (head / body / tail)
   logprob_forward_case(*this, 2, 5, 3);      // V smaller than a float4 and than the block
+}
+
+// Padded rows (the LM head's layout, model/gpt2.h): ld = round_up(V, 64) puts every row on the float4 path; an ld
+// that is not a multiple of 4 floats puts rows at every phase again. NaN in the padding must never be read.
+TEST_F(CudaLogprob, ForwardWithPaddedRowsMatchesCpu) {
+  logprob_forward_case(*this, 3, 7, 50257, 50304);
+  logprob_forward_case(*this, 3, 7, 1000, 1024);
+  logprob_forward_case(*this, 3, 7, 257, 259);
+  logprob_forward_case(*this, 2, 5, 3, 64);
 }
 
 std::vector<double> dlogits_budgets(const LogprobData& d, const std::vector<float>& dseq) {
@@ -527,38 +588,55 @@ std::vector<double> dlogits_budgets(const LogprobData& d, const std::vector<floa
   return tol;
 }
 
-void logprob_backward_case(CudaKernelsB& f, int64_t B, int64_t T, int64_t V) {
-  SCOPED_TRACE("B=" + std::to_string(B) + " T=" + std::to_string(T) + " V=" + std::to_string(V));
+// ld > V: logits and dlogits are rows of stride ld; the logits' padding holds NaN (never read), dlogits' padding is
+// poisoned and must keep its bits (never written), in place too.
+void logprob_backward_case(CudaKernelsB& f, int64_t B, int64_t T, int64_t V, int64_t ld = 0) {
+  if (ld == 0) ld = V;
+  SCOPED_TRACE("B=" + std::to_string(B) + " T=" + std::to_string(T) + " V=" + std::to_string(V) +
+               " ld=" + std::to_string(ld));
   const auto d = make_logprob_data(f, B, T, V);
   const auto dseq = f.rand(B);
   std::vector<float> ref(d.logits.size());
   cpu::logprob_backward<float>(ref.data(), d.logits.data(), d.targets.data(), d.weights.data(), dseq.data(), B, T, V);
   const auto tol = dlogits_budgets(d, dseq);
 
-  DeviceArray<float> d_logits(f.ctx(), d.logits), d_weights(f.ctx(), d.weights), d_dseq(f.ctx(), dseq);
+  const auto logits_padded = spread_rows(d.logits, B * T, V, ld, std::numeric_limits<float>::quiet_NaN());
+  DeviceArray<float> d_logits(f.ctx(), logits_padded), d_weights(f.ctx(), d.weights), d_dseq(f.ctx(), dseq);
   DeviceArray<int32_t> d_targets(f.ctx(), d.targets);
-  DeviceArray<float> d_dlogits(f.ctx(), B * T * V);
+  DeviceArray<float> d_dlogits(f.ctx(), B * T * ld);
   d_dlogits.poison();
   cuda::logprob_backward(f.ctx(), d_dlogits.get(), d_logits.get(), d_targets.get(), d_weights.get(), d_dseq.get(), B,
-                         T, V);
+                         T, V, ld);
   const auto got = d_dlogits.download();
-  expect_within(got, ref, tol, "dlogits");
+  expect_within(valid_rows(got, B * T, V, ld), ref, tol, "dlogits");
+  EXPECT_EQ(padding_changes(got, poison_bits(got.size()), B * T, V, ld), 0u) << "the backward wrote into the padding";
 
   d_dlogits.poison();
   cuda::logprob_backward(f.ctx(), d_dlogits.get(), d_logits.get(), d_targets.get(), d_weights.get(), d_dseq.get(), B,
-                         T, V);
+                         T, V, ld);
   EXPECT_TRUE(bitwise_equal(d_dlogits.download(), got)) << "dlogits differs between two identical calls";
 
-  // In place: dlogits == logits gives the same bits as the out-of-place call.
+  // In place: dlogits == logits gives the same bits as the out-of-place call on the valid columns, and the logits'
+  // NaN padding is left as it was.
   cuda::logprob_backward(f.ctx(), d_logits.get(), d_logits.get(), d_targets.get(), d_weights.get(), d_dseq.get(), B,
-                         T, V);
-  EXPECT_TRUE(bitwise_equal(d_logits.download(), got)) << "in-place dlogits differs from out-of-place";
+                         T, V, ld);
+  const auto inplace = d_logits.download();
+  EXPECT_TRUE(bitwise_equal(valid_rows(inplace, B * T, V, ld), valid_rows(got, B * T, V, ld)))
+      << "in-place dlogits differs from out-of-place";
+  EXPECT_EQ(padding_changes(inplace, logits_padded, B * T, V, ld), 0u) << "in place, the padding was written";
 }
 
 TEST_F(CudaLogprob, BackwardMatchesCpuAndRunsInPlace) {
   logprob_backward_case(*this, 3, 7, 1000);
   logprob_backward_case(*this, 3, 7, 50257);
   logprob_backward_case(*this, 2, 5, 3);
+}
+
+TEST_F(CudaLogprob, BackwardWithPaddedRowsMatchesCpuAndLeavesThePadding) {
+  logprob_backward_case(*this, 3, 7, 50257, 50304);
+  logprob_backward_case(*this, 3, 7, 1000, 1024);
+  logprob_backward_case(*this, 3, 7, 257, 259);
+  logprob_backward_case(*this, 2, 5, 3, 64);
 }
 
 // A target outside [0, V) with a non-zero weight (the CPU twin throws; the device does not check) must not read or

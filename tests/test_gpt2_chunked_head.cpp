@@ -201,12 +201,14 @@ TEST(Gpt2ChunkedHead, ScoreMatchesSequenceLogprobsAndKeepsNoBatchLogits) {
     test::poison(poison);
     std::copy(poison.begin(), poison.end(), chunked.data<double>());
     m.score(in.tokens, in.keymask, in.targets, in.weights, chunked);
-    // Two sequences per chunk: the buffer holds 2T rows, however many sequences the batch has.
-    EXPECT_EQ(m.logits_buffer_numel(), std::min<int64_t>(B, 2) * T * cfg.vocab_size) << "B=" << B;
+    // Two sequences per chunk: the buffer holds 2T rows, however many sequences the batch has. Rows are padded
+    // to 64 elements (V = 11: ldv = 64).
+    ASSERT_EQ(m.logits_stride(), 64);
+    EXPECT_EQ(m.logits_buffer_numel(), std::min<int64_t>(B, 2) * T * 64) << "B=" << B;
     m.sequence_logprobs(in.tokens, in.keymask, in.targets, in.weights, full);
     EXPECT_LT(test::max_rel_err(vec(chunked), vec(full)), 1e-13) << "B=" << B;
     // The unfused path does hold the batch's logits.
-    EXPECT_EQ(m.logits_buffer_numel(), (std::min<int64_t>(B, 2) + B) * T * cfg.vocab_size);
+    EXPECT_EQ(m.logits_buffer_numel(), (std::min<int64_t>(B, 2) + B) * T * 64);
   }
 }
 
@@ -226,7 +228,7 @@ TEST(Gpt2ChunkedHead, FusedBufferIsOnePairWhenChunkRowsIsSmall) {
     m.zero_grad();
     m.fused_forward(in.tokens, in.keymask, in.targets, in.weights, pair_head(L));
     m.fused_backward();
-    EXPECT_EQ(m.logits_buffer_numel(), 2 * T * cfg.vocab_size) << "P=" << P;
+    EXPECT_EQ(m.logits_buffer_numel(), 2 * T * m.logits_stride()) << "P=" << P;
   }
 }
 

@@ -54,13 +54,15 @@ Result run(DType dtype) {
   model->sequence_logprobs(fx.tokens, fx.keymask, fx.targets, weights, seq);
 
   // Logits only where keymask == 1 (padded query rows are implementation-defined; see the fixture README).
-  std::vector<double> ours_all = to_vec(*be, model->forward(fx.tokens, fx.keymask));
-  const int64_t V = model->config().vocab_size;
+  const Tensor& logits = model->forward(fx.tokens, fx.keymask);
+  std::vector<double> ours_all = to_vec(*be, logits);
+  const int64_t V = model->config().vocab_size, ldv = logits.size(-1);  // rows padded to ldv (model/gpt2.h)
+  EXPECT_EQ(ldv, model->logits_stride());
   std::vector<double> ours, ref;
   for (int64_t bt = 0; bt < fx.B * fx.T; ++bt) {
     if (fx.keymask.data<int32_t>()[bt] == 0) continue;
     for (int64_t v = 0; v < V; ++v) {
-      ours.push_back(ours_all[static_cast<size_t>(bt * V + v)]);
+      ours.push_back(ours_all[static_cast<size_t>(bt * ldv + v)]);
       ref.push_back(fx.logits.data<double>()[bt * V + v]);
     }
   }
@@ -131,10 +133,12 @@ TEST(Gpt2HfParity, PaddingChangesNothingForRealTokens) {
   ASSERT_LT(len, T);
   Tensor tok = Tensor::host({1, len}, DType::I32);
   for (int64_t t = 0; t < len; ++t) tok.data<int32_t>()[t] = fx.tokens.data<int32_t>()[1 * T + t];
+  const int64_t ldv = model->logits_stride();
   std::vector<double> alone = to_vec(*be, model->forward(tok, Tensor()));
+  ASSERT_EQ(alone.size(), static_cast<size_t>(len * ldv));
   for (int64_t t = 0; t < len; ++t)
     for (int64_t v = 0; v < V; ++v)
-      EXPECT_NEAR(alone[static_cast<size_t>(t * V + v)], fx.logits.data<double>()[(1 * T + t) * V + v], 1e-10);
+      EXPECT_NEAR(alone[static_cast<size_t>(t * ldv + v)], fx.logits.data<double>()[(1 * T + t) * V + v], 1e-10);
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "model/gpt2.h"
+#include "runtime/safetensors.h"
 #include "test_fixture.h"
 #include "test_util.h"
 
@@ -162,6 +163,66 @@ TEST(Gpt2Model, FloatAgreesWithDouble) {
   for (size_t i = 0; i < b.size(); ++i) b[i] = m32.grads().data<float>()[i];
   // float32 eps 6e-8 through ~10 chained ops with reductions of <= 48 terms: ~1e-5 relative is the budget.
   EXPECT_LT(test::max_rel_err(b, a), 1e-5);
+}
+
+// The logits rows are padded to ldv = 64 > V = 13 (model/gpt2.h, "Logits layout"). forward()'s buffer is the one
+// sequence_logprobs and backward reuse for the same (B, T), so its padding can be poisoned from outside: with NaN
+// there, the log-probs and every gradient must be bitwise those of the run with zero padding (so the padding never
+// enters the softmax, the log-probs or the GEMMs), and the NaN bits must survive forward and the in-place backward.
+TEST(Gpt2Model, LogitsPaddingIsNeverReadOrWritten) {
+  std::mt19937_64 g(test::test_seed());
+  auto be = make_cpu_backend();
+  const GPT2Config cfg = tiny_config();
+  Inputs in = make_inputs(g, cfg);
+  std::vector<double> p64(static_cast<size_t>(cfg.num_parameters()));
+  for (double& v : p64) v = std::normal_distribution<double>(0.0, 0.3)(g);
+  Tensor host_p = Tensor::host({cfg.num_parameters()}, DType::F64);
+  std::memcpy(host_p.raw(), p64.data(), p64.size() * sizeof(double));
+  for (DType dt : {DType::F64, DType::F32, DType::BF16}) {
+    SCOPED_TRACE(dtype_name(dt));
+    const DType G = grad_dtype(dt);
+    GPT2 m(*be, cfg, dt);
+    be->copy_from_host(m.master_params(), host_p);
+    m.sync_params();
+    Tensor w = be->empty({in.B, in.T}, G), d = be->empty({in.B}, G);
+    be->copy_from_host(w, in.weights);
+    be->copy_from_host(d, in.dseq);
+    const int64_t V = cfg.vocab_size, ldv = m.logits_stride();
+    ASSERT_EQ(ldv, 64);
+    const Tensor logits = m.forward(in.tokens, in.keymask);
+    ASSERT_EQ(logits.shape(), (Shape{in.B, in.T, ldv}));
+    const int64_t es = dtype_size(dt), rows = in.B * in.T;
+    auto* bytes = static_cast<uint8_t*>(logits.raw());
+    auto padding = [&] {
+      std::vector<uint8_t> r;
+      for (int64_t n = 0; n < rows; ++n) r.insert(r.end(), bytes + (n * ldv + V) * es, bytes + (n + 1) * ldv * es);
+      return r;
+    };
+    EXPECT_EQ(padding(), std::vector<uint8_t>(static_cast<size_t>(rows * (ldv - V) * es), 0)) << "zero padding";
+    auto run = [&] {
+      Tensor seq = be->empty({in.B}, G), tok = be->empty({in.B, in.T}, G);
+      m.zero_grad();
+      m.sequence_logprobs(in.tokens, in.keymask, in.targets, w, seq, tok);
+      m.backward(d);
+      std::vector<double> r = to_host_f64(*be, seq), t = to_host_f64(*be, tok), gr = to_host_f64(*be, m.grads());
+      r.insert(r.end(), t.begin(), t.end());
+      r.insert(r.end(), gr.begin(), gr.end());
+      return r;
+    };
+    const auto clean = run();
+    // NaN in the padding of every row, in the model's dtype.
+    Tensor nan = Tensor::host({rows, ldv}, DType::F64);
+    for (int64_t i = 0; i < nan.numel(); ++i) nan.data<double>()[i] = std::nan("");
+    const Tensor nan_dt = convert_host(nan, dt, "poison");
+    for (int64_t n = 0; n < rows; ++n)
+      std::memcpy(bytes + (n * ldv + V) * es, static_cast<const uint8_t*>(nan_dt.raw()) + (n * ldv + V) * es,
+                  static_cast<size_t>((ldv - V) * es));
+    const auto poisoned = padding();
+    const auto dirty = run();
+    for (double v : dirty) ASSERT_TRUE(std::isfinite(v)) << "a padding NaN was read";
+    EXPECT_TRUE(test::bitwise_equal(dirty, clean));
+    EXPECT_EQ(padding(), poisoned) << "forward or backward wrote into the padding";
+  }
 }
 
 TEST(Gpt2Model, InitIsSeededAndFollowsGpt2Scheme) {

@@ -16,7 +16,9 @@
 #include "kernels/logprob.h"
 #include "kernels/matmul.h"
 #include "kernels/residual.h"
+#include "runtime/backend.h"
 #include "runtime/error.h"
+#include "runtime/safetensors.h"
 #include "test_util.h"
 
 namespace {
@@ -460,6 +462,85 @@ TEST(KernelMatmul, SampledDoubleReferenceMatchesTheCpuKernel) {
         }
     }
   }
+}
+
+// ---------------------------------------------------------------------------- padded output rows (ld > OC)
+// The LM head writes logits with a padded row stride (model/gpt2.h). The padded call does the same BLAS arithmetic
+// as the dense one (only ldc / lda / ldb differ, which changes where BLAS reads and writes, not what it sums), so the
+// valid columns must be bitwise equal; the padding, poisoned with NaN, must come back with the same bits.
+
+// Columns [0, width) of each of `rows` rows of stride ld, packed densely.
+template <class T>
+std::vector<T> valid_cols(const std::vector<T>& padded, int64_t rows, int64_t width, int64_t ld) {
+  std::vector<T> r(static_cast<size_t>(rows * width));
+  for (int64_t n = 0; n < rows; ++n)
+    for (int64_t j = 0; j < width; ++j) r[n * width + j] = padded[n * ld + j];
+  return r;
+}
+
+// True when every padding element (columns [width, ld)) still has the bits of `before`.
+template <class T>
+bool padding_unchanged(const std::vector<T>& after, const std::vector<T>& before, int64_t rows, int64_t width,
+                       int64_t ld) {
+  for (int64_t n = 0; n < rows; ++n)
+    if (std::memcmp(&after[n * ld + width], &before[n * ld + width], static_cast<size_t>(ld - width) * sizeof(T)))
+      return false;
+  return true;
+}
+
+// The dense matrix m [rows, width] spread over rows of stride ld, with NaN in the padding.
+template <class T>
+std::vector<T> spread_nan(const std::vector<T>& m, int64_t rows, int64_t width, int64_t ld) {
+  std::vector<T> r(static_cast<size_t>(rows * ld), std::numeric_limits<T>::quiet_NaN());
+  for (int64_t n = 0; n < rows; ++n)
+    for (int64_t j = 0; j < width; ++j) r[n * ld + j] = m[n * width + j];
+  return r;
+}
+
+template <class T>
+void check_matmul_padded(std::mt19937_64& g, int64_t OC, int64_t ld) {
+  SCOPED_TRACE("OC=" + std::to_string(OC) + " ld=" + std::to_string(ld));
+  for (auto layout : {WeightLayout::InOut, WeightLayout::OutIn}) {
+    auto inp = randn<T>(g, kN * kC), w = randn<T>(g, kC * OC), bias = randn<T>(g, OC);
+    std::vector<T> dense(kN * OC);
+    poison(dense);
+    matmul_forward(dense.data(), inp.data(), w.data(), bias.data(), kN, kC, OC, layout);
+    std::vector<T> out(static_cast<size_t>(kN * ld));
+    poison(out);
+    const auto before = out;
+    matmul_forward(out.data(), inp.data(), w.data(), bias.data(), kN, kC, OC, layout, ld);
+    ASSERT_TRUE(all_finite(dense));
+    EXPECT_TRUE(bitwise_equal(valid_cols(out, kN, OC, ld), dense)) << "layout " << int(layout);
+    EXPECT_TRUE(padding_unchanged(out, before, kN, OC, ld)) << "the forward wrote into the padding";
+
+    // Backward: dout with NaN in its padding; every gradient equal to the dense call's and finite.
+    const auto G = randn<T>(g, kN * OC);
+    const auto Gp = spread_nan(G, kN, OC, ld);
+    const auto R1 = randn<T>(g, kN * kC), R2 = randn<T>(g, kC * OC), R3 = randn<T>(g, OC);
+    auto dinp = R1, dw = R2, db = R3, dinp_p = R1, dw_p = R2, db_p = R3;
+    matmul_backward(dinp.data(), dw.data(), db.data(), G.data(), inp.data(), w.data(), kN, kC, OC, layout);
+    matmul_backward(dinp_p.data(), dw_p.data(), db_p.data(), Gp.data(), inp.data(), w.data(), kN, kC, OC, layout,
+                    ld);
+    ASSERT_TRUE(all_finite(dinp_p) && all_finite(dw_p) && all_finite(db_p)) << "a padding NaN was read";
+    EXPECT_TRUE(bitwise_equal(dinp_p, dinp));
+    EXPECT_TRUE(bitwise_equal(dw_p, dw));
+    EXPECT_TRUE(bitwise_equal(db_p, db));
+  }
+}
+
+TEST(KernelMatmul, PaddedRowStrideEqualsDenseBitwiseAndLeavesThePadding) {
+  std::mt19937_64 g(test_seed());
+  // OC not a multiple of 64, ld = round_up(OC, 64) as the model pads; and an odd ld (the kernel takes any ld >= OC).
+  for (auto [OC, ld] : {std::pair<int64_t, int64_t>{257, 320}, {1000, 1024}, {kOC, kOC + 3}}) {
+    check_matmul_padded<float>(g, OC, ld);
+    check_matmul_padded<double>(g, OC, ld);
+  }
+  std::vector<float> x(kN * kC), w(kC * kOC), o(kN * kOC);
+  EXPECT_THROW(matmul_forward<float>(o.data(), x.data(), w.data(), nullptr, kN, kC, kOC, WeightLayout::InOut, kOC - 1),
+               dpo::Error);
+  EXPECT_THROW(matmul_backward<float>(nullptr, w.data(), nullptr, o.data(), x.data(), w.data(), kN, kC, kOC,
+                                      WeightLayout::InOut, kOC - 1),
+               dpo::Error);
 }
 
 // ============================================================================================== attention
@@ -942,6 +1023,193 @@ TEST(KernelLogprob, FloatMatchesDouble) {
   expect_float_close(seq_f, seq, "seq_logp");
   expect_float_close(tok_f, tok, "token_logp");
   expect_float_close(d_f, d, "dlogits");
+}
+
+// ---------------------------------------------------------------------------- padded logits rows (ld > V)
+
+template <class T>
+void check_logprob_padded(std::mt19937_64& g, int64_t V, int64_t ld) {
+  SCOPED_TRACE("V=" + std::to_string(V) + " ld=" + std::to_string(ld));
+  std::vector<int32_t> targets = random_tokens(g, kB * kT, 0, static_cast<int32_t>(V));
+  std::vector<T> weights;
+  {
+    std::vector<int32_t> unused;
+    logprob_inputs(g, unused, weights);  // the zero / fractional / negative weight pattern
+  }
+  targets[0] = -1;  // ignored (weight 0)
+  const auto logits = randn<T>(g, kB * kT * V, 3.0), dseq = randn<T>(g, kB);
+  const auto padded = spread_nan(logits, kB * kT, V, ld);
+  std::vector<T> seq(kB), tok(kB * kT), seq_p(kB), tok_p(kB * kT);
+  poison(seq), poison(tok), poison(seq_p), poison(tok_p);
+  logprob_forward(seq.data(), tok.data(), logits.data(), targets.data(), weights.data(), kB, kT, V);
+  logprob_forward(seq_p.data(), tok_p.data(), padded.data(), targets.data(), weights.data(), kB, kT, V, ld);
+  ASSERT_TRUE(all_finite(seq_p) && all_finite(tok_p)) << "a padding NaN entered the log-sum-exp";
+  EXPECT_TRUE(bitwise_equal(seq_p, seq));
+  EXPECT_TRUE(bitwise_equal(tok_p, tok));
+
+  std::vector<T> d(logits.size());
+  poison(d);
+  logprob_backward(d.data(), logits.data(), targets.data(), weights.data(), dseq.data(), kB, kT, V);
+  std::vector<T> d_p(padded.size());
+  poison(d_p);
+  const auto before = d_p;
+  logprob_backward(d_p.data(), padded.data(), targets.data(), weights.data(), dseq.data(), kB, kT, V, ld);
+  const auto valid = valid_cols(d_p, kB * kT, V, ld);
+  ASSERT_TRUE(all_finite(valid));
+  EXPECT_TRUE(bitwise_equal(valid, d));
+  EXPECT_TRUE(padding_unchanged(d_p, before, kB * kT, V, ld)) << "the backward wrote into the padding";
+  // In place, as the model runs it.
+  auto inplace = padded;
+  logprob_backward(inplace.data(), inplace.data(), targets.data(), weights.data(), dseq.data(), kB, kT, V, ld);
+  EXPECT_TRUE(bitwise_equal(valid_cols(inplace, kB * kT, V, ld), d));
+  EXPECT_TRUE(padding_unchanged(inplace, padded, kB * kT, V, ld));
+}
+
+TEST(KernelLogprob, PaddedRowStrideEqualsDenseBitwiseAndNeverTouchesThePadding) {
+  std::mt19937_64 g(test_seed());
+  for (auto [V, ld] : {std::pair<int64_t, int64_t>{257, 320}, {1000, 1024}, {kV, kV + 5}}) {
+    check_logprob_padded<float>(g, V, ld);
+    check_logprob_padded<double>(g, V, ld);
+  }
+  std::vector<float> x(kB * kT * kV), w(kB * kT, 1.f), s(kB);
+  std::vector<int32_t> tg(kB * kT, 0);
+  EXPECT_THROW(logprob_forward<float>(s.data(), nullptr, x.data(), tg.data(), w.data(), kB, kT, kV, kV - 1),
+               dpo::Error);
+  EXPECT_THROW(logprob_backward(x.data(), x.data(), tg.data(), w.data(), s.data(), kB, kT, kV, kV - 1), dpo::Error);
+}
+
+// ------------------------------------------------- the LM head through the CPU backend, padded vs dense, per dtype
+// logits = lnf @ wte^T, log-probs, their backward in place, and the two backward GEMMs, once with dense [B,T,V]
+// logits and once with [B,T,ldv] logits poisoned with NaN, in F32, F64 and BF16 (the CPU's BF16 emulation: F32
+// kernels on F32 copies, each BF16 output rounded once). The arithmetic on the valid columns is the same in both
+// runs, so every result must be bitwise equal; the padding must keep its NaN bits through forward and backward.
+
+// A host tensor of `dtype` holding v (rounded once when dtype is narrower than double).
+dpo::Tensor host_as(const std::vector<double>& v, dpo::Shape shape, dpo::DType dtype) {
+  dpo::Tensor t = dpo::Tensor::host(std::move(shape), dpo::DType::F64);
+  std::memcpy(t.raw(), v.data(), v.size() * sizeof(double));
+  return dtype == dpo::DType::F64 ? t : dpo::convert_host(t, dtype, "test input");
+}
+std::vector<double> as_f64(const dpo::Tensor& t) {
+  const dpo::Tensor d = dpo::convert_host(t, dpo::DType::F64, "test output");
+  return {d.data<double>(), d.data<double>() + d.numel()};
+}
+std::vector<uint8_t> bytes_of(const dpo::Tensor& t) {
+  const auto* p = static_cast<const uint8_t*>(t.raw());
+  return {p, p + t.nbytes()};
+}
+// The bytes of the padding columns [width, ld) of every row of t.
+std::vector<uint8_t> padding_bytes(const dpo::Tensor& t, int64_t width) {
+  const int64_t ld = t.size(-1), es = dpo::dtype_size(t.dtype());
+  const auto all = bytes_of(t);
+  std::vector<uint8_t> r;
+  for (int64_t n = 0; n < t.numel() / ld; ++n)
+    r.insert(r.end(), all.begin() + (n * ld + width) * es, all.begin() + (n * ld + ld) * es);
+  return r;
+}
+
+struct HeadResult {
+  std::vector<double> seq, tok, dlogits, dinp, dwte;  // dlogits: valid columns only, packed [B*T, V]
+};
+
+HeadResult run_lm_head(dpo::Backend& be, dpo::DType dt, int64_t B, int64_t T, int64_t C, int64_t V, int64_t ld,
+                       const std::vector<double>& lnf, const std::vector<double>& wte,
+                       const std::vector<int32_t>& targets, const std::vector<double>& weights,
+                       const std::vector<double>& dseq, bool check_padding) {
+  using dpo::DType;
+  using dpo::Tensor;
+  const DType G = dpo::grad_dtype(dt);
+  const Tensor x = host_as(lnf, {B, T, C}, dt), w = host_as(wte, {V, C}, dt);
+  Tensor tg = Tensor::host({B, T}, DType::I32);
+  std::memcpy(tg.raw(), targets.data(), targets.size() * sizeof(int32_t));
+  const Tensor wt = host_as(weights, {B, T}, G), ds = host_as(dseq, {B}, G);
+  const Tensor logits = host_as(std::vector<double>(static_cast<size_t>(B * T * ld), std::nan("")), {B, T, ld}, dt);
+  const auto poisoned = padding_bytes(logits, V);
+  Tensor seq = host_as(std::vector<double>(B, std::nan("")), {B}, G);
+  Tensor tok = host_as(std::vector<double>(B * T, std::nan("")), {B, T}, G);
+  be.matmul_forward(logits, x, w, Tensor(), dpo::WeightLayout::OutIn);
+  be.logprob_forward(seq, tok, logits, tg, wt, V);
+  if (check_padding) EXPECT_EQ(padding_bytes(logits, V), poisoned) << "forward wrote into the padding";
+  be.logprob_backward(logits, logits, tg, wt, ds, V);
+  if (check_padding) EXPECT_EQ(padding_bytes(logits, V), poisoned) << "logprob_backward wrote into the padding";
+  Tensor dinp = be.zeros({B, T, C}, dt), dwte = be.zeros({V, C}, G);
+  be.matmul_backward(dinp, dwte, Tensor(), logits, x, w, dpo::WeightLayout::OutIn);
+  HeadResult r{as_f64(seq), as_f64(tok), {}, as_f64(dinp), as_f64(dwte)};
+  const auto dl = as_f64(logits);
+  r.dlogits = valid_cols(dl, B * T, V, ld);
+  return r;
+}
+
+TEST(CpuBackendPaddedLogits, LmHeadEqualsTheDenseLayoutBitwiseInEveryDtype) {
+  std::mt19937_64 g(test_seed());
+  auto be = dpo::make_cpu_backend();
+  const int64_t B = 2, T = 5, C = 24;
+  for (int64_t V : {257, 1000}) {
+    const int64_t ld = (V + 63) / 64 * 64;
+    // Values exactly representable in BF16 so that all three dtypes see the same inputs.
+    auto bf = [](std::vector<double> v) {
+      return as_f64(host_as(v, {static_cast<int64_t>(v.size())}, dpo::DType::BF16));
+    };
+    const auto lnf = bf(randn<double>(g, B * T * C)), wte = bf(randn<double>(g, V * C, 0.3));
+    auto targets = random_tokens(g, B * T, 0, static_cast<int32_t>(V));
+    std::vector<double> weights(B * T, 1.0);
+    weights[0] = weights[1] = 0.0;
+    targets[0] = -1;
+    weights[7] = 0.5;
+    const auto dseq = bf(randn<double>(g, B));
+    for (dpo::DType dt : {dpo::DType::F32, dpo::DType::F64, dpo::DType::BF16}) {
+      SCOPED_TRACE(std::string("V=") + std::to_string(V) + " dtype " + dpo::dtype_name(dt));
+      const HeadResult dense = run_lm_head(*be, dt, B, T, C, V, V, lnf, wte, targets, weights, dseq, false);
+      const HeadResult pad = run_lm_head(*be, dt, B, T, C, V, ld, lnf, wte, targets, weights, dseq, true);
+      ASSERT_TRUE(all_finite(pad.seq) && all_finite(pad.dlogits) && all_finite(pad.dinp) && all_finite(pad.dwte));
+      EXPECT_TRUE(bitwise_equal(pad.seq, dense.seq));
+      EXPECT_TRUE(bitwise_equal(pad.tok, dense.tok));
+      EXPECT_TRUE(bitwise_equal(pad.dlogits, dense.dlogits));
+      EXPECT_TRUE(bitwise_equal(pad.dinp, dense.dinp));
+      EXPECT_TRUE(bitwise_equal(pad.dwte, dense.dwte));
+      // Not trivially equal: the gradients are there.
+      double n2 = 0;
+      for (double v : pad.dwte) n2 += v * v;
+      EXPECT_GT(n2, 1e-6);
+    }
+  }
+}
+
+TEST(CpuBackendPaddedLogits, RowStrideRulesAreCheckedAtTheBoundary) {
+  using dpo::DType;
+  using dpo::Tensor;
+  auto be = dpo::make_cpu_backend();
+  const int64_t B = 1, T = 2, C = 4, V = 257;
+  auto run = [&](DType dt, int64_t ld) {
+    const DType G = dpo::grad_dtype(dt);
+    Tensor x = be->zeros({B, T, C}, dt), w = be->zeros({V, C}, dt), logits = be->zeros({B, T, ld}, dt);
+    Tensor tg = be->zeros({B, T}, DType::I32), wt = be->zeros({B, T}, G), s = be->zeros({B}, G);
+    be->matmul_forward(logits, x, w, Tensor(), dpo::WeightLayout::OutIn);
+    be->logprob_forward(s, Tensor(), logits, tg, wt, V);
+    be->logprob_backward(logits, logits, tg, wt, s, V);
+    be->matmul_backward(Tensor(), be->zeros({V, C}, G), Tensor(), logits, x, w, dpo::WeightLayout::OutIn);
+  };
+  for (DType dt : {DType::F32, DType::F64, DType::BF16}) {
+    SCOPED_TRACE(dpo::dtype_name(dt));
+    EXPECT_NO_THROW(run(dt, V));    // dense
+    EXPECT_NO_THROW(run(dt, 320));  // the model's padding
+    EXPECT_THROW(run(dt, V - 1), dpo::Error);
+    EXPECT_THROW(run(dt, V + 2), dpo::Error);  // padded, but no row a multiple of 16 bytes in any dtype
+  }
+  EXPECT_NO_THROW(run(DType::F32, 260));  // 1040 bytes: 16-byte rows are enough
+  EXPECT_THROW(run(DType::BF16, 260), dpo::Error);  // 520 bytes
+  try {
+    run(DType::BF16, 260);
+  } catch (const dpo::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("matmul out"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("16"), std::string::npos) << e.what();
+  }
+  // logprob alone: V beyond the row, and V = 0.
+  Tensor logits = be->zeros({B, T, 320}, DType::F32), tg = be->zeros({B, T}, DType::I32);
+  Tensor wt = be->zeros({B, T}, DType::F32), s = be->zeros({B}, DType::F32);
+  EXPECT_THROW(be->logprob_forward(s, Tensor(), logits, tg, wt, 321), dpo::Error);
+  EXPECT_THROW(be->logprob_forward(s, Tensor(), logits, tg, wt, 0), dpo::Error);
+  EXPECT_THROW(be->logprob_backward(logits, logits, tg, wt, s, 321), dpo::Error);
 }
 
 }  // namespace

@@ -95,7 +95,8 @@ std::vector<std::vector<int32_t>> generate(GPT2& model, const std::vector<std::v
     for (int64_t b = 0; b < B; ++b) {
       if (done[b]) continue;
       const int64_t last = static_cast<int64_t>(seq[b].size()) - 1;
-      int32_t tok = sample_token(host_logits.data<float>() + (b * T + last) * V, V, opt, rng);
+      // Rows of ldv = logits.size(-1) >= V elements (the padded LM-head layout, model/gpt2.h); the first V count.
+      int32_t tok = sample_token(host_logits.data<float>() + (b * T + last) * logits.size(-1), V, opt, rng);
       seq[b].push_back(tok);
       out[b].push_back(tok);
       if (tok == opt.eos_id) done[b] = 1;

@@ -330,11 +330,12 @@ void CudaBackend::matmul_forward(const Tensor& out, const Tensor& inp, const Ten
   if (bias.defined()) check_is(bias, A, "matmul bias");
   int64_t N, C, OC;
   matmul_dims(inp, w, layout, &N, &C, &OC);
-  DPO_ASSERT(out.numel() == N * OC && out.size(-1) == OC, "matmul out " + shape_str(out.shape()));
+  const int64_t ld = check_row_stride(out, OC, "matmul out");
+  DPO_ASSERT(out.numel() == N * ld, "matmul out " + shape_str(out.shape()) + " for inp " + shape_str(inp.shape()));
   if (bias.defined()) check_shape(bias, {OC}, "matmul bias");
   with_storage(A, [&](auto z) {
     using S = decltype(z);
-    cuda::matmul_forward(*ctx_, ptr<S>(out), ptr<S>(inp), ptr<S>(w), opt_ptr<S>(bias), N, C, OC, layout);
+    cuda::matmul_forward(*ctx_, ptr<S>(out), ptr<S>(inp), ptr<S>(w), opt_ptr<S>(bias), N, C, OC, layout, ld);
   });
 }
 
@@ -345,7 +346,8 @@ void CudaBackend::matmul_backward(const Tensor& dinp, const Tensor& dw, const Te
   check_is(dout, A, "matmul dout");
   int64_t N, C, OC;
   matmul_dims(inp, w, layout, &N, &C, &OC);
-  DPO_ASSERT(dout.numel() == N * OC, "matmul dout " + shape_str(dout.shape()));
+  const int64_t ld = check_row_stride(dout, OC, "matmul dout");
+  DPO_ASSERT(dout.numel() == N * ld, "matmul dout " + shape_str(dout.shape()) + " for inp " + shape_str(inp.shape()));
   if (dinp.defined()) {
     check_is(dinp, A, "matmul dinp");
     check_shape(dinp, inp.shape(), "matmul dinp");
@@ -361,7 +363,7 @@ void CudaBackend::matmul_backward(const Tensor& dinp, const Tensor& dw, const Te
   with_storage(A, [&](auto z) {
     using S = decltype(z);
     cuda::matmul_backward(*ctx_, opt_ptr<S>(dinp), opt_ptr<float>(dw), opt_ptr<float>(dbias), ptr<S>(dout),
-                          ptr<S>(inp), ptr<S>(w), N, C, OC, layout);
+                          ptr<S>(inp), ptr<S>(w), N, C, OC, layout, ld);
   });
 }
 
@@ -451,14 +453,15 @@ void CudaBackend::residual_backward(const Tensor& da, const Tensor& db, const Te
 }
 
 void CudaBackend::logprob_forward(const Tensor& seq_logp, const Tensor& token_logp, const Tensor& logits,
-                                  const Tensor& targets, const Tensor& weights) {
+                                  const Tensor& targets, const Tensor& weights, int64_t V) {
   const DType A = check_activation(logits, "logprob logits");
   const DType G = grad_dtype(A);
   check_i32(targets, "logprob targets");
   check_is(weights, G, "logprob weights");
   check_is(seq_logp, G, "logprob seq_logp");
-  DPO_ASSERT(logits.dim() == 3, "logprob logits must be [B,T,V], got " + shape_str(logits.shape()));
-  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
+  DPO_ASSERT(logits.dim() == 3, "logprob logits must be [B,T,ld], got " + shape_str(logits.shape()));
+  DPO_ASSERT(V >= 1, "logprob: the vocabulary width V must be >= 1, got " + std::to_string(V));
+  const int64_t B = logits.size(0), T = logits.size(1), ld = check_row_stride(logits, V, "logprob logits");
   check_shape(targets, {B, T}, "logprob targets");
   check_shape(weights, {B, T}, "logprob weights");
   check_shape(seq_logp, {B}, "logprob seq_logp");
@@ -469,20 +472,21 @@ void CudaBackend::logprob_forward(const Tensor& seq_logp, const Tensor& token_lo
   with_storage(A, [&](auto z) {
     using S = decltype(z);
     cuda::logprob_forward(*ctx_, f32(seq_logp), opt_ptr<float>(token_logp), ptr<S>(logits), targets.data<int32_t>(),
-                          f32(weights), B, T, V);
+                          f32(weights), B, T, V, ld);
   });
 }
 
 void CudaBackend::logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
-                                   const Tensor& weights, const Tensor& dseq) {
+                                   const Tensor& weights, const Tensor& dseq, int64_t V) {
   const DType A = check_activation(logits, "logprob logits");
   const DType G = grad_dtype(A);
   check_is(dlogits, A, "logprob dlogits");
   check_i32(targets, "logprob targets");
   check_is(weights, G, "logprob weights");
   check_is(dseq, G, "logprob dseq");
-  DPO_ASSERT(logits.dim() == 3, "logprob logits must be [B,T,V], got " + shape_str(logits.shape()));
-  const int64_t B = logits.size(0), T = logits.size(1), V = logits.size(2);
+  DPO_ASSERT(logits.dim() == 3, "logprob logits must be [B,T,ld], got " + shape_str(logits.shape()));
+  DPO_ASSERT(V >= 1, "logprob: the vocabulary width V must be >= 1, got " + std::to_string(V));
+  const int64_t B = logits.size(0), T = logits.size(1), ld = check_row_stride(logits, V, "logprob logits");
   check_shape(dlogits, logits.shape(), "logprob dlogits");
   check_shape(targets, {B, T}, "logprob targets");
   check_shape(weights, {B, T}, "logprob weights");
@@ -490,7 +494,7 @@ void CudaBackend::logprob_backward(const Tensor& dlogits, const Tensor& logits, 
   with_storage(A, [&](auto z) {
     using S = decltype(z);
     cuda::logprob_backward(*ctx_, ptr<S>(dlogits), ptr<S>(logits), targets.data<int32_t>(), f32(weights), f32(dseq),
-                           B, T, V);
+                           B, T, V, ld);
   });
 }
 

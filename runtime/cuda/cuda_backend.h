@@ -63,6 +63,8 @@ class CudaBackend final : public Backend {
                          const Tensor& b, double eps) override;
   void layernorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& db, const Tensor& dout, const Tensor& inp,
                           const Tensor& w, const Tensor& mean, const Tensor& rstd) override;
+  // out (forward) and dout (backward) may have a padded last dim ld > OC (runtime/backend.h, "Padded rows"): it is
+  // cuBLASLt's leading dimension, and only columns [0, OC) are read or written (kernels/matmul.cuh).
   void matmul_forward(const Tensor& out, const Tensor& inp, const Tensor& w, const Tensor& bias,
                       WeightLayout layout) override;
   void matmul_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dbias, const Tensor& dout, const Tensor& inp,
@@ -81,10 +83,13 @@ class CudaBackend final : public Backend {
   void residual_backward(const Tensor& da, const Tensor& db, const Tensor& dout) override;
   // Targets outside [0, V) with a non-zero weight cannot be reported here without a device sync; see
   // kernels/logprob.cuh for what the kernel does with them (the data pipeline validates every id).
+  // Padded logits [B,T,ld] (runtime/backend.h, "Padded rows"): only columns [0, V) are read or written.
+  using Backend::logprob_backward;
+  using Backend::logprob_forward;
   void logprob_forward(const Tensor& seq_logp, const Tensor& token_logp, const Tensor& logits, const Tensor& targets,
-                       const Tensor& weights) override;
+                       const Tensor& weights, int64_t V) override;
   void logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets, const Tensor& weights,
-                        const Tensor& dseq) override;
+                        const Tensor& dseq, int64_t V) override;
 
   void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                     const AdamWParams& p) override;
