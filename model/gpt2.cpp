@@ -5,6 +5,8 @@
 #include <cstring>
 #include <limits>
 
+#include "runtime/trace_range.h"
+
 namespace dpo {
 
 void GPT2Config::validate(const std::string& where) const {
@@ -218,6 +220,7 @@ void GPT2::forward_trunk(const Tensor& tokens, const Tensor& keymask) {
   for (int64_t l = 0; l < cfg_.n_layer; ++l) {
     auto& L = a.layers[static_cast<size_t>(l)];
     const std::string p = "h." + std::to_string(l) + ".";
+    DPO_TRACE_RANGE("h." + std::to_string(l) + " forward");
     be.layernorm_forward(L.ln1, L.ln1_mean, L.ln1_rstd, residual, param(p + "ln_1.weight"), param(p + "ln_1.bias"),
                          cfg_.ln_eps);
     be.matmul_forward(L.qkv, L.ln1, param(p + "attn.c_attn.weight"), param(p + "attn.c_attn.bias"),
@@ -265,9 +268,13 @@ void GPT2::backward(const Tensor& dseq) {
   Acts& a = *acts_;
   Backend& be = *be_;
   // The logits buffer becomes dlogits (the CPU kernel supports the alias; the logits are not needed again).
-  be.logprob_backward(a.logits, a.logits, targets_, weights_, dseq, cfg_.vocab_size);
-  be.fill_zero(a.dln);
-  be.matmul_backward(a.dln, grad("wte.weight"), Tensor(), a.logits, a.lnf, param("wte.weight"), WeightLayout::OutIn);
+  {
+    DPO_TRACE_RANGE("lm_head backward");
+    be.logprob_backward(a.logits, a.logits, targets_, weights_, dseq, cfg_.vocab_size);
+    be.fill_zero(a.dln);
+    be.matmul_backward(a.dln, grad("wte.weight"), Tensor(), a.logits, a.lnf, param("wte.weight"),
+                       WeightLayout::OutIn);
+  }
   backward_trunk();
   targets_ = Tensor();  // the logits were consumed; a second backward needs a new forward
 }
@@ -309,6 +316,7 @@ void GPT2::backward_trunk() {
   for (int64_t l = cfg_.n_layer - 1; l >= 0; --l) {
     auto& L = a.layers[static_cast<size_t>(l)];
     const std::string p = "h." + std::to_string(l) + ".";
+    DPO_TRACE_RANGE("h." + std::to_string(l) + " backward");
     const Tensor& residual = l > 0 ? a.layers[static_cast<size_t>(l - 1)].res3 : a.encoded;
     be.fill_zero(a.dfch_gelu);
     be.matmul_backward(a.dfch_gelu, grad(p + "mlp.c_proj.weight"), grad(p + "mlp.c_proj.bias"), a.dres,
@@ -398,6 +406,7 @@ void GPT2::score(const Tensor& tokens, const Tensor& keymask, const Tensor& targ
 
 void GPT2::head_forward(const Range& r, const Tensor& logits, const Tensor& seq_logp, const Tensor& targets,
                         const Tensor& weights) {
+  DPO_TRACE_RANGE("lm_head forward");
   const int64_t T = acts_->T, C = cfg_.n_embd;
   be_->matmul_forward(logits, acts_->lnf.view(r.seq0 * T * C, {r.nseq * T, C}), param("wte.weight"), Tensor(),
                       WeightLayout::OutIn);
@@ -449,6 +458,7 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
     // One upload per chunk, all B entries (earlier chunks' entries are rewritten with the same values).
     be.copy_from_host(dseq_dev, dseq_host);
     for (const Range& r : chunk) {
+      DPO_TRACE_RANGE("lm_head backward");
       const Tensor tg = targets.view(r.seq0 * T, {r.nseq, T}), w = weights.view(r.seq0 * T, {r.nseq, T});
       be.logprob_backward(lg(r), lg(r), tg, w, dseq_dev.view(r.seq0, {r.nseq}), V);
       be.matmul_backward(a.dln.view(r.seq0 * T * C, {r.nseq * T, C}), dwte, Tensor(), lg(r),

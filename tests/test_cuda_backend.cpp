@@ -29,7 +29,7 @@ namespace {
 
 #define DPO_REQUIRE_GPU()                                                                   \
   do {                                                                                      \
-    if (CudaContext::device_count() == 0) GTEST_SKIP() << "no CUDA device on this machine"; \
+    if (CudaContext::device_count() == 0) GTEST_SKIP() << CudaContext::query_devices().message; \
   } while (0)
 
 // Small, but every size is awkward: V and T are odd, hs = 16 with 3 heads, two layers. The logits rows are padded

@@ -152,7 +152,7 @@ std::vector<double> constant_tol(size_t n, double tol) { return std::vector<doub
 class CudaBf16 : public ::testing::Test {
  public:
   void SetUp() override {
-    if (CudaContext::device_count() == 0) GTEST_SKIP() << "no CUDA device on this machine";
+    if (CudaContext::device_count() == 0) GTEST_SKIP() << CudaContext::query_devices().message;
     gpu_ = make_cuda_backend(0);
     gen_.seed(test_seed());
   }

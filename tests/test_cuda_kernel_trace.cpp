@@ -21,7 +21,7 @@ namespace {
 
 #define DPO_REQUIRE_TRACE()                                                                  \
   do {                                                                                       \
-    if (CudaContext::device_count() == 0) GTEST_SKIP() << "no CUDA device on this machine";  \
+    if (CudaContext::device_count() == 0) GTEST_SKIP() << CudaContext::query_devices().message;  \
     std::string why_not;                                                                     \
     if (!KernelTrace::built(&why_not)) GTEST_SKIP() << "no kernel trace in this build: " << why_not; \
   } while (0)

@@ -85,7 +85,7 @@ using test::bitwise_equal;
 class CudaKernelTest : public ::testing::Test {
  public:
   void SetUp() override {
-    if (CudaContext::device_count() == 0) GTEST_SKIP() << "no CUDA device on this machine";
+    if (CudaContext::device_count() == 0) GTEST_SKIP() << CudaContext::query_devices().message;
     ctx_ = std::make_unique<CudaContext>(0);
     gen_.seed(test_seed());
   }

@@ -43,7 +43,7 @@ namespace {
 
 #define DPO_REQUIRE_GPU()                                                                   \
   do {                                                                                      \
-    if (CudaContext::device_count() == 0) GTEST_SKIP() << "no CUDA device on this machine"; \
+    if (CudaContext::device_count() == 0) GTEST_SKIP() << CudaContext::query_devices().message; \
   } while (0)
 
 // Values whose sums depend on the order of the additions (mixed magnitudes and signs).

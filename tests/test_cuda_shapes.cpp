@@ -67,7 +67,7 @@ constexpr int64_t kSamples = 64;  // random rows and columns per checked matrix
 
 #define DPO_REQUIRE_GPU()                                                                   \
   do {                                                                                      \
-    if (CudaContext::device_count() == 0) GTEST_SKIP() << "no CUDA device on this machine"; \
+    if (CudaContext::device_count() == 0) GTEST_SKIP() << CudaContext::query_devices().message; \
   } while (0)
 
 // --- bf16 on the host (round to nearest even; the inputs are generated bf16-exact) ---------------------------------

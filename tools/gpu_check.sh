@@ -24,7 +24,8 @@
 #     resume     the train phase's cuda run resumed from its step-10 checkpoint: final weights and optimizer
 #                state byte-identical to the uninterrupted run
 #     profile    whether nsys/ncu exist and ncu may read counters (tools/profile_probe.sh)      -> in env.txt
-#     bench      dpo bench on GPT-2 124M, HH lengths, bf16 and fp32, PyTorch eager bf16/fp32 (torch.compile
+#     bench      dpo bench on GPT-2 124M, HH lengths, bf16 and fp32, the per-kernel table (--kernels, CUPTI),
+#                PyTorch eager bf16/fp32 (torch.compile
 #                only with --bench-compile: a cold compile does not fit)                      -> bench.log
 #   tier t2 (full run, two or more GPUs only; takes the bench's time): data-parallel training with NCCL across the
 #     GPUs (mpirun -np N when a launcher exists) against the 1-GPU run; on one GPU it reports itself as not run.
@@ -367,7 +368,7 @@ else
   rc=$?
   [ $rc = 0 ] && built=1
   note=""
-  [ $rc != 0 ] && note="$(grep -m1 -E 'error|Error' "$OUT/build.log" | cut -c1-160)"
+  [ $rc != 0 ] && note="$(grep -m1 -E 'FAILED:|error:|Error:|undefined reference' "$OUT/build.log" | cut -c1-200)"
   [ $rc = 0 ] && note="$(grep -c -i 'warning' "$OUT/build.log") warning lines; targets: ${targets[*]:-all}"
   phase_done build "$(status_of $rc)" $(( $(date +%s) - t0 )) "$note"
 fi
@@ -478,7 +479,8 @@ fi
 # sanitizer; they run in cuda-t1).
 : >"$WORK/sanitizer.tsv"
 : >"$OUT/sanitizer.log"
-BIG="*Past32Bit*:*Beyond2Pow*:*Huge*"
+# The t1 tests (tests/CMakeLists.txt DPO_CUDA_T1_PATTERNS): past 2^31 elements, GPT-2 124M LM head and model.
+BIG="*Past32Bit*:*Beyond2Pow*:*Huge*:*lm_head*:*CudaPaddedGpt2*"
 sanitize_one() {  # PHASE TOOL NAME LIMIT CMD...
   local phase=$1 tool=$2 name=$3 l=$4 t rc errs res extra=()
   shift 4
@@ -543,7 +545,7 @@ sanitizer_phase() {
   phase_done "$phase" "$st" $(( $(date +%s) - t0 )) "$n_err errors; $bad of $runs runs not clean"
 }
 mc_runs=()
-for b in test_cuda_kernels_a test_cuda_kernels_b test_cuda_bf16 test_cuda_backend test_cuda_runtime; do
+for b in test_cuda_kernels_a test_cuda_kernels_b test_cuda_bf16 test_cuda_backend test_cuda_shapes test_cuda_runtime; do
   mc_runs+=("$b|tests/$b|-$BIG")
 done
 if [ "$cuda_train_ok" = 1 ]; then
@@ -636,7 +638,10 @@ if [ "$(limit_of profile)" != 0 ]; then
   elif [ "$lim" -lt 5 ]; then
     phase_done profile skipped 0 "out of time"
   else
-    tmo "$lim" bash "$REPO/tools/profile_probe.sh" "$WORK/profile.txt" "$BUILD/dpo" >"$WORK/profile-run.log" 2>&1
+    # The probe runs a one-step tiny bench under ncu (--clock-control none) to see whether counters can be read.
+    tmo "$lim" bash "$REPO/tools/profile_probe.sh" "$WORK/profile.txt" "$BUILD/dpo" bench --device cuda --shape tiny \
+        --workload custom --prompt-len 16 --chosen-len 8 --rejected-len 8 --pairs 1 --steps 1 --warmup 0 \
+        >"$WORK/profile-run.log" 2>&1
     rc=$?
     { echo; echo "## profilers (tools/profile_probe.sh, exit $rc)"; cat "$WORK/profile.txt" 2>/dev/null
       cat "$WORK/profile-run.log"; } >>"$OUT/env.txt"
@@ -682,6 +687,14 @@ if [ "$(limit_of bench)" != 0 ]; then
           --json "$WORK/bench-dpo-$prec.json" >>"$OUT/bench.log" 2>&1 || brc=1
       cat "$WORK/bench-dpo-$prec.json" >>"$OUT/bench.log" 2>/dev/null
     done
+    # The per-kernel table (CUPTI activity records over the timed steps; docs/profiling.md).
+    l=$(left)
+    if [ "$l" -ge 10 ]; then
+      echo "== dpo bench --device cuda ${bench_args[*]} --precision bf16 --kernels (limit $((l / 3))s)" >>"$OUT/bench.log"
+      tmo "$((l / 3))" "$BUILD/dpo" bench --device cuda --shape gpt2-124m --workload hh --pairs 8 --steps 3 --warmup 1 \
+          --precision bf16 --kernels --json "$WORK/bench-kernels.json" >>"$OUT/bench.log" 2>&1 || brc=1
+      cat "$WORK/bench-kernels.json" >>"$OUT/bench.log" 2>/dev/null
+    fi
     runs=(eager:bf16 eager:fp32)
     [ "$bench_compile" = 1 ] && runs+=(compile:bf16)
     for run in "${runs[@]}"; do
