@@ -645,7 +645,9 @@ if [ "$(limit_of profile)" != 0 ]; then
     rc=$?
     { echo; echo "## profilers (tools/profile_probe.sh, exit $rc)"; cat "$WORK/profile.txt" 2>/dev/null
       cat "$WORK/profile-run.log"; } >>"$OUT/env.txt"
-    phase_done profile "$(status_of $rc)" $(( $(date +%s) - t0 )) "$(head -n1 "$WORK/profile.txt" 2>/dev/null | cut -c1-160)"
+    pnote=$(awk -F': ' '$1 == "nsys" || $1 == "ncu" || $1 == "ncu_counters" {printf "%s%s: %s", sep, $1, $2; sep = "; "}' \
+            "$WORK/profile.txt" 2>/dev/null | cut -c1-200)
+    phase_done profile "$(status_of $rc)" $(( $(date +%s) - t0 )) "${pnote:-no probe output}"
   fi
 fi
 

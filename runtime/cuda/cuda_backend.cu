@@ -82,7 +82,9 @@ bool overlap(const Tensor& a, const Tensor& b) {
 }  // namespace
 
 CudaBackend::CudaBackend(int device) {
-  const int n = CudaContext::device_count();
+  const int n = CudaContext::device_count();  // throws, naming the CUDA error, when a GPU is there but unusable
+  if (n == 0)
+    throw Error("CUDA device " + std::to_string(device) + " does not exist: " + CudaContext::query_devices().message);
   if (device < 0 || device >= n)
     throw Error("CUDA device " + std::to_string(device) + " does not exist (this machine has " + std::to_string(n) +
                 " CUDA device" + (n == 1 ? "" : "s") + ")");
