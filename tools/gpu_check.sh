@@ -387,8 +387,9 @@ run_ctest() {  # LABEL LIMIT JOBS -> junit-LABEL.xml
 
 # --- cuda tests, tier t0 -------------------------------------------------------------------------------------------
 : >"$OUT/ctest.log"
-cuda_tier() {  # TIER PHASE
-  local tier=$1 phase=$2 lim rc t0
+cuda_tier() {  # TIER PHASE JOBS   (t1 runs fewer at once: its tests past 2^31 elements take GiBs of device memory
+              # each and skip, which fails the tier, when the card lacks it)
+  local tier=$1 phase=$2 jobs=$3 lim rc t0
   t0=$(date +%s)
   lim=$(allow "$phase")
   if [ "$(limit_of "$phase")" = 0 ]; then
@@ -398,12 +399,12 @@ cuda_tier() {  # TIER PHASE
   elif [ "$lim" -lt 10 ]; then
     phase_done "$phase" skipped 0 "out of time"
   else
-    run_ctest "cuda-$tier" "$lim" 8
+    run_ctest "cuda-$tier" "$lim" "$jobs"
     rc=$?
     phase_done "$phase" "$(status_of $rc)" $(( $(date +%s) - t0 )) "ctest -L cuda-$tier; see CUDA tests below"
   fi
 }
-cuda_tier t0 cuda-t0
+cuda_tier t0 cuda-t0 8
 
 # --- training: cuda vs cpu ------------------------------------------------------------------------------------------
 TRAIN=$WORK/train
@@ -564,7 +565,7 @@ sanitizer_phase initcheck initcheck \
   "dpo bench, tiny shape, 1 step|$BUILD/dpo bench --device cuda --shape tiny --steps 1 --warmup 0|"
 
 # --- tier t1 --------------------------------------------------------------------------------------------------------
-cuda_tier t1 cuda-t1
+cuda_tier t1 cuda-t1 3
 
 # parity: ~50 DPO steps against a plain PyTorch implementation of the same step (tools/torch_dpo_parity.py).
 if [ "$(limit_of parity)" != 0 ]; then
