@@ -2,8 +2,13 @@
 
 #include <unistd.h>
 
+#include <sched.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -86,6 +91,8 @@ void fold_local(const Tensor& acc, const std::vector<Tensor>& terms) {
   for (const Tensor& t : terms) add_raw(acc.dtype(), acc.raw(), t.raw(), acc.numel());
 }
 
+std::atomic<int> g_timeout_pauses{0};
+
 int env_int(const char* name) {
   const char* v = std::getenv(name);
   return v ? std::atoi(v) : 0;
@@ -151,6 +158,8 @@ void ensure_mpi() {
 // MPI counts are int: move buffers in pieces of at most 1 GiB.
 constexpr int64_t kPiece = int64_t{1} << 30;
 
+using Clock = std::chrono::steady_clock;
+
 class MpiCommunicator final : public Communicator {
  public:
   MpiCommunicator() {
@@ -159,6 +168,7 @@ class MpiCommunicator final : public Communicator {
     DPO_MPI_CHECK(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN));
     DPO_MPI_CHECK(MPI_Comm_rank(comm_, &rank_));
     DPO_MPI_CHECK(MPI_Comm_size(comm_, &size_));
+    timeout_s_ = mpi_timeout_from_env();
   }
   ~MpiCommunicator() override {
     if (mpi_running()) MPI_Comm_free(&comm_);
@@ -233,7 +243,11 @@ class MpiCommunicator final : public Communicator {
     bcast(static_cast<char*>(data), bytes, root);
   }
 
-  void barrier() override { DPO_MPI_CHECK(MPI_Barrier(comm_)); }
+  void barrier() override {
+    MPI_Request r = MPI_REQUEST_NULL;
+    DPO_MPI_CHECK(MPI_Ibarrier(comm_, &r));
+    wait(&r, "MPI_Ibarrier (barrier)", -1, 0);
+  }
 
   [[noreturn]] void abort(int code) override {
     std::fflush(stdout);
@@ -245,22 +259,60 @@ class MpiCommunicator final : public Communicator {
  private:
   static constexpr int kTag = 7001;         // chains (ordered_fold, reduce_scatter_sum)
   static constexpr int kTagScatter = 7002;  // reduce_scatter_sum's hand-out from the last rank
+  // The same transfers as MPI_Send / MPI_Recv / MPI_Bcast, each piece waited for with the collective timeout.
   void send(const char* p, int64_t bytes, int to, int tag) {
-    for (int64_t off = 0; off < bytes; off += kPiece)
-      DPO_MPI_CHECK(MPI_Send(p + off, static_cast<int>(std::min(kPiece, bytes - off)), MPI_BYTE, to, tag, comm_));
+    for (int64_t off = 0; off < bytes; off += kPiece) {
+      MPI_Request r = MPI_REQUEST_NULL;
+      DPO_MPI_CHECK(MPI_Isend(p + off, static_cast<int>(std::min(kPiece, bytes - off)), MPI_BYTE, to, tag, comm_, &r));
+      wait(&r, "MPI_Isend (send to rank", to, std::min(kPiece, bytes - off));
+    }
   }
   void recv(char* p, int64_t bytes, int from, int tag) {
-    for (int64_t off = 0; off < bytes; off += kPiece)
-      DPO_MPI_CHECK(MPI_Recv(p + off, static_cast<int>(std::min(kPiece, bytes - off)), MPI_BYTE, from, tag, comm_,
-                             MPI_STATUS_IGNORE));
+    for (int64_t off = 0; off < bytes; off += kPiece) {
+      MPI_Request r = MPI_REQUEST_NULL;
+      DPO_MPI_CHECK(
+          MPI_Irecv(p + off, static_cast<int>(std::min(kPiece, bytes - off)), MPI_BYTE, from, tag, comm_, &r));
+      wait(&r, "MPI_Irecv (receive from rank", from, std::min(kPiece, bytes - off));
+    }
   }
   void bcast(char* p, int64_t bytes, int root) {
-    for (int64_t off = 0; off < bytes; off += kPiece)
-      DPO_MPI_CHECK(MPI_Bcast(p + off, static_cast<int>(std::min(kPiece, bytes - off)), MPI_BYTE, root, comm_));
+    for (int64_t off = 0; off < bytes; off += kPiece) {
+      MPI_Request r = MPI_REQUEST_NULL;
+      DPO_MPI_CHECK(MPI_Ibcast(p + off, static_cast<int>(std::min(kPiece, bytes - off)), MPI_BYTE, root, comm_, &r));
+      wait(&r, "MPI_Ibcast (broadcast from rank", root, std::min(kPiece, bytes - off));
+    }
+  }
+
+  // Polls `r` until it completes. Past the timeout (unless paused) the job ends: a rank that never answers must
+  // not leave this one spinning. The first millisecond polls back to back (short messages complete at once);
+  // later polls yield the core between tests, as Open MPI's own blocking waits do when oversubscribed.
+  // `what` names the operation; with a peer (>= 0) it ends in "rank" and the peer and byte count follow.
+  void wait(MPI_Request* r, const char* what, int peer, int64_t bytes) {
+    const Clock::time_point t0 = Clock::now();
+    for (int64_t polls = 0;; ++polls) {
+      int done = 0;
+      DPO_MPI_CHECK(MPI_Test(r, &done, MPI_STATUS_IGNORE));
+      if (done) return;
+      if (polls < 64) continue;
+      const double waited = std::chrono::duration<double>(Clock::now() - t0).count();
+      if (waited > 1e-3) sched_yield();
+      if (timeout_s_ > 0 && waited > timeout_s_ && !CollectiveTimeoutPause::active()) timed_out(what, peer, bytes, waited);
+    }
+  }
+
+  [[noreturn]] void timed_out(const char* what, int peer, int64_t bytes, double waited) {
+    std::string op = what;
+    if (peer >= 0) op += " " + std::to_string(peer) + ", " + std::to_string(bytes) + " bytes)";
+    std::fprintf(stderr,
+                 "dpo: error (rank %d): collective timeout: %s not complete after %.1f s (DPO_MPI_TIMEOUT_S=%g): "
+                 "a rank stopped responding; aborting the job\n",
+                 rank_, op.c_str(), waited, timeout_s_);
+    abort(1);
   }
 
   MPI_Comm comm_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 1;
+  double timeout_s_ = 300;
 };
 
 #endif  // DPO_HAVE_MPI
@@ -283,6 +335,22 @@ void Communicator::allreduce_sum(double* v, int64_t n) {
   Tensor t(std::make_shared<Buffer>(v, n * 8, Device{}, nullptr), 0, DType::F64, {n});
   allreduce_sum(t);
 }
+
+double mpi_timeout_from_env() {
+  const char* v = std::getenv("DPO_MPI_TIMEOUT_S");
+  if (v == nullptr || *v == '\0') return 300;
+  char* end = nullptr;
+  errno = 0;
+  const double t = std::strtod(v, &end);
+  if (errno != 0 || end == v || *end != '\0' || !std::isfinite(t) || t < 0)
+    throw InputError(std::string("environment variable DPO_MPI_TIMEOUT_S: '") + v +
+                     "' is not a number of seconds >= 0 (0: no timeout)");
+  return t;
+}
+
+CollectiveTimeoutPause::CollectiveTimeoutPause() { g_timeout_pauses.fetch_add(1); }
+CollectiveTimeoutPause::~CollectiveTimeoutPause() { g_timeout_pauses.fetch_sub(1); }
+bool CollectiveTimeoutPause::active() { return g_timeout_pauses.load() > 0; }
 
 int local_rank_among(const std::vector<std::string>& hosts, int me) {
   DPO_ASSERT(me >= 0 && me < static_cast<int>(hosts.size()), "local_rank_among: rank out of range");

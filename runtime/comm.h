@@ -4,7 +4,12 @@
 //   local   one process, rank 0 of 1; every collective is a no-op, a local fold or a copy. Used whenever the process
 //           was not started by an MPI launcher, so a single-process run never calls MPI_Init.
 //   mpi     Open MPI / MPICH over MPI_COMM_WORLD (a duplicate of it, with MPI_ERRORS_RETURN so every failure
-//           comes back through DPO_MPI_CHECK as a dpo::Error). Host tensors only.
+//           comes back through DPO_MPI_CHECK as a dpo::Error). Host tensors only. Every transfer is a
+//           non-blocking MPI call (MPI_Isend, MPI_Irecv, MPI_Ibcast, MPI_Ibarrier) polled with MPI_Testall
+//           against the collective timeout: DPO_MPI_TIMEOUT_S seconds (default 300; 0 = wait forever) from when
+//           this rank starts waiting for one transfer. A rank that stops responding (stopped, swapping, stuck)
+//           then ends the job: the waiting rank prints which operation timed out after how long and calls
+//           MPI_Abort (exit status 1), instead of spinning forever. See CollectiveTimeoutPause.
 //   nccl    (runtime/cuda/nccl_comm.h, built with CUDA and NCCL) device tensors through NCCL on one stream, host
 //           tensors and host data through the MPI (or local) communicator it wraps. Its sums are in NCCL's order,
 //           which depends on the rank count and the algorithm: not the rank-order fold described below.
@@ -90,6 +95,22 @@ class Communicator {
   // Ends every rank of the run with exit status `code` (MPI_Abort); never returns. The caller prints the reason
   // first. The local communicator just exits the process.
   [[noreturn]] virtual void abort(int code) = 0;
+};
+
+// The MPI communicator's collective timeout in seconds: DPO_MPI_TIMEOUT_S when set (a number >= 0; 0 means
+// none), else 300. Throws dpo::InputError naming the variable for any other value.
+double mpi_timeout_from_env();
+
+// While an instance lives (in any thread of the process), the MPI communicator's waits have no deadline: for
+// collectives that legitimately wait on one rank's long work, e.g. the other ranks at a barrier while rank 0
+// computes the reference log-prob cache or writes a checkpoint. Nests.
+class CollectiveTimeoutPause {
+ public:
+  CollectiveTimeoutPause();
+  ~CollectiveTimeoutPause();
+  CollectiveTimeoutPause(const CollectiveTimeoutPause&) = delete;
+  CollectiveTimeoutPause& operator=(const CollectiveTimeoutPause&) = delete;
+  static bool active();
 };
 
 // The communicator of this process: MPI when the process was started by an MPI launcher with more than one
