@@ -12,6 +12,7 @@
 #include "train/bench.h"
 #include "train/config.h"
 #include "train/demo.h"
+#include "train/run_control.h"
 #include "train/sample.h"
 #include "train/tokenizer.h"
 #include "train/trainer.h"
@@ -88,6 +89,7 @@ int cmd_train(const TrainArgs& a, dpo::RunKind kind) {
   ro.resume = a.resume;
   ro.plain_progress = a.plain;
   dpo::RunSummary s = dpo::run_training(cfg, kind, ro);
+  if (s.stop_signal != 0) return dpo::stop_exit_code(s.stop_signal);  // the message is printed by the trainer
   if (!prints()) return 0;
   std::printf("done: %lld steps in %.1f s; checkpoint %s\n", static_cast<long long>(s.steps), s.seconds,
               s.final_checkpoint.c_str());

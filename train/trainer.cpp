@@ -24,6 +24,7 @@
 #include "train/metrics.h"
 #include "train/optim.h"
 #include "train/reference.h"
+#include "train/run_control.h"
 #include "train/tokenizer.h"
 
 #ifdef DPO_HAVE_CUDA
@@ -162,6 +163,15 @@ void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW
   const fs::path tmp = root / ("." + name + ".tmp-" + std::to_string(::getpid()));
   std::error_code ec;
   fs::remove_all(tmp, ec);
+  // A write that fails (a full disk, ...) removes its staging directory before the error goes on.
+  struct RemoveOnFailure {
+    fs::path dir;
+    bool armed = true;
+    ~RemoveOnFailure() {
+      std::error_code e;
+      if (armed) fs::remove_all(dir, e);
+    }
+  } staging{tmp};
   fs::create_directories(tmp, ec);
   if (ec) throw Error("cannot create " + tmp.string() + ": " + ec.message());
   if (weights.defined()) save_gpt2_checkpoint(model, tmp.string(), weights);
@@ -178,6 +188,7 @@ void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW
   if (fs::exists(final_dir)) fs::remove_all(final_dir);
   fs::rename(tmp, final_dir, ec);
   if (ec) throw Error("cannot rename " + tmp.string() + " to " + final_dir.string() + ": " + ec.message());
+  staging.armed = false;
   write_file_atomic((root / "latest").string(), name + "\n");
   if (save_total_limit > 0) {
     std::vector<std::pair<int64_t, fs::path>> steps;
@@ -298,6 +309,36 @@ void fold_window(Communicator& comm, Window& w, const std::vector<Window>& chunk
   w.set_sums(acc);
 }
 
+// fold_window for a training step, which also agrees on a stop: every rank adds its stop request (`signal`, 0 for
+// none) in two extra elements of the same fold (counts of SIGINT and of other stop signals), so every rank sees
+// the same requests after the same step. Returns the stop signal all ranks act on (SIGTERM if any rank got one,
+// else SIGINT, else 0). The metrics' sums are unchanged: their elements fold exactly as in fold_window (the
+// request's term adds +0.0 to them, an identity on these sums, which start at +0.0).
+int fold_window_and_stop(Communicator& comm, Window& w, const std::vector<Window>& chunks, int signal) {
+  constexpr int64_t k = Window::kSums;
+  auto widen = [](const Tensor& t) {
+    Tensor x = Tensor::host({k + 2}, DType::F64);
+    std::fill(x.data<double>(), x.data<double>() + k + 2, 0.0);
+    std::copy(t.data<double>(), t.data<double>() + k, x.data<double>());
+    return x;
+  };
+  Tensor acc = widen(w.sums());
+  std::vector<Tensor> terms;
+  terms.reserve(chunks.size() + 1);
+  for (const Window& c : chunks) terms.push_back(widen(c.sums()));
+  if (signal != 0) {
+    Tensor r = widen(Window{}.sums());
+    r.data<double>()[signal == SIGINT ? k : k + 1] = 1.0;
+    terms.push_back(r);
+  }
+  comm.ordered_fold(acc, terms);
+  Tensor sums = Tensor::host({k}, DType::F64);
+  std::copy(acc.data<double>(), acc.data<double>() + k, sums.data<double>());
+  w.set_sums(sums);
+  const double n_int = acc.data<double>()[k], n_other = acc.data<double>()[k + 1];
+  return n_other > 0 ? SIGTERM : n_int > 0 ? SIGINT : 0;
+}
+
 // Contiguous shard [first, second) of n items for `rank` of `size`; the first n % size ranks get one more.
 std::pair<int64_t, int64_t> shard(int64_t n, int size, int rank) {
   const int64_t base = n / size, extra = n % size, r = rank;
@@ -324,6 +365,14 @@ void test_fail_hook(int rank, int64_t step) {
   if (!r || !s || std::atoi(r) != rank || std::atoll(s) != step) return;
   const char* m = std::getenv("DPO_TEST_FAIL_MODE");
   if (m && std::string(m) == "kill") std::raise(SIGKILL);
+  if (m && std::string(m) == "sigterm") {  // a stop request on this rank only; the step goes on
+    std::raise(SIGTERM);
+    return;
+  }
+  if (m && std::string(m) == "stop") {  // this rank stops responding (until SIGCONT or SIGKILL)
+    std::raise(SIGSTOP);
+    return;
+  }
   throw Error("DPO_TEST_FAIL_RANK=" + std::string(r) + " DPO_TEST_FAIL_STEP=" + s +
               ": test hook failure on rank " + std::to_string(rank) + " in step " + std::to_string(step));
 }
@@ -438,15 +487,24 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   };
 
   std::error_code ec;
+  // SIGINT/SIGTERM from here on: finish the step, checkpoint, stop (docs/training.md, "How a run stops").
+  StopSignals stop_signals;
+  StopSignals::clear();
+  // One writer per out_dir: rank 0 (the only rank that writes it) holds its lock from before the first write to
+  // the end of the run; then removes what killed writers of earlier runs left behind.
+  std::unique_ptr<OutDirLock> out_lock;
+  if (lead) {
+    fs::create_directories(cfg.out_dir, ec);
+    if (ec) throw InputError("key 'out_dir': cannot create " + cfg.out_dir + ": " + ec.message());
+    out_lock = std::make_unique<OutDirLock>(cfg.out_dir);
+    for (const std::string& f : remove_stale_temporaries(cfg.out_dir))
+      say("removed a temporary file of an interrupted earlier run: " + f);
+  }
   // A finished or interrupted run is never overwritten by accident: continuing it needs --resume.
   if (ro.resume.empty() && fs::exists(fs::path(cfg.out_dir) / "checkpoints" / "latest"))
     throw InputError("key 'out_dir': " + cfg.out_dir +
                      " already holds checkpoints of a run; pass --resume latest to continue it, or choose another "
                      "out_dir");
-  if (lead) {
-    fs::create_directories(cfg.out_dir, ec);
-    if (ec) throw InputError("key 'out_dir': cannot create " + cfg.out_dir + ": " + ec.message());
-  }
   const std::string config_yaml = to_yaml(cfg);
 
   auto policy = load_gpt2_checkpoint(*be, cfg.model, model_dtype(cfg));
@@ -506,7 +564,10 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
         if (!eval_pairs.empty()) ref_eval = one(eval_pairs, cfg.eval_file);
       };
       if (lead) both();
-      comm.barrier();
+      {
+        CollectiveTimeoutPause computing;  // rank 0's reference pass may take longer than the collective timeout
+        comm.barrier();
+      }
       if (!lead) both();
       ref.reset();  // no longer needed: frees its memory
     }
@@ -635,6 +696,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       be->copy_to_host(weights, tmp);
     }
     if (lead) write_checkpoint(cfg.out_dir, *policy, opt, m, v, weights, p, config_yaml, cfg.save_total_limit);
+    CollectiveTimeoutPause writing;  // the others wait for rank 0's disk, however slow
     comm.barrier();  // no rank runs ahead of a checkpoint it might be asked to resume from
     last_saved = p.step;
   };
@@ -659,6 +721,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
                                : ""));
   }
 
+  int stop_sig = 0;  // the agreed stop request of the last step (SIGINT, SIGTERM; 0: none)
   while (p.step < total) {
     if (p.pos >= N) {
       ++p.epoch;
@@ -771,7 +834,8 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       } else {
         comm.ordered_fold(grad, stash);
       }
-      fold_window(comm, w, chunks);
+      // With the metrics, every rank's stop request: all ranks stop after the same step.
+      stop_sig = fold_window_and_stop(comm, w, chunks, StopSignals::pending());
     }
     if (kind == RunKind::Sft) w.pairs += sft_norm_tokens;  // SFT's loss is per completion token
     AdamW::StepInfo info = [&] {
@@ -833,12 +897,29 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     }
     if (cfg.eval_steps > 0 && p.step % cfg.eval_steps == 0 && p.step < total) run_eval();
     if (cfg.save_steps > 0 && p.step % cfg.save_steps == 0) save();
+    if (stop_sig != 0 && p.step < total) break;  // (a request in the last step just lets the run end)
   }
   if (capturing) {  // the run ended inside the range
     be->synchronize();
     profiler_capture_stop();
   }
   if (progress) progress->finish();
+  if (stop_sig != 0 && p.step < total) {
+    // A stop request: the step is complete on every rank; checkpoint it and return (no final evaluation).
+    if (last_saved != p.step) save();
+    const std::string ckpt =
+        (fs::path(cfg.out_dir) / "checkpoints" / ("step-" + std::to_string(p.step))).string();
+    say(std::string("stopped on ") + (stop_sig == SIGINT ? "SIGINT" : "SIGTERM") + " after step " +
+        std::to_string(p.step) + " of " + std::to_string(total) + "; checkpoint " + ckpt +
+        "\nto continue this run, with the same configuration (under mpirun or srun: the same launcher and rank "
+        "count):\n  " + resume_command(kind == RunKind::Dpo ? "train" : "sft", ckpt) + "\nexit status " +
+        std::to_string(stop_exit_code(stop_sig)));
+    sum.steps = p.step;
+    sum.final_checkpoint = ckpt;
+    sum.stop_signal = stop_sig;
+    sum.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return sum;
+  }
   run_eval();
   if (last_saved != p.step) save();
   sum.steps = p.step;

@@ -35,6 +35,9 @@ struct RunSummary {
   std::map<std::string, double> last_log;  // the last metrics.jsonl record
   std::map<std::string, double> eval;      // eval_* metrics at the end (DPO with eval_file)
   double seconds = 0;
+  // Non-zero when the run stopped early on SIGINT or SIGTERM (train/run_control.h): the signal number. `steps`
+  // and final_checkpoint are then those of the checkpoint written at the stop; `dpo` exits 128 + stop_signal.
+  int stop_signal = 0;
 };
 
 // Under several ranks every rank calls this with the same configuration and data; rank 0 alone writes out_dir
