@@ -42,10 +42,15 @@ static AdamWScalars make_scalars(const AdamWParams& p) {
   return s;
 }
 
-// Element i of one AdamW step. Both kernels call this one function with the same scalars, so their float
-// operations (and nvcc's FMA contractions of them) are the same and the results agree bitwise.
-static __device__ __forceinline__ void adamw_element(float* param, const float* grad, float* m, float* v, int64_t i,
-                                                     const AdamWScalars& s, float decay) {
+// The new values of element i of one AdamW step. Every kernel here (the update kernels and the dry run) calls this
+// one function with the same scalars, so their float operations (and nvcc's FMA contractions of them) are the same:
+// the fused and single-tensor updates agree bitwise, and the dry run tests bitwise the values the update stores.
+struct AdamWValues {
+  float x, m, v;
+};
+static __device__ __forceinline__ AdamWValues adamw_values(const float* param, const float* grad, const float* m,
+                                                           const float* v, int64_t i, const AdamWScalars& s,
+                                                           float decay) {
   const float g = grad[i] * s.grad_scale;
   float x = param[i] * decay;  // param.mul_(1 - lr * weight_decay)
   const float m0 = m[i];
@@ -55,9 +60,20 @@ static __device__ __forceinline__ void adamw_element(float* param, const float* 
   vi = vi + s.w2 * g * g;     //   .addcmul_(grad, grad, value=1 - beta2)
   const float denom = sqrtf(vi) / s.bc2_sqrt + s.eps;
   x = x + (-s.step_size) * mi / denom;  // param.addcdiv_(exp_avg, denom, value=-step_size)
-  param[i] = x;
-  m[i] = mi;
-  v[i] = vi;
+  return {x, mi, vi};
+}
+
+static __device__ __forceinline__ void adamw_element(float* param, const float* grad, float* m, float* v, int64_t i,
+                                                     const AdamWScalars& s, float decay) {
+  const AdamWValues r = adamw_values(param, grad, m, v, i, s, decay);
+  param[i] = r.x;
+  m[i] = r.m;
+  v[i] = r.v;
+}
+
+// NaN or +-Inf: all exponent bits set. A bit test rather than isfinite(), so that no math-mode flag can fold it away.
+static __device__ __forceinline__ bool non_finite(float x) {
+  return (__float_as_uint(x) & 0x7f800000u) == 0x7f800000u;
 }
 
 static __global__ void adamw_kernel(float* param, const float* grad, float* m, float* v, int64_t n, AdamWScalars s) {
@@ -66,12 +82,20 @@ static __global__ void adamw_kernel(float* param, const float* grad, float* m, f
   adamw_element(param, grad, m, v, i, s, s.decay);
 }
 
+// What a launch of adamw_segments_kernel does with each element.
+enum class SegmentsPass { Update, DryRun };
+
 // table: [n_entries][4] = {first chunk, offset, numel, decay flag}, first chunks strictly increasing from 0 (every
 // entry has at least one chunk). Chunk c belongs to the last entry whose first chunk is <= c. decay_off is the
 // decay factor of weight_decay = 0 as adamw_update computes it (1.0f), so undecayed segments match it bitwise.
+// Update: writes param, m, v (flag unused). DryRun: writes nothing but *flag, which the caller zeroed: each thread
+// ORs whether any of its elements' new values is non-finite; a block-level OR (__syncthreads_or, reached by every
+// thread of the block: the loops are block-uniform in c and only j varies) leaves one atomicOr per offending block.
+template <SegmentsPass kPass>
 static __global__ void adamw_segments_kernel(float* param, const float* grad, float* m, float* v,
                                              const int64_t* __restrict__ table, int64_t n_entries, int64_t n_chunks,
-                                             AdamWScalars s, float decay_off) {
+                                             AdamWScalars s, float decay_off, int* flag) {
+  int bad = 0;
   for (int64_t c = blockIdx.x; c < n_chunks; c += gridDim.x) {
     int64_t lo = 0, hi = n_entries - 1;  // the whole block searches the same entries: broadcast loads
     while (lo < hi) {
@@ -85,7 +109,17 @@ static __global__ void adamw_segments_kernel(float* param, const float* grad, fl
     const int64_t len = left < kAdamWChunk ? left : kAdamWChunk;
     const int64_t base = e[1] + first;
     const float decay = e[3] != 0 ? s.decay : decay_off;
-    for (int64_t j = threadIdx.x; j < len; j += blockDim.x) adamw_element(param, grad, m, v, base + j, s, decay);
+    for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {
+      if constexpr (kPass == SegmentsPass::Update) {
+        adamw_element(param, grad, m, v, base + j, s, decay);
+      } else {
+        const AdamWValues r = adamw_values(param, grad, m, v, base + j, s, decay);
+        bad |= (non_finite(r.x) || non_finite(r.m) || non_finite(r.v)) ? 1 : 0;
+      }
+    }
+  }
+  if constexpr (kPass == SegmentsPass::DryRun) {
+    if (__syncthreads_or(bad) != 0 && threadIdx.x == 0) atomicOr(flag, 1);
   }
 }
 
@@ -142,20 +176,39 @@ const int64_t* AdamWSegmentTable::device_entries() const {
   return dev_ ? static_cast<const int64_t*>(dev_->data()) : nullptr;
 }
 
-void adamw_update_segments(CudaContext& ctx, AdamWSegmentTable& table, float* param, const float* grad, float* m,
-                           float* v, int64_t n, const AdamWSegment* segs, int64_t n_segs, const AdamWParams& p) {
-  DPO_NVTX_RANGE("adamw_update_segments");
-  table.assign(ctx, segs, n_segs, n);
-  if (table.chunks() == 0) return;
+// The launch shared by the update and the dry run: same table, same scalars, same grid.
+template <SegmentsPass kPass>
+static void launch_segments(CudaContext& ctx, const AdamWSegmentTable& table, float* param, const float* grad,
+                            float* m, float* v, const AdamWParams& p, int* flag) {
   const AdamWScalars s = make_scalars(p);
   AdamWParams off = p;
   off.weight_decay = 0.0;
   const float decay_off = make_scalars(off).decay;
   const int64_t max_blocks = static_cast<int64_t>(std::max(1, ctx.props().multiProcessorCount)) * kAdamWBlocksPerSm;
   const int64_t blocks = std::min(table.chunks(), max_blocks);
-  adamw_segments_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, ctx.stream()>>>(
-      param, grad, m, v, table.device_entries(), table.entries(), table.chunks(), s, decay_off);
+  adamw_segments_kernel<kPass><<<static_cast<unsigned>(blocks), kThreads, 0, ctx.stream()>>>(
+      param, grad, m, v, table.device_entries(), table.entries(), table.chunks(), s, decay_off, flag);
   DPO_CUDA_CHECK(cudaGetLastError());
+}
+
+void adamw_update_segments(CudaContext& ctx, AdamWSegmentTable& table, float* param, const float* grad, float* m,
+                           float* v, int64_t n, const AdamWSegment* segs, int64_t n_segs, const AdamWParams& p) {
+  DPO_NVTX_RANGE("adamw_update_segments");
+  table.assign(ctx, segs, n_segs, n);
+  if (table.chunks() == 0) return;
+  launch_segments<SegmentsPass::Update>(ctx, table, param, grad, m, v, p, nullptr);
+}
+
+void adamw_dry_run_segments(CudaContext& ctx, AdamWSegmentTable& table, int* flag, const float* param,
+                            const float* grad, const float* m, const float* v, int64_t n, const AdamWSegment* segs,
+                            int64_t n_segs, const AdamWParams& p) {
+  DPO_NVTX_RANGE("adamw_dry_run_segments");
+  table.assign(ctx, segs, n_segs, n);
+  DPO_CUDA_CHECK(cudaMemsetAsync(flag, 0, sizeof(int), ctx.stream()));
+  if (table.chunks() == 0) return;
+  // The kernel is shared with the update and takes writable pointers; the DryRun pass never writes through them.
+  launch_segments<SegmentsPass::DryRun>(ctx, table, const_cast<float*>(param), grad, const_cast<float*>(m),
+                                        const_cast<float*>(v), p, flag);
 }
 
 }  // namespace dpo::cuda

@@ -21,6 +21,13 @@
 //   The table lives in an AdamWSegmentTable the caller keeps across steps: it is validated and uploaded
 //   (stream-ordered, no host sync) only when the segments, n or the context change, so a training step costs one
 //   launch and no host-device transfer.
+//
+// adamw_dry_run_segments: the numerical guard (kernels/adamw.h): the same launch as adamw_update_segments over the
+//   same table, in a read-only pass that computes each element's new param, m, v with the update's own device
+//   function and writes nothing but *flag (a device int): 0 when every value is finite, 1 otherwise. The flag is
+//   zeroed by a stream-ordered memset first; each block ORs its threads' findings (__syncthreads_or) and an
+//   offending block sets the flag with one atomicOr. Asynchronous: the caller reads the flag back (CudaBackend does,
+//   once per step) and launches the update only when it is 0.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -71,5 +78,11 @@ class AdamWSegmentTable {
 // `table` is assign()ed first (so it may be a fresh table or one from earlier steps), then one launch.
 void adamw_update_segments(CudaContext& ctx, AdamWSegmentTable& table, float* param, const float* grad, float* m,
                            float* v, int64_t n, const AdamWSegment* segs, int64_t n_segs, const AdamWParams& p);
+
+// flag: one device int, overwritten (see the top of this file). `table` as for adamw_update_segments (the same
+// table serves both calls without a re-upload).
+void adamw_dry_run_segments(CudaContext& ctx, AdamWSegmentTable& table, int* flag, const float* param,
+                            const float* grad, const float* m, const float* v, int64_t n, const AdamWSegment* segs,
+                            int64_t n_segs, const AdamWParams& p);
 
 }  // namespace dpo::cuda

@@ -26,6 +26,19 @@
 //   adamw_update per segment on the same arrays (the op is elementwise), on the CPU and, for the CUDA kernels,
 //   between cuda::adamw_update_segments and cuda::adamw_update.
 //
+// adamw_dry_run_segments: the numerical guard of adamw_update_segments, read only. It computes every value the
+//   update with the same arguments would write (param, m and v of every segment element, rounded to T exactly as the
+//   update rounds them: the two share one element function, so the values are bitwise the same) and returns
+//   AdamWCheck::NonFinite when any of them would be NaN or +-Inf, AllFinite otherwise. Nothing is written. A
+//   non-finite input (param, grad, m or v) yields a non-finite output, and so do overflows: lr * update beyond the
+//   type's range, v = (1 - beta2) * g^2 past it, a float rounding of a double that no longer fits. The flag is an
+//   OR over elements, so it does not depend on the thread count.
+//   Why a separate read-only pass and not a flag from the update itself: a step that produced a non-finite value
+//   must leave param, m and v bit-identical to before it, and AdamW cannot be undone in floating point; keeping a
+//   copy of the three arrays would cost 3 writes + 3 reads per element against this pass's 4 reads, and an
+//   element-wise "write only if finite" would leave the other elements of a rejected step updated. The caller runs
+//   the dry run, decides (under ZeRO-1, with the other ranks, whose ranges differ), then runs the update.
+//
 // sum_squares: sum_i x[i]^2 accumulated in double. The input is cut into fixed chunks of kSumSquaresChunk
 //   elements; each chunk is summed in a fixed order and the chunk sums are added in index order, so the result is
 //   bitwise the same for every thread count. NaN/Inf propagate (the caller decides what a non-finite norm means).
@@ -46,6 +59,9 @@ struct AdamWParams {
   double grad_scale = 1.0;  // grads are multiplied by this first (gradient clipping); grad itself is not modified
   int64_t step = 1;         // 1-based step number, for the bias corrections
 };
+
+// What adamw_dry_run_segments found: every value the update would write is finite, or at least one is not.
+enum class AdamWCheck { AllFinite, NonFinite };
 
 // One segment of a flat parameter array for adamw_update_segments.
 struct AdamWSegment {
@@ -70,6 +86,10 @@ void adamw_update(T* param, const T* grad, T* m, T* v, int64_t n, const AdamWPar
 template <class T>
 void adamw_update_segments(T* param, const T* grad, T* m, T* v, int64_t n, const AdamWSegment* segs, int64_t n_segs,
                            const AdamWParams& p);
+
+template <class T>
+AdamWCheck adamw_dry_run_segments(const T* param, const T* grad, const T* m, const T* v, int64_t n,
+                                  const AdamWSegment* segs, int64_t n_segs, const AdamWParams& p);
 
 template <class T>
 double sum_squares(const T* x, int64_t n);

@@ -128,6 +128,15 @@ class Backend {
   // sorted by offset, non-overlapping (dpo::Error otherwise). Bitwise equal to adamw_update per segment.
   virtual void adamw_update_segments(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                                      const std::vector<AdamWSegment>& segs, const AdamWParams& p) = 0;
+  // The numerical guard of that update (kernels/adamw.h, adamw_dry_run_segments): the same arguments, nothing
+  // written; NonFinite when any param, m or v value the update would write is NaN or +-Inf. The values tested are
+  // bitwise those the update stores (one element function). Returns to the host: on the GPU one 4-byte device flag,
+  // set by the kernel, is read back (one stream sync, the step's only one besides sum_squares'). Callers run it
+  // before adamw_update_segments and skip the update on NonFinite, so a rejected step leaves param, m and v
+  // bit-identical (AdamW::step_owned, train/optim.h).
+  virtual AdamWCheck adamw_dry_run_segments(const Tensor& param, const Tensor& grad, const Tensor& m,
+                                            const Tensor& v, const std::vector<AdamWSegment>& segs,
+                                            const AdamWParams& p) = 0;
   // sum(x^2) accumulated in double; bitwise reproducible for a given x whatever the thread count.
   virtual double sum_squares(const Tensor& x) = 0;
   // x *= s, in place.

@@ -446,6 +446,19 @@ class CpuBackend final : public Backend {
                                     segs.data(), static_cast<int64_t>(segs.size()), p);
     });
   }
+  AdamWCheck adamw_dry_run_segments(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                                    const std::vector<AdamWSegment>& segs, const AdamWParams& p) override {
+    check_adamw_args(param, grad, m, v, p);
+    DPO_ASSERT(param.dim() == 1, "adamw_dry_run_segments: param must be a flat 1-D tensor, got " +
+                                     shape_str(param.shape()));
+    AdamWCheck r = AdamWCheck::AllFinite;
+    dispatch(param.dtype(), [&](auto z) {
+      using F = decltype(z);
+      r = cpu::adamw_dry_run_segments<F>(param.data<F>(), grad.data<F>(), m.data<F>(), v.data<F>(), param.numel(),
+                                         segs.data(), static_cast<int64_t>(segs.size()), p);
+    });
+    return r;
+  }
   double sum_squares(const Tensor& x) override {
     check_float(x, "sum_squares x");
     double s = 0.0;

@@ -986,5 +986,73 @@ TEST_F(CudaAdamWSegments, TableUploadsOnlyWhenSegmentsChange) {
   EXPECT_TRUE(bitwise_equal(fused.v.download(), single.v.download())) << "v";
 }
 
+// --- adamw_dry_run_segments: the numerical guard ---------------------------------------------------------------------
+// The device flag against the CPU twin's verdict on the same inputs: clean state (NaN only in the gaps, which are
+// not read: AllFinite), one poisoned element (NaN / +Inf / -Inf in grad, param, m or v, at a segment's first or last
+// element or deep inside a multi-chunk segment), and overflows of finite inputs (lr 1e39: the float step size is
+// Inf; one gradient of 1e30: v = (1 - beta2) g^2 exceeds the float range). Neither verdict is borderline: each case
+// is far from FLT_MAX in both float and double arithmetic, so the twins must agree exactly. The dry run writes
+// nothing (all four arrays bitwise unchanged), and the flag is re-zeroed by every call (a clean run after a
+// poisoned one reads AllFinite).
+TEST_F(CudaAdamWSegments, DryRunFlagMatchesCpuTwinOnPoisonedInputs) {
+  using cuda::kAdamWChunk;
+  const SegmentLayout L = make_layout(gen_, {1, 300, 3 * kAdamWChunk + 7, 0, 257, 2});
+  const AdamWState s0 = make_state(*this, L);
+  const AdamWParams base = segment_test_params();
+  cuda::AdamWSegmentTable table;
+  DeviceArray<int> flag(ctx(), 1);
+  const int64_t n_segs = static_cast<int64_t>(L.segs.size());
+
+  auto device_verdict = [&](const AdamWState& st, const AdamWParams& hp) {
+    DeviceAdamW d(ctx(), st, 1);
+    flag.upload({7});  // neither 0 nor 1: the call must overwrite it
+    cuda::adamw_dry_run_segments(ctx(), table, flag.get(), d.p.get(), d.g.get(), d.m.get(), d.v.get(), L.n,
+                                 L.segs.data(), n_segs, hp);
+    const int f = flag.download()[0];
+    EXPECT_TRUE(f == 0 || f == 1) << "flag " << f;
+    EXPECT_TRUE(bitwise_equal(d.p.download(), st.p)) << "the dry run wrote param";
+    EXPECT_TRUE(bitwise_equal(d.g.download(), st.g)) << "the dry run wrote grad";
+    EXPECT_TRUE(bitwise_equal(d.m.download(), st.m)) << "the dry run wrote m";
+    EXPECT_TRUE(bitwise_equal(d.v.download(), st.v)) << "the dry run wrote v";
+    return f != 0 ? AdamWCheck::NonFinite : AdamWCheck::AllFinite;
+  };
+  auto cpu_verdict = [&](const AdamWState& st, const AdamWParams& hp) {
+    return cpu::adamw_dry_run_segments<float>(st.p.data(), st.g.data(), st.m.data(), st.v.data(), L.n,
+                                              L.segs.data(), n_segs, hp);
+  };
+  auto expect_case = [&](const std::string& what, const AdamWState& st, const AdamWParams& hp, AdamWCheck want) {
+    SCOPED_TRACE(what);
+    EXPECT_EQ(cpu_verdict(st, hp), want) << "CPU twin";
+    EXPECT_EQ(device_verdict(st, hp), want) << "device flag";
+  };
+
+  expect_case("clean", s0, base, AdamWCheck::AllFinite);
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  const AdamWSegment& big = L.segs[2];
+  const int64_t where[] = {L.segs[0].offset, L.segs[1].offset + 299, big.offset + 2 * kAdamWChunk + 11,
+                           L.segs[5].offset + 1};
+  const char* names[] = {"param", "grad", "m", "v"};
+  for (int a = 0; a < 4; ++a)
+    for (float bad : {nan, inf, -inf})
+      for (int64_t i : where) {
+        AdamWState st = s0;
+        std::vector<float>* arr[] = {&st.p, &st.g, &st.m, &st.v};
+        (*arr[a])[static_cast<size_t>(i)] = bad;
+        expect_case(std::string(names[a]) + "[" + std::to_string(i) + "] = " + std::to_string(bad), st, base,
+                    AdamWCheck::NonFinite);
+      }
+  AdamWParams huge_lr = base;
+  huge_lr.lr = 1e39;
+  huge_lr.weight_decay = 0.0;  // keeps 1 - lr * wd meaningful; the step size alone overflows
+  expect_case("lr 1e39", s0, huge_lr, AdamWCheck::NonFinite);
+  AdamWState big_grad = s0;
+  big_grad.g[static_cast<size_t>(big.offset + 5)] = 1e30f;
+  AdamWParams no_clip = base;
+  no_clip.grad_scale = 1.0;
+  expect_case("grad 1e30 (v overflows)", big_grad, no_clip, AdamWCheck::NonFinite);
+  expect_case("clean again (the flag is re-zeroed)", s0, base, AdamWCheck::AllFinite);
+  EXPECT_EQ(table.uploads(), 1) << "one table for every call with the same segments";
+}
+
 }  // namespace
 }  // namespace dpo

@@ -329,6 +329,97 @@ TEST(AdamWKernel, SegmentsAreValidated) {
 
 // ============================================================================================== sum_squares
 
+// adamw_dry_run_segments (the numerical guard) on the odd layout, gaps NaN (never read). The oracle is the update
+// itself, run on copies: "some in-segment param, m or v came out NaN or Inf". Cases: clean inputs; one poisoned
+// element (NaN, +Inf, -Inf in param, grad, m or v; in a one-element segment, past the OpenMP threshold inside the
+// 70001-element segment, at the last segment's end); finite inputs that overflow (an lr past the type's range, one
+// gradient whose (1 - beta2) g^2 exceeds it). The verdict matches the oracle and the expectation, is the same with
+// 1 and 4 threads, and the dry run writes nothing.
+TYPED_TEST(Optim, DryRunFlagsExactlyTheNonFiniteUpdates) {
+  using T = TypeParam;
+  std::mt19937_64 g(test_seed());
+  int64_t n = 0;
+  const std::vector<AdamWSegment> segs = odd_segments(n);
+  const int64_t n_segs = static_cast<int64_t>(segs.size());
+  const size_t N = static_cast<size_t>(n);
+  std::vector<char> inside(N, 0);
+  for (const AdamWSegment& sg : segs)
+    for (int64_t i = sg.offset; i < sg.offset + sg.numel; ++i) inside[static_cast<size_t>(i)] = 1;
+  struct State {
+    std::vector<T> p, gr, m, v;
+  };
+  State s0{rounded<T>(g, N), rounded<T>(g, N), rounded<T>(g, N, 0.1), rounded<T>(g, N, 0.1)};
+  for (auto& x : s0.v) x = x * x;
+  const T nan = std::numeric_limits<T>::quiet_NaN(), inf = std::numeric_limits<T>::infinity();
+  for (size_t i = 0; i < N; ++i)
+    if (!inside[i]) s0.p[i] = s0.gr[i] = s0.m[i] = s0.v[i] = nan;
+  AdamWParams base;
+  base.lr = 1e-2;
+  base.weight_decay = 0.1;
+  base.grad_scale = 0.7;
+  base.step = 3;
+
+  auto oracle = [&](State st, const AdamWParams& hp) {
+    cpu::adamw_update_segments<T>(st.p.data(), st.gr.data(), st.m.data(), st.v.data(), n, segs.data(), n_segs, hp);
+    for (size_t i = 0; i < N; ++i)
+      if (inside[i] && !(std::isfinite(st.p[i]) && std::isfinite(st.m[i]) && std::isfinite(st.v[i])))
+        return AdamWCheck::NonFinite;
+    return AdamWCheck::AllFinite;
+  };
+  auto expect_case = [&](const std::string& what, const State& st, const AdamWParams& hp, AdamWCheck want) {
+    SCOPED_TRACE(what);
+    ASSERT_EQ(oracle(st, hp), want) << "the case itself is wrong";
+    for (int threads : {1, 4}) {
+      ThreadCount tc(threads);
+      const AdamWCheck got = cpu::adamw_dry_run_segments<T>(st.p.data(), st.gr.data(), st.m.data(), st.v.data(), n,
+                                                            segs.data(), n_segs, hp);
+      EXPECT_EQ(got, want) << threads << " threads";
+    }
+  };
+
+  expect_case("clean (NaN only in the gaps)", s0, base, AdamWCheck::AllFinite);
+  const int64_t where[] = {segs[0].offset, segs[5].offset + 69000, segs[6].offset + segs[6].numel - 1};
+  const char* names[] = {"param", "grad", "m", "v"};
+  for (int a = 0; a < 4; ++a)
+    for (T bad : {nan, inf, -inf})
+      for (int64_t i : where) {
+        State st = s0;
+        std::vector<T>* arr[] = {&st.p, &st.gr, &st.m, &st.v};
+        (*arr[a])[static_cast<size_t>(i)] = bad;
+        expect_case(std::string(names[a]) + "[" + std::to_string(i) + "] = " + std::to_string(static_cast<double>(bad)),
+                    st, base, AdamWCheck::NonFinite);
+      }
+  // Overflow from finite inputs. lr: the first update moves each parameter by about lr (|mhat / sqrt(vhat)| = 1),
+  // so lr = 10 * max() (float) and max() (double, whose step size lr / (1 - beta1) is then Inf) overflow.
+  AdamWParams huge = base;
+  huge.weight_decay = 0.0;
+  huge.step = 1;
+  huge.lr = sizeof(T) == 4 ? 1e39 : std::numeric_limits<double>::max();
+  State fresh = s0;
+  for (size_t i = 0; i < N; ++i)
+    if (inside[i]) fresh.m[i] = fresh.v[i] = 0;
+  expect_case("lr past the range", fresh, huge, AdamWCheck::NonFinite);
+  // One gradient g with (1 - beta2) g^2 past the range (g itself and the norm's double sum of squares are finite
+  // for float; for double the product (1e-3 * 1e160) * 1e160 = 1e317 overflows).
+  State big = s0;
+  big.gr[static_cast<size_t>(segs[3].offset + 7)] = sizeof(T) == 4 ? static_cast<T>(1e30) : static_cast<T>(1e160);
+  AdamWParams unclipped = base;
+  unclipped.grad_scale = 1.0;
+  expect_case("v overflows", big, unclipped, AdamWCheck::NonFinite);
+  // Read only: a poisoned state is bitwise unchanged after the dry run.
+  State st = s0;
+  st.m[static_cast<size_t>(where[1])] = inf;
+  const State before = st;
+  cpu::adamw_dry_run_segments<T>(st.p.data(), st.gr.data(), st.m.data(), st.v.data(), n, segs.data(), n_segs, base);
+  EXPECT_TRUE(bitwise_equal(st.p, before.p) && bitwise_equal(st.gr, before.gr) && bitwise_equal(st.m, before.m) &&
+              bitwise_equal(st.v, before.v));
+  // The same segment checks as the update: a bad table throws.
+  const std::vector<AdamWSegment> bad_segs = {{0, n + 1, true}};
+  EXPECT_THROW(cpu::adamw_dry_run_segments<T>(st.p.data(), st.gr.data(), st.m.data(), st.v.data(), n,
+                                              bad_segs.data(), 1, base),
+               Error);
+}
+
 template <class T>
 void check_sum_squares(uint64_t seed) {
   std::mt19937_64 g(seed);
@@ -765,6 +856,122 @@ TYPED_TEST(Optim, NonFiniteGradNormSkipsTheStep) {
   clean.step(pc, host_tensor(g2));
   EXPECT_EQ(opt.step_count(), 2);
   EXPECT_TRUE(bitwise_equal(to_vec<T>(p), to_vec<T>(pc)));
+}
+
+// The guard in the class: a step whose update would write a non-finite value is skipped with skip_reason
+// NonFiniteUpdate: the gradient norm is reported (finite), step_count() does not advance, and parameters and both
+// moments are bitwise as before. Three ways in: an Inf already in a moment (then restored: the next step equals a
+// run that never saw the bad one, bitwise), an lr past the type's range, and (float) a gradient whose squared
+// moment overflows.
+TYPED_TEST(Optim, NonFiniteUpdateSkipsTheStep) {
+  using T = TypeParam;
+  auto be = make_cpu_backend();
+  const int64_t n = 200;
+  const std::vector<ParamSpec> specs = {{"w", {120}, 0, true}, {"b", {80}, 120, false}};
+  std::mt19937_64 g(test_seed());
+  const std::vector<T> p0 = randn<T>(g, n), g1 = randn<T>(g, n), g2 = randn<T>(g, n);
+  OptimConfig cfg = base_cfg();
+  AdamW opt(*be, specs, n, dtype_of<T>(), cfg, 10), clean(*be, specs, n, dtype_of<T>(), cfg, 10);
+  Tensor p = host_tensor(p0), pc = host_tensor(p0);
+  ASSERT_FALSE(opt.step(p, host_tensor(g1)).skipped);
+  clean.step(pc, host_tensor(g1));
+  auto expect_untouched = [&](AdamW& o, const Tensor& params, const std::vector<T>& bp, const std::vector<T>& bm,
+                              const std::vector<T>& bv) {
+    EXPECT_TRUE(bitwise_equal(to_vec<T>(params), bp)) << "param";
+    EXPECT_TRUE(bitwise_equal(to_vec<T>(o.m()), bm)) << "m";
+    EXPECT_TRUE(bitwise_equal(to_vec<T>(o.v()), bv)) << "v";
+  };
+  {
+    SCOPED_TRACE("Inf in m");
+    T* m = opt.m().template data<T>();
+    const T saved = m[150];
+    m[150] = std::numeric_limits<T>::infinity();
+    const auto bp = to_vec<T>(p), bm = to_vec<T>(opt.m()), bv = to_vec<T>(opt.v());
+    const auto info = opt.step(p, host_tensor(g2));
+    EXPECT_TRUE(info.skipped);
+    EXPECT_EQ(info.skip_reason, SkipReason::NonFiniteUpdate);
+    EXPECT_TRUE(std::isfinite(info.grad_norm));
+    EXPECT_EQ(opt.step_count(), 1);
+    expect_untouched(opt, p, bp, bm, bv);
+    m[150] = saved;
+    const auto ok = opt.step(p, host_tensor(g2));
+    EXPECT_FALSE(ok.skipped);
+    EXPECT_EQ(ok.skip_reason, SkipReason::None);
+    clean.step(pc, host_tensor(g2));
+    EXPECT_EQ(opt.step_count(), 2);
+    EXPECT_TRUE(bitwise_equal(to_vec<T>(p), to_vec<T>(pc)));
+    EXPECT_TRUE(bitwise_equal(to_vec<T>(opt.v()), to_vec<T>(clean.v())));
+  }
+  {
+    SCOPED_TRACE("lr past the range");
+    OptimConfig big = cfg;
+    big.weight_decay = 0;  // lr * weight_decay must stay < 1
+    big.lr = sizeof(T) == 4 ? 1e39 : std::numeric_limits<double>::max();
+    AdamW o(*be, specs, n, dtype_of<T>(), big, 10);
+    Tensor q = host_tensor(p0);
+    const auto zero = std::vector<T>(n, T(0));
+    const auto info = o.step(q, host_tensor(g1));
+    EXPECT_TRUE(info.skipped);
+    EXPECT_EQ(info.skip_reason, SkipReason::NonFiniteUpdate);
+    EXPECT_EQ(o.step_count(), 0);
+    expect_untouched(o, q, p0, zero, zero);
+  }
+  if constexpr (sizeof(T) == 4) {
+    SCOPED_TRACE("v overflows");
+    std::vector<T> gb = g2;
+    gb[30] = 1e30f;
+    const auto bp = to_vec<T>(p), bm = to_vec<T>(opt.m()), bv = to_vec<T>(opt.v());
+    const auto info = opt.step(p, host_tensor(gb));
+    EXPECT_TRUE(info.skipped);
+    EXPECT_EQ(info.skip_reason, SkipReason::NonFiniteUpdate);
+    EXPECT_GT(info.grad_norm, 1e29);
+    EXPECT_EQ(opt.step_count(), 2);
+    expect_untouched(opt, p, bp, bm, bv);
+  }
+  EXPECT_STREQ(skip_reason_text(SkipReason::NonFiniteUpdate), "non-finite updated weights or moments");
+  EXPECT_STREQ(skip_reason_text(SkipReason::NonFiniteGradNorm), "non-finite gradient norm");
+}
+
+// The cross-rank agreement (ZeRO-1): the hook sees this rank's verdict once per step with a finite norm (also for
+// an empty range) and its answer decides; it is not called when the norm already skipped the step.
+TYPED_TEST(Optim, FiniteAgreementDecidesAndIsCalledOncePerStep) {
+  using T = TypeParam;
+  auto be = make_cpu_backend();
+  const int64_t n = 64;
+  const std::vector<ParamSpec> specs = {{"w", {64}, 0, true}};
+  std::mt19937_64 g(test_seed());
+  const std::vector<T> p0 = randn<T>(g, n), g1 = randn<T>(g, n);
+  const std::pair<int64_t, int64_t> shards[] = {{10, 40}, {20, 20}};
+  for (const auto& [lo, hi] : shards) {
+    SCOPED_TRACE("shard [" + std::to_string(lo) + ", " + std::to_string(hi) + ")");
+    AdamW opt(*be, specs, n, dtype_of<T>(), base_cfg(), 10);
+    opt.set_shard(lo, hi);
+    int calls = 0;
+    AdamWCheck seen = AdamWCheck::NonFinite, answer = AdamWCheck::NonFinite;
+    opt.set_finite_agreement([&](AdamWCheck mine) {
+      ++calls;
+      seen = mine;
+      return answer;
+    });
+    Tensor p = host_tensor(p0);
+    const Tensor gr = host_tensor(g1);
+    auto info = opt.step_shard(p, gr.view(lo, {hi - lo}), 1.0);  // another rank found a non-finite value
+    EXPECT_EQ(calls, 1);
+    EXPECT_EQ(seen, AdamWCheck::AllFinite);
+    EXPECT_TRUE(info.skipped);
+    EXPECT_EQ(info.skip_reason, SkipReason::NonFiniteUpdate);
+    EXPECT_TRUE(bitwise_equal(to_vec<T>(p), p0));
+    EXPECT_EQ(opt.step_count(), 0);
+    info = opt.step_shard(p, gr.view(lo, {hi - lo}), std::numeric_limits<double>::infinity());
+    EXPECT_EQ(calls, 1) << "a non-finite norm skips before the agreement";
+    EXPECT_EQ(info.skip_reason, SkipReason::NonFiniteGradNorm);
+    answer = AdamWCheck::AllFinite;
+    info = opt.step_shard(p, gr.view(lo, {hi - lo}), 1.0);
+    EXPECT_EQ(calls, 2);
+    EXPECT_FALSE(info.skipped);
+    EXPECT_EQ(opt.step_count(), 1);
+    EXPECT_EQ(bitwise_equal(to_vec<T>(p), p0), lo == hi) << "the range moved (unless empty)";
+  }
 }
 
 // The whole class over a GPT-2 layout with warmup + cosine decay, weight decay and clipping on some steps,

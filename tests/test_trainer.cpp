@@ -262,6 +262,96 @@ TEST(Trainer, CorruptedCheckpointIsRejectedOnResume) {
     EXPECT_EQ(e.path().filename().string().find(".tmp"), std::string::npos) << e.path();
 }
 
+// The numerical guard end to end. learning_rate 1e39 (accepted by today's validation; set on the TrainConfig) makes
+// every update overflow the float weights: each step is skipped (weights, moments and optimizer step unchanged),
+// the metrics say so, every checkpoint written holds the initial weights bitwise (no Inf/NaN), and after
+// max_consecutive_skipped_steps skips in a row the run stops with an InputError (the CLI's exit code 2) naming the
+// key. fp32 and bf16 (fp32 master weights + a bf16 compute copy, which a skipped step must not touch either).
+void run_overflow_case(const std::string& precision) {
+  Workdir w;
+  setup(w);
+  TrainConfig c = base_config(w, "overflow");
+  c.precision = precision;
+  c.learning_rate = 1e39;
+  c.save_steps = 1;
+  c.max_consecutive_skipped_steps = 3;  // of the run's 6 steps
+  try {
+    run_training(c, RunKind::Dpo, quiet());
+    FAIL() << "the run did not stop";
+  } catch (const InputError& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("3 optimizer steps in a row were skipped"), std::string::npos) << m;
+    EXPECT_NE(m.find("steps 1-3"), std::string::npos) << m;
+    EXPECT_NE(m.find("non-finite updated weights"), std::string::npos) << m;
+    EXPECT_NE(m.find("max_consecutive_skipped_steps"), std::string::npos) << m;
+    EXPECT_NE(m.find("step-2"), std::string::npos) << "names the last checkpoint: " << m;
+  }
+  const std::vector<double> base = weights_of(w / "base");
+  for (int step : {1, 2}) {
+    const std::string dir = c.out_dir + "/checkpoints/step-" + std::to_string(step);
+    SCOPED_TRACE(dir);
+    const std::vector<double> got = weights_of(dir);
+    for (double x : got) ASSERT_TRUE(std::isfinite(x));
+    EXPECT_EQ(got, base) << "a skipped step changed the weights";
+    auto st = nlohmann::json::parse(slurp(dir + "/trainer_state.json"));
+    EXPECT_EQ(st["optimizer_step"].get<int64_t>(), 0);
+    SafetensorsFile of(dir + "/optimizer.safetensors");
+    for (const char* k : {"exp_avg", "exp_avg_sq"}) {
+      const Tensor t = of.read_as(k, DType::F32);
+      const float* v = t.data<float>();
+      for (int64_t i = 0; i < t.numel(); ++i) ASSERT_EQ(v[i], 0.0f) << k << " moved at " << i;
+    }
+  }
+  EXPECT_FALSE(fs::exists(c.out_dir + "/checkpoints/step-3")) << "the stopping step is not checkpointed";
+  // One metrics line per step, each with a finite gradient norm and skipped_steps = 1.
+  std::ifstream mf(c.out_dir + "/metrics.jsonl");
+  std::string line;
+  int lines = 0;
+  while (std::getline(mf, line)) {
+    auto j = nlohmann::json::parse(line);
+    ++lines;
+    EXPECT_TRUE(std::isfinite(j["grad_norm"].get<double>()));
+    ASSERT_TRUE(j.contains("skipped_steps")) << line;
+    EXPECT_EQ(j["skipped_steps"].get<double>(), 1.0);
+  }
+  EXPECT_EQ(lines, 3);
+}
+
+TEST(Trainer, OverflowingStepsAreSkippedAndTheRunStops) { run_overflow_case("fp32"); }
+TEST(Trainer, OverflowingStepsAreSkippedAndTheRunStopsBf16) { run_overflow_case("bf16"); }
+
+// With the limit off (0), a run whose every step was skipped still fails at the end (never "success" with the
+// initial weights), and writes no final checkpoint.
+TEST(Trainer, RunWithEveryStepSkippedFails) {
+  Workdir w;
+  setup(w);
+  TrainConfig c = base_config(w, "allskipped");
+  c.learning_rate = 1e39;
+  c.max_consecutive_skipped_steps = 0;
+  try {
+    run_training(c, RunKind::Dpo, quiet());
+    FAIL() << "no error";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("every one of the run's 6 optimizer steps was skipped"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_FALSE(fs::exists(c.out_dir + "/checkpoints/step-6"));
+}
+
+// A normal run is untouched by the guard: no metrics line carries skipped_steps. (Bitwise equality of the guarded
+// update with the plain kernel: test_optim.cpp, StepEqualsOneUpdatePerParameterBitwise.)
+TEST(Trainer, NormalRunSkipsNothing) {
+  Workdir w;
+  setup(w);
+  TrainConfig c = base_config(w, "normal");
+  c.max_consecutive_skipped_steps = 1;  // the strictest limit: any skip would stop the run
+  RunSummary r = run_training(c, RunKind::Dpo, quiet());
+  EXPECT_EQ(r.steps, 6);
+  std::ifstream mf(c.out_dir + "/metrics.jsonl");
+  std::string line;
+  while (std::getline(mf, line)) EXPECT_FALSE(nlohmann::json::parse(line).contains("skipped_steps")) << line;
+}
+
 TEST(Trainer, DpoImprovesPreferenceAccuracyOnHeldInPairs) {
   // A learning signal sanity check: after a few epochs on 22 separable pairs the implicit reward ranks the chosen
   // completion above the rejected one for most pairs (it starts at exactly 0 margin).

@@ -182,6 +182,8 @@ const std::vector<Key>& keys() {
       STRING_KEY(profile_steps, "optimizer steps inside a CUDA profiler capture range (cudaProfilerStart/Stop, for "
                                 "nsys --capture-range=cudaProfilerApi or ncu --profile-from-start off): \"A-B\" or "
                                 "\"N\", 1-based; empty = off; device: cuda only"),
+      INT_KEY(max_consecutive_skipped_steps, "stop with an error after N optimizer steps in a row were skipped "
+                                             "(non-finite gradient norm or updated weights); 0 = never stop"),
   };
   return k;
 }
@@ -324,6 +326,7 @@ void validate(const TrainConfig& c, RunKind kind) {
   nonneg("eval_steps", c.eval_steps);
   nonneg("save_steps", c.save_steps);
   nonneg("save_total_limit", c.save_total_limit);
+  nonneg("max_consecutive_skipped_steps", c.max_consecutive_skipped_steps);
   parse_profile_steps(c.profile_steps);
   if (!c.profile_steps.empty() && c.device != "cuda")
     bad("profile_steps", "needs device: cuda (it opens a CUDA profiler capture range), got device: " + c.device);

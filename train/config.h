@@ -66,6 +66,9 @@ struct TrainConfig {
   // profiling
   std::string profile_steps;  // "A-B" or "N": optimizer steps (1-based, inclusive) inside a CUDA profiler capture
                               // range (cudaProfilerStart/Stop; docs/profiling.md); empty = off. device: cuda only.
+  // numerical guards
+  int64_t max_consecutive_skipped_steps = 10;  // stop the run (an error) after this many skipped optimizer steps
+                                               // in a row (non-finite gradient norm or update); 0 = never stop
 };
 
 // The optimizer steps of `profile_steps`, 1-based and inclusive; first > last (empty) when the key is off.

@@ -39,6 +39,15 @@ const char* lr_schedule_name(LrSchedule s) {
   return "?";
 }
 
+const char* skip_reason_text(SkipReason r) {
+  switch (r) {
+    case SkipReason::None: return "";
+    case SkipReason::NonFiniteGradNorm: return "non-finite gradient norm";
+    case SkipReason::NonFiniteUpdate: return "non-finite updated weights or moments";
+  }
+  return "?";
+}
+
 void OptimConfig::validate() const {
   if (!std::isfinite(lr) || !(lr > 0)) bad("learning_rate", "a finite number > 0", num(lr));
   if (!(beta1 >= 0 && beta1 < 1)) bad("adam_beta1", "in [0, 1)", num(beta1));
@@ -146,6 +155,7 @@ AdamW::StepInfo AdamW::step_owned(const Tensor& param_range, const Tensor& grad_
   if (!std::isfinite(norm)) {
     info.grad_norm = std::numeric_limits<double>::quiet_NaN();
     info.skipped = true;
+    info.skip_reason = SkipReason::NonFiniteGradNorm;
     return info;
   }
   info.grad_norm = norm;
@@ -166,6 +176,15 @@ AdamW::StepInfo AdamW::step_owned(const Tensor& param_range, const Tensor& grad_
     }
   }
   p.weight_decay = cfg_.weight_decay;  // applied to the segments flagged weight_decay, 0 elsewhere
+  // The guard: nothing is written unless every new value of every rank is finite (see the top of optim.h).
+  AdamWCheck check = len > 0 ? be_->adamw_dry_run_segments(param_range, grad_shard, m_, v_, segs_, p)
+                             : AdamWCheck::AllFinite;
+  if (agree_) check = agree_(check);
+  if (check == AdamWCheck::NonFinite) {
+    info.skipped = true;
+    info.skip_reason = SkipReason::NonFiniteUpdate;
+    return info;
+  }
   if (len > 0) be_->adamw_update_segments(param_range, grad_shard, m_, v_, segs_, p);
   ++step_;
   return info;

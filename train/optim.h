@@ -12,14 +12,23 @@
 //     gradients by min(1, max_grad_norm / (norm + 1e-6)) as clip_grad_norm_ does, but through the kernel's
 //     grad_scale: the gradient tensor itself is left untouched.
 //   - A non-finite gradient norm (NaN or Inf anywhere in the gradients) skips the step: parameters, moments and
-//     the step counter are left as they were and StepInfo reports grad_norm = NaN, skipped = true. Whether to
-//     stop, skip the batch or count it is the caller's decision (PyTorch would write NaN into every parameter).
+//     the step counter are left as they were and StepInfo reports grad_norm = NaN, skipped = true, skip_reason =
+//     NonFiniteGradNorm. Whether to stop, skip the batch or count it is the caller's decision (PyTorch would write
+//     NaN into every parameter).
+//   - So does an update that would write a non-finite value (skip_reason = NonFiniteUpdate): before updating,
+//     the backend's read-only dry run (adamw_dry_run_segments, kernels/adamw.h) computes every new parameter and
+//     moment with the update's own element function and reports whether any is NaN or Inf (a learning rate
+//     that overflows the weights, v = (1 - beta2) g^2 past the float range, a non-finite weight or moment
+//     already in the state). Only when all are finite does the update run, so a rejected step leaves parameters,
+//     moments and step_count() bit-identical, at the price of one extra read of the four arrays per step (cheaper
+//     than keeping a copy of the state to roll back to; AdamW itself cannot be undone in floating point).
 //
 // Configuration keys (HF TrainingArguments names): learning_rate, adam_beta1, adam_beta2, adam_epsilon,
 // weight_decay, max_grad_norm, warmup_steps, lr_scheduler_type, min_lr_ratio.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -29,6 +38,11 @@
 namespace dpo {
 
 enum class LrSchedule { Constant, Cosine, Linear };
+
+// Why AdamW::step left everything as it was (see the top of this file).
+enum class SkipReason { None, NonFiniteGradNorm, NonFiniteUpdate };
+// "non-finite gradient norm", "non-finite updated weights or moments" ("" for None): for log lines.
+const char* skip_reason_text(SkipReason r);
 
 // "constant" (alias "constant_with_warmup"), "cosine", "linear". Anything else: InputError naming the key
 // lr_scheduler_type, the value and the valid list.
@@ -72,11 +86,21 @@ class AdamW {
     double grad_norm = 0.0;  // global norm before clipping; NaN when it was not finite (then skipped = true)
     double lr = 0.0;         // the learning rate used (or that would have been used, when skipped)
     bool clipped = false;    // the gradients were scaled down (max_grad_norm / (norm + 1e-6) < 1)
-    bool skipped = false;    // non-finite gradient norm: nothing was updated and step_count() did not advance
+    bool skipped = false;    // nothing was updated and step_count() did not advance (skip_reason says why)
+    SkipReason skip_reason = SkipReason::None;
   };
 
+  // Under ZeRO-1 each rank dry-runs only its own range, so the ranks must agree before any of them updates: `f`
+  // gets this rank's verdict and returns the verdict of all ranks (NonFinite if any rank's is). It is a collective:
+  // every step whose gradient norm is finite calls it exactly once on every rank (also with an empty range), and
+  // it is not called when the norm already skipped the step (the norm is the same on every rank). Unset: this
+  // rank's verdict is final (one process, or ranks that all hold the same full range).
+  using FiniteAgreement = std::function<AdamWCheck(AdamWCheck)>;
+  void set_finite_agreement(FiniteAgreement f) { agree_ = std::move(f); }
+
   // One optimizer step: lr = lr_at(cfg, step_count(), total_steps); global gradient norm over all of `grads`;
-  // clipping; then one adamw_update_segments call over all parameters (one launch on the GPU), whose segments are
+  // clipping; then one adamw_dry_run_segments and, when it (and the agreement, if set) finds every new value
+  // finite, one adamw_update_segments call over all parameters (one launch each on the GPU), whose segments are
   // the runs of consecutive ParamSpecs with the same weight_decay flag (weight_decay = cfg.weight_decay or 0), with
   // bias-correction step step_count() + 1; then step_count() += 1.
   // grads is read only.
@@ -120,6 +144,7 @@ class AdamW {
   int64_t shard_begin_ = 0, shard_end_ = 0;
   DType state_dtype_;
   Tensor m_, v_;
+  FiniteAgreement agree_;
 };
 
 }  // namespace dpo

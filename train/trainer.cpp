@@ -125,7 +125,8 @@ void check_fits(const TrainConfig& c, const GPT2& model, const Tokenizer& tok, c
 // zero_stage only changes where the moments live (checkpoints always hold all of them).
 const std::set<std::string> kResumeFreeKeys = {"out_dir",       "num_threads", "logging_steps", "eval_steps",
                                                "save_steps",    "save_total_limit", "ref_cache_dir", "eval_file",
-                                               "per_device_eval_batch_size", "zero_stage", "profile_steps"};
+                                               "per_device_eval_batch_size", "zero_stage", "profile_steps",
+                                               "max_consecutive_skipped_steps"};
 
 void check_resume_config(const std::string& saved_yaml, const TrainConfig& now, const std::string& where) {
   YAML::Node a = YAML::Load(saved_yaml), b = YAML::Load(to_yaml(now));
@@ -586,6 +587,14 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   const bool zero = cfg.zero_stage == 1 && n_ranks > 1;
   const int64_t zS = (n_params + n_ranks - 1) / n_ranks;
   Tensor zfull, zshard;  // all-gather buffers [R*S] and [S]
+  // The numerical guard's verdict must be the same on every rank (under ZeRO-1 each dry-runs only its own range):
+  // one small all-reduce per step with a finite gradient norm, counting the ranks that found a non-finite value.
+  if (n_ranks > 1)
+    opt.set_finite_agreement([&comm](AdamWCheck mine) {
+      double bad = mine == AdamWCheck::NonFinite ? 1.0 : 0.0;
+      comm.allreduce_sum(&bad, 1);
+      return bad > 0 ? AdamWCheck::NonFinite : AdamWCheck::AllFinite;
+    });
   if (zero) {
     opt.set_shard(std::min(n_params, me * zS), std::min(n_params, (me + 1) * zS));
     zfull = be->zeros({n_ranks * zS}, DType::F32);
@@ -674,6 +683,9 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   std::vector<int64_t> order = epoch_order(N, static_cast<uint64_t>(cfg.seed), p.epoch);
   Window w;
   double w_grad_norm = 0, w_lr = 0;
+  // Skipped optimizer steps (AdamW::StepInfo::skipped): in the logging window, in a row (this process's run: a
+  // resume starts the count again), and in all.
+  int64_t w_skipped = 0, skipped_in_a_row = 0, skipped_total = 0, steps_run = 0;
   int64_t last_saved = -1;
   std::map<std::string, double> eval_metrics;
   auto run_eval = [&]() {
@@ -866,7 +878,16 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       }
       return si;
     }();
-    if (info.skipped) say("step " + std::to_string(p.step + 1) + ": non-finite gradient norm; update skipped");
+    ++steps_run;
+    if (info.skipped) {
+      ++w_skipped;
+      ++skipped_in_a_row;
+      ++skipped_total;
+      say("step " + std::to_string(p.step + 1) + ": " + skip_reason_text(info.skip_reason) +
+          "; update skipped (weights, optimizer state and optimizer step unchanged)");
+    } else {
+      skipped_in_a_row = 0;
+    }
     p.pos += step_items;
     ++p.step;
     if (capturing && p.step >= profile.last) {
@@ -891,10 +912,23 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       m["learning_rate"] = w_lr;
       m["epoch"] = static_cast<double>(p.epoch) + static_cast<double>(p.pos) / static_cast<double>(N);
       m["tokens_per_second"] = tps;
+      if (w_skipped > 0) m["skipped_steps"] = static_cast<double>(w_skipped);  // skipped steps in this window
       if (log) log->write(p.step, m);
       sum.last_log = m;
       w = Window{};
+      w_skipped = 0;
     }
+    // A run that keeps skipping is not training: stop it (nothing of the skipped steps was applied, so the last
+    // checkpoint, if any, holds the last good state). The verdicts are the same on every rank, so all stop here.
+    if (cfg.max_consecutive_skipped_steps > 0 && skipped_in_a_row >= cfg.max_consecutive_skipped_steps)
+      throw InputError("training stopped: " + std::to_string(skipped_in_a_row) +
+                       " optimizer steps in a row were skipped (steps " +
+                       std::to_string(p.step - skipped_in_a_row + 1) + "-" + std::to_string(p.step) + ", the last: " +
+                       skip_reason_text(info.skip_reason) + "; max_consecutive_skipped_steps: " +
+                       std::to_string(cfg.max_consecutive_skipped_steps) + "). Lower learning_rate, set " +
+                       "max_grad_norm, or check the data and the initial weights. No state of a skipped step was kept; " +
+                       (last_saved >= 0 ? "the last checkpoint is step-" + std::to_string(last_saved)
+                                        : std::string("no checkpoint was written")));
     if (cfg.eval_steps > 0 && p.step % cfg.eval_steps == 0 && p.step < total) run_eval();
     if (cfg.save_steps > 0 && p.step % cfg.save_steps == 0) save();
     if (stop_sig != 0 && p.step < total) break;  // (a request in the last step just lets the run end)
@@ -920,6 +954,11 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     sum.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return sum;
   }
+  if (steps_run > 0 && skipped_total == steps_run)
+    throw InputError("training failed: every one of the run's " + std::to_string(steps_run) +
+                     " optimizer steps was skipped (non-finite gradient norm or updated weights), so the weights "
+                     "never changed; lower learning_rate, set max_grad_norm, or check the data and the initial "
+                     "weights (no final checkpoint was written)");
   run_eval();
   if (last_saved != p.step) save();
   sum.steps = p.step;

@@ -534,6 +534,21 @@ void CudaBackend::adamw_update_segments(const Tensor& param, const Tensor& grad,
                               segs.data(), static_cast<int64_t>(segs.size()), p);
 }
 
+AdamWCheck CudaBackend::adamw_dry_run_segments(const Tensor& param, const Tensor& grad, const Tensor& m,
+                                               const Tensor& v, const std::vector<AdamWSegment>& segs,
+                                               const AdamWParams& p) {
+  check_adamw_args(param, grad, m, v, p);
+  DPO_ASSERT(param.dim() == 1,
+             "adamw_dry_run_segments: param must be a flat 1-D tensor, got " + shape_str(param.shape()));
+  auto flag = ctx_->alloc(static_cast<int64_t>(sizeof(int)));
+  cuda::adamw_dry_run_segments(*ctx_, adamw_segments_, static_cast<int*>(flag->data()), f32(param), f32(grad),
+                               f32(m), f32(v), param.numel(), segs.data(), static_cast<int64_t>(segs.size()), p);
+  int h = 0;
+  DPO_CUDA_CHECK(cudaMemcpyAsync(&h, flag->data(), sizeof(int), cudaMemcpyDeviceToHost, ctx_->stream()));
+  ctx_->synchronize();  // the caller decides now whether the update runs
+  return h != 0 ? AdamWCheck::NonFinite : AdamWCheck::AllFinite;
+}
+
 double CudaBackend::sum_squares(const Tensor& x) {
   check_f32(x, "sum_squares x");
   auto out = ctx_->alloc(static_cast<int64_t>(sizeof(double)));

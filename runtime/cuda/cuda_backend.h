@@ -16,6 +16,7 @@
 // host blocks only in:
 //   - copy_to_host: the caller reads the host buffer on return (one cudaStreamSynchronize);
 //   - sum_squares: it returns a host double (the gradient-norm clip needs it on the host; one sync);
+//   - adamw_dry_run_segments: it returns whether the step's update would be finite (one 4-byte read, one sync);
 //   - synchronize();
 //   - copy_from_host from page-locked host memory, so that the caller may reuse the buffer on return. From ordinary
 //     pageable memory (Tensor::host) cudaMemcpyAsync has staged the bytes before it returns, so no sync is needed.
@@ -98,6 +99,9 @@ class CudaBackend final : public Backend {
   void adamw_update_segments(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                              const std::vector<AdamWSegment>& segs, const AdamWParams& p) override;
   // Deterministic (kernels/elementwise.cuh): bitwise the same for the same x on every run; syncs once.
+  // One launch over the same cached segment table, then the 4-byte flag is read back: one stream sync.
+  AdamWCheck adamw_dry_run_segments(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                                    const std::vector<AdamWSegment>& segs, const AdamWParams& p) override;
   double sum_squares(const Tensor& x) override;
   void scale(const Tensor& x, double s) override;
 
