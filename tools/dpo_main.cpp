@@ -12,6 +12,7 @@
 #include "train/bench.h"
 #include "train/config.h"
 #include "train/demo.h"
+#include "train/hash.h"
 #include "train/run_control.h"
 #include "train/sample.h"
 #include "train/tokenizer.h"
@@ -33,6 +34,7 @@ std::string rank_tag() {
 int cmd_info(const std::string& dir) {
   auto be = dpo::make_cpu_backend();
   dpo::LoadReport report;
+  const bool verified = dpo::verify_checkpoint(dir, dpo::CheckpointUse::Model);
   auto model = dpo::load_gpt2_checkpoint(*be, dir, dpo::DType::F32, &report);
   const auto& c = model->config();
   std::printf("checkpoint   %s\n", dir.c_str());
@@ -44,6 +46,7 @@ int cmd_info(const std::string& dir) {
   std::printf("n_positions  %lld\n", static_cast<long long>(c.max_seq_len));
   std::printf("parameters   %lld\n", static_cast<long long>(c.num_parameters()));
   for (const auto& n : report.ignored) std::printf("ignored      %s (buffer, not a parameter)\n", n.c_str());
+  std::printf("checksums    %s\n", verified ? "verified (checksums.json)" : "none (external checkpoint, not verified)");
   return 0;
 }
 
@@ -54,6 +57,7 @@ int cmd_init(const std::string& out, const dpo::GPT2Config& cfg, uint64_t seed) 
   dpo::Rng rng(seed);
   model.init_random(rng);
   dpo::save_gpt2_checkpoint(model, out);
+  dpo::write_checksums(out, {"config.json", "model.safetensors"});
   std::printf("wrote %s (GPT-2, %lld parameters, seed %llu)\n", out.c_str(),
               static_cast<long long>(cfg.num_parameters()), static_cast<unsigned long long>(seed));
   return 0;
@@ -122,6 +126,7 @@ struct SampleArgs {
 
 int cmd_sample(SampleArgs& a) {
   auto be = dpo::make_cpu_backend();
+  dpo::verify_checkpoint(a.checkpoint, dpo::CheckpointUse::Model);
   auto model = dpo::load_gpt2_checkpoint(*be, a.checkpoint, dpo::DType::F32);
   auto tok = dpo::make_tokenizer("byte");
   if (tok->vocab_size() > model->config().vocab_size)

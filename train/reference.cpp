@@ -35,6 +35,34 @@ RefLogps compute_ref_logps(GPT2& ref, const std::vector<PreferencePair>& data, i
   return out;
 }
 
+namespace {
+
+// SHA-256 of the token ids the reference scores, pair by pair (lengths first, so the split is unambiguous).
+std::string tokens_sha256(const std::vector<PreferencePair>& data) {
+  Sha256 h;
+  auto add = [&](const std::vector<int32_t>& v) {
+    const int64_t n = static_cast<int64_t>(v.size());
+    h.update(&n, sizeof n);
+    if (n > 0) h.update(v.data(), v.size() * sizeof(int32_t));
+  };
+  for (const auto& p : data) {
+    add(p.prompt);
+    add(p.chosen);
+    add(p.rejected);
+  }
+  return h.hex();
+}
+
+// SHA-256 of the cached values as stored (F64 bytes of chosen, then rejected).
+std::string values_sha256(const double* chosen, const double* rejected, int64_t n) {
+  Sha256 h;
+  h.update(chosen, static_cast<size_t>(n) * sizeof(double));
+  h.update(rejected, static_cast<size_t>(n) * sizeof(double));
+  return h.hex();
+}
+
+}  // namespace
+
 std::string default_ref_cache_dir() {
   if (const char* x = std::getenv("XDG_CACHE_HOME"); x && *x) return std::string(x) + "/dpo/ref";
   if (const char* h = std::getenv("HOME"); h && *h) return std::string(h) + "/.cache/dpo/ref";
@@ -51,12 +79,14 @@ RefCacheResult cached_ref_logps(GPT2& ref, const std::vector<PreferencePair>& da
   wh.update(host.raw(), static_cast<size_t>(host.nbytes()));
   const std::string weights_sha = wh.hex();
   const std::string data_sha = sha256_file(data_path);
-  const std::string key = sha256_string(weights_sha + "\n" + data_sha + "\n" + settings);
-  const std::map<std::string, std::string> meta = {{"key", key},
-                                                   {"weights_sha256", weights_sha},
-                                                   {"data_sha256", data_sha},
-                                                   {"settings", settings},
-                                                   {"pairs", std::to_string(data.size())}};
+  const std::string tokens_sha = tokens_sha256(data);
+  const std::string key = sha256_string(weights_sha + "\n" + data_sha + "\n" + tokens_sha + "\n" + settings);
+  std::map<std::string, std::string> meta = {{"key", key},
+                                             {"weights_sha256", weights_sha},
+                                             {"data_sha256", data_sha},
+                                             {"tokens_sha256", tokens_sha},
+                                             {"settings", settings},
+                                             {"pairs", std::to_string(data.size())}};
   RefCacheResult r;
   r.path = (fs::path(cache_dir) / ("ref-" + key.substr(0, 32) + ".safetensors")).string();
   if (fs::exists(r.path)) {
@@ -73,8 +103,13 @@ RefCacheResult cached_ref_logps(GPT2& ref, const std::vector<PreferencePair>& da
       if (why.empty()) {
         Tensor c = f.read_as("chosen", DType::F64), rj = f.read_as("rejected", DType::F64);
         const int64_t n = static_cast<int64_t>(data.size());
+        auto vs = f.metadata().find("values_sha256");
         if (c.numel() != n || rj.numel() != n) {
           why = "holds " + std::to_string(c.numel()) + " pairs, data has " + std::to_string(n);
+        } else if (vs == f.metadata().end()) {
+          why = "no values_sha256 in its metadata";
+        } else if (vs->second != values_sha256(c.data<double>(), rj.data<double>(), n)) {
+          why = "its values do not match their SHA-256 (corrupted file)";
         } else {
           r.logps.chosen.assign(c.data<double>(), c.data<double>() + n);
           r.logps.rejected.assign(rj.data<double>(), rj.data<double>() + n);
@@ -97,6 +132,7 @@ RefCacheResult cached_ref_logps(GPT2& ref, const std::vector<PreferencePair>& da
   Tensor c = Tensor::host({n}, DType::F64), rj = Tensor::host({n}, DType::F64);
   std::copy(r.logps.chosen.begin(), r.logps.chosen.end(), c.data<double>());
   std::copy(r.logps.rejected.begin(), r.logps.rejected.end(), rj.data<double>());
+  meta["values_sha256"] = values_sha256(c.data<double>(), rj.data<double>(), n);
   save_safetensors(r.path, {{"chosen", c}, {"rejected", rj}}, meta);
   return r;
 }

@@ -2,10 +2,13 @@
 // cached on disk.
 //
 // The cache key is SHA-256 over the reference parameters as loaded (bytes of the F32 vector plus the config), the
-// data file's bytes, and a settings string (tokenizer, truncation, lengths). The cache file is
+// data file's bytes, the tokens the reference scores (every pair's prompt, chosen and rejected ids, so any
+// tokenisation or truncation setting changes it), and a settings string (the trainer builds it from its config:
+// tokenizer, lengths, truncation, precision, device, batch size). The cache file is
 // <cache_dir>/ref-<key>.safetensors holding F64 "chosen" and "rejected" [N] and, in its metadata, every component
-// of the key. A file whose metadata does not match what this run computes, or that is unreadable, is reported
-// as stale and recomputed; it is never used.
+// of the key and "values_sha256", the SHA-256 of the two tensors' bytes. A file whose metadata does not match what
+// this run computes, whose values do not match values_sha256 (a flipped bit), or that is unreadable, is reported
+// as stale and recomputed (and rewritten); it is never used.
 #pragma once
 
 #include <string>

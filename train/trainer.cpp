@@ -74,13 +74,22 @@ DataOptions data_options(const TrainConfig& c) {
   return d;
 }
 
-// Everything that changes the tokens the reference sees, for the reference-cache key.
+// The settings part of the reference-cache key: everything besides the weights and the data file's bytes that
+// changes the reference log-probs. The tokens themselves are also hashed into the key (train/reference.h), so a
+// tokenisation setting left out here would still change it; precision, device and the batch size (padding changes
+// the float rounding) change the arithmetic only.
 std::string data_settings(const TrainConfig& c) {
   std::ostringstream s;
   s << "tokenizer=" << c.tokenizer << ";max_length=" << c.max_length << ";max_prompt_length=" << c.max_prompt_length
-    << ";truncation=" << c.truncation_mode << ";skip_malformed=" << c.skip_malformed << ";append_eos=1";
-  if (c.precision != "fp32") s << ";precision=" << c.precision;  // the reference's arithmetic (fp32 keys unchanged)
+    << ";truncation=" << c.truncation_mode << ";skip_malformed=" << c.skip_malformed << ";append_eos=1"
+    << ";precision=" << c.precision << ";device=" << c.device << ";batch_pairs=" << c.per_device_eval_batch_size;
   return s.str();
+}
+
+// A model directory (policy, reference, evaluated checkpoint) verified against its checksums.json, then loaded.
+std::unique_ptr<GPT2> load_verified_model(Backend& be, const std::string& dir, DType dtype) {
+  verify_checkpoint(dir, CheckpointUse::Model);
+  return load_gpt2_checkpoint(be, dir, dtype);
 }
 
 DType model_dtype(const TrainConfig& c) { return c.precision == "bf16" ? DType::BF16 : DType::F32; }
@@ -147,6 +156,9 @@ void check_resume_config(const std::string& saved_yaml, const TrainConfig& now, 
   }
 }
 
+// trainer_state.json's format; the files' SHA-256 are in checksums.json (train/hash.h), which covers it too.
+constexpr const char* kCheckpointFormat = "dpo-checkpoint-2";
+
 struct Position {
   int64_t step = 0;      // optimizer steps done
   int64_t epoch = 0;     // current epoch
@@ -157,7 +169,7 @@ struct Position {
 // the master weights (host) when the model's are sharded, else undefined (taken from the model).
 void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW& opt, const Tensor& m,
                       const Tensor& v, const Tensor& weights, const Position& p, const std::string& config_yaml,
-                      int64_t save_total_limit) {
+                      const std::string& train_sha256, int64_t save_total_limit) {
   const fs::path root = fs::path(out_dir) / "checkpoints";
   const std::string name = "step-" + std::to_string(p.step);
   const fs::path final_dir = root / name;
@@ -179,13 +191,15 @@ void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW
   else save_gpt2_checkpoint(model, tmp.string());
   save_safetensors((tmp / "optimizer.safetensors").string(), {{"exp_avg", m}, {"exp_avg_sq", v}},
                    {{"optimizer", "adamw"}, {"step", std::to_string(opt.step_count())}});
-  json files = json::object();
-  for (const char* f : {"model.safetensors", "config.json", "optimizer.safetensors"})
-    files[f] = sha256_file((tmp / f).string());
-  json st = {{"step", p.step},          {"epoch", p.epoch},     {"position", p.pos},
-             {"optimizer_step", opt.step_count()}, {"files_sha256", files}, {"config", config_yaml},
-             {"format", "dpo-checkpoint-1"}};
+  json st = {{"step", p.step},
+             {"epoch", p.epoch},
+             {"position", p.pos},
+             {"optimizer_step", opt.step_count()},
+             {"train_file_sha256", train_sha256},
+             {"config", config_yaml},
+             {"format", kCheckpointFormat}};
   write_file_atomic((tmp / "trainer_state.json").string(), st.dump(2) + "\n");
+  write_checksums(tmp.string(), {"config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"});
   if (fs::exists(final_dir)) fs::remove_all(final_dir);
   fs::rename(tmp, final_dir, ec);
   if (ec) throw Error("cannot rename " + tmp.string() + " to " + final_dir.string() + ": " + ec.message());
@@ -211,8 +225,11 @@ std::string resolve_resume(const std::string& resume, const std::string& out_dir
   return (fs::path(out_dir) / "checkpoints" / name).string();
 }
 
-// Verifies every file against trainer_state.json, loads weights and optimizer state; returns the position.
-Position load_checkpoint(const std::string& dir, GPT2& model, AdamW& opt, const TrainConfig& cfg) {
+// Verifies every file against checksums.json and the training data against the hash the checkpoint recorded,
+// loads weights and optimizer state; returns the position.
+Position load_checkpoint(const std::string& dir, GPT2& model, AdamW& opt, const TrainConfig& cfg,
+                         const std::string& train_sha256) {
+  verify_checkpoint(dir, CheckpointUse::Resume);  // false (no checksums.json) fails below: no trainer_state.json
   const std::string state_path = (fs::path(dir) / "trainer_state.json").string();
   std::ifstream f(state_path);
   if (!f) throw InputError(state_path + ": cannot open (not a training checkpoint?)");
@@ -222,14 +239,16 @@ Position load_checkpoint(const std::string& dir, GPT2& model, AdamW& opt, const 
   } catch (const json::parse_error& e) {
     throw InputError(state_path + ": not valid JSON: " + e.what());
   }
-  for (const char* k : {"step", "epoch", "position", "optimizer_step", "files_sha256", "config"})
+  if (!st.is_object() || !st.contains("format") || st["format"] != kCheckpointFormat)
+    throw InputError(state_path + ": not a \"" + std::string(kCheckpointFormat) + "\" trainer state");
+  for (const char* k : {"step", "epoch", "position", "optimizer_step", "train_file_sha256", "config"})
     if (!st.contains(k)) throw InputError(state_path + ": missing field '" + k + "'");
-  for (auto it = st["files_sha256"].begin(); it != st["files_sha256"].end(); ++it) {
-    const std::string path = (fs::path(dir) / it.key()).string();
-    if (sha256_file(path) != it.value().get<std::string>())
-      throw InputError(path + ": SHA-256 does not match trainer_state.json (corrupted or modified checkpoint)");
-  }
   check_resume_config(st["config"].get<std::string>(), cfg, state_path);
+  if (st["train_file_sha256"] != train_sha256)
+    throw InputError(cfg.train_file + ": contents changed since the checkpoint " + dir +
+                     " was written (its SHA-256 differs from the one in trainer_state.json); resuming would continue "
+                     "on other data. Restore the file, or start a new run from the checkpoint's weights with "
+                     "model=" + dir);
   load_gpt2_weights(model, (fs::path(dir) / "model.safetensors").string());
   SafetensorsFile of((fs::path(dir) / "optimizer.safetensors").string());
   Backend& be = model.backend();
@@ -508,7 +527,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
                      "out_dir");
   const std::string config_yaml = to_yaml(cfg);
 
-  auto policy = load_gpt2_checkpoint(*be, cfg.model, model_dtype(cfg));
+  auto policy = load_verified_model(*be, cfg.model, model_dtype(cfg));
   check_fits(cfg, *policy, *tok, cfg.model);
   policy->set_logits_chunk_rows(cfg.logits_chunk_rows);
 
@@ -522,6 +541,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       " truncated, " + std::to_string(stats.skipped) + " skipped)");
   for (const auto& [why, n] : stats.skipped_by_reason) say("  skipped " + std::to_string(n) + ": " + why);
   const int64_t N = kind == RunKind::Dpo ? static_cast<int64_t>(pairs.size()) : static_cast<int64_t>(sft.size());
+  const std::string train_sha256 = sha256_file(cfg.train_file);  // recorded in checkpoints, checked on resume
 
   std::vector<PreferencePair> eval_pairs;
   if (kind == RunKind::Dpo && !cfg.eval_file.empty()) {
@@ -543,7 +563,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   if (kind == RunKind::Dpo) lc = loss_config(cfg);
   if (use_ref) {
     const std::string ref_dir = cfg.ref_model.empty() ? cfg.model : cfg.ref_model;
-    ref = load_gpt2_checkpoint(*be, ref_dir, model_dtype(cfg));
+    ref = load_verified_model(*be, ref_dir, model_dtype(cfg));
     check_fits(cfg, *ref, *tok, ref_dir);
     ref->set_logits_chunk_rows(cfg.logits_chunk_rows);
     if (cached) {
@@ -554,8 +574,9 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
         const char* what = r.status == RefCacheResult::Status::Hit    ? "reused"
                            : r.status == RefCacheResult::Status::Miss ? "computed"
                                                                       : "recomputed (stale cache)";
-        say(std::string("reference log-probs for ") + path + ": " + what + " -> " + r.path +
-            (r.reason.empty() ? "" : " [" + r.reason + "]"));
+        if (r.status == RefCacheResult::Status::Stale)
+          say("warning: reference log-prob cache " + r.path + " not used: " + r.reason + "; recomputing it");
+        say(std::string("reference log-probs for ") + path + ": " + what + " -> " + r.path);
         return r.logps;
       };
       // Rank 0 computes and writes the cache; the others wait, then read it (or, where the cache directory is
@@ -658,7 +679,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   Position p;
   if (!ro.resume.empty()) {
     const std::string dir = resolve_resume(ro.resume, cfg.out_dir);
-    p = load_checkpoint(dir, *policy, opt, cfg);  // on every rank
+    p = load_checkpoint(dir, *policy, opt, cfg, train_sha256);  // on every rank
     say("resumed from " + dir + " at step " + std::to_string(p.step));
   }
   // ZeRO-1 in bf16: each rank keeps only its range of the F32 master weights (after any resume, which loads all
@@ -707,7 +728,8 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       weights = Tensor::host({n_params}, DType::F32);
       be->copy_to_host(weights, tmp);
     }
-    if (lead) write_checkpoint(cfg.out_dir, *policy, opt, m, v, weights, p, config_yaml, cfg.save_total_limit);
+    if (lead) write_checkpoint(cfg.out_dir, *policy, opt, m, v, weights, p, config_yaml, train_sha256,
+                                cfg.save_total_limit);
     CollectiveTimeoutPause writing;  // the others wait for rank 0's disk, however slow
     comm.barrier();  // no rank runs ahead of a checkpoint it might be asked to resume from
     last_saved = p.step;
@@ -975,7 +997,7 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
   Communicator& comm = comm_in ? *comm_in : *own_comm;
   auto be = make_backend(cfg, comm);
   auto tok = make_tokenizer(cfg.tokenizer);
-  auto policy = load_gpt2_checkpoint(*be, checkpoint, model_dtype(cfg));
+  auto policy = load_verified_model(*be, checkpoint, model_dtype(cfg));
   check_fits(cfg, *policy, *tok, checkpoint);
   policy->set_logits_chunk_rows(cfg.logits_chunk_rows);
   const std::string path = cfg.eval_file.empty() ? cfg.train_file : cfg.eval_file;
@@ -986,7 +1008,7 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
   std::unique_ptr<GPT2> ref;
   if (!cfg.reference_free) {
     const std::string ref_dir = cfg.ref_model.empty() ? cfg.model : cfg.ref_model;
-    ref = load_gpt2_checkpoint(*be, ref_dir, model_dtype(cfg));
+    ref = load_verified_model(*be, ref_dir, model_dtype(cfg));
     ref->set_logits_chunk_rows(cfg.logits_chunk_rows);
   }
   return evaluate(comm, *policy, ref.get(), nullptr, data, lc, cfg.per_device_eval_batch_size);
