@@ -769,7 +769,10 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     }
     const auto ts = std::chrono::steady_clock::now();
     const int64_t step_items = std::min(per_step, N - p.pos);
-    const auto [c0, c1] = shard((step_items + mb - 1) / mb, n_ranks, me);
+    // Plain variables, not a structured binding: lambdas below capture them (C++20 allows capturing bindings, but
+    // clang before 16 does not implement it, and the fuzzing build uses clang).
+    const std::pair<int64_t, int64_t> micro = shard((step_items + mb - 1) / mb, n_ranks, me);
+    const int64_t c0 = micro.first, c1 = micro.second;
     be->fill_zero(grad);
     std::vector<Tensor> stash;
     std::vector<Window> chunks;
