@@ -70,6 +70,7 @@ DataOptions data_options(const TrainConfig& c) {
   d.truncation = c.truncation_mode == "keep_start" ? TruncationMode::KeepStart : TruncationMode::KeepEnd;
   d.skip_malformed = c.skip_malformed;
   d.append_eos = true;
+  d.require_score_gap = c.odpo_alpha > 0;  // ODPO: score errors name file:line
   return d;
 }
 
@@ -443,10 +444,6 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     throw InputError("key 'out_dir': " + cfg.out_dir +
                      " already holds checkpoints of a run; pass --resume latest to continue it, or choose another "
                      "out_dir");
-  if (lead) {
-    fs::create_directories(cfg.out_dir, ec);
-    if (ec) throw InputError("key 'out_dir': cannot create " + cfg.out_dir + ": " + ec.message());
-  }
   const std::string config_yaml = to_yaml(cfg);
 
   auto policy = load_gpt2_checkpoint(*be, cfg.model, model_dtype(cfg));
@@ -602,6 +599,10 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   const std::string metrics_path = (fs::path(cfg.out_dir) / "metrics.jsonl").string();
   std::unique_ptr<MetricsLog> log;
   if (lead) {
+    // Only now, with the config, models, data and any checkpoint to resume from loaded and checked: a run
+    // stopped by bad input leaves no empty out_dir behind.
+    fs::create_directories(cfg.out_dir, ec);
+    if (ec) throw InputError("key 'out_dir': cannot create " + cfg.out_dir + ": " + ec.message());
     write_file_atomic((fs::path(cfg.out_dir) / "config.yaml").string(), config_yaml);
     if (!ro.resume.empty()) truncate_metrics(metrics_path, p.step);
     log = std::make_unique<MetricsLog>(metrics_path, !ro.resume.empty());
