@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <memory>
 #include <new>
@@ -47,6 +48,23 @@ void check_checkpoint_dir(const std::string& dir, const std::string& what) {
                           ": not a directory (a checkpoint is a directory with config.json and model.safetensors)");
 }
 
+// "<out_dir>/checkpoints/latest", the file that names a run's newest step directory, stands for that directory
+// wherever a checkpoint directory is expected (model, ref_model, eval, sample, info), so commands need not know
+// the step count. Any other path is returned unchanged.
+std::string resolve_latest(const std::string& path, const std::string& what, bool print) {
+  namespace fs = std::filesystem;
+  const fs::path p(path);
+  std::error_code ec;
+  if (p.filename() != "latest" || !fs::is_regular_file(p, ec)) return path;
+  std::ifstream f(p);
+  std::string name;
+  if (!(f >> name) || name.find('/') != std::string::npos || name == "." || name == "..")
+    throw dpo::InputError(what + ": " + path + ": does not name a checkpoint directory of this run");
+  const std::string dir = (p.parent_path() / name).string();
+  if (print) std::fprintf(stderr, "%s: %s -> %s\n", what.c_str(), path.c_str(), dir.c_str());
+  return dir;
+}
+
 // The model context that max_length must fit: the smallest n_positions of the checkpoints the run loads.
 // Prints what fit_to_model changed. `policy` is the checkpoint of `dpo eval`; empty for train and sft.
 void fit_config_to_models(dpo::TrainConfig& cfg, dpo::RunKind kind, const std::string& policy, bool print) {
@@ -68,7 +86,8 @@ void fit_config_to_models(dpo::TrainConfig& cfg, dpo::RunKind kind, const std::s
     if (print) std::fprintf(stderr, "%s\n", note.c_str());
 }
 
-int cmd_info(const std::string& dir) {
+int cmd_info(const std::string& dir_arg) {
+  const std::string dir = resolve_latest(dir_arg, "checkpoint", true);
   check_checkpoint_dir(dir, "checkpoint");
   auto be = dpo::make_cpu_backend();
   dpo::LoadReport report;
@@ -141,6 +160,8 @@ int cmd_train(const TrainArgs& a, dpo::RunKind kind) {
     return 0;
   }
   dpo::TrainConfig cfg = dpo::load_train_config(a.config, a.overrides, kind);
+  cfg.model = resolve_latest(cfg.model, "key 'model'", prints());
+  if (!cfg.ref_model.empty()) cfg.ref_model = resolve_latest(cfg.ref_model, "key 'ref_model'", prints());
   fit_config_to_models(cfg, kind, "", prints());
   if (!a.resume.empty() && a.resume != "latest") check_checkpoint_dir(a.resume, "--resume");
   dpo::RunOptions ro;
@@ -155,7 +176,7 @@ int cmd_train(const TrainArgs& a, dpo::RunKind kind) {
   return 0;
 }
 
-int cmd_eval(const TrainArgs& a, const std::string& checkpoint) {
+int cmd_eval(const TrainArgs& a, const std::string& checkpoint_arg) {
   if (a.help_config) {
     std::fputs(dpo::config_help().c_str(), stdout);
     return 0;
@@ -164,8 +185,11 @@ int cmd_eval(const TrainArgs& a, const std::string& checkpoint) {
   // eval needs no out_dir; a placeholder keeps validation uniform.
   ov.insert(ov.begin(), "out_dir=.");
   dpo::TrainConfig cfg = dpo::load_train_config(a.config, ov, dpo::RunKind::Dpo);
-  fit_config_to_models(cfg, dpo::RunKind::Dpo, checkpoint, prints());
-  auto m = dpo::run_evaluation(cfg, checkpoint);
+  cfg.model = resolve_latest(cfg.model, "key 'model'", prints());
+  if (!cfg.ref_model.empty()) cfg.ref_model = resolve_latest(cfg.ref_model, "key 'ref_model'", prints());
+  const std::string policy = resolve_latest(checkpoint_arg, "checkpoint", prints());
+  fit_config_to_models(cfg, dpo::RunKind::Dpo, policy, prints());
+  auto m = dpo::run_evaluation(cfg, policy);
   if (prints()) print_metrics(m);
   return 0;
 }
@@ -179,6 +203,7 @@ struct SampleArgs {
 };
 
 int cmd_sample(SampleArgs& a) {
+  a.checkpoint = resolve_latest(a.checkpoint, "checkpoint", true);
   check_checkpoint_dir(a.checkpoint, "checkpoint");
   auto be = dpo::make_cpu_backend();
   auto model = dpo::load_gpt2_checkpoint(*be, a.checkpoint, dpo::DType::F32);
