@@ -400,6 +400,15 @@ TEST(ConfigCli, UnknownSubcommandIsNamed) {
   EXPECT_NE(r.err.find("train"), std::string::npos) << r.err;
 }
 
+TEST(ConfigCli, ThreadFlagsHaveTheKeysBound) {
+  const std::string d = scratch();
+  for (const std::string& args : {std::string("bench --threads 100000 --steps 1"), "demo --out " + quote(d + "/x") + " --threads 1025"}) {
+    const Cli r = dpo_cli(args);
+    EXPECT_EQ(r.code, 2) << args << "\n" << r.err;
+    EXPECT_NE(r.err.find("--threads"), std::string::npos) << args << "\n" << r.err;
+  }
+}
+
 TEST(ConfigCli, FailedValidationLeavesNoOutDir) {
   const std::string d = scratch();
   tiny_inputs(d);
@@ -424,6 +433,15 @@ TEST(ConfigCli, FailedValidationLeavesNoOutDir) {
        "key 'ref_model': " + d + "/nope"},
       {"sft " + base + "train_file=" + quote(d + "/pairs.jsonl"), d + "/pairs.jsonl:1"},  // not SFT records
   };
+  // An out_dir that cannot be created is refused before any work, naming the key.
+  std::ofstream(d + "/a_file") << "x";
+  for (const std::string& bad_out : {d + "/a_file", d + "/a_file/run"}) {
+    const Cli r = dpo_cli("train model=" + quote(d + "/base") + " train_file=" + quote(d + "/pairs.jsonl") +
+                          " out_dir=" + quote(bad_out) + " ref_cache_dir=" + quote(d + "/cache"));
+    EXPECT_EQ(r.code, 2) << bad_out << "\n" << r.err;
+    EXPECT_NE(r.err.find("key 'out_dir': " + bad_out), std::string::npos) << r.err;
+    EXPECT_EQ(r.err.find("reference log-probs"), std::string::npos) << "refused only after the work: " << r.err;
+  }
   for (const auto& [args, expect] : cases) {
     const Cli r = dpo_cli(args);
     EXPECT_EQ(r.code, 2) << args << "\n" << r.err;

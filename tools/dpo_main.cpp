@@ -11,6 +11,8 @@
 #include <new>
 #include <system_error>
 
+#include <unistd.h>
+
 #include "model/checkpoint.h"
 #include "runtime/backend.h"
 #include "runtime/comm.h"
@@ -63,6 +65,32 @@ std::string resolve_latest(const std::string& path, const std::string& what, boo
   const std::string dir = (p.parent_path() / name).string();
   if (print) std::fprintf(stderr, "%s: %s -> %s\n", what.c_str(), path.c_str(), dir.c_str());
   return dir;
+}
+
+// out_dir is created only once the inputs are loaded (run_training); what would stop its creation is checked
+// here, before any work: an existing non-directory, or a nearest existing ancestor that is not a writable
+// directory.
+void check_out_dir(const std::string& out_dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::path p = fs::absolute(out_dir, ec);
+  if (ec) throw dpo::InputError("key 'out_dir': " + out_dir + ": " + ec.message());
+  bool self = true;
+  for (; !p.empty(); p = p.parent_path(), self = false) {
+    const fs::file_status st = fs::status(p, ec);
+    if (ec && ec != std::errc::no_such_file_or_directory)
+      throw dpo::InputError("key 'out_dir': " + out_dir + ": cannot access " + p.string() + ": " + ec.message());
+    if (!fs::exists(st)) {
+      if (p == p.parent_path()) break;
+      continue;
+    }
+    if (!fs::is_directory(st))
+      throw dpo::InputError("key 'out_dir': " + out_dir + ": " + (self ? std::string("exists and") : p.string()) +
+                            " is not a directory");
+    if (::access(p.c_str(), W_OK | X_OK) != 0)
+      throw dpo::InputError("key 'out_dir': " + out_dir + ": " + p.string() + " is not writable");
+    return;
+  }
 }
 
 // The model context that max_length must fit: the smallest n_positions of the checkpoints the run loads.
@@ -163,6 +191,7 @@ int cmd_train(const TrainArgs& a, dpo::RunKind kind) {
   cfg.model = resolve_latest(cfg.model, "key 'model'", prints());
   if (!cfg.ref_model.empty()) cfg.ref_model = resolve_latest(cfg.ref_model, "key 'ref_model'", prints());
   fit_config_to_models(cfg, kind, "", prints());
+  if (prints()) check_out_dir(cfg.out_dir);  // rank 0 writes out_dir
   if (!a.resume.empty() && a.resume != "latest") check_checkpoint_dir(a.resume, "--resume");
   dpo::RunOptions ro;
   ro.resume = a.resume;
@@ -291,7 +320,9 @@ int main(int argc, char** argv) {
   demo->add_option("--out,-o", demo_opt.out_dir, "output directory")->required();
   demo->add_option("--betas", demo_opt.betas, "DPO beta values (one DPO run each)")->delimiter(',')->capture_default_str();
   demo->add_option("--seed", demo_opt.seed, "seed for the corpus, initialisation and sampling")->capture_default_str();
-  demo->add_option("--threads", demo_opt.num_threads, "CPU threads; 0 = OpenMP default")->capture_default_str();
+  demo->add_option("--threads", demo_opt.num_threads, "CPU threads; 0 = OpenMP default")
+      ->check(CLI::Range(int64_t{0}, dpo::kMaxThreads))  // the bound of the num_threads key
+      ->capture_default_str();
   demo->add_flag("--plain", demo_opt.plain_progress, "plain progress lines even on a terminal");
 
   dpo::BenchOptions bench_opt;
@@ -309,7 +340,9 @@ int main(int argc, char** argv) {
   bench->add_option("--reference", bench_opt.reference, "precomputed (fixed log-probs) or live (reference forward)")
       ->capture_default_str();
   bench->add_option("--device", bench_opt.device, "cpu or cuda")->capture_default_str();
-  bench->add_option("--threads", bench_opt.threads, "CPU threads; 0 = OpenMP default")->capture_default_str();
+  bench->add_option("--threads", bench_opt.threads, "CPU threads; 0 = OpenMP default")
+      ->check(CLI::Range(int64_t{0}, dpo::kMaxThreads))
+      ->capture_default_str();
   bench->add_option("--peak-tflops", bench_opt.peak_tflops, "peak for MFU (default: 989 on cuda, none on cpu)");
   bench->add_option("--length-spread", bench_opt.length_spread,
                     "none (every pair the workload's exact lengths, default) or lognormal (lengths spread over a fixed "

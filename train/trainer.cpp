@@ -80,6 +80,8 @@ std::string data_settings(const TrainConfig& c) {
   s << "tokenizer=" << c.tokenizer << ";max_length=" << c.max_length << ";max_prompt_length=" << c.max_prompt_length
     << ";truncation=" << c.truncation_mode << ";skip_malformed=" << c.skip_malformed << ";append_eos=1";
   if (c.precision != "fp32") s << ";precision=" << c.precision;  // the reference's arithmetic (fp32 keys unchanged)
+  // With skip_malformed, ODPO's score check changes which records are kept (keys without ODPO unchanged).
+  if (c.odpo_alpha > 0 && c.skip_malformed) s << ";require_score_gap=1";
   return s.str();
 }
 
