@@ -385,7 +385,8 @@ TEST(ConfigCli, ImpossibleModelSizeExitsTwo) {
   const std::string d = scratch();
   // 2^40 parameters is the limit: 1000 layers of width 100000 are 1.2e14 parameters; n_embd * n_embd alone
   // overflows int64 at 4e9.
-  for (const std::string& size : {"--n-layer 1000 --n-head 1 --n-embd 100000", "--n-layer 2 --n-head 1 --n-embd 4000000000"}) {
+  for (const std::string& size :
+       {"--n-layer 1000 --n-head 1 --n-embd 100000", "--n-layer 2 --n-head 1 --n-embd 4000000000"}) {
     const Cli r = dpo_cli("init --out " + quote(d + "/m") + " " + size);
     EXPECT_EQ(r.code, 2) << size << "\n" << r.err;
     EXPECT_NE(r.err.find("parameters; at most 2^40"), std::string::npos) << r.err;
@@ -402,7 +403,8 @@ TEST(ConfigCli, UnknownSubcommandIsNamed) {
 
 TEST(ConfigCli, ThreadFlagsHaveTheKeysBound) {
   const std::string d = scratch();
-  for (const std::string& args : {std::string("bench --threads 100000 --steps 1"), "demo --out " + quote(d + "/x") + " --threads 1025"}) {
+  for (const std::string& args :
+       {std::string("bench --threads 100000 --steps 1"), "demo --out " + quote(d + "/x") + " --threads 1025"}) {
     const Cli r = dpo_cli(args);
     EXPECT_EQ(r.code, 2) << args << "\n" << r.err;
     EXPECT_NE(r.err.find("--threads"), std::string::npos) << args << "\n" << r.err;
