@@ -328,9 +328,9 @@ void validate(const TrainConfig& c, RunKind kind) {
                         "weight_decay), got " + num(c.weight_decay) + " * " + num(c.learning_rate));
   if (!(c.adam_beta1 >= 0 && c.adam_beta1 < 1)) bad("adam_beta1", "must be in [0, 1), got " + num(c.adam_beta1));
   if (!(c.adam_beta2 >= 0 && c.adam_beta2 < 1)) bad("adam_beta2", "must be in [0, 1), got " + num(c.adam_beta2));
-  // The CUDA update runs in float32 (the CPU one in double): below ~1.2e-38 epsilon is no longer a normal float32 number and below ~1e-45 it
-  // rounds to 0, so that a weight whose gradients were all zero gets 0/0 = NaN; 1e-30 keeps a wide margin. Above 1
-  // AdamW no longer normalises the gradient (the usual value is 1e-8).
+  // The CUDA update runs in float32 (the CPU one in double): below ~1.2e-38 epsilon is no longer a normal
+  // float32 number and below ~1e-45 it rounds to 0, so that a weight whose gradients were all zero gets
+  // 0/0 = NaN; 1e-30 keeps a wide margin. Above 1 AdamW no longer normalises the gradient (usually 1e-8).
   real("adam_epsilon", c.adam_epsilon, 1e-30, false, 1);
   if (c.lr_scheduler_type != "constant" && c.lr_scheduler_type != "cosine" && c.lr_scheduler_type != "linear")
     bad("lr_scheduler_type", "must be constant, cosine or linear, got '" + c.lr_scheduler_type + "'");
