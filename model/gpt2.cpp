@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <sstream>
 #include <cstring>
 #include <limits>
 
@@ -24,6 +25,21 @@ void GPT2Config::validate(const std::string& where) const {
   if (vocab_size > INT32_MAX) throw InputError(where + ": vocab_size does not fit in int32 token ids");
   if (!(ln_eps > 0) || !std::isfinite(ln_eps))
     throw InputError(where + ": layer_norm_epsilon must be a positive finite number");
+  // An impossible size is an input error, not an overflow or a failed allocation later: at most 2^40 parameters
+  // (4 TiB of fp32 weights, 16 TiB with gradients and AdamW moments: beyond any one machine; GPT-2 XL has
+  // 1.6e9). Computed in long double so that the check itself cannot overflow.
+  const long double C = static_cast<long double>(n_embd);
+  const long double n = static_cast<long double>(vocab_size) * C + static_cast<long double>(max_seq_len) * C +
+                        static_cast<long double>(n_layer) * (12.0L * C * C + 13.0L * C) + 2.0L * C;
+  constexpr long double kMaxParams = 1099511627776.0L;  // 2^40
+  if (n > kMaxParams) {
+    std::ostringstream m;
+    m.precision(3);
+    m << where << ": n_layer " << n_layer << ", n_embd " << n_embd << ", vocab_size " << vocab_size
+      << " and n_positions " << max_seq_len << " make " << static_cast<double>(n)
+      << " parameters; at most 2^40 (1.1e12) are supported";
+    throw InputError(m.str());
+  }
 }
 
 int64_t GPT2Config::num_parameters() const {

@@ -1,8 +1,13 @@
 // YAML config + key=value overrides: every error names the key and where it came from.
 #include <gtest/gtest.h>
 
+#include <sys/wait.h>
+
+#include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include "runtime/error.h"
 #include "train/config.h"
@@ -119,6 +124,361 @@ TEST(Config, BadYamlAndNonMapping) {
   EXPECT_NE(error_of(write_yaml("a: [1, 2\n"), kRequired).find("not valid YAML"), std::string::npos);
   EXPECT_NE(error_of(write_yaml("- 1\n- 2\n"), kRequired).find("mapping"), std::string::npos);
   EXPECT_NE(error_of("/nonexistent/x.yaml", kRequired).find("/nonexistent/x.yaml"), std::string::npos);
+}
+
+
+TEST(Config, DuplicateKeysAreRefusedWithBothLines) {
+  const std::string p = write_yaml("model: m\nbeta: 0.1\ntrain_file: t\nbeta: 0.5\n");
+  const std::string e = error_of(p, {"out_dir=o"});
+  EXPECT_NE(e.find(p + ":4"), std::string::npos) << e;
+  EXPECT_NE(e.find("key 'beta' is given twice (first at line 2)"), std::string::npos) << e;
+  // The same key twice among the overrides is not an error: the last one wins, as documented.
+  EXPECT_EQ(load_train_config("", {"model=m", "train_file=t", "out_dir=o", "beta=0.2", "beta=0.3"}, RunKind::Dpo).beta,
+            0.3);
+}
+
+TEST(Config, SecondYamlDocumentIsRefused) {
+  const std::string p = write_yaml("model: m\ntrain_file: t\n---\nout_dir: o\n");
+  const std::string e = error_of(p, {});
+  EXPECT_NE(e.find(p + ":"), std::string::npos) << e;
+  EXPECT_NE(e.find("second YAML document"), std::string::npos) << e;
+  // An empty second document counts too: the file is not one mapping.
+  EXPECT_NE(error_of(write_yaml("model: m\n---\n"), kRequired).find("second YAML document"), std::string::npos);
+  // One document with an explicit start marker is fine.
+  EXPECT_EQ(error_of(write_yaml("---\nmodel: m\ntrain_file: t\nout_dir: o\n"), {}), "");
+}
+
+TEST(Config, DirectoryAsConfigIsAnInputError) {
+  const std::string dir = (fs::path(::testing::TempDir()) / "cfg_a_directory").string();
+  fs::create_directories(dir);
+  const std::string e = error_of(dir, kRequired);
+  EXPECT_NE(e.find(dir + ": cannot open config file (a directory"), std::string::npos) << e;
+}
+
+TEST(Config, ValidationErrorsNameFileLineOfTheKey) {
+  const std::string p = write_yaml("model: m\ntrain_file: t\nout_dir: o\nlearning_rate: 1e39\n");
+  const std::string e = error_of(p, {});
+  EXPECT_NE(e.find(p + ":4: key 'learning_rate'"), std::string::npos) << e;
+  EXPECT_NE(error_of("", {"model=m", "train_file=t", "out_dir=o", "num_threads=100000"})
+                .find("override 'num_threads=100000': key 'num_threads'"),
+            std::string::npos);
+}
+
+// Each bounded key, with the last accepted and the first refused value on each side of its range. Doubles step
+// by the smallest representable amount (nextafter; a subnormal such as 5e-324 is not read as a number, so the
+// open lower bounds at 0 are checked with 1e-300), integers by one.
+TEST(Config, EveryNumericBoundIsTestedOnBothSides) {
+  auto err = [](const std::string& kv, RunKind kind = RunKind::Dpo) {
+    std::vector<std::string> ov = kRequired;
+    ov.push_back(kv);
+    return error_of("", ov, kind);
+  };
+  auto dbl = [](double v) {
+    std::ostringstream s;
+    s.precision(17);
+    s << v;
+    return s.str();
+  };
+  struct RealCase {
+    const char* key;
+    double ok_lo, bad_lo, ok_hi, bad_hi;  // bad_lo / bad_hi NaN = no such side
+  };
+  const double none = std::nan("");
+  const RealCase reals[] = {
+      {"learning_rate", 1e-300, 0.0, 1.0, std::nextafter(1.0, 2.0)},
+      {"weight_decay", 0.0, -5e-324, 1.0, none},  // upper side: learning_rate * weight_decay (below)
+      {"adam_beta1", 0.0, -5e-324, std::nextafter(1.0, 0.0), 1.0},
+      {"adam_beta2", 0.0, -5e-324, std::nextafter(1.0, 0.0), 1.0},
+      {"adam_epsilon", 1e-30, std::nextafter(1e-30, 0.0), 1.0, std::nextafter(1.0, 2.0)},
+      {"max_grad_norm", 0.0, -5e-324, 1e30, std::nextafter(1e30, 1e31)},
+      {"beta", 1e-300, 0.0, 1e6, std::nextafter(1e6, 1e7)},
+      {"label_smoothing", 0.0, -5e-324, std::nextafter(0.5, 0.0), 0.5},
+      {"odpo_alpha", 0.0, -5e-324, 1e6, std::nextafter(1e6, 1e7)},
+      {"rpo_alpha", 0.0, -5e-324, 1e6, std::nextafter(1e6, 1e7)},
+      {"loss_weights", 0.0, -5e-324, 1e6, std::nextafter(1e6, 1e7)},
+  };
+  for (const auto& c : reals) {
+    const std::string k = c.key;
+    EXPECT_EQ(err(k + "=" + dbl(c.ok_lo)), "") << k << " = " << dbl(c.ok_lo);
+    EXPECT_EQ(err(k + "=" + dbl(c.ok_hi)), "") << k << " = " << dbl(c.ok_hi);
+    if (!std::isnan(c.bad_lo)) EXPECT_NE(err(k + "=" + dbl(c.bad_lo)).find("key '" + k + "'"), std::string::npos) << k;
+    if (!std::isnan(c.bad_hi)) EXPECT_NE(err(k + "=" + dbl(c.bad_hi)).find("key '" + k + "'"), std::string::npos) << k;
+    for (const char* nf : {".nan", ".inf", "-.inf"})
+      EXPECT_NE(err(k + "=" + nf).find("key '" + k + "'"), std::string::npos) << k << " = " << nf;
+  }
+  EXPECT_NE(err("learning_rate=1e39").find("key 'learning_rate'"), std::string::npos);
+  // learning_rate * weight_decay <= 1: each step scales the weights by (1 - lr * wd).
+  EXPECT_EQ(err("weight_decay=1000000"), "");  // with the default learning_rate 1e-6: product 1
+  EXPECT_NE(err("weight_decay=1000001").find("key 'weight_decay'"), std::string::npos);
+
+  struct IntCase {
+    const char* key;
+    int64_t lo, hi;
+  };
+  const IntCase ints[] = {
+      {"num_threads", 0, kMaxThreads},
+      {"logits_chunk_rows", 1, kMaxCount},
+      {"per_device_train_batch_size", 1, kMaxBatch},
+      {"per_device_eval_batch_size", 1, kMaxBatch},
+      {"gradient_accumulation_steps", 1, kMaxBatch},
+      {"num_train_epochs", 1, kMaxCount},
+      {"max_steps", 1, kMaxCount},
+      {"warmup_steps", 0, kMaxCount},
+      {"logging_steps", 1, kMaxCount},
+      {"eval_steps", 0, kMaxCount},
+      {"save_steps", 0, kMaxCount},
+      {"save_total_limit", 0, kMaxCount},
+  };
+  for (const auto& c : ints) {
+    const std::string k = c.key;
+    EXPECT_EQ(err(k + "=" + std::to_string(c.lo)), "") << k;
+    EXPECT_EQ(err(k + "=" + std::to_string(c.hi)), "") << k;
+    if (k != "max_steps")  // max_steps: -1 means "from epochs", 0 is refused (below)
+      EXPECT_NE(err(k + "=" + std::to_string(c.lo - 1)).find("key '" + k + "'"), std::string::npos) << k;
+    EXPECT_NE(err(k + "=" + std::to_string(c.hi + 1)).find("key '" + k + "'"), std::string::npos) << k;
+  }
+  EXPECT_EQ(err("max_steps=-1"), "");
+  EXPECT_NE(err("max_steps=0").find("key 'max_steps'"), std::string::npos);
+  EXPECT_NE(err("max_steps=-2").find("key 'max_steps'"), std::string::npos);
+  EXPECT_NE(err("num_threads=100000").find("key 'num_threads'"), std::string::npos);
+  // Lengths: max_prompt_length < max_length <= kMaxBatch.
+  const std::string mb = std::to_string(kMaxBatch);
+  EXPECT_EQ(error_of("", {"model=m", "train_file=t", "out_dir=o", "max_length=" + mb}, RunKind::Dpo), "");
+  EXPECT_NE(error_of("", {"model=m", "train_file=t", "out_dir=o", "max_length=" + std::to_string(kMaxBatch + 1)},
+                     RunKind::Dpo)
+                .find("key 'max_length'"),
+            std::string::npos);
+  EXPECT_NE(err("max_length=0").find("key 'max_length'"), std::string::npos);
+  EXPECT_EQ(err("max_prompt_length=1"), "");
+  EXPECT_NE(err("max_prompt_length=0").find("key 'max_prompt_length'"), std::string::npos);
+  EXPECT_EQ(err("max_prompt_length=511"), "");
+  EXPECT_NE(err("max_prompt_length=512").find("key 'max_prompt_length'"), std::string::npos);
+  // seed: any 64-bit integer is valid.
+  EXPECT_EQ(err("seed=-9223372036854775808"), "");
+  EXPECT_EQ(err("seed=9223372036854775807"), "");
+}
+
+TEST(Config, LengthDefaultsFollowTheModel) {
+  TrainConfig c = load_train_config("", kRequired, RunKind::Dpo);
+  EXPECT_EQ(c.max_length, 512);
+  std::vector<std::string> notes = fit_to_model(c, 256, "base", RunKind::Dpo);
+  EXPECT_EQ(c.max_length, 256);
+  EXPECT_EQ(c.max_prompt_length, 128);  // the default 256 no longer fits below 256
+  ASSERT_EQ(notes.size(), 2u);
+  EXPECT_NE(notes[0].find("max_length: 256"), std::string::npos) << notes[0];
+  EXPECT_NE(notes[1].find("max_prompt_length: 128"), std::string::npos) << notes[1];
+  // A model with room for the defaults changes nothing.
+  TrainConfig big = load_train_config("", kRequired, RunKind::Dpo);
+  EXPECT_TRUE(fit_to_model(big, 1024, "gpt2", RunKind::Dpo).empty());
+  EXPECT_EQ(big.max_length, 512);
+  EXPECT_EQ(big.max_prompt_length, 256);
+  // Given values are kept; too large is an error naming the key to set and the bound.
+  std::vector<std::string> ov = kRequired;
+  ov.push_back("max_length=300");
+  TrainConfig g = load_train_config("", ov, RunKind::Dpo);
+  EXPECT_EQ(g.max_prompt_length, 256);
+  try {
+    fit_to_model(g, 256, "base", RunKind::Dpo);
+    ADD_FAILURE() << "max_length 300 > n_positions 256 accepted";
+  } catch (const InputError& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("key 'max_length'"), std::string::npos) << m;
+    EXPECT_NE(m.find("set max_length to at most 256"), std::string::npos) << m;
+  }
+  // A given max_length at or below the default prompt budget brings the prompt budget to half of it.
+  ov.back() = "max_length=200";
+  TrainConfig h = load_train_config("", ov, RunKind::Dpo);
+  EXPECT_EQ(h.max_prompt_length, 100);
+  EXPECT_TRUE(fit_to_model(h, 200, "m", RunKind::Dpo).empty());
+  // A given max_prompt_length that does not fit is still an error.
+  ov.push_back("max_prompt_length=200");
+  EXPECT_NE(error_of("", ov).find("key 'max_prompt_length'"), std::string::npos);
+}
+
+// ---- the dpo binary: input errors exit 2 naming the path, key or subcommand; nothing is left behind ----
+
+const std::string kDpo = std::string(DPO_BINARY_DIR) + "/dpo";
+
+struct Cli {
+  int code = -1;
+  std::string err;
+};
+
+std::string quote(const std::string& s) {
+  std::string q = "'";
+  for (char ch : s) q += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
+  return q + "'";
+}
+
+Cli dpo_cli(const std::string& args) {
+  Cli r;
+  if (!fs::exists(kDpo)) {
+    ADD_FAILURE() << "the dpo binary is not built: " << kDpo;
+    return r;
+  }
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  const std::string err = (fs::path(::testing::TempDir()) / (std::string("cli_") + info->name() + ".err")).string();
+  const std::string cmd = "OMP_NUM_THREADS=1 " + quote(kDpo) + " " + args + " >/dev/null 2>" + quote(err);
+  const int st = std::system(cmd.c_str());
+  r.code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  std::ifstream f(err);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  r.err = ss.str();
+  return r;
+}
+
+// A fresh scratch directory per test.
+std::string scratch() {
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  const fs::path d = fs::path(::testing::TempDir()) / (std::string("cli_") + info->name());
+  fs::remove_all(d);
+  fs::create_directories(d);
+  return d.string();
+}
+
+// A tiny model (n_positions 64) and a few preference pairs in `dir`.
+void tiny_inputs(const std::string& dir) {
+  const Cli r = dpo_cli("init --out " + quote(dir + "/base") +
+                        " --n-layer 1 --n-head 2 --n-embd 16 --vocab-size 257 --n-positions 64");
+  ASSERT_EQ(r.code, 0) << r.err;
+  std::ofstream f(dir + "/pairs.jsonl");
+  for (int i = 0; i < 4; ++i)
+    f << "{\"prompt\": \"q" << i << "\", \"chosen\": \"good\", \"rejected\": \"bad\"}\n";
+}
+
+TEST(ConfigCli, DirectoryAsConfigExitsTwo) {
+  const std::string d = scratch();
+  const Cli r = dpo_cli("train --config " + quote(d));
+  EXPECT_EQ(r.code, 2) << r.err;
+  EXPECT_NE(r.err.find(d + ": cannot open config file (a directory"), std::string::npos) << r.err;
+}
+
+TEST(ConfigCli, SymlinkLoopAsModelExitsTwo) {
+  const std::string d = scratch();
+  tiny_inputs(d);
+  fs::create_symlink(d + "/loop_a", d + "/loop_b");
+  fs::create_symlink(d + "/loop_b", d + "/loop_a");
+  const std::string out = d + "/run";
+  for (const std::string& args :
+       {"train model=" + quote(d + "/loop_a") + " train_file=" + quote(d + "/pairs.jsonl") + " out_dir=" + quote(out),
+        "info " + quote(d + "/loop_a"), "sample " + quote(d + "/loop_a") + " -p hi",
+        "eval " + quote(d + "/loop_a") + " model=" + quote(d + "/base") + " train_file=" +
+            quote(d + "/pairs.jsonl")}) {
+    const Cli r = dpo_cli(args);
+    EXPECT_EQ(r.code, 2) << args << "\n" << r.err;
+    EXPECT_NE(r.err.find(d + "/loop_a"), std::string::npos) << args << "\n" << r.err;
+    EXPECT_EQ(r.err.find("internal error"), std::string::npos) << r.err;
+  }
+  EXPECT_FALSE(fs::exists(out));
+}
+
+TEST(ConfigCli, InitOutOnAnExistingFileExitsTwo) {
+  const std::string d = scratch();
+  std::ofstream(d + "/file") << "x";
+  const Cli r = dpo_cli("init --out " + quote(d + "/file") + " --n-layer 1 --n-head 1 --n-embd 8");
+  EXPECT_EQ(r.code, 2) << r.err;
+  EXPECT_NE(r.err.find("--out " + d + "/file: exists and is not a directory"), std::string::npos) << r.err;
+}
+
+TEST(ConfigCli, ImpossibleModelSizeExitsTwo) {
+  const std::string d = scratch();
+  // 2^40 parameters is the limit: 1000 layers of width 100000 are 1.2e14 parameters; n_embd * n_embd alone
+  // overflows int64 at 4e9.
+  for (const std::string& size :
+       {"--n-layer 1000 --n-head 1 --n-embd 100000", "--n-layer 2 --n-head 1 --n-embd 4000000000"}) {
+    const Cli r = dpo_cli("init --out " + quote(d + "/m") + " " + size);
+    EXPECT_EQ(r.code, 2) << size << "\n" << r.err;
+    EXPECT_NE(r.err.find("parameters; at most 2^40"), std::string::npos) << r.err;
+  }
+  EXPECT_FALSE(fs::exists(d + "/m"));
+}
+
+TEST(ConfigCli, UnknownSubcommandIsNamed) {
+  const Cli r = dpo_cli("trian --config x.yaml");
+  EXPECT_EQ(r.code, 2) << r.err;
+  EXPECT_NE(r.err.find("unknown subcommand 'trian'; known: "), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("train"), std::string::npos) << r.err;
+}
+
+TEST(ConfigCli, ThreadFlagsHaveTheKeysBound) {
+  const std::string d = scratch();
+  for (const std::string& args :
+       {std::string("bench --threads 100000 --steps 1"), "demo --out " + quote(d + "/x") + " --threads 1025"}) {
+    const Cli r = dpo_cli(args);
+    EXPECT_EQ(r.code, 2) << args << "\n" << r.err;
+    EXPECT_NE(r.err.find("--threads"), std::string::npos) << args << "\n" << r.err;
+  }
+}
+
+TEST(ConfigCli, FailedValidationLeavesNoOutDir) {
+  const std::string d = scratch();
+  tiny_inputs(d);
+  const std::string out = d + "/run";
+  // ref_cache_dir inside the scratch directory: a case that wrongly runs must not write to the user's cache.
+  const std::string base = "model=" + quote(d + "/base") + " out_dir=" + quote(out) + " ref_cache_dir=" +
+                           quote(d + "/cache") + " ";
+  std::ofstream(d + "/dup.jsonl") << "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\", \"chosen\": \"d\"}\n";
+  std::ofstream(d + "/two_docs.yaml") << "beta: 0.1\n---\nbeta: 0.2\n";
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"train " + base + "train_file=" + quote(d + "/missing.jsonl"), d + "/missing.jsonl"},
+      {"train " + base + "train_file=" + quote(d + "/dup.jsonl"), d + "/dup.jsonl:1: duplicate key 'chosen'"},
+      {"train " + base + "train_file=" + quote(d + "/pairs.jsonl") + " eval_file=" + quote(d + "/dup.jsonl"),
+       d + "/dup.jsonl:1"},
+      {"train --config " + quote(d + "/two_docs.yaml") + " " + base + "train_file=" + quote(d + "/pairs.jsonl"),
+       d + "/two_docs.yaml:"},
+      {"train " + base + "train_file=" + quote(d + "/pairs.jsonl") + " max_length=65", "set max_length to at most 64"},
+      {"train " + base + "train_file=" + quote(d + "/pairs.jsonl") + " num_threads=100000", "key 'num_threads'"},
+      {"train " + base + "train_file=" + quote(d + "/pairs.jsonl") + " learning_rate=1e39", "key 'learning_rate'"},
+      {"train " + base + "train_file=" + quote(d + "/pairs.jsonl") + " odpo_alpha=1", d + "/pairs.jsonl:1: ODPO"},
+      {"train " + base + "train_file=" + quote(d + "/pairs.jsonl") + " ref_model=" + quote(d + "/nope"),
+       "key 'ref_model': " + d + "/nope"},
+      {"sft " + base + "train_file=" + quote(d + "/pairs.jsonl"), d + "/pairs.jsonl:1"},  // not SFT records
+  };
+  // An out_dir that cannot be created is refused before any work, naming the key.
+  std::ofstream(d + "/a_file") << "x";
+  for (const std::string& bad_out : {d + "/a_file", d + "/a_file/run"}) {
+    const Cli r = dpo_cli("train model=" + quote(d + "/base") + " train_file=" + quote(d + "/pairs.jsonl") +
+                          " out_dir=" + quote(bad_out) + " ref_cache_dir=" + quote(d + "/cache"));
+    EXPECT_EQ(r.code, 2) << bad_out << "\n" << r.err;
+    EXPECT_NE(r.err.find("key 'out_dir': " + bad_out), std::string::npos) << r.err;
+    EXPECT_EQ(r.err.find("reference log-probs"), std::string::npos) << "refused only after the work: " << r.err;
+  }
+  for (const auto& [args, expect] : cases) {
+    const Cli r = dpo_cli(args);
+    EXPECT_EQ(r.code, 2) << args << "\n" << r.err;
+    EXPECT_NE(r.err.find(expect), std::string::npos) << args << "\n" << r.err;
+    EXPECT_FALSE(fs::exists(out)) << args << " left " << out;
+  }
+}
+
+TEST(ConfigCli, MaxLengthFollowsTheModelAndSaysSo) {
+  const std::string d = scratch();
+  tiny_inputs(d);
+  const std::string out = d + "/run";
+  const Cli r = dpo_cli("train --plain model=" + quote(d + "/base") + " train_file=" + quote(d + "/pairs.jsonl") +
+                        " out_dir=" + quote(out) + " max_steps=1 ref_cache_dir=" + quote(d + "/cache"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.err.find("max_length: 64 (the n_positions of " + d + "/base"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("max_prompt_length: 32"), std::string::npos) << r.err;
+  std::ifstream f(out + "/config.yaml");
+  std::stringstream y;
+  y << f.rdbuf();
+  EXPECT_NE(y.str().find("max_length: 64\n"), std::string::npos) << y.str();
+}
+
+TEST(ConfigCli, SampleSaysWhenMaxNewTokensIsCapped) {
+  const std::string d = scratch();
+  tiny_inputs(d);
+  const std::string m = quote(d + "/base");
+  const Cli capped = dpo_cli("sample " + m + " -p abcd --max-new-tokens 61 --temperature 0");
+  EXPECT_EQ(capped.code, 0) << capped.err;
+  EXPECT_NE(capped.err.find("--max-new-tokens 61 is capped by the 64-token context"), std::string::npos)
+      << capped.err;
+  EXPECT_NE(capped.err.find("at most 60 new tokens"), std::string::npos) << capped.err;
+  const Cli fits = dpo_cli("sample " + m + " -p abcd --max-new-tokens 60 --temperature 0");
+  EXPECT_EQ(fits.code, 0) << fits.err;
+  EXPECT_EQ(fits.err.find("capped"), std::string::npos) << fits.err;
 }
 
 }  // namespace

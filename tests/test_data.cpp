@@ -314,6 +314,52 @@ TEST(LoadPreferencesMalformed, ScoresBothOrNeither) {
                    "", "bad_json", "_d");  // number overflow: refused by the JSON parser
 }
 
+TEST(LoadPreferencesMalformed, DuplicateKeysAreRefused) {
+  // JSON leaves a repeated key's meaning open (nlohmann-json would keep the last value): refused at any depth.
+  expect_malformed(R"({"prompt": "a", "chosen": "b", "rejected": "c", "chosen": "d"})", "chosen", "duplicate_key",
+                   "_a");
+  expect_malformed(R"({"prompt": "a", "chosen": "b", "rejected": "c", "meta": {"x": 1, "x": 2}})", "x",
+                   "duplicate_key", "_b");
+  expect_malformed(R"({"prompt_ids": [1], "chosen_ids": [2], "rejected_ids": [3], "prompt_ids": [1]})", "prompt_ids",
+                   "duplicate_key", "_c");
+  // The same key in two sibling objects, or in an object and its parent, is not a duplicate.
+  const std::string path = write_file(
+      R"({"prompt": "a", "chosen": "b", "rejected": "c", "m": [{"x": 1}, {"x": 2}], "n": {"prompt": {"prompt": 0}}})"
+      "\n");
+  ByteTokenizer tok;
+  EXPECT_EQ(load_preferences(path, tok, DataOptions{}, nullptr).size(), 1u);
+}
+
+TEST(LoadPreferencesMalformed, OdpoScoreGapNamesFileLine) {
+  ByteTokenizer tok;
+  DataOptions opt;
+  opt.require_score_gap = true;
+  const std::string ok = R"({"prompt": "a", "chosen": "b", "rejected": "c", "score_chosen": 2, "score_rejected": 1})";
+  auto check = [&](const std::string& bad_line, const std::string& needle, const std::string& suffix) {
+    SCOPED_TRACE(bad_line);
+    const std::string path = write_file(ok + "\n" + bad_line + "\n", suffix);
+    expect_input_error([&] { load_preferences(path, tok, opt, nullptr); }, {path + ":2:", "ODPO", needle});
+    DataOptions skip = opt;
+    skip.skip_malformed = true;
+    LoadStats st;
+    EXPECT_EQ(load_preferences(path, tok, skip, &st).size(), 1u);
+    EXPECT_EQ(st.skipped_by_reason["scores"], 1);
+  };
+  check(kGood, "neither", "_none");
+  check(R"({"prompt": "a", "chosen": "b", "rejected": "c", "score_chosen": 1, "score_rejected": 1})",
+        "score_chosen 1, score_rejected 1", "_equal");
+  check(R"({"prompt": "a", "chosen": "b", "rejected": "c", "score_chosen": 0.5, "score_rejected": 2})",
+        "score_chosen > score_rejected", "_less");
+  // The smallest gap above zero is accepted; without the option records need no scores at all.
+  const std::string tiny = write_file(
+      R"({"prompt": "a", "chosen": "b", "rejected": "c", "score_chosen": 1.0000000000000002, "score_rejected": 1})"
+      "\n",
+      "_tiny");
+  EXPECT_EQ(load_preferences(tiny, tok, opt, nullptr).size(), 1u);
+  const std::string none = write_file(std::string(kGood) + "\n", "_off");
+  EXPECT_EQ(load_preferences(none, tok, DataOptions{}, nullptr).size(), 1u);
+}
+
 TEST(LoadPreferencesMalformed, InvalidUtf8NamesField) {
   expect_malformed("{\"prompt\": \"a\", \"chosen\": \"b\xED\xA0\x80\", \"rejected\": \"c\"}", "chosen",
                    "invalid_utf8", "_a");

@@ -2,9 +2,16 @@
 // (flags, configs, data, checkpoints), with a message naming the file, line or key.
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
+#include <memory>
+#include <new>
+#include <system_error>
+
+#include <unistd.h>
 
 #include "model/checkpoint.h"
 #include "runtime/backend.h"
@@ -31,7 +38,87 @@ std::string rank_tag() {
   return r >= 0 && dpo::launcher_size() > 1 ? " (rank " + std::to_string(r) + ")" : "";
 }
 
-int cmd_info(const std::string& dir) {
+// A checkpoint directory named by `what` (a key or an argument) must be one before anything is loaded: a missing
+// path, a file, a symlink loop or an unreadable path is an input error naming it, not a filesystem exception.
+void check_checkpoint_dir(const std::string& dir, const std::string& what) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::file_status st = fs::status(dir, ec);
+  if (ec && ec != std::errc::no_such_file_or_directory)
+    throw dpo::InputError(what + ": " + dir + ": cannot access: " + ec.message());
+  if (!fs::exists(st)) throw dpo::InputError(what + ": " + dir + ": no such checkpoint directory");
+  if (!fs::is_directory(st))
+    throw dpo::InputError(what + ": " + dir +
+                          ": not a directory (a checkpoint is a directory with config.json and model.safetensors)");
+}
+
+// "<out_dir>/checkpoints/latest", the file that names a run's newest step directory, stands for that directory
+// wherever a checkpoint directory is expected (model, ref_model, eval, sample, info), so commands need not know
+// the step count. Any other path is returned unchanged.
+std::string resolve_latest(const std::string& path, const std::string& what, bool print) {
+  namespace fs = std::filesystem;
+  const fs::path p(path);
+  std::error_code ec;
+  if (p.filename() != "latest" || !fs::is_regular_file(p, ec)) return path;
+  std::ifstream f(p);
+  std::string name;
+  if (!(f >> name) || name.find('/') != std::string::npos || name == "." || name == "..")
+    throw dpo::InputError(what + ": " + path + ": does not name a checkpoint directory of this run");
+  const std::string dir = (p.parent_path() / name).string();
+  if (print) std::fprintf(stderr, "%s: %s -> %s\n", what.c_str(), path.c_str(), dir.c_str());
+  return dir;
+}
+
+// out_dir is created only once the inputs are loaded (run_training); what would stop its creation is checked
+// here, before any work: an existing non-directory, or a nearest existing ancestor that is not a writable
+// directory.
+void check_out_dir(const std::string& out_dir) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::path p = fs::absolute(out_dir, ec);
+  if (ec) throw dpo::InputError("key 'out_dir': " + out_dir + ": " + ec.message());
+  bool self = true;
+  for (; !p.empty(); p = p.parent_path(), self = false) {
+    const fs::file_status st = fs::status(p, ec);
+    if (ec && ec != std::errc::no_such_file_or_directory)
+      throw dpo::InputError("key 'out_dir': " + out_dir + ": cannot access " + p.string() + ": " + ec.message());
+    if (!fs::exists(st)) {
+      if (p == p.parent_path()) break;
+      continue;
+    }
+    if (!fs::is_directory(st))
+      throw dpo::InputError("key 'out_dir': " + out_dir + ": " + (self ? std::string("exists and") : p.string()) +
+                            " is not a directory");
+    if (::access(p.c_str(), W_OK | X_OK) != 0)
+      throw dpo::InputError("key 'out_dir': " + out_dir + ": " + p.string() + " is not writable");
+    return;
+  }
+}
+
+// The model context that max_length must fit: the smallest n_positions of the checkpoints the run loads.
+// Prints what fit_to_model changed. `policy` is the checkpoint of `dpo eval`; empty for train and sft.
+void fit_config_to_models(dpo::TrainConfig& cfg, dpo::RunKind kind, const std::string& policy, bool print) {
+  std::vector<std::pair<std::string, std::string>> dirs;  // (what, dir)
+  if (!policy.empty()) dirs.push_back({"checkpoint", policy});
+  dirs.push_back({"key 'model'", cfg.model});
+  if (kind == dpo::RunKind::Dpo && !cfg.ref_model.empty()) dirs.push_back({"key 'ref_model'", cfg.ref_model});
+  int64_t n_positions = 0;
+  std::string smallest;
+  for (const auto& [what, dir] : dirs) {
+    check_checkpoint_dir(dir, what);
+    const int64_t n = dpo::load_gpt2_config((std::filesystem::path(dir) / "config.json").string()).max_seq_len;
+    if (smallest.empty() || n < n_positions) {
+      n_positions = n;
+      smallest = dir;
+    }
+  }
+  for (const auto& note : dpo::fit_to_model(cfg, n_positions, smallest, kind))
+    if (print) std::fprintf(stderr, "%s\n", note.c_str());
+}
+
+int cmd_info(const std::string& dir_arg) {
+  const std::string dir = resolve_latest(dir_arg, "checkpoint", true);
+  check_checkpoint_dir(dir, "checkpoint");
   auto be = dpo::make_cpu_backend();
   dpo::LoadReport report;
   const bool verified = dpo::verify_checkpoint(dir, dpo::CheckpointUse::Model);
@@ -52,8 +139,25 @@ int cmd_info(const std::string& dir) {
 
 int cmd_init(const std::string& out, const dpo::GPT2Config& cfg, uint64_t seed) {
   cfg.validate("dpo init");
+  {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    const fs::file_status st = fs::status(out, ec);
+    if (ec && ec != std::errc::no_such_file_or_directory)
+      throw dpo::InputError("--out " + out + ": cannot access: " + ec.message());
+    if (fs::exists(st) && !fs::is_directory(st))
+      throw dpo::InputError("--out " + out + ": exists and is not a directory (init writes a checkpoint directory)");
+  }
   auto be = dpo::make_cpu_backend();
-  dpo::GPT2 model(*be, cfg, dpo::DType::F32);
+  std::unique_ptr<dpo::GPT2> made;
+  try {
+    made = std::make_unique<dpo::GPT2>(*be, cfg, dpo::DType::F32);
+  } catch (const std::bad_alloc&) {
+    throw dpo::InputError("dpo init: a model of " + std::to_string(cfg.num_parameters()) +
+                          " parameters does not fit in this machine's memory (--n-layer, --n-embd, --vocab-size, "
+                          "--n-positions)");
+  }
+  dpo::GPT2& model = *made;
   dpo::Rng rng(seed);
   model.init_random(rng);
   dpo::save_gpt2_checkpoint(model, out);
@@ -89,6 +193,11 @@ int cmd_train(const TrainArgs& a, dpo::RunKind kind) {
     return 0;
   }
   dpo::TrainConfig cfg = dpo::load_train_config(a.config, a.overrides, kind);
+  cfg.model = resolve_latest(cfg.model, "key 'model'", prints());
+  if (!cfg.ref_model.empty()) cfg.ref_model = resolve_latest(cfg.ref_model, "key 'ref_model'", prints());
+  fit_config_to_models(cfg, kind, "", prints());
+  if (prints()) check_out_dir(cfg.out_dir);  // rank 0 writes out_dir
+  if (!a.resume.empty() && a.resume != "latest") check_checkpoint_dir(a.resume, "--resume");
   dpo::RunOptions ro;
   ro.resume = a.resume;
   ro.plain_progress = a.plain;
@@ -102,7 +211,7 @@ int cmd_train(const TrainArgs& a, dpo::RunKind kind) {
   return 0;
 }
 
-int cmd_eval(const TrainArgs& a, const std::string& checkpoint) {
+int cmd_eval(const TrainArgs& a, const std::string& checkpoint_arg) {
   if (a.help_config) {
     std::fputs(dpo::config_help().c_str(), stdout);
     return 0;
@@ -111,7 +220,11 @@ int cmd_eval(const TrainArgs& a, const std::string& checkpoint) {
   // eval needs no out_dir; a placeholder keeps validation uniform.
   ov.insert(ov.begin(), "out_dir=.");
   dpo::TrainConfig cfg = dpo::load_train_config(a.config, ov, dpo::RunKind::Dpo);
-  auto m = dpo::run_evaluation(cfg, checkpoint);
+  cfg.model = resolve_latest(cfg.model, "key 'model'", prints());
+  if (!cfg.ref_model.empty()) cfg.ref_model = resolve_latest(cfg.ref_model, "key 'ref_model'", prints());
+  const std::string policy = resolve_latest(checkpoint_arg, "checkpoint", prints());
+  fit_config_to_models(cfg, dpo::RunKind::Dpo, policy, prints());
+  auto m = dpo::run_evaluation(cfg, policy);
   if (prints()) print_metrics(m);
   return 0;
 }
@@ -125,6 +238,8 @@ struct SampleArgs {
 };
 
 int cmd_sample(SampleArgs& a) {
+  a.checkpoint = resolve_latest(a.checkpoint, "checkpoint", true);
+  check_checkpoint_dir(a.checkpoint, "checkpoint");
   auto be = dpo::make_cpu_backend();
   dpo::verify_checkpoint(a.checkpoint, dpo::CheckpointUse::Model);
   auto model = dpo::load_gpt2_checkpoint(*be, a.checkpoint, dpo::DType::F32);
@@ -139,6 +254,18 @@ int cmd_sample(SampleArgs& a) {
     if (!dpo::valid_utf8(p)) throw dpo::InputError("prompt is not valid UTF-8");
     for (int64_t i = 0; i < a.num; ++i) prompts.push_back(tok->encode(p));
   }
+  // generate() stops a completion when the context is full; say so when --max-new-tokens asks for more than
+  // that (capped, not refused: every prompt still gets as many tokens as fit).
+  const int64_t n_pos = model->config().max_seq_len;
+  size_t longest = 0;
+  for (const auto& p : prompts) longest = std::max(longest, p.size());
+  if (!prompts.empty() && static_cast<int64_t>(longest) < n_pos &&
+      a.opt.max_new_tokens > n_pos - static_cast<int64_t>(longest))
+    std::fprintf(stderr,
+                 "dpo sample: note: --max-new-tokens %lld is capped by the %lld-token context (n_positions of %s): "
+                 "the longest prompt (%zu tokens) gets at most %lld new tokens\n",
+                 static_cast<long long>(a.opt.max_new_tokens), static_cast<long long>(n_pos), a.checkpoint.c_str(),
+                 longest, static_cast<long long>(n_pos - static_cast<int64_t>(longest)));
   dpo::Rng rng(a.seed);
   auto outs = dpo::generate(*model, prompts, a.opt, rng);
   for (size_t i = 0; i < outs.size(); ++i) {
@@ -200,7 +327,9 @@ int main(int argc, char** argv) {
   demo->add_option("--out,-o", demo_opt.out_dir, "output directory")->required();
   demo->add_option("--betas", demo_opt.betas, "DPO beta values (one DPO run each)")->delimiter(',')->capture_default_str();
   demo->add_option("--seed", demo_opt.seed, "seed for the corpus, initialisation and sampling")->capture_default_str();
-  demo->add_option("--threads", demo_opt.num_threads, "CPU threads; 0 = OpenMP default")->capture_default_str();
+  demo->add_option("--threads", demo_opt.num_threads, "CPU threads; 0 = OpenMP default")
+      ->check(CLI::Range(int64_t{0}, dpo::kMaxThreads))  // the bound of the num_threads key
+      ->capture_default_str();
   demo->add_flag("--plain", demo_opt.plain_progress, "plain progress lines even on a terminal");
 
   dpo::BenchOptions bench_opt;
@@ -218,7 +347,9 @@ int main(int argc, char** argv) {
   bench->add_option("--reference", bench_opt.reference, "precomputed (fixed log-probs) or live (reference forward)")
       ->capture_default_str();
   bench->add_option("--device", bench_opt.device, "cpu or cuda")->capture_default_str();
-  bench->add_option("--threads", bench_opt.threads, "CPU threads; 0 = OpenMP default")->capture_default_str();
+  bench->add_option("--threads", bench_opt.threads, "CPU threads; 0 = OpenMP default")
+      ->check(CLI::Range(int64_t{0}, dpo::kMaxThreads))
+      ->capture_default_str();
   bench->add_option("--peak-tflops", bench_opt.peak_tflops, "peak for MFU (default: 989 on cuda, none on cpu)");
   bench->add_option("--length-spread", bench_opt.length_spread,
                     "none (every pair the workload's exact lengths, default) or lognormal (lengths spread over a fixed "
@@ -230,6 +361,22 @@ int main(int argc, char** argv) {
   bench->add_option("--json", bench_json, "write the results as JSON to this file");
   bench->add_flag("--kernels", bench_opt.kernels,
                   "GPU time per kernel over the timed steps, from CUPTI activity records (--device cuda, CUDA build)");
+
+  // An unknown subcommand is named (CLI11 would only say that a subcommand is required).
+  if (argc > 1 && argv[1][0] != '-') {
+    const std::string name = argv[1];
+    std::string known;
+    bool found = false;
+    for (const CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; })) {
+      known += (known.empty() ? "" : ", ") + sub->get_name();
+      found = found || sub->get_name() == name;
+    }
+    if (!found) {
+      std::fprintf(stderr, "dpo: error: unknown subcommand '%s'; known: %s (dpo --help)\n", name.c_str(),
+                   known.c_str());
+      return 2;
+    }
+  }
 
   try {
     app.parse(argc, argv);

@@ -3,10 +3,13 @@
 #include <yaml-cpp/yaml.h>
 
 #include <charconv>
-#include <system_error>
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <functional>
+#include <map>
 #include <sstream>
+#include <system_error>
 
 #include "runtime/error.h"
 
@@ -136,12 +139,12 @@ const std::vector<Key>& keys() {
       STRING_KEY(precision, "fp32, or bf16: bf16 weights and activations with fp32 master weights, gradients and "
                             "optimizer state (meant for cuda; on cpu it is emulated and slow)"),
       INT_KEY(seed, "seed for data order and sampling"),
-      INT_KEY(num_threads, "CPU threads; 0 = OpenMP default"),
+      INT_KEY(num_threads, "CPU threads, 0 to 1024; 0 = OpenMP default"),
       INT_KEY(zero_stage, "0 or 1; 1 shards the AdamW moments across the ranks (ZeRO-1; same results)"),
       INT_KEY(logits_chunk_rows, "token rows per chunk of the LM head and log-softmax (a chunk holds at least one "
                                  "pair); logits memory is chunk x vocab, independent of the batch size"),
-      INT_KEY(max_length, "maximum prompt + completion tokens"),
-      INT_KEY(max_prompt_length, "maximum prompt tokens (< max_length)"),
+      INT_KEY(max_length, "maximum prompt + completion tokens; unset: min(512, the model's n_positions)"),
+      INT_KEY(max_prompt_length, "maximum prompt tokens (< max_length); unset and max_length <= 256: max_length / 2"),
       STRING_KEY(truncation_mode, "which end of a long prompt is kept: keep_end or keep_start"),
       BOOL_KEY(skip_malformed, "skip and count malformed records instead of stopping"),
       Key{"loss_type", Kind::StringList, "one loss or a list: sigmoid, ipo, hinge, robust, cdpo, sft",
@@ -154,22 +157,23 @@ const std::vector<Key>& keys() {
             for (double w : c.loss_weights) n.push_back(double_node(w));
             return n;
           }},
-      DOUBLE_KEY(beta, "KL strength beta (> 0); IPO's tau"),
+      DOUBLE_KEY(beta, "KL strength beta, in (0, 1e6]; IPO's tau"),
       DOUBLE_KEY(label_smoothing, "epsilon of robust / cdpo, in [0, 0.5)"),
       BOOL_KEY(ipo_length_normalize, "IPO on per-token mean log-ratios"),
-      DOUBLE_KEY(odpo_alpha, "ODPO offset alpha * log(score_chosen - score_rejected); 0 = off"),
-      DOUBLE_KEY(rpo_alpha, "weight of an added SFT term (NLL of the chosen completion); 0 = off"),
+      DOUBLE_KEY(odpo_alpha, "ODPO offset alpha * log(score_chosen - score_rejected), in [0, 1e6]; 0 = off"),
+      DOUBLE_KEY(rpo_alpha, "weight of an added SFT term (NLL of the chosen completion), in [0, 1e6]; 0 = off"),
       BOOL_KEY(reference_free, "drop the reference model terms"),
       BOOL_KEY(precompute_ref_log_probs, "compute reference log-probs once and cache them on disk"),
       STRING_KEY(ref_cache_dir, "reference log-prob cache; empty = $XDG_CACHE_HOME/dpo/ref or ~/.cache/dpo/ref"),
-      DOUBLE_KEY(learning_rate, "peak learning rate (> 0)"),
-      DOUBLE_KEY(weight_decay, "AdamW decoupled weight decay (not on biases and LayerNorm)"),
+      DOUBLE_KEY(learning_rate, "peak learning rate, in (0, 1]"),
+      DOUBLE_KEY(weight_decay, "AdamW decoupled weight decay (not on biases and LayerNorm); >= 0 and "
+                               "learning_rate * weight_decay <= 1"),
       DOUBLE_KEY(adam_beta1, "AdamW beta1 in [0, 1)"),
       DOUBLE_KEY(adam_beta2, "AdamW beta2 in [0, 1)"),
-      DOUBLE_KEY(adam_epsilon, "AdamW epsilon (> 0)"),
+      DOUBLE_KEY(adam_epsilon, "AdamW epsilon, in [1e-30, 1]"),
       STRING_KEY(lr_scheduler_type, "after warmup: constant, cosine or linear"),
       INT_KEY(warmup_steps, "linear warmup steps"),
-      DOUBLE_KEY(max_grad_norm, "global gradient-norm clip; <= 0 disables"),
+      DOUBLE_KEY(max_grad_norm, "global gradient-norm clip, >= 0; 0 disables"),
       INT_KEY(per_device_train_batch_size, "pairs per micro-batch"),
       INT_KEY(per_device_eval_batch_size, "pairs per evaluation batch"),
       INT_KEY(gradient_accumulation_steps, "micro-batches per optimizer step"),
@@ -241,9 +245,17 @@ void apply(TrainConfig& cfg, const std::string& where, const std::string& name, 
   }
 }
 
-[[noreturn]] void bad(const std::string& key, const std::string& what) {
-  throw InputError("key '" + key + "': " + what);
-}
+// A validation error about one key; load_train_config prefixes it with where the key was set.
+class KeyError : public InputError {
+ public:
+  KeyError(const std::string& key, const std::string& what) : InputError("key '" + key + "': " + what), key_(key) {}
+  const std::string& key() const { return key_; }
+
+ private:
+  std::string key_;
+};
+
+[[noreturn]] void bad(const std::string& key, const std::string& what) { throw KeyError(key, what); }
 
 std::string num(double v) {
   std::ostringstream s;
@@ -278,14 +290,16 @@ StepRange parse_profile_steps(const std::string& v) {
 }
 
 void validate(const TrainConfig& c, RunKind kind) {
-  auto positive = [](const char* key, int64_t v) {
-    if (v <= 0) bad(key, "must be > 0, got " + std::to_string(v));
+  // Integer keys: [lo, hi]; the upper bounds keep products of two counts inside int64 (config.h).
+  auto range = [](const char* key, int64_t v, int64_t lo, int64_t hi) {
+    if (v < lo || v > hi)
+      bad(key, "must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " + std::to_string(v));
   };
-  auto nonneg = [](const char* key, int64_t v) {
-    if (v < 0) bad(key, "must be >= 0, got " + std::to_string(v));
-  };
-  auto finite = [](const char* key, double v) {
+  // Real keys: finite and in [lo, hi] (lo excluded when open_lo).
+  auto real = [](const char* key, double v, double lo, bool open_lo, double hi) {
     if (!std::isfinite(v)) bad(key, "must be a finite number, got " + num(v));
+    if (!(open_lo ? v > lo : v >= lo) || !(v <= hi))
+      bad(key, std::string("must be in ") + (open_lo ? "(" : "[") + num(lo) + ", " + num(hi) + "], got " + num(v));
   };
   if (c.model.empty()) bad("model", "is required (an HF GPT-2 checkpoint directory)");
   if (c.train_file.empty()) bad("train_file", "is required");
@@ -294,75 +308,138 @@ void validate(const TrainConfig& c, RunKind kind) {
   if (c.tokenizer != "byte") bad("tokenizer", "must be byte, got '" + c.tokenizer + "'");
   if (c.precision != "fp32" && c.precision != "bf16")
     bad("precision", "must be fp32 or bf16, got '" + c.precision + "'");
-  nonneg("num_threads", c.num_threads);
-  positive("logits_chunk_rows", c.logits_chunk_rows);
+  // seed: any integer (it is used as its 64-bit pattern).
+  range("num_threads", c.num_threads, 0, kMaxThreads);
+  range("logits_chunk_rows", c.logits_chunk_rows, 1, kMaxCount);
   if (c.zero_stage != 0 && c.zero_stage != 1)
     bad("zero_stage", "must be 0 or 1, got " + std::to_string(c.zero_stage));
-  positive("max_length", c.max_length);
-  positive("max_prompt_length", c.max_prompt_length);
+  range("max_length", c.max_length, 1, kMaxBatch);
+  range("max_prompt_length", c.max_prompt_length, 1, kMaxBatch);
   if (c.max_prompt_length >= c.max_length)
     bad("max_prompt_length", "must be < max_length (" + std::to_string(c.max_length) + "), got " +
                                  std::to_string(c.max_prompt_length));
   if (c.truncation_mode != "keep_end" && c.truncation_mode != "keep_start")
     bad("truncation_mode", "must be keep_end or keep_start, got '" + c.truncation_mode + "'");
-  finite("learning_rate", c.learning_rate);
-  if (c.learning_rate <= 0) bad("learning_rate", "must be > 0, got " + num(c.learning_rate));
-  finite("weight_decay", c.weight_decay);
-  if (c.weight_decay < 0) bad("weight_decay", "must be >= 0, got " + num(c.weight_decay));
+  // An AdamW step moves a weight by about learning_rate; above 1 a single step wipes out any trained weight.
+  real("learning_rate", c.learning_rate, 0, true, 1);
+  // Decoupled decay multiplies each weight by (1 - lr * weight_decay) per step: above 1 the sign flips, above 2
+  // the weights grow geometrically until they overflow.
+  real("weight_decay", c.weight_decay, 0, false, 1e30);
+  if (c.learning_rate * c.weight_decay > 1)
+    bad("weight_decay", "times learning_rate must be <= 1 (each step scales the weights by 1 - learning_rate * "
+                        "weight_decay), got " + num(c.weight_decay) + " * " + num(c.learning_rate));
   if (!(c.adam_beta1 >= 0 && c.adam_beta1 < 1)) bad("adam_beta1", "must be in [0, 1), got " + num(c.adam_beta1));
   if (!(c.adam_beta2 >= 0 && c.adam_beta2 < 1)) bad("adam_beta2", "must be in [0, 1), got " + num(c.adam_beta2));
-  if (!(c.adam_epsilon > 0) || !std::isfinite(c.adam_epsilon))
-    bad("adam_epsilon", "must be > 0, got " + num(c.adam_epsilon));
+  // The CUDA update runs in float32 (the CPU one in double): below ~1.2e-38 epsilon is no longer a normal
+  // float32 number and below ~1e-45 it rounds to 0, so that a weight whose gradients were all zero gets
+  // 0/0 = NaN; 1e-30 keeps a wide margin. Above 1 AdamW no longer normalises the gradient (usually 1e-8).
+  real("adam_epsilon", c.adam_epsilon, 1e-30, false, 1);
   if (c.lr_scheduler_type != "constant" && c.lr_scheduler_type != "cosine" && c.lr_scheduler_type != "linear")
     bad("lr_scheduler_type", "must be constant, cosine or linear, got '" + c.lr_scheduler_type + "'");
-  nonneg("warmup_steps", c.warmup_steps);
-  finite("max_grad_norm", c.max_grad_norm);
-  positive("per_device_train_batch_size", c.per_device_train_batch_size);
-  positive("per_device_eval_batch_size", c.per_device_eval_batch_size);
-  positive("gradient_accumulation_steps", c.gradient_accumulation_steps);
-  positive("num_train_epochs", c.num_train_epochs);
-  if (c.max_steps == 0 || c.max_steps < -1) bad("max_steps", "must be -1 or > 0, got " + std::to_string(c.max_steps));
-  positive("logging_steps", c.logging_steps);
-  nonneg("eval_steps", c.eval_steps);
-  nonneg("save_steps", c.save_steps);
-  nonneg("save_total_limit", c.save_total_limit);
-  nonneg("max_consecutive_skipped_steps", c.max_consecutive_skipped_steps);
+  range("warmup_steps", c.warmup_steps, 0, kMaxCount);
+  real("max_grad_norm", c.max_grad_norm, 0, false, 1e30);
+  range("per_device_train_batch_size", c.per_device_train_batch_size, 1, kMaxBatch);
+  range("per_device_eval_batch_size", c.per_device_eval_batch_size, 1, kMaxBatch);
+  range("gradient_accumulation_steps", c.gradient_accumulation_steps, 1, kMaxBatch);
+  range("num_train_epochs", c.num_train_epochs, 1, kMaxCount);
+  if (c.max_steps != -1) range("max_steps", c.max_steps, 1, kMaxCount);
+  range("logging_steps", c.logging_steps, 1, kMaxCount);
+  range("eval_steps", c.eval_steps, 0, kMaxCount);
+  range("save_steps", c.save_steps, 0, kMaxCount);
+  range("save_total_limit", c.save_total_limit, 0, kMaxCount);
+  range("max_consecutive_skipped_steps", c.max_consecutive_skipped_steps, 0, kMaxCount);
   parse_profile_steps(c.profile_steps);
   if (!c.profile_steps.empty() && c.device != "cuda")
     bad("profile_steps", "needs device: cuda (it opens a CUDA profiler capture range), got device: " + c.device);
   if (kind == RunKind::Dpo) {
-    finite("beta", c.beta);
-    if (c.beta <= 0) bad("beta", "must be > 0, got " + num(c.beta));
+    // beta, odpo_alpha, rpo_alpha and the loss weights scale the loss and its gradient (in float32); 1e6 is far
+    // above any useful value and keeps beta times a sequence's log-ratio and the gradient norms finite.
+    real("beta", c.beta, 0, true, 1e6);
     if (!(c.label_smoothing >= 0 && c.label_smoothing < 0.5))
       bad("label_smoothing", "must be in [0, 0.5), got " + num(c.label_smoothing));
-    finite("odpo_alpha", c.odpo_alpha);
-    if (c.odpo_alpha < 0) bad("odpo_alpha", "must be >= 0, got " + num(c.odpo_alpha));
-    finite("rpo_alpha", c.rpo_alpha);
-    if (c.rpo_alpha < 0) bad("rpo_alpha", "must be >= 0, got " + num(c.rpo_alpha));
+    real("odpo_alpha", c.odpo_alpha, 0, false, 1e6);
+    real("rpo_alpha", c.rpo_alpha, 0, false, 1e6);
     if (c.loss_type.empty()) bad("loss_type", "needs at least one loss");
     if (!c.loss_weights.empty() && c.loss_weights.size() != c.loss_type.size())
       bad("loss_weights", "has " + std::to_string(c.loss_weights.size()) + " entries but loss_type has " +
                               std::to_string(c.loss_type.size()));
-    for (double w : c.loss_weights)
-      if (!std::isfinite(w)) bad("loss_weights", "entries must be finite numbers");
+    for (double w : c.loss_weights) real("loss_weights", w, 0, false, 1e6);
   }
 }
 
+std::vector<std::string> fit_to_model(TrainConfig& c, int64_t n_positions, const std::string& model, RunKind kind) {
+  std::vector<std::string> notes;
+  const std::string np = std::to_string(n_positions);
+  if (c.given.count("max_length")) {
+    if (c.max_length > n_positions)
+      bad("max_length", std::to_string(c.max_length) + " exceeds the n_positions (" + np + ") of the model " + model +
+                            "; set max_length to at most " + np + " (or leave it unset to follow the model)");
+  } else if (c.max_length > n_positions) {
+    c.max_length = n_positions;
+    notes.push_back("max_length: " + np + " (the n_positions of " + model +
+                    "; the default 512 does not fit; set max_length to choose)");
+  }
+  if (!c.given.count("max_prompt_length") && c.max_prompt_length >= c.max_length && c.max_length >= 2) {
+    c.max_prompt_length = c.max_length / 2;
+    notes.push_back("max_prompt_length: " + std::to_string(c.max_prompt_length) +
+                    " (half of max_length; the default 256 does not fit; set max_prompt_length to choose)");
+  }
+  validate(c, kind);
+  return notes;
+}
+
+namespace {
+
+// Refuses what yaml-cpp accepts silently: a key given twice in one mapping (yaml-cpp keeps both and a lookup sees
+// only the first) and, below, a second document.
+void check_no_duplicate_keys(const YAML::Node& map, const std::string& path) {
+  std::map<std::string, int> first_line;
+  for (auto it = map.begin(); it != map.end(); ++it) {
+    const std::string name = it->first.IsScalar() ? it->first.Scalar() : scalar_of(it->first);
+    const int line = it->first.Mark().line + 1;
+    auto [pos, fresh] = first_line.emplace(name, line);
+    if (!fresh)
+      throw InputError(path + ":" + std::to_string(line) + ": key '" + name + "' is given twice (first at line " +
+                       std::to_string(pos->second) + ")");
+  }
+}
+
+}  // namespace
+
 TrainConfig load_train_config(const std::string& path, const std::vector<std::string>& overrides, RunKind kind) {
   TrainConfig cfg;
+  std::map<std::string, std::string> where_set;  // key -> "path:line" or "override 'k=v'", for validation errors
   if (!path.empty()) {
-    YAML::Node root;
+    std::error_code ec;
+    const auto st = std::filesystem::status(path, ec);
+    if (ec && ec != std::errc::no_such_file_or_directory)
+      throw InputError(path + ": cannot open config file: " + ec.message());
+    if (!std::filesystem::exists(st)) throw InputError(path + ": cannot open config file (no such file)");
+    if (std::filesystem::is_directory(st))
+      throw InputError(path + ": cannot open config file (a directory; --config takes a YAML file)");
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw InputError(path + ": cannot open config file");
+    std::vector<YAML::Node> docs;
     try {
-      root = YAML::LoadFile(path);
-    } catch (const YAML::BadFile&) {
-      throw InputError(path + ": cannot open config file");
+      docs = YAML::LoadAll(in);
     } catch (const YAML::Exception& e) {
       throw InputError(path + ":" + std::to_string(e.mark.line + 1) + ": not valid YAML: " + e.msg);
     }
+    if (in.bad()) throw InputError(path + ": read error");
+    if (docs.size() > 1) {
+      const int line = docs[1].Mark().line;
+      throw InputError(path + (line >= 0 ? ":" + std::to_string(line + 1) : std::string()) +
+                       ": a second YAML document (after '---'); a config file holds exactly one mapping");
+    }
+    const YAML::Node root = docs.empty() ? YAML::Node() : docs[0];
     if (!root.IsNull() && !root.IsMap()) throw InputError(path + ": the config must be a mapping of key: value");
+    if (root.IsMap()) check_no_duplicate_keys(root, path);
     for (auto it = root.begin(); it != root.end(); ++it) {
       const std::string where = path + ":" + std::to_string(it->first.Mark().line + 1);
-      apply(cfg, where, it->first.as<std::string>(), it->second);
+      const std::string name = it->first.as<std::string>();
+      apply(cfg, where, name, it->second);
+      cfg.given.insert(name);
+      where_set[name] = where;
     }
   }
   for (const std::string& o : overrides) {
@@ -375,12 +452,21 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
     } catch (const YAML::Exception& e) {
       throw InputError(where + ": value is not valid YAML: " + e.msg);
     }
-    apply(cfg, where, o.substr(0, eq), value);
+    const std::string name = o.substr(0, eq);
+    apply(cfg, where, name, value);
+    cfg.given.insert(name);
+    where_set[name] = where;
   }
+  // A max_length chosen below the default prompt budget brings the prompt budget along (half of it).
+  if (!cfg.given.count("max_prompt_length") && cfg.given.count("max_length") &&
+      cfg.max_prompt_length >= cfg.max_length && cfg.max_length >= 2)
+    cfg.max_prompt_length = cfg.max_length / 2;
   try {
     validate(cfg, kind);
-  } catch (const InputError& e) {
-    throw InputError((path.empty() ? std::string("config") : path) + ": " + e.what());
+  } catch (const KeyError& e) {
+    auto it = where_set.find(e.key());
+    throw InputError((it != where_set.end() ? it->second : path.empty() ? std::string("config") : path) + ": " +
+                     e.what());
   }
   return cfg;
 }

@@ -4,10 +4,19 @@
 //
 // Errors name the key and where it came from ("run.yaml:12: key 'beta': must be > 0, got -1",
 // "override 'lr=x': unknown key 'lr' (did you mean 'learning_rate'?)") and are dpo::InputError (exit code 2):
-// unknown keys, wrong types, out-of-range values, inconsistent combinations.
+// unknown keys, wrong types, out-of-range values, inconsistent combinations, a key given twice in one file, and
+// a file holding more than one YAML document.
+//
+// Bounds (validate): every numeric key has one, chosen so that no accepted value can overflow or crash a run
+// (docs/training.md lists them). Counts are at most kMaxCount (2^31 - 1), sizes of a micro-batch at most
+// kMaxBatch, so that products of two of them never overflow 64-bit integers; `num_threads` is at most
+// kMaxThreads; real-valued keys must be finite and lie in the range where the update stays finite
+// (learning_rate in (0, 1], learning_rate * weight_decay <= 1, betas in [0, 1), adam_epsilon in [1e-30, 1],
+// beta, odpo_alpha, rpo_alpha and loss_weights at most 1e6).
 #pragma once
 
 #include <cstdint>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -26,8 +35,8 @@ struct TrainConfig {
   int64_t seed = 42;
   int64_t num_threads = 0;  // CPU threads; 0 = OpenMP default
   // data
-  int64_t max_length = 512;
-  int64_t max_prompt_length = 256;
+  int64_t max_length = 512;         // unless given: min(512, the model's n_positions) (fit_to_model)
+  int64_t max_prompt_length = 256;  // unless given, and when 256 >= max_length: max_length / 2
   std::string truncation_mode = "keep_end";
   bool skip_malformed = false;
   // loss
@@ -69,7 +78,15 @@ struct TrainConfig {
   // numerical guards
   int64_t max_consecutive_skipped_steps = 10;  // stop the run (an error) after this many skipped optimizer steps
                                                // in a row (non-finite gradient norm or update); 0 = never stop
+
+  // Not a key: the keys set by the config file or an override (load_train_config), so that defaults which
+  // follow the model (max_length, max_prompt_length) are told apart from values the user chose.
+  std::set<std::string> given;
 };
+
+constexpr int64_t kMaxCount = 2147483647;  // steps, epochs, intervals, logits_chunk_rows: 2^31 - 1
+constexpr int64_t kMaxBatch = 1 << 24;     // per-device batch sizes, gradient_accumulation_steps, lengths
+constexpr int64_t kMaxThreads = 1024;      // num_threads (OpenMP crashes creating ~1e5 threads)
 
 // The optimizer steps of `profile_steps`, 1-based and inclusive; first > last (empty) when the key is off.
 struct StepRange {
@@ -88,6 +105,13 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
 
 // Checks ranges and combinations; throws InputError naming the key.
 void validate(const TrainConfig& cfg, RunKind kind);
+
+// Fits the length keys to a model of `n_positions` (the smallest of the policy's and the reference's), read from
+// `model` (named in messages): max_length, when not given, becomes min(its default 512, n_positions), and
+// max_prompt_length, when not given and its default 256 is not below max_length, max_length / 2 (load_train_config
+// applies the same rule to a given max_length). A given max_length above n_positions
+// throws InputError naming the key to set. Returns one line per value changed, for the run's log.
+std::vector<std::string> fit_to_model(TrainConfig& cfg, int64_t n_positions, const std::string& model, RunKind kind);
 
 // The effective configuration as YAML (written to <out_dir>/config.yaml) and as a key table for --help-config.
 std::string to_yaml(const TrainConfig& cfg);

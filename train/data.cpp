@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <utility>
 
 #include "runtime/error.h"
@@ -24,6 +25,12 @@ struct Malformed {
 [[noreturn]] void bad(const char* reason, std::string what) { throw Malformed{reason, std::move(what)}; }
 
 std::string fld(const std::string& name) { return " (field '" + name + "')"; }
+
+std::string num_text(double v) {
+  std::ostringstream s;
+  s << v;
+  return s.str();
+}
 
 // Which top-level field of a (possibly broken) JSON object line holds byte `pos`: a small scanner that tracks
 // strings, nesting and whether the next string at depth 1 is a key. Used only to name the field in the
@@ -233,8 +240,26 @@ std::vector<Rec> load_jsonl(const std::string& path, const DataOptions& opt, Loa
         bad("invalid_utf8", what);
       }
       json j;
+      // The keys seen so far in each open object (innermost last): a repeated key is refused, since JSON gives
+      // it no meaning and nlohmann-json would silently keep the last value.
+      std::vector<std::vector<std::string>> open_keys;
+      const json::parser_callback_t dup_check = [&](int, json::parse_event_t ev, json& parsed) {
+        if (ev == json::parse_event_t::object_start) {
+          open_keys.emplace_back();
+        } else if (ev == json::parse_event_t::object_end) {
+          if (!open_keys.empty()) open_keys.pop_back();
+        } else if (ev == json::parse_event_t::key && !open_keys.empty()) {
+          const std::string k = parsed.get<std::string>();
+          auto& seen = open_keys.back();
+          if (std::find(seen.begin(), seen.end(), k) != seen.end())
+            bad("duplicate_key", "duplicate key '" + k + "'" +
+                                     (open_keys.size() > 1 ? " (in a nested object)" : " in the record"));
+          seen.push_back(k);
+        }
+        return true;
+      };
       try {
-        j = json::parse(line);
+        j = json::parse(line, dup_check);
       } catch (const json::exception& e) {  // parse_error, or out_of_range for 1e999
         bad("bad_json", std::string("not valid JSON: ") + e.what());
       }
@@ -371,6 +396,15 @@ std::vector<PreferencePair> load_preferences(const std::string& path, const Toke
       p.has_scores = true;
       p.score_chosen = parse_score(j, "score_chosen");
       p.score_rejected = parse_score(j, "score_rejected");
+    }
+    if (opt.require_score_gap) {
+      if (!p.has_scores)
+        bad("scores", "ODPO (odpo_alpha > 0) needs score_chosen and score_rejected in every record; this one has "
+                      "neither");
+      if (!(p.score_chosen > p.score_rejected))
+        bad("scores", "ODPO (odpo_alpha > 0) needs score_chosen > score_rejected (its offset is log of the "
+                      "difference), got score_chosen " + num_text(p.score_chosen) + ", score_rejected " +
+                      num_text(p.score_rejected) + fld("score_chosen"));
     }
     p.prompt = std::move(seqs[0]);
     p.chosen = std::move(seqs[1]);

@@ -15,6 +15,8 @@
 // Malformed records throw InputError("path:line: <what> (field 'x')"), or with DataOptions::skip_malformed are
 // skipped and counted by reason in LoadStats::skipped_by_reason (read == kept + skipped always holds). Reasons:
 //   bad_json          the line is not valid JSON
+//   duplicate_key     an object on the line has the same key twice (at any depth; JSON leaves the meaning open,
+//                     so the record is refused rather than one value silently chosen)
 //   invalid_utf8      the line holds bytes that are not strict UTF-8 (any field; nlohmann-json cannot parse it)
 //   not_object        the line is valid JSON but not an object
 //   mixed_forms       the record has fields of both the text and the token-id form
@@ -24,7 +26,9 @@
 //   id_out_of_range   a token id is outside [0, vocab_size)
 //   empty_prompt      the prompt is empty: the first completion token would have no position predicting it
 //   empty_completion  a completion is empty, or holds only EOS
-//   scores            only one of score_chosen / score_rejected, or a non-finite score
+//   scores            only one of score_chosen / score_rejected, or a non-finite score; with
+//                     DataOptions::require_score_gap (ODPO) also a record without scores or with
+//                     score_chosen <= score_rejected
 // A file that cannot be opened, an I/O error, or a file with no kept record throws InputError naming the file.
 //
 // EOS (DataOptions::append_eos): appended to each completion unless it already ends with eos_id (never doubled);
@@ -70,6 +74,9 @@ struct DataOptions {
   TruncationMode truncation = TruncationMode::KeepEnd;
   bool skip_malformed = false;  // skip and count malformed records instead of throwing
   bool append_eos = true;
+  // ODPO (odpo_alpha > 0): every preference record must carry score_chosen > score_rejected (the offset is
+  // log(score_chosen - score_rejected)); checked while loading so that the error names file:line.
+  bool require_score_gap = false;
 
   // Throws InputError naming the option unless 0 < max_prompt_length < max_length.
   void validate() const;

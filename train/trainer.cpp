@@ -71,6 +71,7 @@ DataOptions data_options(const TrainConfig& c) {
   d.truncation = c.truncation_mode == "keep_start" ? TruncationMode::KeepStart : TruncationMode::KeepEnd;
   d.skip_malformed = c.skip_malformed;
   d.append_eos = true;
+  d.require_score_gap = c.odpo_alpha > 0;  // ODPO: score errors name file:line
   return d;
 }
 
@@ -83,6 +84,8 @@ std::string data_settings(const TrainConfig& c) {
   s << "tokenizer=" << c.tokenizer << ";max_length=" << c.max_length << ";max_prompt_length=" << c.max_prompt_length
     << ";truncation=" << c.truncation_mode << ";skip_malformed=" << c.skip_malformed << ";append_eos=1"
     << ";precision=" << c.precision << ";device=" << c.device << ";batch_pairs=" << c.per_device_eval_batch_size;
+  // With skip_malformed, ODPO's score check changes which records are kept (keys without ODPO unchanged).
+  if (c.odpo_alpha > 0 && c.skip_malformed) s << ";require_score_gap=1";
   return s.str();
 }
 
@@ -511,15 +514,16 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   StopSignals stop_signals;
   StopSignals::clear();
   // One writer per out_dir: rank 0 (the only rank that writes it) holds its lock from before the first write to
-  // the end of the run; then removes what killed writers of earlier runs left behind.
+  // the end of the run, then removes what killed writers of earlier runs left behind. An out_dir that exists (a
+  // resume, a rerun) is locked now, before its checkpoints are read; a new one is created and locked only once
+  // every input has been loaded and checked (below), so that a run stopped by bad input leaves no empty out_dir.
   std::unique_ptr<OutDirLock> out_lock;
-  if (lead) {
-    fs::create_directories(cfg.out_dir, ec);
-    if (ec) throw InputError("key 'out_dir': cannot create " + cfg.out_dir + ": " + ec.message());
+  auto lock_out_dir = [&] {
     out_lock = std::make_unique<OutDirLock>(cfg.out_dir);
     for (const std::string& f : remove_stale_temporaries(cfg.out_dir))
       say("removed a temporary file of an interrupted earlier run: " + f);
-  }
+  };
+  if (lead && fs::is_directory(cfg.out_dir)) lock_out_dir();
   // A finished or interrupted run is never overwritten by accident: continuing it needs --resume.
   if (ro.resume.empty() && fs::exists(fs::path(cfg.out_dir) / "checkpoints" / "latest"))
     throw InputError("key 'out_dir': " + cfg.out_dir +
@@ -693,6 +697,11 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   const std::string metrics_path = (fs::path(cfg.out_dir) / "metrics.jsonl").string();
   std::unique_ptr<MetricsLog> log;
   if (lead) {
+    // Only now, with the config, models, data and any checkpoint to resume from loaded and checked: a run
+    // stopped by bad input leaves no empty out_dir behind.
+    fs::create_directories(cfg.out_dir, ec);
+    if (ec) throw InputError("key 'out_dir': cannot create " + cfg.out_dir + ": " + ec.message());
+    if (!out_lock) lock_out_dir();
     write_file_atomic((fs::path(cfg.out_dir) / "config.yaml").string(), config_yaml);
     if (!ro.resume.empty()) truncate_metrics(metrics_path, p.step);
     log = std::make_unique<MetricsLog>(metrics_path, !ro.resume.empty());
