@@ -157,7 +157,7 @@ SafetensorsFile::SafetensorsFile(std::string path) : path_(std::move(path)) {
   json j;
   try {
     j = json::parse(header);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number such as 1e999
     bad(path_, std::string("header is not valid JSON: ") + e.what());
   }
   if (!j.is_object()) bad(path_, "header is not a JSON object");

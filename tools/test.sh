@@ -5,16 +5,18 @@
 #      nothing can run it),
 #   3. runs every ctest test (CUDA tests skip with a reason on a machine without a GPU),
 #   4. builds again with AddressSanitizer + UndefinedBehaviorSanitizer (CPU only) and runs the CPU tests under it
-#      (label `cpu`; the `slow` end-to-end demo test runs only in step 3).
-# Usage: tools/test.sh [--no-sanitize]      Build trees: build/ and build-asan/.
+#      (label `cpu`; the `slow` end-to-end demo test runs only in step 3),
+#   5. builds the libFuzzer targets with clang (tests/fuzz) and runs their fixed smoke runs (label `fuzz`).
+# Usage: tools/test.sh [--no-sanitize] [--no-fuzz]      Build trees: build/, build-asan/ and build-fuzz/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-sanitize=1
+sanitize=1 fuzz=1
 for a in "$@"; do
   case "$a" in
     --no-sanitize) sanitize=0 ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    --no-fuzz) fuzz=0 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
     *) echo "test.sh: unknown argument '$a'" >&2; exit 2 ;;
   esac
 done
@@ -39,5 +41,13 @@ if [ "$sanitize" = 1 ]; then
   ASAN_OPTIONS=halt_on_error=1:detect_leaks=1:abort_on_error=1 \
   UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
     ctest --test-dir build-asan --output-on-failure -L cpu -j"$jobs"
+fi
+if [ "$fuzz" = 1 ]; then
+  echo "== build (libFuzzer targets, clang, ASan + UBSan)"
+  cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_COMPILER=clang \
+    -DCMAKE_CXX_COMPILER=clang++ -DDPO_FUZZ=ON -DDPO_BUILD_TESTS=OFF
+  cmake --build build-fuzz -j"$jobs"
+  echo "== fuzz smoke runs"
+  ASAN_OPTIONS=halt_on_error=1:detect_leaks=1 ctest --test-dir build-fuzz --output-on-failure -L fuzz -j"$jobs"
 fi
 echo "== all tests passed"

@@ -102,7 +102,7 @@ bool verify_checkpoint(const std::string& dir, CheckpointUse use) {
   json j;
   try {
     j = json::parse(in);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number such as 1e999
     throw InputError(manifest + ": not valid JSON (corrupted checksum list): " + e.what());
   }
   if (!j.is_object() || !j.contains("format") || j["format"] != kChecksumsFormat || !j.contains("files") ||

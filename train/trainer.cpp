@@ -239,7 +239,7 @@ Position load_checkpoint(const std::string& dir, GPT2& model, AdamW& opt, const 
   json st;
   try {
     st = json::parse(f);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number such as 1e999
     throw InputError(state_path + ": not valid JSON: " + e.what());
   }
   if (!st.is_object() || !st.contains("format") || st["format"] != kCheckpointFormat)
