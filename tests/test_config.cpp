@@ -148,6 +148,18 @@ TEST(Config, SecondYamlDocumentIsRefused) {
   EXPECT_EQ(error_of(write_yaml("---\nmodel: m\ntrain_file: t\nout_dir: o\n"), {}), "");
 }
 
+// Streams on which yaml-cpp 0.7's LoadAll never returns (found by tests/fuzz/fuzz_yaml_config): a clear error with
+// the line, in bounded time (ctest's timeout would catch a hang).
+TEST(Config, StreamsThatStallTheParserAreRefused) {
+  for (const char* text : {", ", ",a", ", a: o,\n", "model: m\n, "}) {
+    SCOPED_TRACE(text);
+    const std::string p = write_yaml(text);
+    const std::string e = error_of(p, {});
+    EXPECT_NE(e.find(p + ":"), std::string::npos) << e;
+    EXPECT_NE(e.find("not valid YAML"), std::string::npos) << e;
+  }
+}
+
 TEST(Config, DirectoryAsConfigIsAnInputError) {
   const std::string dir = (fs::path(::testing::TempDir()) / "cfg_a_directory").string();
   fs::create_directories(dir);

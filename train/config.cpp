@@ -1,5 +1,6 @@
 #include "train/config.h"
 
+#include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
 #include <charconv>
@@ -16,6 +17,47 @@
 namespace dpo {
 
 namespace {
+
+// The documents of a YAML stream, as far as a config needs to know: where each of the first two starts. Counting
+// through yaml-cpp's event parser, at most two documents, instead of YAML::LoadAll: yaml-cpp 0.7's LoadAll never
+// returns on some malformed streams (", " is one: each call yields an empty document without consuming the ','),
+// which the config fuzz target (tests/fuzz) found.
+class DocumentStarts final : public YAML::EventHandler {
+ public:
+  std::vector<YAML::Mark> starts;
+  void OnDocumentStart(const YAML::Mark& mark) override { starts.push_back(mark); }
+  void OnDocumentEnd() override {}
+  void OnNull(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnAlias(const YAML::Mark&, YAML::anchor_t) override {}
+  void OnScalar(const YAML::Mark&, const std::string&, YAML::anchor_t, const std::string&) override {}
+  void OnSequenceStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {}
+  void OnSequenceEnd() override {}
+  void OnMapStart(const YAML::Mark&, const std::string&, YAML::anchor_t, YAML::EmitterStyle::value) override {}
+  void OnMapEnd() override {}
+};
+
+// The one document of a config file (a null node for an empty file). A second document, or a stream the parser
+// cannot get past, is an InputError naming path:line.
+YAML::Node load_single_document(const std::string& text, const std::string& path) {
+  auto at = [&](const YAML::Mark& m) { return path + ":" + std::to_string(m.line + 1); };
+  try {
+    std::istringstream in(text);
+    YAML::Parser parser(in);
+    DocumentStarts docs;
+    for (int i = 0; i < 2 && parser.HandleNextDocument(docs); ++i) {
+    }
+    if (docs.starts.size() > 1) {
+      const YAML::Mark& a = docs.starts[0];
+      const YAML::Mark& b = docs.starts[1];
+      if (b.pos <= a.pos)  // no progress: the parser is stuck on a token no document can start with
+        throw InputError(at(b) + ": not valid YAML: unexpected content (a config file is one mapping of key: value)");
+      throw InputError(at(b) + ": a second YAML document (after '---'); a config file holds exactly one mapping");
+    }
+    return YAML::Load(text);
+  } catch (const YAML::Exception& e) {
+    throw InputError(path + ":" + std::to_string(e.mark.line + 1) + ": not valid YAML: " + e.msg);
+  }
+}
 
 enum class Kind { Int, Double, Bool, String, StringList, DoubleList };
 
@@ -419,19 +461,11 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
       throw InputError(path + ": cannot open config file (a directory; --config takes a YAML file)");
     std::ifstream in(path, std::ios::binary);
     if (!in) throw InputError(path + ": cannot open config file");
-    std::vector<YAML::Node> docs;
-    try {
-      docs = YAML::LoadAll(in);
-    } catch (const YAML::Exception& e) {
-      throw InputError(path + ":" + std::to_string(e.mark.line + 1) + ": not valid YAML: " + e.msg);
-    }
+    std::ostringstream text_stream;
+    text_stream << in.rdbuf();
     if (in.bad()) throw InputError(path + ": read error");
-    if (docs.size() > 1) {
-      const int line = docs[1].Mark().line;
-      throw InputError(path + (line >= 0 ? ":" + std::to_string(line + 1) : std::string()) +
-                       ": a second YAML document (after '---'); a config file holds exactly one mapping");
-    }
-    const YAML::Node root = docs.empty() ? YAML::Node() : docs[0];
+    const std::string text = text_stream.str();
+    const YAML::Node root = load_single_document(text, path);
     if (!root.IsNull() && !root.IsMap()) throw InputError(path + ": the config must be a mapping of key: value");
     if (root.IsMap()) check_no_duplicate_keys(root, path);
     for (auto it = root.begin(); it != root.end(); ++it) {
