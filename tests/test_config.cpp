@@ -160,6 +160,18 @@ TEST(Config, StreamsThatStallTheParserAreRefused) {
   }
 }
 
+// A mapping or a list as a key (found by the config fuzz target) is an input error at its line, not yaml-cpp's
+// conversion exception.
+TEST(Config, NonScalarKeysAreRefused) {
+  for (const char* text : {"{a: 1}: 2\n", "model: m\n[x, y]: 3\n", "? {model: m}\n: 1\n"}) {
+    SCOPED_TRACE(text);
+    const std::string p = write_yaml(text);
+    const std::string e = error_of(p, {});
+    EXPECT_NE(e.find(p + ":"), std::string::npos) << e;
+    EXPECT_NE(e.find("a key must be a plain name"), std::string::npos) << e;
+  }
+}
+
 TEST(Config, DirectoryAsConfigIsAnInputError) {
   const std::string dir = (fs::path(::testing::TempDir()) / "cfg_a_directory").string();
   fs::create_directories(dir);

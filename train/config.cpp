@@ -470,8 +470,15 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
     if (root.IsMap()) check_no_duplicate_keys(root, path);
     for (auto it = root.begin(); it != root.end(); ++it) {
       const std::string where = path + ":" + std::to_string(it->first.Mark().line + 1);
-      const std::string name = it->first.as<std::string>();
-      apply(cfg, where, name, it->second);
+      // A key must be a plain name: a mapping or a sequence as a key (`{a: 1}: 2`, found by the config fuzz
+      // target) would otherwise escape as yaml-cpp's conversion error.
+      if (!it->first.IsScalar()) throw InputError(where + ": a key must be a plain name, not a mapping or a list");
+      const std::string name = it->first.Scalar();
+      try {
+        apply(cfg, where, name, it->second);
+      } catch (const YAML::Exception& e) {  // a conversion the key's own checks did not expect
+        throw InputError(where + ": key '" + name + "': " + e.msg);
+      }
       cfg.given.insert(name);
       where_set[name] = where;
     }
