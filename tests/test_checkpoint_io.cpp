@@ -366,6 +366,39 @@ TEST(SafetensorsRead, DataOffsetsPastEndOfFile) {
   EXPECT_INPUT_ERROR(open_st(p), p, "'tail'", "truncated");
 }
 
+// The size checks on both sides of their boundary: a tensor whose data_offsets end exactly at the end of the file
+// loads (and reads back its bytes), one ending a byte past it is refused naming the file and the tensor.
+TEST(SafetensorsRead, TensorEndingExactlyAtEndOfDataLoadsOneBytePastFails) {
+  ScratchDir d;
+  const std::string header =
+      R"({"head": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},)"
+      R"( "tail": {"dtype": "F32", "shape": [3], "data_offsets": [8, 20]}})";
+  const float vals[5] = {1.5f, -2.0f, 3.25f, -0.125f, 1e-3f};
+  std::string data(reinterpret_cast<const char*>(vals), sizeof(vals));  // exactly 20 bytes
+  std::string p = write_raw(d, header, data);
+  SafetensorsFile f(p);
+  Tensor t = f.read("tail");
+  ASSERT_EQ(t.numel(), 3);
+  EXPECT_EQ(t.data<float>()[0], vals[2]);
+  EXPECT_EQ(t.data<float>()[2], vals[4]);
+  p = write_raw(d, header, data.substr(0, 19));  // the last tensor now ends one byte past the data
+  EXPECT_INPUT_ERROR(open_st(p), p, "'tail'", "truncated", "20", "19 bytes");
+}
+
+// The header length: a header exactly filling the bytes after the length field loads; one byte more is refused.
+TEST(SafetensorsRead, HeaderExactlyFittingLoadsOneByteOverFails) {
+  ScratchDir d;
+  const std::string header = R"({"e": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}})";
+  std::string p = d.file("t.safetensors");
+  write_bytes(p, le64(header.size()) + header);
+  SafetensorsFile f(p);
+  ASSERT_EQ(f.entries().size(), 1u);
+  EXPECT_EQ(f.entries()[0].name, "e");
+  write_bytes(p, le64(header.size() + 1) + header);
+  EXPECT_INPUT_ERROR(open_st(p), p, "truncated", "header length " + std::to_string(header.size() + 1),
+                     "only " + std::to_string(header.size()) + " bytes");
+}
+
 TEST(SafetensorsRead, ByteCountInconsistentWithShape) {
   ScratchDir d;
   // [3] F32 needs 12 bytes, the offsets give 8.
