@@ -124,10 +124,13 @@ RefCacheResult cached_ref_logps(GPT2& ref, const std::vector<PreferencePair>& da
       r.reason = e.what();
     }
   }
-  r.logps = compute_ref_logps(ref, data, batch_pairs);
+  // The folder first, so that a bad one stops the run before the reference pass, as an input error.
   std::error_code ec;
   fs::create_directories(cache_dir, ec);
-  if (ec) throw Error("cannot create reference cache directory " + cache_dir + ": " + ec.message());
+  if (ec)
+    throw InputError("key 'ref_cache_dir': cannot create the reference cache folder " + cache_dir + ": " +
+                     ec.message() + " (ref_cache_dir unset: $XDG_CACHE_HOME/dpo/ref or ~/.cache/dpo/ref)");
+  r.logps = compute_ref_logps(ref, data, batch_pairs);
   const int64_t n = static_cast<int64_t>(data.size());
   Tensor c = Tensor::host({n}, DType::F64), rj = Tensor::host({n}, DType::F64);
   std::copy(r.logps.chosen.begin(), r.logps.chosen.end(), c.data<double>());
