@@ -81,8 +81,11 @@ GPT2Config load_gpt2_config(const std::string& path) {
   c.eos_token_id = token_id("eos_token_id");
   const json written = json::parse(gpt2_config_json(c));
   json extra = json::object();
-  for (auto it = j.begin(); it != j.end(); ++it)
-    if (!written.contains(it.key()) && it.key() != "dtype") extra[it.key()] = it.value();
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const std::string& k = it.key();
+    const bool other_id = (k == "bos_token_id" && c.bos_token_id < 0) || (k == "eos_token_id" && c.eos_token_id < 0);
+    if ((!written.contains(k) || other_id) && k != "dtype") extra[k] = it.value();
+  }
   // "dtype" (transformers 5's name for torch_dtype) describes the stored weights: the saver writes F32 and says
   // so in torch_dtype, so a loaded value is not carried on.
   if (!extra.empty()) c.hf_extra_json = extra.dump();
