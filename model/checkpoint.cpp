@@ -71,6 +71,24 @@ GPT2Config load_gpt2_config(const std::string& path) {
   if (j.contains("scale_attn_weights") && j["scale_attn_weights"] != true)
     throw InputError(path + ": field 'scale_attn_weights' must be true");
   c.validate(path);
+  // What the model does not compute with is kept for the checkpoints saved from it: integer special-token ids,
+  // and every key the saver does not write itself (other forms of the ids, such as null, included).
+  auto token_id = [&](const char* key) {
+    return j.contains(key) && j[key].is_number_integer() && j[key].get<int64_t>() >= 0 ? j[key].get<int64_t>()
+                                                                                       : int64_t{-1};
+  };
+  c.bos_token_id = token_id("bos_token_id");
+  c.eos_token_id = token_id("eos_token_id");
+  const json written = json::parse(gpt2_config_json(c));
+  json extra = json::object();
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const std::string& k = it.key();
+    const bool other_id = (k == "bos_token_id" && c.bos_token_id < 0) || (k == "eos_token_id" && c.eos_token_id < 0);
+    if ((!written.contains(k) || other_id) && k != "dtype") extra[k] = it.value();
+  }
+  // "dtype" (transformers 5's name for torch_dtype) describes the stored weights: the saver writes F32 and says
+  // so in torch_dtype, so a loaded value is not carried on.
+  if (!extra.empty()) c.hf_extra_json = extra.dump();
   return c;
 }
 
@@ -96,10 +114,16 @@ std::string gpt2_config_json(const GPT2Config& c) {
       {"reorder_and_upcast_attn", false},
       {"tie_word_embeddings", true},
       {"torch_dtype", "float32"},
-      // GPT-2 uses its last id as <|endoftext|> for both; HF's default (50256) is outside smaller vocabularies.
-      {"bos_token_id", c.vocab_size - 1},
-      {"eos_token_id", c.vocab_size - 1},
   };
+  // The ids of the loaded config.json; else GPT-2's convention, its last id as <|endoftext|> for both (HF's
+  // default, 50256, is outside smaller vocabularies).
+  json extra = c.hf_extra_json.empty() ? json::object() : json::parse(c.hf_extra_json);
+  j["bos_token_id"] = c.bos_token_id >= 0 ? json(c.bos_token_id)
+                      : extra.contains("bos_token_id") ? extra["bos_token_id"] : json(c.vocab_size - 1);
+  j["eos_token_id"] = c.eos_token_id >= 0 ? json(c.eos_token_id)
+                      : extra.contains("eos_token_id") ? extra["eos_token_id"] : json(c.vocab_size - 1);
+  for (auto it = extra.begin(); it != extra.end(); ++it)
+    if (!j.contains(it.key())) j[it.key()] = it.value();
   return j.dump(2) + "\n";
 }
 
@@ -161,6 +185,21 @@ std::unique_ptr<GPT2> load_gpt2_checkpoint(Backend& backend, const std::string& 
   namespace fs = std::filesystem;
   if (!fs::is_directory(dir)) throw InputError(dir + ": not a checkpoint directory");
   GPT2Config cfg = load_gpt2_config((fs::path(dir) / "config.json").string());
+  const fs::path gen = fs::path(dir) / kGenerationConfigFile;
+  std::error_code ec;
+  if (fs::exists(gen, ec)) {
+    std::ifstream f(gen, std::ios::binary);
+    std::ostringstream bytes;
+    bytes << f.rdbuf();
+    if (!f || f.bad()) throw InputError(gen.string() + ": cannot read");
+    cfg.generation_config = bytes.str();
+    try {
+      if (!json::parse(cfg.generation_config).is_object())
+        throw InputError(gen.string() + ": top level is not a JSON object");
+    } catch (const json::exception& e) {
+      throw InputError(gen.string() + ": not valid JSON: " + e.what());
+    }
+  }
   auto model = std::make_unique<GPT2>(backend, cfg, dtype);
   LoadReport r = load_gpt2_weights(*model, (fs::path(dir) / "model.safetensors").string());
   if (report) *report = std::move(r);
@@ -188,6 +227,8 @@ void save_gpt2_checkpoint(const GPT2& model, const std::string& dir, const Tenso
   for (const auto& s : model.specs()) tensors.emplace_back("transformer." + s.name, host.view(s.offset, s.shape));
   save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
   write_file_atomic((fs::path(dir) / "config.json").string(), gpt2_config_json(model.config()));
+  if (!model.config().generation_config.empty())
+    write_file_atomic((fs::path(dir) / kGenerationConfigFile).string(), model.config().generation_config);
 }
 
 }  // namespace dpo

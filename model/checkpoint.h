@@ -8,6 +8,9 @@
 //
 // Saving writes config.json and model.safetensors (F32, "transformer."-prefixed names, as GPT2LMHeadModel's
 // save_pretrained does) so that transformers' from_pretrained loads it; each file is written atomically.
+// What the loaded model's directory held beyond the weights is carried on (GPT2Config): config.json's
+// bos_token_id/eos_token_id and every key the saver does not write itself, and generation_config.json byte for
+// byte. A model made from scratch (`dpo init`) gets the ids its GPT2Config names, else vocab_size - 1.
 #pragma once
 
 #include <memory>
@@ -17,6 +20,8 @@
 #include "model/gpt2.h"
 
 namespace dpo {
+
+inline constexpr const char* kGenerationConfigFile = "generation_config.json";
 
 // Parses and validates a GPT-2 config.json.
 GPT2Config load_gpt2_config(const std::string& path);
@@ -29,7 +34,8 @@ struct LoadReport {
 // Loads weights into an existing model whose config matches the file's shapes.
 LoadReport load_gpt2_weights(GPT2& model, const std::string& safetensors_path);
 
-// config.json + model.safetensors from `dir`.
+// config.json + model.safetensors from `dir`, and generation_config.json when present (a JSON object, else
+// InputError naming it).
 std::unique_ptr<GPT2> load_gpt2_checkpoint(Backend& backend, const std::string& dir, DType dtype,
                                            LoadReport* report = nullptr);
 

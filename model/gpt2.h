@@ -44,6 +44,16 @@ struct GPT2Config {
   int64_t n_embd = 768;
   double ln_eps = 1e-5;
 
+  // Hugging Face config.json content that the model does not compute with, kept so that a checkpoint saved from
+  // a loaded model carries it on (model/checkpoint.h): the special-token ids (-1: not given; saved as
+  // vocab_size - 1, GPT-2's <|endoftext|> convention), every other key of the loaded config.json that the saver
+  // does not write itself (a JSON object, compact text; empty: none), and the bytes of the checkpoint
+  // directory's generation_config.json (empty: none).
+  int64_t bos_token_id = -1;
+  int64_t eos_token_id = -1;
+  std::string hf_extra_json;
+  std::string generation_config;
+
   // Throws InputError("<where>: <field> ...") for non-positive sizes or n_embd % n_head != 0.
   void validate(const std::string& where) const;
   int64_t num_parameters() const;

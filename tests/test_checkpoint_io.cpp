@@ -28,6 +28,8 @@
 
 #include "model/checkpoint.h"
 #include "runtime/safetensors.h"
+#include "train/hash.h"
+#include "train/trainer.h"
 #include "test_util.h"
 
 namespace dpo {
@@ -1072,6 +1074,143 @@ TEST(GPT2Checkpoint, SaveLoadRoundTripIsBitIdentical) {
   EXPECT_EQ(data_start_of(out + "/model.safetensors") % 8, 0u);
   for (const auto& entry : fs::directory_iterator(out))
     EXPECT_EQ(entry.path().filename().string().find(".tmp."), std::string::npos) << entry.path();
+
+  // What transformers wrote beyond the weights is carried on: the special-token ids (95 in the fixture, not
+  // vocab_size - 1), the keys the saver does not write itself, and generation_config.json byte for byte.
+  const json orig_cfg = json::parse(read_bytes(kFixtureConfig));
+  const json saved_cfg = json::parse(read_bytes(out + "/config.json"));
+  EXPECT_EQ(saved_cfg["bos_token_id"], 95);
+  EXPECT_EQ(saved_cfg["eos_token_id"], 95);
+  EXPECT_EQ(c.bos_token_id, 95);
+  EXPECT_EQ(c.eos_token_id, 95);
+  for (const char* key : {"pad_token_id", "summary_type", "summary_use_proj", "use_cache", "add_cross_attention"}) {
+    ASSERT_TRUE(saved_cfg.contains(key)) << key;
+    EXPECT_EQ(saved_cfg[key], orig_cfg[key]) << key;
+  }
+  EXPECT_FALSE(saved_cfg.contains("dtype"));  // the stored weights are F32 whatever was loaded: torch_dtype says so
+  EXPECT_EQ(saved_cfg["torch_dtype"], "float32");
+  EXPECT_EQ(read_bytes(out + "/generation_config.json"), read_bytes(kFixtureDir + "/generation_config.json"));
+}
+
+// Special-token ids that are not non-negative integers (null here) are written back as they were, and a config
+// without them gets GPT-2's convention (the last id), as before.
+TEST(GPT2ConfigJson, SpecialTokenIdsRoundTripOrDefault) {
+  ScratchDir d;
+  json j = minimal_config();
+  GPT2Config plain = load_gpt2_config(write_config(d, j));
+  EXPECT_EQ(plain.eos_token_id, -1);
+  json w = json::parse(gpt2_config_json(plain));
+  EXPECT_EQ(w["bos_token_id"], 16);
+  EXPECT_EQ(w["eos_token_id"], 16);
+  j["bos_token_id"] = nullptr;
+  j["eos_token_id"] = 3;
+  j["task_specific_params"] = {{"text-generation", {{"do_sample", true}, {"max_length", 50}}}};
+  GPT2Config c = load_gpt2_config(write_config(d, j));
+  EXPECT_EQ(c.bos_token_id, -1);
+  EXPECT_EQ(c.eos_token_id, 3);
+  w = json::parse(gpt2_config_json(c));
+  EXPECT_TRUE(w.contains("bos_token_id") && w["bos_token_id"].is_null()) << w.dump();
+  EXPECT_EQ(w["eos_token_id"], 3);
+  EXPECT_EQ(w["task_specific_params"], j["task_specific_params"]);
+  // A key the saver writes itself keeps the saver's value (the weights are saved F32, without dropout).
+  j["torch_dtype"] = "bfloat16";
+  j["resid_pdrop"] = 0.1;
+  w = json::parse(gpt2_config_json(load_gpt2_config(write_config(d, j))));
+  EXPECT_EQ(w["torch_dtype"], "float32");
+  EXPECT_EQ(w["resid_pdrop"], 0.0);
+}
+
+TEST(GPT2Checkpoint, GenerationConfigNotJsonRejectedNamingIt) {
+  ScratchDir d;
+  fs::copy_file(kFixtureConfig, d.file("config.json"));
+  fs::copy_file(kFixtureModel, d.file("model.safetensors"));
+  auto be = make_cpu_backend(1);
+  write_bytes(d.file("generation_config.json"), "{\"eos_token_id\": 95,");
+  EXPECT_INPUT_ERROR(load_gpt2_checkpoint(*be, d.str(), DType::F32), d.file("generation_config.json"), "JSON");
+  write_bytes(d.file("generation_config.json"), "[95]");
+  EXPECT_INPUT_ERROR(load_gpt2_checkpoint(*be, d.str(), DType::F32), d.file("generation_config.json"), "object");
+}
+
+// An HF GPT-2 directory as transformers writes it for the real GPT-2 vocabulary (<|endoftext|> = 50256, a
+// generation_config.json) goes through load -> one DPO step -> checkpoint -> load with its ids and its
+// generation_config.json intact, and the checkpoint's checksums cover generation_config.json.
+TEST(GPT2Checkpoint, HfIdsAndGenerationConfigSurviveTraining) {
+  ScratchDir d;
+  auto be = make_cpu_backend(1);
+  GPT2Config gc;
+  gc.vocab_size = 50257;
+  gc.max_seq_len = 32;
+  gc.n_embd = 8;
+  gc.n_head = 2;
+  gc.n_layer = 1;
+  {
+    GPT2 m(*be, gc, DType::F32);
+    Rng rng(11);
+    m.init_random(rng);
+    save_gpt2_checkpoint(m, d.file("src"));
+  }
+  json cfg = json::parse(read_bytes(d.file("src/config.json")));
+  cfg["bos_token_id"] = 50256;
+  cfg["eos_token_id"] = 50256;
+  cfg["_name_or_path"] = "gpt2";
+  cfg["pad_token_id"] = nullptr;
+  cfg["task_specific_params"] = {{"text-generation", {{"do_sample", true}, {"max_length", 50}}}};
+  cfg["transformers_version"] = "4.44.2";
+  write_bytes(d.file("src/config.json"), cfg.dump(2));
+  // Keys out of order and no final newline: any rewriting would show.
+  const std::string gen =
+      "{\n  \"transformers_version\": \"4.44.2\",\n  \"eos_token_id\": 50256,\n  \"bos_token_id\": 50256,\n"
+      "  \"do_sample\": true,\n  \"top_p\": 0.9\n}";
+  write_bytes(d.file("src/generation_config.json"), gen);
+  {
+    std::ofstream pref(d.file("pref.jsonl"));
+    for (int i = 0; i < 4; ++i)
+      pref << json{{"prompt", "q" + std::to_string(i) + ":"}, {"chosen", " yes"}, {"rejected", " no way"}}.dump()
+           << "\n";
+  }
+  TrainConfig tc;
+  tc.model = d.file("src");
+  tc.train_file = d.file("pref.jsonl");
+  tc.out_dir = d.file("out");
+  tc.ref_cache_dir = d.file("cache");
+  tc.max_length = 16;
+  tc.max_prompt_length = 8;
+  tc.per_device_train_batch_size = 4;
+  tc.max_steps = 1;
+  tc.learning_rate = 1e-2;
+  RunOptions ro;
+  ro.quiet = true;
+  ASSERT_EQ(run_training(tc, RunKind::Dpo, ro).steps, 1);
+  const std::string ck = d.file("out/checkpoints/step-1");
+
+  EXPECT_EQ(read_bytes(ck + "/generation_config.json"), gen);
+  const json saved = json::parse(read_bytes(ck + "/config.json"));
+  EXPECT_EQ(saved["bos_token_id"], 50256);
+  EXPECT_EQ(saved["eos_token_id"], 50256);
+  EXPECT_EQ(saved["_name_or_path"], "gpt2");
+  EXPECT_TRUE(saved.contains("pad_token_id") && saved["pad_token_id"].is_null());
+  EXPECT_EQ(saved["task_specific_params"], cfg["task_specific_params"]);
+  const json sums = json::parse(read_bytes(ck + "/checksums.json"));
+  ASSERT_TRUE(sums["files"].contains("generation_config.json")) << sums.dump(2);
+  EXPECT_EQ(sums["files"]["generation_config.json"], sha256_file(ck + "/generation_config.json"));
+  EXPECT_TRUE(verify_checkpoint(ck, CheckpointUse::Resume));
+
+  auto m = load_gpt2_checkpoint(*be, ck, DType::F32);
+  EXPECT_EQ(m->config().bos_token_id, 50256);
+  EXPECT_EQ(m->config().eos_token_id, 50256);
+  EXPECT_EQ(m->config().generation_config, gen);
+  // The step did train: the weights are not the source's.
+  auto src = load_gpt2_checkpoint(*be, d.file("src"), DType::F32);
+  EXPECT_FALSE(bit_identical(host_params(*m), host_params(*src)));
+
+  // generation_config.json is verified like every other file: a changed byte, or an entry removed from the list,
+  // is refused naming it.
+  const std::string bad = d.file("bad");
+  fs::copy(ck, bad, fs::copy_options::recursive);
+  write_bytes(bad + "/generation_config.json", gen + " ");
+  EXPECT_INPUT_ERROR(verify_checkpoint(bad, CheckpointUse::Model), bad + "/generation_config.json", "SHA-256");
+  write_checksums(bad, {"config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"});
+  EXPECT_INPUT_ERROR(verify_checkpoint(bad, CheckpointUse::Model), bad + "/generation_config.json", "not listed");
 }
 
 TEST(GPT2Checkpoint, F64ModelSavesF32FileEqualToFixture) {
@@ -1197,6 +1336,7 @@ TEST(DpoCli, InitThenInfo) {
 
   // The written checkpoint is what was asked for.
   GPT2Config c = load_gpt2_config(out + "/config.json");
+  EXPECT_EQ(c.eos_token_id, 16);  // a vocabulary the byte tokenizer cannot use: GPT-2's last-id convention
   EXPECT_EQ(c.n_layer, 1);
   EXPECT_EQ(c.n_head, 2);
   EXPECT_EQ(c.n_embd, 8);
@@ -1205,6 +1345,18 @@ TEST(DpoCli, InitThenInfo) {
   auto be = make_cpu_backend(1);
   auto m = load_gpt2_checkpoint(*be, out, DType::F32);
   EXPECT_EQ(m->params().numel(), c.num_parameters());
+}
+
+// `dpo init` makes a model for the byte tokenizer: config.json names its EOS (256) for bos and eos.
+TEST(DpoCli, InitWritesByteTokenizerEos) {
+  ScratchDir d;
+  const std::string out = d.file("model");
+  CliResult r = run_dpo(d, "init --out " + sh_quote(out) + " --n-layer 1 --n-head 2 --n-embd 8 --vocab-size 300 " +
+                               "--n-positions 9");
+  ASSERT_EQ(r.code, 0) << r.out << r.err;
+  const json j = json::parse(read_bytes(out + "/config.json"));
+  EXPECT_EQ(j["bos_token_id"], 256);
+  EXPECT_EQ(j["eos_token_id"], 256);
 }
 
 TEST(DpoCli, InitBadFlagValueIsUsageError) {

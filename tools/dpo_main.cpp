@@ -1,6 +1,7 @@
 // The `dpo` command line. Exit codes: 0 success, 1 internal or library failure, 2 bad usage or bad input
 // (flags, configs, data, checkpoints), with a message naming the file, line or key.
 #include <CLI/CLI.hpp>
+#include <yaml-cpp/yaml.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -8,6 +9,7 @@
 #include <fstream>
 #include <iostream>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <new>
 #include <system_error>
 
@@ -16,6 +18,7 @@
 #include "model/checkpoint.h"
 #include "runtime/backend.h"
 #include "runtime/comm.h"
+#include "runtime/safetensors.h"
 #include "train/bench.h"
 #include "train/config.h"
 #include "train/demo.h"
@@ -72,36 +75,33 @@ std::string resolve_latest(const std::string& path, const std::string& what, boo
 // out_dir is created only once the inputs are loaded (run_training); what would stop its creation is checked
 // here, before any work: an existing non-directory, or a nearest existing ancestor that is not a writable
 // directory.
-void check_out_dir(const std::string& out_dir) {
+void check_out_dir(const std::string& out_dir, const std::string& what = "key 'out_dir'") {
   namespace fs = std::filesystem;
   std::error_code ec;
   fs::path p = fs::absolute(out_dir, ec);
-  if (ec) throw dpo::InputError("key 'out_dir': " + out_dir + ": " + ec.message());
+  if (ec) throw dpo::InputError(what + ": " + out_dir + ": " + ec.message());
   bool self = true;
   for (; !p.empty(); p = p.parent_path(), self = false) {
     const fs::file_status st = fs::status(p, ec);
     if (ec && ec != std::errc::no_such_file_or_directory)
-      throw dpo::InputError("key 'out_dir': " + out_dir + ": cannot access " + p.string() + ": " + ec.message());
+      throw dpo::InputError(what + ": " + out_dir + ": cannot access " + p.string() + ": " + ec.message());
     if (!fs::exists(st)) {
       if (p == p.parent_path()) break;
       continue;
     }
     if (!fs::is_directory(st))
-      throw dpo::InputError("key 'out_dir': " + out_dir + ": " + (self ? std::string("exists and") : p.string()) +
+      throw dpo::InputError(what + ": " + out_dir + ": " + (self ? std::string("exists and") : p.string()) +
                             " is not a directory");
     if (::access(p.c_str(), W_OK | X_OK) != 0)
-      throw dpo::InputError("key 'out_dir': " + out_dir + ": " + p.string() + " is not writable");
+      throw dpo::InputError(what + ": " + out_dir + ": " + p.string() + " is not writable");
     return;
   }
 }
 
-// The model context that max_length must fit: the smallest n_positions of the checkpoints the run loads.
-// Prints what fit_to_model changed. `policy` is the checkpoint of `dpo eval`; empty for train and sft.
-void fit_config_to_models(dpo::TrainConfig& cfg, dpo::RunKind kind, const std::string& policy, bool print) {
-  std::vector<std::pair<std::string, std::string>> dirs;  // (what, dir)
-  if (!policy.empty()) dirs.push_back({"checkpoint", policy});
-  dirs.push_back({"key 'model'", cfg.model});
-  if (kind == dpo::RunKind::Dpo && !cfg.ref_model.empty()) dirs.push_back({"key 'ref_model'", cfg.ref_model});
+// The model context that max_length must fit: the smallest n_positions of the checkpoints the run loads, given
+// as (what, dir) pairs. Prints what fit_to_model changed.
+void fit_config_to_dirs(dpo::TrainConfig& cfg, dpo::RunKind kind,
+                        const std::vector<std::pair<std::string, std::string>>& dirs, bool print) {
   int64_t n_positions = 0;
   std::string smallest;
   for (const auto& [what, dir] : dirs) {
@@ -114,6 +114,13 @@ void fit_config_to_models(dpo::TrainConfig& cfg, dpo::RunKind kind, const std::s
   }
   for (const auto& note : dpo::fit_to_model(cfg, n_positions, smallest, kind))
     if (print) std::fprintf(stderr, "%s\n", note.c_str());
+}
+
+// The checkpoints of train and sft: the policy's start and the reference.
+void fit_config_to_models(dpo::TrainConfig& cfg, dpo::RunKind kind, bool print) {
+  std::vector<std::pair<std::string, std::string>> dirs = {{"key 'model'", cfg.model}};
+  if (kind == dpo::RunKind::Dpo && !cfg.ref_model.empty()) dirs.push_back({"key 'ref_model'", cfg.ref_model});
+  fit_config_to_dirs(cfg, kind, dirs, print);
 }
 
 int cmd_info(const std::string& dir_arg) {
@@ -137,8 +144,13 @@ int cmd_info(const std::string& dir_arg) {
   return 0;
 }
 
-int cmd_init(const std::string& out, const dpo::GPT2Config& cfg, uint64_t seed) {
+int cmd_init(const std::string& out, dpo::GPT2Config cfg, uint64_t seed) {
   cfg.validate("dpo init");
+  // config.json names the special-token ids of the tokenizer the model is made for: the byte tokenizer's EOS
+  // (256) for both, as GPT-2 uses <|endoftext|> (a smaller vocabulary, which that tokenizer cannot use, keeps
+  // GPT-2's convention of the last id).
+  const int64_t eos = dpo::make_tokenizer("byte")->eos_id();
+  if (eos < cfg.vocab_size) cfg.bos_token_id = cfg.eos_token_id = eos;
   {
     namespace fs = std::filesystem;
     std::error_code ec;
@@ -195,7 +207,7 @@ int cmd_train(const TrainArgs& a, dpo::RunKind kind) {
   dpo::TrainConfig cfg = dpo::load_train_config(a.config, a.overrides, kind);
   cfg.model = resolve_latest(cfg.model, "key 'model'", prints());
   if (!cfg.ref_model.empty()) cfg.ref_model = resolve_latest(cfg.ref_model, "key 'ref_model'", prints());
-  fit_config_to_models(cfg, kind, "", prints());
+  fit_config_to_models(cfg, kind, prints());
   if (prints()) check_out_dir(cfg.out_dir);  // rank 0 writes out_dir
   if (!a.resume.empty() && a.resume != "latest") check_checkpoint_dir(a.resume, "--resume");
   dpo::RunOptions ro;
@@ -211,21 +223,191 @@ int cmd_train(const TrainArgs& a, dpo::RunKind kind) {
   return 0;
 }
 
-int cmd_eval(const TrainArgs& a, const std::string& checkpoint_arg) {
+struct EvalArgs {
+  TrainArgs t;
+  std::string checkpoint;
+  std::string eval_file;  // --eval-file
+  std::string ref_model;  // --ref-model
+  std::string out_dir;    // --out-dir
+};
+
+// Whether `key` is set at the top level of the YAML file `path` (false when there is none or it does not parse:
+// load_train_config then reports the file's error).
+bool config_sets(const std::string& path, const std::string& key) {
+  if (path.empty()) return false;
+  try {
+    const YAML::Node root = YAML::LoadFile(path);
+    return root.IsMap() && root[key] && !root[key].IsNull();
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+bool override_sets(const std::vector<std::string>& ov, const std::string& key) {
+  for (const auto& o : ov)
+    if (o.rfind(key + "=", 0) == 0) return true;
+  return false;
+}
+
+// The reference that the run which wrote `checkpoint` used: its trainer_state.json's configuration (ref_model,
+// else model). Empty when the checkpoint records none (an external model, `dpo init`). The checkpoint is verified
+// against its checksums first, trainer_state.json included.
+std::string recorded_reference(const std::string& checkpoint) {
+  namespace fs = std::filesystem;
+  dpo::verify_checkpoint(checkpoint, dpo::CheckpointUse::Model);
+  const std::string state = (fs::path(checkpoint) / "trainer_state.json").string();
+  std::error_code ec;
+  if (!fs::is_regular_file(state, ec)) return "";
+  nlohmann::json st;
+  try {
+    std::ifstream f(state);
+    st = nlohmann::json::parse(f);
+  } catch (const nlohmann::json::exception& e) {
+    throw dpo::InputError(state + ": not valid JSON: " + e.what());
+  }
+  if (!st.is_object() || !st.contains("config") || !st["config"].is_string()) return "";
+  YAML::Node c;
+  try {
+    c = YAML::Load(st["config"].get<std::string>());
+  } catch (const YAML::Exception& e) {
+    throw dpo::InputError(state + ": field 'config' is not valid YAML: " + e.what());
+  }
+  if (!c.IsMap()) return "";
+  for (const char* key : {"ref_model", "model"})
+    if (c[key] && c[key].IsScalar() && !c[key].Scalar().empty()) return c[key].Scalar();
+  return "";
+}
+
+// `what` (a flag or key) must name a readable regular file.
+void check_input_file(const std::string& path, const std::string& what) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::file_status st = fs::status(path, ec);
+  if (ec && ec != std::errc::no_such_file_or_directory)
+    throw dpo::InputError(what + ": " + path + ": cannot access: " + ec.message());
+  if (!fs::exists(st)) throw dpo::InputError(what + ": " + path + ": no such file");
+  if (!fs::is_regular_file(st)) throw dpo::InputError(what + ": " + path + ": not a regular file (JSONL expected)");
+}
+
+// `dpo eval CHECKPOINT [--eval-file FILE] [--ref-model DIR] [--out-dir DIR] [--config run.yaml] [key=value ...]`.
+// Without --config the remaining keys take their defaults; with it, the run's configuration supplies the
+// evaluation keys (eval_file, else train_file; ref_model, else model; the data and loss keys). The flags win over
+// the configuration. The reference, when neither names one, is the one recorded in the checkpoint's
+// trainer_state.json (TRL's reference: the model training started from). Nothing is written to --out-dir before
+// the evaluation has run.
+int cmd_eval(const EvalArgs& e) {
+  namespace fs = std::filesystem;
+  const TrainArgs& a = e.t;
   if (a.help_config) {
     std::fputs(dpo::config_help().c_str(), stdout);
     return 0;
   }
-  std::vector<std::string> ov = a.overrides;
-  // eval needs no out_dir; a placeholder keeps validation uniform.
-  ov.insert(ov.begin(), "out_dir=.");
+  const bool print = prints();
+  // Evaluation needs no training file, model or out_dir keys: placeholders keep validation uniform where neither
+  // the config file nor an override sets them (the config's out_dir is the training run's, never written here).
+  const std::string kUnset = "(unset)";
+  std::vector<std::string> ov = {"out_dir=."};
+  const bool have_model = config_sets(a.config, "model") || override_sets(a.overrides, "model");
+  const bool have_train_file = config_sets(a.config, "train_file") || override_sets(a.overrides, "train_file");
+  if (!have_model) ov.push_back("model=" + kUnset);
+  if (!have_train_file) ov.push_back("train_file=" + kUnset);
+  ov.insert(ov.end(), a.overrides.begin(), a.overrides.end());
   dpo::TrainConfig cfg = dpo::load_train_config(a.config, ov, dpo::RunKind::Dpo);
-  cfg.model = resolve_latest(cfg.model, "key 'model'", prints());
-  if (!cfg.ref_model.empty()) cfg.ref_model = resolve_latest(cfg.ref_model, "key 'ref_model'", prints());
-  const std::string policy = resolve_latest(checkpoint_arg, "checkpoint", prints());
-  fit_config_to_models(cfg, dpo::RunKind::Dpo, policy, prints());
-  auto m = dpo::run_evaluation(cfg, policy);
-  if (prints()) print_metrics(m);
+
+  // Where the metrics go: --out-dir, or an explicit out_dir=DIR override (the same thing).
+  std::string out_dir = e.out_dir;
+  if (override_sets(a.overrides, "out_dir")) {
+    if (!out_dir.empty() && out_dir != cfg.out_dir)
+      throw dpo::InputError("--out-dir " + out_dir + " and the override out_dir=" + cfg.out_dir +
+                            " name different directories; give one");
+    out_dir = cfg.out_dir;
+  }
+  if (!e.out_dir.empty() || override_sets(a.overrides, "out_dir"))
+    if (out_dir.empty()) throw dpo::InputError("--out-dir: empty directory name");
+
+  const std::string policy = resolve_latest(e.checkpoint, "checkpoint", print);
+  check_checkpoint_dir(policy, "checkpoint");
+
+  // The evaluation data.
+  std::string eval_file, eval_what;
+  if (!e.eval_file.empty()) {
+    eval_file = e.eval_file;
+    eval_what = "--eval-file";
+  } else if (!cfg.eval_file.empty()) {
+    eval_file = cfg.eval_file;
+    eval_what = "key 'eval_file'";
+  } else if (have_train_file) {
+    eval_file = cfg.train_file;
+    eval_what = "key 'train_file'";
+  } else {
+    throw dpo::InputError("--eval-file: required (the preference pairs to evaluate on, JSONL), unless --config or "
+                          "an override sets eval_file or train_file");
+  }
+  check_input_file(eval_file, eval_what);
+
+  // The reference: --ref-model, ref_model, model, else the one the checkpoint's run recorded.
+  std::string ref, ref_what;
+  if (cfg.reference_free) {
+    if (!e.ref_model.empty())
+      throw dpo::InputError("--ref-model " + e.ref_model + ": reference_free is true, so no reference is used");
+  } else if (!e.ref_model.empty()) {
+    ref = e.ref_model;
+    ref_what = "--ref-model";
+  } else if (!cfg.ref_model.empty()) {
+    ref = cfg.ref_model;
+    ref_what = "key 'ref_model'";
+  } else if (have_model) {
+    ref = cfg.model;
+    ref_what = "key 'model'";
+  } else {
+    ref = recorded_reference(policy);
+    if (ref.empty())
+      throw dpo::InputError("--ref-model: required: " + policy +
+                            " records no reference (it has no trainer_state.json of a dpo run); pass --ref-model DIR "
+                            "(the model training started from) or reference_free=true");
+    ref_what = "the reference recorded in " + (fs::path(policy) / "trainer_state.json").string() +
+               " (--ref-model to choose another)";
+    if (print) std::fprintf(stderr, "reference: %s (recorded by the run that wrote %s)\n", ref.c_str(), policy.c_str());
+  }
+  if (!ref.empty()) {
+    ref = resolve_latest(ref, ref_what, print);
+    check_checkpoint_dir(ref, ref_what);
+  }
+  if (print && !out_dir.empty()) check_out_dir(out_dir, "--out-dir");
+
+  cfg.eval_file = eval_file;
+  cfg.ref_model = ref;
+  if (!have_model && !ref.empty()) cfg.model = ref;  // not read (ref_model is set); no placeholder in messages
+  std::vector<std::pair<std::string, std::string>> dirs = {{"checkpoint", policy}};
+  if (!ref.empty()) dirs.push_back({ref_what, ref});
+  fit_config_to_dirs(cfg, dpo::RunKind::Dpo, dirs, print);
+
+  const std::string eval_sha256 = out_dir.empty() ? "" : dpo::sha256_file(eval_file);
+  dpo::EvalReport report;
+  auto m = dpo::run_evaluation(cfg, policy, nullptr, &report);
+  if (!print) return 0;
+  print_metrics(m);
+  if (out_dir.empty()) return 0;
+
+  // TRL's trainer.evaluate() names: the eval_ metrics, eval_samples, eval_runtime, eval_samples_per_second.
+  nlohmann::json j = nlohmann::json::object();
+  for (const auto& [k, v] : m) j[k] = v;
+  j["eval_samples"] = report.pairs;
+  j["eval_runtime"] = report.seconds;
+  j["eval_samples_per_second"] = report.seconds > 0 ? static_cast<double>(report.pairs) / report.seconds : 0.0;
+  j["checkpoint"] = policy;
+  j["eval_file"] = eval_file;
+  j["eval_file_sha256"] = eval_sha256;
+  j["ref_model"] = ref.empty() ? nlohmann::json(nullptr) : nlohmann::json(ref);
+  j["reference_free"] = cfg.reference_free;
+  j["eval_truncated"] = report.truncated;
+  j["eval_skipped"] = report.skipped;
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  if (ec) throw dpo::InputError("--out-dir: " + out_dir + ": cannot create: " + ec.message());
+  const std::string path = (fs::path(out_dir) / "eval_metrics.json").string();
+  dpo::write_file_atomic(path, j.dump(2) + "\n");
+  std::printf("wrote %s\n", path.c_str());
   return 0;
 }
 
@@ -301,15 +483,21 @@ int main(int argc, char** argv) {
   init->add_option("--n-positions", cfg.max_seq_len, "Context length")->capture_default_str();
   init->add_option("--seed", seed, "RNG seed")->capture_default_str();
 
-  TrainArgs train_args, sft_args, eval_args;
+  TrainArgs train_args, sft_args;
   auto* train = app.add_subcommand("train", "DPO-family training (sigmoid, ipo, hinge, robust, cdpo, + sft term)");
   add_train_args(train, train_args, true);
   auto* sftc = app.add_subcommand("sft", "Supervised fine-tuning on {prompt, completion} JSONL");
   add_train_args(sftc, sft_args, true);
-  std::string eval_ckpt;
+  EvalArgs ea;
   auto* evalc = app.add_subcommand("eval", "Evaluate a policy checkpoint on preference pairs (eval_* metrics)");
-  evalc->add_option("checkpoint", eval_ckpt, "policy checkpoint directory")->required();
-  add_train_args(evalc, eval_args, false);
+  evalc->add_option("checkpoint", ea.checkpoint, "policy checkpoint directory")->required();
+  evalc->add_option("--eval-file", ea.eval_file,
+                    "preference pairs to evaluate on, JSONL (default: the config's eval_file, else train_file)");
+  evalc->add_option("--ref-model", ea.ref_model,
+                    "reference model directory (default: the config's ref_model, else model, else the reference "
+                    "recorded in the checkpoint's trainer_state.json)");
+  evalc->add_option("--out-dir", ea.out_dir, "write <out-dir>/eval_metrics.json");
+  add_train_args(evalc, ea.t, false);
 
   SampleArgs sa;
   auto* sample = app.add_subcommand("sample", "Sample completions from a checkpoint (byte tokenizer)");
@@ -396,7 +584,7 @@ int main(int argc, char** argv) {
     if (*init) return cmd_init(init_out, cfg, seed);
     if (*train) return cmd_train(train_args, dpo::RunKind::Dpo);
     if (*sftc) return cmd_train(sft_args, dpo::RunKind::Sft);
-    if (*evalc) return cmd_eval(eval_args, eval_ckpt);
+    if (*evalc) return cmd_eval(ea);
     if (*sample) return cmd_sample(sa);
     if (*bench) {
       std::string cl;

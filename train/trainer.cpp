@@ -202,7 +202,10 @@ void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW
              {"config", config_yaml},
              {"format", kCheckpointFormat}};
   write_file_atomic((tmp / "trainer_state.json").string(), st.dump(2) + "\n");
-  write_checksums(tmp.string(), {"config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"});
+  std::vector<std::string> files = {"config.json", "model.safetensors", "optimizer.safetensors",
+                                    "trainer_state.json"};
+  if (fs::exists(tmp / kGenerationConfigFile)) files.push_back(kGenerationConfigFile);  // the source model's
+  write_checksums(tmp.string(), files);
   if (fs::exists(final_dir)) fs::remove_all(final_dir);
   fs::rename(tmp, final_dir, ec);
   if (ec) throw Error("cannot rename " + tmp.string() + " to " + final_dir.string() + ": " + ec.message());
@@ -1003,7 +1006,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
 }
 
 std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::string& checkpoint,
-                                             Communicator* comm_in) {
+                                             Communicator* comm_in, EvalReport* report) {
   std::unique_ptr<Communicator> own_comm;
   if (!comm_in) own_comm = make_communicator();
   Communicator& comm = comm_in ? *comm_in : *own_comm;
@@ -1021,9 +1024,18 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
   if (!cfg.reference_free) {
     const std::string ref_dir = cfg.ref_model.empty() ? cfg.model : cfg.ref_model;
     ref = load_verified_model(*be, ref_dir, model_dtype(cfg));
+    check_fits(cfg, *ref, *tok, ref_dir);
     ref->set_logits_chunk_rows(cfg.logits_chunk_rows);
   }
-  return evaluate(comm, *policy, ref.get(), nullptr, data, lc, cfg.per_device_eval_batch_size);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto metrics = evaluate(comm, *policy, ref.get(), nullptr, data, lc, cfg.per_device_eval_batch_size);
+  if (report) {
+    report->pairs = static_cast<int64_t>(data.size());
+    report->truncated = st.truncated;
+    report->skipped = st.skipped;
+    report->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  return metrics;
 }
 
 }  // namespace dpo

@@ -47,10 +47,18 @@ struct RunSummary {
 // reduction (tests/test_mpi_failure.cpp).
 RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& opt);
 
-// Evaluates a policy checkpoint on cfg.eval_file (or train_file when eval_file is empty) against the reference:
-// loss and reward metrics with the eval_ prefix.
+// What run_evaluation evaluated on, besides the metrics.
+struct EvalReport {
+  int64_t pairs = 0;      // preference pairs evaluated
+  int64_t truncated = 0;  // of those, pairs truncated to max_length
+  int64_t skipped = 0;    // records skipped (skip_malformed)
+  double seconds = 0;     // the evaluation loop (the models and the data loaded)
+};
+
+// Evaluates a policy checkpoint on cfg.eval_file (or train_file when eval_file is empty) against the reference
+// (ref_model, else model; none with reference_free): loss and reward metrics with the eval_ prefix.
 // Sharded by pair over the ranks of `comm` (nullptr: make_communicator()); every rank returns the same metrics.
 std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::string& checkpoint,
-                                             Communicator* comm = nullptr);
+                                             Communicator* comm = nullptr, EvalReport* report = nullptr);
 
 }  // namespace dpo
