@@ -23,43 +23,22 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 const std::string kDpoBinary = std::string(DPO_BINARY_DIR) + "/dpo";
+using test::CliResult;
+using test::slurp;
+
+std::string q(const std::string& s) { return test::shell_quote(s); }
+
+CliResult run_dpo(const test::ScratchDir& w, const std::string& args) {
+  return test::run_cli(kDpoBinary, w.dir, args);
+}
 
 struct Workdir : test::ScratchDir {
   Workdir() : ScratchDir("dpo_eval_cli_") { test::write_tiny_fixture(dir.string(), 12); }
 };
 
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
 
-std::string q(const std::string& s) {
-  std::string r = "'";
-  for (char c : s) r += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return r + "'";
-}
 
-struct CliResult {
-  int code = -1;
-  std::string out, err;
-};
 
-CliResult run_dpo(const Workdir& w, const std::string& args) {
-  CliResult r;
-  if (!fs::exists(kDpoBinary)) {
-    ADD_FAILURE() << "the dpo binary is not built: " << kDpoBinary;
-    return r;
-  }
-  const std::string out = w / "cli.stdout", err = w / "cli.stderr";
-  const std::string cmd = "cd " + q(w.dir.string()) + " && XDG_CACHE_HOME=" + q(w / "xdg") + " " + q(kDpoBinary) +
-                          " " + args + " >" + q(out) + " 2>" + q(err);
-  const int status = std::system(cmd.c_str());
-  EXPECT_TRUE(WIFEXITED(status)) << cmd;
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = slurp(out);
-  r.err = slurp(err);
-  return r;
-}
 
 // A DPO checkpoint trained two steps from w/base: its trainer_state.json records model = w/base.
 std::string train_checkpoint(const Workdir& w) {

@@ -27,6 +27,12 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 const std::string kDpoBinary = std::string(DPO_BINARY_DIR) + "/dpo";
+using test::CliResult;
+using test::slurp;
+
+CliResult run_dpo(const test::ScratchDir& w, const std::string& args) {
+  return test::run_cli(kDpoBinary, w.dir, args);
+}
 
 struct Workdir : test::ScratchDir {
   Workdir() : ScratchDir("dpo_integrity_") { test::write_tiny_fixture(dir.string(), 22); }
@@ -56,10 +62,6 @@ RunOptions quiet() {
   return r;
 }
 
-std::string slurp(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), {});
-}
 
 void spit(const std::string& path, const std::string& bytes) { std::ofstream(path, std::ios::binary) << bytes; }
 
@@ -83,26 +85,7 @@ void expect_refused(const std::function<void()>& f, const std::string& file, con
   }
 }
 
-struct CliResult {
-  int code = -1;
-  std::string out, err;
-};
 
-CliResult run_dpo(const Workdir& w, const std::string& args) {
-  CliResult r;
-  if (!fs::exists(kDpoBinary)) {
-    ADD_FAILURE() << "the dpo binary is not built: " << kDpoBinary;
-    return r;
-  }
-  const std::string out = w / "cli.stdout", err = w / "cli.stderr";
-  const std::string cmd = "'" + kDpoBinary + "' " + args + " >'" + out + "' 2>'" + err + "'";
-  const int status = std::system(cmd.c_str());
-  EXPECT_TRUE(WIFEXITED(status)) << cmd;
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = slurp(out);
-  r.err = slurp(err);
-  return r;
-}
 
 // A training checkpoint of ours: out/checkpoints/step-2.
 std::string train_checkpoint(const Workdir& w) {

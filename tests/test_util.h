@@ -8,6 +8,10 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <sys/wait.h>
 #include <cstdint>
 #include <functional>
 #include <limits>
@@ -243,6 +247,45 @@ inline std::vector<int64_t> sample_indices(std::mt19937_64& g, int64_t n, int64_
   if (n > 1) all.push_back(n - 1);
   std::sort(all.begin(), all.end());
   return all;
+}
+
+
+// A whole file's bytes ("" when it cannot be read).
+inline std::string slurp(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+// `s` as one single-quoted shell word.
+inline std::string shell_quote(const std::string& s) {
+  std::string r = "'";
+  for (char c : s) r += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return r + "'";
+}
+
+struct CliResult {
+  int code = -1;
+  std::string out, err;
+};
+
+// Runs `binary args` (args already shell-quoted where needed) through the shell in `dir`, with XDG_CACHE_HOME in
+// dir/xdg so that no cache outside the test's folder is touched; captures the exit code, stdout and stderr.
+inline CliResult run_cli(const std::string& binary, const std::filesystem::path& dir, const std::string& args) {
+  CliResult r;
+  if (!std::filesystem::exists(binary)) {
+    ADD_FAILURE() << "the binary is not built: " << binary;
+    return r;
+  }
+  const std::string out = (dir / "cli.stdout").string(), err = (dir / "cli.stderr").string();
+  const std::string cmd = "cd " + shell_quote(dir.string()) + " && XDG_CACHE_HOME=" +
+                          shell_quote((dir / "xdg").string()) + " " + shell_quote(binary) + " " + args + " >" +
+                          shell_quote(out) + " 2>" + shell_quote(err);
+  const int status = std::system(cmd.c_str());
+  EXPECT_TRUE(WIFEXITED(status)) << cmd;
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  r.out = slurp(out);
+  r.err = slurp(err);
+  return r;
 }
 
 }  // namespace dpo::test
