@@ -3,6 +3,7 @@
 // flag or file, with nothing created in the output directory. Runs the dpo binary on the tiny fixture.
 #include <gtest/gtest.h>
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -12,6 +13,7 @@
 #include <string>
 
 #include "train/hash.h"
+#include "train/run_control.h"
 #include "train/trainer.h"
 #include "test_fixture.h"
 #include "test_util.h"
@@ -121,9 +123,11 @@ TEST(EvalCli, CheckpointAndEvalFileOnlyWritesMetricsEqualToConfigForm) {
   const double acc9 = a["eval_rewards/accuracies"].get<double>() * 9;
   EXPECT_NEAR(acc9, std::round(acc9), 1e-6);
   EXPECT_NE(a["eval_loss"].get<double>(), std::log(2.0));
-  // Atomic write: no temporary file is left beside it.
-  for (const auto& e : fs::directory_iterator(w / "o_flags"))
-    EXPECT_EQ(e.path().filename(), "eval_metrics.json") << e.path();
+  // Atomic write: no temporary file is left beside it (only the one-writer lock file, as in a training out_dir).
+  for (const auto& e : fs::directory_iterator(w / "o_flags")) {
+    const std::string n = e.path().filename().string();
+    EXPECT_TRUE(n == "eval_metrics.json" || n == "dpo.lock") << e.path();
+  }
 }
 
 // The policy evaluated against itself: every reward is 0 and the sigmoid loss is ln 2, whatever the data.
@@ -202,6 +206,27 @@ TEST(EvalCli, BadInputsExit2NamingTheFlagAndCreateNothing) {
   EXPECT_EQ(r.code, 2) << r.err;
   EXPECT_NE(r.err.find("--out-dir"), std::string::npos) << r.err;
   EXPECT_EQ(slurp(w / "a_file"), "x");
+}
+
+// One writer per output directory, as for training: an --out-dir locked by another process is refused (exit 2,
+// naming the flag, the directory and the holder) before anything is evaluated or written; once released it works.
+TEST(EvalCli, OutDirHeldByAnotherWriterIsRefused) {
+  Workdir w;
+  const std::string base = w / "base", out = w / "o";
+  fs::create_directories(out);
+  const std::string args =
+      "eval " + q(base) + " --eval-file " + q(w / "eval.jsonl") + " --ref-model " + q(base) + " --out-dir " + q(out);
+  {
+    OutDirLock held(out);  // flock is per open file: the child process cannot take it while this one holds it
+    CliResult r = run_dpo(w, args);
+    EXPECT_EQ(r.code, 2) << r.err;
+    EXPECT_NE(r.err.find("--out-dir: " + out + " is in use by another run"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("pid " + std::to_string(::getpid())), std::string::npos) << r.err;
+    EXPECT_FALSE(fs::exists(fs::path(out) / "eval_metrics.json"));
+  }
+  CliResult r = run_dpo(w, args);
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(fs::exists(fs::path(out) / "eval_metrics.json"));
 }
 
 }  // namespace

@@ -382,6 +382,12 @@ int cmd_eval(const EvalArgs& e) {
   if (!ref.empty()) dirs.push_back({ref_what, ref});
   fit_config_to_dirs(cfg, dpo::RunKind::Dpo, dirs, print);
 
+  // One writer per out_dir, as for training runs: an existing --out-dir is locked before the evaluation (a busy
+  // one fails at once), a new one as soon as it is created, after the evaluation.
+  std::unique_ptr<dpo::OutDirLock> out_lock;
+  std::error_code lock_ec;
+  if (print && !out_dir.empty() && fs::is_directory(out_dir, lock_ec))
+    out_lock = std::make_unique<dpo::OutDirLock>(out_dir, "--out-dir");
   const std::string eval_sha256 = out_dir.empty() ? "" : dpo::sha256_file(eval_file);
   dpo::EvalReport report;
   auto m = dpo::run_evaluation(cfg, policy, nullptr, &report);
@@ -405,6 +411,7 @@ int cmd_eval(const EvalArgs& e) {
   std::error_code ec;
   fs::create_directories(out_dir, ec);
   if (ec) throw dpo::InputError("--out-dir: " + out_dir + ": cannot create: " + ec.message());
+  if (!out_lock) out_lock = std::make_unique<dpo::OutDirLock>(out_dir, "--out-dir");
   const std::string path = (fs::path(out_dir) / "eval_metrics.json").string();
   dpo::write_file_atomic(path, j.dump(2) + "\n");
   std::printf("wrote %s\n", path.c_str());

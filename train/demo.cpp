@@ -10,6 +10,7 @@
 #include "model/checkpoint.h"
 #include "runtime/safetensors.h"
 #include "train/data.h"
+#include "train/hash.h"
 #include "train/plot.h"
 #include "train/sample.h"
 #include "train/sentiment_task.h"
@@ -247,6 +248,7 @@ std::string run_demo(const DemoOptions& opt) {
 
   // (c) pairs from SFT samples, labelled by the ground-truth reward
   auto be = make_cpu_backend(static_cast<int>(opt.num_threads));
+  verify_checkpoint(sft_ckpt, CheckpointUse::Model);  // read back what the run wrote: its checksums first
   auto sft_model = load_gpt2_checkpoint(*be, sft_ckpt, DType::F32);
   std::vector<std::string> pair_prompts;
   {
@@ -304,6 +306,7 @@ std::string run_demo(const DemoOptions& opt) {
     d.eval_steps = 20;
     say("(d) DPO with beta " + fmt(beta, 3));
     RunSummary r = run_training(d, RunKind::Dpo, ro);
+    verify_checkpoint(r.final_checkpoint, CheckpointUse::Model);
     auto pol = load_gpt2_checkpoint(*be, r.final_checkpoint, DType::F32);
     PolicyEval e = evaluate_policy(*pol, *sft_model, *tok, eval_prompts_rep, opt.seed + 3);
     say("(e) DPO beta " + fmt(beta, 3) + ": reward " + fmt(e.reward_mean) + " +- " + fmt(e.reward_sem) + ", KL " +

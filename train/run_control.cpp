@@ -107,9 +107,10 @@ std::string resume_command(const std::string& subcommand, const std::string& che
   return cmd + " --resume " + shell_quote(checkpoint);
 }
 
-OutDirLock::OutDirLock(const std::string& out_dir) : path_((fs::path(out_dir) / "dpo.lock").string()) {
+OutDirLock::OutDirLock(const std::string& out_dir, const std::string& what)
+    : path_((fs::path(out_dir) / "dpo.lock").string()) {
   fd_ = ::open(path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (fd_ < 0) throw InputError("key 'out_dir': cannot create the lock file " + path_ + ": " + std::strerror(errno));
+  if (fd_ < 0) throw InputError(what + ": cannot create the lock file " + path_ + ": " + std::strerror(errno));
   if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
     const int err = errno;
     std::string holder;
@@ -122,8 +123,8 @@ OutDirLock::OutDirLock(const std::string& out_dir) : path_((fs::path(out_dir) / 
     ::close(fd_);
     fd_ = -1;
     if (err != EWOULDBLOCK)
-      throw InputError("key 'out_dir': cannot lock " + path_ + ": " + std::strerror(err));
-    throw InputError("key 'out_dir': " + out_dir + " is in use by another run (" +
+      throw InputError(what + ": cannot lock " + path_ + ": " + std::strerror(err));
+    throw InputError(what + ": " + out_dir + " is in use by another run (" +
                      (holder.empty() ? std::string("holder unknown") : holder) + "; lock file " + path_ +
                      "): two runs must not write the same out_dir; wait for that run to end or choose another out_dir");
   }

@@ -41,10 +41,11 @@ inline int stop_exit_code(int sig) { return 128 + sig; }
 std::string resume_command(const std::string& subcommand, const std::string& checkpoint);
 
 // Takes the exclusive advisory lock on <out_dir>/dpo.lock (creating the file; out_dir must exist) without waiting.
-// Throws dpo::InputError naming out_dir and the holder recorded in the file when another process holds it.
+// Throws dpo::InputError naming `what` (the key or flag that chose out_dir), out_dir and the holder recorded in the
+// file when another process holds it. Training runs and `dpo eval --out-dir` take it.
 class OutDirLock {
  public:
-  explicit OutDirLock(const std::string& out_dir);
+  explicit OutDirLock(const std::string& out_dir, const std::string& what = "key 'out_dir'");
   ~OutDirLock();  // releases the lock (the file stays: removing it would race with a process about to lock it)
   OutDirLock(const OutDirLock&) = delete;
   OutDirLock& operator=(const OutDirLock&) = delete;
