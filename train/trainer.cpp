@@ -570,7 +570,10 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   if (kind == RunKind::Dpo) lc = loss_config(cfg);
   if (use_ref) {
     const std::string ref_dir = cfg.ref_model.empty() ? cfg.model : cfg.ref_model;
-    ref = load_verified_model(*be, ref_dir, model_dtype(cfg));
+    // The usual reference is the policy's own starting directory, verified a moment ago: not hashed twice.
+    std::error_code same_ec;
+    ref = fs::equivalent(ref_dir, cfg.model, same_ec) ? load_gpt2_checkpoint(*be, ref_dir, model_dtype(cfg))
+                                                      : load_verified_model(*be, ref_dir, model_dtype(cfg));
     check_fits(cfg, *ref, *tok, ref_dir);
     ref->set_logits_chunk_rows(cfg.logits_chunk_rows);
     if (cached) {
