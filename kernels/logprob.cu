@@ -4,6 +4,9 @@
 //           (4 floats or 8 bf16) on the 16-byte-aligned middle of the row, then a fixed-shape block reduction; lp
 //           goes to token_logp (or a scratch). A second kernel, one block per sequence, sums weights * lp in double
 //           in a fixed order. Two passes instead of atomics: the per-sequence sum is bitwise reproducible.
+//           With seq_stats the row pass also sums the row's logits (one add per element in the same loop, reduced
+//           by the same fixed tree as the (max, sum) pair) into a per-row scratch, and the sequence kernel adds the
+//           completion token count and those row sums next to the log-prob sum (kernels/seq_stats.h).
 // backward: one block per row: the same (max, sum) pass, a barrier, then every element is rewritten as
 //           g * (onehot - exp(x - max) / sum). Each thread reads an element before it writes it and all reads of
 //           the first pass finish at the barrier, so dlogits may alias logits.
@@ -113,79 +116,141 @@ __device__ int64_t aligned_head(const St* p, int64_t V) {
   return head < V ? head : V;
 }
 
-// (max, sum) of x[0, V) across the block, returned to every thread. Contains __syncthreads: the whole block
-// must call it. After it returns, every thread's reads of x are complete.
-template <class St>
-__device__ MaxSum row_max_sum(const St* x, int64_t V) {
+// (max, sum) of x[0, V) across the block, returned to every thread; with kSum also *xsum = sum of x[0, V) (fp32;
+// each thread's strided elements in order, a vector's K values summed left to right first, then the same butterfly
+// and warp tree as the pair, whose + is commutative, so every lane gets the same bits). Contains __syncthreads: the
+// whole block must call it. After it returns, every thread's reads of x are complete.
+template <class St, bool kSum = false>
+__device__ MaxSum row_max_sum(const St* x, int64_t V, float* xsum = nullptr) {
   constexpr int K = kVec<St>;
   __shared__ MaxSum warp_part[kRowThreads / 32];
+  __shared__ float warp_xs[kRowThreads / 32];
   __shared__ MaxSum result;
+  __shared__ float result_xs;
   MaxSum st{-INFINITY, 0.0f};
+  float xs = 0.0f;
   const int64_t head = aligned_head(x, V);
   const int64_t nv = (V - head) / K;
-  for (int64_t v = threadIdx.x; v < head; v += blockDim.x) add1(st, to_float(x[v]));
+  for (int64_t v = threadIdx.x; v < head; v += blockDim.x) {
+    const float xv = to_float(x[v]);
+    add1(st, xv);
+    if constexpr (kSum) xs += xv;
+  }
   for (int64_t j = threadIdx.x; j < nv; j += blockDim.x) {
     float xv[K];
     load_vec(x + head + K * j, xv);
     add_vec(st, xv);
+    if constexpr (kSum) {
+      float vs = xv[0];
+#pragma unroll
+      for (int k = 1; k < K; ++k) vs += xv[k];
+      xs += vs;
+    }
   }
-  for (int64_t v = head + K * nv + threadIdx.x; v < V; v += blockDim.x) add1(st, to_float(x[v]));
+  for (int64_t v = head + K * nv + threadIdx.x; v < V; v += blockDim.x) {
+    const float xv = to_float(x[v]);
+    add1(st, xv);
+    if constexpr (kSum) xs += xv;
+  }
 
   for (int off = 16; off > 0; off >>= 1) {
     const MaxSum o{__shfl_xor_sync(kFullMask, st.m, off), __shfl_xor_sync(kFullMask, st.s, off)};
     st = combine(st, o);
+    if constexpr (kSum) xs += __shfl_xor_sync(kFullMask, xs, off);
   }
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) warp_part[warp] = st;
+  if (lane == 0) {
+    warp_part[warp] = st;
+    if constexpr (kSum) warp_xs[warp] = xs;
+  }
   __syncthreads();
   if (warp == 0) {
-    st = lane < int(blockDim.x / 32) ? warp_part[lane] : MaxSum{-INFINITY, 0.0f};
+    const bool live = lane < int(blockDim.x / 32);
+    st = live ? warp_part[lane] : MaxSum{-INFINITY, 0.0f};
+    if constexpr (kSum) xs = live ? warp_xs[lane] : 0.0f;
     for (int off = 16; off > 0; off >>= 1) {
       const MaxSum o{__shfl_xor_sync(kFullMask, st.m, off), __shfl_xor_sync(kFullMask, st.s, off)};
       st = combine(st, o);
+      if constexpr (kSum) xs += __shfl_xor_sync(kFullMask, xs, off);
     }
-    if (lane == 0) result = st;
+    if (lane == 0) {
+      result = st;
+      if constexpr (kSum) result_xs = xs;
+    }
   }
   __syncthreads();
+  if constexpr (kSum) *xsum = result_xs;
   return result;
 }
 
-// lp[i] for row i = blockIdx.x (see logprob.cuh for the out-of-range target rule).
-template <class St>
+// lp[i] for row i = blockIdx.x (see logprob.cuh for the out-of-range target rule); with kStats also row_sum[i], the
+// fp32 sum of the row's V logits (0 for a row with weight 0, whose logits are never read).
+template <class St, bool kStats>
 __global__ void __launch_bounds__(kRowThreads)
-    logprob_rows_kernel(float* __restrict__ lp, const St* __restrict__ logits, const int32_t* __restrict__ targets,
-                        const float* __restrict__ weights, int64_t V, int64_t ld) {
+    logprob_rows_kernel(float* __restrict__ lp, float* __restrict__ row_sum, const St* __restrict__ logits,
+                        const int32_t* __restrict__ targets, const float* __restrict__ weights, int64_t V,
+                        int64_t ld) {
   const int64_t i = blockIdx.x;
   if (weights[i] == 0.0f) {  // uniform across the block
-    if (threadIdx.x == 0) lp[i] = 0.0f;
+    if (threadIdx.x == 0) {
+      lp[i] = 0.0f;
+      if constexpr (kStats) row_sum[i] = 0.0f;
+    }
     return;
   }
   const St* x = logits + i * ld;
-  const MaxSum st = row_max_sum(x, V);
+  float xs = 0.0f;
+  const MaxSum st = row_max_sum<St, kStats>(x, V, &xs);
   if (threadIdx.x == 0) {
     const int32_t tgt = targets[i];
     // (x_t - max) - log(sum): the two large terms cancel exactly first, unlike x_t - (max + log(sum)).
     lp[i] = (tgt >= 0 && tgt < V) ? (to_float(x[tgt]) - st.m) - logf(st.s) : NAN;
+    if constexpr (kStats) row_sum[i] = xs;
   }
 }
 
-// seq_logp[b] = sum_t weights[b,t] * lp[b,t]: per-thread strided sums in double, then a fixed smem tree.
+// seq_logp[b] = sum_t weights[b,t] * lp[b,t]: per-thread strided sums in double, then a fixed smem tree. With
+// stats (non-null, then row_sum too) the same for the completion token count (weights != 0) and the rows' logit
+// sums over those tokens, written as row b of seq_stats (kernels/seq_stats.h).
 __global__ void __launch_bounds__(kSeqThreads)
-    logprob_seq_kernel(float* __restrict__ seq_logp, const float* __restrict__ lp, const float* __restrict__ weights,
-                       int64_t T) {
+    logprob_seq_kernel(float* __restrict__ seq_logp, float* __restrict__ stats, const float* __restrict__ lp,
+                       const float* __restrict__ row_sum, const float* __restrict__ weights, int64_t T) {
   __shared__ double part[kSeqThreads];
+  __shared__ double part_n[kSeqThreads];
+  __shared__ double part_x[kSeqThreads];
   const int64_t b = blockIdx.x;
-  double acc = 0.0;
+  const bool with_stats = stats != nullptr;  // uniform across the grid
+  double acc = 0.0, n = 0.0, xs = 0.0;
   for (int64_t t = threadIdx.x; t < T; t += kSeqThreads) {
-    acc += static_cast<double>(weights[b * T + t]) * static_cast<double>(lp[b * T + t]);
+    const float w = weights[b * T + t];
+    acc += static_cast<double>(w) * static_cast<double>(lp[b * T + t]);
+    if (with_stats && w != 0.0f) {
+      n += 1.0;
+      xs += static_cast<double>(row_sum[b * T + t]);
+    }
   }
   part[threadIdx.x] = acc;
+  part_n[threadIdx.x] = n;
+  part_x[threadIdx.x] = xs;
   __syncthreads();
   for (int stride = kSeqThreads / 2; stride > 0; stride >>= 1) {
-    if (int(threadIdx.x) < stride) part[threadIdx.x] += part[threadIdx.x + stride];
+    if (int(threadIdx.x) < stride) {
+      part[threadIdx.x] += part[threadIdx.x + stride];
+      part_n[threadIdx.x] += part_n[threadIdx.x + stride];
+      part_x[threadIdx.x] += part_x[threadIdx.x + stride];
+    }
     __syncthreads();
   }
-  if (threadIdx.x == 0) seq_logp[b] = static_cast<float>(part[0]);
+  if (threadIdx.x == 0) {
+    const float logp = static_cast<float>(part[0]);
+    seq_logp[b] = logp;
+    if (with_stats) {
+      float* row = stats + b * kSeqStatsWidth;
+      row[kSeqLogp] = logp;
+      row[kSeqTokens] = static_cast<float>(part_n[0]);
+      row[kSeqLogitSum] = static_cast<float>(part_x[0]);
+    }
+  }
 }
 
 // d[0, V) = value (rounded once to St), vector stores on the aligned middle of the row.
@@ -252,7 +317,7 @@ unsigned grid_rows(const char* fn, int64_t rows) {
 }
 
 template <class St>
-void logprob_forward_impl(CudaContext& ctx, float* seq_logp, float* token_logp, const St* logits,
+void logprob_forward_impl(CudaContext& ctx, float* seq_logp, float* token_logp, float* seq_stats, const St* logits,
                           const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V,
                           int64_t ld) {
   DPO_NVTX_RANGE("logprob_forward");
@@ -260,18 +325,34 @@ void logprob_forward_impl(CudaContext& ctx, float* seq_logp, float* token_logp, 
   DPO_ASSERT(V > 0, "logprob_forward: V must be positive");
   DPO_ASSERT(ld >= V, "logprob_forward: row stride " + std::to_string(ld) + " < V " + std::to_string(V));
   DPO_ASSERT(B <= INT_MAX, "logprob_forward: B exceeds the grid's x range");
-  std::shared_ptr<Buffer> scratch;  // lp when the caller does not want token_logp; freed in stream order
+  // Scratch, freed in stream order: lp when the caller does not want token_logp, then the rows' logit sums when
+  // it wants seq_stats.
+  const int64_t BT = B * T;
+  const int64_t n_scratch = (token_logp ? 0 : BT) + (seq_stats ? BT : 0);
+  std::shared_ptr<Buffer> scratch;
   float* lp = token_logp;
-  if (!lp && T > 0) {
-    scratch = ctx.alloc(B * T * static_cast<int64_t>(sizeof(float)));
-    lp = static_cast<float*>(scratch->data());
+  float* row_sum = nullptr;
+  if (n_scratch > 0) {
+    scratch = ctx.alloc(n_scratch * static_cast<int64_t>(sizeof(float)));
+    float* s = static_cast<float*>(scratch->data());
+    if (!lp) {
+      lp = s;
+      s += BT;
+    }
+    if (seq_stats) row_sum = s;
   }
   if (T > 0) {
-    logprob_rows_kernel<St><<<grid_rows("logprob_forward", B * T), kRowThreads, 0, ctx.stream()>>>(
-        lp, logits, targets, weights, V, ld);
+    if (seq_stats) {
+      logprob_rows_kernel<St, true><<<grid_rows("logprob_forward", BT), kRowThreads, 0, ctx.stream()>>>(
+          lp, row_sum, logits, targets, weights, V, ld);
+    } else {
+      logprob_rows_kernel<St, false><<<grid_rows("logprob_forward", BT), kRowThreads, 0, ctx.stream()>>>(
+          lp, nullptr, logits, targets, weights, V, ld);
+    }
     DPO_CUDA_CHECK(cudaGetLastError());
   }
-  logprob_seq_kernel<<<static_cast<unsigned>(B), kSeqThreads, 0, ctx.stream()>>>(seq_logp, lp, weights, T);
+  logprob_seq_kernel<<<static_cast<unsigned>(B), kSeqThreads, 0, ctx.stream()>>>(seq_logp, seq_stats, lp, row_sum,
+                                                                                  weights, T);
   DPO_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -288,13 +369,14 @@ void logprob_backward_impl(CudaContext& ctx, St* dlogits, const St* logits, cons
 
 }  // namespace
 
-void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, const float* logits,
+void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, float* seq_stats, const float* logits,
                      const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V, int64_t ld) {
-  logprob_forward_impl(ctx, seq_logp, token_logp, logits, targets, weights, B, T, V, ld);
+  logprob_forward_impl(ctx, seq_logp, token_logp, seq_stats, logits, targets, weights, B, T, V, ld);
 }
-void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, const __nv_bfloat16* logits,
-                     const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V, int64_t ld) {
-  logprob_forward_impl(ctx, seq_logp, token_logp, logits, targets, weights, B, T, V, ld);
+void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, float* seq_stats,
+                     const __nv_bfloat16* logits, const int32_t* targets, const float* weights, int64_t B, int64_t T,
+                     int64_t V, int64_t ld) {
+  logprob_forward_impl(ctx, seq_logp, token_logp, seq_stats, logits, targets, weights, B, T, V, ld);
 }
 
 void logprob_backward(CudaContext& ctx, float* dlogits, const float* logits, const int32_t* targets,

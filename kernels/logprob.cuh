@@ -4,11 +4,14 @@
 //   lp[b,t] = logits[b,t,targets[b,t]] - logsumexp(logits[b,t,:])        where weights[b,t] != 0, else 0
 //   forward : seq_logp[B] = sum_t weights[b,t] * lp[b,t]                   (=)
 //             token_logp[B,T] = lp (skipped if null)                       (=)
+//             seq_stats[B, kSeqStatsWidth] (skipped if null)               (=)  kernels/seq_stats.h
 //   backward: dlogits[b,t,:] = dseq[b] * weights[b,t] * (onehot(targets[b,t]) - softmax(logits[b,t,:]))   (=)
 //             rows with weight 0 are set to 0. dlogits may alias logits (in place); no other aliasing.
 // Storage: logits and dlogits are float or bf16 (the same type); weights, seq_logp, token_logp and dseq are always
 // float (per-token / per-sequence scalars, runtime/backend.h). bf16 logits are read exactly; the log-sum-exp is fp32
 // (online max / sum of exponentials), the per-sequence sum double, and each bf16 dlogits element is rounded once.
+// seq_stats (float): the logit sum of a row is an fp32 sum taken in the row's (max, sum) pass (fixed tree), the
+// per-sequence sums of the stats are double in a fixed order, like seq_logp (whose value kSeqLogp repeats bitwise).
 // Targets: the CPU twin throws on a target outside [0, V) with a non-zero weight; here the data pipeline is trusted
 // to have validated the ids (no device-to-host sync to check them). Such a target never causes an out-of-bounds
 // access: its lp is NaN (so seq_logp[b] is NaN) and its dlogits row is all NaN, which the trainer's non-finite
@@ -17,20 +20,35 @@
 // elements; columns [V, ld) are padding, never read and never written (they may hold NaN). ld a multiple of 16
 // bytes keeps every row on the 16-byte vector path; any ld >= V is correct. The forms without `ld` are ld = V.
 // Deterministic: fixed reduction trees, no atomics; repeated calls give bitwise-equal results.
-// The forward takes a B*T-float stream-ordered scratch from ctx.alloc when token_logp is null.
+// The forward takes a stream-ordered scratch from ctx.alloc: B*T floats when token_logp is null, B*T more when
+// seq_stats is requested (the rows' logit sums).
 #pragma once
 #include <cuda_bf16.h>
 
 #include <cstdint>
 
+#include "kernels/seq_stats.h"
 #include "runtime/cuda/cuda_context.h"
 
 namespace dpo::cuda {
 
-void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, const float* logits,
+void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, float* seq_stats, const float* logits,
                      const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V, int64_t ld);
-void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, const __nv_bfloat16* logits,
-                     const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V, int64_t ld);
+void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, float* seq_stats,
+                     const __nv_bfloat16* logits, const int32_t* targets, const float* weights, int64_t B, int64_t T,
+                     int64_t V, int64_t ld);
+
+// Without the per-sequence statistics.
+inline void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, const float* logits,
+                            const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V,
+                            int64_t ld) {
+  logprob_forward(ctx, seq_logp, token_logp, nullptr, logits, targets, weights, B, T, V, ld);
+}
+inline void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, const __nv_bfloat16* logits,
+                            const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V,
+                            int64_t ld) {
+  logprob_forward(ctx, seq_logp, token_logp, nullptr, logits, targets, weights, B, T, V, ld);
+}
 
 void logprob_backward(CudaContext& ctx, float* dlogits, const float* logits, const int32_t* targets,
                       const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V, int64_t ld);

@@ -27,13 +27,25 @@ void check_targets(const char* fn, const int32_t* targets, const T* weights, int
   }
 }
 
+// log(sum_v exp(x[v])) over x[0, V); with `sum` non-null also *sum = sum_v x[v], taken in the same pass as the
+// exponentials (the forward's statistics, kernels/seq_stats.h).
 template <class T>
-double logsumexp(const T* x, int64_t V) {
+double logsumexp(const T* x, int64_t V, double* sum = nullptr) {
   T mx = x[0];
   for (int64_t v = 1; v < V; ++v) mx = std::max(mx, x[v]);
   const double m = static_cast<double>(mx);
   double s = 0.0;
-  for (int64_t v = 0; v < V; ++v) s += std::exp(static_cast<double>(x[v]) - m);
+  if (sum) {
+    double xs = 0.0;
+    for (int64_t v = 0; v < V; ++v) {
+      const double xv = static_cast<double>(x[v]);
+      s += std::exp(xv - m);
+      xs += xv;
+    }
+    *sum = xs;
+  } else {
+    for (int64_t v = 0; v < V; ++v) s += std::exp(static_cast<double>(x[v]) - m);
+  }
   return m + std::log(s);
 }
 
@@ -46,26 +58,41 @@ void check_stride(const char* fn, int64_t V, int64_t ld) {
 }  // namespace
 
 template <class T>
-void logprob_forward(T* seq_logp, T* token_logp, const T* logits, const int32_t* targets, const T* weights,
-                     int64_t B, int64_t T_, int64_t V, int64_t ld) {
+void logprob_forward(T* seq_logp, T* token_logp, T* seq_stats, const T* logits, const int32_t* targets,
+                     const T* weights, int64_t B, int64_t T_, int64_t V, int64_t ld) {
   check_stride("logprob_forward", V, ld);
   check_targets("logprob_forward", targets, weights, B, T_, V);
   const int64_t BT = B * T_;
   std::vector<double> lp(BT);
+  std::vector<double> row_sum(seq_stats ? BT : 0);  // sum of the row's logits, rows with weight != 0
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < BT; ++i) {
     if (weights[i] == T(0)) {
       lp[i] = 0.0;
+      if (seq_stats) row_sum[i] = 0.0;
       continue;
     }
     const T* x = logits + i * ld;
-    lp[i] = static_cast<double>(x[targets[i]]) - logsumexp(x, V);
+    lp[i] = static_cast<double>(x[targets[i]]) - logsumexp(x, V, seq_stats ? &row_sum[i] : nullptr);
   }
-  // The per-sequence sum runs over t in order after the parallel loop: deterministic for any thread count.
+  // The per-sequence sums run over t in order after the parallel loop: deterministic for any thread count.
   for (int64_t b = 0; b < B; ++b) {
-    double s = 0.0;
-    for (int64_t t = 0; t < T_; ++t) s += static_cast<double>(weights[b * T_ + t]) * lp[b * T_ + t];
+    double s = 0.0, n = 0.0, xs = 0.0;
+    for (int64_t t = 0; t < T_; ++t) {
+      const int64_t i = b * T_ + t;
+      s += static_cast<double>(weights[i]) * lp[i];
+      if (seq_stats && weights[i] != T(0)) {
+        n += 1.0;
+        xs += row_sum[i];
+      }
+    }
     seq_logp[b] = static_cast<T>(s);
+    if (seq_stats) {
+      T* st = seq_stats + b * kSeqStatsWidth;
+      st[kSeqLogp] = static_cast<T>(s);
+      st[kSeqTokens] = static_cast<T>(n);
+      st[kSeqLogitSum] = static_cast<T>(xs);
+    }
   }
   if (token_logp) {
     for (int64_t i = 0; i < BT; ++i) token_logp[i] = static_cast<T>(lp[i]);
@@ -98,10 +125,10 @@ void logprob_backward(T* dlogits, const T* logits, const int32_t* targets, const
   }
 }
 
-template void logprob_forward<float>(float*, float*, const float*, const int32_t*, const float*, int64_t, int64_t,
-                                     int64_t, int64_t);
-template void logprob_forward<double>(double*, double*, const double*, const int32_t*, const double*, int64_t,
-                                      int64_t, int64_t, int64_t);
+template void logprob_forward<float>(float*, float*, float*, const float*, const int32_t*, const float*, int64_t,
+                                     int64_t, int64_t, int64_t);
+template void logprob_forward<double>(double*, double*, double*, const double*, const int32_t*, const double*,
+                                      int64_t, int64_t, int64_t, int64_t);
 template void logprob_backward<float>(float*, const float*, const int32_t*, const float*, const float*, int64_t,
                                       int64_t, int64_t, int64_t);
 template void logprob_backward<double>(double*, const double*, const int32_t*, const double*, const double*, int64_t,

@@ -272,9 +272,11 @@ const Tensor& GPT2::forward(const Tensor& tokens, const Tensor& keymask) {
 }
 
 void GPT2::sequence_logprobs(const Tensor& tokens, const Tensor& keymask, const Tensor& targets,
-                             const Tensor& weights, const Tensor& seq_logp, const Tensor& token_logp) {
+                             const Tensor& weights, const Tensor& seq_logp, const Tensor& token_logp,
+                             const Tensor& seq_stats) {
   const Tensor& logits = forward(tokens, keymask);
-  be_->logprob_forward(seq_logp, token_logp, logits, targets, weights, cfg_.vocab_size);
+  be_->logprob_forward(Backend::LogprobOutputs{seq_logp, token_logp, seq_stats}, logits, targets, weights,
+                       cfg_.vocab_size);
   targets_ = targets;
   weights_ = weights;
 }
@@ -409,29 +411,34 @@ Tensor GPT2::chunk_logits(int64_t rows) {
 }
 
 void GPT2::score(const Tensor& tokens, const Tensor& keymask, const Tensor& targets, const Tensor& weights,
-                 const Tensor& seq_logp) {
+                 const Tensor& seq_logp, const Tensor& seq_stats) {
   forward_trunk(tokens, keymask);
   check_head_args(targets, weights);
   Acts& a = *acts_;
   const int64_t B = a.B, T = a.T, ldv = logits_stride();
   check_shape(seq_logp, {B}, "seq_logp");
+  if (seq_stats.defined()) check_shape(seq_stats, {B, kSeqStatsWidth}, "seq_stats");
   for (const auto& chunk : plan_chunks(B, T, 0))
     for (const Range& r : chunk)
-      head_forward(r, chunk_logits(r.nseq * T).view(0, {r.nseq, T, ldv}), seq_logp, targets, weights);
+      head_forward(r, chunk_logits(r.nseq * T).view(0, {r.nseq, T, ldv}), seq_logp, seq_stats, targets, weights);
 }
 
-void GPT2::head_forward(const Range& r, const Tensor& logits, const Tensor& seq_logp, const Tensor& targets,
-                        const Tensor& weights) {
+void GPT2::head_forward(const Range& r, const Tensor& logits, const Tensor& seq_logp, const Tensor& seq_stats,
+                        const Tensor& targets, const Tensor& weights) {
   DPO_TRACE_RANGE("lm_head forward");
   const int64_t T = acts_->T, C = cfg_.n_embd;
   be_->matmul_forward(logits, acts_->lnf.view(r.seq0 * T * C, {r.nseq * T, C}), param("wte.weight"), Tensor(),
                       WeightLayout::OutIn);
-  be_->logprob_forward(seq_logp.view(r.seq0, {r.nseq}), Tensor(), logits, targets.view(r.seq0 * T, {r.nseq, T}),
-                       weights.view(r.seq0 * T, {r.nseq, T}), cfg_.vocab_size);
+  const Tensor stats =
+      seq_stats.defined() ? seq_stats.view(r.seq0 * kSeqStatsWidth, {r.nseq, kSeqStatsWidth}) : Tensor();
+  be_->logprob_forward(Backend::LogprobOutputs{seq_logp.view(r.seq0, {r.nseq}), Tensor(), stats}, logits,
+                       targets.view(r.seq0 * T, {r.nseq, T}), weights.view(r.seq0 * T, {r.nseq, T}),
+                       cfg_.vocab_size);
 }
 
 std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keymask, const Tensor& targets,
-                                        const Tensor& weights, const LossHead& head) {
+                                        const Tensor& weights, const LossHead& head,
+                                        std::vector<double>* seq_stats) {
   DPO_ASSERT(static_cast<bool>(head.grad), "fused_forward: the loss head has no grad function");
   forward_trunk(tokens, keymask);
   check_head_args(targets, weights);
@@ -441,6 +448,7 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
   const auto plan = plan_chunks(B, T, head.pair_stride);
   const Tensor wte = param("wte.weight"), dwte = grad("wte.weight");
   Tensor seq_dev = be.zeros({B}, gdtype_), dseq_dev = be.empty({B}, gdtype_);
+  const Tensor stats_dev = seq_stats ? be.empty({B, kSeqStatsWidth}, gdtype_) : Tensor();
   Tensor seq_host = Tensor::host({B}, gdtype_), dseq_host = Tensor::host({B}, gdtype_);
   std::memset(dseq_host.raw(), 0, static_cast<size_t>(dseq_host.nbytes()));
   std::vector<double> logp(static_cast<size_t>(B), 0.0), dseq(static_cast<size_t>(B), 0.0);
@@ -454,7 +462,7 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
     for (const Range& r : chunk) rows += r.nseq * T;
     const Tensor lg_all = chunk_logits(rows);
     auto lg = [&](const Range& r) { return lg_all.view(r.slot * T * ldv, {r.nseq, T, ldv}); };
-    for (const Range& r : chunk) head_forward(r, lg(r), seq_dev, targets, weights);
+    for (const Range& r : chunk) head_forward(r, lg(r), seq_dev, stats_dev, targets, weights);
     // One copy (one device synchronisation) per chunk: all B entries, of which this chunk's are new.
     be.copy_to_host(seq_host, seq_dev);
     for (const Range& r : chunk)
@@ -481,6 +489,8 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
                          a.lnf.view(r.seq0 * T * C, {r.nseq * T, C}), wte, WeightLayout::OutIn);
     }
   }
+  // Every row of stats_dev was written by its chunk's head_forward (the plan covers every sequence once).
+  if (seq_stats) *seq_stats = to_host_f64(be, stats_dev);
   head_done_ = true;
   return logp;
 }

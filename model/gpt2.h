@@ -112,9 +112,12 @@ class GPT2 {
   int64_t logits_stride() const { return logits_stride(cfg_.vocab_size); }
 
   // forward, then seq_logp[b] = sum_t weights[b,t] * log p(targets[b,t] | tokens[b, <=t])   (targets/weights
-  // [B,T]; see kernels/logprob.h). token_logp [B,T] is optional.
+  // [B,T]; see kernels/logprob.h). token_logp [B,T] and seq_stats [B, kSeqStatsWidth] (kernels/seq_stats.h: the
+  // log-prob, completion token count and sum of the logits over the vocabulary columns [0, V) of the completion
+  // positions) are optional.
   void sequence_logprobs(const Tensor& tokens, const Tensor& keymask, const Tensor& targets, const Tensor& weights,
-                         const Tensor& seq_logp, const Tensor& token_logp = Tensor());
+                         const Tensor& seq_logp, const Tensor& token_logp = Tensor(),
+                         const Tensor& seq_stats = Tensor());
 
   // Backward of the last sequence_logprobs call, given dL/dseq_logp [B]. Gradients accumulate (+=) into grads().
   // Overwrites the stored logits with their gradient.
@@ -135,9 +138,10 @@ class GPT2 {
   int64_t logits_buffer_numel() const;
 
   // Forward only, chunked: seq_logp[b] (=, [B] on the backend's device, the model's dtype) as sequence_logprobs
-  // computes it, without the [B,T,V] logits and without keeping anything for a backward pass.
+  // computes it, without the [B,T,V] logits and without keeping anything for a backward pass; seq_stats
+  // [B, kSeqStatsWidth] (=, optional) as sequence_logprobs computes it.
   void score(const Tensor& tokens, const Tensor& keymask, const Tensor& targets, const Tensor& weights,
-             const Tensor& seq_logp);
+             const Tensor& seq_logp, const Tensor& seq_stats = Tensor());
 
   // How the loss turns sequence log-probs into dL/dseq_logp, one chunk at a time (host doubles).
   struct LossHead {
@@ -152,9 +156,12 @@ class GPT2 {
   // The training forward: the transformer forward, then per chunk the LM head, the log-probs, head.grad, the
   // log-softmax backward in place and the two LM-head backward GEMMs (d wte += into grads(), d ln_f output kept).
   // Returns seq_logp [B] as host doubles (each rounded through the model's dtype, as sequence_logprobs does).
-  // fused_backward() then finishes the backward pass (gradients += into grads()).
+  // With seq_stats non-null, it is set to the per-sequence statistics as host doubles, [B * kSeqStatsWidth]
+  // row-major (kernels/seq_stats.h; taken in the log-prob pass over each chunk, one more copy to the host at the
+  // end). fused_backward() then finishes the backward pass (gradients += into grads()).
   std::vector<double> fused_forward(const Tensor& tokens, const Tensor& keymask, const Tensor& targets,
-                                    const Tensor& weights, const LossHead& head);
+                                    const Tensor& weights, const LossHead& head,
+                                    std::vector<double>* seq_stats = nullptr);
   void fused_backward();
 
   static constexpr int64_t kDefaultLogitsChunkRows = 2048;
@@ -180,9 +187,10 @@ class GPT2 {
   };
   std::vector<std::vector<Range>> plan_chunks(int64_t B, int64_t T, int64_t pair_stride);
   Tensor chunk_logits(int64_t rows);  // a [rows, ldv] view of the chunk buffer, grown when needed
-  // LM head and log-probs of the sequences of `r` into logits [nseq, T, ldv] and seq_logp[r.seq0 ...] (=).
-  void head_forward(const Range& r, const Tensor& logits, const Tensor& seq_logp, const Tensor& targets,
-                    const Tensor& weights);
+  // LM head and log-probs of the sequences of `r` into logits [nseq, T, ldv] and seq_logp[r.seq0 ...] (=), and
+  // rows r.seq0 ... of seq_stats [B, kSeqStatsWidth] (=) when it is defined.
+  void head_forward(const Range& r, const Tensor& logits, const Tensor& seq_logp, const Tensor& seq_stats,
+                    const Tensor& targets, const Tensor& weights);
   void check_tokens(const Tensor& tokens) const;
 
   Backend* be_;

@@ -22,7 +22,7 @@
 //   - parameter gradients: dwte, dwpe (encoder_backward), dw, db (layernorm_backward), dw, dbias
 //     (matmul_backward) are F32, += in fp32;
 //   - LayerNorm mean and rstd are F32;
-//   - log-prob: logits and dlogits BF16; weights, seq_logp, token_logp and dseq F32;
+//   - log-prob: logits and dlogits BF16; weights, seq_logp, token_logp, seq_stats and dseq F32;
 //   - the attention's saved state has dtype attention_saved_dtype(A) (BF16 probabilities);
 //   - residual, GELU, fill_zero, copy: all BF16 (residual_forward also takes F32 tensors, e.g. gradients).
 // Every op computes in fp32 (or wider), reads BF16 exactly, and rounds each BF16 output once (round to nearest
@@ -39,6 +39,7 @@
 
 #include "kernels/adamw.h"
 #include "kernels/common.h"
+#include "kernels/seq_stats.h"
 #include "runtime/error.h"
 #include "runtime/tensor.h"
 
@@ -99,10 +100,21 @@ class Backend {
   virtual void gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) = 0;
   virtual void residual_forward(const Tensor& out, const Tensor& a, const Tensor& b) = 0;
   virtual void residual_backward(const Tensor& da, const Tensor& db, const Tensor& dout) = 0;
-  // logits[B,T,ld], targets[B,T] I32, weights[B,T] -> seq_logp[B] (=), token_logp[B,T] (=, optional). The
-  // vocabulary is columns [0, V) of each row, 1 <= V <= ld; columns [V, ld) are padding (never read).
-  virtual void logprob_forward(const Tensor& seq_logp, const Tensor& token_logp, const Tensor& logits,
-                               const Tensor& targets, const Tensor& weights, int64_t V) = 0;
+  // logits[B,T,ld], targets[B,T] I32, weights[B,T] -> out.seq_logp[B] (=), out.token_logp[B,T] (=, optional),
+  // out.seq_stats[B, kSeqStatsWidth] (=, optional; kernels/seq_stats.h: seq_logp, completion token count, sum of
+  // the logits over the completion positions). The vocabulary is columns [0, V) of each row, 1 <= V <= ld; columns
+  // [V, ld) are padding (never read). The three outputs have the per-sequence dtype grad_dtype(A).
+  struct LogprobOutputs {
+    Tensor seq_logp;    // [B], required
+    Tensor token_logp;  // [B,T] or undefined
+    Tensor seq_stats;   // [B, kSeqStatsWidth] or undefined
+  };
+  virtual void logprob_forward(const LogprobOutputs& out, const Tensor& logits, const Tensor& targets,
+                               const Tensor& weights, int64_t V) = 0;
+  void logprob_forward(const Tensor& seq_logp, const Tensor& token_logp, const Tensor& logits, const Tensor& targets,
+                       const Tensor& weights, int64_t V) {
+    logprob_forward(LogprobOutputs{seq_logp, token_logp, Tensor()}, logits, targets, weights, V);
+  }
   // dlogits[B,T,ld] (same shape as logits), columns [0, V) = dseq[b] * weights * (onehot - softmax)  (=; may alias
   // logits); columns [V, ld) are never written.
   virtual void logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,

@@ -381,26 +381,39 @@ class CpuBackend final : public Backend {
 
   using Backend::logprob_backward;
   using Backend::logprob_forward;
-  void logprob_forward(const Tensor& seq_logp, const Tensor& token_logp, const Tensor& logits,
-                       const Tensor& targets, const Tensor& weights, int64_t V) override {
+  void logprob_forward(const LogprobOutputs& out, const Tensor& logits, const Tensor& targets,
+                       const Tensor& weights, int64_t V) override {
     if (is_bf16(logits)) {
-      need(seq_logp, DType::F32, "logprob seq_logp");
-      need(token_logp, DType::F32, "logprob token_logp");
+      need(out.seq_logp, DType::F32, "logprob seq_logp");
+      need(out.token_logp, DType::F32, "logprob token_logp");
+      need(out.seq_stats, DType::F32, "logprob seq_stats");
       need(weights, DType::F32, "logprob weights");
       check_logits(logits, V);
-      return logprob_forward(seq_logp, token_logp, up(logits), targets, weights, V);
+      return logprob_forward(out, up(logits), targets, weights, V);
     }
     check_float(logits, "logprob logits");
     const int64_t B = logits.size(0), T = logits.size(1), ld = check_logits(logits, V);
     check_shape(targets, {B, T}, "logprob targets");
     check_dtype(targets, DType::I32, "logprob targets");
     check_shape(weights, {B, T}, "logprob weights");
-    check_shape(seq_logp, {B}, "logprob seq_logp");
-    if (token_logp.defined()) check_shape(token_logp, {B, T}, "logprob token_logp");
+    check_dtype(weights, logits.dtype(), "logprob weights");
+    check_host(out.seq_logp, "logprob seq_logp");
+    check_shape(out.seq_logp, {B}, "logprob seq_logp");
+    check_dtype(out.seq_logp, logits.dtype(), "logprob seq_logp");
+    if (out.token_logp.defined()) {
+      check_host(out.token_logp, "logprob token_logp");
+      check_shape(out.token_logp, {B, T}, "logprob token_logp");
+      check_dtype(out.token_logp, logits.dtype(), "logprob token_logp");
+    }
+    if (out.seq_stats.defined()) {
+      check_host(out.seq_stats, "logprob seq_stats");
+      check_shape(out.seq_stats, {B, kSeqStatsWidth}, "logprob seq_stats");
+      check_dtype(out.seq_stats, logits.dtype(), "logprob seq_stats");
+    }
     dispatch(logits.dtype(), [&](auto z) {
       using F = decltype(z);
-      cpu::logprob_forward<F>(seq_logp.data<F>(), opt<F>(token_logp), logits.data<F>(), targets.data<int32_t>(),
-                              weights.data<F>(), B, T, V, ld);
+      cpu::logprob_forward<F>(out.seq_logp.data<F>(), opt<F>(out.token_logp), opt<F>(out.seq_stats),
+                              logits.data<F>(), targets.data<int32_t>(), weights.data<F>(), B, T, V, ld);
     });
   }
   void logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets, const Tensor& weights,

@@ -24,6 +24,8 @@
 #include <utility>
 #include <vector>
 
+#include <cuda_bf16.h>
+
 #include "kernels/adamw.cuh"
 #include "kernels/adamw.h"
 #include "kernels/attention.cuh"
@@ -33,6 +35,7 @@
 #include "kernels/logprob.h"
 #include "kernels/matmul.cuh"
 #include "kernels/matmul.h"
+#include "kernels/seq_stats.h"
 #include "runtime/cuda/cuda_check.h"
 #include "runtime/cuda/cuda_context.h"
 #include "test_util.h"
@@ -576,6 +579,128 @@ TEST_F(CudaLogprob, ForwardWithPaddedRowsMatchesCpu) {
   logprob_forward_case(*this, 3, 7, 1000, 1024);
   logprob_forward_case(*this, 3, 7, 257, 259);
   logprob_forward_case(*this, 2, 5, 3, 64);
+}
+
+// --- per-sequence statistics (kernels/seq_stats.h) ------------------------------------------------------------------
+// The row's logit sum is an fp32 sum of V terms over the block (each thread's strided elements, then a 9-level tree):
+// at most V/512 + 16 + 9 roundings on any path, so (V/256 + 48) eps times the sum of |x| over the row bounds it, as
+// for the log-sum-exp. The per-sequence sums are double on both sides; the CPU twin's result (double, then one
+// rounding to float) and the GPU's each add one float rounding of the total. The token count is exact.
+std::vector<double> logit_sum_budgets(const LogprobData& d, const std::vector<float>& ref_stats) {
+  std::vector<double> tol(ref_stats.size(), 0.0);
+  for (int64_t b = 0; b < d.B; ++b) {
+    double t = 0.0;
+    for (int64_t s = 0; s < d.T; ++s) {
+      const int64_t r = b * d.T + s;
+      if (d.weights[r] == 0.0f) continue;
+      double mag = 0.0;
+      for (int64_t v = 0; v < d.V; ++v) mag += std::fabs(double(d.logits[r * d.V + v]));
+      t += lse_budget(d.V) * mag;
+    }
+    const double sum = ref_stats[b * kSeqStatsWidth + kSeqLogitSum];
+    tol[b * kSeqStatsWidth + kSeqLogitSum] = t + 2.0 * kEps * std::fabs(sum);
+  }
+  return tol;
+}
+
+// bf16 logits: the same values as `logits` when those are already bf16-representable (round_to_bf16 below).
+uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return static_cast<uint16_t>(u >> 16);  // exact: the value is a bf16 already
+}
+void round_to_bf16(std::vector<float>& v) {
+  for (float& x : v) {
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;  // round to nearest even (finite inputs)
+    std::memcpy(&x, &u, sizeof u);
+  }
+}
+
+// The CUDA forward with seq_stats against the CPU twin's, for fp32 or bf16 logits (Bf16: the logits are rounded to
+// bf16 first, and the CPU twin reads the same values in float). ld > V: NaN in the padding (never read).
+template <bool Bf16>
+void logprob_stats_case(CudaKernelsB& f, int64_t B, int64_t T, int64_t V, int64_t ld = 0) {
+  if (ld == 0) ld = V;
+  SCOPED_TRACE(std::string(Bf16 ? "bf16" : "fp32") + " B=" + std::to_string(B) + " T=" + std::to_string(T) +
+               " V=" + std::to_string(V) + " ld=" + std::to_string(ld));
+  auto d = make_logprob_data(f, B, T, V);
+  if (Bf16) round_to_bf16(d.logits);
+  std::vector<float> ref_seq(static_cast<size_t>(B)), ref_lp(static_cast<size_t>(B * T)),
+      ref_stats(static_cast<size_t>(B * kSeqStatsWidth));
+  cpu::logprob_forward<float>(ref_seq.data(), ref_lp.data(), ref_stats.data(), d.logits.data(), d.targets.data(),
+                              d.weights.data(), B, T, V, V);
+  const auto lp_tol = lp_budgets(d, ref_lp);
+  const auto seq_tol = seq_budgets(d, ref_lp, lp_tol);
+  auto stats_tol = logit_sum_budgets(d, ref_stats);
+  for (int64_t b = 0; b < B; ++b) stats_tol[b * kSeqStatsWidth + kSeqLogp] = seq_tol[b];  // kSeqTokens: 0, exact
+
+  const auto padded = spread_rows(d.logits, B * T, V, ld, std::numeric_limits<float>::quiet_NaN());
+  DeviceArray<float> d_logits32(f.ctx(), Bf16 ? std::vector<float>() : padded);
+  std::vector<uint16_t> h16;
+  if (Bf16) {
+    h16.resize(padded.size());
+    for (size_t i = 0; i < padded.size(); ++i) h16[i] = std::isnan(padded[i]) ? uint16_t(0x7FC0) : bf16_bits(padded[i]);
+  }
+  DeviceArray<uint16_t> d_logits16(f.ctx(), h16);
+  DeviceArray<float> d_weights(f.ctx(), d.weights);
+  DeviceArray<int32_t> d_targets(f.ctx(), d.targets);
+  DeviceArray<float> d_seq(f.ctx(), B), d_lp(f.ctx(), B * T), d_stats(f.ctx(), B * kSeqStatsWidth);
+  auto run = [&](float* seq, float* lp, float* stats) {
+    if constexpr (Bf16) {
+      cuda::logprob_forward(f.ctx(), seq, lp, stats, reinterpret_cast<const __nv_bfloat16*>(d_logits16.get()),
+                            d_targets.get(), d_weights.get(), B, T, V, ld);
+    } else {
+      cuda::logprob_forward(f.ctx(), seq, lp, stats, d_logits32.get(), d_targets.get(), d_weights.get(), B, T, V, ld);
+    }
+  };
+  d_seq.poison();
+  d_lp.poison();
+  d_stats.poison();
+  run(d_seq.get(), d_lp.get(), d_stats.get());
+  const auto seq = d_seq.download(), lp = d_lp.download(), stats = d_stats.download();
+  expect_within(lp, ref_lp, lp_tol, "token_logp");
+  expect_within(seq, ref_seq, seq_tol, "seq_logp");
+  expect_within(stats, ref_stats, stats_tol, "seq_stats");
+  for (int64_t b = 0; b < B; ++b) {
+    EXPECT_EQ(std::memcmp(&stats[b * kSeqStatsWidth + kSeqLogp], &seq[b], sizeof(float)), 0)
+        << "kSeqLogp of sequence " << b << " is not seq_logp bitwise";
+  }
+
+  // Without token_logp (both scratches), without stats, and a second identical call: the same bits.
+  d_seq.poison();
+  d_stats.poison();
+  run(d_seq.get(), nullptr, d_stats.get());
+  EXPECT_TRUE(bitwise_equal(d_seq.download(), seq)) << "seq_logp differs without token_logp";
+  EXPECT_TRUE(bitwise_equal(d_stats.download(), stats)) << "seq_stats differs without token_logp";
+  d_seq.poison();
+  run(d_seq.get(), nullptr, nullptr);
+  EXPECT_TRUE(bitwise_equal(d_seq.download(), seq)) << "asking for seq_stats changed seq_logp";
+  d_stats.poison();
+  run(d_seq.get(), d_lp.get(), d_stats.get());
+  EXPECT_TRUE(bitwise_equal(d_stats.download(), stats)) << "seq_stats differs between two identical calls";
+}
+
+// Sizes as for the forward: whole-vector rows, every 16-byte phase (odd V, odd ld), V below a vector, the LM head's
+// padded stride; B * T rows that are not a multiple of anything; weights of 0, 0.5 and 2 (the count is of the
+// non-zero ones).
+TEST_F(CudaLogprob, SequenceStatsMatchCpu) {
+  logprob_stats_case<false>(*this, 3, 7, 1000);
+  logprob_stats_case<false>(*this, 3, 7, 50257);
+  logprob_stats_case<false>(*this, 2, 5, 3);
+  logprob_stats_case<false>(*this, 3, 7, 50257, 50304);
+  logprob_stats_case<false>(*this, 3, 7, 257, 259);
+  logprob_stats_case<false>(*this, 2, 5, 3, 64);
+}
+
+TEST_F(CudaLogprob, SequenceStatsWithBf16LogitsMatchCpu) {
+  logprob_stats_case<true>(*this, 3, 7, 1000);
+  logprob_stats_case<true>(*this, 3, 7, 50257);
+  logprob_stats_case<true>(*this, 2, 5, 3);
+  logprob_stats_case<true>(*this, 3, 7, 50257, 50304);  // 100608 bytes per row: 16-byte aligned
+  logprob_stats_case<true>(*this, 3, 7, 257, 264);
+  logprob_stats_case<true>(*this, 2, 5, 3, 64);
 }
 
 std::vector<double> dlogits_budgets(const LogprobData& d, const std::vector<float>& dseq) {

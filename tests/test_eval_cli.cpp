@@ -69,7 +69,8 @@ json read_metrics(const std::string& out_dir) {
 
 const char* const kTrlMetrics[] = {"eval_loss",          "eval_rewards/chosen",    "eval_rewards/rejected",
                                    "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen",
-                                   "eval_logps/rejected"};
+                                   "eval_logps/rejected", "eval_logits/chosen", "eval_logits/rejected",
+                                   "eval_num_tokens"};
 
 TEST(EvalCli, CheckpointAndEvalFileOnlyWritesMetricsEqualToConfigForm) {
   Workdir w;
@@ -120,6 +121,10 @@ TEST(EvalCli, CheckpointAndEvalFileOnlyWritesMetricsEqualToConfigForm) {
   // learning_rate 1e-2 moved the policy away from its reference.
   EXPECT_NEAR(a["eval_rewards/margins"].get<double>(),
               a["eval_rewards/chosen"].get<double>() - a["eval_rewards/rejected"].get<double>(), 1e-6);
+  // eval_num_tokens: the training tokens of the checkpoint's run (TRL's count at evaluation time), as recorded.
+  EXPECT_EQ(a["eval_num_tokens"].get<double>(),
+            json::parse(slurp(ck + "/trainer_state.json"))["num_tokens"].get<double>());
+  EXPECT_GT(a["eval_num_tokens"].get<double>(), 0.0);
   const double acc9 = a["eval_rewards/accuracies"].get<double>() * 9;
   EXPECT_NEAR(acc9, std::round(acc9), 1e-6);
   EXPECT_NE(a["eval_loss"].get<double>(), std::log(2.0));
@@ -143,6 +148,9 @@ TEST(EvalCli, PolicyAgainstItselfGivesLn2) {
   EXPECT_NEAR(j["eval_rewards/chosen"].get<double>(), 0.0, 1e-9);
   EXPECT_NEAR(j["eval_rewards/margins"].get<double>(), 0.0, 1e-9);
   EXPECT_EQ(j["eval_samples"], 9);
+  // The logits metrics are the policy's; a model directory without a trainer state has no training token count.
+  EXPECT_TRUE(j["eval_logits/chosen"].is_number() && j["eval_logits/rejected"].is_number()) << j.dump(2);
+  EXPECT_FALSE(j.contains("eval_num_tokens")) << j.dump(2);
 }
 
 // reference_free needs no reference; without --out-dir nothing is written and the table is printed.

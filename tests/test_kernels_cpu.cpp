@@ -1078,6 +1078,95 @@ TEST(KernelLogprob, PaddedRowStrideEqualsDenseBitwiseAndNeverTouchesThePadding) 
   EXPECT_THROW(logprob_backward(x.data(), x.data(), tg.data(), w.data(), s.data(), kB, kT, kV, kV - 1), dpo::Error);
 }
 
+// ----------------------------------------------------------- per-sequence statistics (kernels/seq_stats.h)
+
+// Closed form in long double: the weighted log-prob sum, the count of positions with a non-zero weight, and the
+// sum of the V logits of those positions. Rows of the padded input (stride ld) hold NaN beyond V, which must
+// never be read; positions with weight 0 hold garbage targets (-1, V + 3) that must be ignored.
+template <class T>
+void check_logprob_stats(std::mt19937_64& g, int64_t V, int64_t ld, double tol) {
+  SCOPED_TRACE("V=" + std::to_string(V) + " ld=" + std::to_string(ld));
+  std::vector<int32_t> targets = random_tokens(g, kB * kT, 0, static_cast<int32_t>(V));
+  std::vector<T> weights;
+  {
+    std::vector<int32_t> unused;
+    logprob_inputs(g, unused, weights);  // zeros, fractional and negative weights; sequence 1 a 0/1 mask
+  }
+  targets[0] = -1, targets[1] = static_cast<int32_t>(V + 3);  // weight 0 there
+  // Logits with a non-zero mean per row (an LM head's logits are far from centred), so a sum that dropped or
+  // doubled a row, or read a padding column, is off by much more than the tolerance.
+  auto logits = randn<T>(g, kB * kT * V, 3.0);
+  std::normal_distribution<double> shift(-20.0, 10.0);
+  for (int64_t i = 0; i < kB * kT; ++i) {
+    const double c = shift(g);
+    for (int64_t v = 0; v < V; ++v) logits[i * V + v] = static_cast<T>(logits[i * V + v] + c);
+  }
+  const auto padded = spread_nan(logits, kB * kT, V, ld);
+  std::vector<T> seq(kB), stats(kB * dpo::kSeqStatsWidth), seq_plain(kB);
+  poison(seq), poison(stats), poison(seq_plain);
+  logprob_forward<T>(seq.data(), nullptr, stats.data(), padded.data(), targets.data(), weights.data(), kB, kT, V, ld);
+  logprob_forward<T>(seq_plain.data(), nullptr, padded.data(), targets.data(), weights.data(), kB, kT, V, ld);
+  ASSERT_TRUE(all_finite(stats)) << "a padding NaN or an ignored row entered the statistics";
+  EXPECT_TRUE(bitwise_equal(seq, seq_plain)) << "asking for the statistics changed seq_logp";
+  for (int64_t b = 0; b < kB; ++b) {
+    long double lp_ref = 0, sum_ref = 0, abs_sum = 0;
+    int64_t n_ref = 0;
+    for (int64_t t = 0; t < kT; ++t) {
+      const int64_t i = b * kT + t;
+      if (weights[i] == T(0)) continue;
+      long double z = 0, m = -INFINITY;
+      for (int64_t v = 0; v < V; ++v) m = std::max<long double>(m, logits[i * V + v]);
+      for (int64_t v = 0; v < V; ++v) {
+        z += std::exp(static_cast<long double>(logits[i * V + v]) - m);
+        sum_ref += logits[i * V + v];
+        abs_sum += std::fabs(static_cast<long double>(logits[i * V + v]));
+      }
+      lp_ref += weights[i] * (logits[i * V + targets[i]] - m - std::log(z));
+      ++n_ref;
+    }
+    const T* st = stats.data() + b * dpo::kSeqStatsWidth;
+    SCOPED_TRACE("b=" + std::to_string(b));
+    EXPECT_EQ(std::memcmp(&st[dpo::kSeqLogp], &seq[b], sizeof(T)), 0) << "kSeqLogp is not seq_logp bitwise";
+    EXPECT_EQ(st[dpo::kSeqTokens], static_cast<T>(n_ref));
+    // The sum is accumulated in double and rounded once to T: tol relative to the result, plus double's rounding
+    // of the running sum relative to the sum of magnitudes.
+    EXPECT_NEAR(st[dpo::kSeqLogitSum], static_cast<double>(sum_ref),
+                tol * std::fabs(static_cast<double>(sum_ref)) + 1e-13 * static_cast<double>(abs_sum));
+    EXPECT_NEAR(st[dpo::kSeqLogp], static_cast<double>(lp_ref),
+                tol * std::max(1.0L, std::fabs(lp_ref)) * kT);
+  }
+  // The dense layout gives the same statistics bitwise (the padding is never read).
+  std::vector<T> stats_dense(stats.size()), seq_dense(kB);
+  poison(stats_dense);
+  logprob_forward<T>(seq_dense.data(), nullptr, stats_dense.data(), logits.data(), targets.data(), weights.data(), kB,
+                     kT, V, V);
+  EXPECT_TRUE(bitwise_equal(stats_dense, stats));
+}
+
+TEST(KernelLogprob, SequenceStatsMatchLongDoubleClosedForm) {
+  std::mt19937_64 g(test_seed());
+  // float: one rounding of a double result (eps_f = 6e-8) and the log-sum-exp's float input; double: ~1e-16 per
+  // operation over at most kT * V = 7000 terms.
+  for (auto [V, ld] : {std::pair<int64_t, int64_t>{kV, kV}, {kV, kV + 5}, {257, 320}, {1000, 1024}}) {
+    check_logprob_stats<float>(g, V, ld, 1e-6);
+    check_logprob_stats<double>(g, V, ld, 1e-13);
+  }
+}
+
+TEST(KernelLogprob, SequenceStatsOfASequenceWithoutCompletionAreZero) {
+  std::mt19937_64 g(test_seed());
+  auto logits = randn<double>(g, kB * kT * kV, 3.0);
+  std::vector<double> weights(kB * kT, 1.0), seq(kB), stats(kB * dpo::kSeqStatsWidth);
+  std::vector<int32_t> targets = random_tokens(g, kB * kT, 0, kV);
+  for (int64_t t = 0; t < kT; ++t) weights[1 * kT + t] = 0.0, targets[1 * kT + t] = -1;  // sequence 1: all prompt
+  poison(seq), poison(stats);
+  logprob_forward<double>(seq.data(), nullptr, stats.data(), logits.data(), targets.data(), weights.data(), kB, kT,
+                          kV, kV);
+  for (int64_t k = 0; k < dpo::kSeqStatsWidth; ++k) EXPECT_EQ(stats[1 * dpo::kSeqStatsWidth + k], 0.0) << k;
+  EXPECT_EQ(stats[0 * dpo::kSeqStatsWidth + dpo::kSeqTokens], static_cast<double>(kT));
+  EXPECT_EQ(stats[2 * dpo::kSeqStatsWidth + dpo::kSeqTokens], static_cast<double>(kT));
+}
+
 // ------------------------------------------------- the LM head through the CPU backend, padded vs dense, per dtype
 // logits = lnf @ wte^T, log-probs, their backward in place, and the two backward GEMMs, once with dense [B,T,V]
 // logits and once with [B,T,ldv] logits poisoned with NaN, in F32, F64 and BF16 (the CPU's BF16 emulation: F32

@@ -11,6 +11,8 @@
 
 #include "model/checkpoint.h"
 #include "runtime/safetensors.h"
+#include "train/data.h"
+#include "train/hash.h"
 #include "train/reference.h"
 #include "train/tokenizer.h"
 #include "train/trainer.h"
@@ -379,6 +381,128 @@ TEST(Trainer, DpoImprovesPreferenceAccuracyOnHeldInPairs) {
   EXPECT_GT(r.eval.at("eval_rewards/accuracies"), 0.8);
   EXPECT_GT(r.eval.at("eval_rewards/margins"), 0.0);
   EXPECT_LT(r.eval.at("eval_loss"), std::log(2.0));
+}
+
+// TRL's logits/chosen, logits/rejected and num_tokens (docs/training.md), against a direct computation: the base
+// model's full [R, T, V] logits in F64 (GPT2::forward, not the log-prob kernel that emits the statistics), averaged
+// over the vocabulary at every completion position, summed over the step's chosen / rejected rows and divided by
+// their completion tokens; num_tokens the real tokens of both rows of every pair trained on so far.
+TEST(Trainer, LogitsAndNumTokensMetricsMatchADirectComputation) {
+  Workdir w;
+  setup(w);
+  TrainConfig c = base_config(w, "lg");
+  c.eval_file = w / "eval.jsonl";
+  c.eval_steps = 2;
+  c.save_steps = 4;
+  RunSummary r = run_training(c, RunKind::Dpo, quiet());
+  ASSERT_EQ(r.steps, 6);
+
+  std::vector<nlohmann::json> train, eval;
+  {
+    std::ifstream f(c.out_dir + "/metrics.jsonl");
+    std::string line;
+    while (std::getline(f, line)) {
+      auto j = nlohmann::json::parse(line);
+      (j.contains("eval_loss") ? eval : train).push_back(j);
+    }
+  }
+  ASSERT_EQ(train.size(), 6u);
+  ASSERT_EQ(eval.size(), 3u);
+
+  // The data as the trainer loads it, in epoch 0's order; step 1 is the first 8 pairs, before any update, so its
+  // logits are the base model's.
+  auto tok = make_tokenizer(c.tokenizer);
+  DataOptions d;
+  d.max_length = c.max_length;
+  d.max_prompt_length = c.max_prompt_length;
+  d.truncation = c.truncation_mode == "keep_start" ? TruncationMode::KeepStart : TruncationMode::KeepEnd;
+  d.append_eos = true;
+  const auto pairs = load_preferences(c.train_file, *tok, d, nullptr);
+  const int64_t N = static_cast<int64_t>(pairs.size());
+  const int64_t per_step = c.per_device_train_batch_size * c.gradient_accumulation_steps;
+  const auto order = epoch_order(N, static_cast<uint64_t>(c.seed), 0);
+  auto be = make_cpu_backend(1);
+  auto base = load_gpt2_checkpoint(*be, w / "base", DType::F64);
+  const int64_t V = base->config().vocab_size;
+  double sum_c = 0, sum_r = 0, n_c = 0, n_r = 0, tokens_step1 = 0;
+  for (int64_t m0 = 0; m0 < per_step; m0 += c.per_device_train_batch_size) {
+    const std::vector<int64_t> idx(order.begin() + m0, order.begin() + m0 + c.per_device_train_batch_size);
+    Batch b = make_batch(pairs, idx, DType::F64, 0);
+    const Tensor& logits = base->forward(b.tokens, b.keymask);
+    const int64_t R = b.tokens.size(0), T = b.T, ld = logits.size(-1);
+    for (int64_t row = 0; row < R; ++row)
+      for (int64_t t = 0; t < T; ++t) {
+        if (b.weights.data<double>()[row * T + t] == 0.0) continue;
+        double mean = 0;
+        for (int64_t v = 0; v < V; ++v) mean += logits.data<double>()[(row * T + t) * ld + v];
+        mean /= static_cast<double>(V);
+        (row < b.pairs ? sum_c : sum_r) += mean;
+        (row < b.pairs ? n_c : n_r) += 1;
+      }
+    for (int64_t q : idx) {
+      const auto& p = pairs[static_cast<size_t>(q)];
+      tokens_step1 += static_cast<double>(2 * p.prompt.size() + p.chosen.size() + p.rejected.size());
+    }
+  }
+  ASSERT_GT(n_c, 0);
+  ASSERT_GT(n_r, 0);
+  // fp32 training forward vs the F64 one: the means are O(0.1..1) sums of 257 logits of O(1); 1e-5 absolute is
+  // ~100 fp32 roundings of the sum, and a metric over the wrong positions or rows is off by ~1e-2 or more.
+  EXPECT_NEAR(train[0]["logits/chosen"].get<double>(), sum_c / n_c, 1e-5);
+  EXPECT_NEAR(train[0]["logits/rejected"].get<double>(), sum_r / n_r, 1e-5);
+  EXPECT_NE(sum_c / n_c, sum_r / n_r);  // the two metrics are told apart by the data
+  EXPECT_EQ(train[0]["num_tokens"].get<double>(), tokens_step1);
+
+  // num_tokens accumulates over steps (both epochs: every pair twice by the end) and never decreases; every
+  // logits metric is finite.
+  double all_tokens = 0;
+  for (const auto& p : pairs)
+    all_tokens += static_cast<double>(2 * p.prompt.size() + p.chosen.size() + p.rejected.size());
+  double last = 0;
+  for (const auto& j : train) {
+    EXPECT_GT(j["num_tokens"].get<double>(), last);
+    last = j["num_tokens"].get<double>();
+    EXPECT_TRUE(j["logits/chosen"].is_number() && j["logits/rejected"].is_number()) << j.dump();
+  }
+  EXPECT_EQ(last, 2 * all_tokens);
+  // Evaluation records: TRL's eval_num_tokens is the training count at that point.
+  for (const auto& j : eval) {
+    const int64_t step = j["step"].get<int64_t>();
+    EXPECT_EQ(j["eval_num_tokens"].get<double>(), train[static_cast<size_t>(step - 1)]["num_tokens"].get<double>());
+    EXPECT_TRUE(j["eval_logits/chosen"].is_number() && j["eval_logits/rejected"].is_number()) << j.dump();
+  }
+  // `dpo eval` of the final checkpoint: the same logits metrics (float rounding), and the checkpoint's count.
+  auto m = run_evaluation(c, r.final_checkpoint);
+  EXPECT_NEAR(m.at("eval_logits/chosen"), r.eval.at("eval_logits/chosen"), 1e-5);
+  EXPECT_NEAR(m.at("eval_logits/rejected"), r.eval.at("eval_logits/rejected"), 1e-5);
+  EXPECT_EQ(m.at("eval_num_tokens"), last);
+  // A model directory without a trainer state has no training count to report.
+  EXPECT_EQ(run_evaluation(c, w / "base").count("eval_num_tokens"), 0u);
+
+  // Resumed from step 4: the same counts as the uninterrupted run, whether the checkpoint recorded num_tokens or
+  // (an older checkpoint) not, when it is recounted from the data.
+  for (const bool recorded : {true, false}) {
+    SCOPED_TRACE(recorded ? "recorded" : "recounted");
+    TrainConfig part = c;
+    part.out_dir = w / (recorded ? "part_a" : "part_b");
+    fs::create_directories(fs::path(part.out_dir) / "checkpoints");
+    fs::copy(fs::path(c.out_dir) / "checkpoints" / "step-4", fs::path(part.out_dir) / "checkpoints" / "step-4");
+    const fs::path ckpt = fs::path(part.out_dir) / "checkpoints" / "step-4";
+    if (!recorded) {
+      auto st = nlohmann::json::parse(slurp((ckpt / "trainer_state.json").string()));
+      ASSERT_TRUE(st.contains("num_tokens"));
+      st.erase("num_tokens");
+      std::ofstream((ckpt / "trainer_state.json").string()) << st.dump(2) << "\n";
+      write_checksums(ckpt.string(), {"config.json", "model.safetensors", "optimizer.safetensors",
+                                      "trainer_state.json"});
+    }
+    RunOptions ro = quiet();
+    ro.resume = ckpt.string();
+    RunSummary b = run_training(part, RunKind::Dpo, ro);
+    ASSERT_EQ(b.steps, 6);
+    EXPECT_EQ(b.last_log.at("num_tokens"), last);
+    EXPECT_EQ(b.last_log.at("logits/chosen"), r.last_log.at("logits/chosen"));
+  }
 }
 
 }  // namespace

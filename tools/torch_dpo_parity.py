@@ -2,9 +2,10 @@
 """End-to-end parity of `dpo train` with a plain PyTorch implementation of the same DPO run.
 
 Both sides start from the same weights (a `dpo init` checkpoint, or --model DIR), see the same batches in the same
-order and take --steps optimizer steps; the script compares every step's loss, log-probs, rewards, gradient norm
-and learning rate (our metrics.jsonl, TRL names, logging_steps=1), the reference log-probs (our cache file) and the
-final weights (our last checkpoint), prints a table and PASS/FAIL, and writes a JSON report (--json).
+order and take --steps optimizer steps; the script compares every step's loss, log-probs, rewards, gradient norm,
+learning rate and TRL's logits/chosen, logits/rejected and num_tokens (our metrics.jsonl, TRL names,
+logging_steps=1), the reference log-probs (our cache file) and the final weights (our last checkpoint), prints a
+table and PASS/FAIL, and writes a JSON report (--json).
 Exit status: 0 pass, 1 fail (or our run failed), 2 bad usage.
 
   python3 tools/torch_dpo_parity.py --dpo build/dpo [--our-device cpu|cuda] [--device cpu|cuda]
@@ -95,11 +96,15 @@ EOS = 256  # the byte tokenizer's end-of-sequence id (train/tokenizer.h)
 # path (a compute copy not refreshed, a reference in the wrong precision, lost gradients, the data errors above:
 # warmup 5.8e-2, EOS 4e-3 in loss); a weight-decay group error lands near them (loss 2.8e-4 to 7e-4, rewards 6e-3
 # to 1.4e-2), which is why the fp32 comparison, which runs the same code, is the one for such errors.
+# logits (|ours - torch| of logits/chosen and logits/rejected, the mean logit over the vocabulary and the completion
+# positions; ~4e-3 for the dpo init model) and num_tokens (exact: a count). Measured on the defaults: logits 1.9e-8
+# (fp32), 2.3e-4 (bf16: each logit a bf16 rounding apart); the tolerances are 25x and 9x those. Counting the prompt
+# positions too (the PyTorch side's mask taken from the attention mask) moves fp32 logits to 4.7e-2.
 TOL = {
     "fp32": dict(loss=1e-5, logps_rel=1e-6, rewards=2e-5, grad_norm_rel=1e-5, weights_rel=1e-4, ref_rel=1e-6,
-                 lr_rel=1e-12),
+                 lr_rel=1e-12, logits=5e-7, num_tokens=0),
     "bf16": dict(loss=5e-4, logps_rel=1e-3, rewards=5e-3, grad_norm_rel=3e-2, weights_rel=4e-2, ref_rel=2e-4,
-                 lr_rel=1e-12),
+                 lr_rel=1e-12, logits=2e-3, num_tokens=0),
 }
 
 
@@ -239,13 +244,21 @@ def make_batch(pairs, idx, dev):
     return ids.to(dev), attn.to(dev), w.to(dev)
 
 
-def seq_logps(model, batch):
-    """Summed completion log-probs per row, float64 (log-softmax of the logits in float64)."""
+def seq_logps(model, batch, logit_stats=None):
+    """Summed completion log-probs per row, float64 (log-softmax of the logits in float64). With a list
+    `logit_stats`, appends (per-row sum over the completion positions of the mean logit over the vocabulary,
+    per-row completion token count) for TRL's logits/* metrics: TRL's logits[completion_mask.bool()].mean(-1),
+    taken here in float64 from the same logits."""
     ids, attn, w = batch
     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
     logp = torch.log_softmax(logits.double(), dim=-1)
     tok = torch.gather(logp, 2, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return (tok * w[:, :tok.shape[1]]).sum(-1)
+    mask = w[:, :tok.shape[1]]
+    if logit_stats is not None:
+        with torch.no_grad():
+            m = (mask != 0).double()
+            logit_stats.append(((logits.detach().double().mean(-1) * m).sum(-1), m.sum(-1)))
+    return (tok * mask).sum(-1)
 
 
 # --- the schedule of train/optim.h ----------------------------------------------------------------------------------
@@ -302,6 +315,7 @@ def torch_run(a, prec, init_dir, pairs, dev):
     pos, epoch = 0, 0
     order = epoch_order(N, a.seed, 0)
     steps = []
+    num_tokens = 0  # TRL's num_tokens: attention-mask tokens of every training row so far (prompt in both rows)
     for step in range(total):
         if pos >= N:
             epoch, pos = epoch + 1, 0
@@ -309,12 +323,16 @@ def torch_run(a, prec, init_dir, pairs, dev):
         items = min(per_step, N - pos)
         compute.zero_grad(set_to_none=True)
         master.zero_grad(set_to_none=True)
-        acc = dict(loss=0.0, rc=0.0, rr=0.0, acc=0.0, margin=0.0, lpc=0.0, lpr=0.0)
+        acc = dict(loss=0.0, rc=0.0, rr=0.0, acc=0.0, margin=0.0, lpc=0.0, lpr=0.0, lgc=0.0, lgr=0.0, tc=0.0, tr=0.0)
         for c in range((items + mb - 1) // mb):
             idx = order[pos + c * mb:pos + min(items, (c + 1) * mb)]
             P = len(idx)
-            lp = seq_logps(compute, make_batch(pairs, idx, dev))
+            batch = make_batch(pairs, idx, dev)
+            stats = []
+            lp = seq_logps(compute, batch, stats)
             pc, pr = lp[:P], lp[P:]
+            (lg_sum, lg_n), = stats
+            num_tokens += int(batch[1].sum().item())
             rc = torch.tensor([ref_c[i] for i in idx], dtype=torch.float64, device=dev)
             rr = torch.tensor([ref_r[i] for i in idx], dtype=torch.float64, device=dev)
             ch, rj = pc - rc, pr - rr
@@ -329,6 +347,10 @@ def torch_run(a, prec, init_dir, pairs, dev):
                 acc["margin"] += (wc - wr).sum().item()
                 acc["lpc"] += pc.sum().item()
                 acc["lpr"] += pr.sum().item()
+                acc["lgc"] += lg_sum[:P].sum().item()
+                acc["lgr"] += lg_sum[P:].sum().item()
+                acc["tc"] += lg_n[:P].sum().item()
+                acc["tr"] += lg_n[P:].sum().item()
         if prec == "bf16":
             for n in names:
                 mparams[n].grad = cparams[n].grad.float()
@@ -348,7 +370,10 @@ def torch_run(a, prec, init_dir, pairs, dev):
         steps.append({"step": step + 1, "loss": acc["loss"] / items, "rewards/chosen": acc["rc"] / items,
                       "rewards/rejected": acc["rr"] / items, "rewards/accuracies": acc["acc"] / items,
                       "rewards/margins": acc["margin"] / items, "logps/chosen": acc["lpc"] / items,
-                      "logps/rejected": acc["lpr"] / items, "grad_norm": norm, "learning_rate": lr})
+                      "logps/rejected": acc["lpr"] / items, "grad_norm": norm, "learning_rate": lr,
+                      "logits/chosen": acc["lgc"] / acc["tc"] if acc["tc"] > 0 else 0.0,
+                      "logits/rejected": acc["lgr"] / acc["tr"] if acc["tr"] > 0 else 0.0,
+                      "num_tokens": num_tokens})
     final = {k: v.detach().float().cpu().clone() for k, v in torch_gpt2.canonical_state(master).items()}
     init = {k: v.cpu() for k, v in init.items()}
     return dict(steps=steps, final=final, init=init, ref_chosen=ref_c, ref_rejected=ref_r,
@@ -405,7 +430,7 @@ def our_run(a, prec, init_dir, data, work):
 # --- comparison -----------------------------------------------------------------------------------------------------
 
 METRICS = ["loss", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected", "rewards/margins",
-           "rewards/accuracies", "grad_norm", "learning_rate"]
+           "rewards/accuracies", "grad_norm", "learning_rate", "logits/chosen", "logits/rejected", "num_tokens"]
 
 
 def split_null(state):
@@ -447,7 +472,8 @@ def compare(prec, ours, ref):
     """Largest differences over the steps, by quantity."""
     tol = TOL[prec]
     rows = []
-    m = dict(loss=0.0, logps_rel=0.0, rewards=0.0, grad_norm_rel=0.0, lr_rel=0.0, accuracies=0.0)
+    m = dict(loss=0.0, logps_rel=0.0, rewards=0.0, grad_norm_rel=0.0, lr_rel=0.0, accuracies=0.0, logits=0.0,
+             num_tokens=0.0)
     for o, t in zip(ours["steps"], ref["steps"]):
         if o.get("step") != t["step"]:
             raise RuntimeError(f"metrics.jsonl step {o.get('step')} where step {t['step']} was expected")
@@ -460,6 +486,9 @@ def compare(prec, ours, ref):
         m["grad_norm_rel"] = max(m["grad_norm_rel"], abs(d["grad_norm"]) / max(t["grad_norm"], 1e-30))
         m["lr_rel"] = max(m["lr_rel"], abs(d["learning_rate"]) / t["learning_rate"])
         m["accuracies"] = max(m["accuracies"], abs(d["rewards/accuracies"]))
+        for k in ("logits/chosen", "logits/rejected"):
+            m["logits"] = max(m["logits"], abs(d[k]))
+        m["num_tokens"] = max(m["num_tokens"], abs(d["num_tokens"]))
         rows.append((o, t))
     m["ref_rel"] = 0.0
     if "ref_chosen" in ours:
@@ -470,7 +499,7 @@ def compare(prec, ours, ref):
         m["ref_rel"] = float("nan")
     m["weights_rel"], m["weights_worst"], m["key_bias_rel"] = weight_diff(ours["final"], ref["final"], ref["init"])
     checks = {k: (m[k], tol[k], m[k] <= tol[k]) for k in ("loss", "logps_rel", "rewards", "grad_norm_rel", "lr_rel",
-                                                          "ref_rel", "weights_rel")}
+                                                          "ref_rel", "weights_rel", "logits", "num_tokens")}
     if len(ours["steps"]) != len(ref["steps"]):
         checks["steps"] = (len(ours["steps"]), len(ref["steps"]), False)
     return m, checks, rows

@@ -14,6 +14,7 @@
 #include <set>
 #include <sstream>
 
+#include "kernels/seq_stats.h"
 #include "model/checkpoint.h"
 #include "runtime/comm.h"
 #include "runtime/kernel_trace.h"
@@ -166,6 +167,9 @@ struct Position {
   int64_t step = 0;      // optimizer steps done
   int64_t epoch = 0;     // current epoch
   int64_t pos = 0;       // next index into this epoch's order
+  // TRL's num_tokens: the real (non-padding) tokens of every training sequence seen so far, all ranks (a pair's
+  // prompt counts in both of its rows); -1 after loading a checkpoint that did not record it (then recounted).
+  int64_t num_tokens = 0;
 };
 
 // m, v: all of the moments (host F32, [n_params]), gathered from the ranks' shards under ZeRO-1; weights: all of
@@ -198,6 +202,7 @@ void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW
              {"epoch", p.epoch},
              {"position", p.pos},
              {"optimizer_step", opt.step_count()},
+             {"num_tokens", p.num_tokens},
              {"train_file_sha256", train_sha256},
              {"config", config_yaml},
              {"format", kCheckpointFormat}};
@@ -271,7 +276,31 @@ Position load_checkpoint(const std::string& dir, GPT2& model, AdamW& opt, const 
   p.step = st["step"].get<int64_t>();
   p.epoch = st["epoch"].get<int64_t>();
   p.pos = st["position"].get<int64_t>();
+  p.num_tokens = st.contains("num_tokens") && st["num_tokens"].is_number_integer() ? st["num_tokens"].get<int64_t>()
+                                                                                  : -1;
   return p;
+}
+
+// num_tokens at position p, recounted from the data (for a checkpoint that did not record it): every epoch before
+// p.epoch saw each item once, and p.epoch the first p.pos items of its order. item_tokens[i]: item i's tokens.
+int64_t count_tokens_before(const std::vector<int64_t>& item_tokens, uint64_t seed, const Position& p) {
+  int64_t all = 0;
+  for (int64_t t : item_tokens) all += t;
+  const int64_t n = static_cast<int64_t>(item_tokens.size());
+  const std::vector<int64_t> order = epoch_order(n, seed, p.epoch);
+  int64_t sum = p.epoch * all;
+  for (int64_t i = 0; i < std::min(p.pos, n); ++i) sum += item_tokens[static_cast<size_t>(order[i])];
+  return sum;
+}
+
+// TRL's num_tokens of a training checkpoint (its trainer_state.json), or -1 when it has none (an HF model
+// directory, dpo init, a checkpoint that predates the field). Read after the checkpoint was verified.
+int64_t checkpoint_num_tokens(const std::string& dir) {
+  std::ifstream f(fs::path(dir) / "trainer_state.json");
+  if (!f) return -1;
+  const json st = json::parse(f, nullptr, /*allow_exceptions=*/false);
+  if (!st.is_object() || !st.contains("num_tokens") || !st["num_tokens"].is_number_integer()) return -1;
+  return st["num_tokens"].get<int64_t>();
 }
 
 // Drops metrics records logged after `step` (they belong to the interrupted run's future), atomically.
@@ -292,19 +321,32 @@ void truncate_metrics(const std::string& path, int64_t step) {
   write_file_atomic(path, kept);
 }
 
-// Sums of per-pair quantities over a logging window.
+// Sums of per-pair quantities over a logging window. lgc / lgr: the mean logit over the vocabulary, summed over
+// the chosen / rejected completion tokens; tc / tr: those tokens (TRL's logits/* is their ratio).
 struct Window {
-  double pairs = 0, loss = 0, rc = 0, rr = 0, acc = 0, margin = 0, lpc = 0, lpr = 0, tokens = 0, seconds = 0;
-  static constexpr int64_t kSums = 9;  // the fields that are summed over ranks (not seconds: rank 0's clock)
+  double pairs = 0, loss = 0, rc = 0, rr = 0, acc = 0, margin = 0, lpc = 0, lpr = 0, tokens = 0, lgc = 0, lgr = 0,
+         tc = 0, tr = 0, seconds = 0;
+  static constexpr int64_t kSums = 13;  // the fields that are summed over ranks (not seconds: rank 0's clock)
   Tensor sums() const {
     Tensor t = Tensor::host({kSums}, DType::F64);
-    const std::array<double, kSums> v = {pairs, loss, rc, rr, acc, margin, lpc, lpr, tokens};
+    const std::array<double, kSums> v = {pairs, loss, rc, rr, acc, margin, lpc, lpr, tokens, lgc, lgr, tc, tr};
     std::copy(v.begin(), v.end(), t.data<double>());
     return t;
   }
   void set_sums(const Tensor& t) {
     const double* v = t.data<double>();
     pairs = v[0], loss = v[1], rc = v[2], rr = v[3], acc = v[4], margin = v[5], lpc = v[6], lpr = v[7], tokens = v[8];
+    lgc = v[9], lgr = v[10], tc = v[11], tr = v[12];
+  }
+  // The policy's per-sequence statistics of a preference batch of P pairs (rows 0..P-1 chosen, P..2P-1 rejected;
+  // [2P * kSeqStatsWidth], kernels/seq_stats.h) for vocabulary size V: sum over a row's completion positions of
+  // sum_v logits / V is the sum of the per-position means over the vocabulary that TRL takes.
+  void add_logits(const std::vector<double>& stats, int64_t P, int64_t V) {
+    for (int64_t r = 0; r < 2 * P; ++r) {
+      const double* st = stats.data() + r * kSeqStatsWidth;
+      (r < P ? lgc : lgr) += st[kSeqLogitSum] / static_cast<double>(V);
+      (r < P ? tc : tr) += st[kSeqTokens];
+    }
   }
   void add(const BatchLoss& b) {
     pairs += static_cast<double>(b.pairs);
@@ -317,10 +359,13 @@ struct Window {
   }
   std::map<std::string, double> dpo_metrics(const std::string& prefix) const {
     const double n = std::max(pairs, 1.0);
+    // TRL: 0 when there is no completion token (never the case with the data loaders' checks).
+    auto per_token = [](double sum, double count) { return count > 0 ? sum / count : 0.0; };
     return {{prefix + "loss", loss / n},           {prefix + "rewards/chosen", rc / n},
             {prefix + "rewards/rejected", rr / n}, {prefix + "rewards/accuracies", acc / n},
             {prefix + "rewards/margins", margin / n}, {prefix + "logps/chosen", lpc / n},
-            {prefix + "logps/rejected", lpr / n}};
+            {prefix + "logps/rejected", lpr / n}, {prefix + "logits/chosen", per_token(lgc, tc)},
+            {prefix + "logits/rejected", per_token(lgr, tr)}};
   }
 };
 
@@ -403,16 +448,26 @@ void test_fail_hook(int rank, int64_t step) {
               ": test hook failure on rank " + std::to_string(rank) + " in step " + std::to_string(step));
 }
 
-// Policy log-probs of a batch; rows 0..P-1 chosen, P..2P-1 rejected.
-std::vector<double> policy_logps(GPT2& m, const Batch& b) {
+// Policy log-probs of a batch; rows 0..P-1 chosen, P..2P-1 rejected. With `stats`, also the per-sequence
+// statistics of the same pass ([2P * kSeqStatsWidth] host doubles, kernels/seq_stats.h).
+std::vector<double> policy_logps(GPT2& m, const Batch& b, std::vector<double>* stats = nullptr) {
   DPO_PHASE("forward + log-probs");
-  return sequence_logps(m, b);
+  if (!stats) return sequence_logps(m, b);
+  Backend& be = m.backend();
+  const int64_t R = b.tokens.size(0);
+  Tensor seq = be.empty({R}, grad_dtype(m.dtype())), st = be.empty({R, kSeqStatsWidth}, grad_dtype(m.dtype()));
+  m.score(to_backend(be, b.tokens), to_backend(be, b.keymask), to_backend(be, b.targets), to_backend(be, b.weights),
+          seq, st);
+  *stats = to_host_f64(be, st);
+  return to_host_f64(be, seq);
 }
 
 // The policy's training pass over one batch: the fused forward (chunked LM head; `grad` turns each chunk's
-// log-probs into dL/dlog-prob, see GPT2::LossHead), then the rest of the backward. Returns the log-probs.
+// log-probs into dL/dlog-prob, see GPT2::LossHead), then the rest of the backward. Returns the log-probs, and in
+// `stats` (when non-null) the per-sequence statistics of the same pass.
 std::vector<double> policy_train_pass(GPT2& m, const Batch& b, int64_t pair_stride,
-                                      const decltype(GPT2::LossHead::grad)& grad) {
+                                      const decltype(GPT2::LossHead::grad)& grad,
+                                      std::vector<double>* stats = nullptr) {
   Backend& be = m.backend();
   GPT2::LossHead head;
   head.pair_stride = pair_stride;
@@ -421,7 +476,7 @@ std::vector<double> policy_train_pass(GPT2& m, const Batch& b, int64_t pair_stri
   {
     DPO_PHASE("forward + log-probs + LM-head backward");
     lp = m.fused_forward(to_backend(be, b.tokens), to_backend(be, b.keymask), to_backend(be, b.targets),
-                         to_backend(be, b.weights), head);
+                         to_backend(be, b.weights), head, stats);
   }
   {
     DPO_PHASE("backward");
@@ -455,10 +510,11 @@ std::vector<PairInput> pair_inputs(const Batch& b, const std::vector<double>& po
   return in;
 }
 
-// Batches of batch_pairs pairs, contiguous runs of batches per rank; sums folded in batch order.
+// Batches of batch_pairs pairs, contiguous runs of batches per rank; sums folded in batch order. num_tokens: the
+// training tokens so far, reported as eval_num_tokens (TRL); < 0 leaves it out.
 std::map<std::string, double> evaluate(Communicator& comm, GPT2& policy, GPT2* live_ref, const RefLogps* cached,
                                        const std::vector<PreferencePair>& data, const LossConfig& lc,
-                                       int64_t batch_pairs) {
+                                       int64_t batch_pairs, int64_t num_tokens) {
   const int64_t n = static_cast<int64_t>(data.size());
   const auto [c0, c1] = shard((n + batch_pairs - 1) / batch_pairs, comm.size(), comm.rank());
   std::vector<Window> chunks;
@@ -466,17 +522,21 @@ std::map<std::string, double> evaluate(Communicator& comm, GPT2& policy, GPT2* l
     std::vector<int64_t> idx;
     for (int64_t i = c * batch_pairs; i < std::min(n, (c + 1) * batch_pairs); ++i) idx.push_back(i);
     Batch b = make_batch(data, idx, grad_dtype(policy.dtype()), 0);
-    std::vector<double> pol = policy_logps(policy, b), live;
+    std::vector<double> stats;
+    std::vector<double> pol = policy_logps(policy, b, &stats), live;
     if (live_ref) live = policy_logps(*live_ref, b);
     BatchLoss bl = batch_loss(lc, pair_inputs(b, pol, idx, cached, live_ref ? &live : nullptr), 1.0);
     Window cw;
     cw.add(bl);
+    cw.add_logits(stats, b.pairs, policy.config().vocab_size);
     cw.loss += bl.loss_sum;
     chunks.push_back(cw);
   }
   Window w;
   fold_window(comm, w, chunks);
-  return w.dpo_metrics("eval_");
+  auto m = w.dpo_metrics("eval_");
+  if (num_tokens >= 0) m["eval_num_tokens"] = static_cast<double>(num_tokens);
+  return m;
 }
 
 std::string fmt(double v) {
@@ -690,6 +750,13 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   if (!ro.resume.empty()) {
     const std::string dir = resolve_resume(ro.resume, cfg.out_dir);
     p = load_checkpoint(dir, *policy, opt, cfg, train_sha256);  // on every rank
+    if (p.num_tokens < 0) {  // a checkpoint without num_tokens: recount the training tokens before it
+      std::vector<int64_t> item_tokens;
+      for (const auto& x : pairs)
+        item_tokens.push_back(static_cast<int64_t>(2 * x.prompt.size() + x.chosen.size() + x.rejected.size()));
+      for (const auto& x : sft) item_tokens.push_back(static_cast<int64_t>(x.prompt.size() + x.completion.size()));
+      p.num_tokens = count_tokens_before(item_tokens, static_cast<uint64_t>(cfg.seed), p);
+    }
     say("resumed from " + dir + " at step " + std::to_string(p.step));
   }
   // ZeRO-1 in bf16: each rank keeps only its range of the F32 master weights (after any resume, which loads all
@@ -728,7 +795,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     if (eval_pairs.empty()) return;
     DPO_PHASE("evaluation");
     eval_metrics = evaluate(comm, *policy, cached ? nullptr : ref.get(), cached ? &ref_eval : nullptr, eval_pairs,
-                            lc, cfg.per_device_eval_batch_size);
+                            lc, cfg.per_device_eval_batch_size, p.num_tokens);
     if (log) log->write(p.step, eval_metrics);
     say("eval step " + std::to_string(p.step) + ": loss " + fmt(eval_metrics["eval_loss"]) + ", accuracy " +
         fmt(eval_metrics["eval_rewards/accuracies"]) + ", margin " + fmt(eval_metrics["eval_rewards/margins"]));
@@ -857,14 +924,18 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
         // Per chunk of pairs: the pairs' losses and gradients (the same per-pair values as one batch_loss call
         // over the whole micro-batch; the metrics below come from that call).
         std::vector<PairInput> in = pair_inputs(b, std::vector<double>(static_cast<size_t>(2 * P), 0.0), idx, cref, lref);
+        std::vector<double> stats;
         const std::vector<double> pol = policy_train_pass(
-            *policy, b, P, [&](int64_t q0, int64_t q1, const std::vector<double>& lp, std::vector<double>& d) {
+            *policy, b, P,
+            [&](int64_t q0, int64_t q1, const std::vector<double>& lp, std::vector<double>& d) {
               pair_chunk_grads(lc, in, q0, q1, lp, normalizer, d);
-            });
+            },
+            &stats);
         BatchLoss bl = batch_loss(lc, pair_inputs(b, pol, idx, cref, lref), normalizer);
         accumulate();
         Window cw;
         cw.add(bl);
+        cw.add_logits(stats, P, policy->config().vocab_size);
         cw.loss += bl.loss_sum;
         cw.tokens += static_cast<double>(b.tokens_total);
         chunks.push_back(cw);
@@ -887,7 +958,10 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
         comm.ordered_fold(grad, stash);
       }
       // With the metrics, every rank's stop request: all ranks stop after the same step.
+      const double tokens_before = w.tokens;
       stop_sig = fold_window_and_stop(comm, w, chunks, StopSignals::pending());
+      // Exact: token counts are integers far below 2^53, so the window's sums of them are too.
+      p.num_tokens += static_cast<int64_t>(w.tokens - tokens_before);
     }
     if (kind == RunKind::Sft) w.pairs += sft_norm_tokens;  // SFT's loss is per completion token
     AdamW::StepInfo info = [&] {
@@ -952,6 +1026,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       m["learning_rate"] = w_lr;
       m["epoch"] = static_cast<double>(p.epoch) + static_cast<double>(p.pos) / static_cast<double>(N);
       m["tokens_per_second"] = tps;
+      m["num_tokens"] = static_cast<double>(p.num_tokens);
       if (w_skipped > 0) m["skipped_steps"] = static_cast<double>(w_skipped);  // skipped steps in this window
       if (log) log->write(p.step, m);
       sum.last_log = m;
@@ -1031,7 +1106,10 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
     ref->set_logits_chunk_rows(cfg.logits_chunk_rows);
   }
   const auto t0 = std::chrono::steady_clock::now();
-  auto metrics = evaluate(comm, *policy, ref.get(), nullptr, data, lc, cfg.per_device_eval_batch_size);
+  // eval_num_tokens: the training tokens the checkpoint's run had seen (TRL reports the trainer's count), when
+  // its trainer_state.json records them.
+  auto metrics = evaluate(comm, *policy, ref.get(), nullptr, data, lc, cfg.per_device_eval_batch_size,
+                          checkpoint_num_tokens(checkpoint));
   if (report) {
     report->pairs = static_cast<int64_t>(data.size());
     report->truncated = st.truncated;

@@ -454,27 +454,31 @@ void CudaBackend::residual_backward(const Tensor& da, const Tensor& db, const Te
   });
 }
 
-void CudaBackend::logprob_forward(const Tensor& seq_logp, const Tensor& token_logp, const Tensor& logits,
-                                  const Tensor& targets, const Tensor& weights, int64_t V) {
+void CudaBackend::logprob_forward(const LogprobOutputs& out, const Tensor& logits, const Tensor& targets,
+                                  const Tensor& weights, int64_t V) {
   const DType A = check_activation(logits, "logprob logits");
   const DType G = grad_dtype(A);
   check_i32(targets, "logprob targets");
   check_is(weights, G, "logprob weights");
-  check_is(seq_logp, G, "logprob seq_logp");
+  check_is(out.seq_logp, G, "logprob seq_logp");
   DPO_ASSERT(logits.dim() == 3, "logprob logits must be [B,T,ld], got " + shape_str(logits.shape()));
   DPO_ASSERT(V >= 1, "logprob: the vocabulary width V must be >= 1, got " + std::to_string(V));
   const int64_t B = logits.size(0), T = logits.size(1), ld = check_row_stride(logits, V, "logprob logits");
   check_shape(targets, {B, T}, "logprob targets");
   check_shape(weights, {B, T}, "logprob weights");
-  check_shape(seq_logp, {B}, "logprob seq_logp");
-  if (token_logp.defined()) {
-    check_is(token_logp, G, "logprob token_logp");
-    check_shape(token_logp, {B, T}, "logprob token_logp");
+  check_shape(out.seq_logp, {B}, "logprob seq_logp");
+  if (out.token_logp.defined()) {
+    check_is(out.token_logp, G, "logprob token_logp");
+    check_shape(out.token_logp, {B, T}, "logprob token_logp");
+  }
+  if (out.seq_stats.defined()) {
+    check_is(out.seq_stats, G, "logprob seq_stats");
+    check_shape(out.seq_stats, {B, kSeqStatsWidth}, "logprob seq_stats");
   }
   with_storage(A, [&](auto z) {
     using S = decltype(z);
-    cuda::logprob_forward(*ctx_, f32(seq_logp), opt_ptr<float>(token_logp), ptr<S>(logits), targets.data<int32_t>(),
-                          f32(weights), B, T, V, ld);
+    cuda::logprob_forward(*ctx_, f32(out.seq_logp), opt_ptr<float>(out.token_logp), opt_ptr<float>(out.seq_stats),
+                          ptr<S>(logits), targets.data<int32_t>(), f32(weights), B, T, V, ld);
   });
 }
 

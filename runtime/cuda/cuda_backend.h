@@ -87,8 +87,8 @@ class CudaBackend final : public Backend {
   // Padded logits [B,T,ld] (runtime/backend.h, "Padded rows"): only columns [0, V) are read or written.
   using Backend::logprob_backward;
   using Backend::logprob_forward;
-  void logprob_forward(const Tensor& seq_logp, const Tensor& token_logp, const Tensor& logits, const Tensor& targets,
-                       const Tensor& weights, int64_t V) override;
+  void logprob_forward(const LogprobOutputs& out, const Tensor& logits, const Tensor& targets, const Tensor& weights,
+                       int64_t V) override;
   void logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets, const Tensor& weights,
                         const Tensor& dseq, int64_t V) override;
 
