@@ -12,6 +12,7 @@
 #include "kernels/matmul.h"
 #include "kernels/residual.h"
 #include "runtime/backend.h"
+#include "runtime/blas_info.h"
 #include "runtime/safetensors.h"
 
 namespace dpo {
@@ -531,6 +532,12 @@ class CpuBackend final : public Backend {
     std::memcpy(dst.raw(), c.raw(), static_cast<size_t>(c.nbytes()));
   }
 };
+
+// Before main() of every program that links the CPU backend, hence before any GEMM: OpenBLAS chose its kernels
+// when it was loaded (before this runs); a choice that does not fit the CPU is fixed by restarting the process
+// with OPENBLAS_CORETYPE set, or reported (runtime/blas_info.h). A constructor, not a call in main(), so that the
+// test programs (GoogleTest's main) get the same fix as the dpo CLI.
+__attribute__((constructor)) void check_blas_core_before_main() { fix_blas_core_at_startup(); }
 
 }  // namespace
 

@@ -24,6 +24,7 @@
 #endif
 
 #include "runtime/backend.h"
+#include "runtime/blas_info.h"
 #include "runtime/error.h"
 #include "runtime/kernel_trace.h"
 #include "runtime/rng.h"
@@ -416,6 +417,8 @@ json run_bench(const BenchOptions& o) {
   r["device"] = o.device;
   r["backend"] = be->name();
   r["threads"] = {{"requested", o.threads}, {"used", cuda ? json(nullptr) : json(threads_used)}};
+  // The kernels the CPU backend's GEMMs ran (runtime/blas_info.h); a CUDA run's GEMMs are cuBLAS's.
+  r["cpu_kernels"] = cuda ? json(nullptr) : current_kernel_set().to_json();
   r["dtype"] = o.precision == "bf16" ? "BF16 (F32 master weights, gradients, optimizer state)" : "F32";
   r["precision"] = o.precision;
   r["seed"] = o.seed;
@@ -533,6 +536,14 @@ std::string format_bench_table(const json& r) {
                        std::to_string(w["rejected_len"].get<int64_t>()) + "; exact lengths)");
   line("device", r["device"].get<std::string>() + " / " + r["backend"].get<std::string>() + ", threads " +
                      (r["threads"]["used"].is_null() ? std::string("n/a") : r["threads"]["used"].dump()));
+  if (r.contains("cpu_kernels") && r["cpu_kernels"].is_object()) {
+    const auto& k = r["cpu_kernels"];
+    line("cpu kernels", k["id"].get<std::string>() + " (" + k["core_origin"].get<std::string>() + "; core " +
+                            k["core_fit"].get<std::string>() + ")");
+    line("cpu", k["cpu_brand"].get<std::string>() + " (" + k["cpu_vendor"].get<std::string>() + " family " +
+                    std::to_string(k["cpu_family"].get<int>()) + " model " + std::to_string(k["cpu_model"].get<int>()) +
+                    "), " + k["cpu_simd_level"].get<std::string>() + ": " + k["cpu_features"].get<std::string>());
+  }
   line("reference", r["reference"].get<std::string>());
   line("pairs / rows", std::to_string(r["pairs"].get<int64_t>()) + " / " + std::to_string(r["rows"].get<int64_t>()) +
                            ", padded T " + std::to_string(r["padded_len"].get<int64_t>()));

@@ -16,6 +16,7 @@
 
 #include "kernels/seq_stats.h"
 #include "model/checkpoint.h"
+#include "runtime/blas_info.h"
 #include "runtime/comm.h"
 #include "runtime/kernel_trace.h"
 #include "runtime/safetensors.h"
@@ -170,13 +171,14 @@ struct Position {
   // TRL's num_tokens: the real (non-padding) tokens of every training sequence seen so far, all ranks (a pair's
   // prompt counts in both of its rows); -1 after loading a checkpoint that did not record it (then recounted).
   int64_t num_tokens = 0;
+  json cpu_kernels;      // read from a checkpoint: the kernel set that wrote it (null: a GPU run, or older)
 };
 
 // m, v: all of the moments (host F32, [n_params]), gathered from the ranks' shards under ZeRO-1; weights: all of
 // the master weights (host) when the model's are sharded, else undefined (taken from the model).
 void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW& opt, const Tensor& m,
                       const Tensor& v, const Tensor& weights, const Position& p, const std::string& config_yaml,
-                      const std::string& train_sha256, int64_t save_total_limit) {
+                      const std::string& train_sha256, int64_t save_total_limit, const json& cpu_kernels) {
   const fs::path root = fs::path(out_dir) / "checkpoints";
   const std::string name = "step-" + std::to_string(p.step);
   const fs::path final_dir = root / name;
@@ -206,6 +208,7 @@ void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW
              {"train_file_sha256", train_sha256},
              {"config", config_yaml},
              {"format", kCheckpointFormat}};
+  if (!cpu_kernels.is_null()) st["cpu_kernels"] = cpu_kernels;  // optional: CPU runs only
   write_file_atomic((tmp / "trainer_state.json").string(), st.dump(2) + "\n");
   std::vector<std::string> files = {"config.json", "model.safetensors", "optimizer.safetensors",
                                     "trainer_state.json"};
@@ -278,6 +281,7 @@ Position load_checkpoint(const std::string& dir, GPT2& model, AdamW& opt, const 
   p.pos = st["position"].get<int64_t>();
   p.num_tokens = st.contains("num_tokens") && st["num_tokens"].is_number_integer() ? st["num_tokens"].get<int64_t>()
                                                                                   : -1;
+  if (st.contains("cpu_kernels") && st["cpu_kernels"].is_object()) p.cpu_kernels = st["cpu_kernels"];
   return p;
 }
 
@@ -593,6 +597,11 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
                      " already holds checkpoints of a run; pass --resume latest to continue it, or choose another "
                      "out_dir");
   const std::string config_yaml = to_yaml(cfg);
+  // The CPU backend's GEMM kernels (runtime/blas_info.h): in the log's header and every checkpoint's trainer state.
+  const KernelSet kernels = current_kernel_set();
+  const bool on_cpu = be->device().kind == DeviceKind::CPU;
+  const json cpu_kernels = on_cpu ? kernels.to_json() : json();
+  if (on_cpu) say("cpu kernels: " + kernels.summary());
 
   auto policy = load_verified_model(*be, cfg.model, model_dtype(cfg));
   check_fits(cfg, *policy, *tok, cfg.model);
@@ -737,6 +746,14 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     }
     return mv;
   };
+  if (n_ranks > 1 && on_cpu) {
+    const std::vector<std::string> sets = kernel_sets_across_ranks(comm, kernels.id());  // collective
+    std::string list;
+    for (const auto& k : sets) list += "\n  " + k;
+    if (!sets.empty())
+      say("warning: the ranks run different CPU GEMM kernels (results are not bit-identical to a run on one kernel "
+          "set; docs/performance.md, \"BLAS kernels\"):" + list);
+  }
   if (n_ranks > 1) {
     say("data parallel: " + std::to_string(n_ranks) + " ranks (" + comm.name() + "), " + std::to_string(per_step) +
         " pairs per step in micro-batches of " + std::to_string(mb));
@@ -758,6 +775,10 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       p.num_tokens = count_tokens_before(item_tokens, static_cast<uint64_t>(cfg.seed), p);
     }
     say("resumed from " + dir + " at step " + std::to_string(p.step));
+    if (on_cpu && p.cpu_kernels.is_object() && p.cpu_kernels.value("id", "") != kernels.id())
+      say("warning: the checkpoint was written with CPU GEMM kernels " + p.cpu_kernels.value("id", "?") +
+          ", this run has " + kernels.id() + ": the resumed run rounds differently, so it is not bit-identical to "
+          "an uninterrupted one (docs/performance.md, \"BLAS kernels\")");
   }
   // ZeRO-1 in bf16: each rank keeps only its range of the F32 master weights (after any resume, which loads all
   // of them); after each update the ranks' bf16 compute copies of their ranges are all-gathered.
@@ -811,7 +832,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       be->copy_to_host(weights, tmp);
     }
     if (lead) write_checkpoint(cfg.out_dir, *policy, opt, m, v, weights, p, config_yaml, train_sha256,
-                                cfg.save_total_limit);
+                                cfg.save_total_limit, cpu_kernels);
     CollectiveTimeoutPause writing;  // the others wait for rank 0's disk, however slow
     comm.barrier();  // no rank runs ahead of a checkpoint it might be asked to resume from
     last_saved = p.step;
