@@ -13,9 +13,13 @@
 //   (decoupled weight decay, Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019).
 //   param, m, v are read and written in place (+= style state, not "="); grad is read only. No two of param, grad,
 //   m, v may alias. Elementwise, so the result does not depend on the thread count.
-//   Precision: the CPU twin keeps m and v in the parameters' type T and does each element's arithmetic in double
-//   (ATen's opmath for float is float, so a float run differs from PyTorch's by float round-off only). The CUDA
-//   kernel will keep m and v in fp32 whatever the parameters' type, with fp32 arithmetic; it shares AdamWParams.
+//   Precision: the CPU twin keeps m and v in the parameters' type T and does each element's arithmetic in T, as
+//   ATen does (its opmath type is float for float and double for double): the step's scalars (1 - lr * wd,
+//   -lr / bc1, sqrt(bc2), 1 - beta1, beta2, 1 - beta2, eps, grad_scale) are computed in double, as the Python
+//   optimizer computes them, and converted to T once; then every operation above is one rounding in T, in the order
+//   written, with no fused multiply-add (so a float run is the same on every x86-64 CPU; it differs from PyTorch's
+//   float AdamW by float round-off only where ATen's vectorised kernels fuse a multiply-add, as its lerp does). The CUDA kernel keeps m and v in fp32
+//   whatever the parameters' type, with fp32 arithmetic; it shares AdamWParams.
 //
 // adamw_update_segments: the same step over the segments segs[0, n_segs) of flat arrays of n elements, the
 //   multi-tensor form (one call, one CUDA launch, for all of a model's parameters). Segment k covers elements
@@ -28,10 +32,10 @@
 //
 // adamw_dry_run_segments: the numerical guard of adamw_update_segments, read only. It computes every value the
 //   update with the same arguments would write (param, m and v of every segment element, rounded to T exactly as the
-//   update rounds them: the two share one element function, so the values are bitwise the same) and returns
+//   update rounds them: the two call one compiled block function, so the values are bitwise the same) and returns
 //   AdamWCheck::NonFinite when any of them would be NaN or +-Inf, AllFinite otherwise. Nothing is written. A
 //   non-finite input (param, grad, m or v) yields a non-finite output, and so do overflows: lr * update beyond the
-//   type's range, v = (1 - beta2) * g^2 past it, a float rounding of a double that no longer fits. The flag is an
+//   type's range, v = (1 - beta2) * g^2 past it, g * grad_scale or any intermediate past it. The flag is an
 //   OR over elements, so it does not depend on the thread count.
 //   Why a separate read-only pass and not a flag from the update itself: a step that produced a non-finite value
 //   must leave param, m and v bit-identical to before it, and AdamW cannot be undone in floating point; keeping a

@@ -1,4 +1,6 @@
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -33,78 +35,127 @@ namespace dpo::cpu {
 
 namespace {
 
-// ATen's lerp (aten/src/ATen/native/Lerp.h): two branches so that weight 0 and weight 1 both give exact ends.
-inline double lerp(double self, double end, double weight) {
-  return std::fabs(weight) < 0.5 ? self + weight * (end - self) : end - (end - self) * (1.0 - weight);
-}
-
-// Scalars as torch.optim.AdamW computes them in Python (double): _single_tensor_adam.
+// The scalars of one step, computed in double as torch.optim.AdamW computes them in Python (_single_tensor_adam),
+// then converted to the arithmetic type A once, as ATen converts a Python scalar to a float tensor's opmath type
+// (float for float, double for double) before the elementwise kernel runs.
+template <class A>
 struct Scalars {
-  double decay, step_size, bias_correction2_sqrt, w1, w2, beta2, eps, gs;
+  A decay, neg_step_size, bias_correction2_sqrt, w1, one, w2, beta2, eps, gs;
+  bool small_w1;  // ATen's lerp branch, uniform over the tensor: |1 - beta1| < 0.5
   explicit Scalars(const AdamWParams& p) {
-    decay = 1.0 - p.lr * p.weight_decay;
     const double bias_correction1 = 1.0 - std::pow(p.beta1, static_cast<double>(p.step));
     const double bias_correction2 = 1.0 - std::pow(p.beta2, static_cast<double>(p.step));
-    step_size = p.lr / bias_correction1;
-    bias_correction2_sqrt = std::sqrt(bias_correction2);
-    w1 = 1.0 - p.beta1;
-    w2 = 1.0 - p.beta2;
-    beta2 = p.beta2;
-    eps = p.eps;
-    gs = p.grad_scale;
+    decay = static_cast<A>(1.0 - p.lr * p.weight_decay);
+    neg_step_size = static_cast<A>(-(p.lr / bias_correction1));
+    bias_correction2_sqrt = static_cast<A>(std::sqrt(bias_correction2));
+    w1 = static_cast<A>(1.0 - p.beta1);
+    one = A(1);
+    w2 = static_cast<A>(1.0 - p.beta2);
+    beta2 = static_cast<A>(p.beta2);
+    eps = static_cast<A>(p.eps);
+    gs = static_cast<A>(p.grad_scale);
+    small_w1 = std::fabs(1.0 - p.beta1) < 0.5;
   }
 };
 
-// The new values of element i, rounded to T. The update writes them; the dry run only tests them. One function for
-// both, so the dry run sees bitwise the values the update would store.
+// Elements per block: the block's new values go to three stack buffers of this size (in L1) before they are
+// stored (update) or tested (dry run).
+constexpr int64_t kAdamWBlock = 512;
+
+// The new values of elements [0, n) (n <= kAdamWBlock), in T's own arithmetic (float for float, double for
+// double), in torch.optim.AdamW's order of operations (kernels/adamw.h). The update and the dry run both call this
+// one function, never inlined, so the values the dry run tests are bitwise those the update stores: one piece of
+// machine code computes them. The outputs are distinct buffers (restrict), so the loop vectorises; the lerp branch
+// is uniform, so each branch is its own loop. No fused multiply-add: the baseline x86-64 target has none, and the
+// file does not enable one, so every operation is one IEEE rounding whatever the CPU.
 template <class T>
-inline void adamw_values(const T* param, const T* grad, const T* m, const T* v, int64_t i, const Scalars& s, T& x_out,
-                         T& m_out, T& v_out) {
-  const double g = static_cast<double>(grad[i]) * s.gs;
-  double x = static_cast<double>(param[i]) * s.decay;        // param.mul_(1 - lr * weight_decay)
-  const double mi = lerp(static_cast<double>(m[i]), g, s.w1);  // exp_avg.lerp_(grad, 1 - beta1)
-  double vi = static_cast<double>(v[i]) * s.beta2;             // exp_avg_sq.mul_(beta2)
-  vi = vi + s.w2 * g * g;                                      //   .addcmul_(grad, grad, value=1 - beta2)
-  const double denom = std::sqrt(vi) / s.bias_correction2_sqrt + s.eps;
-  x = x + (-s.step_size) * mi / denom;  // param.addcdiv_(exp_avg, denom, value=-step_size)
-  x_out = static_cast<T>(x);
-  m_out = static_cast<T>(mi);
-  v_out = static_cast<T>(vi);
+__attribute__((noinline)) void adamw_block(const T* __restrict param, const T* __restrict grad,
+                                           const T* __restrict m, const T* __restrict v, int64_t n,
+                                           const Scalars<T>& s, T* __restrict x_out, T* __restrict m_out,
+                                           T* __restrict v_out) {
+  const T decay = s.decay, nss = s.neg_step_size, bc2s = s.bias_correction2_sqrt, w1 = s.w1, one = s.one,
+          w2 = s.w2, beta2 = s.beta2, eps = s.eps, gs = s.gs;
+  // ATen's lerp (aten/src/ATen/native/Lerp.h): two branches so that weight 0 and weight 1 both give exact ends.
+  if (s.small_w1) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T g = grad[i] * gs;                       // grad.mul_(clip_coef), clipping's own float multiply
+      const T x = param[i] * decay;                   // param.mul_(1 - lr * weight_decay)
+      const T mi = m[i] + w1 * (g - m[i]);            // exp_avg.lerp_(grad, 1 - beta1)
+      const T vi = v[i] * beta2 + w2 * g * g;         // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1-beta2)
+      const T denom = std::sqrt(vi) / bc2s + eps;     // (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+      x_out[i] = x + nss * mi / denom;                // param.addcdiv_(exp_avg, denom, value=-step_size)
+      m_out[i] = mi;
+      v_out[i] = vi;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const T g = grad[i] * gs;
+      const T x = param[i] * decay;
+      const T mi = g - (g - m[i]) * (one - w1);
+      const T vi = v[i] * beta2 + w2 * g * g;
+      const T denom = std::sqrt(vi) / bc2s + eps;
+      x_out[i] = x + nss * mi / denom;
+      m_out[i] = mi;
+      v_out[i] = vi;
+    }
+  }
 }
 
-// 1 when x is NaN or +-Inf. std::isfinite is exact here: the build does not use -ffast-math.
+// 1 when any of a[0, n) is NaN or +-Inf: x - x is 0 for every finite x and NaN otherwise (exact: the build does
+// not use -ffast-math), written so that the OR vectorises.
 template <class T>
-inline int non_finite(T x) {
-  return std::isfinite(x) ? 0 : 1;
-}
-
-// 1 when any element of [0, n) would get a non-finite value (an OR reduced in the loop; the order is irrelevant).
-template <class T>
-int adamw_dry_run(const T* param, const T* grad, const T* m, const T* v, int64_t n, const AdamWParams& p) {
-  const Scalars s(p);
+inline int any_non_finite(const T* __restrict a, int64_t n) {
   int bad = 0;
-#pragma omp parallel for schedule(static) reduction(| : bad) if (n > 65536)
+#pragma omp simd reduction(| : bad)
   for (int64_t i = 0; i < n; ++i) {
-    T x, mi, vi;
-    adamw_values(param, grad, m, v, i, s, x, mi, vi);
-    bad |= non_finite(x) | non_finite(mi) | non_finite(vi);
+    const T d = a[i] - a[i];
+    bad |= d != d ? 1 : 0;
   }
   return bad;
+}
+
+enum class Pass { Update, DryRun };
+
+// One pass over [0, n): the update (writes param, m, v) or the dry run (writes nothing; returns 1 when any new
+// value would be non-finite). Blocks are independent, so the result does not depend on the thread count.
+template <class T, Pass P>
+int adamw_pass(T* param, const T* grad, T* m, T* v, int64_t n, const AdamWParams& p) {
+  const Scalars<T> s(p);
+  const int64_t nblk = (n + kAdamWBlock - 1) / kAdamWBlock;
+  int bad = 0;
+#pragma omp parallel reduction(| : bad) if (n > 65536)
+  {
+    alignas(64) T xb[kAdamWBlock], mb[kAdamWBlock], vb[kAdamWBlock];
+#pragma omp for schedule(static)
+    for (int64_t k = 0; k < nblk; ++k) {
+      const int64_t lo = k * kAdamWBlock, len = std::min(kAdamWBlock, n - lo);
+      adamw_block<T>(param + lo, grad + lo, m + lo, v + lo, len, s, xb, mb, vb);
+      if constexpr (P == Pass::Update) {
+        std::memcpy(param + lo, xb, static_cast<size_t>(len) * sizeof(T));
+        std::memcpy(m + lo, mb, static_cast<size_t>(len) * sizeof(T));
+        std::memcpy(v + lo, vb, static_cast<size_t>(len) * sizeof(T));
+      } else {
+        bad |= any_non_finite(xb, len) | any_non_finite(mb, len) | any_non_finite(vb, len);
+      }
+    }
+  }
+  return bad;
+}
+
+// 1 when any element of [0, n) would get a non-finite value. Nothing is written (the casts only fit the shared
+// pass's signature).
+template <class T>
+int adamw_dry_run(const T* param, const T* grad, const T* m, const T* v, int64_t n, const AdamWParams& p) {
+  return adamw_pass<T, Pass::DryRun>(const_cast<T*>(param), grad, const_cast<T*>(m), const_cast<T*>(v), n, p);
 }
 
 }  // namespace
 
 template <class T>
 void adamw_update(T* param, const T* grad, T* m, T* v, int64_t n, const AdamWParams& p) {
-  const Scalars s(p);
-#pragma omp parallel for schedule(static) if (n > 65536)
-  for (int64_t i = 0; i < n; ++i) {
-    T x, mi, vi;
-    adamw_values(param, grad, m, v, i, s, x, mi, vi);
-    param[i] = x;
-    m[i] = mi;
-    v[i] = vi;
-  }
+  adamw_pass<T, Pass::Update>(param, grad, m, v, n, p);
 }
 
 // One adamw_update per segment: the per-segment results are bitwise those of separate calls by construction.

@@ -89,7 +89,8 @@ class Backend {
   virtual void matmul_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dbias, const Tensor& dout,
                                const Tensor& inp, const Tensor& w, WeightLayout layout) = 0;
   // qkv[B,T,3C] -> out[B,T,C]; `saved` holds what the backward needs, in a backend-defined shape
-  // (attention_saved_shape): the CPU keeps the probabilities [B,NH,T,T]. keymask[B,T] I32 is optional.
+  // (attention_saved_shape): the CPU backend keeps the per-row log-sum-exp and the key mask (or, with
+  // CpuAttention::Reference, the probabilities [B,NH,T,T]). keymask[B,T] I32 is optional.
   virtual Shape attention_saved_shape(int64_t B, int64_t T, int64_t NH) const = 0;
   virtual DType attention_saved_dtype(DType activation) const { return activation; }
   virtual void attention_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& keymask,
@@ -179,8 +180,13 @@ Tensor to_backend(Backend& be, const Tensor& host);
 // Any tensor of `be`, converted to a host vector of doubles.
 std::vector<double> to_host_f64(Backend& be, const Tensor& t);
 
-// The CPU backend over the reference kernels. `num_threads` <= 0 keeps OpenMP's default.
-std::unique_ptr<Backend> make_cpu_backend(int num_threads = 0);
+// Which CPU attention the CPU backend runs (kernels/attention.h). Tiled: the blocked kernels, which save only the
+// per-row log-sum-exp and the key mask. Reference: the plain kernels, which save the probabilities [B,NH,T,T] (the
+// oracle; tests that compare another backend's saved probabilities use it).
+enum class CpuAttention { Tiled, Reference };
+
+// The CPU backend over the CPU kernels. `num_threads` <= 0 keeps OpenMP's default.
+std::unique_ptr<Backend> make_cpu_backend(int num_threads = 0, CpuAttention attention = CpuAttention::Tiled);
 
 #ifdef DPO_HAVE_CUDA
 // The CUDA backend on GPU `device` (runtime/cuda/cuda_backend.h): F32 or BF16 activations, kernels/*.cu. Declared and

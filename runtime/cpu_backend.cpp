@@ -1,7 +1,9 @@
-// CpuBackend: checks shapes and dtypes once per call, then dispatches to the float or double CPU reference kernel.
+// CpuBackend: checks shapes and dtypes once per call, then dispatches to the float or double CPU kernel (the
+// reference kernels, and for attention by default the blocked kernels of kernels/attention_tiled_cpu.cpp).
 #include <omp.h>
 
 #include <cstring>
+#include <vector>
 
 #include "kernels/adamw.h"
 #include "kernels/attention.h"
@@ -89,7 +91,7 @@ void need(const Tensor& t, DType d, const char* name) {
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(int num_threads) {
+  CpuBackend(int num_threads, CpuAttention attention) : attention_(attention) {
     if (num_threads > 0) omp_set_num_threads(num_threads);
   }
   Device device() const override { return Device{DeviceKind::CPU, 0}; }
@@ -269,38 +271,60 @@ class CpuBackend final : public Backend {
     });
   }
 
-  Shape attention_saved_shape(int64_t B, int64_t T, int64_t NH) const override { return {B, NH, T, T}; }
+  // Saved state. Reference: the probabilities [B,NH,T,T] in the activation dtype. Tiled: one flat vector of
+  // B*NH*T + B*T elements, the log-sum-exp [B,NH,T] of every query row then the key mask [B,T] as 0/1 values
+  // (the blocked backward recomputes the probabilities from q, k, the mask and the log-sum-exp), F32 under BF16
+  // activations (a BF16 log-sum-exp would move every probability by up to 0.4% of |lse|).
+  Shape attention_saved_shape(int64_t B, int64_t T, int64_t NH) const override {
+    if (attention_ == CpuAttention::Reference) return {B, NH, T, T};
+    return {B * NH * T + B * T};
+  }
+  DType attention_saved_dtype(DType activation) const override {
+    if (attention_ == CpuAttention::Reference) return activation;
+    return activation == DType::BF16 ? DType::F32 : activation;
+  }
   void attention_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& keymask,
                          int64_t n_head) override {
+    const bool tiled = attention_ == CpuAttention::Tiled;
     if (is_bf16(qkv)) {
       need(out, DType::BF16, "attention out");
-      need(saved, DType::BF16, "attention saved");
+      need(saved, attention_saved_dtype(DType::BF16), "attention saved");
       const Tensor o = out32(out), sv = out32(saved);
       attention_forward(o, sv, up(qkv), keymask, n_head);
       down(out, o);
-      return down(saved, sv);
+      return down(saved, sv);  // nothing for the tiled F32 state
     }
     check_float(qkv, "attention qkv");
     const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
     DPO_ASSERT(qkv.size(2) == 3 * C && C % n_head == 0, "attention qkv " + shape_str(qkv.shape()));
     check_shape(out, {B, T, C}, "attention out");
-    check_shape(saved, {B, n_head, T, T}, "attention saved");
+    check_shape(saved, attention_saved_shape(B, T, n_head), "attention saved");
+    check_same_dtype(saved, qkv, "attention saved", "attention qkv");
     if (keymask.defined()) {
       check_dtype(keymask, DType::I32, "attention keymask");
       check_shape(keymask, {B, T}, "attention keymask");
     }
     dispatch(qkv.dtype(), [&](auto z) {
       using F = decltype(z);
-      cpu::attention_forward<F>(out.data<F>(), saved.data<F>(), qkv.data<F>(), opt<int32_t>(keymask), B, T, C,
-                                n_head);
+      if (!tiled) {
+        cpu::attention_forward<F>(out.data<F>(), saved.data<F>(), qkv.data<F>(), opt<int32_t>(keymask), B, T, C,
+                                  n_head);
+        return;
+      }
+      F* lse = saved.data<F>();
+      F* mask = lse + B * n_head * T;
+      const int32_t* km = opt<int32_t>(keymask);
+      for (int64_t i = 0; i < B * T; ++i) mask[i] = km == nullptr || km[i] != 0 ? F(1) : F(0);
+      cpu::attention_tiled_forward<F>(out.data<F>(), lse, qkv.data<F>(), km, B, T, C, n_head);
     });
   }
   void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
                           int64_t n_head) override {
+    const bool tiled = attention_ == CpuAttention::Tiled;
     if (is_bf16(qkv)) {
       need(dqkv, DType::BF16, "attention dqkv");
       need(dout, DType::BF16, "attention dout");
-      need(saved, DType::BF16, "attention saved");
+      need(saved, attention_saved_dtype(DType::BF16), "attention saved");
       const Tensor d = up(dqkv);
       attention_backward(d, up(dout), up(qkv), up(saved), n_head);
       return down(dqkv, d);
@@ -309,10 +333,20 @@ class CpuBackend final : public Backend {
     const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
     check_shape(dqkv, qkv.shape(), "attention dqkv");
     check_shape(dout, {B, T, C}, "attention dout");
-    check_shape(saved, {B, n_head, T, T}, "attention saved");
+    check_shape(saved, attention_saved_shape(B, T, n_head), "attention saved");
+    check_same_dtype(saved, qkv, "attention saved", "attention qkv");
     dispatch(qkv.dtype(), [&](auto z) {
       using F = decltype(z);
-      cpu::attention_backward<F>(dqkv.data<F>(), dout.data<F>(), qkv.data<F>(), saved.data<F>(), B, T, C, n_head);
+      if (!tiled) {
+        cpu::attention_backward<F>(dqkv.data<F>(), dout.data<F>(), qkv.data<F>(), saved.data<F>(), B, T, C, n_head);
+        return;
+      }
+      const F* lse = saved.data<F>();
+      const F* mask = lse + B * n_head * T;
+      std::vector<int32_t> km(static_cast<size_t>(B * T));
+      for (int64_t i = 0; i < B * T; ++i) km[static_cast<size_t>(i)] = mask[i] != F(0) ? 1 : 0;
+      cpu::attention_tiled_backward<F>(dqkv.data<F>(), dout.data<F>(), qkv.data<F>(), km.data(), lse, B, T, C,
+                                       n_head);
     });
   }
 
@@ -491,6 +525,8 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  CpuAttention attention_;
+
   // logits [B,T,ld] with 1 <= V <= ld (backend.h "Padded rows"); returns ld.
   static int64_t check_logits(const Tensor& logits, int64_t V) {
     check_host(logits, "logprob logits");
@@ -541,6 +577,8 @@ __attribute__((constructor)) void check_blas_core_before_main() { fix_blas_core_
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend(int num_threads) { return std::make_unique<CpuBackend>(num_threads); }
+std::unique_ptr<Backend> make_cpu_backend(int num_threads, CpuAttention attention) {
+  return std::make_unique<CpuBackend>(num_threads, attention);
+}
 
 }  // namespace dpo

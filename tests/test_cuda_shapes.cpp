@@ -448,7 +448,7 @@ class CudaAttentionPadding : public ::testing::TestWithParam<AttentionCase> {
   void SetUp() override {
     DPO_REQUIRE_GPU();
     gpu_ = make_cuda_backend(0);
-    cpu_ = make_cpu_backend();
+    cpu_ = make_cpu_backend(0, CpuAttention::Reference);  // saves the probabilities, as the CUDA backend does
   }
   std::unique_ptr<Backend> gpu_, cpu_;
 };

@@ -712,6 +712,133 @@ TEST(KernelAttention, BackwardIsBitwiseDeterministicAcrossThreadCounts) {
   EXPECT_TRUE(bitwise_equal(run(3), ref));
 }
 
+// --- blocked attention (attention_tiled_*) against the reference -----------------------------------------------
+
+// A case for the blocked attention: B = 3 rows of T tokens: row 0 left-padded (`left` leading padding tokens),
+// row 1 right-padded (`right` trailing ones), row 2 with a one-token hole in the middle.
+struct TiledCase {
+  int64_t T, C, NH, left, right;
+};
+std::vector<int32_t> tiled_mask(const TiledCase& tc) {
+  const int64_t B = 3, T = tc.T;
+  std::vector<int32_t> m(static_cast<size_t>(B * T), 1);
+  for (int64_t t = 0; t < tc.left; ++t) m[0 * T + t] = 0;
+  for (int64_t t = T - tc.right; t < T; ++t) m[1 * T + t] = 0;
+  m[2 * T + T / 2] = 0;
+  return m;
+}
+// T = 7: inside one block and one key tile. T = 77: three query blocks of 32 and two key tiles of 64, none full.
+// T = 130 with hs = 64 (GPT-2's head size): past two key tiles. No T is a multiple of 32 or 64.
+const TiledCase kTiledCases[] = {{7, 12, 3, 2, 1}, {77, 128, 2, 5, 9}, {130, 192, 3, 33, 40}};
+
+// Runs the reference in double and the blocked attention in T on the same (float-representable) inputs; returns the
+// largest errors of out and of the gradient added to dqkv, relative to max(1, largest reference value).
+template <class T>
+void tiled_vs_reference(const TiledCase& tc, double out_tol, double grad_tol) {
+  SCOPED_TRACE("T=" + std::to_string(tc.T) + " C=" + std::to_string(tc.C) + " NH=" + std::to_string(tc.NH));
+  std::mt19937_64 g(test_seed());
+  const int64_t B = 3, T_ = tc.T, C = tc.C, NH = tc.NH;
+  const auto mask = tiled_mask(tc);
+  const auto qkv = randn_f(g, B * T_ * 3 * C), dout = randn_f(g, B * T_ * C), R = randn_f(g, B * T_ * 3 * C);
+  std::vector<double> ref_out(B * T_ * C), att(B * NH * T_ * T_), ref_dqkv = R;
+  attention_forward(ref_out.data(), att.data(), qkv.data(), mask.data(), B, T_, C, NH);
+  attention_backward(ref_dqkv.data(), dout.data(), qkv.data(), att.data(), B, T_, C, NH);
+
+  const std::vector<T> qkv_t(qkv.begin(), qkv.end()), dout_t(dout.begin(), dout.end());
+  std::vector<T> out(ref_out.size()), lse(B * NH * T_), dqkv(R.begin(), R.end());
+  poison(out), poison(lse);
+  attention_tiled_forward(out.data(), lse.data(), qkv_t.data(), mask.data(), B, T_, C, NH);
+  attention_tiled_backward(dqkv.data(), dout_t.data(), qkv_t.data(), mask.data(), lse.data(), B, T_, C, NH);
+  ASSERT_TRUE(all_finite(out));
+  EXPECT_LT(max_rel_err({out.begin(), out.end()}, ref_out), out_tol) << "out";
+  EXPECT_LT(max_rel_err(minus({dqkv.begin(), dqkv.end()}, R), minus(ref_dqkv, R)), grad_tol) << "dqkv";
+
+  // lse against the reference probabilities: a visible key's probability is exp(score - lse); rows without a
+  // visible key have lse = +inf and out exactly 0.
+  const double scale = 1.0 / std::sqrt(static_cast<double>(C / NH));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < NH; ++h)
+      for (int64_t t = 0; t < T_; ++t) {
+        int64_t s_vis = -1;
+        for (int64_t s = 0; s <= t; ++s)
+          if (mask[b * T_ + s]) s_vis = s;
+        const double l = static_cast<double>(lse[(b * NH + h) * T_ + t]);
+        if (s_vis < 0) {
+          ASSERT_EQ(l, std::numeric_limits<double>::infinity()) << "b=" << b << " h=" << h << " t=" << t;
+          for (int64_t c = 0; c < C / NH; ++c) ASSERT_EQ(out[(b * T_ + t) * C + h * (C / NH) + c], T(0));
+          continue;
+        }
+        double score = 0;
+        for (int64_t c = 0; c < C / NH; ++c)
+          score += qkv[(b * T_ + t) * 3 * C + h * (C / NH) + c] * qkv[(b * T_ + s_vis) * 3 * C + C + h * (C / NH) + c];
+        const double p = att[((b * NH + h) * T_ + t) * T_ + s_vis];
+        // |score * scale - lse| is at most ~10 here; 10 roundings of such values in float: 1e-5 absolute.
+        ASSERT_NEAR(std::exp(score * scale - l), p, 1e-5 * std::max(p, 1e-3)) << "b=" << b << " h=" << h << " t=" << t;
+      }
+  // Masked keys and values get exactly no gradient.
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T_; ++t)
+      if (!mask[b * T_ + t])
+        for (int64_t c = C; c < 3 * C; ++c)
+          ASSERT_EQ(dqkv[(b * T_ + t) * 3 * C + c], static_cast<T>(R[(b * T_ + t) * 3 * C + c])) << "b=" << b << " t=" << t;
+}
+
+// double: the two compute the same sums in different orders (blocked dot products, exp(x - max) / sum vs
+// exp(x - lse)): ~T + hs roundings of 1.1e-16 on O(1)..O(10) values, measured <= 1e-14; asserted 1e-12.
+// float: every score, probability and sum is rounded to float (6e-8) instead of double, and the backward sums up to
+// T = 130 terms per gradient element in float: measured <= 2e-6 (out) and 4e-6 (dqkv); asserted 2e-5 (kFloatTol
+// scaled by 2 for the longest sums), while a wrong term (a missing scale, a probability off by one key, a lost
+// block) is an O(1e-2..1) error.
+TEST(KernelAttentionTiled, MatchesReferenceInDouble) {
+  for (const auto& tc : kTiledCases) tiled_vs_reference<double>(tc, 1e-12, 1e-12);
+}
+TEST(KernelAttentionTiled, FloatMatchesDoubleReference) {
+  for (const auto& tc : kTiledCases) tiled_vs_reference<float>(tc, 2e-5, 2e-5);
+}
+
+// Finite differences in double through the blocked forward (the backward is checked against the derivative of the
+// function it claims to differentiate, not only against the reference backward).
+TEST(KernelAttentionTiled, GradCheckWithPadding) {
+  std::mt19937_64 g(test_seed());
+  auto mask = test_keymask();
+  auto qkv = randn<double>(g, kB * kT * 3 * kC), G = randn<double>(g, kB * kT * kC);
+  std::vector<double> out(kB * kT * kC), lse(kB * kNH * kT);
+  auto L = [&] {
+    attention_tiled_forward(out.data(), lse.data(), qkv.data(), mask.data(), kB, kT, kC, kNH);
+    return dot(out, G);
+  };
+  L();
+  AccGrad dqkv(g, qkv.size());
+  attention_tiled_backward(dqkv.buf.data(), G.data(), qkv.data(), mask.data(), lse.data(), kB, kT, kC, kNH);
+  expect_grad(qkv, dqkv.grad(), L, "qkv");
+}
+
+TEST(KernelAttentionTiled, BitwiseDeterministicAcrossThreadCountsAndAccumulates) {
+  std::mt19937_64 g(test_seed());
+  const TiledCase tc = kTiledCases[1];
+  const int64_t B = 3, T_ = tc.T, C = tc.C, NH = tc.NH;
+  const auto mask = tiled_mask(tc);
+  auto qkv = randn<float>(g, B * T_ * 3 * C), dout = randn<float>(g, B * T_ * C);
+  auto run = [&](int threads, int backward_calls) {
+    ThreadCount tcount(threads);
+    std::vector<float> out(B * T_ * C), lse(B * NH * T_), dqkv(qkv.size(), 0.f);
+    poison(out), poison(lse);
+    attention_tiled_forward(out.data(), lse.data(), qkv.data(), mask.data(), B, T_, C, NH);
+    for (int k = 0; k < backward_calls; ++k)
+      attention_tiled_backward(dqkv.data(), dout.data(), qkv.data(), mask.data(), lse.data(), B, T_, C, NH);
+    out.insert(out.end(), lse.begin(), lse.end());
+    out.insert(out.end(), dqkv.begin(), dqkv.end());
+    return out;
+  };
+  const auto ref = run(1, 1);
+  EXPECT_TRUE(bitwise_equal(run(2, 1), ref));
+  EXPECT_TRUE(bitwise_equal(run(3, 1), ref));
+  // A second backward into the same dqkv (from 0) adds the same gradient again: exactly twice (x + x is exact).
+  const auto twice = run(2, 2);
+  const size_t n_fwd = static_cast<size_t>(B * T_ * C + B * NH * T_);
+  for (size_t i = n_fwd; i < ref.size(); ++i) ASSERT_EQ(twice[i], 2.0f * ref[i]) << "i=" << i - n_fwd;
+}
+
 // ============================================================================================== gelu
 
 long double gelu_ref(long double x) {
