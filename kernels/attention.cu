@@ -20,6 +20,7 @@
 // replaces all of this when attention dominates; this one is the correct, readable baseline.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -337,6 +338,142 @@ void attention_backward_impl(CudaContext& ctx, St* dqkv, const St* dout, const S
   launch_tri_gemm<Tri::kKFromRow, false, false, true>(ctx, dk, B * NH);
 }
 
+// --- incremental decoding (contract in kernels/attention.cuh) -----------------------------------------------------
+
+constexpr int kStoreThreads = 256;
+
+// One thread per (b, t, c) of the stored keys (and values); grid-stride, so any B*T*C fits the grid.
+template <class St>
+__global__ void __launch_bounds__(kStoreThreads)
+    cache_store_kernel(St* __restrict__ kcache, St* __restrict__ vcache, const St* __restrict__ qkv, int64_t B,
+                       int64_t T, int64_t Tc, int64_t C) {
+  const int64_t n = B * T * C;
+  const int64_t stride = int64_t(gridDim.x) * kStoreThreads;
+  for (int64_t i = int64_t(blockIdx.x) * kStoreThreads + threadIdx.x; i < n; i += stride) {
+    const int64_t c = i % C, bt = i / C, t = bt % T, b = bt / T;
+    const St* src = qkv + bt * 3 * C;
+    const int64_t dst = (b * Tc + t) * C + c;
+    kcache[dst] = src[C + c];
+    vcache[dst] = src[2 * C + c];
+  }
+}
+
+// Block (b, h) = blockIdx.x (b * NH + h), kDecodeWarps warps. Dynamic shared memory: q [hs] then the per-warp
+// partial sums [kDecodeWarps][hs], as floats. `scores` is a [B*NH, Tc] fp32 scratch: the scores, then exp(score -
+// max), of this block's keys s <= p.
+// The cache is written (the new k, v) and read (every key s <= p, the new one included) by the same block; the
+// __syncthreads after the writes makes them visible to all its threads. Other blocks touch other heads or
+// sequences only.
+template <class St>
+__global__ void __launch_bounds__(kDecodeWarps * 32)
+    decode_forward_kernel(St* __restrict__ out, St* __restrict__ kcache, St* __restrict__ vcache,
+                          const St* __restrict__ qkv, const int32_t* __restrict__ pos, float* __restrict__ scores,
+                          int64_t Tc, int64_t C, int64_t NH, float scale) {
+  extern __shared__ float smem[];
+  __shared__ float red[kDecodeWarps];
+  const int64_t bh = blockIdx.x, b = bh / NH, h = bh % NH, hs = C / NH;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  constexpr int kThreadsDecode = kDecodeWarps * 32;
+  St* o = out + b * C + h * hs;
+  const int64_t p = pos[b];
+  if (p < 0 || p >= Tc) {  // uniform over the block: nothing written to the cache, a loud NaN output
+    for (int64_t i = tid; i < hs; i += kThreadsDecode) o[i] = from_float<St>(NAN);
+    return;
+  }
+  const St* q = qkv + b * 3 * C + h * hs;
+  St* kb = kcache + b * Tc * C + h * hs;  // the key of position s is kb[s * C + i], i < hs
+  St* vb = vcache + b * Tc * C + h * hs;
+  float* qs = smem;
+  float* part = smem + hs;
+  float* sc = scores + bh * Tc;
+
+  for (int64_t i = tid; i < hs; i += kThreadsDecode) {
+    kb[p * C + i] = q[C + i];
+    vb[p * C + i] = q[2 * C + i];
+    qs[i] = to_float(q[i]);
+  }
+  __syncthreads();
+
+  // Scores: one warp per key, lanes over the channels, one butterfly sum.
+  for (int64_t s = warp; s <= p; s += kDecodeWarps) {
+    const St* k = kb + s * C;
+    float d = 0.0f;
+    for (int64_t i = lane; i < hs; i += 32) d = fmaf(qs[i], to_float(k[i]), d);
+    d = warp_sum(d);
+    if (lane == 0) sc[s] = d * scale;
+  }
+  __syncthreads();
+
+  float mx = -INFINITY;
+  for (int64_t s = tid; s <= p; s += kThreadsDecode) mx = fmaxf(mx, sc[s]);
+  mx = warp_max(mx);
+  if (lane == 0) red[warp] = mx;
+  __syncthreads();
+  mx = red[0];
+  for (int w = 1; w < kDecodeWarps; ++w) mx = fmaxf(mx, red[w]);
+  __syncthreads();  // every thread has read red before it is reused for the sum
+
+  float sum = 0.0f;
+  for (int64_t s = tid; s <= p; s += kThreadsDecode) {
+    const float e = expf(sc[s] - mx);
+    sc[s] = e;
+    sum += e;
+  }
+  sum = warp_sum(sum);
+  if (lane == 0) red[warp] = sum;
+  __syncthreads();  // also orders the exp values in sc before the weighted sum reads them from other threads
+  float total = 0.0f;
+  for (int w = 0; w < kDecodeWarps; ++w) total += red[w];
+  const float inv = 1.0f / total;  // total >= 1: the maximum's own term is exp(0)
+
+  // Weighted sum of the values: warp w over its keys s = w, w + kDecodeWarps, ..., lanes over the channels.
+  for (int64_t i = lane; i < hs; i += 32) {
+    float a = 0.0f;
+    for (int64_t s = warp; s <= p; s += kDecodeWarps) a = fmaf(sc[s], to_float(vb[s * C + i]), a);
+    part[warp * hs + i] = a;
+  }
+  __syncthreads();
+  for (int64_t i = tid; i < hs; i += kThreadsDecode) {
+    float a = 0.0f;
+    for (int w = 0; w < kDecodeWarps; ++w) a += part[w * hs + i];
+    o[i] = from_float<St>(a * inv);
+  }
+}
+
+template <class St>
+void attention_cache_store_impl(CudaContext& ctx, St* kcache, St* vcache, const St* qkv, int64_t B, int64_t T,
+                                int64_t Tc, int64_t C) {
+  DPO_NVTX_RANGE("attention_cache_store");
+  DPO_ASSERT(B >= 0 && T >= 0 && C > 0, "attention_cache_store: B, T must be >= 0 and C > 0");
+  DPO_ASSERT(T <= Tc, "attention_cache_store: " + std::to_string(T) + " positions do not fit a cache of " +
+                          std::to_string(Tc));
+  const int64_t n = B * T * C;
+  if (n == 0) return;
+  const int64_t blocks = std::min<int64_t>((n + kStoreThreads - 1) / kStoreThreads, int64_t(1) << 20);
+  cache_store_kernel<St><<<static_cast<unsigned>(blocks), kStoreThreads, 0, ctx.stream()>>>(kcache, vcache, qkv, B,
+                                                                                            T, Tc, C);
+  DPO_CUDA_CHECK(cudaGetLastError());
+}
+
+template <class St>
+void attention_decode_forward_impl(CudaContext& ctx, St* out, St* kcache, St* vcache, const St* qkv,
+                                   const int32_t* pos, int64_t B, int64_t Tc, int64_t C, int64_t NH) {
+  DPO_NVTX_RANGE("attention_decode_forward");
+  if (B == 0) return;
+  DPO_ASSERT(NH > 0 && C > 0 && C % NH == 0, "attention_decode_forward: C must be a positive multiple of NH");
+  DPO_ASSERT(Tc > 0, "attention_decode_forward: the cache has no positions");
+  const int64_t hs = C / NH;
+  DPO_ASSERT(hs <= kDecodeMaxHeadSize, "attention_decode_forward: head size " + std::to_string(hs) +
+                                           " exceeds the kernel's " + std::to_string(kDecodeMaxHeadSize));
+  DPO_ASSERT(B * NH <= INT_MAX, "attention_decode_forward: B*NH exceeds the grid's x range");
+  const auto scratch = ctx.alloc(B * NH * Tc * static_cast<int64_t>(sizeof(float)));
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hs)));
+  const size_t smem = static_cast<size_t>((kDecodeWarps + 1) * hs) * sizeof(float);
+  decode_forward_kernel<St><<<static_cast<unsigned>(B * NH), kDecodeWarps * 32, smem, ctx.stream()>>>(
+      out, kcache, vcache, qkv, pos, static_cast<float*>(scratch->data()), Tc, C, NH, scale);
+  DPO_CUDA_CHECK(cudaGetLastError());
+}
+
 }  // namespace
 
 void attention_forward(CudaContext& ctx, float* out, float* att, const float* qkv, const int32_t* keymask, int64_t B,
@@ -355,6 +492,25 @@ void attention_backward(CudaContext& ctx, float* dqkv, const float* dout, const 
 void attention_backward(CudaContext& ctx, __nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv,
                         const __nv_bfloat16* att, int64_t B, int64_t T, int64_t C, int64_t NH) {
   attention_backward_impl(ctx, dqkv, dout, qkv, att, B, T, C, NH);
+}
+
+void attention_cache_store(CudaContext& ctx, float* kcache, float* vcache, const float* qkv, int64_t B, int64_t T,
+                           int64_t Tc, int64_t C) {
+  attention_cache_store_impl(ctx, kcache, vcache, qkv, B, T, Tc, C);
+}
+void attention_cache_store(CudaContext& ctx, __nv_bfloat16* kcache, __nv_bfloat16* vcache, const __nv_bfloat16* qkv,
+                           int64_t B, int64_t T, int64_t Tc, int64_t C) {
+  attention_cache_store_impl(ctx, kcache, vcache, qkv, B, T, Tc, C);
+}
+
+void attention_decode_forward(CudaContext& ctx, float* out, float* kcache, float* vcache, const float* qkv,
+                              const int32_t* pos, int64_t B, int64_t Tc, int64_t C, int64_t NH) {
+  attention_decode_forward_impl(ctx, out, kcache, vcache, qkv, pos, B, Tc, C, NH);
+}
+void attention_decode_forward(CudaContext& ctx, __nv_bfloat16* out, __nv_bfloat16* kcache, __nv_bfloat16* vcache,
+                              const __nv_bfloat16* qkv, const int32_t* pos, int64_t B, int64_t Tc, int64_t C,
+                              int64_t NH) {
+  attention_decode_forward_impl(ctx, out, kcache, vcache, qkv, pos, B, Tc, C, NH);
 }
 
 }  // namespace dpo::cuda

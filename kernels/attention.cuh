@@ -37,4 +37,35 @@ void attention_backward(CudaContext& ctx, float* dqkv, const float* dout, const 
 void attention_backward(CudaContext& ctx, __nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv,
                         const __nv_bfloat16* att, int64_t B, int64_t T, int64_t C, int64_t NH);
 
+// --- Incremental decoding (the key/value cache); contract of the CPU twins in kernels/attention.h ------------------
+//   attention_cache_store: kcache[b,t,:] = qkv[b,t,C:2C], vcache[b,t,:] = qkv[b,t,2C:3C] for t < T <= Tc   (=)
+//   attention_decode_forward: with p = pos[b] (one new token per sequence, qkv [B,3C]):
+//     kcache[b,p,:] = k, vcache[b,p,:] = v, then out[b,:] = per head softmax(q . kcache[b,s] / sqrt(hs)) over
+//     s in [0, p], times vcache[b,s]                                                                       (=)
+//     A position outside [0, Tc) cannot be reported without a device sync (the backend's caller checks them on the
+//     host): that sequence's out row is set to NaN and its cache is not touched, never an out-of-bounds access.
+// Storage: float or bf16, one type per call; the caches hold the activation dtype. Arithmetic in fp32: bf16 values
+// are read exactly, scores, softmax and the weighted sum stay fp32 (the CPU twin uses double), and each bf16 output
+// is rounded once; the stored k and v are copies (exact).
+// Layout of the step: one block per (b, h). Its threads copy the new k, v of head h into the cache and q into shared
+// memory; then each warp takes the keys s = warp, warp + kDecodeWarps, ... (lanes split the head's channels, one
+// butterfly sum per key), the block reduces max and sum of the softmax, and each warp sums p_s v_s over its keys
+// into a shared partial that is added across warps in warp order. The scores live in a stream-ordered scratch of
+// B*NH*Tc floats from ctx.alloc (freed on the stream when the launcher returns). Shared memory: (kDecodeWarps + 1)
+// * hs floats; hs <= kDecodeMaxHeadSize (dpo::Error otherwise).
+// Deterministic: fixed summation orders, no atomics; repeated calls give bitwise-equal results. 64-bit indices.
+constexpr int kDecodeWarps = 8;
+constexpr int64_t kDecodeMaxHeadSize = 1024;
+
+void attention_cache_store(CudaContext& ctx, float* kcache, float* vcache, const float* qkv, int64_t B, int64_t T,
+                           int64_t Tc, int64_t C);
+void attention_cache_store(CudaContext& ctx, __nv_bfloat16* kcache, __nv_bfloat16* vcache, const __nv_bfloat16* qkv,
+                           int64_t B, int64_t T, int64_t Tc, int64_t C);
+
+void attention_decode_forward(CudaContext& ctx, float* out, float* kcache, float* vcache, const float* qkv,
+                              const int32_t* pos, int64_t B, int64_t Tc, int64_t C, int64_t NH);
+void attention_decode_forward(CudaContext& ctx, __nv_bfloat16* out, __nv_bfloat16* kcache, __nv_bfloat16* vcache,
+                              const __nv_bfloat16* qkv, const int32_t* pos, int64_t B, int64_t Tc, int64_t C,
+                              int64_t NH);
+
 }  // namespace dpo::cuda

@@ -20,6 +20,33 @@ template <class T>
 void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* att, int64_t B, int64_t T_, int64_t C,
                         int64_t NH);
 
+// --- Incremental decoding: one new query per sequence against a key/value cache -------------------------------------
+// The cache of one layer is two arrays kcache, vcache [B,Tc,C]: row (b,s) holds the key (value) of position s of
+// sequence b, heads laid out as in qkv (head h owns channels [h*hs, (h+1)*hs)). Positions are per sequence, so
+// sequences of different lengths share a batch without padding inside the cache (a sequence's positions past its
+// length are simply not read).
+//
+// attention_cache_store (the prefill): for every b and t < T_ (T_ <= Tc)
+//   kcache[b,t,:] = qkv[b,t,C:2C], vcache[b,t,:] = qkv[b,t,2C:3C]                                  (=)
+//   positions [T_, Tc) are untouched.
+//
+// attention_decode_forward (one step): qkv[B,3C] is the packed q | k | v of one new token per sequence, at position
+// pos[b] (int32, 0 <= pos[b] < Tc, else dpo::Error before anything is written). Then
+//   kcache[b,pos[b],:] = k, vcache[b,pos[b],:] = v                                                 (=)
+//   out[b,:] [B,C]     = per head, softmax_s(q . kcache[b,s] / sqrt(hs)) over s in [0, pos[b]], times vcache[b,s]  (=)
+// Positions s < pos[b] are read as they are (written by the prefill or by earlier steps); positions > pos[b] are
+// never read, nor written. There is no key mask: the sequence's own positions [0, pos[b]] are all real, which is
+// the right-padded batch of the full forward with its causal mask (a query never sees a later position).
+// The arithmetic is that of attention_forward for query row t = pos[b] (dot products, softmax and the weighted sum
+// in double, in the same order), so with the keys and values of the same qkv the result is bitwise that row of
+// attention_forward's out.
+template <class T>
+void attention_cache_store(T* kcache, T* vcache, const T* qkv, int64_t B, int64_t T_, int64_t Tc, int64_t C);
+
+template <class T>
+void attention_decode_forward(T* out, T* kcache, T* vcache, const T* qkv, const int32_t* pos, int64_t B, int64_t Tc,
+                              int64_t C, int64_t NH);
+
 }  // namespace dpo::cpu
 
 // --- Blocked attention (kernels/attention_tiled_cpu.cpp) ----------------------------------------------------------

@@ -3,7 +3,10 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <vector>
+
+#include "runtime/error.h"
 
 namespace dpo::cpu {
 
@@ -116,6 +119,71 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* att, int6
   }
 }
 
+template <class T>
+void attention_cache_store(T* kcache, T* vcache, const T* qkv, int64_t B, int64_t T_, int64_t Tc, int64_t C) {
+  if (T_ > Tc)
+    throw Error("attention_cache_store: " + std::to_string(T_) + " positions do not fit a cache of " +
+                std::to_string(Tc));
+  const int64_t C3 = 3 * C;
+#pragma omp parallel for schedule(static)
+  for (int64_t bt = 0; bt < B * T_; ++bt) {
+    const int64_t b = bt / T_, t = bt % T_;
+    const T* src = qkv + bt * C3;
+    std::copy(src + C, src + 2 * C, kcache + (b * Tc + t) * C);
+    std::copy(src + 2 * C, src + 3 * C, vcache + (b * Tc + t) * C);
+  }
+}
+
+// The body of attention_forward for query t = pos[b], with keys and values read from the cache.
+template <class T>
+void attention_decode_forward(T* out, T* kcache, T* vcache, const T* qkv, const int32_t* pos, int64_t B, int64_t Tc,
+                              int64_t C, int64_t NH) {
+  for (int64_t b = 0; b < B; ++b)
+    if (pos[b] < 0 || pos[b] >= Tc)
+      throw Error("attention_decode_forward: position " + std::to_string(pos[b]) + " of sequence " +
+                  std::to_string(b) + " is outside the cache's [0, " + std::to_string(Tc) + ")");
+  const int64_t C3 = 3 * C, hs = C / NH;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(hs));
+#pragma omp parallel
+  {
+    std::vector<double> p(static_cast<size_t>(Tc)), acc(static_cast<size_t>(hs));
+#pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * NH; ++bh) {
+      const int64_t b = bh / NH, h = bh % NH, t = pos[b];
+      const T* q = qkv + b * C3 + h * hs;
+      T* kc = kcache + b * Tc * C + h * hs;  // key of position s: kc + s * C
+      T* vc = vcache + b * Tc * C + h * hs;
+      // Each (b,h) writes only its own head's channels of position t, then reads them back.
+      std::copy(q + C, q + C + hs, kc + t * C);
+      std::copy(q + 2 * C, q + 2 * C + hs, vc + t * C);
+
+      double mx = -std::numeric_limits<double>::infinity();
+      for (int64_t s = 0; s <= t; ++s) {
+        const T* k = kc + s * C;
+        double d = 0.0;
+        for (int64_t i = 0; i < hs; ++i) d += static_cast<double>(q[i]) * static_cast<double>(k[i]);
+        p[s] = d * scale;
+        mx = std::max(mx, p[s]);
+      }
+      double sum = 0.0;
+      for (int64_t s = 0; s <= t; ++s) {
+        p[s] = std::exp(p[s] - mx);
+        sum += p[s];
+      }
+      const double inv = 1.0 / sum;
+      for (int64_t i = 0; i < hs; ++i) acc[i] = 0.0;
+      for (int64_t s = 0; s <= t; ++s) {
+        p[s] *= inv;
+        if (p[s] == 0.0) continue;
+        const T* v = vc + s * C;
+        for (int64_t i = 0; i < hs; ++i) acc[i] += p[s] * static_cast<double>(v[i]);
+      }
+      T* o = out + b * C + h * hs;
+      for (int64_t i = 0; i < hs; ++i) o[i] = static_cast<T>(acc[i]);
+    }
+  }
+}
+
 template void attention_forward<float>(float*, float*, const float*, const int32_t*, int64_t, int64_t, int64_t,
                                        int64_t);
 template void attention_forward<double>(double*, double*, const double*, const int32_t*, int64_t, int64_t, int64_t,
@@ -124,5 +192,12 @@ template void attention_backward<float>(float*, const float*, const float*, cons
                                         int64_t);
 template void attention_backward<double>(double*, const double*, const double*, const double*, int64_t, int64_t,
                                          int64_t, int64_t);
+
+template void attention_cache_store<float>(float*, float*, const float*, int64_t, int64_t, int64_t, int64_t);
+template void attention_cache_store<double>(double*, double*, const double*, int64_t, int64_t, int64_t, int64_t);
+template void attention_decode_forward<float>(float*, float*, float*, const float*, const int32_t*, int64_t, int64_t,
+                                              int64_t, int64_t);
+template void attention_decode_forward<double>(double*, double*, double*, const double*, const int32_t*, int64_t,
+                                               int64_t, int64_t, int64_t);
 
 }  // namespace dpo::cpu

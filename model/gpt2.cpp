@@ -501,4 +501,175 @@ void GPT2::fused_backward() {
   head_done_ = false;
 }
 
+// --- incremental decoding --------------------------------------------------------------------------------------
+
+struct GPT2::Decode {
+  int64_t B = 0;         // sequences now in the batch (decode_select shrinks it)
+  int64_t Bcap = 0;      // sequences the buffers were allocated for
+  int64_t capacity = 0;  // positions per sequence
+  Tensor kv;             // [n_layer, 2, Bcap, capacity, C]: layer l's keys, then its values
+  std::vector<int64_t> filled;  // per sequence: positions [0, filled) hold its tokens' k, v
+  // One step's activations, [Bcap, ...]; a step uses the first B rows.
+  Tensor x, ln, qkv, atty, proj, res2, fch, fch_gelu, mean, rstd;
+  Tensor logits;  // [Bcap, ldv], zeroed once (padding columns, as forward()'s)
+  Tensor tok, pos;  // [Bcap] I32 on the device
+  Tensor out;  // the logits view handed out, [B, ldv]
+};
+
+Tensor GPT2::decode_cache(int64_t layer, int kv) const {
+  const Decode& d = *dec_;
+  const int64_t C = cfg_.n_embd, per = d.Bcap * d.capacity * C;
+  return d.kv.view((layer * 2 + kv) * per, {d.B, d.capacity, C});
+}
+
+int64_t GPT2::decode_batch() const { return dec_ ? dec_->B : 0; }
+int64_t GPT2::decode_capacity() const { return dec_ ? dec_->capacity : 0; }
+int64_t GPT2::decode_filled(int64_t b) const {
+  DPO_ASSERT(dec_ && b >= 0 && b < dec_->B, "decode_filled: no sequence " + std::to_string(b) + " in the cache");
+  return dec_->filled[static_cast<size_t>(b)];
+}
+
+void GPT2::decode_end() { dec_.reset(); }
+
+const Tensor& GPT2::decode_prefill(const Tensor& tokens, const std::vector<int64_t>& lengths, int64_t capacity) {
+  check_tokens(tokens);
+  const int64_t B = tokens.size(0), T = tokens.size(1), C = cfg_.n_embd, ldv = logits_stride();
+  DPO_ASSERT(static_cast<int64_t>(lengths.size()) == B, "decode_prefill: " + std::to_string(lengths.size()) +
+                                                            " lengths for " + std::to_string(B) + " sequences");
+  for (int64_t b = 0; b < B; ++b)
+    DPO_ASSERT(lengths[static_cast<size_t>(b)] >= 1 && lengths[static_cast<size_t>(b)] <= T,
+               "decode_prefill: sequence " + std::to_string(b) + " has length " +
+                   std::to_string(lengths[static_cast<size_t>(b)]) + ", outside [1, " + std::to_string(T) + "]");
+  if (capacity > cfg_.max_seq_len)
+    throw InputError("a decoding cache of " + std::to_string(capacity) +
+                     " positions exceeds the model's n_positions (" + std::to_string(cfg_.max_seq_len) + ")");
+  DPO_ASSERT(capacity >= T, "decode_prefill: capacity " + std::to_string(capacity) + " is below the prompt length " +
+                                std::to_string(T));
+  dec_.reset();  // the previous cache first: its memory may be needed
+  forward_trunk(tokens, Tensor());
+
+  auto d = std::make_shared<Decode>();
+  Backend& be = *be_;
+  d->B = d->Bcap = B;
+  d->capacity = capacity;
+  d->filled = lengths;
+  auto t = [&](int64_t width) { return be.empty({B, width}, dtype_); };
+  d->kv = be.empty({cfg_.n_layer, 2, B, capacity, C}, dtype_);
+  d->x = t(C);
+  d->ln = t(C);
+  d->qkv = t(3 * C);
+  d->atty = t(C);
+  d->proj = t(C);
+  d->res2 = t(C);
+  d->fch = t(4 * C);
+  d->fch_gelu = t(4 * C);
+  d->mean = be.empty({B}, gdtype_);
+  d->rstd = be.empty({B}, gdtype_);
+  d->logits = be.zeros({B, ldv}, dtype_);
+  d->tok = be.empty({B}, DType::I32);
+  d->pos = be.empty({B}, DType::I32);
+  dec_ = d;
+  for (int64_t l = 0; l < cfg_.n_layer; ++l)
+    be.attention_cache_store(decode_cache(l, 0), decode_cache(l, 1), acts_->layers[static_cast<size_t>(l)].qkv);
+  // The LM head on each row's last real position only: ln_f output rows gathered into d->ln.
+  for (int64_t b = 0; b < B; ++b)
+    be.copy(d->ln.view(b * C, {C}), acts_->lnf.view((b * T + lengths[static_cast<size_t>(b)] - 1) * C, {C}));
+  d->out = d->logits.view(0, {B, ldv});
+  be.matmul_forward(d->out, d->ln, param("wte.weight"), Tensor(), WeightLayout::OutIn);
+  return d->out;
+}
+
+const Tensor& GPT2::decode_step(const std::vector<int32_t>& tokens, const std::vector<int64_t>& positions) {
+  DPO_ASSERT(dec_ != nullptr, "decode_step without a decode_prefill");
+  Decode& d = *dec_;
+  Backend& be = *be_;
+  const int64_t B = d.B, C = cfg_.n_embd, NH = cfg_.n_head, ldv = logits_stride(), maxT = cfg_.max_seq_len;
+  DPO_ASSERT(static_cast<int64_t>(tokens.size()) == B && static_cast<int64_t>(positions.size()) == B,
+             "decode_step: " + std::to_string(tokens.size()) + " tokens and " + std::to_string(positions.size()) +
+                 " positions for a batch of " + std::to_string(B));
+  Tensor tok_h = Tensor::host({B}, DType::I32), pos_h = Tensor::host({B}, DType::I32);
+  for (int64_t b = 0; b < B; ++b) {
+    const auto i = static_cast<size_t>(b);
+    if (tokens[i] < 0 || tokens[i] >= cfg_.vocab_size)
+      throw InputError("token id " + std::to_string(tokens[i]) + " of sequence " + std::to_string(b) +
+                       " is outside the vocabulary [0, " + std::to_string(cfg_.vocab_size) + ")");
+    DPO_ASSERT(positions[i] >= 0 && positions[i] < d.capacity,
+               "decode_step: position " + std::to_string(positions[i]) + " of sequence " + std::to_string(b) +
+                   " is outside the cache's [0, " + std::to_string(d.capacity) + ")");
+    DPO_ASSERT(positions[i] <= d.filled[i],
+               "decode_step: position " + std::to_string(positions[i]) + " of sequence " + std::to_string(b) +
+                   " would leave a gap (positions [0, " + std::to_string(d.filled[i]) + ") are filled)");
+    tok_h.data<int32_t>()[b] = tokens[i];
+    pos_h.data<int32_t>()[b] = static_cast<int32_t>(positions[i]);
+  }
+  auto rows = [&](const Tensor& buf, int64_t width) { return buf.view(0, {B, width}); };
+  const Tensor tok = d.tok.view(0, {B}), pos = d.pos.view(0, {B});
+  be.copy_from_host(tok, tok_h);
+  be.copy_from_host(pos, pos_h);
+  const Tensor x = rows(d.x, C), ln = rows(d.ln, C), qkv = rows(d.qkv, 3 * C), atty = rows(d.atty, C),
+               proj = rows(d.proj, C), res2 = rows(d.res2, C), fch = rows(d.fch, 4 * C),
+               fch_gelu = rows(d.fch_gelu, 4 * C), mean = d.mean.view(0, {B}), rstd = d.rstd.view(0, {B});
+  // Embeddings: the existing encoder at T = 1 with wpe shifted to the position, once per run of consecutive
+  // sequences at the same position (one call when all share it). Bitwise the full forward's wte + wpe.
+  const Tensor wte = param("wte.weight"), wpe = param("wpe.weight");
+  for (int64_t b0 = 0; b0 < B;) {
+    const int64_t p = positions[static_cast<size_t>(b0)];
+    int64_t b1 = b0 + 1;
+    while (b1 < B && positions[static_cast<size_t>(b1)] == p) ++b1;
+    be.encoder_forward(x.view(b0 * C, {b1 - b0, 1, C}), tok.view(b0, {b1 - b0, 1}), wte,
+                       wpe.view(p * C, {maxT - p, C}));
+    b0 = b1;
+  }
+  for (int64_t l = 0; l < cfg_.n_layer; ++l) {
+    const std::string p = "h." + std::to_string(l) + ".";
+    DPO_TRACE_RANGE("h." + std::to_string(l) + " decode");
+    be.layernorm_forward(ln, mean, rstd, x, param(p + "ln_1.weight"), param(p + "ln_1.bias"), cfg_.ln_eps);
+    be.matmul_forward(qkv, ln, param(p + "attn.c_attn.weight"), param(p + "attn.c_attn.bias"), WeightLayout::InOut);
+    be.attention_decode_forward(atty, decode_cache(l, 0), decode_cache(l, 1), qkv, pos, NH);
+    be.matmul_forward(proj, atty, param(p + "attn.c_proj.weight"), param(p + "attn.c_proj.bias"),
+                      WeightLayout::InOut);
+    be.residual_forward(res2, x, proj);
+    be.layernorm_forward(ln, mean, rstd, res2, param(p + "ln_2.weight"), param(p + "ln_2.bias"), cfg_.ln_eps);
+    be.matmul_forward(fch, ln, param(p + "mlp.c_fc.weight"), param(p + "mlp.c_fc.bias"), WeightLayout::InOut);
+    be.gelu_forward(fch_gelu, fch);
+    be.matmul_forward(proj, fch_gelu, param(p + "mlp.c_proj.weight"), param(p + "mlp.c_proj.bias"),
+                      WeightLayout::InOut);
+    be.residual_forward(x, res2, proj);  // the residual stream for the next layer
+  }
+  be.layernorm_forward(ln, mean, rstd, x, param("ln_f.weight"), param("ln_f.bias"), cfg_.ln_eps);
+  d.out = d.logits.view(0, {B, ldv});
+  be.matmul_forward(d.out, ln, wte, Tensor(), WeightLayout::OutIn);
+  for (int64_t b = 0; b < B; ++b) d.filled[static_cast<size_t>(b)] = positions[static_cast<size_t>(b)] + 1;
+  return d.out;
+}
+
+void GPT2::decode_select(const std::vector<int64_t>& rows) {
+  DPO_ASSERT(dec_ != nullptr, "decode_select without a decode_prefill");
+  Decode& d = *dec_;
+  const auto n = static_cast<int64_t>(rows.size());
+  std::vector<char> seen(static_cast<size_t>(d.B), 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = rows[static_cast<size_t>(i)];
+    DPO_ASSERT(r >= 0 && r < d.B && !seen[static_cast<size_t>(r)],
+               "decode_select: rows must be distinct indices into the batch of " + std::to_string(d.B));
+    DPO_ASSERT(r == i || r >= n, "decode_select: sequence " + std::to_string(r) + " cannot move to " +
+                                     std::to_string(i) + " (a kept sequence stays or fills a place at or past " +
+                                     std::to_string(n) + ")");
+    seen[static_cast<size_t>(r)] = 1;
+  }
+  const int64_t C = cfg_.n_embd, row = d.capacity * C;
+  // Every source is i itself (no copy) or >= n, and every target is < n: no copy reads a row another one wrote.
+  for (int64_t l = 0; l < cfg_.n_layer; ++l)
+    for (int kv = 0; kv < 2; ++kv) {
+      const Tensor cache = decode_cache(l, kv);
+      for (size_t i = 0; i < rows.size(); ++i)
+        if (rows[i] != static_cast<int64_t>(i))
+          be_->copy(cache.view(static_cast<int64_t>(i) * row, {row}), cache.view(rows[i] * row, {row}));
+    }
+  std::vector<int64_t> filled;
+  for (int64_t r : rows) filled.push_back(d.filled[static_cast<size_t>(r)]);
+  d.filled = std::move(filled);
+  d.B = static_cast<int64_t>(rows.size());
+}
+
 }  // namespace dpo

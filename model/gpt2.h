@@ -175,6 +175,35 @@ class GPT2 {
   std::vector<std::pair<int64_t, int64_t>> grad_buckets() const;
   void set_grad_ready_hook(GradReadyHook hook) { grad_hook_ = std::move(hook); }
 
+  // --- Incremental decoding with a key/value cache (sampling, train/sample.h) ----------------------------------
+  // The cache holds every layer's keys and values, [B, capacity, C] each in dtype(), with positions per sequence:
+  // position p of sequence b holds the k, v of that sequence's token p, so prompts of different lengths share a
+  // batch and each keeps positions 0, 1, ... exactly as when run alone (as the full forward does for a right-padded
+  // batch). Each step runs the existing ops at M = B rows, plus Backend::attention_decode_forward.
+  //
+  // decode_prefill: tokens [B,T] I32 on the backend's device, right-padded: row b's tokens are [0, lengths[b]) with
+  // 1 <= lengths[b] <= T (lengths: host). Runs the transformer forward over the batch (forward_trunk, no key mask:
+  // causal attention keeps padding out of every real position), keeps every layer's k, v of positions [0, T) in a
+  // new cache of `capacity` positions per sequence (T <= capacity <= n_positions, else InputError naming
+  // n_positions), and returns the logits [B, ldv] of each row's last real token (position lengths[b] - 1), valid
+  // until the next decode call. The k, v stored at positions [lengths[b], T) are those of padding; decode_step
+  // overwrites each of them before any query reads it (the filled-length rule below).
+  const Tensor& decode_prefill(const Tensor& tokens, const std::vector<int64_t>& lengths, int64_t capacity);
+  // One token per sequence (host ids in [0, vocab_size), InputError otherwise) at host positions[b], with positions[b]
+  // < capacity and positions[b] <= filled(b), the sequence's filled length (lengths[b] after the prefill, then one
+  // past its last step), so the cache never has a gap; dpo::Error otherwise. Writes that position's k, v (filled(b)
+  // becomes positions[b] + 1) and returns the logits [B, ldv] of the new tokens, valid until the next decode call.
+  const Tensor& decode_step(const std::vector<int32_t>& tokens, const std::vector<int64_t>& positions);
+  // Keeps the sequences rows[0..n): sequence rows[i] of the current batch becomes sequence i, and the batch shrinks
+  // to n, so finished sequences stop costing anything. Each rows[i] must be i itself or >= n (a kept sequence stays
+  // where it is or moves into a place that a leaving one frees), so that each sequence's cache is copied at most
+  // once and no copy overwrites a sequence still to be moved; dpo::Error otherwise.
+  void decode_select(const std::vector<int64_t>& rows);
+  void decode_end();  // frees the cache (the prefill's activations stay, as after forward())
+  int64_t decode_batch() const;  // sequences in the cache; 0 when there is none
+  int64_t decode_capacity() const;
+  int64_t decode_filled(int64_t b) const;
+
  private:
   struct Acts;  // activations kept for the backward pass, sized for the current (B, T)
   void ensure_acts(int64_t B, int64_t T);
@@ -207,6 +236,9 @@ class GPT2 {
   int64_t chunk_rows_ = kDefaultLogitsChunkRows;
   Tensor chunk_;           // the chunked LM head's logits buffer
   bool head_done_ = false;  // fused_forward ran; fused_backward may follow
+  struct Decode;  // the key/value cache and the [B, ...] activations of one decoding step
+  std::shared_ptr<Decode> dec_;
+  Tensor decode_cache(int64_t layer, int kv) const;  // layer's keys (kv 0) or values (kv 1), [B, capacity, C]
 };
 
 }  // namespace dpo

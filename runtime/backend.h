@@ -97,6 +97,17 @@ class Backend {
                                  int64_t n_head) = 0;
   virtual void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
                                   int64_t n_head) = 0;
+  // Incremental decoding with a key/value cache (kernels/attention.h). kcache, vcache [B,Tc,C] in the activation
+  // dtype, positions per sequence.
+  // attention_cache_store: qkv [B,T,3C] with T <= Tc; positions [0,T) of each sequence's cache = its k, v (=), the
+  // rest untouched.
+  // attention_decode_forward: qkv [B,3C] holds one new token per sequence, at position pos[b] (pos [B] I32, 0 <=
+  // pos[b] < Tc): its k, v are written into the cache at pos[b] (=), then out [B,C] = its attention over the cache's
+  // positions [0, pos[b]] (=). The CPU checks the positions (dpo::Error); the CUDA backend cannot without a sync and
+  // gives an out-of-range position a NaN output row instead (kernels/attention.cuh).
+  virtual void attention_cache_store(const Tensor& kcache, const Tensor& vcache, const Tensor& qkv) = 0;
+  virtual void attention_decode_forward(const Tensor& out, const Tensor& kcache, const Tensor& vcache,
+                                        const Tensor& qkv, const Tensor& pos, int64_t n_head) = 0;
   virtual void gelu_forward(const Tensor& out, const Tensor& inp) = 0;
   virtual void gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) = 0;
   virtual void residual_forward(const Tensor& out, const Tensor& a, const Tensor& b) = 0;

@@ -350,6 +350,70 @@ class CpuBackend final : public Backend {
     });
   }
 
+  // [B,Tc,C] caches of one dtype; returns Tc.
+  static int64_t check_cache(const Tensor& kcache, const Tensor& vcache, int64_t B, int64_t C) {
+    check_float(kcache, "attention kcache");
+    check_float(vcache, "attention vcache");
+    DPO_ASSERT(kcache.dim() == 3, "attention kcache must be [B,Tc,C], got " + shape_str(kcache.shape()));
+    const int64_t Tc = kcache.size(1);
+    check_shape(kcache, {B, Tc, C}, "attention kcache");
+    check_shape(vcache, {B, Tc, C}, "attention vcache");
+    check_same_dtype(kcache, vcache, "attention kcache", "attention vcache");
+    return Tc;
+  }
+  void attention_cache_store(const Tensor& kcache, const Tensor& vcache, const Tensor& qkv) override {
+    if (is_bf16(qkv)) {
+      need(kcache, DType::BF16, "attention kcache");
+      need(vcache, DType::BF16, "attention vcache");
+      const Tensor k = up(kcache), v = up(vcache);  // whole caches: the positions not stored keep their values
+      attention_cache_store(k, v, up(qkv));
+      down(kcache, k);
+      return down(vcache, v);
+    }
+    check_float(qkv, "attention qkv");
+    DPO_ASSERT(qkv.dim() == 3 && qkv.size(2) % 3 == 0, "attention qkv must be [B,T,3C], got " + shape_str(qkv.shape()));
+    const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
+    const int64_t Tc = check_cache(kcache, vcache, B, C);
+    check_same_dtype(kcache, qkv, "attention kcache", "attention qkv");
+    DPO_ASSERT(T <= Tc, "attention_cache_store: qkv " + shape_str(qkv.shape()) + " has more positions than the cache " +
+                            shape_str(kcache.shape()));
+    dispatch(qkv.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::attention_cache_store<F>(kcache.data<F>(), vcache.data<F>(), qkv.data<F>(), B, T, Tc, C);
+    });
+  }
+  void attention_decode_forward(const Tensor& out, const Tensor& kcache, const Tensor& vcache, const Tensor& qkv,
+                                const Tensor& pos, int64_t n_head) override {
+    if (is_bf16(qkv)) {
+      need(out, DType::BF16, "attention out");
+      need(kcache, DType::BF16, "attention kcache");
+      need(vcache, DType::BF16, "attention vcache");
+      const Tensor o = out32(out), k = up(kcache), v = up(vcache);
+      attention_decode_forward(o, k, v, up(qkv), pos, n_head);
+      down(out, o);
+      down(kcache, k);
+      return down(vcache, v);
+    }
+    check_float(qkv, "attention qkv");
+    DPO_ASSERT(qkv.dim() == 2 && qkv.size(1) % 3 == 0, "attention qkv must be [B,3C], got " + shape_str(qkv.shape()));
+    const int64_t B = qkv.size(0), C = qkv.size(1) / 3;
+    DPO_ASSERT(n_head > 0 && C % n_head == 0, "attention: C = " + std::to_string(C) + " is not a multiple of n_head " +
+                                                  std::to_string(n_head));
+    const int64_t Tc = check_cache(kcache, vcache, B, C);
+    check_same_dtype(kcache, qkv, "attention kcache", "attention qkv");
+    check_float(out, "attention out");
+    check_shape(out, {B, C}, "attention out");
+    check_same_dtype(out, qkv, "attention out", "attention qkv");
+    check_host(pos, "attention pos");
+    check_dtype(pos, DType::I32, "attention pos");
+    check_shape(pos, {B}, "attention pos");
+    dispatch(qkv.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::attention_decode_forward<F>(out.data<F>(), kcache.data<F>(), vcache.data<F>(), qkv.data<F>(),
+                                       pos.data<int32_t>(), B, Tc, C, n_head);
+    });
+  }
+
   void gelu_forward(const Tensor& out, const Tensor& inp) override {
     if (is_bf16(inp)) {
       need(out, DType::BF16, "gelu out");

@@ -21,6 +21,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -459,6 +460,119 @@ TEST_F(CudaAttention, BackwardIsBitwiseDeterministic) {
   cuda::attention_backward(ctx(), g2.get(), d_dout.get(), d_qkv.get(), d_att.get(), B, T, C, NH);
   EXPECT_TRUE(bitwise_equal(g2.download(), once)) << "two identical calls differ";
   EXPECT_GT(max_abs(once), 0.0);
+}
+
+// --- attention, key/value cache (incremental decoding) --------------------------------------------------------------
+// The step against its CPU twin (which is bitwise the full attention's row, tests/test_kernels_cpu.cpp). Budget as
+// for the forward above: the scores are hs-term dot products, the softmax sum and the weighted sum have pos + 1 <= Tc
+// terms, so (hs + Tc) eps relative to max(1, max |ref|). The caches are compared bitwise: the step copies k and v
+// into position pos[b] and must leave every other position's bits alone. Positions past pos[b] hold NaN, so a key
+// read beyond the sequence turns its output NaN.
+
+struct DecodeCase {
+  int64_t B, Tc, C, NH;
+  std::vector<int32_t> pos;
+};
+
+std::string describe(const DecodeCase& d) {
+  std::string s = "B=" + std::to_string(d.B) + " Tc=" + std::to_string(d.Tc) + " C=" + std::to_string(d.C) +
+                  " NH=" + std::to_string(d.NH) + " pos=";
+  for (int32_t p : d.pos) s += std::to_string(p) + ",";
+  return s;
+}
+
+// Random caches with NaN at the positions past pos[b] (where pos[b] is in range).
+std::pair<std::vector<float>, std::vector<float>> decode_caches(CudaKernelsB& f, const DecodeCase& d) {
+  auto kc = f.rand(d.B * d.Tc * d.C), vc = f.rand(d.B * d.Tc * d.C);
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t s = std::max<int64_t>(d.pos[b] + 1, 0); s < d.Tc; ++s)
+      for (int64_t c = 0; c < d.C; ++c) {
+        kc[(b * d.Tc + s) * d.C + c] = std::numeric_limits<float>::quiet_NaN();
+        vc[(b * d.Tc + s) * d.C + c] = std::numeric_limits<float>::quiet_NaN();
+      }
+  return {kc, vc};
+}
+
+void attention_decode_case(CudaKernelsB& f, const DecodeCase& dc) {
+  SCOPED_TRACE(describe(dc));
+  const int64_t B = dc.B, Tc = dc.Tc, C = dc.C, NH = dc.NH, hs = C / NH;
+  const auto qkv = f.rand(B * 3 * C);
+  const auto [kc, vc] = decode_caches(f, dc);
+  auto ref_kc = kc, ref_vc = vc;
+  std::vector<float> ref(static_cast<size_t>(B * C));
+  cpu::attention_decode_forward<float>(ref.data(), ref_kc.data(), ref_vc.data(), qkv.data(), dc.pos.data(), B, Tc, C,
+                                       NH);
+
+  DeviceArray<float> d_qkv(f.ctx(), qkv), d_kc(f.ctx(), kc), d_vc(f.ctx(), vc), d_out(f.ctx(), B * C);
+  DeviceArray<int32_t> d_pos(f.ctx(), dc.pos);
+  d_out.poison();
+  cuda::attention_decode_forward(f.ctx(), d_out.get(), d_kc.get(), d_vc.get(), d_qkv.get(), d_pos.get(), B, Tc, C, NH);
+  const auto out = d_out.download();
+  const double budget = static_cast<double>(hs + Tc) * kEps * std::max(1.0, max_abs(ref));
+  expect_within(out, ref, constant_tol(ref.size(), budget), "out");
+  EXPECT_TRUE(bitwise_equal(d_kc.download(), ref_kc)) << "kcache: the new keys, and nothing else";
+  EXPECT_TRUE(bitwise_equal(d_vc.download(), ref_vc)) << "vcache: the new values, and nothing else";
+
+  d_out.poison();  // same inputs (the cache now holds the step's k, v at pos, which it rewrites), same bits
+  cuda::attention_decode_forward(f.ctx(), d_out.get(), d_kc.get(), d_vc.get(), d_qkv.get(), d_pos.get(), B, Tc, C, NH);
+  EXPECT_TRUE(bitwise_equal(d_out.download(), out)) << "out differs between two identical calls";
+}
+
+TEST_F(CudaAttention, DecodeStepMatchesCpuTwin) {
+  const std::vector<DecodeCase> cases = {
+      {3, 19, 48, 3, {0, 18, 7}},           // hs = 16; the first and the last position
+      {4, 150, 128, 2, {149, 0, 64, 100}},  // hs = 64 (GPT-2): many keys per warp, a partial last round
+      {2, 300, 96, 1, {299, 257}},          // hs = 96: three channel rounds per lane
+      {5, 7, 40, 5, {6, 1, 2, 3, 0}},       // hs = 8: fewer channels than lanes
+      {1, 40, 2048, 2, {39}},               // hs = 1024 = kDecodeMaxHeadSize: the most shared memory
+  };
+  for (const auto& dc : cases) attention_decode_case(*this, dc);
+}
+
+// A position outside [0, Tc) cannot throw on the device: that sequence's row is NaN and its cache untouched, the
+// other sequences are computed as usual.
+TEST_F(CudaAttention, DecodeStepWithAPositionOutsideTheCacheGivesANaNRow) {
+  const DecodeCase dc{3, 9, 48, 3, {4, 9, -1}};
+  const int64_t B = dc.B, Tc = dc.Tc, C = dc.C, NH = dc.NH;
+  const auto qkv = rand(B * 3 * C);
+  const auto [kc, vc] = decode_caches(*this, dc);
+  // The twin throws on the bad positions; its reference for sequence 0 alone.
+  auto ref_kc = kc, ref_vc = vc;
+  std::vector<float> ref(static_cast<size_t>(C));
+  cpu::attention_decode_forward<float>(ref.data(), ref_kc.data(), ref_vc.data(), qkv.data(), dc.pos.data(), 1, Tc, C,
+                                       NH);
+  DeviceArray<float> d_qkv(ctx(), qkv), d_kc(ctx(), kc), d_vc(ctx(), vc), d_out(ctx(), B * C);
+  DeviceArray<int32_t> d_pos(ctx(), dc.pos);
+  d_out.zero();
+  cuda::attention_decode_forward(ctx(), d_out.get(), d_kc.get(), d_vc.get(), d_qkv.get(), d_pos.get(), B, Tc, C, NH);
+  const auto out = d_out.download();
+  const std::vector<float> row0(out.begin(), out.begin() + C);
+  expect_within(row0, ref, constant_tol(ref.size(), (C / NH + Tc) * kEps * std::max(1.0, max_abs(ref))), "row 0");
+  for (int64_t i = C; i < B * C; ++i) ASSERT_TRUE(std::isnan(out[i])) << "element " << i << " of the bad rows";
+  // Sequence 0's cache got its step; sequences 1 and 2 are as they were.
+  const auto tail = [&](const std::vector<float>& v) { return std::vector<float>(v.begin() + Tc * C, v.end()); };
+  const std::vector<float> ref_row0(ref_kc.begin(), ref_kc.begin() + Tc * C);
+  EXPECT_TRUE(bitwise_equal(d_kc.download_range(0, Tc * C), ref_row0));
+  EXPECT_TRUE(bitwise_equal(d_kc.download_range(Tc * C, 2 * Tc * C), tail(kc)));
+  EXPECT_TRUE(bitwise_equal(d_vc.download_range(Tc * C, 2 * Tc * C), tail(vc)));
+}
+
+TEST_F(CudaAttention, CacheStoreCopiesTheKeysAndValuesBitwise) {
+  for (const auto& [B, T, Tc, C] : std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>{
+           {3, 7, 10, 48}, {2, 150, 150, 128}, {1, 0, 4, 16}}) {
+    SCOPED_TRACE("B=" + std::to_string(B) + " T=" + std::to_string(T) + " Tc=" + std::to_string(Tc));
+    const auto qkv = rand(B * T * 3 * C);
+    std::vector<float> kc(static_cast<size_t>(B * Tc * C)), vc(kc.size());
+    std::memset(kc.data(), 0xFF, kc.size() * sizeof(float));  // the device poison's bits: untouched positions keep it
+    std::memset(vc.data(), 0xFF, vc.size() * sizeof(float));
+    cpu::attention_cache_store<float>(kc.data(), vc.data(), qkv.data(), B, T, Tc, C);
+    DeviceArray<float> d_qkv(ctx(), qkv), d_kc(ctx(), B * Tc * C), d_vc(ctx(), B * Tc * C);
+    d_kc.poison();
+    d_vc.poison();
+    cuda::attention_cache_store(ctx(), d_kc.get(), d_vc.get(), d_qkv.get(), B, T, Tc, C);
+    EXPECT_TRUE(bitwise_equal(d_kc.download(), kc));
+    EXPECT_TRUE(bitwise_equal(d_vc.download(), vc));
+  }
 }
 
 // --- logprob --------------------------------------------------------------------------------------------------------

@@ -1428,4 +1428,187 @@ TEST(CpuBackendPaddedLogits, RowStrideRulesAreCheckedAtTheBoundary) {
   EXPECT_THROW(be->logprob_backward(logits, logits, tg, wt, s, 321), dpo::Error);
 }
 
+// ============================================================================================== attention, KV cache
+// The decoding step against its oracle, the full attention: with the keys and values of the same qkv, the step for
+// query t = pos[b] must be bitwise row (b, pos[b]) of attention_forward's out (the same arithmetic in the same
+// order, kernels/attention.h). Cache positions the step may not read are NaN, so reading one shows up.
+
+struct DecodeShape {
+  int64_t B, T, C, NH;
+};
+
+// Row b of the step is at position pos[b]; caches hold positions [0, pos[b]) of qkv, NaN elsewhere.
+template <class F>
+void check_decode_step_against_full(const DecodeShape& sh, std::mt19937_64& g) {
+  const int64_t B = sh.B, T = sh.T, C = sh.C, NH = sh.NH, Tc = T + 3;
+  SCOPED_TRACE("B=" + std::to_string(B) + " T=" + std::to_string(T) + " C=" + std::to_string(C) +
+               " NH=" + std::to_string(NH));
+  const auto qkv = randn<F>(g, B * T * 3 * C);
+  std::vector<F> full(B * T * C), att(B * NH * T * T);
+  attention_forward(full.data(), att.data(), qkv.data(), nullptr, B, T, C, NH);
+  std::vector<int32_t> pos(B);
+  for (int64_t b = 0; b < B; ++b) pos[b] = static_cast<int32_t>(b == 0 ? 0 : b == 1 ? T - 1 : (b * 5) % T);
+
+  std::vector<F> kc(B * Tc * C), vc(B * Tc * C);
+  poison(kc), poison(vc);
+  attention_cache_store(kc.data(), vc.data(), qkv.data(), B, T, Tc, C);
+  for (int64_t b = 0; b < B; ++b)  // un-write positions >= pos[b]: the step writes pos[b] and reads only up to it
+    for (int64_t s = pos[b]; s < Tc; ++s)
+      for (int64_t c = 0; c < C; ++c) {
+        kc[(b * Tc + s) * C + c] = std::numeric_limits<F>::quiet_NaN();
+        vc[(b * Tc + s) * C + c] = std::numeric_limits<F>::quiet_NaN();
+      }
+  const auto kc0 = kc, vc0 = vc;
+  std::vector<F> step_qkv(B * 3 * C), out(B * C);
+  for (int64_t b = 0; b < B; ++b)
+    std::copy(qkv.begin() + (b * T + pos[b]) * 3 * C, qkv.begin() + (b * T + pos[b] + 1) * 3 * C,
+              step_qkv.begin() + b * 3 * C);
+  poison(out);
+  attention_decode_forward(out.data(), kc.data(), vc.data(), step_qkv.data(), pos.data(), B, Tc, C, NH);
+  for (int64_t b = 0; b < B; ++b) {
+    const std::vector<F> got(out.begin() + b * C, out.begin() + (b + 1) * C);
+    const std::vector<F> want(full.begin() + (b * T + pos[b]) * C, full.begin() + (b * T + pos[b] + 1) * C);
+    EXPECT_TRUE(bitwise_equal(got, want)) << "sequence " << b << " at position " << pos[b];
+    for (int64_t s = 0; s < Tc; ++s)
+      for (int64_t c = 0; c < C; ++c) {
+        const size_t i = static_cast<size_t>((b * Tc + s) * C + c);
+        if (s == pos[b]) {
+          ASSERT_EQ(kc[i], step_qkv[b * 3 * C + C + c]) << "b=" << b << " c=" << c;
+          ASSERT_EQ(vc[i], step_qkv[b * 3 * C + 2 * C + c]) << "b=" << b << " c=" << c;
+        } else {  // untouched: earlier positions keep their values, later ones stay NaN
+          ASSERT_TRUE(std::memcmp(&kc[i], &kc0[i], sizeof(F)) == 0) << "b=" << b << " s=" << s << " c=" << c;
+          ASSERT_TRUE(std::memcmp(&vc[i], &vc0[i], sizeof(F)) == 0) << "b=" << b << " s=" << s << " c=" << c;
+        }
+      }
+  }
+}
+
+TEST(KernelAttentionDecode, StepIsBitwiseTheFullAttentionRow) {
+  std::mt19937_64 g(test_seed());
+  // Awkward sizes (hs = 4), then GPT-2's head size 64 (two heads) and an odd one (hs = 24, 5 heads).
+  for (const DecodeShape& sh : {DecodeShape{kB, kT, kC, kNH}, DecodeShape{4, 37, 128, 2}, DecodeShape{3, 19, 120, 5}}) {
+    check_decode_step_against_full<float>(sh, g);
+    check_decode_step_against_full<double>(sh, g);
+  }
+}
+
+TEST(KernelAttentionDecode, StepsReproduceEveryRowOfTheFullAttention) {
+  // Prefill of the first P positions, then one step per later position, each reading what the earlier steps wrote.
+  std::mt19937_64 g(test_seed());
+  const int64_t B = 2, T = 23, C = 128, NH = 2, P = 5, Tc = T;
+  const auto qkv = randn<float>(g, B * T * 3 * C);
+  std::vector<float> full(B * T * C), att(B * NH * T * T);
+  attention_forward(full.data(), att.data(), qkv.data(), nullptr, B, T, C, NH);
+  std::vector<float> prefix(B * P * 3 * C);
+  for (int64_t b = 0; b < B; ++b)
+    std::copy(qkv.begin() + b * T * 3 * C, qkv.begin() + (b * T + P) * 3 * C, prefix.begin() + b * P * 3 * C);
+  std::vector<float> kc(B * Tc * C), vc(B * Tc * C);
+  poison(kc), poison(vc);
+  attention_cache_store(kc.data(), vc.data(), prefix.data(), B, P, Tc, C);
+  for (int64_t t = P; t < T; ++t) {
+    std::vector<float> step(B * 3 * C), out(B * C);
+    for (int64_t b = 0; b < B; ++b)
+      std::copy(qkv.begin() + (b * T + t) * 3 * C, qkv.begin() + (b * T + t + 1) * 3 * C, step.begin() + b * 3 * C);
+    const std::vector<int32_t> pos(B, static_cast<int32_t>(t));
+    poison(out);
+    attention_decode_forward(out.data(), kc.data(), vc.data(), step.data(), pos.data(), B, Tc, C, NH);
+    for (int64_t b = 0; b < B; ++b)
+      EXPECT_TRUE(bitwise_equal(std::vector<float>(out.begin() + b * C, out.begin() + (b + 1) * C),
+                                std::vector<float>(full.begin() + (b * T + t) * C, full.begin() + (b * T + t + 1) * C)))
+          << "b=" << b << " t=" << t;
+  }
+}
+
+TEST(KernelAttentionDecode, StoreCopiesKeysAndValuesAndLeavesTheRest) {
+  std::mt19937_64 g(test_seed());
+  const int64_t B = 3, T = 6, C = 20, Tc = 9;
+  const auto qkv = randn<double>(g, B * T * 3 * C);
+  std::vector<double> kc(B * Tc * C), vc(B * Tc * C);
+  poison(kc), poison(vc);
+  attention_cache_store(kc.data(), vc.data(), qkv.data(), B, T, Tc, C);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < Tc; ++s)
+      for (int64_t c = 0; c < C; ++c) {
+        const double k = kc[(b * Tc + s) * C + c], v = vc[(b * Tc + s) * C + c];
+        if (s < T) {
+          ASSERT_EQ(k, qkv[(b * T + s) * 3 * C + C + c]);
+          ASSERT_EQ(v, qkv[(b * T + s) * 3 * C + 2 * C + c]);
+        } else {
+          ASSERT_TRUE(std::isnan(k) && std::isnan(v)) << "position " << s << " past the stored ones was written";
+        }
+      }
+  EXPECT_THROW(attention_cache_store(kc.data(), vc.data(), qkv.data(), 1, Tc + 1, Tc, C), dpo::Error);
+}
+
+TEST(KernelAttentionDecode, PositionOutsideTheCacheThrowsBeforeWriting) {
+  std::mt19937_64 g(test_seed());
+  const int64_t B = 2, C = 12, NH = 3, Tc = 5;
+  const auto qkv = randn<float>(g, B * 3 * C);
+  for (int32_t bad : {-1, static_cast<int32_t>(Tc)}) {
+    std::vector<float> kc = randn<float>(g, B * Tc * C), vc = randn<float>(g, B * Tc * C), out(B * C);
+    const auto kc0 = kc, vc0 = vc;
+    poison(out);
+    const std::vector<int32_t> pos = {2, bad};
+    EXPECT_THROW(attention_decode_forward(out.data(), kc.data(), vc.data(), qkv.data(), pos.data(), B, Tc, C, NH),
+                 dpo::Error);
+    EXPECT_TRUE(bitwise_equal(kc, kc0) && bitwise_equal(vc, vc0)) << "position " << bad;
+    EXPECT_FALSE(all_finite(out)) << "out was written";
+  }
+}
+
+// The CPU backend's BF16 step is the F32 step on the BF16 values, each output rounded once; cache positions other
+// than the step's keep their bits.
+TEST(CpuBackendDecode, Bf16StepIsTheF32StepRoundedOnceAndArgumentsAreChecked) {
+  using dpo::DType;
+  using dpo::Tensor;
+  std::mt19937_64 g(test_seed());
+  auto be = dpo::make_cpu_backend();
+  const int64_t B = 3, Tc = 10, C = 96, NH = 3, T = 6;
+  auto bf = [](const std::vector<double>& v) {
+    return as_f64(host_as(v, {static_cast<int64_t>(v.size())}, DType::BF16));
+  };
+  const auto prompt = bf(randn<double>(g, B * T * 3 * C)), step = bf(randn<double>(g, B * 3 * C));
+  const std::vector<int32_t> positions = {6, 0, 3};  // 6: right after the prompt; 0 and 3 rewrite a position
+  Tensor pos = Tensor::host({B}, DType::I32);
+  std::copy(positions.begin(), positions.end(), pos.data<int32_t>());
+  std::vector<double> result[2], cache_k[2], cache_v[2];
+  for (int pass = 0; pass < 2; ++pass) {
+    const DType dt = pass == 0 ? DType::F32 : DType::BF16;
+    Tensor kc = host_as(std::vector<double>(B * Tc * C, 0.25), {B, Tc, C}, dt);
+    Tensor vc = host_as(std::vector<double>(B * Tc * C, -0.5), {B, Tc, C}, dt);
+    Tensor out = host_as(std::vector<double>(B * C, std::nan("")), {B, C}, dt);
+    be->attention_cache_store(kc, vc, host_as(prompt, {B, T, 3 * C}, dt));
+    be->attention_decode_forward(out, kc, vc, host_as(step, {B, 3 * C}, dt), pos, NH);
+    result[pass] = as_f64(out);
+    cache_k[pass] = as_f64(kc);
+    cache_v[pass] = as_f64(vc);
+  }
+  EXPECT_TRUE(all_finite(result[1]));
+  EXPECT_TRUE(bitwise_equal(result[1], bf(result[0])));
+  EXPECT_TRUE(bitwise_equal(cache_k[1], cache_k[0]));  // all cache values are BF16 values: stored exactly
+  EXPECT_TRUE(bitwise_equal(cache_v[1], cache_v[0]));
+  EXPECT_EQ(cache_k[1][(0 * Tc + 8) * C], 0.25);  // never written
+  EXPECT_EQ(cache_k[1][(1 * Tc + 0) * C], step[1 * 3 * C + C]);  // rewritten by the step
+
+  // Boundary checks name the argument.
+  auto expect_error = [](const std::function<void()>& f, const char* needle) {
+    try {
+      f();
+      ADD_FAILURE() << "no error, expected one naming " << needle;
+    } catch (const dpo::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  const Tensor kc = be->zeros({B, Tc, C}, DType::F32), vc = be->zeros({B, Tc, C}, DType::F32);
+  const Tensor q = be->zeros({B, 3 * C}, DType::F32), out = be->zeros({B, C}, DType::F32);
+  expect_error([&] { be->attention_decode_forward(out, kc, be->zeros({B, Tc + 1, C}, DType::F32), q, pos, NH); },
+               "vcache");
+  expect_error([&] { be->attention_decode_forward(out, kc, vc, q, be->zeros({B}, DType::F32), NH); }, "pos");
+  expect_error([&] { be->attention_decode_forward(be->zeros({B, C + 1}, DType::F32), kc, vc, q, pos, NH); }, "out");
+  expect_error([&] { be->attention_decode_forward(out, kc, vc, q, pos, 7); }, "n_head");
+  expect_error([&] { be->attention_cache_store(kc, vc, be->zeros({B, Tc + 1, 3 * C}, DType::F32)); }, "positions");
+  const Tensor v64 = be->zeros({B, Tc, C}, DType::F64);
+  expect_error([&] { be->attention_cache_store(kc, v64, be->zeros({B, 2, 3 * C}, DType::F32)); }, "vcache");
+}
+
 }  // namespace

@@ -1,12 +1,26 @@
-// Sampling: the token picker against closed forms, and batched generation against one-at-a-time generation.
+// Sampling: the token picker against closed forms, batched generation against one-at-a-time generation, and the
+// key/value-cache decoding against the full recompute (its oracle), token for token and logit for logit.
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <map>
+#include <random>
+#include <utility>
 
+#include "model/checkpoint.h"
+#include "test_decode.h"
+#include "test_util.h"
 #include "train/sample.h"
 
 namespace dpo {
 namespace {
+
+using test::expect_cache_matches_recompute;
+using test::head64_config;
+using test::mixed_prompts;
+using test::option_sets;
+using test::run;
+using test::StepLogits;
 
 TEST(Sample, GreedyAndDegenerateFiltersPickTheArgmax) {
   const std::vector<float> logits = {0.1f, 2.0f, -1.0f, 1.9f, 0.0f};
@@ -117,6 +131,98 @@ TEST(Sample, BatchedGreedyGenerationEqualsOneAtATime) {
   EXPECT_LE(capped[0].size(), 4u);
   EXPECT_THROW(generate(m, {std::vector<int32_t>(24, 1)}, o, r1), InputError);
   EXPECT_THROW(generate(m, {std::vector<int32_t>{}}, o, r1), InputError);
+}
+
+TEST(SampleKvCache, FixtureModelGivesTheRecomputedTokensAndLogits) {
+  auto be = make_cpu_backend();
+  auto m = load_gpt2_checkpoint(*be, std::string(DPO_FIXTURE_DIR) + "/gpt2_tiny", DType::F32);
+  ASSERT_EQ(m->config().max_seq_len, 24);
+  std::mt19937_64 g(test::test_seed());
+  const auto prompts = mixed_prompts(g, 96, {5, 1, 12, 3, 17, 9});
+  uint64_t seed = 100;
+  for (const auto& o : option_sets(20, 95)) {
+    SCOPED_TRACE("temperature " + std::to_string(o.temperature) + " top_k " + std::to_string(o.top_k));
+    expect_cache_matches_recompute(*m, prompts, o, ++seed);
+  }
+}
+
+TEST(SampleKvCache, Head64ModelGivesTheRecomputedTokensAndLogits) {
+  auto be = make_cpu_backend();
+  GPT2 m(*be, head64_config(), DType::F32);
+  Rng init(17);
+  m.init_random(init);
+  std::mt19937_64 g(test::test_seed());
+  const auto prompts = mixed_prompts(g, 300, {7, 2, 30, 13, 1, 21, 4});
+  uint64_t seed = 200;
+  for (const auto& o : option_sets(25, 299)) {
+    SCOPED_TRACE("temperature " + std::to_string(o.temperature) + " top_k " + std::to_string(o.top_k));
+    expect_cache_matches_recompute(m, prompts, o, ++seed);
+  }
+}
+
+TEST(SampleKvCache, EosAndContextLimitStopSequencesAsTheRecomputeDoes) {
+  auto be = make_cpu_backend();
+  GPT2 m(*be, head64_config(), DType::F32);
+  Rng init(23);
+  m.init_random(init);
+  std::mt19937_64 g(test::test_seed());
+  const auto prompts = mixed_prompts(g, 300, {3, 10, 36, 6});
+  SampleOptions o;
+  o.temperature = 0;
+  o.max_new_tokens = 30;
+  // The EOS id: the token the recompute's greedy run draws at step 2 of prompt 0, so that prompt stops there
+  // while the others go on (a run with no EOS at all would not exercise the early exit).
+  StepLogits scratch;
+  const auto free_run = run(m, prompts, o, Decoding::FullRecompute, 1, &scratch);
+  ASSERT_GE(free_run[0].size(), 3u);
+  o.eos_id = free_run[0][2];
+  StepLogits logits;
+  const auto with_eos = run(m, prompts, o, Decoding::KvCache, 1, &logits);
+  EXPECT_LE(with_eos[0].size(), 3u);
+  EXPECT_EQ(with_eos[0].back(), o.eos_id);
+  if (std::find(with_eos[2].begin(), with_eos[2].end(), o.eos_id) == with_eos[2].end())
+    EXPECT_EQ(with_eos[2].size(), 4u) << "a 36-token prompt gets 40 - 36 new tokens";
+  expect_cache_matches_recompute(m, prompts, o, 1);
+  // Refusals exactly as the recompute: a prompt that fills the context, an empty prompt.
+  Rng rng(0);
+  EXPECT_THROW(generate(m, {std::vector<int32_t>(40, 1)}, o, rng), InputError);
+  EXPECT_THROW(generate(m, {std::vector<int32_t>{}}, o, rng), InputError);
+  // The cache is released after generation (and after a refusal).
+  EXPECT_EQ(m.decode_batch(), 0);
+}
+
+TEST(SampleKvCache, DecodeStepsEqualTheFullForwardInF32AndTrackItInBf16) {
+  auto be = make_cpu_backend();
+  std::mt19937_64 g(test::test_seed());
+  test::expect_forced_decode_matches(*be, g, 3.0);
+}
+
+TEST(SampleKvCache, DecodeApiRefusesGapsFullCachesAndBadIds) {
+  auto be = make_cpu_backend();
+  GPT2 m(*be, head64_config(), DType::F32);
+  Rng init(3);
+  m.init_random(init);
+  Tensor tok = Tensor::host({2, 4}, DType::I32);
+  EXPECT_THROW(m.decode_prefill(tok, {4, 2}, 41), InputError);  // beyond n_positions = 40
+  EXPECT_THROW(m.decode_prefill(tok, {4, 5}, 8), Error);          // a length past the prompt
+  EXPECT_THROW(m.decode_prefill(tok, {4, 2}, 3), Error);          // capacity below the prompt
+  m.decode_prefill(tok, {4, 2}, 6);
+  EXPECT_EQ(m.decode_filled(0), 4);
+  EXPECT_EQ(m.decode_filled(1), 2);
+  EXPECT_THROW(m.decode_step({1, 1}, {4, 3}), Error);   // sequence 1 would skip position 2
+  EXPECT_THROW(m.decode_step({1, 1}, {6, 2}), Error);   // past the capacity
+  EXPECT_THROW(m.decode_step({1, 300}, {4, 2}), InputError);  // id outside the vocabulary
+  EXPECT_THROW(m.decode_step({1}, {4}), Error);         // one token for two sequences
+  m.decode_step({1, 1}, {4, 2});
+  EXPECT_EQ(m.decode_filled(1), 3);
+  EXPECT_THROW(m.decode_select({1, 1}), Error);
+  EXPECT_THROW(m.decode_select({0, 2}), Error);
+  m.decode_select({1});
+  EXPECT_EQ(m.decode_batch(), 1);
+  EXPECT_EQ(m.decode_filled(0), 3);
+  m.decode_end();
+  EXPECT_EQ(m.decode_batch(), 0);
+  EXPECT_THROW(m.decode_step({1}, {0}), Error);  // no cache
 }
 
 }  // namespace

@@ -408,6 +408,60 @@ void CudaBackend::attention_backward(const Tensor& dqkv, const Tensor& dout, con
   });
 }
 
+namespace {
+
+// [B,Tc,C] caches; returns Tc.
+int64_t cache_positions(const Tensor& kcache, const Tensor& vcache, int64_t B, int64_t C) {
+  DPO_ASSERT(kcache.dim() == 3, "attention kcache must be [B,Tc,C], got " + shape_str(kcache.shape()));
+  const int64_t Tc = kcache.size(1);
+  check_shape(kcache, {B, Tc, C}, "attention kcache");
+  check_shape(vcache, {B, Tc, C}, "attention vcache");
+  return Tc;
+}
+
+}  // namespace
+
+void CudaBackend::attention_cache_store(const Tensor& kcache, const Tensor& vcache, const Tensor& qkv) {
+  const DType A = check_activation(qkv, "attention qkv");
+  check_is(kcache, A, "attention kcache");
+  check_is(vcache, A, "attention vcache");
+  DPO_ASSERT(qkv.dim() == 3 && qkv.size(2) % 3 == 0, "attention qkv must be [B,T,3C], got " + shape_str(qkv.shape()));
+  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
+  const int64_t Tc = cache_positions(kcache, vcache, B, C);
+  DPO_ASSERT(T <= Tc, "attention_cache_store: qkv " + shape_str(qkv.shape()) + " has more positions than the cache " +
+                          shape_str(kcache.shape()));
+  DPO_ASSERT(!overlap(kcache, vcache) && !overlap(kcache, qkv) && !overlap(vcache, qkv),
+             "attention_cache_store: kcache, vcache and qkv must not overlap");
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::attention_cache_store(*ctx_, ptr<S>(kcache), ptr<S>(vcache), ptr<S>(qkv), B, T, Tc, C);
+  });
+}
+
+void CudaBackend::attention_decode_forward(const Tensor& out, const Tensor& kcache, const Tensor& vcache,
+                                           const Tensor& qkv, const Tensor& pos, int64_t n_head) {
+  const DType A = check_activation(qkv, "attention qkv");
+  check_is(out, A, "attention out");
+  check_is(kcache, A, "attention kcache");
+  check_is(vcache, A, "attention vcache");
+  check_i32(pos, "attention pos");
+  DPO_ASSERT(qkv.dim() == 2 && qkv.size(1) % 3 == 0, "attention qkv must be [B,3C], got " + shape_str(qkv.shape()));
+  const int64_t B = qkv.size(0), C = qkv.size(1) / 3;
+  DPO_ASSERT(n_head > 0 && C % n_head == 0,
+             "attention: C = " + std::to_string(C) + " is not a multiple of n_head " + std::to_string(n_head));
+  const int64_t Tc = cache_positions(kcache, vcache, B, C);
+  check_shape(out, {B, C}, "attention out");
+  check_shape(pos, {B}, "attention pos");
+  DPO_ASSERT(!overlap(kcache, vcache) && !overlap(out, kcache) && !overlap(out, vcache) && !overlap(out, qkv) &&
+                 !overlap(kcache, qkv) && !overlap(vcache, qkv),
+             "attention_decode_forward: out, kcache, vcache and qkv must not overlap");
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::attention_decode_forward(*ctx_, ptr<S>(out), ptr<S>(kcache), ptr<S>(vcache), ptr<S>(qkv),
+                                   pos.data<int32_t>(), B, Tc, C, n_head);
+  });
+}
+
 void CudaBackend::gelu_forward(const Tensor& out, const Tensor& inp) {
   const DType A = check_activation(inp, "gelu inp");
   check_is(out, A, "gelu out");

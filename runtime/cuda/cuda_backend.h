@@ -78,6 +78,11 @@ class CudaBackend final : public Backend {
                          int64_t n_head) override;
   void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
                           int64_t n_head) override;
+  // The key/value cache ops (kernels/attention.cuh): F32 or BF16 caches. A position outside [0, Tc) is not checked
+  // here (it would need a sync): that sequence's out row becomes NaN and its cache is left as it was.
+  void attention_cache_store(const Tensor& kcache, const Tensor& vcache, const Tensor& qkv) override;
+  void attention_decode_forward(const Tensor& out, const Tensor& kcache, const Tensor& vcache, const Tensor& qkv,
+                                const Tensor& pos, int64_t n_head) override;
   void gelu_forward(const Tensor& out, const Tensor& inp) override;
   void gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) override;
   void residual_forward(const Tensor& out, const Tensor& a, const Tensor& b) override;
