@@ -17,8 +17,8 @@ constexpr double kCubic = 0.044715;
 //   u >= 0: s = 1 / (1 + q),  1 - s = q / (1 + q);     u < 0: s = q / (1 + q),  1 - s = 1 / (1 + q),
 // so neither s nor 1 - s is formed by a subtraction (the tanh form loses all digits of 1 + tanh u for x < -3), exp
 // never overflows, and the limits are exact: q underflows to 0 for |x| > ~11, giving gelu = x (x > 0) or -0
-// (x < 0), gelu' = 1 or 0. The loops are straight-line float code (no libm call, branches become selects), so
-// the compiler vectorises them for the baseline x86-64 ISA; every operation is a correctly rounded IEEE float
+// (x < 0), gelu' = 1 or 0. The loops are straight-line code (no libm call, selects as integer blends), so the
+// compiler vectorises them for the baseline x86-64 ISA; every operation is a correctly rounded IEEE float
 // operation and the kernel library is not built with contraction-enabling ISA flags, so the result is the same
 // bits on every x86-64 CPU. Measured error: docs/perf/2026-12-06-small/gelu_error.txt.
 
