@@ -1,6 +1,8 @@
 // GELU, tanh form (GPT-2's "gelu_new"): gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
 //   forward : out[N] = gelu(inp)                 (=)
 //   backward: dinp[N] += dout * gelu'(inp)       (+=)
+// double: std::tanh. float: the equal form x * sigmoid(2u) with an in-line exp, vectorised, the same bits on every
+// x86-64 CPU; error and limits in kernels/gelu_cpu.cpp and docs/performance.md.
 #pragma once
 #include <cstdint>
 

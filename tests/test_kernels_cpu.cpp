@@ -898,6 +898,122 @@ TEST(KernelGelu, FloatMatchesDouble) {
   expect_float_close(dinp_f, dinp, "dinp");
 }
 
+// The float kernels evaluate gelu(x) = x sigmoid(2u) with their own vectorisable exp (kernels/gelu_cpu.cpp). The
+// reference is the same closed form in long double, with sigmoid(2u) and 1 - sigmoid(2u) each taken without a
+// subtraction, so it stays accurate where 1 + tanh(u) cancels (x < -3); CloseFormMatchesTanhForm ties it to the
+// tanh definition. gelu' = s + 2 a x (1 + 3 k x^2) s (1 - s), s = sigmoid(2u).
+struct GeluRef {
+  long double y, g, g_mag, u;  // gelu, gelu', the size of gelu''s two terms, u = a (x + k x^3)
+};
+GeluRef gelu_closed(long double x) {
+  const long double a = std::sqrt(2.0L / 3.14159265358979323846264338327950288L), k = 0.044715L;
+  const long double u = a * (x + k * x * x * x);
+  const long double s = 1.0L / (1.0L + std::exp(-2.0L * u)), c = 1.0L / (1.0L + std::exp(2.0L * u));
+  const long double t = 2.0L * a * x * (1.0L + 3.0L * k * x * x) * s * c;
+  return {x * s, s + t, s + std::fabs(t), u};
+}
+
+TEST(KernelGelu, ClosedFormMatchesTanhForm) {
+  for (long double x = -3.0L; x <= 8.0L; x += 0.01L)
+    EXPECT_NEAR(static_cast<double>(gelu_closed(x).y), static_cast<double>(gelu_ref(x)), 1e-15) << "x=" << x;
+}
+
+// Error budget of the float kernels: u carries a few float roundings (relative error d ~ 2 eps) and exp turns a
+// relative error d of its argument 2u into 2|u| d, plus a few roundings of the final products: the error is at
+// most ~eps (1 + 2|u|) times the size of the result's terms. Measured over ~1e8 points (every 61st float bit
+// pattern and a dense grid on [-16, 16], docs/perf/2026-12-06-small/gelu_error.txt) the worst ratio is below 2.3;
+// 4 leaves margin while a wrong constant or term is off by orders of magnitude. Subnormal results are compared
+// on the scale of FLT_MIN.
+void expect_gelu_float_close(const std::vector<float>& x, const std::vector<float>& y, const std::vector<float>& dx,
+                             const std::vector<float>& dy, const std::vector<float>& dx0) {
+  const double eps = std::numeric_limits<float>::epsilon(), fmin = std::numeric_limits<float>::min();
+  for (size_t i = 0; i < x.size(); ++i) {
+    const GeluRef r = gelu_closed(x[i]);
+    const double budget = 4 * eps * (1 + 2 * std::fabs(static_cast<double>(r.u)));
+    ASSERT_TRUE(std::isfinite(y[i]) && std::isfinite(dx[i])) << "x=" << x[i];
+    EXPECT_NEAR(y[i], static_cast<double>(r.y), budget * std::max(std::fabs(static_cast<double>(r.y)), fmin))
+        << "x=" << x[i];
+    // dx = dx0 + dy * gelu': one more rounding in the product and one in the sum.
+    const double g = static_cast<double>(r.g) * dy[i];
+    const double mag = static_cast<double>(r.g_mag) * std::fabs(dy[i]);
+    EXPECT_NEAR(dx[i], dx0[i] + g, budget * std::max(mag, fmin) + 2 * eps * std::fabs(dx0[i] + g)) << "x=" << x[i];
+  }
+}
+
+TEST(KernelGelu, FloatMatchesClosedForm) {
+  std::mt19937_64 g(test_seed());
+  // Real activations (randn * 3), the whole range where the exp matters ([-14, 14]) and edge values, in a length
+  // that is not a multiple of the vector width; and a large array so that the threaded path runs too.
+  std::vector<float> x;
+  std::normal_distribution<float> nd(0.f, 3.f);
+  std::uniform_real_distribution<float> ud(-14.f, 14.f);
+  for (int i = 0; i < 40001; ++i) x.push_back(i % 2 ? nd(g) : ud(g));
+  const float fmax = std::numeric_limits<float>::max(), fmin = std::numeric_limits<float>::min(),
+              fden = std::numeric_limits<float>::denorm_min();
+  // 10.061: 2u = log(FLT_MAX), where exp(2u) would overflow; 10.680: exp(-2u) = 2^-150, the end of the
+  // subnormals; 7e12: x^3 overflows.
+  for (float e : {0.0f, -0.0f, fden, -fden, fmin, -fmin, 1e-30f, -1e-30f, 1e-7f, -1e-7f, -0.7525f, 10.0f, -10.0f,
+                  10.061f, -10.061f, 10.6802f, -10.6802f, 10.6813f, -10.6813f, 12.0f, -12.0f, 32.0f, -32.0f, 33.0f,
+                  -33.0f, 1e4f, -1e4f, 6.9e12f, -6.9e12f, 7e12f, -7e12f, 1e30f, -1e30f, fmax, -fmax})
+    x.push_back(e);
+  const int64_t N = static_cast<int64_t>(x.size());
+  std::vector<float> y(N), dy = randn<float>(g, N), dx0 = randn<float>(g, N);
+  poison(y);
+  gelu_forward(y.data(), x.data(), N);
+  std::vector<float> dx = dx0;
+  gelu_backward(dx.data(), dy.data(), x.data(), N);
+  expect_gelu_float_close(x, y, dx, dy, dx0);
+}
+
+TEST(KernelGelu, FloatExactLimits) {
+  // The float kernel's limits are exact: gelu(x) = x and gelu'(x) = 1 once gelu' - 1 ~ 2 a x (1 + 3 k x^2) e^-2u
+  // is below half an ulp of 1 (x > ~6.5), gelu(x) = -0 and gelu'(x) = 0 once exp(-2u) underflows (x < -10.69).
+  const float fmax = std::numeric_limits<float>::max();
+  std::vector<float> x = {7.0f, 10.0f, 12.0f, 1e4f, 7e12f, 1e30f, fmax, -10.7f, -12.0f, -1e4f, -7e12f, -1e30f, -fmax};
+  const int64_t N = static_cast<int64_t>(x.size());
+  std::vector<float> y(N), one(N, 1.0f), dx(N, 0.0f);
+  poison(y);
+  gelu_forward(y.data(), x.data(), N);
+  gelu_backward(dx.data(), one.data(), x.data(), N);
+  for (int64_t i = 0; i < N; ++i) {
+    if (x[i] > 0) {
+      EXPECT_EQ(y[i], x[i]) << "x=" << x[i];
+      EXPECT_EQ(dx[i], 1.0f) << "x=" << x[i];
+    } else {
+      EXPECT_EQ(y[i], 0.0f) << "x=" << x[i];
+      EXPECT_TRUE(std::signbit(y[i])) << "x=" << x[i];
+      EXPECT_EQ(dx[i], 0.0f) << "x=" << x[i];
+    }
+  }
+}
+
+TEST(KernelGelu, FloatThreadCountInvariant) {
+  // Element-wise: the result may not depend on how the loop is split over threads or vector lanes.
+  std::mt19937_64 g(test_seed());
+  const int64_t N = 70001;
+  auto x = randn<float>(g, N, 4.0), dy = randn<float>(g, N);
+  auto run = [&](int threads) {
+    omp_set_num_threads(threads);
+    std::vector<float> y(N), dx(N, 0.0f);
+    gelu_forward(y.data(), x.data(), N);
+    gelu_backward(dx.data(), dy.data(), x.data(), N);
+    y.insert(y.end(), dx.begin(), dx.end());
+    return y;
+  };
+  const int saved = omp_get_max_threads();
+  const auto ref = run(1);
+  EXPECT_TRUE(bitwise_equal(run(3), ref));
+  omp_set_num_threads(saved);
+  // and the single-element calls (scalar tail of the vector loop) agree with the array call
+  for (int64_t i = 0; i < 37; ++i) {
+    float y1, dx1 = 0.0f;
+    gelu_forward(&y1, &x[i], 1);
+    gelu_backward(&dx1, &dy[i], &x[i], 1);
+    EXPECT_EQ(std::memcmp(&y1, &ref[i], 4), 0) << "i=" << i;
+    EXPECT_EQ(std::memcmp(&dx1, &ref[N + i], 4), 0) << "i=" << i;
+  }
+}
+
 // ============================================================================================== residual
 
 template <class T>
