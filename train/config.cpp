@@ -213,8 +213,10 @@ const std::vector<Key>& keys() {
       DOUBLE_KEY(adam_beta1, "AdamW beta1 in [0, 1)"),
       DOUBLE_KEY(adam_beta2, "AdamW beta2 in [0, 1)"),
       DOUBLE_KEY(adam_epsilon, "AdamW epsilon, in [1e-30, 1]"),
-      STRING_KEY(lr_scheduler_type, "after warmup: constant, cosine or linear"),
-      INT_KEY(warmup_steps, "linear warmup steps"),
+      STRING_KEY(lr_scheduler_type, "transformers' schedules: constant (no warmup), constant_with_warmup, cosine "
+                                    "or linear"),
+      INT_KEY(warmup_steps, "linear warmup steps from lr 0 (transformers: step s < warmup_steps uses lr * s / "
+                            "warmup_steps, so the first step's lr is 0)"),
       DOUBLE_KEY(max_grad_norm, "global gradient-norm clip, >= 0; 0 disables"),
       INT_KEY(per_device_train_batch_size, "pairs per micro-batch"),
       INT_KEY(per_device_eval_batch_size, "pairs per evaluation batch"),
@@ -376,9 +378,16 @@ void validate(const TrainConfig& c, RunKind kind) {
   // float32 number and below ~1e-45 it rounds to 0, so that a weight whose gradients were all zero gets
   // 0/0 = NaN; 1e-30 keeps a wide margin. Above 1 AdamW no longer normalises the gradient (usually 1e-8).
   real("adam_epsilon", c.adam_epsilon, 1e-30, false, 1);
-  if (c.lr_scheduler_type != "constant" && c.lr_scheduler_type != "cosine" && c.lr_scheduler_type != "linear")
-    bad("lr_scheduler_type", "must be constant, cosine or linear, got '" + c.lr_scheduler_type + "'");
+  if (c.lr_scheduler_type != "constant" && c.lr_scheduler_type != "constant_with_warmup" &&
+      c.lr_scheduler_type != "cosine" && c.lr_scheduler_type != "linear")
+    bad("lr_scheduler_type",
+        "must be constant, constant_with_warmup, cosine or linear, got '" + c.lr_scheduler_type + "'");
   range("warmup_steps", c.warmup_steps, 0, kMaxCount);
+  // transformers' "constant" ignores warmup_steps without a word; here that combination is refused instead.
+  if (c.lr_scheduler_type == "constant" && c.warmup_steps > 0)
+    bad("warmup_steps", "is " + std::to_string(c.warmup_steps) + " but lr_scheduler_type constant has no warmup "
+                        "(as in transformers); set lr_scheduler_type: constant_with_warmup to warm up, or "
+                        "warmup_steps: 0");
   real("max_grad_norm", c.max_grad_norm, 0, false, 1e30);
   range("per_device_train_batch_size", c.per_device_train_batch_size, 1, kMaxBatch);
   range("per_device_eval_batch_size", c.per_device_eval_batch_size, 1, kMaxBatch);

@@ -57,7 +57,7 @@ struct TrainConfig {
   double adam_beta1 = 0.9;
   double adam_beta2 = 0.999;
   double adam_epsilon = 1e-8;
-  std::string lr_scheduler_type = "constant";
+  std::string lr_scheduler_type = "constant";  // transformers' names; "constant" has no warmup
   int64_t warmup_steps = 0;
   double max_grad_norm = 1.0;
   int64_t per_device_train_batch_size = 8;  // pairs per micro-batch
