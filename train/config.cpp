@@ -201,7 +201,8 @@ const std::vector<Key>& keys() {
           }},
       DOUBLE_KEY(beta, "KL strength beta, in (0, 1e6]; IPO's tau"),
       DOUBLE_KEY(label_smoothing, "epsilon of robust / cdpo, in [0, 0.5)"),
-      BOOL_KEY(ipo_length_normalize, "IPO on per-token mean log-ratios"),
+      BOOL_KEY(ipo_length_normalize, "IPO on per-token mean log-ratios, as TRL's ipo; false: the IPO paper's "
+                                     "summed log-ratios"),
       DOUBLE_KEY(odpo_alpha, "ODPO offset alpha * log(score_chosen - score_rejected), in [0, 1e6]; 0 = off"),
       DOUBLE_KEY(rpo_alpha, "weight of an added SFT term (NLL of the chosen completion), in [0, 1e6]; 0 = off"),
       BOOL_KEY(reference_free, "drop the reference model terms"),

@@ -44,7 +44,7 @@ struct TrainConfig {
   std::vector<double> loss_weights;  // empty = 1 for each loss_type
   double beta = 0.1;
   double label_smoothing = 0.0;
-  bool ipo_length_normalize = false;
+  bool ipo_length_normalize = true;  // TRL's ipo (per-token mean log-ratios); false: the IPO paper's sums
   double odpo_alpha = 0.0;
   double rpo_alpha = 0.0;  // weight of an added SFT (NLL) term on the chosen completion; 0 = off
   bool reference_free = false;
