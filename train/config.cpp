@@ -186,8 +186,14 @@ const std::vector<Key>& keys() {
       INT_KEY(logits_chunk_rows, "token rows per chunk of the LM head and log-softmax (a chunk holds at least one "
                                  "pair); logits memory is chunk x vocab, independent of the batch size"),
       INT_KEY(max_length, "maximum prompt + completion tokens; unset: min(512, the model's n_positions)"),
-      INT_KEY(max_prompt_length, "maximum prompt tokens (< max_length); unset and max_length <= 256: max_length / 2"),
-      STRING_KEY(truncation_mode, "which end of a long prompt is kept: keep_end or keep_start"),
+      STRING_KEY(truncation, "trl1 (TRL 1.x: prompt + completion cut to max_length, records whose prompt has >= "
+                             "max_length tokens dropped and counted) or legacy (prompt cut to max_prompt_length "
+                             "first); unset: legacy if max_prompt_length is set, else trl1"),
+      INT_KEY(max_prompt_length, "truncation: legacy only: maximum prompt tokens (< max_length); 0 = unset: 256, or "
+                                 "max_length / 2 when 256 does not fit"),
+      STRING_KEY(truncation_mode, "trl1: keep_start (TRL 1.x's only supported value); legacy: which end of a long "
+                                  "prompt is kept, keep_end or keep_start; unset: keep_start (trl1), keep_end "
+                                  "(legacy)"),
       BOOL_KEY(skip_malformed, "skip and count malformed records instead of stopping"),
       Key{"loss_type", Kind::StringList, "one loss or a list: sigmoid, ipo, hinge, robust, cdpo, sft",
           [](TrainConfig& c, const YAML::Node& n) { c.loss_type = as_list<std::string>(n, as_string); },
@@ -359,12 +365,30 @@ void validate(const TrainConfig& c, RunKind kind) {
   if (c.zero_stage != 0 && c.zero_stage != 1)
     bad("zero_stage", "must be 0 or 1, got " + std::to_string(c.zero_stage));
   range("max_length", c.max_length, 1, kMaxBatch);
-  range("max_prompt_length", c.max_prompt_length, 1, kMaxBatch);
-  if (c.max_prompt_length >= c.max_length)
-    bad("max_prompt_length", "must be < max_length (" + std::to_string(c.max_length) + "), got " +
-                                 std::to_string(c.max_prompt_length));
-  if (c.truncation_mode != "keep_end" && c.truncation_mode != "keep_start")
-    bad("truncation_mode", "must be keep_end or keep_start, got '" + c.truncation_mode + "'");
+  range("max_prompt_length", c.max_prompt_length, 0, kMaxBatch);
+  if (!c.truncation.empty() && c.truncation != "trl1" && c.truncation != "legacy")
+    bad("truncation", "must be trl1 or legacy, got '" + c.truncation + "'");
+  if (!c.truncation_mode.empty() && c.truncation_mode != "keep_end" && c.truncation_mode != "keep_start")
+    bad("truncation_mode", "must be keep_start or keep_end, got '" + c.truncation_mode + "'");
+  {
+    TrainConfig r = c;  // what the trainer will use (resolve_truncation)
+    resolve_truncation(r);
+    if (r.truncation == "trl1") {
+      if (c.max_prompt_length > 0)
+        bad("max_prompt_length", "is " + std::to_string(c.max_prompt_length) +
+                                     " but truncation is trl1, which has no prompt budget (TRL 1.x removed "
+                                     "max_prompt_length: each prompt + completion is cut to max_length); remove "
+                                     "max_prompt_length, or set truncation: legacy to cut the prompt to it first");
+      if (r.truncation_mode == "keep_end")
+        bad("truncation_mode", "keep_end is not supported with truncation: trl1 (TRL 1.x deprecates it: it cuts "
+                               "the chosen and the rejected sequence's prompt by different amounts); use keep_start, "
+                               "or truncation: legacy, where keep_end keeps the end of a prompt cut to "
+                               "max_prompt_length");
+    } else if (r.max_prompt_length >= c.max_length) {
+      bad("max_prompt_length", "must be < max_length (" + std::to_string(c.max_length) + ") with truncation: "
+                               "legacy, got " + std::to_string(r.max_prompt_length));
+    }
+  }
   // An AdamW step moves a weight by about learning_rate; above 1 a single step wipes out any trained weight.
   real("learning_rate", c.learning_rate, 0, true, 1);
   // Decoupled decay multiplies each weight by (1 - lr * weight_decay) per step: above 1 the sign flips, above 2
@@ -419,8 +443,19 @@ void validate(const TrainConfig& c, RunKind kind) {
   }
 }
 
+void resolve_truncation(TrainConfig& c) {
+  if (c.truncation.empty()) c.truncation = c.max_prompt_length > 0 ? "legacy" : "trl1";
+  if (c.truncation_mode.empty()) c.truncation_mode = c.truncation == "legacy" ? "keep_end" : "keep_start";
+  if (c.truncation == "legacy" && c.max_prompt_length == 0)
+    c.max_prompt_length = 256 < c.max_length || c.max_length < 2 ? 256 : c.max_length / 2;
+}
+
 std::vector<std::string> fit_to_model(TrainConfig& c, int64_t n_positions, const std::string& model, RunKind kind) {
   std::vector<std::string> notes;
+  resolve_truncation(c);
+  if (c.truncation == "legacy" && !c.given.count("truncation") && c.given.count("max_prompt_length"))
+    notes.push_back("truncation: legacy (max_prompt_length is set; TRL 1.x has no max_prompt_length: remove it for "
+                    "TRL 1.x truncation, or set truncation: legacy to keep this rule without this note)");
   const std::string np = std::to_string(n_positions);
   if (c.given.count("max_length")) {
     if (c.max_length > n_positions)
@@ -431,7 +466,8 @@ std::vector<std::string> fit_to_model(TrainConfig& c, int64_t n_positions, const
     notes.push_back("max_length: " + np + " (the n_positions of " + model +
                     "; the default 512 does not fit; set max_length to choose)");
   }
-  if (!c.given.count("max_prompt_length") && c.max_prompt_length >= c.max_length && c.max_length >= 2) {
+  if (c.truncation == "legacy" && !c.given.count("max_prompt_length") && c.max_prompt_length >= c.max_length &&
+      c.max_length >= 2) {
     c.max_prompt_length = c.max_length / 2;
     notes.push_back("max_prompt_length: " + std::to_string(c.max_prompt_length) +
                     " (half of max_length; the default 256 does not fit; set max_prompt_length to choose)");
@@ -508,10 +544,8 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
     cfg.given.insert(name);
     where_set[name] = where;
   }
-  // A max_length chosen below the default prompt budget brings the prompt budget along (half of it).
-  if (!cfg.given.count("max_prompt_length") && cfg.given.count("max_length") &&
-      cfg.max_prompt_length >= cfg.max_length && cfg.max_length >= 2)
-    cfg.max_prompt_length = cfg.max_length / 2;
+  // Under legacy, a max_length chosen below the default prompt budget brings the prompt budget along (half of it).
+  resolve_truncation(cfg);
   try {
     validate(cfg, kind);
   } catch (const KeyError& e) {
