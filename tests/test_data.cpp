@@ -606,9 +606,10 @@ TEST(Trl1Truncation, PromptOfMaxLengthDroppedAndCounted) {
   EXPECT_EQ(st.truncated, 1);  // line 2's completions (2 + EOS each) cut to 1 token
   EXPECT_EQ(st.read, st.kept + st.skipped + st.dropped);
   // SFT records follow the same rule.
-  const std::string sft = write_file(R"({"prompt_ids": )" + ids_json(100, 10) + R"(, "completion_ids": [1]})" "\n" +
-                                         R"({"prompt_ids": )" + ids_json(100, 9) + R"(, "completion_ids": [1, 2]})" "\n",
-                                     "_sft");
+  const std::string sft =
+      write_file(R"({"prompt_ids": )" + ids_json(100, 10) + R"(, "completion_ids": [1]})" "\n" +
+                     R"({"prompt_ids": )" + ids_json(100, 9) + R"(, "completion_ids": [1, 2]})" "\n",
+                 "_sft");
   auto e = load_sft(sft, tok, opt, &st);
   ASSERT_EQ(e.size(), 1u);
   EXPECT_EQ(e[0].completion, (Ids{1}));
