@@ -87,6 +87,7 @@ TEST(Config, OutOfRangeValuesNameTheKey) {
   EXPECT_NE(with({"adam_beta2=1"}).find("key 'adam_beta2'"), std::string::npos);
   EXPECT_NE(with({"lr_scheduler_type=step"}).find("key 'lr_scheduler_type'"), std::string::npos);
   EXPECT_NE(with({"truncation_mode=middle"}).find("key 'truncation_mode'"), std::string::npos);
+  EXPECT_NE(with({"truncation=trl2"}).find("key 'truncation'"), std::string::npos);
   EXPECT_NE(with({"loss_weights=[1,2]"}).find("key 'loss_weights'"), std::string::npos);
   EXPECT_NE(with({"max_steps=0"}).find("key 'max_steps'"), std::string::npos);
   EXPECT_NE(with({"device=tpu"}).find("key 'device'"), std::string::npos);
@@ -98,6 +99,74 @@ TEST(Config, RequiredKeys) {
   EXPECT_NE(error_of("", {"train_file=t", "out_dir=o"}).find("key 'model'"), std::string::npos);
   EXPECT_NE(error_of("", {"model=m", "out_dir=o"}).find("key 'train_file'"), std::string::npos);
   EXPECT_NE(error_of("", {"model=m", "train_file=t"}).find("key 'out_dir'"), std::string::npos);
+}
+
+// truncation: trl1 (TRL 1.x) is the default; a config that sets max_prompt_length (a key TRL 1.x does not have)
+// keeps the legacy rule; contradictions name the key and what to set.
+TEST(Config, TruncationDefaultsAndItsErrors) {
+  auto load = [](std::vector<std::string> extra) {
+    std::vector<std::string> ov = kRequired;
+    ov.insert(ov.end(), extra.begin(), extra.end());
+    return load_train_config("", ov, RunKind::Dpo);
+  };
+  auto with = [](std::vector<std::string> extra) {
+    std::vector<std::string> ov = kRequired;
+    ov.insert(ov.end(), extra.begin(), extra.end());
+    return error_of("", ov);
+  };
+  const TrainConfig d = load({});
+  EXPECT_EQ(d.truncation, "trl1");
+  EXPECT_EQ(d.truncation_mode, "keep_start");
+  EXPECT_EQ(d.max_prompt_length, 0);
+  const TrainConfig old = load({"max_prompt_length=100"});  // an existing config keeps working, as before
+  EXPECT_EQ(old.truncation, "legacy");
+  EXPECT_EQ(old.truncation_mode, "keep_end");
+  EXPECT_EQ(old.max_prompt_length, 100);
+  const TrainConfig leg = load({"truncation=legacy"});  // today's rule with its defaults
+  EXPECT_EQ(leg.truncation_mode, "keep_end");
+  EXPECT_EQ(leg.max_prompt_length, 256);
+  EXPECT_EQ(load({"truncation=legacy", "max_length=200"}).max_prompt_length, 100);
+  EXPECT_EQ(load({"truncation=legacy", "truncation_mode=keep_start"}).truncation_mode, "keep_start");
+  EXPECT_EQ(load({"truncation=trl1", "truncation_mode=keep_start", "max_prompt_length=0"}).truncation, "trl1");
+  const std::string both = with({"truncation=trl1", "max_prompt_length=100"});
+  for (const char* part : {"override 'max_prompt_length=100'", "key 'max_prompt_length'", "truncation: legacy",
+                           "TRL 1.x"})
+    EXPECT_NE(both.find(part), std::string::npos) << both << " lacks " << part;
+  const std::string ke = with({"truncation_mode=keep_end"});
+  for (const char* part : {"key 'truncation_mode'", "keep_start", "truncation: legacy"})
+    EXPECT_NE(ke.find(part), std::string::npos) << ke << " lacks " << part;
+  EXPECT_EQ(with({"truncation=legacy", "truncation_mode=keep_end"}), "");
+  EXPECT_EQ(with({"max_prompt_length=10", "truncation_mode=keep_end"}), "");
+  // The resolved keys round-trip through config.yaml.
+  for (const TrainConfig& c : {d, old, leg}) {
+    const std::string y = to_yaml(c);
+    EXPECT_EQ(to_yaml(load_train_config(write_yaml(y), {}, RunKind::Dpo)), y);
+  }
+}
+
+// transformers' "constant" has no warmup; here constant with warmup_steps > 0 is refused, naming the fix.
+TEST(Config, SchedulerNamesFollowTransformers) {
+  auto with = [](std::vector<std::string> extra) {
+    std::vector<std::string> ov = kRequired;
+    ov.insert(ov.end(), extra.begin(), extra.end());
+    return error_of("", ov);
+  };
+  const std::string e = with({"warmup_steps=10"});  // lr_scheduler_type defaults to constant
+  for (const char* part : {"key 'warmup_steps'", "constant", "constant_with_warmup"})
+    EXPECT_NE(e.find(part), std::string::npos) << e << " lacks " << part;
+  EXPECT_EQ(with({"lr_scheduler_type=constant_with_warmup", "warmup_steps=10"}), "");
+  EXPECT_EQ(with({"lr_scheduler_type=linear", "warmup_steps=10"}), "");
+  EXPECT_EQ(with({"lr_scheduler_type=cosine", "warmup_steps=10"}), "");
+  EXPECT_EQ(with({"lr_scheduler_type=constant", "warmup_steps=0"}), "");
+}
+
+TEST(Config, IpoIsLengthNormalisedByDefault) {
+  EXPECT_TRUE(TrainConfig{}.ipo_length_normalize);
+  std::vector<std::string> ov = kRequired;
+  ov.push_back("loss_type=ipo");
+  EXPECT_TRUE(load_train_config("", ov, RunKind::Dpo).ipo_length_normalize);
+  ov.push_back("ipo_length_normalize=false");  // the IPO paper's summed form, by its explicit key
+  EXPECT_FALSE(load_train_config("", ov, RunKind::Dpo).ipo_length_normalize);
 }
 
 TEST(Config, SftIgnoresDpoOnlyRanges) {
@@ -255,11 +324,18 @@ TEST(Config, EveryNumericBoundIsTestedOnBothSides) {
   };
   for (const auto& c : ints) {
     const std::string k = c.key;
-    EXPECT_EQ(err(k + "=" + std::to_string(c.lo)), "") << k;
-    EXPECT_EQ(err(k + "=" + std::to_string(c.hi)), "") << k;
+    // warmup_steps > 0 needs a schedule with a warmup (lr_scheduler_type constant has none).
+    auto e = [&](int64_t v) {
+      std::vector<std::string> ov = kRequired;
+      if (k == "warmup_steps") ov.push_back("lr_scheduler_type=linear");
+      ov.push_back(k + "=" + std::to_string(v));
+      return error_of("", ov);
+    };
+    EXPECT_EQ(e(c.lo), "") << k;
+    EXPECT_EQ(e(c.hi), "") << k;
     if (k != "max_steps")  // max_steps: -1 means "from epochs", 0 is refused (below)
-      EXPECT_NE(err(k + "=" + std::to_string(c.lo - 1)).find("key '" + k + "'"), std::string::npos) << k;
-    EXPECT_NE(err(k + "=" + std::to_string(c.hi + 1)).find("key '" + k + "'"), std::string::npos) << k;
+      EXPECT_NE(e(c.lo - 1).find("key '" + k + "'"), std::string::npos) << k;
+    EXPECT_NE(e(c.hi + 1).find("key '" + k + "'"), std::string::npos) << k;
   }
   EXPECT_EQ(err("max_steps=-1"), "");
   EXPECT_NE(err("max_steps=0").find("key 'max_steps'"), std::string::npos);
@@ -273,8 +349,10 @@ TEST(Config, EveryNumericBoundIsTestedOnBothSides) {
                 .find("key 'max_length'"),
             std::string::npos);
   EXPECT_NE(err("max_length=0").find("key 'max_length'"), std::string::npos);
+  // max_prompt_length (truncation: legacy, chosen by setting it): 0 = unset (then trl1), 1 .. max_length - 1.
   EXPECT_EQ(err("max_prompt_length=1"), "");
-  EXPECT_NE(err("max_prompt_length=0").find("key 'max_prompt_length'"), std::string::npos);
+  EXPECT_EQ(err("max_prompt_length=0"), "");
+  EXPECT_NE(err("max_prompt_length=-1").find("key 'max_prompt_length'"), std::string::npos);
   EXPECT_EQ(err("max_prompt_length=511"), "");
   EXPECT_NE(err("max_prompt_length=512").find("key 'max_prompt_length'"), std::string::npos);
   // seed: any 64-bit integer is valid.
@@ -287,20 +365,17 @@ TEST(Config, LengthDefaultsFollowTheModel) {
   EXPECT_EQ(c.max_length, 512);
   std::vector<std::string> notes = fit_to_model(c, 256, "base", RunKind::Dpo);
   EXPECT_EQ(c.max_length, 256);
-  EXPECT_EQ(c.max_prompt_length, 128);  // the default 256 no longer fits below 256
-  ASSERT_EQ(notes.size(), 2u);
+  EXPECT_EQ(c.max_prompt_length, 0);  // trl1 has no prompt budget
+  ASSERT_EQ(notes.size(), 1u);
   EXPECT_NE(notes[0].find("max_length: 256"), std::string::npos) << notes[0];
-  EXPECT_NE(notes[1].find("max_prompt_length: 128"), std::string::npos) << notes[1];
   // A model with room for the defaults changes nothing.
   TrainConfig big = load_train_config("", kRequired, RunKind::Dpo);
   EXPECT_TRUE(fit_to_model(big, 1024, "gpt2", RunKind::Dpo).empty());
   EXPECT_EQ(big.max_length, 512);
-  EXPECT_EQ(big.max_prompt_length, 256);
   // Given values are kept; too large is an error naming the key to set and the bound.
   std::vector<std::string> ov = kRequired;
   ov.push_back("max_length=300");
   TrainConfig g = load_train_config("", ov, RunKind::Dpo);
-  EXPECT_EQ(g.max_prompt_length, 256);
   try {
     fit_to_model(g, 256, "base", RunKind::Dpo);
     ADD_FAILURE() << "max_length 300 > n_positions 256 accepted";
@@ -309,14 +384,34 @@ TEST(Config, LengthDefaultsFollowTheModel) {
     EXPECT_NE(m.find("key 'max_length'"), std::string::npos) << m;
     EXPECT_NE(m.find("set max_length to at most 256"), std::string::npos) << m;
   }
+}
+
+TEST(Config, LegacyPromptBudgetFollowsTheModel) {
+  std::vector<std::string> ov = kRequired;
+  ov.push_back("truncation=legacy");
+  TrainConfig c = load_train_config("", ov, RunKind::Dpo);
+  EXPECT_EQ(c.max_prompt_length, 256);
+  std::vector<std::string> notes = fit_to_model(c, 256, "base", RunKind::Dpo);
+  EXPECT_EQ(c.max_length, 256);
+  EXPECT_EQ(c.max_prompt_length, 128);  // the default 256 no longer fits below 256
+  ASSERT_EQ(notes.size(), 2u);
+  EXPECT_NE(notes[0].find("max_length: 256"), std::string::npos) << notes[0];
+  EXPECT_NE(notes[1].find("max_prompt_length: 128"), std::string::npos) << notes[1];
   // A given max_length at or below the default prompt budget brings the prompt budget to half of it.
-  ov.back() = "max_length=200";
+  ov.push_back("max_length=200");
   TrainConfig h = load_train_config("", ov, RunKind::Dpo);
   EXPECT_EQ(h.max_prompt_length, 100);
   EXPECT_TRUE(fit_to_model(h, 200, "m", RunKind::Dpo).empty());
   // A given max_prompt_length that does not fit is still an error.
   ov.push_back("max_prompt_length=200");
   EXPECT_NE(error_of("", ov).find("key 'max_prompt_length'"), std::string::npos);
+  // max_prompt_length without truncation chooses legacy and says so in the run's notes.
+  std::vector<std::string> mp = kRequired;
+  mp.push_back("max_prompt_length=50");
+  TrainConfig m = load_train_config("", mp, RunKind::Dpo);
+  const auto n = fit_to_model(m, 1024, "gpt2", RunKind::Dpo);
+  ASSERT_EQ(n.size(), 1u);
+  EXPECT_NE(n[0].find("truncation: legacy (max_prompt_length is set"), std::string::npos) << n[0];
 }
 
 // ---- the dpo binary: input errors exit 2 naming the path, key or subcommand; nothing is left behind ----
@@ -484,11 +579,13 @@ TEST(ConfigCli, MaxLengthFollowsTheModelAndSaysSo) {
                         " out_dir=" + quote(out) + " max_steps=1 ref_cache_dir=" + quote(d + "/cache"));
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.err.find("max_length: 64 (the n_positions of " + d + "/base"), std::string::npos) << r.err;
-  EXPECT_NE(r.err.find("max_prompt_length: 32"), std::string::npos) << r.err;
+  EXPECT_EQ(r.err.find("max_prompt_length"), std::string::npos) << r.err;  // trl1: no prompt budget
   std::ifstream f(out + "/config.yaml");
   std::stringstream y;
   y << f.rdbuf();
   EXPECT_NE(y.str().find("max_length: 64\n"), std::string::npos) << y.str();
+  EXPECT_NE(y.str().find("truncation: trl1\n"), std::string::npos) << y.str();
+  EXPECT_NE(y.str().find("truncation_mode: keep_start\n"), std::string::npos) << y.str();
 }
 
 TEST(ConfigCli, SampleSaysWhenMaxNewTokensIsCapped) {

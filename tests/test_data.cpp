@@ -463,11 +463,13 @@ Ids range_ids(int32_t first, int64_t n) {
   return v;
 }
 
-TEST(Truncation, PromptCutKeepEndAndKeepStart) {
+TEST(LegacyTruncation, PromptCutKeepEndAndKeepStart) {
   // prompt 10, chosen 3+EOS, rejected 2+EOS: L = 14 > 10 -> prompt cut to 5, then 5 + 4 fits.
   const std::string path = write_file(record(10, 3, 2));
   ByteTokenizer tok;
   DataOptions opt;
+  opt.rule = TruncationRule::Legacy;
+  opt.truncation = TruncationMode::KeepEnd;  // the legacy rule's default
   opt.max_length = 10;
   opt.max_prompt_length = 5;
   LoadStats st;
@@ -483,10 +485,12 @@ TEST(Truncation, PromptCutKeepEndAndKeepStart) {
   EXPECT_EQ(st.truncated, 1);
 }
 
-TEST(Truncation, LongPromptKeptWhenRecordFits) {
+TEST(LegacyTruncation, LongPromptKeptWhenRecordFits) {
   const std::string path = write_file(record(8, 3, 3));  // L = 8 + 4 = 12 <= 20
   ByteTokenizer tok;
   DataOptions opt;
+  opt.rule = TruncationRule::Legacy;
+  opt.truncation = TruncationMode::KeepEnd;  // the legacy rule's default
   opt.max_length = 20;
   opt.max_prompt_length = 5;
   LoadStats st;
@@ -495,11 +499,13 @@ TEST(Truncation, LongPromptKeptWhenRecordFits) {
   EXPECT_EQ(st.truncated, 0);
 }
 
-TEST(Truncation, CompletionsCutIdenticallyKeepingStart) {
+TEST(LegacyTruncation, CompletionsCutIdenticallyKeepingStart) {
   // prompt 3 (<= max_prompt 4, not cut); chosen 10+EOS, rejected 7+EOS; L = 14 > 8 -> completions cut to 5.
   const std::string path = write_file(record(3, 10, 7) + record(3, 10, 2));
   ByteTokenizer tok;
   DataOptions opt;
+  opt.rule = TruncationRule::Legacy;
+  opt.truncation = TruncationMode::KeepEnd;  // the legacy rule's default
   opt.max_length = 8;
   opt.max_prompt_length = 4;
   LoadStats st;
@@ -515,11 +521,13 @@ TEST(Truncation, CompletionsCutIdenticallyKeepingStart) {
   EXPECT_EQ(st.truncated, 2);
 }
 
-TEST(Truncation, PromptThenCompletions) {
+TEST(LegacyTruncation, PromptThenCompletions) {
   // prompt 10 -> last 3; then 3 + 11 > 8 -> completions cut to 5.
   const std::string path = write_file(record(10, 10, 10));
   ByteTokenizer tok;
   DataOptions opt;
+  opt.rule = TruncationRule::Legacy;
+  opt.truncation = TruncationMode::KeepEnd;  // the legacy rule's default
   opt.max_length = 8;
   opt.max_prompt_length = 3;
   opt.truncation = TruncationMode::KeepEnd;
@@ -531,10 +539,11 @@ TEST(Truncation, PromptThenCompletions) {
   EXPECT_LE(d[0].prompt.size() + std::max(d[0].chosen.size(), d[0].rejected.size()), 8u);
 }
 
-TEST(Truncation, OptionsValidated) {
+TEST(LegacyTruncation, OptionsValidated) {
   const std::string path = write_file(std::string(kGood) + "\n");
   ByteTokenizer tok;
   DataOptions opt;
+  opt.rule = TruncationRule::Legacy;
   opt.max_length = 128;
   opt.max_prompt_length = 128;
   expect_input_error([&] { load_preferences(path, tok, opt, nullptr); }, {"max_prompt_length", "max_length"});
@@ -547,6 +556,133 @@ TEST(Truncation, OptionsValidated) {
   opt.max_prompt_length = -1;
   expect_input_error([&] { opt.validate(); }, {"max_prompt_length"});
   opt.max_prompt_length = 9;
+  EXPECT_NO_THROW(opt.validate());
+  opt.truncation = TruncationMode::KeepEnd;
+  EXPECT_NO_THROW(opt.validate());
+}
+
+// TRL 1.x (v1.9.0 DPOTrainer): a record is kept iff len(prompt_ids) < max_length; each of prompt + chosen and
+// prompt + rejected is then sliced to its first max_length tokens. Expected values below are written from that
+// rule (ids are consecutive, so each kept range is named by its first id and length).
+TEST(Trl1Truncation, IsTheDefault) {
+  const DataOptions opt;
+  EXPECT_EQ(opt.rule, TruncationRule::Trl1);
+  EXPECT_EQ(opt.truncation, TruncationMode::KeepStart);
+}
+
+TEST(Trl1Truncation, PromptOfMaxLengthMinusOneKeptWithOneCompletionToken) {
+  // max_length 10: prompt 9 -> kept; prompt + chosen (4 + EOS) sliced to 10 tokens: 1 completion token.
+  const std::string path = write_file(record(9, 4, 2));
+  ByteTokenizer tok;
+  DataOptions opt;
+  opt.max_length = 10;
+  LoadStats st;
+  auto d = load_preferences(path, tok, opt, &st);
+  ASSERT_EQ(d.size(), 1u);
+  EXPECT_EQ(d[0].prompt, range_ids(100, 9));  // the prompt is never cut
+  EXPECT_EQ(d[0].chosen, range_ids(1, 1));
+  EXPECT_EQ(d[0].rejected, range_ids(50, 1));
+  EXPECT_EQ(st.truncated, 1);
+  EXPECT_EQ(st.dropped, 0);
+}
+
+TEST(Trl1Truncation, PromptOfMaxLengthDroppedAndCounted) {
+  // Line 1: prompt 10 = max_length -> dropped; line 2: prompt 9 -> kept; line 3: prompt 25 -> dropped;
+  // line 4 (blank) counts nowhere; line 5: short record, untouched.
+  const std::string path = write_file(record(10, 2, 2) + record(9, 2, 2) + record(25, 1, 1) + "\n" + record(3, 2, 2));
+  ByteTokenizer tok;
+  DataOptions opt;
+  opt.max_length = 10;
+  LoadStats st;
+  auto d = load_preferences(path, tok, opt, &st);
+  ASSERT_EQ(d.size(), 2u);
+  EXPECT_EQ(d[0].line, 2);
+  EXPECT_EQ(d[1].line, 5);
+  EXPECT_EQ(d[1].chosen, with_eos(range_ids(1, 2)));
+  EXPECT_EQ(st.read, 4);
+  EXPECT_EQ(st.kept, 2);
+  EXPECT_EQ(st.dropped, 2);
+  EXPECT_EQ(st.skipped, 0);
+  EXPECT_EQ(st.truncated, 1);  // line 2's completions (2 + EOS each) cut to 1 token
+  EXPECT_EQ(st.read, st.kept + st.skipped + st.dropped);
+  // SFT records follow the same rule.
+  const std::string sft =
+      write_file(R"({"prompt_ids": )" + ids_json(100, 10) + R"(, "completion_ids": [1]})" "\n" +
+                     R"({"prompt_ids": )" + ids_json(100, 9) + R"(, "completion_ids": [1, 2]})" "\n",
+                 "_sft");
+  auto e = load_sft(sft, tok, opt, &st);
+  ASSERT_EQ(e.size(), 1u);
+  EXPECT_EQ(e[0].completion, (Ids{1}));
+  EXPECT_EQ(st.dropped, 1);
+  EXPECT_EQ(st.truncated, 1);
+}
+
+TEST(Trl1Truncation, AllDroppedIsAnErrorThatSaysWhy) {
+  const std::string path = write_file(record(10, 2, 2) + record(12, 2, 2));
+  ByteTokenizer tok;
+  DataOptions opt;
+  opt.max_length = 10;
+  expect_input_error([&] { load_preferences(path, tok, opt, nullptr); },
+                     {path, "no usable records", "2 dropped", "max_length (10)", "truncation: legacy"});
+}
+
+TEST(Trl1Truncation, ChosenAndRejectedCutIndependentlyKeepingTheirStart) {
+  // max_length 12, prompt 5: each completion keeps at most 7 tokens. chosen 10 + EOS -> first 7 (EOS lost);
+  // rejected 3 + EOS = 4 -> untouched (the legacy rule would not cut it either, but it cuts the prompt first).
+  const std::string path = write_file(record(5, 10, 3) + record(5, 6, 6) + record(5, 3, 10));
+  ByteTokenizer tok;
+  DataOptions opt;
+  opt.max_length = 12;
+  LoadStats st;
+  auto d = load_preferences(path, tok, opt, &st);
+  ASSERT_EQ(d.size(), 3u);
+  EXPECT_EQ(d[0].prompt, range_ids(100, 5));
+  EXPECT_EQ(d[0].chosen, range_ids(1, 7));
+  EXPECT_EQ(d[0].rejected, with_eos(range_ids(50, 3)));
+  // 6 + EOS = 7 tokens fit exactly: nothing cut, EOS kept.
+  EXPECT_EQ(d[1].chosen, with_eos(range_ids(1, 6)));
+  EXPECT_EQ(d[1].rejected, with_eos(range_ids(50, 6)));
+  EXPECT_EQ(d[2].chosen, with_eos(range_ids(1, 3)));
+  EXPECT_EQ(d[2].rejected, range_ids(50, 7));
+  EXPECT_EQ(st.truncated, 2);
+  for (const auto& p : d) {
+    EXPECT_LE(p.prompt.size() + p.chosen.size(), 12u);
+    EXPECT_LE(p.prompt.size() + p.rejected.size(), 12u);
+  }
+}
+
+TEST(Trl1Truncation, DiffersFromLegacyOnALongPrompt) {
+  // prompt 8, chosen 6 + EOS, max_length 10. trl1: prompt whole, chosen cut to 10 - 8 = 2. legacy
+  // (max_prompt_length 4): 8 + 7 > 10, so the prompt is cut to its last (keep_end) or first (keep_start) 4 tokens,
+  // then 4 + 7 > 10 still, so the completions are cut to 6 (EOS lost).
+  const std::string path = write_file(record(8, 6, 1));
+  ByteTokenizer tok;
+  DataOptions trl1;
+  trl1.max_length = 10;
+  auto a = load_preferences(path, tok, trl1, nullptr);
+  EXPECT_EQ(a[0].prompt, range_ids(100, 8));
+  EXPECT_EQ(a[0].chosen, range_ids(1, 2));
+  DataOptions legacy = trl1;
+  legacy.rule = TruncationRule::Legacy;
+  legacy.max_prompt_length = 4;
+  legacy.truncation = TruncationMode::KeepEnd;
+  auto b = load_preferences(path, tok, legacy, nullptr);
+  EXPECT_EQ(b[0].prompt, range_ids(104, 4));
+  EXPECT_EQ(b[0].chosen, range_ids(1, 6));
+  legacy.truncation = TruncationMode::KeepStart;
+  auto c = load_preferences(path, tok, legacy, nullptr);
+  EXPECT_EQ(c[0].prompt, range_ids(100, 4));
+  EXPECT_EQ(c[0].chosen, range_ids(1, 6));
+}
+
+TEST(Trl1Truncation, KeepEndRefused) {
+  const std::string path = write_file(std::string(kGood) + "\n");
+  ByteTokenizer tok;
+  DataOptions opt;
+  opt.truncation = TruncationMode::KeepEnd;
+  expect_input_error([&] { load_preferences(path, tok, opt, nullptr); }, {"keep_end", "trl1"});
+  opt.max_prompt_length = 100000;  // not used by trl1: no error about it
+  opt.truncation = TruncationMode::KeepStart;
   EXPECT_NO_THROW(opt.validate());
 }
 
@@ -619,9 +755,8 @@ TEST(Batch, InvariantsOnRandomData) {
   }
   const std::string path = write_file(content);
   ByteTokenizer tok;
-  DataOptions opt;
+  DataOptions opt;  // trl1: every prompt (<= 30 tokens) is below max_length, completions cut to fit
   opt.max_length = 32;
-  opt.max_prompt_length = 16;
   LoadStats st;
   auto d = load_preferences(path, tok, opt, &st);
   ASSERT_EQ(d.size(), 40u);
@@ -762,11 +897,13 @@ TEST(Sft, ValidationAndTruncation) {
                                        "\n",
                                        "_empty");
   expect_input_error([&] { load_sft(empty, tok, DataOptions{}, nullptr); }, {empty + ":1:", "'completion'"});
-  // prompt 10, completion 6+EOS, max_length 8, max_prompt 3 -> prompt last 3, completion first 5.
+  // Legacy: prompt 10, completion 6+EOS, max_length 8, max_prompt 3 -> prompt last 3, completion first 5.
   const std::string lng = write_file(R"({"prompt_ids": )" + ids_json(100, 10) + R"(, "completion_ids": )" +
                                          ids_json(1, 6) + "}\n",
                                      "_long");
   DataOptions opt;
+  opt.rule = TruncationRule::Legacy;
+  opt.truncation = TruncationMode::KeepEnd;
   opt.max_length = 8;
   opt.max_prompt_length = 3;
   LoadStats st;

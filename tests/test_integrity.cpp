@@ -46,7 +46,7 @@ TrainConfig base_config(const Workdir& w, const std::string& out) {
   c.out_dir = w / out;
   c.ref_cache_dir = w / "cache";
   c.max_length = 24;
-  c.max_prompt_length = 8;
+  c.max_prompt_length = 8;  // truncation: legacy (the key is set)
   c.learning_rate = 1e-2;
   c.per_device_train_batch_size = 4;
   c.gradient_accumulation_steps = 2;
@@ -325,7 +325,11 @@ TEST(Integrity, ReferenceCacheKeyCoversEverySetting) {
   for (const auto& [what, change] : std::vector<std::pair<std::string, std::function<void(TrainConfig&)>>>{
            {"max_length", [](TrainConfig& c) { c.max_length = 20; }},
            {"max_prompt_length", [](TrainConfig& c) { c.max_prompt_length = 6; }},
-           {"truncation_mode", [](TrainConfig& c) { c.truncation_mode = c.truncation_mode == "keep_end" ? "keep_start" : "keep_end"; }},
+           {"truncation_mode", [](TrainConfig& c) { c.truncation_mode = "keep_start"; }},  // legacy's default: keep_end
+           {"truncation (trl1 instead of legacy)", [](TrainConfig& c) {
+              c.truncation = "trl1";
+              c.max_prompt_length = 0;
+            }},
            {"ref_model (other weights)", [&](TrainConfig& c) { c.ref_model = w / "base2"; }},
            {"precision", [](TrainConfig& c) { c.precision = c.precision == "fp32" ? "bf16" : "fp32"; }},
            {"per_device_eval_batch_size (padding changes rounding)",
@@ -354,7 +358,6 @@ TEST(Integrity, FlippedBitInReferenceCacheIsRecomputed) {
   auto tok = make_tokenizer("byte");
   DataOptions d;
   d.max_length = 24;
-  d.max_prompt_length = 8;
   LoadStats st;
   auto pairs = load_preferences(w / "pref.jsonl", *tok, d, &st);
   auto r1 = cached_ref_logps(*ref, pairs, w / "pref.jsonl", "s", w / "cache", 5);

@@ -294,19 +294,50 @@ TEST(Loss, IpoMatchesClosedForm) {
     }
 }
 
-TEST(Loss, IpoMinimumAtHalfInverseBeta) {
+// The IPO paper's form (ipo_length_normalize: false): summed log-ratios.
+TEST(Loss, IpoSumFormMinimumAtHalfInverseBeta) {
   for (double beta : {0.1, 0.25, 2.0}) {
+    LossConfig cfg = single(LossType::Ipo, beta);
+    cfg.ipo_length_normalize = false;
     const double target = 1.0 / (2 * beta);
-    const PairOutput at = pair_loss(single(LossType::Ipo, beta), pair_with_delta(target));
+    const PairOutput at = pair_loss(cfg, pair_with_delta(target));
     EXPECT_NEAR(at.loss, 0.0, 1e-24);
     EXPECT_NEAR(at.d_policy_chosen, 0.0, 1e-12);
     for (double off : {-0.5, 0.5}) {
-      const PairOutput o = pair_loss(single(LossType::Ipo, beta), pair_with_delta(target + off));
+      const PairOutput o = pair_loss(cfg, pair_with_delta(target + off));
       EXPECT_NEAR(o.loss, off * off, 1e-12);
       EXPECT_GT(o.loss, at.loss);
       EXPECT_NEAR(o.d_policy_chosen, 2 * off, 1e-12);  // pushes Delta back towards 1/(2 beta)
     }
   }
+}
+
+// TRL's ipo (trl/trainer/dpo_trainer.py, v1.9): chosen_avg = chosen_logratio / n_chosen, rejected_avg likewise,
+// loss = (chosen_avg - rejected_avg - 1/(2 beta))^2, n = the completion token count. It is the default.
+TEST(Loss, IpoDefaultIsTrlLengthNormalised) {
+  EXPECT_TRUE(LossConfig{}.ipo_length_normalize);
+  const LossConfig cfg = single(LossType::Ipo, 0.25);  // the default, nothing set
+  std::mt19937_64 g(test::test_seed());
+  for (const PairInput& p : random_pairs(g, 30)) {
+    // Written from TRL's expression, in long double.
+    const LD chosen_avg = ((LD)p.policy_chosen - (LD)p.ref_chosen) / (LD)p.len_chosen;
+    const LD rejected_avg = ((LD)p.policy_rejected - (LD)p.ref_rejected) / (LD)p.len_rejected;
+    const LD d = chosen_avg - rejected_avg - 1.0L / (2.0L * 0.25L);
+    const PairOutput o = pair_loss(cfg, p);
+    // Relative 1e-12: a few double roundings of terms of size <= ~1e3 (|d| up to ~200 / 1 token, squared).
+    expect_close(o.loss, d * d, 1e-12, "loss");
+    expect_close(o.d_policy_chosen, 2 * d / (LD)p.len_chosen, 1e-12, "d_policy_chosen");
+    expect_close(o.d_policy_rejected, -2 * d / (LD)p.len_rejected, 1e-12, "d_policy_rejected");
+  }
+  // The minimum sits where the per-token mean margin is 1/(2 beta) = 2, whatever the summed margin: lengths 4 and
+  // 8, chosen log-ratio 4 (mean 1), rejected log-ratio -8 (mean -1).
+  const PairOutput at = pair_loss(cfg, pair(-16, -28, -20, -20, 4, 8));
+  EXPECT_EQ(at.loss, 0.0);
+  EXPECT_EQ(at.d_policy_chosen, 0.0);
+  // The same summed margin 12 under the paper's form is far from its minimum 2: (12 - 2)^2.
+  LossConfig sum = cfg;
+  sum.ipo_length_normalize = false;
+  EXPECT_DOUBLE_EQ(pair_loss(sum, pair(-16, -28, -20, -20, 4, 8)).loss, 100.0);
 }
 
 TEST(Loss, IpoLengthNormalisedUsesPerTokenMeans) {
@@ -324,7 +355,8 @@ TEST(Loss, IpoLengthNormalisedUsesPerTokenMeans) {
   EXPECT_THROW(pair_loss(cfg, pair(-20, -40, -30, -36, 0, 4)), InputError);
   EXPECT_THROW(pair_loss(cfg, pair(-20, -40, -30, -36, 5, -1)), InputError);
   // Without normalisation lengths are irrelevant.
-  EXPECT_NO_THROW(pair_loss(single(LossType::Ipo, 0.1), pair(-20, -40, -30, -36, 0, 0)));
+  cfg.ipo_length_normalize = false;
+  EXPECT_NO_THROW(pair_loss(cfg, pair(-20, -40, -30, -36, 0, 0)));
 }
 
 // --- hinge -----------------------------------------------------------------------------------------------------
@@ -502,6 +534,8 @@ TEST(Loss, DerivativesOfVariantsMatchFiniteDifferences) {
   odpo.odpo_alpha = 1.5;
   LossConfig ipo_norm = single(LossType::Ipo, 0.1);
   ipo_norm.ipo_length_normalize = true;
+  LossConfig ipo_sum = single(LossType::Ipo, 0.1);
+  ipo_sum.ipo_length_normalize = false;
   LossConfig ref_free = single(LossType::Robust, 0.2, 0.1);
   ref_free.reference_free = true;
   LossConfig mix;
@@ -510,7 +544,7 @@ TEST(Loss, DerivativesOfVariantsMatchFiniteDifferences) {
   mix.odpo_alpha = 0.3;
   mix.ipo_length_normalize = true;
   mix.terms = {{LossType::Sigmoid, 1.0}, {LossType::Ipo, 0.1}, {LossType::Cdpo, 0.5}, {LossType::Sft, 0.2}};
-  for (const LossConfig* cfg : {&odpo, &ipo_norm, &ref_free, &mix})
+  for (const LossConfig* cfg : {&odpo, &ipo_norm, &ipo_sum, &ref_free, &mix})
     for (const auto& p : pairs) check_fd(*cfg, p);
 }
 

@@ -1029,6 +1029,7 @@ TYPED_TEST(Optim, GPT2LayoutWithScheduleMatchesReference) {
   cfg.schedule = LrSchedule::Cosine;
   cfg.min_lr_ratio = 0.1;
   AdamW opt(*be, specs, n, dtype_of<T>(), cfg, total);
+  // Step 0 runs at lr 0 (transformers' warmup): the parameters do not move, the moments do.
   Tensor params = host_tensor(p0);
   RefAdamW ref(to_ld(p0));
   std::vector<LD> wd(static_cast<size_t>(n), 0);
@@ -1045,7 +1046,7 @@ TYPED_TEST(Optim, GPT2LayoutWithScheduleMatchesReference) {
     const auto info = opt.step(params, host_tensor(gr));
     LD lr;
     if (s < 2) {
-      lr = static_cast<LD>(cfg.lr) * (s + 1) / 2;
+      lr = static_cast<LD>(cfg.lr) * s / 2;  // transformers: current_step / num_warmup_steps, from 0
     } else {
       const LD progress = static_cast<LD>(s - 2) / (total - 2), lo = 0.1L * static_cast<LD>(cfg.lr);
       lr = lo + (static_cast<LD>(cfg.lr) - lo) * 0.5L * (1 + std::cos(std::numbers::pi_v<LD> * progress));
@@ -1129,24 +1130,80 @@ TEST(AdamWClass, RejectsBadLayoutsAndTensors) {
 
 // ============================================================================================== schedule
 
-TEST(LrSchedule, WarmupIsLinearFromTheFirstStep) {
+// Closed forms written from transformers' optimization.py (the lr_lambda of get_constant_schedule,
+// get_constant_schedule_with_warmup, get_linear_schedule_with_warmup, get_cosine_schedule_with_warmup with
+// num_cycles 0.5, and get_cosine_with_min_lr_schedule_with_warmup's min_lr_rate), evaluated at current_step = s,
+// the 0-based optimizer step; the lr is peak * lambda. Each is recomputed here, in long double, not taken from
+// lr_at. lr_at does the same few double operations, so its factor in [0, 1] is off by a few ulp of 1 at most
+// (absolute: near the end of a cosine, 1 + cos(x) cancels, so a relative bound would not hold): tolerance
+// 1e-15 * peak.
+namespace hf {
+LD warm(int64_t s, int64_t W) { return static_cast<LD>(s) / static_cast<LD>(std::max<int64_t>(1, W)); }
+LD constant(int64_t) { return 1; }
+LD constant_with_warmup(int64_t s, int64_t W) { return s < W ? warm(s, W) : 1; }
+LD linear(int64_t s, int64_t W, int64_t T) {
+  if (s < W) return warm(s, W);
+  return std::max<LD>(0, static_cast<LD>(T - s) / static_cast<LD>(std::max<int64_t>(1, T - W)));
+}
+LD cosine(int64_t s, int64_t W, int64_t T, LD min_rate = 0) {
+  if (s < W) return warm(s, W);
+  const LD progress = static_cast<LD>(s - W) / static_cast<LD>(std::max<int64_t>(1, T - W));
+  const LD f = 0.5L * (1 + std::cos(std::numbers::pi_v<LD> * 0.5L * 2 * progress));
+  return std::max<LD>(0, f * (1 - min_rate) + min_rate);
+}
+}  // namespace hf
+
+void expect_lr(double got, LD want, double peak, const std::string& what) {
+  EXPECT_NEAR(got, static_cast<double>(want), 1e-15 * peak) << what;
+  if (want == 0) EXPECT_EQ(got, 0.0) << what;  // exactly 0, as in transformers
+}
+
+TEST(LrSchedule, EveryScheduleFollowsTransformersStepByStep) {
+  OptimConfig c;
+  c.lr = 3e-4;
+  for (int64_t T : {1, 2, 7, 100})
+    for (int64_t W : {0, 1, 3, 10, 150}) {
+      c.warmup_steps = W;
+      for (int64_t s = 0; s < T; ++s) {
+        const std::string at = "T=" + std::to_string(T) + " W=" + std::to_string(W) + " s=" + std::to_string(s);
+        c.schedule = LrSchedule::Constant;
+        expect_lr(lr_at(c, s, T), 3e-4L * hf::constant(s), 3e-4, "constant " + at);
+        c.schedule = LrSchedule::ConstantWithWarmup;
+        expect_lr(lr_at(c, s, T), 3e-4L * hf::constant_with_warmup(s, W), 3e-4, "constant_with_warmup " + at);
+        c.schedule = LrSchedule::Linear;
+        expect_lr(lr_at(c, s, T), 3e-4L * hf::linear(s, W, T), 3e-4, "linear " + at);
+        c.schedule = LrSchedule::Cosine;
+        expect_lr(lr_at(c, s, T), 3e-4L * hf::cosine(s, W, T), 3e-4, "cosine " + at);
+        c.min_lr_ratio = 0.1;  // cosine_with_min_lr, min_lr_rate 0.1
+        expect_lr(lr_at(c, s, T), 3e-4L * hf::cosine(s, W, T, 0.1L), 3e-4, "cosine_with_min_lr " + at);
+        c.min_lr_ratio = 0;
+      }
+    }
+}
+
+TEST(LrSchedule, WarmupStartsAtZeroOnTheFirstStep) {
   OptimConfig c;
   c.lr = 1e-3;
   c.warmup_steps = 4;
-  for (LrSchedule s : {LrSchedule::Constant, LrSchedule::Cosine, LrSchedule::Linear}) {
+  for (LrSchedule s : {LrSchedule::ConstantWithWarmup, LrSchedule::Cosine, LrSchedule::Linear}) {
     c.schedule = s;
     SCOPED_TRACE(lr_schedule_name(s));
-    EXPECT_DOUBLE_EQ(lr_at(c, 0, 100), 2.5e-4);
-    EXPECT_DOUBLE_EQ(lr_at(c, 1, 100), 5e-4);
-    EXPECT_DOUBLE_EQ(lr_at(c, 2, 100), 7.5e-4);
-    EXPECT_DOUBLE_EQ(lr_at(c, 3, 100), 1e-3);
-    EXPECT_DOUBLE_EQ(lr_at(c, 4, 100), 1e-3);  // first step after warmup: progress 0
+    EXPECT_EQ(lr_at(c, 0, 100), 0.0);  // optimizer step 1 (1-based): lr 0
+    EXPECT_DOUBLE_EQ(lr_at(c, 1, 100), 2.5e-4);
+    EXPECT_DOUBLE_EQ(lr_at(c, 2, 100), 5e-4);
+    EXPECT_DOUBLE_EQ(lr_at(c, 3, 100), 7.5e-4);
+    EXPECT_DOUBLE_EQ(lr_at(c, 4, 100), 1e-3);  // first step at the peak: warmup over, decay progress 0
   }
-  c.schedule = LrSchedule::Constant;
+  c.schedule = LrSchedule::ConstantWithWarmup;
   EXPECT_EQ(lr_at(c, 50, 100), 1e-3);
   EXPECT_EQ(lr_at(c, 500, 100), 1e-3);
-  c.warmup_steps = 0;
+  // "constant" has no warmup (transformers' get_constant_schedule ignores num_warmup_steps).
+  c.schedule = LrSchedule::Constant;
   EXPECT_EQ(lr_at(c, 0, 100), 1e-3);
+  EXPECT_EQ(lr_at(c, 3, 100), 1e-3);
+  c.warmup_steps = 0;
+  c.schedule = LrSchedule::Linear;
+  EXPECT_EQ(lr_at(c, 0, 100), 1e-3);  // no warmup: the first step runs at the peak
   EXPECT_THROW(lr_at(c, -1, 100), Error);
 }
 
@@ -1158,12 +1215,14 @@ TEST(LrSchedule, CosineEndpointsAndMidpoint) {
   c.min_lr_ratio = 0.1;
   const int64_t total = 110;
   const double lo = 2e-6, hi = 2e-5;
+  EXPECT_EQ(lr_at(c, 0, total), 0.0);  // the warmup starts at 0, not at the floor
+  EXPECT_DOUBLE_EQ(lr_at(c, 5, total), hi / 2);
   EXPECT_DOUBLE_EQ(lr_at(c, 10, total), hi);
   EXPECT_DOUBLE_EQ(lr_at(c, 60, total), lo + (hi - lo) * 0.5);                                  // midpoint
   EXPECT_DOUBLE_EQ(lr_at(c, 35, total), lo + (hi - lo) * 0.5 * (1 + std::cos(std::numbers::pi / 4)));  // quarter
   EXPECT_DOUBLE_EQ(lr_at(c, 85, total), lo + (hi - lo) * 0.5 * (1 - std::cos(std::numbers::pi / 4)));
+  EXPECT_DOUBLE_EQ(lr_at(c, total - 1, total), lo + (hi - lo) * 0.5 * (1 + std::cos(std::numbers::pi * 0.99)));
   EXPECT_DOUBLE_EQ(lr_at(c, total, total), lo);
-  EXPECT_DOUBLE_EQ(lr_at(c, total + 50, total), lo);  // clamped past the end
   double prev = hi;
   for (int64_t s = 10; s <= total; ++s) {
     const double x = lr_at(c, s, total);
@@ -1181,30 +1240,32 @@ TEST(LrSchedule, LinearDecay) {
   EXPECT_DOUBLE_EQ(lr_at(c, 0, 100), 4e-4);
   EXPECT_DOUBLE_EQ(lr_at(c, 25, 100), 3e-4);
   EXPECT_DOUBLE_EQ(lr_at(c, 50, 100), 2e-4);
+  EXPECT_DOUBLE_EQ(lr_at(c, 99, 100), 4e-6);  // the last step of 100: (100 - 99) / 100
   EXPECT_DOUBLE_EQ(lr_at(c, 100, 100), 0.0);
+  EXPECT_DOUBLE_EQ(lr_at(c, 150, 100), 0.0);  // max(0, .) past the end
   c.min_lr_ratio = 0.25;
   EXPECT_DOUBLE_EQ(lr_at(c, 50, 100), 1e-4 + 3e-4 * 0.5);
   EXPECT_DOUBLE_EQ(lr_at(c, 100, 100), 1e-4);
   c.warmup_steps = 20;
   EXPECT_DOUBLE_EQ(lr_at(c, 60, 100), 1e-4 + 3e-4 * 0.5);  // decay spans [warmup, total]
-  // Degenerate: total <= warmup, decay is over at once.
-  EXPECT_DOUBLE_EQ(lr_at(c, 19, 10), 4e-4);
-  EXPECT_DOUBLE_EQ(lr_at(c, 21, 10), 1e-4);
+  EXPECT_DOUBLE_EQ(lr_at(c, 10, 100), 2e-4);              // warmup 10/20 of the peak, from 0
+  // Degenerate: total <= warmup, the whole run is warmup.
+  EXPECT_DOUBLE_EQ(lr_at(c, 9, 10), 4e-4 * 9 / 20);
 }
 
 TEST(LrSchedule, ParseNamesAndErrors) {
   EXPECT_EQ(parse_lr_schedule("constant"), LrSchedule::Constant);
-  EXPECT_EQ(parse_lr_schedule("constant_with_warmup"), LrSchedule::Constant);
+  EXPECT_EQ(parse_lr_schedule("constant_with_warmup"), LrSchedule::ConstantWithWarmup);
   EXPECT_EQ(parse_lr_schedule("cosine"), LrSchedule::Cosine);
   EXPECT_EQ(parse_lr_schedule("linear"), LrSchedule::Linear);
-  for (LrSchedule s : {LrSchedule::Constant, LrSchedule::Cosine, LrSchedule::Linear})
+  for (LrSchedule s : {LrSchedule::Constant, LrSchedule::ConstantWithWarmup, LrSchedule::Cosine, LrSchedule::Linear})
     EXPECT_EQ(parse_lr_schedule(lr_schedule_name(s)), s);
   try {
     parse_lr_schedule("cosinus");
     FAIL() << "expected InputError";
   } catch (const InputError& e) {
     const std::string msg = e.what();
-    for (const char* part : {"lr_scheduler_type", "'cosinus'", "constant", "cosine", "linear"})
+    for (const char* part : {"lr_scheduler_type", "'cosinus'", "constant", "constant_with_warmup", "cosine", "linear"})
       EXPECT_NE(msg.find(part), std::string::npos) << msg << " lacks " << part;
   }
   EXPECT_THROW(parse_lr_schedule("Cosine"), InputError);

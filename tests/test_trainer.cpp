@@ -37,8 +37,7 @@ TrainConfig base_config(const Workdir& w, const std::string& out) {
   c.train_file = w / "pref.jsonl";
   c.out_dir = w / out;
   c.ref_cache_dir = w / "cache";
-  c.max_length = 32;
-  c.max_prompt_length = 16;
+  c.max_length = 32;  // truncation: trl1, the default (the fixture's records fit whole)
   c.learning_rate = 1e-2;
   c.per_device_train_batch_size = 4;
   c.gradient_accumulation_steps = 2;
@@ -177,7 +176,6 @@ TEST(Trainer, ReferenceCacheIsReusedAndStaleCacheDetected) {
   auto tok = make_tokenizer("byte");
   DataOptions d;
   d.max_length = 32;
-  d.max_prompt_length = 16;
   LoadStats st;
   auto pairs = load_preferences(w / "pref.jsonl", *tok, d, &st);
   auto r1 = cached_ref_logps(*ref, pairs, w / "pref.jsonl", "s1", w / "cache", 5);
@@ -367,6 +365,79 @@ TEST(Trainer, NormalRunSkipsNothing) {
   std::ifstream mf(c.out_dir + "/metrics.jsonl");
   std::string line;
   while (std::getline(mf, line)) EXPECT_FALSE(nlohmann::json::parse(line).contains("skipped_steps")) << line;
+}
+
+// transformers' warmup: optimizer step 1 runs at lr 0 (lr_lambda(0) = 0 / warmup_steps), so its checkpoint holds
+// the initial weights exactly (AdamW with lr 0 moves nothing, weight decay included); steps 2 and 3 use lr / 2 and
+// lr (warmup_steps 2), and the weights move.
+TEST(Trainer, WarmupFirstStepUsesLrZero) {
+  Workdir w;
+  setup(w);
+  for (const char* sched : {"constant_with_warmup", "linear", "cosine"}) {
+    SCOPED_TRACE(sched);
+    TrainConfig c = base_config(w, std::string("warm_") + sched);
+    c.lr_scheduler_type = sched;
+    c.warmup_steps = 2;
+    c.weight_decay = 0.1;
+    c.max_steps = 3;
+    c.save_steps = 1;
+    run_training(c, RunKind::Dpo, quiet());
+    std::ifstream mf(c.out_dir + "/metrics.jsonl");
+    std::string line;
+    std::vector<double> lrs;
+    while (std::getline(mf, line)) lrs.push_back(nlohmann::json::parse(line)["learning_rate"].get<double>());
+    ASSERT_EQ(lrs.size(), 3u);
+    EXPECT_EQ(lrs[0], 0.0);
+    EXPECT_DOUBLE_EQ(lrs[1], c.learning_rate / 2);
+    // Step 3 (0-based 2 = warmup_steps) is the first at the peak; linear and cosine start decaying after it.
+    EXPECT_DOUBLE_EQ(lrs[2], c.learning_rate);
+    const auto w0 = weights_of(w / "base");
+    EXPECT_EQ(weights_of(c.out_dir + "/checkpoints/step-1"), w0) << "lr 0 moved the weights";
+    EXPECT_NE(weights_of(c.out_dir + "/checkpoints/step-2"), w0);
+  }
+}
+
+// truncation: trl1 drops a record whose prompt alone has >= max_length tokens, and says so in the run's log (the
+// "data:" summary line and a line of its own), for the training and the evaluation file; dpo eval reports it.
+TEST(Trainer, DroppedRecordsAreCountedInTheRunLog) {
+  Workdir w;
+  setup(w);
+  const std::string data = w / "long.jsonl";
+  {
+    std::ofstream f(data);
+    auto rec = [&](size_t prompt_bytes) {
+      f << nlohmann::json{{"prompt", std::string(prompt_bytes, 'p')}, {"chosen", " good"}, {"rejected", " bad"}}.dump()
+        << "\n";
+    };
+    for (int i = 0; i < 4; ++i) rec(9);
+    rec(31);  // max_length - 1: kept, its completions cut to one token
+    rec(32);  // max_length: dropped
+    rec(39);  // dropped
+  }
+  TrainConfig c = base_config(w, "dropped");
+  c.train_file = data;
+  c.eval_file = data;
+  c.max_steps = 1;
+  RunOptions ro;
+  ro.plain_progress = true;
+  testing::internal::CaptureStderr();
+  run_training(c, RunKind::Dpo, ro);
+  const std::string log = testing::internal::GetCapturedStderr();
+  EXPECT_NE(log.find("data: " + data + ": 5 records (1 truncated, 2 dropped, 0 skipped)"), std::string::npos) << log;
+  EXPECT_NE(log.find("data: " + data + ": 5 evaluation records (1 truncated, 2 dropped)"), std::string::npos) << log;
+  EXPECT_NE(log.find("dropped 2: prompt alone has >= max_length (32) tokens"), std::string::npos) << log;
+  EvalReport rep;
+  TrainConfig e = c;
+  run_evaluation(e, w / "base", nullptr, &rep);
+  EXPECT_EQ(rep.pairs, 5);
+  EXPECT_EQ(rep.dropped, 2);
+  EXPECT_EQ(rep.truncated, 1);
+  // The legacy rule (max_prompt_length set) cuts those prompts instead: nothing dropped.
+  e.max_prompt_length = 16;
+  run_evaluation(e, w / "base", nullptr, &rep);
+  EXPECT_EQ(rep.pairs, 7);
+  EXPECT_EQ(rep.dropped, 0);
+  EXPECT_EQ(rep.truncated, 3);
 }
 
 TEST(Trainer, DpoImprovesPreferenceAccuracyOnHeldInPairs) {

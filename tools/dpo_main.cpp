@@ -392,6 +392,10 @@ int cmd_eval(const EvalArgs& e) {
   dpo::EvalReport report;
   auto m = dpo::run_evaluation(cfg, policy, nullptr, &report);
   if (!print) return 0;
+  if (report.dropped > 0)
+    std::fprintf(stderr, "%s: dropped %lld records whose prompt alone has >= max_length (%lld) tokens (truncation: "
+                 "trl1, as TRL 1.x); evaluated %lld pairs\n", eval_file.c_str(), static_cast<long long>(report.dropped),
+                 static_cast<long long>(cfg.max_length), static_cast<long long>(report.pairs));
   print_metrics(m);
   if (out_dir.empty()) return 0;
 
@@ -407,6 +411,7 @@ int cmd_eval(const EvalArgs& e) {
   j["ref_model"] = ref.empty() ? nlohmann::json(nullptr) : nlohmann::json(ref);
   j["reference_free"] = cfg.reference_free;
   j["eval_truncated"] = report.truncated;
+  j["eval_dropped"] = report.dropped;
   j["eval_skipped"] = report.skipped;
   std::error_code ec;
   fs::create_directories(out_dir, ec);

@@ -10,13 +10,20 @@ Exit status: 0 pass, 1 fail (or our run failed), 2 bad usage.
 
   python3 tools/torch_dpo_parity.py --dpo build/dpo [--our-device cpu|cuda] [--device cpu|cuda]
       [--precision fp32|bf16|both] [--steps 50] [--pairs 12] [--json report.json] [--work DIR]
+      [--truncation trl1|legacy] [--loss-type sigmoid|ipo] [--ipo-form mean|sum]
+      [--lr-scheduler-type constant|constant_with_warmup|linear|cosine]
 
 What the PyTorch side reproduces (train/trainer.cpp, data.cpp, loss.cpp, optim.cpp, reference.cpp):
   data      the token-id JSONL form (no tokenizer). EOS (id 256, the byte tokenizer's) appended to each completion
-            unless it already ends with it; TRL's truncation: if prompt + longer completion > max_length, the prompt
-            is cut to max_prompt_length (keep_end: its last tokens), then both completions to max_length - prompt.
-            The generated records include prompts longer than max_prompt_length that fit whole, cut prompts, cut
-            completions (which lose their EOS), completions already ending in EOS and EOS inside prompts.
+            unless it already ends with it. Truncation, --truncation trl1 (the default; TRL 1.x, as TRL v1.9.0's
+            DPOTrainer does it): a record is kept iff len(prompt) < max_length, then prompt + chosen and prompt +
+            rejected are each sliced to their first max_length tokens (DataCollatorForPreference, keep_start). The
+            generated records include prompts of exactly max_length - 1 (kept, one completion token left) and of
+            max_length and more (dropped), chosen cut and rejected not and the reverse, completions that fit
+            exactly, completions already ending in EOS and EOS inside prompts. --truncation legacy (this trainer's
+            earlier rule): if prompt + longer completion > max_length, the prompt is cut to max_prompt_length
+            (keep_end: its last tokens), then both completions to max_length - prompt; its records include prompts
+            longer than max_prompt_length that fit whole, cut prompts and cut completions.
   batches   2P rows, chosen rows 0..P-1 and rejected rows P..2P-1, right-padded with id 0 to the longest row,
             key padding mask, positions 0..T-1; the log-prob of a row sums log p(token t+1 | <= t) over the
             completion tokens (EOS included), never the prompt or padding.
@@ -25,14 +32,20 @@ What the PyTorch side reproduces (train/trainer.cpp, data.cpp, loss.cpp, optim.c
             gradient_accumulation_steps pairs that never span two epochs. The default (--batch-pairs = --pairs)
             makes every step see the whole data set, so the order only changes float rounding; smaller values
             exercise the order and the epoch boundaries for real.
-  loss      sigmoid DPO: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) per pair, summed and divided
-            by the step's pair count (gradient normalisation over the pairs of the whole step, accumulation
-            included), on float64 sequence log-probs as our loss code does (loss.cpp works in double).
+  loss      sigmoid DPO: -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) per pair, or (--loss-type ipo)
+            TRL's ipo: ((pi_c - ref_c) / n_c - (pi_r - ref_r) / n_r - 1 / (2 beta))^2 with n the completion token
+            count of the (truncated) sequence (TRL v1.9.0 divides by completion_mask.sum), or with --ipo-form sum
+            the IPO paper's (summed log-ratios); summed and divided by the step's pair count (gradient
+            normalisation over the pairs of the whole step, accumulation included), on float64 sequence log-probs
+            as our loss code does (loss.cpp works in double).
   reference the frozen initial model, log-probs precomputed once in batches of per_device_eval_batch_size
             (precompute_ref_log_probs, the default); in bf16 the reference runs in bf16 too, as ours does.
   optimizer torch.optim.AdamW (single-tensor path), weight decay on wte, wpe and the four dense weights of each
             block, none on biases and LayerNorm; torch.nn.utils.clip_grad_norm_(max_grad_norm); our learning
-            rate schedule (optim.h: warmup lr*(s+1)/W, then constant, cosine or linear to 0) set per step.
+            rate set per step from transformers' schedules (optimization.py, written out here, and checked
+            against transformers' own get_scheduler when transformers is installed): 0-based step s < W uses
+            lr * s / W (so the first step's lr is 0), then constant_with_warmup 1, linear (T - s) / (T - W),
+            cosine 0.5 (1 + cos(pi (s - W) / (T - W))); "constant" has no warmup.
   precision fp32: everything float32 (the log-softmax of the LM head in float64, as our CPU kernel accumulates).
             bf16: our mode keeps fp32 master weights, gradients and AdamW state and computes with a bf16 copy of the
             weights, bf16 activations. Emulated here the same way: a bf16 copy of the model, refreshed from the
@@ -68,7 +81,8 @@ import torch_gpt2  # noqa: E402
 EOS = 256  # the byte tokenizer's end-of-sequence id (train/tokenizer.h)
 
 # Tolerances, per precision: the largest difference over all steps (or over all weights) that passes.
-#   loss                |ours - torch| of the step's mean loss (ln 2 = 0.69 at the start)
+#   loss                |ours - torch| / max(1, |torch|) of the step's mean loss (ln 2 = 0.69 at the start of the
+#                       sigmoid loss, so absolute there; (1/(2 beta))^2 = 25 at the start of ipo, relative there)
 #   logps_rel           |ours - torch| / |torch| of logps/chosen and logps/rejected (pair means of sums of 2-60
 #                       token log-probs)
 #   rewards             |ours - torch| of rewards/chosen, rewards/rejected, rewards/margins (beta * log-ratios)
@@ -78,21 +92,27 @@ EOS = 256  # the byte tokenizer's end-of-sequence id (train/tokenizer.h)
 #   ref_rel             |ours - torch| / |torch| of each reference log-prob (our cache file; no training yet)
 # fp32: both sides do float32 arithmetic in different orders (BLAS blocking, attention loops, double vs float
 # accumulations), so they differ by float32 round-off (~1e-7 relative per op), which Adam's normalised update
-# carries from step to step. Measured on the defaults (CPU, 50 steps): loss 3e-8, logps_rel 3.5e-8, rewards 5e-7,
-# grad_norm_rel 2.4e-7, ref_rel 5e-8, weights_rel 9e-7. The tolerances are 20x-300x those (room for the CUDA
-# kernels' float32 sums); deliberate errors in the PyTorch side moved them far past: weight decay on every
-# parameter (weights_rel 1.3e-2, loss 2.8e-4), on none (4.7e-3, 1.8e-4), warmup one step late (lr_rel 1, loss
-# 5.8e-2), EOS doubled on completions that end in EOS (weights_rel 0.13), the last prompt token counted in the
-# log-probs (logps_rel 0.1, ref_rel 0.26).
+# carries from step to step. Measured on the defaults (CPU, 50 steps, truncation trl1): loss 1.7e-7, logps_rel
+# 4.1e-8, rewards 6.9e-7, grad_norm_rel 5.6e-7, ref_rel 4.5e-8, weights_rel 1.3e-6 (with the earlier legacy-rule
+# data: 3e-8, 3.5e-8, 5e-7, 2.4e-7, 5e-8, 9e-7). The tolerances are 18x-77x those (room for the CUDA kernels'
+# float32 sums); deliberate errors in the PyTorch side moved them far past: weight decay on every parameter
+# (weights_rel 1.3e-2, loss 2.8e-4), on none (4.7e-3, 1.8e-4), warmup one step late (lr_rel 1, loss 5.8e-2; now
+# also refused by the check against transformers' schedulers), EOS doubled on completions that end in EOS
+# (weights_rel 0.13), the last prompt token counted in the log-probs (logps_rel 0.1, ref_rel 0.26), the legacy
+# truncation rule read for trl1 data (loss 6e-2, ref_rel 19, and the truncated/dropped counts), IPO sums against
+# our default means (loss 1.1, weights_rel 1.9).
 # bf16: every activation is rounded to 8 significant bits (relative 2^-9 = 2e-3) on both sides, in kernels whose
 # float32 sums differ slightly, so the runs round some elements differently; the bf16 parameter gradients of the
 # PyTorch side also carry one more rounding than ours (fp32), and the differences grow through the steps. Measured
-# on the defaults: loss 8e-5, logps_rel 1.4e-4, rewards 1.05e-3, grad_norm_rel 5.2e-3, ref_rel 1.8e-5, weights_rel
-# 7.8e-3, while PyTorch bf16 against PyTorch fp32 (the effect of bf16 itself, printed as the yardstick) differ by
-# loss 5.5e-4, weights_rel 8.9e-3, and PyTorch bf16 against itself with 2 threads instead of 1 (different BLAS
+# on the defaults (truncation trl1): loss 8e-5, logps_rel 1.1e-4, rewards 2.6e-3, grad_norm_rel 3e-3, ref_rel
+# 6.8e-6, weights_rel 8e-3, while PyTorch bf16 against PyTorch fp32 (the effect of bf16 itself, printed as the
+# yardstick) differ by loss 3.4e-4, weights_rel 9.7e-3 (with the earlier legacy-rule data: ours against PyTorch
+# loss 8e-5, rewards 1.05e-3, weights_rel 7.8e-3; the yardstick loss 5.5e-4, weights_rel 8.9e-3), and PyTorch bf16
+# against itself with 2 threads instead of 1 (legacy-rule data; different BLAS
 # blocking, so a different handful of roundings flip) by loss 8.3e-5, weights_rel 5.8e-3: ours and PyTorch agree
 # as well as PyTorch agrees with itself, so a closer emulation (fp32 weight gradients) would not buy a tighter
-# bound. The tolerances are 4x-10x the measured values: they catch what breaks the bf16
+# bound. The tolerances are 4x-10x the measured values (rewards 1e-2: 4x the 2.6e-3 measured on the trl1 data,
+# against 1.05e-3 on the earlier data; rewards are compared in absolute terms): they catch what breaks the bf16
 # path (a compute copy not refreshed, a reference in the wrong precision, lost gradients, the data errors above:
 # warmup 5.8e-2, EOS 4e-3 in loss); a weight-decay group error lands near them (loss 2.8e-4 to 7e-4, rewards 6e-3
 # to 1.4e-2), which is why the fp32 comparison, which runs the same code, is the one for such errors.
@@ -103,9 +123,19 @@ EOS = 256  # the byte tokenizer's end-of-sequence id (train/tokenizer.h)
 TOL = {
     "fp32": dict(loss=1e-5, logps_rel=1e-6, rewards=2e-5, grad_norm_rel=1e-5, weights_rel=1e-4, ref_rel=1e-6,
                  lr_rel=1e-12, logits=5e-7, num_tokens=0),
-    "bf16": dict(loss=5e-4, logps_rel=1e-3, rewards=5e-3, grad_norm_rel=3e-2, weights_rel=4e-2, ref_rel=2e-4,
+    "bf16": dict(loss=5e-4, logps_rel=1e-3, rewards=1e-2, grad_norm_rel=3e-2, weights_rel=4e-2, ref_rel=2e-4,
                  lr_rel=1e-12, logits=2e-3, num_tokens=0),
 }
+# --loss-type ipo --ipo-form sum (the IPO paper's form, not the default) is badly conditioned: its gradient w.r.t.
+# a sequence's log-prob is 2 (D - 1/(2 beta)) with D a difference of sums over ~100 tokens, so the step-1 gradient
+# norm is ~500 and training drives it to ~5 as the per-token terms cancel, and the loss (D - 1/(2 beta))^2 falls
+# from 25 to 0.34 as D approaches 1/(2 beta). Differences of the summed log-probs as small as in the other modes
+# (logps_rel 1e-7) then show as up to 1.6e-5 of the loss and 1.3e-4 of the (100x smaller) gradient norm (measured,
+# CPU, fp32, the defaults); in bf16 as 7e-3 and 9.6e-2, while PyTorch bf16 against PyTorch fp32 (bf16's own
+# effect) differs by 0.17 in loss. Log-probs, rewards and weights stay inside the usual tolerances. Only loss and
+# grad_norm_rel are widened, to 3x-10x the measured values; a wrong form (sums against means) moves the loss by
+# O(1) from step 3 on, and the fp32 comparison is the one for such errors.
+TOL_IPO_SUM = {"fp32": dict(loss=1e-4, grad_norm_rel=1.5e-3), "bf16": dict(loss=3e-2, grad_norm_rel=3e-1)}
 
 
 class UsageError(Exception):
@@ -172,7 +202,7 @@ def epoch_order(n, seed, epoch):
 
 # --- data ---------------------------------------------------------------------------------------------------------
 
-def make_records(n, seed, max_length, max_prompt_length):
+def make_records(n, seed, max_length, max_prompt_length, rule):
     """n token-id preference records with the cases listed in the module docstring (ids < 256 except EOS)."""
     g = random.Random(seed)
 
@@ -180,6 +210,34 @@ def make_records(n, seed, max_length, max_prompt_length):
         return [g.randrange(256) for _ in range(k)]
 
     recs = []
+    if rule == "trl1":
+        L = max_length
+        for i in range(n):
+            kind = i % 8
+            if kind == 0:    # prompt of L - 1 tokens: kept, each completion cut to its first token
+                p, c, r = toks(L - 1), toks(g.randint(2, 6)), toks(g.randint(1, 4))
+            elif kind == 1:  # prompt of exactly L tokens: dropped
+                p, c, r = toks(L), toks(3), toks(3)
+            elif kind == 2:  # chosen cut (loses its EOS), rejected fits
+                p = toks(g.randint(20, 40))
+                c, r = toks(L - len(p) + g.randint(0, 6)), toks(g.randint(2, 8))
+            elif kind == 3:  # rejected cut, chosen fits exactly with its EOS (L - len(p) - 1 tokens + EOS)
+                p = toks(g.randint(10, 30))
+                c, r = toks(L - len(p) - 1), toks(L - len(p) + g.randint(1, 9))
+            elif kind == 4:  # completions that already end in EOS (not doubled); EOS inside the prompt
+                p = toks(g.randint(5, 20))
+                p[len(p) // 2] = EOS
+                c, r = toks(g.randint(3, 25)) + [EOS], toks(g.randint(3, 25)) + [EOS]
+            elif kind == 5:  # one-token prompt, one-token completions
+                p, c, r = toks(1), toks(1), toks(g.randint(1, 3))
+            elif kind == 6 and i % 16 == 6:  # prompt longer than max_length: dropped
+                p, c, r = toks(L + g.randint(1, 10)), toks(4), toks(4)
+            else:            # ordinary lengths
+                p = toks(g.randint(4, 30))
+                c, r = toks(g.randint(4, 30)), toks(g.randint(4, 30))
+            recs.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r})
+        g.shuffle(recs)
+        return recs
     long_c = max_length - max_prompt_length + 8      # completion that forces the completion cut
     for i in range(n):
         kind = i % 6
@@ -206,9 +264,11 @@ def make_records(n, seed, max_length, max_prompt_length):
     return recs
 
 
-def load_pairs(recs, max_length, max_prompt_length, truncation_mode):
-    """(prompt, chosen, rejected) lists after EOS and truncation (the rule of train/data.h), and the number cut."""
-    out, cut = [], 0
+def load_pairs(recs, a):
+    """(prompt, chosen, rejected) lists after EOS and truncation, the number of records cut and the number
+    dropped. trl1 follows TRL's code path: filter on len(prompt_ids) < max_length, then slice each concatenated
+    sequence to [:max_length] and split it at the prompt's length. legacy: the rule of train/data.h."""
+    out, cut, dropped = [], 0, 0
     for rec in recs:
         p = list(rec["prompt_ids"])
         comps = []
@@ -217,16 +277,26 @@ def load_pairs(recs, max_length, max_prompt_length, truncation_mode):
             if not c or c[-1] != EOS:
                 c.append(EOS)
             comps.append(c)
+        if a.truncation == "trl1":
+            if not len(p) < a.max_length:
+                dropped += 1
+                continue
+            seqs = [(p + c)[:a.max_length] for c in comps]
+            new = [s_[len(p):] for s_ in seqs]
+            cut += any(len(x) != len(y) for x, y in zip(new, comps))
+            out.append((p, new[0], new[1]))
+            continue
         longest = max(len(c) for c in comps)
-        if len(p) + longest > max_length:
+        if len(p) + longest > a.max_length:
             cut += 1
-            if len(p) > max_prompt_length:
-                p = p[-max_prompt_length:] if truncation_mode == "keep_end" else p[:max_prompt_length]
-            if len(p) + longest > max_length:
-                keep = max_length - len(p)
+            if len(p) > a.max_prompt_length:
+                mp = a.max_prompt_length
+                p = p[-mp:] if a.truncation_mode == "keep_end" else p[:mp]
+            if len(p) + longest > a.max_length:
+                keep = a.max_length - len(p)
                 comps = [c[:keep] for c in comps]
         out.append((p, comps[0], comps[1]))
-    return out, cut
+    return out, cut, dropped
 
 
 def make_batch(pairs, idx, dev):
@@ -261,17 +331,42 @@ def seq_logps(model, batch, logit_stats=None):
     return (tok * mask).sum(-1)
 
 
-# --- the schedule of train/optim.h ----------------------------------------------------------------------------------
+# --- transformers' schedules (optimization.py) ------------------------------------------------------------------
 
-def lr_at(a, step, total):
-    W = a.warmup_steps
+def lr_lambda(name, step, W, T):
+    """transformers' lr_lambda(current_step) for the schedules our lr_scheduler_type accepts; the optimizer step
+    with 0-based index `step` runs at lr * lr_lambda(step) (LambdaLR starts at current_step 0)."""
+    if name == "constant":  # get_constant_schedule: no warmup
+        return 1.0
     if step < W:
-        return a.lr * (step + 1) / W
-    if a.lr_scheduler_type == "constant":
-        return a.lr
-    progress = min(max((step - W) / max(1, total - W), 0.0), 1.0)
-    f = 0.5 * (1.0 + math.cos(math.pi * progress)) if a.lr_scheduler_type == "cosine" else 1.0 - progress
-    return a.lr * f
+        return float(step) / float(max(1, W))
+    if name == "constant_with_warmup":
+        return 1.0
+    if name == "linear":
+        return max(0.0, float(T - step) / float(max(1, T - W)))
+    progress = float(step - W) / float(max(1, T - W))  # cosine, num_cycles 0.5
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+
+def check_against_transformers(a):
+    """The formulas above against transformers' own schedulers, when transformers is installed: returns its
+    version (or None when it is not installed); raises on a difference."""
+    try:
+        import transformers
+    except Exception:  # not installed, or an installation that does not import: the formulas alone
+        return None
+    p = [torch.nn.Parameter(torch.zeros(1))]
+    for W in (0, 1, a.warmup_steps):
+        opt = torch.optim.SGD(p, lr=a.lr)
+        sched = transformers.get_scheduler(a.lr_scheduler_type, opt, num_warmup_steps=W, num_training_steps=a.steps)
+        for step in range(a.steps):
+            got, want = opt.param_groups[0]["lr"], a.lr * lr_lambda(a.lr_scheduler_type, step, W, a.steps)
+            if abs(got - want) > 1e-12 * a.lr:
+                raise RuntimeError(f"schedule {a.lr_scheduler_type} W={W} step {step}: transformers {got}, "
+                                   f"this script {want}")
+            opt.step()
+            sched.step()
+    return transformers.__version__
 
 
 def decays(name):
@@ -336,7 +431,15 @@ def torch_run(a, prec, init_dir, pairs, dev):
             rc = torch.tensor([ref_c[i] for i in idx], dtype=torch.float64, device=dev)
             rr = torch.tensor([ref_r[i] for i in idx], dtype=torch.float64, device=dev)
             ch, rj = pc - rc, pr - rr
-            losses = -F.logsigmoid(a.beta * (ch - rj))
+            if a.loss_type == "ipo":
+                if a.ipo_form == "mean":  # TRL: each log-ratio over its completion's token count
+                    nc = torch.tensor([len(pairs[i][1]) for i in idx], dtype=torch.float64, device=dev)
+                    nr = torch.tensor([len(pairs[i][2]) for i in idx], dtype=torch.float64, device=dev)
+                    losses = (ch / nc - rj / nr - 1.0 / (2.0 * a.beta)) ** 2
+                else:
+                    losses = (ch - rj - 1.0 / (2.0 * a.beta)) ** 2
+            else:
+                losses = -F.logsigmoid(a.beta * (ch - rj))
             (losses.sum() / items).backward()
             with torch.no_grad():
                 wc, wr = a.beta * ch, a.beta * rj
@@ -358,7 +461,7 @@ def torch_run(a, prec, init_dir, pairs, dev):
         norm = math.sqrt(sum(g.double().pow(2).sum().item() for g in grads))
         if a.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([mparams[n] for n in names], a.max_grad_norm, foreach=False)
-        lr = lr_at(a, step, total)
+        lr = a.lr * lr_lambda(a.lr_scheduler_type, step, a.warmup_steps, total)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.step()
@@ -384,8 +487,11 @@ def torch_run(a, prec, init_dir, pairs, dev):
 
 def our_command(a, prec, init_dir, data, out_dir, cache_dir):
     kv = dict(model=init_dir, train_file=data, out_dir=out_dir, device=a.our_device, precision=prec, seed=a.seed,
-              tokenizer="byte", max_length=a.max_length, max_prompt_length=a.max_prompt_length,
-              truncation_mode=a.truncation_mode, loss_type="sigmoid", beta=repr(a.beta), learning_rate=repr(a.lr),
+              tokenizer="byte", max_length=a.max_length, truncation=a.truncation,
+              max_prompt_length=a.max_prompt_length if a.truncation == "legacy" else 0,
+              truncation_mode=a.truncation_mode, loss_type=a.loss_type,
+              ipo_length_normalize="true" if a.ipo_form == "mean" else "false", beta=repr(a.beta),
+              learning_rate=repr(a.lr),
               weight_decay=repr(a.weight_decay), adam_beta1=repr(a.adam_beta1), adam_beta2=repr(a.adam_beta2),
               adam_epsilon=repr(a.adam_epsilon), lr_scheduler_type=a.lr_scheduler_type,
               warmup_steps=a.warmup_steps, max_grad_norm=repr(a.max_grad_norm),
@@ -417,11 +523,13 @@ def our_run(a, prec, init_dir, data, work):
     if len(caches) == 1:
         c, _ = torch_gpt2.read_safetensors(os.path.join(cache_dir, caches[0]))
         res["ref_chosen"], res["ref_rejected"] = c["chosen"].tolist(), c["rejected"].tolist()
-    # "data: <file>: N records (K truncated, S skipped)" -- to check our reading of the truncation rule
+    # "data: <file>: N records (K truncated, D dropped, S skipped)" -- to check our reading of the truncation rule
     for line in p.stderr.splitlines():
-        if line.startswith("data: ") and " truncated" in line:
+        if line.startswith("data: ") and " truncated" in line and " records (" in line:
             try:
-                res["truncated"] = int(line.split("(")[1].split(" truncated")[0])
+                inner = line.split(" records (")[1]
+                res["truncated"] = int(inner.split(" truncated")[0])
+                res["dropped"] = int(inner.split("truncated, ")[1].split(" dropped")[0])
             except (IndexError, ValueError):
                 pass
     return res
@@ -468,9 +576,11 @@ def weight_diff(x, y, init):
     return ratio, worst, (math.sqrt(knum / kden) if kden > 0 else 0.0)
 
 
-def compare(prec, ours, ref):
+def compare(prec, ours, ref, a):
     """Largest differences over the steps, by quantity."""
-    tol = TOL[prec]
+    tol = dict(TOL[prec])
+    if a.loss_type == "ipo" and a.ipo_form == "sum":
+        tol.update(TOL_IPO_SUM[prec])
     rows = []
     m = dict(loss=0.0, logps_rel=0.0, rewards=0.0, grad_norm_rel=0.0, lr_rel=0.0, accuracies=0.0, logits=0.0,
              num_tokens=0.0)
@@ -478,13 +588,15 @@ def compare(prec, ours, ref):
         if o.get("step") != t["step"]:
             raise RuntimeError(f"metrics.jsonl step {o.get('step')} where step {t['step']} was expected")
         d = {k: o[k] - t[k] for k in METRICS}
-        m["loss"] = max(m["loss"], abs(d["loss"]))
+        m["loss"] = max(m["loss"], abs(d["loss"]) / max(1.0, abs(t["loss"])))
         for k in ("logps/chosen", "logps/rejected"):
             m["logps_rel"] = max(m["logps_rel"], abs(d[k]) / max(abs(t[k]), 1e-30))
         for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
             m["rewards"] = max(m["rewards"], abs(d[k]))
         m["grad_norm_rel"] = max(m["grad_norm_rel"], abs(d["grad_norm"]) / max(t["grad_norm"], 1e-30))
-        m["lr_rel"] = max(m["lr_rel"], abs(d["learning_rate"]) / t["learning_rate"])
+        # lr 0 (the first warmup step) must be exactly 0; otherwise relative.
+        m["lr_rel"] = max(m["lr_rel"], abs(d["learning_rate"]) / t["learning_rate"] if t["learning_rate"] > 0
+                          else (0.0 if d["learning_rate"] == 0 else float("inf")))
         m["accuracies"] = max(m["accuracies"], abs(d["rewards/accuracies"]))
         for k in ("logits/chosen", "logits/rejected"):
             m["logits"] = max(m["logits"], abs(d[k]))
@@ -542,15 +654,23 @@ def parse_args(argv):
                     help="per_device_eval_batch_size, the reference batches (default: --pairs)")
     ap.add_argument("--steps", type=int, default=50, help="optimizer steps (max_steps)")
     ap.add_argument("--max-length", type=int, default=96)
-    ap.add_argument("--max-prompt-length", type=int, default=48)
-    ap.add_argument("--truncation-mode", choices=["keep_end", "keep_start"], default="keep_end")
+    ap.add_argument("--truncation", choices=["trl1", "legacy"], default="trl1",
+                    help="truncation rule (key 'truncation'): trl1 = TRL 1.x, legacy = prompt budget first")
+    ap.add_argument("--max-prompt-length", type=int, default=48, help="legacy only")
+    ap.add_argument("--truncation-mode", choices=["keep_end", "keep_start"], default=None,
+                    help="default: keep_start (trl1, the only value it takes), keep_end (legacy)")
+    ap.add_argument("--loss-type", choices=["sigmoid", "ipo"], default="sigmoid")
+    ap.add_argument("--ipo-form", choices=["mean", "sum"], default="mean",
+                    help="ipo: mean = TRL's per-token mean log-ratios (ipo_length_normalize true, the default), "
+                         "sum = the IPO paper's")
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=1e-3, help="learning_rate")
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--adam-beta1", type=float, default=0.9)
     ap.add_argument("--adam-beta2", type=float, default=0.999)
     ap.add_argument("--adam-epsilon", type=float, default=1e-8)
-    ap.add_argument("--lr-scheduler-type", choices=["constant", "cosine", "linear"], default="cosine")
+    ap.add_argument("--lr-scheduler-type", choices=["constant", "constant_with_warmup", "cosine", "linear"],
+                    default="cosine")
     ap.add_argument("--warmup-steps", type=int, default=5)
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=7, help="seed of the weights (dpo init), the data and the order")
@@ -574,10 +694,21 @@ def parse_args(argv):
             raise UsageError(f"--{k.replace('_', '-')} must be > 0, got {getattr(a, k)}")
     if a.our_threads < 0 or a.warmup_steps < 0:
         raise UsageError("--our-threads and --warmup-steps must be >= 0")
-    if a.max_prompt_length >= a.max_length:
-        raise UsageError(f"--max-prompt-length ({a.max_prompt_length}) must be < --max-length ({a.max_length})")
-    if a.max_length < a.max_prompt_length + 16:
-        raise UsageError("--max-length must be at least --max-prompt-length + 16 (room for the generated cases)")
+    if a.truncation_mode is None:
+        a.truncation_mode = "keep_start" if a.truncation == "trl1" else "keep_end"
+    if a.truncation == "trl1":
+        if a.truncation_mode != "keep_start":
+            raise UsageError("--truncation trl1 takes --truncation-mode keep_start only")
+        if a.max_length < 50:
+            raise UsageError("--max-length must be at least 50 with --truncation trl1 (room for the generated cases)")
+    else:
+        if a.max_prompt_length >= a.max_length:
+            raise UsageError(f"--max-prompt-length ({a.max_prompt_length}) must be < --max-length ({a.max_length})")
+        if a.max_length < a.max_prompt_length + 16:
+            raise UsageError("--max-length must be at least --max-prompt-length + 16 (room for the generated cases)")
+    if a.lr_scheduler_type == "constant" and a.warmup_steps > 0:
+        raise UsageError("--lr-scheduler-type constant has no warmup (as in transformers; our run refuses "
+                         "warmup_steps with it): use constant_with_warmup or --warmup-steps 0")
     if a.model is None and (a.vocab_size < EOS + 1 or a.n_positions < a.max_length):
         raise UsageError(f"--vocab-size must be >= {EOS + 1} and --n-positions >= --max-length")
     if a.beta <= 0 or a.lr <= 0 or a.weight_decay < 0:
@@ -616,12 +747,20 @@ def main(argv=None):
             return 1
     else:
         init_dir = a.model
-    recs = make_records(a.pairs, a.seed, a.max_length, a.max_prompt_length)
+    try:
+        tf_version = check_against_transformers(a)
+    except RuntimeError as e:
+        print(f"torch_dpo_parity: this script's schedule disagrees with transformers: {e}", file=sys.stderr)
+        return 1
+    recs = make_records(a.pairs, a.seed, a.max_length, a.max_prompt_length, a.truncation)
     data = os.path.join(work, "pairs.jsonl")
     with open(data, "w") as f:
         for r in recs:
             f.write(json.dumps(r) + "\n")
-    pairs, n_cut = load_pairs(recs, a.max_length, a.max_prompt_length, a.truncation_mode)
+    pairs, n_cut, n_drop = load_pairs(recs, a)
+    if not pairs:
+        print("torch_dpo_parity: every generated record was dropped (raise --pairs)", file=sys.stderr)
+        return 2
 
     # Our runs go on in a thread (subprocesses) while PyTorch computes.
     ours = {}
@@ -638,15 +777,20 @@ def main(argv=None):
         for prec in precs:
             torch_gpt2.write_safetensors(os.path.join(work, f"torch-{prec}.safetensors"), refs[prec]["final"])
 
-    print(f"torch_dpo_parity: {a.pairs} pairs ({n_cut} truncated), {a.steps} steps of {a.batch_pairs * a.grad_accum} "
-          f"pairs (micro-batches of {a.batch_pairs}), ours on {a.our_device}, PyTorch {torch.__version__} on "
-          f"{a.device}, attention {a.attn_impl}; work dir {work}{'' if a.work else ' (removed at the end; --work keeps it)'}")
+    sched_note = (f"schedule checked against transformers {tf_version}" if tf_version
+                  else "transformers not installed: schedule from this script's formulas only")
+    print(f"torch_dpo_parity: {a.pairs} records ({len(pairs)} pairs kept, {n_cut} truncated, {n_drop} dropped; "
+          f"truncation {a.truncation}), loss {a.loss_type}{' (' + a.ipo_form + ')' if a.loss_type == 'ipo' else ''}, "
+          f"{a.lr_scheduler_type} schedule with {a.warmup_steps} warmup steps ({sched_note}), {a.steps} steps of "
+          f"{a.batch_pairs * a.grad_accum} pairs (micro-batches of {a.batch_pairs}), ours on {a.our_device}, PyTorch "
+          f"{torch.__version__} on {a.device}, attention {a.attn_impl}; work dir {work}"
+          f"{'' if a.work else ' (removed at the end; --work keeps it)'}")
     report = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   command=" ".join([os.path.basename(sys.executable)] + (argv or sys.argv)),
                   machine=dict(platform=platform.platform(), nproc=os.cpu_count(),
                                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None),
-                  torch=torch.__version__, config={k: v for k, v in vars(a).items()}, pairs=a.pairs,
-                  truncated_records=n_cut, results={})
+                  torch=torch.__version__, transformers=tf_version, config={k: v for k, v in vars(a).items()},
+                  records=a.pairs, pairs=len(pairs), truncated_records=n_cut, dropped_records=n_drop, results={})
     ok_all = True
     for prec in precs:
         o, r = ours[prec], refs[prec]
@@ -658,14 +802,18 @@ def main(argv=None):
             res.update(passed=False, error=f"dpo train exited {o['returncode']}", stderr=o["stderr"])
             ok_all = False
             continue
-        m, checks, rows = compare(prec, o, r)
+        m, checks, rows = compare(prec, o, r, a)
         if "truncated" in o:  # our log's count of cut records against this script's reading of the rule
             checks["truncated_records"] = (o["truncated"], n_cut, o["truncated"] == n_cut)
+        if "dropped" in o:
+            checks["dropped_records"] = (o["dropped"], n_drop, o["dropped"] == n_drop)
+        else:
+            checks["dropped_records"] = ("not in our log", n_drop, False)
         print_table(prec, rows, a.every)
         print(f"[{prec}] largest differences over {len(rows)} steps (ours {o['seconds']:.1f} s, PyTorch "
               f"{r['seconds']:.1f} s):")
         for k, (v, tol, ok) in checks.items():
-            if k in ("truncated_records", "steps"):
+            if k in ("truncated_records", "dropped_records", "steps"):
                 print(f"  {k:18s} ours {v}, expected {tol}   {'ok' if ok else 'FAIL'}")
             else:
                 print(f"  {k:18s} {v:10.3e}   tolerance {tol:8.1e}   {'ok' if ok else 'FAIL'}")

@@ -186,8 +186,14 @@ const std::vector<Key>& keys() {
       INT_KEY(logits_chunk_rows, "token rows per chunk of the LM head and log-softmax (a chunk holds at least one "
                                  "pair); logits memory is chunk x vocab, independent of the batch size"),
       INT_KEY(max_length, "maximum prompt + completion tokens; unset: min(512, the model's n_positions)"),
-      INT_KEY(max_prompt_length, "maximum prompt tokens (< max_length); unset and max_length <= 256: max_length / 2"),
-      STRING_KEY(truncation_mode, "which end of a long prompt is kept: keep_end or keep_start"),
+      STRING_KEY(truncation, "trl1 (TRL 1.x: prompt + completion cut to max_length, records whose prompt has >= "
+                             "max_length tokens dropped and counted) or legacy (prompt cut to max_prompt_length "
+                             "first); unset: legacy if max_prompt_length is set, else trl1"),
+      INT_KEY(max_prompt_length, "truncation: legacy only: maximum prompt tokens (< max_length); 0 = unset: 256, or "
+                                 "max_length / 2 when 256 does not fit"),
+      STRING_KEY(truncation_mode, "trl1: keep_start (TRL 1.x's only supported value); legacy: which end of a long "
+                                  "prompt is kept, keep_end or keep_start; unset: keep_start (trl1), keep_end "
+                                  "(legacy)"),
       BOOL_KEY(skip_malformed, "skip and count malformed records instead of stopping"),
       Key{"loss_type", Kind::StringList, "one loss or a list: sigmoid, ipo, hinge, robust, cdpo, sft",
           [](TrainConfig& c, const YAML::Node& n) { c.loss_type = as_list<std::string>(n, as_string); },
@@ -201,7 +207,8 @@ const std::vector<Key>& keys() {
           }},
       DOUBLE_KEY(beta, "KL strength beta, in (0, 1e6]; IPO's tau"),
       DOUBLE_KEY(label_smoothing, "epsilon of robust / cdpo, in [0, 0.5)"),
-      BOOL_KEY(ipo_length_normalize, "IPO on per-token mean log-ratios"),
+      BOOL_KEY(ipo_length_normalize, "IPO on per-token mean log-ratios, as TRL's ipo; false: the IPO paper's "
+                                     "summed log-ratios"),
       DOUBLE_KEY(odpo_alpha, "ODPO offset alpha * log(score_chosen - score_rejected), in [0, 1e6]; 0 = off"),
       DOUBLE_KEY(rpo_alpha, "weight of an added SFT term (NLL of the chosen completion), in [0, 1e6]; 0 = off"),
       BOOL_KEY(reference_free, "drop the reference model terms"),
@@ -213,8 +220,10 @@ const std::vector<Key>& keys() {
       DOUBLE_KEY(adam_beta1, "AdamW beta1 in [0, 1)"),
       DOUBLE_KEY(adam_beta2, "AdamW beta2 in [0, 1)"),
       DOUBLE_KEY(adam_epsilon, "AdamW epsilon, in [1e-30, 1]"),
-      STRING_KEY(lr_scheduler_type, "after warmup: constant, cosine or linear"),
-      INT_KEY(warmup_steps, "linear warmup steps"),
+      STRING_KEY(lr_scheduler_type, "transformers' schedules: constant (no warmup), constant_with_warmup, cosine "
+                                    "or linear"),
+      INT_KEY(warmup_steps, "linear warmup steps from lr 0 (transformers: step s < warmup_steps uses lr * s / "
+                            "warmup_steps, so the first step's lr is 0)"),
       DOUBLE_KEY(max_grad_norm, "global gradient-norm clip, >= 0; 0 disables"),
       INT_KEY(per_device_train_batch_size, "pairs per micro-batch"),
       INT_KEY(per_device_eval_batch_size, "pairs per evaluation batch"),
@@ -356,12 +365,30 @@ void validate(const TrainConfig& c, RunKind kind) {
   if (c.zero_stage != 0 && c.zero_stage != 1)
     bad("zero_stage", "must be 0 or 1, got " + std::to_string(c.zero_stage));
   range("max_length", c.max_length, 1, kMaxBatch);
-  range("max_prompt_length", c.max_prompt_length, 1, kMaxBatch);
-  if (c.max_prompt_length >= c.max_length)
-    bad("max_prompt_length", "must be < max_length (" + std::to_string(c.max_length) + "), got " +
-                                 std::to_string(c.max_prompt_length));
-  if (c.truncation_mode != "keep_end" && c.truncation_mode != "keep_start")
-    bad("truncation_mode", "must be keep_end or keep_start, got '" + c.truncation_mode + "'");
+  range("max_prompt_length", c.max_prompt_length, 0, kMaxBatch);
+  if (!c.truncation.empty() && c.truncation != "trl1" && c.truncation != "legacy")
+    bad("truncation", "must be trl1 or legacy, got '" + c.truncation + "'");
+  if (!c.truncation_mode.empty() && c.truncation_mode != "keep_end" && c.truncation_mode != "keep_start")
+    bad("truncation_mode", "must be keep_start or keep_end, got '" + c.truncation_mode + "'");
+  {
+    TrainConfig r = c;  // what the trainer will use (resolve_truncation)
+    resolve_truncation(r);
+    if (r.truncation == "trl1") {
+      if (c.max_prompt_length > 0)
+        bad("max_prompt_length", "is " + std::to_string(c.max_prompt_length) +
+                                     " but truncation is trl1, which has no prompt budget (TRL 1.x removed "
+                                     "max_prompt_length: each prompt + completion is cut to max_length); remove "
+                                     "max_prompt_length, or set truncation: legacy to cut the prompt to it first");
+      if (r.truncation_mode == "keep_end")
+        bad("truncation_mode", "keep_end is not supported with truncation: trl1 (TRL 1.x deprecates it: it cuts "
+                               "the chosen and the rejected sequence's prompt by different amounts); use keep_start, "
+                               "or truncation: legacy, where keep_end keeps the end of a prompt cut to "
+                               "max_prompt_length");
+    } else if (r.max_prompt_length >= c.max_length) {
+      bad("max_prompt_length", "must be < max_length (" + std::to_string(c.max_length) + ") with truncation: "
+                               "legacy, got " + std::to_string(r.max_prompt_length));
+    }
+  }
   // An AdamW step moves a weight by about learning_rate; above 1 a single step wipes out any trained weight.
   real("learning_rate", c.learning_rate, 0, true, 1);
   // Decoupled decay multiplies each weight by (1 - lr * weight_decay) per step: above 1 the sign flips, above 2
@@ -376,9 +403,16 @@ void validate(const TrainConfig& c, RunKind kind) {
   // float32 number and below ~1e-45 it rounds to 0, so that a weight whose gradients were all zero gets
   // 0/0 = NaN; 1e-30 keeps a wide margin. Above 1 AdamW no longer normalises the gradient (usually 1e-8).
   real("adam_epsilon", c.adam_epsilon, 1e-30, false, 1);
-  if (c.lr_scheduler_type != "constant" && c.lr_scheduler_type != "cosine" && c.lr_scheduler_type != "linear")
-    bad("lr_scheduler_type", "must be constant, cosine or linear, got '" + c.lr_scheduler_type + "'");
+  if (c.lr_scheduler_type != "constant" && c.lr_scheduler_type != "constant_with_warmup" &&
+      c.lr_scheduler_type != "cosine" && c.lr_scheduler_type != "linear")
+    bad("lr_scheduler_type",
+        "must be constant, constant_with_warmup, cosine or linear, got '" + c.lr_scheduler_type + "'");
   range("warmup_steps", c.warmup_steps, 0, kMaxCount);
+  // transformers' "constant" ignores warmup_steps without a word; here that combination is refused instead.
+  if (c.lr_scheduler_type == "constant" && c.warmup_steps > 0)
+    bad("warmup_steps", "is " + std::to_string(c.warmup_steps) + " but lr_scheduler_type constant has no warmup "
+                        "(as in transformers); set lr_scheduler_type: constant_with_warmup to warm up, or "
+                        "warmup_steps: 0");
   real("max_grad_norm", c.max_grad_norm, 0, false, 1e30);
   range("per_device_train_batch_size", c.per_device_train_batch_size, 1, kMaxBatch);
   range("per_device_eval_batch_size", c.per_device_eval_batch_size, 1, kMaxBatch);
@@ -409,8 +443,19 @@ void validate(const TrainConfig& c, RunKind kind) {
   }
 }
 
+void resolve_truncation(TrainConfig& c) {
+  if (c.truncation.empty()) c.truncation = c.max_prompt_length > 0 ? "legacy" : "trl1";
+  if (c.truncation_mode.empty()) c.truncation_mode = c.truncation == "legacy" ? "keep_end" : "keep_start";
+  if (c.truncation == "legacy" && c.max_prompt_length == 0)
+    c.max_prompt_length = 256 < c.max_length || c.max_length < 2 ? 256 : c.max_length / 2;
+}
+
 std::vector<std::string> fit_to_model(TrainConfig& c, int64_t n_positions, const std::string& model, RunKind kind) {
   std::vector<std::string> notes;
+  resolve_truncation(c);
+  if (c.truncation == "legacy" && !c.given.count("truncation") && c.given.count("max_prompt_length"))
+    notes.push_back("truncation: legacy (max_prompt_length is set; TRL 1.x has no max_prompt_length: remove it for "
+                    "TRL 1.x truncation, or set truncation: legacy to keep this rule without this note)");
   const std::string np = std::to_string(n_positions);
   if (c.given.count("max_length")) {
     if (c.max_length > n_positions)
@@ -421,7 +466,8 @@ std::vector<std::string> fit_to_model(TrainConfig& c, int64_t n_positions, const
     notes.push_back("max_length: " + np + " (the n_positions of " + model +
                     "; the default 512 does not fit; set max_length to choose)");
   }
-  if (!c.given.count("max_prompt_length") && c.max_prompt_length >= c.max_length && c.max_length >= 2) {
+  if (c.truncation == "legacy" && !c.given.count("max_prompt_length") && c.max_prompt_length >= c.max_length &&
+      c.max_length >= 2) {
     c.max_prompt_length = c.max_length / 2;
     notes.push_back("max_prompt_length: " + std::to_string(c.max_prompt_length) +
                     " (half of max_length; the default 256 does not fit; set max_prompt_length to choose)");
@@ -498,10 +544,8 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
     cfg.given.insert(name);
     where_set[name] = where;
   }
-  // A max_length chosen below the default prompt budget brings the prompt budget along (half of it).
-  if (!cfg.given.count("max_prompt_length") && cfg.given.count("max_length") &&
-      cfg.max_prompt_length >= cfg.max_length && cfg.max_length >= 2)
-    cfg.max_prompt_length = cfg.max_length / 2;
+  // Under legacy, a max_length chosen below the default prompt budget brings the prompt budget along (half of it).
+  resolve_truncation(cfg);
   try {
     validate(cfg, kind);
   } catch (const KeyError& e) {

@@ -35,16 +35,22 @@ struct TrainConfig {
   int64_t seed = 42;
   int64_t num_threads = 0;  // CPU threads; 0 = OpenMP default
   // data
-  int64_t max_length = 512;         // unless given: min(512, the model's n_positions) (fit_to_model)
-  int64_t max_prompt_length = 256;  // unless given, and when 256 >= max_length: max_length / 2
-  std::string truncation_mode = "keep_end";
+  int64_t max_length = 512;  // unless given: min(512, the model's n_positions) (fit_to_model)
+  // Truncation (docs/training.md, "Truncation"; resolve_truncation fills what is left empty):
+  //   truncation "trl1": TRL 1.x, each prompt + completion cut to max_length (truncation_mode keep_start only),
+  //                      records whose prompt alone has >= max_length tokens dropped and counted;
+  //              "legacy": the prompt cut to max_prompt_length first (keep_end or keep_start), then completions.
+  //   Empty: "legacy" when max_prompt_length > 0 (a key TRL 1.x does not have), else "trl1".
+  std::string truncation;
+  int64_t max_prompt_length = 0;  // legacy only; 0 = unset: 256, or max_length / 2 when 256 >= max_length
+  std::string truncation_mode;    // empty: keep_start (trl1), keep_end (legacy)
   bool skip_malformed = false;
   // loss
   std::vector<std::string> loss_type = {"sigmoid"};
   std::vector<double> loss_weights;  // empty = 1 for each loss_type
   double beta = 0.1;
   double label_smoothing = 0.0;
-  bool ipo_length_normalize = false;
+  bool ipo_length_normalize = true;  // TRL's ipo (per-token mean log-ratios); false: the IPO paper's sums
   double odpo_alpha = 0.0;
   double rpo_alpha = 0.0;  // weight of an added SFT (NLL) term on the chosen completion; 0 = off
   bool reference_free = false;
@@ -57,7 +63,7 @@ struct TrainConfig {
   double adam_beta1 = 0.9;
   double adam_beta2 = 0.999;
   double adam_epsilon = 1e-8;
-  std::string lr_scheduler_type = "constant";
+  std::string lr_scheduler_type = "constant";  // transformers' names; "constant" has no warmup
   int64_t warmup_steps = 0;
   double max_grad_norm = 1.0;
   int64_t per_device_train_batch_size = 8;  // pairs per micro-batch
@@ -106,11 +112,18 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
 // Checks ranges and combinations; throws InputError naming the key.
 void validate(const TrainConfig& cfg, RunKind kind);
 
+// Fills the truncation keys left empty or unset (see TrainConfig): truncation, truncation_mode and, under legacy,
+// max_prompt_length (256, or max_length / 2 when 256 does not fit below max_length). load_train_config and
+// fit_to_model call it; a configuration built in code may be passed as it is (the trainer resolves a copy).
+// Values it cannot resolve are left for validate() to report.
+void resolve_truncation(TrainConfig& cfg);
+
 // Fits the length keys to a model of `n_positions` (the smallest of the policy's and the reference's), read from
 // `model` (named in messages): max_length, when not given, becomes min(its default 512, n_positions), and
-// max_prompt_length, when not given and its default 256 is not below max_length, max_length / 2 (load_train_config
-// applies the same rule to a given max_length). A given max_length above n_positions
-// throws InputError naming the key to set. Returns one line per value changed, for the run's log.
+// under truncation: legacy, max_prompt_length, when not given and its default 256 is not below max_length,
+// max_length / 2 (load_train_config applies the same rule to a given max_length). A given max_length above
+// n_positions throws InputError naming the key to set. Returns one line per value changed or chosen for the user
+// (also: truncation: legacy chosen because max_prompt_length is set), for the run's log.
 std::vector<std::string> fit_to_model(TrainConfig& cfg, int64_t n_positions, const std::string& model, RunKind kind);
 
 // The effective configuration as YAML (written to <out_dir>/config.yaml) and as a key table for --help-config.

@@ -181,13 +181,27 @@ void append_eos(std::vector<int32_t>& c, int32_t eos) {
   if (c.empty() || c.back() != eos) c.push_back(eos);
 }
 
-// TRL's rule (see data.h). Returns whether anything was cut.
-bool truncate_record(std::vector<int32_t>& prompt, const std::vector<std::vector<int32_t>*>& comps,
-                     const DataOptions& opt) {
+enum class Cut { None, Truncated, Dropped };
+
+// The truncation rules of data.h.
+Cut truncate_record(std::vector<int32_t>& prompt, const std::vector<std::vector<int32_t>*>& comps,
+                    const DataOptions& opt) {
+  int64_t P = static_cast<int64_t>(prompt.size());
+  if (opt.rule == TruncationRule::Trl1) {
+    // TRL keeps a record iff len(prompt_ids) < max_length, then slices each prompt + completion to [:max_length].
+    if (P >= opt.max_length) return Cut::Dropped;
+    const int64_t keep = opt.max_length - P;  // >= 1
+    bool cut = false;
+    for (auto* c : comps)
+      if (static_cast<int64_t>(c->size()) > keep) {
+        c->resize(static_cast<size_t>(keep));
+        cut = true;
+      }
+    return cut ? Cut::Truncated : Cut::None;
+  }
   int64_t longest = 0;
   for (auto* c : comps) longest = std::max<int64_t>(longest, static_cast<int64_t>(c->size()));
-  int64_t P = static_cast<int64_t>(prompt.size());
-  if (P + longest <= opt.max_length) return false;
+  if (P + longest <= opt.max_length) return Cut::None;
   if (P > opt.max_prompt_length) {
     if (opt.truncation == TruncationMode::KeepEnd)
       prompt.erase(prompt.begin(), prompt.end() - opt.max_prompt_length);
@@ -200,7 +214,7 @@ bool truncate_record(std::vector<int32_t>& prompt, const std::vector<std::vector
     for (auto* c : comps)
       if (static_cast<int64_t>(c->size()) > keep) c->resize(static_cast<size_t>(keep));
   }
-  return true;
+  return Cut::Truncated;
 }
 
 bool is_blank(const std::string& s) {
@@ -209,7 +223,8 @@ bool is_blank(const std::string& s) {
   });
 }
 
-// Reads `path` line by line; `parse(j, &truncated)` turns one JSON object into a record or throws Malformed.
+// Reads `path` line by line; `parse(j, &cut)` turns one JSON object into a record (and says whether truncation cut
+// or dropped it) or throws Malformed.
 template <class Rec, class Parse>
 std::vector<Rec> load_jsonl(const std::string& path, const DataOptions& opt, LoadStats* stats, Parse parse) {
   opt.validate();
@@ -264,11 +279,16 @@ std::vector<Rec> load_jsonl(const std::string& path, const DataOptions& opt, Loa
         bad("bad_json", std::string("not valid JSON: ") + e.what());
       }
       if (!j.is_object()) bad("not_object", std::string("expected a JSON object, got ") + j.type_name());
-      bool truncated = false;
-      out.push_back(parse(j, &truncated));
+      Cut cut = Cut::None;
+      auto rec = parse(j, &cut);
+      if (cut == Cut::Dropped) {
+        ++st.dropped;
+        continue;
+      }
+      out.push_back(std::move(rec));
       out.back().line = lineno;
       ++st.kept;
-      if (truncated) ++st.truncated;
+      if (cut == Cut::Truncated) ++st.truncated;
     } catch (const Malformed& m) {
       const std::string msg = path + ":" + std::to_string(lineno) + ": " + m.what;
       if (!opt.skip_malformed) throw InputError(msg);
@@ -279,14 +299,24 @@ std::vector<Rec> load_jsonl(const std::string& path, const DataOptions& opt, Loa
   if (f.bad()) throw InputError(path + ": read error after line " + std::to_string(lineno));
   if (stats) *stats = st;
   if (out.empty()) {
-    std::string why = st.read == 0 ? "the file has no records" : std::to_string(st.read) + " records read, all skipped as malformed (";
-    if (st.read != 0) {
-      bool first = true;
-      for (const auto& [reason, n] : st.skipped_by_reason) {
-        why += std::string(first ? "" : ", ") + reason + ": " + std::to_string(n);
-        first = false;
+    std::string why;
+    if (st.read == 0) {
+      why = "the file has no records";
+    } else {
+      why = std::to_string(st.read) + " records read";
+      if (st.dropped > 0)
+        why += ", " + std::to_string(st.dropped) + " dropped because the prompt alone has >= max_length (" +
+               std::to_string(opt.max_length) + ") tokens (truncation: trl1, as TRL 1.x; raise max_length, or set "
+               "truncation: legacy to cut such prompts to max_prompt_length instead)";
+      if (st.skipped > 0) {
+        why += ", " + std::to_string(st.skipped) + " skipped as malformed (";
+        bool first = true;
+        for (const auto& [reason, n] : st.skipped_by_reason) {
+          why += std::string(first ? "" : ", ") + reason + ": " + std::to_string(n);
+          first = false;
+        }
+        why += ")";
       }
-      why += ")";
     }
     throw InputError(path + ": no usable records: " + why);
   }
@@ -373,6 +403,12 @@ uint64_t mix64(uint64_t z) {
 
 void DataOptions::validate() const {
   if (max_length <= 0) throw InputError("data options: max_length must be > 0, got " + std::to_string(max_length));
+  if (rule == TruncationRule::Trl1) {
+    if (truncation != TruncationMode::KeepStart)
+      throw InputError("data options: truncation_mode keep_end is not supported with truncation: trl1 (use "
+                       "keep_start, or truncation: legacy)");
+    return;
+  }
   if (max_prompt_length <= 0)
     throw InputError("data options: max_prompt_length must be > 0, got " + std::to_string(max_prompt_length));
   if (max_prompt_length >= max_length)
@@ -385,7 +421,7 @@ std::vector<PreferencePair> load_preferences(const std::string& path, const Toke
   static const std::vector<Role> roles = {{"prompt", "prompt_ids"}, {"chosen", "chosen_ids"},
                                           {"rejected", "rejected_ids"}};
   int64_t with_scores = 0;
-  auto parse = [&](const json& j, bool* truncated) {
+  auto parse = [&](const json& j, Cut* cut) {
     auto seqs = parse_sequences(j, roles, tok);
     PreferencePair p;
     const bool hc = j.contains("score_chosen"), hr = j.contains("score_rejected");
@@ -413,8 +449,8 @@ std::vector<PreferencePair> load_preferences(const std::string& path, const Toke
       append_eos(p.chosen, tok.eos_id());
       append_eos(p.rejected, tok.eos_id());
     }
-    *truncated = truncate_record(p.prompt, {&p.chosen, &p.rejected}, opt);
-    if (p.has_scores) ++with_scores;
+    *cut = truncate_record(p.prompt, {&p.chosen, &p.rejected}, opt);
+    if (p.has_scores && *cut != Cut::Dropped) ++with_scores;
     return p;
   };
   auto out = load_jsonl<PreferencePair>(path, opt, stats, parse);
@@ -425,13 +461,13 @@ std::vector<PreferencePair> load_preferences(const std::string& path, const Toke
 std::vector<SftExample> load_sft(const std::string& path, const Tokenizer& tok, const DataOptions& opt,
                                  LoadStats* stats) {
   static const std::vector<Role> roles = {{"prompt", "prompt_ids"}, {"completion", "completion_ids"}};
-  auto parse = [&](const json& j, bool* truncated) {
+  auto parse = [&](const json& j, Cut* cut) {
     auto seqs = parse_sequences(j, roles, tok);
     SftExample e;
     e.prompt = std::move(seqs[0]);
     e.completion = std::move(seqs[1]);
     if (opt.append_eos) append_eos(e.completion, tok.eos_id());
-    *truncated = truncate_record(e.prompt, {&e.completion}, opt);
+    *cut = truncate_record(e.prompt, {&e.completion}, opt);
     return e;
   };
   return load_jsonl<SftExample>(path, opt, stats, parse);

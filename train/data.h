@@ -34,13 +34,25 @@
 // EOS (DataOptions::append_eos): appended to each completion unless it already ends with eos_id (never doubled);
 // never added to the prompt. EOS ids elsewhere in a token-id record are kept as given.
 //
-// Truncation (TRL's rule, applied to a whole record so chosen and rejected are always cut the same way):
-//   L = len(prompt) + max(len(chosen), len(rejected))   (after EOS; SFT: the single completion)
-//   if L > max_length:
-//     cut the prompt to max_prompt_length tokens (KeepEnd: keep its last tokens, KeepStart: its first);
-//     if still L > max_length: cut every completion to max_length - len(prompt) tokens, keeping its start.
-//   A completion cut this way loses its EOS. A prompt longer than max_prompt_length is left whole when the
-//   record fits in max_length. Every record that was cut counts once in LoadStats::truncated.
+// Truncation, after EOS (DataOptions::rule; a completion cut loses its EOS; a record with anything cut counts once
+// in LoadStats::truncated). SFT records follow the same rules with their single completion.
+//   Trl1 (TRL 1.x, checked against TRL v1.9.0's DPOTrainer: DataCollatorForPreference and the filter in
+//   _prepare_dataset): a record whose prompt alone has len(prompt) >= max_length tokens is dropped (TRL: "Dropping
+//   fully truncated examples", kept iff len(prompt_ids) < max_length) and counted in LoadStats::dropped, never an
+//   error unless nothing is left; in every kept record, prompt + chosen and prompt + rejected are each cut to
+//   their first max_length tokens (TRL's keep_start slice [:max_length] of each sequence), so the prompt stays
+//   whole and each completion is cut to max_length - len(prompt) >= 1 tokens independently of the other.
+//   TruncationMode::KeepEnd is refused (validate): TRL cuts the start of each sequence then, so chosen and
+//   rejected would keep different parts of the prompt, which a pair sharing one prompt cannot hold; TRL 1.x
+//   deprecates it.
+//   Legacy (this trainer's rule before TRL 1.x's, applied to a whole record so chosen and rejected are cut the
+//   same way):
+//     L = len(prompt) + max(len(chosen), len(rejected))
+//     if L > max_length:
+//       cut the prompt to max_prompt_length tokens (KeepEnd: keep its last tokens, KeepStart: its first);
+//       if still L > max_length: cut every completion to max_length - len(prompt) tokens, keeping its start.
+//     A prompt longer than max_prompt_length is left whole when the record fits in max_length. Nothing is
+//     dropped.
 #pragma once
 
 #include <cstdint>
@@ -65,27 +77,32 @@ struct SftExample {
   int64_t line = 0;
 };
 
-// Which part of the PROMPT is kept when it is cut. KeepEnd keeps the last tokens (TRL's default).
+// Which truncation rule (see above): TRL 1.x's, or the prompt-budget rule of TRL 0.x's kind.
+enum class TruncationRule { Trl1, Legacy };
+// Which end is kept: of each sequence (Trl1: KeepStart only) or of a prompt cut to max_prompt_length (Legacy).
 enum class TruncationMode { KeepEnd, KeepStart };
 
 struct DataOptions {
-  int64_t max_length = 512;         // prompt + longest completion, in tokens
-  int64_t max_prompt_length = 256;  // prompt length after a cut
-  TruncationMode truncation = TruncationMode::KeepEnd;
+  int64_t max_length = 512;  // prompt + completion, in tokens
+  TruncationRule rule = TruncationRule::Trl1;
+  TruncationMode truncation = TruncationMode::KeepStart;
+  int64_t max_prompt_length = 256;  // Legacy: prompt length after a cut; not used by Trl1
   bool skip_malformed = false;  // skip and count malformed records instead of throwing
   bool append_eos = true;
   // ODPO (odpo_alpha > 0): every preference record must carry score_chosen > score_rejected (the offset is
   // log(score_chosen - score_rejected)); checked while loading so that the error names file:line.
   bool require_score_gap = false;
 
-  // Throws InputError naming the option unless 0 < max_prompt_length < max_length.
+  // Throws InputError naming the option unless max_length > 0 and, for Legacy, 0 < max_prompt_length <
+  // max_length; for Trl1, unless truncation is KeepStart.
   void validate() const;
 };
 
 struct LoadStats {
-  int64_t read = 0;       // non-blank lines
+  int64_t read = 0;       // non-blank lines; read == kept + skipped + dropped
   int64_t kept = 0;       // records returned
   int64_t skipped = 0;    // malformed records skipped (skip_malformed)
+  int64_t dropped = 0;    // well-formed records dropped by truncation (Trl1: prompt alone >= max_length tokens)
   int64_t truncated = 0;  // kept records that were cut
   int64_t with_scores = 0;  // kept records carrying score_chosen/score_rejected
   std::map<std::string, int64_t> skipped_by_reason;

@@ -299,6 +299,7 @@ std::string run_demo(const DemoOptions& opt) {
     d.out_dir = (out / name.str()).string();
     d.beta = beta;
     d.learning_rate = 2e-4;
+    d.lr_scheduler_type = "constant_with_warmup";
     d.warmup_steps = 10;
     d.per_device_train_batch_size = 16;
     d.gradient_accumulation_steps = 2;

@@ -11,7 +11,8 @@
 //   cdpo     -(1-eps) log s(z) - eps log s(-z)    conservative DPO (DPO repo); TRL's "sigmoid" with label smoothing
 //   robust   [-(1-eps) log s(z) + eps log s(-z)] / (1-2eps)   Chowdhury et al. 2024 (unbiased under flip rate eps;
 //            unbounded below as z -> +inf when eps > 0, that is the estimator, not a bug)
-//   ipo      (D - 1/(2 beta))^2                   ipo_length_normalize: c, r are per-token means (/ completion length)
+//   ipo      (D - 1/(2 beta))^2                   ipo_length_normalize (the default, TRL's ipo): c, r divided by
+//                                                 their completion lengths (per-token means); false: sums (the paper)
 //   hinge    max(0, 1 - z)                        subgradient 0 at z == 1 exactly (the right derivative), -beta below
 //   sft      -policy_chosen / len_chosen          mean per-token NLL of the chosen completion (RPO's extra term);
 //                                                 no reference, no beta; gradient only w.r.t. policy_chosen
@@ -58,7 +59,9 @@ struct LossConfig {
   std::vector<LossTerm> terms = {{LossType::Sigmoid, 1.0}};  // total loss = sum_i weight_i * loss_i
   double beta = 0.1;
   double label_smoothing = 0.0;       // eps for robust / cdpo, in [0, 0.5)
-  bool ipo_length_normalize = false;  // IPO on per-token mean log-ratios
+  // IPO on per-token mean log-ratios: TRL's "ipo" (v1.9 dpo_trainer.py divides each sequence's log-ratio by its
+  // completion token count, a count that here is always >= 1). false: the IPO paper's summed log-ratios.
+  bool ipo_length_normalize = true;
   double odpo_alpha = 0.0;            // ODPO offset scale (sigmoid term only); 0 = off
   bool reference_free = false;        // ref log-probs treated as 0
 

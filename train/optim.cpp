@@ -23,7 +23,8 @@ std::string num(double x) {
 }  // namespace
 
 LrSchedule parse_lr_schedule(const std::string& name) {
-  if (name == "constant" || name == "constant_with_warmup") return LrSchedule::Constant;
+  if (name == "constant") return LrSchedule::Constant;
+  if (name == "constant_with_warmup") return LrSchedule::ConstantWithWarmup;
   if (name == "cosine") return LrSchedule::Cosine;
   if (name == "linear") return LrSchedule::Linear;
   throw InputError("lr_scheduler_type: unknown value '" + name +
@@ -33,6 +34,7 @@ LrSchedule parse_lr_schedule(const std::string& name) {
 const char* lr_schedule_name(LrSchedule s) {
   switch (s) {
     case LrSchedule::Constant: return "constant";
+    case LrSchedule::ConstantWithWarmup: return "constant_with_warmup";
     case LrSchedule::Cosine: return "cosine";
     case LrSchedule::Linear: return "linear";
   }
@@ -65,15 +67,22 @@ void OptimConfig::validate() const {
 double lr_at(const OptimConfig& cfg, int64_t step, int64_t total_steps) {
   DPO_ASSERT(step >= 0, "lr_at: step must be >= 0, got " + std::to_string(step));
   DPO_ASSERT(total_steps >= 0, "lr_at: total_steps must be >= 0, got " + std::to_string(total_steps));
-  const int64_t W = cfg.warmup_steps;
-  if (step < W) return cfg.lr * static_cast<double>(step + 1) / static_cast<double>(W);
+  // transformers' lr_lambda(current_step = step), written out in optim.h; the same float arithmetic order.
   if (cfg.schedule == LrSchedule::Constant) return cfg.lr;
+  const int64_t W = cfg.warmup_steps;
+  if (step < W) return cfg.lr * (static_cast<double>(step) / static_cast<double>(std::max<int64_t>(1, W)));
+  if (cfg.schedule == LrSchedule::ConstantWithWarmup) return cfg.lr;
   const double span = static_cast<double>(std::max<int64_t>(1, total_steps - W));
-  const double progress = std::clamp(static_cast<double>(step - W) / span, 0.0, 1.0);
-  const double lo = cfg.min_lr_ratio * cfg.lr;
-  const double f = cfg.schedule == LrSchedule::Cosine ? 0.5 * (1.0 + std::cos(std::numbers::pi * progress))
-                                                      : 1.0 - progress;
-  return lo + (cfg.lr - lo) * f;
+  double f;
+  if (cfg.schedule == LrSchedule::Cosine) {
+    const double progress = static_cast<double>(step - W) / span;
+    f = std::max(0.0, 0.5 * (1.0 + std::cos(std::numbers::pi * progress)));
+  } else {
+    f = std::max(0.0, static_cast<double>(total_steps - step) / span);
+  }
+  // cosine_with_min_lr's map (exact for m = 0: f * 1 + 0 == f).
+  const double m = cfg.min_lr_ratio;
+  return cfg.lr * std::max(0.0, f * (1 - m) + m);
 }
 
 double global_grad_norm(Backend& backend, const Tensor& grads) { return std::sqrt(backend.sum_squares(grads)); }

@@ -1,13 +1,20 @@
 // The optimizer: AdamW with decoupled weight decay, global-norm gradient clipping and a learning-rate schedule.
 //
 // Semantics follow what an HF/TRL DPO run does with torch.optim.AdamW + torch.nn.utils.clip_grad_norm_ +
-// transformers' schedulers, with the differences listed here:
-//   - Warmup: the lr of 0-based optimizer step s < warmup_steps is lr * (s+1) / warmup_steps, so the first step
-//     already moves (HF's first warmup step uses lr 0) and step warmup_steps-1 reaches the full lr.
-//   - "constant" keeps the warmup (HF's "constant" ignores warmup_steps; it is our "constant_with_warmup").
-//   - Decay (cosine / linear) runs over steps [warmup_steps, total_steps] with progress
-//     (s - warmup_steps) / max(1, total_steps - warmup_steps) clamped to [0, 1], from lr down to min_lr_ratio * lr
-//     (HF's cosine / linear with min_lr_ratio = 0, HF's "cosine_with_min_lr" with min_lr_rate = min_lr_ratio).
+// transformers' schedulers (transformers/optimization.py, the lr_lambda functions LambdaLR evaluates; the same from
+// transformers 4.x through 5.x), with the differences listed after the schedule:
+//   - The schedule: 0-based optimizer step s of a run of T steps with W = warmup_steps uses lr * f(s), transformers'
+//     lr_lambda(current_step = s): LambdaLR is evaluated with current_step 0 for the first update and advanced by
+//     scheduler.step() after each one.
+//       constant              f = 1 (warmup_steps is not used: transformers' get_constant_schedule)
+//       constant_with_warmup  s < W: s / W, else 1                      (get_constant_schedule_with_warmup)
+//       linear                s < W: s / W, else max(0, (T - s) / max(1, T - W))  (get_linear_schedule_with_warmup)
+//       cosine                s < W: s / W, else max(0, 0.5 (1 + cos(pi p))), p = (s - W) / max(1, T - W)
+//                             (get_cosine_schedule_with_warmup, num_cycles 0.5)
+//     So with warmup the first update uses lr 0 (AdamW still advances its moments and bias correction, as
+//     torch.optim.AdamW does with lr 0) and step W is the first at the full lr. min_lr_ratio = m > 0 maps the decay
+//     factor f to m + (1 - m) f (transformers' "cosine_with_min_lr" with min_lr_rate = m; for linear the same map,
+//     which transformers has no scheduler for); the warmup still starts at 0.
 //   - The gradient norm is accumulated in double (PyTorch: in the gradients' dtype). Clipping multiplies the
 //     gradients by min(1, max_grad_norm / (norm + 1e-6)) as clip_grad_norm_ does, but through the kernel's
 //     grad_scale: the gradient tensor itself is left untouched.
@@ -37,14 +44,15 @@
 
 namespace dpo {
 
-enum class LrSchedule { Constant, Cosine, Linear };
+// transformers' lr_scheduler_type names; Constant ignores warmup_steps (see the top of this file).
+enum class LrSchedule { Constant, ConstantWithWarmup, Cosine, Linear };
 
 // Why AdamW::step left everything as it was (see the top of this file).
 enum class SkipReason { None, NonFiniteGradNorm, NonFiniteUpdate };
 // "non-finite gradient norm", "non-finite updated weights or moments" ("" for None): for log lines.
 const char* skip_reason_text(SkipReason r);
 
-// "constant" (alias "constant_with_warmup"), "cosine", "linear". Anything else: InputError naming the key
+// "constant", "constant_with_warmup", "cosine", "linear". Anything else: InputError naming the key
 // lr_scheduler_type, the value and the valid list.
 LrSchedule parse_lr_schedule(const std::string& name);
 const char* lr_schedule_name(LrSchedule s);

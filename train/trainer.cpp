@@ -66,11 +66,14 @@ std::unique_ptr<Backend> make_backend(const TrainConfig& c, Communicator& comm) 
   return make_cpu_backend(static_cast<int>(c.num_threads));
 }
 
-DataOptions data_options(const TrainConfig& c) {
+DataOptions data_options(const TrainConfig& config) {
+  TrainConfig c = config;
+  resolve_truncation(c);  // a configuration built in code may leave the truncation keys empty
   DataOptions d;
   d.max_length = c.max_length;
+  d.rule = c.truncation == "legacy" ? TruncationRule::Legacy : TruncationRule::Trl1;
   d.max_prompt_length = c.max_prompt_length;
-  d.truncation = c.truncation_mode == "keep_start" ? TruncationMode::KeepStart : TruncationMode::KeepEnd;
+  d.truncation = c.truncation_mode == "keep_end" ? TruncationMode::KeepEnd : TruncationMode::KeepStart;
   d.skip_malformed = c.skip_malformed;
   d.append_eos = true;
   d.require_score_gap = c.odpo_alpha > 0;  // ODPO: score errors name file:line
@@ -82,13 +85,27 @@ DataOptions data_options(const TrainConfig& c) {
 // tokenisation setting left out here would still change it; precision, device and the batch size (padding changes
 // the float rounding) change the arithmetic only.
 std::string data_settings(const TrainConfig& c) {
+  const DataOptions d = data_options(c);  // the resolved truncation settings
   std::ostringstream s;
-  s << "tokenizer=" << c.tokenizer << ";max_length=" << c.max_length << ";max_prompt_length=" << c.max_prompt_length
-    << ";truncation=" << c.truncation_mode << ";skip_malformed=" << c.skip_malformed << ";append_eos=1"
+  s << "tokenizer=" << c.tokenizer << ";max_length=" << c.max_length;
+  // The legacy rule keeps the key of the runs made before the truncation key existed (their caches stay valid).
+  if (d.rule == TruncationRule::Legacy)
+    s << ";max_prompt_length=" << d.max_prompt_length
+      << ";truncation=" << (d.truncation == TruncationMode::KeepEnd ? "keep_end" : "keep_start");
+  else
+    s << ";truncation_rule=trl1;truncation=keep_start";
+  s << ";skip_malformed=" << c.skip_malformed << ";append_eos=1"
     << ";precision=" << c.precision << ";device=" << c.device << ";batch_pairs=" << c.per_device_eval_batch_size;
   // With skip_malformed, ODPO's score check changes which records are kept (keys without ODPO unchanged).
   if (c.odpo_alpha > 0 && c.skip_malformed) s << ";require_score_gap=1";
   return s.str();
+}
+
+// The run log's line for records dropped by truncation: trl1 (TRL 1.x) drops a record whose prompt alone fills
+// max_length; never silently.
+std::string dropped_note(int64_t dropped, int64_t max_length) {
+  return "dropped " + std::to_string(dropped) + ": prompt alone has >= max_length (" + std::to_string(max_length) +
+         ") tokens, no completion token would be left (truncation: trl1, as TRL 1.x)";
 }
 
 // A model directory (policy, reference, evaluated checkpoint) verified against its checksums.json, then loaded.
@@ -144,6 +161,9 @@ const std::set<std::string> kResumeFreeKeys = {"out_dir",       "num_threads", "
 
 void check_resume_config(const std::string& saved_yaml, const TrainConfig& now, const std::string& where) {
   YAML::Node a = YAML::Load(saved_yaml), b = YAML::Load(to_yaml(now));
+  // Checkpoints written before the truncation key existed all used the legacy rule (recorded in their
+  // max_prompt_length and truncation_mode).
+  if (!a["truncation"]) a["truncation"] = "legacy";
   std::vector<std::string> diff;
   for (auto it = b.begin(); it != b.end(); ++it) {
     const std::string k = it->first.as<std::string>();
@@ -614,7 +634,8 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   if (kind == RunKind::Dpo) pairs = load_preferences(cfg.train_file, *tok, dopt, &stats);
   else sft = load_sft(cfg.train_file, *tok, dopt, &stats);
   say("data: " + cfg.train_file + ": " + std::to_string(stats.kept) + " records (" + std::to_string(stats.truncated) +
-      " truncated, " + std::to_string(stats.skipped) + " skipped)");
+      " truncated, " + std::to_string(stats.dropped) + " dropped, " + std::to_string(stats.skipped) + " skipped)");
+  if (stats.dropped > 0) say("  " + dropped_note(stats.dropped, cfg.max_length));
   for (const auto& [why, n] : stats.skipped_by_reason) say("  skipped " + std::to_string(n) + ": " + why);
   const int64_t N = kind == RunKind::Dpo ? static_cast<int64_t>(pairs.size()) : static_cast<int64_t>(sft.size());
   const std::string train_sha256 = sha256_file(cfg.train_file);  // recorded in checkpoints, checked on resume
@@ -623,7 +644,9 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   if (kind == RunKind::Dpo && !cfg.eval_file.empty()) {
     LoadStats es;
     eval_pairs = load_preferences(cfg.eval_file, *tok, dopt, &es);
-    say("data: " + cfg.eval_file + ": " + std::to_string(es.kept) + " evaluation records");
+    say("data: " + cfg.eval_file + ": " + std::to_string(es.kept) + " evaluation records (" +
+        std::to_string(es.truncated) + " truncated, " + std::to_string(es.dropped) + " dropped)");
+    if (es.dropped > 0) say("  " + dropped_note(es.dropped, cfg.max_length));
   }
   check_same_on_all_ranks(comm,
                           {static_cast<double>(N), static_cast<double>(eval_pairs.size()),
@@ -1134,6 +1157,7 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
   if (report) {
     report->pairs = static_cast<int64_t>(data.size());
     report->truncated = st.truncated;
+    report->dropped = st.dropped;
     report->skipped = st.skipped;
     report->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }

@@ -51,6 +51,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
 struct EvalReport {
   int64_t pairs = 0;      // preference pairs evaluated
   int64_t truncated = 0;  // of those, pairs truncated to max_length
+  int64_t dropped = 0;    // records dropped by truncation (truncation: trl1, prompt alone >= max_length)
   int64_t skipped = 0;    // records skipped (skip_malformed)
   double seconds = 0;     // the evaluation loop (the models and the data loaded)
 };

@@ -227,6 +227,9 @@ data = {
     "score_missing_line1.jsonl": '{"prompt": "a", "chosen": " b", "rejected": " c"}\n',
     "score_infinite_line1.jsonl": '{"prompt": "a", "chosen": " b", "rejected": " c", "score_chosen": 1e400, "score_rejected": 0}\n',
     "sft_missing_completion_line1.jsonl": '{"prompt": "a", "chosen": " b"}\n',
+    # truncation: trl1 drops a record whose prompt alone has >= max_length (32, model/good's n_positions) bytes.
+    "prompts_fill_max_length.jsonl": '{"prompt": "%s", "chosen": " b", "rejected": " c"}\n' % ("p" * 32) +
+    '{"prompt": "%s", "chosen": " b", "rejected": " c"}\n' % ("q" * 40),
 }
 for name, text in data.items():
     put("data/" + name, text)
@@ -249,6 +252,10 @@ configs = {
     "list_for_scalar.yaml": "beta: [0.1, 0.2]\n",
     "negative_batch.yaml": "per_device_train_batch_size: -2\n",
     "max_length_over_model.yaml": "max_length: 33\n",
+    "trl1_with_max_prompt_length.yaml": "truncation: trl1\nmax_prompt_length: 16\n",
+    "keep_end_trl1.yaml": "truncation_mode: keep_end\n",
+    "unknown_truncation.yaml": "truncation: trl0\n",
+    "constant_with_warmup_steps.yaml": "warmup_steps: 10\n",
 }
 for name, text in configs.items():
     put("config/" + name, text)
