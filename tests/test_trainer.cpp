@@ -485,8 +485,11 @@ TEST(Trainer, LogitsAndNumTokensMetricsMatchADirectComputation) {
   auto tok = make_tokenizer(c.tokenizer);
   DataOptions d;
   d.max_length = c.max_length;
-  d.max_prompt_length = c.max_prompt_length;
-  d.truncation = c.truncation_mode == "keep_start" ? TruncationMode::KeepStart : TruncationMode::KeepEnd;
+  // The run's rule: truncation trl1 with keep_start, the defaults (c leaves both keys unset).
+  ASSERT_TRUE(c.truncation.empty() || c.truncation == "trl1");
+  ASSERT_TRUE(c.truncation_mode.empty() || c.truncation_mode == "keep_start");
+  d.rule = TruncationRule::Trl1;
+  d.truncation = TruncationMode::KeepStart;
   d.append_eos = true;
   const auto pairs = load_preferences(c.train_file, *tok, d, nullptr);
   const int64_t N = static_cast<int64_t>(pairs.size());
