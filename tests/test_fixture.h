@@ -84,7 +84,8 @@ inline void write_tiny_fixture(const std::string& dir, int n_pairs) {
                         {"chosen", std::string(" ") + good[i % 4] + (i % 3 ? " film" : "")},
                         {"rejected", std::string(" ") + bad[(i + 1) % 4]}};
     pref << j.dump() << "\n";
-    nlohmann::json s = {{"prompt", "review:"}, {"completion", std::string(" ") + (i % 2 ? good : bad)[i % 4]}};
+    const char* word = i % 2 ? good[i % 4] : bad[i % 4];
+    nlohmann::json s = {{"prompt", "review:"}, {"completion", std::string(" ") + word}};
     sft << s.dump() << "\n";
   }
   for (int i = 0; i < 9; ++i) {
