@@ -153,9 +153,9 @@ TEST_F(CudaEncoder, ForwardOutOfRangeTokenGivesNaNRow) {
 }
 
 // (+=) into random grads, run twice (so the second call accumulates onto the first) and compared with the CPU twin
-// run twice; then the whole thing again from the same start must give the same bits. Sizes cover several vocabulary
-// row blocks (V > kEncoderRowsPerBlock), several token chunks in shared memory (B*T > 1024), two channel tiles
-// (C > 128), repeated tokens, and rows of dwpe beyond T that must stay untouched.
+// run twice; then the whole thing again from the same start must give the same bits. Sizes cover several ranges of
+// sorted positions (B*T > 128), two channel tiles (C > 128), repeated tokens (every run shorter than
+// kEncoderSegmentRows, so the twin's order and bitwise equality), and rows of dwpe beyond T that must stay untouched.
 void encoder_backward_case(CudaKernelTest& f, int64_t B, int64_t T, int64_t C, int64_t V, int64_t maxT) {
   SCOPED_TRACE("B=" + std::to_string(B) + " T=" + std::to_string(T) + " C=" + std::to_string(C) +
                " V=" + std::to_string(V));
