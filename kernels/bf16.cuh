@@ -35,7 +35,6 @@ __device__ __forceinline__ void add_to(T* dst, float v) {
   *dst = from_float<T>(to_float(*dst) + v);
 }
 
-
 // --- 128-bit access to views at any element offset ------------------------------------------------------------------
 // A tensor view may start at any element offset inside its buffer, so its pointer is aligned to its element size but
 // not necessarily to 16 bytes. A memory-bound kernel over n elements of one or more such arrays splits [0, n) into
@@ -75,12 +74,12 @@ struct VecView {
 // none (then the body is empty). Host and device (a per-row split computes it in the kernel).
 __host__ __device__ __forceinline__ int64_t vec_head(int64_t n, int G, const VecView* v, int nv) {
   for (int h = 0; h < G; ++h) {
-    bool ok = true;
-    for (int k = 0; k < nv; ++k)
-      ok = ok && (reinterpret_cast<unsigned long long>(v[k].p) + static_cast<unsigned long long>(h) * v[k].elem) %
-                         16u ==
-                     0u;
-    if (ok) return h < n ? h : n;
+    bool aligned = true;
+    for (int k = 0; k < nv; ++k) {
+      const unsigned long long addr = reinterpret_cast<unsigned long long>(v[k].p);
+      aligned = aligned && (addr + static_cast<unsigned long long>(h) * v[k].elem) % 16u == 0u;
+    }
+    if (aligned) return h < n ? h : n;
   }
   return n;
 }
