@@ -186,8 +186,6 @@ static void encoder_backward_impl(CudaContext& ctx, float* dwte, float* dwpe, co
                                   int64_t B, int64_t T_, int64_t C, int64_t V) {
   DPO_NVTX_RANGE("encoder_backward");
   if (B * T_ * C <= 0 || V <= 0) return;
-  encoder_backward_wpe_kernel<T><<<grid_for(T_ * C), kThreads, 0, ctx.stream()>>>(dwpe, dout, B, T_, C);
-  DPO_CUDA_CHECK(cudaGetLastError());
   const int64_t BT = B * T_;
   DPO_ASSERT(BT <= INT32_MAX && V < INT32_MAX,
              "encoder_backward: B*T = " + std::to_string(BT) + ", V = " + std::to_string(V) + " exceed one sort");
@@ -195,14 +193,18 @@ static void encoder_backward_impl(CudaContext& ctx, float* dwte, float* dwpe, co
   const int64_t channel_tiles = (C + kChannelTile - 1) / kChannelTile;
   DPO_ASSERT(ranges <= INT32_MAX && channel_tiles <= 65535,
              "encoder_backward: B*T = " + std::to_string(BT) + ", C = " + std::to_string(C) + " exceed one launch");
+  encoder_backward_wpe_kernel<T><<<grid_for(T_ * C), kThreads, 0, ctx.stream()>>>(dwpe, dout, B, T_, C);
+  DPO_CUDA_CHECK(cudaGetLastError());
 
-  // Scratch, stream-ordered (freed after the launches below): sort input and output, the sort's workspace, and
-  // two partial slots per K sorted positions.
-  auto sort_buf = ctx.alloc(4 * BT * static_cast<int64_t>(sizeof(int32_t)));
-  uint32_t* keys_in = static_cast<uint32_t*>(sort_buf->data());
-  uint32_t* keys = keys_in + BT;
-  int32_t* vals_in = reinterpret_cast<int32_t*>(keys + BT);
-  int32_t* pos = vals_in + BT;
+  // Scratch, stream-ordered (freed after the launches below): sort input and output (separate allocations, each
+  // aligned as the allocator aligns), the sort's workspace, and two partial slots per K sorted positions.
+  const int64_t id_bytes = BT * static_cast<int64_t>(sizeof(int32_t));
+  auto keys_in_buf = ctx.alloc(id_bytes), keys_buf = ctx.alloc(id_bytes);
+  auto vals_in_buf = ctx.alloc(id_bytes), pos_buf = ctx.alloc(id_bytes);
+  uint32_t* keys_in = static_cast<uint32_t*>(keys_in_buf->data());
+  uint32_t* keys = static_cast<uint32_t*>(keys_buf->data());
+  int32_t* vals_in = static_cast<int32_t*>(vals_in_buf->data());
+  int32_t* pos = static_cast<int32_t*>(pos_buf->data());
   encoder_sort_input_kernel<<<grid_for(BT), kThreads, 0, ctx.stream()>>>(keys_in, vals_in, tokens, BT, V);
   DPO_CUDA_CHECK(cudaGetLastError());
   int end_bit = 1;  // keys are in [0, V]: sort only the bits that can be set
