@@ -132,6 +132,8 @@ static __global__ void encoder_backward_segments_kernel(float* dwte, float* part
     const int64_t v = keys[s];
     const bool whole_run = s_len[k] <= kEncoderSegmentRows;
     float acc = whole_run ? dwte[v * C + c] : 0.0f;
+    // Unrolled so that several rows' loads are in flight ahead of the (serial, ordered) adds.
+#pragma unroll 8
     for (int64_t q = s; q < e; ++q) acc += to_float(dout[static_cast<int64_t>(pos[q]) * C + c]);
     if (whole_run) dwte[v * C + c] = acc;
     else partial[segment_slot(s, e - s) * C + c] = acc;
