@@ -4,6 +4,7 @@
 #include <cmath>
 #include <string>
 
+#include "kernels/bf16.cuh"
 #include "runtime/cuda/cuda_check.h"
 #include "runtime/cuda/cuda_context.h"
 #include "runtime/cuda/nvtx.h"
@@ -48,38 +49,85 @@ static AdamWScalars make_scalars(const AdamWParams& p) {
 struct AdamWValues {
   float x, m, v;
 };
-static __device__ __forceinline__ AdamWValues adamw_values(const float* param, const float* grad, const float* m,
-                                                           const float* v, int64_t i, const AdamWScalars& s,
-                                                           float decay) {
-  const float g = grad[i] * s.grad_scale;
-  float x = param[i] * decay;  // param.mul_(1 - lr * weight_decay)
-  const float m0 = m[i];
+static __device__ __forceinline__ AdamWValues adamw_values(float param, float grad, float m0, float v0,
+                                                           const AdamWScalars& s, float decay) {
+  const float g = grad * s.grad_scale;
+  float x = param * decay;  // param.mul_(1 - lr * weight_decay)
   // exp_avg.lerp_(grad, 1 - beta1), ATen's two branches (exact at both ends).
   const float mi = fabsf(s.w1) < 0.5f ? m0 + s.w1 * (g - m0) : g - (g - m0) * s.one_minus_w1;
-  float vi = v[i] * s.beta2;  // exp_avg_sq.mul_(beta2)
-  vi = vi + s.w2 * g * g;     //   .addcmul_(grad, grad, value=1 - beta2)
+  float vi = v0 * s.beta2;  // exp_avg_sq.mul_(beta2)
+  vi = vi + s.w2 * g * g;   //   .addcmul_(grad, grad, value=1 - beta2)
   const float denom = sqrtf(vi) / s.bc2_sqrt + s.eps;
   x = x + (-s.step_size) * mi / denom;  // param.addcdiv_(exp_avg, denom, value=-step_size)
   return {x, mi, vi};
 }
 
-static __device__ __forceinline__ void adamw_element(float* param, const float* grad, float* m, float* v, int64_t i,
-                                                     const AdamWScalars& s, float decay) {
-  const AdamWValues r = adamw_values(param, grad, m, v, i, s, decay);
-  param[i] = r.x;
-  m[i] = r.m;
-  v[i] = r.v;
-}
+// Float vectors: the four arrays share one index, so a split (kernels/bf16.cuh) aligns them together when their
+// addresses agree modulo 16 bytes.
+constexpr int kG = 4;
 
 // NaN or +-Inf: all exponent bits set. A bit test rather than isfinite(), so that no math-mode flag can fold it away.
 static __device__ __forceinline__ bool non_finite(float x) {
   return (__float_as_uint(x) & 0x7f800000u) == 0x7f800000u;
 }
 
+// Elements [0, len) of param + base etc. over `nt` workers, worker t: 128-bit loads and stores on the common aligned
+// body, scalar edges; every element through adamw_values. Update writes param, m, v; DryRun returns whether any new
+// value of this worker's elements is non-finite and writes nothing.
+template <bool kWrite>
+static __device__ __forceinline__ int adamw_range(float* param, const float* grad, float* m, float* v, int64_t base,
+                                                  int64_t len, int64_t t, int64_t nt, const AdamWScalars& s,
+                                                  float decay) {
+  float* p = param + base;
+  const float* g = grad + base;
+  float* mm = m + base;
+  float* vv = v + base;
+  const VecView views[] = {{p, sizeof(float)}, {g, sizeof(float)}, {mm, sizeof(float)}, {vv, sizeof(float)}};
+  const int64_t head = vec_head(len, kG, views, 4);
+  int bad = 0;
+  auto visit = [&](const AdamWValues& r) {
+    bad |= (non_finite(r.x) || non_finite(r.m) || non_finite(r.v)) ? 1 : 0;
+  };
+  split_loop<kG>(
+      t, nt, len, head,
+      [&](int64_t i) {
+        const AdamWValues r = adamw_values(p[i], g[i], mm[i], vv[i], s, decay);
+        if constexpr (kWrite) {
+          p[i] = r.x;
+          mm[i] = r.m;
+          vv[i] = r.v;
+        } else {
+          visit(r);
+        }
+      },
+      [&](int64_t i) {
+        Pack<float, kG> px = load_pack<kG>(p, i), pm = load_pack<kG>(mm, i), pv = load_pack<kG>(vv, i);
+        const Pack<float, kG> pg = load_pack<kG>(g, i);
+#pragma unroll
+        for (int j = 0; j < kG; ++j) {
+          const AdamWValues r = adamw_values(px.e[j], pg.e[j], pm.e[j], pv.e[j], s, decay);
+          if constexpr (kWrite) {
+            px.e[j] = r.x;
+            pm.e[j] = r.m;
+            pv.e[j] = r.v;
+          } else {
+            visit(r);
+          }
+        }
+        if constexpr (kWrite) {
+          store_pack<kG>(p, i, px);
+          store_pack<kG>(mm, i, pm);
+          store_pack<kG>(vv, i, pv);
+        }
+      });
+  return bad;
+}
+
+// Grid-stride over the split of [0, n).
 static __global__ void adamw_kernel(float* param, const float* grad, float* m, float* v, int64_t n, AdamWScalars s) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  adamw_element(param, grad, m, v, i, s, s.decay);
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nt = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  adamw_range<true>(param, grad, m, v, 0, n, t, nt, s, s.decay);
 }
 
 // What a launch of adamw_segments_kernel does with each element.
@@ -109,14 +157,8 @@ static __global__ void adamw_segments_kernel(float* param, const float* grad, fl
     const int64_t len = left < kAdamWChunk ? left : kAdamWChunk;
     const int64_t base = e[1] + first;
     const float decay = e[3] != 0 ? s.decay : decay_off;
-    for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {
-      if constexpr (kPass == SegmentsPass::Update) {
-        adamw_element(param, grad, m, v, base + j, s, decay);
-      } else {
-        const AdamWValues r = adamw_values(param, grad, m, v, base + j, s, decay);
-        bad |= (non_finite(r.x) || non_finite(r.m) || non_finite(r.v)) ? 1 : 0;
-      }
-    }
+    // The chunk's own split: a segment may start at any offset of the flat arrays.
+    bad |= adamw_range<kPass == SegmentsPass::Update>(param, grad, m, v, base, len, threadIdx.x, blockDim.x, s, decay);
   }
   if constexpr (kPass == SegmentsPass::DryRun) {
     if (__syncthreads_or(bad) != 0 && threadIdx.x == 0) atomicOr(flag, 1);
@@ -128,8 +170,8 @@ void adamw_update(CudaContext& ctx, float* param, const float* grad, float* m, f
   DPO_NVTX_RANGE("adamw_update");
   if (n <= 0) return;
   const AdamWScalars s = make_scalars(p);
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  DPO_ASSERT(blocks <= INT32_MAX, "adamw_update: n = " + std::to_string(n) + " exceeds one launch");
+  // One thread per 4-element group, capped (grid-stride); each element's result does not depend on the grid.
+  const int64_t blocks = std::min<int64_t>(((n + kG - 1) / kG + kThreads - 1) / kThreads, int64_t{1} << 16);
   adamw_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, ctx.stream()>>>(param, grad, m, v, n, s);
   DPO_CUDA_CHECK(cudaGetLastError());
 }

@@ -9,8 +9,9 @@
 //   param[n], m[n], v[n]: float, read and written in place; grad[n]: float, read only. No two may alias.
 //   State (m, v) is fp32 and each element's arithmetic is fp32 (the CPU twin does it in double), so the two differ
 //   by float round-off; the scalars (bias corrections, step size, decay) are computed on the host in double, as
-//   PyTorch computes them in Python, then rounded to float. One thread per element, so the result does not depend
-//   on the launch configuration. p.step is 1-based. Asynchronous on ctx.stream(); 64-bit indices.
+//   PyTorch computes them in Python, then rounded to float. Each element's value is a function of that element only,
+//   so the result does not depend on the launch configuration. Moved with 128-bit loads and stores where the four
+//   arrays can be aligned together (kernels/bf16.cuh: scalar head and tail, all scalar when they cannot). p.step is 1-based. Asynchronous on ctx.stream(); 64-bit indices.
 //
 // adamw_update_segments: the same update over segs[0, n_segs) of flat arrays of n floats in ONE launch (the
 //   multi-tensor form; per-segment weight decay and the segment rules as in kernels/adamw.h, elements outside every

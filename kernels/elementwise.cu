@@ -37,11 +37,27 @@ static __device__ __forceinline__ void convert1(float* d, double s) { *d = stati
 static __device__ __forceinline__ void convert1(double* d, bf16 s) { *d = static_cast<double>(__bfloat162float(s)); }
 static __device__ __forceinline__ void convert1(double* d, float s) { *d = static_cast<double>(s); }
 
+// Groups of G elements, G = 16 / (the smaller element size): one 16-byte vector of the narrower type and one or more
+// of the wider. Grid-stride over the split of [0, n) (kernels/bf16.cuh), `head` computed on the host for dst and src.
 template <class D, class S>
-static __global__ void convert_kernel(D* dst, const S* src, int64_t n) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
-    convert1(dst + i, src[i]);
+constexpr int convert_group() {
+  return 16 / static_cast<int>(sizeof(D) < sizeof(S) ? sizeof(D) : sizeof(S));
+}
+
+template <class D, class S>
+static __global__ void convert_kernel(D* dst, const S* src, int64_t n, int64_t head) {
+  constexpr int G = convert_group<D, S>();
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t nt = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  split_loop<G>(
+      t, nt, n, head, [&](int64_t i) { convert1(dst + i, src[i]); },
+      [&](int64_t i) {
+        const Pack<S, G> x = load_pack<G>(src, i);
+        Pack<D, G> y;
+#pragma unroll
+        for (int j = 0; j < G; ++j) convert1(&y.e[j], x.e[j]);
+        store_pack<G>(dst, i, y);
+      });
 }
 
 static __global__ void scale_kernel(float* x, int64_t n, double s) {
@@ -100,7 +116,10 @@ template <class D, class S>
 static void convert_impl(CudaContext& ctx, D* dst, const S* src, int64_t n) {
   DPO_NVTX_RANGE("convert");
   if (n <= 0) return;
-  convert_kernel<D, S><<<grid_for(n), kThreads, 0, ctx.stream()>>>(dst, src, n);
+  constexpr int G = convert_group<D, S>();
+  const VecView v[] = {{dst, sizeof(D)}, {src, sizeof(S)}};
+  const int64_t head = vec_head(n, G, v, 2);
+  convert_kernel<D, S><<<grid_for((n + G - 1) / G), kThreads, 0, ctx.stream()>>>(dst, src, n, head);
   DPO_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -8,6 +8,8 @@
 //                through float (two roundings can differ from one when the double lies just off a bf16 tie and the
 //                float rounding lands on it; convert_host, runtime/safetensors.h, goes through float). Widening is
 //                exact. NaN stays NaN (the payload is not kept); +-Inf and +-0 keep their sign.
+//                Moved in 128-bit vectors on the body where dst and src can be aligned together (kernels/bf16.cuh;
+//                scalar head and tail, all scalar when they cannot); the same conversion per element either way.
 //   scale      : x[i] = float(double(x[i]) * s), float x only (in place; the same rounding as cpu::scale<float>, so
 //                the two are bitwise equal)
 //   sum_squares: *out = sum_i double(x[i])^2, written to ONE double in device memory (no host sync here; the

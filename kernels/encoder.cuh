@@ -10,16 +10,22 @@
 // bf16: the forward adds the two bf16 values in float and rounds the sum once; the backward reads dout exactly and
 // accumulates in float as for float storage.
 //
-// Determinism: no atomics. Every output element is owned by one thread, which adds its terms in the CPU twin's
-// order, (b,t) ascending, in float. Both passes are therefore bitwise equal to cpu::encoder_backward<float> (on the
-// float values of dout) and to themselves run after run, whatever the launch configuration.
-//   dwpe: one thread per (t,c), looping over b.
-//   dwte: block (r, j) owns vocabulary rows [r*kEncoderRowsPerBlock, (r+1)*kEncoderRowsPerBlock) and a tile of
-//         channels; it streams all B*T token ids through shared memory in order and, for each id in its rows, adds
-//         that dout row into dwte. Cost: each of the ceil(V/kEncoderRowsPerBlock) * ceil(C/128) blocks loops over
-//         all B*T ids (GPT-2 small at B*T = 8192: 594 blocks of 8192 broadcast shared-memory reads each, all
-//         resident at once on an H100, estimated ~0.1 ms); the adds themselves are B*T*C, coalesced. Bucketing the
-//         (b,t) by token first (a stable sort) would remove the scan if it ever shows up in a profile.
+// Forward: one warp per (b,t) row; each row is split into a scalar head, a body of 16-byte groups (128-bit loads of
+// the wte and wpe rows, 128-bit stores to out) and a scalar tail (kernels/bf16.cuh), so views at any offset and any
+// C work. One add per element, as the twin: bitwise equal to cpu::encoder_forward.
+//
+// Determinism: no atomics; every output element is owned by one thread at a time and every order is fixed by the
+// data (tokens, B, T), never by the device or the launch, so the backward is bitwise equal to itself run after run.
+//   dwpe: one thread per (t,c), adding b = 0..B-1 in order: bitwise cpu::encoder_backward<float>.
+//   dwte: positions sorted by token once per call (a stable radix sort of (token, position) pairs, so each token's
+//         positions, its "run", stay ascending). A run is cut into segments of K = kEncoderSegmentRows positions
+//         from its start, each summed by one thread per channel in position order, so no thread adds more than K
+//         rows in a chain however often a token occurs (a padding or end-of-text token may fill half a batch).
+//         A run of at most K positions is a single segment added onto dwte in the twin's order: bitwise
+//         cpu::encoder_backward<float>. A longer run's segment sums (each from 0) are added onto dwte in segment
+//         order by a second pass: dwte + (s_0 + ...) regrouped, which differs from the twin's single chain by float
+//         round-off (<= about (K + L/K) eps_f * sum |dout| for a run of L positions, against the twin's L eps_f).
+//         Cost: the sort, one binary-search pair per position, and B*T*C coalesced reads of dout.
 // 64-bit indices throughout; asynchronous on ctx.stream().
 #pragma once
 #include <cuda_bf16.h>
@@ -32,7 +38,7 @@ class CudaContext;
 
 namespace dpo::cuda {
 
-constexpr int64_t kEncoderRowsPerBlock = 512;
+constexpr int64_t kEncoderSegmentRows = 64;  // K above: longest chain of dout rows one thread adds
 
 void encoder_forward(CudaContext& ctx, float* out, const int32_t* tokens, const float* wte, const float* wpe, int64_t B,
                      int64_t T, int64_t C, int64_t V);

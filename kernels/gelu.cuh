@@ -6,6 +6,8 @@
 // once (dinp: read, add in float, round once). The CPU twin's formula term for term; results differ from it by
 // tanhf's error (<= 2 ulp, CUDA math API) against the host libm's, i.e. float round-off. 64-bit indices; asynchronous
 // on ctx.stream().
+// Memory: 128-bit loads and stores on the body where all arrays of the call can be 16-byte aligned together,
+// scalar head and tail (all scalar when they cannot; kernels/bf16.cuh); the same arithmetic per element either way.
 #pragma once
 #include <cuda_bf16.h>
 

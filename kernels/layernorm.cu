@@ -23,28 +23,57 @@ static __device__ float warp_sum(float v) {
   return v;
 }
 
+// Rows: each row is split on its own (kernels/bf16.cuh), since a row's address depends on the row index (C need not
+// be a multiple of the vector width) and the view on its offset. The lanes take the row's 16-byte groups and its
+// scalar edges in turn; each lane accumulates its elements in the order it meets them. The per-element expressions
+// are the same in both paths; which lane adds which element (and so the float rounding of the row sums) follows the
+// split.
 template <class T>
 static __global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd, const T* inp, const T* w, const T* b,
                                                 int64_t N, int64_t C, float eps) {
+  constexpr int G = 16 / sizeof(T);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
   const int lane = static_cast<int>(threadIdx.x % kWarpSize);
   if (row >= N) return;  // the whole warp leaves together
   const T* x = inp + row * C;
+  T* o = out + row * C;
+  const VecView views[] = {{x, sizeof(T)}, {o, sizeof(T)}, {w, sizeof(T)}, {b, sizeof(T)}};
+  const int64_t head = vec_head(C, G, views, 4);
   const float x0 = to_float(x[0]);
   const float fc = static_cast<float>(C);
   float s = 0.0f;
-  for (int64_t c = lane; c < C; c += kWarpSize) s += to_float(x[c]) - x0;
+  split_loop<G>(
+      lane, kWarpSize, C, head, [&](int64_t c) { s += to_float(x[c]) - x0; },
+      [&](int64_t c) {
+        const Pack<T, G> xv = load_pack<G>(x, c);
+#pragma unroll
+        for (int j = 0; j < G; ++j) s += to_float(xv.e[j]) - x0;
+      });
   const float delta = warp_sum(s) / fc;  // mean - x0
   float v = 0.0f;
-  for (int64_t c = lane; c < C; c += kWarpSize) {
-    const float d = (to_float(x[c]) - x0) - delta;
+  auto var_term = [&](float xc) {
+    const float d = (xc - x0) - delta;
     v += d * d;
-  }
+  };
+  split_loop<G>(
+      lane, kWarpSize, C, head, [&](int64_t c) { var_term(to_float(x[c])); },
+      [&](int64_t c) {
+        const Pack<T, G> xv = load_pack<G>(x, c);
+#pragma unroll
+        for (int j = 0; j < G; ++j) var_term(to_float(xv.e[j]));
+      });
   const float var = warp_sum(v) / fc;
   const float rs = 1.0f / sqrtf(var + eps);
-  T* o = out + row * C;
-  for (int64_t c = lane; c < C; c += kWarpSize)
-    o[c] = from_float<T>(((to_float(x[c]) - x0) - delta) * rs * to_float(w[c]) + to_float(b[c]));
+  auto norm = [&](float xc, float wc, float bc) { return from_float<T>(((xc - x0) - delta) * rs * wc + bc); };
+  split_loop<G>(
+      lane, kWarpSize, C, head, [&](int64_t c) { o[c] = norm(to_float(x[c]), to_float(w[c]), to_float(b[c])); },
+      [&](int64_t c) {
+        const Pack<T, G> xv = load_pack<G>(x, c), wv = load_pack<G>(w, c), bv = load_pack<G>(b, c);
+        Pack<T, G> ov;
+#pragma unroll
+        for (int j = 0; j < G; ++j) ov.e[j] = norm(to_float(xv.e[j]), to_float(wv.e[j]), to_float(bv.e[j]));
+        store_pack<G>(o, c, ov);
+      });
   if (lane == 0) {
     mean[row] = x0 + delta;
     rstd[row] = rs;
@@ -54,28 +83,49 @@ static __global__ void layernorm_forward_kernel(T* out, float* mean, float* rstd
 template <class T>
 static __global__ void layernorm_backward_dinp_kernel(T* dinp, const T* dout, const T* inp, const T* w,
                                                       const float* mean, const float* rstd, int64_t N, int64_t C) {
+  constexpr int G = 16 / sizeof(T);
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
   const int lane = static_cast<int>(threadIdx.x % kWarpSize);
   if (row >= N) return;
   const T* x = inp + row * C;
   const T* d = dout + row * C;
+  T* di = dinp + row * C;
+  const VecView views[] = {{x, sizeof(T)}, {d, sizeof(T)}, {w, sizeof(T)}, {di, sizeof(T)}};
+  const int64_t head = vec_head(C, G, views, 4);
   const float m = mean[row], s = rstd[row];
   const float fc = static_cast<float>(C);
   float dnorm = 0.0f, dnorm_xn = 0.0f;
-  for (int64_t c = lane; c < C; c += kWarpSize) {
-    const float xn = (to_float(x[c]) - m) * s;
-    const float dn = to_float(w[c]) * to_float(d[c]);
+  auto sums = [&](float xc, float wc, float dc) {
+    const float xn = (xc - m) * s;
+    const float dn = wc * dc;
     dnorm += dn;
     dnorm_xn += dn * xn;
-  }
+  };
+  split_loop<G>(
+      lane, kWarpSize, C, head, [&](int64_t c) { sums(to_float(x[c]), to_float(w[c]), to_float(d[c])); },
+      [&](int64_t c) {
+        const Pack<T, G> xv = load_pack<G>(x, c), wv = load_pack<G>(w, c), dv = load_pack<G>(d, c);
+#pragma unroll
+        for (int j = 0; j < G; ++j) sums(to_float(xv.e[j]), to_float(wv.e[j]), to_float(dv.e[j]));
+      });
   const float dnorm_mean = warp_sum(dnorm) / fc;
   const float dnorm_norm_mean = warp_sum(dnorm_xn) / fc;
-  T* di = dinp + row * C;
-  for (int64_t c = lane; c < C; c += kWarpSize) {
-    const float xn = (to_float(x[c]) - m) * s;
-    const float dn = to_float(w[c]) * to_float(d[c]);
-    add_to(di + c, (dn - dnorm_mean - xn * dnorm_norm_mean) * s);
-  }
+  // The (+=) term of one element: read dinp, add in float, round once.
+  auto grad = [&](float xc, float wc, float dc, float dic) {
+    const float xn = (xc - m) * s;
+    const float dn = wc * dc;
+    return from_float<T>(dic + (dn - dnorm_mean - xn * dnorm_norm_mean) * s);
+  };
+  split_loop<G>(
+      lane, kWarpSize, C, head,
+      [&](int64_t c) { di[c] = grad(to_float(x[c]), to_float(w[c]), to_float(d[c]), to_float(di[c])); },
+      [&](int64_t c) {
+        const Pack<T, G> xv = load_pack<G>(x, c), wv = load_pack<G>(w, c), dv = load_pack<G>(d, c);
+        Pack<T, G> iv = load_pack<G>(di, c);
+#pragma unroll
+        for (int j = 0; j < G; ++j) iv.e[j] = grad(to_float(xv.e[j]), to_float(wv.e[j]), to_float(dv.e[j]), to_float(iv.e[j]));
+        store_pack<G>(di, c, iv);
+      });
 }
 
 // Pass 1: block (j, r) sums rows [r*chunk_rows, ...) for channels [j*kChannelTile, ...), rows in ascending order.

@@ -11,7 +11,10 @@
 // (GPT-2's residual stream has such channels), the forward works on x - x[0] (the shifted-data algorithm): the
 // shift is exact for x near x[0], and the sums then carry the spread of the row, not its offset. Mean and variance
 // are two passes over the row, as in the CPU twin.
-// Layout: forward and the dinp part of backward use one warp per row (lanes stride over C, butterfly shuffles).
+// Layout: forward and the dinp part of backward use one warp per row (butterfly shuffles). Each row is split on its
+// own into a scalar head, a body of 16-byte groups moved with 128-bit loads/stores and a scalar tail
+// (kernels/bf16.cuh), aligned for all arrays of the row at once, so a view at any offset and any C work; the lanes
+// take the groups and edge elements in turn, so each lane still sums about C/32 elements in order.
 // dw/db are deterministic, with no atomics: pass 1 splits the rows into a fixed number of chunks (a function of N
 // only) and writes one partial per (chunk, channel); pass 2 adds the partials of each channel in chunk order. The
 // same inputs give bitwise the same result on every run and every GPU.

@@ -5,6 +5,8 @@
 // Storage float or bf16 (all arrays of a call the same type). Element for element the CPU twin's arithmetic in float
 // (bitwise equal for float storage; for bf16 the float result is rounded once, so it is bitwise equal to the twin's
 // float result rounded to bf16). 64-bit indices; asynchronous on ctx.stream().
+// Memory: 128-bit loads and stores on the body where all arrays of the call can be 16-byte aligned together,
+// scalar head and tail (all scalar when they cannot; kernels/bf16.cuh); the same arithmetic per element either way.
 #pragma once
 #include <cuda_bf16.h>
 
