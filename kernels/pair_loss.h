@@ -108,9 +108,9 @@ DPO_HD inline double odpo_offset(double alpha, double score_chosen, double score
 
 // The pair's loss, gradients and reward metrics (formulas at the top of this file).
 DPO_HD inline PairLossOutput pair_loss_eval(const PairLossParams& p, const PairLossInput& in) {
-  const bool free = p.ref == RefMode::ReferenceFree;
-  const double ref_c = free ? 0.0 : in.ref_chosen;
-  const double ref_r = free ? 0.0 : in.ref_rejected;
+  const bool ref_free = p.ref == RefMode::ReferenceFree;
+  const double ref_c = ref_free ? 0.0 : in.ref_chosen;
+  const double ref_r = ref_free ? 0.0 : in.ref_rejected;
   const double c = in.policy_chosen - ref_c;
   const double r = in.policy_rejected - ref_r;
   const double delta = c - r;  // dDelta/dpolicy_chosen = 1, dDelta/dpolicy_rejected = -1

@@ -821,8 +821,8 @@ struct TrlResult {
 LD ld_logsigmoid(LD x) { return -std::log1p(std::exp(-x)); }  // naive; long double's range keeps it finite here
 
 TrlResult trl_formula(const PairLossParams& p, const TrlPair& x) {
-  const bool free = p.ref == RefMode::ReferenceFree;
-  const LD crat = x.pc - (free ? 0.0L : x.rc), rrat = x.pr - (free ? 0.0L : x.rr);
+  const bool ref_free = p.ref == RefMode::ReferenceFree;
+  const LD crat = x.pc - (ref_free ? 0.0L : x.rc), rrat = x.pr - (ref_free ? 0.0L : x.rr);
   const LD beta = p.beta, ls = p.label_smoothing;
   const LD logits = crat - rrat;
   TrlResult r;
