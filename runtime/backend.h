@@ -33,12 +33,14 @@
 // rounds them into the BF16 compute copy.
 #pragma once
 
+#include <cmath>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "kernels/adamw.h"
 #include "kernels/common.h"
+#include "kernels/pair_loss.h"
 #include "kernels/seq_stats.h"
 #include "runtime/error.h"
 #include "runtime/tensor.h"
@@ -141,6 +143,29 @@ class Backend {
     logprob_backward(dlogits, logits, targets, weights, dseq, logits.size(-1));
   }
 
+  // --- preference loss (kernels/pair_loss.h) -----------------------------------------------------------------
+  // A preference batch of P pairs, rows [chosen 0..P-1, rejected P..2P-1], each pair evaluated by pair_loss_eval
+  // (the one per-pair function of both backends):
+  //   stats [2P, kSeqStatsWidth]  the policy's logprob_forward seq_stats (kSeqLogp, kSeqTokens are read)
+  //   ref_logp [2P]               the reference's summed log-probs; undefined only with RefMode::ReferenceFree
+  //   offset [P]                  ODPO offsets (odpo_offset); undefined = 0
+  //   out.dseq [2P] (=)           d loss / d logp per row divided by `normalizer` (logprob_backward's dseq)
+  //   out.pair_loss [P] (=)       each pair's weighted loss (optional)
+  //   out.sums [kPairSumsWidth] F64 (=)  the batch sums (PairSum), unnormalised
+  // stats, ref_logp, offset, dseq and pair_loss have the per-sequence dtype grad_dtype(A) (F32 on the GPU; F32 or
+  // F64 on the CPU), all one dtype. The arithmetic is double on both backends (kernels/pair_loss.h), so they agree
+  // to rounding; the sums are in a fixed order on each (bitwise reproducible). The preconditions of pair_loss_eval
+  // (completion lengths > 0 where used, finite offsets) are the data pipeline's, not checked here (the GPU could
+  // not without a sync); a violation gives non-finite values. p and normalizer are checked
+  // (check_preference_loss_args below), shapes and dtypes as for every op.
+  struct PairLossOutputs {
+    Tensor dseq;       // [2P], required
+    Tensor pair_loss;  // [P] or undefined
+    Tensor sums;       // [kPairSumsWidth] F64, required
+  };
+  virtual void preference_loss(const PairLossOutputs& out, const Tensor& stats, const Tensor& ref_logp,
+                               const Tensor& offset, const PairLossParams& p, double normalizer) = 0;
+
   // --- optimizer ops (kernels/adamw.h) ------------------------------------------------------------------------
   // One AdamW step, in place on param, m, v (all four tensors: same shape, same floating dtype, no aliasing);
   // grad is read only and multiplied by p.grad_scale first. p.step is 1-based.
@@ -184,6 +209,41 @@ inline int64_t check_row_stride(const Tensor& t, int64_t width, const char* name
                 "bytes, got " + std::to_string(ld) + " " + dtype_name(t.dtype()) + " elements for width " +
                 std::to_string(width));
   return ld;
+}
+
+// The checks of preference_loss that do not depend on the device: p.n_terms in [1, kMaxLossTerms], every type a
+// LossType, normalizer finite and > 0 (dpo::Error otherwise; LossConfig::validate has checked the rest), ref_logp
+// defined unless p.ref is ReferenceFree, stats [2P, kSeqStatsWidth]; the shapes of ref_logp [2P], offset [P], dseq
+// [2P], pair_loss [P], sums [kPairSumsWidth] F64. Returns P.
+inline int64_t check_preference_loss_args(const Backend::PairLossOutputs& out, const Tensor& stats,
+                                          const Tensor& ref_logp, const Tensor& offset, const PairLossParams& p,
+                                          double normalizer) {
+  DPO_ASSERT(p.n_terms >= 1 && p.n_terms <= kMaxLossTerms,
+             "preference_loss: n_terms must be in [1, " + std::to_string(kMaxLossTerms) + "], got " +
+                 std::to_string(p.n_terms));
+  for (int i = 0; i < p.n_terms; ++i) {
+    const auto t = static_cast<int32_t>(p.type[i]);
+    DPO_ASSERT(t >= 0 && t <= static_cast<int32_t>(LossType::Sft),
+               "preference_loss: term " + std::to_string(i) + " has no loss type (" + std::to_string(t) + ")");
+  }
+  DPO_ASSERT(std::isfinite(normalizer) && normalizer > 0,
+             "preference_loss: normalizer must be finite and > 0, got " + std::to_string(normalizer));
+  DPO_ASSERT(stats.defined() && stats.dim() == 2 && stats.size(1) == kSeqStatsWidth && stats.size(0) % 2 == 0,
+             "preference_loss: stats must be [2P, " + std::to_string(kSeqStatsWidth) + "], got " +
+                 (stats.defined() ? shape_str(stats.shape()) : std::string("undefined")));
+  const int64_t P = stats.size(0) / 2;
+  if (p.ref == RefMode::WithReference)
+    DPO_ASSERT(ref_logp.defined(), "preference_loss: ref_logp is undefined but the loss uses the reference (only "
+                                   "RefMode::ReferenceFree may leave it out)");
+  if (ref_logp.defined()) check_shape(ref_logp, {2 * P}, "preference_loss ref_logp");
+  if (offset.defined()) check_shape(offset, {P}, "preference_loss offset");
+  DPO_ASSERT(out.dseq.defined(), "preference_loss: out.dseq is undefined");
+  check_shape(out.dseq, {2 * P}, "preference_loss dseq");
+  if (out.pair_loss.defined()) check_shape(out.pair_loss, {P}, "preference_loss pair_loss");
+  DPO_ASSERT(out.sums.defined(), "preference_loss: out.sums is undefined");
+  check_shape(out.sums, {kPairSumsWidth}, "preference_loss sums");
+  check_dtype(out.sums, DType::F64, "preference_loss sums");
+  return P;
 }
 
 // `host` itself when `be` is the CPU backend, else a copy on be's device (same dtype).

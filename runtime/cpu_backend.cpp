@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "kernels/adamw.h"
@@ -12,6 +13,7 @@
 #include "kernels/layernorm.h"
 #include "kernels/logprob.h"
 #include "kernels/matmul.h"
+#include "kernels/pair_loss.h"
 #include "kernels/residual.h"
 #include "runtime/backend.h"
 #include "runtime/blas_info.h"
@@ -536,6 +538,42 @@ class CpuBackend final : public Backend {
       using F = decltype(z);
       cpu::logprob_backward<F>(dlogits.data<F>(), logits.data<F>(), targets.data<int32_t>(), weights.data<F>(),
                                dseq.data<F>(), B, T, V, ld);
+    });
+  }
+
+  // The CUDA kernel's arithmetic (kernels/pair_loss.h) in pair order; the sums are accumulated serially in pair
+  // order (the GPU's order differs: the two agree to rounding).
+  void preference_loss(const PairLossOutputs& out, const Tensor& stats, const Tensor& ref_logp, const Tensor& offset,
+                       const PairLossParams& p, double normalizer) override {
+    const int64_t P = check_preference_loss_args(out, stats, ref_logp, offset, p, normalizer);
+    check_float(stats, "preference_loss stats");
+    const DType G = stats.dtype();
+    for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&ref_logp, "preference_loss ref_logp"},
+                                  {&offset, "preference_loss offset"}, {&out.pair_loss, "preference_loss pair_loss"}}) {
+      if (!t->defined()) continue;
+      check_host(*t, name);
+      check_dtype(*t, G, name);
+    }
+    check_host(out.dseq, "preference_loss dseq");
+    check_dtype(out.dseq, G, "preference_loss dseq");
+    check_host(out.sums, "preference_loss sums");
+    dispatch(G, [&](auto z) {
+      using F = decltype(z);
+      const F* st = stats.data<F>();
+      const F* ref = opt<F>(ref_logp);
+      const F* off = opt<F>(offset);
+      F* dseq = out.dseq.data<F>();
+      F* loss = opt<F>(out.pair_loss);
+      double sums[kPairSumsWidth] = {};
+      for (int64_t q = 0; q < P; ++q) {
+        const PairLossInput in = pair_input_at(st, ref, off, P, q);
+        const PairLossOutput o = pair_loss_eval(p, in);
+        dseq[q] = static_cast<F>(o.d_chosen / normalizer);
+        dseq[P + q] = static_cast<F>(o.d_rejected / normalizer);
+        if (loss) loss[q] = static_cast<F>(o.loss);
+        pair_sums_add(sums, in, o);
+      }
+      std::memcpy(out.sums.raw(), sums, sizeof(sums));
     });
   }
 

@@ -564,6 +564,28 @@ TEST(LegacyTruncation, OptionsValidated) {
 // TRL 1.x (v1.9.0 DPOTrainer): a record is kept iff len(prompt_ids) < max_length; each of prompt + chosen and
 // prompt + rejected is then sliced to its first max_length tokens. Expected values below are written from that
 // rule (ids are consecutive, so each kept range is named by its first id and length).
+// The loss runs on the device and cannot report a bad pair (kernels/pair_loss.h), so the checks it made before
+// are the loader's: with require_score_gap (ODPO) a score difference that overflows is refused naming file:line,
+// like a missing or non-positive one (OdpoScoreGapNamesFileLine).
+TEST(LoadPreferencesMalformed, OdpoScoreDifferenceMustBeFinite) {
+  ByteTokenizer tok;
+  DataOptions opt;
+  opt.require_score_gap = true;
+  const std::string path = write_file(
+      std::string(R"({"prompt": "a", "chosen": "b", "rejected": "c", "score_chosen": 2, "score_rejected": 1})") +
+      "\n" + R"({"prompt": "a", "chosen": "b", "rejected": "c", "score_chosen": 1e308, "score_rejected": -1e308})" +
+      "\n");
+  expect_input_error([&] { load_preferences(path, tok, opt, nullptr); },
+                     {path + ":2:", "ODPO", "finite score_chosen - score_rejected", "'score_chosen'"});
+  DataOptions skip = opt;
+  skip.skip_malformed = true;
+  LoadStats st;
+  EXPECT_EQ(load_preferences(path, tok, skip, &st).size(), 1u);
+  EXPECT_EQ(st.skipped_by_reason["scores"], 1);
+  // Without ODPO the scores are only parsed (finite each), never subtracted: the record is kept.
+  EXPECT_EQ(load_preferences(path, tok, DataOptions{}, nullptr).size(), 2u);
+}
+
 TEST(Trl1Truncation, IsTheDefault) {
   const DataOptions opt;
   EXPECT_EQ(opt.rule, TruncationRule::Trl1);
@@ -790,6 +812,51 @@ TEST(Batch, InvariantsOnRandomData) {
     EXPECT_EQ(b.completion_len[r], static_cast<int64_t>(comp.size()));
   }
   EXPECT_EQ(b.tokens_total, total);
+}
+
+// The preconditions of the per-pair loss (kernels/pair_loss.h) hold for every batch of loaded data: every row has a
+// completion length >= 1 (the loss divides by it for sft and length-normalised ipo) and, under require_score_gap,
+// every pair's ODPO offset log(score_chosen - score_rejected) is finite. Random records, prompts up to and past
+// max_length (dropped by trl1), both truncation rules, completions cut down to a single token.
+TEST(Batch, LossPreconditionsHoldForLoadedData) {
+  std::mt19937_64 g(4321);
+  auto len = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(g); };
+  auto rnd = [&](int n) {
+    std::string s = "[";
+    for (int k = 0; k < n; ++k) s += (k ? "," : "") + std::to_string(std::uniform_int_distribution<int>(0, 255)(g));
+    return s + "]";
+  };
+  std::string content;
+  for (int i = 0; i < 60; ++i) {
+    const double lo = std::uniform_real_distribution<double>(-5, 5)(g);
+    content += R"({"prompt_ids": )" + rnd(len(1, 20)) + R"(, "chosen_ids": )" + rnd(len(1, 12)) +
+               R"(, "rejected_ids": )" + rnd(len(1, 12)) + R"(, "score_chosen": )" +
+               std::to_string(lo + std::uniform_real_distribution<double>(1e-6, 3)(g)) + R"(, "score_rejected": )" +
+               std::to_string(lo) + "}\n";
+  }
+  const std::string path = write_file(content);
+  ByteTokenizer tok;
+  for (TruncationRule rule : {TruncationRule::Trl1, TruncationRule::Legacy})
+    for (int64_t max_length : {2, 5, 16, 64}) {
+      DataOptions opt;
+      opt.rule = rule;
+      opt.max_length = max_length;
+      opt.max_prompt_length = std::max<int64_t>(1, max_length / 2);
+      opt.require_score_gap = true;
+      if (rule == TruncationRule::Legacy && opt.max_prompt_length >= max_length) continue;
+      LoadStats st;
+      const auto d = load_preferences(path, tok, opt, &st);
+      SCOPED_TRACE("max_length " + std::to_string(max_length));
+      std::vector<int64_t> idx(d.size());
+      std::iota(idx.begin(), idx.end(), 0);
+      const Batch b = make_batch(d, idx, DType::F32, kEos);
+      ASSERT_TRUE(b.has_scores);
+      for (int64_t r = 0; r < 2 * b.pairs; ++r) EXPECT_GE(b.completion_len[static_cast<size_t>(r)], 1) << r;
+      for (int64_t q = 0; q < b.pairs; ++q) {
+        const double gap = b.score_chosen[static_cast<size_t>(q)] - b.score_rejected[static_cast<size_t>(q)];
+        EXPECT_TRUE(gap > 0 && std::isfinite(std::log(gap))) << q;
+      }
+    }
 }
 
 // The batch fed to the CPU log-prob kernel gives, per row, the sum of log p(completion token | prefix),

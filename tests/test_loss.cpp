@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "kernels/pair_loss.h"
+#include "runtime/backend.h"
 #include "runtime/error.h"
 #include "test_util.h"
 #include "train/loss.h"
@@ -149,6 +151,22 @@ void check_fd(const LossConfig& cfg, PairInput p) {
   const PairOutput o = pair_loss(cfg, p);
   EXPECT_LT(test::max_rel_err({o.d_policy_chosen, o.d_policy_rejected}, num), 1e-6)
       << "analytic " << o.d_policy_chosen << ", " << o.d_policy_rejected << " numeric " << num[0] << ", " << num[1];
+}
+
+// The message of a dpo::Error that is not an InputError: a violated precondition of the per-pair function
+// (kernels/pair_loss.h), which the data loaders rule out, so reaching the loss with it is a caller bug.
+template <class F>
+std::string precondition_message(F&& f) {
+  try {
+    f();
+  } catch (const InputError& e) {
+    return std::string("<InputError: ") + e.what() + ">";
+  } catch (const Error& e) {
+    return e.what();
+  } catch (...) {
+    return "<other exception>";
+  }
+  return "<no exception>";
 }
 
 template <class F>
@@ -351,9 +369,12 @@ TEST(Loss, IpoLengthNormalisedUsesPerTokenMeans) {
   // Rewards stay beta * summed log-ratio (TRL), not length-normalised.
   EXPECT_DOUBLE_EQ(o.reward_chosen, 0.1 * 10);
   EXPECT_DOUBLE_EQ(o.reward_rejected, 0.1 * -4);
-  // Non-positive lengths are a data error.
-  EXPECT_THROW(pair_loss(cfg, pair(-20, -40, -30, -36, 0, 4)), InputError);
-  EXPECT_THROW(pair_loss(cfg, pair(-20, -40, -30, -36, 5, -1)), InputError);
+  // Non-positive lengths are refused by the data loaders (tests/test_data.cpp, LossPreconditions); reaching the
+  // loss with one is a caller bug, asserted on the host (the device function assumes lengths > 0).
+  for (const PairInput& bad : {pair(-20, -40, -30, -36, 0, 4), pair(-20, -40, -30, -36, 5, -1)}) {
+    const std::string msg = precondition_message([&] { pair_loss(cfg, bad); });
+    EXPECT_NE(msg.find("completion lengths must be > 0"), std::string::npos) << msg;
+  }
   // Without normalisation lengths are irrelevant.
   cfg.ipo_length_normalize = false;
   EXPECT_NO_THROW(pair_loss(cfg, pair(-20, -40, -30, -36, 0, 0)));
@@ -400,7 +421,11 @@ TEST(Loss, SftIsMeanNllOfChosen) {
   EXPECT_DOUBLE_EQ(o2.d_policy_chosen, o.d_policy_chosen);
   std::mt19937_64 g(test::test_seed());
   check_closed_form(LossType::Sft, cfg, random_pairs(g, 20));
-  EXPECT_THROW(pair_loss(cfg, pair(-30, -5, 0, 0, 0, 3)), InputError);
+  // A chosen length of 0: the loaders refuse it; the host asserts it (see IpoLengthNormalisedUsesPerTokenMeans).
+  EXPECT_NE(precondition_message([&] { pair_loss(cfg, pair(-30, -5, 0, 0, 0, 3)); }).find("completion lengths"),
+            std::string::npos);
+  // The rejected length is not used by sft.
+  EXPECT_NO_THROW(pair_loss(cfg, pair(-30, -5, 0, 0, 3, 0)));
 }
 
 // --- ODPO ------------------------------------------------------------------------------------------------------
@@ -437,20 +462,22 @@ TEST(Loss, OdpoOffsetShiftsTheSigmoidArgument) {
   EXPECT_DOUBLE_EQ(pair_loss(cfg, p).loss, pair_loss(single(LossType::Sigmoid, 0.1), p).loss);
 }
 
+// The loaders refuse ODPO records without ordered scores, naming file:line (tests/test_data.cpp,
+// OdpoScoreGapNamesFileLine); the loss assumes them and asserts them on the host as a caller bug (dpo::Error).
 TEST(Loss, OdpoNeedsOrderedScores) {
   LossConfig cfg = single(LossType::Sigmoid, 0.1);
   cfg.odpo_alpha = 1.0;
   PairInput p = pair_with_delta(1.0);
-  EXPECT_NE(error_message([&] { pair_loss(cfg, p); }).find("scores"), std::string::npos);
+  EXPECT_NE(precondition_message([&] { pair_loss(cfg, p); }).find("no scores"), std::string::npos);
   p.has_scores = true;
   p.score_chosen = 1.0;
   p.score_rejected = 1.0;
-  EXPECT_NE(error_message([&] { pair_loss(cfg, p); }).find("ODPO needs score_chosen > score_rejected"),
+  EXPECT_NE(precondition_message([&] { pair_loss(cfg, p); }).find("score_chosen > score_rejected"),
             std::string::npos);
   p.score_rejected = 2.0;
-  EXPECT_THROW(pair_loss(cfg, p), InputError);
+  EXPECT_NE(precondition_message([&] { pair_loss(cfg, p); }).find("require_score_gap"), std::string::npos);
   p.score_chosen = std::nan("");
-  EXPECT_THROW(pair_loss(cfg, p), InputError);
+  EXPECT_NE(precondition_message([&] { pair_loss(cfg, p); }).find("score_chosen"), std::string::npos);
   // With ODPO off, scores are not needed and are ignored.
   EXPECT_NO_THROW(pair_loss(single(LossType::Sigmoid, 0.1), p));
 }
@@ -767,6 +794,309 @@ TEST(Loss, PairChunkGradsEqualOneBatchLossOverAllPairs) {
     EXPECT_EQ(d[static_cast<size_t>(P + q)], all.d_policy_rejected[static_cast<size_t>(q)]) << q;
   }
   EXPECT_THROW(pair_chunk_grads(c, blanked, 3, 8, logp, 11.0, d), Error);
+}
+
+// --- the backends' preference_loss (kernels/pair_loss.h) against TRL's formulas ------------------------------------
+//
+// The expected values are written from TRL's DPOTrainer.dpo_loss (trl/trainer/dpo_trainer.py) in long double with
+// the naive functions, not from train/loss.cpp: with logits = (pc - rc) - (pr - rr) (the ref terms 0 when
+// reference-free; for ipo each log-ratio divided by its completion length first),
+//   sigmoid  -logsigmoid(beta logits) (1 - ls) - logsigmoid(-beta logits) ls        ("cdpo" here; ls = 0: "sigmoid")
+//   robust   (-logsigmoid(beta logits) (1 - ls) + logsigmoid(-beta logits) ls) / (1 - 2 ls)
+//   hinge    relu(1 - beta logits)
+//   ipo      (logits - 1/(2 beta))^2
+//   rpo      + rpo_alpha * nll, nll = -pc / len_chosen (the mean token NLL of the chosen completion)
+//   ODPO     -logsigmoid(beta logits - offset) (Amini et al. 2024; TRL has no ODPO)
+//   chosen_rewards = beta (pc - rc), rejected_rewards = beta (pr - rr)
+// and the derivatives w.r.t. pc and pr by hand (d logits / d pc = 1, d / d pr = -1).
+
+struct TrlPair {
+  LD pc, pr, rc, rr, lc, lr, off;
+};
+struct TrlResult {
+  LD loss = 0, dc = 0, dr = 0;
+  LD term[kMaxLossTerms] = {};
+};
+
+LD ld_logsigmoid(LD x) { return -std::log1p(std::exp(-x)); }  // naive; long double's range keeps it finite here
+
+TrlResult trl_formula(const PairLossParams& p, const TrlPair& x) {
+  const bool ref_free = p.ref == RefMode::ReferenceFree;
+  const LD crat = x.pc - (ref_free ? 0.0L : x.rc), rrat = x.pr - (ref_free ? 0.0L : x.rr);
+  const LD beta = p.beta, ls = p.label_smoothing;
+  const LD logits = crat - rrat;
+  TrlResult r;
+  for (int i = 0; i < p.n_terms; ++i) {
+    LD v = 0, dl = 0, dc = 0, dr = 0;  // dl: d v / d logits (the non-ipo terms)
+    switch (p.type[i]) {
+      case LossType::Sigmoid:
+        v = -ld_logsigmoid(beta * logits - x.off);
+        dl = -beta * ref_sigmoid(-(beta * logits - x.off));
+        break;
+      case LossType::Cdpo:
+        v = -ld_logsigmoid(beta * logits) * (1 - ls) - ld_logsigmoid(-beta * logits) * ls;
+        dl = -beta * (1 - ls) * ref_sigmoid(-beta * logits) + beta * ls * ref_sigmoid(beta * logits);
+        break;
+      case LossType::Robust:
+        v = (-ld_logsigmoid(beta * logits) * (1 - ls) + ld_logsigmoid(-beta * logits) * ls) / (1 - 2 * ls);
+        dl = (-beta * (1 - ls) * ref_sigmoid(-beta * logits) - beta * ls * ref_sigmoid(beta * logits)) / (1 - 2 * ls);
+        break;
+      case LossType::Hinge:
+        v = std::max(0.0L, 1 - beta * logits);
+        dl = 1 - beta * logits > 0 ? -beta : 0.0L;
+        break;
+      case LossType::Ipo: {
+        const LD nc = p.ipo_norm == IpoNorm::PerToken ? x.lc : 1.0L, nr = p.ipo_norm == IpoNorm::PerToken ? x.lr : 1.0L;
+        const LD d = crat / nc - rrat / nr - 1 / (2 * beta);
+        v = d * d;
+        dc = 2 * d / nc;
+        dr = -2 * d / nr;
+        break;
+      }
+      case LossType::Sft:
+        v = -x.pc / x.lc;
+        dc = -1 / x.lc;
+        break;
+    }
+    if (p.type[i] != LossType::Ipo && p.type[i] != LossType::Sft) dc = dl, dr = -dl;
+    r.term[i] = v;
+    r.loss += p.weight[i] * v;
+    r.dc += p.weight[i] * dc;
+    r.dr += p.weight[i] * dr;
+  }
+  return r;
+}
+
+PairLossParams params_for(std::initializer_list<std::pair<LossType, double>> terms, double beta, double ls = 0.0,
+                          IpoNorm norm = IpoNorm::PerToken, RefMode ref = RefMode::WithReference) {
+  PairLossParams p;
+  for (const auto& [t, w] : terms) {
+    p.type[p.n_terms] = t;
+    p.weight[p.n_terms] = w;
+    ++p.n_terms;
+  }
+  p.beta = beta;
+  p.label_smoothing = ls;
+  p.ipo_norm = norm;
+  p.ref = ref;
+  return p;
+}
+
+// A random preference batch in storage type F: stats [2P, kSeqStatsWidth] with the logit-sum column NaN (it must
+// not be read), ref_logp [2P], offsets [P] (ODPO-like: alpha log(gap), gap in (0.01, 5)).
+struct HostBatch {
+  int64_t P;
+  Tensor stats, ref, offset;
+};
+HostBatch random_batch(std::mt19937_64& g, int64_t P, DType dt) {
+  std::uniform_real_distribution<double> lp(-200.0, -5.0), shift(-15.0, 15.0), gap(0.01, 5.0);
+  std::uniform_int_distribution<int64_t> len(1, 300);
+  HostBatch b{P, Tensor::host({2 * P, kSeqStatsWidth}, dt), Tensor::host({2 * P}, dt), Tensor::host({P}, dt)};
+  auto set = [&](const Tensor& t, int64_t i, double v) {
+    if (dt == DType::F32) t.data<float>()[i] = static_cast<float>(v);
+    else t.data<double>()[i] = v;
+  };
+  for (int64_t row = 0; row < 2 * P; ++row) {
+    const double ref = lp(g);
+    set(b.ref, row, ref);
+    set(b.stats, row * kSeqStatsWidth + kSeqLogp, ref + shift(g));
+    set(b.stats, row * kSeqStatsWidth + kSeqTokens, static_cast<double>(len(g)));
+    set(b.stats, row * kSeqStatsWidth + kSeqLogitSum, std::nan(""));
+  }
+  for (int64_t q = 0; q < P; ++q) set(b.offset, q, 0.7 * std::log(gap(g)));
+  return b;
+}
+
+double at(const Tensor& t, int64_t i) {
+  return t.dtype() == DType::F32 ? static_cast<double>(t.data<float>()[i]) : t.data<double>()[i];
+}
+
+TrlPair trl_pair(const HostBatch& b, int64_t q, bool with_offset) {
+  const int64_t P = b.P, W = kSeqStatsWidth;
+  return {at(b.stats, q * W + kSeqLogp), at(b.stats, (P + q) * W + kSeqLogp), at(b.ref, q), at(b.ref, P + q),
+          at(b.stats, q * W + kSeqTokens), at(b.stats, (P + q) * W + kSeqTokens),
+          with_offset ? at(b.offset, q) : 0.0L};
+}
+
+struct BackendRun {
+  Tensor dseq, pair_loss, sums;
+};
+BackendRun run_preference_loss(Backend& be, const HostBatch& b, const PairLossParams& p, double normalizer,
+                               bool with_ref, bool with_offset) {
+  const DType dt = b.stats.dtype();
+  BackendRun r{Tensor::host({2 * b.P}, dt), Tensor::host({b.P}, dt), Tensor::host({kPairSumsWidth}, DType::F64)};
+  for (const Tensor* t : {&r.dseq, &r.pair_loss, &r.sums})  // poison: every output must be written
+    std::memset(t->raw(), 0xFF, static_cast<size_t>(t->nbytes()));
+  be.preference_loss({r.dseq, r.pair_loss, r.sums}, b.stats, with_ref ? b.ref : Tensor(),
+                     with_offset ? b.offset : Tensor(), p, normalizer);
+  return r;
+}
+
+// Every output of the CPU backend against TRL's formulas, for storage dtype dt.
+// Tolerances: F64 storage: the double evaluation against long double, relative 1e-12 of max(1, |value|) (a few
+// roundings of terms up to ~1e3, as the closed-form tests above); F32 storage: the inputs are the stored floats
+// (widened exactly on both sides), so only the one rounding of each output to float adds 2^-24 relative (budget
+// 2^-23). Sums (always double): 1e-12 of the sum of the magnitudes of the terms (P <= ~1e3 additions).
+void check_against_trl(DType dt, const PairLossParams& p, int64_t P, bool with_offset, uint64_t seed) {
+  std::mt19937_64 g(seed);
+  const HostBatch b = random_batch(g, P, dt);
+  auto be = make_cpu_backend(1);
+  const double normalizer = static_cast<double>(2 * P + 3);
+  const bool with_ref = p.ref == RefMode::WithReference;
+  const BackendRun r = run_preference_loss(*be, b, p, normalizer, with_ref, with_offset);
+  const double out_rel = dt == DType::F32 ? std::ldexp(1.0, -23) : 0.0;
+  LD sums[kPairSumsWidth] = {}, mags[kPairSumsWidth] = {};
+  auto add = [&](int k, LD v) { sums[k] += v, mags[k] += std::fabs(v); };
+  for (int64_t q = 0; q < P; ++q) {
+    const TrlPair x = trl_pair(b, q, with_offset);
+    const TrlResult e = trl_formula(p, x);
+    const std::string where = "pair " + std::to_string(q) + " of " + std::to_string(P);
+    auto close = [&](double got, LD want, const std::string& what) {
+      const double w = static_cast<double>(want);
+      EXPECT_NEAR(got, w, 1e-12 * std::max(1.0, std::fabs(w)) + out_rel * std::fabs(w)) << where << " " << what;
+    };
+    close(at(r.pair_loss, q), e.loss, "loss");
+    close(at(r.dseq, q), e.dc / normalizer, "dseq chosen");
+    close(at(r.dseq, P + q), e.dr / normalizer, "dseq rejected");
+    const LD rc = p.beta * (x.pc - (with_ref ? x.rc : 0.0L)), rr = p.beta * (x.pr - (with_ref ? x.rr : 0.0L));
+    add(kSumLoss, e.loss);
+    add(kSumRewardChosen, rc);
+    add(kSumRewardRejected, rr);
+    add(kSumAccuracy, rc > rr ? 1 : 0);
+    add(kSumMargin, rc - rr);
+    add(kSumLogpChosen, x.pc);
+    add(kSumLogpRejected, x.pr);
+    for (int i = 0; i < kMaxLossTerms; ++i) add(kSumTerm + i, e.term[i]);
+  }
+  const double* got = r.sums.data<double>();
+  for (int k = 0; k < kPairSumsWidth; ++k) {
+    if (k == kSumAccuracy) {
+      EXPECT_EQ(got[k], static_cast<double>(sums[k])) << "accuracy count";
+      continue;
+    }
+    EXPECT_NEAR(got[k], static_cast<double>(sums[k]), 1e-12 * static_cast<double>(mags[k]) + 1e-300)
+        << "sum column " << k << " of P = " << P;
+  }
+}
+
+TEST(PreferenceLossCpu, EveryLossTypeMatchesTrlFormulas) {
+  const std::vector<PairLossParams> configs = {
+      params_for({{LossType::Sigmoid, 1.0}}, 0.1),
+      params_for({{LossType::Cdpo, 1.0}}, 0.3, 0.2),
+      params_for({{LossType::Robust, 1.0}}, 0.5, 0.15),
+      params_for({{LossType::Hinge, 1.0}}, 0.2),
+      params_for({{LossType::Ipo, 1.0}}, 0.1, 0.0, IpoNorm::PerToken),
+      params_for({{LossType::Ipo, 1.0}}, 0.1, 0.0, IpoNorm::Summed),
+      params_for({{LossType::Sft, 1.0}}, 0.1),
+      params_for({{LossType::Sigmoid, 1.0}, {LossType::Sft, 0.5}}, 0.1),  // RPO
+      params_for({{LossType::Robust, 1.0}}, 0.2, 0.1, IpoNorm::PerToken, RefMode::ReferenceFree),
+      params_for({{LossType::Sigmoid, 1.0}, {LossType::Ipo, 0.25}, {LossType::Hinge, 0.5}, {LossType::Robust, 0.3},
+                  {LossType::Cdpo, 2.0}, {LossType::Sft, 0.7}},
+                 0.2, 0.15),
+  };
+  uint64_t seed = test::test_seed();
+  for (DType dt : {DType::F64, DType::F32})
+    for (size_t c = 0; c < configs.size(); ++c)
+      for (int64_t P : {1, 7, 1001}) {
+        SCOPED_TRACE("config " + std::to_string(c) + " dtype " + dtype_name(dt) + " P " + std::to_string(P));
+        check_against_trl(dt, configs[c], P, /*with_offset=*/false, ++seed);
+      }
+}
+
+TEST(PreferenceLossCpu, OdpoOffsetsAndWeightedSumsMatchTrlFormulas) {
+  const PairLossParams odpo = params_for({{LossType::Sigmoid, 1.0}}, 0.1);
+  const PairLossParams mix = params_for({{LossType::Sigmoid, 0.8}, {LossType::Ipo, 0.1}, {LossType::Sft, 0.3}}, 0.25);
+  const PairLossParams free_mix = params_for({{LossType::Sigmoid, 1.0}, {LossType::Hinge, 0.5}}, 0.15, 0.0,
+                                             IpoNorm::PerToken, RefMode::ReferenceFree);
+  uint64_t seed = test::test_seed();
+  for (DType dt : {DType::F64, DType::F32})
+    for (const PairLossParams* p : {&odpo, &mix, &free_mix})
+      for (int64_t P : {1, 7, 1001}) check_against_trl(dt, *p, P, /*with_offset=*/true, ++seed);
+}
+
+// One source: with F64 storage the backend's values are bitwise those of train/loss.cpp's batch_loss (the same
+// per-pair function, the sums in the same pair order).
+TEST(PreferenceLossCpu, BitwiseEqualToHostBatchLossInDouble) {
+  std::mt19937_64 g(test::test_seed());
+  LossConfig cfg;
+  cfg.beta = 0.2;
+  cfg.label_smoothing = 0.1;
+  cfg.odpo_alpha = 0.5;
+  cfg.terms = {{LossType::Sigmoid, 1.0}, {LossType::Ipo, 0.25}, {LossType::Cdpo, 0.5}, {LossType::Sft, 0.3}};
+  const int64_t P = 37;
+  const HostBatch b = random_batch(g, P, DType::F64);
+  std::vector<PairInput> in(static_cast<size_t>(P));
+  Tensor offsets = Tensor::host({P}, DType::F64);
+  for (int64_t q = 0; q < P; ++q) {
+    const TrlPair x = trl_pair(b, q, false);
+    PairInput& v = in[static_cast<size_t>(q)];
+    v = pair((double)x.pc, (double)x.pr, (double)x.rc, (double)x.rr, (int64_t)x.lc, (int64_t)x.lr);
+    v.has_scores = true;
+    v.score_rejected = 1.0;
+    v.score_chosen = 1.0 + 0.01 * static_cast<double>(q + 1);
+    offsets.data<double>()[q] = pair_loss_input(cfg, v).offset;
+  }
+  const double normalizer = 64;
+  const BatchLoss host = batch_loss(cfg, in, normalizer);
+  auto be = make_cpu_backend(1);
+  HostBatch bo = b;
+  bo.offset = offsets;
+  const BackendRun r = run_preference_loss(*be, bo, pair_loss_params(cfg), normalizer, true, true);
+  const double* s = r.sums.data<double>();
+  EXPECT_EQ(s[kSumLoss], host.loss_sum);
+  EXPECT_EQ(s[kSumRewardChosen], host.reward_chosen_sum);
+  EXPECT_EQ(s[kSumRewardRejected], host.reward_rejected_sum);
+  EXPECT_EQ(s[kSumAccuracy], host.accuracy_sum);
+  EXPECT_EQ(s[kSumMargin], host.margin_sum);
+  EXPECT_EQ(s[kSumLogpChosen], host.logps_chosen_sum);
+  EXPECT_EQ(s[kSumLogpRejected], host.logps_rejected_sum);
+  for (size_t t = 0; t < cfg.terms.size(); ++t) EXPECT_EQ(s[kSumTerm + t], host.term_loss_sum[t]) << t;
+  for (size_t t = cfg.terms.size(); t < static_cast<size_t>(kMaxLossTerms); ++t) EXPECT_EQ(s[kSumTerm + t], 0.0);
+  for (int64_t q = 0; q < P; ++q) {
+    EXPECT_EQ(r.dseq.data<double>()[q], host.d_policy_chosen[static_cast<size_t>(q)]) << q;
+    EXPECT_EQ(r.dseq.data<double>()[P + q], host.d_policy_rejected[static_cast<size_t>(q)]) << q;
+    EXPECT_EQ(r.pair_loss.data<double>()[q], pair_loss(cfg, in[static_cast<size_t>(q)]).loss) << q;
+  }
+}
+
+TEST(PreferenceLossCpu, EmptyBatchWritesZeroSums) {
+  auto be = make_cpu_backend(1);
+  std::mt19937_64 g(test::test_seed());
+  const HostBatch b = random_batch(g, 0, DType::F32);
+  const BackendRun r = run_preference_loss(*be, b, params_for({{LossType::Sigmoid, 1.0}}, 0.1), 1.0, true, false);
+  for (int k = 0; k < kPairSumsWidth; ++k) EXPECT_EQ(r.sums.data<double>()[k], 0.0) << k;
+}
+
+TEST(PreferenceLossCpu, RejectsBadArguments) {
+  auto be = make_cpu_backend(1);
+  std::mt19937_64 g(test::test_seed());
+  const HostBatch b = random_batch(g, 3, DType::F32);
+  const PairLossParams ok = params_for({{LossType::Sigmoid, 1.0}}, 0.1);
+  Tensor dseq = Tensor::host({6}, DType::F32), sums = Tensor::host({kPairSumsWidth}, DType::F64);
+  auto msg = [&](const Backend::PairLossOutputs& o, const Tensor& stats, const Tensor& ref, const PairLossParams& p,
+                 double n) {
+    try {
+      be->preference_loss(o, stats, ref, Tensor(), p, n);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("<no exception>");
+  };
+  PairLossParams none = ok;
+  none.n_terms = 0;
+  EXPECT_NE(msg({dseq, Tensor(), sums}, b.stats, b.ref, none, 1.0).find("n_terms"), std::string::npos);
+  EXPECT_NE(msg({dseq, Tensor(), sums}, b.stats, b.ref, ok, 0.0).find("normalizer"), std::string::npos);
+  EXPECT_NE(msg({dseq, Tensor(), sums}, b.stats, b.ref, ok, std::nan("")).find("normalizer"), std::string::npos);
+  EXPECT_NE(msg({dseq, Tensor(), sums}, b.stats, Tensor(), ok, 1.0).find("ref_logp"), std::string::npos);
+  EXPECT_NE(msg({dseq, Tensor(), Tensor::host({kPairSumsWidth}, DType::F32)}, b.stats, b.ref, ok, 1.0).find("sums"),
+            std::string::npos);
+  EXPECT_NE(msg({Tensor::host({5}, DType::F32), Tensor(), sums}, b.stats, b.ref, ok, 1.0).find("dseq"),
+            std::string::npos);
+  EXPECT_NE(msg({Tensor::host({6}, DType::F64), Tensor(), sums}, b.stats, b.ref, ok, 1.0).find("dseq"),
+            std::string::npos);
+  EXPECT_NE(msg({dseq, Tensor(), sums}, Tensor::host({5, kSeqStatsWidth}, DType::F32), b.ref, ok, 1.0).find("stats"),
+            std::string::npos);
+  EXPECT_EQ(msg({dseq, Tensor(), sums}, b.stats, b.ref, ok, 1.0), "<no exception>");
 }
 
 }  // namespace

@@ -441,6 +441,12 @@ std::vector<PreferencePair> load_preferences(const std::string& path, const Toke
         bad("scores", "ODPO (odpo_alpha > 0) needs score_chosen > score_rejected (its offset is log of the "
                       "difference), got score_chosen " + num_text(p.score_chosen) + ", score_rejected " +
                       num_text(p.score_rejected) + fld("score_chosen"));
+      // The loss takes log(score_chosen - score_rejected) on the device, which cannot report an error: an
+      // overflowing difference (both scores finite) is refused here, where the record's line is known.
+      if (!std::isfinite(p.score_chosen - p.score_rejected))
+        bad("scores", "ODPO (odpo_alpha > 0) needs a finite score_chosen - score_rejected, got score_chosen " +
+                          num_text(p.score_chosen) + ", score_rejected " + num_text(p.score_rejected) +
+                          " (the difference overflows)" + fld("score_chosen"));
     }
     p.prompt = std::move(seqs[0]);
     p.chosen = std::move(seqs[1]);

@@ -27,8 +27,12 @@
 //   empty_prompt      the prompt is empty: the first completion token would have no position predicting it
 //   empty_completion  a completion is empty, or holds only EOS
 //   scores            only one of score_chosen / score_rejected, or a non-finite score; with
-//                     DataOptions::require_score_gap (ODPO) also a record without scores or with
-//                     score_chosen <= score_rejected
+//                     DataOptions::require_score_gap (ODPO) also a record without scores, with
+//                     score_chosen <= score_rejected, or with a difference that overflows
+// These checks and make_batch's guarantees are the preconditions of the per-pair loss (kernels/pair_loss.h), which
+// runs on the device and cannot report a bad pair: every batch row has completion_len >= 1 (empty completions are
+// refused, truncation keeps >= 1 completion token), and with require_score_gap every pair's ODPO offset
+// log(score_chosen - score_rejected) is finite.
 // A file that cannot be opened, an I/O error, or a file with no kept record throws InputError naming the file.
 //
 // EOS (DataOptions::append_eos): appended to each completion unless it already ends with eos_id (never doubled);
@@ -89,8 +93,9 @@ struct DataOptions {
   int64_t max_prompt_length = 256;  // Legacy: prompt length after a cut; not used by Trl1
   bool skip_malformed = false;  // skip and count malformed records instead of throwing
   bool append_eos = true;
-  // ODPO (odpo_alpha > 0): every preference record must carry score_chosen > score_rejected (the offset is
-  // log(score_chosen - score_rejected)); checked while loading so that the error names file:line.
+  // ODPO (odpo_alpha > 0): every preference record must carry score_chosen > score_rejected with a finite
+  // difference (the offset is log(score_chosen - score_rejected)); checked while loading so that the error names
+  // file:line (the loss itself, device code, assumes it).
   bool require_score_gap = false;
 
   // Throws InputError naming the option unless max_length > 0 and, for Legacy, 0 < max_prompt_length <

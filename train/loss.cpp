@@ -37,118 +37,44 @@ bool has_term(const LossConfig& cfg, LossType t) {
   return std::any_of(cfg.terms.begin(), cfg.terms.end(), [t](const LossTerm& x) { return x.type == t; });
 }
 
-// Value and derivative w.r.t. its scalar argument of one loss term.
-struct Scalar {
-  double value;
-  double deriv;
-};
-
-// Evaluates the pair without validating cfg. term_losses, when non-null, receives the unweighted term losses in
-// cfg.terms order.
-PairOutput evaluate(const LossConfig& cfg, const PairInput& in, double* term_losses) {
-  const double ref_c = cfg.reference_free ? 0.0 : in.ref_chosen;
-  const double ref_r = cfg.reference_free ? 0.0 : in.ref_rejected;
-  const double c = in.policy_chosen - ref_c;
-  const double r = in.policy_rejected - ref_r;
-  const double delta = c - r;  // dDelta/dpolicy_chosen = 1, dDelta/dpolicy_rejected = -1
-  const double beta = cfg.beta;
-  const double eps = cfg.label_smoothing;
-
+// Evaluates the pair with the shared per-pair function (kernels/pair_loss.h) without validating cfg. term_losses,
+// when non-null, receives the unweighted term losses in cfg.terms order.
+PairOutput evaluate(const LossConfig& cfg, const PairLossParams& params, const PairInput& in, double* term_losses) {
+  const PairLossOutput o = pair_loss_eval(params, pair_loss_input(cfg, in));
+  if (term_losses)
+    for (size_t i = 0; i < cfg.terms.size(); ++i) term_losses[i] = o.term[i];
   PairOutput out;
-  out.reward_chosen = beta * c;
-  out.reward_rejected = beta * r;
-
-  for (size_t i = 0; i < cfg.terms.size(); ++i) {
-    const LossTerm& term = cfg.terms[i];
-    double value = 0, d_c = 0, d_r = 0;  // term loss and its derivatives w.r.t. policy_chosen / policy_rejected
-    switch (term.type) {
-      case LossType::Sigmoid: {
-        double offset = 0;
-        if (cfg.odpo_alpha > 0) {
-          if (!in.has_scores)
-            throw InputError("ODPO (odpo_alpha > 0) needs per-pair scores; this pair has none");
-          const double gap = in.score_chosen - in.score_rejected;
-          if (!(gap > 0) || !std::isfinite(gap))
-            throw InputError("ODPO needs score_chosen > score_rejected, got score_chosen " + fmt(in.score_chosen) +
-                             ", score_rejected " + fmt(in.score_rejected));
-          offset = cfg.odpo_alpha * std::log(gap);
-        }
-        const double z = beta * delta - offset;
-        value = softplus(-z);              // -log s(z)
-        const double dz = -sigmoid(-z);    // d/dz
-        d_c = dz * beta;
-        d_r = -dz * beta;
-        break;
-      }
-      case LossType::Cdpo: {
-        const double z = beta * delta;
-        value = (1 - eps) * softplus(-z) + eps * softplus(z);
-        const double dz = -(1 - eps) * sigmoid(-z) + eps * sigmoid(z);
-        d_c = dz * beta;
-        d_r = -dz * beta;
-        break;
-      }
-      case LossType::Robust: {
-        const double z = beta * delta;
-        const double k = 1.0 / (1 - 2 * eps);
-        value = ((1 - eps) * softplus(-z) - eps * softplus(z)) * k;
-        const double dz = (-(1 - eps) * sigmoid(-z) - eps * sigmoid(z)) * k;
-        d_c = dz * beta;
-        d_r = -dz * beta;
-        break;
-      }
-      case LossType::Ipo: {
-        double dc_dp = 1, dr_dp = 1;  // derivative of c (r) w.r.t. the policy log-prob
-        if (cfg.ipo_length_normalize) {
-          if (in.len_chosen <= 0 || in.len_rejected <= 0)
-            throw InputError("length-normalised IPO needs completion lengths > 0, got len_chosen " +
-                             std::to_string(in.len_chosen) + ", len_rejected " + std::to_string(in.len_rejected));
-          dc_dp = 1.0 / static_cast<double>(in.len_chosen);
-          dr_dp = 1.0 / static_cast<double>(in.len_rejected);
-        }
-        const double d = c * dc_dp - r * dr_dp - 1.0 / (2 * beta);
-        value = d * d;
-        d_c = 2 * d * dc_dp;
-        d_r = -2 * d * dr_dp;
-        break;
-      }
-      case LossType::Hinge: {
-        const double z = beta * delta;
-        value = std::max(0.0, 1 - z);
-        const double dz = z < 1 ? -1.0 : 0.0;  // subgradient 0 at the kink z == 1
-        d_c = dz * beta;
-        d_r = -dz * beta;
-        break;
-      }
-      case LossType::Sft: {
-        if (in.len_chosen <= 0)
-          throw InputError("sft loss needs a chosen completion length > 0, got " + std::to_string(in.len_chosen));
-        const double inv = 1.0 / static_cast<double>(in.len_chosen);
-        value = -in.policy_chosen * inv;
-        d_c = -inv;
-        d_r = 0;
-        break;
-      }
-    }
-    if (term_losses) term_losses[i] = value;
-    out.loss += term.weight * value;
-    out.d_policy_chosen += term.weight * d_c;
-    out.d_policy_rejected += term.weight * d_r;
-  }
+  out.loss = o.loss;
+  out.d_policy_chosen = o.d_chosen;
+  out.d_policy_rejected = o.d_rejected;
+  out.reward_chosen = o.reward_chosen;
+  out.reward_rejected = o.reward_rejected;
   return out;
+}
+
+// The config's parameters without validating it (callers validate once per call).
+PairLossParams params_of(const LossConfig& cfg) {
+  DPO_ASSERT(cfg.terms.size() <= static_cast<size_t>(kMaxLossTerms), "loss: more terms than loss types");
+  PairLossParams p;
+  p.n_terms = static_cast<int32_t>(cfg.terms.size());
+  for (size_t i = 0; i < cfg.terms.size(); ++i) {
+    p.type[i] = cfg.terms[i].type;
+    p.weight[i] = cfg.terms[i].weight;
+  }
+  p.beta = cfg.beta;
+  p.label_smoothing = cfg.label_smoothing;
+  p.ipo_norm = cfg.ipo_length_normalize ? IpoNorm::PerToken : IpoNorm::Summed;
+  p.ref = cfg.reference_free ? RefMode::ReferenceFree : RefMode::WithReference;
+  return p;
 }
 
 }  // namespace
 
-double softplus(double x) { return std::max(x, 0.0) + std::log1p(std::exp(-std::fabs(x))); }
+double softplus(double x) { return pair_math::softplus(x); }
 
 double log_sigmoid(double x) { return -softplus(-x); }
 
-double sigmoid(double x) {
-  if (x >= 0) return 1.0 / (1.0 + std::exp(-x));
-  const double e = std::exp(x);
-  return e / (1.0 + e);
-}
+double sigmoid(double x) { return pair_math::sigmoid(x); }
 
 LossType parse_loss_type(const std::string& name) {
   for (const auto& n : kNames)
@@ -204,7 +130,39 @@ void LossConfig::validate(const std::string& where) const {
 
 PairOutput pair_loss(const LossConfig& cfg, const PairInput& in) {
   cfg.validate();
-  return evaluate(cfg, in, nullptr);
+  return evaluate(cfg, params_of(cfg), in, nullptr);
+}
+
+PairLossParams pair_loss_params(const LossConfig& cfg) {
+  cfg.validate();
+  return params_of(cfg);
+}
+
+PairLossInput pair_loss_input(const LossConfig& cfg, const PairInput& in) {
+  PairLossInput x;
+  x.policy_chosen = in.policy_chosen;
+  x.policy_rejected = in.policy_rejected;
+  x.ref_chosen = in.ref_chosen;
+  x.ref_rejected = in.ref_rejected;
+  x.len_chosen = static_cast<double>(in.len_chosen);
+  x.len_rejected = static_cast<double>(in.len_rejected);
+  if (cfg.odpo_alpha > 0) {
+    const double gap = in.score_chosen - in.score_rejected;
+    DPO_ASSERT(in.has_scores && gap > 0 && std::isfinite(gap),
+               "pair loss: ODPO (odpo_alpha > 0) needs per-pair scores with score_chosen > score_rejected, got " +
+                   (in.has_scores ? "score_chosen " + fmt(in.score_chosen) + ", score_rejected " +
+                                        fmt(in.score_rejected)
+                                  : std::string("no scores")) +
+                   "; the data loaders refuse such records (DataOptions::require_score_gap)");
+    x.offset = odpo_offset(cfg.odpo_alpha, in.score_chosen, in.score_rejected);
+  }
+  const bool per_token_ipo = cfg.ipo_length_normalize && has_term(cfg, LossType::Ipo);
+  const bool uses_len_chosen = per_token_ipo || has_term(cfg, LossType::Sft);
+  DPO_ASSERT((!uses_len_chosen || in.len_chosen > 0) && (!per_token_ipo || in.len_rejected > 0),
+             "pair loss: completion lengths must be > 0 where the loss uses them, got len_chosen " +
+                 std::to_string(in.len_chosen) + ", len_rejected " + std::to_string(in.len_rejected) +
+                 "; the data loaders refuse empty completions and make_batch counts >= 1 completion token per row");
+  return x;
 }
 
 BatchLoss batch_loss(const LossConfig& cfg, const std::vector<PairInput>& pairs, double normalizer) {
@@ -215,9 +173,10 @@ BatchLoss batch_loss(const LossConfig& cfg, const std::vector<PairInput>& pairs,
   b.term_loss_sum.assign(cfg.terms.size(), 0.0);
   b.d_policy_chosen.resize(pairs.size());
   b.d_policy_rejected.resize(pairs.size());
+  const PairLossParams params = params_of(cfg);
   std::vector<double> terms(cfg.terms.size());
   for (size_t i = 0; i < pairs.size(); ++i) {
-    const PairOutput o = evaluate(cfg, pairs[i], terms.data());
+    const PairOutput o = evaluate(cfg, params, pairs[i], terms.data());
     b.loss_sum += o.loss;
     for (size_t t = 0; t < terms.size(); ++t) b.term_loss_sum[t] += terms[t];
     b.d_policy_chosen[i] = o.d_policy_chosen / normalizer;

@@ -1,5 +1,9 @@
 // Preference losses on per-sequence log-probs (host code, double precision).
 //
+// The per-pair arithmetic lives in kernels/pair_loss.h (pair_loss_eval, host and device code from one source);
+// this file is its host front end: parsing and validating the config, the batch sums and the per-micro-batch
+// normalisation, and the chunk interface of the LM head.
+//
 // Everything here acts on one scalar per sequence: the summed log-prob of a completion under the policy and under
 // the reference. The gradient of a loss w.r.t. a sequence's log-prob is one scalar per sequence too; the model's
 // backward turns it into per-token logit gradients (REFERENCE.md: scalar x (onehot(y_t) - softmax(logits_t))).
@@ -23,8 +27,12 @@
 //  * label_smoothing is used by robust and cdpo only; validate() rejects label_smoothing > 0 without one of them
 //    (TRL folds smoothing into "sigmoid"; here that is "cdpo", and a silent no-op would surprise TRL users).
 //  * Per-pair data problems (ODPO without scores or with score_chosen <= score_rejected, a non-positive completion
-//    length where a length is used) throw dpo::InputError. Non-finite log-probs are not checked: they propagate
-//    to a non-finite loss for the trainer's NaN check.
+//    length where a length is used) are refused where the data is read, with an InputError naming file:line
+//    (train/data.h: DataOptions::require_score_gap, empty_completion; truncation keeps >= 1 completion token, so
+//    make_batch's completion lengths are >= 1). The shared per-pair function assumes valid inputs (its
+//    preconditions: kernels/pair_loss.h); the host functions here assert them (dpo::Error: a caller bug, not a
+//    data error). Non-finite log-probs are not checked: they propagate to a non-finite loss for the trainer's NaN
+//    check.
 //  * Metrics follow TRL and do not depend on the loss type: rewards are beta*(policy - ref) of the summed log-probs
 //    (never length-normalised, ref = 0 when reference_free), accuracy counts reward_chosen > reward_rejected
 //    strictly, margin = reward_chosen - reward_rejected, logps are the policy's summed log-probs.
@@ -37,9 +45,11 @@
 #include <string>
 #include <vector>
 
+#include "kernels/pair_loss.h"
+
 namespace dpo {
 
-enum class LossType { Sigmoid, Ipo, Hinge, Robust, Cdpo, Sft };
+// LossType: kernels/pair_loss.h (the device code switches on it).
 
 // "sigmoid" (alias "dpo"), "ipo", "hinge", "robust", "cdpo", "sft". Exact, lower case.
 // Unknown -> InputError("loss_type: unknown value '<s>'; valid: sigmoid, ipo, hinge, robust, cdpo, sft").
@@ -88,8 +98,17 @@ struct PairOutput {
   double reward_chosen = 0, reward_rejected = 0;      // beta*(policy - ref)
 };
 
-// Validates cfg, then evaluates one pair.
+// Validates cfg, then evaluates one pair (pair_loss_eval of kernels/pair_loss.h).
 PairOutput pair_loss(const LossConfig& cfg, const PairInput& in);
+
+// The shared function's parameters for a config (validated here; InputError as validate()).
+PairLossParams pair_loss_params(const LossConfig& cfg);
+// The shared function's input for a pair: the ODPO offset odpo_offset(cfg.odpo_alpha, scores) when odpo_alpha > 0
+// (0 otherwise), the lengths as doubles. Asserts the preconditions of kernels/pair_loss.h that depend on the pair
+// (dpo::Error, not InputError: the loaders refuse such data, so reaching here with it is a caller bug): with
+// odpo_alpha > 0, has_scores and score_chosen > score_rejected (finite); len_chosen > 0 with an sft term or
+// length-normalised ipo, len_rejected > 0 with length-normalised ipo.
+PairLossInput pair_loss_input(const LossConfig& cfg, const PairInput& in);
 
 struct BatchLoss {
   double loss_sum = 0;                     // sum over pairs of the pair loss (divide by the normalizer to report)

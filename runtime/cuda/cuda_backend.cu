@@ -16,6 +16,7 @@
 #include "kernels/layernorm.cuh"
 #include "kernels/logprob.cuh"
 #include "kernels/matmul.cuh"
+#include "kernels/pair_loss.cuh"
 #include "kernels/residual.cuh"
 #include "runtime/cuda/cuda_check.h"
 #include "runtime/safetensors.h"
@@ -556,6 +557,28 @@ void CudaBackend::logprob_backward(const Tensor& dlogits, const Tensor& logits, 
     cuda::logprob_backward(*ctx_, ptr<S>(dlogits), ptr<S>(logits), targets.data<int32_t>(), f32(weights), f32(dseq),
                            B, T, V, ld);
   });
+}
+
+// --- preference loss ----------------------------------------------------------------------------------------------
+
+void CudaBackend::preference_loss(const PairLossOutputs& out, const Tensor& stats, const Tensor& ref_logp,
+                                  const Tensor& offset, const PairLossParams& p, double normalizer) {
+  const int64_t P = check_preference_loss_args(out, stats, ref_logp, offset, p, normalizer);
+  check_is(stats, DType::F32, "preference_loss stats");
+  if (ref_logp.defined()) check_is(ref_logp, DType::F32, "preference_loss ref_logp");
+  if (offset.defined()) check_is(offset, DType::F32, "preference_loss offset");
+  check_is(out.dseq, DType::F32, "preference_loss dseq");
+  if (out.pair_loss.defined()) check_is(out.pair_loss, DType::F32, "preference_loss pair_loss");
+  check_is(out.sums, DType::F64, "preference_loss sums");
+  // The kernel's pointers are __restrict__: no output may share memory with an input or another output.
+  const Tensor* outs[3] = {&out.dseq, &out.pair_loss, &out.sums};
+  const Tensor* all[6] = {&out.dseq, &out.pair_loss, &out.sums, &stats, &ref_logp, &offset};
+  for (int a = 0; a < 3; ++a)
+    for (int b = a + 1; b < 6; ++b)
+      DPO_ASSERT(!outs[a]->defined() || !all[b]->defined() || !overlap(*outs[a], *all[b]),
+                 "preference_loss: an output overlaps another argument");
+  cuda::pair_loss(*ctx_, f32(out.dseq), opt_ptr<float>(out.pair_loss), ptr<double>(out.sums), f32(stats),
+                  opt_ptr<float>(ref_logp), opt_ptr<float>(offset), p, P, normalizer);
 }
 
 // --- optimizer ops ------------------------------------------------------------------------------------------------

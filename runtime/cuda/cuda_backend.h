@@ -97,6 +97,11 @@ class CudaBackend final : public Backend {
   void logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets, const Tensor& weights,
                         const Tensor& dseq, int64_t V) override;
 
+  // One launch (kernels/pair_loss.cuh), no host sync: the loss's inputs, gradients and sums stay on the device.
+  // F32 per-sequence tensors, F64 sums.
+  void preference_loss(const PairLossOutputs& out, const Tensor& stats, const Tensor& ref_logp, const Tensor& offset,
+                       const PairLossParams& p, double normalizer) override;
+
   void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                     const AdamWParams& p) override;
   // One launch (kernels/adamw.cuh). The segment table is uploaded on the first call and again only when the
