@@ -7,7 +7,8 @@
 //     denom  = sqrt(v) / sqrt(1 - beta2^step) + eps
 //     param += (-lr / (1 - beta1^step)) * m / denom
 //   param[n], m[n], v[n]: float, read and written in place; grad[n]: float, read only. No two may alias.
-//   State (m, v) is fp32 and each element's arithmetic is fp32 (the CPU twin does it in double), so the two differ
+//   State (m, v) is fp32 and each element's arithmetic is fp32, as in the CPU twin's float path, but nvcc contracts
+//   the lerp and the v update into fused multiply-adds where the twin does not (kernels/adamw.h), so the two differ
 //   by float round-off; the scalars (bias corrections, step size, decay) are computed on the host in double, as
 //   PyTorch computes them in Python, then rounded to float. Each element's value is a function of that element only,
 //   so the result does not depend on the launch configuration. Moved with 128-bit loads and stores where the four

@@ -3,9 +3,11 @@
 //   forward : out[N] = gelu(inp)                 (=; out may alias inp)
 //   backward: dinp[N] += dout * gelu'(inp)       (+=)
 // Storage float or bf16 (all three arrays of a call the same type); arithmetic in float, each bf16 output rounded
-// once (dinp: read, add in float, round once). The CPU twin's formula term for term; results differ from it by
-// tanhf's error (<= 2 ulp, CUDA math API) against the host libm's, i.e. float round-off. 64-bit indices; asynchronous
-// on ctx.stream().
+// once (dinp: read, add in float, round once). Computed as 0.5 x (1 + tanhf(u)) with the CUDA math API's tanhf
+// (<= 2 ulp), while the CPU twin's float path evaluates the same function as x * sigmoid(2u) with its own exp
+// (kernels/gelu.h): equal in exact arithmetic, they differ by float round-off relative to max(|x|, 1), and for
+// x below about -3 the tanh form here loses relative (not absolute) accuracy to cancellation in 1 + tanhf(u).
+// 64-bit indices; asynchronous on ctx.stream().
 // Memory: 128-bit loads and stores on the body where all arrays of the call can be 16-byte aligned together,
 // scalar head and tail (all scalar when they cannot; kernels/bf16.cuh); the same arithmetic per element either way.
 #pragma once

@@ -530,6 +530,16 @@ void CudaBackend::logprob_forward(const LogprobOutputs& out, const Tensor& logit
     check_is(out.seq_stats, G, "logprob seq_stats");
     check_shape(out.seq_stats, {B, kSeqStatsWidth}, "logprob seq_stats");
   }
+  // The kernels take the outputs as __restrict__ pointers: no output may overlap another argument.
+  {
+    const Tensor* outs[] = {&out.seq_logp, &out.token_logp, &out.seq_stats};
+    const Tensor* all[] = {&out.seq_logp, &out.token_logp, &out.seq_stats, &logits, &targets, &weights};
+    for (int a = 0; a < 3; ++a)
+      for (int b = 0; b < 6; ++b)
+        if (a != b)
+          DPO_ASSERT(!outs[a]->defined() || !all[b]->defined() || !overlap(*outs[a], *all[b]),
+                     "logprob_forward: an output overlaps another argument");
+  }
   with_storage(A, [&](auto z) {
     using S = decltype(z);
     cuda::logprob_forward(*ctx_, f32(out.seq_logp), opt_ptr<float>(out.token_logp), opt_ptr<float>(out.seq_stats),
