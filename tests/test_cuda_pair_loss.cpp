@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "kernels/pair_loss.h"
+#include "test_pair_loss_util.h"
 #include "kernels/seq_stats.h"
 #include "runtime/backend.h"
 #include "runtime/cuda/cuda_context.h"
@@ -36,6 +37,8 @@
 
 namespace dpo {
 namespace {
+
+using test::params_for;
 
 class CudaPairLoss : public ::testing::Test {
  protected:
@@ -47,20 +50,6 @@ class CudaPairLoss : public ::testing::Test {
   std::unique_ptr<Backend> be_;
 };
 
-PairLossParams params_for(std::initializer_list<std::pair<LossType, double>> terms, double beta, double ls = 0.0,
-                          IpoNorm norm = IpoNorm::PerToken, RefMode ref = RefMode::WithReference) {
-  PairLossParams p;
-  for (const auto& [t, w] : terms) {
-    p.type[p.n_terms] = t;
-    p.weight[p.n_terms] = w;
-    ++p.n_terms;
-  }
-  p.beta = beta;
-  p.label_smoothing = ls;
-  p.ipo_norm = norm;
-  p.ref = ref;
-  return p;
-}
 
 // Host inputs of P pairs in the log-prob forward's layout (kernels/seq_stats.h).
 struct Inputs {

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "kernels/pair_loss.h"
+#include "test_pair_loss_util.h"
 #include "runtime/backend.h"
 #include "runtime/error.h"
 #include "test_util.h"
@@ -23,6 +24,8 @@ namespace dpo {
 namespace {
 
 using LD = long double;
+
+using test::params_for;
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
 LD ref_softplus(LD x) { return std::log(1.0L + std::exp(x)); }
@@ -867,20 +870,6 @@ TrlResult trl_formula(const PairLossParams& p, const TrlPair& x) {
   return r;
 }
 
-PairLossParams params_for(std::initializer_list<std::pair<LossType, double>> terms, double beta, double ls = 0.0,
-                          IpoNorm norm = IpoNorm::PerToken, RefMode ref = RefMode::WithReference) {
-  PairLossParams p;
-  for (const auto& [t, w] : terms) {
-    p.type[p.n_terms] = t;
-    p.weight[p.n_terms] = w;
-    ++p.n_terms;
-  }
-  p.beta = beta;
-  p.label_smoothing = ls;
-  p.ipo_norm = norm;
-  p.ref = ref;
-  return p;
-}
 
 // A random preference batch in storage type F: stats [2P, kSeqStatsWidth] with the logit-sum column NaN (it must
 // not be read), ref_logp [2P], offsets [P] (ODPO-like: alpha log(gap), gap in (0.01, 5)).
