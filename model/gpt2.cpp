@@ -449,7 +449,12 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
   const Tensor wte = param("wte.weight"), dwte = grad("wte.weight");
   Tensor seq_dev = be.zeros({B}, gdtype_), dseq_dev = be.empty({B}, gdtype_);
   const Tensor stats_dev = seq_stats ? be.empty({B, kSeqStatsWidth}, gdtype_) : Tensor();
-  Tensor seq_host = Tensor::host({B}, gdtype_), dseq_host = Tensor::host({B}, gdtype_);
+  // What each chunk copies to the host: the statistics when asked for (their kSeqLogp column is bitwise seq_dev),
+  // else the log-probs alone; either way one copy, one synchronisation, per chunk, and none after the last.
+  const Tensor& copied_dev = seq_stats ? stats_dev : seq_dev;
+  const int64_t copied_stride = seq_stats ? int64_t{kSeqStatsWidth} : 1;
+  const int64_t copied_col = seq_stats ? int64_t{kSeqLogp} : 0;
+  Tensor seq_host = Tensor::host(copied_dev.shape(), gdtype_), dseq_host = Tensor::host({B}, gdtype_);
   std::memset(dseq_host.raw(), 0, static_cast<size_t>(dseq_host.nbytes()));
   std::vector<double> logp(static_cast<size_t>(B), 0.0), dseq(static_cast<size_t>(B), 0.0);
   be.fill_zero(a.dln);  // dL/d(ln_f output), accumulated chunk by chunk
@@ -464,9 +469,10 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
     auto lg = [&](const Range& r) { return lg_all.view(r.slot * T * ldv, {r.nseq, T, ldv}); };
     for (const Range& r : chunk) head_forward(r, lg(r), seq_dev, stats_dev, targets, weights);
     // One copy (one device synchronisation) per chunk: all B entries, of which this chunk's are new.
-    be.copy_to_host(seq_host, seq_dev);
+    be.copy_to_host(seq_host, copied_dev);
     for (const Range& r : chunk)
-      for (int64_t s = r.seq0; s < r.seq0 + r.nseq; ++s) logp[static_cast<size_t>(s)] = host_at(seq_host, s);
+      for (int64_t s = r.seq0; s < r.seq0 + r.nseq; ++s)
+        logp[static_cast<size_t>(s)] = host_at(seq_host, s * copied_stride + copied_col);
     const int64_t u0 = chunk.front().seq0, u1 = u0 + chunk.front().nseq;
     // A sequence the head forgets to set keeps NaN: its gradients become NaN (loud), never a silent 0.
     for (const Range& r : chunk)
@@ -489,8 +495,13 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
                          a.lnf.view(r.seq0 * T * C, {r.nseq * T, C}), wte, WeightLayout::OutIn);
     }
   }
-  // Every row of stats_dev was written by its chunk's head_forward (the plan covers every sequence once).
-  if (seq_stats) *seq_stats = to_host_f64(be, stats_dev);
+  // Every row of stats_dev was written by its chunk's head_forward (the plan covers every sequence once), so the
+  // last chunk's copy holds them all.
+  if (seq_stats) {
+    seq_stats->assign(static_cast<size_t>(B * kSeqStatsWidth), 0.0);
+    if (!plan.empty())
+      for (int64_t i = 0; i < B * kSeqStatsWidth; ++i) (*seq_stats)[static_cast<size_t>(i)] = host_at(seq_host, i);
+  }
   head_done_ = true;
   return logp;
 }
