@@ -8,11 +8,14 @@
 //   dseq     [2P] float  (=)              d loss / d logp of each row, divided by `normalizer` (the global pair count
 //                                         of the optimizer step; train/loss.h): logprob_backward's dseq
 //   pair_loss [P] float (=), or null      each pair's weighted loss, unnormalised
-//   sums     [kPairSumsWidth] double (=)  the batch sums (kernels/pair_loss.h PairSum), unnormalised; all 0 when
-//                                         P == 0
+//   sums     [kPairSumsWidth] double      the sums over pairs [q0, q1) (kernels/pair_loss.h PairSum), unnormalised:
+//                                         = (all 0 for an empty range), or += with `accumulate` (one addition per
+//                                         column after the range's tree sum; stream order keeps chunks in order)
+// Only pairs [q0, q1) (0 <= q0 <= q1 <= P) are evaluated: rows q and P + q of dseq and entry q of pair_loss for q
+// in the range are written, nothing else.
 // Arithmetic: double throughout (inputs widened exactly), each float output rounded once. The preconditions of
 // pair_loss_eval are the caller's (the data pipeline's); p.n_terms and normalizer are checked here (dpo::Error).
-// Deterministic: one block; thread i handles pairs i, i + 256, ... in order, accumulating in double, then a fixed
+// Deterministic: one block; thread i handles pairs q0 + i, q0 + i + 256, ... in order, accumulating in double, then a fixed
 // shared-memory tree over the threads. No atomics: repeated calls give bitwise-equal results, and the result does
 // not depend on the GPU. One block is enough: P is a micro-batch's pair count (up to a few thousand), a few dozen
 // flops each; the launch latency dominates.
@@ -27,6 +30,7 @@
 namespace dpo::cuda {
 
 void pair_loss(CudaContext& ctx, float* dseq, float* pair_loss, double* sums, const float* stats,
-               const float* ref_logp, const float* offset, const PairLossParams& p, int64_t P, double normalizer);
+               const float* ref_logp, const float* offset, const PairLossParams& p, int64_t P, int64_t q0, int64_t q1,
+               bool accumulate, double normalizer);
 
 }  // namespace dpo::cuda

@@ -78,6 +78,8 @@ struct PairLossInput {
   double ref_chosen = 0, ref_rejected = 0;        // the same under the reference; ignored with ReferenceFree
   double len_chosen = 1, len_rejected = 1;        // used by Sft and PerToken Ipo only
   double offset = 0;                              // ODPO offset (Sigmoid term only)
+  // Metrics only (never enter the loss): kSeqLogitSum of each row, for TRL's logits/* (kSumLogitChosen below).
+  double logit_sum_chosen = 0, logit_sum_rejected = 0;
 };
 
 struct PairLossOutput {
@@ -198,7 +200,13 @@ enum PairSum : int64_t {
   kSumLogpChosen = 5,      // sum of policy_chosen
   kSumLogpRejected = 6,    // sum of policy_rejected
   kSumTerm = 7,            // kSumTerm + i: sum of term[i] (unweighted), i < kMaxLossTerms
-  kPairSumsWidth = kSumTerm + kMaxLossTerms,  // the row width; keep last
+  // The completion tokens and logit sums of the two sides (kSeqTokens, kSeqLogitSum of kernels/seq_stats.h):
+  // TRL's logits/chosen = kSumLogitChosen / (V * kSumTokensChosen), likewise rejected.
+  kSumTokensChosen = kSumTerm + kMaxLossTerms,
+  kSumTokensRejected = kSumTokensChosen + 1,
+  kSumLogitChosen = kSumTokensChosen + 2,
+  kSumLogitRejected = kSumTokensChosen + 3,
+  kPairSumsWidth = kSumTokensChosen + 4,  // the row width; keep last
 };
 
 // sums[k] += pair's contribution to column k (every column, terms past n_terms add 0).
@@ -211,6 +219,10 @@ DPO_HD inline void pair_sums_add(double* sums, const PairLossInput& in, const Pa
   sums[kSumLogpChosen] += in.policy_chosen;
   sums[kSumLogpRejected] += in.policy_rejected;
   for (int i = 0; i < kMaxLossTerms; ++i) sums[kSumTerm + i] += o.term[i];
+  sums[kSumTokensChosen] += in.len_chosen;
+  sums[kSumTokensRejected] += in.len_rejected;
+  sums[kSumLogitChosen] += in.logit_sum_chosen;
+  sums[kSumLogitRejected] += in.logit_sum_rejected;
 }
 
 // Pair q's input read from the log-prob forward's per-sequence rows (kernels/seq_stats.h) of a preference batch of
@@ -228,6 +240,8 @@ DPO_HD inline PairLossInput pair_input_at(const F* stats, const F* ref_logp, con
   in.ref_chosen = ref_logp ? static_cast<double>(ref_logp[q]) : 0.0;
   in.ref_rejected = ref_logp ? static_cast<double>(ref_logp[P + q]) : 0.0;
   in.offset = offset ? static_cast<double>(offset[q]) : 0.0;
+  in.logit_sum_chosen = static_cast<double>(rc[kSeqLogitSum]);
+  in.logit_sum_rejected = static_cast<double>(rr[kSeqLogitSum]);
   return in;
 }
 

@@ -436,17 +436,40 @@ void GPT2::head_forward(const Range& r, const Tensor& logits, const Tensor& seq_
                        cfg_.vocab_size);
 }
 
+void GPT2::fused_head(const Tensor& targets, const Tensor& weights, int64_t pair_stride, const Tensor& seq_dev,
+                      const Tensor& stats_dev, const Tensor& dseq_dev,
+                      const std::function<void(const std::vector<Range>&)>& chunk_grad) {
+  Acts& a = *acts_;
+  Backend& be = *be_;
+  const int64_t T = a.T, C = cfg_.n_embd, V = cfg_.vocab_size, ldv = logits_stride();
+  const Tensor wte = param("wte.weight"), dwte = grad("wte.weight");
+  be.fill_zero(a.dln);  // dL/d(ln_f output), accumulated chunk by chunk
+  for (const auto& chunk : plan_chunks(a.B, T, pair_stride)) {
+    int64_t rows = 0;
+    for (const Range& r : chunk) rows += r.nseq * T;
+    const Tensor lg_all = chunk_logits(rows);
+    auto lg = [&](const Range& r) { return lg_all.view(r.slot * T * ldv, {r.nseq, T, ldv}); };
+    for (const Range& r : chunk) head_forward(r, lg(r), seq_dev, stats_dev, targets, weights);
+    chunk_grad(chunk);
+    for (const Range& r : chunk) {
+      DPO_TRACE_RANGE("lm_head backward");
+      const Tensor tg = targets.view(r.seq0 * T, {r.nseq, T}), w = weights.view(r.seq0 * T, {r.nseq, T});
+      be.logprob_backward(lg(r), lg(r), tg, w, dseq_dev.view(r.seq0, {r.nseq}), V);
+      be.matmul_backward(a.dln.view(r.seq0 * T * C, {r.nseq * T, C}), dwte, Tensor(), lg(r),
+                         a.lnf.view(r.seq0 * T * C, {r.nseq * T, C}), wte, WeightLayout::OutIn);
+    }
+  }
+  head_done_ = true;
+}
+
 std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keymask, const Tensor& targets,
                                         const Tensor& weights, const LossHead& head,
                                         std::vector<double>* seq_stats) {
   DPO_ASSERT(static_cast<bool>(head.grad), "fused_forward: the loss head has no grad function");
   forward_trunk(tokens, keymask);
   check_head_args(targets, weights);
-  Acts& a = *acts_;
   Backend& be = *be_;
-  const int64_t B = a.B, T = a.T, C = cfg_.n_embd, V = cfg_.vocab_size, ldv = logits_stride();
-  const auto plan = plan_chunks(B, T, head.pair_stride);
-  const Tensor wte = param("wte.weight"), dwte = grad("wte.weight");
+  const int64_t B = acts_->B;
   Tensor seq_dev = be.zeros({B}, gdtype_), dseq_dev = be.empty({B}, gdtype_);
   const Tensor stats_dev = seq_stats ? be.empty({B, kSeqStatsWidth}, gdtype_) : Tensor();
   // What each chunk copies to the host: the statistics when asked for (their kSeqLogp column is bitwise seq_dev),
@@ -457,17 +480,12 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
   Tensor seq_host = Tensor::host(copied_dev.shape(), gdtype_), dseq_host = Tensor::host({B}, gdtype_);
   std::memset(dseq_host.raw(), 0, static_cast<size_t>(dseq_host.nbytes()));
   std::vector<double> logp(static_cast<size_t>(B), 0.0), dseq(static_cast<size_t>(B), 0.0);
-  be.fill_zero(a.dln);  // dL/d(ln_f output), accumulated chunk by chunk
   auto host_at = [&](const Tensor& h, int64_t i) -> double {
     return gdtype_ == DType::F64 ? h.data<double>()[i] : static_cast<double>(h.data<float>()[i]);
   };
-  for (size_t ci = 0; ci < plan.size(); ++ci) {
-    const auto& chunk = plan[ci];
-    int64_t rows = 0;
-    for (const Range& r : chunk) rows += r.nseq * T;
-    const Tensor lg_all = chunk_logits(rows);
-    auto lg = [&](const Range& r) { return lg_all.view(r.slot * T * ldv, {r.nseq, T, ldv}); };
-    for (const Range& r : chunk) head_forward(r, lg(r), seq_dev, stats_dev, targets, weights);
+  bool any_chunk = false;
+  fused_head(targets, weights, head.pair_stride, seq_dev, stats_dev, dseq_dev, [&](const std::vector<Range>& chunk) {
+    any_chunk = true;
     // One copy (one device synchronisation) per chunk: all B entries, of which this chunk's are new.
     be.copy_to_host(seq_host, copied_dev);
     for (const Range& r : chunk)
@@ -487,23 +505,38 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
     }
     // One upload per chunk, all B entries (earlier chunks' entries are rewritten with the same values).
     be.copy_from_host(dseq_dev, dseq_host);
-    for (const Range& r : chunk) {
-      DPO_TRACE_RANGE("lm_head backward");
-      const Tensor tg = targets.view(r.seq0 * T, {r.nseq, T}), w = weights.view(r.seq0 * T, {r.nseq, T});
-      be.logprob_backward(lg(r), lg(r), tg, w, dseq_dev.view(r.seq0, {r.nseq}), V);
-      be.matmul_backward(a.dln.view(r.seq0 * T * C, {r.nseq * T, C}), dwte, Tensor(), lg(r),
-                         a.lnf.view(r.seq0 * T * C, {r.nseq * T, C}), wte, WeightLayout::OutIn);
-    }
-  }
+  });
   // Every row of stats_dev was written by its chunk's head_forward (the plan covers every sequence once), so the
   // last chunk's copy holds them all.
   if (seq_stats) {
     seq_stats->assign(static_cast<size_t>(B * kSeqStatsWidth), 0.0);
-    if (!plan.empty())
+    if (any_chunk)
       for (int64_t i = 0; i < B * kSeqStatsWidth; ++i) (*seq_stats)[static_cast<size_t>(i)] = host_at(seq_host, i);
   }
-  head_done_ = true;
   return logp;
+}
+
+void GPT2::fused_forward_pairs(const Tensor& tokens, const Tensor& keymask, const Tensor& targets,
+                               const Tensor& weights, const PairLossHead& head) {
+  forward_trunk(tokens, keymask);
+  check_head_args(targets, weights);
+  Backend& be = *be_;
+  const int64_t B = acts_->B;
+  DPO_ASSERT(B % 2 == 0 && B > 0, "fused_forward_pairs: a preference batch has 2P > 0 sequences, got " +
+                                      std::to_string(B));
+  const int64_t P = B / 2;
+  if (head.stats.defined()) check_shape(head.stats, {B, kSeqStatsWidth}, "fused_forward_pairs stats");
+  const Tensor stats = head.stats.defined() ? head.stats : be.empty({B, kSeqStatsWidth}, gdtype_);
+  const Tensor seq = be.empty({B}, gdtype_), dseq = be.empty({B}, gdtype_);
+  bool first = true;
+  fused_head(targets, weights, P, seq, stats, dseq, [&](const std::vector<Range>& chunk) {
+    DPO_TRACE_RANGE("preference loss");
+    const int64_t q0 = chunk.front().seq0, q1 = q0 + chunk.front().nseq;
+    Backend::PairLossOutputs out{dseq, head.pair_loss, head.sums};
+    out.accumulate = !first;
+    first = false;
+    be.preference_loss(out, stats, head.ref_logp, head.offset, head.params, head.normalizer, q0, q1);
+  });
 }
 
 void GPT2::fused_backward() {

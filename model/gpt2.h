@@ -31,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/pair_loss.h"
 #include "runtime/backend.h"
 #include "runtime/rng.h"
 
@@ -164,6 +165,26 @@ class GPT2 {
                                     std::vector<double>* seq_stats = nullptr);
   void fused_backward();
 
+  // The preference loss on the device (Backend::preference_loss, kernels/pair_loss.h), for fused_forward_pairs.
+  // The batch is [chosen 0..P-1, rejected P..2P-1]; every tensor is on the backend's device, per-sequence ones in
+  // grad_dtype(dtype()).
+  struct PairLossHead {
+    Tensor ref_logp;       // [2P] the reference's summed log-probs; undefined only with RefMode::ReferenceFree
+    Tensor offset;         // [P] ODPO offsets (odpo_offset), or undefined (0)
+    PairLossParams params;
+    double normalizer = 1;  // dL/dlogp is divided by it (the optimizer step's global pair count)
+    Tensor sums;           // [kPairSumsWidth] F64 (=): the batch's PairSum row, accumulated chunk by chunk
+    Tensor stats;          // [2P, kSeqStatsWidth] (=, optional): the policy's per-sequence statistics
+    Tensor pair_loss;      // [P] (=, optional): each pair's weighted loss
+  };
+  // fused_forward with the loss on the device: per chunk of pairs, the LM head, the log-probs and statistics, the
+  // pairs' loss and dL/dlogp (preference_loss over the chunk's pairs, its sums added to head.sums in pair-chunk
+  // order), the log-softmax backward and the LM-head backward GEMMs, all enqueued on the backend's stream: no copy
+  // to or from the host and no synchronisation (the host callback of fused_forward costs one of each per chunk).
+  // The caller reads head.sums when it needs the metrics. fused_backward() then finishes the backward pass.
+  void fused_forward_pairs(const Tensor& tokens, const Tensor& keymask, const Tensor& targets, const Tensor& weights,
+                           const PairLossHead& head);
+
   static constexpr int64_t kDefaultLogitsChunkRows = 2048;
 
   // Gradient buckets, for overlapping the gradient all-reduce with the backward pass. The ranges (offset, numel)
@@ -221,6 +242,11 @@ class GPT2 {
   void head_forward(const Range& r, const Tensor& logits, const Tensor& seq_logp, const Tensor& seq_stats,
                     const Tensor& targets, const Tensor& weights);
   void check_tokens(const Tensor& tokens) const;
+  // The chunk loop of fused_forward and fused_forward_pairs: per chunk, head_forward into seq_dev / stats_dev,
+  // then chunk_grad(ranges) sets dseq_dev for the chunk's sequences, then the log-softmax and LM-head backward.
+  void fused_head(const Tensor& targets, const Tensor& weights, int64_t pair_stride, const Tensor& seq_dev,
+                  const Tensor& stats_dev, const Tensor& dseq_dev,
+                  const std::function<void(const std::vector<Range>&)>& chunk_grad);
 
   Backend* be_;
   GPT2Config cfg_;

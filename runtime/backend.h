@@ -151,7 +151,13 @@ class Backend {
   //   offset [P]                  ODPO offsets (odpo_offset); undefined = 0
   //   out.dseq [2P] (=)           d loss / d logp per row divided by `normalizer` (logprob_backward's dseq)
   //   out.pair_loss [P] (=)       each pair's weighted loss (optional)
-  //   out.sums [kPairSumsWidth] F64 (=)  the batch sums (PairSum), unnormalised
+  //   out.sums [kPairSumsWidth] F64      the batch sums (PairSum), unnormalised: = , or += with out.accumulate
+  // Pairs [q0, q1) only (0 <= q0 <= q1 <= P; the overload without them takes every pair): rows q and P + q of
+  // dseq and entry q of pair_loss for q in the range are written, nothing else of them; sums are those of the
+  // range, in pair order. With out.accumulate the range's sum is added to out.sums (one addition per column, in
+  // stream order), so consecutive ranges q0 = 0 < q1 < ... < P accumulate a batch's sums chunk by chunk in a fixed
+  // order (the chunked LM head, model/gpt2.h). The CPU adds pair by pair in order (the order of batch_loss,
+  // train/loss.h); the GPU adds each range's fixed-tree sum.
   // stats, ref_logp, offset, dseq and pair_loss have the per-sequence dtype grad_dtype(A) (F32 on the GPU; F32 or
   // F64 on the CPU), all one dtype. The arithmetic is double on both backends (kernels/pair_loss.h), so they agree
   // to rounding; the sums are in a fixed order on each (bitwise reproducible). The preconditions of pair_loss_eval
@@ -162,9 +168,15 @@ class Backend {
     Tensor dseq;       // [2P], required
     Tensor pair_loss;  // [P] or undefined
     Tensor sums;       // [kPairSumsWidth] F64, required
+    bool accumulate = false;  // sums += the range's sums (else =)
   };
   virtual void preference_loss(const PairLossOutputs& out, const Tensor& stats, const Tensor& ref_logp,
-                               const Tensor& offset, const PairLossParams& p, double normalizer) = 0;
+                               const Tensor& offset, const PairLossParams& p, double normalizer, int64_t q0,
+                               int64_t q1) = 0;
+  void preference_loss(const PairLossOutputs& out, const Tensor& stats, const Tensor& ref_logp, const Tensor& offset,
+                       const PairLossParams& p, double normalizer) {
+    preference_loss(out, stats, ref_logp, offset, p, normalizer, 0, stats.defined() ? stats.size(0) / 2 : 0);
+  }
 
   // --- optimizer ops (kernels/adamw.h) ------------------------------------------------------------------------
   // One AdamW step, in place on param, m, v (all four tensors: same shape, same floating dtype, no aliasing);
@@ -214,10 +226,10 @@ inline int64_t check_row_stride(const Tensor& t, int64_t width, const char* name
 // The checks of preference_loss that do not depend on the device: p.n_terms in [1, kMaxLossTerms], every type a
 // LossType, normalizer finite and > 0 (dpo::Error otherwise; LossConfig::validate has checked the rest), ref_logp
 // defined unless p.ref is ReferenceFree, stats [2P, kSeqStatsWidth]; the shapes of ref_logp [2P], offset [P], dseq
-// [2P], pair_loss [P], sums [kPairSumsWidth] F64. Returns P.
+// [2P], pair_loss [P], sums [kPairSumsWidth] F64; 0 <= q0 <= q1 <= P. Returns P.
 inline int64_t check_preference_loss_args(const Backend::PairLossOutputs& out, const Tensor& stats,
                                           const Tensor& ref_logp, const Tensor& offset, const PairLossParams& p,
-                                          double normalizer) {
+                                          double normalizer, int64_t q0, int64_t q1) {
   DPO_ASSERT(p.n_terms >= 1 && p.n_terms <= kMaxLossTerms,
              "preference_loss: n_terms must be in [1, " + std::to_string(kMaxLossTerms) + "], got " +
                  std::to_string(p.n_terms));
@@ -243,6 +255,9 @@ inline int64_t check_preference_loss_args(const Backend::PairLossOutputs& out, c
   DPO_ASSERT(out.sums.defined(), "preference_loss: out.sums is undefined");
   check_shape(out.sums, {kPairSumsWidth}, "preference_loss sums");
   check_dtype(out.sums, DType::F64, "preference_loss sums");
+  DPO_ASSERT(0 <= q0 && q0 <= q1 && q1 <= P, "preference_loss: pairs [" + std::to_string(q0) + ", " +
+                                                  std::to_string(q1) + ") out of range for " + std::to_string(P) +
+                                                  " pairs");
   return P;
 }
 

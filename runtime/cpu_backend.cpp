@@ -482,6 +482,7 @@ class CpuBackend final : public Backend {
 
   using Backend::logprob_backward;
   using Backend::logprob_forward;
+  using Backend::preference_loss;
   void logprob_forward(const LogprobOutputs& out, const Tensor& logits, const Tensor& targets,
                        const Tensor& weights, int64_t V) override {
     if (is_bf16(logits)) {
@@ -544,8 +545,8 @@ class CpuBackend final : public Backend {
   // The CUDA kernel's arithmetic (kernels/pair_loss.h) in pair order; the sums are accumulated serially in pair
   // order (the GPU's order differs: the two agree to rounding).
   void preference_loss(const PairLossOutputs& out, const Tensor& stats, const Tensor& ref_logp, const Tensor& offset,
-                       const PairLossParams& p, double normalizer) override {
-    const int64_t P = check_preference_loss_args(out, stats, ref_logp, offset, p, normalizer);
+                       const PairLossParams& p, double normalizer, int64_t q0, int64_t q1) override {
+    const int64_t P = check_preference_loss_args(out, stats, ref_logp, offset, p, normalizer, q0, q1);
     check_float(stats, "preference_loss stats");
     const DType G = stats.dtype();
     for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&ref_logp, "preference_loss ref_logp"},
@@ -565,7 +566,8 @@ class CpuBackend final : public Backend {
       F* dseq = out.dseq.data<F>();
       F* loss = opt<F>(out.pair_loss);
       double sums[kPairSumsWidth] = {};
-      for (int64_t q = 0; q < P; ++q) {
+      if (out.accumulate) std::memcpy(sums, out.sums.raw(), sizeof(sums));  // pair by pair onto the running sums
+      for (int64_t q = q0; q < q1; ++q) {
         const PairLossInput in = pair_input_at(st, ref, off, P, q);
         const PairLossOutput o = pair_loss_eval(p, in);
         dseq[q] = static_cast<F>(o.d_chosen / normalizer);

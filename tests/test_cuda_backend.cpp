@@ -16,12 +16,15 @@
 #include <ostream>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "model/gpt2.h"
+#include "train/loss.h"
 #include "runtime/backend.h"
 #include "runtime/cuda/cuda_backend.h"
 #include "runtime/cuda/cuda_context.h"
+#include "test_fixture.h"
 #include "test_util.h"
 
 namespace dpo {
@@ -256,6 +259,70 @@ TEST(CudaBackend, ChunkedLmHeadMatchesCpuAndTheUnfusedPath) {
   EXPECT_LE(rel_norm_err(vec(get(gpu, m.mg.grads())), got_grad), 1e-5);
   // Logits buffers, padding included: the chunk (one sequence) plus the unfused path's [B,T,ldv].
   EXPECT_EQ(m.mg.logits_buffer_numel(), (1 + in.B) * in.T * m.mg.logits_stride());
+}
+
+// The loss on the device inside the chunked LM head (GPT2::fused_forward_pairs): the CUDA model against the CPU model
+// on the same F32 weights, with a loss mix that reads every input (references, ODPO offsets, lengths) over several
+// chunks of pairs, and twice on the GPU (bitwise equal: the pair loss sums in a fixed order, no atomics).
+// Tolerances: the per-sequence statistics carry the model's float differences (kModelTol relative, as in
+// ChunkedLmHeadMatchesCpuAndTheUnfusedPath); the loss, rewards and gradients are smooth in them; the accuracy
+// count may differ by a pair whose margin is within that rounding of 0.
+TEST(CudaBackend, ChunkedLmHeadWithTheLossOnTheDeviceMatchesCpu) {
+  DPO_REQUIRE_GPU();
+  std::mt19937_64 g(test::test_seed());
+  TwoModels m(g);
+  Backend &cpu = *m.cpu, &gpu = *m.gpu;
+  const int64_t P = 5, T = 11;
+  const test::PaddedBatch in = test::make_padded_batch(g, m.cfg.vocab_size, 2 * P, T);
+  LossConfig lc;
+  lc.beta = 0.2;
+  lc.odpo_alpha = 0.5;
+  lc.terms = {{LossType::Sigmoid, 1.0}, {LossType::Ipo, 0.1}, {LossType::Sft, 0.3}};
+  Tensor ref = Tensor::host({2 * P}, DType::F32), off = Tensor::host({P}, DType::F32);
+  std::normal_distribution<double> nd(0.0, 3.0);
+  for (int64_t i = 0; i < 2 * P; ++i) ref.data<float>()[i] = static_cast<float>(-30.0 + nd(g));
+  for (int64_t q = 0; q < P; ++q) off.data<float>()[q] = static_cast<float>(odpo_offset(0.5, 1.0 + 0.4 * q, 0.7));
+  auto run = [&](GPT2& model, Backend& be) {
+    const bool dev = &be == &gpu;
+    GPT2::PairLossHead head;
+    head.ref_logp = dev ? put(be, ref, DType::F32) : ref;
+    head.offset = dev ? put(be, off, DType::F32) : off;
+    head.params = pair_loss_params(lc);
+    head.normalizer = 2 * P + 1;
+    head.sums = be.empty({kPairSumsWidth}, DType::F64);
+    head.stats = be.empty({2 * P, kSeqStatsWidth}, DType::F32);
+    head.pair_loss = be.empty({P}, DType::F32);
+    if (dev) {
+      cudaStream_t st = static_cast<CudaBackend&>(gpu).context().stream();
+      for (const Tensor* t : {&head.sums, &head.stats, &head.pair_loss})
+        EXPECT_EQ(cudaMemsetAsync(t->raw(), 0xFF, static_cast<size_t>(t->nbytes()), st), cudaSuccess);
+    }
+    model.set_logits_chunk_rows(2 * T);  // one pair per chunk: five chunks, four of them accumulate
+    model.zero_grad();
+    const Tensor w = put(be, in.weights, DType::F32);
+    model.fused_forward_pairs(dev ? put(be, in.tokens, DType::I32) : in.tokens,
+                              dev ? put(be, in.keymask, DType::I32) : in.keymask,
+                              dev ? put(be, in.targets, DType::I32) : in.targets, w, head);
+    model.fused_backward();
+    return std::make_tuple(vec(get(be, head.sums)), vec(get(be, head.pair_loss)), vec(get(be, model.grads())));
+  };
+  const auto [cs, cl, cg] = run(m.mc, cpu);
+  const auto [gs, gl, gg] = run(m.mg, gpu);
+  const auto [gs2, gl2, gg2] = run(m.mg, gpu);
+  EXPECT_EQ(gs, gs2);
+  EXPECT_EQ(gl, gl2);
+  EXPECT_EQ(gg, gg2);
+  EXPECT_LE(rel_norm_err(gl, cl), kModelTol);
+  EXPECT_LE(rel_norm_err(gg, cg), kModelTol);
+  double norm = 0;
+  for (double v : cg) norm += v * v;
+  EXPECT_GT(norm, 1e-6);
+  for (int k = 0; k < kPairSumsWidth; ++k) {
+    const double tol = k == kSumAccuracy ? 1.0 : kModelTol * (std::fabs(cs[k]) + 1e-3);
+    EXPECT_NEAR(gs[k], cs[k], tol) << "PairSum column " << k;
+  }
+  EXPECT_EQ(gs[kSumTokensChosen], cs[kSumTokensChosen]);  // exact integers on both
+  EXPECT_GT(cs[kSumTokensChosen], 0);
 }
 
 // Mixed precision on the GPU: the same BF16-exact weights in a BF16 model on the GPU, a BF16 model on the CPU (its

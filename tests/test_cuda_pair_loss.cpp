@@ -71,7 +71,7 @@ Inputs random_inputs(std::mt19937_64& g, int64_t P) {
     float* row = &in.stats[static_cast<size_t>(r * kSeqStatsWidth)];
     row[kSeqLogp] = static_cast<float>(ref + shift(g));
     row[kSeqTokens] = static_cast<float>(len(g));
-    row[kSeqLogitSum] = std::numeric_limits<float>::quiet_NaN();  // never read by the loss
+    row[kSeqLogitSum] = static_cast<float>(lp(g) * 40.0);  // metrics only (the kSumLogit* columns)
   }
   for (int64_t q = 0; q < P; ++q) in.offset[static_cast<size_t>(q)] = static_cast<float>(1.3 * std::log(gap(g)));
   return in;
@@ -230,6 +230,40 @@ TEST_F(CudaPairLoss, RepeatedCallsAreBitwiseEqual) {
   EXPECT_TRUE(same(a.sums, b.sums));
   EXPECT_TRUE(same(a.dseq, n.dseq));
   EXPECT_TRUE(same(a.sums, n.sums));
+}
+
+// Pair ranges, as the chunked LM head calls it: ranges [0, a), [a, b), [b, P) with accumulate on the later two give
+// the per-pair outputs of one whole-batch call bitwise (each pair is independent) and the same sums to the fixed
+// budget of the sums (the grouping of the additions differs: three trees added in order); a range leaves the
+// other pairs' entries as they were (poison).
+TEST_F(CudaPairLoss, PairRangesAccumulateToTheWholeBatch) {
+  std::mt19937_64 g(test::test_seed());
+  const int64_t P = 700;
+  const Inputs in = random_inputs(g, P);
+  const Case c = every_loss().back();
+  const DeviceResult whole = run_device(be(), in, c.p, 64.0, true, true);
+  const Tensor stats = to_backend(be(), host_f32(in.stats, {2 * P, kSeqStatsWidth}));
+  const Tensor ref = to_backend(be(), host_f32(in.ref, {2 * P}));
+  const Tensor offset = to_backend(be(), host_f32(in.offset, {P}));
+  const Tensor dseq = poisoned(be(), {2 * P}, DType::F32), loss = poisoned(be(), {P}, DType::F32);
+  const Tensor sums = poisoned(be(), {kPairSumsWidth}, DType::F64);
+  const int64_t cuts[4] = {0, 1, 300, P};
+  for (int i = 0; i < 3; ++i) {
+    Backend::PairLossOutputs o{dseq, loss, sums};
+    o.accumulate = i > 0;
+    be().preference_loss(o, stats, ref, offset, c.p, 64.0, cuts[i], cuts[i + 1]);
+    if (i == 0) {
+      const std::vector<double> d = to_host_f64(be(), dseq);
+      EXPECT_TRUE(std::isnan(d[1]) && std::isnan(d[P + 1]) && std::isnan(d[P - 1])) << "pairs past the range";
+      EXPECT_EQ(d[0], whole.dseq[0]);
+    }
+  }
+  EXPECT_EQ(to_host_f64(be(), dseq), whole.dseq);
+  EXPECT_EQ(to_host_f64(be(), loss), whole.pair_loss);
+  const HostResult h = run_host(in, c.p, 64.0, true, true);
+  const std::vector<double> s = to_host_f64(be(), sums);
+  for (int k = 0; k < kPairSumsWidth; ++k)
+    EXPECT_NEAR(s[k], whole.sums[k], 2e-12 * h.mags[k] + 1e-300) << "sum column " << k;
 }
 
 // A rank or micro-batch without pairs: every sum is written, as 0.

@@ -10,6 +10,7 @@
 #include <random>
 
 #include "model/gpt2.h"
+#include "train/loss.h"
 #include "test_fixture.h"
 #include "test_util.h"
 
@@ -184,6 +185,110 @@ TEST(Gpt2ChunkedHead, FusedMatchesUnfusedForEveryChunking) {
   expect_fused_matches_unfused(5, 10, T, 1 << 20, 1);
   // One sequence per unit (SFT): 3 sequences per chunk over 7.
   expect_fused_matches_unfused(0, 7, T, 3 * T, 3);
+}
+
+// The loss on the device (fused_forward_pairs: Backend::preference_loss per chunk of pairs) against the host
+// callback running train/loss.cpp's per-pair gradients (pair_chunk_grads) on the same model: in double the two use
+// the same per-pair function on the same inputs, so the gradients are bitwise equal, and the sums accumulated
+// chunk by chunk equal batch_loss's over the whole batch bitwise (the CPU adds pair by pair in order).
+TEST(Gpt2ChunkedHead, DeviceLossHeadMatchesTheHostCallbackBitwise) {
+  const int64_t T = 7, P = 5;
+  LossConfig lc;
+  lc.beta = 0.3;
+  lc.label_smoothing = 0.1;
+  lc.odpo_alpha = 0.4;
+  lc.terms = {{LossType::Sigmoid, 1.0}, {LossType::Ipo, 0.2}, {LossType::Robust, 0.5}, {LossType::Sft, 0.3}};
+  for (int64_t chunk_rows : {int64_t{1}, 4 * T + 3, int64_t{1} << 20}) {
+    SCOPED_TRACE("chunk_rows=" + std::to_string(chunk_rows));
+    std::mt19937_64 g(test::test_seed() + static_cast<uint64_t>(chunk_rows));
+    auto be = make_cpu_backend();
+    const GPT2Config cfg = tiny_config();
+    GPT2 m(*be, cfg, DType::F64);
+    randomize(m, g, 0.3);
+    m.set_logits_chunk_rows(chunk_rows);
+    Inputs in = make_inputs(g, cfg, 2 * P, T);
+    const std::vector<double> ref = test::randn<double>(g, static_cast<size_t>(2 * P), 2.0);
+    std::vector<PairInput> pairs(static_cast<size_t>(P));
+    Tensor ref_t = Tensor::host({2 * P}, DType::F64), off_t = Tensor::host({P}, DType::F64);
+    for (int64_t q = 0; q < P; ++q) {
+      PairInput& x = pairs[static_cast<size_t>(q)];
+      x.ref_chosen = ref[q];
+      x.ref_rejected = ref[P + q];
+      int64_t lc_n = 0, lr_n = 0;
+      for (int64_t t = 0; t < T; ++t) {
+        lc_n += in.weights.data<double>()[q * T + t] != 0;
+        lr_n += in.weights.data<double>()[(P + q) * T + t] != 0;
+      }
+      x.len_chosen = lc_n;
+      x.len_rejected = lr_n;
+      x.has_scores = true;
+      x.score_rejected = 0.5;
+      x.score_chosen = 0.5 + 0.3 * static_cast<double>(q + 1);
+      ref_t.data<double>()[q] = ref[q];
+      ref_t.data<double>()[P + q] = ref[P + q];
+      off_t.data<double>()[q] = pair_loss_input(lc, x).offset;
+    }
+    const double normalizer = 2 * P + 1;
+
+    m.zero_grad();
+    std::vector<double> host_stats;
+    GPT2::LossHead host;
+    host.pair_stride = P;
+    host.grad = [&](int64_t q0, int64_t q1, const std::vector<double>& lp, std::vector<double>& d) {
+      pair_chunk_grads(lc, pairs, q0, q1, lp, normalizer, d);
+    };
+    const std::vector<double> lp = m.fused_forward(in.tokens, in.keymask, in.targets, in.weights, host, &host_stats);
+    m.fused_backward();
+    const std::vector<double> g_host = vec(m.grads());
+    for (int64_t q = 0; q < P; ++q) {
+      pairs[static_cast<size_t>(q)].policy_chosen = lp[q];
+      pairs[static_cast<size_t>(q)].policy_rejected = lp[P + q];
+    }
+    const BatchLoss bl = batch_loss(lc, pairs, normalizer);
+
+    GPT2::PairLossHead dev;
+    dev.ref_logp = ref_t;
+    dev.offset = off_t;
+    dev.params = pair_loss_params(lc);
+    dev.normalizer = normalizer;
+    dev.sums = Tensor::host({kPairSumsWidth}, DType::F64);
+    dev.stats = Tensor::host({2 * P, kSeqStatsWidth}, DType::F64);
+    dev.pair_loss = Tensor::host({P}, DType::F64);
+    for (const Tensor* t : {&dev.sums, &dev.stats, &dev.pair_loss})
+      std::fill(t->data<double>(), t->data<double>() + t->numel(), std::numeric_limits<double>::quiet_NaN());
+    std::fill(m.grads().data<double>(), m.grads().data<double>() + m.grads().numel(),
+              std::numeric_limits<double>::quiet_NaN());
+    m.zero_grad();
+    m.fused_forward_pairs(in.tokens, in.keymask, in.targets, in.weights, dev);
+    m.fused_backward();
+    const std::vector<double> g_dev = vec(m.grads());
+
+    ASSERT_EQ(g_dev.size(), g_host.size());
+    for (size_t i = 0; i < g_dev.size(); ++i) ASSERT_EQ(g_dev[i], g_host[i]) << "gradient element " << i;
+    EXPECT_EQ(vec(dev.stats), host_stats);
+    const double* s = dev.sums.data<double>();
+    EXPECT_EQ(s[kSumLoss], bl.loss_sum);
+    EXPECT_EQ(s[kSumRewardChosen], bl.reward_chosen_sum);
+    EXPECT_EQ(s[kSumRewardRejected], bl.reward_rejected_sum);
+    EXPECT_EQ(s[kSumAccuracy], bl.accuracy_sum);
+    EXPECT_EQ(s[kSumMargin], bl.margin_sum);
+    EXPECT_EQ(s[kSumLogpChosen], bl.logps_chosen_sum);
+    EXPECT_EQ(s[kSumLogpRejected], bl.logps_rejected_sum);
+    for (size_t t = 0; t < lc.terms.size(); ++t) EXPECT_EQ(s[kSumTerm + t], bl.term_loss_sum[t]) << t;
+    double tok_c = 0, tok_r = 0, lg_c = 0, lg_r = 0;
+    for (int64_t q = 0; q < P; ++q) {
+      tok_c += host_stats[q * kSeqStatsWidth + kSeqTokens];
+      tok_r += host_stats[(P + q) * kSeqStatsWidth + kSeqTokens];
+      lg_c += host_stats[q * kSeqStatsWidth + kSeqLogitSum];
+      lg_r += host_stats[(P + q) * kSeqStatsWidth + kSeqLogitSum];
+      EXPECT_EQ(dev.pair_loss.data<double>()[q], pair_loss(lc, pairs[static_cast<size_t>(q)]).loss) << q;
+    }
+    EXPECT_EQ(s[kSumTokensChosen], tok_c);
+    EXPECT_EQ(s[kSumTokensRejected], tok_r);
+    EXPECT_EQ(s[kSumLogitChosen], lg_c);
+    EXPECT_EQ(s[kSumLogitRejected], lg_r);
+    EXPECT_GT(tok_c, 0);
+  }
 }
 
 TEST(Gpt2ChunkedHead, ScoreMatchesSequenceLogprobsAndKeepsNoBatchLogits) {

@@ -890,7 +890,7 @@ HostBatch random_batch(std::mt19937_64& g, int64_t P, DType dt) {
     set(b.ref, row, ref);
     set(b.stats, row * kSeqStatsWidth + kSeqLogp, ref + shift(g));
     set(b.stats, row * kSeqStatsWidth + kSeqTokens, static_cast<double>(len(g)));
-    set(b.stats, row * kSeqStatsWidth + kSeqLogitSum, std::nan(""));
+    set(b.stats, row * kSeqStatsWidth + kSeqLogitSum, lp(g) * 40.0);  // metrics only (kSumLogit*)
   }
   for (int64_t q = 0; q < P; ++q) set(b.offset, q, 0.7 * std::log(gap(g)));
   return b;
@@ -956,6 +956,10 @@ void check_against_trl(DType dt, const PairLossParams& p, int64_t P, bool with_o
     add(kSumLogpChosen, x.pc);
     add(kSumLogpRejected, x.pr);
     for (int i = 0; i < kMaxLossTerms; ++i) add(kSumTerm + i, e.term[i]);
+    add(kSumTokensChosen, x.lc);
+    add(kSumTokensRejected, x.lr);
+    add(kSumLogitChosen, at(b.stats, q * kSeqStatsWidth + kSeqLogitSum));
+    add(kSumLogitRejected, at(b.stats, (P + q) * kSeqStatsWidth + kSeqLogitSum));
   }
   const double* got = r.sums.data<double>();
   for (int k = 0; k < kPairSumsWidth; ++k) {
@@ -1048,6 +1052,37 @@ TEST(PreferenceLossCpu, BitwiseEqualToHostBatchLossInDouble) {
   }
 }
 
+// Pair ranges: ranges [0, a), [a, b), [b, P) with `accumulate` on the later two give bitwise the whole batch's
+// outputs (the CPU adds pair by pair onto the running sums, so the order of the additions is unchanged), and a
+// range writes only its own pairs' entries.
+TEST(PreferenceLossCpu, PairRangesAccumulateToTheWholeBatch) {
+  std::mt19937_64 g(test::test_seed());
+  const PairLossParams p = params_for({{LossType::Sigmoid, 1.0}, {LossType::Ipo, 0.3}, {LossType::Sft, 0.2}}, 0.2);
+  auto be = make_cpu_backend(1);
+  for (DType dt : {DType::F32, DType::F64}) {
+    const int64_t P = 23;
+    const HostBatch b = random_batch(g, P, dt);
+    const BackendRun whole = run_preference_loss(*be, b, p, 41.0, true, true);
+    BackendRun parts{Tensor::host({2 * P}, dt), Tensor::host({P}, dt), Tensor::host({kPairSumsWidth}, DType::F64)};
+    for (const Tensor* t : {&parts.dseq, &parts.pair_loss, &parts.sums})
+      std::memset(t->raw(), 0xFF, static_cast<size_t>(t->nbytes()));
+    const int64_t cuts[4] = {0, 5, 17, P};
+    for (int i = 0; i < 3; ++i) {
+      Backend::PairLossOutputs o{parts.dseq, parts.pair_loss, parts.sums};
+      o.accumulate = i > 0;
+      be->preference_loss(o, b.stats, b.ref, b.offset, p, 41.0, cuts[i], cuts[i + 1]);
+      // Pairs after the range are untouched (still the poison).
+      for (int64_t q = cuts[i + 1]; q < P; ++q) {
+        EXPECT_TRUE(std::isnan(at(parts.dseq, q)) && std::isnan(at(parts.dseq, P + q))) << q;
+        EXPECT_TRUE(std::isnan(at(parts.pair_loss, q))) << q;
+      }
+    }
+    EXPECT_EQ(std::memcmp(parts.dseq.raw(), whole.dseq.raw(), static_cast<size_t>(whole.dseq.nbytes())), 0);
+    EXPECT_EQ(std::memcmp(parts.pair_loss.raw(), whole.pair_loss.raw(), static_cast<size_t>(whole.pair_loss.nbytes())), 0);
+    for (int k = 0; k < kPairSumsWidth; ++k) EXPECT_EQ(parts.sums.data<double>()[k], whole.sums.data<double>()[k]) << k;
+  }
+}
+
 TEST(PreferenceLossCpu, EmptyBatchWritesZeroSums) {
   auto be = make_cpu_backend(1);
   std::mt19937_64 g(test::test_seed());
@@ -1086,6 +1121,15 @@ TEST(PreferenceLossCpu, RejectsBadArguments) {
   EXPECT_NE(msg({dseq, Tensor(), sums}, Tensor::host({5, kSeqStatsWidth}, DType::F32), b.ref, ok, 1.0).find("stats"),
             std::string::npos);
   EXPECT_EQ(msg({dseq, Tensor(), sums}, b.stats, b.ref, ok, 1.0), "<no exception>");
+  for (const auto& [q0, q1] : {std::pair<int64_t, int64_t>{-1, 2}, {2, 1}, {0, 4}}) {
+    std::string m = "<no exception>";
+    try {
+      be->preference_loss({dseq, Tensor(), sums}, b.stats, b.ref, Tensor(), ok, 1.0, q0, q1);
+    } catch (const Error& e) {
+      m = e.what();
+    }
+    EXPECT_NE(m.find("out of range"), std::string::npos) << q0 << " " << q1 << ": " << m;
+  }
 }
 
 }  // namespace

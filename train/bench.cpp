@@ -298,6 +298,8 @@ json run_bench(const BenchOptions& o) {
   AdamW opt(*be, policy.specs(), policy.params().numel(), DType::F32, oc, o.warmup + o.steps);
   const int64_t n_params = policy.params().numel();
   Tensor grad = be->empty({n_params}, DType::F32);
+  const PairLossParams loss_params = pair_loss_params(lc);
+  const Tensor sums_dev = be->empty({kPairSumsWidth}, DType::F64);
 
   // --- one step, as run_training does it ------------------------------------------------------------------------
   using clk = std::chrono::steady_clock;
@@ -323,32 +325,34 @@ json run_bench(const BenchOptions& o) {
     be->fill_zero(grad);
     policy.zero_grad();
     mark(0);
-    std::vector<double> live_lp;
-    if (live) live_lp = sequence_logps(*ref, b);
-    mark(1);
     const int64_t P = b.pairs;
-    std::vector<PairInput> in(static_cast<size_t>(P));
-    for (int64_t p = 0; p < P; ++p) {
-      PairInput& x = in[static_cast<size_t>(p)];
-      x.ref_chosen = live ? live_lp[static_cast<size_t>(p)] : ref_c[static_cast<size_t>(p)];
-      x.ref_rejected = live ? live_lp[static_cast<size_t>(P + p)] : ref_r[static_cast<size_t>(p)];
-      x.len_chosen = b.completion_len[static_cast<size_t>(p)];
-      x.len_rejected = b.completion_len[static_cast<size_t>(P + p)];
+    // The reference's log-probs on the device: a forward pass of the live reference, or the fixed values uploaded.
+    Tensor ref_dev;
+    if (live) {
+      ref_dev = be->empty({2 * P}, DType::F32);
+      ref->score(to_backend(*be, b.tokens), to_backend(*be, b.keymask), to_backend(*be, b.targets),
+                 to_backend(*be, b.weights), ref_dev);
+    } else {
+      Tensor h = Tensor::host({2 * P}, DType::F32);
+      for (int64_t p = 0; p < P; ++p) {
+        h.data<float>()[p] = static_cast<float>(ref_c[static_cast<size_t>(p)]);
+        h.data<float>()[P + p] = static_cast<float>(ref_r[static_cast<size_t>(p)]);
+      }
+      ref_dev = to_backend(*be, h);
     }
-    GPT2::LossHead head;
-    head.pair_stride = P;
-    head.grad = [&](int64_t q0, int64_t q1, const std::vector<double>& lp, std::vector<double>& d) {
-      pair_chunk_grads(lc, in, q0, q1, lp, static_cast<double>(P), d);
-    };
-    const std::vector<double> pol = policy.fused_forward(to_backend(*be, b.tokens), to_backend(*be, b.keymask),
-                                                         to_backend(*be, b.targets), to_backend(*be, b.weights), head);
+    mark(1);
+    // The trainer's step: the loss on the device inside the chunked LM head (GPT2::fused_forward_pairs).
+    GPT2::PairLossHead head;
+    head.ref_logp = ref_dev;
+    head.params = loss_params;
+    head.normalizer = static_cast<double>(P);
+    head.sums = sums_dev;
+    policy.fused_forward_pairs(to_backend(*be, b.tokens), to_backend(*be, b.keymask), to_backend(*be, b.targets),
+                               to_backend(*be, b.weights), head);
     mark(2);
-    for (int64_t p = 0; p < P; ++p) {
-      in[static_cast<size_t>(p)].policy_chosen = pol[static_cast<size_t>(p)];
-      in[static_cast<size_t>(p)].policy_rejected = pol[static_cast<size_t>(P + p)];
-    }
-    BatchLoss bl = batch_loss(lc, in, static_cast<double>(P));
-    last_loss = bl.loss_sum / static_cast<double>(P);
+    // The step's one read of the loss and its metrics (the trainer reads every micro-batch's row in one copy).
+    const std::vector<double> sums = to_host_f64(*be, sums_dev);
+    last_loss = sums[kSumLoss] / static_cast<double>(P);
     mark(3);
     policy.fused_backward();
     be->residual_forward(grad, grad, policy.grads());  // the trainer's accumulate() on rank 0

@@ -362,24 +362,21 @@ struct Window {
     pairs = v[0], loss = v[1], rc = v[2], rr = v[3], acc = v[4], margin = v[5], lpc = v[6], lpr = v[7], tokens = v[8];
     lgc = v[9], lgr = v[10], tc = v[11], tr = v[12];
   }
-  // The policy's per-sequence statistics of a preference batch of P pairs (rows 0..P-1 chosen, P..2P-1 rejected;
-  // [2P * kSeqStatsWidth], kernels/seq_stats.h) for vocabulary size V: sum over a row's completion positions of
-  // sum_v logits / V is the sum of the per-position means over the vocabulary that TRL takes.
-  void add_logits(const std::vector<double>& stats, int64_t P, int64_t V) {
-    for (int64_t r = 0; r < 2 * P; ++r) {
-      const double* st = stats.data() + r * kSeqStatsWidth;
-      (r < P ? lgc : lgr) += st[kSeqLogitSum] / static_cast<double>(V);
-      (r < P ? tc : tr) += st[kSeqTokens];
-    }
-  }
-  void add(const BatchLoss& b) {
-    pairs += static_cast<double>(b.pairs);
-    rc += b.reward_chosen_sum;
-    rr += b.reward_rejected_sum;
-    acc += b.accuracy_sum;
-    margin += b.margin_sum;
-    lpc += b.logps_chosen_sum;
-    lpr += b.logps_rejected_sum;
+  // A preference batch of P pairs from its PairSum row (kernels/pair_loss.h; Backend::preference_loss), for
+  // vocabulary size V.
+  void add_pair_sums(const double* s, int64_t P, int64_t V) {
+    pairs += static_cast<double>(P);
+    loss += s[kSumLoss];
+    rc += s[kSumRewardChosen];
+    rr += s[kSumRewardRejected];
+    acc += s[kSumAccuracy];
+    margin += s[kSumMargin];
+    lpc += s[kSumLogpChosen];
+    lpr += s[kSumLogpRejected];
+    lgc += s[kSumLogitChosen] / static_cast<double>(V);
+    lgr += s[kSumLogitRejected] / static_cast<double>(V);
+    tc += s[kSumTokensChosen];
+    tr += s[kSumTokensRejected];
   }
   std::map<std::string, double> dpo_metrics(const std::string& prefix) const {
     const double n = std::max(pairs, 1.0);
@@ -472,20 +469,6 @@ void test_fail_hook(int rank, int64_t step) {
               ": test hook failure on rank " + std::to_string(rank) + " in step " + std::to_string(step));
 }
 
-// Policy log-probs of a batch; rows 0..P-1 chosen, P..2P-1 rejected. With `stats`, also the per-sequence
-// statistics of the same pass ([2P * kSeqStatsWidth] host doubles, kernels/seq_stats.h).
-std::vector<double> policy_logps(GPT2& m, const Batch& b, std::vector<double>* stats = nullptr) {
-  DPO_PHASE("forward + log-probs");
-  if (!stats) return sequence_logps(m, b);
-  Backend& be = m.backend();
-  const int64_t R = b.tokens.size(0);
-  Tensor seq = be.empty({R}, grad_dtype(m.dtype())), st = be.empty({R, kSeqStatsWidth}, grad_dtype(m.dtype()));
-  m.score(to_backend(be, b.tokens), to_backend(be, b.keymask), to_backend(be, b.targets), to_backend(be, b.weights),
-          seq, st);
-  *stats = to_host_f64(be, st);
-  return to_host_f64(be, seq);
-}
-
 // The policy's training pass over one batch: the fused forward (chunked LM head; `grad` turns each chunk's
 // log-probs into dL/dlog-prob, see GPT2::LossHead), then the rest of the backward. Returns the log-probs, and in
 // `stats` (when non-null) the per-sequence statistics of the same pass.
@@ -509,29 +492,45 @@ std::vector<double> policy_train_pass(GPT2& m, const Batch& b, int64_t pair_stri
   return lp;
 }
 
-std::vector<PairInput> pair_inputs(const Batch& b, const std::vector<double>& pol, const std::vector<int64_t>& idx,
-                                   const RefLogps* cached, const std::vector<double>* live) {
-  std::vector<PairInput> in(static_cast<size_t>(b.pairs));
-  for (int64_t p = 0; p < b.pairs; ++p) {
-    PairInput& x = in[static_cast<size_t>(p)];
-    x.policy_chosen = pol[static_cast<size_t>(p)];
-    x.policy_rejected = pol[static_cast<size_t>(b.pairs + p)];
-    if (cached) {
-      x.ref_chosen = cached->chosen[static_cast<size_t>(idx[p])];
-      x.ref_rejected = cached->rejected[static_cast<size_t>(idx[p])];
-    } else if (live) {
-      x.ref_chosen = (*live)[static_cast<size_t>(p)];
-      x.ref_rejected = (*live)[static_cast<size_t>(b.pairs + p)];
+// The reference's summed log-probs of batch b's rows on the backend's device ([2P] in the policy's per-sequence
+// dtype `gd`): the cached values of its pairs (idx) uploaded, or a forward pass of the live reference model. An
+// undefined tensor when the loss uses no reference.
+Tensor ref_logps_on_device(Backend& be, DType gd, const Batch& b, const std::vector<int64_t>& idx,
+                           const RefLogps* cached, GPT2* live) {
+  const int64_t P = b.pairs;
+  if (cached) {
+    Tensor h = Tensor::host({2 * P}, gd);
+    for (int64_t q = 0; q < P; ++q) {
+      const double c = cached->chosen[static_cast<size_t>(idx[static_cast<size_t>(q)])];
+      const double r = cached->rejected[static_cast<size_t>(idx[static_cast<size_t>(q)])];
+      if (gd == DType::F64) h.data<double>()[q] = c, h.data<double>()[P + q] = r;
+      else h.data<float>()[q] = static_cast<float>(c), h.data<float>()[P + q] = static_cast<float>(r);
     }
-    x.len_chosen = b.completion_len[static_cast<size_t>(p)];
-    x.len_rejected = b.completion_len[static_cast<size_t>(b.pairs + p)];
-    x.has_scores = b.has_scores;
-    if (b.has_scores) {
-      x.score_chosen = b.score_chosen[static_cast<size_t>(p)];
-      x.score_rejected = b.score_rejected[static_cast<size_t>(p)];
-    }
+    return to_backend(be, h);
   }
-  return in;
+  if (!live) return Tensor();
+  DPO_ASSERT(grad_dtype(live->dtype()) == gd, "the reference model's dtype differs from the policy's");
+  DPO_PHASE("forward + log-probs");
+  Tensor seq = be.empty({2 * P}, gd);
+  live->score(to_backend(be, b.tokens), to_backend(be, b.keymask), to_backend(be, b.targets),
+              to_backend(be, b.weights), seq);
+  return seq;
+}
+
+// ODPO's offsets of batch b's pairs on the device ([P], dtype gd), or an undefined tensor when odpo_alpha is 0.
+// The scores were checked when the data was loaded (score_chosen > score_rejected, DataOptions::require_score_gap).
+Tensor odpo_offsets_on_device(Backend& be, DType gd, const Batch& b, const LossConfig& lc) {
+  if (!(lc.odpo_alpha > 0)) return Tensor();
+  DPO_ASSERT(b.has_scores, "ODPO (odpo_alpha > 0) needs per-pair scores; the data loaders refuse records without");
+  Tensor h = Tensor::host({b.pairs}, gd);
+  for (int64_t q = 0; q < b.pairs; ++q) {
+    const double sc = b.score_chosen[static_cast<size_t>(q)], sr = b.score_rejected[static_cast<size_t>(q)];
+    DPO_ASSERT(sc > sr, "ODPO needs score_chosen > score_rejected; the data loaders refuse such records");
+    const double o = odpo_offset(lc.odpo_alpha, sc, sr);
+    if (gd == DType::F64) h.data<double>()[q] = o;
+    else h.data<float>()[q] = static_cast<float>(o);
+  }
+  return to_backend(be, h);
 }
 
 // Batches of batch_pairs pairs, contiguous runs of batches per rank; sums folded in batch order. num_tokens: the
@@ -545,15 +544,23 @@ std::map<std::string, double> evaluate(Communicator& comm, GPT2& policy, GPT2* l
   for (int64_t c = c0; c < c1; ++c) {
     std::vector<int64_t> idx;
     for (int64_t i = c * batch_pairs; i < std::min(n, (c + 1) * batch_pairs); ++i) idx.push_back(i);
-    Batch b = make_batch(data, idx, grad_dtype(policy.dtype()), 0);
-    std::vector<double> stats;
-    std::vector<double> pol = policy_logps(policy, b, &stats), live;
-    if (live_ref) live = policy_logps(*live_ref, b);
-    BatchLoss bl = batch_loss(lc, pair_inputs(b, pol, idx, cached, live_ref ? &live : nullptr), 1.0);
+    const DType gd = grad_dtype(policy.dtype());
+    Batch b = make_batch(data, idx, gd, 0);
+    Backend& be = policy.backend();
+    const int64_t P = b.pairs;
+    const Tensor ref = ref_logps_on_device(be, gd, b, idx, cached, live_ref);
+    Tensor seq = be.empty({2 * P}, gd), stats = be.empty({2 * P, kSeqStatsWidth}, gd);
+    {
+      DPO_PHASE("forward + log-probs");
+      policy.score(to_backend(be, b.tokens), to_backend(be, b.keymask), to_backend(be, b.targets),
+                   to_backend(be, b.weights), seq, stats);
+    }
+    Tensor dseq = be.empty({2 * P}, gd), sums = be.empty({kPairSumsWidth}, DType::F64);
+    be.preference_loss(Backend::PairLossOutputs{dseq, Tensor(), sums}, stats, ref,
+                       odpo_offsets_on_device(be, gd, b, lc), pair_loss_params(lc), 1.0);
+    const std::vector<double> s = to_host_f64(be, sums);
     Window cw;
-    cw.add(bl);
-    cw.add_logits(stats, b.pairs, policy.config().vocab_size);
-    cw.loss += bl.loss_sum;
+    cw.add_pair_sums(s.data(), P, policy.config().vocab_size);
     chunks.push_back(cw);
   }
   Window w;
@@ -868,6 +875,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   // that up: every rank folds its own micro-batches into `grad` and the ranks' sums are reduced.
   Tensor grad = be->empty({n_params}, DType::F32);
   std::vector<Tensor> pool;  // stash buffers, kept across steps (ranks > 0)
+  Tensor mb_sums;  // [micro-batches of this rank in a step, kPairSumsWidth] F64: each one's PairSum row
 
   // profile_steps: a CUDA profiler capture range (cudaProfilerStart/Stop) around those optimizer steps only, so that
   // Nsight sees steady-state steps (docs/profiling.md). The device is idle at both ends, so the range holds exactly
@@ -955,34 +963,47 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       }
     } else {
       const double normalizer = static_cast<double>(step_items);
+      const DType gd = grad_dtype(policy->dtype());
+      const PairLossParams lp = pair_loss_params(lc);
+      // Each micro-batch's PairSum row stays on the device until the step's reduction, which reads them all in
+      // one copy (the loss, its gradients and the metrics never leave the device inside a step).
+      const int64_t n_micro = c1 - c0;
+      if (n_micro > 0 && (!mb_sums.defined() || mb_sums.size(0) < n_micro))
+        mb_sums = be->empty({n_micro, kPairSumsWidth}, DType::F64);
+      std::vector<std::pair<int64_t, int64_t>> mb_pairs_tokens;
       for (int64_t c = c0; c < c1; ++c) {
         std::vector<int64_t> idx = chunk_idx(c);
         Batch b = make_batch(pairs, idx, DType::F32, 0);
         policy->zero_grad();
-        std::vector<double> live;
-        if (use_ref && !cached) live = policy_logps(*ref, b);
-        const RefLogps* cref = cached ? &ref_train : nullptr;
-        const std::vector<double>* lref = use_ref && !cached ? &live : nullptr;
-        const int64_t P = b.pairs;
+        GPT2::PairLossHead head;
+        head.ref_logp = ref_logps_on_device(*be, gd, b, idx, cached ? &ref_train : nullptr,
+                                            use_ref && !cached ? ref.get() : nullptr);
+        head.offset = odpo_offsets_on_device(*be, gd, b, lc);
+        head.params = lp;
+        head.normalizer = normalizer;
+        head.sums = mb_sums.view((c - c0) * kPairSumsWidth, {kPairSumsWidth});
         begin_micro_batch(c);
-        // Per chunk of pairs: the pairs' losses and gradients (the same per-pair values as one batch_loss call
-        // over the whole micro-batch; the metrics below come from that call).
-        std::vector<PairInput> in = pair_inputs(b, std::vector<double>(static_cast<size_t>(2 * P), 0.0), idx, cref, lref);
-        std::vector<double> stats;
-        const std::vector<double> pol = policy_train_pass(
-            *policy, b, P,
-            [&](int64_t q0, int64_t q1, const std::vector<double>& lp, std::vector<double>& d) {
-              pair_chunk_grads(lc, in, q0, q1, lp, normalizer, d);
-            },
-            &stats);
-        BatchLoss bl = batch_loss(lc, pair_inputs(b, pol, idx, cref, lref), normalizer);
+        {
+          DPO_PHASE("forward + log-probs + loss + LM-head backward");
+          policy->fused_forward_pairs(to_backend(*be, b.tokens), to_backend(*be, b.keymask),
+                                      to_backend(*be, b.targets), to_backend(*be, b.weights), head);
+        }
+        {
+          DPO_PHASE("backward");
+          policy->fused_backward();
+        }
         accumulate();
-        Window cw;
-        cw.add(bl);
-        cw.add_logits(stats, P, policy->config().vocab_size);
-        cw.loss += bl.loss_sum;
-        cw.tokens += static_cast<double>(b.tokens_total);
-        chunks.push_back(cw);
+        mb_pairs_tokens.emplace_back(b.pairs, b.tokens_total);
+      }
+      if (n_micro > 0) {
+        const std::vector<double> s = to_host_f64(*be, mb_sums.view(0, {n_micro, kPairSumsWidth}));
+        for (int64_t i = 0; i < n_micro; ++i) {
+          Window cw;
+          cw.add_pair_sums(s.data() + i * kPairSumsWidth, mb_pairs_tokens[static_cast<size_t>(i)].first,
+                           policy->config().vocab_size);
+          cw.tokens += static_cast<double>(mb_pairs_tokens[static_cast<size_t>(i)].second);
+          chunks.push_back(cw);
+        }
       }
     }
     test_fail_hook(me, p.step + 1);

@@ -572,8 +572,9 @@ void CudaBackend::logprob_backward(const Tensor& dlogits, const Tensor& logits, 
 // --- preference loss ----------------------------------------------------------------------------------------------
 
 void CudaBackend::preference_loss(const PairLossOutputs& out, const Tensor& stats, const Tensor& ref_logp,
-                                  const Tensor& offset, const PairLossParams& p, double normalizer) {
-  const int64_t P = check_preference_loss_args(out, stats, ref_logp, offset, p, normalizer);
+                                  const Tensor& offset, const PairLossParams& p, double normalizer, int64_t q0,
+                                  int64_t q1) {
+  const int64_t P = check_preference_loss_args(out, stats, ref_logp, offset, p, normalizer, q0, q1);
   check_is(stats, DType::F32, "preference_loss stats");
   if (ref_logp.defined()) check_is(ref_logp, DType::F32, "preference_loss ref_logp");
   if (offset.defined()) check_is(offset, DType::F32, "preference_loss offset");
@@ -588,7 +589,7 @@ void CudaBackend::preference_loss(const PairLossOutputs& out, const Tensor& stat
       DPO_ASSERT(!outs[a]->defined() || !all[b]->defined() || !overlap(*outs[a], *all[b]),
                  "preference_loss: an output overlaps another argument");
   cuda::pair_loss(*ctx_, f32(out.dseq), opt_ptr<float>(out.pair_loss), ptr<double>(out.sums), f32(stats),
-                  opt_ptr<float>(ref_logp), opt_ptr<float>(offset), p, P, normalizer);
+                  opt_ptr<float>(ref_logp), opt_ptr<float>(offset), p, P, q0, q1, out.accumulate, normalizer);
 }
 
 // --- optimizer ops ------------------------------------------------------------------------------------------------

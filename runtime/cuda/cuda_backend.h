@@ -100,7 +100,8 @@ class CudaBackend final : public Backend {
   // One launch (kernels/pair_loss.cuh), no host sync: the loss's inputs, gradients and sums stay on the device.
   // F32 per-sequence tensors, F64 sums.
   void preference_loss(const PairLossOutputs& out, const Tensor& stats, const Tensor& ref_logp, const Tensor& offset,
-                       const PairLossParams& p, double normalizer) override;
+                       const PairLossParams& p, double normalizer, int64_t q0, int64_t q1) override;
+  using Backend::preference_loss;
 
   void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                     const AdamWParams& p) override;
