@@ -176,8 +176,24 @@ void GPT2::ensure_acts(int64_t B, int64_t T) {
   a->B = B;
   a->T = T;
   const int64_t C = cfg_.n_embd, NH = cfg_.n_head;
-  auto t = [&](Shape s) { return be_->empty(std::move(s), dtype_); };
-  auto stat = [&](Shape s) { return be_->empty(std::move(s), gdtype_); };  // LayerNorm mean / rstd
+  // Every activation is a view of a buffer of act_pool_ that only ever grows (the i-th tensor below always takes
+  // buffer i), so a batch no larger than an earlier one allocates nothing and keeps every device address: what a
+  // captured CUDA graph (Backend::capture) relies on. buffers_generation() counts the growths.
+  size_t next = 0;
+  auto take = [&](Shape s, DType dt) {
+    int64_t n = 1;
+    for (int64_t d : s) n *= d;
+    if (next == act_pool_.size()) act_pool_.emplace_back();
+    Tensor& buf = act_pool_[next++];
+    if (!buf.defined() || buf.numel() < n || buf.dtype() != dt) {
+      buf = Tensor();  // release the smaller buffer before allocating its successor
+      buf = be_->empty({n}, dt);
+      ++buffers_generation_;
+    }
+    return buf.view(0, std::move(s));
+  };
+  auto t = [&](Shape s) { return take(std::move(s), dtype_); };
+  auto stat = [&](Shape s) { return take(std::move(s), gdtype_); };  // LayerNorm mean / rstd
   a->encoded = t({B, T, C});
   a->layers.resize(static_cast<size_t>(cfg_.n_layer));
   for (auto& L : a->layers) {
@@ -186,7 +202,7 @@ void GPT2::ensure_acts(int64_t B, int64_t T) {
     L.ln1_rstd = stat({B, T});
     L.qkv = t({B, T, 3 * C});
     L.atty = t({B, T, C});
-    L.att = be_->empty(be_->attention_saved_shape(B, T, NH), be_->attention_saved_dtype(dtype_));
+    L.att = take(be_->attention_saved_shape(B, T, NH), be_->attention_saved_dtype(dtype_));
     L.res2 = t({B, T, C});
     L.ln2 = t({B, T, C});
     L.ln2_mean = stat({B, T});
@@ -366,7 +382,10 @@ void GPT2::backward_trunk() {
 
 void GPT2::set_logits_chunk_rows(int64_t rows) {
   if (rows < 1) throw Error("logits_chunk_rows must be >= 1, got " + std::to_string(rows));
-  if (rows != chunk_rows_) chunk_ = Tensor();
+  if (rows != chunk_rows_ && chunk_.defined()) {
+    chunk_ = Tensor();
+    ++buffers_generation_;
+  }
   chunk_rows_ = rows;
 }
 
@@ -406,7 +425,11 @@ std::vector<std::vector<GPT2::Range>> GPT2::plan_chunks(int64_t B, int64_t T, in
 Tensor GPT2::chunk_logits(int64_t rows) {
   const int64_t ldv = logits_stride();
   // Zeroed once, like forward()'s logits: the padding columns are never written afterwards.
-  if (!chunk_.defined() || chunk_.numel() < rows * ldv) chunk_ = be_->zeros({rows, ldv}, dtype_);
+  if (!chunk_.defined() || chunk_.numel() < rows * ldv) {
+    chunk_ = Tensor();
+    chunk_ = be_->zeros({rows, ldv}, dtype_);
+    ++buffers_generation_;
+  }
   return chunk_.view(0, {rows, ldv});
 }
 

@@ -185,6 +185,11 @@ class GPT2 {
   void fused_forward_pairs(const Tensor& tokens, const Tensor& keymask, const Tensor& targets, const Tensor& weights,
                            const PairLossHead& head);
 
+  // Counts the times the model's activation or logits buffers were reallocated (a batch larger than any before, a
+  // larger logits chunk). Work captured with Backend::capture holds their device addresses: captures made before
+  // the count last changed must not be replayed. Batches no larger than an earlier one reuse the buffers.
+  int64_t buffers_generation() const { return buffers_generation_; }
+
   static constexpr int64_t kDefaultLogitsChunkRows = 2048;
 
   // Gradient buckets, for overlapping the gradient all-reduce with the backward pass. The ranges (offset, numel)
@@ -258,6 +263,8 @@ class GPT2 {
   GradReadyHook grad_hook_;
   int64_t master_begin_ = 0;
   std::shared_ptr<Acts> acts_;
+  std::vector<Tensor> act_pool_;  // the buffers acts_ views (ensure_acts); they only grow
+  int64_t buffers_generation_ = 0;
   Tensor tokens_, keymask_, targets_, weights_;  // inputs of the last sequence_logprobs, for backward
   int64_t chunk_rows_ = kDefaultLogitsChunkRows;
   Tensor chunk_;           // the chunked LM head's logits buffer

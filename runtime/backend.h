@@ -34,6 +34,7 @@
 #pragma once
 
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -46,6 +47,12 @@
 #include "runtime/tensor.h"
 
 namespace dpo {
+
+// Backend::capture could not record the work (e.g. it synchronised); the message says why.
+class GraphCaptureError : public Error {
+ public:
+  using Error::Error;
+};
 
 class Backend {
  public:
@@ -72,6 +79,24 @@ class Backend {
   // The stream every op is enqueued on (a cudaStream_t for the CUDA backend, type-erased; nullptr on the CPU), for
   // components that must order their own work after the backend's (the NCCL communicator).
   virtual void* native_stream() const { return nullptr; }
+
+  // --- recorded work (CUDA graphs) ---------------------------------------------------------------------------
+  // A recording of the work a function enqueued, replayed as one unit.
+  class Graph {
+   public:
+    virtual ~Graph() = default;
+    virtual void replay() = 0;  // enqueue the recorded work once more
+  };
+  // Records the work `fn` enqueues on this backend WITHOUT running it; each replay() runs it. On the GPU this is a
+  // CUDA graph (stream capture, then cudaGraphInstantiate): the host code in fn runs once, at capture, and every
+  // kernel, argument and device address is frozen, so fn must not wait for the device, copy to or from the host,
+  // or keep a tensor it allocated beyond its return (tensors it allocates and releases inside become the graph's
+  // own memory), and the buffers it reads and writes must stay where they are for as long as the graph is
+  // replayed. The replayed kernels are the same kernels in the same order, so results are bitwise those of
+  // running fn. Throws GraphCaptureError when the work cannot be captured (nothing has run then; the caller may
+  // run fn itself). The CPU backend records fn itself and replay() calls it again, host code included: it keeps
+  // the callers' logic testable on the CPU, not the freezing.
+  virtual std::unique_ptr<Graph> capture(const std::function<void()>& fn);
 
   // --- GPT-2 ops ----------------------------------------------------------------------------------------------
   // out[B,T,C] = wte[tokens] + wpe[0..T)            | dwte[V,C] +=, dwpe[maxT,C] +=

@@ -228,6 +228,11 @@ const std::vector<Key>& keys() {
       INT_KEY(per_device_train_batch_size, "pairs per micro-batch"),
       INT_KEY(per_device_eval_batch_size, "pairs per evaluation batch"),
       INT_KEY(gradient_accumulation_steps, "micro-batches per optimizer step"),
+      INT_KEY(pad_to_multiple_of, "pad each training micro-batch's rows to a multiple of N tokens (at most "
+                                  "n_positions), so lengths fall into fewer shapes (CUDA graphs); 0 = pad to the "
+                                  "longest row"),
+      BOOL_KEY(cuda_graphs, "device: cuda: capture each micro-batch shape's forward, loss and backward as a CUDA "
+                            "graph on its second occurrence and replay it from then on (bitwise the same results)"),
       INT_KEY(num_train_epochs, "passes over the training data"),
       INT_KEY(max_steps, "optimizer steps; -1 = from num_train_epochs"),
       INT_KEY(logging_steps, "log every N optimizer steps"),
@@ -415,6 +420,7 @@ void validate(const TrainConfig& c, RunKind kind) {
                         "warmup_steps: 0");
   real("max_grad_norm", c.max_grad_norm, 0, false, 1e30);
   range("per_device_train_batch_size", c.per_device_train_batch_size, 1, kMaxBatch);
+  range("pad_to_multiple_of", c.pad_to_multiple_of, 0, int64_t{1} << 20);
   range("per_device_eval_batch_size", c.per_device_eval_batch_size, 1, kMaxBatch);
   range("gradient_accumulation_steps", c.gradient_accumulation_steps, 1, kMaxBatch);
   range("num_train_epochs", c.num_train_epochs, 1, kMaxCount);

@@ -517,6 +517,29 @@ Batch make_sft_batch(const std::vector<SftExample>& data, const std::vector<int6
   return build_batch(rows, P, weight_dtype, pad_id);
 }
 
+void pad_batch_columns(Batch& b, int64_t T, int32_t pad_id) {
+  if (T < b.T) throw Error("pad_batch_columns: T " + std::to_string(T) + " is below the batch's " + std::to_string(b.T));
+  if (pad_id < 0) throw Error("pad_batch_columns: pad_id " + std::to_string(pad_id) + " is negative");
+  if (T == b.T) return;
+  const int64_t R = b.tokens.size(0), T0 = b.T;
+  auto widen = [&](const Tensor& src, auto fill) {
+    using E = decltype(fill);
+    Tensor dst = Tensor::host({R, T}, src.dtype());
+    for (int64_t r = 0; r < R; ++r) {
+      const E* a = src.data<E>() + r * T0;
+      E* d = dst.data<E>() + r * T;
+      std::copy(a, a + T0, d);
+      std::fill(d + T0, d + T, fill);
+    }
+    return dst;
+  };
+  b.tokens = widen(b.tokens, int32_t{pad_id});
+  b.keymask = widen(b.keymask, int32_t{0});
+  b.targets = widen(b.targets, int32_t{-1});
+  b.weights = b.weights.dtype() == DType::F32 ? widen(b.weights, 0.0f) : widen(b.weights, 0.0);
+  b.T = T;
+}
+
 std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch) {
   if (n < 0) throw Error("epoch_order: n = " + std::to_string(n) + " is negative");
   std::vector<int64_t> v(static_cast<size_t>(n));

@@ -146,6 +146,11 @@ Batch make_batch(const std::vector<PreferencePair>& data, const std::vector<int6
 Batch make_sft_batch(const std::vector<SftExample>& data, const std::vector<int64_t>& indices, DType weight_dtype,
                      int32_t pad_id);
 
+// Pads every row of b with padding columns up to T >= b.T (tokens pad_id, key mask 0, target -1, weight 0): the
+// positions a batch of longer rows would pad, so the per-sequence results are those of the narrower batch up to
+// rounding (a wider GEMM may round differently). For shape buckets (pad_to_multiple_of, CUDA graphs).
+void pad_batch_columns(Batch& b, int64_t T, int32_t pad_id);
+
 // A permutation of 0..n-1: Fisher-Yates driven by dpo::Rng seeded with a mix of (seed, epoch). The same inputs
 // give the same permutation on every machine and compiler. n >= 0.
 std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch);

@@ -11,7 +11,9 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <map>
 #include <set>
+#include <tuple>
 #include <sstream>
 
 #include "kernels/seq_stats.h"
@@ -877,6 +879,57 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   std::vector<Tensor> pool;  // stash buffers, kept across steps (ranks > 0)
   Tensor mb_sums;  // [micro-batches of this rank in a step, kPairSumsWidth] F64: each one's PairSum row
 
+  // CUDA graphs (cuda_graphs, docs/training.md): a DPO micro-batch's forward, loss and backward depend on the
+  // host only through its shape (pairs, padded length) and the step's pair count, so each such key runs eagerly
+  // the first time (which sizes the model's buffers), is captured the second time and replayed from then on. The
+  // graph reads its inputs from, and writes its sums to, device tensors of its own, filled before each replay.
+  // The CPU backend's "graph" is the function itself (Backend::capture); DPO_TEST_GRAPHS_ON_CPU=1 runs this path
+  // on the CPU so that tests can compare it with the plain one.
+  struct MicroGraph {
+    Tensor tokens, keymask, targets, weights, ref, offset, sums;
+    std::unique_ptr<Backend::Graph> graph;
+    int64_t generation = -1;  // policy->buffers_generation() at capture
+    int64_t runs = 0;
+  };
+  std::map<std::tuple<int64_t, int64_t, double>, MicroGraph> micro_graphs;
+  const char* graphs_env = std::getenv("DPO_TEST_GRAPHS_ON_CPU");
+  bool use_graphs = kind == RunKind::Dpo && cfg.cuda_graphs && !overlap &&
+                    (!on_cpu || (graphs_env && std::string(graphs_env) == "1"));
+  if (kind == RunKind::Dpo && cfg.cuda_graphs && !on_cpu && overlap)
+    say("cuda_graphs: off in this run (the gradient all-reduce overlaps the backward pass, which a graph cannot "
+        "hold)");
+  // Runs `work` for graph entry e: replay, capture then replay, or eagerly (see above).
+  auto run_micro = [&](MicroGraph& e, const std::function<void()>& work) {
+    const int64_t gen = policy->buffers_generation();
+    if (use_graphs && e.graph && e.generation == gen) {
+      e.graph->replay();
+    } else if (use_graphs && e.runs >= 1) {
+      e.graph.reset();
+      std::unique_ptr<Backend::Graph> g;
+      try {
+        g = be->capture(work);
+      } catch (const GraphCaptureError& err) {
+        // Nothing ran: run the work eagerly, and every later micro-batch too.
+        say(std::string("warning: ") + err.what() + "; cuda_graphs is off for the rest of this run");
+        use_graphs = false;
+        for (auto& kv : micro_graphs) kv.second.graph.reset();
+        work();
+        return;
+      }
+      // The first run of this shape sized every buffer, and they never shrink, so the capture cannot have
+      // allocated one; if it did, that memory belongs to the graph and nothing here may use it safely.
+      if (policy->buffers_generation() != gen)
+        throw Error("CUDA graph capture: the model reallocated its buffers while being captured (a bug); set "
+                    "cuda_graphs: false to run without graphs");
+      e.graph = std::move(g);
+      e.generation = gen;
+      e.graph->replay();
+    } else {
+      work();
+    }
+    ++e.runs;
+  };
+
   // profile_steps: a CUDA profiler capture range (cudaProfilerStart/Stop) around those optimizer steps only, so that
   // Nsight sees steady-state steps (docs/profiling.md). The device is idle at both ends, so the range holds exactly
   // the steps' work; evaluation and checkpoints after the last step fall outside it.
@@ -974,23 +1027,64 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       for (int64_t c = c0; c < c1; ++c) {
         std::vector<int64_t> idx = chunk_idx(c);
         Batch b = make_batch(pairs, idx, DType::F32, 0);
+        if (cfg.pad_to_multiple_of > 1) {
+          const int64_t m = cfg.pad_to_multiple_of;
+          pad_batch_columns(b, std::min((b.T + m - 1) / m * m, policy->config().max_seq_len), 0);
+        }
         policy->zero_grad();
+        const Tensor row_sums = mb_sums.view((c - c0) * kPairSumsWidth, {kPairSumsWidth});
         GPT2::PairLossHead head;
-        head.ref_logp = ref_logps_on_device(*be, gd, b, idx, cached ? &ref_train : nullptr,
-                                            use_ref && !cached ? ref.get() : nullptr);
-        head.offset = odpo_offsets_on_device(*be, gd, b, lc);
         head.params = lp;
         head.normalizer = normalizer;
-        head.sums = mb_sums.view((c - c0) * kPairSumsWidth, {kPairSumsWidth});
         begin_micro_batch(c);
-        {
-          DPO_PHASE("forward + log-probs + loss + LM-head backward");
-          policy->fused_forward_pairs(to_backend(*be, b.tokens), to_backend(*be, b.keymask),
-                                      to_backend(*be, b.targets), to_backend(*be, b.weights), head);
-        }
-        {
-          DPO_PHASE("backward");
-          policy->fused_backward();
+        if (use_graphs) {
+          MicroGraph& e = micro_graphs[{b.pairs, b.T, normalizer}];
+          if (!e.sums.defined()) {
+            e.tokens = be->empty(b.tokens.shape(), DType::I32);
+            e.keymask = be->empty(b.keymask.shape(), DType::I32);
+            e.targets = be->empty(b.targets.shape(), DType::I32);
+            e.weights = be->empty(b.weights.shape(), gd);
+            e.sums = be->empty({kPairSumsWidth}, DType::F64);
+            if (use_ref) e.ref = be->empty({2 * b.pairs}, gd);
+            if (lc.odpo_alpha > 0) e.offset = be->empty({b.pairs}, gd);
+          }
+          be->copy_from_host(e.tokens, b.tokens);
+          be->copy_from_host(e.keymask, b.keymask);
+          be->copy_from_host(e.targets, b.targets);
+          be->copy_from_host(e.weights, b.weights);
+          if (cached) {
+            be->copy(e.ref, ref_logps_on_device(*be, gd, b, idx, &ref_train, nullptr));
+          } else if (use_ref) {
+            DPO_PHASE("forward + log-probs");
+            ref->score(e.tokens, e.keymask, e.targets, e.weights, e.ref);
+          }
+          if (e.offset.defined()) be->copy(e.offset, odpo_offsets_on_device(*be, gd, b, lc));
+          head.ref_logp = e.ref;
+          head.offset = e.offset;
+          head.sums = e.sums;
+          MicroGraph* ep = &e;
+          {
+            DPO_PHASE("forward + log-probs + loss + LM-head backward + backward");
+            run_micro(e, [&policy, ep, head] {
+              policy->fused_forward_pairs(ep->tokens, ep->keymask, ep->targets, ep->weights, head);
+              policy->fused_backward();
+            });
+          }
+          be->copy(row_sums, head.sums);  // head.sums keeps the entry's tensor alive even if the map was cleared
+        } else {
+          head.ref_logp = ref_logps_on_device(*be, gd, b, idx, cached ? &ref_train : nullptr,
+                                              use_ref && !cached ? ref.get() : nullptr);
+          head.offset = odpo_offsets_on_device(*be, gd, b, lc);
+          head.sums = row_sums;
+          {
+            DPO_PHASE("forward + log-probs + loss + LM-head backward");
+            policy->fused_forward_pairs(to_backend(*be, b.tokens), to_backend(*be, b.keymask),
+                                        to_backend(*be, b.targets), to_backend(*be, b.weights), head);
+          }
+          {
+            DPO_PHASE("backward");
+            policy->fused_backward();
+          }
         }
         accumulate();
         mb_pairs_tokens.emplace_back(b.pairs, b.tokens_total);

@@ -19,6 +19,7 @@
 #include "kernels/pair_loss.cuh"
 #include "kernels/residual.cuh"
 #include "runtime/cuda/cuda_check.h"
+#include "runtime/cuda/nvtx.h"
 #include "runtime/safetensors.h"
 
 namespace dpo {
@@ -151,6 +152,61 @@ void CudaBackend::fill_zero(const Tensor& t) {
   check_device(t, "fill_zero");
   if (t.nbytes() == 0) return;
   DPO_CUDA_CHECK(cudaMemsetAsync(t.raw(), 0, static_cast<size_t>(t.nbytes()), ctx_->stream()));
+}
+
+namespace {
+
+class CudaGraph final : public Backend::Graph {
+ public:
+  CudaGraph(cudaGraphExec_t exec, cudaStream_t stream) : exec_(exec), stream_(stream) {}
+  ~CudaGraph() override { cudaGraphExecDestroy(exec_); }
+  CudaGraph(const CudaGraph&) = delete;
+  CudaGraph& operator=(const CudaGraph&) = delete;
+  void replay() override {
+    DPO_NVTX_RANGE("graph replay");
+    DPO_CUDA_CHECK(cudaGraphLaunch(exec_, stream_));
+  }
+
+ private:
+  cudaGraphExec_t exec_;
+  cudaStream_t stream_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend::Graph> CudaBackend::capture(const std::function<void()>& fn) {
+  cudaStream_t s = ctx_->stream();
+  DPO_CUDA_CHECK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+  // Ends the capture whatever happened, so the stream is usable again; returns the graph or null.
+  auto end = [&]() -> cudaGraph_t {
+    cudaGraph_t g = nullptr;
+    const cudaError_t e = cudaStreamEndCapture(s, &g);
+    if (e != cudaSuccess) {
+      cudaGetLastError();  // capture errors are not sticky: clear them
+      if (g) cudaGraphDestroy(g);
+      return nullptr;
+    }
+    return g;
+  };
+  try {
+    fn();
+  } catch (const std::exception& ex) {
+    if (cudaGraph_t g = end()) cudaGraphDestroy(g);
+    throw GraphCaptureError(std::string("CUDA graph capture failed: ") + ex.what());
+  }
+  cudaGraph_t g = end();
+  if (!g)
+    throw GraphCaptureError("CUDA graph capture failed: the captured work used a call that is not allowed during "
+                            "capture (a synchronisation or synchronous copy), so the capture was invalidated");
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t e = cudaGraphInstantiate(&exec, g, 0);
+  cudaGraphDestroy(g);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    throw GraphCaptureError(std::string("CUDA graph instantiation failed: ") + cudaGetErrorName(e) + ": " +
+                            cudaGetErrorString(e));
+  }
+  return std::make_unique<CudaGraph>(exec, s);
 }
 
 void CudaBackend::copy_from_host(const Tensor& dst, const Tensor& src) {

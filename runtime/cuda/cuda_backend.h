@@ -57,6 +57,11 @@ class CudaBackend final : public Backend {
   void convert(const Tensor& dst, const Tensor& src) override;
   void synchronize() override;
   void* native_stream() const override { return static_cast<void*>(ctx_->stream()); }
+  // A CUDA graph of the stream's work (runtime/backend.h): cudaStreamBeginCapture in thread-local mode, so a call
+  // that is not allowed during capture (a synchronisation, a synchronous copy, cudaMalloc) fails and the capture
+  // is abandoned with GraphCaptureError instead of running; cudaGraphInstantiate; replay() is one cudaGraphLaunch
+  // on the same stream.
+  std::unique_ptr<Graph> capture(const std::function<void()>& fn) override;
 
   void encoder_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte, const Tensor& wpe) override;
   void encoder_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens) override;
