@@ -180,9 +180,9 @@ class Backend {
   // The numerical guard of that update (kernels/adamw.h, adamw_dry_run_segments): the same arguments, nothing
   // written; NonFinite when any param, m or v value the update would write is NaN or +-Inf. The values tested are
   // bitwise those the update stores (one element function). Returns to the host: on the GPU one 4-byte device flag,
-  // set by the kernel, is read back (one stream sync, the step's only one besides sum_squares'). Callers run it
-  // before adamw_update_segments and skip the update on NonFinite, so a rejected step leaves param, m and v
-  // bit-identical (AdamW::step_owned, train/optim.h).
+  // set by the kernel, is read back (one stream sync). Callers run it before adamw_update_segments and skip the
+  // update on NonFinite, so a rejected step leaves param, m and v bit-identical. AdamW itself uses the device form
+  // below (adamw_check_segments), which leaves the verdict on the device.
   virtual AdamWCheck adamw_dry_run_segments(const Tensor& param, const Tensor& grad, const Tensor& m,
                                             const Tensor& v, const std::vector<AdamWSegment>& segs,
                                             const AdamWParams& p) = 0;
