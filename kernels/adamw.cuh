@@ -9,10 +9,11 @@
 //   param[n], m[n], v[n]: float, read and written in place; grad[n]: float, read only. No two may alias.
 //   State (m, v) is fp32 and each element's arithmetic is fp32, as in the CPU twin's float path, but nvcc contracts
 //   the lerp and the v update into fused multiply-adds where the twin does not (kernels/adamw.h), so the two differ
-//   by float round-off; the scalars (bias corrections, step size, decay) are computed on the host in double, as
-//   PyTorch computes them in Python, then rounded to float. Each element's value is a function of that element only,
-//   so the result does not depend on the launch configuration. Moved with 128-bit loads and stores where the four
-//   arrays can be aligned together (kernels/bf16.cuh: scalar head and tail, all scalar when they cannot). p.step is 1-based. Asynchronous on ctx.stream(); 64-bit indices.
+//   by float round-off; the scalars (bias corrections, step size, decay) are computed on the host in double
+//   (adamw_step_state), as PyTorch computes them in Python, then rounded to float. Each element's value is a function
+//   of that element only, so the result does not depend on the launch configuration. Moved with 128-bit loads and
+//   stores where the four arrays can be aligned together (kernels/bf16.cuh: scalar head and tail, all scalar when
+//   they cannot). p.step is 1-based. Asynchronous on ctx.stream(); 64-bit indices.
 //
 // adamw_update_segments: the same update over segs[0, n_segs) of flat arrays of n floats in ONE launch (the
 //   multi-tensor form; per-segment weight decay and the segment rules as in kernels/adamw.h, elements outside every
@@ -30,7 +31,23 @@
 //   zeroed by a stream-ordered memset first; each block ORs its threads' findings (__syncthreads_or) and an
 //   offending block sets the flag with one atomicOr. Asynchronous: the caller reads the flag back (CudaBackend does,
 //   once per step) and launches the update only when it is 0.
+//
+// The device step (kernels/adamw.h, "The device step"; record and state are F64 device arrays in the adamw_record /
+//   adamw_state layouts). All asynchronous on ctx.stream(), no allocation, nothing returned to the host:
+//   adamw_prepare         one thread: the record's norm, clip factor and flags (cpu::adamw_prepare's arithmetic).
+//   adamw_check_segments  the dry run's launch over the segment table, reading the step's scalars and grad_scale
+//                         from state and record; skipped by every block when the norm is not finite; an offending
+//                         block sets record[kNonFiniteRanks] to 1.0 (a 64-bit atomicOr of 1.0's bits into 0.0).
+//   adamw_apply_segments  ONE launch over the same table: when the record does not say skip, the update (bitwise
+//                         adamw_update_segments with grad_scale = the record's), copy[i] = bf16(new param[i]) when
+//                         copy is given (__float2bfloat16_rn, convert()'s rounding), grad[i] = 0 with
+//                         GradAfterStep::Zero; when it says skip, only the gradient zeroing. The decision is read
+//                         from device memory by every block, so the host never waits for it.
+//   The gradient norm itself is cuda::sum_squares (kernels/elementwise.cuh) into record[kSumSquares] with a
+//   preallocated scratch: the same kernels and order as the backend's sum_squares, so the value is bitwise that.
 #pragma once
+#include <cuda_bf16.h>
+
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -86,5 +103,14 @@ void adamw_update_segments(CudaContext& ctx, AdamWSegmentTable& table, float* pa
 void adamw_dry_run_segments(CudaContext& ctx, AdamWSegmentTable& table, int* flag, const float* param,
                             const float* grad, const float* m, const float* v, int64_t n, const AdamWSegment* segs,
                             int64_t n_segs, const AdamWParams& p);
+
+void adamw_prepare(CudaContext& ctx, double* record, const double* state, AdamWNormFrom from);
+void adamw_check_segments(CudaContext& ctx, AdamWSegmentTable& table, double* record, const double* state,
+                          const float* param, const float* grad, const float* m, const float* v, int64_t n,
+                          const AdamWSegment* segs, int64_t n_segs);
+// copy: n bf16 or nullptr.
+void adamw_apply_segments(CudaContext& ctx, AdamWSegmentTable& table, const double* record, const double* state,
+                          float* param, float* grad, float* m, float* v, __nv_bfloat16* copy, int64_t n,
+                          const AdamWSegment* segs, int64_t n_segs, GradAfterStep after);
 
 }  // namespace dpo::cuda

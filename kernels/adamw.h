@@ -43,6 +43,35 @@
 //   element-wise "write only if finite" would leave the other elements of a rejected step updated. The caller runs
 //   the dry run, decides (under ZeRO-1, with the other ranks, whose ranges differ), then runs the update.
 //
+// The device step (AdamW::step_async, train/optim.h): the same AdamW step with every per-step decision taken on the
+//   device, so that the host enqueues a whole optimizer step without waiting and reads one small record after it.
+//   Two small F64 arrays carry the step:
+//     state  [adamw_state::kWidth]   what changes per step (lr, the bias corrections as the step's scalars) and the
+//                                    clipping threshold, computed on the host in double by adamw_step_state (the
+//                                    same doubles AdamWParams gives the ops above) and uploaded before the step;
+//     record [adamw_record::kWidth]  the step's outcome, written on the device, read by the host once per step.
+//   In order, per step:
+//     sum of squares  record[kSumSquares] = sum_i grad[i]^2 (sum_squares' value and order; the caller may sum it
+//                     over ranks in place);
+//     adamw_prepare   norm = sqrt(record[kSumSquares]) (AdamWNormFrom::SumOfSquares) or record[kNorm] as the
+//                     caller wrote it (AdamWNormFrom::Norm); a NaN/Inf norm sets kNormNonFinite (kNorm = NaN);
+//                     otherwise grad_scale = max_grad_norm / (norm + 1e-6) when max_grad_norm > 0 and that is < 1
+//                     (kClipped = 1), else 1 (torch.nn.utils.clip_grad_norm_); kNonFiniteRanks = 0. Double
+//                     arithmetic, one IEEE operation at a time (no fused multiply-add), so both backends compute
+//                     the same scale from the same norm.
+//     adamw_check_segments  the dry run above, with grad_scale from the record, when the norm is finite: sets
+//                     record[kNonFiniteRanks] to 1 when any new value would be non-finite (nothing else written;
+//                     nothing read when the norm is not finite). Under data parallelism the ranks then sum
+//                     kNonFiniteRanks in place, so that all agree.
+//     adamw_apply_segments  ONE pass: when kNormNonFinite and kNonFiniteRanks are both 0, the update above (bitwise
+//                     adamw_update_segments with the record's grad_scale) and, when a compute copy is given, copy[i]
+//                     = bf16(param[i]) for every updated element (round to nearest even; the rounding of convert(),
+//                     i.e. GPT2::sync_params); otherwise param, m, v and the copy are not written. With
+//                     GradAfterStep::Zero the pass also sets grad[i] = 0 for every segment element, in both cases
+//                     (the gradient was consumed either way).
+//   No op here returns a value to the host or allocates after its first call: the host learns the outcome from the
+//   record (skipped when kNormNonFinite or kNonFiniteRanks is non-zero).
+//
 // sum_squares: sum_i x[i]^2 accumulated in double. The input is cut into fixed chunks of kSumSquaresChunk
 //   elements; each chunk is summed in a fixed order and the chunk sums are added in index order, so the result is
 //   bitwise the same for every thread count. NaN/Inf propagate (the caller decides what a non-finite norm means).
@@ -74,6 +103,44 @@ struct AdamWSegment {
   bool weight_decay = false;  // true: AdamWParams::weight_decay applies to this segment; false: no decay
 };
 
+// The step state (F64 [kWidth]); the host fills it with adamw_step_state. Decay factors, step size and bias
+// correction are AdamWParams' scalars computed in double exactly as the ops above compute them.
+namespace adamw_state {
+constexpr int kLr = 0;            // the step's learning rate (for the record of what ran; the kernels use the next)
+constexpr int kStep = 1;          // the 1-based bias-correction step, as a double (exact below 2^53)
+constexpr int kDecay = 2;         // 1 - lr * weight_decay   (segments flagged weight_decay)
+constexpr int kDecayOff = 3;      // 1 - lr * 0              (the other segments)
+constexpr int kNegStepSize = 4;   // -(lr / (1 - beta1^step))
+constexpr int kBc2Sqrt = 5;       // sqrt(1 - beta2^step)
+constexpr int kW1 = 6;            // 1 - beta1 (the lerp weight)
+constexpr int kOneMinusW1 = 7;    // 1 - (1 - beta1) (the CUDA kernel's second lerp branch)
+constexpr int kBeta2 = 8;
+constexpr int kW2 = 9;            // 1 - beta2
+constexpr int kEps = 10;
+constexpr int kMaxGradNorm = 11;  // <= 0: no clipping
+constexpr int kWidth = 12;
+}  // namespace adamw_state
+
+// The step record (F64 [kWidth]), written on the device by the device step's ops.
+namespace adamw_record {
+constexpr int kSumSquares = 0;     // sum of the squared gradient (input of adamw_prepare with SumOfSquares)
+constexpr int kNorm = 1;           // global gradient norm before clipping; NaN when not finite
+constexpr int kGradScale = 2;      // the factor the update multiplies gradients by (1 when not clipped)
+constexpr int kClipped = 3;        // 1 when grad_scale < 1
+constexpr int kNormNonFinite = 4;  // 1 when the norm was NaN or Inf (the step is skipped)
+constexpr int kNonFiniteRanks = 5; // ranks whose dry run found a non-finite new value (> 0: the step is skipped)
+constexpr int kWidth = 6;
+}  // namespace adamw_record
+
+// Where adamw_prepare takes the norm from.
+enum class AdamWNormFrom { SumOfSquares, Norm };
+// What adamw_apply_segments does with the gradient it read.
+enum class GradAfterStep { Keep, Zero };
+
+// state[0, adamw_state::kWidth) for AdamWParams p (p.grad_scale is not part of the state) and the clipping
+// threshold. Host code; the one place the step's scalars are computed.
+void adamw_step_state(const AdamWParams& p, double max_grad_norm, double* state);
+
 // Throws dpo::Error naming `fn` and the first bad segment unless segs[0, n_segs) are valid segments of an array of
 // n elements (see adamw_update_segments above). Shared by the CPU twin and the CUDA launcher.
 void check_adamw_segments(const AdamWSegment* segs, int64_t n_segs, int64_t n, const char* fn);
@@ -94,6 +161,18 @@ void adamw_update_segments(T* param, const T* grad, T* m, T* v, int64_t n, const
 template <class T>
 AdamWCheck adamw_dry_run_segments(const T* param, const T* grad, const T* m, const T* v, int64_t n,
                                   const AdamWSegment* segs, int64_t n_segs, const AdamWParams& p);
+
+// The device step's ops on the host (see "The device step" above). record and state as described there.
+void adamw_prepare(double* record, const double* state, AdamWNormFrom from);
+
+template <class T>
+void adamw_check_segments(const T* param, const T* grad, const T* m, const T* v, int64_t n, const AdamWSegment* segs,
+                          int64_t n_segs, const double* state, double* record);
+
+// copy: n bf16 values (raw uint16_t bits) or nullptr.
+template <class T>
+void adamw_apply_segments(T* param, T* grad, T* m, T* v, uint16_t* copy, int64_t n, const AdamWSegment* segs,
+                          int64_t n_segs, const double* state, const double* record, GradAfterStep after);
 
 template <class T>
 double sum_squares(const T* x, int64_t n);

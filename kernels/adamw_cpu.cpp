@@ -1,6 +1,8 @@
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -29,32 +31,57 @@ void check_adamw_segments(const AdamWSegment* segs, int64_t n_segs, int64_t n, c
   }
 }
 
+void adamw_step_state(const AdamWParams& p, double max_grad_norm, double* st) {
+  namespace S = adamw_state;
+  const double bias_correction1 = 1.0 - std::pow(p.beta1, static_cast<double>(p.step));
+  const double bias_correction2 = 1.0 - std::pow(p.beta2, static_cast<double>(p.step));
+  const double w1 = 1.0 - p.beta1;
+  st[S::kLr] = p.lr;
+  st[S::kStep] = static_cast<double>(p.step);
+  st[S::kDecay] = 1.0 - p.lr * p.weight_decay;
+  st[S::kDecayOff] = 1.0 - p.lr * 0.0;
+  st[S::kNegStepSize] = -(p.lr / bias_correction1);
+  st[S::kBc2Sqrt] = std::sqrt(bias_correction2);
+  st[S::kW1] = w1;
+  st[S::kOneMinusW1] = 1.0 - w1;
+  st[S::kBeta2] = p.beta2;
+  st[S::kW2] = 1.0 - p.beta2;
+  st[S::kEps] = p.eps;
+  st[S::kMaxGradNorm] = max_grad_norm;
+}
+
 }  // namespace dpo
 
 namespace dpo::cpu {
 
 namespace {
 
-// The scalars of one step, computed in double as torch.optim.AdamW computes them in Python (_single_tensor_adam),
-// then converted to the arithmetic type A once, as ATen converts a Python scalar to a float tensor's opmath type
-// (float for float, double for double) before the elementwise kernel runs.
+// The scalars of one step: the step state's doubles (adamw_step_state computes them as torch.optim.AdamW does in
+// Python, _single_tensor_adam), converted to the arithmetic type A once, as ATen converts a Python scalar to a float
+// tensor's opmath type (float for float, double for double) before the elementwise kernel runs. `decayed` picks the
+// weight-decay factor of a segment flagged weight_decay.
 template <class A>
 struct Scalars {
   A decay, neg_step_size, bias_correction2_sqrt, w1, one, w2, beta2, eps, gs;
   bool small_w1;  // ATen's lerp branch, uniform over the tensor: |1 - beta1| < 0.5
-  explicit Scalars(const AdamWParams& p) {
-    const double bias_correction1 = 1.0 - std::pow(p.beta1, static_cast<double>(p.step));
-    const double bias_correction2 = 1.0 - std::pow(p.beta2, static_cast<double>(p.step));
-    decay = static_cast<A>(1.0 - p.lr * p.weight_decay);
-    neg_step_size = static_cast<A>(-(p.lr / bias_correction1));
-    bias_correction2_sqrt = static_cast<A>(std::sqrt(bias_correction2));
-    w1 = static_cast<A>(1.0 - p.beta1);
+  Scalars(const double* st, double grad_scale, bool decayed) {
+    namespace S = adamw_state;
+    decay = static_cast<A>(decayed ? st[S::kDecay] : st[S::kDecayOff]);
+    neg_step_size = static_cast<A>(st[S::kNegStepSize]);
+    bias_correction2_sqrt = static_cast<A>(st[S::kBc2Sqrt]);
+    w1 = static_cast<A>(st[S::kW1]);
     one = A(1);
-    w2 = static_cast<A>(1.0 - p.beta2);
-    beta2 = static_cast<A>(p.beta2);
-    eps = static_cast<A>(p.eps);
-    gs = static_cast<A>(p.grad_scale);
-    small_w1 = std::fabs(1.0 - p.beta1) < 0.5;
+    w2 = static_cast<A>(st[S::kW2]);
+    beta2 = static_cast<A>(st[S::kBeta2]);
+    eps = static_cast<A>(st[S::kEps]);
+    gs = static_cast<A>(grad_scale);
+    small_w1 = std::fabs(st[S::kW1]) < 0.5;
+  }
+  explicit Scalars(const AdamWParams& p) : Scalars(state_of(p).data(), p.grad_scale, true) {}
+  static std::array<double, adamw_state::kWidth> state_of(const AdamWParams& p) {
+    std::array<double, adamw_state::kWidth> st{};
+    adamw_step_state(p, 0.0, st.data());
+    return st;
   }
 };
 
@@ -116,13 +143,24 @@ inline int any_non_finite(const T* __restrict a, int64_t n) {
   return bad;
 }
 
+// float -> bf16 bits, round to nearest even, NaN stays NaN (quiet): the rounding of convert() to BF16 on the CPU
+// backend (convert_host, runtime/safetensors.cpp), which GPT2::sync_params uses.
+inline uint16_t to_bf16_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
 enum class Pass { Update, DryRun };
 
-// One pass over [0, n): the update (writes param, m, v) or the dry run (writes nothing; returns 1 when any new
-// value would be non-finite). Blocks are independent, so the result does not depend on the thread count.
+// One pass over [0, n): the update (writes param, m, v; with `copy`, also copy[i] = bf16(new param); with zero_grad,
+// grad[i] = 0 after the block has read it) or the dry run (writes nothing; returns 1 when any new value would be
+// non-finite). Blocks are independent, so the result does not depend on the thread count.
 template <class T, Pass P>
-int adamw_pass(T* param, const T* grad, T* m, T* v, int64_t n, const AdamWParams& p) {
-  const Scalars<T> s(p);
+int adamw_pass(T* param, const T* grad, T* m, T* v, int64_t n, const Scalars<T>& s, uint16_t* copy = nullptr,
+               T* zero_grad = nullptr) {
   const int64_t nblk = (n + kAdamWBlock - 1) / kAdamWBlock;
   int bad = 0;
 #pragma omp parallel reduction(| : bad) if (n > 65536)
@@ -136,6 +174,9 @@ int adamw_pass(T* param, const T* grad, T* m, T* v, int64_t n, const AdamWParams
         std::memcpy(param + lo, xb, static_cast<size_t>(len) * sizeof(T));
         std::memcpy(m + lo, mb, static_cast<size_t>(len) * sizeof(T));
         std::memcpy(v + lo, vb, static_cast<size_t>(len) * sizeof(T));
+        if (copy != nullptr)
+          for (int64_t i = 0; i < len; ++i) copy[lo + i] = to_bf16_bits(static_cast<float>(xb[i]));
+        if (zero_grad != nullptr) std::fill(zero_grad + lo, zero_grad + lo + len, T(0));
       } else {
         bad |= any_non_finite(xb, len) | any_non_finite(mb, len) | any_non_finite(vb, len);
       }
@@ -147,15 +188,19 @@ int adamw_pass(T* param, const T* grad, T* m, T* v, int64_t n, const AdamWParams
 // 1 when any element of [0, n) would get a non-finite value. Nothing is written (the casts only fit the shared
 // pass's signature).
 template <class T>
-int adamw_dry_run(const T* param, const T* grad, const T* m, const T* v, int64_t n, const AdamWParams& p) {
-  return adamw_pass<T, Pass::DryRun>(const_cast<T*>(param), grad, const_cast<T*>(m), const_cast<T*>(v), n, p);
+int adamw_dry_run(const T* param, const T* grad, const T* m, const T* v, int64_t n, const Scalars<T>& s) {
+  return adamw_pass<T, Pass::DryRun>(const_cast<T*>(param), grad, const_cast<T*>(m), const_cast<T*>(v), n, s);
+}
+
+bool record_says_skip(const double* record) {
+  return record[adamw_record::kNormNonFinite] != 0.0 || record[adamw_record::kNonFiniteRanks] != 0.0;
 }
 
 }  // namespace
 
 template <class T>
 void adamw_update(T* param, const T* grad, T* m, T* v, int64_t n, const AdamWParams& p) {
-  adamw_pass<T, Pass::Update>(param, grad, m, v, n, p);
+  adamw_pass<T, Pass::Update>(param, grad, m, v, n, Scalars<T>(p));
 }
 
 // One adamw_update per segment: the per-segment results are bitwise those of separate calls by construction.
@@ -183,9 +228,70 @@ AdamWCheck adamw_dry_run_segments(const T* param, const T* grad, const T* m, con
     const AdamWSegment& s = segs[k];
     if (s.numel == 0) continue;
     q.weight_decay = s.weight_decay ? p.weight_decay : 0.0;
-    bad |= adamw_dry_run<T>(param + s.offset, grad + s.offset, m + s.offset, v + s.offset, s.numel, q);
+    bad |= adamw_dry_run<T>(param + s.offset, grad + s.offset, m + s.offset, v + s.offset, s.numel, Scalars<T>(q));
   }
   return bad ? AdamWCheck::NonFinite : AdamWCheck::AllFinite;
+}
+
+// --- the device step, on the host ----------------------------------------------------------------------------------
+
+void adamw_prepare(double* record, const double* state, AdamWNormFrom from) {
+  namespace R = adamw_record;
+  const double norm = from == AdamWNormFrom::SumOfSquares ? std::sqrt(record[R::kSumSquares]) : record[R::kNorm];
+  record[R::kGradScale] = 1.0;
+  record[R::kClipped] = 0.0;
+  record[R::kNonFiniteRanks] = 0.0;
+  if (!std::isfinite(norm)) {
+    record[R::kNorm] = std::numeric_limits<double>::quiet_NaN();
+    record[R::kNormNonFinite] = 1.0;
+    return;
+  }
+  record[R::kNorm] = norm;
+  record[R::kNormNonFinite] = 0.0;
+  const double max_norm = state[adamw_state::kMaxGradNorm];
+  if (max_norm > 0) {
+    // torch.nn.utils.clip_grad_norm_: clip_coef = max_norm / (total_norm + 1e-6), clamped to at most 1.
+    const double coef = max_norm / (norm + 1e-6);
+    if (coef < 1.0) {
+      record[R::kGradScale] = coef;
+      record[R::kClipped] = 1.0;
+    }
+  }
+}
+
+template <class T>
+void adamw_check_segments(const T* param, const T* grad, const T* m, const T* v, int64_t n, const AdamWSegment* segs,
+                          int64_t n_segs, const double* state, double* record) {
+  check_adamw_segments(segs, n_segs, n, "adamw_check_segments");
+  if (record[adamw_record::kNormNonFinite] != 0.0) return;
+  const double gs = record[adamw_record::kGradScale];
+  int bad = 0;
+  for (int64_t k = 0; k < n_segs && !bad; ++k) {  // a flagged segment decides the answer: the rest is not read
+    const AdamWSegment& s = segs[k];
+    if (s.numel == 0) continue;
+    bad |= adamw_dry_run<T>(param + s.offset, grad + s.offset, m + s.offset, v + s.offset, s.numel,
+                            Scalars<T>(state, gs, s.weight_decay));
+  }
+  if (bad) record[adamw_record::kNonFiniteRanks] = 1.0;
+}
+
+template <class T>
+void adamw_apply_segments(T* param, T* grad, T* m, T* v, uint16_t* copy, int64_t n, const AdamWSegment* segs,
+                          int64_t n_segs, const double* state, const double* record, GradAfterStep after) {
+  check_adamw_segments(segs, n_segs, n, "adamw_apply_segments");
+  const bool skip = record_says_skip(record);
+  const double gs = record[adamw_record::kGradScale];
+  for (int64_t k = 0; k < n_segs; ++k) {
+    const AdamWSegment& s = segs[k];
+    if (s.numel == 0) continue;
+    if (skip) {
+      if (after == GradAfterStep::Zero) std::fill(grad + s.offset, grad + s.offset + s.numel, T(0));
+      continue;
+    }
+    adamw_pass<T, Pass::Update>(param + s.offset, grad + s.offset, m + s.offset, v + s.offset, s.numel,
+                                Scalars<T>(state, gs, s.weight_decay), copy != nullptr ? copy + s.offset : nullptr,
+                                after == GradAfterStep::Zero ? grad + s.offset : nullptr);
+  }
 }
 
 template <class T>
@@ -233,6 +339,14 @@ template AdamWCheck adamw_dry_run_segments<float>(const float*, const float*, co
                                                    const AdamWSegment*, int64_t, const AdamWParams&);
 template AdamWCheck adamw_dry_run_segments<double>(const double*, const double*, const double*, const double*, int64_t,
                                                     const AdamWSegment*, int64_t, const AdamWParams&);
+template void adamw_check_segments<float>(const float*, const float*, const float*, const float*, int64_t,
+                                          const AdamWSegment*, int64_t, const double*, double*);
+template void adamw_check_segments<double>(const double*, const double*, const double*, const double*, int64_t,
+                                           const AdamWSegment*, int64_t, const double*, double*);
+template void adamw_apply_segments<float>(float*, float*, float*, float*, uint16_t*, int64_t, const AdamWSegment*,
+                                          int64_t, const double*, const double*, GradAfterStep);
+template void adamw_apply_segments<double>(double*, double*, double*, double*, uint16_t*, int64_t,
+                                           const AdamWSegment*, int64_t, const double*, const double*, GradAfterStep);
 template double sum_squares<float>(const float*, int64_t);
 template double sum_squares<double>(const double*, int64_t);
 template void scale<float>(float*, int64_t, double);

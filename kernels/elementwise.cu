@@ -137,12 +137,13 @@ void scale(CudaContext& ctx, float* x, int64_t n, double s) {
   DPO_CUDA_CHECK(cudaGetLastError());
 }
 
-void sum_squares(CudaContext& ctx, double* out, const float* x, int64_t n) {
+void sum_squares(CudaContext& ctx, double* out, const float* x, int64_t n, double* scratch) {
   DPO_NVTX_RANGE("sum_squares");
-  // Scratch from the context's stream-ordered pool: freed (in stream order) when `partial` goes out of scope,
-  // after both launches are enqueued.
-  auto partial = ctx.alloc(static_cast<int64_t>(sizeof(double)) * kSumSquaresBlocks);
-  double* p = static_cast<double*>(partial->data());
+  // Without the caller's scratch, one from the context's stream-ordered pool: freed (in stream order) when
+  // `partial` goes out of scope, after both launches are enqueued.
+  std::shared_ptr<Buffer> partial;
+  if (scratch == nullptr) partial = ctx.alloc(static_cast<int64_t>(sizeof(double)) * kSumSquaresBlocks);
+  double* p = scratch != nullptr ? scratch : static_cast<double*>(partial->data());
   sum_squares_partial_kernel<<<kSumSquaresBlocks, kSumSquaresThreads, 0, ctx.stream()>>>(p, x, n > 0 ? n : 0);
   DPO_CUDA_CHECK(cudaGetLastError());
   sum_squares_final_kernel<<<1, kSumSquaresBlocks, 0, ctx.stream()>>>(out, p);

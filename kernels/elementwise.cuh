@@ -41,6 +41,8 @@ void convert(CudaContext& ctx, float* dst, const double* src, int64_t n);
 void convert(CudaContext& ctx, double* dst, const __nv_bfloat16* src, int64_t n);
 void convert(CudaContext& ctx, double* dst, const float* src, int64_t n);
 void scale(CudaContext& ctx, float* x, int64_t n, double s);
-void sum_squares(CudaContext& ctx, double* out, const float* x, int64_t n);
+// partial: kSumSquaresBlocks doubles of device scratch the caller keeps (overwritten), or nullptr: then a scratch is
+// taken from the context's stream-ordered pool for this call.
+void sum_squares(CudaContext& ctx, double* out, const float* x, int64_t n, double* partial = nullptr);
 
 }  // namespace dpo::cuda

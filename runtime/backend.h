@@ -217,9 +217,9 @@ class Backend {
   // The numerical guard of that update (kernels/adamw.h, adamw_dry_run_segments): the same arguments, nothing
   // written; NonFinite when any param, m or v value the update would write is NaN or +-Inf. The values tested are
   // bitwise those the update stores (one element function). Returns to the host: on the GPU one 4-byte device flag,
-  // set by the kernel, is read back (one stream sync, the step's only one besides sum_squares'). Callers run it
-  // before adamw_update_segments and skip the update on NonFinite, so a rejected step leaves param, m and v
-  // bit-identical (AdamW::step_owned, train/optim.h).
+  // set by the kernel, is read back (one stream sync). Callers run it before adamw_update_segments and skip the
+  // update on NonFinite, so a rejected step leaves param, m and v bit-identical. AdamW itself uses the device form
+  // below (adamw_check_segments), which leaves the verdict on the device.
   virtual AdamWCheck adamw_dry_run_segments(const Tensor& param, const Tensor& grad, const Tensor& m,
                                             const Tensor& v, const std::vector<AdamWSegment>& segs,
                                             const AdamWParams& p) = 0;
@@ -227,6 +227,23 @@ class Backend {
   virtual double sum_squares(const Tensor& x) = 0;
   // x *= s, in place.
   virtual void scale(const Tensor& x, double s) = 0;
+
+  // The device step (kernels/adamw.h, "The device step"; AdamW::step_async drives it). None of these returns a value
+  // to the host, waits for the device or allocates after its first call. record: F64 [adamw_record::kWidth], state:
+  // F64 [adamw_state::kWidth], both on this device; param, grad, m, v as for adamw_update_segments.
+  // out: F64 [1] (=) the value sum_squares(x) would return (bitwise: same kernels, same order), left on the device.
+  virtual void sum_squares_into(const Tensor& out, const Tensor& x) = 0;
+  // The norm, the clipping factor and the non-finite-norm flag from record[kSumSquares] or record[kNorm].
+  virtual void adamw_prepare(const Tensor& record, const Tensor& state, AdamWNormFrom from) = 0;
+  // The dry run with the record's grad_scale, when the norm is finite: record[kNonFiniteRanks] = 1 if any new value
+  // would be NaN or +-Inf.
+  virtual void adamw_check_segments(const Tensor& record, const Tensor& state, const Tensor& param, const Tensor& grad,
+                                    const Tensor& m, const Tensor& v, const std::vector<AdamWSegment>& segs) = 0;
+  // The update, unless the record says skip; copy (optional, BF16 [n], F32 param only) = the new param rounded to
+  // BF16 for every updated element; GradAfterStep::Zero zeroes the gradient's segment elements either way.
+  virtual void adamw_apply_segments(const Tensor& record, const Tensor& state, const Tensor& param, const Tensor& grad,
+                                    const Tensor& m, const Tensor& v, const std::vector<AdamWSegment>& segs,
+                                    const Tensor& copy, GradAfterStep after) = 0;
 };
 
 // The dtype of parameter gradients, LayerNorm statistics and per-sequence scalars for activation dtype `a`:

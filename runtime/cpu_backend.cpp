@@ -628,6 +628,56 @@ class CpuBackend final : public Backend {
     });
   }
 
+  // The device step: this backend's device is the host, so these are the host functions of kernels/adamw.h.
+  void sum_squares_into(const Tensor& out, const Tensor& x) override {
+    check_host(out, "sum_squares_into out");
+    check_dtype(out, DType::F64, "sum_squares_into out");
+    check_shape(out, {1}, "sum_squares_into out");
+    out.data<double>()[0] = sum_squares(x);
+  }
+  void adamw_prepare(const Tensor& record, const Tensor& state, AdamWNormFrom from) override {
+    check_step_tensors(record, state);
+    cpu::adamw_prepare(record.data<double>(), state.data<double>(), from);
+  }
+  void adamw_check_segments(const Tensor& record, const Tensor& state, const Tensor& param, const Tensor& grad,
+                            const Tensor& m, const Tensor& v, const std::vector<AdamWSegment>& segs) override {
+    check_step_tensors(record, state);
+    check_adamw_args(param, grad, m, v, AdamWParams{});
+    DPO_ASSERT(param.dim() == 1, "adamw_check_segments: param must be a flat 1-D tensor, got " +
+                                     shape_str(param.shape()));
+    dispatch(param.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::adamw_check_segments<F>(param.data<F>(), grad.data<F>(), m.data<F>(), v.data<F>(), param.numel(),
+                                   segs.data(), static_cast<int64_t>(segs.size()), state.data<double>(),
+                                   record.data<double>());
+    });
+  }
+  void adamw_apply_segments(const Tensor& record, const Tensor& state, const Tensor& param, const Tensor& grad,
+                            const Tensor& m, const Tensor& v, const std::vector<AdamWSegment>& segs, const Tensor& copy,
+                            GradAfterStep after) override {
+    check_step_tensors(record, state);
+    check_adamw_args(param, grad, m, v, AdamWParams{});
+    DPO_ASSERT(param.dim() == 1, "adamw_apply_segments: param must be a flat 1-D tensor, got " +
+                                     shape_str(param.shape()));
+    uint16_t* c = nullptr;
+    if (copy.defined()) {
+      check_host(copy, "adamw_apply_segments copy");
+      check_dtype(copy, DType::BF16, "adamw_apply_segments copy");
+      check_shape(copy, param.shape(), "adamw_apply_segments copy");
+      DPO_ASSERT(param.dtype() == DType::F32, std::string("adamw_apply_segments: a BF16 copy needs F32 parameters, "
+                                                          "got ") + dtype_name(param.dtype()));
+      for (const Tensor* t : {&param, &grad, &m, &v})
+        DPO_ASSERT(!overlaps(copy, *t), "adamw_apply_segments: copy overlaps param, grad, m or v");
+      c = static_cast<uint16_t*>(copy.raw());
+    }
+    dispatch(param.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::adamw_apply_segments<F>(param.data<F>(), grad.data<F>(), m.data<F>(), v.data<F>(), c, param.numel(),
+                                   segs.data(), static_cast<int64_t>(segs.size()), state.data<double>(),
+                                   record.data<double>(), after);
+    });
+  }
+
  private:
   CpuAttention attention_;
 
@@ -658,6 +708,20 @@ class CpuBackend final : public Backend {
         const bool overlap = pa < pb + ts[b]->nbytes() && pb < pa + ts[a]->nbytes();
         DPO_ASSERT(!overlap, std::string("adamw: ") + names[a] + " and " + names[b] + " overlap");
       }
+  }
+  static bool overlaps(const Tensor& a, const Tensor& b) {
+    const char* pa = static_cast<const char*>(a.raw());
+    const char* pb = static_cast<const char*>(b.raw());
+    return pa < pb + b.nbytes() && pb < pa + a.nbytes();
+  }
+  // The device step's record [adamw_record::kWidth] and state [adamw_state::kWidth]: F64 host tensors.
+  static void check_step_tensors(const Tensor& record, const Tensor& state) {
+    check_host(record, "adamw record");
+    check_host(state, "adamw state");
+    check_dtype(record, DType::F64, "adamw record");
+    check_dtype(state, DType::F64, "adamw state");
+    check_shape(record, {adamw_record::kWidth}, "adamw record");
+    check_shape(state, {adamw_state::kWidth}, "adamw state");
   }
   static void convert_into(const Tensor& dst, const Tensor& src, const char* what) {
     check_host(dst, what);

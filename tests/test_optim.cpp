@@ -4,6 +4,7 @@
 // schedule; config validation; the backend's boundary checks for the optimizer ops. float and double throughout.
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -13,11 +14,13 @@
 #include <numbers>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/adamw.h"
 #include "model/gpt2.h"
 #include "runtime/backend.h"
+#include "runtime/rng.h"
 #include "test_util.h"
 #include "train/optim.h"
 
@@ -1322,6 +1325,316 @@ TEST(OptimConfig, ValidateNamesTheKey) {
   c.warmup_steps = 0;
   c.min_lr_ratio = 1;
   EXPECT_NO_THROW(c.validate());
+}
+
+// ============================================================================================== the device step
+
+// The unmerged segments of a parameter layout, sorted by offset (AdamW merges neighbours; the update is elementwise,
+// so the result is the same).
+std::vector<AdamWSegment> spec_segments(std::vector<ParamSpec> specs) {
+  std::sort(specs.begin(), specs.end(), [](const ParamSpec& a, const ParamSpec& b) { return a.offset < b.offset; });
+  std::vector<AdamWSegment> segs;
+  for (const ParamSpec& s : specs) {
+    int64_t k = 1;
+    for (int64_t d : s.shape) k *= d;
+    segs.push_back({s.offset, k, s.weight_decay});
+  }
+  return segs;
+}
+
+// One optimizer step as AdamW::step computed it before the device step, from the backend's host-returning ops:
+// the norm (sqrt of sum_squares) and the clipping factor on the host, the dry run's verdict read back, then
+// adamw_update_segments and convert() into the BF16 copy (what GPT2::sync_params calls). `step` is 0-based.
+struct LegacyOutcome {
+  double norm = 0;
+  bool clipped = false;
+  SkipReason skip = SkipReason::None;
+};
+LegacyOutcome legacy_step(Backend& be, const OptimConfig& cfg, int64_t step, int64_t total,
+                          const std::vector<AdamWSegment>& segs, const Tensor& params, const Tensor& grads,
+                          const Tensor& m, const Tensor& v, const Tensor& copy) {
+  LegacyOutcome r;
+  r.norm = std::sqrt(be.sum_squares(grads));
+  if (!std::isfinite(r.norm)) {
+    r.skip = SkipReason::NonFiniteGradNorm;
+    return r;
+  }
+  AdamWParams p;
+  p.lr = lr_at(cfg, step, total);
+  p.beta1 = cfg.beta1;
+  p.beta2 = cfg.beta2;
+  p.eps = cfg.eps;
+  p.weight_decay = cfg.weight_decay;
+  p.step = step + 1;
+  if (cfg.max_grad_norm > 0) {
+    const double coef = cfg.max_grad_norm / (r.norm + 1e-6);
+    if (coef < 1.0) {
+      p.grad_scale = coef;
+      r.clipped = true;
+    }
+  }
+  if (be.adamw_dry_run_segments(params, grads, m, v, segs, p) == AdamWCheck::NonFinite) {
+    r.skip = SkipReason::NonFiniteUpdate;
+    return r;
+  }
+  be.adamw_update_segments(params, grads, m, v, segs, p);
+  if (copy.defined()) be.convert(copy, params);
+  return r;
+}
+
+// BF16 bits as a vector (the tests compare bits; Tensor::data has no bf16 type).
+std::vector<uint16_t> bf16_bits(const Tensor& t) {
+  std::vector<uint16_t> v(static_cast<size_t>(t.numel()));
+  std::memcpy(v.data(), t.raw(), v.size() * sizeof(uint16_t));
+  return v;
+}
+// A BF16 host tensor of NaNs with a payload no rounding produces (0x7fc1), so an element the step failed to write
+// is seen.
+Tensor poisoned_bf16(int64_t n) {
+  Tensor t = Tensor::host({n}, DType::BF16);
+  std::vector<uint16_t> v(static_cast<size_t>(n), 0x7fc1);
+  std::memcpy(t.raw(), v.data(), v.size() * sizeof(uint16_t));
+  return t;
+}
+
+// The device step (step_async + finish_step, with the BF16 copy for F32 and the gradient zeroed) against the
+// pre-device sequence of host-returning ops, over the GPT-2 layout: parameters, both moments, the BF16 copy (all of
+// it, from a poisoned start, against convert()'s rounding) bitwise, the norm exactly, and the gradient zeroed after
+// every step. Four steps with warmup (lr 0 first), clipped and unclipped ones (a step with gradients scaled by 1e-4
+// has a norm below max_grad_norm).
+TYPED_TEST(Optim, DeviceStepEqualsTheHostSequenceBitwise) {
+  using T = TypeParam;
+  auto be = make_cpu_backend();
+  const GPT2Config gc = tiny_gpt2();
+  const auto specs = gpt2_param_specs(gc);
+  const auto segs = spec_segments(specs);
+  const int64_t n = gc.num_parameters(), total = 6;
+  std::mt19937_64 g(test_seed());
+  const std::vector<T> p0 = randn<T>(g, static_cast<size_t>(n));
+  Tensor params = host_tensor(p0), ref = host_tensor(p0);
+  Tensor rm = be->zeros({n}, dtype_of<T>()), rv = be->zeros({n}, dtype_of<T>());
+  const bool with_copy = std::is_same_v<T, float>;
+  Tensor copy = with_copy ? poisoned_bf16(n) : Tensor(), ref_copy = with_copy ? poisoned_bf16(n) : Tensor();
+  OptimConfig cfg = base_cfg();
+  cfg.max_grad_norm = 0.5;
+  cfg.warmup_steps = 2;
+  AdamW opt(*be, specs, n, dtype_of<T>(), cfg, total);
+  AdamW::StepOutputs out;
+  out.compute_copy = copy;
+  out.grad_after = GradAfterStep::Zero;
+  int clipped = 0, unclipped = 0;
+  for (int64_t s = 0; s < 4; ++s) {
+    SCOPED_TRACE("step " + std::to_string(s));
+    const std::vector<T> gv = randn<T>(g, static_cast<size_t>(n), s == 2 ? 1e-4 : 1.0);
+    const Tensor grads = host_tensor(gv), ref_grads = host_tensor(gv);
+    const LegacyOutcome want = legacy_step(*be, cfg, s, total, segs, ref, ref_grads, rm, rv, ref_copy);
+    opt.step_async(params, grads, out);
+    const AdamW::StepInfo info = opt.finish_step();
+    ASSERT_EQ(want.skip, SkipReason::None);
+    EXPECT_FALSE(info.skipped);
+    EXPECT_EQ(info.grad_norm, want.norm);
+    EXPECT_EQ(info.clipped, want.clipped);
+    EXPECT_EQ(info.lr, lr_at(cfg, s, total));
+    (info.clipped ? clipped : unclipped) += 1;
+    EXPECT_EQ(opt.step_count(), s + 1);
+    ASSERT_TRUE(bitwise_equal(to_vec<T>(params), to_vec<T>(ref))) << "param";
+    ASSERT_TRUE(bitwise_equal(to_vec<T>(opt.m()), to_vec<T>(rm))) << "m";
+    ASSERT_TRUE(bitwise_equal(to_vec<T>(opt.v()), to_vec<T>(rv))) << "v";
+    if (with_copy) ASSERT_EQ(bf16_bits(copy), bf16_bits(ref_copy)) << "BF16 copy";
+    ASSERT_TRUE(bitwise_equal(to_vec<T>(grads), std::vector<T>(static_cast<size_t>(n), T(0)))) << "grad not zeroed";
+    ASSERT_TRUE(bitwise_equal(to_vec<T>(ref_grads), gv)) << "the host sequence must leave its gradient";
+  }
+  EXPECT_GT(clipped, 0);
+  EXPECT_GT(unclipped, 0);
+}
+
+// The BF16 copy the step writes is what GPT2::sync_params writes: a BF16 model on the CPU backend, its F32 master
+// updated by the step with the copy set to params(), against a twin model whose step writes no copy and then
+// calls sync_params.
+TEST(AdamWDeviceStep, Bf16CopyEqualsSyncParams) {
+  auto be = make_cpu_backend();
+  const GPT2Config gc = tiny_gpt2();
+  GPT2 a(*be, gc, DType::BF16), b(*be, gc, DType::BF16);
+  Rng rng(test_seed());
+  a.init_random(rng);
+  be->copy(b.master_params(), a.master_params());
+  b.sync_params();
+  const int64_t n = gc.num_parameters();
+  OptimConfig cfg = base_cfg();
+  AdamW oa(*be, a.specs(), n, DType::F32, cfg, 5), ob(*be, b.specs(), n, DType::F32, cfg, 5);
+  std::mt19937_64 g(test_seed() + 1);
+  for (int s = 0; s < 3; ++s) {
+    const std::vector<float> gv = randn<float>(g, static_cast<size_t>(n));
+    AdamW::StepOutputs out;
+    out.compute_copy = a.params();
+    oa.step_async(a.master_params(), host_tensor(gv), out);
+    ASSERT_FALSE(oa.finish_step().skipped);
+    ASSERT_FALSE(ob.step(b.master_params(), host_tensor(gv)).skipped);
+    b.sync_params();
+    ASSERT_EQ(bf16_bits(a.params()), bf16_bits(b.params())) << "step " << s;
+  }
+}
+
+// A skipped device step writes nothing of the step: parameters, moments, the BF16 copy (poisoned beforehand, so a
+// write shows) and step_count() stay bit-identical; the gradient is zeroed with GradAfterStep::Zero and left as it
+// was with Keep. Three ways in: a NaN gradient, an Inf gradient (NonFiniteGradNorm), and a learning rate whose step
+// size overflows the type (NonFiniteUpdate). The next good step then equals a run that never saw the bad ones.
+TYPED_TEST(Optim, DeviceStepSkipsLeaveEverythingBitIdentical) {
+  using T = TypeParam;
+  auto be = make_cpu_backend();
+  const int64_t n = 301;
+  const std::vector<ParamSpec> specs = {{"w", {120}, 0, true}, {"b", {181}, 120, false}};
+  std::mt19937_64 g(test_seed());
+  const std::vector<T> p0 = randn<T>(g, n), g1 = randn<T>(g, n), g2 = randn<T>(g, n);
+  OptimConfig cfg = base_cfg();
+  cfg.max_grad_norm = 1.0;
+  for (int way = 0; way < 3; ++way) {
+    for (GradAfterStep after : {GradAfterStep::Zero, GradAfterStep::Keep}) {
+      SCOPED_TRACE("way " + std::to_string(way) + (after == GradAfterStep::Zero ? ", zero" : ", keep"));
+      OptimConfig c = cfg;
+      std::vector<T> gb = g2;
+      SkipReason want = SkipReason::NonFiniteGradNorm;
+      if (way == 0) gb[150] = std::numeric_limits<T>::quiet_NaN();
+      if (way == 1) gb[7] = -std::numeric_limits<T>::infinity();
+      if (way == 2) {
+        // lr / (1 - beta1^2) past T's range: the step size itself is +-Inf in T (weight decay off: lr * wd < 1).
+        c.lr = 0.5 * static_cast<double>(std::numeric_limits<T>::max());
+        c.weight_decay = 0;
+        want = SkipReason::NonFiniteUpdate;
+      }
+      AdamW opt(*be, specs, n, dtype_of<T>(), c, 10), clean(*be, specs, n, dtype_of<T>(), c, 10);
+      Tensor p = host_tensor(p0), pc = host_tensor(p0);
+      // A first step, so that the moments are not zero (way 2: its first step overflows too and changes nothing).
+      opt.step(p, host_tensor(g1));
+      clean.step(pc, host_tensor(g1));
+      if (way == 2) {
+        ASSERT_EQ(opt.step_count(), 0);
+        ASSERT_TRUE(bitwise_equal(to_vec<T>(p), p0));
+      }
+      Tensor copy = std::is_same_v<T, float> ? poisoned_bf16(n) : Tensor();
+      const auto before_p = to_vec<T>(p), before_m = to_vec<T>(opt.m()), before_v = to_vec<T>(opt.v());
+      const int64_t before_step = opt.step_count();
+      Tensor grads = host_tensor(gb);
+      AdamW::StepOutputs out;
+      out.compute_copy = copy;
+      out.grad_after = after;
+      opt.step_async(p, grads, out);
+      const AdamW::StepInfo info = opt.finish_step();
+      EXPECT_TRUE(info.skipped);
+      EXPECT_EQ(info.skip_reason, want);
+      EXPECT_EQ(std::isnan(info.grad_norm), want == SkipReason::NonFiniteGradNorm);
+      EXPECT_EQ(opt.step_count(), before_step);
+      EXPECT_TRUE(bitwise_equal(to_vec<T>(p), before_p));
+      EXPECT_TRUE(bitwise_equal(to_vec<T>(opt.m()), before_m));
+      EXPECT_TRUE(bitwise_equal(to_vec<T>(opt.v()), before_v));
+      if (copy.defined()) EXPECT_EQ(bf16_bits(copy), bf16_bits(poisoned_bf16(n))) << "a skipped step wrote the copy";
+      if (after == GradAfterStep::Zero)
+        EXPECT_TRUE(bitwise_equal(to_vec<T>(grads), std::vector<T>(static_cast<size_t>(n), T(0))));
+      else
+        EXPECT_TRUE(bitwise_equal(to_vec<T>(grads), gb));
+      if (way < 2) {
+        // The next good step equals the run that never saw the bad one.
+        EXPECT_FALSE(opt.step(p, host_tensor(g2)).skipped);
+        clean.step(pc, host_tensor(g2));
+        EXPECT_TRUE(bitwise_equal(to_vec<T>(p), to_vec<T>(pc)));
+        EXPECT_TRUE(bitwise_equal(to_vec<T>(opt.m()), to_vec<T>(clean.m())));
+      }
+    }
+  }
+}
+
+// The device agreement: called exactly once per step, also when the norm already skips the step, with a [1] F64
+// tensor holding this rank's count (0 or 1); what it leaves there decides (a count > 0 from "another rank" skips
+// the step with NonFiniteUpdate, bit-identically).
+TYPED_TEST(Optim, DeviceAgreementIsCalledOncePerStepAndDecides) {
+  using T = TypeParam;
+  auto be = make_cpu_backend();
+  const int64_t n = 97;
+  const std::vector<ParamSpec> specs = {{"w", {97}, 0, true}};
+  std::mt19937_64 g(test_seed());
+  Tensor p = host_tensor(randn<T>(g, n));
+  AdamW opt(*be, specs, n, dtype_of<T>(), base_cfg(), 10);
+  int calls = 0;
+  double others = 0;  // what the other ranks add
+  opt.set_device_agreement([&](const Tensor& t) {
+    ++calls;
+    ASSERT_EQ(t.shape(), Shape({1}));
+    ASSERT_EQ(t.dtype(), DType::F64);
+    EXPECT_EQ(t.data<double>()[0], 0.0) << "this rank's dry run found nothing";
+    t.data<double>()[0] += others;
+  });
+  EXPECT_THROW(opt.set_finite_agreement([](AdamWCheck c) { return c; }), Error);
+  EXPECT_FALSE(opt.step(p, host_tensor(randn<T>(g, n))).skipped);
+  EXPECT_EQ(calls, 1);
+  others = 1;
+  const auto before = to_vec<T>(p), before_m = to_vec<T>(opt.m());
+  const auto info = opt.step(p, host_tensor(randn<T>(g, n)));
+  EXPECT_EQ(calls, 2);
+  EXPECT_TRUE(info.skipped);
+  EXPECT_EQ(info.skip_reason, SkipReason::NonFiniteUpdate);
+  EXPECT_TRUE(std::isfinite(info.grad_norm));
+  EXPECT_TRUE(bitwise_equal(to_vec<T>(p), before));
+  EXPECT_TRUE(bitwise_equal(to_vec<T>(opt.m()), before_m));
+  EXPECT_EQ(opt.step_count(), 1);
+  others = 0;
+  std::vector<T> bad = randn<T>(g, n);
+  bad[3] = std::numeric_limits<T>::quiet_NaN();
+  EXPECT_EQ(opt.step(p, host_tensor(bad)).skip_reason, SkipReason::NonFiniteGradNorm);
+  EXPECT_EQ(calls, 3) << "the agreement is a collective of every step";
+}
+
+// NormSource::shard_sums with one rank (the reduction leaves the sum as it is) equals the norm over all gradients,
+// bitwise; NormSource::given uses the norm it is handed.
+TYPED_TEST(Optim, NormSourcesAgree) {
+  using T = TypeParam;
+  auto be = make_cpu_backend();
+  const int64_t n = 1000;
+  const std::vector<ParamSpec> specs = {{"w", {600}, 0, true}, {"b", {400}, 600, false}};
+  std::mt19937_64 g(test_seed());
+  const std::vector<T> p0 = randn<T>(g, n), gv = randn<T>(g, n);
+  OptimConfig cfg = base_cfg();
+  cfg.max_grad_norm = 1.0;
+  AdamW a(*be, specs, n, dtype_of<T>(), cfg, 10), b(*be, specs, n, dtype_of<T>(), cfg, 10),
+      c(*be, specs, n, dtype_of<T>(), cfg, 10);
+  Tensor pa = host_tensor(p0), pb = host_tensor(p0), pc = host_tensor(p0);
+  const Tensor grads = host_tensor(gv);
+  int reduced = 0;
+  a.step_async(pa, grads);
+  b.step_owned_async(pb, grads, AdamW::NormSource::shard_sums([&](const Tensor&) { ++reduced; }));
+  c.step_owned_async(pc, grads, AdamW::NormSource::given(2 * std::sqrt(be->sum_squares(grads))));
+  const auto ia = a.finish_step(), ib = b.finish_step(), ic = c.finish_step();
+  EXPECT_EQ(reduced, 1);
+  EXPECT_EQ(ia.grad_norm, ib.grad_norm);
+  EXPECT_TRUE(bitwise_equal(to_vec<T>(pa), to_vec<T>(pb)));
+  EXPECT_EQ(ic.grad_norm, 2 * ia.grad_norm);
+  EXPECT_TRUE(ic.clipped);
+  EXPECT_FALSE(bitwise_equal(to_vec<T>(pa), to_vec<T>(pc))) << "a different clipping factor must change the update";
+}
+
+// The asynchronous protocol: one pending step at a time, finish_step only for a pending step, no set_step or
+// set_shard while one is pending; the record is F64 [adamw_record::kWidth] on the backend's device.
+TEST(AdamWDeviceStep, ProtocolErrors) {
+  auto be = make_cpu_backend();
+  const int64_t n = 10;
+  const std::vector<ParamSpec> specs = {{"w", {10}, 0, true}};
+  Tensor p = Tensor::host({n}, DType::F32), gr = Tensor::host({n}, DType::F32);
+  std::memset(p.raw(), 0, static_cast<size_t>(p.nbytes()));
+  std::memset(gr.raw(), 0, static_cast<size_t>(gr.nbytes()));
+  AdamW opt(*be, specs, n, DType::F32, base_cfg(), 10);
+  EXPECT_THROW(opt.finish_step(), Error);
+  opt.step_async(p, gr);
+  EXPECT_TRUE(opt.step_pending());
+  EXPECT_THROW(opt.step_async(p, gr), Error);
+  EXPECT_THROW(opt.set_step(3), Error);
+  EXPECT_THROW(opt.set_shard(0, 5), Error);
+  EXPECT_EQ(opt.step_record().shape(), Shape({adamw_record::kWidth}));
+  EXPECT_EQ(opt.step_record().dtype(), DType::F64);
+  EXPECT_FALSE(opt.finish_step().skipped);
+  EXPECT_FALSE(opt.step_pending());
+  AdamW::StepOutputs bad;
+  bad.compute_copy = Tensor::host({n + 1}, DType::BF16);
+  EXPECT_THROW(opt.step_async(p, gr, bad), Error);
+  EXPECT_FALSE(opt.step_pending());
 }
 
 }  // namespace

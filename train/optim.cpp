@@ -122,6 +122,7 @@ AdamW::AdamW(Backend& backend, const std::vector<ParamSpec>& specs, int64_t n_pa
 }
 
 void AdamW::set_shard(int64_t begin, int64_t end) {
+  DPO_ASSERT(!pending_, "AdamW::set_shard: a step is pending (call finish_step first)");
   DPO_ASSERT(0 <= begin && begin <= end && end <= n_params_,
              "AdamW::set_shard: [" + std::to_string(begin) + ", " + std::to_string(end) + ") is not within [0, " +
                  std::to_string(n_params_) + ")");
@@ -138,13 +139,23 @@ void AdamW::set_shard(int64_t begin, int64_t end) {
 
 void AdamW::set_step(int64_t step) {
   DPO_ASSERT(step >= 0, "AdamW::set_step: step must be >= 0, got " + std::to_string(step));
+  DPO_ASSERT(!pending_, "AdamW::set_step: a step is pending (call finish_step first)");
   step_ = step;
 }
 
+void AdamW::set_finite_agreement(FiniteAgreement f) {
+  DPO_ASSERT(!f || !device_agree_, "AdamW: a device agreement is already set (at most one agreement)");
+  agree_ = std::move(f);
+}
+
+void AdamW::set_device_agreement(DeviceAgreement f) {
+  DPO_ASSERT(!f || !agree_, "AdamW: a host agreement is already set (at most one agreement)");
+  device_agree_ = std::move(f);
+}
+
 AdamW::StepInfo AdamW::step(const Tensor& params, const Tensor& grads) {
-  check_shape(grads, {n_params_}, "AdamW grads");
-  check_dtype(grads, dtype_, "AdamW grads");
-  return step_shard(params, grads.view(shard_begin_, {shard_end_ - shard_begin_}), global_grad_norm(*be_, grads));
+  step_async(params, grads);
+  return finish_step();
 }
 
 AdamW::StepInfo AdamW::step_shard(const Tensor& params, const Tensor& grad_shard, double norm) {
@@ -153,48 +164,134 @@ AdamW::StepInfo AdamW::step_shard(const Tensor& params, const Tensor& grad_shard
 }
 
 AdamW::StepInfo AdamW::step_owned(const Tensor& param_range, const Tensor& grad_shard, double norm) {
+  step_owned_async(param_range, grad_shard, NormSource::given(norm));
+  return finish_step();
+}
+
+void AdamW::step_async(const Tensor& params, const Tensor& grads, const StepOutputs& out) {
+  check_shape(params, {n_params_}, "AdamW params");
+  check_shape(grads, {n_params_}, "AdamW grads");
+  check_dtype(grads, dtype_, "AdamW grads");
+  const int64_t len = shard_end_ - shard_begin_;
+  enqueue_step(params.view(shard_begin_, {len}), grads.view(shard_begin_, {len}), NormSource::of_grads(grads), out);
+}
+
+void AdamW::step_owned_async(const Tensor& param_range, const Tensor& grad_shard, const NormSource& norm,
+                             const StepOutputs& out) {
+  enqueue_step(param_range, grad_shard, norm, out);
+}
+
+void AdamW::enqueue_step(const Tensor& param_range, const Tensor& grad_shard, const NormSource& norm,
+                         const StepOutputs& out) {
+  namespace R = adamw_record;
+  DPO_ASSERT(!pending_, "AdamW: step_async called while the previous step is pending (call finish_step first)");
   const int64_t len = shard_end_ - shard_begin_;
   check_shape(param_range, {len}, "AdamW params (this shard's range)");
   check_dtype(param_range, dtype_, "AdamW params");
   check_shape(grad_shard, {len}, "AdamW grad shard");
   check_dtype(grad_shard, dtype_, "AdamW grad shard");
+  if (norm.kind == NormSource::Kind::OfGrads) {
+    check_shape(norm.grads, {n_params_}, "AdamW grads (for the norm)");
+    check_dtype(norm.grads, dtype_, "AdamW grads (for the norm)");
+  }
+  DPO_ASSERT(norm.kind != NormSource::Kind::ShardSums || norm.reduce,
+             "AdamW: NormSource::shard_sums needs a reduction over the ranks");
+  if (out.compute_copy.defined()) {
+    check_shape(out.compute_copy, {len}, "AdamW compute copy");
+    check_dtype(out.compute_copy, DType::BF16, "AdamW compute copy");
+  }
+  if (!state_.defined()) {  // once: nothing of the step allocates after the first one
+    state_ = be_->empty({adamw_state::kWidth}, DType::F64);
+    record_ = be_->zeros({R::kWidth}, DType::F64);
+    state_host_ = Tensor::host({adamw_state::kWidth}, DType::F64);
+    record_host_ = Tensor::host({R::kWidth}, DType::F64);
+  }
 
+  // The step state: this step's lr and bias corrections, as the ops' scalars (kernels/adamw.h).
   StepInfo info;
   info.lr = lr_at(cfg_, step_, total_steps_);
-  if (!std::isfinite(norm)) {
-    info.grad_norm = std::numeric_limits<double>::quiet_NaN();
-    info.skipped = true;
-    info.skip_reason = SkipReason::NonFiniteGradNorm;
-    return info;
-  }
-  info.grad_norm = norm;
-
   AdamWParams p;
   p.lr = info.lr;
   p.beta1 = cfg_.beta1;
   p.beta2 = cfg_.beta2;
   p.eps = cfg_.eps;
-  p.grad_scale = 1.0;
+  p.weight_decay = cfg_.weight_decay;  // applied to the segments flagged weight_decay, 0 elsewhere
   p.step = step_ + 1;
-  if (cfg_.max_grad_norm > 0) {
-    // torch.nn.utils.clip_grad_norm_: clip_coef = max_norm / (total_norm + 1e-6), clamped to at most 1.
-    const double coef = cfg_.max_grad_norm / (norm + 1e-6);
-    if (coef < 1.0) {
-      p.grad_scale = coef;
-      info.clipped = true;
+  adamw_step_state(p, cfg_.max_grad_norm, state_host_.data<double>());
+  be_->copy_from_host(state_, state_host_);
+
+  // The norm, on the device.
+  const Tensor ss = record_.view(R::kSumSquares, {1});
+  switch (norm.kind) {
+    case NormSource::Kind::OfGrads:
+      be_->sum_squares_into(ss, norm.grads);
+      be_->adamw_prepare(record_, state_, AdamWNormFrom::SumOfSquares);
+      break;
+    case NormSource::Kind::ShardSums:
+      be_->sum_squares_into(ss, grad_shard);
+      norm.reduce(ss);
+      be_->adamw_prepare(record_, state_, AdamWNormFrom::SumOfSquares);
+      break;
+    case NormSource::Kind::Given: {
+      double* h = record_host_.data<double>();
+      std::fill(h, h + R::kWidth, 0.0);
+      h[R::kNorm] = norm.norm;
+      be_->copy_from_host(record_, record_host_);
+      be_->adamw_prepare(record_, state_, AdamWNormFrom::Norm);
+      break;
     }
   }
-  p.weight_decay = cfg_.weight_decay;  // applied to the segments flagged weight_decay, 0 elsewhere
+
   // The guard: nothing is written unless every new value of every rank is finite (see the top of optim.h).
-  AdamWCheck check = len > 0 ? be_->adamw_dry_run_segments(param_range, grad_shard, m_, v_, segs_, p)
-                             : AdamWCheck::AllFinite;
-  if (agree_) check = agree_(check);
-  if (check == AdamWCheck::NonFinite) {
+  if (len > 0) be_->adamw_check_segments(record_, state_, param_range, grad_shard, m_, v_, segs_);
+  if (device_agree_) {
+    device_agree_(record_.view(R::kNonFiniteRanks, {1}));
+  } else if (agree_) {
+    // The host agreement: the verdict must come back first (one wait), and is not asked for when the norm
+    // already skips the step (the norm is the same on every rank).
+    be_->copy_to_host(record_host_, record_);
+    const double* h = record_host_.data<double>();
+    if (h[R::kNormNonFinite] == 0.0) {
+      const AdamWCheck mine = h[R::kNonFiniteRanks] != 0.0 ? AdamWCheck::NonFinite : AdamWCheck::AllFinite;
+      const double all = agree_(mine) == AdamWCheck::NonFinite ? 1.0 : 0.0;
+      if (all != h[R::kNonFiniteRanks]) {
+        Tensor one = record_host_.view(R::kNonFiniteRanks, {1});
+        one.data<double>()[0] = all;
+        be_->copy_from_host(record_.view(R::kNonFiniteRanks, {1}), one);
+      }
+    }
+  }
+  if (len > 0)
+    be_->adamw_apply_segments(record_, state_, param_range, grad_shard, m_, v_, segs_, out.compute_copy,
+                              out.grad_after);
+  pending_ = true;
+  pending_info_ = info;
+}
+
+AdamW::StepInfo AdamW::finish_step() {
+  DPO_ASSERT(pending_, "AdamW::finish_step: no step is pending");
+  be_->copy_to_host(record_host_, record_);
+  return finish_step(record_host_.data<double>());
+}
+
+AdamW::StepInfo AdamW::finish_step(const double* rec) {
+  namespace R = adamw_record;
+  DPO_ASSERT(pending_, "AdamW::finish_step: no step is pending");
+  pending_ = false;
+  StepInfo info = pending_info_;
+  if (rec[R::kNormNonFinite] != 0.0) {
+    info.grad_norm = std::numeric_limits<double>::quiet_NaN();
+    info.skipped = true;
+    info.skip_reason = SkipReason::NonFiniteGradNorm;
+    return info;
+  }
+  info.grad_norm = rec[R::kNorm];
+  info.clipped = rec[R::kClipped] != 0.0;
+  if (rec[R::kNonFiniteRanks] != 0.0) {
     info.skipped = true;
     info.skip_reason = SkipReason::NonFiniteUpdate;
     return info;
   }
-  if (len > 0) be_->adamw_update_segments(param_range, grad_shard, m_, v_, segs_, p);
   ++step_;
   return info;
 }

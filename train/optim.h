@@ -29,6 +29,14 @@
 //     already in the state). Only when all are finite does the update run, so a rejected step leaves parameters,
 //     moments and step_count() bit-identical, at the price of one extra read of the four arrays per step (cheaper
 //     than keeping a copy of the state to roll back to; AdamW itself cannot be undone in floating point).
+//   - The step runs on the backend's device without the host waiting (step_async, then finish_step): the norm, the
+//     clipping factor and the non-finite flag are computed there before any weight is written, and one pass
+//     (Backend::adamw_apply_segments) then clips through grad_scale, updates, writes the BF16 compute copy and
+//     zeroes the gradient, or writes nothing of the step when the flag is set. What changes per step (lr, bias
+//     corrections) reaches the kernels as a small device "step state" the host uploads before the step (one
+//     stream-ordered copy, no wait); the outcome comes back in one small device record that finish_step reads
+//     once (the step's only wait). The synchronous step() / step_shard() / step_owned() are step_async +
+//     finish_step. Arithmetic and results are those of the ops in kernels/adamw.h ("The device step").
 //
 // Configuration keys (HF TrainingArguments names): learning_rate, adam_beta1, adam_beta2, adam_epsilon,
 // weight_decay, max_grad_norm, warmup_steps, lr_scheduler_type, min_lr_ratio.
@@ -81,6 +89,33 @@ double lr_at(const OptimConfig& cfg, int64_t step, int64_t total_steps);
 // sqrt(sum of squares of every gradient), accumulated in double; NaN/Inf propagate.
 double global_grad_norm(Backend& backend, const Tensor& grads);
 
+// Where the global gradient norm of an asynchronous AdamW step comes from (AdamW::step_owned_async).
+struct AdamWNormSource {
+  enum class Kind { OfGrads, ShardSums, Given };
+  Kind kind = Kind::OfGrads;
+  Tensor grads;                               // OfGrads: the whole gradient [n_params] (the norm is over all of it)
+  std::function<void(const Tensor&)> reduce;  // ShardSums: sums a device F64 [1] over ranks in place (collective)
+  double norm = 0.0;                          // Given: the norm, computed by the caller on the host
+  // The norm of all of `grads`.
+  static AdamWNormSource of_grads(const Tensor& grads) { return {Kind::OfGrads, grads, {}, 0.0}; }
+  // sqrt of `reduce` applied to the sum of squares of this rank's gradient range (ZeRO-1 with reduce-scatter:
+  // the ranks' ranges tile the gradient, so the sum over ranks is the whole gradient's).
+  static AdamWNormSource shard_sums(std::function<void(const Tensor&)> reduce) {
+    return {Kind::ShardSums, Tensor(), std::move(reduce), 0.0};
+  }
+  // A norm the host already has (one upload of it; the synchronous step_shard / step_owned).
+  static AdamWNormSource given(double norm) { return {Kind::Given, Tensor(), {}, norm}; }
+};
+// Optional outputs of an asynchronous AdamW step.
+struct AdamWStepOutputs {
+  // BF16 [shard_end - shard_begin]: the updated parameters of this rank's range rounded to BF16 (what
+  // GPT2::sync_params would write), written by the update's own pass; not written when the step is skipped.
+  // Needs F32 parameters.
+  Tensor compute_copy;
+  // Zero: the gradient range the step read is zeroed by the same pass (also when the step is skipped).
+  GradAfterStep grad_after = GradAfterStep::Keep;
+};
+
 class AdamW {
  public:
   // `specs` must tile [0, n_params) of the flat parameter vector (any order, no gaps, no overlap); params and
@@ -103,15 +138,41 @@ class AdamW {
   // every step whose gradient norm is finite calls it exactly once on every rank (also with an empty range), and
   // it is not called when the norm already skipped the step (the norm is the same on every rank). Unset: this
   // rank's verdict is final (one process, or ranks that all hold the same full range).
+  // With it, step_async reads the dry run's flag back (one wait inside the step) to call it; prefer
+  // set_device_agreement, which keeps the step free of waits.
   using FiniteAgreement = std::function<AdamWCheck(AdamWCheck)>;
-  void set_finite_agreement(FiniteAgreement f) { agree_ = std::move(f); }
+  void set_finite_agreement(FiniteAgreement f);
+  // The same agreement on the device: `f` gets a device F64 [1] tensor holding this rank's count of non-finite dry
+  // runs (0 or 1) and must replace it, in place, by the sum over ranks (e.g. Communicator::allreduce_sum on that
+  // tensor). A collective called exactly once per step on every rank, also when the norm already skips the step
+  // (the host does not know the norm then). At most one of the two agreements may be set.
+  using DeviceAgreement = std::function<void(const Tensor&)>;
+  void set_device_agreement(DeviceAgreement f);
+
+  using NormSource = AdamWNormSource;
+  using StepOutputs = AdamWStepOutputs;
+
+  // step() without waiting for the device: enqueues the whole step (norm over all of `grads`, clipping, dry run,
+  // agreement, update) and returns. finish_step() must be called before the next step_async and before
+  // step_count(), m(), v(), set_step() or set_shard() are relied on; it reads the step's record (one copy to the
+  // host) and advances step_count() when the step was applied. lr is lr_at(step_count()) as for step().
+  void step_async(const Tensor& params, const Tensor& grads, const StepOutputs& out = {});
+  // step_owned() without waiting: param_range and grad_shard are this rank's range [shard_end - shard_begin].
+  void step_owned_async(const Tensor& param_range, const Tensor& grad_shard, const NormSource& norm,
+                        const StepOutputs& out = {});
+  StepInfo finish_step();
+  bool step_pending() const { return pending_; }
+  // The device record of the last step (adamw_record layout, kernels/adamw.h), for callers that read it with their
+  // own per-step values instead of finish_step (then call finish_step(record_values) with what they read).
+  const Tensor& step_record() const { return record_; }
+  StepInfo finish_step(const double* record_values);
 
   // One optimizer step: lr = lr_at(cfg, step_count(), total_steps); global gradient norm over all of `grads`;
   // clipping; then one adamw_dry_run_segments and, when it (and the agreement, if set) finds every new value
   // finite, one adamw_update_segments call over all parameters (one launch each on the GPU), whose segments are
   // the runs of consecutive ParamSpecs with the same weight_decay flag (weight_decay = cfg.weight_decay or 0), with
   // bias-correction step step_count() + 1; then step_count() += 1.
-  // grads is read only.
+  // grads is read only. step_async + finish_step.
   StepInfo step(const Tensor& params, const Tensor& grads);
 
   // ZeRO-1 (docs/distributed.md): from now on this optimizer owns [begin, end) of the flat vector only. Its
@@ -153,6 +214,13 @@ class AdamW {
   DType state_dtype_;
   Tensor m_, v_;
   FiniteAgreement agree_;
+  DeviceAgreement device_agree_;
+  // The device step's state and record (kernels/adamw.h) and their host staging, allocated once.
+  Tensor state_, record_, state_host_, record_host_;
+  bool pending_ = false;
+  StepInfo pending_info_;
+  void enqueue_step(const Tensor& param_range, const Tensor& grad_shard, const NormSource& norm,
+                    const StepOutputs& out);
 };
 
 }  // namespace dpo

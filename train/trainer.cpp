@@ -1125,29 +1125,31 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     if (kind == RunKind::Sft) w.pairs += sft_norm_tokens;  // SFT's loss is per completion token
     AdamW::StepInfo info = [&] {
       DPO_PHASE("optimizer");
-      // AdamW updates the F32 master weights (params() itself in fp32).
+      // AdamW updates the F32 master weights (params() itself in fp32) on the device: the norm, the clipping and
+      // the skip decision are taken there, and the host reads the step's record once (finish_step).
       const Tensor& master = policy->master_params();
       const int64_t b = opt.shard_begin(), len = opt.shard_end() - opt.shard_begin();
       // This rank's range of the summed gradient, and the global norm (the same number on every rank, so all
       // ranks skip a non-finite step together).
       Tensor g_range = zero_scatter ? zshard.view(0, {len}) : grad.view(b, {len});
-      double norm;
-      if (zero_scatter) {
-        double ss = len > 0 ? be->sum_squares(g_range) : 0.0;
-        comm.allreduce_sum(&ss, 1);
-        norm = std::sqrt(ss);
-      } else {
-        norm = global_grad_norm(*be, grad);
-      }
-      AdamW::StepInfo si = policy->master_sharded() ? opt.step_owned(master, g_range, norm)
-                                                    : opt.step_shard(master, g_range, norm);
+      const AdamW::NormSource norm =
+          zero_scatter ? AdamW::NormSource::shard_sums([&comm](const Tensor& ss) { comm.allreduce_sum(ss); })
+                       : AdamW::NormSource::of_grads(grad);
+      AdamW::StepOutputs out;
+      // The update writes this rank's range of the BF16 compute copy itself (what sync_params would write), when
+      // the master it updates is that range: the sharded master, or the whole master of an unsharded run.
+      const bool own_copy = policy->dtype() == DType::BF16 && (policy->master_sharded() || !zero);
+      if (own_copy) out.compute_copy = policy->params().view(b, {len});
+      // Without ZeRO the step reads all of `grad`, and zeroes it for the next step's accumulation.
+      if (!zero) out.grad_after = GradAfterStep::Zero;
+      opt.step_owned_async(policy->master_sharded() ? master : master.view(b, {len}), g_range, norm, out);
+      AdamW::StepInfo si = opt.finish_step();
       if (si.skipped) return si;
       if (policy->master_sharded()) {
-        policy->sync_params();  // rounds this rank's range into the bf16 compute copy
         gather_ranges(policy->params(), policy->params().view(b, {len}), zfull16, zshard16);
-      } else {
-        if (zero) gather_ranges(master, master.view(b, {len}));
-        policy->sync_params();
+      } else if (zero) {
+        gather_ranges(master, master.view(b, {len}));
+        if (!own_copy) policy->sync_params();
       }
       return si;
     }();

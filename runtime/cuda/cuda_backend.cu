@@ -712,6 +712,65 @@ void CudaBackend::scale(const Tensor& x, double s) {
   cuda::scale(*ctx_, f32(x), x.numel(), s);
 }
 
+// --- the device step ------------------------------------------------------------------------------------------------
+
+void CudaBackend::check_step_tensors(const Tensor& record, const Tensor& state) const {
+  check_device(record, "adamw record");
+  check_device(state, "adamw state");
+  check_dtype(record, DType::F64, "adamw record");
+  check_dtype(state, DType::F64, "adamw state");
+  check_shape(record, {adamw_record::kWidth}, "adamw record");
+  check_shape(state, {adamw_state::kWidth}, "adamw state");
+  DPO_ASSERT(!overlap(record, state), "adamw: record and state overlap");
+}
+
+void CudaBackend::sum_squares_into(const Tensor& out, const Tensor& x) {
+  check_f32(x, "sum_squares x");
+  check_device(out, "sum_squares_into out");
+  check_dtype(out, DType::F64, "sum_squares_into out");
+  check_shape(out, {1}, "sum_squares_into out");
+  if (!norm_scratch_.defined()) norm_scratch_ = empty({cuda::kSumSquaresBlocks}, DType::F64);
+  cuda::sum_squares(*ctx_, ptr<double>(out), f32(x), x.numel(), ptr<double>(norm_scratch_));
+}
+
+void CudaBackend::adamw_prepare(const Tensor& record, const Tensor& state, AdamWNormFrom from) {
+  check_step_tensors(record, state);
+  cuda::adamw_prepare(*ctx_, ptr<double>(record), ptr<double>(state), from);
+}
+
+void CudaBackend::adamw_check_segments(const Tensor& record, const Tensor& state, const Tensor& param,
+                                       const Tensor& grad, const Tensor& m, const Tensor& v,
+                                       const std::vector<AdamWSegment>& segs) {
+  check_step_tensors(record, state);
+  check_adamw_args(param, grad, m, v, AdamWParams{});
+  DPO_ASSERT(param.dim() == 1, "adamw_check_segments: param must be a flat 1-D tensor, got " + shape_str(param.shape()));
+  cuda::adamw_check_segments(*ctx_, adamw_segments_, ptr<double>(record), ptr<double>(state), f32(param), f32(grad),
+                             f32(m), f32(v), param.numel(), segs.data(), static_cast<int64_t>(segs.size()));
+}
+
+void CudaBackend::adamw_apply_segments(const Tensor& record, const Tensor& state, const Tensor& param,
+                                       const Tensor& grad, const Tensor& m, const Tensor& v,
+                                       const std::vector<AdamWSegment>& segs, const Tensor& copy,
+                                       GradAfterStep after) {
+  check_step_tensors(record, state);
+  check_adamw_args(param, grad, m, v, AdamWParams{});
+  DPO_ASSERT(param.dim() == 1, "adamw_apply_segments: param must be a flat 1-D tensor, got " + shape_str(param.shape()));
+  __nv_bfloat16* c = nullptr;
+  if (copy.defined()) {
+    check_device(copy, "adamw_apply_segments copy");
+    check_dtype(copy, DType::BF16, "adamw_apply_segments copy");
+    check_shape(copy, param.shape(), "adamw_apply_segments copy");
+    for (const Tensor* t : {&param, &grad, &m, &v})
+      DPO_ASSERT(!overlap(copy, *t), "adamw_apply_segments: copy overlaps param, grad, m or v");
+    c = ptr<__nv_bfloat16>(copy);
+  }
+  for (const Tensor* t : {&param, &grad, &m, &v, &copy})
+    DPO_ASSERT(!t->defined() || (!overlap(record, *t) && !overlap(state, *t)),
+               "adamw_apply_segments: the record or state overlaps param, grad, m, v or copy");
+  cuda::adamw_apply_segments(*ctx_, adamw_segments_, ptr<double>(record), ptr<double>(state), f32(param), f32(grad),
+                             f32(m), f32(v), c, param.numel(), segs.data(), static_cast<int64_t>(segs.size()), after);
+}
+
 std::unique_ptr<Backend> make_cuda_backend(int device) { return std::make_unique<CudaBackend>(device); }
 
 }  // namespace dpo

@@ -15,8 +15,9 @@
 // Streams and host syncs. Every op is enqueued on the context's single stream and returns without waiting. The
 // host blocks only in:
 //   - copy_to_host: the caller reads the host buffer on return (one cudaStreamSynchronize);
-//   - sum_squares: it returns a host double (the gradient-norm clip needs it on the host; one sync);
+//   - sum_squares: it returns a host double (one sync); the device step uses sum_squares_into instead;
 //   - adamw_dry_run_segments: it returns whether the step's update would be finite (one 4-byte read, one sync);
+//     the device step (sum_squares_into, adamw_prepare, adamw_check_segments, adamw_apply_segments) never waits;
 //   - synchronize();
 //   - copy_from_host from page-locked host memory, so that the caller may reuse the buffer on return. From ordinary
 //     pageable memory (Tensor::host) cudaMemcpyAsync has staged the bytes before it returns, so no sync is needed.
@@ -120,6 +121,15 @@ class CudaBackend final : public Backend {
                                     const std::vector<AdamWSegment>& segs, const AdamWParams& p) override;
   double sum_squares(const Tensor& x) override;
   void scale(const Tensor& x, double s) override;
+  // The device step (kernels/adamw.cuh): launches only, no sync, no allocation after the first sum_squares_into
+  // (which allocates the norm's scratch once).
+  void sum_squares_into(const Tensor& out, const Tensor& x) override;
+  void adamw_prepare(const Tensor& record, const Tensor& state, AdamWNormFrom from) override;
+  void adamw_check_segments(const Tensor& record, const Tensor& state, const Tensor& param, const Tensor& grad,
+                            const Tensor& m, const Tensor& v, const std::vector<AdamWSegment>& segs) override;
+  void adamw_apply_segments(const Tensor& record, const Tensor& state, const Tensor& param, const Tensor& grad,
+                            const Tensor& m, const Tensor& v, const std::vector<AdamWSegment>& segs, const Tensor& copy,
+                            GradAfterStep after) override;
 
  private:
   void check_device(const Tensor& t, const char* name) const;
@@ -131,9 +141,11 @@ class CudaBackend final : public Backend {
   void check_i32(const Tensor& t, const char* name) const;
   void check_adamw_args(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                         const AdamWParams& p) const;
+  void check_step_tensors(const Tensor& record, const Tensor& state) const;
 
   std::shared_ptr<CudaContext> ctx_;
   cuda::AdamWSegmentTable adamw_segments_;  // after ctx_: freed on its stream before the context goes
+  Tensor norm_scratch_;  // F64 [cuda::kSumSquaresBlocks], sum_squares_into's partial sums (holds the context)
 };
 
 }  // namespace dpo

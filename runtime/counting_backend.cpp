@@ -1,0 +1,184 @@
+#include "runtime/counting_backend.h"
+
+namespace dpo {
+
+void CountingBackend::count(Kind k, const char* name) {
+  ++counts_.ops;
+  switch (k) {
+    case Kind::Op: return;
+    case Kind::Allocation: ++counts_.allocations; return;
+    case Kind::Synchronize: ++counts_.synchronize; break;
+    case Kind::CopyToHost: ++counts_.copy_to_host; break;
+    case Kind::ValueReturn: ++counts_.value_returns; break;
+    case Kind::CopyFromHost: ++counts_.copy_from_host; break;
+  }
+  log_.emplace_back(name);
+}
+
+void CountingBackend::reset() {
+  counts_ = Counts{};
+  log_.clear();
+}
+
+std::string CountingBackend::log_line() const {
+  std::string s;
+  for (const std::string& n : log_) s += (s.empty() ? "" : ", ") + n;
+  return s.empty() ? "(none)" : s;
+}
+
+Tensor CountingBackend::empty(Shape shape, DType dtype) {
+  count(Kind::Allocation, "empty");
+  return inner_->empty(std::move(shape), dtype);
+}
+void CountingBackend::fill_zero(const Tensor& t) {
+  count(Kind::Op, "fill_zero");
+  inner_->fill_zero(t);
+}
+void CountingBackend::copy_from_host(const Tensor& dst, const Tensor& host_src) {
+  count(Kind::CopyFromHost, "copy_from_host");
+  inner_->copy_from_host(dst, host_src);
+}
+void CountingBackend::copy_to_host(const Tensor& host_dst, const Tensor& src) {
+  count(Kind::CopyToHost, "copy_to_host");
+  inner_->copy_to_host(host_dst, src);
+}
+void CountingBackend::copy(const Tensor& dst, const Tensor& src) {
+  count(Kind::Op, "copy");
+  inner_->copy(dst, src);
+}
+void CountingBackend::convert(const Tensor& dst, const Tensor& src) {
+  count(Kind::Op, "convert");
+  inner_->convert(dst, src);
+}
+void CountingBackend::synchronize() {
+  count(Kind::Synchronize, "synchronize");
+  inner_->synchronize();
+}
+
+void CountingBackend::encoder_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte, const Tensor& wpe) {
+  count(Kind::Op, "encoder_forward");
+  inner_->encoder_forward(out, tokens, wte, wpe);
+}
+void CountingBackend::encoder_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
+                                       const Tensor& tokens) {
+  count(Kind::Op, "encoder_backward");
+  inner_->encoder_backward(dwte, dwpe, dout, tokens);
+}
+void CountingBackend::layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp,
+                                        const Tensor& w, const Tensor& b, double eps) {
+  count(Kind::Op, "layernorm_forward");
+  inner_->layernorm_forward(out, mean, rstd, inp, w, b, eps);
+}
+void CountingBackend::layernorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& db, const Tensor& dout,
+                                         const Tensor& inp, const Tensor& w, const Tensor& mean, const Tensor& rstd) {
+  count(Kind::Op, "layernorm_backward");
+  inner_->layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd);
+}
+void CountingBackend::matmul_forward(const Tensor& out, const Tensor& inp, const Tensor& w, const Tensor& bias,
+                                     WeightLayout layout) {
+  count(Kind::Op, "matmul_forward");
+  inner_->matmul_forward(out, inp, w, bias, layout);
+}
+void CountingBackend::matmul_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dbias, const Tensor& dout,
+                                      const Tensor& inp, const Tensor& w, WeightLayout layout) {
+  count(Kind::Op, "matmul_backward");
+  inner_->matmul_backward(dinp, dw, dbias, dout, inp, w, layout);
+}
+void CountingBackend::attention_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv,
+                                        const Tensor& keymask, int64_t n_head) {
+  count(Kind::Op, "attention_forward");
+  inner_->attention_forward(out, saved, qkv, keymask, n_head);
+}
+void CountingBackend::attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
+                                         const Tensor& saved, int64_t n_head) {
+  count(Kind::Op, "attention_backward");
+  inner_->attention_backward(dqkv, dout, qkv, saved, n_head);
+}
+void CountingBackend::attention_cache_store(const Tensor& kcache, const Tensor& vcache, const Tensor& qkv) {
+  count(Kind::Op, "attention_cache_store");
+  inner_->attention_cache_store(kcache, vcache, qkv);
+}
+void CountingBackend::attention_decode_forward(const Tensor& out, const Tensor& kcache, const Tensor& vcache,
+                                               const Tensor& qkv, const Tensor& pos, int64_t n_head) {
+  count(Kind::Op, "attention_decode_forward");
+  inner_->attention_decode_forward(out, kcache, vcache, qkv, pos, n_head);
+}
+void CountingBackend::gelu_forward(const Tensor& out, const Tensor& inp) {
+  count(Kind::Op, "gelu_forward");
+  inner_->gelu_forward(out, inp);
+}
+void CountingBackend::gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) {
+  count(Kind::Op, "gelu_backward");
+  inner_->gelu_backward(dinp, dout, inp);
+}
+void CountingBackend::residual_forward(const Tensor& out, const Tensor& a, const Tensor& b) {
+  count(Kind::Op, "residual_forward");
+  inner_->residual_forward(out, a, b);
+}
+void CountingBackend::residual_backward(const Tensor& da, const Tensor& db, const Tensor& dout) {
+  count(Kind::Op, "residual_backward");
+  inner_->residual_backward(da, db, dout);
+}
+void CountingBackend::logprob_forward(const LogprobOutputs& out, const Tensor& logits, const Tensor& targets,
+                                      const Tensor& weights, int64_t V) {
+  count(Kind::Op, "logprob_forward");
+  inner_->logprob_forward(out, logits, targets, weights, V);
+}
+void CountingBackend::logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                                       const Tensor& weights, const Tensor& dseq, int64_t V) {
+  count(Kind::Op, "logprob_backward");
+  inner_->logprob_backward(dlogits, logits, targets, weights, dseq, V);
+}
+void CountingBackend::preference_loss(const PairLossOutputs& out, const Tensor& stats, const Tensor& ref_logp,
+                                      const Tensor& offset, const PairLossParams& p, double normalizer) {
+  count(Kind::Op, "preference_loss");
+  inner_->preference_loss(out, stats, ref_logp, offset, p, normalizer);
+}
+
+void CountingBackend::adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                                   const AdamWParams& p) {
+  count(Kind::Op, "adamw_update");
+  inner_->adamw_update(param, grad, m, v, p);
+}
+void CountingBackend::adamw_update_segments(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                                            const std::vector<AdamWSegment>& segs, const AdamWParams& p) {
+  count(Kind::Op, "adamw_update_segments");
+  inner_->adamw_update_segments(param, grad, m, v, segs, p);
+}
+AdamWCheck CountingBackend::adamw_dry_run_segments(const Tensor& param, const Tensor& grad, const Tensor& m,
+                                                   const Tensor& v, const std::vector<AdamWSegment>& segs,
+                                                   const AdamWParams& p) {
+  count(Kind::ValueReturn, "adamw_dry_run_segments");
+  return inner_->adamw_dry_run_segments(param, grad, m, v, segs, p);
+}
+double CountingBackend::sum_squares(const Tensor& x) {
+  count(Kind::ValueReturn, "sum_squares");
+  return inner_->sum_squares(x);
+}
+void CountingBackend::scale(const Tensor& x, double s) {
+  count(Kind::Op, "scale");
+  inner_->scale(x, s);
+}
+void CountingBackend::sum_squares_into(const Tensor& out, const Tensor& x) {
+  count(Kind::Op, "sum_squares_into");
+  inner_->sum_squares_into(out, x);
+}
+void CountingBackend::adamw_prepare(const Tensor& record, const Tensor& state, AdamWNormFrom from) {
+  count(Kind::Op, "adamw_prepare");
+  inner_->adamw_prepare(record, state, from);
+}
+void CountingBackend::adamw_check_segments(const Tensor& record, const Tensor& state, const Tensor& param,
+                                           const Tensor& grad, const Tensor& m, const Tensor& v,
+                                           const std::vector<AdamWSegment>& segs) {
+  count(Kind::Op, "adamw_check_segments");
+  inner_->adamw_check_segments(record, state, param, grad, m, v, segs);
+}
+void CountingBackend::adamw_apply_segments(const Tensor& record, const Tensor& state, const Tensor& param,
+                                           const Tensor& grad, const Tensor& m, const Tensor& v,
+                                           const std::vector<AdamWSegment>& segs, const Tensor& copy,
+                                           GradAfterStep after) {
+  count(Kind::Op, "adamw_apply_segments");
+  inner_->adamw_apply_segments(record, state, param, grad, m, v, segs, copy, after);
+}
+
+}  // namespace dpo

@@ -1,0 +1,118 @@
+// CountingBackend: a Backend that forwards every call to another Backend and counts the calls that make the host
+// wait for the device, so that a test can assert how often a training or optimizer step waits.
+//
+// What is counted (per call, whatever the wrapped backend does inside it):
+//   synchronize     synchronize()
+//   copy_to_host    copy_to_host(): the caller reads the host tensor on return, so the device must have finished
+//   value_returns   ops whose result is a host value computed on the device: sum_squares, adamw_dry_run_segments
+//   copy_from_host  copy_from_host(): an upload. Not a wait on the CUDA backend from pageable memory (the bytes are
+//                   staged before the call returns), but one from page-locked memory waits, and any upload is a
+//                   host-to-device transfer inside the step; counted on its own.
+//   allocations     empty() (zeros() goes through it): device allocations requested through the backend
+//   ops             every forwarded call
+// waits() = synchronize + copy_to_host + value_returns. The names of the counted calls (all but `ops` and
+// `allocations`) are kept in order in log(), for failure messages. Not thread-safe (neither are the backends).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "runtime/backend.h"
+
+namespace dpo {
+
+class CountingBackend final : public Backend {
+ public:
+  struct Counts {
+    int64_t synchronize = 0;
+    int64_t copy_to_host = 0;
+    int64_t value_returns = 0;
+    int64_t copy_from_host = 0;
+    int64_t allocations = 0;
+    int64_t ops = 0;
+    int64_t waits() const { return synchronize + copy_to_host + value_returns; }
+  };
+
+  // `inner` must outlive this wrapper. Tensors are inner's: device() and name() are inner's too.
+  explicit CountingBackend(Backend& inner) : inner_(&inner) {}
+
+  const Counts& counts() const { return counts_; }
+  const std::vector<std::string>& log() const { return log_; }
+  // The log as one line ("copy_to_host, sum_squares"), for failure messages.
+  std::string log_line() const;
+  void reset();
+  Backend& inner() { return *inner_; }
+
+  Device device() const override { return inner_->device(); }
+  std::string name() const override { return inner_->name(); }
+
+  Tensor empty(Shape shape, DType dtype) override;
+  void fill_zero(const Tensor& t) override;
+  void copy_from_host(const Tensor& dst, const Tensor& host_src) override;
+  void copy_to_host(const Tensor& host_dst, const Tensor& src) override;
+  void copy(const Tensor& dst, const Tensor& src) override;
+  void convert(const Tensor& dst, const Tensor& src) override;
+  void synchronize() override;
+  void* native_stream() const override { return inner_->native_stream(); }
+
+  void encoder_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte, const Tensor& wpe) override;
+  void encoder_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens) override;
+  void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp, const Tensor& w,
+                         const Tensor& b, double eps) override;
+  void layernorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& db, const Tensor& dout, const Tensor& inp,
+                          const Tensor& w, const Tensor& mean, const Tensor& rstd) override;
+  void matmul_forward(const Tensor& out, const Tensor& inp, const Tensor& w, const Tensor& bias,
+                      WeightLayout layout) override;
+  void matmul_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dbias, const Tensor& dout, const Tensor& inp,
+                       const Tensor& w, WeightLayout layout) override;
+  Shape attention_saved_shape(int64_t B, int64_t T, int64_t NH) const override {
+    return inner_->attention_saved_shape(B, T, NH);
+  }
+  DType attention_saved_dtype(DType activation) const override { return inner_->attention_saved_dtype(activation); }
+  void attention_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& keymask,
+                         int64_t n_head) override;
+  void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
+                          int64_t n_head) override;
+  void attention_cache_store(const Tensor& kcache, const Tensor& vcache, const Tensor& qkv) override;
+  void attention_decode_forward(const Tensor& out, const Tensor& kcache, const Tensor& vcache, const Tensor& qkv,
+                                const Tensor& pos, int64_t n_head) override;
+  void gelu_forward(const Tensor& out, const Tensor& inp) override;
+  void gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) override;
+  void residual_forward(const Tensor& out, const Tensor& a, const Tensor& b) override;
+  void residual_backward(const Tensor& da, const Tensor& db, const Tensor& dout) override;
+  using Backend::logprob_backward;
+  using Backend::logprob_forward;
+  void logprob_forward(const LogprobOutputs& out, const Tensor& logits, const Tensor& targets, const Tensor& weights,
+                       int64_t V) override;
+  void logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets, const Tensor& weights,
+                        const Tensor& dseq, int64_t V) override;
+  void preference_loss(const PairLossOutputs& out, const Tensor& stats, const Tensor& ref_logp, const Tensor& offset,
+                       const PairLossParams& p, double normalizer) override;
+
+  void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                    const AdamWParams& p) override;
+  void adamw_update_segments(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                             const std::vector<AdamWSegment>& segs, const AdamWParams& p) override;
+  AdamWCheck adamw_dry_run_segments(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                                    const std::vector<AdamWSegment>& segs, const AdamWParams& p) override;
+  double sum_squares(const Tensor& x) override;
+  void scale(const Tensor& x, double s) override;
+  void sum_squares_into(const Tensor& out, const Tensor& x) override;
+  void adamw_prepare(const Tensor& record, const Tensor& state, AdamWNormFrom from) override;
+  void adamw_check_segments(const Tensor& record, const Tensor& state, const Tensor& param, const Tensor& grad,
+                            const Tensor& m, const Tensor& v, const std::vector<AdamWSegment>& segs) override;
+  void adamw_apply_segments(const Tensor& record, const Tensor& state, const Tensor& param, const Tensor& grad,
+                            const Tensor& m, const Tensor& v, const std::vector<AdamWSegment>& segs, const Tensor& copy,
+                            GradAfterStep after) override;
+
+ private:
+  enum class Kind { Op, Synchronize, CopyToHost, ValueReturn, CopyFromHost, Allocation };
+  void count(Kind k, const char* name);
+
+  Backend* inner_;
+  Counts counts_;
+  std::vector<std::string> log_;
+};
+
+}  // namespace dpo
