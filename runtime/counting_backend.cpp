@@ -130,9 +130,35 @@ void CountingBackend::logprob_backward(const Tensor& dlogits, const Tensor& logi
   inner_->logprob_backward(dlogits, logits, targets, weights, dseq, V);
 }
 void CountingBackend::preference_loss(const PairLossOutputs& out, const Tensor& stats, const Tensor& ref_logp,
-                                      const Tensor& offset, const PairLossParams& p, double normalizer) {
+                                      const Tensor& offset, const PairLossParams& p, double normalizer, int64_t q0,
+                                      int64_t q1) {
   count(Kind::Op, "preference_loss");
-  inner_->preference_loss(out, stats, ref_logp, offset, p, normalizer);
+  inner_->preference_loss(out, stats, ref_logp, offset, p, normalizer, q0, q1);
+}
+
+namespace {
+
+// A replay through the wrapper: counted as one op, then the inner backend's recording.
+class CountedGraph final : public Backend::Graph {
+ public:
+  CountedGraph(std::unique_ptr<Backend::Graph> inner, std::function<void()> on_replay)
+      : inner_(std::move(inner)), on_replay_(std::move(on_replay)) {}
+  void replay() override {
+    on_replay_();
+    inner_->replay();
+  }
+
+ private:
+  std::unique_ptr<Backend::Graph> inner_;
+  std::function<void()> on_replay_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend::Graph> CountingBackend::capture(const std::function<void()>& fn) {
+  count(Kind::Op, "capture");
+  // The inner backend records fn, whose calls go through this wrapper (fn captured the wrapper, not inner).
+  return std::make_unique<CountedGraph>(inner_->capture(fn), [this] { count(Kind::Op, "replay"); });
 }
 
 void CountingBackend::adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,

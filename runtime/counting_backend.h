@@ -15,6 +15,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -55,6 +57,10 @@ class CountingBackend final : public Backend {
   void convert(const Tensor& dst, const Tensor& src) override;
   void synchronize() override;
   void* native_stream() const override { return inner_->native_stream(); }
+  // Forwarded: the inner backend records (a CUDA graph on the GPU). fn's calls go through this wrapper, so they
+  // are counted when fn runs: once at a CUDA capture (a replay then counts as one op), again at every replay on the
+  // CPU, whose recording is fn itself.
+  std::unique_ptr<Graph> capture(const std::function<void()>& fn) override;
 
   void encoder_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte, const Tensor& wpe) override;
   void encoder_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens) override;
@@ -87,8 +93,9 @@ class CountingBackend final : public Backend {
                        int64_t V) override;
   void logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets, const Tensor& weights,
                         const Tensor& dseq, int64_t V) override;
+  using Backend::preference_loss;
   void preference_loss(const PairLossOutputs& out, const Tensor& stats, const Tensor& ref_logp, const Tensor& offset,
-                       const PairLossParams& p, double normalizer) override;
+                       const PairLossParams& p, double normalizer, int64_t q0, int64_t q1) override;
 
   void adamw_update(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                     const AdamWParams& p) override;

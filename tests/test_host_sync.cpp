@@ -14,7 +14,10 @@
 #include "model/gpt2.h"
 #include "runtime/backend.h"
 #include "runtime/counting_backend.h"
+#include "test_fixture.h"
 #include "test_util.h"
+#include "train/config.h"
+#include "train/trainer.h"
 #include "train/optim.h"
 
 namespace {
@@ -162,6 +165,55 @@ TEST_P(HostSync, WrapperCountsAndForwards) {
   EXPECT_EQ(be.counts().allocations, 1);
   EXPECT_EQ(be.counts().waits(), 2) << "sum_squares_into leaves its value on the device";
   EXPECT_EQ(to_host_f64(*inner, out)[0], a) << "sum_squares_into is bitwise sum_squares";
+}
+
+// A whole DPO training step through the trainer (run_training with its backend wrapped): per optimizer step the
+// host waits for the device exactly once, the read of the micro-batches' metric sums together with the
+// optimizer's record. Two micro-batches per step, cached and live reference log-probs, with and without CUDA graphs
+// (on the GPU; on the CPU the setting does nothing); a step's uploads are the batches' host data only.
+TEST_P(HostSync, TrainingStepWaitsOnce) {
+  std::string skip;
+  std::unique_ptr<Backend> probe = make_backend(GetParam(), skip);
+  if (!probe) GTEST_SKIP() << skip;
+  probe.reset();
+  test::ScratchDir w("dpo_host_sync_");
+  test::write_tiny_fixture(w.dir.string(), 22);
+  for (bool live : {false, true})
+    for (bool graphs : {false, true}) {
+      SCOPED_TRACE(std::string(live ? "live" : "cached") + " reference, cuda_graphs " + (graphs ? "on" : "off"));
+      TrainConfig c;
+      c.model = w / "base";
+      c.train_file = w / "pref.jsonl";
+      c.ref_cache_dir = w / "cache";
+      c.out_dir = w / (std::string("run_") + (live ? "l" : "c") + (graphs ? "g" : ""));
+      c.device = GetParam();
+      c.max_length = 32;
+      c.pad_to_multiple_of = 32;
+      c.per_device_train_batch_size = 4;
+      c.gradient_accumulation_steps = 2;
+      c.num_train_epochs = 2;
+      c.logging_steps = 1000;
+      c.precompute_ref_log_probs = !live;
+      c.cuda_graphs = graphs;
+      CountingBackend* counter = nullptr;
+      RunOptions ro;
+      ro.quiet = true;
+      ro.wrap_backend = [&](Backend& inner) {
+        auto cb = std::make_unique<CountingBackend>(inner);
+        counter = cb.get();
+        return std::unique_ptr<Backend>(std::move(cb));
+      };
+      int64_t steps = 0;
+      ro.on_step = [&](int64_t step) {
+        // From the second step on, the counts cover exactly one step (from the previous step's hook to this one).
+        if (steps > 0) EXPECT_EQ(counter->counts().waits(), 1) << "step " << step << ": " << counter->log_line();
+        counter->reset();
+        ++steps;
+      };
+      const RunSummary r = run_training(c, RunKind::Dpo, ro);
+      EXPECT_EQ(steps, r.steps);
+      EXPECT_GE(steps, 4);
+    }
 }
 
 INSTANTIATE_TEST_SUITE_P(Backends, HostSync, ::testing::Values("cpu", "cuda"),

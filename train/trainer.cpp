@@ -585,7 +585,10 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   validate(cfg, kind);
   std::unique_ptr<Communicator> own_comm;
   if (!ro.comm) own_comm = make_communicator();
-  auto be = make_backend(cfg, ro.comm ? *ro.comm : *own_comm);  // selects this rank's GPU first (device: cuda)
+  // selects this rank's GPU first (device: cuda)
+  std::unique_ptr<Backend> inner_be = make_backend(cfg, ro.comm ? *ro.comm : *own_comm);
+  std::unique_ptr<Backend> be = ro.wrap_backend ? ro.wrap_backend(*inner_be) : nullptr;  // (tests)
+  if (!be) be = std::move(inner_be);
   // Device tensors (gradients, ZeRO-1 gathers) go through NCCL on a GPU with several ranks (or DPO_FORCE_NCCL=1);
   // host data (metrics) through the host communicator it wraps.
   if (own_comm && be->device().kind == DeviceKind::CUDA) {
@@ -963,6 +966,10 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     be->fill_zero(grad);
     std::vector<Tensor> stash;
     std::vector<Window> chunks;
+    // DPO: this rank's micro-batches in the step; their PairSum rows wait in mb_sums, read with the step's record.
+    int64_t dpo_rows = 0;
+    std::vector<std::pair<int64_t, int64_t>> dpo_pairs_tokens;  // (pairs, tokens) of each
+    std::vector<double> readback;
     bool overlapped = false;  // this step's all-reduce was started during the last micro-batch's backward
     // Before micro-batch c's training pass: with overlap, on this rank's last micro-batch, fold the earlier ones
     // (rank 0 has them in grad already; the others' are in stash) and hook the bucketed all-reduce.
@@ -1021,8 +1028,10 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       // Each micro-batch's PairSum row stays on the device until the step's reduction, which reads them all in
       // one copy (the loss, its gradients and the metrics never leave the device inside a step).
       const int64_t n_micro = c1 - c0;
-      if (n_micro > 0 && (!mb_sums.defined() || mb_sums.size(0) < n_micro))
-        mb_sums = be->empty({n_micro, kPairSumsWidth}, DType::F64);
+      // One more row than micro-batches: the optimizer's step record is copied behind them, so that one read
+      // brings both to the host.
+      if (n_micro > 0 && (!mb_sums.defined() || mb_sums.size(0) < n_micro + 1))
+        mb_sums = be->empty({n_micro + 1, kPairSumsWidth}, DType::F64);
       std::vector<std::pair<int64_t, int64_t>> mb_pairs_tokens;
       for (int64_t c = c0; c < c1; ++c) {
         std::vector<int64_t> idx = chunk_idx(c);
@@ -1089,16 +1098,8 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
         accumulate();
         mb_pairs_tokens.emplace_back(b.pairs, b.tokens_total);
       }
-      if (n_micro > 0) {
-        const std::vector<double> s = to_host_f64(*be, mb_sums.view(0, {n_micro, kPairSumsWidth}));
-        for (int64_t i = 0; i < n_micro; ++i) {
-          Window cw;
-          cw.add_pair_sums(s.data() + i * kPairSumsWidth, mb_pairs_tokens[static_cast<size_t>(i)].first,
-                           policy->config().vocab_size);
-          cw.tokens += static_cast<double>(mb_pairs_tokens[static_cast<size_t>(i)].second);
-          chunks.push_back(cw);
-        }
-      }
+      dpo_rows = n_micro;
+      dpo_pairs_tokens = std::move(mb_pairs_tokens);
     }
     test_fail_hook(me, p.step + 1);
     // The reductions: one per optimizer step (none per micro-batch).
@@ -1116,13 +1117,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       } else {
         comm.ordered_fold(grad, stash);
       }
-      // With the metrics, every rank's stop request: all ranks stop after the same step.
-      const double tokens_before = w.tokens;
-      stop_sig = fold_window_and_stop(comm, w, chunks, StopSignals::pending());
-      // Exact: token counts are integers far below 2^53, so the window's sums of them are too.
-      p.num_tokens += static_cast<int64_t>(w.tokens - tokens_before);
     }
-    if (kind == RunKind::Sft) w.pairs += sft_norm_tokens;  // SFT's loss is per completion token
     AdamW::StepInfo info = [&] {
       DPO_PHASE("optimizer");
       // AdamW updates the F32 master weights (params() itself in fp32) on the device: the norm, the clipping and
@@ -1143,7 +1138,17 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       // Without ZeRO the step reads all of `grad`, and zeroes it for the next step's accumulation.
       if (!zero) out.grad_after = GradAfterStep::Zero;
       opt.step_owned_async(policy->master_sharded() ? master : master.view(b, {len}), g_range, norm, out);
-      AdamW::StepInfo si = opt.finish_step();
+      AdamW::StepInfo si;
+      if (dpo_rows > 0) {
+        // The step's one wait: the micro-batches' metric sums and the optimizer's record, in one copy.
+        const Tensor& rec = opt.step_record();
+        DPO_ASSERT(rec.numel() <= kPairSumsWidth, "the optimizer's step record does not fit a metrics row");
+        be->copy(mb_sums.view(dpo_rows * kPairSumsWidth, {rec.numel()}), rec);
+        readback = to_host_f64(*be, mb_sums.view(0, {dpo_rows * kPairSumsWidth + rec.numel()}));
+        si = opt.finish_step(readback.data() + dpo_rows * kPairSumsWidth);
+      } else {
+        si = opt.finish_step();
+      }
       if (si.skipped) return si;
       if (policy->master_sharded()) {
         gather_ranges(policy->params(), policy->params().view(b, {len}), zfull16, zshard16);
@@ -1153,6 +1158,23 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       }
       return si;
     }();
+    for (int64_t i = 0; i < dpo_rows; ++i) {
+      Window cw;
+      cw.add_pair_sums(readback.data() + i * kPairSumsWidth, dpo_pairs_tokens[static_cast<size_t>(i)].first,
+                       policy->config().vocab_size);
+      cw.tokens += static_cast<double>(dpo_pairs_tokens[static_cast<size_t>(i)].second);
+      chunks.push_back(cw);
+    }
+    {
+      DPO_PHASE("metrics");
+      // With the metrics, every rank's stop request: all ranks stop after the same step.
+      const double tokens_before = w.tokens;
+      stop_sig = fold_window_and_stop(comm, w, chunks, StopSignals::pending());
+      // Exact: token counts are integers far below 2^53, so the window's sums of them are too.
+      p.num_tokens += static_cast<int64_t>(w.tokens - tokens_before);
+    }
+    if (kind == RunKind::Sft) w.pairs += sft_norm_tokens;  // SFT's loss is per completion token
+    if (ro.on_step) ro.on_step(p.step + 1);
     ++steps_run;
     if (info.skipped) {
       ++w_skipped;

@@ -10,7 +10,9 @@
 // checkpoints/final -> the last step directory's name in `latest`.
 #pragma once
 
+#include <functional>
 #include <map>
+#include <memory>
 #include <string>
 
 #include "model/gpt2.h"
@@ -27,6 +29,12 @@ struct RunOptions {
   // The ranks of a data-parallel run (docs/distributed.md). nullptr: make_communicator(), i.e. MPI when started
   // by mpirun/srun with several processes, else a single process. Not owned.
   Communicator* comm = nullptr;
+  // Tests (tests/test_host_sync.cpp): wraps the run's backend (e.g. in a CountingBackend); the wrapper forwards to
+  // `inner`, which outlives it. Unset: the backend itself.
+  std::function<std::unique_ptr<Backend>(Backend& inner)> wrap_backend;
+  // Tests: called after each optimizer step's metrics are folded, before anything is logged or saved, with the
+  // 1-based step number.
+  std::function<void(int64_t step)> on_step;
 };
 
 struct RunSummary {
