@@ -29,8 +29,8 @@
 // twin on the same values are the fp32 summation order (and the tensor cores' accumulation, which is fp32).
 //
 // dbias: the BGRADB epilogue writes (=) the bias gradient and cannot accumulate, so it would need a scratch vector
-// and an add (and in bf16 storage its output would be bf16, the type of D); a fixed-order column-sum kernel into
-// the fp32 dbias is simpler, deterministic and reads dout once.
+// and an add (and in bf16 storage its output would be bf16, the type of D); a fixed-order two-stage column sum into
+// the fp32 dbias (bias_grad below) is simpler, deterministic and reads dout once.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -208,30 +208,71 @@ void gemm_forward(CudaContext& ctx, T* out, const T* inp, const T* w, const T* b
   }
 }
 
-// dbias[j] += sum_n dout[n * ld + j] (ld >= OC: dout's row stride). A block owns 32 adjacent columns (coalesced
-// rows of 128 bytes); its kBiasRows thread rows each sum a fixed, strided set of n in order, then thread row 0 adds
-// the partial sums in order.
-// The summation order depends only on N, so the result is bitwise reproducible. fp32 accumulation.
+// dbias[j] += sum_n dout[n * ld + j] (ld >= OC: dout's row stride), in two deterministic stages so that the grid
+// fills the GPU (one block per 32 columns alone gives OC/32 = 24..96 blocks for GPT-2, on 132 SMs):
+//   stage 1, grid (column tiles, row chunks): block (x, r) owns kBiasCols adjacent columns (coalesced rows) of the
+//            rows [r * chunk_rows, min(N, (r + 1) * chunk_rows)); its kBiasRows thread rows each sum a fixed,
+//            strided subset of those rows in ascending order, then thread row 0 adds the kBiasRows sums in order
+//            and writes the chunk's partial sum (=) into the context's scratch, partial[r * OC + j];
+//   stage 2: one thread per column adds the chunks' partials in chunk order and accumulates (+=) into dbias.
+// The chunking (bias_chunk_rows) depends on N only, never on the device or the launch, so the summation order and
+// the result are bitwise reproducible. fp32 accumulation throughout.
 constexpr int kBiasCols = 32;
-constexpr int kBiasRows = 16;
+constexpr int kBiasRows = 8;
+constexpr int64_t kBiasMaxChunks = 64;     // at most this many partials per column (stage 2 reads them all)
+constexpr int64_t kBiasMinChunkRows = 64;  // at least this many rows per block (8 per thread row)
+
+int64_t bias_chunk_rows(int64_t N) { return std::max(kBiasMinChunkRows, (N + kBiasMaxChunks - 1) / kBiasMaxChunks); }
 
 template <class T>
 __global__ void __launch_bounds__(kBiasCols* kBiasRows)
-    bias_grad_kernel(float* __restrict__ dbias, const T* __restrict__ dout, int64_t N, int64_t OC, int64_t ld) {
+    bias_grad_partial_kernel(float* __restrict__ partial, const T* __restrict__ dout, int64_t N, int64_t OC,
+                             int64_t ld, int64_t chunk_rows) {
   __shared__ float part[kBiasRows][kBiasCols + 1];
   const int64_t j = int64_t(blockIdx.x) * kBiasCols + threadIdx.x;
+  const int64_t r = blockIdx.y;
+  const int64_t n0 = r * chunk_rows;
+  const int64_t n1 = n0 + chunk_rows < N ? n0 + chunk_rows : N;
   float acc = 0.0f;
   if (j < OC) {
 #pragma unroll 4
-    for (int64_t n = threadIdx.y; n < N; n += kBiasRows) acc += to_float(dout[n * ld + j]);
+    for (int64_t n = n0 + threadIdx.y; n < n1; n += kBiasRows) acc += to_float(dout[n * ld + j]);
   }
   part[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y == 0 && j < OC) {
     float s = 0.0f;
-    for (int r = 0; r < kBiasRows; ++r) s += part[r][threadIdx.x];
-    dbias[j] += s;
+#pragma unroll
+    for (int q = 0; q < kBiasRows; ++q) s += part[q][threadIdx.x];
+    partial[r * OC + j] = s;
   }
+}
+
+__global__ void bias_grad_reduce_kernel(float* __restrict__ dbias, const float* __restrict__ partial, int64_t chunks,
+                                        int64_t OC) {
+  const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= OC) return;
+  float s = 0.0f;
+  for (int64_t r = 0; r < chunks; ++r) s += partial[r * OC + j];
+  dbias[j] += s;
+}
+
+template <class T>
+void bias_grad(CudaContext& ctx, float* dbias, const T* dout, int64_t N, int64_t OC, int64_t ld) {
+  const int64_t chunk_rows = bias_chunk_rows(N);
+  const int64_t chunks = (N + chunk_rows - 1) / chunk_rows;  // <= kBiasMaxChunks
+  const int64_t tiles = (OC + kBiasCols - 1) / kBiasCols;
+  DPO_ASSERT(tiles <= INT32_MAX, "matmul_backward: OC = " + std::to_string(OC) + " exceeds one launch");
+  float* partial = static_cast<float*>(ctx.scratch(chunks * OC * static_cast<int64_t>(sizeof(float))));
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks));
+  bias_grad_partial_kernel<T><<<grid, dim3(kBiasCols, kBiasRows), 0, ctx.stream()>>>(partial, dout, N, OC, ld,
+                                                                                   chunk_rows);
+  DPO_CUDA_CHECK(cudaGetLastError());
+  constexpr int kReduceThreads = 256;
+  const int64_t rblocks = (OC + kReduceThreads - 1) / kReduceThreads;
+  bias_grad_reduce_kernel<<<static_cast<unsigned>(rblocks), kReduceThreads, 0, ctx.stream()>>>(dbias, partial, chunks,
+                                                                                              OC);
+  DPO_CUDA_CHECK(cudaGetLastError());
 }
 
 void check_ld(const char* fn, const char* what, int64_t ld, int64_t OC) {
@@ -276,12 +317,7 @@ void matmul_backward_impl(CudaContext& ctx, T* dinp, float* dw, float* dbias, co
       }
     }
   }
-  if (dbias && N > 0 && OC > 0) {
-    const int64_t blocks = (OC + kBiasCols - 1) / kBiasCols;
-    bias_grad_kernel<T><<<static_cast<unsigned>(blocks), dim3(kBiasCols, kBiasRows), 0, ctx.stream()>>>(dbias, dout,
-                                                                                                       N, OC, ld);
-    DPO_CUDA_CHECK(cudaGetLastError());
-  }
+  if (dbias && N > 0 && OC > 0) bias_grad(ctx, dbias, dout, N, OC, ld);
 }
 
 }  // namespace
