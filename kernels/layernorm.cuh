@@ -24,6 +24,8 @@
 
 #include <cstdint>
 
+#include "kernels/common.h"
+
 namespace dpo {
 class CudaContext;
 }
@@ -34,10 +36,27 @@ void layernorm_forward(CudaContext& ctx, float* out, float* mean, float* rstd, c
                        const float* b, int64_t N, int64_t C, double eps);
 void layernorm_forward(CudaContext& ctx, __nv_bfloat16* out, float* mean, float* rstd, const __nv_bfloat16* inp,
                        const __nv_bfloat16* w, const __nv_bfloat16* b, int64_t N, int64_t C, double eps);
+// The residual add fused into the forward (CPU twin cpu::residual_layernorm_forward, kernels/layernorm.h):
+//   res_out[N,C] = a + b                                   (=; may alias a or b)
+//   out[N,C], mean[N], rstd[N] = layernorm_forward(res_out) (=; out must not alias any argument)
+// Rounding contract: res_out = from_float<T>(float(a) + float(b)), element for element residual_forward's value
+// (kernels/residual.cuh), and the statistics and out are computed from the stored res_out by the same kernel body
+// as layernorm_forward, with the same per-row split and per-lane order (the split depends on the addresses of
+// res_out, out, w and b only). So the fused op is bitwise equal to residual_forward followed by layernorm_forward
+// on the GPU, for float and bf16, any C and any view offsets. One read of a and b and one write of res_out replace
+// the residual kernel's pass and the first LayerNorm read of res_out.
+void residual_layernorm_forward(CudaContext& ctx, float* res_out, float* out, float* mean, float* rstd,
+                                const float* a, const float* b, const float* w, const float* bias, int64_t N,
+                                int64_t C, double eps);
+void residual_layernorm_forward(CudaContext& ctx, __nv_bfloat16* res_out, __nv_bfloat16* out, float* mean,
+                                float* rstd, const __nv_bfloat16* a, const __nv_bfloat16* b, const __nv_bfloat16* w,
+                                const __nv_bfloat16* bias, int64_t N, int64_t C, double eps);
+// dinp_write = GradWrite::Overwrite: dinp = 0 + (the += term) (=; the old dinp is never read, NaN included).
 void layernorm_backward(CudaContext& ctx, float* dinp, float* dw, float* db, const float* dout, const float* inp,
-                        const float* w, const float* mean, const float* rstd, int64_t N, int64_t C);
+                        const float* w, const float* mean, const float* rstd, int64_t N, int64_t C,
+                        GradWrite dinp_write = GradWrite::Accumulate);
 void layernorm_backward(CudaContext& ctx, __nv_bfloat16* dinp, float* dw, float* db, const __nv_bfloat16* dout,
                         const __nv_bfloat16* inp, const __nv_bfloat16* w, const float* mean, const float* rstd,
-                        int64_t N, int64_t C);
+                        int64_t N, int64_t C, GradWrite dinp_write = GradWrite::Accumulate);
 
 }  // namespace dpo::cuda
