@@ -59,7 +59,7 @@ struct GPT2Config {
   int64_t num_parameters() const;
 };
 
-// Fusions of the training step (docs/kernels.md, "Fusions"), each a runtime switch so that one binary can compare
+// Fusions of the training step (docs/architecture.md, "Fusions"), each a runtime switch so that one binary can compare
 // the fused and unfused paths. All on by default.
 struct Fusions {
   // residual add + the next LayerNorm in one op (Backend::residual_layernorm_forward; bitwise equal to the pair).

@@ -1,4 +1,4 @@
-// The fused ops of the training step on the GPU (docs/kernels.md, "Fusions"), through the Backend interface: each
+// The fused ops of the training step on the GPU (docs/architecture.md, "Fusions"), through the Backend interface: each
 // fused op against the GPU's unfused ops and against the CPU twin, in fp32 and bf16, at GPT-2 124M's width and at
 // an odd width (C = 771: no vector width divides it), with views at odd element offsets; every output poisoned with
 // NaN before the call; determinism (the same call twice gives the same bits). Then the two-stage bias gradient at

@@ -1728,7 +1728,7 @@ TEST(CpuBackendDecode, Bf16StepIsTheF32StepRoundedOnceAndArgumentsAreChecked) {
 }
 
 // ============================================================================================== fusions
-// The fused ops of the training step (docs/kernels.md, "Fusions") against the unfused ops they replace.
+// The fused ops of the training step (docs/architecture.md, "Fusions") against the unfused ops they replace.
 
 // residual_layernorm_forward is bitwise residual_forward followed by layernorm_forward, in float and double, at the
 // test's odd sizes and at C = 771 (no vector width divides it), with every output poisoned first and with res_out
