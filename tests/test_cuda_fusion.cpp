@@ -330,6 +330,43 @@ TEST(CudaFusion, GeluEpiloguesAreTakenAtGpt2Shapes) {
   EXPECT_TRUE(all_finite(get(gpu, dpre)));
 }
 
+// --- LayerNorm backward ---------------------------------------------------------------------------------------------
+
+// The one-pass backward (kernels/layernorm.cuh) at GPT-2 124M's width (48 KiB of accumulators), at C = 1600 (GPT-2
+// XL: above the default 48 KiB, so the opt-in shared memory path) and at C = 4001 (past an H100's shared memory: the
+// two-pass form), fp32, against the CPU twin: dinp within test_cuda_kernels_a's kLayerNormTol (1e-5 of
+// max(1, max |ref|), justified there); dw, db within 2e-5 of max(1, max |ref|) as there (fp32 sums: 4 rows per
+// warp, 8 warps, then 129 chunk partials of magnitude <~ 100 added in order: <~ 140 roundings of <= 6e-6 each,
+// about 1e-4 absolute at worst against a scale of ~200 for sums of 4103 O(1) terms). += onto random values, and
+// twice bitwise equal.
+TEST(CudaFusion, LayerNormBackwardOnePassMatchesTheCpuTwinAndIsDeterministic) {
+  DPO_REQUIRE_GPU();
+  std::mt19937_64 g(test_seed());
+  Backends b;
+  for (int64_t C : {768, 1600, 4001}) {
+    SCOPED_TRACE("C=" + std::to_string(C));
+    const int64_t N = 4096 + 7;
+    const DType dt = DType::F32;
+    auto xv = randn<double>(g, N * C, 1.5), wv = randn<double>(g, C), bv = randn<double>(g, C);
+    const auto dv = randn<double>(g, N * C), di0 = randn<double>(g, N * C), dw0 = randn<double>(g, C);
+    for (auto& x : xv) x += 0.3;
+    auto run = [&](Backend& be) {
+      const Tensor x = put_at(be, xv, {N, C}, dt), w = put_at(be, wv, {C}, dt), bias = put_at(be, bv, {C}, dt);
+      const Tensor d = put_at(be, dv, {N, C}, dt);
+      Tensor out = be.empty({N, C}, dt), mean = be.empty({N}, dt), rstd = be.empty({N}, dt);
+      be.layernorm_forward(out, mean, rstd, x, w, bias, 1e-5);
+      Tensor di = put_at(be, di0, {N, C}, dt), dw = put_at(be, dw0, {C}, dt), db = put_at(be, dw0, {C}, dt);
+      be.layernorm_backward(di, dw, db, d, x, w, mean, rstd);
+      return std::vector<std::vector<double>>{get(be, di), get(be, dw), get(be, db)};
+    };
+    const auto ref = run(*b.cpu), got = run(*b.gpu), again = run(*b.gpu);
+    EXPECT_LE(test::max_rel_err(got[0], ref[0]), 1e-5) << "dinp";
+    EXPECT_LE(test::max_rel_err(got[1], ref[1]), 2e-5) << "dw";
+    EXPECT_LE(test::max_rel_err(got[2], ref[2]), 2e-5) << "db";
+    EXPECT_TRUE(got == again) << "not deterministic";
+  }
+}
+
 // --- the bias gradient --------------------------------------------------------------------------------------------
 
 // The two-stage reduction (kernels/matmul.cu, bias_grad) at GPT-2 batch sizes (N = 8 x 1024 rows) and at an odd
