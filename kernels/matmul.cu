@@ -200,8 +200,13 @@ bool lt_gemm(CudaContext& ctx, int64_t m, int64_t n, int64_t k, cudaDataType_t a
   int found = 0;
   const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(ctx.cublaslt(), op, a_layout, b_layout, d_layout,
                                                            d_layout, pref, 1, &heur, &found);
-  // No algorithm takes the epilogue here: the caller runs a plain GEMM, then the epilogue's work separately.
-  if (fused && (st == CUBLAS_STATUS_NOT_SUPPORTED || (st == CUBLAS_STATUS_SUCCESS && found == 0))) return false;
+  // No algorithm takes the epilogue here: the caller runs a plain GEMM, then the epilogue's work separately. For the
+  // GELU epilogues (an aux matrix) any refusal of the heuristic counts as that: their attribute rules (aux layout,
+  // types) vary between cuBLASLt versions, and the unfused ops are always correct.
+  if (fused && (st == CUBLAS_STATUS_NOT_SUPPORTED || (st == CUBLAS_STATUS_SUCCESS && found == 0) ||
+                (epi.aux && st != CUBLAS_STATUS_SUCCESS))) {
+    return false;
+  }
   auto what = [&] {
     return std::string(type_name(ab_type)) + " x " + type_name(ab_type) + " -> " + type_name(d_type) +
            " m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k);
