@@ -337,8 +337,9 @@ TEST(Gpt2Model, FusionsOnAndOffGiveBitwiseEqualGradients) {
     if (dt == DType::BF16) {
       const StepResult all = run_step(*be, cfg, dt, m64, in, Fusions::all());
       // The GELU fusion moves a few BF16 roundings (about 2^-9 relative each, runtime/backend.h) in the MLP of each
-      // layer; through two layers the gradients move by a few BF16 ulps of the largest gradient. 2% of the largest
-      // is that with margin; a fusion that drops gelu' or the bias changes gradients by O(100%).
+      // layer; through two layers the gradients move by a few BF16 ulps of the largest gradient (measured: 0.24% of
+      // the largest). 2% of the largest is that with margin; a fusion that drops gelu' or the bias changes gradients
+      // by O(100%).
       for (size_t i = 0; i < all.grads_f64.size(); ++i)
         ASSERT_NEAR(all.grads_f64[i], off.grads_f64[i], 0.02 * gmax) << i;
     }
