@@ -50,19 +50,27 @@ static __global__ void gelu_forward_kernel(T* out, const T* inp, int64_t N, int6
       });
 }
 
-template <class T>
+// kOverwrite: the old dinp is not read; the same expression with 0 in its place (kernels/common.h, GradWrite).
+template <class T, bool kOverwrite>
 static __global__ void gelu_backward_kernel(T* dinp, const T* dout, const T* inp, int64_t N, int64_t head) {
   constexpr int G = 16 / sizeof(T);
   const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nt = static_cast<int64_t>(gridDim.x) * blockDim.x;
   split_loop<G>(
       t, nt, N, head,
-      [&](int64_t i) { dinp[i] = from_float<T>(gelu_grad1(to_float(dinp[i]), to_float(dout[i]), to_float(inp[i]))); },
+      [&](int64_t i) {
+        const float old = kOverwrite ? 0.0f : to_float(dinp[i]);
+        dinp[i] = from_float<T>(gelu_grad1(old, to_float(dout[i]), to_float(inp[i])));
+      },
       [&](int64_t i) {
         const Pack<T, G> x = load_pack<G>(inp, i), d = load_pack<G>(dout, i);
-        Pack<T, G> a = load_pack<G>(dinp, i);
+        Pack<T, G> a;
+        if constexpr (!kOverwrite) a = load_pack<G>(dinp, i);
 #pragma unroll
-        for (int j = 0; j < G; ++j) a.e[j] = from_float<T>(gelu_grad1(to_float(a.e[j]), to_float(d.e[j]), to_float(x.e[j])));
+        for (int j = 0; j < G; ++j) {
+          const float old = kOverwrite ? 0.0f : to_float(a.e[j]);
+          a.e[j] = from_float<T>(gelu_grad1(old, to_float(d.e[j]), to_float(x.e[j])));
+        }
         store_pack<G>(dinp, i, a);
       });
 }
@@ -78,12 +86,17 @@ static void gelu_forward_impl(CudaContext& ctx, T* out, const T* inp, int64_t N)
 }
 
 template <class T>
-static void gelu_backward_impl(CudaContext& ctx, T* dinp, const T* dout, const T* inp, int64_t N) {
+static void gelu_backward_impl(CudaContext& ctx, T* dinp, const T* dout, const T* inp, int64_t N,
+                               GradWrite dinp_write) {
   DPO_NVTX_RANGE("gelu_backward");
   if (N <= 0) return;
   const VecView v[] = {{dinp, sizeof(T)}, {dout, sizeof(T)}, {inp, sizeof(T)}};
   const int64_t head = vec_head(N, 16 / sizeof(T), v, 3);
-  gelu_backward_kernel<T><<<grid_for<T>(N), kThreads, 0, ctx.stream()>>>(dinp, dout, inp, N, head);
+  if (dinp_write == GradWrite::Overwrite) {
+    gelu_backward_kernel<T, true><<<grid_for<T>(N), kThreads, 0, ctx.stream()>>>(dinp, dout, inp, N, head);
+  } else {
+    gelu_backward_kernel<T, false><<<grid_for<T>(N), kThreads, 0, ctx.stream()>>>(dinp, dout, inp, N, head);
+  }
   DPO_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -92,12 +105,13 @@ void gelu_forward(CudaContext& ctx, __nv_bfloat16* out, const __nv_bfloat16* inp
   gelu_forward_impl(ctx, out, inp, N);
 }
 
-void gelu_backward(CudaContext& ctx, float* dinp, const float* dout, const float* inp, int64_t N) {
-  gelu_backward_impl(ctx, dinp, dout, inp, N);
+void gelu_backward(CudaContext& ctx, float* dinp, const float* dout, const float* inp, int64_t N,
+                   GradWrite dinp_write) {
+  gelu_backward_impl(ctx, dinp, dout, inp, N, dinp_write);
 }
 void gelu_backward(CudaContext& ctx, __nv_bfloat16* dinp, const __nv_bfloat16* dout, const __nv_bfloat16* inp,
-                   int64_t N) {
-  gelu_backward_impl(ctx, dinp, dout, inp, N);
+                   int64_t N, GradWrite dinp_write) {
+  gelu_backward_impl(ctx, dinp, dout, inp, N, dinp_write);
 }
 
 }  // namespace dpo::cuda

@@ -1,7 +1,7 @@
 // GELU, tanh form (GPT-2's "gelu_new"), on the GPU. Contract: kernels/gelu.h (CPU twin cpu::gelu_forward/backward).
 //   gelu(x) = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 //   forward : out[N] = gelu(inp)                 (=; out may alias inp)
-//   backward: dinp[N] += dout * gelu'(inp)       (+=)
+//   backward: dinp[N] += dout * gelu'(inp)       (+=, or = with GradWrite::Overwrite)
 // Storage float or bf16 (all three arrays of a call the same type); arithmetic in float, each bf16 output rounded
 // once (dinp: read, add in float, round once). Computed as 0.5 x (1 + tanhf(u)) with the CUDA math API's tanhf
 // (<= 2 ulp), while the CPU twin's float path evaluates the same function as x * sigmoid(2u) with its own exp
@@ -15,6 +15,8 @@
 
 #include <cstdint>
 
+#include "kernels/common.h"
+
 namespace dpo {
 class CudaContext;
 }
@@ -23,8 +25,10 @@ namespace dpo::cuda {
 
 void gelu_forward(CudaContext& ctx, float* out, const float* inp, int64_t N);
 void gelu_forward(CudaContext& ctx, __nv_bfloat16* out, const __nv_bfloat16* inp, int64_t N);
-void gelu_backward(CudaContext& ctx, float* dinp, const float* dout, const float* inp, int64_t N);
+// dinp_write = GradWrite::Overwrite: dinp = 0 + dout * gelu'(inp) (=; the old dinp is never read, NaN included).
+void gelu_backward(CudaContext& ctx, float* dinp, const float* dout, const float* inp, int64_t N,
+                   GradWrite dinp_write = GradWrite::Accumulate);
 void gelu_backward(CudaContext& ctx, __nv_bfloat16* dinp, const __nv_bfloat16* dout, const __nv_bfloat16* inp,
-                   int64_t N);
+                   int64_t N, GradWrite dinp_write = GradWrite::Accumulate);
 
 }  // namespace dpo::cuda

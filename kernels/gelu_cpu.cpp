@@ -106,11 +106,18 @@ void gelu_forward(T* out, const T* inp, int64_t N) {
 }
 
 template <class T>
-void gelu_backward(T* dinp, const T* dout, const T* inp, int64_t N) {
+void gelu_backward(T* dinp, const T* dout, const T* inp, int64_t N, GradWrite dinp_write) {
   if constexpr (std::is_same_v<T, float>) {
+    if (dinp_write == GradWrite::Overwrite) {
+      // 0.0f + p, not p: the += result on a zeroed dinp, -0 products included (IEEE: +0 + -0 = +0).
+#pragma omp parallel for simd schedule(static) if (N > 16384)
+      for (int64_t i = 0; i < N; ++i) dinp[i] = 0.0f + dout[i] * gelu_grad_f(inp[i]);
+      return;
+    }
 #pragma omp parallel for simd schedule(static) if (N > 16384)
     for (int64_t i = 0; i < N; ++i) dinp[i] += dout[i] * gelu_grad_f(inp[i]);
   } else {
+    if (dinp_write == GradWrite::Overwrite) std::fill(dinp, dinp + N, T(0));
     const T a = static_cast<T>(kSqrt2OverPi), k = static_cast<T>(kCubic);
 #pragma omp parallel for schedule(static) if (N > 16384)
     for (int64_t i = 0; i < N; ++i) {
@@ -125,7 +132,7 @@ void gelu_backward(T* dinp, const T* dout, const T* inp, int64_t N) {
 
 template void gelu_forward<float>(float*, const float*, int64_t);
 template void gelu_forward<double>(double*, const double*, int64_t);
-template void gelu_backward<float>(float*, const float*, const float*, int64_t);
-template void gelu_backward<double>(double*, const double*, const double*, int64_t);
+template void gelu_backward<float>(float*, const float*, const float*, int64_t, GradWrite);
+template void gelu_backward<double>(double*, const double*, const double*, int64_t, GradWrite);
 
 }  // namespace dpo::cpu

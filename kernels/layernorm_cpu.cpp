@@ -5,36 +5,58 @@
 
 namespace dpo::cpu {
 
+namespace {
+
+// One row of the forward: out, mean, rstd from x[0, C).
+template <class T>
+inline void layernorm_row(T* o, T* mean, T* rstd, const T* x, const T* w, const T* b, int64_t C, double eps) {
+  // Two passes in double: GPT-2 activations can have |mean| >> std, where a one-pass E[x^2]-E[x]^2 cancels.
+  double m = 0.0;
+  for (int64_t c = 0; c < C; ++c) m += static_cast<double>(x[c]);
+  m /= static_cast<double>(C);
+  double v = 0.0;
+  for (int64_t c = 0; c < C; ++c) {
+    const double d = static_cast<double>(x[c]) - m;
+    v += d * d;
+  }
+  v /= static_cast<double>(C);
+  const double s = 1.0 / std::sqrt(v + eps);
+  for (int64_t c = 0; c < C; ++c) {
+    const double xn = (static_cast<double>(x[c]) - m) * s;
+    o[c] = static_cast<T>(xn * static_cast<double>(w[c]) + static_cast<double>(b[c]));
+  }
+  *mean = static_cast<T>(m);
+  *rstd = static_cast<T>(s);
+}
+
+}  // namespace
+
 template <class T>
 void layernorm_forward(T* out, T* mean, T* rstd, const T* inp, const T* w, const T* b, int64_t N, int64_t C,
                        double eps) {
 #pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; ++n) layernorm_row(out + n * C, mean + n, rstd + n, inp + n * C, w, b, C, eps);
+}
+
+// Row by row: the add (residual_forward's `a[i] + b[i]` in T), then the row's LayerNorm on the stored sum, while
+// the row is still in cache.
+template <class T>
+void residual_layernorm_forward(T* res_out, T* out, T* mean, T* rstd, const T* a, const T* b, const T* w,
+                                const T* bias, int64_t N, int64_t C, double eps) {
+#pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
-    const T* x = inp + n * C;
-    // Two passes in double: GPT-2 activations can have |mean| >> std, where a one-pass E[x^2]-E[x]^2 cancels.
-    double m = 0.0;
-    for (int64_t c = 0; c < C; ++c) m += static_cast<double>(x[c]);
-    m /= static_cast<double>(C);
-    double v = 0.0;
-    for (int64_t c = 0; c < C; ++c) {
-      const double d = static_cast<double>(x[c]) - m;
-      v += d * d;
-    }
-    v /= static_cast<double>(C);
-    const double s = 1.0 / std::sqrt(v + eps);
-    T* o = out + n * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const double xn = (static_cast<double>(x[c]) - m) * s;
-      o[c] = static_cast<T>(xn * static_cast<double>(w[c]) + static_cast<double>(b[c]));
-    }
-    mean[n] = static_cast<T>(m);
-    rstd[n] = static_cast<T>(s);
+    T* r = res_out + n * C;
+    const T* pa = a + n * C;
+    const T* pb = b + n * C;
+    for (int64_t c = 0; c < C; ++c) r[c] = pa[c] + pb[c];
+    layernorm_row(out + n * C, mean + n, rstd + n, static_cast<const T*>(r), w, bias, C, eps);
   }
 }
 
 template <class T>
 void layernorm_backward(T* dinp, T* dw, T* db, const T* dout, const T* inp, const T* w, const T* mean,
-                        const T* rstd, int64_t N, int64_t C) {
+                        const T* rstd, int64_t N, int64_t C, GradWrite dinp_write) {
+  const bool overwrite = dinp_write == GradWrite::Overwrite;
 #pragma omp parallel for schedule(static)
   for (int64_t n = 0; n < N; ++n) {
     const T* x = inp + n * C;
@@ -53,7 +75,8 @@ void layernorm_backward(T* dinp, T* dw, T* db, const T* dout, const T* inp, cons
     for (int64_t c = 0; c < C; ++c) {
       const double xn = (static_cast<double>(x[c]) - m) * s;
       const double dn = static_cast<double>(w[c]) * static_cast<double>(d[c]);
-      di[c] += static_cast<T>((dn - dnorm_mean - xn * dnorm_norm_mean) * s);
+      const T g = static_cast<T>((dn - dnorm_mean - xn * dnorm_norm_mean) * s);
+      di[c] = (overwrite ? T(0) : di[c]) + g;  // T(0) + g, not g: the += result on a zeroed dinp, -0 included
     }
   }
   // dw and db reduce over rows: threads split the channels so each sum runs over n in a fixed order.
@@ -84,9 +107,13 @@ template void layernorm_forward<float>(float*, float*, float*, const float*, con
                                        int64_t, double);
 template void layernorm_forward<double>(double*, double*, double*, const double*, const double*, const double*,
                                         int64_t, int64_t, double);
+template void residual_layernorm_forward<float>(float*, float*, float*, float*, const float*, const float*,
+                                                const float*, const float*, int64_t, int64_t, double);
+template void residual_layernorm_forward<double>(double*, double*, double*, double*, const double*, const double*,
+                                                 const double*, const double*, int64_t, int64_t, double);
 template void layernorm_backward<float>(float*, float*, float*, const float*, const float*, const float*,
-                                        const float*, const float*, int64_t, int64_t);
+                                        const float*, const float*, int64_t, int64_t, GradWrite);
 template void layernorm_backward<double>(double*, double*, double*, const double*, const double*, const double*,
-                                         const double*, const double*, int64_t, int64_t);
+                                         const double*, const double*, int64_t, int64_t, GradWrite);
 
 }  // namespace dpo::cpu

@@ -19,9 +19,10 @@ template <class T>
 void matmul_forward(T* out, const T* inp, const T* w, const T* bias, int64_t N, int64_t C, int64_t OC,
                     WeightLayout layout, int64_t ld_out);
 
+// dinp_write = GradWrite::Overwrite: dinp = dout @ W^T (=; BLAS beta = 0, bitwise the += result on a zeroed dinp).
 template <class T>
 void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, const T* w, int64_t N, int64_t C,
-                     int64_t OC, WeightLayout layout, int64_t ld_dout);
+                     int64_t OC, WeightLayout layout, int64_t ld_dout, GradWrite dinp_write = GradWrite::Accumulate);
 
 template <class T>
 inline void matmul_forward(T* out, const T* inp, const T* w, const T* bias, int64_t N, int64_t C, int64_t OC,

@@ -58,15 +58,17 @@ void matmul_forward(T* out, const T* inp, const T* w, const T* bias, int64_t N, 
 
 template <class T>
 void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, const T* w, int64_t N, int64_t C,
-                     int64_t OC, WeightLayout layout, int64_t ld_dout) {
+                     int64_t OC, WeightLayout layout, int64_t ld_dout, GradWrite dinp_write) {
   if (ld_dout < OC)
     throw Error("matmul_backward: row stride " + std::to_string(ld_dout) + " < OC " + std::to_string(OC));
   if (N > 0 && C > 0 && OC > 0) {  // otherwise dinp and dw get empty sums
     if (dinp) {
+      // beta = 0: BLAS does not read C (NaN included) and starts from +0, as the += form does on a zeroed dinp.
+      const T beta = dinp_write == GradWrite::Overwrite ? T(0) : T(1);
       if (layout == WeightLayout::InOut) {
-        gemm<T>(false, true, N, C, OC, dout, ld_dout, w, OC, T(1), dinp, C);  // dout[N,OC] @ w[C,OC]^T
+        gemm<T>(false, true, N, C, OC, dout, ld_dout, w, OC, beta, dinp, C);  // dout[N,OC] @ w[C,OC]^T
       } else {
-        gemm<T>(false, false, N, C, OC, dout, ld_dout, w, C, T(1), dinp, C);  // dout[N,OC] @ w[OC,C]
+        gemm<T>(false, false, N, C, OC, dout, ld_dout, w, C, beta, dinp, C);  // dout[N,OC] @ w[OC,C]
       }
     }
     if (dw) {
@@ -76,6 +78,9 @@ void matmul_backward(T* dinp, T* dw, T* dbias, const T* dout, const T* inp, cons
         gemm<T>(true, false, OC, C, N, dout, ld_dout, inp, C, T(1), dw, C);  // dout^T @ inp -> [OC,C]
       }
     }
+  }
+  if (dinp && dinp_write == GradWrite::Overwrite && !(N > 0 && C > 0 && OC > 0)) {
+    std::fill(dinp, dinp + N * C, T(0));  // an empty sum
   }
   if (dbias && N > 0) {
     // Threads split the output channels; each sums over n in order (deterministic for any thread count).
@@ -99,8 +104,8 @@ template void matmul_forward<float>(float*, const float*, const float*, const fl
 template void matmul_forward<double>(double*, const double*, const double*, const double*, int64_t, int64_t, int64_t,
                                      WeightLayout, int64_t);
 template void matmul_backward<float>(float*, float*, float*, const float*, const float*, const float*, int64_t,
-                                     int64_t, int64_t, WeightLayout, int64_t);
+                                     int64_t, int64_t, WeightLayout, int64_t, GradWrite);
 template void matmul_backward<double>(double*, double*, double*, const double*, const double*, const double*,
-                                      int64_t, int64_t, int64_t, WeightLayout, int64_t);
+                                      int64_t, int64_t, int64_t, WeightLayout, int64_t, GradWrite);
 
 }  // namespace dpo::cpu

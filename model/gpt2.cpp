@@ -2,9 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <sstream>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <sstream>
 
 #include "runtime/trace_range.h"
 
@@ -45,6 +46,33 @@ void GPT2Config::validate(const std::string& where) const {
 int64_t GPT2Config::num_parameters() const {
   const int64_t C = n_embd;
   return vocab_size * C + max_seq_len * C + n_layer * (12 * C * C + 13 * C) + 2 * C;
+}
+
+Fusions Fusions::parse(const std::string& spec) {
+  if (spec.empty()) return defaults();
+  if (spec == "all") return all();
+  if (spec == "none") return none();
+  Fusions f = none();
+  std::stringstream in(spec);
+  std::string name;
+  while (std::getline(in, name, ',')) {
+    if (name == "residual_layernorm") f.residual_layernorm = true;
+    else if (name == "overwrite_grads") f.overwrite_grads = true;
+    else if (name == "gelu_epilogue") f.gelu_epilogue = true;
+    else
+      throw InputError("DPO_FUSIONS: unknown fusion '" + name + "' in '" + spec +
+                       "'; expected all, none, or a comma-separated list of residual_layernorm, overwrite_grads, "
+                       "gelu_epilogue");
+  }
+  return f;
+}
+
+const Fusions& Fusions::from_env() {
+  static const Fusions f = [] {
+    const char* v = std::getenv("DPO_FUSIONS");
+    return parse(v ? std::string(v) : std::string());
+  }();
+  return f;
 }
 
 std::vector<ParamSpec> gpt2_param_specs(const GPT2Config& cfg) {
@@ -93,7 +121,8 @@ struct GPT2::Acts {
   Tensor dres, dln, dqkv, datty, dfch, dfch_gelu;
 };
 
-GPT2::GPT2(Backend& backend, GPT2Config cfg, DType dtype) : be_(&backend), cfg_(cfg), dtype_(dtype) {
+GPT2::GPT2(Backend& backend, GPT2Config cfg, DType dtype)
+    : be_(&backend), cfg_(cfg), dtype_(dtype), fusions_(Fusions::from_env()) {
   cfg_.validate("GPT2Config");
   specs_ = gpt2_param_specs(cfg_);
   const int64_t n = cfg_.num_parameters();
@@ -248,30 +277,58 @@ void GPT2::forward_trunk(const Tensor& tokens, const Tensor& keymask) {
   Acts& a = *acts_;
   Backend& be = *be_;
   be.encoder_forward(a.encoded, tokens, param("wte.weight"), param("wpe.weight"));
+  // Fusions (gpt2.h): with residual_layernorm each residual add also computes the LayerNorm that reads its sum
+  // (ln_2 after the attention, then the next layer's ln_1 or ln_f after the MLP), so only h.0's ln_1 runs alone.
+  const bool fuse_ln = fusions_.residual_layernorm;
+  const bool fuse_gelu = fusions_.gelu_epilogue && dtype_ == DType::BF16;
   Tensor residual = a.encoded;
   for (int64_t l = 0; l < cfg_.n_layer; ++l) {
     auto& L = a.layers[static_cast<size_t>(l)];
     const std::string p = "h." + std::to_string(l) + ".";
     DPO_TRACE_RANGE("h." + std::to_string(l) + " forward");
-    be.layernorm_forward(L.ln1, L.ln1_mean, L.ln1_rstd, residual, param(p + "ln_1.weight"), param(p + "ln_1.bias"),
-                         cfg_.ln_eps);
+    if (l == 0 || !fuse_ln) {
+      be.layernorm_forward(L.ln1, L.ln1_mean, L.ln1_rstd, residual, param(p + "ln_1.weight"),
+                           param(p + "ln_1.bias"), cfg_.ln_eps);
+    }
     be.matmul_forward(L.qkv, L.ln1, param(p + "attn.c_attn.weight"), param(p + "attn.c_attn.bias"),
                       WeightLayout::InOut);
     be.attention_forward(L.atty, L.att, L.qkv, keymask, NH);
     be.matmul_forward(a.proj, L.atty, param(p + "attn.c_proj.weight"), param(p + "attn.c_proj.bias"),
                       WeightLayout::InOut);
-    be.residual_forward(L.res2, residual, a.proj);
-    be.layernorm_forward(L.ln2, L.ln2_mean, L.ln2_rstd, L.res2, param(p + "ln_2.weight"), param(p + "ln_2.bias"),
-                         cfg_.ln_eps);
-    be.matmul_forward(L.fch, L.ln2, param(p + "mlp.c_fc.weight"), param(p + "mlp.c_fc.bias"), WeightLayout::InOut);
-    be.gelu_forward(L.fch_gelu, L.fch);
+    if (fuse_ln) {
+      be.residual_layernorm_forward(L.res2, L.ln2, L.ln2_mean, L.ln2_rstd, residual, a.proj,
+                                    param(p + "ln_2.weight"), param(p + "ln_2.bias"), cfg_.ln_eps);
+    } else {
+      be.residual_forward(L.res2, residual, a.proj);
+      be.layernorm_forward(L.ln2, L.ln2_mean, L.ln2_rstd, L.res2, param(p + "ln_2.weight"),
+                           param(p + "ln_2.bias"), cfg_.ln_eps);
+    }
+    if (fuse_gelu) {
+      be.matmul_gelu_forward(L.fch_gelu, L.fch, L.ln2, param(p + "mlp.c_fc.weight"), param(p + "mlp.c_fc.bias"),
+                             WeightLayout::InOut);
+    } else {
+      be.matmul_forward(L.fch, L.ln2, param(p + "mlp.c_fc.weight"), param(p + "mlp.c_fc.bias"),
+                        WeightLayout::InOut);
+      be.gelu_forward(L.fch_gelu, L.fch);
+    }
     be.matmul_forward(a.proj, L.fch_gelu, param(p + "mlp.c_proj.weight"), param(p + "mlp.c_proj.bias"),
                       WeightLayout::InOut);
-    be.residual_forward(L.res3, L.res2, a.proj);
+    if (fuse_ln) {
+      const bool last = l + 1 == cfg_.n_layer;
+      const std::string q = last ? "ln_f." : "h." + std::to_string(l + 1) + ".ln_1.";
+      auto& next = last ? L : a.layers[static_cast<size_t>(l + 1)];
+      be.residual_layernorm_forward(L.res3, last ? a.lnf : next.ln1, last ? a.lnf_mean : next.ln1_mean,
+                                    last ? a.lnf_rstd : next.ln1_rstd, L.res2, a.proj, param(q + "weight"),
+                                    param(q + "bias"), cfg_.ln_eps);
+    } else {
+      be.residual_forward(L.res3, L.res2, a.proj);
+    }
     residual = L.res3;
   }
-  be.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, param("ln_f.weight"), param("ln_f.bias"),
-                       cfg_.ln_eps);
+  if (!fuse_ln || cfg_.n_layer == 0) {
+    be.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, param("ln_f.weight"), param("ln_f.bias"),
+                         cfg_.ln_eps);
+  }
   tokens_ = tokens;
   keymask_ = keymask;
   targets_ = Tensor();  // any earlier head state is stale now
@@ -305,9 +362,9 @@ void GPT2::backward(const Tensor& dseq) {
   {
     DPO_TRACE_RANGE("lm_head backward");
     be.logprob_backward(a.logits, a.logits, targets_, weights_, dseq, cfg_.vocab_size);
-    be.fill_zero(a.dln);
+    if (!fusions_.overwrite_grads) be.fill_zero(a.dln);
     be.matmul_backward(a.dln, grad("wte.weight"), Tensor(), a.logits, a.lnf, param("wte.weight"),
-                       WeightLayout::OutIn);
+                       WeightLayout::OutIn, first_write());
   }
   backward_trunk();
   targets_ = Tensor();  // the logits were consumed; a second backward needs a new forward
@@ -341,9 +398,13 @@ void GPT2::backward_trunk() {
     ++next_bucket;
   };
   const Tensor& last = cfg_.n_layer > 0 ? a.layers.back().res3 : a.encoded;
-  be.fill_zero(a.dres);
+  // overwrite_grads (gpt2.h): each buffer's first contribution is written with "=" instead of fill_zero + "+=".
+  const bool ow = fusions_.overwrite_grads;
+  const GradWrite first = first_write();
+  const bool fuse_gelu = fusions_.gelu_epilogue && dtype_ == DType::BF16;
+  if (!ow) be.fill_zero(a.dres);
   be.layernorm_backward(a.dres, grad("ln_f.weight"), grad("ln_f.bias"), a.dln, last, param("ln_f.weight"),
-                        a.lnf_mean, a.lnf_rstd);
+                        a.lnf_mean, a.lnf_rstd, first);
   ready();  // ln_f
   // a.dres holds dL/d(residual stream) at the current depth; both branches of each residual add read it, and
   // each LayerNorm backward accumulates into it, which is the residual backward done in place.
@@ -352,24 +413,29 @@ void GPT2::backward_trunk() {
     const std::string p = "h." + std::to_string(l) + ".";
     DPO_TRACE_RANGE("h." + std::to_string(l) + " backward");
     const Tensor& residual = l > 0 ? a.layers[static_cast<size_t>(l - 1)].res3 : a.encoded;
-    be.fill_zero(a.dfch_gelu);
-    be.matmul_backward(a.dfch_gelu, grad(p + "mlp.c_proj.weight"), grad(p + "mlp.c_proj.bias"), a.dres,
-                       L.fch_gelu, param(p + "mlp.c_proj.weight"), WeightLayout::InOut);
-    be.fill_zero(a.dfch);
-    be.gelu_backward(a.dfch, a.dfch_gelu, L.fch);
-    be.fill_zero(a.dln);
+    if (fuse_gelu) {
+      be.matmul_backward_dgelu(a.dfch, grad(p + "mlp.c_proj.weight"), grad(p + "mlp.c_proj.bias"), a.dres,
+                               L.fch_gelu, param(p + "mlp.c_proj.weight"), L.fch, WeightLayout::InOut);
+    } else {
+      if (!ow) be.fill_zero(a.dfch_gelu);
+      be.matmul_backward(a.dfch_gelu, grad(p + "mlp.c_proj.weight"), grad(p + "mlp.c_proj.bias"), a.dres,
+                         L.fch_gelu, param(p + "mlp.c_proj.weight"), WeightLayout::InOut, first);
+      if (!ow) be.fill_zero(a.dfch);
+      be.gelu_backward(a.dfch, a.dfch_gelu, L.fch, first);
+    }
+    if (!ow) be.fill_zero(a.dln);
     be.matmul_backward(a.dln, grad(p + "mlp.c_fc.weight"), grad(p + "mlp.c_fc.bias"), a.dfch, L.ln2,
-                       param(p + "mlp.c_fc.weight"), WeightLayout::InOut);
+                       param(p + "mlp.c_fc.weight"), WeightLayout::InOut, first);
     be.layernorm_backward(a.dres, grad(p + "ln_2.weight"), grad(p + "ln_2.bias"), a.dln, L.res2,
                           param(p + "ln_2.weight"), L.ln2_mean, L.ln2_rstd);
-    be.fill_zero(a.datty);
+    if (!ow) be.fill_zero(a.datty);
     be.matmul_backward(a.datty, grad(p + "attn.c_proj.weight"), grad(p + "attn.c_proj.bias"), a.dres, L.atty,
-                       param(p + "attn.c_proj.weight"), WeightLayout::InOut);
-    be.fill_zero(a.dqkv);
+                       param(p + "attn.c_proj.weight"), WeightLayout::InOut, first);
+    be.fill_zero(a.dqkv);  // attention_backward accumulates (its kernels have no "=" form)
     be.attention_backward(a.dqkv, a.datty, L.qkv, L.att, NH);
-    be.fill_zero(a.dln);
+    if (!ow) be.fill_zero(a.dln);
     be.matmul_backward(a.dln, grad(p + "attn.c_attn.weight"), grad(p + "attn.c_attn.bias"), a.dqkv, L.ln1,
-                       param(p + "attn.c_attn.weight"), WeightLayout::InOut);
+                       param(p + "attn.c_attn.weight"), WeightLayout::InOut, first);
     be.layernorm_backward(a.dres, grad(p + "ln_1.weight"), grad(p + "ln_1.bias"), a.dln, residual,
                           param(p + "ln_1.weight"), L.ln1_mean, L.ln1_rstd);
     ready();  // h.l

@@ -60,6 +60,32 @@ struct GPT2Config {
   int64_t num_parameters() const;
 };
 
+// Fusions of the training step (docs/architecture.md, "Fusions"), each a runtime switch so that one binary can compare
+// the fused and unfused paths. By default (DPO_FUSIONS unset) the two whose results are bitwise the unfused ops' are
+// on and gelu_epilogue, which changes BF16 rounding and has not yet been checked on a GPU, is off (DPO_FUSIONS=all
+// turns it on).
+struct Fusions {
+  // residual add + the next LayerNorm in one op (Backend::residual_layernorm_forward; bitwise equal to the pair).
+  bool residual_layernorm = true;
+  // "=" first writes (GradWrite::Overwrite) in the backward instead of fill_zero followed by a "+=" op (bitwise
+  // equal on the CPU; on the GPU the same arithmetic without the add of 0).
+  bool overwrite_grads = true;
+  // The MLP's GEMM + GELU (forward) and GEMM + GELU' (backward) as one op each (Backend::matmul_gelu_forward,
+  // matmul_backward_dgelu; cuBLASLt epilogues on the GPU). BF16 models only: the F32 / F64 parity modes always run
+  // the unfused ops, whatever this says. Changes BF16 rounding (runtime/backend.h states by how much).
+  bool gelu_epilogue = true;
+
+  static Fusions all() { return Fusions{}; }
+  static Fusions defaults() { return Fusions{true, true, false}; }
+  static Fusions none() { return Fusions{false, false, false}; }
+  // Parses a DPO_FUSIONS value: "all", "none", or a comma-separated list of residual_layernorm, overwrite_grads,
+  // gelu_epilogue (those on, the rest off). Throws InputError naming DPO_FUSIONS for anything else.
+  static Fusions parse(const std::string& spec);
+  // The environment variable DPO_FUSIONS (unset or empty: defaults()), read and parsed once per process.
+  static const Fusions& from_env();
+  bool operator==(const Fusions&) const = default;
+};
+
 struct ParamSpec {
   std::string name;  // HF name without the "transformer." prefix
   Shape shape;
@@ -99,6 +125,10 @@ class GPT2 {
   // (attn.c_proj, mlp.c_proj) N(0, 0.02/sqrt(2 n_layer)), biases 0, LayerNorm weight 1, bias 0.
   void init_random(Rng& rng);
   void zero_grad();
+
+  // Which fusions forward and backward use (Fusions::from_env() at construction); tests set them directly.
+  void set_fusions(const Fusions& f) { fusions_ = f; }
+  const Fusions& fusions() const { return fusions_; }
 
   // tokens [B,T] I32 on the backend's device, T <= max_seq_len; keymask [B,T] I32 (1 real, 0 padding) or
   // undefined. Positions are 0..T-1 for every row. Returns the logits [B,T,ldv] (ldv = logits_stride(); the logits
@@ -235,6 +265,10 @@ class GPT2 {
   void ensure_acts(int64_t B, int64_t T);
   void forward_trunk(const Tensor& tokens, const Tensor& keymask);  // up to the ln_f output
   void backward_trunk();  // from dL/d(ln_f output) in acts_->dln down to the embeddings
+  // How the backward writes a buffer's first contribution (Fusions::overwrite_grads).
+  GradWrite first_write() const {
+    return fusions_.overwrite_grads ? GradWrite::Overwrite : GradWrite::Accumulate;
+  }
   void check_head_args(const Tensor& targets, const Tensor& weights) const;
   // Sequence ranges of each chunk: {first sequence, count, first row of the chunk buffer / T}.
   struct Range {
@@ -260,6 +294,7 @@ class GPT2 {
   DType gdtype_;
   Tensor params_, master_, grads_;
   bool master_sharded_ = false;
+  Fusions fusions_;
   GradReadyHook grad_hook_;
   int64_t master_begin_ = 0;
   std::shared_ptr<Acts> acts_;

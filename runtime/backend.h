@@ -106,15 +106,53 @@ class Backend {
   // inp[N,C] -> out[N,C], mean[N], rstd[N]           | dinp +=, dw +=, db +=
   virtual void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp,
                                  const Tensor& w, const Tensor& b, double eps) = 0;
+  // dinp_write = GradWrite::Overwrite makes dinp "=" (kernels/common.h); dw and db always accumulate.
   virtual void layernorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& db, const Tensor& dout,
-                                  const Tensor& inp, const Tensor& w, const Tensor& mean, const Tensor& rstd) = 0;
+                                  const Tensor& inp, const Tensor& w, const Tensor& mean, const Tensor& rstd,
+                                  GradWrite dinp_write) = 0;
+  void layernorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& db, const Tensor& dout,
+                          const Tensor& inp, const Tensor& w, const Tensor& mean, const Tensor& rstd) {
+    layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, GradWrite::Accumulate);
+  }
+  // The residual add fused into the next LayerNorm (kernels/layernorm.h): res_out[N,C] = a + b (=), then ln_out,
+  // mean, rstd as layernorm_forward(ln_out, mean, rstd, res_out, w, b, eps) computes them (=). res_out is rounded to
+  // the activation dtype exactly as residual_forward rounds it and the LayerNorm reads it as stored, so the fused op
+  // is bitwise equal to residual_forward followed by layernorm_forward on the same backend (CPU: by construction;
+  // CUDA: the same per-element arithmetic and the same per-row summation order, kernels/layernorm.cuh). res_out may
+  // alias a or b; ln_out must not alias any argument.
+  virtual void residual_layernorm_forward(const Tensor& res_out, const Tensor& ln_out, const Tensor& mean,
+                                          const Tensor& rstd, const Tensor& a, const Tensor& b, const Tensor& w,
+                                          const Tensor& bias, double eps) = 0;
   // out[N,OC] = inp[N,C] @ W + bias (bias optional)   | dinp +=, dw +=, dbias += (each optional)
   // OC comes from w. out (forward) and dout (backward) are [..., ld] with N * ld elements and ld >= OC: columns
   // [OC, ld) of each row are padding, untouched by the forward and never read by the backward.
   virtual void matmul_forward(const Tensor& out, const Tensor& inp, const Tensor& w, const Tensor& bias,
                               WeightLayout layout) = 0;
+  // dinp_write = GradWrite::Overwrite makes dinp "=" (kernels/common.h); dw and dbias always accumulate.
   virtual void matmul_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dbias, const Tensor& dout,
-                               const Tensor& inp, const Tensor& w, WeightLayout layout) = 0;
+                               const Tensor& inp, const Tensor& w, WeightLayout layout, GradWrite dinp_write) = 0;
+  void matmul_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dbias, const Tensor& dout,
+                       const Tensor& inp, const Tensor& w, WeightLayout layout) {
+    matmul_backward(dinp, dw, dbias, dout, inp, w, layout, GradWrite::Accumulate);
+  }
+  // The MLP's first dense layer with its GELU (GPT-2's c_fc; the CUDA backend's cuBLASLt GELU_AUX_BIAS epilogue
+  // in BF16, kernels/matmul.cuh): pre[N,OC] = inp @ W + bias (=, the pre-activation kept for the backward) and
+  // out[N,OC] = gelu(pre) (=). Rounding contract: with A = F32 / F64 this is bitwise matmul_forward then
+  // gelu_forward. With A = BF16, gelu is applied to the fp32 pre-activation before it is rounded (the unfused pair
+  // applies it to the rounded BF16 pre), so out may differ from the unfused path by one BF16 rounding of pre
+  // propagated through gelu (|gelu'| <= 1.13: about one BF16 ulp of pre); the CPU backend mirrors that order.
+  // The CUDA backend's fused path also uses cuBLASLt's own tanh-GELU (kernels/matmul.cu states that difference).
+  virtual void matmul_gelu_forward(const Tensor& out, const Tensor& pre, const Tensor& inp, const Tensor& w,
+                                   const Tensor& bias, WeightLayout layout) = 0;
+  // The backward of the MLP's second dense layer through the GELU before it (cuBLASLt's DGELU epilogue in BF16):
+  //   dpre[N,C] = (dout[N,OC] @ W^T) * gelu'(pre)      (=; pre [N,C] the pre-activation of inp = gelu(pre))
+  //   dw += inp^T @ dout, dbias += sum_n dout           (+=, as matmul_backward; each optional)
+  // Rounding contract: with A = F32 / F64 bitwise matmul_backward (dinp += into a zeroed buffer) then gelu_backward
+  // (+= into a zeroed dpre). With A = BF16 the product dout @ W^T stays fp32 (the unfused path rounds it to BF16
+  // before gelu'): dpre differs by up to one BF16 rounding of the product times |gelu'(pre)| (<= 1.13), plus, on
+  // the CUDA fused path, the difference between cuBLASLt's gelu' and ours.
+  virtual void matmul_backward_dgelu(const Tensor& dpre, const Tensor& dw, const Tensor& dbias, const Tensor& dout,
+                                     const Tensor& inp, const Tensor& w, const Tensor& pre, WeightLayout layout) = 0;
   // qkv[B,T,3C] -> out[B,T,C]; `saved` holds what the backward needs, in a backend-defined shape
   // (attention_saved_shape): the CPU backend keeps the per-row log-sum-exp and the key mask (or, with
   // CpuAttention::Reference, the probabilities [B,NH,T,T]). keymask[B,T] I32 is optional.
@@ -136,7 +174,10 @@ class Backend {
   virtual void attention_decode_forward(const Tensor& out, const Tensor& kcache, const Tensor& vcache,
                                         const Tensor& qkv, const Tensor& pos, int64_t n_head) = 0;
   virtual void gelu_forward(const Tensor& out, const Tensor& inp) = 0;
-  virtual void gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) = 0;
+  virtual void gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp, GradWrite dinp_write) = 0;
+  void gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) {
+    gelu_backward(dinp, dout, inp, GradWrite::Accumulate);
+  }
   virtual void residual_forward(const Tensor& out, const Tensor& a, const Tensor& b) = 0;
   virtual void residual_backward(const Tensor& da, const Tensor& db, const Tensor& dout) = 0;
   // logits[B,T,ld], targets[B,T] I32, weights[B,T] -> out.seq_logp[B] (=), out.token_logp[B,T] (=, optional),

@@ -184,8 +184,37 @@ class CpuBackend final : public Backend {
                                 b.data<F>(), N, C, eps);
     });
   }
+  // BF16: the unfused pair itself (the oracle the CUDA kernel is held to). F32 / F64: the fused CPU kernel, bitwise
+  // the same as the pair (kernels/layernorm.h).
+  void residual_layernorm_forward(const Tensor& res_out, const Tensor& ln_out, const Tensor& mean, const Tensor& rstd,
+                                  const Tensor& a, const Tensor& b, const Tensor& w, const Tensor& bias,
+                                  double eps) override {
+    if (is_bf16(a)) {
+      need(res_out, DType::BF16, "residual_layernorm res_out");
+      residual_forward(res_out, a, b);
+      return layernorm_forward(ln_out, mean, rstd, res_out, w, bias, eps);
+    }
+    check_float(a, "residual_layernorm a");
+    const int64_t C = a.size(-1);
+    const int64_t N = C > 0 ? a.numel() / C : 0;
+    check_shape(b, a.shape(), "residual_layernorm b");
+    check_shape(res_out, a.shape(), "residual_layernorm res_out");
+    check_shape(ln_out, a.shape(), "residual_layernorm ln_out");
+    check_shape(w, {C}, "residual_layernorm w");
+    check_shape(bias, {C}, "residual_layernorm bias");
+    for (const Tensor* t : {&b, &res_out, &ln_out, &w, &bias, &mean, &rstd})
+      check_same_dtype(a, *t, "residual_layernorm a", "residual_layernorm argument");
+    DPO_ASSERT(mean.numel() == N && rstd.numel() == N, "residual_layernorm mean/rstd must have N elements");
+    dispatch(a.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::residual_layernorm_forward<F>(res_out.data<F>(), ln_out.data<F>(), mean.data<F>(), rstd.data<F>(),
+                                         a.data<F>(), b.data<F>(), w.data<F>(), bias.data<F>(), N, C, eps);
+    });
+  }
+  using Backend::layernorm_backward;
   void layernorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& db, const Tensor& dout,
-                          const Tensor& inp, const Tensor& w, const Tensor& mean, const Tensor& rstd) override {
+                          const Tensor& inp, const Tensor& w, const Tensor& mean, const Tensor& rstd,
+                          GradWrite dinp_write) override {
     if (is_bf16(inp)) {
       need(dinp, DType::BF16, "layernorm dinp");
       need(dout, DType::BF16, "layernorm dout");
@@ -194,8 +223,8 @@ class CpuBackend final : public Backend {
       need(db, DType::F32, "layernorm db");
       need(mean, DType::F32, "layernorm mean");
       need(rstd, DType::F32, "layernorm rstd");
-      const Tensor di = up(dinp);
-      layernorm_backward(di, dw, db, up(dout), up(inp), up(w), mean, rstd);
+      const Tensor di = dinp_write == GradWrite::Overwrite ? out32(dinp) : up(dinp);
+      layernorm_backward(di, dw, db, up(dout), up(inp), up(w), mean, rstd, dinp_write);
       return down(dinp, di);
     }
     check_float(inp, "layernorm inp");
@@ -207,7 +236,7 @@ class CpuBackend final : public Backend {
     dispatch(inp.dtype(), [&](auto z) {
       using F = decltype(z);
       cpu::layernorm_backward<F>(dinp.data<F>(), dw.data<F>(), db.data<F>(), dout.data<F>(), inp.data<F>(),
-                                 w.data<F>(), mean.data<F>(), rstd.data<F>(), N, C);
+                                 w.data<F>(), mean.data<F>(), rstd.data<F>(), N, C, dinp_write);
     });
   }
 
@@ -243,8 +272,9 @@ class CpuBackend final : public Backend {
       cpu::matmul_forward<F>(out.data<F>(), inp.data<F>(), w.data<F>(), opt<F>(bias), N, C, OC, layout, ld);
     });
   }
+  using Backend::matmul_backward;
   void matmul_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dbias, const Tensor& dout,
-                       const Tensor& inp, const Tensor& w, WeightLayout layout) override {
+                       const Tensor& inp, const Tensor& w, WeightLayout layout, GradWrite dinp_write) override {
     if (is_bf16(inp)) {
       need(dinp, DType::BF16, "matmul dinp");
       need(dout, DType::BF16, "matmul dout");
@@ -254,8 +284,8 @@ class CpuBackend final : public Backend {
       int64_t N, C, OC;
       matmul_dims(inp, w, layout, &N, &C, &OC);
       check_row_stride(dout, OC, "matmul dout");
-      const Tensor di = up(dinp);
-      matmul_backward(di, dw, dbias, up(dout), up(inp), up(w), layout);
+      const Tensor di = dinp_write == GradWrite::Overwrite ? out32(dinp) : up(dinp);
+      matmul_backward(di, dw, dbias, up(dout), up(inp), up(w), layout, dinp_write);
       return down(dinp, di);
     }
     check_float(inp, "matmul inp");
@@ -269,8 +299,53 @@ class CpuBackend final : public Backend {
     dispatch(inp.dtype(), [&](auto z) {
       using F = decltype(z);
       cpu::matmul_backward<F>(opt<F>(dinp), opt<F>(dw), opt<F>(dbias), dout.data<F>(), inp.data<F>(), w.data<F>(),
-                              N, C, OC, layout, ld);
+                              N, C, OC, layout, ld, dinp_write);
     });
+  }
+
+  // F32 / F64: matmul_forward then gelu_forward (bitwise the unfused pair). BF16: gelu of the fp32 pre-activation,
+  // then both outputs rounded once (the order of the CUDA backend's epilogue; runtime/backend.h).
+  void matmul_gelu_forward(const Tensor& out, const Tensor& pre, const Tensor& inp, const Tensor& w,
+                           const Tensor& bias, WeightLayout layout) override {
+    check_shape(out, pre.shape(), "matmul_gelu out");
+    if (is_bf16(inp)) {
+      need(out, DType::BF16, "matmul_gelu out");
+      need(pre, DType::BF16, "matmul_gelu pre");
+      const Tensor p32 = out32(pre), g32 = out32(out);
+      matmul_forward(p32, up(inp), up(w), up(bias), layout);
+      gelu_forward(g32, p32);
+      down(pre, p32);
+      return down(out, g32);
+    }
+    matmul_forward(pre, inp, w, bias, layout);
+    gelu_forward(out, pre);
+  }
+  // F32 / F64: matmul_backward into a scratch (=) then gelu_backward (=), bitwise the unfused sequence with its two
+  // zero fills. BF16: the same with the product dout @ W^T kept in fp32 (runtime/backend.h).
+  void matmul_backward_dgelu(const Tensor& dpre, const Tensor& dw, const Tensor& dbias, const Tensor& dout,
+                             const Tensor& inp, const Tensor& w, const Tensor& pre, WeightLayout layout) override {
+    check_shape(dpre, inp.shape(), "matmul_dgelu dpre");
+    check_shape(pre, inp.shape(), "matmul_dgelu pre");
+    const bool bf = is_bf16(inp);
+    if (bf) {
+      need(dpre, DType::BF16, "matmul_dgelu dpre");
+      need(pre, DType::BF16, "matmul_dgelu pre");
+    } else {
+      check_float(inp, "matmul_dgelu inp");
+      check_same_dtype(inp, dpre, "matmul_dgelu inp", "matmul_dgelu dpre");
+      check_same_dtype(inp, pre, "matmul_dgelu inp", "matmul_dgelu pre");
+    }
+    const Tensor prod = Tensor::host(inp.shape(), bf ? DType::F32 : inp.dtype());
+    if (bf) {
+      need(dout, DType::BF16, "matmul_dgelu dout");
+      need(w, DType::BF16, "matmul_dgelu w");
+      matmul_backward(prod, dw, dbias, up(dout), up(inp), up(w), layout, GradWrite::Overwrite);
+      const Tensor g32 = out32(dpre);
+      gelu_backward(g32, prod, up(pre), GradWrite::Overwrite);
+      return down(dpre, g32);
+    }
+    matmul_backward(prod, dw, dbias, dout, inp, w, layout, GradWrite::Overwrite);
+    gelu_backward(dpre, prod, pre, GradWrite::Overwrite);
   }
 
   // Saved state. Reference: the probabilities [B,NH,T,T] in the activation dtype. Tiled: one flat vector of
@@ -430,12 +505,13 @@ class CpuBackend final : public Backend {
       cpu::gelu_forward<F>(out.data<F>(), inp.data<F>(), inp.numel());
     });
   }
-  void gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) override {
+  using Backend::gelu_backward;
+  void gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp, GradWrite dinp_write) override {
     if (is_bf16(inp)) {
       need(dinp, DType::BF16, "gelu dinp");
       need(dout, DType::BF16, "gelu dout");
-      const Tensor d = up(dinp);
-      gelu_backward(d, up(dout), up(inp));
+      const Tensor d = dinp_write == GradWrite::Overwrite ? out32(dinp) : up(dinp);
+      gelu_backward(d, up(dout), up(inp), dinp_write);
       return down(dinp, d);
     }
     check_float(inp, "gelu inp");
@@ -443,7 +519,7 @@ class CpuBackend final : public Backend {
     check_shape(dout, inp.shape(), "gelu dout");
     dispatch(inp.dtype(), [&](auto z) {
       using F = decltype(z);
-      cpu::gelu_backward<F>(dinp.data<F>(), dout.data<F>(), inp.data<F>(), inp.numel());
+      cpu::gelu_backward<F>(dinp.data<F>(), dout.data<F>(), inp.data<F>(), inp.numel(), dinp_write);
     });
   }
   void residual_forward(const Tensor& out, const Tensor& a, const Tensor& b) override {

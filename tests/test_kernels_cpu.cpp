@@ -1727,4 +1727,191 @@ TEST(CpuBackendDecode, Bf16StepIsTheF32StepRoundedOnceAndArgumentsAreChecked) {
   expect_error([&] { be->attention_cache_store(kc, v64, be->zeros({B, 2, 3 * C}, DType::F32)); }, "vcache");
 }
 
+// ============================================================================================== fusions
+// The fused ops of the training step (docs/architecture.md, "Fusions") against the unfused ops they replace.
+
+// residual_layernorm_forward is bitwise residual_forward followed by layernorm_forward, in float and double, at the
+// test's odd sizes and at C = 771 (no vector width divides it), with every output poisoned first and with res_out
+// aliasing a.
+template <class T>
+void check_residual_layernorm_bitwise(std::mt19937_64& g, int64_t N, int64_t C) {
+  auto a = randn<T>(g, N * C, 2.0), b = randn<T>(g, N * C), w = randn<T>(g, C), bias = randn<T>(g, C);
+  for (auto& x : a) x += T(3);  // |mean| >> std in some rows, as in GPT-2's residual stream
+  std::vector<T> res_ref(N * C), ln_ref(N * C), mean_ref(N), rstd_ref(N);
+  std::vector<T> res(N * C), ln(N * C), mean(N), rstd(N);
+  poison(res_ref), poison(ln_ref), poison(mean_ref), poison(rstd_ref);
+  poison(res), poison(ln), poison(mean), poison(rstd);
+  residual_forward(res_ref.data(), a.data(), b.data(), N * C);
+  layernorm_forward(ln_ref.data(), mean_ref.data(), rstd_ref.data(), res_ref.data(), w.data(), bias.data(), N, C,
+                    1e-5);
+  residual_layernorm_forward(res.data(), ln.data(), mean.data(), rstd.data(), a.data(), b.data(), w.data(),
+                             bias.data(), N, C, 1e-5);
+  EXPECT_TRUE(all_finite(ln));
+  EXPECT_TRUE(bitwise_equal(res, res_ref)) << "res_out, C = " << C;
+  EXPECT_TRUE(bitwise_equal(ln, ln_ref)) << "ln_out, C = " << C;
+  EXPECT_TRUE(bitwise_equal(mean, mean_ref)) << "mean, C = " << C;
+  EXPECT_TRUE(bitwise_equal(rstd, rstd_ref)) << "rstd, C = " << C;
+  // res_out aliasing a (the in-place residual stream).
+  auto a2 = a;
+  poison(ln), poison(mean), poison(rstd);
+  residual_layernorm_forward(a2.data(), ln.data(), mean.data(), rstd.data(), a2.data(), b.data(), w.data(),
+                             bias.data(), N, C, 1e-5);
+  EXPECT_TRUE(bitwise_equal(a2, res_ref)) << "aliased res_out, C = " << C;
+  EXPECT_TRUE(bitwise_equal(ln, ln_ref)) << "aliased ln_out, C = " << C;
+}
+
+TEST(KernelFusion, ResidualLayerNormIsBitwiseTheUnfusedPair) {
+  std::mt19937_64 g(test_seed());
+  check_residual_layernorm_bitwise<float>(g, kN, kC);
+  check_residual_layernorm_bitwise<double>(g, kN, kC);
+  check_residual_layernorm_bitwise<float>(g, 5, 771);
+  check_residual_layernorm_bitwise<double>(g, 5, 771);
+}
+
+// The fused op's backward is residual_backward + layernorm_backward (the model does both in place on one buffer):
+// finite differences in double of L = <ln_out, G> + <res_out, H> w.r.t. a, b, w and bias.
+TEST(KernelFusion, ResidualLayerNormGradCheck) {
+  std::mt19937_64 g(test_seed());
+  auto a = randn<double>(g, kN * kC, 2.0), b = randn<double>(g, kN * kC), w = randn<double>(g, kC),
+       bias = randn<double>(g, kC), G = randn<double>(g, kN * kC), H = randn<double>(g, kN * kC);
+  for (auto& x : a) x += 1.5;
+  std::vector<double> res(kN * kC), ln(kN * kC), mean(kN), rstd(kN);
+  auto L = [&] {
+    residual_layernorm_forward(res.data(), ln.data(), mean.data(), rstd.data(), a.data(), b.data(), w.data(),
+                               bias.data(), kN, kC, 1e-5);
+    return dot(ln, G) + dot(res, H);
+  };
+  L();
+  // dL/dres = H + LayerNorm backward of G (accumulated into the same buffer), then the residual backward.
+  std::vector<double> dres = H;
+  AccGrad dw(g, w.size()), db(g, bias.size()), da(g, a.size()), dbb(g, b.size());
+  layernorm_backward(dres.data(), dw.buf.data(), db.buf.data(), G.data(), res.data(), w.data(), mean.data(),
+                     rstd.data(), kN, kC);
+  residual_backward(da.buf.data(), dbb.buf.data(), dres.data(), kN * kC);
+  expect_grad(a, da.grad(), L, "a");
+  expect_grad(b, dbb.grad(), L, "b");
+  expect_grad(w, dw.grad(), L, "w");
+  expect_grad(bias, db.grad(), L, "bias");
+}
+
+// GradWrite::Overwrite is bitwise the += result on a zeroed buffer, and never reads the old contents (NaN).
+template <class T>
+void check_overwrite_modes(std::mt19937_64& g) {
+  using dpo::GradWrite;
+  auto inp = randn<T>(g, kN * kC), w = randn<T>(g, kC * kOC), dout = randn<T>(g, kN * kOC);
+  for (WeightLayout layout : {WeightLayout::InOut, WeightLayout::OutIn}) {
+    std::vector<T> acc(kN * kC, T(0)), ow(kN * kC), dw(kC * kOC, T(0)), dw2(kC * kOC, T(0));
+    poison(ow);
+    matmul_backward(acc.data(), dw.data(), static_cast<T*>(nullptr), dout.data(), inp.data(), w.data(), kN, kC, kOC,
+                    layout, kOC);
+    matmul_backward(ow.data(), dw2.data(), static_cast<T*>(nullptr), dout.data(), inp.data(), w.data(), kN, kC, kOC,
+                    layout, kOC, GradWrite::Overwrite);
+    EXPECT_TRUE(all_finite(ow));
+    EXPECT_TRUE(bitwise_equal(ow, acc)) << "matmul dinp";
+    EXPECT_TRUE(bitwise_equal(dw2, dw)) << "matmul dw still accumulates";
+  }
+  {
+    auto x = randn<T>(g, kN * kC, 2.0), d = randn<T>(g, kN * kC);
+    std::vector<T> acc(kN * kC, T(0)), ow(kN * kC);
+    poison(ow);
+    gelu_backward(acc.data(), d.data(), x.data(), kN * kC);
+    gelu_backward(ow.data(), d.data(), x.data(), kN * kC, GradWrite::Overwrite);
+    EXPECT_TRUE(all_finite(ow));
+    EXPECT_TRUE(bitwise_equal(ow, acc)) << "gelu dinp";
+  }
+  {
+    auto x = randn<T>(g, kN * kC, 2.0), lw = randn<T>(g, kC), lb = randn<T>(g, kC), d = randn<T>(g, kN * kC);
+    std::vector<T> out(kN * kC), mean(kN), rstd(kN);
+    layernorm_forward(out.data(), mean.data(), rstd.data(), x.data(), lw.data(), lb.data(), kN, kC, 1e-5);
+    std::vector<T> acc(kN * kC, T(0)), ow(kN * kC), dw(kC, T(0)), db(kC, T(0)), dw2(kC, T(0)), db2(kC, T(0));
+    poison(ow);
+    layernorm_backward(acc.data(), dw.data(), db.data(), d.data(), x.data(), lw.data(), mean.data(), rstd.data(), kN,
+                       kC);
+    layernorm_backward(ow.data(), dw2.data(), db2.data(), d.data(), x.data(), lw.data(), mean.data(), rstd.data(), kN,
+                       kC, GradWrite::Overwrite);
+    EXPECT_TRUE(all_finite(ow));
+    EXPECT_TRUE(bitwise_equal(ow, acc)) << "layernorm dinp";
+    EXPECT_TRUE(bitwise_equal(dw2, dw) && bitwise_equal(db2, db)) << "layernorm dw, db still accumulate";
+  }
+}
+
+TEST(KernelFusion, OverwriteIsBitwiseAccumulateIntoZero) {
+  std::mt19937_64 g(test_seed());
+  check_overwrite_modes<float>(g);
+  check_overwrite_modes<double>(g);
+}
+
+// The GELU fusions through the CPU backend. F32 / F64: bitwise the unfused ops (matmul_forward + gelu_forward;
+// fill_zero + matmul_backward + fill_zero + gelu_backward), outputs poisoned first. BF16: the fused order (GELU of the
+// fp32 GEMM result) against the unfused ops, within the contract of runtime/backend.h.
+struct GeluFusionOut {
+  std::vector<double> pre, out, dpre, dw, dbias;
+};
+GeluFusionOut run_gelu_fusion(dpo::Backend& be, dpo::DType dt, bool fused, const std::vector<double>& inp,
+                              const std::vector<double>& w1, const std::vector<double>& b1,
+                              const std::vector<double>& w2, const std::vector<double>& dout, int64_t N, int64_t C,
+                              int64_t H) {
+  using dpo::DType;
+  using dpo::Tensor;
+  const DType G = dpo::grad_dtype(dt);
+  const double nan = std::nan("");
+  Tensor x = host_as(inp, {N, C}, dt), W1 = host_as(w1, {C, H}, dt), B1 = host_as(b1, {H}, dt);
+  Tensor W2 = host_as(w2, {H, C}, dt), D = host_as(dout, {N, C}, dt);
+  Tensor pre = host_as(std::vector<double>(N * H, nan), {N, H}, dt);
+  Tensor out = host_as(std::vector<double>(N * H, nan), {N, H}, dt);
+  Tensor dpre = host_as(std::vector<double>(N * H, nan), {N, H}, dt);
+  Tensor dw = host_as(std::vector<double>(H * C, 0.0), {H, C}, G), db = host_as(std::vector<double>(C, 0.0), {C}, G);
+  if (fused) {
+    be.matmul_gelu_forward(out, pre, x, W1, B1, WeightLayout::InOut);
+    be.matmul_backward_dgelu(dpre, dw, db, D, out, W2, pre, WeightLayout::InOut);
+  } else {
+    be.matmul_forward(pre, x, W1, B1, WeightLayout::InOut);
+    be.gelu_forward(out, pre);
+    Tensor prod = be.zeros({N, H}, dt);
+    be.matmul_backward(prod, dw, db, D, out, W2, WeightLayout::InOut);
+    be.fill_zero(dpre);
+    be.gelu_backward(dpre, prod, pre);
+  }
+  return {as_f64(pre), as_f64(out), as_f64(dpre), as_f64(dw), as_f64(db)};
+}
+
+TEST(CpuBackendFusion, GeluFusionsAreBitwiseUnfusedInF32F64AndWithinContractInBf16) {
+  using dpo::DType;
+  std::mt19937_64 g(test_seed());
+  auto be = dpo::make_cpu_backend();
+  const int64_t N = 9, C = 13, H = 4 * C;
+  const auto inp = randn<double>(g, N * C), w1 = randn<double>(g, C * H, 0.5), b1 = randn<double>(g, H, 0.5),
+             w2 = randn<double>(g, H * C, 0.3), dout = randn<double>(g, N * C);
+  for (DType dt : {DType::F32, DType::F64}) {
+    const auto u = run_gelu_fusion(*be, dt, false, inp, w1, b1, w2, dout, N, C, H);
+    const auto f = run_gelu_fusion(*be, dt, true, inp, w1, b1, w2, dout, N, C, H);
+    EXPECT_TRUE(all_finite(f.out) && all_finite(f.dpre)) << dtype_name(dt);
+    EXPECT_TRUE(bitwise_equal(f.pre, u.pre)) << dtype_name(dt);
+    EXPECT_TRUE(bitwise_equal(f.out, u.out)) << dtype_name(dt);
+    EXPECT_TRUE(bitwise_equal(f.dpre, u.dpre)) << dtype_name(dt);
+    EXPECT_TRUE(bitwise_equal(f.dw, u.dw)) << dtype_name(dt);
+    EXPECT_TRUE(bitwise_equal(f.dbias, u.dbias)) << dtype_name(dt);
+  }
+  const auto u = run_gelu_fusion(*be, DType::BF16, false, inp, w1, b1, w2, dout, N, C, H);
+  const auto f = run_gelu_fusion(*be, DType::BF16, true, inp, w1, b1, w2, dout, N, C, H);
+  ASSERT_TRUE(all_finite(f.out) && all_finite(f.dpre));
+  // pre is one rounding of the same fp32 sum; dw and dbias read the same bf16 inputs (out may differ, see below).
+  EXPECT_TRUE(bitwise_equal(f.pre, u.pre));
+  // out: gelu of the fp32 pre instead of the bf16 pre: |gelu'| <= 1.13 times half a bf16 ulp of pre (2^-9 |pre|),
+  // plus one bf16 rounding of out itself each side: 2^-8 (|pre| + |out|) bounds it with margin. A wrong GELU (or
+  // the GELU applied twice) is off by O(|out|).
+  for (size_t i = 0; i < f.out.size(); ++i)
+    ASSERT_LE(std::fabs(f.out[i] - u.out[i]), 0x1p-8 * (std::fabs(u.pre[i]) + std::fabs(u.out[i])) + 1e-30) << i;
+  // dpre: the product kept in fp32 instead of rounded to bf16: relative 2^-9 of |prod| times |gelu'| <= 1.13, plus
+  // the final bf16 rounding each side; the budget is 2^-7 of |dpre| plus 2^-8 of the largest |dpre| (for values
+  // where gelu' is small and the product is not).
+  double dmax = 0;
+  for (double v : u.dpre) dmax = std::max(dmax, std::fabs(v));
+  for (size_t i = 0; i < f.dpre.size(); ++i)
+    ASSERT_LE(std::fabs(f.dpre[i] - u.dpre[i]), 0x1p-7 * std::fabs(u.dpre[i]) + 0x1p-8 * dmax) << i;
+  // dw = out^T @ dout, with out as each path stored it: close, not equal; dbias = sum dout: equal.
+  EXPECT_TRUE(bitwise_equal(f.dbias, u.dbias));
+  EXPECT_LT(max_rel_err(f.dw, u.dw), 2e-2);
+}
+
 }  // namespace

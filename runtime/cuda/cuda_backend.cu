@@ -341,7 +341,8 @@ void CudaBackend::layernorm_forward(const Tensor& out, const Tensor& mean, const
 }
 
 void CudaBackend::layernorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& db, const Tensor& dout,
-                                     const Tensor& inp, const Tensor& w, const Tensor& mean, const Tensor& rstd) {
+                                     const Tensor& inp, const Tensor& w, const Tensor& mean, const Tensor& rstd,
+                                     GradWrite dinp_write) {
   const DType A = check_activation(inp, "layernorm inp");
   const DType G = grad_dtype(A);
   check_is(dinp, A, "layernorm dinp");
@@ -363,7 +364,38 @@ void CudaBackend::layernorm_backward(const Tensor& dinp, const Tensor& dw, const
   with_storage(A, [&](auto z) {
     using S = decltype(z);
     cuda::layernorm_backward(*ctx_, ptr<S>(dinp), f32(dw), f32(db), ptr<S>(dout), ptr<S>(inp), ptr<S>(w), f32(mean),
-                             f32(rstd), N, C);
+                             f32(rstd), N, C, dinp_write);
+  });
+}
+
+void CudaBackend::residual_layernorm_forward(const Tensor& res_out, const Tensor& ln_out, const Tensor& mean,
+                                             const Tensor& rstd, const Tensor& a, const Tensor& b, const Tensor& w,
+                                             const Tensor& bias, double eps) {
+  const DType A = check_activation(a, "residual_layernorm a");
+  check_is(b, A, "residual_layernorm b");
+  check_is(res_out, A, "residual_layernorm res_out");
+  check_is(ln_out, A, "residual_layernorm ln_out");
+  check_is(w, A, "residual_layernorm w");
+  check_is(bias, A, "residual_layernorm bias");
+  check_is(mean, grad_dtype(A), "residual_layernorm mean");
+  check_is(rstd, grad_dtype(A), "residual_layernorm rstd");
+  const int64_t C = a.size(-1);
+  DPO_ASSERT(C > 0, "residual_layernorm a " + shape_str(a.shape()) + " has no channels");
+  const int64_t N = a.numel() / C;
+  check_shape(b, a.shape(), "residual_layernorm b");
+  check_shape(res_out, a.shape(), "residual_layernorm res_out");
+  check_shape(ln_out, a.shape(), "residual_layernorm ln_out");
+  check_shape(w, {C}, "residual_layernorm w");
+  check_shape(bias, {C}, "residual_layernorm bias");
+  DPO_ASSERT(mean.numel() == N && rstd.numel() == N, "residual_layernorm mean/rstd must have N elements");
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&a, "a"}, {&b, "b"}, {&res_out, "res_out"},
+                                {&w, "w"}, {&bias, "bias"}}) {
+    DPO_ASSERT(!overlap(ln_out, *t), std::string("residual_layernorm: ln_out overlaps ") + name);
+  }
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::residual_layernorm_forward(*ctx_, ptr<S>(res_out), ptr<S>(ln_out), f32(mean), f32(rstd), ptr<S>(a),
+                                     ptr<S>(b), ptr<S>(w), ptr<S>(bias), N, C, eps);
   });
 }
 
@@ -399,7 +431,7 @@ void CudaBackend::matmul_forward(const Tensor& out, const Tensor& inp, const Ten
 }
 
 void CudaBackend::matmul_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dbias, const Tensor& dout,
-                                  const Tensor& inp, const Tensor& w, WeightLayout layout) {
+                                  const Tensor& inp, const Tensor& w, WeightLayout layout, GradWrite dinp_write) {
   const DType A = check_activation(inp, "matmul inp");
   check_is(w, A, "matmul w");
   check_is(dout, A, "matmul dout");
@@ -422,8 +454,68 @@ void CudaBackend::matmul_backward(const Tensor& dinp, const Tensor& dw, const Te
   with_storage(A, [&](auto z) {
     using S = decltype(z);
     cuda::matmul_backward(*ctx_, opt_ptr<S>(dinp), opt_ptr<float>(dw), opt_ptr<float>(dbias), ptr<S>(dout),
-                          ptr<S>(inp), ptr<S>(w), N, C, OC, layout, ld);
+                          ptr<S>(inp), ptr<S>(w), N, C, OC, layout, ld, dinp_write);
   });
+}
+
+void CudaBackend::matmul_gelu_forward(const Tensor& out, const Tensor& pre, const Tensor& inp, const Tensor& w,
+                                      const Tensor& bias, WeightLayout layout) {
+  const DType A = check_activation(inp, "matmul_gelu inp");
+  check_is(out, A, "matmul_gelu out");
+  check_is(pre, A, "matmul_gelu pre");
+  check_is(w, A, "matmul_gelu w");
+  if (bias.defined()) check_is(bias, A, "matmul_gelu bias");
+  int64_t N, C, OC;
+  matmul_dims(inp, w, layout, &N, &C, &OC);
+  DPO_ASSERT(pre.numel() == N * OC && pre.size(-1) == OC,
+             "matmul_gelu pre " + shape_str(pre.shape()) + " for inp " + shape_str(inp.shape()));
+  check_shape(out, pre.shape(), "matmul_gelu out");
+  if (bias.defined()) check_shape(bias, {OC}, "matmul_gelu bias");
+  DPO_ASSERT(!overlap(out, pre), "matmul_gelu: out and pre overlap");
+  if (A == DType::BF16 &&
+      cuda::matmul_gelu_forward(*ctx_, ptr<__nv_bfloat16>(out), ptr<__nv_bfloat16>(pre), ptr<__nv_bfloat16>(inp),
+                                ptr<__nv_bfloat16>(w), opt_ptr<__nv_bfloat16>(bias), N, C, OC, layout)) {
+    return;
+  }
+  matmul_forward(pre, inp, w, bias, layout);
+  gelu_forward(out, pre);
+}
+
+void CudaBackend::matmul_backward_dgelu(const Tensor& dpre, const Tensor& dw, const Tensor& dbias, const Tensor& dout,
+                                        const Tensor& inp, const Tensor& w, const Tensor& pre, WeightLayout layout) {
+  const DType A = check_activation(inp, "matmul_dgelu inp");
+  check_is(dpre, A, "matmul_dgelu dpre");
+  check_is(pre, A, "matmul_dgelu pre");
+  check_is(dout, A, "matmul_dgelu dout");
+  check_is(w, A, "matmul_dgelu w");
+  int64_t N, C, OC;
+  matmul_dims(inp, w, layout, &N, &C, &OC);
+  check_shape(dpre, inp.shape(), "matmul_dgelu dpre");
+  check_shape(pre, inp.shape(), "matmul_dgelu pre");
+  DPO_ASSERT(dout.numel() == N * OC && dout.size(-1) == OC,
+             "matmul_dgelu dout " + shape_str(dout.shape()) + " for inp " + shape_str(inp.shape()));
+  if (dw.defined()) {
+    check_is(dw, grad_dtype(A), "matmul_dgelu dw");
+    check_shape(dw, w.shape(), "matmul_dgelu dw");
+  }
+  if (dbias.defined()) {
+    check_is(dbias, grad_dtype(A), "matmul_dgelu dbias");
+    check_shape(dbias, {OC}, "matmul_dgelu dbias");
+  }
+  for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&pre, "pre"}, {&dout, "dout"}, {&inp, "inp"},
+                                {&w, "w"}}) {
+    DPO_ASSERT(!overlap(dpre, *t), std::string("matmul_dgelu: dpre overlaps ") + name);
+  }
+  if (A == DType::BF16 &&
+      cuda::matmul_backward_dgelu(*ctx_, ptr<__nv_bfloat16>(dpre), opt_ptr<float>(dw), opt_ptr<float>(dbias),
+                                  ptr<__nv_bfloat16>(dout), ptr<__nv_bfloat16>(inp), ptr<__nv_bfloat16>(w),
+                                  ptr<__nv_bfloat16>(pre), N, C, OC, layout)) {
+    return;
+  }
+  // Unfused: the product into a scratch of the activation dtype (=), then its GELU backward (=).
+  Tensor prod = empty(inp.shape(), A);
+  matmul_backward(prod, dw, dbias, dout, inp, w, layout, GradWrite::Overwrite);
+  gelu_backward(dpre, prod, pre, GradWrite::Overwrite);
 }
 
 void CudaBackend::attention_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& keymask,
@@ -529,7 +621,7 @@ void CudaBackend::gelu_forward(const Tensor& out, const Tensor& inp) {
   });
 }
 
-void CudaBackend::gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) {
+void CudaBackend::gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp, GradWrite dinp_write) {
   const DType A = check_activation(inp, "gelu inp");
   check_is(dinp, A, "gelu dinp");
   check_is(dout, A, "gelu dout");
@@ -537,7 +629,7 @@ void CudaBackend::gelu_backward(const Tensor& dinp, const Tensor& dout, const Te
   check_shape(dout, inp.shape(), "gelu dout");
   with_storage(A, [&](auto z) {
     using S = decltype(z);
-    cuda::gelu_backward(*ctx_, ptr<S>(dinp), ptr<S>(dout), ptr<S>(inp), inp.numel());
+    cuda::gelu_backward(*ctx_, ptr<S>(dinp), ptr<S>(dout), ptr<S>(inp), inp.numel(), dinp_write);
   });
 }
 

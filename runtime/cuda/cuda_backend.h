@@ -68,14 +68,26 @@ class CudaBackend final : public Backend {
   void encoder_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens) override;
   void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp, const Tensor& w,
                          const Tensor& b, double eps) override;
+  using Backend::layernorm_backward;
   void layernorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& db, const Tensor& dout, const Tensor& inp,
-                          const Tensor& w, const Tensor& mean, const Tensor& rstd) override;
+                          const Tensor& w, const Tensor& mean, const Tensor& rstd, GradWrite dinp_write) override;
+  // One kernel (kernels/layernorm.cuh), bitwise equal to residual_forward + layernorm_forward on this backend.
+  void residual_layernorm_forward(const Tensor& res_out, const Tensor& ln_out, const Tensor& mean, const Tensor& rstd,
+                                  const Tensor& a, const Tensor& b, const Tensor& w, const Tensor& bias,
+                                  double eps) override;
   // out (forward) and dout (backward) may have a padded last dim ld > OC (runtime/backend.h, "Padded rows"): it is
   // cuBLASLt's leading dimension, and only columns [0, OC) are read or written (kernels/matmul.cuh).
   void matmul_forward(const Tensor& out, const Tensor& inp, const Tensor& w, const Tensor& bias,
                       WeightLayout layout) override;
+  using Backend::matmul_backward;
   void matmul_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dbias, const Tensor& dout, const Tensor& inp,
-                       const Tensor& w, WeightLayout layout) override;
+                       const Tensor& w, WeightLayout layout, GradWrite dinp_write) override;
+  // BF16: cuBLASLt's GELU_AUX_BIAS / DGELU epilogues where the call fits them (kernels/matmul.cuh), else the unfused
+  // ops. F32 (the parity mode): always the unfused ops (matmul_backward_dgelu through a scratch for the product).
+  void matmul_gelu_forward(const Tensor& out, const Tensor& pre, const Tensor& inp, const Tensor& w,
+                           const Tensor& bias, WeightLayout layout) override;
+  void matmul_backward_dgelu(const Tensor& dpre, const Tensor& dw, const Tensor& dbias, const Tensor& dout,
+                             const Tensor& inp, const Tensor& w, const Tensor& pre, WeightLayout layout) override;
   // The probabilities [B,NH,T,T], as on the CPU (kernels/attention.cuh), stored in the activation dtype (BF16
   // probabilities for A = BF16, rounded once from the fp32 softmax).
   Shape attention_saved_shape(int64_t B, int64_t T, int64_t NH) const override { return {B, NH, T, T}; }
@@ -90,7 +102,8 @@ class CudaBackend final : public Backend {
   void attention_decode_forward(const Tensor& out, const Tensor& kcache, const Tensor& vcache, const Tensor& qkv,
                                 const Tensor& pos, int64_t n_head) override;
   void gelu_forward(const Tensor& out, const Tensor& inp) override;
-  void gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) override;
+  using Backend::gelu_backward;
+  void gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp, GradWrite dinp_write) override;
   void residual_forward(const Tensor& out, const Tensor& a, const Tensor& b) override;
   void residual_backward(const Tensor& da, const Tensor& db, const Tensor& dout) override;
   // Targets outside [0, V) with a non-zero weight cannot be reported here without a device sync; see

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <string>
 
 #include "runtime/cuda/cuda_check.h"
@@ -38,6 +39,14 @@ std::shared_ptr<Buffer> CudaContext::alloc(int64_t bytes) {
   DPO_CUDA_CHECK(cudaMallocAsync(&p, static_cast<size_t>(bytes > 0 ? bytes : 1), stream_));
   cudaStream_t s = stream_;
   return std::make_shared<Buffer>(p, bytes, Device{DeviceKind::CUDA, device_}, [s](void* q) { cudaFreeAsync(q, s); });
+}
+
+void* CudaContext::scratch(int64_t bytes) {
+  if (!scratch_ || scratch_->bytes() < bytes) {
+    scratch_.reset();  // freed in stream order, after every launch that used it
+    scratch_ = alloc(std::max<int64_t>(bytes, 256));
+  }
+  return scratch_->data();
 }
 
 void CudaContext::synchronize() { DPO_CUDA_CHECK(cudaStreamSynchronize(stream_)); }

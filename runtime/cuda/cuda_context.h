@@ -39,6 +39,11 @@ class CudaContext {
 
   // Device buffer of `bytes` (stream-ordered allocation on this context's stream; freed on the same stream).
   std::shared_ptr<Buffer> alloc(int64_t bytes);
+  // The context's reduction scratch: at least `bytes` of device memory (cudaMallocAsync's alignment), contents
+  // unspecified. Grow-only (a larger request frees the old buffer in stream order and allocates a new one), so a steady training
+  // step allocates nothing. Valid until the next call; an op may use it only between its own launches on this
+  // context's stream (the ops are stream-ordered, so consecutive ops never see each other's use of it).
+  void* scratch(int64_t bytes);
   void synchronize();
 
   // Number of CUDA devices this process can use. 0 when the machine has no GPU: cudaErrorNoDevice, or no CUDA
@@ -67,6 +72,7 @@ class CudaContext {
 #endif
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
+  std::shared_ptr<Buffer> scratch_;
 };
 
 }  // namespace dpo
