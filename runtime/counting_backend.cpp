@@ -70,9 +70,16 @@ void CountingBackend::layernorm_forward(const Tensor& out, const Tensor& mean, c
   inner_->layernorm_forward(out, mean, rstd, inp, w, b, eps);
 }
 void CountingBackend::layernorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& db, const Tensor& dout,
-                                         const Tensor& inp, const Tensor& w, const Tensor& mean, const Tensor& rstd) {
+                                         const Tensor& inp, const Tensor& w, const Tensor& mean, const Tensor& rstd,
+                                         GradWrite dinp_write) {
   count(Kind::Op, "layernorm_backward");
-  inner_->layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd);
+  inner_->layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, dinp_write);
+}
+void CountingBackend::residual_layernorm_forward(const Tensor& res_out, const Tensor& ln_out, const Tensor& mean,
+                                                 const Tensor& rstd, const Tensor& a, const Tensor& b,
+                                                 const Tensor& w, const Tensor& bias, double eps) {
+  count(Kind::Op, "residual_layernorm_forward");
+  inner_->residual_layernorm_forward(res_out, ln_out, mean, rstd, a, b, w, bias, eps);
 }
 void CountingBackend::matmul_forward(const Tensor& out, const Tensor& inp, const Tensor& w, const Tensor& bias,
                                      WeightLayout layout) {
@@ -80,9 +87,20 @@ void CountingBackend::matmul_forward(const Tensor& out, const Tensor& inp, const
   inner_->matmul_forward(out, inp, w, bias, layout);
 }
 void CountingBackend::matmul_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dbias, const Tensor& dout,
-                                      const Tensor& inp, const Tensor& w, WeightLayout layout) {
+                                      const Tensor& inp, const Tensor& w, WeightLayout layout, GradWrite dinp_write) {
   count(Kind::Op, "matmul_backward");
-  inner_->matmul_backward(dinp, dw, dbias, dout, inp, w, layout);
+  inner_->matmul_backward(dinp, dw, dbias, dout, inp, w, layout, dinp_write);
+}
+void CountingBackend::matmul_gelu_forward(const Tensor& out, const Tensor& pre, const Tensor& inp, const Tensor& w,
+                                          const Tensor& bias, WeightLayout layout) {
+  count(Kind::Op, "matmul_gelu_forward");
+  inner_->matmul_gelu_forward(out, pre, inp, w, bias, layout);
+}
+void CountingBackend::matmul_backward_dgelu(const Tensor& dpre, const Tensor& dw, const Tensor& dbias,
+                                            const Tensor& dout, const Tensor& inp, const Tensor& w, const Tensor& pre,
+                                            WeightLayout layout) {
+  count(Kind::Op, "matmul_backward_dgelu");
+  inner_->matmul_backward_dgelu(dpre, dw, dbias, dout, inp, w, pre, layout);
 }
 void CountingBackend::attention_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv,
                                         const Tensor& keymask, int64_t n_head) {
@@ -107,9 +125,9 @@ void CountingBackend::gelu_forward(const Tensor& out, const Tensor& inp) {
   count(Kind::Op, "gelu_forward");
   inner_->gelu_forward(out, inp);
 }
-void CountingBackend::gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) {
+void CountingBackend::gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp, GradWrite dinp_write) {
   count(Kind::Op, "gelu_backward");
-  inner_->gelu_backward(dinp, dout, inp);
+  inner_->gelu_backward(dinp, dout, inp, dinp_write);
 }
 void CountingBackend::residual_forward(const Tensor& out, const Tensor& a, const Tensor& b) {
   count(Kind::Op, "residual_forward");

@@ -66,12 +66,21 @@ class CountingBackend final : public Backend {
   void encoder_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens) override;
   void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp, const Tensor& w,
                          const Tensor& b, double eps) override;
+  using Backend::layernorm_backward;
   void layernorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& db, const Tensor& dout, const Tensor& inp,
-                          const Tensor& w, const Tensor& mean, const Tensor& rstd) override;
+                          const Tensor& w, const Tensor& mean, const Tensor& rstd, GradWrite dinp_write) override;
+  void residual_layernorm_forward(const Tensor& res_out, const Tensor& ln_out, const Tensor& mean, const Tensor& rstd,
+                                  const Tensor& a, const Tensor& b, const Tensor& w, const Tensor& bias,
+                                  double eps) override;
   void matmul_forward(const Tensor& out, const Tensor& inp, const Tensor& w, const Tensor& bias,
                       WeightLayout layout) override;
+  using Backend::matmul_backward;
   void matmul_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dbias, const Tensor& dout, const Tensor& inp,
-                       const Tensor& w, WeightLayout layout) override;
+                       const Tensor& w, WeightLayout layout, GradWrite dinp_write) override;
+  void matmul_gelu_forward(const Tensor& out, const Tensor& pre, const Tensor& inp, const Tensor& w, const Tensor& bias,
+                           WeightLayout layout) override;
+  void matmul_backward_dgelu(const Tensor& dpre, const Tensor& dw, const Tensor& dbias, const Tensor& dout,
+                             const Tensor& inp, const Tensor& w, const Tensor& pre, WeightLayout layout) override;
   Shape attention_saved_shape(int64_t B, int64_t T, int64_t NH) const override {
     return inner_->attention_saved_shape(B, T, NH);
   }
@@ -84,7 +93,8 @@ class CountingBackend final : public Backend {
   void attention_decode_forward(const Tensor& out, const Tensor& kcache, const Tensor& vcache, const Tensor& qkv,
                                 const Tensor& pos, int64_t n_head) override;
   void gelu_forward(const Tensor& out, const Tensor& inp) override;
-  void gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) override;
+  using Backend::gelu_backward;
+  void gelu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp, GradWrite dinp_write) override;
   void residual_forward(const Tensor& out, const Tensor& a, const Tensor& b) override;
   void residual_backward(const Tensor& da, const Tensor& db, const Tensor& dout) override;
   using Backend::logprob_backward;

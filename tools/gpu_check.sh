@@ -546,9 +546,11 @@ sanitizer_phase() {
   phase_done "$phase" "$st" $(( $(date +%s) - t0 )) "$n_err errors; $bad of $runs runs not clean"
 }
 mc_runs=()
-for b in test_cuda_kernels_a test_cuda_kernels_b test_cuda_bf16 test_cuda_backend test_cuda_shapes test_cuda_runtime; do
+for b in test_cuda_kernels_a test_cuda_kernels_b test_cuda_bf16 test_cuda_backend test_cuda_shapes test_cuda_runtime \
+    test_cuda_pair_loss test_cuda_optim_step test_cuda_graphs; do
   mc_runs+=("$b|tests/$b|-$BIG")
 done
+mc_runs+=("fusion|tests/test_cuda_fusion|CudaFusion.*:-*Gpt2Step*")
 if [ "$cuda_train_ok" = 1 ]; then
   rm -rf "$TRAIN/run-san" "$TRAIN/refcache-san"
   mc_runs+=("dpo train device=cuda (2 steps)|$BUILD/dpo train model=$TRAIN/base train_file=$TRAIN/prefs.jsonl out_dir=$TRAIN/run-san device=cuda max_steps=2 per_device_train_batch_size=4 learning_rate=2e-4 max_length=96 max_prompt_length=48 ref_cache_dir=$TRAIN/refcache-san --plain|")
@@ -689,6 +691,17 @@ if [ "$(limit_of bench)" != 0 ]; then
       tmo "$((l / 2 > 5 ? l / 2 : l))" "$BUILD/dpo" bench --device cuda "${bench_args[@]}" --precision "$prec" \
           --json "$WORK/bench-dpo-$prec.json" >>"$OUT/bench.log" 2>&1 || brc=1
       cat "$WORK/bench-dpo-$prec.json" >>"$OUT/bench.log" 2>/dev/null
+    done
+    # The fusions (docs/architecture.md, "Fusions"): bf16 with every fusion (the GELU epilogues too) and with none,
+    # against the default run above; then the larger batch (32 pairs), where launch overhead matters less.
+    for variant in all none big; do
+      l=$(left); [ "$l" -ge 8 ] || { echo "== dpo bench bf16 $variant: not run (time)" >>"$OUT/bench.log"; continue; }
+      vargs=("${bench_args[@]}"); fus=""
+      case $variant in all|none) fus=$variant ;; big) vargs=(--shape gpt2-124m --workload hh --pairs 32 --steps 3 --warmup 1) ;; esac
+      echo "== DPO_FUSIONS=$fus dpo bench --device cuda ${vargs[*]} --precision bf16 (limit $((l / 3))s)" >>"$OUT/bench.log"
+      DPO_FUSIONS=$fus tmo "$((l / 3))" "$BUILD/dpo" bench --device cuda "${vargs[@]}" --precision bf16 \
+          --json "$WORK/bench-dpo-bf16-$variant.json" >>"$OUT/bench.log" 2>&1 || brc=1
+      cat "$WORK/bench-dpo-bf16-$variant.json" >>"$OUT/bench.log" 2>/dev/null
     done
     # The per-kernel table (CUPTI activity records over the timed steps; docs/profiling.md).
     l=$(left)
