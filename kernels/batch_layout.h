@@ -1,0 +1,50 @@
+// The batch layout: how sequences sit in the rows of a batch, defined once for the kernels (attention, encoder,
+// log-probs; CPU twins and CUDA), the model (model/gpt2.h) and the data pipeline (train/data.h), in three modes
+// (config key batch_layout, docs/training.md):
+//
+//   padded         one sequence per row, right-padded to the longest row (today's layout; the key mask form).
+//   packed         several whole sequences per row, each with positions from 0 and no attention across them; rows
+//                  filled to max_tokens_per_row by a deterministic first-fit order; padding only at a row's end.
+//   prefix_shared  one segment per pair: [prompt | chosen | dup | rejected], where the chosen tokens attend to the
+//                  prompt and their own earlier tokens, and the rejected tokens to the prompt and their own earlier
+//                  tokens (never to the chosen); the rejected tokens' positions continue from the prompt's end as if
+//                  the chosen were absent. `dup` is a copy of the prompt's last token at the prompt's last position
+//                  that attends to the prompt only: its hidden state is the prompt's last state (the same keys in
+//                  the same order), so it predicts the rejected completion's first token while the prompt's own last
+//                  slot predicts the chosen's first token, and every scored token has its own predicting slot.
+//                  Segments of several pairs may share a row (packed).
+//
+// Everything is per token slot of a [R, T] batch (slot = r * T + t), as int32 arrays of the backends' devices:
+//
+//   pos   [R, T]     the position id of the slot (the row of wpe the encoder adds). Padding slots: 0.
+//   span  [R, T, 3]  what query slot t of row r attends to: key slots k of the same row with
+//                    span[0] <= k <= t and not (span[1] <= k < span[2]), i.e. a contiguous range ending at the query
+//                    itself, minus one hole (span[1] == span[2]: no hole). Always span[0] <= t and, when the hole is
+//                    not empty, span[0] <= span[1] < span[2] <= t (the query never falls in its own hole), so every
+//                    query sees at least itself and every softmax row is finite. Padding slots: {t, t, t} (itself
+//                    only; their outputs are never scored).
+//   seg   [S, 2]     sequence s's scored slots: the contiguous flat slot range [seg[0], seg[1]) whose log-probs (with
+//                    the targets and weights of those slots) sum to its log-prob (kernels/logprob.h); every scored
+//                    slot belongs to exactly one sequence. For a preference batch of P pairs, sequences 0..P-1 are
+//                    the chosen and P..2P-1 the rejected completions, in pair order, as in the padded layout.
+//
+// The padded layout in this form: pos[r, t] = t, span = {first real slot of the row (0 unless left-padded), t, t}
+// for real slots and {t, t, t} for padding, seg[s] = [s * T, (s + 1) * T). The attention kernels' cost follows the
+// spans: a query visits only the key tiles of its range (sum over segments of len^2, not T^2 per row).
+#pragma once
+
+#include <cstdint>
+
+namespace dpo {
+
+enum class BatchLayout : int32_t { Padded, Packed, PrefixShared };
+
+constexpr int64_t kSpanWidth = 3;  // span[..., 0..2]: first key, hole begin, hole end
+enum SpanField : int64_t { kSpanLo = 0, kSpanHoleLo = 1, kSpanHoleHi = 2 };
+
+// Whether key slot k is visible to the query whose span is `sp` (t: the query's slot in its row).
+inline constexpr bool span_sees(const int32_t* sp, int64_t t, int64_t k) {
+  return k >= sp[kSpanLo] && k <= t && !(k >= sp[kSpanHoleLo] && k < sp[kSpanHoleHi]);
+}
+
+}  // namespace dpo
