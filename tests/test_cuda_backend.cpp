@@ -323,6 +323,34 @@ TEST(CudaBackend, ChunkedLmHeadWithTheLossOnTheDeviceMatchesCpu) {
   }
   EXPECT_EQ(gs[kSumTokensChosen], cs[kSumTokensChosen]);  // exact integers on both
   EXPECT_GT(cs[kSumTokensChosen], 0);
+
+  // bf16: a BF16 model on each backend with the same bf16-exact weights. Budgets from the bf16 model's measured
+  // distances (CudaPaddedGpt2 above): sequence log-probs 2e-3 relative, gradients 3e-2. Every PairSum column but
+  // the token counts is a sum of terms Lipschitz in the log-probs with constant <= max(1, beta) = 1, so its error
+  // is within 2e-3 of the summed |log-probs|; the logit sums carry the logits' own budget, 2e-2 relative.
+  GPT2 c16(cpu, m.cfg, DType::BF16), g16(gpu, m.cfg, DType::BF16);
+  {
+    Tensor p = Tensor::host({c16.master_params().numel()}, DType::F32);
+    cpu.copy_to_host(p, m.mc.params());
+    Tensor p16 = Tensor::host({p.numel()}, DType::BF16);
+    cpu.convert(p16, p);
+    cpu.convert(p, p16);
+    cpu.copy_from_host(c16.master_params(), p);
+    gpu.copy_from_host(g16.master_params(), p);
+    c16.sync_params();
+    g16.sync_params();
+  }
+  const auto [bs, bl, bg] = run(c16, cpu);
+  const auto [hs, hl, hg] = run(g16, gpu);
+  EXPECT_LE(rel_norm_err(hg, bg), 3e-2) << "bf16 gradient, GPU vs CPU";
+  const double lp_mag = std::fabs(bs[kSumLogpChosen]) + std::fabs(bs[kSumLogpRejected]);
+  for (int k = 0; k < kPairSumsWidth; ++k) {
+    double tol = 2e-3 * lp_mag;
+    if (k == kSumAccuracy) tol = 1.0;
+    if (k == kSumLogitChosen || k == kSumLogitRejected) tol = 2e-2 * std::fabs(bs[k]) + 1e-3;
+    if (k == kSumTokensChosen || k == kSumTokensRejected) tol = 0;
+    EXPECT_NEAR(hs[k], bs[k], tol) << "bf16 PairSum column " << k;
+  }
 }
 
 // Mixed precision on the GPU: the same BF16-exact weights in a BF16 model on the GPU, a BF16 model on the CPU (its

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <new>
@@ -559,6 +560,11 @@ int main(int argc, char** argv) {
                     "token rows per chunk of the LM head and log-softmax (default 2048; at least one pair)");
   bench->add_option("--seed", bench_opt.seed, "seed for weights and tokens")->capture_default_str();
   bench->add_option("--json", bench_json, "write the results as JSON to this file");
+  bench->add_option("--cuda-graphs", bench_opt.cuda_graphs,
+                    "on (default) or off: capture the policy's forward, loss and backward as a CUDA graph and replay it "
+                    "(as the training key cuda_graphs; --device cuda only)")
+      ->transform(CLI::CheckedTransformer(std::map<std::string, bool>{{"on", true}, {"off", false}}))
+      ->capture_default_str();
   bench->add_flag("--kernels", bench_opt.kernels,
                   "GPU time per kernel over the timed steps, from CUPTI activity records (--device cuda, CUDA build)");
 

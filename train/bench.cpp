@@ -300,6 +300,13 @@ json run_bench(const BenchOptions& o) {
   Tensor grad = be->empty({n_params}, DType::F32);
   const PairLossParams loss_params = pair_loss_params(lc);
   const Tensor sums_dev = be->empty({kPairSumsWidth}, DType::F64);
+  // CUDA graphs (the trainer's cuda_graphs): the batch is the same every step, so its device copies are made once
+  // and the policy's forward, loss and backward are captured on the second step and replayed from then on.
+  bool graphs = cuda && o.cuda_graphs;
+  std::string graph_note;  // why graphs were turned off (a failed capture), for the JSON
+  Tensor g_tokens, g_keymask, g_targets, g_weights, g_ref;
+  std::unique_ptr<Backend::Graph> graph;
+  int64_t graph_runs = 0;
 
   // --- one step, as run_training does it ------------------------------------------------------------------------
   using clk = std::chrono::steady_clock;
@@ -343,18 +350,50 @@ json run_bench(const BenchOptions& o) {
     mark(1);
     // The trainer's step: the loss on the device inside the chunked LM head (GPT2::fused_forward_pairs).
     GPT2::PairLossHead head;
-    head.ref_logp = ref_dev;
     head.params = loss_params;
     head.normalizer = static_cast<double>(P);
     head.sums = sums_dev;
-    policy.fused_forward_pairs(to_backend(*be, b.tokens), to_backend(*be, b.keymask), to_backend(*be, b.targets),
-                               to_backend(*be, b.weights), head);
+    bool backward_done = false;
+    if (graphs) {
+      backward_done = true;  // the graph (or the eager run of its work) holds the backward
+      if (!g_tokens.defined()) {
+        g_tokens = to_backend(*be, b.tokens), g_keymask = to_backend(*be, b.keymask);
+        g_targets = to_backend(*be, b.targets), g_weights = to_backend(*be, b.weights);
+        g_ref = be->empty({2 * P}, DType::F32);
+      }
+      be->copy(g_ref, ref_dev);
+      head.ref_logp = g_ref;
+      auto work = [&policy, &g_tokens, &g_keymask, &g_targets, &g_weights, head] {
+        policy.fused_forward_pairs(g_tokens, g_keymask, g_targets, g_weights, head);
+        policy.fused_backward();
+      };
+      if (graph) {
+        graph->replay();
+      } else if (graph_runs >= 1) {
+        try {
+          graph = be->capture(work);
+          graph->replay();
+        } catch (const GraphCaptureError& e) {  // nothing ran: run eagerly from now on
+          graph_note = e.what();
+          std::fprintf(stderr, "dpo bench: warning: %s; running without CUDA graphs\n", e.what());
+          graphs = false;
+          work();
+        }
+      } else {
+        work();
+      }
+      ++graph_runs;
+    } else {
+      head.ref_logp = ref_dev;
+      policy.fused_forward_pairs(to_backend(*be, b.tokens), to_backend(*be, b.keymask), to_backend(*be, b.targets),
+                                 to_backend(*be, b.weights), head);
+    }
     mark(2);
     // The step's one read of the loss and its metrics (the trainer reads every micro-batch's row in one copy).
     const std::vector<double> sums = to_host_f64(*be, sums_dev);
     last_loss = sums[kSumLoss] / static_cast<double>(P);
     mark(3);
-    policy.fused_backward();
+    if (!backward_done) policy.fused_backward();
     be->residual_forward(grad, grad, policy.grads());  // the trainer's accumulate() on rank 0
     mark(4);
     AdamW::StepInfo info = opt.step(policy.master_params(), grad);
@@ -437,6 +476,8 @@ json run_bench(const BenchOptions& o) {
                    {"lengths", "exact (every pair the same lengths; no log-normal draw)"}};
   r["reference"] = o.reference;
   r["logits_chunk_rows"] = o.logits_chunk_rows;
+  r["cuda_graphs"] = graphs;
+  if (!graph_note.empty()) r["cuda_graphs_note"] = graph_note;
   r["logits_buffer_elements"] = policy.logits_buffer_numel();
   r["loss"] = "sigmoid, beta 0.1";
   r["optimizer"] = "AdamW lr 5e-7, max_grad_norm 1, constant schedule";
@@ -540,6 +581,7 @@ std::string format_bench_table(const json& r) {
                        std::to_string(w["rejected_len"].get<int64_t>()) + "; exact lengths)");
   line("device", r["device"].get<std::string>() + " / " + r["backend"].get<std::string>() + ", threads " +
                      (r["threads"]["used"].is_null() ? std::string("n/a") : r["threads"]["used"].dump()));
+  if (r.value("cuda_graphs", false)) line("cuda graphs", "on (forward, loss and backward replayed as one graph)");
   if (r.contains("cpu_kernels") && r["cpu_kernels"].is_object()) {
     const auto& k = r["cpu_kernels"];
     line("cpu kernels", k["id"].get<std::string>() + " (" + k["core_origin"].get<std::string>() + "; core " +

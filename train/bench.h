@@ -65,6 +65,10 @@ struct BenchOptions {
   std::string command_line;            // recorded in the JSON
   bool print_table = true;
   bool kernels = false;                // --kernels: per-kernel GPU time table (CUPTI; --device cuda only)
+  // --cuda-graphs on|off: as the training key cuda_graphs, the policy's forward, loss and backward of the step is
+  // captured once (after the warm-up's first step) and replayed; the policy_forward_fused_head phase then holds the
+  // backward too. Ignored on the CPU.
+  bool cuda_graphs = true;
   // Test hook: called with the policy right before the first timed step (after = false) and after the last one
   // (after = true).
   std::function<void(const GPT2& policy, bool after)> inspect;
