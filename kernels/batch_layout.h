@@ -9,10 +9,13 @@
 //                  prompt and their own earlier tokens, and the rejected tokens to the prompt and their own earlier
 //                  tokens (never to the chosen); the rejected tokens' positions continue from the prompt's end as if
 //                  the chosen were absent. `dup` is a copy of the prompt's last token at the prompt's last position
-//                  that attends to the prompt only: its hidden state is the prompt's last state (the same keys in
-//                  the same order), so it predicts the rejected completion's first token while the prompt's own last
-//                  slot predicts the chosen's first token, and every scored token has its own predicting slot.
-//                  Segments of several pairs may share a row (packed).
+//                  whose span hides the prompt's last slot and the chosen part (hole [prompt_last, dup)): it sees the
+//                  prompt's first p-1 slots and itself, whose key and value equal the prompt's last slot's (same
+//                  token, same position, and by induction over the layers the same inputs), in the same order, so
+//                  its hidden state is bitwise the prompt's last state. It predicts the rejected completion's first
+//                  token while the prompt's own last slot predicts the chosen's first token: every scored token has
+//                  its own predicting slot. The rejected tokens use the same hole (they see the prompt's first p-1
+//                  slots, dup, and their own earlier tokens). Segments of several pairs may share a row (packed).
 //
 // Everything is per token slot of a [R, T] batch (slot = r * T + t), as int32 arrays of the backends' devices:
 //
@@ -45,6 +48,13 @@ enum SpanField : int64_t { kSpanLo = 0, kSpanHoleLo = 1, kSpanHoleHi = 2 };
 // Whether key slot k is visible to the query whose span is `sp` (t: the query's slot in its row).
 inline constexpr bool span_sees(const int32_t* sp, int64_t t, int64_t k) {
   return k >= sp[kSpanLo] && k <= t && !(k >= sp[kSpanHoleLo] && k < sp[kSpanHoleHi]);
+}
+
+// Whether `sp` keeps the rules above for query slot t: 0 <= lo <= t, and the hole is empty (hole_lo == hole_hi) or
+// lo <= hole_lo < hole_hi <= t. A span that does not is a bug of its producer (the attention ops reject it).
+inline constexpr bool span_valid(const int32_t* sp, int64_t t) {
+  const int64_t lo = sp[kSpanLo], hl = sp[kSpanHoleLo], hh = sp[kSpanHoleHi];
+  return lo >= 0 && lo <= t && (hl == hh || (lo <= hl && hl < hh && hh <= t));
 }
 
 }  // namespace dpo
