@@ -582,10 +582,11 @@ int64_t visited_pairs(const std::vector<int32_t>& span, int64_t T, int64_t b, bo
 }
 
 TEST(AttentionSpans, BlockedKernelVisitsOnlyTheKeyTilesTheSpansReach) {
-  // Rows: the packed row of the brief (segments 100, 60, 80); a prefix_shared row (holes); a left-padded row; a
-  // row of 1-slot segments (every slot sees only itself).
+  // Rows: the packed row of the brief (segments 100, 60, 80); a prefix_shared row (holes inside tiles); a
+  // left-padded row; padding only (every slot sees only itself); a prefix_shared segment whose chosen part (150
+  // slots) makes the dup's and the rejected's hole cover the whole key tile [64, 128).
   const int64_t T = 240;
-  auto span = padding_spans(4, T);
+  auto span = padding_spans(5, T);
   pack_row(span, T, 0, 0, {100, 60, 80});
   prefix_shared_segment(span, T, 1, 0, 70, 60, 50);
   prefix_shared_segment(span, T, 1, 181, 20, 20, 10);
@@ -593,7 +594,11 @@ TEST(AttentionSpans, BlockedKernelVisitsOnlyTheKeyTilesTheSpansReach) {
   for (int64_t t = 0; t < 130; ++t) mask[T + t] = 0;
   const auto padded = spans_of_mask(mask, 2, T);
   std::copy(padded.begin() + T * kSpanWidth, padded.end(), span.begin() + 2 * T * kSpanWidth);
-  for (int64_t b = 0; b < 4; ++b) visited_pairs(span, T, b, /*check_minimal=*/true);
+  prefix_shared_segment(span, T, 4, 0, 10, 150, 70);  // dup 160, rejected [161, 231)
+  for (int64_t b = 0; b < 5; ++b) visited_pairs(span, T, b, /*check_minimal=*/true);
+  // The blocks of the dup and the rejected ([160, 192) and on) skip tile 1: 1+1+2+2+3 (up to the chosen's end),
+  // then tiles {0, 2}, {0, 2, 3}, {0, 2, 3}: 17 of the causal 20.
+  EXPECT_EQ(visited_pairs(span, T, 4, false), 17);
 
   // The key-mask form (null spans) visits every tile of [0, t1): 1+1+2+2+3+3+4+4 = 20 pairs for T = 240.
   std::vector<int64_t> tiles(4);
