@@ -105,6 +105,9 @@ void attention_tiled_backward(T* dqkv, const T* dout, const T* qkv, const int32_
 //     queries' gradient into the real keys and values; the spans form does not;
 //   - padding query slots differ by design: the key-mask form gives left padding att = 0 and out = 0 (no visible
 //     key) and lets right padding attend to the real keys; with spans each padding slot sees only itself.
+// By the same argument, a segment of a packed row (its slots seeing only slots of the segment) gets bitwise the out,
+// saved rows and dqkv of the same segment run alone as a row of its own through the same kernel (key mask null),
+// and in a prefix_shared segment the dup slot's out is bitwise the prompt's last slot's (tests/test_attention_spans.cpp).
 // Across kernels (reference vs blocked, spans or mask) only the documented tolerances hold, not bitwise equality.
 namespace dpo::cpu {
 
