@@ -29,6 +29,7 @@
 #include <type_traits>
 
 #include "kernels/attention.cuh"
+#include "kernels/batch_layout.h"
 #include "kernels/bf16.cuh"
 #include "runtime/cuda/cuda_check.h"
 #include "runtime/cuda/nvtx.h"
@@ -181,24 +182,47 @@ __device__ float warp_sum(float v) {
 }
 
 // att row r = (b, h, t) holds raw scaled scores for s <= t on entry; on exit the masked softmax over the visible
-// keys s <= t (keymask[b,s] != 0), and exact zeros elsewhere. A row with no visible key becomes all zeros.
+// keys, and exact zeros elsewhere. Visible: with span null, the keys s <= t with keymask[b,s] != 0 (or all s <= t
+// without a mask); with span [B,T,kSpanWidth], the keys with span_sees(span[b,t], t, s). A row with no visible key
+// (key mask: left padding) becomes all zeros. A row whose span is not span_valid becomes NaN at s <= t (0 above):
+// the spans are only compared with s, never used as an index, so a bad span cannot move a read or a write.
+// Lanes take s = lane, lane + 32, ... from 0 (key mask) or from lo rounded down to a multiple of 32 (spans): the same
+// keys on the same lanes in the same order, so spans and the key mask they imply give bitwise-equal rows.
 // With bf16 storage the fp32 probabilities stay in `att` (a float scratch, for att @ v) and are also written,
 // rounded once, to `att_lo` (the saved state); with float storage att_lo is unused (null).
 template <class St>
 __global__ void __launch_bounds__(kRowsPerBlock * 32)
     softmax_forward_kernel(float* __restrict__ att, St* __restrict__ att_lo, const int32_t* __restrict__ keymask,
-                           int64_t rows, int64_t T, int64_t NH) {
+                           const int32_t* __restrict__ span, int64_t rows, int64_t T, int64_t NH) {
   const int64_t r = int64_t(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
   if (r >= rows) return;  // uniform per warp
   const int lane = threadIdx.x % 32;
   const int64_t t = r % T, b = r / (T * NH);
   float* row = att + r * T;
-  const int32_t* mask = keymask ? keymask + b * T : nullptr;
+  const int32_t* mask = keymask && !span ? keymask + b * T : nullptr;
+  // Visible keys: [lo, t] minus [hole_lo, hole_hi), then the key mask; the key-mask form has lo = 0 and no hole.
+  int64_t lo = 0, hole_lo = 0, hole_hi = 0;
+  if (span) {
+    const int32_t* sp = span + (b * T + t) * kSpanWidth;
+    if (!span_valid(sp, t)) {  // uniform per warp
+      for (int64_t s = lane; s < T; s += 32) {
+        const float pv = s <= t ? NAN : 0.0f;
+        row[s] = pv;
+        if constexpr (!std::is_same_v<St, float>) att_lo[r * T + s] = from_float<St>(pv);
+      }
+      return;
+    }
+    lo = sp[kSpanLo], hole_lo = sp[kSpanHoleLo], hole_hi = sp[kSpanHoleHi];
+  }
+  const auto sees = [&](int64_t s) {
+    return s >= lo && s <= t && !(s >= hole_lo && s < hole_hi) && !(mask && mask[s] == 0);
+  };
+  const int64_t s_first = (lo / 32) * 32 + lane;
 
   float mx = -INFINITY;
   bool any = false;
-  for (int64_t s = lane; s <= t; s += 32) {
-    if (mask && mask[s] == 0) continue;
+  for (int64_t s = s_first; s <= t; s += 32) {
+    if (!sees(s)) continue;
     mx = fmaxf(mx, row[s]);
     any = true;
   }
@@ -206,8 +230,8 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
   const bool visible = __any_sync(kFullMask, any);
   float sum = 0.0f;
   if (visible) {
-    for (int64_t s = lane; s <= t; s += 32) {
-      if (mask && mask[s] == 0) continue;
+    for (int64_t s = s_first; s <= t; s += 32) {
+      if (!sees(s)) continue;
       sum += expf(row[s] - mx);
     }
   }
@@ -215,7 +239,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
   const float inv = visible ? 1.0f / sum : 0.0f;
   for (int64_t s = lane; s < T; s += 32) {
     float pv = 0.0f;
-    if (visible && s <= t && !(mask && mask[s] == 0)) pv = expf(row[s] - mx) * inv;
+    if (visible && sees(s)) pv = expf(row[s] - mx) * inv;
     row[s] = pv;
     if constexpr (!std::is_same_v<St, float>) att_lo[r * T + s] = from_float<St>(pv);
   }
@@ -255,9 +279,9 @@ unsigned row_blocks(int64_t rows) {
 // B*NH*T*T floats (stream-ordered, freed on return), so that neither the scores nor the probabilities that att @ v
 // reads are rounded; only the saved att is bf16.
 template <class St>
-void attention_forward_impl(CudaContext& ctx, St* out, St* att, const St* qkv, const int32_t* keymask, int64_t B,
-                            int64_t T, int64_t C, int64_t NH) {
-  DPO_NVTX_RANGE("attention_forward");
+void attention_forward_impl(CudaContext& ctx, St* out, St* att, const St* qkv, const int32_t* keymask,
+                            const int32_t* span, int64_t B, int64_t T, int64_t C, int64_t NH) {
+  DPO_NVTX_RANGE(span ? "attention_forward_spans" : "attention_forward");
   if (B == 0 || T == 0) return;
   check_shape("attention_forward", B, T, C, NH);
   const int64_t C3 = 3 * C, hs = C / NH, TT = T * T;
@@ -281,7 +305,7 @@ void attention_forward_impl(CudaContext& ctx, St* out, St* att, const St* qkv, c
 
   const int64_t rows = B * NH * T;
   softmax_forward_kernel<St><<<row_blocks(rows), kRowsPerBlock * 32, 0, ctx.stream()>>>(
-      att_f32, kFloat ? nullptr : att, keymask, rows, T, NH);
+      att_f32, kFloat ? nullptr : att, keymask, span, rows, T, NH);
   DPO_CUDA_CHECK(cudaGetLastError());
 
   GemmParams<float, St, St> o{};  // out = att V
@@ -478,11 +502,22 @@ void attention_decode_forward_impl(CudaContext& ctx, St* out, St* kcache, St* vc
 
 void attention_forward(CudaContext& ctx, float* out, float* att, const float* qkv, const int32_t* keymask, int64_t B,
                        int64_t T, int64_t C, int64_t NH) {
-  attention_forward_impl(ctx, out, att, qkv, keymask, B, T, C, NH);
+  attention_forward_impl(ctx, out, att, qkv, keymask, nullptr, B, T, C, NH);
 }
 void attention_forward(CudaContext& ctx, __nv_bfloat16* out, __nv_bfloat16* att, const __nv_bfloat16* qkv,
                        const int32_t* keymask, int64_t B, int64_t T, int64_t C, int64_t NH) {
-  attention_forward_impl(ctx, out, att, qkv, keymask, B, T, C, NH);
+  attention_forward_impl(ctx, out, att, qkv, keymask, nullptr, B, T, C, NH);
+}
+
+void attention_forward_spans(CudaContext& ctx, float* out, float* att, const float* qkv, const int32_t* span,
+                             int64_t B, int64_t T, int64_t C, int64_t NH) {
+  DPO_ASSERT(span != nullptr || B * T == 0, "attention_forward_spans: span is null");
+  attention_forward_impl(ctx, out, att, qkv, nullptr, span, B, T, C, NH);
+}
+void attention_forward_spans(CudaContext& ctx, __nv_bfloat16* out, __nv_bfloat16* att, const __nv_bfloat16* qkv,
+                             const int32_t* span, int64_t B, int64_t T, int64_t C, int64_t NH) {
+  DPO_ASSERT(span != nullptr || B * T == 0, "attention_forward_spans: span is null");
+  attention_forward_impl(ctx, out, att, qkv, nullptr, span, B, T, C, NH);
 }
 
 void attention_backward(CudaContext& ctx, float* dqkv, const float* dout, const float* qkv, const float* att,

@@ -37,6 +37,23 @@ void attention_backward(CudaContext& ctx, float* dqkv, const float* dout, const 
 void attention_backward(CudaContext& ctx, __nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv,
                         const __nv_bfloat16* att, int64_t B, int64_t T, int64_t C, int64_t NH);
 
+// --- Under a batch layout's spans (kernels/batch_layout.h; CPU twins in kernels/attention.h) ----------------------
+// attention_forward_spans: the forward above with span [B,T,kSpanWidth] int32 (device) in place of the key mask:
+// query t of row b sees the keys s with span_sees(span[b,t], t, s). Same outputs, storage, arithmetic, scratch and
+// determinism as attention_forward; the kernels are the same (the span is read by the softmax only), so the cost is
+// that of the key-mask form (the full lower triangle); a flash kernel whose work follows the spans is another step.
+// With the spans a key mask implies, att and out are bitwise those of attention_forward with that mask at every
+// real query slot (the softmax visits the same keys on the same lanes in the same order).
+// The backward of this forward is attention_backward above: it reads only att, whose zeros carry the spans.
+// A span that is not span_valid cannot be reported without a device sync (the CPU backend checks them; the data
+// pipeline builds them): that query's att row becomes NaN at s <= t (0 above), so its out row is NaN and the
+// backward spreads NaN into the gradients it touches. The spans are only compared with key indices, never used as
+// addresses: a bad span never causes an out-of-bounds access.
+void attention_forward_spans(CudaContext& ctx, float* out, float* att, const float* qkv, const int32_t* span,
+                             int64_t B, int64_t T, int64_t C, int64_t NH);
+void attention_forward_spans(CudaContext& ctx, __nv_bfloat16* out, __nv_bfloat16* att, const __nv_bfloat16* qkv,
+                             const int32_t* span, int64_t B, int64_t T, int64_t C, int64_t NH);
+
 // --- Incremental decoding (the key/value cache); contract of the CPU twins in kernels/attention.h ------------------
 //   attention_cache_store: kcache[b,t,:] = qkv[b,t,C:2C], vcache[b,t,:] = qkv[b,t,2C:3C] for t < T <= Tc   (=)
 //   attention_decode_forward: with p = pos[b] (one new token per sequence, qkv [B,3C]):

@@ -50,4 +50,11 @@ inline constexpr bool span_sees(const int32_t* sp, int64_t t, int64_t k) {
   return k >= sp[kSpanLo] && k <= t && !(k >= sp[kSpanHoleLo] && k < sp[kSpanHoleHi]);
 }
 
+// Whether `sp` keeps the rules above for query slot t: 0 <= lo <= t, and the hole is empty (hole_lo == hole_hi) or
+// lo <= hole_lo < hole_hi <= t. A span that does not is a bug of its producer (the attention ops reject it).
+inline constexpr bool span_valid(const int32_t* sp, int64_t t) {
+  const int64_t lo = sp[kSpanLo], hl = sp[kSpanHoleLo], hh = sp[kSpanHoleHi];
+  return lo >= 0 && lo <= t && (hl == hh || (lo <= hl && hl < hh && hh <= t));
+}
+
 }  // namespace dpo

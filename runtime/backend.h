@@ -162,6 +162,18 @@ class Backend {
                                  int64_t n_head) = 0;
   virtual void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
                                   int64_t n_head) = 0;
+  // The same ops under a batch layout's spans (kernels/batch_layout.h, kernels/attention.h): span [B,T,kSpanWidth]
+  // I32; query slot t of row b attends to the key slots k of row b with span_sees(span[b,t], t, k) instead of the
+  // key-mask rule. Same tensors and contracts otherwise (saved: attention_saved_shape / attention_saved_dtype; out
+  // =, dqkv +=). The backward takes the spans its forward saw, and a saved state written by one form is for the
+  // backward of the same form. The CPU backend checks every span (span_valid; dpo::Error naming the row, the slot
+  // and the values, before anything is written). The CUDA backend cannot check without a sync: a query whose span
+  // is not valid gets NaN probabilities and a NaN output row (so NaN gradients), never an out-of-bounds access
+  // (kernels/attention.cuh).
+  virtual void attention_forward_spans(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& span,
+                                       int64_t n_head) = 0;
+  virtual void attention_backward_spans(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
+                                        const Tensor& saved, const Tensor& span, int64_t n_head) = 0;
   // Incremental decoding with a key/value cache (kernels/attention.h). kcache, vcache [B,Tc,C] in the activation
   // dtype, positions per sequence.
   // attention_cache_store: qkv [B,T,3C] with T <= Tc; positions [0,T) of each sequence's cache = its k, v (=), the

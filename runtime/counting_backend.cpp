@@ -112,6 +112,16 @@ void CountingBackend::attention_backward(const Tensor& dqkv, const Tensor& dout,
   count(Kind::Op, "attention_backward");
   inner_->attention_backward(dqkv, dout, qkv, saved, n_head);
 }
+void CountingBackend::attention_forward_spans(const Tensor& out, const Tensor& saved, const Tensor& qkv,
+                                              const Tensor& span, int64_t n_head) {
+  count(Kind::Op, "attention_forward_spans");
+  inner_->attention_forward_spans(out, saved, qkv, span, n_head);
+}
+void CountingBackend::attention_backward_spans(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
+                                               const Tensor& saved, const Tensor& span, int64_t n_head) {
+  count(Kind::Op, "attention_backward_spans");
+  inner_->attention_backward_spans(dqkv, dout, qkv, saved, span, n_head);
+}
 void CountingBackend::attention_cache_store(const Tensor& kcache, const Tensor& vcache, const Tensor& qkv) {
   count(Kind::Op, "attention_cache_store");
   inner_->attention_cache_store(kcache, vcache, qkv);

@@ -89,6 +89,10 @@ class CountingBackend final : public Backend {
                          int64_t n_head) override;
   void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
                           int64_t n_head) override;
+  void attention_forward_spans(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& span,
+                               int64_t n_head) override;
+  void attention_backward_spans(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
+                                const Tensor& span, int64_t n_head) override;
   void attention_cache_store(const Tensor& kcache, const Tensor& vcache, const Tensor& qkv) override;
   void attention_decode_forward(const Tensor& out, const Tensor& kcache, const Tensor& vcache, const Tensor& qkv,
                                 const Tensor& pos, int64_t n_head) override;

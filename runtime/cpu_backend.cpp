@@ -349,9 +349,12 @@ class CpuBackend final : public Backend {
   }
 
   // Saved state. Reference: the probabilities [B,NH,T,T] in the activation dtype. Tiled: one flat vector of
-  // B*NH*T + B*T elements, the log-sum-exp [B,NH,T] of every query row then the key mask [B,T] as 0/1 values
-  // (the blocked backward recomputes the probabilities from q, k, the mask and the log-sum-exp), F32 under BF16
-  // activations (a BF16 log-sum-exp would move every probability by up to 0.4% of |lse|).
+  // B*NH*T + B*T elements, the log-sum-exp [B,NH,T] of every query row then B*T entries that say which forward wrote
+  // it: the key mask [B,T] as 0/1 values (attention_forward; the blocked backward recomputes the probabilities from
+  // q, k, the mask and the log-sum-exp), or all kSpansMark (attention_forward_spans, whose backward takes the spans
+  // again). Each backward checks that its own form wrote the state. F32 under BF16 activations (a BF16 log-sum-exp
+  // would move every probability by up to 0.4% of |lse|).
+  static constexpr double kSpansMark = 2.0;
   Shape attention_saved_shape(int64_t B, int64_t T, int64_t NH) const override {
     if (attention_ == CpuAttention::Reference) return {B, NH, T, T};
     return {B * NH * T + B * T};
@@ -362,12 +365,39 @@ class CpuBackend final : public Backend {
   }
   void attention_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& keymask,
                          int64_t n_head) override {
-    const bool tiled = attention_ == CpuAttention::Tiled;
+    attention_forward_any(out, saved, qkv, keymask, Tensor(), n_head);
+  }
+  void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
+                          int64_t n_head) override {
+    attention_backward_any(dqkv, dout, qkv, saved, Tensor(), n_head);
+  }
+  void attention_forward_spans(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& span,
+                               int64_t n_head) override {
+    check_host(span, "attention span");
+    attention_forward_any(out, saved, qkv, Tensor(), span, n_head);
+  }
+  void attention_backward_spans(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
+                                const Tensor& span, int64_t n_head) override {
+    check_host(span, "attention span");
+    attention_backward_any(dqkv, dout, qkv, saved, span, n_head);
+  }
+
+  // span [B,T,kSpanWidth] I32 with every span valid (kernels/batch_layout.h); fn names the op in the error.
+  static void check_spans(const Tensor& span, int64_t B, int64_t T, const char* fn) {
+    check_host(span, "attention span");
+    check_dtype(span, DType::I32, "attention span");
+    check_shape(span, {B, T, kSpanWidth}, "attention span");
+    cpu::check_attention_spans(span.data<int32_t>(), B, T, fn);
+  }
+  // The key-mask form (span undefined) or the spans form (span defined; keymask undefined).
+  void attention_forward_any(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& keymask,
+                             const Tensor& span, int64_t n_head) {
+    const bool tiled = attention_ == CpuAttention::Tiled, spans = span.defined();
     if (is_bf16(qkv)) {
       need(out, DType::BF16, "attention out");
       need(saved, attention_saved_dtype(DType::BF16), "attention saved");
       const Tensor o = out32(out), sv = out32(saved);
-      attention_forward(o, sv, up(qkv), keymask, n_head);
+      attention_forward_any(o, sv, up(qkv), keymask, span, n_head);
       down(out, o);
       return down(saved, sv);  // nothing for the tiled F32 state
     }
@@ -381,29 +411,40 @@ class CpuBackend final : public Backend {
       check_dtype(keymask, DType::I32, "attention keymask");
       check_shape(keymask, {B, T}, "attention keymask");
     }
+    if (spans) check_spans(span, B, T, "attention_forward_spans");
     dispatch(qkv.dtype(), [&](auto z) {
       using F = decltype(z);
+      const int32_t* sp = opt<int32_t>(span);
       if (!tiled) {
-        cpu::attention_forward<F>(out.data<F>(), saved.data<F>(), qkv.data<F>(), opt<int32_t>(keymask), B, T, C,
-                                  n_head);
+        if (spans) {
+          cpu::attention_forward_spans<F>(out.data<F>(), saved.data<F>(), qkv.data<F>(), sp, B, T, C, n_head);
+        } else {
+          cpu::attention_forward<F>(out.data<F>(), saved.data<F>(), qkv.data<F>(), opt<int32_t>(keymask), B, T, C,
+                                    n_head);
+        }
         return;
       }
       F* lse = saved.data<F>();
       F* mask = lse + B * n_head * T;
       const int32_t* km = opt<int32_t>(keymask);
-      for (int64_t i = 0; i < B * T; ++i) mask[i] = km == nullptr || km[i] != 0 ? F(1) : F(0);
-      cpu::attention_tiled_forward<F>(out.data<F>(), lse, qkv.data<F>(), km, B, T, C, n_head);
+      for (int64_t i = 0; i < B * T; ++i)
+        mask[i] = spans ? F(kSpansMark) : km == nullptr || km[i] != 0 ? F(1) : F(0);
+      if (spans) {
+        cpu::attention_tiled_forward_spans<F>(out.data<F>(), lse, qkv.data<F>(), sp, B, T, C, n_head);
+      } else {
+        cpu::attention_tiled_forward<F>(out.data<F>(), lse, qkv.data<F>(), km, B, T, C, n_head);
+      }
     });
   }
-  void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
-                          int64_t n_head) override {
-    const bool tiled = attention_ == CpuAttention::Tiled;
+  void attention_backward_any(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
+                              const Tensor& span, int64_t n_head) {
+    const bool tiled = attention_ == CpuAttention::Tiled, spans = span.defined();
     if (is_bf16(qkv)) {
       need(dqkv, DType::BF16, "attention dqkv");
       need(dout, DType::BF16, "attention dout");
       need(saved, attention_saved_dtype(DType::BF16), "attention saved");
       const Tensor d = up(dqkv);
-      attention_backward(d, up(dout), up(qkv), up(saved), n_head);
+      attention_backward_any(d, up(dout), up(qkv), up(saved), span, n_head);
       return down(dqkv, d);
     }
     check_float(qkv, "attention qkv");
@@ -412,14 +453,36 @@ class CpuBackend final : public Backend {
     check_shape(dout, {B, T, C}, "attention dout");
     check_shape(saved, attention_saved_shape(B, T, n_head), "attention saved");
     check_same_dtype(saved, qkv, "attention saved", "attention qkv");
+    if (spans) check_spans(span, B, T, "attention_backward_spans");
     dispatch(qkv.dtype(), [&](auto z) {
       using F = decltype(z);
+      const int32_t* sp = opt<int32_t>(span);
       if (!tiled) {
-        cpu::attention_backward<F>(dqkv.data<F>(), dout.data<F>(), qkv.data<F>(), saved.data<F>(), B, T, C, n_head);
+        if (spans) {
+          cpu::attention_backward_spans<F>(dqkv.data<F>(), dout.data<F>(), qkv.data<F>(), saved.data<F>(), sp, B, T,
+                                           C, n_head);
+        } else {
+          cpu::attention_backward<F>(dqkv.data<F>(), dout.data<F>(), qkv.data<F>(), saved.data<F>(), B, T, C,
+                                     n_head);
+        }
         return;
       }
       const F* lse = saved.data<F>();
       const F* mask = lse + B * n_head * T;
+      for (int64_t i = 0; i < B * T; ++i) {
+        const bool mark = mask[i] == F(kSpansMark);
+        if (spans && !mark)
+          throw Error("attention_backward_spans: the saved state was written by attention_forward (the key-mask "
+                      "form), not by attention_forward_spans");
+        if (!spans && mark)
+          throw Error("attention_backward: the saved state was written by attention_forward_spans; its backward is "
+                      "attention_backward_spans");
+      }
+      if (spans) {
+        cpu::attention_tiled_backward_spans<F>(dqkv.data<F>(), dout.data<F>(), qkv.data<F>(), sp, lse, B, T, C,
+                                               n_head);
+        return;
+      }
       std::vector<int32_t> km(static_cast<size_t>(B * T));
       for (int64_t i = 0; i < B * T; ++i) km[static_cast<size_t>(i)] = mask[i] != F(0) ? 1 : 0;
       cpu::attention_tiled_backward<F>(dqkv.data<F>(), dout.data<F>(), qkv.data<F>(), km.data(), lse, B, T, C,

@@ -10,6 +10,7 @@
 
 #include "kernels/adamw.cuh"
 #include "kernels/attention.cuh"
+#include "kernels/batch_layout.h"
 #include "kernels/elementwise.cuh"
 #include "kernels/encoder.cuh"
 #include "kernels/gelu.cuh"
@@ -555,6 +556,33 @@ void CudaBackend::attention_backward(const Tensor& dqkv, const Tensor& dout, con
     using S = decltype(z);
     cuda::attention_backward(*ctx_, ptr<S>(dqkv), ptr<S>(dout), ptr<S>(qkv), ptr<S>(saved), B, T, C, n_head);
   });
+}
+
+void CudaBackend::attention_forward_spans(const Tensor& out, const Tensor& saved, const Tensor& qkv,
+                                          const Tensor& span, int64_t n_head) {
+  const DType A = check_activation(qkv, "attention qkv");
+  check_is(out, A, "attention out");
+  check_is(saved, attention_saved_dtype(A), "attention saved");
+  DPO_ASSERT(qkv.dim() == 3 && n_head > 0, "attention qkv must be [B,T,3C], got " + shape_str(qkv.shape()));
+  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
+  DPO_ASSERT(qkv.size(2) == 3 * C && C % n_head == 0, "attention qkv " + shape_str(qkv.shape()));
+  check_shape(out, {B, T, C}, "attention out");
+  check_shape(saved, attention_saved_shape(B, T, n_head), "attention saved");
+  check_i32(span, "attention span");
+  check_shape(span, {B, T, kSpanWidth}, "attention span");
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::attention_forward_spans(*ctx_, ptr<S>(out), ptr<S>(saved), ptr<S>(qkv), ptr<int32_t>(span), B, T, C,
+                                  n_head);
+  });
+}
+
+void CudaBackend::attention_backward_spans(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
+                                           const Tensor& saved, const Tensor& span, int64_t n_head) {
+  DPO_ASSERT(qkv.dim() == 3, "attention qkv must be [B,T,3C], got " + shape_str(qkv.shape()));
+  check_i32(span, "attention span");
+  check_shape(span, {qkv.size(0), qkv.size(1), kSpanWidth}, "attention span");
+  attention_backward(dqkv, dout, qkv, saved, n_head);
 }
 
 namespace {

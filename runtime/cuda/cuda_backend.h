@@ -96,6 +96,13 @@ class CudaBackend final : public Backend {
                          int64_t n_head) override;
   void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
                           int64_t n_head) override;
+  // Spans (kernels/attention.cuh): the span tensor is not read on the host (that would need a sync), so a span that
+  // is not valid is not reported here: its query's output row becomes NaN. The backward is attention_backward's
+  // (the saved probabilities carry the spans); it checks the span tensor's shape and dtype only.
+  void attention_forward_spans(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& span,
+                               int64_t n_head) override;
+  void attention_backward_spans(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
+                                const Tensor& span, int64_t n_head) override;
   // The key/value cache ops (kernels/attention.cuh): F32 or BF16 caches. A position outside [0, Tc) is not checked
   // here (it would need a sync): that sequence's out row becomes NaN and its cache is left as it was.
   void attention_cache_store(const Tensor& kcache, const Tensor& vcache, const Tensor& qkv) override;
