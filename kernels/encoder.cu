@@ -103,12 +103,12 @@ static __device__ __forceinline__ int64_t segment_slot(int64_t start, int64_t le
 
 // Block (j, tile) sums every segment that starts at a sorted position in [j*kRange, (j+1)*kRange), for its tile of
 // channels. A segment is [s, min(s + K, run_end)) with s = run_start + m*K. A run of at most K positions is one
-// segment, added onto dwte in the twin's order (bitwise the twin); a longer run's segments go, summed from 0, to
+// segment, added onto dst in the twin's order (bitwise the twin); a longer run's segments go, summed from 0, to
 // their partial slots for encoder_backward_combine_kernel. The flags come from one binary-search pair per thread;
 // the segment loop is uniform over the block.
 template <class T>
-static __global__ void encoder_backward_segments_kernel(float* dwte, float* partial, const T* dout,
-                                                        const uint32_t* keys, const int32_t* pos, int64_t BT,
+static __global__ void encoder_backward_segments_kernel(float* dst, float* partial, const T* dout,
+                                                        const uint32_t* keys, const int32_t* slot, int64_t BT,
                                                         int64_t C, int64_t V, int64_t K) {
   __shared__ int64_t s_end[kRange];  // run end of the segment starting at this position, or -1 when none starts
   __shared__ int64_t s_len[kRange];  // its run's length
@@ -135,18 +135,18 @@ static __global__ void encoder_backward_segments_kernel(float* dwte, float* part
     const int64_t e = s + K < s_end[k] ? s + K : s_end[k];
     const int64_t v = keys[s];
     const bool whole_run = s_len[k] <= K;
-    float acc = whole_run ? dwte[v * C + c] : 0.0f;
+    float acc = whole_run ? dst[v * C + c] : 0.0f;
     // Unrolled so that several rows' loads are in flight ahead of the (serial, ordered) adds.
 #pragma unroll 8
-    for (int64_t q = s; q < e; ++q) acc += to_float(dout[static_cast<int64_t>(pos[q]) * C + c]);
-    if (whole_run) dwte[v * C + c] = acc;
+    for (int64_t q = s; q < e; ++q) acc += to_float(dout[static_cast<int64_t>(slot[q]) * C + c]);
+    if (whole_run) dst[v * C + c] = acc;
     else partial[segment_slot(s, e - s, K) * C + c] = acc;
   }
 }
 
 // Block (j, tile): for every run longer than K that starts at a sorted position in [j*kRange, (j+1)*kRange),
-// dwte[v, c] += its segments' partials, in segment order.
-static __global__ void encoder_backward_combine_kernel(float* dwte, const float* partial, const uint32_t* keys,
+// dst[v, c] += its segments' partials, in segment order.
+static __global__ void encoder_backward_combine_kernel(float* dst, const float* partial, const uint32_t* keys,
                                                        int64_t BT, int64_t C, int64_t V, int64_t K) {
   __shared__ int64_t s_end[kRange];  // run end when a run longer than K starts here, else -1
   const int64_t i0 = static_cast<int64_t>(blockIdx.x) * kRange;
@@ -166,12 +166,12 @@ static __global__ void encoder_backward_combine_kernel(float* dwte, const float*
     const int64_t re = s_end[k];
     if (re < 0) continue;
     const int64_t v = keys[i0 + k];
-    float acc = dwte[v * C + c];
+    float acc = dst[v * C + c];
     for (int64_t s = i0 + k; s < re; s += K) {
       const int64_t len = re - s < K ? re - s : K;
       acc += partial[segment_slot(s, len, K) * C + c];
     }
-    dwte[v * C + c] = acc;
+    dst[v * C + c] = acc;
   }
 }
 

@@ -448,7 +448,6 @@ void logprob_backward(CudaContext& ctx, __nv_bfloat16* dlogits, const __nv_bfloa
   logprob_backward_impl(ctx, dlogits, logits, targets, weights, nullptr, dseq, B, B, T, V, ld);
 }
 
-
 void logprob_forward_segments(CudaContext& ctx, float* seq_logp, float* token_logp, float* seq_stats,
                               const float* logits, const int32_t* targets, const float* weights, const int32_t* seg,
                               int64_t S, int64_t B, int64_t T, int64_t V, int64_t ld) {

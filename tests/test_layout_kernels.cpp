@@ -112,14 +112,16 @@ TEST(LayoutEncoder, PaddedPositionsAreBitwiseThePaddedOpInEveryDtype) {
   for (DType A : {DType::F32, DType::F64, DType::BF16}) {
     SCOPED_TRACE(name_of(A));
     const DType G = A == DType::BF16 ? DType::F32 : A;
-    const Tensor wte = floats_of(randn<double>(g, V * C), {V, C}, A), wpe = floats_of(randn<double>(g, P * C), {P, C}, A);
+    const Tensor wte = floats_of(randn<double>(g, V * C), {V, C}, A);
+    const Tensor wpe = floats_of(randn<double>(g, P * C), {P, C}, A);
     Tensor out_ref = poisoned({B, T, C}, A), out = poisoned({B, T, C}, A);
     be->encoder_forward(out_ref, tokens, wte, wpe);
     be->encoder_forward_pos(out, tokens, pos, wte, wpe);
     EXPECT_EQ(bytes_of(out), bytes_of(out_ref)) << "forward";
 
     const Tensor dout = floats_of(randn<double>(g, B * T * C), {B, T, C}, A);
-    const Tensor dwte0 = floats_of(randn<double>(g, V * C), {V, C}, G), dwpe0 = floats_of(randn<double>(g, P * C), {P, C}, G);
+    const Tensor dwte0 = floats_of(randn<double>(g, V * C), {V, C}, G);
+    const Tensor dwpe0 = floats_of(randn<double>(g, P * C), {P, C}, G);
     Tensor dwte_ref = clone(dwte0), dwpe_ref = clone(dwpe0), dwte = clone(dwte0), dwpe = clone(dwpe0);
     be->encoder_backward(dwte_ref, dwpe_ref, dout, tokens);
     be->encoder_backward_pos(dwte, dwpe, dout, tokens, pos);
@@ -420,7 +422,8 @@ TEST(LayoutLogprob, BadRangesAndTargetsThrowNamingTheRangeBeforeWriting) {
   auto in = make_inputs(g, B, T, V);
   for (auto& w : in.weights) w = 1.0;
   for (auto& t : in.targets) t = 1;
-  const Tensor logits = floats_of(in.logits, {B, T, V}, DType::F32), weights = floats_of(in.weights, {B, T}, DType::F32);
+  const Tensor logits = floats_of(in.logits, {B, T, V}, DType::F32);
+  const Tensor weights = floats_of(in.weights, {B, T}, DType::F32);
   const Tensor targets = host_of(in.targets, {B, T});
   struct Bad {
     std::vector<int32_t> seg;
@@ -439,7 +442,7 @@ TEST(LayoutLogprob, BadRangesAndTargetsThrowNamingTheRangeBeforeWriting) {
     const Tensor seg = host_of(bc.seg, {S, 2});
     Backend::LogprobOutputs out{poisoned({S}, DType::F32), poisoned({B, T}, DType::F32),
                                 poisoned({S, kSeqStatsWidth}, DType::F32)};
-    const auto before = bytes_of(out.seq_logp) , before_tok = bytes_of(out.token_logp);
+    const auto before = bytes_of(out.seq_logp), before_tok = bytes_of(out.token_logp);
     try {
       be->logprob_forward_segments(out, logits, targets, weights, seg, V);
       ADD_FAILURE() << "accepted";
