@@ -10,12 +10,17 @@
 // backward: one block per row: the same (max, sum) pass, a barrier, then every element is rewritten as
 //           g * (onehot - exp(x - max) / sum). Each thread reads an element before it writes it and all reads of
 //           the first pass finish at the barrier, so dlogits may alias logits.
+// Segments (the _segments forms): a first kernel maps every slot to its sequence (owner, a binary search over the
+//           range ends, one thread per slot); the row kernels skip rows with owner -1 like rows with weight 0 (and
+//           the backward takes dseq[owner]); the sequence kernel sums over [seg[s,0], seg[s,1]) with the padded
+//           form's thread-to-slot pattern relative to the range start, so padded ranges give the padded bits.
 // Index arithmetic on logits is 64-bit: a row starts at row * ld, which passes 2^31 (and 2^32) for an LM head.
 // Row stride ld >= V (kernels/logprob.h): only columns [0, V) of a row are read or written. With a padded ld that
 // is a multiple of 16 bytes (model/gpt2.h) every row starts 16-byte aligned, so aligned_head is 0 and the whole
 // row goes through the vector loads; an odd ld (V = 50257 unpadded) still works, each row at its own phase.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstdint>
@@ -183,15 +188,32 @@ __device__ MaxSum row_max_sum(const St* x, int64_t V, float* xsum = nullptr) {
   return result;
 }
 
+// owner[i] = the sequence whose range [seg[s,0], seg[s,1]) holds slot i, or -1: the first s with seg[s,1] > i (a
+// binary search over the range ends, non-decreasing for valid ranges), if its range starts at or before i. Invalid
+// ranges (unsorted, overlapping) give some s in [0, S) or -1, deterministically; nothing outside seg is read.
+__global__ void logprob_owner_kernel(int32_t* __restrict__ owner, const int32_t* __restrict__ seg, int64_t S,
+                                     int64_t BT) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < BT; i += stride) {
+    int64_t lo = 0, hi = S;
+    while (lo < hi) {
+      const int64_t mid = lo + (hi - lo) / 2;
+      if (seg[2 * mid + 1] <= i) lo = mid + 1;
+      else hi = mid;
+    }
+    owner[i] = (lo < S && seg[2 * lo] <= i) ? static_cast<int32_t>(lo) : -1;
+  }
+}
+
 // lp[i] for row i = blockIdx.x (see logprob.cuh for the out-of-range target rule); with kStats also row_sum[i], the
-// fp32 sum of the row's V logits (0 for a row with weight 0, whose logits are never read).
+// fp32 sum of the row's V logits (0 for a row with weight 0 or, with owner, a row in no range: logits never read).
 template <class St, bool kStats>
 __global__ void __launch_bounds__(kRowThreads)
     logprob_rows_kernel(float* __restrict__ lp, float* __restrict__ row_sum, const St* __restrict__ logits,
-                        const int32_t* __restrict__ targets, const float* __restrict__ weights, int64_t V,
-                        int64_t ld) {
+                        const int32_t* __restrict__ targets, const float* __restrict__ weights,
+                        const int32_t* __restrict__ owner, int64_t V, int64_t ld) {
   const int64_t i = blockIdx.x;
-  if (weights[i] == 0.0f) {  // uniform across the block
+  if (weights[i] == 0.0f || (owner && owner[i] < 0)) {  // uniform across the block
     if (threadIdx.x == 0) {
       lp[i] = 0.0f;
       if constexpr (kStats) row_sum[i] = 0.0f;
@@ -209,24 +231,33 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// seq_logp[b] = sum_t weights[b,t] * lp[b,t]: per-thread strided sums in double, then a fixed smem tree. With
+// seq_logp[b] = sum over the slots i of sequence b of weights[i] * lp[i]: per-thread strided sums in double (thread
+// j: slots lo + j, lo + j + kSeqThreads, ...), then a fixed smem tree. The slots are [b*T, (b+1)*T) without seg and
+// [seg[b,0], seg[b,1]) clamped to [0, BT) with it, so the padded ranges give the same sums in the same order. With
 // stats (non-null, then row_sum too) the same for the completion token count (weights != 0) and the rows' logit
 // sums over those tokens, written as row b of seq_stats (kernels/seq_stats.h).
 __global__ void __launch_bounds__(kSeqThreads)
     logprob_seq_kernel(float* __restrict__ seq_logp, float* __restrict__ stats, const float* __restrict__ lp,
-                       const float* __restrict__ row_sum, const float* __restrict__ weights, int64_t T) {
+                       const float* __restrict__ row_sum, const float* __restrict__ weights,
+                       const int32_t* __restrict__ seg, int64_t T, int64_t BT) {
   __shared__ double part[kSeqThreads];
   __shared__ double part_n[kSeqThreads];
   __shared__ double part_x[kSeqThreads];
   const int64_t b = blockIdx.x;
   const bool with_stats = stats != nullptr;  // uniform across the grid
+  int64_t lo = b * T, hi = lo + T;
+  if (seg) {
+    const int64_t s0 = seg[2 * b], s1 = seg[2 * b + 1];
+    lo = s0 < 0 ? 0 : (s0 > BT ? BT : s0);
+    hi = s1 < lo ? lo : (s1 > BT ? BT : s1);
+  }
   double acc = 0.0, n = 0.0, xs = 0.0;
-  for (int64_t t = threadIdx.x; t < T; t += kSeqThreads) {
-    const float w = weights[b * T + t];
-    acc += static_cast<double>(w) * static_cast<double>(lp[b * T + t]);
+  for (int64_t i = lo + threadIdx.x; i < hi; i += kSeqThreads) {
+    const float w = weights[i];
+    acc += static_cast<double>(w) * static_cast<double>(lp[i]);
     if (with_stats && w != 0.0f) {
       n += 1.0;
-      xs += static_cast<double>(row_sum[b * T + t]);
+      xs += static_cast<double>(row_sum[i]);
     }
   }
   part[threadIdx.x] = acc;
@@ -269,16 +300,18 @@ __device__ void fill_row(St* d, int64_t V, float value) {
 }
 
 // dlogits and logits may be the same pointer: no __restrict__ on either.
+// The row's sequence is i / T without owner, owner[i] with it (-1: in no range, a zero row).
 template <class St>
 __global__ void __launch_bounds__(kRowThreads)
     logprob_backward_kernel(St* dlogits, const St* logits, const int32_t* __restrict__ targets,
-                            const float* __restrict__ weights, const float* __restrict__ dseq, int64_t T, int64_t V,
-                            int64_t ld) {
+                            const float* __restrict__ weights, const float* __restrict__ dseq,
+                            const int32_t* __restrict__ owner, int64_t T, int64_t V, int64_t ld) {
   constexpr int K = kVec<St>;
   const int64_t i = blockIdx.x;
   St* d = dlogits + i * ld;
   const float w = weights[i];
-  if (w == 0.0f) {
+  const int64_t seq = owner ? static_cast<int64_t>(owner[i]) : i / T;
+  if (w == 0.0f || seq < 0) {
     fill_row(d, V, 0.0f);
     return;
   }
@@ -289,7 +322,7 @@ __global__ void __launch_bounds__(kRowThreads)
   }
   const St* x = logits + i * ld;
   const MaxSum st = row_max_sum(x, V);
-  const float g = dseq[i / T] * w;
+  const float g = dseq[seq] * w;
   const float inv = 1.0f / st.s;
   // Same 16-byte phase for x and d (always true in place): vectors on the aligned middle; else element-wise.
   const bool same_phase = ((reinterpret_cast<uintptr_t>(x) ^ reinterpret_cast<uintptr_t>(d)) & 15u) == 0;
@@ -316,20 +349,33 @@ unsigned grid_rows(const char* fn, int64_t rows) {
   return static_cast<unsigned>(rows);
 }
 
+// owner[BT] (scratch from ctx.alloc, freed in stream order after the launches that read it) for seg[S,2].
+std::shared_ptr<Buffer> slot_owners(CudaContext& ctx, const int32_t* seg, int64_t S, int64_t BT) {
+  auto buf = ctx.alloc(std::max<int64_t>(BT, 1) * static_cast<int64_t>(sizeof(int32_t)));
+  if (BT > 0) {
+    const int64_t blocks = std::min<int64_t>((BT + kSeqThreads - 1) / kSeqThreads, int64_t{1} << 16);
+    logprob_owner_kernel<<<static_cast<unsigned>(blocks), kSeqThreads, 0, ctx.stream()>>>(
+        static_cast<int32_t*>(buf->data()), seg, S, BT);
+    DPO_CUDA_CHECK(cudaGetLastError());
+  }
+  return buf;
+}
+
+// seg null: the padded form (sequence b = row b, S = B); else the ranges seg[S,2].
 template <class St>
 void logprob_forward_impl(CudaContext& ctx, float* seq_logp, float* token_logp, float* seq_stats, const St* logits,
-                          const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V,
-                          int64_t ld) {
-  DPO_NVTX_RANGE("logprob_forward");
-  if (B == 0) return;
+                          const int32_t* targets, const float* weights, const int32_t* seg, int64_t S, int64_t B,
+                          int64_t T, int64_t V, int64_t ld) {
+  DPO_NVTX_RANGE(seg ? "logprob_forward_segments" : "logprob_forward");
+  const int64_t BT = B * T;
+  if (S == 0 && (BT == 0 || !token_logp)) return;  // no output to write
   DPO_ASSERT(V > 0, "logprob_forward: V must be positive");
   DPO_ASSERT(ld >= V, "logprob_forward: row stride " + std::to_string(ld) + " < V " + std::to_string(V));
-  DPO_ASSERT(B <= INT_MAX, "logprob_forward: B exceeds the grid's x range");
+  DPO_ASSERT(S <= INT_MAX, "logprob_forward: the sequence count exceeds the grid's x range");
   // Scratch, freed in stream order: lp when the caller does not want token_logp, then the rows' logit sums when
-  // it wants seq_stats.
-  const int64_t BT = B * T;
+  // it wants seq_stats; with seg the slots' sequences.
   const int64_t n_scratch = (token_logp ? 0 : BT) + (seq_stats ? BT : 0);
-  std::shared_ptr<Buffer> scratch;
+  std::shared_ptr<Buffer> scratch, owner_buf;
   float* lp = token_logp;
   float* row_sum = nullptr;
   if (n_scratch > 0) {
@@ -341,29 +387,43 @@ void logprob_forward_impl(CudaContext& ctx, float* seq_logp, float* token_logp, 
     }
     if (seq_stats) row_sum = s;
   }
-  if (T > 0) {
+  const int32_t* owner = nullptr;
+  if (seg) {
+    owner_buf = slot_owners(ctx, seg, S, BT);
+    owner = static_cast<const int32_t*>(owner_buf->data());
+  }
+  if (BT > 0) {
     if (seq_stats) {
       logprob_rows_kernel<St, true><<<grid_rows("logprob_forward", BT), kRowThreads, 0, ctx.stream()>>>(
-          lp, row_sum, logits, targets, weights, V, ld);
+          lp, row_sum, logits, targets, weights, owner, V, ld);
     } else {
       logprob_rows_kernel<St, false><<<grid_rows("logprob_forward", BT), kRowThreads, 0, ctx.stream()>>>(
-          lp, nullptr, logits, targets, weights, V, ld);
+          lp, nullptr, logits, targets, weights, owner, V, ld);
     }
     DPO_CUDA_CHECK(cudaGetLastError());
   }
-  logprob_seq_kernel<<<static_cast<unsigned>(B), kSeqThreads, 0, ctx.stream()>>>(seq_logp, seq_stats, lp, row_sum,
-                                                                                  weights, T);
-  DPO_CUDA_CHECK(cudaGetLastError());
+  if (S > 0) {
+    logprob_seq_kernel<<<static_cast<unsigned>(S), kSeqThreads, 0, ctx.stream()>>>(seq_logp, seq_stats, lp, row_sum,
+                                                                                    weights, seg, T, BT);
+    DPO_CUDA_CHECK(cudaGetLastError());
+  }
 }
 
 template <class St>
 void logprob_backward_impl(CudaContext& ctx, St* dlogits, const St* logits, const int32_t* targets,
-                           const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V, int64_t ld) {
-  DPO_NVTX_RANGE("logprob_backward");
+                           const float* weights, const int32_t* seg, const float* dseq, int64_t S, int64_t B,
+                           int64_t T, int64_t V, int64_t ld) {
+  DPO_NVTX_RANGE(seg ? "logprob_backward_segments" : "logprob_backward");
   if (B == 0 || T == 0 || V == 0) return;
   DPO_ASSERT(ld >= V, "logprob_backward: row stride " + std::to_string(ld) + " < V " + std::to_string(V));
+  std::shared_ptr<Buffer> owner_buf;
+  const int32_t* owner = nullptr;
+  if (seg) {
+    owner_buf = slot_owners(ctx, seg, S, B * T);
+    owner = static_cast<const int32_t*>(owner_buf->data());
+  }
   logprob_backward_kernel<St><<<grid_rows("logprob_backward", B * T), kRowThreads, 0, ctx.stream()>>>(
-      dlogits, logits, targets, weights, dseq, T, V, ld);
+      dlogits, logits, targets, weights, dseq, owner, T, V, ld);
   DPO_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -371,21 +431,43 @@ void logprob_backward_impl(CudaContext& ctx, St* dlogits, const St* logits, cons
 
 void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, float* seq_stats, const float* logits,
                      const int32_t* targets, const float* weights, int64_t B, int64_t T, int64_t V, int64_t ld) {
-  logprob_forward_impl(ctx, seq_logp, token_logp, seq_stats, logits, targets, weights, B, T, V, ld);
+  logprob_forward_impl(ctx, seq_logp, token_logp, seq_stats, logits, targets, weights, nullptr, B, B, T, V, ld);
 }
 void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, float* seq_stats,
                      const __nv_bfloat16* logits, const int32_t* targets, const float* weights, int64_t B, int64_t T,
                      int64_t V, int64_t ld) {
-  logprob_forward_impl(ctx, seq_logp, token_logp, seq_stats, logits, targets, weights, B, T, V, ld);
+  logprob_forward_impl(ctx, seq_logp, token_logp, seq_stats, logits, targets, weights, nullptr, B, B, T, V, ld);
 }
 
 void logprob_backward(CudaContext& ctx, float* dlogits, const float* logits, const int32_t* targets,
                       const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V, int64_t ld) {
-  logprob_backward_impl(ctx, dlogits, logits, targets, weights, dseq, B, T, V, ld);
+  logprob_backward_impl(ctx, dlogits, logits, targets, weights, nullptr, dseq, B, B, T, V, ld);
 }
 void logprob_backward(CudaContext& ctx, __nv_bfloat16* dlogits, const __nv_bfloat16* logits, const int32_t* targets,
                       const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V, int64_t ld) {
-  logprob_backward_impl(ctx, dlogits, logits, targets, weights, dseq, B, T, V, ld);
+  logprob_backward_impl(ctx, dlogits, logits, targets, weights, nullptr, dseq, B, B, T, V, ld);
+}
+
+void logprob_forward_segments(CudaContext& ctx, float* seq_logp, float* token_logp, float* seq_stats,
+                              const float* logits, const int32_t* targets, const float* weights, const int32_t* seg,
+                              int64_t S, int64_t B, int64_t T, int64_t V, int64_t ld) {
+  logprob_forward_impl(ctx, seq_logp, token_logp, seq_stats, logits, targets, weights, seg, S, B, T, V, ld);
+}
+void logprob_forward_segments(CudaContext& ctx, float* seq_logp, float* token_logp, float* seq_stats,
+                              const __nv_bfloat16* logits, const int32_t* targets, const float* weights,
+                              const int32_t* seg, int64_t S, int64_t B, int64_t T, int64_t V, int64_t ld) {
+  logprob_forward_impl(ctx, seq_logp, token_logp, seq_stats, logits, targets, weights, seg, S, B, T, V, ld);
+}
+
+void logprob_backward_segments(CudaContext& ctx, float* dlogits, const float* logits, const int32_t* targets,
+                               const float* weights, const int32_t* seg, const float* dseq, int64_t S, int64_t B,
+                               int64_t T, int64_t V, int64_t ld) {
+  logprob_backward_impl(ctx, dlogits, logits, targets, weights, seg, dseq, S, B, T, V, ld);
+}
+void logprob_backward_segments(CudaContext& ctx, __nv_bfloat16* dlogits, const __nv_bfloat16* logits,
+                               const int32_t* targets, const float* weights, const int32_t* seg, const float* dseq,
+                               int64_t S, int64_t B, int64_t T, int64_t V, int64_t ld) {
+  logprob_backward_impl(ctx, dlogits, logits, targets, weights, seg, dseq, S, B, T, V, ld);
 }
 
 }  // namespace dpo::cuda

@@ -22,6 +22,17 @@
 // Deterministic: fixed reduction trees, no atomics; repeated calls give bitwise-equal results.
 // The forward takes a stream-ordered scratch from ctx.alloc: B*T floats when token_logp is null, B*T more when
 // seq_stats is requested (the rows' logit sums).
+//
+// Per-sequence slot ranges (the _segments forms; contract in kernels/logprob.h): seg[S,2] int32 on the device,
+// sequence s's slots [seg[s,0], seg[s,1]) of the B*T slots; seq_logp, dseq [S], seq_stats [S, kSeqStatsWidth],
+// token_logp [B,T] (0 for a slot in no range). The same row kernels and the same per-sequence sum (thread j of a
+// sequence's block adds slots lo + j, lo + j + 256, ... in double, then the fixed tree): with seg[s] =
+// [s*T, (s+1)*T) the results are bitwise those of logprob_forward / logprob_backward. Extra cost: one int32 per
+// slot of scratch (the slot's sequence, from a binary search over the range ends) in each direction.
+// The ranges are not checked here (that needs a device-to-host sync); the caller builds them (train/data.h) and the
+// CPU twin checks them. With invalid ranges no access leaves [0, B*T) or [0, S): a range is clamped to [0, B*T), a
+// slot's sequence is found by a binary search that only reads seg, and the results are unspecified but
+// deterministic (an unsorted or overlapping set of ranges may score a slot in one range and sum it in another).
 #pragma once
 #include <cuda_bf16.h>
 
@@ -54,6 +65,19 @@ void logprob_backward(CudaContext& ctx, float* dlogits, const float* logits, con
                       const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V, int64_t ld);
 void logprob_backward(CudaContext& ctx, __nv_bfloat16* dlogits, const __nv_bfloat16* logits, const int32_t* targets,
                       const float* weights, const float* dseq, int64_t B, int64_t T, int64_t V, int64_t ld);
+
+void logprob_forward_segments(CudaContext& ctx, float* seq_logp, float* token_logp, float* seq_stats,
+                              const float* logits, const int32_t* targets, const float* weights, const int32_t* seg,
+                              int64_t S, int64_t B, int64_t T, int64_t V, int64_t ld);
+void logprob_forward_segments(CudaContext& ctx, float* seq_logp, float* token_logp, float* seq_stats,
+                              const __nv_bfloat16* logits, const int32_t* targets, const float* weights,
+                              const int32_t* seg, int64_t S, int64_t B, int64_t T, int64_t V, int64_t ld);
+void logprob_backward_segments(CudaContext& ctx, float* dlogits, const float* logits, const int32_t* targets,
+                               const float* weights, const int32_t* seg, const float* dseq, int64_t S, int64_t B,
+                               int64_t T, int64_t V, int64_t ld);
+void logprob_backward_segments(CudaContext& ctx, __nv_bfloat16* dlogits, const __nv_bfloat16* logits,
+                               const int32_t* targets, const float* weights, const int32_t* seg, const float* dseq,
+                               int64_t S, int64_t B, int64_t T, int64_t V, int64_t ld);
 
 // Dense rows (ld = V).
 inline void logprob_forward(CudaContext& ctx, float* seq_logp, float* token_logp, const float* logits,

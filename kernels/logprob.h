@@ -14,6 +14,23 @@
 // A target outside [0, V) where the weight is non-zero throws dpo::Error before anything is written.
 // The log-sum-exp, the per-sequence sums and the logit sums are computed in double for T=float as well as T=double;
 // the logit sum of a row is taken in the pass that sums its exponentials (no extra pass over the row).
+//
+// Per-sequence slot ranges (the batch layouts of kernels/batch_layout.h, where a row may hold several sequences):
+// the `_segments` forms take seg[S,2] int32, sequence s's slots being the flat range [seg[s,0], seg[s,1]) of the
+// B*T slots (slot = b*T + t), and score each slot against its own sequence:
+//   lp[i]  as above for a slot i in a range, and 0 (logits never read, target ignored) for a slot in no range
+//   forward : seq_logp[S] = sum over i in [seg[s,0], seg[s,1]) of weights[i] * lp[i], in slot order   (=)
+//             token_logp[B,T] = lp (skipped if null)                                               (=)
+//             seq_stats[S, kSeqStatsWidth] (skipped if null; kernels/seq_stats.h over the sequence's slots)   (=)
+//   backward: dlogits row i = dseq[s] * weights[i] * (onehot(targets[i]) - softmax(logits row i)) for i in range s;
+//             rows with weight 0 and rows of slots in no range: columns [0, V) set to 0                (=)
+//             dlogits may alias logits.
+// Ranges must satisfy 0 <= seg[s,0] <= seg[s,1] <= B*T and seg[s,1] <= seg[s+1,0] (sorted, non-overlapping; an
+// empty range is a sequence without scored slots: all its outputs 0). Anything else throws dpo::Error naming the
+// range before anything is written; so does a target outside [0, V) with a non-zero weight in a range. Sequence
+// sums run over the range in slot order, as the row sums of the forms above run over t: with seg[s] =
+// [s*T, (s+1)*T) (S = B) the results are bitwise those of logprob_forward / logprob_backward (which are this with
+// those ranges).
 #pragma once
 #include <cstdint>
 
@@ -35,6 +52,16 @@ inline void logprob_forward(T* seq_logp, T* token_logp, const T* logits, const i
 template <class T>
 void logprob_backward(T* dlogits, const T* logits, const int32_t* targets, const T* weights, const T* dseq,
                       int64_t B, int64_t T_, int64_t V, int64_t ld);
+
+template <class T>
+void logprob_forward_segments(T* seq_logp, T* token_logp, T* seq_stats, const T* logits, const int32_t* targets,
+                              const T* weights, const int32_t* seg, int64_t S, int64_t B, int64_t T_, int64_t V,
+                              int64_t ld);
+
+template <class T>
+void logprob_backward_segments(T* dlogits, const T* logits, const int32_t* targets, const T* weights,
+                               const int32_t* seg, const T* dseq, int64_t S, int64_t B, int64_t T_, int64_t V,
+                               int64_t ld);
 
 template <class T>
 inline void logprob_forward(T* seq_logp, T* token_logp, const T* logits, const int32_t* targets, const T* weights,

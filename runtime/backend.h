@@ -103,6 +103,15 @@ class Backend {
   virtual void encoder_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte, const Tensor& wpe) = 0;
   virtual void encoder_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
                                 const Tensor& tokens) = 0;
+  // With explicit positions (kernels/batch_layout.h `pos`, kernels/encoder.h): pos[B,T] I32, 0 <= pos < P = wpe's
+  // rows. out[B,T,C] = wte[tokens] + wpe[pos] (=) | dwte[V,C] +=, dwpe[P,C] += (each position's slots summed in slot
+  // order). With pos[b,t] = t, bitwise encoder_forward / encoder_backward on the same backend. The CPU throws
+  // dpo::Error naming the slot of a position outside [0, P); the CUDA backend cannot check without a sync: such a
+  // slot's out row is NaN and its dout row adds nothing to dwpe (kernels/encoder.cuh).
+  virtual void encoder_forward_pos(const Tensor& out, const Tensor& tokens, const Tensor& pos, const Tensor& wte,
+                                   const Tensor& wpe) = 0;
+  virtual void encoder_backward_pos(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens,
+                                    const Tensor& pos) = 0;
   // inp[N,C] -> out[N,C], mean[N], rstd[N]           | dinp +=, dw +=, db +=
   virtual void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp,
                                  const Tensor& w, const Tensor& b, double eps) = 0;
@@ -211,6 +220,18 @@ class Backend {
   // logits); columns [V, ld) are never written.
   virtual void logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                                 const Tensor& weights, const Tensor& dseq, int64_t V) = 0;
+  // Per-sequence slot ranges (kernels/batch_layout.h `seg`, kernels/logprob.h): seg[S,2] I32, sequence s's slots
+  // the flat range [seg[s,0], seg[s,1]) of the B*T slots, ranges sorted, non-overlapping, inside [0, B*T).
+  // out.seq_logp [S] (=), out.seq_stats [S, kSeqStatsWidth] (=, optional), out.token_logp [B,T] (=, optional; 0 for
+  // slots in no range). The backward writes dlogits rows of sequence s as logprob_backward does with dseq[s] (dseq
+  // [S]) and columns [0, V) of rows in no range as 0 (=; may alias logits). With seg[s] = [s*T, (s+1)*T) (S = B),
+  // bitwise logprob_forward / logprob_backward on the same backend. The CPU throws dpo::Error naming a bad range;
+  // the CUDA backend does not check them (a sync): it clamps every access to [0, B*T) (kernels/logprob.cuh).
+  virtual void logprob_forward_segments(const LogprobOutputs& out, const Tensor& logits, const Tensor& targets,
+                                        const Tensor& weights, const Tensor& seg, int64_t V) = 0;
+  virtual void logprob_backward_segments(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                                         const Tensor& weights, const Tensor& seg, const Tensor& dseq,
+                                         int64_t V) = 0;
   // Unpadded logits: V = the last dim.
   void logprob_forward(const Tensor& seq_logp, const Tensor& token_logp, const Tensor& logits, const Tensor& targets,
                        const Tensor& weights) {

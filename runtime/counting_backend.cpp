@@ -64,6 +64,16 @@ void CountingBackend::encoder_backward(const Tensor& dwte, const Tensor& dwpe, c
   count(Kind::Op, "encoder_backward");
   inner_->encoder_backward(dwte, dwpe, dout, tokens);
 }
+void CountingBackend::encoder_forward_pos(const Tensor& out, const Tensor& tokens, const Tensor& pos,
+                                          const Tensor& wte, const Tensor& wpe) {
+  count(Kind::Op, "encoder_forward_pos");
+  inner_->encoder_forward_pos(out, tokens, pos, wte, wpe);
+}
+void CountingBackend::encoder_backward_pos(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
+                                           const Tensor& tokens, const Tensor& pos) {
+  count(Kind::Op, "encoder_backward_pos");
+  inner_->encoder_backward_pos(dwte, dwpe, dout, tokens, pos);
+}
 void CountingBackend::layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp,
                                         const Tensor& w, const Tensor& b, double eps) {
   count(Kind::Op, "layernorm_forward");
@@ -156,6 +166,18 @@ void CountingBackend::logprob_backward(const Tensor& dlogits, const Tensor& logi
                                        const Tensor& weights, const Tensor& dseq, int64_t V) {
   count(Kind::Op, "logprob_backward");
   inner_->logprob_backward(dlogits, logits, targets, weights, dseq, V);
+}
+void CountingBackend::logprob_forward_segments(const LogprobOutputs& out, const Tensor& logits,
+                                               const Tensor& targets, const Tensor& weights, const Tensor& seg,
+                                               int64_t V) {
+  count(Kind::Op, "logprob_forward_segments");
+  inner_->logprob_forward_segments(out, logits, targets, weights, seg, V);
+}
+void CountingBackend::logprob_backward_segments(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                                                const Tensor& weights, const Tensor& seg, const Tensor& dseq,
+                                                int64_t V) {
+  count(Kind::Op, "logprob_backward_segments");
+  inner_->logprob_backward_segments(dlogits, logits, targets, weights, seg, dseq, V);
 }
 void CountingBackend::preference_loss(const PairLossOutputs& out, const Tensor& stats, const Tensor& ref_logp,
                                       const Tensor& offset, const PairLossParams& p, double normalizer, int64_t q0,

@@ -64,6 +64,10 @@ class CountingBackend final : public Backend {
 
   void encoder_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte, const Tensor& wpe) override;
   void encoder_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens) override;
+  void encoder_forward_pos(const Tensor& out, const Tensor& tokens, const Tensor& pos, const Tensor& wte,
+                           const Tensor& wpe) override;
+  void encoder_backward_pos(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens,
+                            const Tensor& pos) override;
   void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp, const Tensor& w,
                          const Tensor& b, double eps) override;
   using Backend::layernorm_backward;
@@ -107,6 +111,10 @@ class CountingBackend final : public Backend {
                        int64_t V) override;
   void logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets, const Tensor& weights,
                         const Tensor& dseq, int64_t V) override;
+  void logprob_forward_segments(const LogprobOutputs& out, const Tensor& logits, const Tensor& targets,
+                                const Tensor& weights, const Tensor& seg, int64_t V) override;
+  void logprob_backward_segments(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                                 const Tensor& weights, const Tensor& seg, const Tensor& dseq, int64_t V) override;
   using Backend::preference_loss;
   void preference_loss(const PairLossOutputs& out, const Tensor& stats, const Tensor& ref_logp, const Tensor& offset,
                        const PairLossParams& p, double normalizer, int64_t q0, int64_t q1) override;

@@ -160,6 +160,59 @@ class CpuBackend final : public Backend {
     });
   }
 
+  void encoder_forward_pos(const Tensor& out, const Tensor& tokens, const Tensor& pos, const Tensor& wte,
+                           const Tensor& wpe) override {
+    if (is_bf16(out)) {
+      need(wte, DType::BF16, "encoder wte");
+      need(wpe, DType::BF16, "encoder wpe");
+      const Tensor o = out32(out);
+      encoder_forward_pos(o, tokens, pos, up(wte), up(wpe));
+      return down(out, o);
+    }
+    check_float(out, "encoder out");
+    check_host(tokens, "encoder tokens");
+    check_dtype(tokens, DType::I32, "encoder tokens");
+    DPO_ASSERT(tokens.dim() == 2 && wte.dim() == 2 && wpe.dim() == 2,
+               "encoder: tokens, wte and wpe must be 2-D, got " + shape_str(tokens.shape()) + ", " +
+                   shape_str(wte.shape()) + ", " + shape_str(wpe.shape()));
+    const int64_t B = tokens.size(0), T = tokens.size(1), C = wte.size(1);
+    check_positions(pos, B, T);
+    check_shape(out, {B, T, C}, "encoder out");
+    DPO_ASSERT(wpe.size(1) == C, "wpe " + shape_str(wpe.shape()) + " for C=" + std::to_string(C));
+    check_same_dtype(out, wte, "out", "wte");
+    check_same_dtype(out, wpe, "out", "wpe");
+    dispatch(out.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::encoder_forward_pos<F>(out.data<F>(), tokens.data<int32_t>(), pos.data<int32_t>(), wte.data<F>(),
+                                  wpe.data<F>(), B, T, C, wpe.size(0));
+    });
+  }
+  void encoder_backward_pos(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens,
+                            const Tensor& pos) override {
+    if (is_bf16(dout)) {
+      need(dwte, DType::F32, "encoder dwte");
+      need(dwpe, DType::F32, "encoder dwpe");
+      return encoder_backward_pos(dwte, dwpe, up(dout), tokens, pos);
+    }
+    check_float(dout, "encoder dout");
+    check_host(tokens, "encoder tokens");
+    check_dtype(tokens, DType::I32, "encoder tokens");
+    DPO_ASSERT(tokens.dim() == 2 && dwte.dim() == 2 && dwpe.dim() == 2,
+               "encoder: tokens, dwte and dwpe must be 2-D, got " + shape_str(tokens.shape()) + ", " +
+                   shape_str(dwte.shape()) + ", " + shape_str(dwpe.shape()));
+    const int64_t B = tokens.size(0), T = tokens.size(1), C = dwte.size(1);
+    check_positions(pos, B, T);
+    check_shape(dout, {B, T, C}, "encoder dout");
+    DPO_ASSERT(dwpe.size(1) == C, "dwpe " + shape_str(dwpe.shape()) + " for C=" + std::to_string(C));
+    check_same_dtype(dout, dwte, "dout", "dwte");
+    check_same_dtype(dout, dwpe, "dout", "dwpe");
+    dispatch(dout.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::encoder_backward_pos<F>(dwte.data<F>(), dwpe.data<F>(), dout.data<F>(), tokens.data<int32_t>(),
+                                   pos.data<int32_t>(), B, T, C, dwpe.size(0));
+    });
+  }
+
   void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp,
                          const Tensor& w, const Tensor& b, double eps) override {
     if (is_bf16(inp)) {
@@ -681,6 +734,76 @@ class CpuBackend final : public Backend {
     });
   }
 
+  void logprob_forward_segments(const LogprobOutputs& out, const Tensor& logits, const Tensor& targets,
+                                const Tensor& weights, const Tensor& seg, int64_t V) override {
+    if (is_bf16(logits)) {
+      need(out.seq_logp, DType::F32, "logprob seq_logp");
+      need(out.token_logp, DType::F32, "logprob token_logp");
+      need(out.seq_stats, DType::F32, "logprob seq_stats");
+      need(weights, DType::F32, "logprob weights");
+      check_logits(logits, V);
+      return logprob_forward_segments(out, up(logits), targets, weights, seg, V);
+    }
+    check_float(logits, "logprob logits");
+    const int64_t B = logits.size(0), T = logits.size(1), ld = check_logits(logits, V);
+    const int64_t S = check_segments(seg);
+    check_shape(targets, {B, T}, "logprob targets");
+    check_dtype(targets, DType::I32, "logprob targets");
+    check_shape(weights, {B, T}, "logprob weights");
+    check_dtype(weights, logits.dtype(), "logprob weights");
+    check_host(out.seq_logp, "logprob seq_logp");
+    check_shape(out.seq_logp, {S}, "logprob seq_logp");
+    check_dtype(out.seq_logp, logits.dtype(), "logprob seq_logp");
+    if (out.token_logp.defined()) {
+      check_host(out.token_logp, "logprob token_logp");
+      check_shape(out.token_logp, {B, T}, "logprob token_logp");
+      check_dtype(out.token_logp, logits.dtype(), "logprob token_logp");
+    }
+    if (out.seq_stats.defined()) {
+      check_host(out.seq_stats, "logprob seq_stats");
+      check_shape(out.seq_stats, {S, kSeqStatsWidth}, "logprob seq_stats");
+      check_dtype(out.seq_stats, logits.dtype(), "logprob seq_stats");
+    }
+    dispatch(logits.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::logprob_forward_segments<F>(out.seq_logp.data<F>(), opt<F>(out.token_logp), opt<F>(out.seq_stats),
+                                       logits.data<F>(), targets.data<int32_t>(), weights.data<F>(),
+                                       seg.data<int32_t>(), S, B, T, V, ld);
+    });
+  }
+  void logprob_backward_segments(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                                 const Tensor& weights, const Tensor& seg, const Tensor& dseq, int64_t V) override {
+    if (is_bf16(logits)) {
+      need(dlogits, DType::BF16, "logprob dlogits");
+      need(weights, DType::F32, "logprob weights");
+      need(dseq, DType::F32, "logprob dseq");
+      check_logits(logits, V);
+      const Tensor d = up(dlogits);  // a copy: dlogits may alias logits
+      logprob_backward_segments(d, up(logits), targets, weights, seg, dseq, V);
+      return down_rows(dlogits, d, V);
+    }
+    check_float(logits, "logprob logits");
+    const int64_t B = logits.size(0), T = logits.size(1), ld = check_logits(logits, V);
+    const int64_t S = check_segments(seg);
+    check_host(dlogits, "logprob dlogits");
+    check_shape(dlogits, logits.shape(), "logprob dlogits");
+    check_dtype(dlogits, logits.dtype(), "logprob dlogits");
+    check_host(targets, "logprob targets");
+    check_shape(targets, {B, T}, "logprob targets");
+    check_dtype(targets, DType::I32, "logprob targets");
+    check_host(weights, "logprob weights");
+    check_shape(weights, {B, T}, "logprob weights");
+    check_dtype(weights, logits.dtype(), "logprob weights");
+    check_host(dseq, "logprob dseq");
+    check_shape(dseq, {S}, "logprob dseq");
+    check_dtype(dseq, logits.dtype(), "logprob dseq");
+    dispatch(logits.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::logprob_backward_segments<F>(dlogits.data<F>(), logits.data<F>(), targets.data<int32_t>(),
+                                        weights.data<F>(), seg.data<int32_t>(), dseq.data<F>(), S, B, T, V, ld);
+    });
+  }
+
   // The CUDA kernel's arithmetic (kernels/pair_loss.h) in pair order; the sums are accumulated serially in pair
   // order (the GPU's order differs: the two agree to rounding).
   void preference_loss(const PairLossOutputs& out, const Tensor& stats, const Tensor& ref_logp, const Tensor& offset,
@@ -826,6 +949,19 @@ class CpuBackend final : public Backend {
     DPO_ASSERT(logits.dim() == 3, "logprob logits must be [B,T,ld], got " + shape_str(logits.shape()));
     DPO_ASSERT(V >= 1, "logprob: the vocabulary width V must be >= 1, got " + std::to_string(V));
     return check_row_stride(logits, V, "logprob logits");
+  }
+  // pos [B,T] I32 on the host (the range of every position is the kernel's check, kernels/encoder.h).
+  static void check_positions(const Tensor& pos, int64_t B, int64_t T) {
+    check_host(pos, "encoder pos");
+    check_dtype(pos, DType::I32, "encoder pos");
+    check_shape(pos, {B, T}, "encoder pos");
+  }
+  // seg [S,2] I32 on the host; returns S (the ranges themselves are the kernel's check, kernels/logprob.h).
+  static int64_t check_segments(const Tensor& seg) {
+    check_host(seg, "logprob seg");
+    check_dtype(seg, DType::I32, "logprob seg");
+    DPO_ASSERT(seg.dim() == 2 && seg.size(1) == 2, "logprob seg must be [S,2], got " + shape_str(seg.shape()));
+    return seg.size(0);
   }
   // The checks of both AdamW ops: floating host tensors of one dtype and one shape, no two overlapping, step >= 1.
   static void check_adamw_args(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,

@@ -320,6 +320,48 @@ void CudaBackend::encoder_backward(const Tensor& dwte, const Tensor& dwpe, const
   });
 }
 
+void CudaBackend::encoder_forward_pos(const Tensor& out, const Tensor& tokens, const Tensor& pos, const Tensor& wte,
+                                      const Tensor& wpe) {
+  const DType A = check_activation(out, "encoder out");
+  check_i32(tokens, "encoder tokens");
+  check_i32(pos, "encoder pos");
+  check_is(wte, A, "encoder wte");
+  check_is(wpe, A, "encoder wpe");
+  DPO_ASSERT(tokens.dim() == 2 && wte.dim() == 2 && wpe.dim() == 2,
+             "encoder: tokens, wte and wpe must be 2-D, got " + shape_str(tokens.shape()) + ", " +
+                 shape_str(wte.shape()) + ", " + shape_str(wpe.shape()));
+  const int64_t B = tokens.size(0), T = tokens.size(1), V = wte.size(0), C = wte.size(1), P = wpe.size(0);
+  check_shape(pos, {B, T}, "encoder pos");
+  check_shape(out, {B, T, C}, "encoder out");
+  DPO_ASSERT(wpe.size(1) == C, "wpe " + shape_str(wpe.shape()) + " for C=" + std::to_string(C));
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::encoder_forward_pos(*ctx_, ptr<S>(out), tokens.data<int32_t>(), pos.data<int32_t>(), ptr<S>(wte),
+                              ptr<S>(wpe), B, T, C, V, P);
+  });
+}
+
+void CudaBackend::encoder_backward_pos(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
+                                       const Tensor& tokens, const Tensor& pos) {
+  const DType A = check_activation(dout, "encoder dout");
+  check_is(dwte, grad_dtype(A), "encoder dwte");
+  check_is(dwpe, grad_dtype(A), "encoder dwpe");
+  check_i32(tokens, "encoder tokens");
+  check_i32(pos, "encoder pos");
+  DPO_ASSERT(tokens.dim() == 2 && dwte.dim() == 2 && dwpe.dim() == 2,
+             "encoder: tokens, dwte and dwpe must be 2-D, got " + shape_str(tokens.shape()) + ", " +
+                 shape_str(dwte.shape()) + ", " + shape_str(dwpe.shape()));
+  const int64_t B = tokens.size(0), T = tokens.size(1), V = dwte.size(0), C = dwte.size(1), P = dwpe.size(0);
+  check_shape(pos, {B, T}, "encoder pos");
+  check_shape(dout, {B, T, C}, "encoder dout");
+  DPO_ASSERT(dwpe.size(1) == C, "dwpe " + shape_str(dwpe.shape()) + " for C=" + std::to_string(C));
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::encoder_backward_pos(*ctx_, f32(dwte), f32(dwpe), ptr<S>(dout), tokens.data<int32_t>(),
+                               pos.data<int32_t>(), B, T, C, V, P);
+  });
+}
+
 void CudaBackend::layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp,
                                     const Tensor& w, const Tensor& b, double eps) {
   const DType A = check_activation(inp, "layernorm inp");
@@ -742,6 +784,74 @@ void CudaBackend::logprob_backward(const Tensor& dlogits, const Tensor& logits, 
     using S = decltype(z);
     cuda::logprob_backward(*ctx_, ptr<S>(dlogits), ptr<S>(logits), targets.data<int32_t>(), f32(weights), f32(dseq),
                            B, T, V, ld);
+  });
+}
+
+void CudaBackend::logprob_forward_segments(const LogprobOutputs& out, const Tensor& logits, const Tensor& targets,
+                                           const Tensor& weights, const Tensor& seg, int64_t V) {
+  const DType A = check_activation(logits, "logprob logits");
+  const DType G = grad_dtype(A);
+  check_i32(targets, "logprob targets");
+  check_i32(seg, "logprob seg");
+  check_is(weights, G, "logprob weights");
+  check_is(out.seq_logp, G, "logprob seq_logp");
+  DPO_ASSERT(logits.dim() == 3, "logprob logits must be [B,T,ld], got " + shape_str(logits.shape()));
+  DPO_ASSERT(V >= 1, "logprob: the vocabulary width V must be >= 1, got " + std::to_string(V));
+  DPO_ASSERT(seg.dim() == 2 && seg.size(1) == 2, "logprob seg must be [S,2], got " + shape_str(seg.shape()));
+  const int64_t B = logits.size(0), T = logits.size(1), ld = check_row_stride(logits, V, "logprob logits");
+  const int64_t S = seg.size(0);
+  check_shape(targets, {B, T}, "logprob targets");
+  check_shape(weights, {B, T}, "logprob weights");
+  check_shape(out.seq_logp, {S}, "logprob seq_logp");
+  if (out.token_logp.defined()) {
+    check_is(out.token_logp, G, "logprob token_logp");
+    check_shape(out.token_logp, {B, T}, "logprob token_logp");
+  }
+  if (out.seq_stats.defined()) {
+    check_is(out.seq_stats, G, "logprob seq_stats");
+    check_shape(out.seq_stats, {S, kSeqStatsWidth}, "logprob seq_stats");
+  }
+  // The kernels take the outputs as __restrict__ pointers: no output may overlap another argument.
+  {
+    const Tensor* outs[] = {&out.seq_logp, &out.token_logp, &out.seq_stats};
+    const Tensor* all[] = {&out.seq_logp, &out.token_logp, &out.seq_stats, &logits, &targets, &weights, &seg};
+    for (int a = 0; a < 3; ++a)
+      for (int b = 0; b < 7; ++b)
+        if (a != b)
+          DPO_ASSERT(!outs[a]->defined() || !all[b]->defined() || !overlap(*outs[a], *all[b]),
+                     "logprob_forward_segments: an output overlaps another argument");
+  }
+  with_storage(A, [&](auto z) {
+    using S_ = decltype(z);
+    cuda::logprob_forward_segments(*ctx_, f32(out.seq_logp), opt_ptr<float>(out.token_logp),
+                                   opt_ptr<float>(out.seq_stats), ptr<S_>(logits), targets.data<int32_t>(),
+                                   f32(weights), seg.data<int32_t>(), S, B, T, V, ld);
+  });
+}
+
+void CudaBackend::logprob_backward_segments(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                                            const Tensor& weights, const Tensor& seg, const Tensor& dseq,
+                                            int64_t V) {
+  const DType A = check_activation(logits, "logprob logits");
+  const DType G = grad_dtype(A);
+  check_is(dlogits, A, "logprob dlogits");
+  check_i32(targets, "logprob targets");
+  check_i32(seg, "logprob seg");
+  check_is(weights, G, "logprob weights");
+  check_is(dseq, G, "logprob dseq");
+  DPO_ASSERT(logits.dim() == 3, "logprob logits must be [B,T,ld], got " + shape_str(logits.shape()));
+  DPO_ASSERT(V >= 1, "logprob: the vocabulary width V must be >= 1, got " + std::to_string(V));
+  DPO_ASSERT(seg.dim() == 2 && seg.size(1) == 2, "logprob seg must be [S,2], got " + shape_str(seg.shape()));
+  const int64_t B = logits.size(0), T = logits.size(1), ld = check_row_stride(logits, V, "logprob logits");
+  const int64_t S = seg.size(0);
+  check_shape(dlogits, logits.shape(), "logprob dlogits");
+  check_shape(targets, {B, T}, "logprob targets");
+  check_shape(weights, {B, T}, "logprob weights");
+  check_shape(dseq, {S}, "logprob dseq");
+  with_storage(A, [&](auto z) {
+    using S_ = decltype(z);
+    cuda::logprob_backward_segments(*ctx_, ptr<S_>(dlogits), ptr<S_>(logits), targets.data<int32_t>(), f32(weights),
+                                    seg.data<int32_t>(), f32(dseq), S, B, T, V, ld);
   });
 }
 

@@ -66,6 +66,11 @@ class CudaBackend final : public Backend {
 
   void encoder_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte, const Tensor& wpe) override;
   void encoder_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens) override;
+  // Positions outside [0, P) are not checked here (a sync): NaN out rows, no dwpe contribution (kernels/encoder.cuh).
+  void encoder_forward_pos(const Tensor& out, const Tensor& tokens, const Tensor& pos, const Tensor& wte,
+                           const Tensor& wpe) override;
+  void encoder_backward_pos(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens,
+                            const Tensor& pos) override;
   void layernorm_forward(const Tensor& out, const Tensor& mean, const Tensor& rstd, const Tensor& inp, const Tensor& w,
                          const Tensor& b, double eps) override;
   using Backend::layernorm_backward;
@@ -122,6 +127,11 @@ class CudaBackend final : public Backend {
                        int64_t V) override;
   void logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets, const Tensor& weights,
                         const Tensor& dseq, int64_t V) override;
+  // The ranges are not checked here (a sync); every access is clamped to [0, B*T) (kernels/logprob.cuh).
+  void logprob_forward_segments(const LogprobOutputs& out, const Tensor& logits, const Tensor& targets,
+                                const Tensor& weights, const Tensor& seg, int64_t V) override;
+  void logprob_backward_segments(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
+                                 const Tensor& weights, const Tensor& seg, const Tensor& dseq, int64_t V) override;
 
   // One launch (kernels/pair_loss.cuh), no host sync: the loss's inputs, gradients and sums stay on the device.
   // F32 per-sequence tensors, F64 sums.
