@@ -28,8 +28,10 @@
 //                    only; their outputs are never scored).
 //   seg   [S, 2]     sequence s's scored slots: the contiguous flat slot range [seg[0], seg[1]) whose log-probs (with
 //                    the targets and weights of those slots) sum to its log-prob (kernels/logprob.h); every scored
-//                    slot belongs to exactly one sequence. For a preference batch of P pairs, sequences 0..P-1 are
-//                    the chosen and P..2P-1 the rejected completions, in pair order, as in the padded layout.
+//                    slot belongs to exactly one sequence. For a preference batch of P pairs, sequence 2q is pair
+//                    q's chosen completion and 2q + 1 its rejected one (pairs in row order, so the ranges are
+//                    sorted by slot; the per-sequence arrays of such a batch use PairRows::Interleaved,
+//                    kernels/pair_loss.h, where the padded layout has chosen 0..P-1 and rejected P..2P-1).
 //
 // The padded layout in this form: pos[r, t] = t, span = {first real slot of the row (0 unless left-padded), t, t}
 // for real slots and {t, t, t} for padding, seg[s] = [s * T, (s + 1) * T). The attention kernels' cost follows the

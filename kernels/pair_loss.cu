@@ -32,10 +32,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int k = 0; k < kPairSumsWidth; ++k) acc[k] = 0.0;
   for (int64_t q = q0 + threadIdx.x; q < q1; q += kThreads) {
-    const PairLossInput in = pair_input_at(stats, ref_logp, offset, P, q);
+    const PairLossInput in = pair_input_at(stats, ref_logp, offset, P, q, p.rows);
     const PairLossOutput o = pair_loss_eval(p, in);
-    dseq[q] = static_cast<float>(o.d_chosen / normalizer);
-    dseq[P + q] = static_cast<float>(o.d_rejected / normalizer);
+    dseq[pair_row(p.rows, P, q, 0)] = static_cast<float>(o.d_chosen / normalizer);
+    dseq[pair_row(p.rows, P, q, 1)] = static_cast<float>(o.d_rejected / normalizer);
     if (loss_out) loss_out[q] = static_cast<float>(o.loss);
     pair_sums_add(acc, in, o);
   }

@@ -11,6 +11,7 @@
 //   sums     [kPairSumsWidth] double      the sums over pairs [q0, q1) (kernels/pair_loss.h PairSum), unnormalised:
 //                                         = (all 0 for an empty range), or += with `accumulate` (one addition per
 //                                         column after the range's tree sum; stream order keeps chunks in order)
+// With p.rows = PairRows::Interleaved every per-sequence array has pair q at rows 2q, 2q + 1 instead.
 // Only pairs [q0, q1) (0 <= q0 <= q1 <= P) are evaluated: rows q and P + q of dseq and entry q of pair_loss for q
 // in the range are written, nothing else.
 // Arithmetic: double throughout (inputs widened exactly), each float output rounded once. The preconditions of

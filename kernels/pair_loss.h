@@ -58,6 +58,15 @@ constexpr int kMaxLossTerms = 6;  // one per LossType: validate() refuses a type
 
 enum class IpoNorm : int32_t { PerToken, Summed };
 enum class RefMode : int32_t { WithReference, ReferenceFree };
+// Where pair q's two sequences sit in the per-sequence arrays (stats, ref_logp, dseq) of P pairs: Blocked, chosen q
+// and rejected P + q (padded batches); Interleaved, chosen 2q and rejected 2q + 1 (batch layouts,
+// kernels/batch_layout.h, where sequences are numbered in slot order).
+enum class PairRows : int32_t { Blocked, Interleaved };
+
+// Row of pair q's chosen (side 0) or rejected (side 1) sequence.
+DPO_HD inline int64_t pair_row(PairRows rows, int64_t P, int64_t q, int side) {
+  return rows == PairRows::Interleaved ? 2 * q + side : side * P + q;
+}
 
 // Plain parameters, passed by value to the kernel. train/loss.h's pair_loss_params() builds them from a validated
 // LossConfig.
@@ -69,6 +78,7 @@ struct PairLossParams {
   double label_smoothing = 0.0;         // eps of Robust and Cdpo
   IpoNorm ipo_norm = IpoNorm::PerToken;
   RefMode ref = RefMode::WithReference;
+  PairRows rows = PairRows::Blocked;  // the order of the per-sequence arrays (not a loss setting)
 };
 
 // One pair's inputs. The lengths are completion token counts (kSeqTokens of kernels/seq_stats.h: exact integers
@@ -226,19 +236,21 @@ DPO_HD inline void pair_sums_add(double* sums, const PairLossInput& in, const Pa
 }
 
 // Pair q's input read from the log-prob forward's per-sequence rows (kernels/seq_stats.h) of a preference batch of
-// P pairs, rows [chosen 0..P-1, rejected P..2P-1]: stats [2P, kSeqStatsWidth], ref_logp [2P] the reference's summed
+// P pairs, rows [chosen 0..P-1, rejected P..2P-1] (or interleaved, `rows`): stats [2P, kSeqStatsWidth], ref_logp [2P] the reference's summed
 // log-probs in the same row order (null: 0, for ReferenceFree), offset [P] the ODPO offsets (null: 0).
 template <class F>
-DPO_HD inline PairLossInput pair_input_at(const F* stats, const F* ref_logp, const F* offset, int64_t P, int64_t q) {
-  const F* rc = stats + q * kSeqStatsWidth;
-  const F* rr = stats + (P + q) * kSeqStatsWidth;
+DPO_HD inline PairLossInput pair_input_at(const F* stats, const F* ref_logp, const F* offset, int64_t P, int64_t q,
+                                          PairRows rows = PairRows::Blocked) {
+  const int64_t ic = pair_row(rows, P, q, 0), ir = pair_row(rows, P, q, 1);
+  const F* rc = stats + ic * kSeqStatsWidth;
+  const F* rr = stats + ir * kSeqStatsWidth;
   PairLossInput in;
   in.policy_chosen = static_cast<double>(rc[kSeqLogp]);
   in.policy_rejected = static_cast<double>(rr[kSeqLogp]);
   in.len_chosen = static_cast<double>(rc[kSeqTokens]);
   in.len_rejected = static_cast<double>(rr[kSeqTokens]);
-  in.ref_chosen = ref_logp ? static_cast<double>(ref_logp[q]) : 0.0;
-  in.ref_rejected = ref_logp ? static_cast<double>(ref_logp[P + q]) : 0.0;
+  in.ref_chosen = ref_logp ? static_cast<double>(ref_logp[ic]) : 0.0;
+  in.ref_rejected = ref_logp ? static_cast<double>(ref_logp[ir]) : 0.0;
   in.offset = offset ? static_cast<double>(offset[q]) : 0.0;
   in.logit_sum_chosen = static_cast<double>(rc[kSeqLogitSum]);
   in.logit_sum_rejected = static_cast<double>(rr[kSeqLogitSum]);

@@ -256,7 +256,9 @@ void GPT2::ensure_acts(int64_t B, int64_t T) {
 void GPT2::check_tokens(const Tensor& tokens) const {
   check_dtype(tokens, DType::I32, "tokens");
   if (tokens.dim() != 2) throw Error("tokens must be [B,T], got " + shape_str(tokens.shape()));
-  if (tokens.size(1) > cfg_.max_seq_len)
+  // (With a layout a row holds several sequences: its positions, not its length, are bounded by n_positions,
+  // which encoder_forward_pos checks.)
+  if (!layout_ && tokens.size(1) > cfg_.max_seq_len)
     throw InputError("sequence length " + std::to_string(tokens.size(1)) + " exceeds the model's n_positions (" +
                      std::to_string(cfg_.max_seq_len) + ")");
   // Out-of-range ids would index outside wte. On the host we can check cheaply here; device backends check when
@@ -276,7 +278,14 @@ void GPT2::forward_trunk(const Tensor& tokens, const Tensor& keymask) {
   ensure_acts(B, T);
   Acts& a = *acts_;
   Backend& be = *be_;
-  be.encoder_forward(a.encoded, tokens, param("wte.weight"), param("wpe.weight"));
+  const bool lay = layout_.has_value();
+  if (lay) {
+    check_shape(layout_->pos, {B, T}, "layout pos");
+    check_shape(layout_->span, {B, T, kSpanWidth}, "layout span");
+    be.encoder_forward_pos(a.encoded, tokens, layout_->pos, param("wte.weight"), param("wpe.weight"));
+  } else {
+    be.encoder_forward(a.encoded, tokens, param("wte.weight"), param("wpe.weight"));
+  }
   // Fusions (gpt2.h): with residual_layernorm each residual add also computes the LayerNorm that reads its sum
   // (ln_2 after the attention, then the next layer's ln_1 or ln_f after the MLP), so only h.0's ln_1 runs alone.
   const bool fuse_ln = fusions_.residual_layernorm;
@@ -292,7 +301,8 @@ void GPT2::forward_trunk(const Tensor& tokens, const Tensor& keymask) {
     }
     be.matmul_forward(L.qkv, L.ln1, param(p + "attn.c_attn.weight"), param(p + "attn.c_attn.bias"),
                       WeightLayout::InOut);
-    be.attention_forward(L.atty, L.att, L.qkv, keymask, NH);
+    if (lay) be.attention_forward_spans(L.atty, L.att, L.qkv, layout_->span, NH);
+    else be.attention_forward(L.atty, L.att, L.qkv, keymask, NH);
     be.matmul_forward(a.proj, L.atty, param(p + "attn.c_proj.weight"), param(p + "attn.c_proj.bias"),
                       WeightLayout::InOut);
     if (fuse_ln) {
@@ -336,6 +346,7 @@ void GPT2::forward_trunk(const Tensor& tokens, const Tensor& keymask) {
 }
 
 const Tensor& GPT2::forward(const Tensor& tokens, const Tensor& keymask) {
+  DPO_ASSERT(!layout_, "forward: a batch layout is set (only score and fused_forward_pairs take one)");
   forward_trunk(tokens, keymask);
   Acts& a = *acts_;
   // Zeroed once: the padding columns are never written after this (gpt2.h, "Logits layout").
@@ -432,7 +443,8 @@ void GPT2::backward_trunk() {
     be.matmul_backward(a.datty, grad(p + "attn.c_proj.weight"), grad(p + "attn.c_proj.bias"), a.dres, L.atty,
                        param(p + "attn.c_proj.weight"), WeightLayout::InOut, first);
     be.fill_zero(a.dqkv);  // attention_backward accumulates (its kernels have no "=" form)
-    be.attention_backward(a.dqkv, a.datty, L.qkv, L.att, NH);
+    if (layout_) be.attention_backward_spans(a.dqkv, a.datty, L.qkv, L.att, layout_->span, NH);
+    else be.attention_backward(a.dqkv, a.datty, L.qkv, L.att, NH);
     if (!ow) be.fill_zero(a.dln);
     be.matmul_backward(a.dln, grad(p + "attn.c_attn.weight"), grad(p + "attn.c_attn.bias"), a.dqkv, L.ln1,
                        param(p + "attn.c_attn.weight"), WeightLayout::InOut, first);
@@ -440,7 +452,8 @@ void GPT2::backward_trunk() {
                           param(p + "ln_1.weight"), L.ln1_mean, L.ln1_rstd);
     ready();  // h.l
   }
-  be.encoder_backward(grad("wte.weight"), grad("wpe.weight"), a.dres, tokens_);
+  if (layout_) be.encoder_backward_pos(grad("wte.weight"), grad("wpe.weight"), a.dres, tokens_, layout_->pos);
+  else be.encoder_backward(grad("wte.weight"), grad("wpe.weight"), a.dres, tokens_);
   ready();  // wte + wpe
 }
 
@@ -503,6 +516,10 @@ void GPT2::score(const Tensor& tokens, const Tensor& keymask, const Tensor& targ
                  const Tensor& seq_logp, const Tensor& seq_stats) {
   forward_trunk(tokens, keymask);
   check_head_args(targets, weights);
+  if (layout_) {
+    layout_head(targets, weights, seq_logp, seq_stats, nullptr);
+    return;
+  }
   Acts& a = *acts_;
   const int64_t B = a.B, T = a.T, ldv = logits_stride();
   check_shape(seq_logp, {B}, "seq_logp");
@@ -555,6 +572,7 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
                                         const Tensor& weights, const LossHead& head,
                                         std::vector<double>* seq_stats) {
   DPO_ASSERT(static_cast<bool>(head.grad), "fused_forward: the loss head has no grad function");
+  DPO_ASSERT(!layout_, "fused_forward: a batch layout is set (only score and fused_forward_pairs take one)");
   forward_trunk(tokens, keymask);
   check_head_args(targets, weights);
   Backend& be = *be_;
@@ -610,6 +628,14 @@ void GPT2::fused_forward_pairs(const Tensor& tokens, const Tensor& keymask, cons
   forward_trunk(tokens, keymask);
   check_head_args(targets, weights);
   Backend& be = *be_;
+  if (layout_) {
+    const auto S = static_cast<int64_t>(layout_->seg.size() / 2);
+    if (head.stats.defined()) check_shape(head.stats, {S, kSeqStatsWidth}, "fused_forward_pairs stats");
+    const Tensor stats = head.stats.defined() ? head.stats : be.empty({S, kSeqStatsWidth}, gdtype_);
+    layout_head(targets, weights, be.empty({S}, gdtype_), stats, &head);
+    head_done_ = true;
+    return;
+  }
   const int64_t B = acts_->B;
   DPO_ASSERT(B % 2 == 0 && B > 0, "fused_forward_pairs: a preference batch has 2P > 0 sequences, got " +
                                       std::to_string(B));
@@ -626,6 +652,113 @@ void GPT2::fused_forward_pairs(const Tensor& tokens, const Tensor& keymask, cons
     first = false;
     be.preference_loss(out, stats, head.ref_logp, head.offset, head.params, head.normalizer, q0, q1);
   });
+}
+
+void GPT2::set_layout(const Layout* layout) {
+  if (!layout) {
+    layout_.reset();
+    return;
+  }
+  DPO_ASSERT(layout->pos.defined() && layout->pos.dim() == 2, "set_layout: pos must be [R,T]");
+  const int64_t R = layout->pos.size(0), T = layout->pos.size(1);
+  check_dtype(layout->pos, DType::I32, "layout pos");
+  check_shape(layout->span, {R, T, kSpanWidth}, "layout span");
+  check_dtype(layout->span, DType::I32, "layout span");
+  DPO_ASSERT(static_cast<int64_t>(layout->row_pairs.size()) == R,
+             "set_layout: row_pairs has " + std::to_string(layout->row_pairs.size()) + " entries for " +
+                 std::to_string(R) + " rows");
+  int64_t P = 0;
+  for (int64_t n : layout->row_pairs) {
+    DPO_ASSERT(n >= 0, "set_layout: a negative pair count in row_pairs");
+    P += n;
+  }
+  DPO_ASSERT(P > 0 && static_cast<int64_t>(layout->seg.size()) == 4 * P,
+             "set_layout: seg must hold 2 ranges per pair (" + std::to_string(4 * P) + " values), got " +
+                 std::to_string(layout->seg.size()));
+  // Every sequence's range lies inside the row of its pair.
+  int64_t q = 0;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t i = 0; i < layout->row_pairs[static_cast<size_t>(r)]; ++i, ++q)
+      for (int64_t s : {2 * q, 2 * q + 1}) {
+        const int64_t b = layout->seg[static_cast<size_t>(2 * s)], e = layout->seg[static_cast<size_t>(2 * s + 1)];
+        DPO_ASSERT(r * T <= b && b <= e && e <= (r + 1) * T,
+                   "set_layout: sequence " + std::to_string(s) + " has slots [" + std::to_string(b) + ", " +
+                       std::to_string(e) + ") outside its pair's row " + std::to_string(r));
+      }
+  layout_ = *layout;
+}
+
+std::vector<GPT2::RowChunk> GPT2::plan_row_chunks(int64_t R, int64_t T) const {
+  std::vector<RowChunk> plan;
+  const int64_t per = std::max<int64_t>(1, chunk_rows_ / std::max<int64_t>(T, 1));  // rows per chunk
+  int64_t q = 0;
+  for (int64_t r0 = 0; r0 < R; r0 += per) {
+    const int64_t nr = std::min(per, R - r0);
+    int64_t nq = 0;
+    for (int64_t r = r0; r < r0 + nr; ++r) nq += layout_->row_pairs[static_cast<size_t>(r)];
+    plan.push_back({r0, nr, q, nq});
+    q += nq;
+  }
+  return plan;
+}
+
+void GPT2::layout_head(const Tensor& targets, const Tensor& weights, const Tensor& seq, const Tensor& stats,
+                       const PairLossHead* head) {
+  DPO_ASSERT(layout_.has_value(), "layout_head without a layout");
+  const Layout& L = *layout_;
+  Acts& a = *acts_;
+  Backend& be = *be_;
+  const int64_t R = a.B, T = a.T, C = cfg_.n_embd, V = cfg_.vocab_size, ldv = logits_stride();
+  check_shape(L.pos, {R, T}, "layout pos (the batch's rows)");
+  const auto S = static_cast<int64_t>(L.seg.size() / 2);
+  check_shape(seq, {S}, "seq_logp (one per sequence of the layout)");
+  if (stats.defined()) check_shape(stats, {S, kSeqStatsWidth}, "seq_stats (one row per sequence of the layout)");
+  const auto plan = plan_row_chunks(R, T);
+  // The sequences' ranges relative to the first slot of their chunk: one upload. A chunk's pairs [q0, q0 + nq)
+  // are the sequences [2 q0, 2 (q0 + nq)), so every per-sequence array of the chunk is a view.
+  Tensor seg_host = Tensor::host({S, 2}, DType::I32);
+  int32_t* sh = seg_host.data<int32_t>();
+  for (const RowChunk& c : plan)
+    for (int64_t s = 2 * c.q0; s < 2 * (c.q0 + c.nq); ++s) {
+      sh[2 * s] = static_cast<int32_t>(L.seg[static_cast<size_t>(2 * s)] - c.r0 * T);
+      sh[2 * s + 1] = static_cast<int32_t>(L.seg[static_cast<size_t>(2 * s + 1)] - c.r0 * T);
+    }
+  const Tensor seg_dev = to_backend(be, seg_host);
+  const Tensor dseq = head ? be.empty({S}, gdtype_) : Tensor();
+  PairLossParams params;
+  if (head) {
+    params = head->params;
+    params.rows = PairRows::Interleaved;
+    be.fill_zero(a.dln);
+  }
+  const Tensor wte = param("wte.weight"), dwte = grad("wte.weight");
+  for (size_t ci = 0; ci < plan.size(); ++ci) {
+    const RowChunk& c = plan[ci];
+    const int64_t s0 = 2 * c.q0, ns = 2 * c.nq;
+    const Tensor logits = chunk_logits(c.nr * T).view(0, {c.nr, T, ldv});
+    const Tensor lnf = a.lnf.view(c.r0 * T * C, {c.nr * T, C});
+    const Tensor tg = targets.view(c.r0 * T, {c.nr, T}), w = weights.view(c.r0 * T, {c.nr, T});
+    const Tensor seg_c = seg_dev.view(s0 * 2, {ns, 2});
+    {
+      DPO_TRACE_RANGE("lm_head forward");
+      be.matmul_forward(logits, lnf, wte, Tensor(), WeightLayout::OutIn);
+      be.logprob_forward_segments(
+          Backend::LogprobOutputs{seq.view(s0, {ns}), Tensor(),
+                                  stats.defined() ? stats.view(s0 * kSeqStatsWidth, {ns, kSeqStatsWidth}) : Tensor()},
+          logits, tg, w, seg_c, V);
+    }
+    if (!head) continue;
+    {
+      DPO_TRACE_RANGE("preference loss");
+      Backend::PairLossOutputs out{dseq, head->pair_loss, head->sums};
+      out.accumulate = ci > 0;
+      be.preference_loss(out, stats, head->ref_logp, head->offset, params, head->normalizer, c.q0, c.q0 + c.nq);
+    }
+    DPO_TRACE_RANGE("lm_head backward");
+    be.logprob_backward_segments(logits, logits, tg, w, seg_c, dseq.view(s0, {ns}), V);
+    be.matmul_backward(a.dln.view(c.r0 * T * C, {c.nr * T, C}), dwte, Tensor(), logits, lnf, wte,
+                       WeightLayout::OutIn);
+  }
 }
 
 void GPT2::fused_backward() {
@@ -665,6 +798,7 @@ int64_t GPT2::decode_filled(int64_t b) const {
 void GPT2::decode_end() { dec_.reset(); }
 
 const Tensor& GPT2::decode_prefill(const Tensor& tokens, const std::vector<int64_t>& lengths, int64_t capacity) {
+  DPO_ASSERT(!layout_, "decode_prefill: a batch layout is set");
   check_tokens(tokens);
   const int64_t B = tokens.size(0), T = tokens.size(1), C = cfg_.n_embd, ldv = logits_stride();
   DPO_ASSERT(static_cast<int64_t>(lengths.size()) == B, "decode_prefill: " + std::to_string(lengths.size()) +

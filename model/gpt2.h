@@ -28,9 +28,11 @@
 #pragma once
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "kernels/batch_layout.h"
 #include "kernels/pair_loss.h"
 #include "runtime/backend.h"
 #include "runtime/rng.h"
@@ -215,6 +217,25 @@ class GPT2 {
   void fused_forward_pairs(const Tensor& tokens, const Tensor& keymask, const Tensor& targets, const Tensor& weights,
                            const PairLossHead& head);
 
+  // --- Batches in another layout (kernels/batch_layout.h: packed rows, prefix sharing) ---------------------------
+  // Rows hold several sequences; for a preference batch of P pairs, sequence 2q is pair q's chosen completion and
+  // 2q + 1 its rejected one (PairRows::Interleaved), and row r holds the row_pairs[r] pairs that follow those of the
+  // rows before it (both sequences of a pair in one row), so chunks of whole rows hold whole, consecutive pairs and
+  // their sequences are a contiguous range of the per-sequence arrays.
+  struct Layout {
+    Tensor pos;   // [R,T] I32 on the backend's device: each slot's position
+    Tensor span;  // [R,T,kSpanWidth] I32 on the device: what each slot attends to
+    std::vector<int64_t> seg;        // host, [2P * 2]: sequence s's scored slots [seg[2s], seg[2s+1]) (flat, sorted)
+    std::vector<int64_t> row_pairs;  // host, [R]: pairs per row
+  };
+  // The layout of the tokens passed to the next score() and fused_forward_pairs() calls (their keymask is then
+  // not used, their per-sequence outputs are [2P] in the interleaved order, and fused_forward_pairs' ref_logp too;
+  // its head.params.rows is taken as Interleaved); nullptr returns to one right-padded sequence per
+  // row. The layout is copied (its tensors are shared, not copied). Other entry points (forward,
+  // sequence_logprobs, fused_forward, decoding) refuse a batch while a layout is set.
+  void set_layout(const Layout* layout);
+  bool has_layout() const { return layout_.has_value(); }
+
   // Counts the times the model's activation or logits buffers were reallocated (a batch larger than any before, a
   // larger logits chunk). Work captured with Backend::capture holds their device addresses: captures made before
   // the count last changed must not be replayed. Batches no larger than an earlier one reuse the buffers.
@@ -281,6 +302,16 @@ class GPT2 {
   void head_forward(const Range& r, const Tensor& logits, const Tensor& seq_logp, const Tensor& seq_stats,
                     const Tensor& targets, const Tensor& weights);
   void check_tokens(const Tensor& tokens) const;
+  // The layout path of score() and fused_forward_pairs(): chunks of whole rows (at least one, at most
+  // logits_chunk_rows slots when more than one), each with its pairs; the chunks' sequence ranges relative to their
+  // first slots, uploaded once per call. `head` null: forward only (score).
+  struct RowChunk {
+    int64_t r0, nr, q0, nq;
+  };
+  std::vector<RowChunk> plan_row_chunks(int64_t R, int64_t T) const;
+  void layout_head(const Tensor& targets, const Tensor& weights, const Tensor& seq, const Tensor& stats,
+                   const PairLossHead* head);
+  std::optional<Layout> layout_;
   // The chunk loop of fused_forward and fused_forward_pairs: per chunk, head_forward into seq_dev / stats_dev,
   // then chunk_grad(ranges) sets dseq_dev for the chunk's sequences, then the log-softmax and LM-head backward.
   void fused_head(const Tensor& targets, const Tensor& weights, int64_t pair_stride, const Tensor& seq_dev,

@@ -251,7 +251,8 @@ class Backend {
   //   out.dseq [2P] (=)           d loss / d logp per row divided by `normalizer` (logprob_backward's dseq)
   //   out.pair_loss [P] (=)       each pair's weighted loss (optional)
   //   out.sums [kPairSumsWidth] F64      the batch sums (PairSum), unnormalised: = , or += with out.accumulate
-  // Pairs [q0, q1) only (0 <= q0 <= q1 <= P; the overload without them takes every pair): rows q and P + q of
+  // p.rows = PairRows::Interleaved reads and writes pair q at rows 2q and 2q + 1 instead of q and P + q (batch
+  // layouts). Pairs [q0, q1) only (0 <= q0 <= q1 <= P; the overload without them takes every pair): rows q and P + q of
   // dseq and entry q of pair_loss for q in the range are written, nothing else of them; sums are those of the
   // range, in pair order. With out.accumulate the range's sum is added to out.sums (one addition per column, in
   // stream order), so consecutive ranges q0 = 0 < q1 < ... < P accumulate a batch's sums chunk by chunk in a fixed

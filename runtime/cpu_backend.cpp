@@ -830,10 +830,10 @@ class CpuBackend final : public Backend {
       double sums[kPairSumsWidth] = {};
       if (out.accumulate) std::memcpy(sums, out.sums.raw(), sizeof(sums));  // pair by pair onto the running sums
       for (int64_t q = q0; q < q1; ++q) {
-        const PairLossInput in = pair_input_at(st, ref, off, P, q);
+        const PairLossInput in = pair_input_at(st, ref, off, P, q, p.rows);
         const PairLossOutput o = pair_loss_eval(p, in);
-        dseq[q] = static_cast<F>(o.d_chosen / normalizer);
-        dseq[P + q] = static_cast<F>(o.d_rejected / normalizer);
+        dseq[pair_row(p.rows, P, q, 0)] = static_cast<F>(o.d_chosen / normalizer);
+        dseq[pair_row(p.rows, P, q, 1)] = static_cast<F>(o.d_rejected / normalizer);
         if (loss) loss[q] = static_cast<F>(o.loss);
         pair_sums_add(sums, in, o);
       }

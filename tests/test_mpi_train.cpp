@@ -190,6 +190,23 @@ TEST(MpiTrain, LiveReferenceAndRpoTerm) {
   expect_same_as_one_process(c, RunKind::Dpo, 2);
 }
 
+// Packed and prefix-shared batches (batch_layout): ranks run the same micro-batches as one process, so the runs
+// stay bit-identical, with evaluation and a live reference in the same layout.
+TEST(MpiTrain, BatchLayoutsAreBitIdenticalToOneProcess) {
+  for (const char* layout : {"packed", "prefix_shared"}) {
+    SharedDir w(14);
+    TrainConfig c = base_config(w, std::string("layout_") + layout);
+    c.batch_layout = layout;
+    c.max_tokens_per_row = 48;
+    c.precompute_ref_log_probs = false;
+    c.eval_file = w / "eval.jsonl";
+    c.eval_steps = 2;
+    c.per_device_eval_batch_size = 4;
+    c.num_train_epochs = 1;
+    expect_same_as_one_process(c, RunKind::Dpo, 2);
+  }
+}
+
 TEST(MpiTrain, SftIsBitIdenticalToOneProcess) {
   SharedDir w(22);
   TrainConfig c = base_config(w, "sft");

@@ -560,6 +560,12 @@ int main(int argc, char** argv) {
                     "token rows per chunk of the LM head and log-softmax (default 2048; at least one pair)");
   bench->add_option("--seed", bench_opt.seed, "seed for weights and tokens")->capture_default_str();
   bench->add_option("--json", bench_json, "write the results as JSON to this file");
+  bench->add_option("--batch-layout", bench_opt.batch_layout,
+                    "padded (default), packed or prefix_shared (as the training key batch_layout)")
+      ->capture_default_str();
+  bench->add_option("--max-tokens-per-row", bench_opt.max_tokens_per_row,
+                    "packed / prefix_shared row length; 0 = twice the longest pair's padded row")
+      ->capture_default_str();
   bench->add_option("--cuda-graphs", bench_opt.cuda_graphs,
                     "on (default) or off: capture the policy's forward, loss and backward as a CUDA graph and replay it "
                     "(as the training key cuda_graphs; --device cuda only)")

@@ -259,6 +259,18 @@ json run_bench(const BenchOptions& o) {
   const int threads_used = cuda ? 0 : omp_get_max_threads();
 
   // --- model, data --------------------------------------------------------------------------------------------
+  BatchShape shape;
+  if (o.batch_layout == "padded") shape.layout = BatchLayout::Padded;
+  else if (o.batch_layout == "packed") shape.layout = BatchLayout::Packed;
+  else if (o.batch_layout == "prefix_shared") shape.layout = BatchLayout::PrefixShared;
+  else throw InputError("--batch-layout: unknown value '" + o.batch_layout + "'; valid: padded, packed, prefix_shared");
+  if (o.max_tokens_per_row < 0) throw InputError("--max-tokens-per-row must be >= 0");
+  shape.max_tokens_per_row = o.max_tokens_per_row;
+  if (shape.max_tokens_per_row == 0)  // twice the longest padded row: a row holds about one pair's both sequences
+    for (int64_t i = 0; i < o.pairs; ++i) {
+      const Lengths l = pair_lengths(len, o.length_spread, i);
+      shape.max_tokens_per_row = std::max(shape.max_tokens_per_row, 2 * (l.prompt + std::max(l.chosen, l.rejected)));
+    }
   Rng rng(o.seed);
   if (o.logits_chunk_rows < 1) throw InputError("--logits-chunk-rows must be >= 1");
   if (o.precision != "fp32" && o.precision != "bf16")
@@ -302,7 +314,7 @@ json run_bench(const BenchOptions& o) {
   const Tensor sums_dev = be->empty({kPairSumsWidth}, DType::F64);
   // CUDA graphs (the trainer's cuda_graphs): the batch is the same every step, so its device copies are made once
   // and the policy's forward, loss and backward are captured on the second step and replayed from then on.
-  bool graphs = cuda && o.cuda_graphs;
+  bool graphs = cuda && o.cuda_graphs && shape.layout == BatchLayout::Padded;
   std::string graph_note;  // why graphs were turned off (a failed capture), for the JSON
   Tensor g_tokens, g_keymask, g_targets, g_weights, g_ref;
   std::unique_ptr<Backend::Graph> graph;
@@ -310,7 +322,7 @@ json run_bench(const BenchOptions& o) {
 
   // --- one step, as run_training does it ------------------------------------------------------------------------
   using clk = std::chrono::steady_clock;
-  int64_t tokens_total = 0, padded_T = 0;
+  int64_t tokens_total = 0, padded_T = 0, slots_used = 0, rows = 0;
   double last_loss = 0, last_grad_norm = 0;
   auto step = [&](std::array<double, kNumPhases>& ph) -> double {
     be->synchronize();
@@ -326,7 +338,9 @@ json run_bench(const BenchOptions& o) {
     };
     ph.fill(0);
     phase_range_push(kPhases[0]);
-    Batch b = make_batch(data, idx, DType::F32, 0);
+    Batch b = shape.make(data, idx, DType::F32);
+    slots_used = b.slots_used;
+    rows = b.tokens.size(0);
     tokens_total = b.tokens_total;
     padded_T = b.T;
     be->fill_zero(grad);
@@ -335,15 +349,18 @@ json run_bench(const BenchOptions& o) {
     const int64_t P = b.pairs;
     // The reference's log-probs on the device: a forward pass of the live reference, or the fixed values uploaded.
     Tensor ref_dev;
+    const LayoutScope ref_scope(live ? *ref : policy, b), policy_scope(policy, b);
     if (live) {
       ref_dev = be->empty({2 * P}, DType::F32);
       ref->score(to_backend(*be, b.tokens), to_backend(*be, b.keymask), to_backend(*be, b.targets),
                  to_backend(*be, b.weights), ref_dev);
     } else {
       Tensor h = Tensor::host({2 * P}, DType::F32);
-      for (int64_t p = 0; p < P; ++p) {
-        h.data<float>()[p] = static_cast<float>(ref_c[static_cast<size_t>(p)]);
-        h.data<float>()[P + p] = static_cast<float>(ref_r[static_cast<size_t>(p)]);
+      const PairRows rows = b.layout == BatchLayout::Padded ? PairRows::Blocked : PairRows::Interleaved;
+      for (int64_t p = 0; p < P; ++p) {  // b.indices: the batch's pair order (packing may reorder)
+        const auto i = static_cast<size_t>(b.indices[static_cast<size_t>(p)]);
+        h.data<float>()[pair_row(rows, P, p, 0)] = static_cast<float>(ref_c[i]);
+        h.data<float>()[pair_row(rows, P, p, 1)] = static_cast<float>(ref_r[i]);
       }
       ref_dev = to_backend(*be, h);
     }
@@ -488,6 +505,11 @@ json run_bench(const BenchOptions& o) {
   r["tokens_per_step"] = tokens_total;
   r["padded_len"] = padded_T;
   r["padded_tokens_per_step"] = 2 * o.pairs * padded_T;
+  r["batch_layout"] = batch_layout_name(shape.layout);
+  r["max_tokens_per_row"] = shape.layout == BatchLayout::Padded ? 0 : shape.max_tokens_per_row;
+  r["batch_rows"] = rows;
+  r["slots_per_step"] = rows * padded_T;  // token slots the model ran, padding included
+  r["slots_used_per_step"] = slots_used;  // slots holding a token (prefix sharing: each prompt once, plus one)
   r["mean_seq_len"] = T;
   r["step_seconds"] = times;
   r["step_seconds_median"] = med;

@@ -69,6 +69,11 @@ struct BenchOptions {
   // captured once (after the warm-up's first step) and replayed; the policy_forward_fused_head phase then holds the
   // backward too. Ignored on the CPU.
   bool cuda_graphs = true;
+  // --batch-layout padded|packed|prefix_shared and --max-tokens-per-row (0: twice the longest pair's padded row), as
+  // the training keys batch_layout and max_tokens_per_row. Tokens per second count the pairs' real tokens
+  // (2 * prompt + chosen + rejected) in every layout, so layouts compare on the same work.
+  std::string batch_layout = "padded";
+  int64_t max_tokens_per_row = 0;
   // Test hook: called with the policy right before the first timed step (after = false) and after the last one
   // (after = true).
   std::function<void(const GPT2& policy, bool after)> inspect;

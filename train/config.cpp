@@ -228,6 +228,10 @@ const std::vector<Key>& keys() {
       INT_KEY(per_device_train_batch_size, "pairs per micro-batch"),
       INT_KEY(per_device_eval_batch_size, "pairs per evaluation batch"),
       INT_KEY(gradient_accumulation_steps, "micro-batches per optimizer step"),
+      STRING_KEY(batch_layout, "how pairs sit in a batch's rows: padded (one sequence per row), packed (whole pairs "
+                               "packed into rows, no padding inside), prefix_shared (each prompt computed once for "
+                               "both completions; pairs packed)"),
+      INT_KEY(max_tokens_per_row, "packed / prefix_shared: slots per row; 0 = 2 * max_length"),
       INT_KEY(pad_to_multiple_of, "pad each training micro-batch's rows to a multiple of N tokens (at most "
                                   "n_positions), so lengths fall into fewer shapes (CUDA graphs); 0 = pad to the "
                                   "longest row"),
@@ -421,6 +425,11 @@ void validate(const TrainConfig& c, RunKind kind) {
   real("max_grad_norm", c.max_grad_norm, 0, false, 1e30);
   range("per_device_train_batch_size", c.per_device_train_batch_size, 1, kMaxBatch);
   range("pad_to_multiple_of", c.pad_to_multiple_of, 0, int64_t{1} << 20);
+  range("max_tokens_per_row", c.max_tokens_per_row, 0, int64_t{1} << 24);
+  if (c.batch_layout != "padded" && c.batch_layout != "packed" && c.batch_layout != "prefix_shared")
+    bad("batch_layout", "unknown value '" + c.batch_layout + "'; valid: padded, packed, prefix_shared");
+  if (kind == RunKind::Sft && c.batch_layout != "padded")
+    bad("batch_layout", "SFT runs take padded batches only, got '" + c.batch_layout + "'");
   range("per_device_eval_batch_size", c.per_device_eval_batch_size, 1, kMaxBatch);
   range("gradient_accumulation_steps", c.gradient_accumulation_steps, 1, kMaxBatch);
   range("num_train_epochs", c.num_train_epochs, 1, kMaxCount);

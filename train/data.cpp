@@ -494,6 +494,8 @@ Batch make_batch(const std::vector<PreferencePair>& data, const std::vector<int6
     all_scores = all_scores && p.has_scores;
   }
   Batch b = build_batch(rows, P, weight_dtype, pad_id);
+  b.indices = indices;
+  b.slots_used = b.tokens_total;
   b.has_scores = all_scores;
   if (all_scores) {
     for (int64_t i : indices) {
@@ -514,7 +516,159 @@ Batch make_sft_batch(const std::vector<SftExample>& data, const std::vector<int6
     check_seqs(e.prompt, e.completion, indices[i], "make_sft_batch");
     rows[i] = {&e.prompt, &e.completion};
   }
-  return build_batch(rows, P, weight_dtype, pad_id);
+  Batch b = build_batch(rows, P, weight_dtype, pad_id);
+  b.indices = indices;
+  return b;
+}
+
+BatchLayout parse_batch_layout(const std::string& name) {
+  if (name == "padded") return BatchLayout::Padded;
+  if (name == "packed") return BatchLayout::Packed;
+  if (name == "prefix_shared") return BatchLayout::PrefixShared;
+  throw InputError("key 'batch_layout': unknown value '" + name + "'; valid: padded, packed, prefix_shared");
+}
+
+const char* batch_layout_name(BatchLayout l) {
+  switch (l) {
+    case BatchLayout::Padded: return "padded";
+    case BatchLayout::Packed: return "packed";
+    case BatchLayout::PrefixShared: return "prefix_shared";
+  }
+  return "?";
+}
+
+Batch make_layout_batch(const std::vector<PreferencePair>& data, const std::vector<int64_t>& indices,
+                        BatchLayout layout, int64_t max_tokens_per_row, DType weight_dtype, int32_t pad_id) {
+  if (layout == BatchLayout::Padded) return make_batch(data, indices, weight_dtype, pad_id);
+  check_indices(data, indices, "make_layout_batch");
+  if (max_tokens_per_row < 1)
+    throw Error("make_layout_batch: max_tokens_per_row " + std::to_string(max_tokens_per_row) + " must be >= 1");
+  if (weight_dtype != DType::F32 && weight_dtype != DType::F64)
+    throw Error(std::string("make_layout_batch: weight dtype must be F32 or F64, got ") + dtype_name(weight_dtype));
+  if (pad_id < 0) throw Error("make_layout_batch: pad_id " + std::to_string(pad_id) + " is negative");
+  const bool shared = layout == BatchLayout::PrefixShared;
+  const auto P = static_cast<int64_t>(indices.size());
+  auto unit_len = [&](const PreferencePair& q) {
+    const auto p = static_cast<int64_t>(q.prompt.size()), c = static_cast<int64_t>(q.chosen.size()),
+               r = static_cast<int64_t>(q.rejected.size());
+    return shared ? p + c + 1 + r : 2 * p + c + r;
+  };
+  // First fit, in the order of `indices`.
+  std::vector<std::vector<int64_t>> rows;  // positions in `indices` of each row's pairs
+  std::vector<int64_t> fill;
+  for (int64_t i = 0; i < P; ++i) {
+    const int64_t index = indices[static_cast<size_t>(i)];
+    const PreferencePair& q = data[static_cast<size_t>(index)];
+    check_seqs(q.prompt, q.chosen, index, "make_layout_batch");
+    check_seqs(q.prompt, q.rejected, index, "make_layout_batch");
+    const int64_t n = unit_len(q);
+    size_t r = 0;
+    while (r < rows.size() && fill[r] + n > max_tokens_per_row) ++r;
+    if (r == rows.size()) {
+      rows.emplace_back();
+      fill.push_back(0);
+    }
+    rows[r].push_back(i);
+    fill[r] += n;
+  }
+  Batch b;
+  b.layout = layout;
+  b.pairs = P;
+  const auto R = static_cast<int64_t>(rows.size());
+  for (int64_t f : fill) b.T = std::max(b.T, f);
+  const int64_t T = b.T;
+  b.tokens = Tensor::host({R, T}, DType::I32);
+  b.keymask = Tensor::host({R, T}, DType::I32);
+  b.targets = Tensor::host({R, T}, DType::I32);
+  b.weights = Tensor::host({R, T}, weight_dtype);
+  b.pos = Tensor::host({R, T}, DType::I32);
+  b.span = Tensor::host({R, T, kSpanWidth}, DType::I32);
+  int32_t* tok = b.tokens.data<int32_t>();
+  int32_t* km = b.keymask.data<int32_t>();
+  int32_t* tg = b.targets.data<int32_t>();
+  int32_t* pos = b.pos.data<int32_t>();
+  int32_t* sp = b.span.data<int32_t>();
+  auto set_w = [&](int64_t slot, double v) {
+    if (weight_dtype == DType::F32) b.weights.data<float>()[slot] = static_cast<float>(v);
+    else b.weights.data<double>()[slot] = v;
+  };
+  for (int64_t slot = 0; slot < R * T; ++slot) {  // padding: sees itself only, never scored
+    const auto t = static_cast<int32_t>(slot % T);
+    tok[slot] = pad_id, km[slot] = 0, tg[slot] = -1, pos[slot] = 0;
+    sp[slot * kSpanWidth + kSpanLo] = sp[slot * kSpanWidth + kSpanHoleLo] = sp[slot * kSpanWidth + kSpanHoleHi] = t;
+    set_w(slot, 0.0);
+  }
+  b.seg.assign(static_cast<size_t>(4 * P), 0);
+  b.completion_len.assign(static_cast<size_t>(2 * P), 0);
+  // Writes tokens [first, first + n) of `seq` at slots [at, at + n) of `row`, positions pos0, pos0 + 1, ..., span
+  // {lo, hole_lo, hole_hi} (hole_lo == hole_hi: no hole, written as the slot itself).
+  auto put = [&](int64_t row, int64_t at, const std::vector<int32_t>& seq, int64_t first, int64_t n, int64_t pos0,
+                 int64_t lo, int64_t hole_lo, int64_t hole_hi) {
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t t = at + j, slot = row * T + t;
+      const bool hole = hole_lo < hole_hi;
+      tok[slot] = seq[static_cast<size_t>(first + j)];
+      km[slot] = 1;
+      pos[slot] = static_cast<int32_t>(pos0 + j);
+      sp[slot * kSpanWidth + kSpanLo] = static_cast<int32_t>(lo);
+      sp[slot * kSpanWidth + kSpanHoleLo] = static_cast<int32_t>(hole ? hole_lo : t);
+      sp[slot * kSpanWidth + kSpanHoleHi] = static_cast<int32_t>(hole ? hole_hi : t);
+    }
+  };
+  // Sequence s is scored at slots [from, from + |comp|) of `row`, which predict comp's tokens (weight 1).
+  auto score = [&](int64_t s, int64_t row, int64_t from, const std::vector<int32_t>& comp) {
+    const auto n = static_cast<int64_t>(comp.size());
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t slot = row * T + from + j;
+      tg[slot] = comp[static_cast<size_t>(j)];
+      set_w(slot, 1.0);
+    }
+    b.seg[static_cast<size_t>(2 * s)] = row * T + from;
+    b.seg[static_cast<size_t>(2 * s + 1)] = row * T + from + n;
+    b.completion_len[static_cast<size_t>(s)] = n;
+  };
+  int64_t q = 0;  // batch order: row by row
+  b.has_scores = true;
+  for (int64_t row = 0; row < R; ++row) {
+    int64_t at = 0;
+    b.row_pairs.push_back(static_cast<int64_t>(rows[static_cast<size_t>(row)].size()));
+    for (int64_t i : rows[static_cast<size_t>(row)]) {
+      const int64_t index = indices[static_cast<size_t>(i)];
+      const PreferencePair& x = data[static_cast<size_t>(index)];
+      const auto p = static_cast<int64_t>(x.prompt.size()), c = static_cast<int64_t>(x.chosen.size()),
+                 r = static_cast<int64_t>(x.rejected.size());
+      b.indices.push_back(index);
+      b.has_scores = b.has_scores && x.has_scores;
+      b.score_chosen.push_back(x.score_chosen);
+      b.score_rejected.push_back(x.score_rejected);
+      b.tokens_total += 2 * p + c + r;
+      if (shared) {
+        // [prompt | chosen | dup | rejected]; dup and rejected hide [prompt_last, dup) (kernels/batch_layout.h).
+        const int64_t s0 = at, d = at + p + c;
+        put(row, s0, x.prompt, 0, p, 0, s0, 0, 0);
+        put(row, s0 + p, x.chosen, 0, c, p, s0, 0, 0);
+        put(row, d, x.prompt, p - 1, 1, p - 1, s0, s0 + p - 1, d);
+        put(row, d + 1, x.rejected, 0, r, p, s0, s0 + p - 1, d);
+        score(2 * q, row, s0 + p - 1, x.chosen);
+        score(2 * q + 1, row, d, x.rejected);
+        at += p + c + 1 + r;
+      } else {
+        // [prompt | chosen] [prompt | rejected], each a sequence of its own with positions from 0.
+        const int64_t a = at, e = at + p + c;
+        put(row, a, x.prompt, 0, p, 0, a, 0, 0);
+        put(row, a + p, x.chosen, 0, c, p, a, 0, 0);
+        put(row, e, x.prompt, 0, p, 0, e, 0, 0);
+        put(row, e + p, x.rejected, 0, r, p, e, 0, 0);
+        score(2 * q, row, a + p - 1, x.chosen);
+        score(2 * q + 1, row, e + p - 1, x.rejected);
+        at += 2 * p + c + r;
+      }
+      ++q;
+    }
+    b.slots_used += at;
+  }
+  if (!b.has_scores) b.score_chosen.clear(), b.score_rejected.clear();
+  return b;
 }
 
 void pad_batch_columns(Batch& b, int64_t T, int32_t pad_id) {

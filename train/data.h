@@ -64,6 +64,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/batch_layout.h"
 #include "runtime/tensor.h"
 #include "train/tokenizer.h"
 
@@ -128,15 +129,39 @@ std::vector<SftExample> load_sft(const std::string& path, const Tokenizer& tok, 
 //   weights  [R,T] F32|F64  1 exactly where targets[r,t] is a completion token (t+1 >= len(prompt)), else 0:
 //                        the loss covers the completion, its EOS included, never the prompt or padding
 // as kernels/logprob.h expects (targets are ignored where the weight is 0).
+//
+// With another batch layout (kernels/batch_layout.h; make_layout_batch below) rows hold several sequences: tokens,
+// keymask (1 on every used slot), targets and weights are per slot as above but for each sequence of the row, and
+// pos, span and seg say where the sequences are. Pair q's chosen sequence is sequence 2q, its rejected one 2q + 1
+// (interleaved, kernels/batch_layout.h), in the batch's pair order `indices` (packing may reorder pairs), and both
+// sit in one row; completion_len follows the same order.
 struct Batch {
   int64_t pairs = 0, T = 0;
   Tensor tokens, keymask, targets;
   Tensor weights;
-  std::vector<int64_t> completion_len;  // per row: number of weighted tokens (= completion length)
+  std::vector<int64_t> completion_len;  // per sequence (padded: rows; layouts: 2q, 2q + 1): weighted tokens
   std::vector<double> score_chosen, score_rejected;  // per pair; filled only when has_scores
   bool has_scores = false;  // true iff every pair in the batch has scores
-  int64_t tokens_total = 0;  // real (non-padding) tokens in the batch
+  int64_t tokens_total = 0;  // the pairs' tokens, 2 * prompt + chosen + rejected each, whatever the layout
+  std::vector<int64_t> indices;  // the records of the batch, in batch order
+  BatchLayout layout = BatchLayout::Padded;
+  Tensor pos, span;           // layout batches: [R,T] and [R,T,kSpanWidth] I32; undefined for Padded
+  std::vector<int64_t> seg;   // layout batches: [2P * 2] flat slot ranges of the sequences (interleaved)
+  std::vector<int64_t> row_pairs;  // layout batches: how many pairs each row holds (rows hold consecutive pairs)
+  int64_t slots_used = 0;     // slots holding a token (R * T minus the padding)
 };
+
+// "padded", "packed", "prefix_shared" (the config key batch_layout); InputError naming the key otherwise.
+BatchLayout parse_batch_layout(const std::string& name);
+const char* batch_layout_name(BatchLayout l);
+
+// A preference batch in `layout` (kernels/batch_layout.h). Padded: make_batch. Packed: each pair is two segments,
+// prompt + chosen and prompt + rejected, with positions from 0 each; PrefixShared: one segment per pair, prompt |
+// chosen | dup | rejected. Pairs are placed whole, in the order of `indices`, into the first row with room for
+// them (rows of at most max_tokens_per_row slots; a pair longer than that gets a row of its own), and renumbered
+// in row order (Batch::indices). T is the longest row. Same preconditions as make_batch; max_tokens_per_row >= 1.
+Batch make_layout_batch(const std::vector<PreferencePair>& data, const std::vector<int64_t>& indices,
+                        BatchLayout layout, int64_t max_tokens_per_row, DType weight_dtype, int32_t pad_id);
 
 // indices select the pairs (duplicates allowed); they must be in range and non-empty, weight_dtype F32 or F64,
 // pad_id >= 0 (a token the model can embed; GPT-2 convention: the EOS id), every pair with a non-empty prompt

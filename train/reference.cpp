@@ -9,15 +9,45 @@
 
 namespace dpo {
 
-std::vector<double> sequence_logps(GPT2& m, const Batch& b) {
-  Backend& be = m.backend();
-  Tensor seq = be.empty({b.tokens.size(0)}, grad_dtype(m.dtype()));
-  m.score(to_backend(be, b.tokens), to_backend(be, b.keymask), to_backend(be, b.targets), to_backend(be, b.weights),
-          seq);
-  return to_host_f64(be, seq);
+Batch BatchShape::make(const std::vector<PreferencePair>& data, const std::vector<int64_t>& indices,
+                       DType weight_dtype) const {
+  return make_layout_batch(data, indices, layout, max_tokens_per_row, weight_dtype, 0);
 }
 
-RefLogps compute_ref_logps(GPT2& ref, const std::vector<PreferencePair>& data, int64_t batch_pairs) {
+LayoutScope::LayoutScope(GPT2& m, const Batch& b) {
+  if (b.layout == BatchLayout::Padded) return;
+  GPT2::Layout l;
+  l.pos = to_backend(m.backend(), b.pos);
+  l.span = to_backend(m.backend(), b.span);
+  l.seg = b.seg;
+  l.row_pairs = b.row_pairs;
+  m.set_layout(&l);
+  m_ = &m;
+}
+
+LayoutScope::~LayoutScope() {
+  if (m_) m_->set_layout(nullptr);
+}
+
+std::vector<double> sequence_logps(GPT2& m, const Batch& b) {
+  Backend& be = m.backend();
+  const LayoutScope scope(m, b);
+  Tensor seq = be.empty({b.layout == BatchLayout::Padded ? b.tokens.size(0) : 2 * b.pairs}, grad_dtype(m.dtype()));
+  m.score(to_backend(be, b.tokens), to_backend(be, b.keymask), to_backend(be, b.targets), to_backend(be, b.weights),
+          seq);
+  std::vector<double> lp = to_host_f64(be, seq);
+  if (b.layout == BatchLayout::Padded) return lp;
+  // A layout batch's sequences are interleaved (chosen 2q, rejected 2q + 1): back to [chosen..., rejected...].
+  std::vector<double> out(lp.size());
+  for (int64_t q = 0; q < b.pairs; ++q) {
+    out[static_cast<size_t>(q)] = lp[static_cast<size_t>(2 * q)];
+    out[static_cast<size_t>(b.pairs + q)] = lp[static_cast<size_t>(2 * q + 1)];
+  }
+  return out;
+}
+
+RefLogps compute_ref_logps(GPT2& ref, const std::vector<PreferencePair>& data, int64_t batch_pairs,
+                           const BatchShape& shape) {
   RefLogps out;
   out.chosen.resize(data.size());
   out.rejected.resize(data.size());
@@ -25,11 +55,11 @@ RefLogps compute_ref_logps(GPT2& ref, const std::vector<PreferencePair>& data, i
   for (int64_t start = 0; start < n; start += batch_pairs) {
     std::vector<int64_t> idx;
     for (int64_t i = start; i < std::min(n, start + batch_pairs); ++i) idx.push_back(i);
-    Batch b = make_batch(data, idx, grad_dtype(ref.dtype()), 0);
+    Batch b = shape.make(data, idx, grad_dtype(ref.dtype()));
     const std::vector<double> lp = sequence_logps(ref, b);
-    for (int64_t p = 0; p < b.pairs; ++p) {
-      out.chosen[static_cast<size_t>(idx[p])] = lp[static_cast<size_t>(p)];
-      out.rejected[static_cast<size_t>(idx[p])] = lp[static_cast<size_t>(b.pairs + p)];
+    for (int64_t p = 0; p < b.pairs; ++p) {  // b.indices: the batch's pair order (packing may reorder)
+      out.chosen[static_cast<size_t>(b.indices[static_cast<size_t>(p)])] = lp[static_cast<size_t>(p)];
+      out.rejected[static_cast<size_t>(b.indices[static_cast<size_t>(p)])] = lp[static_cast<size_t>(b.pairs + p)];
     }
   }
   return out;
@@ -70,7 +100,8 @@ std::string default_ref_cache_dir() {
 }
 
 RefCacheResult cached_ref_logps(GPT2& ref, const std::vector<PreferencePair>& data, const std::string& data_path,
-                                const std::string& settings, const std::string& cache_dir, int64_t batch_pairs) {
+                                const std::string& settings, const std::string& cache_dir, int64_t batch_pairs,
+                                const BatchShape& shape) {
   namespace fs = std::filesystem;
   Tensor host = Tensor::host({ref.params().numel()}, DType::F32);
   ref.backend().copy_to_host(host, ref.master_params());
@@ -130,7 +161,7 @@ RefCacheResult cached_ref_logps(GPT2& ref, const std::vector<PreferencePair>& da
   if (ec)
     throw InputError("key 'ref_cache_dir': cannot create the reference cache folder " + cache_dir + ": " +
                      ec.message() + " (ref_cache_dir unset: $XDG_CACHE_HOME/dpo/ref or ~/.cache/dpo/ref)");
-  r.logps = compute_ref_logps(ref, data, batch_pairs);
+  r.logps = compute_ref_logps(ref, data, batch_pairs, shape);
   const int64_t n = static_cast<int64_t>(data.size());
   Tensor c = Tensor::host({n}, DType::F64), rj = Tensor::host({n}, DType::F64);
   std::copy(r.logps.chosen.begin(), r.logps.chosen.end(), c.data<double>());

@@ -25,10 +25,34 @@ struct RefLogps {
 
 // Summed completion log-probs of every row of a preference batch under `m` (rows 0..P-1 chosen, P..2P-1
 // rejected); the batch's host tensors are moved to m's backend as needed.
+// The summed completion log-probs of b's sequences under m, [chosen 0..P-1, rejected P..2P-1] (a preference
+// batch in any layout; for an SFT batch, one per row).
 std::vector<double> sequence_logps(GPT2& m, const Batch& b);
 
+// How batches are laid out (config keys batch_layout, max_tokens_per_row): make_layout_batch's arguments.
+struct BatchShape {
+  BatchLayout layout = BatchLayout::Padded;
+  int64_t max_tokens_per_row = 0;  // packed / prefix_shared rows
+  // A batch of `data`'s records `indices` in this shape (make_batch for Padded).
+  Batch make(const std::vector<PreferencePair>& data, const std::vector<int64_t>& indices, DType weight_dtype) const;
+};
+
+// While alive, `m` takes batches in b's layout (GPT2::set_layout with b's positions and spans on m's device);
+// nothing for a padded batch.
+class LayoutScope {
+ public:
+  LayoutScope(GPT2& m, const Batch& b);
+  ~LayoutScope();
+  LayoutScope(const LayoutScope&) = delete;
+  LayoutScope& operator=(const LayoutScope&) = delete;
+
+ private:
+  GPT2* m_ = nullptr;
+};
+
 // Forward passes of the reference over every pair, `batch_pairs` at a time.
-RefLogps compute_ref_logps(GPT2& ref, const std::vector<PreferencePair>& data, int64_t batch_pairs);
+RefLogps compute_ref_logps(GPT2& ref, const std::vector<PreferencePair>& data, int64_t batch_pairs,
+                           const BatchShape& shape = {});
 
 struct RefCacheResult {
   RefLogps logps;
@@ -38,7 +62,8 @@ struct RefCacheResult {
 };
 
 RefCacheResult cached_ref_logps(GPT2& ref, const std::vector<PreferencePair>& data, const std::string& data_path,
-                                const std::string& settings, const std::string& cache_dir, int64_t batch_pairs);
+                                const std::string& settings, const std::string& cache_dir, int64_t batch_pairs,
+                                const BatchShape& shape = {});
 
 // $XDG_CACHE_HOME/dpo/ref, else $HOME/.cache/dpo/ref, else ./.dpo-cache/ref.
 std::string default_ref_cache_dir();

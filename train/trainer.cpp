@@ -86,6 +86,14 @@ DataOptions data_options(const TrainConfig& config) {
 // changes the reference log-probs. The tokens themselves are also hashed into the key (train/reference.h), so a
 // tokenisation setting left out here would still change it; precision, device and the batch size (padding changes
 // the float rounding) change the arithmetic only.
+// The batch layout of the config (batch_layout, max_tokens_per_row; 0 = twice max_length).
+BatchShape batch_shape(const TrainConfig& c) {
+  BatchShape b;
+  b.layout = parse_batch_layout(c.batch_layout);
+  b.max_tokens_per_row = c.max_tokens_per_row > 0 ? c.max_tokens_per_row : 2 * c.max_length;
+  return b;
+}
+
 std::string data_settings(const TrainConfig& c) {
   const DataOptions d = data_options(c);  // the resolved truncation settings
   std::ostringstream s;
@@ -100,6 +108,10 @@ std::string data_settings(const TrainConfig& c) {
     << ";precision=" << c.precision << ";device=" << c.device << ";batch_pairs=" << c.per_device_eval_batch_size;
   // With skip_malformed, ODPO's score check changes which records are kept (keys without ODPO unchanged).
   if (c.odpo_alpha > 0 && c.skip_malformed) s << ";require_score_gap=1";
+  // Another layout rounds the reference's log-probs differently (keys of padded runs unchanged).
+  const BatchShape shape = batch_shape(c);
+  if (shape.layout != BatchLayout::Padded)
+    s << ";batch_layout=" << batch_layout_name(shape.layout) << ";max_tokens_per_row=" << shape.max_tokens_per_row;
   return s.str();
 }
 
@@ -497,16 +509,23 @@ std::vector<double> policy_train_pass(GPT2& m, const Batch& b, int64_t pair_stri
 // The reference's summed log-probs of batch b's rows on the backend's device ([2P] in the policy's per-sequence
 // dtype `gd`): the cached values of its pairs (idx) uploaded, or a forward pass of the live reference model. An
 // undefined tensor when the loss uses no reference.
-Tensor ref_logps_on_device(Backend& be, DType gd, const Batch& b, const std::vector<int64_t>& idx,
-                           const RefLogps* cached, GPT2* live) {
+// The order of a batch's per-sequence arrays (kernels/pair_loss.h PairRows).
+PairRows pair_rows_of(const Batch& b) {
+  return b.layout == BatchLayout::Padded ? PairRows::Blocked : PairRows::Interleaved;
+}
+
+Tensor ref_logps_on_device(Backend& be, DType gd, const Batch& b, const RefLogps* cached, GPT2* live) {
   const int64_t P = b.pairs;
+  const std::vector<int64_t>& idx = b.indices;  // the batch's pair order (packing may reorder the pairs)
   if (cached) {
     Tensor h = Tensor::host({2 * P}, gd);
+    const PairRows rows = pair_rows_of(b);
     for (int64_t q = 0; q < P; ++q) {
       const double c = cached->chosen[static_cast<size_t>(idx[static_cast<size_t>(q)])];
       const double r = cached->rejected[static_cast<size_t>(idx[static_cast<size_t>(q)])];
-      if (gd == DType::F64) h.data<double>()[q] = c, h.data<double>()[P + q] = r;
-      else h.data<float>()[q] = static_cast<float>(c), h.data<float>()[P + q] = static_cast<float>(r);
+      const int64_t ic = pair_row(rows, P, q, 0), ir = pair_row(rows, P, q, 1);
+      if (gd == DType::F64) h.data<double>()[ic] = c, h.data<double>()[ir] = r;
+      else h.data<float>()[ic] = static_cast<float>(c), h.data<float>()[ir] = static_cast<float>(r);
     }
     return to_backend(be, h);
   }
@@ -514,6 +533,7 @@ Tensor ref_logps_on_device(Backend& be, DType gd, const Batch& b, const std::vec
   DPO_ASSERT(grad_dtype(live->dtype()) == gd, "the reference model's dtype differs from the policy's");
   DPO_PHASE("forward + log-probs");
   Tensor seq = be.empty({2 * P}, gd);
+  const LayoutScope scope(*live, b);
   live->score(to_backend(be, b.tokens), to_backend(be, b.keymask), to_backend(be, b.targets),
               to_backend(be, b.weights), seq);
   return seq;
@@ -539,7 +559,7 @@ Tensor odpo_offsets_on_device(Backend& be, DType gd, const Batch& b, const LossC
 // training tokens so far, reported as eval_num_tokens (TRL); < 0 leaves it out.
 std::map<std::string, double> evaluate(Communicator& comm, GPT2& policy, GPT2* live_ref, const RefLogps* cached,
                                        const std::vector<PreferencePair>& data, const LossConfig& lc,
-                                       int64_t batch_pairs, int64_t num_tokens) {
+                                       int64_t batch_pairs, int64_t num_tokens, const BatchShape& shape) {
   const int64_t n = static_cast<int64_t>(data.size());
   const auto [c0, c1] = shard((n + batch_pairs - 1) / batch_pairs, comm.size(), comm.rank());
   std::vector<Window> chunks;
@@ -547,19 +567,22 @@ std::map<std::string, double> evaluate(Communicator& comm, GPT2& policy, GPT2* l
     std::vector<int64_t> idx;
     for (int64_t i = c * batch_pairs; i < std::min(n, (c + 1) * batch_pairs); ++i) idx.push_back(i);
     const DType gd = grad_dtype(policy.dtype());
-    Batch b = make_batch(data, idx, gd, 0);
+    Batch b = shape.make(data, idx, gd);
     Backend& be = policy.backend();
     const int64_t P = b.pairs;
-    const Tensor ref = ref_logps_on_device(be, gd, b, idx, cached, live_ref);
+    const Tensor ref = ref_logps_on_device(be, gd, b, cached, live_ref);
     Tensor seq = be.empty({2 * P}, gd), stats = be.empty({2 * P, kSeqStatsWidth}, gd);
     {
       DPO_PHASE("forward + log-probs");
+      const LayoutScope scope(policy, b);
       policy.score(to_backend(be, b.tokens), to_backend(be, b.keymask), to_backend(be, b.targets),
                    to_backend(be, b.weights), seq, stats);
     }
     Tensor dseq = be.empty({2 * P}, gd), sums = be.empty({kPairSumsWidth}, DType::F64);
+    PairLossParams params = pair_loss_params(lc);
+    params.rows = pair_rows_of(b);
     be.preference_loss(Backend::PairLossOutputs{dseq, Tensor(), sums}, stats, ref,
-                       odpo_offsets_on_device(be, gd, b, lc), pair_loss_params(lc), 1.0);
+                       odpo_offsets_on_device(be, gd, b, lc), params, 1.0);
     const std::vector<double> s = to_host_f64(be, sums);
     Window cw;
     cw.add_pair_sums(s.data(), P, policy.config().vocab_size);
@@ -665,6 +688,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
                            static_cast<double>(policy->params().numel())},
                           "the number of training records, evaluation records or model parameters");
 
+  const BatchShape shape = kind == RunKind::Dpo ? batch_shape(cfg) : BatchShape{};
   // Reference
   LossConfig lc;
   std::unique_ptr<GPT2> ref;
@@ -684,7 +708,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       const std::string cache_dir = cfg.ref_cache_dir.empty() ? default_ref_cache_dir() : cfg.ref_cache_dir;
       auto one = [&](const std::vector<PreferencePair>& d, const std::string& path) {
         RefCacheResult r = cached_ref_logps(*ref, d, path, data_settings(cfg), cache_dir,
-                                            cfg.per_device_eval_batch_size);
+                                            cfg.per_device_eval_batch_size, shape);
         const char* what = r.status == RefCacheResult::Status::Hit    ? "reused"
                            : r.status == RefCacheResult::Status::Miss ? "computed"
                                                                       : "recomputed (stale cache)";
@@ -851,7 +875,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     if (eval_pairs.empty()) return;
     DPO_PHASE("evaluation");
     eval_metrics = evaluate(comm, *policy, cached ? nullptr : ref.get(), cached ? &ref_eval : nullptr, eval_pairs,
-                            lc, cfg.per_device_eval_batch_size, p.num_tokens);
+                            lc, cfg.per_device_eval_batch_size, p.num_tokens, shape);
     if (log) log->write(p.step, eval_metrics);
     say("eval step " + std::to_string(p.step) + ": loss " + fmt(eval_metrics["eval_loss"]) + ", accuracy " +
         fmt(eval_metrics["eval_rewards/accuracies"]) + ", margin " + fmt(eval_metrics["eval_rewards/margins"]));
@@ -1035,8 +1059,8 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       std::vector<std::pair<int64_t, int64_t>> mb_pairs_tokens;
       for (int64_t c = c0; c < c1; ++c) {
         std::vector<int64_t> idx = chunk_idx(c);
-        Batch b = make_batch(pairs, idx, DType::F32, 0);
-        if (cfg.pad_to_multiple_of > 1) {
+        Batch b = shape.make(pairs, idx, DType::F32);
+        if (cfg.pad_to_multiple_of > 1 && b.layout == BatchLayout::Padded) {
           const int64_t m = cfg.pad_to_multiple_of;
           pad_batch_columns(b, std::min((b.T + m - 1) / m * m, policy->config().max_seq_len), 0);
         }
@@ -1046,7 +1070,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
         head.params = lp;
         head.normalizer = normalizer;
         begin_micro_batch(c);
-        if (use_graphs) {
+        if (use_graphs && b.layout == BatchLayout::Padded) {
           MicroGraph& e = micro_graphs[{b.pairs, b.T, normalizer}];
           if (!e.sums.defined()) {
             e.tokens = be->empty(b.tokens.shape(), DType::I32);
@@ -1062,7 +1086,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
           be->copy_from_host(e.targets, b.targets);
           be->copy_from_host(e.weights, b.weights);
           if (cached) {
-            be->copy(e.ref, ref_logps_on_device(*be, gd, b, idx, &ref_train, nullptr));
+            be->copy(e.ref, ref_logps_on_device(*be, gd, b, &ref_train, nullptr));
           } else if (use_ref) {
             DPO_PHASE("forward + log-probs");
             ref->score(e.tokens, e.keymask, e.targets, e.weights, e.ref);
@@ -1081,10 +1105,11 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
           }
           be->copy(row_sums, head.sums);  // head.sums keeps the entry's tensor alive even if the map was cleared
         } else {
-          head.ref_logp = ref_logps_on_device(*be, gd, b, idx, cached ? &ref_train : nullptr,
+          head.ref_logp = ref_logps_on_device(*be, gd, b, cached ? &ref_train : nullptr,
                                               use_ref && !cached ? ref.get() : nullptr);
           head.offset = odpo_offsets_on_device(*be, gd, b, lc);
           head.sums = row_sums;
+          const LayoutScope scope(*policy, b);
           {
             DPO_PHASE("forward + log-probs + loss + LM-head backward");
             policy->fused_forward_pairs(to_backend(*be, b.tokens), to_backend(*be, b.keymask),
@@ -1292,7 +1317,7 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
   // eval_num_tokens: the training tokens the checkpoint's run had seen (TRL reports the trainer's count), when
   // its trainer_state.json records them.
   auto metrics = evaluate(comm, *policy, ref.get(), nullptr, data, lc, cfg.per_device_eval_batch_size,
-                          checkpoint_num_tokens(checkpoint));
+                          checkpoint_num_tokens(checkpoint), batch_shape(cfg));
   if (report) {
     report->pairs = static_cast<int64_t>(data.size());
     report->truncated = st.truncated;
