@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <functional>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <set>
@@ -15,6 +17,7 @@
 #include "runtime/error.h"
 #include "train/data.h"
 #include "train/tokenizer.h"
+#include "test_util.h"
 
 namespace dpo {
 namespace {
@@ -1018,6 +1021,77 @@ TEST(EpochOrder, DiffersBetweenEpochsAndSeeds) {
 TEST(EpochOrder, GoldenValues) {
   EXPECT_EQ(epoch_order(10, 42, 0), (std::vector<int64_t>{7, 4, 0, 3, 5, 6, 1, 2, 9, 8}));
   EXPECT_EQ(epoch_order(10, 42, 1), (std::vector<int64_t>{6, 3, 1, 2, 7, 8, 5, 0, 4, 9}));
+}
+
+}  // namespace
+}  // namespace dpo
+
+namespace dpo {
+namespace {
+
+// balanced_cuts against a brute force over every contiguous partition: the same smallest maximum, cuts that are
+// contiguous, cover everything and keep that maximum; a hand example.
+TEST(BalancedCuts, SmallestMaximumAndDeterministic) {
+  EXPECT_EQ(balanced_cuts({5, 1, 1, 1, 5, 1}, 2), (std::vector<int64_t>{0, 3, 6}));
+  EXPECT_EQ(balanced_cuts({5, 1, 1, 1, 5, 1}, 3), (std::vector<int64_t>{0, 2, 4, 6}));
+  EXPECT_EQ(balanced_cuts({}, 3), (std::vector<int64_t>{0, 0, 0, 0}));
+  EXPECT_EQ(balanced_cuts({4, 4}, 4), (std::vector<int64_t>{0, 1, 2, 2, 2}));
+  std::mt19937_64 g(test::test_seed());
+  std::uniform_int_distribution<int> len(0, 7), cost(0, 20), parts(1, 4);
+  for (int trial = 0; trial < 300; ++trial) {
+    std::vector<int64_t> c(static_cast<size_t>(len(g)));
+    for (auto& x : c) x = cost(g);
+    const int k = parts(g);
+    const auto n = static_cast<int64_t>(c.size());
+    // Brute force: every way to place k - 1 cuts in [0, n].
+    int64_t best = std::numeric_limits<int64_t>::max();
+    std::vector<int64_t> cut(static_cast<size_t>(k + 1), 0);
+    std::function<void(int, int64_t)> rec = [&](int j, int64_t from) {
+      if (j == k) {
+        cut[static_cast<size_t>(k)] = n;
+        int64_t mx = 0;
+        for (int r = 0; r < k; ++r) {
+          int64_t s = 0;
+          for (int64_t i = cut[static_cast<size_t>(r)]; i < cut[static_cast<size_t>(r) + 1]; ++i) s += c[static_cast<size_t>(i)];
+          mx = std::max(mx, s);
+        }
+        best = std::min(best, mx);
+        return;
+      }
+      for (int64_t x = from; x <= n; ++x) {
+        cut[static_cast<size_t>(j)] = x;
+        rec(j + 1, x);
+      }
+    };
+    cut[0] = 0;
+    rec(1, 0);
+    const std::vector<int64_t> got = balanced_cuts(c, k);
+    ASSERT_EQ(got.size(), static_cast<size_t>(k + 1));
+    EXPECT_EQ(got.front(), 0);
+    EXPECT_EQ(got.back(), n);
+    int64_t mx = 0;
+    for (int r = 0; r < k; ++r) {
+      ASSERT_LE(got[static_cast<size_t>(r)], got[static_cast<size_t>(r) + 1]);
+      int64_t s = 0;
+      for (int64_t i = got[static_cast<size_t>(r)]; i < got[static_cast<size_t>(r) + 1]; ++i) s += c[static_cast<size_t>(i)];
+      mx = std::max(mx, s);
+    }
+    EXPECT_EQ(mx, best) << "trial " << trial;
+  }
+  EXPECT_THROW(balanced_cuts({1, -1}, 2), Error);
+}
+
+TEST(BalancedCuts, MicroBatchCostFollowsTheLayout) {
+  std::vector<PreferencePair> d(2);
+  d[0].prompt = {1, 2, 3};
+  d[0].chosen = {4};
+  d[0].rejected = {5, 6};
+  d[1].prompt = {1};
+  d[1].chosen = {2, 3, 4, 5, 6, 7};
+  d[1].rejected = {8};
+  EXPECT_EQ(micro_batch_cost(d, {0, 1}, BatchLayout::Padded), 2 * 2 * 7);  // 4 rows of the longest, 7
+  EXPECT_EQ(micro_batch_cost(d, {0, 1}, BatchLayout::Packed), (6 + 1 + 2) + (2 + 6 + 1));
+  EXPECT_EQ(micro_batch_cost(d, {0, 1}, BatchLayout::PrefixShared), (3 + 1 + 1 + 2) + (1 + 6 + 1 + 1));
 }
 
 }  // namespace

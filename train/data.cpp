@@ -694,6 +694,52 @@ void pad_batch_columns(Batch& b, int64_t T, int32_t pad_id) {
   b.T = T;
 }
 
+std::vector<int64_t> balanced_cuts(const std::vector<int64_t>& costs, int parts) {
+  if (parts < 1) throw Error("balanced_cuts: parts must be >= 1, got " + std::to_string(parts));
+  const auto n = static_cast<int64_t>(costs.size());
+  int64_t lo = 0, hi = 0;
+  for (int64_t c : costs) {
+    if (c < 0) throw Error("balanced_cuts: a negative cost " + std::to_string(c));
+    lo = std::max(lo, c);
+    hi += c;
+  }
+  // The ranges a greedy left-to-right fill needs under bound m.
+  auto ranges_for = [&](int64_t m) {
+    int64_t k = 1, run = 0;
+    for (int64_t c : costs) {
+      if (run + c > m) ++k, run = 0;
+      run += c;
+    }
+    return k;
+  };
+  while (lo < hi) {  // the smallest bound that `parts` ranges can keep
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (ranges_for(mid) <= parts) hi = mid;
+    else lo = mid + 1;
+  }
+  std::vector<int64_t> cuts{0};
+  int64_t run = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (run + costs[static_cast<size_t>(i)] > lo && static_cast<int>(cuts.size()) < parts) cuts.push_back(i), run = 0;
+    run += costs[static_cast<size_t>(i)];
+  }
+  while (static_cast<int>(cuts.size()) <= parts) cuts.push_back(n);
+  return cuts;
+}
+
+int64_t micro_batch_cost(const std::vector<PreferencePair>& data, const std::vector<int64_t>& indices,
+                         BatchLayout layout) {
+  int64_t cost = 0, longest = 0;
+  for (int64_t i : indices) {
+    const PreferencePair& q = data[static_cast<size_t>(i)];
+    const auto p = static_cast<int64_t>(q.prompt.size()), c = static_cast<int64_t>(q.chosen.size()),
+               r = static_cast<int64_t>(q.rejected.size());
+    longest = std::max(longest, p + std::max(c, r));
+    cost += layout == BatchLayout::PrefixShared ? p + c + 1 + r : 2 * p + c + r;
+  }
+  return layout == BatchLayout::Padded ? 2 * static_cast<int64_t>(indices.size()) * longest : cost;
+}
+
 std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch) {
   if (n < 0) throw Error("epoch_order: n = " + std::to_string(n) + " is negative");
   std::vector<int64_t> v(static_cast<size_t>(n));

@@ -176,6 +176,18 @@ Batch make_sft_batch(const std::vector<SftExample>& data, const std::vector<int6
 // rounding (a wider GEMM may round differently). For shape buckets (pad_to_multiple_of, CUDA graphs).
 void pad_batch_columns(Batch& b, int64_t T, int32_t pad_id);
 
+// Token-balanced sharding: cuts 0 = c[0] <= c[1] <= ... <= c[parts] = n of items with the given costs (>= 0) into
+// `parts` contiguous ranges [c[k], c[k+1]) whose largest total cost is the smallest possible; among such cuts, each
+// range takes as many items as the bound allows, left to right (so trailing ranges may be empty). Deterministic:
+// the same costs give the same cuts on every machine. parts >= 1.
+std::vector<int64_t> balanced_cuts(const std::vector<int64_t>& costs, int parts);
+
+// The cost of a preference micro-batch of `indices` in `layout` for balancing ranks: the token slots it runs
+// (padded: rows times the longest row; packed and prefix_shared: the pairs' tokens, prompts once with prefix
+// sharing, which is what the CPU's attention and GEMMs scale with).
+int64_t micro_batch_cost(const std::vector<PreferencePair>& data, const std::vector<int64_t>& indices,
+                         BatchLayout layout);
+
 // A permutation of 0..n-1: Fisher-Yates driven by dpo::Rng seeded with a mix of (seed, epoch). The same inputs
 // give the same permutation on every machine and compiler. n >= 0.
 std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch);

@@ -985,7 +985,21 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     const int64_t step_items = std::min(per_step, N - p.pos);
     // Plain variables, not a structured binding: lambdas below capture them (C++20 allows capturing bindings, but
     // clang before 16 does not implement it, and the fuzzing build uses clang).
-    const std::pair<int64_t, int64_t> micro = shard((step_items + mb - 1) / mb, n_ranks, me);
+    // This rank's micro-batches: a contiguous run, the runs balanced by tokens across the ranks (balanced_cuts), so
+    // with varied lengths the slowest rank does not set the pace. The micro-batches themselves (mb pairs each, in
+    // order) and the fold order do not depend on the rank count, so the results do not either.
+    const int64_t n_micro_step = (step_items + mb - 1) / mb;
+    std::pair<int64_t, int64_t> micro = shard(n_micro_step, n_ranks, me);
+    if (n_ranks > 1 && kind == RunKind::Dpo) {
+      std::vector<int64_t> costs;
+      for (int64_t c = 0; c < n_micro_step; ++c) {
+        const std::vector<int64_t> ids(order.begin() + p.pos + c * mb,
+                                       order.begin() + p.pos + std::min(step_items, (c + 1) * mb));
+        costs.push_back(micro_batch_cost(pairs, ids, shape.layout));
+      }
+      const std::vector<int64_t> cuts = balanced_cuts(costs, n_ranks);
+      micro = {cuts[static_cast<size_t>(me)], cuts[static_cast<size_t>(me) + 1]};
+    }
     const int64_t c0 = micro.first, c1 = micro.second;
     be->fill_zero(grad);
     std::vector<Tensor> stash;
