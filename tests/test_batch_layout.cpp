@@ -216,7 +216,7 @@ TEST(BatchLayout, PackedAndPrefixSharedEqualPaddedInDouble) {
 
 // The trainer in float: each layout's run reaches the padded run's losses and weights. The layouts change only
 // the float summation orders (attention over other key positions, the LM-head chunks, the pair order of the
-// sums), each a few ulps per step at this size; 12 steps of lr 1e-2 amplify them to ~1e-5 relative in the weights
+// sums), each a few ulps per step at this size; 6 steps of lr 1e-2 amplify them to ~1e-5 relative in the weights
 // here, so 1e-4 (loss) and 1e-3 (weights, relative to their largest) leave a margin, while a wrong mask or
 // position would move the loss at the first step by far more (a tiny model's log-probs change by O(1)).
 TEST(BatchLayout, TrainingRunsMatchPadded) {
@@ -251,6 +251,43 @@ TEST(BatchLayout, TrainingRunsMatchPadded) {
       EXPECT_NEAR(got.last_log.at("rewards/margins"), want.last_log.at("rewards/margins"), 1e-4);
       EXPECT_EQ(got.last_log.at("num_tokens"), want.last_log.at("num_tokens"));
     }
+  }
+}
+
+// bf16 (the CPU's emulation: every op rounded to bf16): the layouts change which float sums precede each bf16
+// rounding, so activations differ by about one bf16 ulp (2^-8 relative) between layouts. The DPO loss moves with
+// beta times the log-prob margin: with summed log-probs of ~20 nats and a per-sequence budget of 2e-3 relative
+// (tests/test_gpt2_bf16.cpp), the margin moves by ~0.08 and the loss by ~beta * 0.08 / 4 = 2e-3 at the first step;
+// 1e-2 after 6 steps leaves a margin. A wrong span or position moves it by O(beta) = 0.1 at once.
+TEST(BatchLayout, Bf16TrainingRunsMatchPadded) {
+  test::ScratchDir w("dpo_layout_bf16_");
+  test::write_tiny_fixture(w.dir.string(), 22);
+  TrainConfig base;
+  base.model = w / "base";
+  base.train_file = w / "pref.jsonl";
+  base.ref_cache_dir = w / "cache";
+  base.precision = "bf16";
+  base.max_length = 32;
+  base.learning_rate = 1e-2;
+  base.per_device_train_batch_size = 4;
+  base.gradient_accumulation_steps = 2;
+  base.num_train_epochs = 2;
+  base.logging_steps = 1;
+  base.seed = 7;
+  base.out_dir = w / "padded";
+  RunOptions ro;
+  ro.quiet = true;
+  const RunSummary want = run_training(base, RunKind::Dpo, ro);
+  for (const char* layout : {"packed", "prefix_shared"}) {
+    SCOPED_TRACE(layout);
+    TrainConfig c = base;
+    c.batch_layout = layout;
+    c.out_dir = w / layout;
+    const RunSummary got = run_training(c, RunKind::Dpo, ro);
+    ASSERT_EQ(got.steps, want.steps);
+    EXPECT_NEAR(got.last_log.at("loss"), want.last_log.at("loss"), 1e-2);
+    EXPECT_NEAR(got.last_log.at("logps/chosen"), want.last_log.at("logps/chosen"),
+                2e-3 * std::fabs(want.last_log.at("logps/chosen")) + 1e-2);
   }
 }
 
