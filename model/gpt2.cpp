@@ -861,7 +861,8 @@ std::optional<GPT2::HeadPlan> GPT2::plan_scored(const Tensor& weights, const Ten
       row_q0[static_cast<size_t>(r)] = q;
       for (int64_t i = 0; i < L.row_pairs[static_cast<size_t>(r)]; ++i, ++q)
         for (int64_t s : {2 * q, 2 * q + 1})
-          row_rows[static_cast<size_t>(r)] += count(L.seg[static_cast<size_t>(2 * s)], L.seg[static_cast<size_t>(2 * s + 1)]);
+          row_rows[static_cast<size_t>(r)] +=
+              count(L.seg[static_cast<size_t>(2 * s)], L.seg[static_cast<size_t>(2 * s + 1)]);
       row_q0[static_cast<size_t>(r) + 1] = q;
     }
     for (const auto& [r0, r1] : chunk_units(row_rows)) {

@@ -271,12 +271,11 @@ TEST(Gpt2HeadCompaction, BadHostWeightsAreAnError) {
   test::randomize_f64(m, g, 0.3);
   const test::PaddedBatch in = test::make_padded_batch(g, cfg.vocab_size, 2, 6);
   Tensor seq = Tensor::host({2}, DType::F64);
-  EXPECT_THROW(m.score(in.tokens, in.keymask, in.targets, in.weights, seq, Tensor(), Tensor::host({2, 5}, DType::F64)),
-               Error);
-  EXPECT_THROW(m.score(in.tokens, in.keymask, in.targets, in.weights, seq, Tensor(), Tensor::host({2, 6}, DType::I32)),
-               Error);
+  const Tensor short_rows = Tensor::host({2, 5}, DType::F64), ids = Tensor::host({2, 6}, DType::I32);
+  EXPECT_THROW(m.score(in.tokens, in.keymask, in.targets, in.weights, seq, Tensor(), short_rows), Error);
+  EXPECT_THROW(m.score(in.tokens, in.keymask, in.targets, in.weights, seq, Tensor(), ids), Error);
   m.set_head_rows(HeadRows::All);  // the all-slot head reads no host weights
-  EXPECT_NO_THROW(m.score(in.tokens, in.keymask, in.targets, in.weights, seq, Tensor(), Tensor::host({2, 5}, DType::F64)));
+  EXPECT_NO_THROW(m.score(in.tokens, in.keymask, in.targets, in.weights, seq, Tensor(), short_rows));
 }
 
 }  // namespace
