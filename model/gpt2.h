@@ -186,10 +186,11 @@ class GPT2 {
   // then bounds the compact rows of a chunk (whole units, at least one). The results are those of HeadRows::All
   // up to round-off: per-sequence log-probs and statistics are sums over the same rows in the same order (the rows
   // left out add exact zeros); d wte sums fewer (zero) rows, in other groups, so it is not bitwise
-  // (tests/test_gpt2_chunked_head.cpp). The weights must be host data for this: `host_weights` below (same values
+  // (tests/test_gpt2_head_compaction.cpp). The weights must be host data for this: `host_weights` below (same values
   // as `weights`, host memory, [B,T] F32 or F64), or `weights` itself when it is host memory (the CPU backend).
-  // Neither: the head runs over all slots. A CUDA graph cannot hold the per-batch upload, so the trainer's graph
-  // path passes no host weights (its head runs over all slots).
+  // Neither: the head runs over all slots. Each compacted call uploads its lists and allocates small per-call
+  // tensors, which a CUDA graph cannot hold, so the trainer's and the bench's graph paths pass no host weights
+  // (their captured heads run over all slots).
   void set_head_rows(HeadRows rows) { head_rows_ = rows; }
   HeadRows head_rows() const { return head_rows_; }
   // Elements of every logits buffer this model holds now, padding included (rows * ldv): the chunk buffer, plus
