@@ -461,8 +461,10 @@ void GPT2::backward_trunk() {
 
 void GPT2::set_logits_chunk_rows(int64_t rows) {
   if (rows < 1) throw Error("logits_chunk_rows must be >= 1, got " + std::to_string(rows));
-  if (rows != chunk_rows_ && chunk_.defined()) {
+  if (rows != chunk_rows_ && (chunk_.defined() || compact_ln_.defined() || compact_dln_.defined())) {
     chunk_ = Tensor();
+    compact_ln_ = Tensor();
+    compact_dln_ = Tensor();
     ++buffers_generation_;
   }
   chunk_rows_ = rows;
@@ -513,17 +515,22 @@ Tensor GPT2::chunk_logits(int64_t rows) {
 }
 
 void GPT2::score(const Tensor& tokens, const Tensor& keymask, const Tensor& targets, const Tensor& weights,
-                 const Tensor& seq_logp, const Tensor& seq_stats) {
+                 const Tensor& seq_logp, const Tensor& seq_stats, const Tensor& host_weights) {
   forward_trunk(tokens, keymask);
   check_head_args(targets, weights);
+  const std::optional<HeadPlan> plan = plan_scored(weights, host_weights, 0);
   if (layout_) {
-    layout_head(targets, weights, seq_logp, seq_stats, nullptr);
+    layout_head(targets, weights, seq_logp, seq_stats, nullptr, plan ? &*plan : nullptr);
     return;
   }
   Acts& a = *acts_;
   const int64_t B = a.B, T = a.T, ldv = logits_stride();
   check_shape(seq_logp, {B}, "seq_logp");
   if (seq_stats.defined()) check_shape(seq_stats, {B, kSeqStatsWidth}, "seq_stats");
+  if (plan) {
+    compact_head(*plan, targets, weights, seq_logp, seq_stats, Tensor(), nullptr);
+    return;
+  }
   for (const auto& chunk : plan_chunks(B, T, 0))
     for (const Range& r : chunk)
       head_forward(r, chunk_logits(r.nseq * T).view(0, {r.nseq, T, ldv}), seq_logp, seq_stats, targets, weights);
@@ -544,12 +551,17 @@ void GPT2::head_forward(const Range& r, const Tensor& logits, const Tensor& seq_
 
 void GPT2::fused_head(const Tensor& targets, const Tensor& weights, int64_t pair_stride, const Tensor& seq_dev,
                       const Tensor& stats_dev, const Tensor& dseq_dev,
-                      const std::function<void(const std::vector<Range>&)>& chunk_grad) {
+                      const std::function<void(const std::vector<Range>&)>& chunk_grad, const HeadPlan* plan) {
   Acts& a = *acts_;
   Backend& be = *be_;
   const int64_t T = a.T, C = cfg_.n_embd, V = cfg_.vocab_size, ldv = logits_stride();
   const Tensor wte = param("wte.weight"), dwte = grad("wte.weight");
   be.fill_zero(a.dln);  // dL/d(ln_f output), accumulated chunk by chunk
+  if (plan) {
+    compact_head(*plan, targets, weights, seq_dev, stats_dev, dseq_dev, chunk_grad);
+    head_done_ = true;
+    return;
+  }
   for (const auto& chunk : plan_chunks(a.B, T, pair_stride)) {
     int64_t rows = 0;
     for (const Range& r : chunk) rows += r.nseq * T;
@@ -591,6 +603,7 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
     return gdtype_ == DType::F64 ? h.data<double>()[i] : static_cast<double>(h.data<float>()[i]);
   };
   bool any_chunk = false;
+  const std::optional<HeadPlan> plan = plan_scored(weights, head.host_weights, head.pair_stride);
   fused_head(targets, weights, head.pair_stride, seq_dev, stats_dev, dseq_dev, [&](const std::vector<Range>& chunk) {
     any_chunk = true;
     // One copy (one device synchronisation) per chunk: all B entries, of which this chunk's are new.
@@ -612,7 +625,7 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
     }
     // One upload per chunk, all B entries (earlier chunks' entries are rewritten with the same values).
     be.copy_from_host(dseq_dev, dseq_host);
-  });
+  }, plan ? &*plan : nullptr);
   // Every row of stats_dev was written by its chunk's head_forward (the plan covers every sequence once), so the
   // last chunk's copy holds them all.
   if (seq_stats) {
@@ -632,7 +645,8 @@ void GPT2::fused_forward_pairs(const Tensor& tokens, const Tensor& keymask, cons
     const auto S = static_cast<int64_t>(layout_->seg.size() / 2);
     if (head.stats.defined()) check_shape(head.stats, {S, kSeqStatsWidth}, "fused_forward_pairs stats");
     const Tensor stats = head.stats.defined() ? head.stats : be.empty({S, kSeqStatsWidth}, gdtype_);
-    layout_head(targets, weights, be.empty({S}, gdtype_), stats, &head);
+    const std::optional<HeadPlan> plan = plan_scored(weights, head.host_weights, 0);
+    layout_head(targets, weights, be.empty({S}, gdtype_), stats, &head, plan ? &*plan : nullptr);
     head_done_ = true;
     return;
   }
@@ -644,6 +658,7 @@ void GPT2::fused_forward_pairs(const Tensor& tokens, const Tensor& keymask, cons
   const Tensor stats = head.stats.defined() ? head.stats : be.empty({B, kSeqStatsWidth}, gdtype_);
   const Tensor seq = be.empty({B}, gdtype_), dseq = be.empty({B}, gdtype_);
   bool first = true;
+  const std::optional<HeadPlan> plan = plan_scored(weights, head.host_weights, P);
   fused_head(targets, weights, P, seq, stats, dseq, [&](const std::vector<Range>& chunk) {
     DPO_TRACE_RANGE("preference loss");
     const int64_t q0 = chunk.front().seq0, q1 = q0 + chunk.front().nseq;
@@ -651,7 +666,7 @@ void GPT2::fused_forward_pairs(const Tensor& tokens, const Tensor& keymask, cons
     out.accumulate = !first;
     first = false;
     be.preference_loss(out, stats, head.ref_logp, head.offset, head.params, head.normalizer, q0, q1);
-  });
+  }, plan ? &*plan : nullptr);
 }
 
 void GPT2::set_layout(const Layout* layout) {
@@ -703,7 +718,7 @@ std::vector<GPT2::RowChunk> GPT2::plan_row_chunks(int64_t R, int64_t T) const {
 }
 
 void GPT2::layout_head(const Tensor& targets, const Tensor& weights, const Tensor& seq, const Tensor& stats,
-                       const PairLossHead* head) {
+                       const PairLossHead* head, const HeadPlan* plan) {
   DPO_ASSERT(layout_.has_value(), "layout_head without a layout");
   const Layout& L = *layout_;
   Acts& a = *acts_;
@@ -713,12 +728,32 @@ void GPT2::layout_head(const Tensor& targets, const Tensor& weights, const Tenso
   const auto S = static_cast<int64_t>(L.seg.size() / 2);
   check_shape(seq, {S}, "seq_logp (one per sequence of the layout)");
   if (stats.defined()) check_shape(stats, {S, kSeqStatsWidth}, "seq_stats (one row per sequence of the layout)");
-  const auto plan = plan_row_chunks(R, T);
+  if (plan) {
+    // Each chunk is one Range of whole pairs (sequences [2 q0, 2 (q0 + nq))), as plan_row_chunks' below.
+    const Tensor dseq = head ? be.empty({S}, gdtype_) : Tensor();
+    PairLossParams params;
+    if (head) {
+      params = head->params;
+      params.rows = PairRows::Interleaved;
+      be.fill_zero(a.dln);
+    }
+    bool first = true;
+    compact_head(*plan, targets, weights, seq, stats, dseq, [&](const std::vector<Range>& chunk) {
+      DPO_TRACE_RANGE("preference loss");
+      const int64_t q0 = chunk.front().seq0 / 2, q1 = q0 + chunk.front().nseq / 2;
+      Backend::PairLossOutputs out{dseq, head->pair_loss, head->sums};
+      out.accumulate = !first;
+      first = false;
+      be.preference_loss(out, stats, head->ref_logp, head->offset, params, head->normalizer, q0, q1);
+    });
+    return;
+  }
+  const auto plan_rows = plan_row_chunks(R, T);
   // The sequences' ranges relative to the first slot of their chunk: one upload. A chunk's pairs [q0, q0 + nq)
   // are the sequences [2 q0, 2 (q0 + nq)), so every per-sequence array of the chunk is a view.
   Tensor seg_host = Tensor::host({S, 2}, DType::I32);
   int32_t* sh = seg_host.data<int32_t>();
-  for (const RowChunk& c : plan)
+  for (const RowChunk& c : plan_rows)
     for (int64_t s = 2 * c.q0; s < 2 * (c.q0 + c.nq); ++s) {
       sh[2 * s] = static_cast<int32_t>(L.seg[static_cast<size_t>(2 * s)] - c.r0 * T);
       sh[2 * s + 1] = static_cast<int32_t>(L.seg[static_cast<size_t>(2 * s + 1)] - c.r0 * T);
@@ -732,8 +767,8 @@ void GPT2::layout_head(const Tensor& targets, const Tensor& weights, const Tenso
     be.fill_zero(a.dln);
   }
   const Tensor wte = param("wte.weight"), dwte = grad("wte.weight");
-  for (size_t ci = 0; ci < plan.size(); ++ci) {
-    const RowChunk& c = plan[ci];
+  for (size_t ci = 0; ci < plan_rows.size(); ++ci) {
+    const RowChunk& c = plan_rows[ci];
     const int64_t s0 = 2 * c.q0, ns = 2 * c.nq;
     const Tensor logits = chunk_logits(c.nr * T).view(0, {c.nr, T, ldv});
     const Tensor lnf = a.lnf.view(c.r0 * T * C, {c.nr * T, C});
@@ -758,6 +793,178 @@ void GPT2::layout_head(const Tensor& targets, const Tensor& weights, const Tenso
     be.logprob_backward_segments(logits, logits, tg, w, seg_c, dseq.view(s0, {ns}), V);
     be.matmul_backward(a.dln.view(c.r0 * T * C, {c.nr * T, C}), dwte, Tensor(), logits, lnf, wte,
                        WeightLayout::OutIn);
+  }
+}
+
+// --- the compacted head (HeadRows::Scored) ---------------------------------------------------------------------
+
+Tensor GPT2::compact_rows(int64_t rows, int which) {
+  Tensor& buf = which == 0 ? compact_ln_ : compact_dln_;
+  const int64_t C = cfg_.n_embd;
+  if (!buf.defined() || buf.numel() < rows * C) {
+    buf = Tensor();
+    buf = be_->empty({rows, C}, dtype_);
+    ++buffers_generation_;
+  }
+  return buf.view(0, {rows, C});
+}
+
+std::optional<GPT2::HeadPlan> GPT2::plan_scored(const Tensor& weights, const Tensor& host_weights,
+                                                int64_t pair_stride) const {
+  if (head_rows_ != HeadRows::Scored) return std::nullopt;
+  const Tensor& w = host_weights.defined() ? host_weights : weights;
+  if (!w.defined() || w.device().kind != DeviceKind::CPU) return std::nullopt;
+  const int64_t B = acts_->B, T = acts_->T, N = B * T;
+  if (host_weights.defined()) check_shape(host_weights, {B, T}, "host_weights");
+  DPO_ASSERT(w.dtype() == DType::F32 || w.dtype() == DType::F64,
+             std::string("host_weights: F32 or F64 host data, got ") + dtype_name(w.dtype()));
+  DPO_ASSERT(N <= std::numeric_limits<int32_t>::max(),
+             "the compacted LM head indexes slots in int32: " + std::to_string(N) + " slots is too many");
+  std::vector<uint8_t> scored(static_cast<size_t>(N));
+  for (int64_t i = 0; i < N; ++i)
+    scored[static_cast<size_t>(i)] =
+        w.dtype() == DType::F64 ? w.data<double>()[i] != 0.0 : w.data<float>()[i] != 0.0f;
+  auto count = [&](int64_t b, int64_t e) {
+    int64_t c = 0;
+    for (int64_t i = b; i < e; ++i) c += scored[static_cast<size_t>(i)];
+    return c;
+  };
+  // Greedy chunks of whole units (rows[u]: a unit's compact rows): at most chunk_rows_ rows, at least one unit.
+  auto chunk_units = [&](const std::vector<int64_t>& rows) {
+    std::vector<std::pair<int64_t, int64_t>> c;  // [u0, u1)
+    const auto U = static_cast<int64_t>(rows.size());
+    for (int64_t u0 = 0; u0 < U;) {
+      int64_t u1 = u0 + 1, sum = rows[static_cast<size_t>(u0)];
+      while (u1 < U && sum + rows[static_cast<size_t>(u1)] <= chunk_rows_) sum += rows[static_cast<size_t>(u1++)];
+      c.push_back({u0, u1});
+      u0 = u1;
+    }
+    return c;
+  };
+  HeadPlan p;
+  // Sequence s's scored slots among [b, e), appended to idx; seg[s] relative to row0 (its Range's first row).
+  auto add_seq = [&](int64_t s, int64_t b, int64_t e, int64_t row0) {
+    const auto r0 = static_cast<int64_t>(p.idx.size());
+    for (int64_t i = b; i < e; ++i)
+      if (scored[static_cast<size_t>(i)]) p.idx.push_back(static_cast<int32_t>(i));
+    p.seg[static_cast<size_t>(2 * s)] = static_cast<int32_t>(r0 - row0);
+    p.seg[static_cast<size_t>(2 * s + 1)] = static_cast<int32_t>(static_cast<int64_t>(p.idx.size()) - row0);
+  };
+  if (layout_) {
+    // Units are rows (whole pairs, consecutive sequences); a row's compact rows are its sequences' scored slots
+    // (slots in no sequence's range are not scored, as logprob_*_segments ignores them).
+    const Layout& L = *layout_;
+    const auto S = static_cast<int64_t>(L.seg.size() / 2);
+    p.seg.assign(static_cast<size_t>(2 * S), 0);
+    std::vector<int64_t> row_rows(static_cast<size_t>(B), 0), row_q0(static_cast<size_t>(B) + 1, 0);
+    for (int64_t r = 0, q = 0; r < B; ++r) {
+      row_q0[static_cast<size_t>(r)] = q;
+      for (int64_t i = 0; i < L.row_pairs[static_cast<size_t>(r)]; ++i, ++q)
+        for (int64_t s : {2 * q, 2 * q + 1})
+          row_rows[static_cast<size_t>(r)] +=
+              count(L.seg[static_cast<size_t>(2 * s)], L.seg[static_cast<size_t>(2 * s + 1)]);
+      row_q0[static_cast<size_t>(r) + 1] = q;
+    }
+    for (const auto& [r0, r1] : chunk_units(row_rows)) {
+      const int64_t q0 = row_q0[static_cast<size_t>(r0)], q1 = row_q0[static_cast<size_t>(r1)];
+      Range rg{2 * q0, 2 * (q1 - q0), 0};
+      rg.row0 = static_cast<int64_t>(p.idx.size());
+      for (int64_t s = 2 * q0; s < 2 * q1; ++s)
+        add_seq(s, L.seg[static_cast<size_t>(2 * s)], L.seg[static_cast<size_t>(2 * s + 1)], rg.row0);
+      rg.nrow = static_cast<int64_t>(p.idx.size()) - rg.row0;
+      p.chunks.push_back({rg});
+    }
+    return p;
+  }
+  // Padded: units are sequences, or pairs (q, q + P) as in plan_chunks.
+  DPO_ASSERT(pair_stride >= 0, "pair_stride must be >= 0");
+  if (pair_stride > 0)
+    DPO_ASSERT(B == 2 * pair_stride, "pair_stride " + std::to_string(pair_stride) + " needs a batch of " +
+                                         std::to_string(2 * pair_stride) + " sequences, got " + std::to_string(B));
+  p.seg.assign(static_cast<size_t>(2 * B), 0);
+  const int64_t units = pair_stride > 0 ? pair_stride : B;
+  std::vector<int64_t> unit_rows(static_cast<size_t>(units));
+  for (int64_t u = 0; u < units; ++u) {
+    unit_rows[static_cast<size_t>(u)] = count(u * T, (u + 1) * T);
+    if (pair_stride > 0) unit_rows[static_cast<size_t>(u)] += count((u + pair_stride) * T, (u + pair_stride + 1) * T);
+  }
+  for (const auto& [u0, u1] : chunk_units(unit_rows)) {
+    std::vector<Range> c{{u0, u1 - u0, 0}};
+    if (pair_stride > 0) c.push_back({u0 + pair_stride, u1 - u0, 0});
+    for (Range& rg : c) {
+      rg.row0 = static_cast<int64_t>(p.idx.size());
+      for (int64_t s = rg.seq0; s < rg.seq0 + rg.nseq; ++s) add_seq(s, s * T, (s + 1) * T, rg.row0);
+      rg.nrow = static_cast<int64_t>(p.idx.size()) - rg.row0;
+    }
+    p.chunks.push_back(std::move(c));
+  }
+  return p;
+}
+
+void GPT2::compact_head(const HeadPlan& plan, const Tensor& targets, const Tensor& weights, const Tensor& seq,
+                        const Tensor& stats, const Tensor& dseq,
+                        const std::function<void(const std::vector<Range>&)>& chunk_grad) {
+  Acts& a = *acts_;
+  Backend& be = *be_;
+  const int64_t N = a.B * a.T, C = cfg_.n_embd, V = cfg_.vocab_size, ldv = logits_stride();
+  const auto n_all = static_cast<int64_t>(plan.idx.size());
+  const auto S = static_cast<int64_t>(plan.seg.size() / 2);
+  // One upload each of the scored slots and the sequences' ranges (host tensors themselves on the CPU), then the
+  // scored slots' targets and weights, gathered once. A 1-entry index when nothing is scored (never read).
+  Tensor idx_host = Tensor::host({std::max<int64_t>(n_all, 1)}, DType::I32);
+  idx_host.data<int32_t>()[0] = 0;
+  std::copy(plan.idx.begin(), plan.idx.end(), idx_host.data<int32_t>());
+  Tensor seg_host = Tensor::host({S, 2}, DType::I32);
+  std::copy(plan.seg.begin(), plan.seg.end(), seg_host.data<int32_t>());
+  const Tensor idx = to_backend(be, idx_host), seg = to_backend(be, seg_host);
+  Tensor tg, w;
+  if (n_all > 0) {
+    tg = be.empty({n_all, 1}, DType::I32);
+    w = be.empty({n_all, 1}, gdtype_);
+    be.gather_rows(tg, targets.view(0, {N, 1}), idx.view(0, {n_all}));
+    be.gather_rows(w, weights.view(0, {N, 1}), idx.view(0, {n_all}));
+  }
+  const Tensor wte = param("wte.weight"), dwte = grad("wte.weight");
+  const Tensor lnf = a.lnf.view(0, {N, C}), dln = a.dln.view(0, {N, C});
+  for (const auto& chunk : plan.chunks) {
+    const int64_t row0 = chunk.front().row0;
+    int64_t n = 0;
+    for (const Range& r : chunk) n += r.nrow;
+    Tensor logits, lnc, ids;
+    auto lg = [&](const Range& r) { return logits.view((r.row0 - row0) * ldv, {1, r.nrow, ldv}); };
+    auto tg_of = [&](const Range& r) { return tg.view(r.row0, {1, r.nrow}); };
+    auto w_of = [&](const Range& r) { return w.view(r.row0, {1, r.nrow}); };
+    auto seg_of = [&](const Range& r) { return seg.view(2 * r.seq0, {r.nseq, 2}); };
+    {
+      DPO_TRACE_RANGE("lm_head forward");
+      if (n > 0) {
+        ids = idx.view(row0, {n});
+        lnc = compact_rows(n, 0);
+        logits = chunk_logits(n);
+        be.gather_rows(lnc, lnf, ids);
+        be.matmul_forward(logits, lnc, wte, Tensor(), WeightLayout::OutIn);
+      }
+      for (const Range& r : chunk) {
+        const Tensor sq = seq.view(r.seq0, {r.nseq});
+        const Tensor st = stats.defined() ? stats.view(r.seq0 * kSeqStatsWidth, {r.nseq, kSeqStatsWidth}) : Tensor();
+        if (r.nrow == 0) {  // no scored slot in these sequences: every output 0 (kernels/logprob.h, empty ranges)
+          be.fill_zero(sq);
+          if (st.defined()) be.fill_zero(st);
+          continue;
+        }
+        be.logprob_forward_segments(Backend::LogprobOutputs{sq, Tensor(), st}, lg(r), tg_of(r), w_of(r), seg_of(r), V);
+      }
+    }
+    if (!dseq.defined()) continue;
+    chunk_grad(chunk);
+    if (n == 0) continue;
+    DPO_TRACE_RANGE("lm_head backward");
+    for (const Range& r : chunk)
+      if (r.nrow > 0)
+        be.logprob_backward_segments(lg(r), lg(r), tg_of(r), w_of(r), seg_of(r), dseq.view(r.seq0, {r.nseq}), V);
+    const Tensor dlnc = compact_rows(n, 1);
+    be.matmul_backward(dlnc, dwte, Tensor(), logits, lnc, wte, WeightLayout::OutIn, GradWrite::Overwrite);
+    be.scatter_add_rows(dln, dlnc, ids);
   }
 }
 

@@ -88,6 +88,14 @@ struct Fusions {
   bool operator==(const Fusions&) const = default;
 };
 
+// Which slots the chunked LM head computes logits for (GPT2::set_head_rows).
+//   Scored: only the scored slots (weight != 0): their ln_f output rows are gathered into a compact buffer, the
+//           LM-head GEMMs and the log-softmax run on those rows only, and the d(ln_f output) rows are scattered back.
+//           Needs the weights as host data (GPT2::score, LossHead, PairLossHead: `host_weights`); without them the
+//           head runs over all slots.
+//   All:    every slot of a chunk (the padded rows' unscored positions included): the reference for Scored.
+enum class HeadRows { Scored, All };
+
 struct ParamSpec {
   std::string name;  // HF name without the "transformer." prefix
   Shape shape;
@@ -166,6 +174,25 @@ class GPT2 {
   // gradient is known, so no logits are recomputed.
   void set_logits_chunk_rows(int64_t rows);  // >= 1 (Error otherwise); default kDefaultLogitsChunkRows
   int64_t logits_chunk_rows() const { return chunk_rows_; }
+  //
+  // Compaction (HeadRows::Scored, the default): most slots of a preference batch are prompt or padding, which no
+  // log-prob reads (weight 0); the head then computes logits only for the scored slots (weight != 0), a third of
+  // the slots at HH-like lengths, and the LM head is most of a small model's step. Per call the model builds, on
+  // the host from the weights, the list of scored slots in chunk order and each sequence's range of compact rows
+  // (contiguous: a sequence's scored slots are consecutive compact rows), uploads both once, gathers the targets
+  // and weights of those slots once (Backend::gather_rows), and per chunk gathers its ln_f output rows into a
+  // [rows, C] buffer, runs the GEMM and logprob_*_segments on them, and after the loss gradient scatters the
+  // d(ln_f output) rows back into the zeroed full-size gradient (Backend::scatter_add_rows). logits_chunk_rows
+  // then bounds the compact rows of a chunk (whole units, at least one). The results are those of HeadRows::All
+  // up to round-off: per-sequence log-probs and statistics are sums over the same rows in the same order (the rows
+  // left out add exact zeros); d wte sums fewer (zero) rows, in other groups, so it is not bitwise
+  // (tests/test_gpt2_head_compaction.cpp). The weights must be host data for this: `host_weights` below (same values
+  // as `weights`, host memory, [B,T] F32 or F64), or `weights` itself when it is host memory (the CPU backend).
+  // Neither: the head runs over all slots. Each compacted call uploads its lists and allocates small per-call
+  // tensors, which a CUDA graph cannot hold, so the trainer's and the bench's graph paths pass no host weights
+  // (their captured heads run over all slots).
+  void set_head_rows(HeadRows rows) { head_rows_ = rows; }
+  HeadRows head_rows() const { return head_rows_; }
   // Elements of every logits buffer this model holds now, padding included (rows * ldv): the chunk buffer, plus
   // [B,T,ldv] if forward() or sequence_logprobs() was called (memory accounting; tests; train/bench.cpp).
   int64_t logits_buffer_numel() const;
@@ -173,8 +200,9 @@ class GPT2 {
   // Forward only, chunked: seq_logp[b] (=, [B] on the backend's device, the model's dtype) as sequence_logprobs
   // computes it, without the [B,T,V] logits and without keeping anything for a backward pass; seq_stats
   // [B, kSeqStatsWidth] (=, optional) as sequence_logprobs computes it.
+  // host_weights: the weights as host data, for compaction (set_head_rows above); undefined: none.
   void score(const Tensor& tokens, const Tensor& keymask, const Tensor& targets, const Tensor& weights,
-             const Tensor& seq_logp, const Tensor& seq_stats = Tensor());
+             const Tensor& seq_logp, const Tensor& seq_stats = Tensor(), const Tensor& host_weights = Tensor());
 
   // How the loss turns sequence log-probs into dL/dseq_logp, one chunk at a time (host doubles).
   struct LossHead {
@@ -184,6 +212,7 @@ class GPT2 {
     // Called once per chunk, in order, for units [u0, u1): logp holds the log-probs of those units' sequences
     // (entries of later chunks are not yet computed); it must set dseq for exactly those sequences.
     std::function<void(int64_t u0, int64_t u1, const std::vector<double>& logp, std::vector<double>& dseq)> grad;
+    Tensor host_weights;  // the weights as host data, for compaction (set_head_rows); undefined: none
   };
 
   // The training forward: the transformer forward, then per chunk the LM head, the log-probs, head.grad, the
@@ -208,6 +237,7 @@ class GPT2 {
     Tensor sums;           // [kPairSumsWidth] F64 (=): the batch's PairSum row, accumulated chunk by chunk
     Tensor stats;          // [2P, kSeqStatsWidth] (=, optional): the policy's per-sequence statistics
     Tensor pair_loss;      // [P] (=, optional): each pair's weighted loss
+    Tensor host_weights;   // the weights as host data, for compaction (set_head_rows); undefined: none
   };
   // fused_forward with the loss on the device: per chunk of pairs, the LM head, the log-probs and statistics, the
   // pairs' loss and dL/dlogp (preference_loss over the chunk's pairs, its sums added to head.sums in pair-chunk
@@ -294,6 +324,7 @@ class GPT2 {
   // Sequence ranges of each chunk: {first sequence, count, first row of the chunk buffer / T}.
   struct Range {
     int64_t seq0, nseq, slot;
+    int64_t row0 = 0, nrow = 0;  // the compacted head's compact rows of these sequences (HeadPlan)
   };
   std::vector<std::vector<Range>> plan_chunks(int64_t B, int64_t T, int64_t pair_stride);
   Tensor chunk_logits(int64_t rows);  // a [rows, ldv] view of the chunk buffer, grown when needed
@@ -309,14 +340,32 @@ class GPT2 {
     int64_t r0, nr, q0, nq;
   };
   std::vector<RowChunk> plan_row_chunks(int64_t R, int64_t T) const;
+  // The compacted head (HeadRows::Scored) of one call, planned on the host: chunks of ranges of sequences (each
+  // Range's row0 / nrow: its compact rows, [row0, row0 + nrow) of idx), the scored slots in compact-row order
+  // (idx, flat slots b*T + t) and each sequence's compact rows relative to its Range's row0 (seg [S, 2]).
+  struct HeadPlan {
+    std::vector<std::vector<Range>> chunks;
+    std::vector<int32_t> idx, seg;
+  };
+  // The plan when compaction applies (HeadRows::Scored and host weights: `host_weights`, or `weights` when it is
+  // host memory), else nullopt. pair_stride as in LossHead (padded batches; a layout's chunks are whole rows).
+  std::optional<HeadPlan> plan_scored(const Tensor& weights, const Tensor& host_weights, int64_t pair_stride) const;
+  // The compacted chunk loop: per chunk, gather the scored ln_f rows, the LM-head GEMM, logprob_forward_segments
+  // into seq / stats per Range; with dseq defined also chunk_grad(ranges) (which sets dseq of the chunk's
+  // sequences), logprob_backward_segments, the two backward GEMMs (d wte +=) and the scatter of d(ln_f output)
+  // rows into acts_->dln (which the caller zeroed).
+  void compact_head(const HeadPlan& plan, const Tensor& targets, const Tensor& weights, const Tensor& seq,
+                    const Tensor& stats, const Tensor& dseq,
+                    const std::function<void(const std::vector<Range>&)>& chunk_grad);
   void layout_head(const Tensor& targets, const Tensor& weights, const Tensor& seq, const Tensor& stats,
-                   const PairLossHead* head);
+                   const PairLossHead* head, const HeadPlan* plan);
   std::optional<Layout> layout_;
   // The chunk loop of fused_forward and fused_forward_pairs: per chunk, head_forward into seq_dev / stats_dev,
   // then chunk_grad(ranges) sets dseq_dev for the chunk's sequences, then the log-softmax and LM-head backward.
+  // With `plan`, the compacted loop (compact_head) instead.
   void fused_head(const Tensor& targets, const Tensor& weights, int64_t pair_stride, const Tensor& seq_dev,
                   const Tensor& stats_dev, const Tensor& dseq_dev,
-                  const std::function<void(const std::vector<Range>&)>& chunk_grad);
+                  const std::function<void(const std::vector<Range>&)>& chunk_grad, const HeadPlan* plan);
 
   Backend* be_;
   GPT2Config cfg_;
@@ -334,6 +383,9 @@ class GPT2 {
   Tensor tokens_, keymask_, targets_, weights_;  // inputs of the last sequence_logprobs, for backward
   int64_t chunk_rows_ = kDefaultLogitsChunkRows;
   Tensor chunk_;           // the chunked LM head's logits buffer
+  HeadRows head_rows_ = HeadRows::Scored;
+  Tensor compact_ln_, compact_dln_;  // the compacted head's [rows, C] gathered ln_f rows and their gradient
+  Tensor compact_rows(int64_t rows, int which);  // a [rows, C] view of compact_ln_ (0) or compact_dln_ (1), grown
   bool head_done_ = false;  // fused_forward ran; fused_backward may follow
   struct Decode;  // the key/value cache and the [B, ...] activations of one decoding step
   std::shared_ptr<Decode> dec_;

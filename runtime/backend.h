@@ -232,6 +232,17 @@ class Backend {
   virtual void logprob_backward_segments(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                                          const Tensor& weights, const Tensor& seg, const Tensor& dseq,
                                          int64_t V) = 0;
+  // Rows through an index list (kernels/gather.h; the compacted LM head, model/gpt2.h): idx [n] I32, entries in
+  // [0, N) and distinct.
+  //   gather_rows      out[n,C] = inp[N,C] rows idx          (=)   any dtype (a copy: activations, I32 targets,
+  //                                                                per-sequence weights; same dtype for both)
+  //   scatter_add_rows dinp[N,C] rows idx += dout[n,C]       (+=)  activation dtype A
+  // Rows no entry names are untouched. The CPU throws dpo::Error naming the first entry out of range or repeated,
+  // before anything is written; the CUDA backend does not check them (a sync): an out-of-range entry makes its out
+  // row all-one bits (NaN, or -1 in I32) and adds nothing, never an out-of-bounds access (kernels/gather.cuh), and
+  // repeated entries are the caller's bug (a race in the scatter).
+  virtual void gather_rows(const Tensor& out, const Tensor& inp, const Tensor& idx) = 0;
+  virtual void scatter_add_rows(const Tensor& dinp, const Tensor& dout, const Tensor& idx) = 0;
   // Unpadded logits: V = the last dim.
   void logprob_forward(const Tensor& seq_logp, const Tensor& token_logp, const Tensor& logits, const Tensor& targets,
                        const Tensor& weights) {
@@ -338,6 +349,23 @@ inline int64_t check_row_stride(const Tensor& t, int64_t width, const char* name
                 "bytes, got " + std::to_string(ld) + " " + dtype_name(t.dtype()) + " elements for width " +
                 std::to_string(width));
   return ld;
+}
+
+// The checks of gather_rows / scatter_add_rows that do not depend on the device: `rows` [n, C] (out / dout) and
+// `all` [N, C] (inp / dinp) 2-D with the same C and dtype, idx [n] I32 (dpo::Error naming `op` otherwise). The
+// entries of idx are the backends' to check (or not: runtime/backend.h above).
+struct RowIndexShape {
+  int64_t n, N, C;
+};
+inline RowIndexShape check_row_index_args(const Tensor& rows, const Tensor& all, const Tensor& idx, const char* op) {
+  const std::string o(op);
+  DPO_ASSERT(rows.defined() && all.defined() && idx.defined(), o + ": a tensor is undefined");
+  DPO_ASSERT(rows.dim() == 2 && all.dim() == 2 && rows.size(1) == all.size(1),
+             o + ": expected [n,C] and [N,C] rows, got " + shape_str(rows.shape()) + " and " + shape_str(all.shape()));
+  check_same_dtype(rows, all, (o + " rows").c_str(), (o + " table").c_str());
+  check_dtype(idx, DType::I32, (o + " idx").c_str());
+  check_shape(idx, {rows.size(0)}, (o + " idx").c_str());
+  return {rows.size(0), all.size(0), rows.size(1)};
 }
 
 // The checks of preference_loss that do not depend on the device: p.n_terms in [1, kMaxLossTerms], every type a

@@ -167,6 +167,14 @@ void CountingBackend::logprob_backward(const Tensor& dlogits, const Tensor& logi
   count(Kind::Op, "logprob_backward");
   inner_->logprob_backward(dlogits, logits, targets, weights, dseq, V);
 }
+void CountingBackend::gather_rows(const Tensor& out, const Tensor& inp, const Tensor& idx) {
+  count(Kind::Op, "gather_rows");
+  inner_->gather_rows(out, inp, idx);
+}
+void CountingBackend::scatter_add_rows(const Tensor& dinp, const Tensor& dout, const Tensor& idx) {
+  count(Kind::Op, "scatter_add_rows");
+  inner_->scatter_add_rows(dinp, dout, idx);
+}
 void CountingBackend::logprob_forward_segments(const LogprobOutputs& out, const Tensor& logits,
                                                const Tensor& targets, const Tensor& weights, const Tensor& seg,
                                                int64_t V) {

@@ -111,6 +111,8 @@ class CountingBackend final : public Backend {
                        int64_t V) override;
   void logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets, const Tensor& weights,
                         const Tensor& dseq, int64_t V) override;
+  void gather_rows(const Tensor& out, const Tensor& inp, const Tensor& idx) override;
+  void scatter_add_rows(const Tensor& dinp, const Tensor& dout, const Tensor& idx) override;
   void logprob_forward_segments(const LogprobOutputs& out, const Tensor& logits, const Tensor& targets,
                                 const Tensor& weights, const Tensor& seg, int64_t V) override;
   void logprob_backward_segments(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,

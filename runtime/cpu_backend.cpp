@@ -9,6 +9,7 @@
 #include "kernels/adamw.h"
 #include "kernels/attention.h"
 #include "kernels/encoder.h"
+#include "kernels/gather.h"
 #include "kernels/gelu.h"
 #include "kernels/layernorm.h"
 #include "kernels/logprob.h"
@@ -801,6 +802,41 @@ class CpuBackend final : public Backend {
       using F = decltype(z);
       cpu::logprob_backward_segments<F>(dlogits.data<F>(), logits.data<F>(), targets.data<int32_t>(),
                                         weights.data<F>(), seg.data<int32_t>(), dseq.data<F>(), S, B, T, V, ld);
+    });
+  }
+
+  void gather_rows(const Tensor& out, const Tensor& inp, const Tensor& idx) override {
+    const auto [n, N, C] = check_row_index_args(out, inp, idx, "gather_rows");
+    check_host(out, "gather_rows out");
+    check_host(inp, "gather_rows inp");
+    check_host(idx, "gather_rows idx");
+    const char* o = static_cast<const char*>(out.raw());
+    const char* i = static_cast<const char*>(inp.raw());
+    DPO_ASSERT(out.numel() == 0 || inp.numel() == 0 || !(o < i + inp.nbytes() && i < o + out.nbytes()),
+               "gather_rows: out overlaps inp");
+    cpu::gather_rows(out.raw(), inp.raw(), idx.data<int32_t>(), n, N, C, dtype_size(out.dtype()));
+  }
+  void scatter_add_rows(const Tensor& dinp, const Tensor& dout, const Tensor& idx) override {
+    const auto [n, N, C] = check_row_index_args(dout, dinp, idx, "scatter_add_rows");
+    check_host(idx, "scatter_add_rows idx");
+    check_host(dinp, "scatter_add_rows dinp");
+    check_host(dout, "scatter_add_rows dout");
+    const char* d0 = static_cast<const char*>(dinp.raw());
+    const char* s0 = static_cast<const char*>(dout.raw());
+    DPO_ASSERT(dinp.numel() == 0 || dout.numel() == 0 || !(d0 < s0 + dout.nbytes() && s0 < d0 + dinp.nbytes()),
+               "scatter_add_rows: dinp overlaps dout");
+    if (is_bf16(dinp)) {
+      // The rows are checked before the F32 working copies exist; the copy of dinp is exact and rounded back once.
+      cpu::check_row_index(idx.data<int32_t>(), n, N, "scatter_add_rows");
+      const Tensor d = up(dinp);
+      scatter_add_rows(d, up(dout), idx);
+      return down(dinp, d);
+    }
+    check_float(dinp, "scatter_add_rows dinp");
+    check_float(dout, "scatter_add_rows dout");
+    dispatch(dinp.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::scatter_add_rows<F>(dinp.data<F>(), dout.data<F>(), idx.data<int32_t>(), n, N, C);
     });
   }
 

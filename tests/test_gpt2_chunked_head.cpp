@@ -1,7 +1,9 @@
 // The chunked LM head (GPT2::score, fused_forward + fused_backward) against two independent things: finite
 // differences of a nonlinear pair loss in double, and the unfused path (sequence_logprobs + backward, itself
-// checked against finite differences in test_gpt2_model and against HF in test_gpt2_hf_parity). Also: the logits
-// buffer does not grow with the batch, chunks hold whole pairs, and misuse is an error.
+// checked against finite differences in test_gpt2_model and against HF in test_gpt2_hf_parity), with the head over
+// all slots (HeadRows::All) and over the scored slots only (HeadRows::Scored, the default). Also: the logits buffer
+// does not grow with the batch (all slots: whole units of T rows; scored slots: whole units of their scored rows),
+// chunks hold whole pairs, and misuse is an error. tests/test_gpt2_head_compaction.cpp compares the two heads.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -112,9 +114,10 @@ TEST(Gpt2ChunkedHead, FusedGradientMatchesFiniteDifferencesOfAPairLoss) {
 
 // Fused (any chunk size) == unfused with the same per-sequence gradients, pair layout and single layout.
 void expect_fused_matches_unfused(int64_t pair_stride, int64_t B, int64_t T, int64_t chunk_rows,
-                                  int64_t expect_chunks) {
+                                  int64_t expect_chunks, HeadRows head_rows) {
   SCOPED_TRACE("pair_stride=" + std::to_string(pair_stride) + " B=" + std::to_string(B) +
-               " chunk_rows=" + std::to_string(chunk_rows));
+               " chunk_rows=" + std::to_string(chunk_rows) +
+               (head_rows == HeadRows::All ? " all slots" : " scored slots"));
   std::mt19937_64 g(test::test_seed() + static_cast<uint64_t>(chunk_rows));
   auto be = make_cpu_backend();
   const GPT2Config cfg = tiny_config();
@@ -142,6 +145,7 @@ void expect_fused_matches_unfused(int64_t pair_stride, int64_t B, int64_t T, int
   const std::vector<double> g_ref = vec(m.grads());
 
   m.set_logits_chunk_rows(chunk_rows);
+  m.set_head_rows(head_rows);
   std::vector<std::pair<int64_t, int64_t>> calls;
   GPT2::LossHead head;
   if (pair_stride > 0) {
@@ -180,11 +184,19 @@ void expect_fused_matches_unfused(int64_t pair_stride, int64_t B, int64_t T, int
 TEST(Gpt2ChunkedHead, FusedMatchesUnfusedForEveryChunking) {
   const int64_t T = 7;
   // Pair layout, 5 pairs: a pair per chunk (rows < one pair), 2 pairs per chunk (uneven last), all in one.
-  expect_fused_matches_unfused(5, 10, T, 1, 5);
-  expect_fused_matches_unfused(5, 10, T, 4 * T + 3, 3);
-  expect_fused_matches_unfused(5, 10, T, 1 << 20, 1);
+  expect_fused_matches_unfused(5, 10, T, 1, 5, HeadRows::All);
+  expect_fused_matches_unfused(5, 10, T, 4 * T + 3, 3, HeadRows::All);
+  expect_fused_matches_unfused(5, 10, T, 1 << 20, 1, HeadRows::All);
   // One sequence per unit (SFT): 3 sequences per chunk over 7.
-  expect_fused_matches_unfused(0, 7, T, 3 * T, 3);
+  expect_fused_matches_unfused(0, 7, T, 3 * T, 3, HeadRows::All);
+  // Scored slots: make_padded_batch scores T - 3 - b % 3 slots of sequence b (4, 3, 2, 4, ...), so the pairs
+  // (q, q + 5) have 6, 7, 5, 6, 7 scored rows and chunks fill up to chunk_rows of those: 13 -> {6 7} {5 6} {7},
+  // 31 -> all five (31 rows); one sequence per unit: 6 -> {4} {3 2} {4} {3 2} {4}, 21 -> {4 3 2 4 3 2} {4}.
+  expect_fused_matches_unfused(5, 10, T, 1, 5, HeadRows::Scored);
+  expect_fused_matches_unfused(5, 10, T, 13, 3, HeadRows::Scored);
+  expect_fused_matches_unfused(5, 10, T, 31, 1, HeadRows::Scored);
+  expect_fused_matches_unfused(0, 7, T, 6, 5, HeadRows::Scored);
+  expect_fused_matches_unfused(0, 7, T, 3 * T, 2, HeadRows::Scored);
 }
 
 // The loss on the device (fused_forward_pairs: Backend::preference_loss per chunk of pairs) against the host
@@ -300,6 +312,7 @@ TEST(Gpt2ChunkedHead, ScoreMatchesSequenceLogprobsAndKeepsNoBatchLogits) {
     GPT2 m(*be, cfg, DType::F64);
     randomize(m, g, 0.3);
     m.set_logits_chunk_rows(rows);
+    m.set_head_rows(HeadRows::All);
     Inputs in = make_inputs(g, cfg, B, T);
     Tensor chunked = Tensor::host({B}, DType::F64), full = Tensor::host({B}, DType::F64);
     std::vector<double> poison(static_cast<size_t>(B));
@@ -315,6 +328,23 @@ TEST(Gpt2ChunkedHead, ScoreMatchesSequenceLogprobsAndKeepsNoBatchLogits) {
     // The unfused path does hold the batch's logits.
     EXPECT_EQ(m.logits_buffer_numel(), (std::min<int64_t>(B, 2) + B) * T * 64);
   }
+  // Scored slots: sequence b has 5 - b % 3 of them (make_padded_batch, T = 8), chunks of whole sequences up to 17
+  // rows: B = 1 -> {5}; B = 4 -> {5 4 3 5} (17); B = 16 -> 17 rows first, then fewer. The buffer holds the largest
+  // chunk's scored rows, never more than `rows`.
+  for (const auto& [B, want_rows] : {std::pair<int64_t, int64_t>{1, 5}, {4, 17}, {16, 17}}) {
+    GPT2 m(*be, cfg, DType::F64);
+    randomize(m, g, 0.3);
+    m.set_logits_chunk_rows(rows);
+    Inputs in = make_inputs(g, cfg, B, T);
+    Tensor chunked = Tensor::host({B}, DType::F64), full = Tensor::host({B}, DType::F64);
+    std::vector<double> poison(static_cast<size_t>(B));
+    test::poison(poison);
+    std::copy(poison.begin(), poison.end(), chunked.data<double>());
+    m.score(in.tokens, in.keymask, in.targets, in.weights, chunked);
+    EXPECT_EQ(m.logits_buffer_numel(), want_rows * 64) << "B=" << B;
+    m.sequence_logprobs(in.tokens, in.keymask, in.targets, in.weights, full);
+    EXPECT_LT(test::max_rel_err(vec(chunked), vec(full)), 1e-13) << "B=" << B;
+  }
 }
 
 TEST(Gpt2ChunkedHead, FusedBufferIsOnePairWhenChunkRowsIsSmall) {
@@ -322,19 +352,24 @@ TEST(Gpt2ChunkedHead, FusedBufferIsOnePairWhenChunkRowsIsSmall) {
   auto be = make_cpu_backend();
   const GPT2Config cfg = tiny_config();
   const int64_t T = 5;
-  for (int64_t P : {1, 6}) {
-    GPT2 m(*be, cfg, DType::F64);
-    randomize(m, g, 0.3);
-    m.set_logits_chunk_rows(1);
-    Inputs in = make_inputs(g, cfg, 2 * P, T);
-    PairLoss L;
-    L.P = P;
-    L.ref.assign(static_cast<size_t>(2 * P), 0.0);
-    m.zero_grad();
-    m.fused_forward(in.tokens, in.keymask, in.targets, in.weights, pair_head(L));
-    m.fused_backward();
-    EXPECT_EQ(m.logits_buffer_numel(), 2 * T * m.logits_stride()) << "P=" << P;
-  }
+  for (HeadRows hr : {HeadRows::All, HeadRows::Scored})
+    for (int64_t P : {1, 6}) {
+      GPT2 m(*be, cfg, DType::F64);
+      randomize(m, g, 0.3);
+      m.set_logits_chunk_rows(1);
+      m.set_head_rows(hr);
+      Inputs in = make_inputs(g, cfg, 2 * P, T);
+      PairLoss L;
+      L.P = P;
+      L.ref.assign(static_cast<size_t>(2 * P), 0.0);
+      m.zero_grad();
+      m.fused_forward(in.tokens, in.keymask, in.targets, in.weights, pair_head(L));
+      m.fused_backward();
+      // Scored slots: sequence b scores 2 - b % 3 slots at T = 5 (2, 1, 0, ...): the largest pair (q, q + P) has
+      // 2 + 1 = 3 of them with P = 1 and 2 + 2 = 4 with P = 6 (where pair 2 scores none: a chunk without rows).
+      const int64_t rows = hr == HeadRows::All ? 2 * T : (P == 1 ? 3 : 4);
+      EXPECT_EQ(m.logits_buffer_numel(), rows * m.logits_stride()) << "P=" << P;
+    }
 }
 
 TEST(Gpt2ChunkedHead, AForgottenSequenceGetsNaNGradientsNotZero) {

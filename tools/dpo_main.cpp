@@ -571,6 +571,11 @@ int main(int argc, char** argv) {
                     "(as the training key cuda_graphs; --device cuda only)")
       ->transform(CLI::CheckedTransformer(std::map<std::string, bool>{{"on", true}, {"off", false}}))
       ->capture_default_str();
+  bench->add_option("--head-compaction", bench_opt.head_compaction,
+                    "on (default) or off: the LM head computes logits only for the scored (completion) slots, or for "
+                    "every slot")
+      ->transform(CLI::CheckedTransformer(std::map<std::string, bool>{{"on", true}, {"off", false}}))
+      ->capture_default_str();
   bench->add_flag("--kernels", bench_opt.kernels,
                   "GPU time per kernel over the timed steps, from CUPTI activity records (--device cuda, CUDA build)");
 

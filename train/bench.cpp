@@ -279,10 +279,13 @@ json run_bench(const BenchOptions& o) {
   GPT2 policy(*be, mc, mdt);
   policy.init_random(rng);
   policy.set_logits_chunk_rows(o.logits_chunk_rows);
+  const HeadRows head_rows = o.head_compaction ? HeadRows::Scored : HeadRows::All;
+  policy.set_head_rows(head_rows);
   std::unique_ptr<GPT2> ref;
   if (live) {
     ref = std::make_unique<GPT2>(*be, mc, mdt);
     ref->set_logits_chunk_rows(o.logits_chunk_rows);
+    ref->set_head_rows(head_rows);
     be->copy(ref->master_params(), policy.master_params());  // the reference starts as the policy, as in a real run
     ref->sync_params();
   }
@@ -353,7 +356,7 @@ json run_bench(const BenchOptions& o) {
     if (live) {
       ref_dev = be->empty({2 * P}, DType::F32);
       ref->score(to_backend(*be, b.tokens), to_backend(*be, b.keymask), to_backend(*be, b.targets),
-                 to_backend(*be, b.weights), ref_dev);
+                 to_backend(*be, b.weights), ref_dev, Tensor(), b.weights);
     } else {
       Tensor h = Tensor::host({2 * P}, DType::F32);
       const PairRows rows = b.layout == BatchLayout::Padded ? PairRows::Blocked : PairRows::Interleaved;
@@ -402,6 +405,7 @@ json run_bench(const BenchOptions& o) {
       ++graph_runs;
     } else {
       head.ref_logp = ref_dev;
+      head.host_weights = b.weights;  // the scored slots (HeadRows::Scored)
       policy.fused_forward_pairs(to_backend(*be, b.tokens), to_backend(*be, b.keymask), to_backend(*be, b.targets),
                                  to_backend(*be, b.weights), head);
     }
@@ -494,6 +498,7 @@ json run_bench(const BenchOptions& o) {
   r["reference"] = o.reference;
   r["logits_chunk_rows"] = o.logits_chunk_rows;
   r["cuda_graphs"] = graphs;
+  r["head_compaction"] = o.head_compaction;
   if (!graph_note.empty()) r["cuda_graphs_note"] = graph_note;
   r["logits_buffer_elements"] = policy.logits_buffer_numel();
   r["loss"] = "sigmoid, beta 0.1";
@@ -604,6 +609,9 @@ std::string format_bench_table(const json& r) {
   line("device", r["device"].get<std::string>() + " / " + r["backend"].get<std::string>() + ", threads " +
                      (r["threads"]["used"].is_null() ? std::string("n/a") : r["threads"]["used"].dump()));
   if (r.value("cuda_graphs", false)) line("cuda graphs", "on (forward, loss and backward replayed as one graph)");
+  if (r.contains("head_compaction"))
+    line("lm head", r["head_compaction"].get<bool>() ? "scored slots only (--head-compaction on)"
+                                                     : "every slot (--head-compaction off)");
   if (r.contains("cpu_kernels") && r["cpu_kernels"].is_object()) {
     const auto& k = r["cpu_kernels"];
     line("cpu kernels", k["id"].get<std::string>() + " (" + k["core_origin"].get<std::string>() + "; core " +

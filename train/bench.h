@@ -74,6 +74,10 @@ struct BenchOptions {
   // (2 * prompt + chosen + rejected) in every layout, so layouts compare on the same work.
   std::string batch_layout = "padded";
   int64_t max_tokens_per_row = 0;
+  // --head-compaction on|off: the LM head over the scored slots only (HeadRows::Scored, model/gpt2.h) or over every
+  // slot (HeadRows::All). With CUDA graphs on the captured step runs over every slot either way (the per-batch
+  // upload of the scored slots cannot be captured).
+  bool head_compaction = true;
   // Test hook: called with the policy right before the first timed step (after = false) and after the last one
   // (after = true).
   std::function<void(const GPT2& policy, bool after)> inspect;

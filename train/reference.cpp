@@ -34,7 +34,7 @@ std::vector<double> sequence_logps(GPT2& m, const Batch& b) {
   const LayoutScope scope(m, b);
   Tensor seq = be.empty({b.layout == BatchLayout::Padded ? b.tokens.size(0) : 2 * b.pairs}, grad_dtype(m.dtype()));
   m.score(to_backend(be, b.tokens), to_backend(be, b.keymask), to_backend(be, b.targets), to_backend(be, b.weights),
-          seq);
+          seq, Tensor(), b.weights);
   std::vector<double> lp = to_host_f64(be, seq);
   if (b.layout == BatchLayout::Padded) return lp;
   // A layout batch's sequences are interleaved (chosen 2q, rejected 2q + 1): back to [chosen..., rejected...].

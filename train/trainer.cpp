@@ -493,6 +493,7 @@ std::vector<double> policy_train_pass(GPT2& m, const Batch& b, int64_t pair_stri
   GPT2::LossHead head;
   head.pair_stride = pair_stride;
   head.grad = grad;
+  head.host_weights = b.weights;  // the LM head's scored slots (HeadRows::Scored)
   std::vector<double> lp;
   {
     DPO_PHASE("forward + log-probs + LM-head backward");
@@ -535,7 +536,7 @@ Tensor ref_logps_on_device(Backend& be, DType gd, const Batch& b, const RefLogps
   Tensor seq = be.empty({2 * P}, gd);
   const LayoutScope scope(*live, b);
   live->score(to_backend(be, b.tokens), to_backend(be, b.keymask), to_backend(be, b.targets),
-              to_backend(be, b.weights), seq);
+              to_backend(be, b.weights), seq, Tensor(), b.weights);
   return seq;
 }
 
@@ -576,7 +577,7 @@ std::map<std::string, double> evaluate(Communicator& comm, GPT2& policy, GPT2* l
       DPO_PHASE("forward + log-probs");
       const LayoutScope scope(policy, b);
       policy.score(to_backend(be, b.tokens), to_backend(be, b.keymask), to_backend(be, b.targets),
-                   to_backend(be, b.weights), seq, stats);
+                   to_backend(be, b.weights), seq, stats, b.weights);
     }
     Tensor dseq = be.empty({2 * P}, gd), sums = be.empty({kPairSumsWidth}, DType::F64);
     PairLossParams params = pair_loss_params(lc);
@@ -1103,7 +1104,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
             be->copy(e.ref, ref_logps_on_device(*be, gd, b, &ref_train, nullptr));
           } else if (use_ref) {
             DPO_PHASE("forward + log-probs");
-            ref->score(e.tokens, e.keymask, e.targets, e.weights, e.ref);
+            ref->score(e.tokens, e.keymask, e.targets, e.weights, e.ref, Tensor(), b.weights);  // not captured
           }
           if (e.offset.defined()) be->copy(e.offset, odpo_offsets_on_device(*be, gd, b, lc));
           head.ref_logp = e.ref;
@@ -1123,6 +1124,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
                                               use_ref && !cached ? ref.get() : nullptr);
           head.offset = odpo_offsets_on_device(*be, gd, b, lc);
           head.sums = row_sums;
+          head.host_weights = b.weights;  // the LM head's scored slots (the graph path above runs over every slot)
           const LayoutScope scope(*policy, b);
           {
             DPO_PHASE("forward + log-probs + loss + LM-head backward");

@@ -13,6 +13,7 @@
 #include "kernels/batch_layout.h"
 #include "kernels/elementwise.cuh"
 #include "kernels/encoder.cuh"
+#include "kernels/gather.cuh"
 #include "kernels/gelu.cuh"
 #include "kernels/layernorm.cuh"
 #include "kernels/logprob.cuh"
@@ -784,6 +785,30 @@ void CudaBackend::logprob_backward(const Tensor& dlogits, const Tensor& logits, 
     using S = decltype(z);
     cuda::logprob_backward(*ctx_, ptr<S>(dlogits), ptr<S>(logits), targets.data<int32_t>(), f32(weights), f32(dseq),
                            B, T, V, ld);
+  });
+}
+
+void CudaBackend::gather_rows(const Tensor& out, const Tensor& inp, const Tensor& idx) {
+  const RowIndexShape sh = check_row_index_args(out, inp, idx, "gather_rows");
+  check_device(out, "gather_rows out");
+  check_device(inp, "gather_rows inp");
+  check_device(idx, "gather_rows idx");
+  const int64_t es = dtype_size(out.dtype());
+  DPO_ASSERT(es == 2 || es == 4, std::string("gather_rows: the GPU gathers 2- or 4-byte elements (BF16, F32, I32), "
+                                             "got ") + dtype_name(out.dtype()));
+  DPO_ASSERT(out.numel() == 0 || inp.numel() == 0 || !overlap(out, inp), "gather_rows: out overlaps inp");
+  cuda::gather_rows(*ctx_, out.raw(), inp.raw(), idx.data<int32_t>(), sh.n, sh.N, sh.C, static_cast<int>(es));
+}
+
+void CudaBackend::scatter_add_rows(const Tensor& dinp, const Tensor& dout, const Tensor& idx) {
+  const RowIndexShape sh = check_row_index_args(dout, dinp, idx, "scatter_add_rows");  // (CUDA sources are C++17)
+  const DType A = check_activation(dinp, "scatter_add_rows dinp");
+  check_is(dout, A, "scatter_add_rows dout");
+  check_device(idx, "scatter_add_rows idx");
+  DPO_ASSERT(dinp.numel() == 0 || dout.numel() == 0 || !overlap(dinp, dout), "scatter_add_rows: dinp overlaps dout");
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::scatter_add_rows(*ctx_, ptr<S>(dinp), ptr<S>(dout), idx.data<int32_t>(), sh.n, sh.N, sh.C);
   });
 }
 

@@ -127,6 +127,10 @@ class CudaBackend final : public Backend {
                        int64_t V) override;
   void logprob_backward(const Tensor& dlogits, const Tensor& logits, const Tensor& targets, const Tensor& weights,
                         const Tensor& dseq, int64_t V) override;
+  // The index entries are not checked here (a sync): kernels/gather.cuh says what an entry out of range does.
+  // gather_rows takes 2- and 4-byte dtypes (BF16, F32, I32); scatter_add_rows the activation dtype.
+  void gather_rows(const Tensor& out, const Tensor& inp, const Tensor& idx) override;
+  void scatter_add_rows(const Tensor& dinp, const Tensor& dout, const Tensor& idx) override;
   // The ranges are not checked here (a sync); every access is clamped to [0, B*T) (kernels/logprob.cuh).
   void logprob_forward_segments(const LogprobOutputs& out, const Tensor& logits, const Tensor& targets,
                                 const Tensor& weights, const Tensor& seg, int64_t V) override;
