@@ -547,7 +547,8 @@ sanitizer_phase() {
 }
 mc_runs=()
 for b in test_cuda_kernels_a test_cuda_kernels_b test_cuda_bf16 test_cuda_backend test_cuda_shapes test_cuda_runtime \
-    test_cuda_pair_loss test_cuda_optim_step test_cuda_graphs test_cuda_attention_spans test_cuda_layout_kernels; do
+    test_cuda_pair_loss test_cuda_optim_step test_cuda_graphs test_cuda_attention_spans test_cuda_layout_kernels \
+    test_cuda_layouts test_cuda_gather; do
   mc_runs+=("$b|tests/$b|-$BIG")
 done
 mc_runs+=("fusion|tests/test_cuda_fusion|CudaFusion.*:-*Gpt2Step*")
