@@ -817,7 +817,10 @@ class CpuBackend final : public Backend {
     cpu::gather_rows(out.raw(), inp.raw(), idx.data<int32_t>(), n, N, C, dtype_size(out.dtype()));
   }
   void scatter_add_rows(const Tensor& dinp, const Tensor& dout, const Tensor& idx) override {
-    const auto [n, N, C] = check_row_index_args(dout, dinp, idx, "scatter_add_rows");
+    // Plain variables, not a structured binding: the lambda below uses them (clang before 16 cannot capture
+    // bindings, and the fuzzing build uses clang).
+    const RowIndexShape sh = check_row_index_args(dout, dinp, idx, "scatter_add_rows");
+    const int64_t n = sh.n, N = sh.N, C = sh.C;
     check_host(idx, "scatter_add_rows idx");
     check_host(dinp, "scatter_add_rows dinp");
     check_host(dout, "scatter_add_rows dout");
