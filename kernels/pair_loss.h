@@ -236,8 +236,9 @@ DPO_HD inline void pair_sums_add(double* sums, const PairLossInput& in, const Pa
 }
 
 // Pair q's input read from the log-prob forward's per-sequence rows (kernels/seq_stats.h) of a preference batch of
-// P pairs, rows [chosen 0..P-1, rejected P..2P-1] (or interleaved, `rows`): stats [2P, kSeqStatsWidth], ref_logp [2P] the reference's summed
-// log-probs in the same row order (null: 0, for ReferenceFree), offset [P] the ODPO offsets (null: 0).
+// P pairs, rows [chosen 0..P-1, rejected P..2P-1] (or interleaved, `rows`): stats [2P, kSeqStatsWidth], ref_logp
+// [2P] the reference's summed log-probs in the same row order (null: 0, for ReferenceFree), offset [P] the ODPO
+// offsets (null: 0).
 template <class F>
 DPO_HD inline PairLossInput pair_input_at(const F* stats, const F* ref_logp, const F* offset, int64_t P, int64_t q,
                                           PairRows rows = PairRows::Blocked) {

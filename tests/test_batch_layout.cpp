@@ -203,7 +203,8 @@ TEST(BatchLayout, PackedAndPrefixSharedEqualPaddedInDouble) {
             for (int64_t k = 0; k < kSeqStatsWidth; ++k) {
               const double a = got.stats[static_cast<size_t>((2 * q + side) * kSeqStatsWidth + k)];
               const double w = want.stats[static_cast<size_t>((side * b.pairs + pq) * kSeqStatsWidth + k)];
-              EXPECT_NEAR(a, w, 1e-12 * std::max(1.0, std::fabs(w))) << "pair " << q << " side " << side << " col " << k;
+              EXPECT_NEAR(a, w, 1e-12 * std::max(1.0, std::fabs(w)))
+                  << "pair " << q << " side " << side << " col " << k;
             }
         }
         for (int k = 0; k < kPairSumsWidth; ++k)  // sums over the same pairs in another order: round-off only

@@ -1052,7 +1052,8 @@ TEST(BalancedCuts, SmallestMaximumAndDeterministic) {
         int64_t mx = 0;
         for (int r = 0; r < k; ++r) {
           int64_t s = 0;
-          for (int64_t i = cut[static_cast<size_t>(r)]; i < cut[static_cast<size_t>(r) + 1]; ++i) s += c[static_cast<size_t>(i)];
+          for (int64_t i = cut[static_cast<size_t>(r)]; i < cut[static_cast<size_t>(r) + 1]; ++i)
+            s += c[static_cast<size_t>(i)];
           mx = std::max(mx, s);
         }
         best = std::min(best, mx);
@@ -1073,7 +1074,8 @@ TEST(BalancedCuts, SmallestMaximumAndDeterministic) {
     for (int r = 0; r < k; ++r) {
       ASSERT_LE(got[static_cast<size_t>(r)], got[static_cast<size_t>(r) + 1]);
       int64_t s = 0;
-      for (int64_t i = got[static_cast<size_t>(r)]; i < got[static_cast<size_t>(r) + 1]; ++i) s += c[static_cast<size_t>(i)];
+      for (int64_t i = got[static_cast<size_t>(r)]; i < got[static_cast<size_t>(r) + 1]; ++i)
+        s += c[static_cast<size_t>(i)];
       mx = std::max(mx, s);
     }
     EXPECT_EQ(mx, best) << "trial " << trial;

@@ -232,9 +232,9 @@ const std::vector<Key>& keys() {
                                "packed into rows, no padding inside), prefix_shared (each prompt computed once for "
                                "both completions; pairs packed)"),
       INT_KEY(max_tokens_per_row, "packed / prefix_shared: slots per row; 0 = 2 * max_length"),
-      INT_KEY(pad_to_multiple_of, "pad each training micro-batch's rows to a multiple of N tokens (at most "
-                                  "n_positions), so lengths fall into fewer shapes (CUDA graphs); 0 = pad to the "
-                                  "longest row"),
+      INT_KEY(pad_to_multiple_of, "batch_layout padded: pad each training micro-batch's rows to a multiple of N "
+                                  "tokens (at most n_positions), so lengths fall into fewer shapes (CUDA graphs); "
+                                  "0 = pad to the longest row"),
       BOOL_KEY(cuda_graphs, "device: cuda: capture each micro-batch shape's forward, loss and backward as a CUDA "
                             "graph on its second occurrence and replay it from then on (bitwise the same results)"),
       INT_KEY(num_train_epochs, "passes over the training data"),
