@@ -673,6 +673,28 @@ class CpuBackend final : public Backend {
     });
   }
 
+  // The host checks of the log-prob forward's inputs and outputs, for S sequences of a [B, T] batch.
+  static void check_logprob_io(const LogprobOutputs& out, const Tensor& logits, const Tensor& targets,
+                               const Tensor& weights, int64_t B, int64_t T, int64_t S) {
+    check_shape(targets, {B, T}, "logprob targets");
+    check_dtype(targets, DType::I32, "logprob targets");
+    check_shape(weights, {B, T}, "logprob weights");
+    check_dtype(weights, logits.dtype(), "logprob weights");
+    check_host(out.seq_logp, "logprob seq_logp");
+    check_shape(out.seq_logp, {S}, "logprob seq_logp");
+    check_dtype(out.seq_logp, logits.dtype(), "logprob seq_logp");
+    if (out.token_logp.defined()) {
+      check_host(out.token_logp, "logprob token_logp");
+      check_shape(out.token_logp, {B, T}, "logprob token_logp");
+      check_dtype(out.token_logp, logits.dtype(), "logprob token_logp");
+    }
+    if (out.seq_stats.defined()) {
+      check_host(out.seq_stats, "logprob seq_stats");
+      check_shape(out.seq_stats, {S, kSeqStatsWidth}, "logprob seq_stats");
+      check_dtype(out.seq_stats, logits.dtype(), "logprob seq_stats");
+    }
+  }
+
   using Backend::logprob_backward;
   using Backend::logprob_forward;
   using Backend::preference_loss;
@@ -688,23 +710,7 @@ class CpuBackend final : public Backend {
     }
     check_float(logits, "logprob logits");
     const int64_t B = logits.size(0), T = logits.size(1), ld = check_logits(logits, V);
-    check_shape(targets, {B, T}, "logprob targets");
-    check_dtype(targets, DType::I32, "logprob targets");
-    check_shape(weights, {B, T}, "logprob weights");
-    check_dtype(weights, logits.dtype(), "logprob weights");
-    check_host(out.seq_logp, "logprob seq_logp");
-    check_shape(out.seq_logp, {B}, "logprob seq_logp");
-    check_dtype(out.seq_logp, logits.dtype(), "logprob seq_logp");
-    if (out.token_logp.defined()) {
-      check_host(out.token_logp, "logprob token_logp");
-      check_shape(out.token_logp, {B, T}, "logprob token_logp");
-      check_dtype(out.token_logp, logits.dtype(), "logprob token_logp");
-    }
-    if (out.seq_stats.defined()) {
-      check_host(out.seq_stats, "logprob seq_stats");
-      check_shape(out.seq_stats, {B, kSeqStatsWidth}, "logprob seq_stats");
-      check_dtype(out.seq_stats, logits.dtype(), "logprob seq_stats");
-    }
+    check_logprob_io(out, logits, targets, weights, B, T, B);
     dispatch(logits.dtype(), [&](auto z) {
       using F = decltype(z);
       cpu::logprob_forward<F>(out.seq_logp.data<F>(), opt<F>(out.token_logp), opt<F>(out.seq_stats),
@@ -748,23 +754,7 @@ class CpuBackend final : public Backend {
     check_float(logits, "logprob logits");
     const int64_t B = logits.size(0), T = logits.size(1), ld = check_logits(logits, V);
     const int64_t S = check_segments(seg);
-    check_shape(targets, {B, T}, "logprob targets");
-    check_dtype(targets, DType::I32, "logprob targets");
-    check_shape(weights, {B, T}, "logprob weights");
-    check_dtype(weights, logits.dtype(), "logprob weights");
-    check_host(out.seq_logp, "logprob seq_logp");
-    check_shape(out.seq_logp, {S}, "logprob seq_logp");
-    check_dtype(out.seq_logp, logits.dtype(), "logprob seq_logp");
-    if (out.token_logp.defined()) {
-      check_host(out.token_logp, "logprob token_logp");
-      check_shape(out.token_logp, {B, T}, "logprob token_logp");
-      check_dtype(out.token_logp, logits.dtype(), "logprob token_logp");
-    }
-    if (out.seq_stats.defined()) {
-      check_host(out.seq_stats, "logprob seq_stats");
-      check_shape(out.seq_stats, {S, kSeqStatsWidth}, "logprob seq_stats");
-      check_dtype(out.seq_stats, logits.dtype(), "logprob seq_stats");
-    }
+    check_logprob_io(out, logits, targets, weights, B, T, S);
     dispatch(logits.dtype(), [&](auto z) {
       using F = decltype(z);
       cpu::logprob_forward_segments<F>(out.seq_logp.data<F>(), opt<F>(out.token_logp), opt<F>(out.seq_stats),

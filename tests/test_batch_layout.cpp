@@ -111,21 +111,6 @@ GPT2Config tiny_config() {
   return c;
 }
 
-std::vector<PreferencePair> random_pairs(std::mt19937_64& g, int64_t n, int32_t vocab) {
-  std::uniform_int_distribution<int32_t> tok(0, vocab - 1);
-  std::uniform_int_distribution<int> plen(1, 9), clen(1, 7);
-  std::vector<PreferencePair> d(static_cast<size_t>(n));
-  for (auto& x : d) {
-    for (int i = plen(g); i > 0; --i) x.prompt.push_back(tok(g));
-    for (int i = clen(g); i > 0; --i) x.chosen.push_back(tok(g));
-    for (int i = clen(g); i > 0; --i) x.rejected.push_back(tok(g));
-    x.has_scores = true;
-    x.score_rejected = 0.25;
-    x.score_chosen = 0.25 + std::uniform_real_distribution<double>(0.1, 3.0)(g);
-  }
-  return d;
-}
-
 struct StepOut {
   std::vector<double> stats, sums, grads;
 };
@@ -173,7 +158,7 @@ TEST(BatchLayout, PackedAndPrefixSharedEqualPaddedInDouble) {
   const GPT2Config cfg = tiny_config();
   GPT2 m(*be, cfg, DType::F64);
   test::randomize_f64(m, g, 0.3);
-  const std::vector<PreferencePair> data = random_pairs(g, 9, cfg.vocab_size);
+  const std::vector<PreferencePair> data = test::random_pairs(g, 9, cfg.vocab_size);
   std::vector<double> ref_c(data.size()), ref_r(data.size());
   for (size_t i = 0; i < data.size(); ++i) ref_c[i] = -20.0 - static_cast<double>(i), ref_r[i] = -18.0 + 0.5 * i;
   LossConfig lc;

@@ -12,6 +12,7 @@
 #include "model/gpt2.h"
 #include "runtime/backend.h"
 #include "runtime/cuda/cuda_context.h"
+#include "test_fixture.h"
 #include "test_util.h"
 #include "train/data.h"
 #include "train/loss.h"
@@ -74,14 +75,7 @@ TEST(CudaLayouts, PackedAndPrefixSharedMatchPadded) {
     cpu.copy_from_host(mc.params(), p);
     gpu.copy_from_host(mg.params(), p);
   }
-  std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(cfg.vocab_size - 1));
-  std::uniform_int_distribution<int> plen(1, 8), clen(1, 6);
-  std::vector<PreferencePair> data(7);
-  for (auto& x : data) {
-    for (int i = plen(g); i > 0; --i) x.prompt.push_back(tok(g));
-    for (int i = clen(g); i > 0; --i) x.chosen.push_back(tok(g));
-    for (int i = clen(g); i > 0; --i) x.rejected.push_back(tok(g));
-  }
+  const std::vector<PreferencePair> data = test::random_pairs(g, 7, static_cast<int32_t>(cfg.vocab_size), 8, 6);
   const std::vector<int64_t> idx = {4, 0, 6, 2, 1, 5, 3};
   LossConfig lc;
   lc.terms = {{LossType::Sigmoid, 1.0}, {LossType::Sft, 0.2}};

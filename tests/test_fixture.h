@@ -13,6 +13,7 @@
 #include "model/gpt2.h"
 #include "runtime/rng.h"
 #include "runtime/safetensors.h"
+#include "train/data.h"
 
 namespace dpo::test {
 
@@ -94,6 +95,24 @@ inline void write_tiny_fixture(const std::string& dir, int n_pairs) {
                         {"rejected", std::string(" ") + bad[i % 4] + (i % 2 ? " plot" : "")}};
     ev << j.dump() << "\n";
   }
+}
+
+// n preference pairs of random tokens in [0, vocab): prompts of 1..max_prompt tokens, completions of
+// 1..max_completion, each with scores (score_chosen > score_rejected, for ODPO).
+inline std::vector<PreferencePair> random_pairs(std::mt19937_64& g, int64_t n, int32_t vocab, int max_prompt = 9,
+                                                int max_completion = 7) {
+  std::uniform_int_distribution<int32_t> tok(0, vocab - 1);
+  std::uniform_int_distribution<int> plen(1, max_prompt), clen(1, max_completion);
+  std::vector<PreferencePair> d(static_cast<size_t>(n));
+  for (auto& x : d) {
+    for (int i = plen(g); i > 0; --i) x.prompt.push_back(tok(g));
+    for (int i = clen(g); i > 0; --i) x.chosen.push_back(tok(g));
+    for (int i = clen(g); i > 0; --i) x.rejected.push_back(tok(g));
+    x.has_scores = true;
+    x.score_rejected = 0.25;
+    x.score_chosen = 0.25 + std::uniform_real_distribution<double>(0.1, 3.0)(g);
+  }
+  return d;
 }
 
 }  // namespace dpo::test

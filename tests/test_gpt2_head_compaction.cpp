@@ -199,18 +199,6 @@ TEST(Gpt2HeadCompaction, PaddedDeviceLossHeadAndScoreMatchAllSlots) {
   }
 }
 
-std::vector<PreferencePair> random_pairs(std::mt19937_64& g, int64_t n, int32_t vocab) {
-  std::uniform_int_distribution<int32_t> tok(0, vocab - 1);
-  std::uniform_int_distribution<int> plen(1, 9), clen(1, 7);
-  std::vector<PreferencePair> d(static_cast<size_t>(n));
-  for (auto& x : d) {
-    for (int i = plen(g); i > 0; --i) x.prompt.push_back(tok(g));
-    for (int i = clen(g); i > 0; --i) x.chosen.push_back(tok(g));
-    for (int i = clen(g); i > 0; --i) x.rejected.push_back(tok(g));
-  }
-  return d;
-}
-
 // Packed and prefix_shared batches (chunks of whole rows, sequences interleaved) and their padded form: the
 // device-loss head's statistics, sums and gradients, and score's log-probs, scored slots against all slots.
 TEST(Gpt2HeadCompaction, LayoutBatchesMatchAllSlots) {
@@ -219,7 +207,7 @@ TEST(Gpt2HeadCompaction, LayoutBatchesMatchAllSlots) {
   const GPT2Config cfg = tiny_config();
   GPT2 m(*be, cfg, DType::F64);
   test::randomize_f64(m, g, 0.3);
-  const std::vector<PreferencePair> data = random_pairs(g, 9, static_cast<int32_t>(cfg.vocab_size));
+  const std::vector<PreferencePair> data = test::random_pairs(g, 9, static_cast<int32_t>(cfg.vocab_size));
   const std::vector<int64_t> idx = {3, 0, 8, 1, 5, 2, 7, 4, 6};
   LossConfig lc;
   lc.beta = 0.3;
