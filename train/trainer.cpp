@@ -515,21 +515,25 @@ PairRows pair_rows_of(const Batch& b) {
   return b.layout == BatchLayout::Padded ? PairRows::Blocked : PairRows::Interleaved;
 }
 
-Tensor ref_logps_on_device(Backend& be, DType gd, const Batch& b, const RefLogps* cached, GPT2* live) {
+// The cached reference log-probs of batch b's pairs as a host tensor [2P] of dtype gd, in the batch's order.
+Tensor cached_ref_logps_host(DType gd, const Batch& b, const RefLogps& cached) {
   const int64_t P = b.pairs;
   const std::vector<int64_t>& idx = b.indices;  // the batch's pair order (packing may reorder the pairs)
-  if (cached) {
-    Tensor h = Tensor::host({2 * P}, gd);
-    const PairRows rows = pair_rows_of(b);
-    for (int64_t q = 0; q < P; ++q) {
-      const double c = cached->chosen[static_cast<size_t>(idx[static_cast<size_t>(q)])];
-      const double r = cached->rejected[static_cast<size_t>(idx[static_cast<size_t>(q)])];
-      const int64_t ic = pair_row(rows, P, q, 0), ir = pair_row(rows, P, q, 1);
-      if (gd == DType::F64) h.data<double>()[ic] = c, h.data<double>()[ir] = r;
-      else h.data<float>()[ic] = static_cast<float>(c), h.data<float>()[ir] = static_cast<float>(r);
-    }
-    return to_backend(be, h);
+  Tensor h = Tensor::host({2 * P}, gd);
+  const PairRows rows = pair_rows_of(b);
+  for (int64_t q = 0; q < P; ++q) {
+    const double c = cached.chosen[static_cast<size_t>(idx[static_cast<size_t>(q)])];
+    const double r = cached.rejected[static_cast<size_t>(idx[static_cast<size_t>(q)])];
+    const int64_t ic = pair_row(rows, P, q, 0), ir = pair_row(rows, P, q, 1);
+    if (gd == DType::F64) h.data<double>()[ic] = c, h.data<double>()[ir] = r;
+    else h.data<float>()[ic] = static_cast<float>(c), h.data<float>()[ir] = static_cast<float>(r);
   }
+  return h;
+}
+
+Tensor ref_logps_on_device(Backend& be, DType gd, const Batch& b, const RefLogps* cached, GPT2* live) {
+  const int64_t P = b.pairs;
+  if (cached) return to_backend(be, cached_ref_logps_host(gd, b, *cached));
   if (!live) return Tensor();
   DPO_ASSERT(grad_dtype(live->dtype()) == gd, "the reference model's dtype differs from the policy's");
   DPO_PHASE("forward + log-probs");
@@ -540,9 +544,9 @@ Tensor ref_logps_on_device(Backend& be, DType gd, const Batch& b, const RefLogps
   return seq;
 }
 
-// ODPO's offsets of batch b's pairs on the device ([P], dtype gd), or an undefined tensor when odpo_alpha is 0.
+// ODPO's offsets of batch b's pairs as a host tensor ([P], dtype gd), or an undefined tensor when odpo_alpha is 0.
 // The scores were checked when the data was loaded (score_chosen > score_rejected, DataOptions::require_score_gap).
-Tensor odpo_offsets_on_device(Backend& be, DType gd, const Batch& b, const LossConfig& lc) {
+Tensor odpo_offsets_host(DType gd, const Batch& b, const LossConfig& lc) {
   if (!(lc.odpo_alpha > 0)) return Tensor();
   DPO_ASSERT(b.has_scores, "ODPO (odpo_alpha > 0) needs per-pair scores; the data loaders refuse records without");
   Tensor h = Tensor::host({b.pairs}, gd);
@@ -553,7 +557,13 @@ Tensor odpo_offsets_on_device(Backend& be, DType gd, const Batch& b, const LossC
     if (gd == DType::F64) h.data<double>()[q] = o;
     else h.data<float>()[q] = static_cast<float>(o);
   }
-  return to_backend(be, h);
+  return h;
+}
+
+// The same on the device.
+Tensor odpo_offsets_on_device(Backend& be, DType gd, const Batch& b, const LossConfig& lc) {
+  const Tensor h = odpo_offsets_host(gd, b, lc);
+  return h.defined() ? to_backend(be, h) : Tensor();
 }
 
 // Batches of batch_pairs pairs, contiguous runs of batches per rank; sums folded in batch order. num_tokens: the
@@ -1101,12 +1111,12 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
           be->copy_from_host(e.targets, b.targets);
           be->copy_from_host(e.weights, b.weights);
           if (cached) {
-            be->copy(e.ref, ref_logps_on_device(*be, gd, b, &ref_train, nullptr));
+            be->copy_from_host(e.ref, cached_ref_logps_host(gd, b, ref_train));
           } else if (use_ref) {
             DPO_PHASE("forward + log-probs");
             ref->score(e.tokens, e.keymask, e.targets, e.weights, e.ref, Tensor(), b.weights);  // not captured
           }
-          if (e.offset.defined()) be->copy(e.offset, odpo_offsets_on_device(*be, gd, b, lc));
+          if (e.offset.defined()) be->copy_from_host(e.offset, odpo_offsets_host(gd, b, lc));
           head.ref_logp = e.ref;
           head.offset = e.offset;
           head.sums = e.sums;
