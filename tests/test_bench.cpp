@@ -162,6 +162,23 @@ TEST(Bench, LogNormalLengthSpread) {
   EXPECT_EQ(r["tokens_per_step"].get<int64_t>(), tokens);
   EXPECT_EQ(r["padded_len"].get<int64_t>(), longest);
   EXPECT_EQ(r["workload"]["length_spread"], "lognormal");
+  EXPECT_EQ(r["rows"].get<int64_t>(), 10);
+  EXPECT_EQ(r["padded_tokens_per_step"].get<int64_t>(), 10 * longest);
+
+  // prefix_shared in one row: each pair's segment is prompt | chosen | dup | rejected (kernels/batch_layout.h), so
+  // the row holds sum(p + c + 1 + j) slots; the real tokens counted are the same as padded's
+  o.batch_layout = "prefix_shared";
+  o.max_tokens_per_row = 1000;
+  int64_t segs = 0;
+  for (int64_t i = 0; i < 5; ++i) segs += len(20, i) + len(11, 5 * i + 3) + 1 + len(9, 11 * i + 7);
+  const json rp = run_bench(o);
+  EXPECT_EQ(rp["tokens_per_step"].get<int64_t>(), tokens);
+  EXPECT_EQ(rp["rows"].get<int64_t>(), 1);
+  EXPECT_EQ(rp["padded_len"].get<int64_t>(), segs);
+  EXPECT_EQ(rp["padded_tokens_per_step"].get<int64_t>(), segs);
+  EXPECT_EQ(rp["slots_used_per_step"].get<int64_t>(), segs);
+  o.batch_layout = "padded";
+  o.max_tokens_per_row = 0;
   o.length_spread = "uniform";
   EXPECT_THROW(run_bench(o), InputError);
 }

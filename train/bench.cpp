@@ -504,12 +504,12 @@ json run_bench(const BenchOptions& o) {
   r["loss"] = "sigmoid, beta 0.1";
   r["optimizer"] = "AdamW lr 5e-7, max_grad_norm 1, constant schedule";
   r["pairs"] = o.pairs;
-  r["rows"] = 2 * o.pairs;
+  r["rows"] = rows;  // rows the model ran: 2 * pairs padded, fewer with a batch layout
   r["warmup_steps"] = o.warmup;
   r["timed_steps"] = o.steps;
   r["tokens_per_step"] = tokens_total;
   r["padded_len"] = padded_T;
-  r["padded_tokens_per_step"] = 2 * o.pairs * padded_T;
+  r["padded_tokens_per_step"] = rows * padded_T;  // token slots, padding (and prefix copies) included
   r["batch_layout"] = batch_layout_name(shape.layout);
   r["max_tokens_per_row"] = shape.layout == BatchLayout::Padded ? 0 : shape.max_tokens_per_row;
   r["batch_rows"] = rows;
@@ -622,14 +622,14 @@ std::string format_bench_table(const json& r) {
   }
   line("reference", r["reference"].get<std::string>());
   line("pairs / rows", std::to_string(r["pairs"].get<int64_t>()) + " / " + std::to_string(r["rows"].get<int64_t>()) +
-                           ", padded T " + std::to_string(r["padded_len"].get<int64_t>()));
+                           ", row length " + std::to_string(r["padded_len"].get<int64_t>()));
   line("steps", std::to_string(r["warmup_steps"].get<int64_t>()) + " warm-up + " +
                     std::to_string(r["timed_steps"].get<int64_t>()) + " timed");
   line("step time", f("median %.4f s", r["step_seconds_median"].get<double>()) +
                         f(", min %.4f", r["step_seconds_min"].get<double>()) +
                         f(", max %.4f", r["step_seconds_max"].get<double>()));
   line("tokens / step", std::to_string(r["tokens_per_step"].get<int64_t>()) + " real (" +
-                            std::to_string(r["padded_tokens_per_step"].get<int64_t>()) + " padded)");
+                            std::to_string(r["padded_tokens_per_step"].get<int64_t>()) + " slots)");
   line("tokens/s", f("%.1f", r["tokens_per_second"].get<double>()));
   line("pairs/s", f("%.3f", r["pairs_per_second"].get<double>()));
   s << "  phases (median s, " << r["phase_timing"].get<std::string>() << ")\n";
