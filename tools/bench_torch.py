@@ -12,6 +12,10 @@ Usage:
       --pairs P --steps N --warmup W [--compile] [--reference precomputed|live] \
       [--device cpu|cuda] [--threads 2] [--json FILE] [--model-impl auto|hf|plain]
   custom workload: --prompt-len/--chosen-len/--rejected-len.
+  python tools/bench_torch.py --attention-only --sdpa-backend flash|cudnn|efficient|math [--device cuda]
+      [--seq-lens 256,512,1024,2048] [--batch 8] [--heads 12] [--head-dim 64] [--precision bf16] [--json FILE]
+      times causal scaled_dot_product_attention alone (forward, and forward + backward) with PyTorch pinned to one
+      backend (torch.nn.attention.sdpa_kernel): the peers of our attention kernels (docs/performance.md).
   python tools/bench_torch.py --check-hf [--device cpu|cuda] [--checkpoint DIR] [--json FILE]
       builds the same random weights (or loads DIR) in transformers' GPT2LMHeadModel and in the plain model, compares logits and
       gradients (float64 and float32), exits 1 above the tolerances.
@@ -261,6 +265,94 @@ def check_hf(a):
     return 1 if failed else 0
 
 
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
+
+
+def bench_attention(a):
+    """--attention-only: causal SDPA forward and forward + backward at each T, PyTorch pinned to one backend.
+
+    Layout [B, H, T, d] (what SDPA takes), q, k, v drawn N(0, 1) once per T; dout N(0, 1). A pinned backend that
+    cannot run a shape raises in PyTorch; that T is reported as an error, not silently run on another backend.
+    FLOPs follow flash-attention's convention for causal attention: forward 4 * B * H * T^2 * d / 2, backward
+    2.5 x forward; the TFLOP/s columns use them.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[a.sdpa_backend]
+    if a.device == "cpu":
+        torch.set_num_threads(a.threads)
+    elif not torch.cuda.is_available():
+        sys.exit("--device cuda requested but CUDA is not available")
+    dev = torch.device(a.device)
+    dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
+    try:
+        seq_lens = [int(x) for x in a.seq_lens.split(",") if x.strip()]
+    except ValueError:
+        sys.exit(f"--seq-lens: expected a comma-separated list of integers, got '{a.seq_lens}'")
+    if not seq_lens or min(seq_lens) < 1 or a.batch < 1 or a.heads < 1 or a.head_dim < 1:
+        sys.exit("--seq-lens, --batch, --heads and --head-dim must be positive")
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn):
+        for _ in range(a.warmup):
+            fn()
+        sync()
+        times = []
+        for _ in range(a.steps):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times), times
+
+    rows = []
+    g = torch.Generator(device="cpu").manual_seed(a.seed)
+    for T in seq_lens:
+        shape = (a.batch, a.heads, T, a.head_dim)
+        q, k, v, dout = (torch.randn(shape, generator=g).to(dev, dtype) for _ in range(4))
+        qg, kg, vg = (x.clone().requires_grad_(True) for x in (q, k, v))
+        fwd_flops = 4.0 * a.batch * a.heads * T * T * a.head_dim / 2
+        row = {"T": T}
+        try:
+            with sdpa_kernel([backend]):
+                def fwd():
+                    with torch.no_grad():
+                        F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+                def fwd_bwd():
+                    out = F.scaled_dot_product_attention(qg, kg, vg, is_causal=True)
+                    out.backward(dout)
+                    qg.grad = kg.grad = vg.grad = None
+
+                tf, tf_all = timed(fwd)
+                tfb, tfb_all = timed(fwd_bwd)
+            row.update({"forward_s": tf, "forward_times_s": tf_all, "forward_backward_s": tfb,
+                        "forward_backward_times_s": tfb_all, "backward_s": tfb - tf,
+                        "forward_tflops": fwd_flops / tf / 1e12,
+                        "forward_backward_tflops": 3.5 * fwd_flops / tfb / 1e12})
+            print(f"T={T:5d} {a.sdpa_backend}: forward {tf * 1e3:.3f} ms ({row['forward_tflops']:.1f} TFLOP/s), "
+                  f"forward+backward {tfb * 1e3:.3f} ms ({row['forward_backward_tflops']:.1f} TFLOP/s)")
+        except RuntimeError as e:  # the pinned backend refused the shape or the device
+            row["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
+            print(f"T={T:5d} {a.sdpa_backend}: not run: {row['error']}")
+        rows.append(row)
+    res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "command": " ".join([os.path.basename(sys.executable)] + sys.argv), "machine": machine_info(),
+           "torch": torch.__version__, "cudnn": torch.backends.cudnn.version() if dev.type == "cuda" else None,
+           "device": a.device, "mode": "attention-only", "sdpa_backend": a.sdpa_backend, "causal": True,
+           "precision": a.precision, "batch": a.batch, "heads": a.heads, "head_dim": a.head_dim,
+           "warmup": a.warmup, "steps": a.steps,
+           "flops_convention": "forward 4*B*H*T^2*d/2 (causal), backward 2.5x forward", "results": rows}
+    if a.json:
+        os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 1 if any("error" in r for r in rows) else 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=list(SHAPES), default="small")
@@ -292,8 +384,19 @@ def main():
     ap.add_argument("--checkpoint", default=None,
                     help="--check-hf: load both models from this HF checkpoint directory (e.g. `dpo init`'s) "
                          "instead of random weights")
+    ap.add_argument("--attention-only", action="store_true",
+                    help="time causal scaled_dot_product_attention alone (forward; forward + backward) at each "
+                         "--seq-lens T and exit: 0 all ran, 1 the pinned backend refused one")
+    ap.add_argument("--sdpa-backend", choices=SDPA_BACKENDS, default="flash",
+                    help="--attention-only: the one SDPA backend PyTorch may use (torch.nn.attention.sdpa_kernel)")
+    ap.add_argument("--seq-lens", default="256,512,1024,2048", help="--attention-only: sequence lengths T")
+    ap.add_argument("--batch", type=int, default=8, help="--attention-only: batch size B")
+    ap.add_argument("--heads", type=int, default=12, help="--attention-only: heads H")
+    ap.add_argument("--head-dim", type=int, default=64, help="--attention-only: head dimension d")
     a = ap.parse_args()
 
+    if a.attention_only:
+        sys.exit(bench_attention(a))
     if a.check_hf:
         sys.exit(check_hf(a))
     if a.device == "cpu":

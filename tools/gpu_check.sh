@@ -26,7 +26,8 @@
 #     profile    whether nsys/ncu exist and ncu may read counters (tools/profile_probe.sh)      -> in env.txt
 #     bench      dpo bench on GPT-2 124M, HH lengths, bf16 and fp32, the per-kernel table (--kernels, CUPTI),
 #                PyTorch eager bf16/fp32 (torch.compile
-#                only with --bench-compile: a cold compile does not fit)                      -> bench.log
+#                only with --bench-compile: a cold compile does not fit), causal SDPA alone pinned to
+#                PyTorch's flash and cuDNN backends (bench_torch.py --attention-only)         -> bench.log
 #   tier t2 (full run, two or more GPUs only; takes the bench's time): data-parallel training with NCCL across the
 #     GPUs (mpirun -np N when a launcher exists) against the 1-GPU run; on one GPU it reports itself as not run.
 # --plan prints the phases, tiers, limits and estimates for the chosen mode and checks that the limits add up to
@@ -723,7 +724,17 @@ if [ "$(limit_of bench)" != 0 ]; then
           --precision "$prec" --json "$WORK/bench-torch-$mode-$prec.json" >>"$OUT/bench.log" 2>&1 || brc=1
       cat "$WORK/bench-torch-$mode-$prec.json" >>"$OUT/bench.log" 2>/dev/null
     done
-    phase_done bench "$([ $brc = 0 ] && echo ok || echo FAIL)" $(( $(date +%s) - t0 )) "bench.log: dpo bench, PyTorch eager"
+    # The attention peers (issue: flash attention): causal SDPA alone, PyTorch pinned to its flash and to its cuDNN
+    # backend, bf16, B 8, 12 heads of 64, T 256-2048 (tools/bench_torch.py --attention-only).
+    for sdpa in flash cudnn; do
+      l=$(left); [ "$l" -ge 5 ] || { echo "== torch attention $sdpa: not run (time)" >>"$OUT/bench.log"; continue; }
+      echo "== tools/bench_torch.py --attention-only --sdpa-backend $sdpa --device cuda --precision bf16 (limit $((l / 4 > 5 ? l / 4 : l))s)" >>"$OUT/bench.log"
+      tmo "$((l / 4 > 5 ? l / 4 : l))" python3 "$REPO/tools/bench_torch.py" --attention-only --sdpa-backend "$sdpa" \
+          --device cuda --precision bf16 --steps 10 --warmup 3 --json "$WORK/bench-torch-attention-$sdpa.json" \
+          >>"$OUT/bench.log" 2>&1 || brc=1
+      cat "$WORK/bench-torch-attention-$sdpa.json" >>"$OUT/bench.log" 2>/dev/null
+    done
+    phase_done bench "$([ $brc = 0 ] && echo ok || echo FAIL)" $(( $(date +%s) - t0 )) "bench.log: dpo bench, PyTorch eager, SDPA flash/cuDNN attention"
   fi
 fi
 
