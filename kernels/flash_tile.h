@@ -115,9 +115,9 @@ DPO_FLASH_FN void warp_tile(const Params& p, WarpRegs<W, D>& r, const uint16_t* 
   W::each([&](int lane) {
     for (int i = 0; i < 32; ++i) s(lane, i) = 0.0f;
   });
-DPO_FLASH_UNROLL
+  DPO_FLASH_UNROLL
   for (int kc = 0; kc < D / 16; ++kc) {
-DPO_FLASH_UNROLL
+    DPO_FLASH_UNROLL
     for (int np = 0; np < 4; ++np) {
       UR4 kb;
       // matrix j = lane / 8: keys 16 np + 8 (j >> 1) + [0, 8), dims 16 kc + 8 (j & 1) + [0, 8)
@@ -132,14 +132,14 @@ DPO_FLASH_UNROLL
   typename W::template Regs<float, 2> mx;
   W::each([&](int lane) {
     const int g = lane >> 2, c = lane & 3;
-DPO_FLASH_UNROLL
+    DPO_FLASH_UNROLL
     for (int rr = 0; rr < 2; ++rr) {
       const int64_t t = trow0 + g + 8 * rr;
       const int32_t sp[3] = {r.sp(lane, 3 * rr), r.sp(lane, 3 * rr + 1), r.sp(lane, 3 * rr + 2)};
       float m = kNegInf;
-DPO_FLASH_UNROLL
+      DPO_FLASH_UNROLL
       for (int nc = 0; nc < 8; ++nc) {
-DPO_FLASH_UNROLL
+        DPO_FLASH_UNROLL
         for (int e = 0; e < 2; ++e) {
           const int i = 4 * nc + 2 * rr + e;
           const float x = span_sees(sp, t, k0 + 8 * nc + 2 * c + e) ? s(lane, i) * scale : kNegInf;
@@ -155,7 +155,7 @@ DPO_FLASH_UNROLL
   quad_allreduce<W, 2>(mx, 1, fmax);
   // Online softmax: new max, rescale of the running sum and the accumulators, probabilities in place of the scores.
   W::each([&](int lane) {
-DPO_FLASH_UNROLL
+    DPO_FLASH_UNROLL
     for (int rr = 0; rr < 2; ++rr) {
       const float m_old = r.m(lane, rr);
       const float m_new = fmax(m_old, mx(lane, rr));
@@ -164,9 +164,9 @@ DPO_FLASH_UNROLL
       const float alpha = W::exp2((m_old - mu) * kLog2e);
       r.m(lane, rr) = m_new;
       float sum = 0.0f;
-DPO_FLASH_UNROLL
+      DPO_FLASH_UNROLL
       for (int nc = 0; nc < 8; ++nc) {
-DPO_FLASH_UNROLL
+        DPO_FLASH_UNROLL
         for (int e = 0; e < 2; ++e) {
           const int i = 4 * nc + 2 * rr + e;
           const float pv = W::exp2((s(lane, i) - mu) * kLog2e);
@@ -175,7 +175,7 @@ DPO_FLASH_UNROLL
         }
       }
       r.l(lane, rr) = r.l(lane, rr) * alpha + sum;
-DPO_FLASH_UNROLL
+      DPO_FLASH_UNROLL
       for (int dn = 0; dn < D / 8; ++dn) {
         r.o(lane, 4 * dn + 2 * rr) *= alpha;
         r.o(lane, 4 * dn + 2 * rr + 1) *= alpha;
@@ -186,16 +186,17 @@ DPO_FLASH_UNROLL
   // keys [16 kk, 16 kk + 16) (A reg 0: row g, keys 2c..; 1: row g + 8; 2: row g, keys 8 + 2c..; 3: row g + 8).
   typename W::template Regs<uint32_t, 16> pa;
   W::each([&](int lane) {
-DPO_FLASH_UNROLL
+    DPO_FLASH_UNROLL
     for (int kk = 0; kk < 4; ++kk) {
-DPO_FLASH_UNROLL
-      for (int j = 0; j < 4; ++j) pa(lane, 4 * kk + j) = W::pack_bf16x2(s(lane, 8 * kk + 2 * j), s(lane, 8 * kk + 2 * j + 1));
+      DPO_FLASH_UNROLL
+      for (int j = 0; j < 4; ++j)
+        pa(lane, 4 * kk + j) = W::pack_bf16x2(s(lane, 8 * kk + 2 * j), s(lane, 8 * kk + 2 * j + 1));
     }
   });
   // O += P V: V tile row-major [key][dim]; ldmatrix.trans gives the B fragments (keys along k, dims along n).
-DPO_FLASH_UNROLL
+  DPO_FLASH_UNROLL
   for (int kk = 0; kk < 4; ++kk) {
-DPO_FLASH_UNROLL
+    DPO_FLASH_UNROLL
     for (int dp = 0; dp < D / 16; ++dp) {
       UR4 vb;
       // matrix j = lane / 8: keys 16 kk + 8 (j & 1) + [0, 8), dims 16 dp + 8 (j >> 1) + [0, 8)
@@ -232,7 +233,7 @@ DPO_FLASH_FN int64_t forward_block(const Params& p, int64_t block, uint16_t* sme
     WarpRegs<W, D>& r = regs[slot];
     W::each([&](int lane) {
       const int tid = w * 32 + lane;
-DPO_FLASH_UNROLL
+      DPO_FLASH_UNROLL
       for (int i = tid; i < kBlockRows * CH; i += kThreads) {
         const int row = i / CH, ch = i % CH;
         uint16_t* dst = ks + row * S + 8 * ch;
@@ -242,7 +243,7 @@ DPO_FLASH_UNROLL
           W::zero16(dst);
       }
       int32_t sp[3];
-DPO_FLASH_UNROLL
+      DPO_FLASH_UNROLL
       for (int rr = 0; rr < 2; ++rr) {
         query_span(p, b, t0 + 16 * w + (lane >> 2) + 8 * rr, sp);
         for (int j = 0; j < 3; ++j) r.sp(lane, 3 * rr + j) = sp[j];
@@ -251,14 +252,14 @@ DPO_FLASH_UNROLL
         r.m(lane, rr) = kNegInf;
         r.l(lane, rr) = 0.0f;
       }
-DPO_FLASH_UNROLL
+      DPO_FLASH_UNROLL
       for (int i = 0; i < D / 2; ++i) r.o(lane, i) = 0.0f;
     });
   });
   W::sync();
   // Phase: each warp's 16 rows of Q as A fragments (matrix j: rows 8 (j & 1) + [0, 8), dims 16 kc + 8 (j >> 1)).
   W::warps([&](int w, int slot) {
-DPO_FLASH_UNROLL
+    DPO_FLASH_UNROLL
     for (int kc = 0; kc < D / 16; ++kc)
       W::template ldmatrix_x4<false>(regs[slot].qa, 4 * kc, [&](int lane) {
         return ks + (16 * w + (lane & 7) + 8 * ((lane >> 3) & 1)) * S + 16 * kc + 8 * (lane >> 4);
@@ -288,7 +289,7 @@ DPO_FLASH_UNROLL
     W::warps([&](int w, int) {
       W::each([&](int lane) {
         const int tid = w * 32 + lane;
-DPO_FLASH_UNROLL
+        DPO_FLASH_UNROLL
         for (int i = tid; i < kTileKeys * CH; i += kThreads) {
           const int row = i / CH, ch = i % CH;
           const int64_t key = k0 + row;
@@ -315,7 +316,7 @@ DPO_FLASH_UNROLL
     quad_allreduce<W, 2>(r.l, 1, plus);
     W::each([&](int lane) {
       const int g = lane >> 2, c = lane & 3;
-DPO_FLASH_UNROLL
+      DPO_FLASH_UNROLL
       for (int rr = 0; rr < 2; ++rr) {
         const int64_t t = t0 + 16 * w + g + 8 * rr;
         if (t >= T) continue;
@@ -323,7 +324,7 @@ DPO_FLASH_UNROLL
         const bool none = m == kNegInf;  // no visible key: out 0 (the accumulators are 0), lse +inf
         const float inv = none ? 0.0f : 1.0f / l;
         uint16_t* orow = p.out + (b * T + t) * p.out_stride + h * D;
-DPO_FLASH_UNROLL
+        DPO_FLASH_UNROLL
         for (int dn = 0; dn < D / 8; ++dn)
           W::store_u32(orow + 8 * dn + 2 * c,
                        W::pack_bf16x2(r.o(lane, 4 * dn + 2 * rr) * inv, r.o(lane, 4 * dn + 2 * rr + 1) * inv));
