@@ -266,6 +266,30 @@ TEST(FlashEmulationForward, RepeatedRunsAreBitwiseEqual) {
 
 // --- tile skipping --------------------------------------------------------------------------------------------------
 
+TEST(FlashEmulationTiles, SpanSeesAnyIsTheUnionOfSpanSees) {
+  // span_sees_any (kernels/batch_layout.h), the tile vote, against span_sees over every key of the range, for every
+  // valid span of a short row (with and without a hole) and every key range, empty ones included.
+  const int64_t T = 12;
+  int64_t checked = 0;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t lo = 0; lo <= t; ++lo)
+      for (int64_t hl = lo; hl <= t; ++hl)
+        for (int64_t hh = hl; hh <= t; ++hh) {
+          if (hl == hh && hl != t) continue;  // one empty-hole form is enough
+          const int32_t sp[3] = {int32_t(lo), int32_t(hl), int32_t(hh)};
+          if (!span_valid(sp, t)) continue;
+          for (int64_t k0 = 0; k0 <= T; ++k0)
+            for (int64_t k1 = k0; k1 <= T + 2; ++k1) {
+              bool any = false;
+              for (int64_t k = k0; k < k1; ++k) any = any || span_sees(sp, t, k);
+              ASSERT_EQ(span_sees_any(sp, t, k0, k1), any)
+                  << "span {" << lo << ", " << hl << ", " << hh << "} t " << t << " keys [" << k0 << ", " << k1 << ")";
+              ++checked;
+            }
+        }
+  EXPECT_GT(checked, 10000);
+}
+
 TEST(FlashEmulationTiles, PackedRowCostsTheSumOfSquares) {
   // Segments of 3, 2 and 1 tiles (192, 128, 64 slots): a segment of n tiles costs n (n + 1) / 2 block-tile pairs,
   // so 6 + 3 + 1 = 10 per head against 21 for the causal row of 6 tiles.
