@@ -26,7 +26,7 @@
 // for the P.V product (fp32 accumulation) while l sums them unrounded; out = acc / l rounded once to bf16, lse =
 // m + log(l). Against an exact softmax on the same bf16 inputs this bounds the error of out by about
 // 2^-8 * max|v| (the probability rounding: every weight moves by at most 2^-8 of itself, and the weights sum to 1)
-// plus 2^-8 |out| (the output rounding), plus fp32 reduction errors (tests/test_flash_emulation.cpp).
+// plus 2^-8 |out| (the output rounding), plus fp32 reduction errors (budgets: tests/flash_test_cases.h).
 //
 // Work: blocks of kFlashBlockRows = 64 queries (4 warps x 16 rows) against key tiles of kFlashTileKeys = 64. A block
 // visits the key tiles of [0, last query] that at least one of its queries sees (span_sees_any): tiles left of
