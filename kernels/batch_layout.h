@@ -52,6 +52,15 @@ inline constexpr bool span_sees(const int32_t* sp, int64_t t, int64_t k) {
   return k >= sp[kSpanLo] && k <= t && !(k >= sp[kSpanHoleLo] && k < sp[kSpanHoleHi]);
 }
 
+// Whether the query whose span is `sp` (slot t) sees any key slot of [k0, k1): its visible range [lo, t] cut to
+// [k0, k1) is not empty and does not lie wholly inside the hole (an empty hole hides nothing). The flash attention
+// kernel (kernels/flash_tile.h) skips a key tile that no query of its block sees by this test.
+inline constexpr bool span_sees_any(const int32_t* sp, int64_t t, int64_t k0, int64_t k1) {
+  const int64_t a = k0 > sp[kSpanLo] ? k0 : sp[kSpanLo];
+  const int64_t e = k1 < t + 1 ? k1 : t + 1;  // [a, e): the visible range before the hole is taken out
+  return a < e && (a < sp[kSpanHoleLo] || e > sp[kSpanHoleHi]);
+}
+
 // Whether `sp` keeps the rules above for query slot t: 0 <= lo <= t, and the hole is empty (hole_lo == hole_hi) or
 // lo <= hole_lo < hole_hi <= t. A span that does not is a bug of its producer (the attention ops reject it).
 inline constexpr bool span_valid(const int32_t* sp, int64_t t) {
