@@ -15,7 +15,8 @@
 #     train      20 DPO steps, tiny GPT-2, device=cuda vs device=cpu (step-1 log-probs, final loss), the cuda
 #                run again through a 1-rank NCCL communicator                                  -> train.log
 #     memcheck   compute-sanitizer memcheck over the kernel tests (then 2 training steps if time) -> sanitizer.log
-#     racecheck  racecheck over the shared-memory kernels: attention, log-prob, LayerNorm, reductions
+#     racecheck  racecheck over the shared-memory kernels: attention (materialised and flash), log-prob, LayerNorm,
+#                reductions
 #     initcheck  initcheck over the whole model's forward and backward (small shapes)
 #   tier t1 (the full run, default; budget 585 s):
 #     cuda-t1    ctest -L cuda-t1: GEMMs at GPT-2 124M shapes, tests past 2^31 elements
@@ -553,6 +554,7 @@ for b in test_cuda_kernels_a test_cuda_kernels_b test_cuda_bf16 test_cuda_backen
   mc_runs+=("$b|tests/$b|-$BIG")
 done
 mc_runs+=("fusion|tests/test_cuda_fusion|CudaFusion.*:-*Gpt2Step*")
+mc_runs+=("flash attention|tests/test_cuda_flash|CudaFlash.*:-*T4096*")
 if [ "$cuda_train_ok" = 1 ]; then
   rm -rf "$TRAIN/run-san" "$TRAIN/refcache-san"
   mc_runs+=("dpo train device=cuda (2 steps)|$BUILD/dpo train model=$TRAIN/base train_file=$TRAIN/prefs.jsonl out_dir=$TRAIN/run-san device=cuda max_steps=2 per_device_train_batch_size=4 learning_rate=2e-4 max_length=96 max_prompt_length=48 ref_cache_dir=$TRAIN/refcache-san --plain|")
@@ -562,7 +564,8 @@ sanitizer_phase memcheck memcheck "${mc_runs[@]}"
 sanitizer_phase racecheck racecheck \
   "attention, log-prob (fp32)|tests/test_cuda_kernels_b|CudaAttention.*:CudaLogprob.*-$BIG" \
   "LayerNorm, encoder backward, sum of squares (fp32)|tests/test_cuda_kernels_a|CudaLayerNorm.*:CudaEncoder.Backward*:CudaElementwise.SumSquares*-$BIG" \
-  "attention, log-prob, LayerNorm (bf16)|tests/test_cuda_bf16|CudaBf16Ops.Attention*:CudaBf16Ops.Logprob*:CudaBf16Ops.LayerNorm*"
+  "attention, log-prob, LayerNorm (bf16)|tests/test_cuda_bf16|CudaBf16Ops.Attention*:CudaBf16Ops.Logprob*:CudaBf16Ops.LayerNorm*" \
+  "flash attention forward (bf16)|tests/test_cuda_flash|CudaFlash.ForwardHeadDim*"
 # initcheck: a device read of memory nothing wrote, over the whole model (small shapes).
 sanitizer_phase initcheck initcheck \
   "GPT-2 forward + backward vs CPU (fp32)|tests/test_cuda_backend|CudaBackend.Gpt2LogprobsAndGradientsMatchCpu" \
