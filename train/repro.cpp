@@ -81,6 +81,15 @@ double adam_step_bound(const OptimConfig& c) {
   return a > b ? c.lr * a / b : c.lr;
 }
 
+std::string md_cell(const std::string& s) {
+  std::string out;
+  for (char c : s) {
+    if (c == '|') out += '\\';
+    out += c;
+  }
+  return out;
+}
+
 std::string fmt(double v, int prec) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "%.*g", prec, v);
@@ -197,8 +206,8 @@ int run_repro(const ReproOptions& opt) {
                     {"op", repro::op_text(c.op)},
                     {"threshold", c.threshold},
                     {"pass", c.pass}});
-    table << "| " << c.id << " | " << repro::fmt(c.measured) << " | " << repro::op_text(c.op) << " | "
-          << repro::fmt(c.threshold) << " | " << (c.pass ? "PASS" : "**FAIL**") << " | " << c.what << " |\n";
+    table << "| " << repro::md_cell(c.id) << " | " << repro::fmt(c.measured) << " | " << repro::op_text(c.op) << " | "
+          << repro::fmt(c.threshold) << " | " << (c.pass ? "PASS" : "**FAIL**") << " | " << repro::md_cell(c.what) << " |\n";
     std::printf("%s  %s: %s %s %s  (%s)\n", c.pass ? "PASS" : "FAIL", c.id.c_str(), repro::fmt(c.measured).c_str(),
                 repro::op_text(c.op), repro::fmt(c.threshold).c_str(), c.what.c_str());
   }

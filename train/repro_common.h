@@ -53,6 +53,7 @@ OptimConfig paper_adam();
 double adam_step_bound(const OptimConfig& c);
 
 std::string fmt(double v, int prec = 4);  // %.{prec}g
+std::string md_cell(const std::string& s);  // '|' escaped for a Markdown table cell
 
 // Per-experiment entry points (train/repro_bandit.cpp, repro_optimum.cpp, repro_overfit.cpp). `out` exists.
 ExperimentOutput run_ipo_bandit(const ReproOptions& opt, Backend& backend, const std::filesystem::path& out);

@@ -208,7 +208,12 @@ BradleyTerryFit bradley_terry_fit(int64_t n, const std::vector<WeightedPair>& pa
 
   // Newton ascent with backtracking. Gradient g_i = sum over pairs of w sigmoid(-(s_c - s_r)) (+1 for the chosen
   // item, -1 for the rejected); negative Hessian = sum w s(z) s(-z) (e_c - e_r)(e_c - e_r)^T, a weighted Laplacian.
+  // Stopping: Newton converges quadratically, so once max |g| is below 1e-10 of the total weight one more step takes
+  // it to the rounding floor of the gradient's sums (about 1e-16 of the total weight per term); then stop.
   std::vector<double>& s = fit.score;
+  double total_w = 0;
+  for (const WeightedPair& q : pairs) total_w += q.weight;
+  bool polish = false;
   for (int it = 0; it < 200; ++it) {
     std::vector<double> g(n, 0.0), H(static_cast<size_t>(n * n), 0.0);
     for (const WeightedPair& q : pairs) {
@@ -220,7 +225,8 @@ BradleyTerryFit bradley_terry_fit(int64_t n, const std::vector<WeightedPair>& pa
     }
     fit.grad_max = 0;
     for (double v : g) fit.grad_max = std::max(fit.grad_max, std::fabs(v));
-    if (fit.grad_max < 1e-13) break;
+    if (polish || fit.grad_max == 0) break;
+    polish = fit.grad_max < 1e-10 * total_w;
     const std::vector<double> step = solve_laplacian(std::move(H), g, n, comp);
     const double ll0 = bt_loglik(pairs, s);
     double t = 1.0;
