@@ -23,8 +23,8 @@
 #include "train/bench.h"
 #include "train/config.h"
 #include "train/demo.h"
-#include "train/repro.h"
 #include "train/hash.h"
+#include "train/repro.h"
 #include "train/run_control.h"
 #include "train/sample.h"
 #include "train/tokenizer.h"
@@ -544,7 +544,7 @@ int main(int argc, char** argv) {
   repro->add_option("name", repro_opt.name, "experiment: ipo-bandit, optimum, overfit (dpo repro --list)");
   repro->add_flag("--list", repro_list, "list the experiments, one line each, and exit");
   repro->add_option("--out,-o", repro_opt.out_dir, "output directory (must not hold a report.json)");
-  repro->add_flag("--full", repro_opt.full, "the paper-sized version (more steps / pairs; minutes)");
+  repro->add_flag("--full", repro_opt.full, "the paper-sized version (more steps / pairs; up to a minute)");
   repro->add_option("--seed", repro_opt.seed, "seed for data, reference, reward and batches")->capture_default_str();
   repro->add_option("--threads", repro_opt.num_threads, "CPU threads; 0 = OpenMP default (results do not depend on it)")
       ->check(CLI::Range(int64_t{0}, dpo::kMaxThreads))

@@ -207,7 +207,8 @@ int run_repro(const ReproOptions& opt) {
                     {"threshold", c.threshold},
                     {"pass", c.pass}});
     table << "| " << repro::md_cell(c.id) << " | " << repro::fmt(c.measured) << " | " << repro::op_text(c.op) << " | "
-          << repro::fmt(c.threshold) << " | " << (c.pass ? "PASS" : "**FAIL**") << " | " << repro::md_cell(c.what) << " |\n";
+          << repro::fmt(c.threshold) << " | " << (c.pass ? "PASS" : "**FAIL**") << " | " << repro::md_cell(c.what)
+          << " |\n";
     std::printf("%s  %s: %s %s %s  (%s)\n", c.pass ? "PASS" : "FAIL", c.id.c_str(), repro::fmt(c.measured).c_str(),
                 repro::op_text(c.op), repro::fmt(c.threshold).c_str(), c.what.c_str());
   }

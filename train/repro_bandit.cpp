@@ -250,7 +250,8 @@ ExperimentOutput run_ipo_bandit(const ReproOptions& opt, Backend& backend, const
   // Conservative DPO on two actions and the one pair (a, b): d/dh of -(1-e) log s(beta h) - e log s(-beta h) is 0
   // at s(beta h) = 1 - e, h = log((1 - e) / e) / beta.
   md << "\nConservative DPO (label smoothing " << fmt(cdpo_eps) << "), two actions, data {(a, b)}:\n\n"
-     << "| tau | fixed point log((1-eps)/eps)/tau | final h | max \\|h - h*\\| over the last 10% |\n|---|---|---|---|\n";
+     << "| tau | fixed point log((1-eps)/eps)/tau | final h | max \\|h - h*\\| over the last 10% |\n"
+     << "|---|---|---|---|\n";
   const Dataset two{"two-action", {{0, 1, 1}}};
   std::vector<Chart> cdpo_charts;
   json jcdpo = json::array();
