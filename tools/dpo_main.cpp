@@ -24,6 +24,7 @@
 #include "train/config.h"
 #include "train/demo.h"
 #include "train/hash.h"
+#include "train/repro.h"
 #include "train/run_control.h"
 #include "train/sample.h"
 #include "train/tokenizer.h"
@@ -533,6 +534,22 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   demo->add_flag("--plain", demo_opt.plain_progress, "plain progress lines even on a terminal");
 
+  dpo::ReproOptions repro_opt;
+  bool repro_list = false;
+  auto* repro = app.add_subcommand(
+      "repro",
+      "Small exact reproductions of the DPO and IPO papers' claims, with PASS/FAIL criteria from theory.\n"
+      "Writes DIR/report.json, DIR/report.md and PNG plots and prints one PASS/FAIL line per criterion.\n"
+      "Exit status: 0 when every criterion passes, 1 when one fails, 2 on bad input. docs/reproductions.md");
+  repro->add_option("name", repro_opt.name, "experiment: ipo-bandit, optimum, overfit (dpo repro --list)");
+  repro->add_flag("--list", repro_list, "list the experiments, one line each, and exit");
+  repro->add_option("--out,-o", repro_opt.out_dir, "output directory (must not hold a report.json)");
+  repro->add_flag("--full", repro_opt.full, "the paper-sized version (more steps / pairs; up to a minute)");
+  repro->add_option("--seed", repro_opt.seed, "seed for data, reference, reward and batches")->capture_default_str();
+  repro->add_option("--threads", repro_opt.num_threads, "CPU threads; 0 = OpenMP default (results do not depend on it)")
+      ->check(CLI::Range(int64_t{0}, dpo::kMaxThreads))
+      ->capture_default_str();
+
   dpo::BenchOptions bench_opt;
   std::string bench_json;
   auto* bench = app.add_subcommand("bench", "Time full DPO optimizer steps on a random-init GPT-2 and synthetic pairs");
@@ -622,6 +639,16 @@ int main(int argc, char** argv) {
       bench_opt.json_path = bench_json;
       dpo::run_bench(bench_opt);
       return 0;
+    }
+    if (*repro) {
+      if (repro_list) {
+        for (const dpo::ReproExperiment& e : dpo::repro_experiments())
+          std::printf("%-11s %s\n", e.name.c_str(), e.summary.c_str());
+        return 0;
+      }
+      if (repro_opt.name.empty())
+        throw dpo::InputError("repro: an experiment name is required (dpo repro --list names them)");
+      return dpo::run_repro(repro_opt);
     }
     if (*demo) {
       dpo::run_demo(demo_opt);
