@@ -49,8 +49,8 @@
 //     and > 0, simpo_gamma and f_alpha finite, f_div ReverseKl unless every term is one of the f-divergence ones
 //     (Sigmoid, Cdpo, Robust, Ipo, Hinge, Sft, ExoPair, SigmoidNorm, Discopop);
 //   - len_chosen, len_rejected > 0 where a term divides by them (Sft: len_chosen; PerToken Ipo, SigmoidNorm,
-//     Simpo: both) (the loaders refuse empty completions and truncation keeps >= 1 completion token, so every batch row has
-//     kSeqTokens >= 1);
+//     Simpo: both) (the loaders refuse empty completions and truncation keeps >= 1 completion token, so every
+//     batch row has kSeqTokens >= 1);
 //   - offset finite (odpo_offset of scores with score_chosen > score_rejected, which the loaders check with
 //     DataOptions::require_score_gap, naming file:line).
 // A violated precondition gives a non-finite loss or gradient (division by 0, log of a non-positive number),
