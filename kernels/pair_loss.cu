@@ -18,8 +18,9 @@ namespace dpo::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;  // a power of two (the tree below halves it)
-// Shared memory: kPairSumsWidth * kThreads doubles = 17 * 256 * 8 = 34,816 bytes, under the 48 KiB static limit.
+// A power of two (the tree below halves it). 128, not 256: the row has one column per loss type, and
+// kPairSumsWidth * kThreads doubles = 26 * 128 * 8 = 26,624 bytes must stay under the 48 KiB static limit.
+constexpr int kThreads = 128;
 static_assert(kPairSumsWidth * kThreads * sizeof(double) <= 48 * 1024, "pair_loss: shared partial sums too large");
 
 __global__ void __launch_bounds__(kThreads)

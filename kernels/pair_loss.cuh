@@ -16,7 +16,7 @@
 // in the range are written, nothing else.
 // Arithmetic: double throughout (inputs widened exactly), each float output rounded once. The preconditions of
 // pair_loss_eval are the caller's (the data pipeline's); p.n_terms and normalizer are checked here (dpo::Error).
-// Deterministic: one block; thread i handles pairs q0 + i, q0 + i + 256, ... in order, accumulating in double,
+// Deterministic: one block; thread i handles pairs q0 + i, q0 + i + 128, ... in order, accumulating in double,
 // then a fixed shared-memory tree over the threads. No atomics: repeated calls give bitwise-equal results, and the
 // result does not depend on the GPU. One block is enough: P is a micro-batch's pair count (up to a few thousand), a few dozen
 // flops each; the launch latency dominates.

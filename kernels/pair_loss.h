@@ -4,15 +4,34 @@
 // to rounding, not bitwise: nvcc contracts a * b + c into an FMA where the host compiler does not, and the device's
 // exp / log1p differ from glibc's by an ulp or so.
 //
-// Notation (train/loss.h has the sources of the formulas): c = policy_chosen - ref_chosen, r = policy_rejected -
-// ref_rejected (ref = 0 with RefMode::ReferenceFree), D = c - r, z = beta * D, eps = label_smoothing, s = sigmoid.
-//   Sigmoid  -log s(z - offset)          offset: the ODPO offset of the pair (odpo_offset below; 0 when off)
-//   Cdpo     -(1-eps) log s(z) - eps log s(-z)
-//   Robust   [-(1-eps) log s(z) + eps log s(-z)] / (1-2eps)
-//   Ipo      (c' - r' - 1/(2 beta))^2    c' = c / len_chosen, r' = r / len_rejected with IpoNorm::PerToken (TRL's
-//                                        ipo); c' = c, r' = r with IpoNorm::Summed (the IPO paper)
-//   Hinge    max(0, 1 - z)               subgradient 0 at z == 1
-//   Sft      -policy_chosen / len_chosen  (RPO's NLL term; no reference, no beta)
+// Notation (train/loss.h and docs/training.md have the sources of the formulas): c = policy_chosen - ref_chosen,
+// r = policy_rejected - ref_rejected (ref = 0 with RefMode::ReferenceFree) are the log-ratios; their f-divergence
+// scores (TRL's f_divergence_type, f-DPO of Wang et al. 2023) are
+//   ReverseKl  S(x) = x                  (standard DPO)
+//   ForwardKl  S(x) = 1 - exp(-x)
+//   Js         S(x) = log 2 + log s(x)
+//   Alpha      S(x) = (exp(min((a-1) x, 80)) - 1) / (a-1)   a = f_alpha; |a-1| < 1e-6 falls back to S(x) = x; the
+//                                        clamp at 80 is TRL's (the gradient is 0 above it)
+// Sc = S(c), Sr = S(r), D = Sc - Sr, z = beta * D, eps = label_smoothing, s = sigmoid, lc / lr the completion
+// lengths, pc / pr the policy's summed log-probs.
+//   Sigmoid     -log s(z - offset)       offset: the ODPO offset of the pair (odpo_offset below; 0 when off)
+//   Cdpo        -(1-eps) log s(z) - eps log s(-z)
+//   Robust      [-(1-eps) log s(z) + eps log s(-z)] / (1-2eps)
+//   Ipo         (Sc' - Sr' - 1/(2 beta))^2   Sc' = Sc / lc, Sr' = Sr / lr with IpoNorm::PerToken (TRL's ipo);
+//                                        Sc' = Sc, Sr' = Sr with IpoNorm::Summed (the IPO paper)
+//   Hinge       max(0, 1 - z)            subgradient 0 at z == 1
+//   Sft         -pc / lc                 (RPO's NLL term; no reference, no beta)
+//   ExoPair     s(z) (log s(z) - log(1-eps)) + s(-z) (log s(-z) - log eps)    (needs eps > 0)
+//   SigmoidNorm -log s(beta (Sc / lc - Sr / lr))
+//   Discopop    -log s(z) (1 - m) + exp(-z) m,  m = s(z / tau)             tau = discopop_tau
+// The rest take the plain log-ratios (params valid: f_div is ReverseKl whenever one of them is present):
+//   NcaPair     -log s(beta c) - log s(-beta c) / 2 - log s(-beta r) / 2
+//   BcoPair     -log s(beta c) - log s(-beta r)
+//   SppoHard    (c - 1/(2 beta))^2 + (r + 1/(2 beta))^2
+//   ApoZero     (1 - s(beta c)) + s(beta r)
+//   ApoDown     s(beta c) + (1 - s(beta (c - r)))
+//   Simpo       -(1-eps) log s(u) - eps log s(-u),  u = beta (pc / lc - pr / lr) - gamma   (gamma = simpo_gamma;
+//               reference-free by definition: the reference and f_div never enter it)
 // loss = sum_i weight_i * term_i over the params' terms, in their order; d_chosen / d_rejected are its derivatives
 // w.r.t. policy_chosen / policy_rejected. Metrics (TRL's, independent of the loss type): reward = beta * (policy -
 // ref) of the summed log-probs, accuracy = [reward_chosen > reward_rejected] (strict), margin = reward_chosen -
@@ -26,10 +45,12 @@
 //
 // Preconditions (not checked here: device code cannot throw; the data pipeline guarantees them, train/data.h):
 //   - params valid as LossConfig::validate() makes them: 1 <= n_terms <= kMaxLossTerms, distinct types, weights
-//     finite and >= 0, beta finite and > 0, 0 <= label_smoothing < 0.5;
-//   - len_chosen > 0 when an Sft or a PerToken Ipo term is present, len_rejected > 0 with a PerToken Ipo term
-//     (the loaders refuse empty completions and truncation keeps >= 1 completion token, so every batch row has
-//     kSeqTokens >= 1);
+//     finite and >= 0, beta finite and > 0, 0 <= label_smoothing < 0.5 (> 0 with ExoPair), discopop_tau finite
+//     and > 0, simpo_gamma and f_alpha finite, f_div ReverseKl unless every term is one of the f-divergence ones
+//     (Sigmoid, Cdpo, Robust, Ipo, Hinge, Sft, ExoPair, SigmoidNorm, Discopop);
+//   - len_chosen, len_rejected > 0 where a term divides by them (Sft: len_chosen; PerToken Ipo, SigmoidNorm,
+//     Simpo: both) (the loaders refuse empty completions and truncation keeps >= 1 completion token, so every
+//     batch row has kSeqTokens >= 1);
 //   - offset finite (odpo_offset of scores with score_chosen > score_rejected, which the loaders check with
 //     DataOptions::require_score_gap, naming file:line).
 // A violated precondition gives a non-finite loss or gradient (division by 0, log of a non-positive number),
@@ -37,7 +58,10 @@
 // same way. Terms past kMaxLossTerms are never read.
 //
 // Stability: log s(x) = -softplus(-x) with softplus(x) = max(x, 0) + log1p(exp(-|x|)) and s evaluated on the side
-// that cannot overflow, so the sigmoid-family losses and gradients are finite for every finite z.
+// that cannot overflow, so the sigmoid-family losses and gradients are finite for every finite z. Discopop's
+// exp(-z) m is evaluated as exp(-z - softplus(-z / tau)), finite wherever the product is (the naive product is
+// inf * 0 = NaN below z ~ -709). The quadratic losses, ForwardKl and Alpha grow without bound by definition and
+// overflow only where their value does.
 #pragma once
 
 #include <math.h>
@@ -53,8 +77,16 @@
 
 namespace dpo {
 
-enum class LossType : int32_t { Sigmoid, Ipo, Hinge, Robust, Cdpo, Sft };
-constexpr int kMaxLossTerms = 6;  // one per LossType: validate() refuses a type listed twice
+// New types go at the end: kNumLossTypes counts them (the backends check a term's type against it).
+enum class LossType : int32_t {
+  Sigmoid, Ipo, Hinge, Robust, Cdpo, Sft,
+  ExoPair, NcaPair, BcoPair, SppoHard, ApoZero, ApoDown, Discopop, SigmoidNorm, Simpo,
+};
+constexpr int kNumLossTypes = static_cast<int>(LossType::Simpo) + 1;
+constexpr int kMaxLossTerms = kNumLossTypes;  // one per LossType: validate() refuses a type listed twice
+
+// TRL's f_divergence_type: how a log-ratio becomes the score the f-divergence losses compare (formulas above).
+enum class FDivergence : int32_t { ReverseKl, ForwardKl, Js, Alpha };
 
 enum class IpoNorm : int32_t { PerToken, Summed };
 enum class RefMode : int32_t { WithReference, ReferenceFree };
@@ -75,7 +107,11 @@ struct PairLossParams {
   LossType type[kMaxLossTerms] = {};    // loss of term i
   double weight[kMaxLossTerms] = {};    // its weight in the sum
   double beta = 0.1;
-  double label_smoothing = 0.0;         // eps of Robust and Cdpo
+  double label_smoothing = 0.0;         // eps of Robust, Cdpo, ExoPair and Simpo
+  double discopop_tau = 0.05;           // tau of Discopop (TRL's discopop_tau default)
+  double simpo_gamma = 0.5;             // target margin gamma of Simpo (TRL CPOConfig's simpo_gamma default)
+  FDivergence f_div = FDivergence::ReverseKl;
+  double f_alpha = 0.5;                 // alpha of FDivergence::Alpha (TRL's f_alpha_divergence_coef default)
   IpoNorm ipo_norm = IpoNorm::PerToken;
   RefMode ref = RefMode::WithReference;
   PairRows rows = PairRows::Blocked;  // the order of the per-sequence arrays (not a loss setting)
@@ -86,7 +122,7 @@ struct PairLossParams {
 struct PairLossInput {
   double policy_chosen = 0, policy_rejected = 0;  // summed completion log-probs under the policy (kSeqLogp)
   double ref_chosen = 0, ref_rejected = 0;        // the same under the reference; ignored with ReferenceFree
-  double len_chosen = 1, len_rejected = 1;        // used by Sft and PerToken Ipo only
+  double len_chosen = 1, len_rejected = 1;        // used by Sft, PerToken Ipo, SigmoidNorm and Simpo only
   double offset = 0;                              // ODPO offset (Sigmoid term only)
   // Metrics only (never enter the loss): kSeqLogitSum of each row, for TRL's logits/* (kSumLogitChosen below).
   double logit_sum_chosen = 0, logit_sum_rejected = 0;
@@ -110,7 +146,43 @@ DPO_HD inline double sigmoid(double x) {
   return e / (1.0 + e);
 }
 
+// The f-divergence score S(x) of a log-ratio x and its derivative dS/dx (formulas at the top of this file).
+struct Score {
+  double value, deriv;
+};
+DPO_HD inline Score f_score(FDivergence f, double alpha, double x) {
+  switch (f) {
+    case FDivergence::ReverseKl:
+      break;
+    case FDivergence::ForwardKl:
+      return {-::expm1(-x), ::exp(-x)};
+    case FDivergence::Js:
+      return {0.69314718055994530942 - softplus(-x), sigmoid(-x)};  // log 2 + log s(x)
+    case FDivergence::Alpha: {
+      const double am1 = alpha - 1.0;
+      if (::fabs(am1) < 1e-6) break;  // TRL's limit case: reverse KL
+      const double t = am1 * x;
+      constexpr double kClamp = 80.0;  // TRL clamps (a-1) x at 80 before exp (float32 / bf16 range)
+      if (t > kClamp) return {::expm1(kClamp) / am1, 0.0};
+      return {::expm1(t) / am1, ::exp(t)};
+    }
+  }
+  return {x, 1.0};
+}
+
 }  // namespace pair_math
+
+// The f-divergence losses: the types whose TRL form compares the scores Sc, Sr (the rest take the plain log-ratios
+// and are refused with a non-default f_div, as TRL does; Sft takes neither but TRL allows it).
+DPO_HD inline bool uses_f_divergence(LossType t) {
+  switch (t) {
+    case LossType::Sigmoid: case LossType::Cdpo: case LossType::Robust: case LossType::Ipo: case LossType::Hinge:
+    case LossType::Sft: case LossType::ExoPair: case LossType::SigmoidNorm: case LossType::Discopop:
+      return true;
+    default:
+      return false;
+  }
+}
 
 // ODPO's offset Delta_r = alpha * log(score_chosen - score_rejected) (Amini et al. 2024), 0 when alpha <= 0. A
 // constant of the data (not of the model), computed once per pair when a batch is built.
@@ -123,9 +195,11 @@ DPO_HD inline PairLossOutput pair_loss_eval(const PairLossParams& p, const PairL
   const bool ref_free = p.ref == RefMode::ReferenceFree;
   const double ref_c = ref_free ? 0.0 : in.ref_chosen;
   const double ref_r = ref_free ? 0.0 : in.ref_rejected;
-  const double c = in.policy_chosen - ref_c;
+  const double c = in.policy_chosen - ref_c;  // dc / dpolicy_chosen = 1, likewise r
   const double r = in.policy_rejected - ref_r;
-  const double delta = c - r;  // dDelta/dpolicy_chosen = 1, dDelta/dpolicy_rejected = -1
+  const pair_math::Score sc = pair_math::f_score(p.f_div, p.f_alpha, c);
+  const pair_math::Score sr = pair_math::f_score(p.f_div, p.f_alpha, r);
+  const double delta = sc.value - sr.value;  // dDelta/dSc = 1, dDelta/dSr = -1
   const double beta = p.beta;
   const double eps = p.label_smoothing;
 
@@ -135,22 +209,24 @@ DPO_HD inline PairLossOutput pair_loss_eval(const PairLossParams& p, const PairL
 
   const int n = p.n_terms < kMaxLossTerms ? p.n_terms : kMaxLossTerms;
   for (int i = 0; i < n; ++i) {
-    double value = 0, d_c = 0, d_r = 0;  // term loss and its derivatives w.r.t. policy_chosen / policy_rejected
+    // Term loss and its derivatives: g_sc / g_sr w.r.t. the scores Sc / Sr (the f-divergence terms), g_c / g_r
+    // w.r.t. the log-ratios c / r, equal to those w.r.t. policy_chosen / policy_rejected (the others).
+    double value = 0, g_sc = 0, g_sr = 0, g_c = 0, g_r = 0;
     switch (p.type[i]) {
       case LossType::Sigmoid: {
         const double z = beta * delta - in.offset;
-        value = pair_math::softplus(-z);          // -log s(z)
-        const double dz = -pair_math::sigmoid(-z);  // d/dz
-        d_c = dz * beta;
-        d_r = -dz * beta;
+        value = pair_math::softplus(-z);              // -log s(z)
+        const double dz = -pair_math::sigmoid(-z);    // d/dz
+        g_sc = dz * beta;
+        g_sr = -dz * beta;
         break;
       }
       case LossType::Cdpo: {
         const double z = beta * delta;
         value = (1 - eps) * pair_math::softplus(-z) + eps * pair_math::softplus(z);
         const double dz = -(1 - eps) * pair_math::sigmoid(-z) + eps * pair_math::sigmoid(z);
-        d_c = dz * beta;
-        d_r = -dz * beta;
+        g_sc = dz * beta;
+        g_sr = -dz * beta;
         break;
       }
       case LossType::Robust: {
@@ -158,39 +234,125 @@ DPO_HD inline PairLossOutput pair_loss_eval(const PairLossParams& p, const PairL
         const double k = 1.0 / (1 - 2 * eps);
         value = ((1 - eps) * pair_math::softplus(-z) - eps * pair_math::softplus(z)) * k;
         const double dz = (-(1 - eps) * pair_math::sigmoid(-z) - eps * pair_math::sigmoid(z)) * k;
-        d_c = dz * beta;
-        d_r = -dz * beta;
+        g_sc = dz * beta;
+        g_sr = -dz * beta;
         break;
       }
       case LossType::Ipo: {
-        double dc_dp = 1, dr_dp = 1;  // derivative of c' (r') w.r.t. the policy log-prob
+        double dc_ds = 1, dr_ds = 1;  // derivative of Sc' (Sr') w.r.t. Sc (Sr)
         if (p.ipo_norm == IpoNorm::PerToken) {
-          dc_dp = 1.0 / in.len_chosen;
-          dr_dp = 1.0 / in.len_rejected;
+          dc_ds = 1.0 / in.len_chosen;
+          dr_ds = 1.0 / in.len_rejected;
         }
-        const double d = c * dc_dp - r * dr_dp - 1.0 / (2 * beta);
+        const double d = sc.value * dc_ds - sr.value * dr_ds - 1.0 / (2 * beta);
         value = d * d;
-        d_c = 2 * d * dc_dp;
-        d_r = -2 * d * dr_dp;
+        g_sc = 2 * d * dc_ds;
+        g_sr = -2 * d * dr_ds;
         break;
       }
       case LossType::Hinge: {
         const double z = beta * delta;
         const double h = 1 - z;
-        value = 0.0 < h ? h : 0.0;  // std::max(0.0, 1 - z)
+        value = 0.0 < h ? h : 0.0;             // std::max(0.0, 1 - z)
         const double dz = z < 1 ? -1.0 : 0.0;  // subgradient 0 at the kink z == 1
-        d_c = dz * beta;
-        d_r = -dz * beta;
+        g_sc = dz * beta;
+        g_sr = -dz * beta;
         break;
       }
       case LossType::Sft: {
         const double inv = 1.0 / in.len_chosen;
         value = -in.policy_chosen * inv;
-        d_c = -inv;
-        d_r = 0;
+        g_c = -inv;
+        break;
+      }
+      case LossType::ExoPair: {
+        // d/dz = s(z) s(-z) (z - log((1-eps)/eps)), from d log s(z)/dz = s(-z) and log s(z) - log s(-z) = z.
+        const double z = beta * delta;
+        const double qw = pair_math::sigmoid(z), ql = pair_math::sigmoid(-z);
+        const double log_pw = ::log1p(-eps), log_pl = ::log(eps);
+        value = qw * (-pair_math::softplus(-z) - log_pw) + ql * (-pair_math::softplus(z) - log_pl);
+        const double dz = qw * ql * (z - log_pw + log_pl);
+        g_sc = dz * beta;
+        g_sr = -dz * beta;
+        break;
+      }
+      case LossType::SigmoidNorm: {
+        const double ic = 1.0 / in.len_chosen, ir = 1.0 / in.len_rejected;
+        const double z = beta * (sc.value * ic - sr.value * ir);
+        value = pair_math::softplus(-z);
+        const double dz = -pair_math::sigmoid(-z);
+        g_sc = dz * beta * ic;
+        g_sr = -dz * beta * ir;
+        break;
+      }
+      case LossType::Discopop: {
+        // m = s(z / tau), 1 - m = s(-z / tau), dm/dz = m (1 - m) / tau; e = exp(-z) m = exp(-z - softplus(-z/tau)).
+        const double z = beta * delta;
+        const double tau = p.discopop_tau;
+        const double m = pair_math::sigmoid(z / tau), m1 = pair_math::sigmoid(-z / tau);
+        const double logistic = pair_math::softplus(-z);
+        const double e = ::exp(-z - pair_math::softplus(-z / tau));
+        value = logistic * m1 + e;
+        const double dz = -pair_math::sigmoid(-z) * m1 - logistic * m * m1 / tau + e * (m1 / tau - 1.0);
+        g_sc = dz * beta;
+        g_sr = -dz * beta;
+        break;
+      }
+      case LossType::NcaPair: {
+        const double zc = beta * c, zr = beta * r;
+        value = pair_math::softplus(-zc) + 0.5 * pair_math::softplus(zc) + 0.5 * pair_math::softplus(zr);
+        g_c = beta * (-pair_math::sigmoid(-zc) + 0.5 * pair_math::sigmoid(zc));
+        g_r = beta * 0.5 * pair_math::sigmoid(zr);
+        break;
+      }
+      case LossType::BcoPair: {
+        const double zc = beta * c, zr = beta * r;
+        value = pair_math::softplus(-zc) + pair_math::softplus(zr);
+        g_c = -beta * pair_math::sigmoid(-zc);
+        g_r = beta * pair_math::sigmoid(zr);
+        break;
+      }
+      case LossType::SppoHard: {
+        const double h = 0.5 / beta;
+        const double dw = c - h, dl = r + h;
+        value = dw * dw + dl * dl;
+        g_c = 2 * dw;
+        g_r = 2 * dl;
+        break;
+      }
+      case LossType::ApoZero: {
+        // 1 - s(x) is written s(-x): the same value without the cancellation near s(x) = 1.
+        const double zc = beta * c, zr = beta * r;
+        const double pc = pair_math::sigmoid(zc), qc = pair_math::sigmoid(-zc);
+        const double pr = pair_math::sigmoid(zr), qr = pair_math::sigmoid(-zr);
+        value = qc + pr;
+        g_c = -beta * pc * qc;
+        g_r = beta * pr * qr;
+        break;
+      }
+      case LossType::ApoDown: {
+        const double zc = beta * c, w = beta * (c - r);
+        const double pc = pair_math::sigmoid(zc), qc = pair_math::sigmoid(-zc);
+        const double pw = pair_math::sigmoid(w), qw = pair_math::sigmoid(-w);
+        value = pc + qw;
+        g_c = beta * (pc * qc - pw * qw);
+        g_r = beta * pw * qw;
+        break;
+      }
+      case LossType::Simpo: {
+        const double ic = 1.0 / in.len_chosen, ir = 1.0 / in.len_rejected;
+        const double u = beta * (in.policy_chosen * ic - in.policy_rejected * ir) - p.simpo_gamma;
+        value = (1 - eps) * pair_math::softplus(-u) + eps * pair_math::softplus(u);
+        const double du = -(1 - eps) * pair_math::sigmoid(-u) + eps * pair_math::sigmoid(u);
+        g_c = du * beta * ic;
+        g_r = -du * beta * ir;
         break;
       }
     }
+    // Only the f-divergence terms set g_sc / g_sr. A zero one adds nothing, even where dS/dx overflowed (ForwardKl
+    // at a log-ratio below about -709: Sft, or Hinge past its kink, must not turn 0 * inf into NaN).
+    const double d_c = g_c + (g_sc != 0.0 ? g_sc * sc.deriv : 0.0);
+    const double d_r = g_r + (g_sr != 0.0 ? g_sr * sr.deriv : 0.0);
     out.term[i] = value;
     out.loss += p.weight[i] * value;
     out.d_chosen += p.weight[i] * d_c;

@@ -380,7 +380,7 @@ inline int64_t check_preference_loss_args(const Backend::PairLossOutputs& out, c
                  std::to_string(p.n_terms));
   for (int i = 0; i < p.n_terms; ++i) {
     const auto t = static_cast<int32_t>(p.type[i]);
-    DPO_ASSERT(t >= 0 && t <= static_cast<int32_t>(LossType::Sft),
+    DPO_ASSERT(t >= 0 && t < kNumLossTypes,
                "preference_loss: term " + std::to_string(i) + " has no loss type (" + std::to_string(t) + ")");
   }
   DPO_ASSERT(std::isfinite(normalizer) && normalizer > 0,

@@ -1,9 +1,10 @@
 // The CUDA preference loss (kernels/pair_loss.cuh, through CudaBackend::preference_loss) against the host
 // function it shares with the CPU (pair_loss_eval of kernels/pair_loss.h, evaluated here on the host over the same
-// fp32 inputs), for every loss type, ODPO offsets, reference-free, weighted sums of several terms, and pair counts
-// 0, 1, 7 and 1031 (not multiples of the kernel's 256 threads; 1031 > 4 x 256, so every thread handles several
-// pairs). Outputs are poisoned with NaN before each call; the unused logit-sum column of the inputs is NaN (it must
-// not be read); repeated calls must be bitwise equal; hand closed forms (TRL's values at known points) and extreme
+// fp32 inputs), for every loss type (TRL's exo_pair ... sigmoid_norm and simpo included) and f-divergence, ODPO
+// offsets, reference-free, weighted sums of several terms (all fifteen types at once), and pair counts 0, 1, 7 and
+// 1031 (not multiples of the kernel's 128 threads; 1031 > 8 x 128, so every thread handles several pairs).
+// Outputs are poisoned with NaN before each call; the unused logit-sum column of the inputs is NaN (it must not be
+// read); repeated calls must be bitwise equal; hand closed forms (TRL's values at known points) and extreme
 // margins (|beta * Delta| = 1e4) check the device arithmetic directly. The per-sequence tensors are F32 whatever
 // the activation dtype (grad_dtype(BF16) = F32), so the bf16 model path feeds this kernel the same F32 inputs.
 // Without a GPU every test skips with the reason.
@@ -171,6 +172,13 @@ void compare(const DeviceResult& d, const HostResult& h, int64_t P, bool with_pa
   }
 }
 
+// p with one more setting changed by `f`.
+template <class F>
+PairLossParams with(PairLossParams p, F f) {
+  f(p);
+  return p;
+}
+
 struct Case {
   std::string name;
   PairLossParams p;
@@ -191,9 +199,43 @@ std::vector<Case> every_loss() {
       {"reference_free", params_for({{LossType::Cdpo, 1.0}, {LossType::Ipo, 0.2}}, 0.2, 0.1, IpoNorm::PerToken,
                                     RefMode::ReferenceFree),
        false},
+      {"exo_pair", params_for({{LossType::ExoPair, 1.0}}, 0.1, 1e-3), false},
+      {"nca_pair", params_for({{LossType::NcaPair, 1.0}}, 0.2), false},
+      {"bco_pair", params_for({{LossType::BcoPair, 1.0}}, 0.2), false},
+      {"sppo_hard", params_for({{LossType::SppoHard, 1.0}}, 0.5), false},
+      {"apo_zero", params_for({{LossType::ApoZero, 1.0}}, 0.1), false},
+      {"apo_down", params_for({{LossType::ApoDown, 1.0}}, 0.1), false},
+      {"discopop", with(params_for({{LossType::Discopop, 1.0}}, 0.05), [](PairLossParams& p) { p.discopop_tau = 0.3; }),
+       false},
+      {"sigmoid_norm", params_for({{LossType::SigmoidNorm, 1.0}}, 0.5), false},
+      {"simpo", with(params_for({{LossType::Simpo, 1.0}}, 2.0, 0.1, IpoNorm::PerToken, RefMode::ReferenceFree),
+                     [](PairLossParams& p) { p.simpo_gamma = 1.2; }),
+       false},
+      {"forward_kl", with(params_for({{LossType::Sigmoid, 1.0}, {LossType::Ipo, 0.2}}, 0.1),
+                          [](PairLossParams& p) { p.f_div = FDivergence::ForwardKl; }),
+       true},
+      {"js_divergence",
+       with(params_for({{LossType::SigmoidNorm, 1.0}, {LossType::Discopop, 0.5}, {LossType::ExoPair, 0.3}}, 0.2, 0.05),
+            [](PairLossParams& p) { p.f_div = FDivergence::Js; }),
+       false},
+      {"alpha_divergence",
+       with(params_for({{LossType::Robust, 1.0}, {LossType::Hinge, 0.5}, {LossType::Sft, 0.2}}, 0.1, 0.1),
+            [](PairLossParams& p) {
+              p.f_div = FDivergence::Alpha;
+              p.f_alpha = 0.6;
+            }),
+       false},
       {"all_six_weighted",
        params_for({{LossType::Sigmoid, 1.0}, {LossType::Ipo, 0.25}, {LossType::Hinge, 0.5}, {LossType::Robust, 0.3},
                    {LossType::Cdpo, 2.0}, {LossType::Sft, 0.7}},
+                  0.2, 0.15),
+       true},
+      {"all_fifteen_weighted",
+       params_for({{LossType::Sigmoid, 1.0}, {LossType::Ipo, 0.05}, {LossType::Hinge, 0.5}, {LossType::Robust, 0.3},
+                   {LossType::Cdpo, 2.0}, {LossType::Sft, 0.7}, {LossType::ExoPair, 0.4}, {LossType::NcaPair, 0.6},
+                   {LossType::BcoPair, 0.2}, {LossType::SppoHard, 0.01}, {LossType::ApoZero, 1.5},
+                   {LossType::ApoDown, 0.8}, {LossType::Discopop, 0.9}, {LossType::SigmoidNorm, 1.1},
+                   {LossType::Simpo, 0.35}},
                   0.2, 0.15),
        true},
   };
@@ -336,6 +378,22 @@ TEST_F(CudaPairLoss, ClosedFormsAndExtremeMargins) {
       for (double v : d.dseq) EXPECT_TRUE(std::isfinite(v));
       const double want = t == LossType::Cdpo ? 0.8 * 1e4 : 0.8 * 1e4 / 0.6;  // stored as float: 2^-24 relative
       EXPECT_NEAR(d.pair_loss[2], want, std::ldexp(want, -23)) << static_cast<int>(t);
+    }
+  }
+  {
+    // TRL's per-pair losses at log-ratios 0 (pair 0; s(0) = 1/2), and finite at |beta * Delta| = 1e4 (pairs 1, 2).
+    // Pair 0's values are float-rounded doubles: 2^-24 relative.
+    const double ln2 = std::log(2.0), eps = 0.1;
+    const std::pair<LossType, double> at_zero[] = {
+        {LossType::ExoPair, -ln2 - 0.5 * std::log(eps * (1 - eps))}, {LossType::NcaPair, 2 * ln2},
+        {LossType::BcoPair, 2 * ln2}, {LossType::SppoHard, 0.5}, {LossType::ApoZero, 1.0}, {LossType::ApoDown, 1.0},
+        {LossType::Discopop, 0.5 * (ln2 + 1)}, {LossType::SigmoidNorm, ln2}};
+    for (const auto& [t, want] : at_zero) {
+      const DeviceResult d = run_device(be(), in, params_for({{t, 1.0}}, 1.0, t == LossType::ExoPair ? eps : 0.0),
+                                        1.0, true, false);
+      EXPECT_NEAR(d.pair_loss[0], want, std::ldexp(want, -23)) << static_cast<int>(t);
+      for (double v : d.pair_loss) EXPECT_TRUE(std::isfinite(v)) << static_cast<int>(t);
+      for (double v : d.dseq) EXPECT_TRUE(std::isfinite(v)) << static_cast<int>(t);
     }
   }
 }

@@ -75,6 +75,9 @@ Expected expected(LossType t, const LossConfig& cfg, const PairInput& in) {
     }
     case LossType::Sft:
       return {-(LD)in.policy_chosen / (LD)in.len_chosen, -1.0L / (LD)in.len_chosen, 0};
+    default:  // the other types: tests/test_more_losses.cpp
+      ADD_FAILURE() << "expected(): type " << static_cast<int>(t) << " is tested in test_more_losses";
+      break;
   }
   return {0, 0, 0};
 }
@@ -860,6 +863,9 @@ TrlResult trl_formula(const PairLossParams& p, const TrlPair& x) {
         v = -x.pc / x.lc;
         dc = -1 / x.lc;
         break;
+      default:  // the other types: tests/test_more_losses.cpp (against TRL's own numbers)
+        ADD_FAILURE() << "trl_formula: type " << static_cast<int>(p.type[i]) << " is tested in test_more_losses";
+        break;
     }
     if (p.type[i] != LossType::Ipo && p.type[i] != LossType::Sft) dc = dl, dr = -dl;
     r.term[i] = v;
@@ -1009,13 +1015,8 @@ TEST(PreferenceLossCpu, OdpoOffsetsAndWeightedSumsMatchTrlFormulas) {
 
 // One source: with F64 storage the backend's values are bitwise those of train/loss.cpp's batch_loss (the same
 // per-pair function, the sums in the same pair order).
-TEST(PreferenceLossCpu, BitwiseEqualToHostBatchLossInDouble) {
-  std::mt19937_64 g(test::test_seed());
-  LossConfig cfg;
-  cfg.beta = 0.2;
-  cfg.label_smoothing = 0.1;
-  cfg.odpo_alpha = 0.5;
-  cfg.terms = {{LossType::Sigmoid, 1.0}, {LossType::Ipo, 0.25}, {LossType::Cdpo, 0.5}, {LossType::Sft, 0.3}};
+void check_bitwise_equal_to_host(const LossConfig& cfg, uint64_t seed) {
+  std::mt19937_64 g(seed);
   const int64_t P = 37;
   const HostBatch b = random_batch(g, P, DType::F64);
   std::vector<PairInput> in(static_cast<size_t>(P));
@@ -1050,6 +1051,28 @@ TEST(PreferenceLossCpu, BitwiseEqualToHostBatchLossInDouble) {
     EXPECT_EQ(r.dseq.data<double>()[P + q], host.d_policy_rejected[static_cast<size_t>(q)]) << q;
     EXPECT_EQ(r.pair_loss.data<double>()[q], pair_loss(cfg, in[static_cast<size_t>(q)]).loss) << q;
   }
+}
+
+TEST(PreferenceLossCpu, BitwiseEqualToHostBatchLossInDouble) {
+  uint64_t seed = test::test_seed();
+  LossConfig cfg;
+  cfg.beta = 0.2;
+  cfg.label_smoothing = 0.1;
+  cfg.odpo_alpha = 0.5;
+  cfg.terms = {{LossType::Sigmoid, 1.0}, {LossType::Ipo, 0.25}, {LossType::Cdpo, 0.5}, {LossType::Sft, 0.3}};
+  check_bitwise_equal_to_host(cfg, ++seed);
+  // Every loss type at once (the widest sums row), and an f-divergence with the losses TRL allows it for.
+  LossConfig all = cfg;
+  all.terms.clear();
+  for (int t = 0; t < kNumLossTypes; ++t) all.terms.push_back({static_cast<LossType>(t), 0.1 + 0.05 * t});
+  all.discopop_tau = 0.3;
+  all.simpo_gamma = 0.8;
+  check_bitwise_equal_to_host(all, ++seed);
+  LossConfig js = cfg;
+  js.terms = {{LossType::Sigmoid, 1.0}, {LossType::ExoPair, 0.5}, {LossType::SigmoidNorm, 0.7},
+              {LossType::Discopop, 0.2}, {LossType::Ipo, 0.1}, {LossType::Sft, 0.3}};
+  js.f_divergence = FDivergence::Js;
+  check_bitwise_equal_to_host(js, ++seed);
 }
 
 // Pair ranges: ranges [0, a), [a, b), [b, P) with `accumulate` on the later two give bitwise the whole batch's

@@ -498,7 +498,7 @@ int main(int argc, char** argv) {
   init->add_option("--seed", seed, "RNG seed")->capture_default_str();
 
   TrainArgs train_args, sft_args;
-  auto* train = app.add_subcommand("train", "DPO-family training (sigmoid, ipo, hinge, robust, cdpo, + sft term)");
+  auto* train = app.add_subcommand("train", "DPO-family training (TRL's per-pair loss types; --help-config lists them)");
   add_train_args(train, train_args, true);
   auto* sftc = app.add_subcommand("sft", "Supervised fine-tuning on {prompt, completion} JSONL");
   add_train_args(sftc, sft_args, true);

@@ -195,7 +195,9 @@ const std::vector<Key>& keys() {
                                   "prompt is kept, keep_end or keep_start; unset: keep_start (trl1), keep_end "
                                   "(legacy)"),
       BOOL_KEY(skip_malformed, "skip and count malformed records instead of stopping"),
-      Key{"loss_type", Kind::StringList, "one loss or a list: sigmoid, ipo, hinge, robust, cdpo, sft",
+      Key{"loss_type", Kind::StringList, "one loss or a list (TRL's names): sigmoid, ipo, hinge, robust, cdpo, sft, "
+                                         "exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, "
+                                         "sigmoid_norm, simpo (aot, aot_unpaired: not available, batch-dependent)",
           [](TrainConfig& c, const YAML::Node& n) { c.loss_type = as_list<std::string>(n, as_string); },
           [](const TrainConfig& c) { return YAML::Node(c.loss_type); }},
       Key{"loss_weights", Kind::DoubleList, "weights of the loss_type list; empty = 1 each",
@@ -206,12 +208,19 @@ const std::vector<Key>& keys() {
             return n;
           }},
       DOUBLE_KEY(beta, "KL strength beta, in (0, 1e6]; IPO's tau"),
-      DOUBLE_KEY(label_smoothing, "epsilon of robust / cdpo, in [0, 0.5)"),
+      DOUBLE_KEY(label_smoothing, "epsilon of robust / cdpo / exo_pair / simpo, in [0, 0.5); exo_pair needs > 0 "
+                                  "(its paper: 1e-3)"),
       BOOL_KEY(ipo_length_normalize, "IPO on per-token mean log-ratios, as TRL's ipo; false: the IPO paper's "
                                      "summed log-ratios"),
       DOUBLE_KEY(odpo_alpha, "ODPO offset alpha * log(score_chosen - score_rejected), in [0, 1e6]; 0 = off"),
       DOUBLE_KEY(rpo_alpha, "weight of an added SFT term (NLL of the chosen completion), in [0, 1e6]; 0 = off"),
       BOOL_KEY(reference_free, "drop the reference model terms"),
+      DOUBLE_KEY(discopop_tau, "DiscoPOP temperature tau of loss discopop, in (0, 1e6]"),
+      DOUBLE_KEY(simpo_gamma, "SimPO target reward margin gamma of loss simpo, in [-1e6, 1e6]"),
+      STRING_KEY(f_divergence_type, "f-DPO regulariser: reverse_kl (standard DPO), forward_kl, js_divergence or "
+                                    "alpha_divergence; not reverse_kl only with sigmoid, sigmoid_norm, hinge, ipo, "
+                                    "exo_pair, robust, cdpo, discopop, sft"),
+      DOUBLE_KEY(f_alpha_divergence_coef, "alpha of f_divergence_type alpha_divergence, in [-1e6, 1e6]"),
       BOOL_KEY(precompute_ref_log_probs, "compute reference log-probs once and cache them on disk"),
       STRING_KEY(ref_cache_dir, "reference log-prob cache; empty = $XDG_CACHE_HOME/dpo/ref or ~/.cache/dpo/ref"),
       DOUBLE_KEY(learning_rate, "peak learning rate, in (0, 1]"),
@@ -455,6 +464,13 @@ void validate(const TrainConfig& c, RunKind kind) {
       bad("loss_weights", "has " + std::to_string(c.loss_weights.size()) + " entries but loss_type has " +
                               std::to_string(c.loss_type.size()));
     for (double w : c.loss_weights) real("loss_weights", w, 0, false, 1e6);
+    real("discopop_tau", c.discopop_tau, 0, true, 1e6);
+    real("simpo_gamma", c.simpo_gamma, -1e6, false, 1e6);
+    real("f_alpha_divergence_coef", c.f_alpha_divergence_coef, -1e6, false, 1e6);
+    if (c.f_divergence_type != "reverse_kl" && c.f_divergence_type != "forward_kl" &&
+        c.f_divergence_type != "js_divergence" && c.f_divergence_type != "alpha_divergence")
+      bad("f_divergence_type", "unknown value '" + c.f_divergence_type +
+                                   "'; valid: reverse_kl, forward_kl, js_divergence, alpha_divergence");
   }
 }
 

@@ -54,6 +54,10 @@ struct TrainConfig {
   double odpo_alpha = 0.0;
   double rpo_alpha = 0.0;  // weight of an added SFT (NLL) term on the chosen completion; 0 = off
   bool reference_free = false;
+  double discopop_tau = 0.05;                 // TRL's discopop_tau
+  double simpo_gamma = 0.5;                   // TRL CPOConfig's simpo_gamma
+  std::string f_divergence_type = "reverse_kl";  // TRL's f_divergence_type
+  double f_alpha_divergence_coef = 0.5;       // TRL's f_alpha_divergence_coef
   // reference log-probs
   bool precompute_ref_log_probs = true;
   std::string ref_cache_dir;  // empty = $XDG_CACHE_HOME/dpo/ref or ~/.cache/dpo/ref

@@ -16,11 +16,26 @@ struct NamedType {
 };
 // Canonical names first, in enum order (loss_type_name reads the first match); aliases after.
 constexpr NamedType kNames[] = {
-    {"sigmoid", LossType::Sigmoid}, {"ipo", LossType::Ipo},   {"hinge", LossType::Hinge},
-    {"robust", LossType::Robust},   {"cdpo", LossType::Cdpo}, {"sft", LossType::Sft},
-    {"dpo", LossType::Sigmoid},
+    {"sigmoid", LossType::Sigmoid},        {"ipo", LossType::Ipo},
+    {"hinge", LossType::Hinge},            {"robust", LossType::Robust},
+    {"cdpo", LossType::Cdpo},              {"sft", LossType::Sft},
+    {"exo_pair", LossType::ExoPair},       {"nca_pair", LossType::NcaPair},
+    {"bco_pair", LossType::BcoPair},       {"sppo_hard", LossType::SppoHard},
+    {"apo_zero", LossType::ApoZero},       {"apo_down", LossType::ApoDown},
+    {"discopop", LossType::Discopop},      {"sigmoid_norm", LossType::SigmoidNorm},
+    {"simpo", LossType::Simpo},            {"dpo", LossType::Sigmoid},
 };
-constexpr int kNumCanonical = 6;
+constexpr int kNumCanonical = kNumLossTypes;
+static_assert(sizeof(kNames) / sizeof(kNames[0]) == kNumCanonical + 1, "one canonical name per LossType");
+
+struct NamedFDiv {
+  const char* name;
+  FDivergence f;
+};
+constexpr NamedFDiv kFDivNames[] = {{"reverse_kl", FDivergence::ReverseKl},
+                                    {"forward_kl", FDivergence::ForwardKl},
+                                    {"js_divergence", FDivergence::Js},
+                                    {"alpha_divergence", FDivergence::Alpha}};
 
 std::string fmt(double v) {
   std::ostringstream os;
@@ -35,6 +50,20 @@ std::string fmt(double v) {
 
 bool has_term(const LossConfig& cfg, LossType t) {
   return std::any_of(cfg.terms.begin(), cfg.terms.end(), [t](const LossTerm& x) { return x.type == t; });
+}
+
+// Whether a term divides by the chosen / rejected completion length (the preconditions of kernels/pair_loss.h).
+bool uses_len_chosen(const LossConfig& cfg) {
+  return std::any_of(cfg.terms.begin(), cfg.terms.end(), [&cfg](const LossTerm& x) {
+    return x.type == LossType::Sft || x.type == LossType::SigmoidNorm || x.type == LossType::Simpo ||
+           (x.type == LossType::Ipo && cfg.ipo_length_normalize);
+  });
+}
+bool uses_len_rejected(const LossConfig& cfg) {
+  return std::any_of(cfg.terms.begin(), cfg.terms.end(), [&cfg](const LossTerm& x) {
+    return x.type == LossType::SigmoidNorm || x.type == LossType::Simpo ||
+           (x.type == LossType::Ipo && cfg.ipo_length_normalize);
+  });
 }
 
 // Evaluates the pair with the shared per-pair function (kernels/pair_loss.h) without validating cfg. term_losses,
@@ -65,6 +94,10 @@ PairLossParams params_of(const LossConfig& cfg) {
   p.label_smoothing = cfg.label_smoothing;
   p.ipo_norm = cfg.ipo_length_normalize ? IpoNorm::PerToken : IpoNorm::Summed;
   p.ref = cfg.reference_free ? RefMode::ReferenceFree : RefMode::WithReference;
+  p.discopop_tau = cfg.discopop_tau;
+  p.simpo_gamma = cfg.simpo_gamma;
+  p.f_div = cfg.f_divergence;
+  p.f_alpha = cfg.f_alpha_divergence_coef;
   return p;
 }
 
@@ -79,6 +112,10 @@ double sigmoid(double x) { return pair_math::sigmoid(x); }
 LossType parse_loss_type(const std::string& name) {
   for (const auto& n : kNames)
     if (name == n.name) return n.type;
+  if (name == "aot" || name == "aot_unpaired")
+    throw InputError("loss_type: '" + name + "' is not available: TRL's " + name + " sorts the log-ratios of the "
+                     "whole micro-batch, so a pair's loss depends on the other pairs in its micro-batch and on how "
+                     "the batch is split over ranks and chunks; it is tracked by issue #18");
   std::string valid;
   for (int i = 0; i < kNumCanonical; ++i) valid += std::string(i ? ", " : "") + kNames[i].name;
   throw InputError("loss_type: unknown value '" + name + "'; valid: " + valid);
@@ -87,6 +124,20 @@ LossType parse_loss_type(const std::string& name) {
 const char* loss_type_name(LossType type) {
   for (int i = 0; i < kNumCanonical; ++i)
     if (kNames[i].type == type) return kNames[i].name;
+  return "?";
+}
+
+FDivergence parse_f_divergence(const std::string& name) {
+  for (const auto& n : kFDivNames)
+    if (name == n.name) return n.f;
+  std::string valid;
+  for (const auto& n : kFDivNames) valid += std::string(valid.empty() ? "" : ", ") + n.name;
+  throw InputError("f_divergence_type: unknown value '" + name + "'; valid: " + valid);
+}
+
+const char* f_divergence_name(FDivergence f) {
+  for (const auto& n : kFDivNames)
+    if (n.f == f) return n.name;
   return "?";
 }
 
@@ -117,10 +168,34 @@ void LossConfig::validate(const std::string& where) const {
     if (w > 0) any_positive = true;
   }
   if (!any_positive) input_error(where, "loss_weights", "are all 0; at least one must be > 0");
-  if (label_smoothing > 0 && !has_term(*this, LossType::Robust) && !has_term(*this, LossType::Cdpo))
+  if (label_smoothing > 0 && !has_term(*this, LossType::Robust) && !has_term(*this, LossType::Cdpo) &&
+      !has_term(*this, LossType::ExoPair) && !has_term(*this, LossType::Simpo))
     input_error(where, "label_smoothing",
-                "is " + fmt(label_smoothing) + " but only the robust and cdpo losses use it (TRL's smoothed "
-                "'sigmoid' is 'cdpo' here)");
+                "is " + fmt(label_smoothing) + " but only the robust, cdpo, exo_pair and simpo losses use it (a "
+                "smoothed 'sigmoid' is 'cdpo' here)");
+  if (label_smoothing == 0 && has_term(*this, LossType::ExoPair))
+    input_error(where, "label_smoothing",
+                "must be > 0 with the exo_pair loss (its target distribution is (1 - eps, eps) and it takes log "
+                "eps; TRL refuses 0 too; the EXO paper recommends 1e-3)");
+  if (!std::isfinite(discopop_tau) || !(discopop_tau > 0))
+    input_error(where, "discopop_tau", "must be finite and > 0, got " + fmt(discopop_tau));
+  if (!std::isfinite(simpo_gamma)) input_error(where, "simpo_gamma", "must be finite, got " + fmt(simpo_gamma));
+  if (!std::isfinite(f_alpha_divergence_coef))
+    input_error(where, "f_alpha_divergence_coef", "must be finite, got " + fmt(f_alpha_divergence_coef));
+  if (f_divergence != FDivergence::ReverseKl)
+    for (const LossTerm& t : terms)
+      if (!uses_f_divergence(t.type))
+        input_error(where, "f_divergence_type",
+                    std::string("is ") + f_divergence_name(f_divergence) + " but the loss '" + loss_type_name(t.type) +
+                        "' has no f-divergence form (TRL allows a non-default f_divergence_type only with sigmoid, "
+                        "sigmoid_norm, hinge, ipo, exo_pair, robust, discopop, sft; cdpo here too)");
+  const bool only_ref_free_losses = std::all_of(terms.begin(), terms.end(), [](const LossTerm& t) {
+    return t.type == LossType::Simpo || t.type == LossType::Sft;
+  });
+  if (has_term(*this, LossType::Simpo) && only_ref_free_losses && !reference_free)
+    input_error(where, "reference_free",
+                "must be true when the losses are simpo (and sft) only: SimPO uses no reference model, which would "
+                "be loaded and run for nothing but the reward metrics");
   if (!std::isfinite(odpo_alpha) || !(odpo_alpha >= 0))
     input_error(where, "odpo_alpha", "must be finite and >= 0, got " + fmt(odpo_alpha));
   if (odpo_alpha > 0 && !has_term(*this, LossType::Sigmoid))
@@ -156,9 +231,7 @@ PairLossInput pair_loss_input(const LossConfig& cfg, const PairInput& in) {
                    "; the data loaders refuse such records (DataOptions::require_score_gap)");
     x.offset = odpo_offset(cfg.odpo_alpha, in.score_chosen, in.score_rejected);
   }
-  const bool per_token_ipo = cfg.ipo_length_normalize && has_term(cfg, LossType::Ipo);
-  const bool uses_len_chosen = per_token_ipo || has_term(cfg, LossType::Sft);
-  DPO_ASSERT((!uses_len_chosen || in.len_chosen > 0) && (!per_token_ipo || in.len_rejected > 0),
+  DPO_ASSERT((!uses_len_chosen(cfg) || in.len_chosen > 0) && (!uses_len_rejected(cfg) || in.len_rejected > 0),
              "pair loss: completion lengths must be > 0 where the loss uses them, got len_chosen " +
                  std::to_string(in.len_chosen) + ", len_rejected " + std::to_string(in.len_rejected) +
                  "; the data loaders refuse empty completions and make_batch counts >= 1 completion token per row");

@@ -20,12 +20,26 @@
 //   hinge    max(0, 1 - z)                        subgradient 0 at z == 1 exactly (the right derivative), -beta below
 //   sft      -policy_chosen / len_chosen          mean per-token NLL of the chosen completion (RPO's extra term);
 //                                                 no reference, no beta; gradient only w.r.t. policy_chosen
+// and TRL 1.16's other per-pair losses under their TRL names (formulas in kernels/pair_loss.h, sources in
+// docs/training.md): exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop (discopop_tau),
+// sigmoid_norm, and simpo (CPOTrainer's, with simpo_gamma; reference-free). f_divergence_type (reverse_kl,
+// forward_kl, js_divergence, alpha_divergence with f_alpha_divergence_coef) maps each log-ratio to its f-DPO score
+// before the f-divergence losses compare them.
 //
 // Decisions:
 //  * ODPO's offset applies to the sigmoid term only (as TRL applies offsets to sigmoid-type losses); validate()
 //    rejects odpo_alpha > 0 without a sigmoid term rather than silently ignoring it.
-//  * label_smoothing is used by robust and cdpo only; validate() rejects label_smoothing > 0 without one of them
-//    (TRL folds smoothing into "sigmoid"; here that is "cdpo", and a silent no-op would surprise TRL users).
+//  * label_smoothing is used by robust, cdpo, exo_pair and simpo only; validate() rejects label_smoothing > 0
+//    without one of them (a silent no-op would surprise TRL users). exo_pair needs label_smoothing > 0, as TRL
+//    requires (log eps; the EXO paper recommends 1e-3).
+//  * TRL's aot and aot_unpaired sort the micro-batch's log-ratios, so a pair's loss depends on the other pairs of
+//    its micro-batch (and on how a batch is split across ranks): parse_loss_type refuses them with an InputError
+//    naming issue #18, which tracks them.
+//  * f_divergence_type other than reverse_kl is refused when a loss outside TRL's f-divergence set is listed (TRL's
+//    rule: nca_pair, bco_pair, sppo_hard, apo_zero, apo_down take the plain log-ratios); simpo is refused with
+//    it too (reference-free: there is no log-ratio to transform), and a loss list of only simpo (and sft) is
+//    refused without reference_free: true, since the reference would be computed for nothing but the reward
+//    metrics.
 //  * Per-pair data problems (ODPO without scores or with score_chosen <= score_rejected, a non-positive completion
 //    length where a length is used) are refused where the data is read, with an InputError naming file:line
 //    (train/data.h: DataOptions::require_score_gap, empty_completion; truncation keeps >= 1 completion token, so
@@ -51,10 +65,17 @@ namespace dpo {
 
 // LossType: kernels/pair_loss.h (the device code switches on it).
 
-// "sigmoid" (alias "dpo"), "ipo", "hinge", "robust", "cdpo", "sft". Exact, lower case.
-// Unknown -> InputError("loss_type: unknown value '<s>'; valid: sigmoid, ipo, hinge, robust, cdpo, sft").
+// "sigmoid" (alias "dpo"), "ipo", "hinge", "robust", "cdpo", "sft", "exo_pair", "nca_pair", "bco_pair",
+// "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "simpo". Exact, lower case.
+// Unknown -> InputError("loss_type: unknown value '<s>'; valid: sigmoid, ipo, ..."); "aot" / "aot_unpaired" ->
+// InputError saying why they are not available.
 LossType parse_loss_type(const std::string& name);
 const char* loss_type_name(LossType type);  // the canonical name parse_loss_type accepts
+
+// "reverse_kl", "forward_kl", "js_divergence", "alpha_divergence" (TRL's f_divergence_type values); unknown ->
+// InputError naming f_divergence_type and the valid values.
+FDivergence parse_f_divergence(const std::string& name);
+const char* f_divergence_name(FDivergence f);
 
 struct LossTerm {
   LossType type = LossType::Sigmoid;
@@ -74,20 +95,31 @@ struct LossConfig {
   bool ipo_length_normalize = true;
   double odpo_alpha = 0.0;            // ODPO offset scale (sigmoid term only); 0 = off
   bool reference_free = false;        // ref log-probs treated as 0
+  double discopop_tau = 0.05;         // DiscoPOP's temperature (TRL's default)
+  double simpo_gamma = 0.5;           // SimPO's target margin (TRL CPOConfig's default)
+  FDivergence f_divergence = FDivergence::ReverseKl;  // TRL's f_divergence_type
+  double f_alpha_divergence_coef = 0.5;               // alpha of alpha_divergence (TRL's default)
 
   // Throws InputError "<where>: <key> ..." (just "<key> ..." when where is empty) naming the key:
   //   beta            not finite or <= 0
-  //   label_smoothing not finite, < 0 or >= 0.5, or > 0 without a robust/cdpo term
+  //   label_smoothing not finite, < 0 or >= 0.5, or > 0 without a robust/cdpo/exo_pair/simpo term, or 0 with
+  //                   exo_pair
   //   loss_type       no terms, or the same type twice
   //   loss_weights    a weight not finite or < 0, or all weights 0
   //   odpo_alpha      not finite or < 0, or > 0 without a sigmoid term
+  //   discopop_tau    not finite or <= 0
+  //   simpo_gamma     not finite
+  //   f_alpha_divergence_coef  not finite
+  //   f_divergence_type        not reverse_kl with a loss outside the f-divergence set
+  //   reference_free  false with only simpo (and sft) listed
   void validate(const std::string& where = "") const;
 };
 
 struct PairInput {
   double policy_chosen = 0, policy_rejected = 0;  // summed completion log-probs
   double ref_chosen = 0, ref_rejected = 0;        // ignored when reference_free
-  int64_t len_chosen = 1, len_rejected = 1;       // completion token counts (used by sft and normalised IPO)
+  int64_t len_chosen = 1, len_rejected = 1;       // completion token counts (sft, normalised IPO, sigmoid_norm,
+                                                  // simpo)
   bool has_scores = false;                        // ODPO scores present
   double score_chosen = 0, score_rejected = 0;
 };
@@ -106,8 +138,8 @@ PairLossParams pair_loss_params(const LossConfig& cfg);
 // The shared function's input for a pair: the ODPO offset odpo_offset(cfg.odpo_alpha, scores) when odpo_alpha > 0
 // (0 otherwise), the lengths as doubles. Asserts the preconditions of kernels/pair_loss.h that depend on the pair
 // (dpo::Error, not InputError: the loaders refuse such data, so reaching here with it is a caller bug): with
-// odpo_alpha > 0, has_scores and score_chosen > score_rejected (finite); len_chosen > 0 with an sft term or
-// length-normalised ipo, len_rejected > 0 with length-normalised ipo.
+// odpo_alpha > 0, has_scores and score_chosen > score_rejected (finite); len_chosen > 0 with an sft, sigmoid_norm,
+// simpo or length-normalised ipo term, len_rejected > 0 with sigmoid_norm, simpo or length-normalised ipo.
 PairLossInput pair_loss_input(const LossConfig& cfg, const PairInput& in);
 
 struct BatchLoss {

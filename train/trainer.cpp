@@ -139,6 +139,10 @@ LossConfig loss_config(const TrainConfig& c) {
   l.ipo_length_normalize = c.ipo_length_normalize;
   l.odpo_alpha = c.odpo_alpha;
   l.reference_free = c.reference_free;
+  l.discopop_tau = c.discopop_tau;
+  l.simpo_gamma = c.simpo_gamma;
+  l.f_divergence = parse_f_divergence(c.f_divergence_type);
+  l.f_alpha_divergence_coef = c.f_alpha_divergence_coef;
   l.validate();
   return l;
 }
@@ -178,6 +182,10 @@ void check_resume_config(const std::string& saved_yaml, const TrainConfig& now, 
   // Checkpoints written before the truncation key existed all used the legacy rule (recorded in their
   // max_prompt_length and truncation_mode).
   if (!a["truncation"]) a["truncation"] = "legacy";
+  // Checkpoints written before the f-divergence, DiscoPOP and SimPO keys existed ran with their defaults.
+  const YAML::Node defaults = YAML::Load(to_yaml(TrainConfig{}));
+  for (const char* k : {"discopop_tau", "simpo_gamma", "f_divergence_type", "f_alpha_divergence_coef"})
+    if (!a[k]) a[k] = defaults[k];
   std::vector<std::string> diff;
   for (auto it = b.begin(); it != b.end(); ++it) {
     const std::string k = it->first.as<std::string>();
