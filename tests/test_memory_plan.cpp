@@ -17,7 +17,9 @@
 #include "model/memory_plan.h"
 #include "test_fixture.h"
 #include "test_util.h"
+#include "train/data.h"
 #include "train/loss.h"
+#include "train/reference.h"
 #include "train/optim.h"
 
 namespace dpo {
@@ -175,6 +177,52 @@ TEST(MemoryPlan, CheckpointingLowersActivationsByThePredictedFactor) {
   const int64_t block = BT * (16 * C * 4 + 4 * 4);
   EXPECT_EQ(off.blocks, 12 * block);
   EXPECT_EQ(on.blocks, block - BT * C * 4 + 12 * BT * C * 4);
+}
+
+// A prefix_shared batch (rows of several pairs, the LM head over whole rows): the plan with the batch's own rows
+// and row length and the layout's per-slot inputs (positions, spans), against the measured step, policy only.
+TEST(MemoryPlan, PredictsTheCpuPeakOfAPrefixSharedStep) {
+  std::mt19937_64 g(test::test_seed());
+  const GPT2Config cfg = shape_config({3, 32, 4, 53, 1, 64});
+  const std::vector<PreferencePair> data = test::random_pairs(g, 7, static_cast<int32_t>(cfg.vocab_size), 9, 7);
+  const std::vector<int64_t> idx = {0, 1, 2, 3, 4, 5, 6};
+  for (int64_t interval : {int64_t{0}, int64_t{1}}) {
+    SCOPED_TRACE("interval " + std::to_string(interval));
+    auto be = make_cpu_backend();
+    const int64_t live0 = host_memory_stats().live;
+    reset_host_peak_bytes();
+    int64_t R = 0, T = 0;
+    {
+      GPT2 m(*be, cfg, DType::F32);
+      Rng rng(9);
+      m.init_random(rng);
+      m.set_gradient_checkpointing(interval);
+      m.set_head_rows(HeadRows::All);
+      m.set_logits_chunk_rows(40);
+      AdamW opt(*be, m.specs(), m.params().numel(), DType::F32, OptimConfig{}, 10);
+      const Batch b = make_layout_batch(data, idx, BatchLayout::PrefixShared, 40, DType::F32, 0);
+      R = b.tokens.size(0);
+      T = b.T;
+      Tensor ref_logp = Tensor::host({2 * b.pairs}, DType::F32);
+      GPT2::PairLossHead head;
+      head.ref_logp = ref_logp;
+      head.params = pair_loss_params(LossConfig{});
+      head.sums = Tensor::host({kPairSumsWidth}, DType::F64);
+      const LayoutScope scope(m, b);
+      m.zero_grad();
+      m.fused_forward_pairs(b.tokens, b.keymask, b.targets, b.weights, head);
+      m.fused_backward();
+      opt.step(m.master_params(), m.grads());
+    }
+    const int64_t measured = host_memory_stats().peak - live0;
+    MemoryPlanInput in = plan_input(cfg, DType::F32, 7, T, interval, false, 40);
+    in.rows = R;
+    in.pair_rows = false;
+    const MemoryPlan plan = plan_memory(in);
+    ASSERT_GT(R, 1);
+    EXPECT_LE(measured, plan.total + kSmallBytes) << "measured " << measured << ", planned " << plan.total;
+    EXPECT_GE(measured, plan.total) << "measured " << measured << ", planned " << plan.total;
+  }
 }
 
 TEST(MemoryPlan, TermsFollowShardingReferenceAndAttentionForm) {
