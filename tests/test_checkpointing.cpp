@@ -1,10 +1,11 @@
-// Activation recomputation (GPT2::set_gradient_checkpointing): on the CPU, in float and double, the gradients and
-// every output of a training pass are BITWISE those of the stored-activation path (interval 0), because the
-// recomputed forward is the forward's own ops in the same order on the same inputs. Covered: the unfused head
-// (sequence_logprobs + backward) on rows with left and right padding, the chunked head with a host loss callback
-// (fused_forward), the device loss (fused_forward_pairs) on padded, packed and prefix_shared batches, gradient
-// accumulation over two micro-batches, intervals 1, 2, 3 and n_layer (5 layers: segments that do and do not divide
-// the depth), fusions all and none, forward-only scoring and the decoding prefill; and the trainer, whose weights after 3 steps are bitwise equal with the key on and off.
+// Activation recomputation (GPT2::set_gradient_checkpointing): on the CPU, in float, double and bf16 (emulated),
+// the gradients and every output of a training pass are BITWISE those of the stored-activation path (interval 0),
+// because the recomputed forward is the forward's own ops in the same order on the same inputs. Covered: the
+// unfused head (sequence_logprobs + backward) on rows with left and right padding, the chunked head with a host
+// loss callback (fused_forward), the device loss (fused_forward_pairs) on padded, packed and prefix_shared
+// batches, gradient accumulation over two micro-batches, intervals 1, 2, 3 and n_layer (5 layers: segments that
+// do and do not divide the depth), fusions all and none, forward-only scoring and the decoding prefill; and the
+// trainer, whose weights after 3 steps are bitwise equal with the key on and off.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -36,14 +37,16 @@ GPT2Config ckpt_config() {
   return c;
 }
 
-// N(0, 0.3) parameters (every nonlinearity away from its linear regime), in the model's own dtype.
+// N(0, 0.3) parameters (every nonlinearity away from its linear regime): into the master copy (the parameters
+// themselves in F32 / F64), then rounded into the BF16 compute copy.
 void randomize(GPT2& m, std::mt19937_64& g) {
   std::normal_distribution<double> d(0.0, 0.3);
-  const Tensor& p = m.params();
+  const Tensor& p = m.master_params();
   for (int64_t i = 0; i < p.numel(); ++i) {
-    if (m.dtype() == DType::F64) p.data<double>()[i] = d(g);
+    if (p.dtype() == DType::F64) p.data<double>()[i] = d(g);
     else p.data<float>()[i] = static_cast<float>(d(g));
   }
+  m.sync_params();
 }
 
 // The raw bytes of a host tensor: the comparisons below are bitwise, NaN payloads and signed zeros included.
@@ -79,7 +82,7 @@ void expect_bitwise(GPT2& m, const Pass& pass) {
     const Result want = run(0);
     double norm = 0;
     for (int64_t i = 0; i < m.grads().numel(); ++i) {
-      const double v = m.dtype() == DType::F64 ? m.grads().data<double>()[i] : m.grads().data<float>()[i];
+      const double v = m.grads().dtype() == DType::F64 ? m.grads().data<double>()[i] : m.grads().data<float>()[i];
       norm += v * v;
     }
     ASSERT_GT(norm, 1e-8) << "the pass produced no gradient: nothing would be compared";
@@ -135,10 +138,11 @@ TEST_P(Checkpointing, UnfusedHeadPaddedLeftAndRight) {
   const DType dt = GetParam();
   GPT2 m(*be, ckpt_config(), dt);
   randomize(m, g);
-  const Padded in = padded_inputs(g, m.config(), dt, 4, 11);
+  const Padded in = padded_inputs(g, m.config(), grad_dtype(dt), 4, 11);
   expect_bitwise(m, [&](GPT2& mm) {
-    Tensor seq = Tensor::host({in.B}, dt), tok = Tensor::host({in.B, in.T}, dt),
-           stats = Tensor::host({in.B, kSeqStatsWidth}, dt);
+    const DType gd = grad_dtype(dt);
+    Tensor seq = Tensor::host({in.B}, gd), tok = Tensor::host({in.B, in.T}, gd),
+           stats = Tensor::host({in.B, kSeqStatsWidth}, gd);
     mm.sequence_logprobs(in.tokens, in.keymask, in.targets, in.weights, seq, tok, stats);
     mm.backward(in.dseq);
     return bytes_of(seq) + bytes_of(tok) + bytes_of(stats);
@@ -152,7 +156,7 @@ TEST_P(Checkpointing, ChunkedHeadWithHostLoss) {
   const DType dt = GetParam();
   GPT2 m(*be, ckpt_config(), dt);
   randomize(m, g);
-  const Padded in = padded_inputs(g, m.config(), dt, 6, 9);
+  const Padded in = padded_inputs(g, m.config(), grad_dtype(dt), 6, 9);
   for (HeadRows rows : {HeadRows::Scored, HeadRows::All})
     for (int64_t chunk : {int64_t{1}, int64_t{1} << 20}) {
       SCOPED_TRACE(std::string(rows == HeadRows::Scored ? "scored rows" : "all rows") + ", chunk rows " +
@@ -262,9 +266,10 @@ TEST_P(Checkpointing, ScoreAndPrefillAreUnchanged) {
   const DType dt = GetParam();
   GPT2 m(*be, ckpt_config(), dt);
   randomize(m, g);
-  const Padded in = padded_inputs(g, m.config(), dt, 4, 10);
+  const Padded in = padded_inputs(g, m.config(), grad_dtype(dt), 4, 10);
   auto score = [&]() {
-    Tensor seq = Tensor::host({in.B}, dt), stats = Tensor::host({in.B, kSeqStatsWidth}, dt);
+    const DType gd = grad_dtype(dt);
+    Tensor seq = Tensor::host({in.B}, gd), stats = Tensor::host({in.B, kSeqStatsWidth}, gd);
     std::memset(seq.raw(), 0xff, static_cast<size_t>(seq.nbytes()));  // poisoned: NaN in f32 and f64
     m.score(in.tokens, in.keymask, in.targets, in.weights, seq, stats);
     return bytes_of(seq) + bytes_of(stats);
@@ -295,7 +300,8 @@ TEST_P(Checkpointing, ScoreAndPrefillAreUnchanged) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, Checkpointing, ::testing::Values(DType::F32, DType::F64),
+// BF16: the CPU's emulation (every op in float, each result rounded to bf16), where gelu_epilogue also applies.
+INSTANTIATE_TEST_SUITE_P(Dtypes, Checkpointing, ::testing::Values(DType::F32, DType::F64, DType::BF16),
                          [](const ::testing::TestParamInfo<DType>& i) { return std::string(dtype_name(i.param)); });
 
 TEST(CheckpointingModel, RejectsNegativeInterval) {

@@ -270,7 +270,8 @@ TEST(MemoryPlanCli, FitsDoesNotFitJsonAndBadInput) {
       << "\nmax_length: 32\nper_device_train_batch_size: 2\n";
   }
   auto plan = [&](const std::string& args) {
-    return test::run_cli(std::string(DPO_BINARY_DIR) + "/dpo", w.dir, "plan --config " + test::shell_quote(w / "run.yaml") + " " + args);
+    return test::run_cli(std::string(DPO_BINARY_DIR) + "/dpo", w.dir,
+                         "plan --config " + test::shell_quote(w / "run.yaml") + " " + args);
   };
   const auto fits = plan("--device-memory 1GiB");
   EXPECT_EQ(fits.code, 0) << fits.out << fits.err;

@@ -274,7 +274,8 @@ json run_bench(const BenchOptions& o) {
   Rng rng(o.seed);
   if (o.logits_chunk_rows < 1) throw InputError("--logits-chunk-rows must be >= 1");
   if (o.gradient_checkpointing < 0)
-    throw InputError("--gradient-checkpointing must be >= 0 (0 = off), got " + std::to_string(o.gradient_checkpointing));
+    throw InputError("--gradient-checkpointing must be >= 0 (0 = off), got " +
+                     std::to_string(o.gradient_checkpointing));
   if (o.precision != "fp32" && o.precision != "bf16")
     throw InputError("--precision: unknown value '" + o.precision + "'; valid: fp32, bf16");
   const DType mdt = o.precision == "bf16" ? DType::BF16 : DType::F32;
