@@ -153,7 +153,8 @@ class GPT2 {
   // those of interval 0 wherever the kernels are deterministic. Activation memory per layer drops from every
   // block's activations to one [B,T,C] tensor per segment (model/memory_plan.h has the arithmetic). Forward-only
   // paths (score, decoding) run the same way and recompute nothing. Changing the interval frees the activation
-  // buffers (buffers_generation() moves). Throws Error for interval < 0.
+  // buffers (buffers_generation() moves) and drops a pending forward (a backward then needs a new forward).
+  // Throws Error for interval < 0.
   void set_gradient_checkpointing(int64_t interval);
   int64_t gradient_checkpointing() const { return ckpt_interval_; }
 
