@@ -113,7 +113,12 @@ struct GPT2::Acts {
   struct Layer {
     Tensor ln1, ln1_mean, ln1_rstd, qkv, atty, att, res2, ln2, ln2_mean, ln2_rstd, fch, fch_gelu, res3;
   };
+  // With checkpointing (interval > 0) layers[l] are views: block l of segment k = l / interval uses scratch slot
+  // l - k * interval, except its res3 when it ends a segment (the next segment's saved input) or is the last
+  // block (ln_f's input): those are buffers of their own.
   std::vector<Layer> layers;
+  int64_t interval = 0;          // 0: every block has buffers of its own
+  int64_t scratch_segment = -1;  // checkpointing: the segment whose activations the scratch slots hold (-1: none)
   Tensor lnf, lnf_mean, lnf_rstd;
   Tensor logits;  // [B,T,ldv], allocated by forward() only (the unfused path)
   Tensor proj;  // [B,T,C] scratch for c_proj outputs before the residual add
@@ -199,11 +204,25 @@ void GPT2::init_random(Rng& rng) {
 
 void GPT2::zero_grad() { be_->fill_zero(grads_); }
 
+void GPT2::set_gradient_checkpointing(int64_t interval) {
+  if (interval < 0) throw Error("gradient checkpointing interval must be >= 0, got " + std::to_string(interval));
+  if (interval == ckpt_interval_) return;
+  ckpt_interval_ = interval;
+  // The buffers of the other arrangement are released, so that the new one's peak is its own.
+  acts_.reset();
+  act_pool_.clear();
+  ++buffers_generation_;
+  targets_ = Tensor();
+  head_done_ = false;
+}
+
 void GPT2::ensure_acts(int64_t B, int64_t T) {
-  if (acts_ && acts_->B == B && acts_->T == T) return;
+  const int64_t interval = ckpt_interval_ > 0 ? std::min(ckpt_interval_, cfg_.n_layer) : 0;
+  if (acts_ && acts_->B == B && acts_->T == T && acts_->interval == interval) return;
   auto a = std::make_shared<Acts>();
   a->B = B;
   a->T = T;
+  a->interval = interval;
   const int64_t C = cfg_.n_embd, NH = cfg_.n_head;
   // Every activation is a view of a buffer of act_pool_ that only ever grows (the i-th tensor below always takes
   // buffer i), so a batch no larger than an earlier one allocates nothing and keeps every device address: what a
@@ -224,8 +243,7 @@ void GPT2::ensure_acts(int64_t B, int64_t T) {
   auto t = [&](Shape s) { return take(std::move(s), dtype_); };
   auto stat = [&](Shape s) { return take(std::move(s), gdtype_); };  // LayerNorm mean / rstd
   a->encoded = t({B, T, C});
-  a->layers.resize(static_cast<size_t>(cfg_.n_layer));
-  for (auto& L : a->layers) {
+  auto block = [&](Acts::Layer& L, bool with_res3) {
     L.ln1 = t({B, T, C});
     L.ln1_mean = stat({B, T});
     L.ln1_rstd = stat({B, T});
@@ -238,7 +256,21 @@ void GPT2::ensure_acts(int64_t B, int64_t T) {
     L.ln2_rstd = stat({B, T});
     L.fch = t({B, T, 4 * C});
     L.fch_gelu = t({B, T, 4 * C});
-    L.res3 = t({B, T, C});
+    if (with_res3) L.res3 = t({B, T, C});
+  };
+  const int64_t NL = cfg_.n_layer;
+  a->layers.resize(static_cast<size_t>(NL));
+  if (interval == 0) {
+    for (auto& L : a->layers) block(L, true);
+  } else {
+    // The last slot's block always ends a segment: its res3 is never a slot buffer.
+    std::vector<Acts::Layer> slots(static_cast<size_t>(interval));
+    for (int64_t j = 0; j < interval; ++j) block(slots[static_cast<size_t>(j)], j + 1 < interval);
+    for (int64_t l = 0; l < NL; ++l) {
+      Acts::Layer& L = a->layers[static_cast<size_t>(l)];
+      L = slots[static_cast<size_t>(l % interval)];
+      if ((l + 1) % interval == 0 || l + 1 == NL) L.res3 = t({B, T, C});  // a segment's output: kept
+    }
   }
   a->lnf = t({B, T, C});
   a->lnf_mean = stat({B, T});
@@ -272,14 +304,14 @@ void GPT2::check_tokens(const Tensor& tokens) const {
   }
 }
 
-void GPT2::forward_trunk(const Tensor& tokens, const Tensor& keymask) {
+void GPT2::forward_trunk(const Tensor& tokens, const Tensor& keymask,
+                         const std::function<void(int64_t layer)>& after_layer) {
   check_tokens(tokens);
-  const int64_t B = tokens.size(0), T = tokens.size(1), NH = cfg_.n_head;
+  const int64_t B = tokens.size(0), T = tokens.size(1);
   ensure_acts(B, T);
   Acts& a = *acts_;
   Backend& be = *be_;
-  const bool lay = layout_.has_value();
-  if (lay) {
+  if (layout_) {
     check_shape(layout_->pos, {B, T}, "layout pos");
     check_shape(layout_->span, {B, T, kSpanWidth}, "layout span");
     be.encoder_forward_pos(a.encoded, tokens, layout_->pos, param("wte.weight"), param("wpe.weight"));
@@ -289,53 +321,13 @@ void GPT2::forward_trunk(const Tensor& tokens, const Tensor& keymask) {
   // Fusions (gpt2.h): with residual_layernorm each residual add also computes the LayerNorm that reads its sum
   // (ln_2 after the attention, then the next layer's ln_1 or ln_f after the MLP), so only h.0's ln_1 runs alone.
   const bool fuse_ln = fusions_.residual_layernorm;
-  const bool fuse_gelu = fusions_.gelu_epilogue && dtype_ == DType::BF16;
-  Tensor residual = a.encoded;
   for (int64_t l = 0; l < cfg_.n_layer; ++l) {
-    auto& L = a.layers[static_cast<size_t>(l)];
-    const std::string p = "h." + std::to_string(l) + ".";
-    DPO_TRACE_RANGE("h." + std::to_string(l) + " forward");
-    if (l == 0 || !fuse_ln) {
-      be.layernorm_forward(L.ln1, L.ln1_mean, L.ln1_rstd, residual, param(p + "ln_1.weight"),
-                           param(p + "ln_1.bias"), cfg_.ln_eps);
-    }
-    be.matmul_forward(L.qkv, L.ln1, param(p + "attn.c_attn.weight"), param(p + "attn.c_attn.bias"),
-                      WeightLayout::InOut);
-    if (lay) be.attention_forward_spans(L.atty, L.att, L.qkv, layout_->span, NH);
-    else be.attention_forward(L.atty, L.att, L.qkv, keymask, NH);
-    be.matmul_forward(a.proj, L.atty, param(p + "attn.c_proj.weight"), param(p + "attn.c_proj.bias"),
-                      WeightLayout::InOut);
-    if (fuse_ln) {
-      be.residual_layernorm_forward(L.res2, L.ln2, L.ln2_mean, L.ln2_rstd, residual, a.proj,
-                                    param(p + "ln_2.weight"), param(p + "ln_2.bias"), cfg_.ln_eps);
-    } else {
-      be.residual_forward(L.res2, residual, a.proj);
-      be.layernorm_forward(L.ln2, L.ln2_mean, L.ln2_rstd, L.res2, param(p + "ln_2.weight"),
-                           param(p + "ln_2.bias"), cfg_.ln_eps);
-    }
-    if (fuse_gelu) {
-      be.matmul_gelu_forward(L.fch_gelu, L.fch, L.ln2, param(p + "mlp.c_fc.weight"), param(p + "mlp.c_fc.bias"),
-                             WeightLayout::InOut);
-    } else {
-      be.matmul_forward(L.fch, L.ln2, param(p + "mlp.c_fc.weight"), param(p + "mlp.c_fc.bias"),
-                        WeightLayout::InOut);
-      be.gelu_forward(L.fch_gelu, L.fch);
-    }
-    be.matmul_forward(a.proj, L.fch_gelu, param(p + "mlp.c_proj.weight"), param(p + "mlp.c_proj.bias"),
-                      WeightLayout::InOut);
-    if (fuse_ln) {
-      const bool last = l + 1 == cfg_.n_layer;
-      const std::string q = last ? "ln_f." : "h." + std::to_string(l + 1) + ".ln_1.";
-      auto& next = last ? L : a.layers[static_cast<size_t>(l + 1)];
-      be.residual_layernorm_forward(L.res3, last ? a.lnf : next.ln1, last ? a.lnf_mean : next.ln1_mean,
-                                    last ? a.lnf_rstd : next.ln1_rstd, L.res2, a.proj, param(q + "weight"),
-                                    param(q + "bias"), cfg_.ln_eps);
-    } else {
-      be.residual_forward(L.res3, L.res2, a.proj);
-    }
-    residual = L.res3;
+    layer_forward(l, keymask, l == 0 || !fuse_ln, true);
+    if (after_layer) after_layer(l);
   }
+  if (a.interval > 0 && cfg_.n_layer > 0) a.scratch_segment = (cfg_.n_layer - 1) / a.interval;
   if (!fuse_ln || cfg_.n_layer == 0) {
+    const Tensor& residual = cfg_.n_layer > 0 ? a.layers.back().res3 : a.encoded;
     be.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, param("ln_f.weight"), param("ln_f.bias"),
                          cfg_.ln_eps);
   }
@@ -343,6 +335,57 @@ void GPT2::forward_trunk(const Tensor& tokens, const Tensor& keymask) {
   keymask_ = keymask;
   targets_ = Tensor();  // any earlier head state is stale now
   head_done_ = false;
+}
+
+void GPT2::layer_forward(int64_t l, const Tensor& keymask, bool ln1_here, bool finish) {
+  Acts& a = *acts_;
+  Backend& be = *be_;
+  const int64_t NH = cfg_.n_head;
+  const bool lay = layout_.has_value();
+  const bool fuse_ln = fusions_.residual_layernorm;
+  const bool fuse_gelu = fusions_.gelu_epilogue && dtype_ == DType::BF16;
+  auto& L = a.layers[static_cast<size_t>(l)];
+  const Tensor& residual = l > 0 ? a.layers[static_cast<size_t>(l - 1)].res3 : a.encoded;
+  const std::string p = "h." + std::to_string(l) + ".";
+  DPO_TRACE_RANGE("h." + std::to_string(l) + " forward");
+  if (ln1_here) {
+    be.layernorm_forward(L.ln1, L.ln1_mean, L.ln1_rstd, residual, param(p + "ln_1.weight"), param(p + "ln_1.bias"),
+                         cfg_.ln_eps);
+  }
+  be.matmul_forward(L.qkv, L.ln1, param(p + "attn.c_attn.weight"), param(p + "attn.c_attn.bias"),
+                    WeightLayout::InOut);
+  if (lay) be.attention_forward_spans(L.atty, L.att, L.qkv, layout_->span, NH);
+  else be.attention_forward(L.atty, L.att, L.qkv, keymask, NH);
+  be.matmul_forward(a.proj, L.atty, param(p + "attn.c_proj.weight"), param(p + "attn.c_proj.bias"),
+                    WeightLayout::InOut);
+  if (fuse_ln) {
+    be.residual_layernorm_forward(L.res2, L.ln2, L.ln2_mean, L.ln2_rstd, residual, a.proj, param(p + "ln_2.weight"),
+                                  param(p + "ln_2.bias"), cfg_.ln_eps);
+  } else {
+    be.residual_forward(L.res2, residual, a.proj);
+    be.layernorm_forward(L.ln2, L.ln2_mean, L.ln2_rstd, L.res2, param(p + "ln_2.weight"), param(p + "ln_2.bias"),
+                         cfg_.ln_eps);
+  }
+  if (fuse_gelu) {
+    be.matmul_gelu_forward(L.fch_gelu, L.fch, L.ln2, param(p + "mlp.c_fc.weight"), param(p + "mlp.c_fc.bias"),
+                           WeightLayout::InOut);
+  } else {
+    be.matmul_forward(L.fch, L.ln2, param(p + "mlp.c_fc.weight"), param(p + "mlp.c_fc.bias"), WeightLayout::InOut);
+    be.gelu_forward(L.fch_gelu, L.fch);
+  }
+  if (!finish) return;
+  be.matmul_forward(a.proj, L.fch_gelu, param(p + "mlp.c_proj.weight"), param(p + "mlp.c_proj.bias"),
+                    WeightLayout::InOut);
+  if (fuse_ln) {
+    const bool last = l + 1 == cfg_.n_layer;
+    const std::string q = last ? "ln_f." : "h." + std::to_string(l + 1) + ".ln_1.";
+    auto& next = last ? L : a.layers[static_cast<size_t>(l + 1)];
+    be.residual_layernorm_forward(L.res3, last ? a.lnf : next.ln1, last ? a.lnf_mean : next.ln1_mean,
+                                  last ? a.lnf_rstd : next.ln1_rstd, L.res2, a.proj, param(q + "weight"),
+                                  param(q + "bias"), cfg_.ln_eps);
+  } else {
+    be.residual_forward(L.res3, L.res2, a.proj);
+  }
 }
 
 const Tensor& GPT2::forward(const Tensor& tokens, const Tensor& keymask) {
@@ -420,6 +463,15 @@ void GPT2::backward_trunk() {
   // a.dres holds dL/d(residual stream) at the current depth; both branches of each residual add read it, and
   // each LayerNorm backward accumulates into it, which is the residual backward done in place.
   for (int64_t l = cfg_.n_layer - 1; l >= 0; --l) {
+    if (a.interval > 0 && a.scratch_segment != l / a.interval) {
+      // Recomputation: l ends its segment here; rerun the segment's forward from its saved input into the
+      // scratch slots, without its last residual add (that output, the next segment's input, is kept and would
+      // write the next segment's slot-0 ln_1, which is this segment's).
+      DPO_TRACE_RANGE("h." + std::to_string(l) + " recompute");
+      const int64_t s = l / a.interval * a.interval;
+      for (int64_t j = s; j <= l; ++j) layer_forward(j, keymask_, j == s || !fusions_.residual_layernorm, j < l);
+      a.scratch_segment = l / a.interval;
+    }
     auto& L = a.layers[static_cast<size_t>(l)];
     const std::string p = "h." + std::to_string(l) + ".";
     DPO_TRACE_RANGE("h." + std::to_string(l) + " backward");
@@ -1020,7 +1072,6 @@ const Tensor& GPT2::decode_prefill(const Tensor& tokens, const std::vector<int64
   DPO_ASSERT(capacity >= T, "decode_prefill: capacity " + std::to_string(capacity) + " is below the prompt length " +
                                 std::to_string(T));
   dec_.reset();  // the previous cache first: its memory may be needed
-  forward_trunk(tokens, Tensor());
 
   auto d = std::make_shared<Decode>();
   Backend& be = *be_;
@@ -1043,8 +1094,10 @@ const Tensor& GPT2::decode_prefill(const Tensor& tokens, const std::vector<int64
   d->tok = be.empty({B}, DType::I32);
   d->pos = be.empty({B}, DType::I32);
   dec_ = d;
-  for (int64_t l = 0; l < cfg_.n_layer; ++l)
+  // Each block's k, v are stored as soon as the block has run (with checkpointing its qkv buffer is reused).
+  forward_trunk(tokens, Tensor(), [&](int64_t l) {
     be.attention_cache_store(decode_cache(l, 0), decode_cache(l, 1), acts_->layers[static_cast<size_t>(l)].qkv);
+  });
   // The LM head on each row's last real position only: ln_f output rows gathered into d->ln.
   for (int64_t b = 0; b < B; ++b)
     be.copy(d->ln.view(b * C, {C}), acts_->lnf.view((b * T + lengths[static_cast<size_t>(b)] - 1) * C, {C}));

@@ -140,6 +140,24 @@ class GPT2 {
   void set_fusions(const Fusions& f) { fusions_ = f; }
   const Fusions& fusions() const { return fusions_; }
 
+  // --- Activation recomputation (gradient checkpointing) -------------------------------------------------------
+  // interval 0 (the default): every layer's activations are kept from the forward for the backward. interval
+  // N >= 1: the layers form segments of N consecutive blocks (the last one may be shorter; N > n_layer acts as
+  // n_layer); the forward keeps only each segment's input (the residual stream entering its first block; the
+  // embeddings' output for the first segment), the last block's output (ln_f's input) and ln_f's output and
+  // statistics (the LM head's input), and runs every block through one scratch set of N blocks' activations.
+  // The backward, segment by segment from the last, reruns the segment's forward from its saved input into the
+  // scratch set (the segment still there from the forward is not rerun) and then its backward. The rerun is the
+  // forward's own ops in the forward's order on the same inputs (its first LayerNorm unfused, which the backend
+  // contract makes bitwise equal to the fused residual + LayerNorm, runtime/backend.h), so gradients are bitwise
+  // those of interval 0 wherever the kernels are deterministic. Activation memory per layer drops from every
+  // block's activations to one [B,T,C] tensor per segment (model/memory_plan.h has the arithmetic). Forward-only
+  // paths (score, decoding) run the same way and recompute nothing. Changing the interval frees the activation
+  // buffers (buffers_generation() moves) and drops a pending forward (a backward then needs a new forward).
+  // Throws Error for interval < 0.
+  void set_gradient_checkpointing(int64_t interval);
+  int64_t gradient_checkpointing() const { return ckpt_interval_; }
+
   // tokens [B,T] I32 on the backend's device, T <= max_seq_len; keymask [B,T] I32 (1 real, 0 padding) or
   // undefined. Positions are 0..T-1 for every row. Returns the logits [B,T,ldv] (ldv = logits_stride(); the logits
   // of (b,t) are elements [0, V) of row (b,t), the rest is zero padding), valid until the next forward.
@@ -314,7 +332,14 @@ class GPT2 {
  private:
   struct Acts;  // activations kept for the backward pass, sized for the current (B, T)
   void ensure_acts(int64_t B, int64_t T);
-  void forward_trunk(const Tensor& tokens, const Tensor& keymask);  // up to the ln_f output
+  // Up to the ln_f output. after_layer (optional) runs after each block's forward, while its activations are in
+  // their buffers (with checkpointing the scratch set is reused by the next segment).
+  void forward_trunk(const Tensor& tokens, const Tensor& keymask,
+                     const std::function<void(int64_t layer)>& after_layer = nullptr);
+  // Block l's forward from acts_->layers[l - 1].res3 (or encoded). ln1_here: run ln_1 here (else the previous
+  // block's fused residual + LayerNorm wrote it); finish: the block's last residual add (and, fused, the next
+  // LayerNorm), which writes the next block's input.
+  void layer_forward(int64_t l, const Tensor& keymask, bool ln1_here, bool finish);
   void backward_trunk();  // from dL/d(ln_f output) in acts_->dln down to the embeddings
   // How the backward writes a buffer's first contribution (Fusions::overwrite_grads).
   GradWrite first_write() const {
@@ -375,6 +400,7 @@ class GPT2 {
   Tensor params_, master_, grads_;
   bool master_sharded_ = false;
   Fusions fusions_;
+  int64_t ckpt_interval_ = 0;  // set_gradient_checkpointing
   GradReadyHook grad_hook_;
   int64_t master_begin_ = 0;
   std::shared_ptr<Acts> acts_;

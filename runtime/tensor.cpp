@@ -1,5 +1,6 @@
 #include "runtime/tensor.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 
@@ -46,6 +47,14 @@ std::string Device::str() const {
   return kind == DeviceKind::CPU ? std::string("cpu") : "cuda:" + std::to_string(index);
 }
 
+namespace {
+std::atomic<int64_t> g_host_live{0}, g_host_peak{0};
+}  // namespace
+
+HostMemoryStats host_memory_stats() { return {g_host_live.load(), g_host_peak.load()}; }
+
+void reset_host_peak_bytes() { g_host_peak.store(g_host_live.load()); }
+
 std::shared_ptr<Buffer> Buffer::host(int64_t bytes) {
   DPO_ASSERT(bytes >= 0, "negative allocation size");
   // aligned_alloc needs a size that is a multiple of the alignment.
@@ -54,7 +63,13 @@ std::shared_ptr<Buffer> Buffer::host(int64_t bytes) {
   void* p = std::aligned_alloc(64, rounded);
   if (!p) throw Error("host allocation of " + std::to_string(bytes) + " bytes failed");
   std::memset(p, 0, rounded);
-  return std::make_shared<Buffer>(p, bytes, Device{DeviceKind::CPU, 0}, [](void* q) { std::free(q); });
+  const int64_t live = g_host_live.fetch_add(bytes) + bytes;
+  for (int64_t peak = g_host_peak.load(); live > peak && !g_host_peak.compare_exchange_weak(peak, live);) {
+  }
+  return std::make_shared<Buffer>(p, bytes, Device{DeviceKind::CPU, 0}, [bytes](void* q) {
+    g_host_live.fetch_sub(bytes);
+    std::free(q);
+  });
 }
 
 std::string shape_str(const Shape& s) {

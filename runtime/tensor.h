@@ -61,6 +61,16 @@ class Buffer {
   std::function<void(void*)> release_;
 };
 
+// Bytes of host buffers (Buffer::host) alive now and the most alive at once since the last
+// reset_host_peak_bytes(), as requested (before the 64-byte rounding). Every tensor the CPU backend creates is a
+// host buffer, so for a CPU run these are its tensor memory (plus any host staging tensors); memory that ops
+// allocate internally (std::vector scratch, BLAS) is not counted. Process-wide, thread-safe.
+struct HostMemoryStats {
+  int64_t live = 0, peak = 0;
+};
+HostMemoryStats host_memory_stats();
+void reset_host_peak_bytes();  // peak = live
+
 using Shape = std::vector<int64_t>;
 std::string shape_str(const Shape& s);
 

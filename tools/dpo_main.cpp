@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "model/checkpoint.h"
+#include "model/memory_plan.h"
 #include "runtime/backend.h"
 #include "runtime/comm.h"
 #include "runtime/safetensors.h"
@@ -223,6 +224,104 @@ int cmd_train(const TrainArgs& a, dpo::RunKind kind) {
   print_metrics(s.last_log);
   print_metrics(s.eval);
   return 0;
+}
+
+struct PlanArgs {
+  TrainArgs t;
+  std::string device_memory = "80GiB";
+  int64_t ranks = 1;
+  bool json = false;
+};
+
+// What reduces each term of the plan (printed when the step does not fit).
+std::string plan_remedy(const std::string& term) {
+  if (term.rfind("activations", 0) == 0 || term == "backward scratch")
+    return "gradient_checkpointing: true, or a smaller per_device_train_batch_size or max_length";
+  if (term == "LM-head chunk") return "a smaller logits_chunk_rows";
+  if (term == "reference model" || term == "reference activations") return "precompute_ref_log_probs: true";
+  if (term == "AdamW moments" || term == "master weights" || term == "ZeRO-1 gather buffers")
+    return "zero_stage: 1 over more ranks";
+  if (term == "weights" || term == "gradients") return "a smaller model or precision: bf16";
+  if (term == "batch inputs") return "a smaller per_device_train_batch_size or max_length";
+  return "device memory";
+}
+
+// dpo plan: the memory model (model/memory_plan.h) of one training step of the config, per device. Exit 0 when
+// it fits --device-memory, 1 when it does not, 2 for a bad config or flag.
+int cmd_plan(const PlanArgs& a) {
+  dpo::TrainConfig cfg = dpo::load_train_config(a.t.config, a.t.overrides, dpo::RunKind::Dpo);
+  cfg.model = resolve_latest(cfg.model, "key 'model'", false);
+  fit_config_to_models(cfg, dpo::RunKind::Dpo, false);
+  const int64_t device_bytes = dpo::parse_bytes(a.device_memory, "--device-memory");
+  if (a.ranks < 1) throw dpo::InputError("--ranks must be >= 1, got " + std::to_string(a.ranks));
+  dpo::MemoryPlanInput in;
+  in.model = dpo::load_gpt2_config((std::filesystem::path(cfg.model) / "config.json").string());
+  in.dtype = cfg.precision == "bf16" ? dpo::DType::BF16 : dpo::DType::F32;
+  in.pairs = cfg.per_device_train_batch_size;
+  // The largest micro-batch the data can make: padded rows of max_length (rounded up to pad_to_multiple_of);
+  // a layout's rows hold at most max_tokens_per_row slots, and a pair longer than that (at most 2 * max_length
+  // slots) gets a row of its own: at most one row per pair.
+  const bool padded = cfg.batch_layout == "padded";
+  if (padded) {
+    const int64_t m = std::max<int64_t>(cfg.pad_to_multiple_of, 1);
+    in.rows = 2 * in.pairs;
+    in.T = (cfg.max_length + m - 1) / m * m;
+  } else {
+    in.rows = in.pairs;
+    in.T = std::max(cfg.max_tokens_per_row > 0 ? cfg.max_tokens_per_row : 2 * cfg.max_length, 2 * cfg.max_length);
+  }
+  in.pair_rows = padded;
+  in.logits_chunk_rows = cfg.logits_chunk_rows;
+  in.checkpoint_interval = cfg.gradient_checkpointing ? cfg.gradient_checkpointing_interval : 0;
+  in.reference = cfg.reference_free             ? dpo::ReferencePlan::None
+                 : cfg.precompute_ref_log_probs ? dpo::ReferencePlan::Cached
+                                                : dpo::ReferencePlan::Live;
+  in.ranks = a.ranks;
+  in.zero1 = cfg.zero_stage == 1;
+  const bool cuda = cfg.device == "cuda";
+  in.attention = cuda ? dpo::AttentionSaved::Probabilities : dpo::AttentionSaved::RowStats;
+  // An allowance for what the CUDA runtime and libraries hold outside our tensors (context, cuBLAS/cuDNN
+  // workspaces, allocator rounding); not measured.
+  in.device_reserve = cuda ? int64_t{1} << 30 : 0;
+  in.f32_op_copies = !cuda;
+  const dpo::MemoryPlan plan = dpo::plan_memory(in);
+  const bool fits = plan.total <= device_bytes;
+  const dpo::MemoryTerm& big = plan.largest();
+  if (a.json) {
+    nlohmann::json j;
+    j["terms"] = nlohmann::json::array();
+    for (const auto& t : plan.terms) j["terms"].push_back({{"name", t.name}, {"bytes", t.bytes}, {"note", t.note}});
+    j["total_bytes"] = plan.total;
+    j["activation_bytes"] = plan.activations;
+    j["device_memory_bytes"] = device_bytes;
+    j["fits"] = fits;
+    j["largest"] = big.name;
+    j["reduce_largest"] = plan_remedy(big.name);
+    j["micro_batch"] = {{"pairs", in.pairs}, {"rows", in.rows}, {"T", in.T}};
+    std::printf("%s\n", j.dump(2).c_str());
+    return fits ? 0 : 1;
+  }
+  std::printf("memory plan per device: %s, %lld layers, width %lld, %s, micro-batch %lld pairs = %lld rows x %lld "
+              "slots, gradient_checkpointing %s, reference %s, %lld rank(s)%s\n",
+              cfg.model.c_str(), static_cast<long long>(in.model.n_layer), static_cast<long long>(in.model.n_embd),
+              cfg.precision.c_str(), static_cast<long long>(in.pairs), static_cast<long long>(in.rows),
+              static_cast<long long>(in.T),
+              in.checkpoint_interval > 0 ? ("interval " + std::to_string(in.checkpoint_interval)).c_str() : "off",
+              in.reference == dpo::ReferencePlan::Live ? "live" : in.reference == dpo::ReferencePlan::Cached
+                                                                      ? "cached"
+                                                                      : "none",
+              static_cast<long long>(a.ranks), in.zero1 ? ", ZeRO-1" : "");
+  for (const auto& t : plan.terms)
+    std::printf("  %-40s %12s  %s\n", t.name.c_str(), dpo::format_bytes(t.bytes).c_str(), t.note.c_str());
+  std::printf("  %-40s %12s\n", "total", dpo::format_bytes(plan.total).c_str());
+  if (fits)
+    std::printf("fits in %s (%s left)\n", dpo::format_bytes(device_bytes).c_str(),
+                dpo::format_bytes(device_bytes - plan.total).c_str());
+  else
+    std::printf("does not fit in %s (%s over); the largest term is '%s' (%s): %s\n",
+                dpo::format_bytes(device_bytes).c_str(), dpo::format_bytes(plan.total - device_bytes).c_str(),
+                big.name.c_str(), dpo::format_bytes(big.bytes).c_str(), plan_remedy(big.name).c_str());
+  return fits ? 0 : 1;
 }
 
 struct EvalArgs {
@@ -550,6 +649,17 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(int64_t{0}, dpo::kMaxThreads))
       ->capture_default_str();
 
+  PlanArgs plan_args;
+  auto* planc = app.add_subcommand("plan", "Predict the peak memory per device of a training step of a config; exit 0 "
+                                           "when it fits --device-memory, 1 when not");
+  planc->add_option("--config,-c", plan_args.t.config, "YAML config file (keys: dpo train --help-config)");
+  planc->add_option("overrides", plan_args.t.overrides, "key=value overrides applied after the config file");
+  planc->add_option("--device-memory", plan_args.device_memory, "memory per device, e.g. 80GiB, 24GB")
+      ->capture_default_str();
+  planc->add_option("--ranks", plan_args.ranks, "data-parallel ranks (ZeRO-1's share with zero_stage: 1)")
+      ->capture_default_str();
+  planc->add_flag("--json", plan_args.json, "print the plan as JSON");
+
   dpo::BenchOptions bench_opt;
   std::string bench_json;
   auto* bench = app.add_subcommand("bench", "Time full DPO optimizer steps on a random-init GPT-2 and synthetic pairs");
@@ -575,6 +685,9 @@ int main(int argc, char** argv) {
   bench->add_option("--precision", bench_opt.precision, "fp32 (default) or bf16 (bf16 weights/activations, fp32 master)");
   bench->add_option("--logits-chunk-rows", bench_opt.logits_chunk_rows,
                     "token rows per chunk of the LM head and log-softmax (default 2048; at least one pair)");
+  bench->add_option("--gradient-checkpointing", bench_opt.gradient_checkpointing,
+                    "activation recomputation with N blocks per segment (as gradient_checkpointing_interval); 0 = off")
+      ->capture_default_str();
   bench->add_option("--seed", bench_opt.seed, "seed for weights and tokens")->capture_default_str();
   bench->add_option("--json", bench_json, "write the results as JSON to this file");
   bench->add_option("--batch-layout", bench_opt.batch_layout,
@@ -632,6 +745,7 @@ int main(int argc, char** argv) {
     if (*sftc) return cmd_train(sft_args, dpo::RunKind::Sft);
     if (*evalc) return cmd_eval(ea);
     if (*sample) return cmd_sample(sa);
+    if (*planc) return cmd_plan(plan_args);
     if (*bench) {
       std::string cl;
       for (int i = 0; i < argc; ++i) cl += (i ? " " : "") + std::string(argv[i]);

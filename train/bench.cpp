@@ -273,18 +273,23 @@ json run_bench(const BenchOptions& o) {
     }
   Rng rng(o.seed);
   if (o.logits_chunk_rows < 1) throw InputError("--logits-chunk-rows must be >= 1");
+  if (o.gradient_checkpointing < 0)
+    throw InputError("--gradient-checkpointing must be >= 0 (0 = off), got " +
+                     std::to_string(o.gradient_checkpointing));
   if (o.precision != "fp32" && o.precision != "bf16")
     throw InputError("--precision: unknown value '" + o.precision + "'; valid: fp32, bf16");
   const DType mdt = o.precision == "bf16" ? DType::BF16 : DType::F32;
   GPT2 policy(*be, mc, mdt);
   policy.init_random(rng);
   policy.set_logits_chunk_rows(o.logits_chunk_rows);
+  policy.set_gradient_checkpointing(o.gradient_checkpointing);
   const HeadRows head_rows = o.head_compaction ? HeadRows::Scored : HeadRows::All;
   policy.set_head_rows(head_rows);
   std::unique_ptr<GPT2> ref;
   if (live) {
     ref = std::make_unique<GPT2>(*be, mc, mdt);
     ref->set_logits_chunk_rows(o.logits_chunk_rows);
+    ref->set_gradient_checkpointing(o.gradient_checkpointing);
     ref->set_head_rows(head_rows);
     be->copy(ref->master_params(), policy.master_params());  // the reference starts as the policy, as in a real run
     ref->sync_params();
@@ -497,6 +502,7 @@ json run_bench(const BenchOptions& o) {
                    {"lengths", "exact (every pair the same lengths; no log-normal draw)"}};
   r["reference"] = o.reference;
   r["logits_chunk_rows"] = o.logits_chunk_rows;
+  r["gradient_checkpointing"] = o.gradient_checkpointing;
   r["cuda_graphs"] = graphs;
   r["head_compaction"] = o.head_compaction;
   if (!graph_note.empty()) r["cuda_graphs_note"] = graph_note;
@@ -541,6 +547,10 @@ json run_bench(const BenchOptions& o) {
   r["peak_tflops"] = num_or_null(peak, peak > 0);
   r["mfu"] = num_or_null(achieved / (peak * 1e12), peak > 0);
   r["peak_rss_mib"] = rss_mib;
+  // The CPU backend's tensors are counted host buffers (runtime/tensor.h): their peak over the whole run (setup,
+  // warm-up and timed steps), what `dpo plan` predicts. On a GPU the host buffers are only staging: null.
+  const bool counted = !cuda;
+  r["peak_tensor_bytes"] = num_or_null(static_cast<double>(host_memory_stats().peak), counted);
   r["device_memory_used_mib"] = num_or_null(dev_mib, dev_mib >= 0);
   r["device_memory_note"] = "cudaMemGetInfo total - free after the timed steps (device-wide, not a peak); null on CPU";
   r["last_loss"] = last_loss;
@@ -645,6 +655,16 @@ std::string format_bench_table(const json& r) {
                                  : f("%.2f%%", 100 * r["mfu"].get<double>()) +
                                        f(" of %.0f TFLOP/s", r["peak_tflops"].get<double>()));
   line("peak RSS", f("%.1f MiB", r["peak_rss_mib"].get<double>()));
+  if (r.contains("peak_tensor_bytes"))
+    line("peak tensors", r["peak_tensor_bytes"].is_null()
+                             ? std::string("n/a (counted on the CPU backend only)")
+                             : f("%.1f MiB (CPU backend's tensors, measured)",
+                                 r["peak_tensor_bytes"].get<double>() / 1048576.0));
+  if (r.contains("gradient_checkpointing"))
+    line("checkpointing", r["gradient_checkpointing"].get<int64_t>() > 0
+                              ? "on, " + std::to_string(r["gradient_checkpointing"].get<int64_t>()) +
+                                    " block(s) per recomputed segment"
+                              : std::string("off (--gradient-checkpointing N turns it on)"));
   line("device memory", r["device_memory_used_mib"].is_null() ? std::string("n/a")
                                                               : f("%.1f MiB used", r["device_memory_used_mib"].get<double>()));
   line("last loss", f("%.6g", r["last_loss"].get<double>()));

@@ -59,6 +59,9 @@ struct BenchOptions {
   int threads = 0;                     // CPU threads; 0 = OpenMP default
   double peak_tflops = -1;             // < 0: default (989 on cuda, none on cpu)
   int64_t logits_chunk_rows = GPT2::kDefaultLogitsChunkRows;  // as the training config key
+  // --gradient-checkpointing N: activation recomputation with N blocks per segment (GPT2::set_gradient_checkpointing,
+  // the training keys gradient_checkpointing / gradient_checkpointing_interval); 0 = off.
+  int64_t gradient_checkpointing = 0;
   std::string precision = "fp32";  // fp32 | bf16 (as the training config key)
   uint64_t seed = 1234;
   std::string json_path;               // write the JSON here when non-empty

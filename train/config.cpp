@@ -185,6 +185,11 @@ const std::vector<Key>& keys() {
       INT_KEY(zero_stage, "0 or 1; 1 shards the AdamW moments across the ranks (ZeRO-1; same results)"),
       INT_KEY(logits_chunk_rows, "token rows per chunk of the LM head and log-softmax (a chunk holds at least one "
                                  "pair); logits memory is chunk x vocab, independent of the batch size"),
+      BOOL_KEY(gradient_checkpointing, "recompute each block's activations in the backward instead of keeping them "
+                                        "(bitwise the same results; docs/training.md, \"Memory\")"),
+      INT_KEY(gradient_checkpointing_interval, "with gradient_checkpointing: blocks per recomputed segment (1 to "
+                                               "2^31 - 1, above n_layer: n_layer); one [B,T,C] input kept per "
+                                               "segment, one segment's activations live at a time"),
       INT_KEY(max_length, "maximum prompt + completion tokens; unset: min(512, the model's n_positions)"),
       STRING_KEY(truncation, "trl1 (TRL 1.x: prompt + completion cut to max_length, records whose prompt has >= "
                              "max_length tokens dropped and counted) or legacy (prompt cut to max_prompt_length "
@@ -380,6 +385,7 @@ void validate(const TrainConfig& c, RunKind kind) {
   // seed: any integer (it is used as its 64-bit pattern).
   range("num_threads", c.num_threads, 0, kMaxThreads);
   range("logits_chunk_rows", c.logits_chunk_rows, 1, kMaxCount);
+  range("gradient_checkpointing_interval", c.gradient_checkpointing_interval, 1, kMaxCount);
   if (c.zero_stage != 0 && c.zero_stage != 1)
     bad("zero_stage", "must be 0 or 1, got " + std::to_string(c.zero_stage));
   range("max_length", c.max_length, 1, kMaxBatch);

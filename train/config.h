@@ -74,6 +74,10 @@ struct TrainConfig {
   int64_t per_device_eval_batch_size = 16;
   int64_t logits_chunk_rows = 2048;  // LM head + log-softmax rows per chunk (at least one pair); memory chunk x V
   int64_t gradient_accumulation_steps = 1;
+  // Activation recomputation (GPT2::set_gradient_checkpointing; TRL/HF's key name): the forward keeps one input
+  // per segment of gradient_checkpointing_interval blocks and the backward recomputes the segment from it.
+  bool gradient_checkpointing = false;
+  int64_t gradient_checkpointing_interval = 1;
   std::string batch_layout = "padded";  // padded | packed | prefix_shared (kernels/batch_layout.h)
   int64_t max_tokens_per_row = 0;        // packed / prefix_shared rows; 0 = 2 * max_length
   int64_t pad_to_multiple_of = 0;  // pad each training micro-batch's rows to a multiple of this; 0 = to the longest

@@ -175,7 +175,8 @@ void check_fits(const TrainConfig& c, const GPT2& model, const Tokenizer& tok, c
 const std::set<std::string> kResumeFreeKeys = {"out_dir",       "num_threads", "logging_steps", "eval_steps",
                                                "save_steps",    "save_total_limit", "ref_cache_dir", "eval_file",
                                                "per_device_eval_batch_size", "zero_stage", "profile_steps",
-                                               "max_consecutive_skipped_steps"};
+                                               "max_consecutive_skipped_steps", "gradient_checkpointing",
+                                               "gradient_checkpointing_interval"};
 
 void check_resume_config(const std::string& saved_yaml, const TrainConfig& now, const std::string& where) {
   YAML::Node a = YAML::Load(saved_yaml), b = YAML::Load(to_yaml(now));
@@ -680,6 +681,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   auto policy = load_verified_model(*be, cfg.model, model_dtype(cfg));
   check_fits(cfg, *policy, *tok, cfg.model);
   policy->set_logits_chunk_rows(cfg.logits_chunk_rows);
+  policy->set_gradient_checkpointing(cfg.gradient_checkpointing ? cfg.gradient_checkpointing_interval : 0);
 
   // Data (every rank loads all of it: the epoch order is computed identically everywhere)
   LoadStats stats;
@@ -723,6 +725,8 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
                                                       : load_verified_model(*be, ref_dir, model_dtype(cfg));
     check_fits(cfg, *ref, *tok, ref_dir);
     ref->set_logits_chunk_rows(cfg.logits_chunk_rows);
+    // Forward only: the same arrangement keeps one segment's activations live and recomputes nothing.
+    ref->set_gradient_checkpointing(cfg.gradient_checkpointing ? cfg.gradient_checkpointing_interval : 0);
     if (cached) {
       const std::string cache_dir = cfg.ref_cache_dir.empty() ? default_ref_cache_dir() : cfg.ref_cache_dir;
       auto one = [&](const std::vector<PreferencePair>& d, const std::string& path) {
