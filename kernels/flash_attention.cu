@@ -11,9 +11,11 @@
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #include "kernels/flash_attention.h"
 #include "kernels/flash_tile.h"
+#include "kernels/flash_tile_bwd.h"
 #include "runtime/cuda/cuda_check.h"
 #include "runtime/cuda/cuda_context.h"
 
@@ -93,6 +95,11 @@ struct DeviceWarp {
   __device__ __forceinline__ static void store_u32(uint16_t* dst, uint32_t v) {
     *reinterpret_cast<uint32_t*>(dst) = v;
   }
+  __device__ __forceinline__ static uint32_t load_u32(const uint16_t* src) {
+    return *reinterpret_cast<const uint32_t*>(src);
+  }
+  __device__ __forceinline__ static float lo(uint32_t x) { return __uint_as_float(x << 16); }
+  __device__ __forceinline__ static float hi(uint32_t x) { return __uint_as_float(x & 0xffff0000u); }
 };
 
 template <int D>
@@ -112,7 +119,59 @@ void launch(CudaContext& ctx, const Params& p) {
   DPO_CUDA_CHECK(cudaGetLastError());
 }
 
+constexpr int kDeltaThreads = 256;
+
+__global__ void __launch_bounds__(kDeltaThreads) flash_backward_delta_kernel(const BackwardParams p) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kDeltaThreads + threadIdx.x;
+  if (row < backward_delta_rows(p)) backward_delta_row<DeviceWarp>(p, row);
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) flash_dkdv_kernel(const BackwardParams p) {
+  extern __shared__ __align__(16) uint16_t smem[];
+  DkvRegs<DeviceWarp, D> regs[1];
+  dkdv_block<DeviceWarp, D>(p, static_cast<int64_t>(blockIdx.x), smem, regs);
+}
+
+template <int D>
+__global__ void __launch_bounds__(kThreads) flash_dq_kernel(const BackwardParams p) {
+  extern __shared__ __align__(16) uint16_t smem[];
+  DqRegs<DeviceWarp, D> regs[1];
+  dq_block<DeviceWarp, D>(p, static_cast<int64_t>(blockIdx.x), smem, regs);
+}
+
+unsigned grid_x(int64_t blocks, const char* what) {
+  if (blocks > INT32_MAX)
+    throw Error(std::string("flash_attention_backward: ") + std::to_string(blocks) + " blocks of the " + what +
+                " exceed the grid's x dimension");
+  return static_cast<unsigned>(blocks);
+}
+
+template <int D>
+void launch_backward(CudaContext& ctx, const BackwardParams& p) {
+  const int64_t rows = backward_delta_rows(p);
+  flash_backward_delta_kernel<<<grid_x((rows + kDeltaThreads - 1) / kDeltaThreads, "preprocess"), kDeltaThreads, 0,
+                                ctx.stream()>>>(p);
+  DPO_CUDA_CHECK(cudaGetLastError());
+  // Above the 48 KiB default at D = 128 (bwd_smem_bytes: 70 KiB), so the limit is raised explicitly for both.
+  const int smem = static_cast<int>(bwd_smem_bytes<D>());
+  DPO_CUDA_CHECK(cudaFuncSetAttribute(flash_dkdv_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  DPO_CUDA_CHECK(cudaFuncSetAttribute(flash_dq_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  flash_dkdv_kernel<D><<<grid_x(dkdv_grid_blocks(p), "dk/dv pass"), kThreads, smem, ctx.stream()>>>(p);
+  DPO_CUDA_CHECK(cudaGetLastError());
+  flash_dq_kernel<D><<<grid_x(dq_grid_blocks(p), "dq pass"), kThreads, smem, ctx.stream()>>>(p);
+  DPO_CUDA_CHECK(cudaGetLastError());
+}
+
 }  // namespace
+
+void flash_attention_backward(CudaContext& ctx, const BackwardParams& p) {
+  check_backward_params(p, "flash_attention_backward");
+  if (p.head_dim == 64)
+    launch_backward<64>(ctx, p);
+  else
+    launch_backward<128>(ctx, p);
+}
 
 void flash_attention_forward(CudaContext& ctx, const Params& p) {
   check_params(p, "flash_attention_forward");

@@ -11,6 +11,10 @@
 //     squares of a packed row with tile-aligned segments.
 #include <gtest/gtest.h>
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -21,6 +25,7 @@
 #include <vector>
 
 #include "flash_test_cases.h"
+#include "kernels/common.h"
 #include "kernels/flash_emulation.h"
 #include "runtime/error.h"
 #include "test_util.h"
@@ -316,6 +321,159 @@ TEST(FlashEmulationTiles, TilesInsideEveryQuerysHoleAreSkipped) {
   EXPECT_EQ(e.visited, 22);
   EXPECT_EQ(flash_test::needed_tile_visits(in), 22);
   flash_test::expect_within_budget(in, flash_test::oracle(in), e.out, e.r.lse);
+}
+
+// --- the backward against the blocked CPU kernel --------------------------------------------------------------------
+
+TEST(FlashEmulationInstructions, LoadU32AndHalvesReadTheBf16Pair) {
+  // load_u32 reads two consecutive bf16 (the first in the low half, little-endian), lo / hi convert each exactly.
+  std::mt19937_64 g(test::test_seed());
+  const std::vector<uint16_t> v = flash_test::rand_bf16(g, 64);
+  for (size_t i = 0; i + 1 < v.size(); i += 2) {
+    const uint32_t w = HostWarp::load_u32(v.data() + i);
+    EXPECT_EQ(HostWarp::lo(w), flash_test::from_bf16(v[i]));
+    EXPECT_EQ(HostWarp::hi(w), flash_test::from_bf16(v[i + 1]));
+    EXPECT_EQ(HostWarp::pack_bf16x2(HostWarp::lo(w), HostWarp::hi(w)), w);
+  }
+}
+
+// One backward case: inputs, a bf16 dout, and the emulated forward's out and lse (what the backward is given).
+struct BwdCase {
+  Inputs in;
+  std::vector<uint16_t> dout;
+  std::vector<float> dout_ref;
+  Emulated fwd;
+};
+
+BwdCase make_bwd_case(std::mt19937_64& g, Inputs in) {
+  BwdCase c;
+  c.dout = flash_test::rand_bf16(g, in.B * in.T * in.C());
+  c.dout_ref.resize(c.dout.size());
+  for (size_t i = 0; i < c.dout.size(); ++i) c.dout_ref[i] = flash_test::from_bf16(c.dout[i]);
+  c.fwd = emulate(in);
+  c.in = std::move(in);
+  return c;
+}
+
+// The emulated backward into `grads` (its contents are the old values for Accumulate); the delta workspace poisoned.
+flash::BackwardVisits emulate_bwd(const BwdCase& c, flash_test::Grads& grads, GradWrite write, bool reverse = false) {
+  const Inputs& in = c.in;
+  std::vector<float> delta(static_cast<size_t>(in.B * in.NH * in.T), NAN);
+  const flash::BackwardParams p = flash_test::backward_params_for(
+      in, in.qkv.data(), in.q.data(), in.k.data(), in.v.data(), c.fwd.out.data(), c.dout.data(),
+      c.fwd.r.lse.data(), in.span.empty() ? nullptr : in.span.data(), grads.dqkv.data(), grads.dq.data(),
+      grads.dk.data(), grads.dv.data(), delta.data(), write);
+  EXPECT_EQ(flash::backward_workspace_bytes(p), static_cast<int64_t>(delta.size() * sizeof(float)));
+  return flash::emulate_backward(p, reverse);
+}
+
+bool bitwise_equal(const flash_test::Grads& a, const flash_test::Grads& b) {
+  return a.dqkv == b.dqkv && a.dq == b.dq && a.dk == b.dk && a.dv == b.dv;
+}
+
+void run_backward_cases(int64_t D) {
+  std::mt19937_64 g(test::test_seed());
+  for (auto& nc : flash_test::standard_cases(g, D, /*long_t=*/true)) {
+    SCOPED_TRACE(nc.name + " D=" + std::to_string(D));
+    const BwdCase c = make_bwd_case(g, std::move(nc.in));
+    const flash_test::Result ref_fwd = flash_test::oracle(c.in);
+    const std::vector<float> ref = flash_test::backward_oracle(c.in, c.dout_ref, ref_fwd);
+    flash_test::Grads got = flash_test::make_grads(c.in, uint16_t{0x7fc0});  // poisoned: Overwrite never reads it
+    const flash::BackwardVisits visits = emulate_bwd(c, got, GradWrite::Overwrite);
+    // Grouped-query cases: dk and dv of a kv head against the sum of the oracle's over the group's query heads.
+    flash_test::expect_backward_within_budget(c.in, c.dout_ref, ref_fwd, ref, got, nullptr);
+    // Both passes pair exactly the (query block, key tile) pairs the forward visits.
+    EXPECT_EQ(visits.dkdv, c.fwd.visited);
+    EXPECT_EQ(visits.dq, c.fwd.visited);
+  }
+}
+
+TEST(FlashEmulationBackward, HeadDim64MatchesBlockedCpu) { run_backward_cases(64); }
+TEST(FlashEmulationBackward, HeadDim128MatchesBlockedCpu) { run_backward_cases(128); }
+
+TEST(FlashEmulationBackward, AccumulateAddsToTheOldValues) {
+  std::mt19937_64 g(test::test_seed());
+  for (int64_t D : {64, 128}) {
+    Inputs in = flash_test::grouped_inputs(g, 2, 100, 4, 2, D);
+    in.span = flash_test::padded_spans(100, 81);
+    const BwdCase c = make_bwd_case(g, std::move(in));
+    SCOPED_TRACE("D=" + std::to_string(D));
+    const flash_test::Result ref_fwd = flash_test::oracle(c.in);
+    const std::vector<float> ref = flash_test::backward_oracle(c.in, c.dout_ref, ref_fwd);
+    // Non-zero old values (of the gradients' size): the result is old + gradient within the budgets.
+    flash_test::Grads old = flash_test::make_grads(c.in, 0);
+    for (auto* v : {&old.dqkv, &old.dq, &old.dk, &old.dv}) *v = flash_test::rand_bf16(g, static_cast<int64_t>(v->size()));
+    flash_test::Grads acc = old;
+    emulate_bwd(c, acc, GradWrite::Accumulate);
+    flash_test::expect_backward_within_budget(c.in, c.dout_ref, ref_fwd, ref, acc, &old);
+    // On zeros, += gives the values = writes (0 + x is x; -0 and +0 compare equal).
+    flash_test::Grads zero = flash_test::make_grads(c.in, 0), over = flash_test::make_grads(c.in, 0x7fc0);
+    emulate_bwd(c, zero, GradWrite::Accumulate);
+    emulate_bwd(c, over, GradWrite::Overwrite);
+    int mismatches = 0;
+    for (int which = 0; which < 3; ++which)
+      for (int64_t s = 0; s < c.in.B * c.in.T; ++s)
+        for (int64_t h = 0; h < (which == 0 ? c.in.NH : c.in.NKV); ++h)
+          for (int64_t d = 0; d < D; ++d)
+            mismatches += flash_test::grad_at(c.in, zero, which, s, h, d) != flash_test::grad_at(c.in, over, which, s, h, d);
+    EXPECT_EQ(mismatches, 0);
+  }
+}
+
+TEST(FlashEmulationBackward, RunsAndBlockOrdersGiveBitwiseEqualGradients) {
+  // Two runs, and a run with the blocks of each grid (and the preprocess rows) taken in reverse order on another
+  // number of threads: the same bits, since every output is accumulated by one warp in a fixed order.
+  std::mt19937_64 g(test::test_seed());
+  std::vector<flash_test::NamedCase> cases = flash_test::standard_cases(g, 64, /*long_t=*/false);
+  for (auto& nc : cases) {
+    if (nc.name != "causal T=257" && nc.name.rfind("prefix_shared", 0) != 0) continue;
+    SCOPED_TRACE(nc.name);
+    const BwdCase c = make_bwd_case(g, std::move(nc.in));
+    flash_test::Grads a = flash_test::make_grads(c.in, 0x7fc0), b = a, r = a;
+    emulate_bwd(c, a, GradWrite::Overwrite);
+    emulate_bwd(c, b, GradWrite::Overwrite);
+#if defined(_OPENMP)
+    const int threads = omp_get_max_threads();
+    omp_set_num_threads(threads > 1 ? 1 : 3);
+#endif
+    emulate_bwd(c, r, GradWrite::Overwrite, /*reverse=*/true);
+#if defined(_OPENMP)
+    omp_set_num_threads(threads);
+#endif
+    EXPECT_TRUE(bitwise_equal(a, b));
+    EXPECT_TRUE(bitwise_equal(a, r));
+  }
+}
+
+TEST(FlashEmulationBackward, BadParamsAreErrorsNamingTheRule) {
+  std::mt19937_64 g(test::test_seed());
+  Inputs in = flash_test::grouped_inputs(g, 1, 8, 4, 2, 64);
+  std::vector<uint16_t> out(static_cast<size_t>(8 * 4 * 64)), dout(out.size());
+  std::vector<float> lse(32), delta(32);
+  flash_test::Grads gr = flash_test::make_grads(in, 0);
+  const flash::BackwardParams good = flash_test::backward_params_for(
+      in, nullptr, in.q.data(), in.k.data(), in.v.data(), out.data(), dout.data(), lse.data(), nullptr, nullptr,
+      gr.dq.data(), gr.dk.data(), gr.dv.data(), delta.data(), GradWrite::Overwrite);
+  const auto expect_error = [&](flash::BackwardParams p, const char* needle) {
+    try {
+      flash::emulate_backward(p);
+      ADD_FAILURE() << "no error for " << needle;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  flash::BackwardParams p = good;
+  p.delta = nullptr;
+  expect_error(p, "delta workspace must not be null");
+  p = good;
+  p.dk_stride = 64;
+  expect_error(p, "dk row stride 64 is shorter");
+  p = good;
+  p.dq = gr.dq.data() + 1;
+  expect_error(p, "dq must start at a multiple of 16 bytes");
+  p = good;
+  p.head_dim = 96;
+  expect_error(p, "head_dim must be 64 or 128");
 }
 
 // --- parameter checks -----------------------------------------------------------------------------------------------
