@@ -32,9 +32,17 @@
 #include "kernels/flash_attention.h"
 #include "kernels/flash_tile.h"
 
+#if defined(__CUDACC__)
+#define DPO_FLASH_LOOP_KEEP _Pragma("unroll 1")
+#else
+#define DPO_FLASH_LOOP_KEEP
+#endif
+
 namespace dpo::flash {
 
 static_assert(kBlockRows == kTileKeys, "the dk/dv pass pairs key tile j with the query blocks j, j + 1, ...");
+
+constexpr int kDkvHalfQueries = 32;  // the dk/dv pass takes a staged query block in two halves
 
 constexpr int64_t key_tiles(int64_t T) { return (T + kTileKeys - 1) / kTileKeys; }
 constexpr int64_t backward_delta_rows(const BackwardParams& p) { return p.B * p.n_head * p.T; }
@@ -74,21 +82,21 @@ DPO_FLASH_FN void backward_delta_row(const BackwardParams& p, int64_t row) {
 template <class W>
 using Frag4 = typename W::template Regs<uint32_t, 4>;
 
-// s (16 rows x 64 tile rows, 8 C fragments of 8 tile rows) = A . tile^T. load_a(kc, a) puts the A fragment of dims
-// [16 kc, 16 kc + 16) into a; tile: 64 rows of D bf16 at row stride D + kSmemPad.
-template <class W, int D, class LoadA>
-DPO_FLASH_FN void rows_dot_tile(typename W::template Regs<float, 32>& s, LoadA&& load_a, const uint16_t* tile) {
+// s (16 rows x 16 NP tile rows, 2 NP C fragments of 8 tile rows) = A . tile^T. load_a(kc, a) puts the A fragment
+// of dims [16 kc, 16 kc + 16) into a; tile: 16 NP rows of D bf16 at row stride D + kSmemPad.
+template <class W, int D, int NP, class LoadA>
+DPO_FLASH_FN void rows_dot_tile(typename W::template Regs<float, 8 * NP>& s, LoadA&& load_a, const uint16_t* tile) {
   constexpr int S = D + kSmemPad;
   W::each([&](int lane) {
     DPO_FLASH_UNROLL
-    for (int i = 0; i < 32; ++i) s(lane, i) = 0.0f;
+    for (int i = 0; i < 8 * NP; ++i) s(lane, i) = 0.0f;
   });
   DPO_FLASH_UNROLL
   for (int kc = 0; kc < D / 16; ++kc) {
     Frag4<W> a;
     load_a(kc, a);
     DPO_FLASH_UNROLL
-    for (int np = 0; np < 4; ++np) {
+    for (int np = 0; np < NP; ++np) {
       Frag4<W> kb;
       // matrix j = lane / 8: tile rows 16 np + 8 (j >> 1) + [0, 8), dims 16 kc + 8 (j & 1) + [0, 8)
       W::template ldmatrix_x4<false>(kb, 0, [&](int lane) {
@@ -110,14 +118,14 @@ DPO_FLASH_FN void load_a_from_tile(Frag4<W>& a, const uint16_t* tile, int r0, in
   });
 }
 
-// acc (16 rows x D, C fragments of 8 dims: dims [8 dn, 8 dn + 8) in [4 dn, 4 dn + 4)) += pa . tile, pa: 16 rows x 64
-// as 4 A fragments of 16 columns (registers [4 kk, 4 kk + 4)); tile: 64 rows (the k dimension) of D bf16.
-template <class W, int D>
+// acc (16 rows x D, C fragments of 8 dims: dims [8 dn, 8 dn + 8) in [4 dn, 4 dn + 4)) += pa . tile, pa: 16 rows x
+// 16 NP as NP A fragments of 16 columns (registers [4 kk, 4 kk + 4)); tile: 16 NP rows (the k dimension) of D bf16.
+template <class W, int D, int NP>
 DPO_FLASH_FN void frags_times_tile(typename W::template Regs<float, D / 2>& acc,
-                                   const typename W::template Regs<uint32_t, 16>& pa, const uint16_t* tile) {
+                                   const typename W::template Regs<uint32_t, 4 * NP>& pa, const uint16_t* tile) {
   constexpr int S = D + kSmemPad;
   DPO_FLASH_UNROLL
-  for (int kk = 0; kk < 4; ++kk) {
+  for (int kk = 0; kk < NP; ++kk) {
     DPO_FLASH_UNROLL
     for (int dp = 0; dp < D / 16; ++dp) {
       Frag4<W> vb;
@@ -133,12 +141,12 @@ DPO_FLASH_FN void frags_times_tile(typename W::template Regs<float, D / 2>& acc,
 
 // C fragments of column chunks 2 kk and 2 kk + 1 -> the A fragment of columns [16 kk, 16 kk + 16), rounded to bf16
 // (A reg 0: row g, columns 2c..; 1: row g + 8; 2: row g, columns 8 + 2c..; 3: row g + 8; as the forward's P).
-template <class W>
-DPO_FLASH_FN void pack_c_to_a(const typename W::template Regs<float, 32>& s,
-                              typename W::template Regs<uint32_t, 16>& pa) {
+template <class W, int NP>
+DPO_FLASH_FN void pack_c_to_a(const typename W::template Regs<float, 8 * NP>& s,
+                              typename W::template Regs<uint32_t, 4 * NP>& pa) {
   W::each([&](int lane) {
     DPO_FLASH_UNROLL
-    for (int kk = 0; kk < 4; ++kk) {
+    for (int kk = 0; kk < NP; ++kk) {
       DPO_FLASH_UNROLL
       for (int j = 0; j < 4; ++j)
         pa(lane, 4 * kk + j) = W::pack_bf16x2(s(lane, 8 * kk + 2 * j), s(lane, 8 * kk + 2 * j + 1));
@@ -208,50 +216,58 @@ struct DkvRegs {
   typename W::template Regs<float, D / 2> dk, dv;  // keys g and g + 8 of the warp's 16, C fragments as the forward's o
 };
 
-// One warp's keys [kr0, kr0 + 16) of the tile (slots k0 + kr0 + ...) against the staged query block (slots t0 + ...).
+// One warp's keys [kr0, kr0 + 16) of the tile (slots k0 + kr0 + ...) against the staged query block (slots t0 + ...),
+// in two halves of 32 queries (half the score and dP registers of a whole block: no spills at D = 128).
 template <class W, int D>
 DPO_FLASH_FN void dkdv_warp_tile(DkvRegs<W, D>& r, const uint16_t* ks, const uint16_t* vs, const uint16_t* qs,
                                  const uint16_t* dos, const float* lse_s, const float* dl_s, const int32_t* sp_s,
                                  int kr0, int64_t k0, int64_t t0, float scale) {
-  using FR = typename W::template Regs<float, 32>;
-  typename W::template Regs<uint32_t, 16> pa;
-  // S^T = K_w Q^T; C register 4 nc + 2 rr + e: key kr0 + g + 8 rr, query 8 nc + 2 c + e of the block.
-  FR s;
-  rows_dot_tile<W, D>(s, [&](int kc, Frag4<W>& a) { load_a_from_tile<W, D>(a, ks, kr0, kc); }, qs);
-  W::each([&](int lane) {
-    const int g = lane >> 2, c = lane & 3;
-    DPO_FLASH_UNROLL
-    for (int rr = 0; rr < 2; ++rr) {
-      const int64_t key = k0 + kr0 + g + 8 * rr;
+  constexpr int S = D + kSmemPad, NP = kDkvHalfQueries / 16;
+  using FR = typename W::template Regs<float, 8 * NP>;
+  DPO_FLASH_LOOP_KEEP  // not unrolled: the halves would be interleaved back into a whole block's registers
+  for (int half = 0; half < kBlockRows / kDkvHalfQueries; ++half) {
+    const int q0 = kDkvHalfQueries * half;
+    const uint16_t* qh = qs + q0 * S;
+    const uint16_t* doh = dos + q0 * S;
+    typename W::template Regs<uint32_t, 4 * NP> pa;
+    // S^T = K_w Q^T; C register 4 nc + 2 rr + e: key kr0 + g + 8 rr, query q0 + 8 nc + 2 c + e of the block.
+    FR s;
+    rows_dot_tile<W, D, NP>(s, [&](int kc, Frag4<W>& a) { load_a_from_tile<W, D>(a, ks, kr0, kc); }, qh);
+    W::each([&](int lane) {
+      const int g = lane >> 2, c = lane & 3;
       DPO_FLASH_UNROLL
-      for (int nc = 0; nc < 8; ++nc) {
+      for (int rr = 0; rr < 2; ++rr) {
+        const int64_t key = k0 + kr0 + g + 8 * rr;
         DPO_FLASH_UNROLL
-        for (int e = 0; e < 2; ++e) {
-          const int i = 4 * nc + 2 * rr + e, qi = 8 * nc + 2 * c + e;
-          // Invisible pairs (masked, keys or queries past T) are exact zeros whatever the score or lse (+inf for a
-          // query that sees nothing).
-          s(lane, i) = span_sees(sp_s + kSpanWidth * qi, t0 + qi, key)
-                           ? W::exp2((s(lane, i) * scale - lse_s[qi]) * kLog2e)
-                           : 0.0f;
+        for (int nc = 0; nc < 2 * NP; ++nc) {
+          DPO_FLASH_UNROLL
+          for (int e = 0; e < 2; ++e) {
+            const int i = 4 * nc + 2 * rr + e, qi = q0 + 8 * nc + 2 * c + e;
+            // Invisible pairs (masked, keys or queries past T) are exact zeros whatever the score or lse (+inf for a
+            // query that sees nothing).
+            s(lane, i) = span_sees(sp_s + kSpanWidth * qi, t0 + qi, key)
+                             ? W::exp2((s(lane, i) * scale - lse_s[qi]) * kLog2e)
+                             : 0.0f;
+          }
         }
       }
-    }
-  });
-  pack_c_to_a<W>(s, pa);
-  frags_times_tile<W, D>(r.dv, pa, dos);  // dV_w += P^T dO
-  FR dp;                                   // dP^T = V_w dO^T
-  rows_dot_tile<W, D>(dp, [&](int kc, Frag4<W>& a) { load_a_from_tile<W, D>(a, vs, kr0, kc); }, dos);
-  W::each([&](int lane) {
-    const int c = lane & 3;
-    DPO_FLASH_UNROLL
-    for (int i = 0; i < 32; ++i) {
-      const int qi = 8 * (i >> 2) + 2 * c + (i & 1);
-      const float pv = s(lane, i);
-      dp(lane, i) = pv == 0.0f ? 0.0f : pv * (dp(lane, i) - dl_s[qi]);
-    }
-  });
-  pack_c_to_a<W>(dp, pa);
-  frags_times_tile<W, D>(r.dk, pa, qs);  // dK_w += dS^T Q
+    });
+    pack_c_to_a<W, NP>(s, pa);
+    frags_times_tile<W, D, NP>(r.dv, pa, doh);  // dV_w += P^T dO
+    FR dp;                                       // dP^T = V_w dO^T
+    rows_dot_tile<W, D, NP>(dp, [&](int kc, Frag4<W>& a) { load_a_from_tile<W, D>(a, vs, kr0, kc); }, doh);
+    W::each([&](int lane) {
+      const int c = lane & 3;
+      DPO_FLASH_UNROLL
+      for (int i = 0; i < 8 * NP; ++i) {
+        const int qi = q0 + 8 * (i >> 2) + 2 * c + (i & 1);
+        const float pv = s(lane, i);
+        dp(lane, i) = pv == 0.0f ? 0.0f : pv * (dp(lane, i) - dl_s[qi]);
+      }
+    });
+    pack_c_to_a<W, NP>(dp, pa);
+    frags_times_tile<W, D, NP>(r.dk, pa, qh);  // dK_w += dS^T Q
+  }
 }
 
 // One block of the dk/dv grid: key tile, kv head and b from `block` (tiles ascending within a (b, kv head): the
@@ -351,7 +367,7 @@ DPO_FLASH_FN void dq_warp_tile(DqRegs<W, D>& r, const uint16_t* ks, const uint16
   typename W::template Regs<uint32_t, 16> pa;
   // S = Q_w K^T; C register 4 nc + 2 rr + e: query row g + 8 rr, key 8 nc + 2 c + e of the tile.
   FR s;
-  rows_dot_tile<W, D>(s, [&](int kc, Frag4<W>& a) { load_a_from_tile<W, D>(a, qs, qr0, kc); }, ks);
+  rows_dot_tile<W, D, 4>(s, [&](int kc, Frag4<W>& a) { load_a_from_tile<W, D>(a, qs, qr0, kc); }, ks);
   W::each([&](int lane) {
     const int g = lane >> 2, c = lane & 3;
     DPO_FLASH_UNROLL
@@ -370,7 +386,7 @@ DPO_FLASH_FN void dq_warp_tile(DqRegs<W, D>& r, const uint16_t* ks, const uint16
     }
   });
   FR dp;  // dP = dO_w V^T
-  rows_dot_tile<W, D>(dp, [&](int kc, Frag4<W>& a) { load_a_from_tile<W, D>(a, dos, qr0, kc); }, vs);
+  rows_dot_tile<W, D, 4>(dp, [&](int kc, Frag4<W>& a) { load_a_from_tile<W, D>(a, dos, qr0, kc); }, vs);
   W::each([&](int lane) {
     DPO_FLASH_UNROLL
     for (int i = 0; i < 32; ++i) {
@@ -378,8 +394,8 @@ DPO_FLASH_FN void dq_warp_tile(DqRegs<W, D>& r, const uint16_t* ks, const uint16
       dp(lane, i) = pv == 0.0f ? 0.0f : pv * (dp(lane, i) - r.dl(lane, (i >> 1) & 1));
     }
   });
-  pack_c_to_a<W>(dp, pa);
-  frags_times_tile<W, D>(r.dq, pa, ks);  // dQ_w += dS K
+  pack_c_to_a<W, 4>(dp, pa);
+  frags_times_tile<W, D, 4>(r.dq, pa, ks);  // dQ_w += dS K
 }
 
 // One block of the dq grid: query block and (b, h) from `block` as the forward's (last query block first). smem:
