@@ -384,16 +384,13 @@ inline std::vector<float> backward_oracle(const Inputs& in, const std::vector<fl
   return dqkv;
 }
 
-// Checks got (bf16 gradients in the layout of `in`) against old + the oracle's gradient within the budgets above.
-// old: the gradients' values before an Accumulate call (null: Overwrite, target = the oracle's gradient). `slack`
-// multiplies the fp32 parts, as in expect_within_budget.
-inline void expect_backward_within_budget(const Inputs& in, const std::vector<float>& dout, const Result& fwd,
-                                          const std::vector<float>& ref, const Grads& got, const Grads* old,
-                                          double slack = 1.0) {
-  const int64_t B = in.B, T = in.T, NH = in.NH, D = in.D, C = in.C(), C3 = 3 * C, group = in.NH / in.NKV;
+// The budgets above, without the output rounding term, of the oracle's expanded gradients ([B, T, 3C] like its
+// dqkv), from the oracle forward's out and lse. `slack` multiplies the fp32 parts, as in expect_within_budget.
+inline std::vector<double> backward_budgets(const Inputs& in, const std::vector<float>& dout, const Result& fwd,
+                                            double slack = 1.0) {
+  const int64_t B = in.B, T = in.T, NH = in.NH, D = in.D, C = in.C(), C3 = 3 * C;
   const double u = std::ldexp(1.0, -8), eps = FLT_EPSILON, scale = 1.0 / std::sqrt(static_cast<double>(D));
-  // Budgets of the expanded heads, [B, T, 3C] like ref.
-  std::vector<double> bud(ref.size(), 0.0);
+  std::vector<double> bud(static_cast<size_t>(B * T * C3), 0.0);
   std::vector<double> A(static_cast<size_t>(D)), P(static_cast<size_t>(T)), dP(static_cast<size_t>(T));
   for (int64_t b = 0; b < B; ++b)
     for (int64_t h = 0; h < NH; ++h) {
@@ -452,6 +449,17 @@ inline void expect_backward_within_budget(const Inputs& in, const std::vector<fl
         }
       }
     }
+  return bud;
+}
+
+// Checks got (bf16 gradients in the layout of `in`) against old + the oracle's gradient within the budgets above.
+// old: the gradients' values before an Accumulate call (null: Overwrite, target = the oracle's gradient).
+inline void expect_backward_within_budget(const Inputs& in, const std::vector<float>& dout, const Result& fwd,
+                                          const std::vector<float>& ref, const Grads& got, const Grads* old,
+                                          double slack = 1.0) {
+  const int64_t B = in.B, T = in.T, NH = in.NH, D = in.D, C = in.C(), C3 = 3 * C, group = in.NH / in.NKV;
+  const double u = std::ldexp(1.0, -8);
+  const std::vector<double> bud = backward_budgets(in, dout, fwd, slack);
   // Compare: q per query head; k and v per kv head against the sums over its group.
   int failures = 0;
   const char* names[3] = {"dq", "dk", "dv"};

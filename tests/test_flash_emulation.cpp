@@ -8,7 +8,13 @@
 //     T = 1, 17, 64, 100, 257, 1024, B = 2, NH = 3, grouped-query heads (NH 4 with 2 and 1 kv heads), padding,
 //     packed and prefix_shared spans, outputs poisoned with NaN first;
 //   - the key tiles visited against the tiles the spans need (every pair checked with span_sees), and the sum of
-//     squares of a packed row with tile-aligned segments.
+//     squares of a packed row with tile-aligned segments;
+//   - the backward (kernels/flash_tile_bwd.h) on the emulated forward's out and lse against the blocked CPU kernel's
+//     backward in the same cases (budgets: tests/flash_test_cases.h; grouped-query dk and dv against the sums over
+//     the group's heads), gradients poisoned first; both passes visit exactly the forward's (block, tile) pairs;
+//     a few elements against central differences of the exact loss in double; "+=" onto non-zero old values and
+//     "+=" onto zeros equal to "="; two runs, and a run with the grids in reverse order on another thread count,
+//     bitwise equal.
 #include <gtest/gtest.h>
 
 #if defined(_OPENMP)
@@ -442,6 +448,81 @@ TEST(FlashEmulationBackward, RunsAndBlockOrdersGiveBitwiseEqualGradients) {
 #endif
     EXPECT_TRUE(bitwise_equal(a, b));
     EXPECT_TRUE(bitwise_equal(a, r));
+  }
+}
+
+// sum over (b, t, h, d) of out * dout for the exact attention in double on x ([B, T, 3C], q | k | v as ref_qkv), with
+// the spans of `in`.
+double exact_loss(const Inputs& in, const std::vector<double>& x, const std::vector<float>& dout) {
+  const int64_t T = in.T, NH = in.NH, D = in.D, C = in.C(), C3 = 3 * C;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  std::vector<double> w(static_cast<size_t>(T));
+  double loss = 0.0;
+  for (int64_t b = 0; b < in.B; ++b)
+    for (int64_t h = 0; h < NH; ++h) {
+      const double* base = x.data() + b * T * C3 + h * D;
+      for (int64_t t = 0; t < T; ++t) {
+        double m = -INFINITY;
+        for (int64_t k = 0; k <= t; ++k) {
+          if (!flash_test::sees(in, b, t, k)) continue;
+          double s = 0.0;
+          for (int64_t d = 0; d < D; ++d) s += base[t * C3 + d] * base[k * C3 + C + d];
+          w[static_cast<size_t>(k)] = s * scale;
+          m = std::max(m, s * scale);
+        }
+        double z = 0.0;
+        for (int64_t k = 0; k <= t; ++k)
+          if (flash_test::sees(in, b, t, k)) z += (w[static_cast<size_t>(k)] = std::exp(w[static_cast<size_t>(k)] - m));
+        for (int64_t d = 0; d < D; ++d) {
+          double o = 0.0;
+          for (int64_t k = 0; k <= t; ++k)
+            if (flash_test::sees(in, b, t, k)) o += w[static_cast<size_t>(k)] * base[k * C3 + 2 * C + d];
+          loss += o / z * dout[static_cast<size_t>((b * T + t) * C + h * D + d)];
+        }
+      }
+    }
+  return loss;
+}
+
+TEST(FlashEmulationBackward, GradientsMatchDerivativesOfTheExactLoss) {
+  // A few emulated gradient elements (of the emulated forward's out and lse) against a derivative independent of the
+  // CPU oracle's backward: d/de L(x + e delta) at e = 0 along one input element (delta a unit vector), for
+  // L = sum out * dout of the exact attention in double, by central differences with one Richardson step (error
+  // O(h^4) at h = 2^-10, far below the budget). Budget per element: tests/flash_test_cases.h, plus u |grad| for the
+  // output rounding. Elements: for each of q, k and v, random slots (and the first and last slot of the row, and the
+  // slot after a one-slot segment of the packed row), random head and dim.
+  std::mt19937_64 g(test::test_seed());
+  for (int64_t D : {64, 128}) {
+    Inputs in = flash_test::packed_inputs(g, 1, 100, 2, D);
+    in.span = flash_test::padding_spans(1, 100);
+    flash_test::pack_row(in.span, 100, 0, 0, {40, 1, 59});
+    const BwdCase c = make_bwd_case(g, std::move(in));
+    SCOPED_TRACE("D=" + std::to_string(D));
+    flash_test::Grads got = flash_test::make_grads(c.in, 0x7fc0);
+    emulate_bwd(c, got, GradWrite::Overwrite);
+    const flash_test::Result ref_fwd = flash_test::oracle(c.in);
+    const std::vector<double> bud = flash_test::backward_budgets(c.in, c.dout_ref, ref_fwd);
+    const int64_t C = c.in.C();
+    std::vector<double> x(c.in.ref_qkv.begin(), c.in.ref_qkv.end());
+    std::uniform_int_distribution<int64_t> slot(0, c.in.T - 1), head(0, c.in.NH - 1), dim(0, D - 1);
+    for (int which = 0; which < 3; ++which)
+      for (int64_t s : {int64_t{0}, int64_t{41}, c.in.T - 1, slot(g), slot(g), slot(g)}) {
+        const int64_t h = head(g), d = dim(g);
+        const size_t i = static_cast<size_t>(s * 3 * C + which * C + h * D + d);
+        const auto fd = [&](double step) {
+          const double x0 = x[i];
+          x[i] = x0 + step;
+          const double lp = exact_loss(c.in, x, c.dout_ref);
+          x[i] = x0 - step;
+          const double lm = exact_loss(c.in, x, c.dout_ref);
+          x[i] = x0;
+          return (lp - lm) / (2 * step);
+        };
+        const double step = std::ldexp(1.0, -10), deriv = (4 * fd(step / 2) - fd(step)) / 3;
+        const double gi = flash_test::grad_at(c.in, got, which, s, h, d);
+        EXPECT_NEAR(gi, deriv, bud[i] + std::ldexp(1.0, -8) * std::fabs(gi) + 1e-9)
+            << "d" << "qkv"[which] << " slot " << s << " head " << h << " dim " << d;
+      }
   }
 }
 
