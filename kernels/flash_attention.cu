@@ -1,11 +1,20 @@
-// The flash attention forward on the GPU (contract: kernels/flash_attention.h): the tile code of
-// kernels/flash_tile.h with the device warp policy below (one thread is one lane; the warp instructions are the real
-// ones). The host emulation (kernels/flash_emulation.h) runs the same tile code with the lanes emulated.
+// The flash attention forward and backward on the GPU (contract: kernels/flash_attention.h): the tile code of
+// kernels/flash_tile.h and kernels/flash_tile_bwd.h with the device warp policy below (one thread is one lane; the
+// warp instructions are the real ones). The host emulation (kernels/flash_emulation.h) runs the same tile code with
+// the lanes emulated.
 //
-// Launch: one block of 128 threads (4 warps x 16 query rows) per (query block of 64, b, h); dynamic shared memory
-// 2 x 64 x (D + 8) bf16 (18 KiB at D = 64, 34 KiB at D = 128: under the 48 KiB default, no opt-in needed).
+// Forward launch: one block of 128 threads (4 warps x 16 query rows) per (query block of 64, b, h); dynamic shared
+// memory 2 x 64 x (D + 8) bf16 (18 KiB at D = 64, 34 KiB at D = 128: under the 48 KiB default, no opt-in needed).
 // Registers per thread at D = 128: Q fragments 32, accumulators 64, scores 32, P fragments 16; ptxas (CUDA 13,
 // sm_90) gives 243 registers at D = 128 and 146 at D = 64, no local memory (every loop over fragments unrolled).
+//
+// Backward launch, three kernels in stream order: the preprocess (one thread per (b, h, t), 256 per block); the
+// dk/dv pass (128 threads per (key tile, kv head, b)); the dq pass (128 threads per (query block, h, b)). Both
+// passes use 4 x 64 x (D + 8) bf16 of dynamic shared memory plus 20 bytes per query for the dk/dv pass's lse,
+// delta and span (37 KiB at D = 64, 69 KiB at D = 128: the limit is raised with cudaFuncSetAttribute before each
+// launch). Registers, ptxas (CUDA 13, sm_90), no local memory in any: dk/dv pass 248 at D = 128 (dk and dv
+// accumulators 128, one half block of scores and dP 32, P / dS fragments 8; the loop over the two halves is kept
+// rolled) and 167 at D = 64; dq pass 204 at D = 128 and 168 at D = 64; preprocess 30.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 

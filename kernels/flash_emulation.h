@@ -1,9 +1,11 @@
 // The flash attention forward and backward (kernels/flash_attention.h) run on the host through the very tile code of
-// the GPU kernels (kernels/flash_tile.h, kernels/flash_tile_bwd.h), with a warp policy that holds the registers of all 32 lanes and emulates the warp
-// instructions lane by lane: mma.sync m16n8k16 (bf16 in, fp32 accumulate), ldmatrix .x4 (with and without .trans),
-// shfl.xor and the vote. The fragment tables below are the PTX ISA's (section "Matrix fragments for mma.m16n8k16
-// with floating point type" and "ldmatrix"); tests/test_flash_emulation.cpp checks them against entries read off the
-// ISA's figures and against plain matrix products, so that the kernel's indexing is tested here, without a GPU.
+// the GPU kernels (kernels/flash_tile.h, kernels/flash_tile_bwd.h), with a warp policy that holds the registers of
+// all 32 lanes and emulates the warp instructions lane by lane: mma.sync m16n8k16 (bf16 in, fp32 accumulate),
+// ldmatrix .x4 (with and without .trans), shfl.xor and the vote (and the plain loads, stores and bf16 conversions
+// the tile code reaches through the policy). The fragment tables below are the PTX ISA's (section "Matrix fragments
+// for mma.m16n8k16 with floating point type" and "ldmatrix"); tests/test_flash_emulation.cpp checks them against
+// entries read off the ISA's figures and against plain matrix products, so that the kernel's indexing is tested
+// here, without a GPU.
 // What the emulation cannot show: timing, races between warps (the host runs the warps of a phase one after another),
 // and the hardware's internal summation order in mma (here: fp32, k ascending).
 //

@@ -435,7 +435,8 @@ inline std::vector<double> backward_budgets(const Inputs& in, const std::vector<
           const double pk = P[static_cast<size_t>(k)];
           if (pk == 0.0) continue;
           double gv = 0.0;
-          for (int64_t d = 0; d < D; ++d) gv += std::fabs(double(gbase[t * C + d])) * std::fabs(double(base[k * C3 + 2 * C + d]));
+          for (int64_t d = 0; d < D; ++d)
+            gv += std::fabs(double(gbase[t * C + d])) * std::fabs(double(base[k * C3 + 2 * C + d]));
           const double dpd = dP[static_cast<size_t>(k)] - delta, ds = pk * dpd;
           const double bS = u * std::fabs(ds) + u * pk * E +
                             pk * (e_t * std::fabs(dpd) + slack * eps * (2 * D + 8) * (gv + go)) +

@@ -144,7 +144,8 @@ class CudaFlash : public ::testing::Test {
     const std::vector<float> ref = flash_test::backward_oracle(in, dout_ref, ref_fwd);
     flash_test::expect_backward_within_budget(in, dout_ref, ref_fwd, ref, first, nullptr, /*slack=*/2.0);
     flash_test::Grads old = shape;
-    for (auto* h : {&old.dqkv, &old.dq, &old.dk, &old.dv}) *h = flash_test::rand_bf16(g, static_cast<int64_t>(h->size()));
+    for (auto* h : {&old.dqkv, &old.dq, &old.dk, &old.dv})
+      *h = flash_test::rand_bf16(g, static_cast<int64_t>(h->size()));
     dqkv.upload(old.dqkv), dq.upload(old.dq), dk.upload(old.dk), dv.upload(old.dv);
     flash::flash_attention_backward(*ctx_, params(GradWrite::Accumulate));
     DPO_CUDA_CHECK(cudaStreamSynchronize(ctx_->stream()));

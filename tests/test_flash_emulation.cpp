@@ -408,7 +408,8 @@ TEST(FlashEmulationBackward, AccumulateAddsToTheOldValues) {
     const std::vector<float> ref = flash_test::backward_oracle(c.in, c.dout_ref, ref_fwd);
     // Non-zero old values (of the gradients' size): the result is old + gradient within the budgets.
     flash_test::Grads old = flash_test::make_grads(c.in, 0);
-    for (auto* v : {&old.dqkv, &old.dq, &old.dk, &old.dv}) *v = flash_test::rand_bf16(g, static_cast<int64_t>(v->size()));
+    for (auto* v : {&old.dqkv, &old.dq, &old.dk, &old.dv})
+      *v = flash_test::rand_bf16(g, static_cast<int64_t>(v->size()));
     flash_test::Grads acc = old;
     emulate_bwd(c, acc, GradWrite::Accumulate);
     flash_test::expect_backward_within_budget(c.in, c.dout_ref, ref_fwd, ref, acc, &old);
@@ -421,8 +422,60 @@ TEST(FlashEmulationBackward, AccumulateAddsToTheOldValues) {
       for (int64_t s = 0; s < c.in.B * c.in.T; ++s)
         for (int64_t h = 0; h < (which == 0 ? c.in.NH : c.in.NKV); ++h)
           for (int64_t d = 0; d < D; ++d)
-            mismatches += flash_test::grad_at(c.in, zero, which, s, h, d) != flash_test::grad_at(c.in, over, which, s, h, d);
+            mismatches +=
+                flash_test::grad_at(c.in, zero, which, s, h, d) != flash_test::grad_at(c.in, over, which, s, h, d);
     EXPECT_EQ(mismatches, 0);
+  }
+}
+
+TEST(FlashEmulationBackward, GroupedHeadsGetTheSumOverTheirGroup) {
+  // Grouped-query inputs against the same values with every query head given its own copy of its kv head (packed,
+  // n_kv_head = n_head). dq reads the same keys and values in the same order: bitwise equal. dk and dv of a kv head
+  // are the group's per-head gradients summed in fp32 before the one rounding; the expanded run rounds each head's
+  // first, so they agree within the heads' budgets plus both roundings.
+  std::mt19937_64 g(test::test_seed());
+  for (int64_t D : {64, 128}) {
+    SCOPED_TRACE("D=" + std::to_string(D));
+    Inputs grouped = flash_test::grouped_inputs(g, 2, 130, 4, 2, D);
+    grouped.span = flash_test::padding_spans(2, 130);
+    flash_test::prefix_shared_segment(grouped.span, 130, 0, 3, 50, 30, 40);
+    flash_test::pack_row(grouped.span, 130, 1, 0, {64, 66});
+    Inputs expanded = grouped;
+    expanded.packed = true, expanded.NKV = expanded.NH;
+    expanded.q.clear(), expanded.k.clear(), expanded.v.clear();
+    expanded.qkv.resize(expanded.ref_qkv.size());
+    for (size_t i = 0; i < expanded.qkv.size(); ++i) expanded.qkv[i] = flash_test::to_bf16(expanded.ref_qkv[i]);
+    BwdCase cg = make_bwd_case(g, std::move(grouped));
+    BwdCase ce;
+    ce.dout = cg.dout, ce.dout_ref = cg.dout_ref, ce.fwd = emulate(expanded), ce.in = std::move(expanded);
+    flash_test::Grads gg = flash_test::make_grads(cg.in, 0x7fc0), ge = flash_test::make_grads(ce.in, 0x7fc0);
+    emulate_bwd(cg, gg, GradWrite::Overwrite);
+    emulate_bwd(ce, ge, GradWrite::Overwrite);
+    const std::vector<double> bud = flash_test::backward_budgets(ce.in, ce.dout_ref, flash_test::oracle(ce.in));
+    const int64_t NH = cg.in.NH, group = NH / cg.in.NKV, C = cg.in.C();
+    const double u = std::ldexp(1.0, -8);
+    int failures = 0;
+    for (int64_t s = 0; s < cg.in.B * cg.in.T; ++s)
+      for (int64_t d = 0; d < D; ++d) {
+        for (int64_t h = 0; h < NH; ++h)
+          if (flash_test::grad_at(cg.in, gg, 0, s, h, d) != flash_test::grad_at(ce.in, ge, 0, s, h, d) &&
+              failures++ < 8)
+            ADD_FAILURE() << "dq slot " << s << " head " << h << " dim " << d;
+        for (int which = 1; which < 3; ++which)
+          for (int64_t j = 0; j < cg.in.NKV; ++j) {
+            double sum = 0.0, mag = 0.0, tol = 0.0;
+            for (int64_t h = j * group; h < (j + 1) * group; ++h) {
+              const double x = flash_test::grad_at(ce.in, ge, which, s, h, d);
+              sum += x, mag += std::fabs(x);
+              tol += bud[static_cast<size_t>(s * 3 * C + which * C + h * D + d)];
+            }
+            const double got = flash_test::grad_at(cg.in, gg, which, s, j, d);
+            tol += u * (std::fabs(got) + mag);
+            if (!(std::fabs(got - sum) <= tol) && failures++ < 8)
+              ADD_FAILURE() << "d" << "qkv"[which] << " slot " << s << " kv head " << j << " dim " << d << ": got "
+                            << got << ", sum over the group " << sum << ", budget " << tol;
+          }
+      }
   }
 }
 
