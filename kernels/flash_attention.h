@@ -107,9 +107,11 @@ void flash_attention_forward(CudaContext& ctx, const Params& p);
 //   dq [B, T, n_head,    D]  dL/dq                                                                      (write)
 //   dk, dv [B, T, n_kv_head, D]  dL/dk, dL/dv, summed over the query heads of the kv head's group           (write)
 // write = GradWrite::Overwrite: dx = bf16(g); Accumulate: dx = bf16(dx + g), with g the fp32 gradient (one rounding
-// either way; Accumulate reads the old bf16 value). A slot past a query's reach gets gradient 0 (written as such).
+// either way; Accumulate reads the old bf16 value). A key no query sees and a query that sees no key get gradient 0
+// (Overwrite stores 0; Accumulate stores the old value again).
 // Workspace: delta [B, n_head, T] fp32, caller-provided (backward_workspace_bytes; no allocation inside):
-//   delta[b, h, t] = sum_d dout[b, t, h, d] * out[b, t, h, d], d ascending in fp32 (the preprocess)          (=)
+//   delta[b, h, t] = sum_d dout[b, t, h, d] * out[b, t, h, d], d ascending in fp32 (the preprocess; the GPU may
+//                    fuse the multiply-adds)                                                                   (=)
 //
 // Arithmetic (fp32 accumulation throughout): the probabilities are recomputed, P = exp(s * scale - lse) on the
 // visible keys and 0 elsewhere (s = q.k from mma, as in the forward); dP = dout.v (mma); dS = P (dP - delta);

@@ -20,7 +20,7 @@
 //
 // Shared memory of both passes: four tiles of 64 rows x (D + kSmemPad) bf16, K, V, Q, dO in that order (the dq pass
 // keeps Q and dO of its block there for the whole block; the dk/dv pass keeps K and V), then, for the dk/dv pass,
-// per query of the staged block: lse (fp32), delta (fp32) and the span (3 int32). 70 KiB at D = 128, so the
+// per query of the staged block: lse (fp32), delta (fp32) and the span (3 int32). 69 KiB at D = 128, so the
 // launcher raises the kernels' dynamic shared-memory limit (kernels/flash_attention.cu).
 #pragma once
 
