@@ -1,6 +1,7 @@
-// Flash-style causal attention forward on tensor cores (bf16 storage, fp32 accumulation), with the per-row
-// log-sum-exp saved for a backward. The tile code is kernels/flash_tile.h; it runs on the GPU in
-// kernels/flash_attention.cu and, lane by lane, on the host in kernels/flash_emulation.h (tests).
+// Flash-style causal attention on tensor cores (bf16 storage, fp32 accumulation): the forward, which saves the
+// per-row log-sum-exp, and the deterministic backward that recomputes the probabilities from it (below). The tile
+// code is kernels/flash_tile.h (backward: kernels/flash_tile_bwd.h); it runs on the GPU in kernels/flash_attention.cu
+// and, lane by lane, on the host in kernels/flash_emulation.h (tests).
 //
 // Shapes and storage (all strides and sizes in elements, 64-bit):
 //   q   [B, T, n_head,    D] rows of q_stride elements: query head h of slot (b, t) is q + (b*T + t)*q_stride + h*D
@@ -38,6 +39,7 @@
 #include <cstdint>
 #include <string>
 
+#include "kernels/common.h"
 #include "runtime/error.h"
 
 namespace dpo {
@@ -97,5 +99,90 @@ inline void check_params(const Params& p, const char* fn) {
 // The GPU kernel (kernels/flash_attention.cu): asynchronous on ctx.stream(), no scratch. check_params first
 // (dpo::Error). Output may not alias an input.
 void flash_attention_forward(CudaContext& ctx, const Params& p);
+
+// --- Backward -------------------------------------------------------------------------------------------------------
+// Inputs: q, k, v as in the forward; out and lse of the forward on them; dout [B, T, n_head, D] (rows of
+// dout_stride), the gradient of the loss with respect to out; span as the forward saw it. Outputs, bf16 and strided
+// like the inputs (GPT-2's packed dqkv [B, T, 3C]: dq = dqkv, dk = dqkv + C, dv = dqkv + 2C, strides 3C):
+//   dq [B, T, n_head,    D]  dL/dq                                                                      (write)
+//   dk, dv [B, T, n_kv_head, D]  dL/dk, dL/dv, summed over the query heads of the kv head's group           (write)
+// write = GradWrite::Overwrite: dx = bf16(g); Accumulate: dx = bf16(dx + g), with g the fp32 gradient (one rounding
+// either way; Accumulate reads the old bf16 value). A key no query sees and a query that sees no key get gradient 0
+// (Overwrite stores 0; Accumulate stores the old value again).
+// Workspace: delta [B, n_head, T] fp32, caller-provided (backward_workspace_bytes; no allocation inside):
+//   delta[b, h, t] = sum_d dout[b, t, h, d] * out[b, t, h, d], d ascending in fp32 (the preprocess; the GPU may
+//                    fuse the multiply-adds)                                                                   (=)
+//
+// Arithmetic (fp32 accumulation throughout): the probabilities are recomputed, P = exp(s * scale - lse) on the
+// visible keys and 0 elsewhere (s = q.k from mma, as in the forward); dP = dout.v (mma); dS = P (dP - delta);
+// dv = sum_t P dout, dk = scale sum_t dS q, dq = scale sum_k dS k. P and dS are rounded to bf16 before the mma that
+// consumes them (P.dout, dS.q, dS.k); dS uses the unrounded P. The error budgets this gives against an exact
+// backward on the same bf16 inputs are derived in tests/flash_test_cases.h.
+//
+// Work and determinism (no atomics, no scratch besides delta; two runs give bitwise equal outputs):
+//   preprocess: one thread per (b, h, t) row.
+//   dk/dv pass: one block per (key tile of 64, kv head, b); 4 warps of 16 keys. It iterates the group's query
+//     heads in ascending order and, for each, the query blocks of 64 at or after the key tile that the forward
+//     visits against it (the forward's tile vote, transposed: some query of the block sees some key of the tile),
+//     ascending; dk and dv of each key are accumulated by one warp in that fixed order and written once.
+//   dq pass: one block per (query block of 64, head, b) as in the forward; 4 warps of 16 queries iterate the visited
+//     key tiles ascending; dq of each query is accumulated by one warp and written once.
+struct BackwardParams {
+  const uint16_t* q = nullptr;  // bf16 bits
+  const uint16_t* k = nullptr;
+  const uint16_t* v = nullptr;
+  const uint16_t* out = nullptr;
+  const uint16_t* dout = nullptr;
+  const float* lse = nullptr;     // [B, n_head, T]
+  const int32_t* span = nullptr;  // [B, T, kSpanWidth] or null (causal)
+  uint16_t* dq = nullptr;
+  uint16_t* dk = nullptr;
+  uint16_t* dv = nullptr;
+  float* delta = nullptr;  // workspace, backward_workspace_bytes(p) bytes
+  GradWrite write = GradWrite::Accumulate;
+  int64_t B = 0, T = 0, n_head = 0, n_kv_head = 0, head_dim = 0;
+  int64_t q_stride = 0, k_stride = 0, v_stride = 0, out_stride = 0, dout_stride = 0;
+  int64_t dq_stride = 0, dk_stride = 0, dv_stride = 0;
+};
+
+// Bytes of the delta workspace: B * n_head * T floats.
+inline int64_t backward_workspace_bytes(const BackwardParams& p) {
+  return p.B * p.n_head * p.T * static_cast<int64_t>(sizeof(float));
+}
+
+// The checks of check_params, for the backward's arrays (the outputs need the same alignment), plus non-null lse and
+// delta at 4-byte alignment.
+inline void check_backward_params(const BackwardParams& p, const char* fn) {
+  Params f;
+  f.q = p.q, f.k = p.k, f.v = p.v, f.out = const_cast<uint16_t*>(p.out), f.lse = const_cast<float*>(p.lse);
+  f.B = p.B, f.T = p.T, f.n_head = p.n_head, f.n_kv_head = p.n_kv_head, f.head_dim = p.head_dim;
+  f.q_stride = p.q_stride, f.k_stride = p.k_stride, f.v_stride = p.v_stride, f.out_stride = p.out_stride;
+  check_params(f, fn);
+  const auto fail = [&](const std::string& what) { throw Error(std::string(fn) + ": " + what); };
+  if (!p.dout || !p.dq || !p.dk || !p.dv || !p.delta) fail("dout, dq, dk, dv and the delta workspace must not be null");
+  if (reinterpret_cast<uintptr_t>(p.lse) % 4 != 0 || reinterpret_cast<uintptr_t>(p.delta) % 4 != 0)
+    fail("lse and the delta workspace must be 4-byte aligned");
+  const struct {
+    const char* name;
+    const void* ptr;
+    int64_t stride, heads;
+  } arrays[] = {{"dout", p.dout, p.dout_stride, p.n_head},
+                {"dq", p.dq, p.dq_stride, p.n_head},
+                {"dk", p.dk, p.dk_stride, p.n_kv_head},
+                {"dv", p.dv, p.dv_stride, p.n_kv_head}};
+  for (const auto& a : arrays) {
+    if (a.stride < a.heads * p.head_dim)
+      fail(std::string(a.name) + " row stride " + std::to_string(a.stride) + " is shorter than its " +
+           std::to_string(a.heads) + " heads of " + std::to_string(p.head_dim));
+    if (a.stride % 8 != 0 || reinterpret_cast<uintptr_t>(a.ptr) % 16 != 0)
+      fail(std::string(a.name) + " must start at a multiple of 16 bytes with a row stride that is a multiple of 8 "
+           "elements (got stride " + std::to_string(a.stride) + ")");
+  }
+}
+
+// The GPU backward (kernels/flash_attention.cu): three kernels on ctx.stream() (preprocess, dk/dv pass, dq pass),
+// asynchronous. check_backward_params first (dpo::Error). Outputs may not alias inputs; dq, dk and dv may share one
+// packed array (disjoint columns).
+void flash_attention_backward(CudaContext& ctx, const BackwardParams& p);
 
 }  // namespace dpo::flash

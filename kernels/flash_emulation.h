@@ -1,9 +1,11 @@
-// The flash attention forward (kernels/flash_attention.h) run on the host through the very tile code of the GPU
-// kernel (kernels/flash_tile.h), with a warp policy that holds the registers of all 32 lanes and emulates the warp
-// instructions lane by lane: mma.sync m16n8k16 (bf16 in, fp32 accumulate), ldmatrix .x4 (with and without .trans),
-// shfl.xor and the vote. The fragment tables below are the PTX ISA's (section "Matrix fragments for mma.m16n8k16
-// with floating point type" and "ldmatrix"); tests/test_flash_emulation.cpp checks them against entries read off the
-// ISA's figures and against plain matrix products, so that the kernel's indexing is tested here, without a GPU.
+// The flash attention forward and backward (kernels/flash_attention.h) run on the host through the very tile code of
+// the GPU kernels (kernels/flash_tile.h, kernels/flash_tile_bwd.h), with a warp policy that holds the registers of
+// all 32 lanes and emulates the warp instructions lane by lane: mma.sync m16n8k16 (bf16 in, fp32 accumulate),
+// ldmatrix .x4 (with and without .trans), shfl.xor and the vote (and the plain loads, stores and bf16 conversions
+// the tile code reaches through the policy). The fragment tables below are the PTX ISA's (section "Matrix fragments
+// for mma.m16n8k16 with floating point type" and "ldmatrix"); tests/test_flash_emulation.cpp checks them against
+// entries read off the ISA's figures and against plain matrix products, so that the kernel's indexing is tested
+// here, without a GPU.
 // What the emulation cannot show: timing, races between warps (the host runs the warps of a phase one after another),
 // and the hardware's internal summation order in mma (here: fp32, k ascending).
 //
@@ -21,6 +23,7 @@
 #include <vector>
 
 #include "kernels/flash_tile.h"
+#include "kernels/flash_tile_bwd.h"
 
 namespace dpo::flash {
 
@@ -177,6 +180,11 @@ struct HostWarp {
     std::memset(dst, 0, 16);
   }
   static void store_u32(uint16_t* dst, uint32_t v) { std::memcpy(dst, &v, 4); }
+  static uint32_t load_u32(const uint16_t* src) {
+    uint32_t v;
+    std::memcpy(&v, src, 4);
+    return v;
+  }
 };
 
 // The whole forward on the host: every block of the GPU grid through forward_block<HostWarp, D>, blocks spread over
@@ -209,6 +217,61 @@ inline int64_t emulate_forward(const Params& p) {
     run(std::integral_constant<int, 128>{});
   if (!error.empty()) throw std::logic_error(error);
   return visited;
+}
+
+// What the emulated backward visited: (query head, query block) pairs summed over the dk/dv blocks, and key tiles
+// summed over the dq blocks. Both equal the forward's (query block, key tile) pairs (the same vote).
+struct BackwardVisits {
+  int64_t dkdv = 0, dq = 0;
+};
+
+// The whole backward on the host: the preprocess, then every block of the dk/dv grid and of the dq grid through
+// dkdv_block / dq_block<HostWarp, D>, blocks spread over the OpenMP threads in the given schedule order (`reverse`:
+// the blocks of each grid taken last to first, to show that the result does not depend on the order the GPU runs
+// its blocks in). check_backward_params first (dpo::Error). Each block's shared array starts poisoned (bf16 NaN
+// in the tiles, NaN bits in the per-query arrays); ldmatrix and staging addresses are checked against the tiles.
+inline BackwardVisits emulate_backward(const BackwardParams& p, bool reverse = false) {
+  check_backward_params(p, "flash::emulate_backward");
+  BackwardVisits visits;
+  const int64_t rows = backward_delta_rows(p);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < rows; ++i) backward_delta_row<HostWarp>(p, reverse ? rows - 1 - i : i);
+  std::string error;
+  const auto run = [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    const size_t words = static_cast<size_t>(bwd_smem_bytes<D>() / 4);
+    const int64_t nkv = dkdv_grid_blocks(p), nq = dq_grid_blocks(p);
+    int64_t vkv = 0, vq = 0;
+#pragma omp parallel for schedule(dynamic) reduction(+ : vkv, vq)
+    for (int64_t i = 0; i < nkv + nq; ++i) {
+      try {
+        std::vector<uint32_t> raw(words, 0x7fc07fc0u);  // bf16 NaN pairs
+        uint16_t* smem = reinterpret_cast<uint16_t*>(raw.data());
+        HostWarp::smem_lo() = smem;
+        HostWarp::smem_hi() = smem + bwd_tile_elems<D>();
+        // The dk/dv grid's blocks, then the dq grid's (independent: they write disjoint outputs).
+        if (i < nkv) {
+          std::vector<DkvRegs<HostWarp, D>> regs(kWarps);
+          vkv += dkdv_block<HostWarp, D>(p, reverse ? nkv - 1 - i : i, smem, regs.data());
+        } else {
+          std::vector<DqRegs<HostWarp, D>> regs(kWarps);
+          const int64_t blk = i - nkv;
+          vq += dq_block<HostWarp, D>(p, reverse ? nq - 1 - blk : blk, smem, regs.data());
+        }
+      } catch (const std::exception& e) {
+#pragma omp critical(dpo_flash_emulation_error)
+        if (error.empty()) error = std::string(e.what()) + " (backward block " + std::to_string(i) + ")";
+      }
+    }
+    visits.dkdv = vkv;
+    visits.dq = vq;
+  };
+  if (p.head_dim == 64)
+    run(std::integral_constant<int, 64>{});
+  else
+    run(std::integral_constant<int, 128>{});
+  if (!error.empty()) throw std::logic_error(error);
+  return visits;
 }
 
 }  // namespace dpo::flash

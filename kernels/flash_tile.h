@@ -20,6 +20,7 @@
 //                         the address of row l % 8 of matrix l / 8; r[ri + j] receives matrix j's fragment
 //   shfl_xor(x, i, mask, y)   y[0] of lane l = x[i] of lane l ^ mask
 //   exp2, log, pack_bf16x2 (round to nearest even, lo in the low half), copy16 / zero16 (16 bytes), store_u32
+//   load_u32 (two bf16 from global memory), lo / hi (the bf16 in the low / high half of a word, as float)
 //
 // Fragment layouts used below (PTX ISA, "Matrix fragments for mma.m16n8k16 with floating point type"); g = lane / 4,
 // c = lane % 4:
@@ -88,7 +89,9 @@ DPO_FLASH_FN void quad_allreduce(typename W::template Regs<float, N>& x, int i, 
 
 // The span of query slot t of row b as {lo, hole_lo, hole_hi}: the caller's span, {0, t, t} (causal) without one,
 // and {t + 1, t + 1, t + 1} (sees nothing) for a slot past the end of the row (the last block's spare rows).
-DPO_FLASH_FN void query_span(const Params& p, int64_t b, int64_t t, int32_t* sp) {
+// P: Params or BackwardParams (their T and span).
+template <class P>
+DPO_FLASH_FN void query_span(const P& p, int64_t b, int64_t t, int32_t* sp) {
   if (t >= p.T) {
     sp[0] = sp[1] = sp[2] = static_cast<int32_t>(t + 1);
   } else if (p.span == nullptr) {

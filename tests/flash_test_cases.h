@@ -29,6 +29,7 @@
 
 #include "kernels/attention.h"
 #include "kernels/batch_layout.h"
+#include "kernels/common.h"
 #include "kernels/flash_attention.h"
 
 namespace dpo::flash_test {
@@ -297,6 +298,192 @@ inline std::vector<NamedCase> standard_cases(std::mt19937_64& g, int64_t D, bool
     cs.push_back(std::move(c));
   }
   return cs;
+}
+
+// --- backward -------------------------------------------------------------------------------------------------------
+// Oracle: attention_tiled_backward[_spans]<float> on the same bf16-rounded inputs and a bf16 dout, with the lse of
+// the oracle's forward, into a zeroed dqkv [B, T, 3C] (grouped-query inputs expanded as above, so the kernel's dk and
+// dv of kv head j are the sums of the oracle's over the query heads of group j).
+//
+// Budgets, per element (u, eps as above; sums over the visible pairs (t, k) of one head, in double from the oracle's
+// probabilities P = exp(s scale - lse), dP = dout_t . v_k, delta_t = sum_k P dP, dS = P (dP - delta_t)):
+//   The kernel's dS differs from the exact one by at most
+//     b_S = u |dS|                  (dS rounded to bf16 before its mma)
+//         + u P E_t                 (delta from the bf16 out: |out~ - out| <= u (A + |out|) per dim (forward budget),
+//                                    so |delta~ - delta| <= u E_t, E_t = sum_d |dout_t,d| (A_t,d + |out_t,d|))
+//         + P (e_t |dP - delta| + eps (2D + 8) sum_d |dout_t,d| (|v_k,d| + |out_t,d|))
+//                                   (fp32: P's relative error e_t = eps (2 D S_t + 2 T + 8 |lse| + 16) from the score
+//                                    and the lse, as in the forward's lse budget; dP and delta reduced over D in fp32)
+//   dq[t, d] = scale sum_k dS k_k,d:  budget scale sum_k (b_S + 4 T eps |dS|) |k_k,d|
+//   dk[k, d] = scale sum_t dS q_t,d:  budget scale sum_t (b_S + 4 T eps |dS|) |q_t,d|
+//   dv[k, d] = sum_t P dout_t,d:      budget sum_t (u + e_t + 4 T eps) P |dout_t,d|   (P rounded to bf16 for its mma)
+//   each plus u |target| for the output rounding (target = the oracle's gradient, plus the old value under "+=").
+//   The 4 T eps terms are the fp32 accumulations over at most T terms on both sides (kernel and oracle).
+// A wrong mask or fragment index moves a gradient by a whole term (P |dout| or scale |dS| |q|) of a sum of at most
+// T, against a budget of about u (1/256) of the sum of their magnitudes.
+struct Grads {
+  std::vector<uint16_t> dqkv, dq, dk, dv;  // bf16 bits: packed uses dqkv [B, T, 3C], grouped dq, dk, dv
+};
+
+// Zeroed (or `fill`) gradient arrays in the layout of `in`.
+inline Grads make_grads(const Inputs& in, uint16_t fill) {
+  Grads g;
+  const size_t slots = static_cast<size_t>(in.B * in.T);
+  if (in.packed) {
+    g.dqkv.assign(slots * static_cast<size_t>(3 * in.C()), fill);
+  } else {
+    g.dq.assign(slots * static_cast<size_t>(in.C()), fill);
+    g.dk.assign(slots * static_cast<size_t>(in.NKV * in.D), fill);
+    g.dv.assign(g.dk.size(), fill);
+  }
+  return g;
+}
+
+// The bf16 value of gradient `which` (0 q, 1 k, 2 v) at slot s, head (query head for q, kv head for k and v), dim d.
+inline float grad_at(const Inputs& in, const Grads& g, int which, int64_t s, int64_t head, int64_t d) {
+  const int64_t C = in.C(), KV = in.NKV * in.D;
+  if (in.packed) return from_bf16(g.dqkv[static_cast<size_t>(s * 3 * C + which * C + head * in.D + d)]);
+  if (which == 0) return from_bf16(g.dq[static_cast<size_t>(s * C + head * in.D + d)]);
+  const auto& v = which == 1 ? g.dk : g.dv;
+  return from_bf16(v[static_cast<size_t>(s * KV + head * in.D + d)]);
+}
+
+// BackwardParams over `base` pointers laid out as `in` (dout and out [B, T, C]; the gradients as make_grads).
+inline flash::BackwardParams backward_params_for(const Inputs& in, const uint16_t* qkv, const uint16_t* q,
+                                                 const uint16_t* k, const uint16_t* v, const uint16_t* out,
+                                                 const uint16_t* dout, const float* lse, const int32_t* span,
+                                                 uint16_t* dqkv, uint16_t* dq, uint16_t* dk, uint16_t* dv, float* delta,
+                                                 GradWrite write) {
+  const flash::Params f = params_for(in, qkv, q, k, v, nullptr, nullptr, span);
+  flash::BackwardParams p;
+  p.q = f.q, p.k = f.k, p.v = f.v, p.out = out, p.dout = dout, p.lse = lse, p.span = span, p.delta = delta;
+  p.write = write;
+  p.B = in.B, p.T = in.T, p.n_head = in.NH, p.n_kv_head = in.NKV, p.head_dim = in.D;
+  p.q_stride = f.q_stride, p.k_stride = f.k_stride, p.v_stride = f.v_stride;
+  p.out_stride = p.dout_stride = in.C();
+  const int64_t C = in.C();
+  if (in.packed) {
+    p.dq = dqkv, p.dk = dqkv + C, p.dv = dqkv + 2 * C;
+    p.dq_stride = p.dk_stride = p.dv_stride = 3 * C;
+  } else {
+    p.dq = dq, p.dk = dk, p.dv = dv;
+    p.dq_stride = C, p.dk_stride = p.dv_stride = in.NKV * in.D;
+  }
+  return p;
+}
+
+// The oracle's dqkv [B, T, 3C] for dout (float, the bf16 values) with the oracle forward's lse.
+inline std::vector<float> backward_oracle(const Inputs& in, const std::vector<float>& dout, const Result& fwd) {
+  std::vector<float> dqkv(static_cast<size_t>(in.B * in.T * 3 * in.C()), 0.0f);
+  if (in.span.empty())
+    cpu::attention_tiled_backward<float>(dqkv.data(), dout.data(), in.ref_qkv.data(), nullptr, fwd.lse.data(), in.B,
+                                         in.T, in.C(), in.NH);
+  else
+    cpu::attention_tiled_backward_spans<float>(dqkv.data(), dout.data(), in.ref_qkv.data(), in.span.data(),
+                                               fwd.lse.data(), in.B, in.T, in.C(), in.NH);
+  return dqkv;
+}
+
+// The budgets above, without the output rounding term, of the oracle's expanded gradients ([B, T, 3C] like its
+// dqkv), from the oracle forward's out and lse. `slack` multiplies the fp32 parts, as in expect_within_budget.
+inline std::vector<double> backward_budgets(const Inputs& in, const std::vector<float>& dout, const Result& fwd,
+                                            double slack = 1.0) {
+  const int64_t B = in.B, T = in.T, NH = in.NH, D = in.D, C = in.C(), C3 = 3 * C;
+  const double u = std::ldexp(1.0, -8), eps = FLT_EPSILON, scale = 1.0 / std::sqrt(static_cast<double>(D));
+  std::vector<double> bud(static_cast<size_t>(B * T * C3), 0.0);
+  std::vector<double> A(static_cast<size_t>(D)), P(static_cast<size_t>(T)), dP(static_cast<size_t>(T));
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < NH; ++h) {
+      const float* base = in.ref_qkv.data() + b * T * C3 + h * D;
+      const float* gbase = dout.data() + b * T * C + h * D;
+      const float* obase = fwd.out.data() + b * T * C + h * D;
+      double* bb = bud.data() + b * T * C3 + h * D;
+      double max_knorm = 0.0;
+      for (int64_t k = 0; k < T; ++k) {
+        double n2 = 0.0;
+        for (int64_t d = 0; d < D; ++d) n2 += double(base[k * C3 + C + d]) * base[k * C3 + C + d];
+        max_knorm = std::max(max_knorm, std::sqrt(n2));
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const double l = fwd.lse[static_cast<size_t>((b * NH + h) * T + t)];
+        if (std::isinf(l)) continue;
+        double qn2 = 0.0;
+        for (int64_t d = 0; d < D; ++d) qn2 += double(base[t * C3 + d]) * base[t * C3 + d];
+        const double S = scale * std::sqrt(qn2) * max_knorm;
+        const double e_t = slack * eps * (2 * D * S + 2 * T + 8 * std::fabs(l) + 16);
+        std::fill(A.begin(), A.end(), 0.0);
+        double delta = 0.0;
+        for (int64_t k = 0; k <= t; ++k) {
+          P[static_cast<size_t>(k)] = dP[static_cast<size_t>(k)] = 0.0;
+          if (!sees(in, b, t, k)) continue;
+          double s = 0.0, g = 0.0;
+          for (int64_t d = 0; d < D; ++d) {
+            s += double(base[t * C3 + d]) * base[k * C3 + C + d];
+            g += double(gbase[t * C + d]) * base[k * C3 + 2 * C + d];
+          }
+          const double pk = std::exp(s * scale - l);
+          P[static_cast<size_t>(k)] = pk, dP[static_cast<size_t>(k)] = g;
+          delta += pk * g;
+          for (int64_t d = 0; d < D; ++d) A[static_cast<size_t>(d)] += pk * std::fabs(double(base[k * C3 + 2 * C + d]));
+        }
+        double E = 0.0, go = 0.0;
+        for (int64_t d = 0; d < D; ++d) {
+          E += std::fabs(double(gbase[t * C + d])) * (A[static_cast<size_t>(d)] + std::fabs(double(obase[t * C + d])));
+          go += std::fabs(double(gbase[t * C + d])) * std::fabs(double(obase[t * C + d]));
+        }
+        for (int64_t k = 0; k <= t; ++k) {
+          const double pk = P[static_cast<size_t>(k)];
+          if (pk == 0.0) continue;
+          double gv = 0.0;
+          for (int64_t d = 0; d < D; ++d)
+            gv += std::fabs(double(gbase[t * C + d])) * std::fabs(double(base[k * C3 + 2 * C + d]));
+          const double dpd = dP[static_cast<size_t>(k)] - delta, ds = pk * dpd;
+          const double bS = u * std::fabs(ds) + u * pk * E +
+                            pk * (e_t * std::fabs(dpd) + slack * eps * (2 * D + 8) * (gv + go)) +
+                            slack * 4 * T * eps * std::fabs(ds);
+          const double bV = (u + e_t + slack * 4 * T * eps) * pk;
+          for (int64_t d = 0; d < D; ++d) {
+            bb[t * C3 + d] += scale * bS * std::fabs(double(base[k * C3 + C + d]));
+            bb[k * C3 + C + d] += scale * bS * std::fabs(double(base[t * C3 + d]));
+            bb[k * C3 + 2 * C + d] += bV * std::fabs(double(gbase[t * C + d]));
+          }
+        }
+      }
+    }
+  return bud;
+}
+
+// Checks got (bf16 gradients in the layout of `in`) against old + the oracle's gradient within the budgets above.
+// old: the gradients' values before an Accumulate call (null: Overwrite, target = the oracle's gradient).
+inline void expect_backward_within_budget(const Inputs& in, const std::vector<float>& dout, const Result& fwd,
+                                          const std::vector<float>& ref, const Grads& got, const Grads* old,
+                                          double slack = 1.0) {
+  const int64_t B = in.B, T = in.T, NH = in.NH, D = in.D, C = in.C(), C3 = 3 * C, group = in.NH / in.NKV;
+  const double u = std::ldexp(1.0, -8);
+  const std::vector<double> bud = backward_budgets(in, dout, fwd, slack);
+  // Compare: q per query head; k and v per kv head against the sums over its group.
+  int failures = 0;
+  const char* names[3] = {"dq", "dk", "dv"};
+  for (int which = 0; which < 3 && failures < 8; ++which) {
+    const int64_t heads = which == 0 ? NH : in.NKV, per = which == 0 ? 1 : group;
+    for (int64_t s = 0; s < B * T && failures < 8; ++s)
+      for (int64_t hh = 0; hh < heads && failures < 8; ++hh)
+        for (int64_t d = 0; d < D && failures < 8; ++d) {
+          double target = old ? grad_at(in, *old, which, s, hh, d) : 0.0, tol = 0.0;
+          for (int64_t j = 0; j < per; ++j) {
+            const size_t i = static_cast<size_t>(s * C3 + which * C + (hh * per + j) * D + d);
+            target += ref[i];
+            tol += bud[i];
+          }
+          tol += u * std::fabs(target);
+          const double g = grad_at(in, got, which, s, hh, d);
+          if (!(std::fabs(g - target) <= tol)) {
+            ADD_FAILURE() << names[which] << " slot " << s << " (b=" << s / T << " t=" << s % T << ") head " << hh
+                          << " d=" << d << ": got " << g << ", want " << target << ", budget " << tol;
+            ++failures;
+          }
+        }
+  }
 }
 
 }  // namespace dpo::flash_test

@@ -8,8 +8,18 @@
 //     T = 1, 17, 64, 100, 257, 1024, B = 2, NH = 3, grouped-query heads (NH 4 with 2 and 1 kv heads), padding,
 //     packed and prefix_shared spans, outputs poisoned with NaN first;
 //   - the key tiles visited against the tiles the spans need (every pair checked with span_sees), and the sum of
-//     squares of a packed row with tile-aligned segments.
+//     squares of a packed row with tile-aligned segments;
+//   - the backward (kernels/flash_tile_bwd.h) on the emulated forward's out and lse against the blocked CPU kernel's
+//     backward in the same cases (budgets: tests/flash_test_cases.h; grouped-query dk and dv against the sums over
+//     the group's heads), gradients poisoned first; both passes visit exactly the forward's (block, tile) pairs;
+//     a few elements against central differences of the exact loss in double; "+=" onto non-zero old values and
+//     "+=" onto zeros equal to "="; two runs, and a run with the grids in reverse order on another thread count,
+//     bitwise equal.
 #include <gtest/gtest.h>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -21,6 +31,7 @@
 #include <vector>
 
 #include "flash_test_cases.h"
+#include "kernels/common.h"
 #include "kernels/flash_emulation.h"
 #include "runtime/error.h"
 #include "test_util.h"
@@ -316,6 +327,287 @@ TEST(FlashEmulationTiles, TilesInsideEveryQuerysHoleAreSkipped) {
   EXPECT_EQ(e.visited, 22);
   EXPECT_EQ(flash_test::needed_tile_visits(in), 22);
   flash_test::expect_within_budget(in, flash_test::oracle(in), e.out, e.r.lse);
+}
+
+// --- the backward against the blocked CPU kernel --------------------------------------------------------------------
+
+TEST(FlashEmulationInstructions, LoadU32AndHalvesReadTheBf16Pair) {
+  // load_u32 reads two consecutive bf16 (the first in the low half, little-endian), lo / hi convert each exactly.
+  std::mt19937_64 g(test::test_seed());
+  const std::vector<uint16_t> v = flash_test::rand_bf16(g, 64);
+  for (size_t i = 0; i + 1 < v.size(); i += 2) {
+    const uint32_t w = HostWarp::load_u32(v.data() + i);
+    EXPECT_EQ(HostWarp::lo(w), flash_test::from_bf16(v[i]));
+    EXPECT_EQ(HostWarp::hi(w), flash_test::from_bf16(v[i + 1]));
+    EXPECT_EQ(HostWarp::pack_bf16x2(HostWarp::lo(w), HostWarp::hi(w)), w);
+  }
+}
+
+// One backward case: inputs, a bf16 dout, and the emulated forward's out and lse (what the backward is given).
+struct BwdCase {
+  Inputs in;
+  std::vector<uint16_t> dout;
+  std::vector<float> dout_ref;
+  Emulated fwd;
+};
+
+BwdCase make_bwd_case(std::mt19937_64& g, Inputs in) {
+  BwdCase c;
+  c.dout = flash_test::rand_bf16(g, in.B * in.T * in.C());
+  c.dout_ref.resize(c.dout.size());
+  for (size_t i = 0; i < c.dout.size(); ++i) c.dout_ref[i] = flash_test::from_bf16(c.dout[i]);
+  c.fwd = emulate(in);
+  c.in = std::move(in);
+  return c;
+}
+
+// The emulated backward into `grads` (its contents are the old values for Accumulate); the delta workspace poisoned.
+flash::BackwardVisits emulate_bwd(const BwdCase& c, flash_test::Grads& grads, GradWrite write, bool reverse = false) {
+  const Inputs& in = c.in;
+  std::vector<float> delta(static_cast<size_t>(in.B * in.NH * in.T), NAN);
+  const flash::BackwardParams p = flash_test::backward_params_for(
+      in, in.qkv.data(), in.q.data(), in.k.data(), in.v.data(), c.fwd.out.data(), c.dout.data(),
+      c.fwd.r.lse.data(), in.span.empty() ? nullptr : in.span.data(), grads.dqkv.data(), grads.dq.data(),
+      grads.dk.data(), grads.dv.data(), delta.data(), write);
+  EXPECT_EQ(flash::backward_workspace_bytes(p), static_cast<int64_t>(delta.size() * sizeof(float)));
+  return flash::emulate_backward(p, reverse);
+}
+
+bool bitwise_equal(const flash_test::Grads& a, const flash_test::Grads& b) {
+  return a.dqkv == b.dqkv && a.dq == b.dq && a.dk == b.dk && a.dv == b.dv;
+}
+
+void run_backward_cases(int64_t D) {
+  std::mt19937_64 g(test::test_seed());
+  for (auto& nc : flash_test::standard_cases(g, D, /*long_t=*/true)) {
+    SCOPED_TRACE(nc.name + " D=" + std::to_string(D));
+    const BwdCase c = make_bwd_case(g, std::move(nc.in));
+    const flash_test::Result ref_fwd = flash_test::oracle(c.in);
+    const std::vector<float> ref = flash_test::backward_oracle(c.in, c.dout_ref, ref_fwd);
+    flash_test::Grads got = flash_test::make_grads(c.in, uint16_t{0x7fc0});  // poisoned: Overwrite never reads it
+    const flash::BackwardVisits visits = emulate_bwd(c, got, GradWrite::Overwrite);
+    // Grouped-query cases: dk and dv of a kv head against the sum of the oracle's over the group's query heads.
+    flash_test::expect_backward_within_budget(c.in, c.dout_ref, ref_fwd, ref, got, nullptr);
+    // Both passes pair exactly the (query block, key tile) pairs the forward visits.
+    EXPECT_EQ(visits.dkdv, c.fwd.visited);
+    EXPECT_EQ(visits.dq, c.fwd.visited);
+  }
+}
+
+TEST(FlashEmulationBackward, HeadDim64MatchesBlockedCpu) { run_backward_cases(64); }
+TEST(FlashEmulationBackward, HeadDim128MatchesBlockedCpu) { run_backward_cases(128); }
+
+TEST(FlashEmulationBackward, AccumulateAddsToTheOldValues) {
+  std::mt19937_64 g(test::test_seed());
+  for (int64_t D : {64, 128}) {
+    Inputs in = flash_test::grouped_inputs(g, 2, 100, 4, 2, D);
+    in.span = flash_test::padded_spans(100, 81);
+    const BwdCase c = make_bwd_case(g, std::move(in));
+    SCOPED_TRACE("D=" + std::to_string(D));
+    const flash_test::Result ref_fwd = flash_test::oracle(c.in);
+    const std::vector<float> ref = flash_test::backward_oracle(c.in, c.dout_ref, ref_fwd);
+    // Non-zero old values (of the gradients' size): the result is old + gradient within the budgets.
+    flash_test::Grads old = flash_test::make_grads(c.in, 0);
+    for (auto* v : {&old.dqkv, &old.dq, &old.dk, &old.dv})
+      *v = flash_test::rand_bf16(g, static_cast<int64_t>(v->size()));
+    flash_test::Grads acc = old;
+    emulate_bwd(c, acc, GradWrite::Accumulate);
+    flash_test::expect_backward_within_budget(c.in, c.dout_ref, ref_fwd, ref, acc, &old);
+    // On zeros, += gives the values = writes (0 + x is x; -0 and +0 compare equal).
+    flash_test::Grads zero = flash_test::make_grads(c.in, 0), over = flash_test::make_grads(c.in, 0x7fc0);
+    emulate_bwd(c, zero, GradWrite::Accumulate);
+    emulate_bwd(c, over, GradWrite::Overwrite);
+    int mismatches = 0;
+    for (int which = 0; which < 3; ++which)
+      for (int64_t s = 0; s < c.in.B * c.in.T; ++s)
+        for (int64_t h = 0; h < (which == 0 ? c.in.NH : c.in.NKV); ++h)
+          for (int64_t d = 0; d < D; ++d)
+            mismatches +=
+                flash_test::grad_at(c.in, zero, which, s, h, d) != flash_test::grad_at(c.in, over, which, s, h, d);
+    EXPECT_EQ(mismatches, 0);
+  }
+}
+
+TEST(FlashEmulationBackward, GroupedHeadsGetTheSumOverTheirGroup) {
+  // Grouped-query inputs against the same values with every query head given its own copy of its kv head (packed,
+  // n_kv_head = n_head). dq reads the same keys and values in the same order: bitwise equal. dk and dv of a kv head
+  // are the group's per-head gradients summed in fp32 before the one rounding; the expanded run rounds each head's
+  // first, so they agree within the heads' budgets plus both roundings.
+  std::mt19937_64 g(test::test_seed());
+  for (int64_t D : {64, 128}) {
+    SCOPED_TRACE("D=" + std::to_string(D));
+    Inputs grouped = flash_test::grouped_inputs(g, 2, 130, 4, 2, D);
+    grouped.span = flash_test::padding_spans(2, 130);
+    flash_test::prefix_shared_segment(grouped.span, 130, 0, 3, 50, 30, 40);
+    flash_test::pack_row(grouped.span, 130, 1, 0, {64, 66});
+    Inputs expanded = grouped;
+    expanded.packed = true, expanded.NKV = expanded.NH;
+    expanded.q.clear(), expanded.k.clear(), expanded.v.clear();
+    expanded.qkv.resize(expanded.ref_qkv.size());
+    for (size_t i = 0; i < expanded.qkv.size(); ++i) expanded.qkv[i] = flash_test::to_bf16(expanded.ref_qkv[i]);
+    BwdCase cg = make_bwd_case(g, std::move(grouped));
+    BwdCase ce;
+    ce.dout = cg.dout, ce.dout_ref = cg.dout_ref, ce.fwd = emulate(expanded), ce.in = std::move(expanded);
+    flash_test::Grads gg = flash_test::make_grads(cg.in, 0x7fc0), ge = flash_test::make_grads(ce.in, 0x7fc0);
+    emulate_bwd(cg, gg, GradWrite::Overwrite);
+    emulate_bwd(ce, ge, GradWrite::Overwrite);
+    const std::vector<double> bud = flash_test::backward_budgets(ce.in, ce.dout_ref, flash_test::oracle(ce.in));
+    const int64_t NH = cg.in.NH, group = NH / cg.in.NKV, C = cg.in.C();
+    const double u = std::ldexp(1.0, -8);
+    int failures = 0;
+    for (int64_t s = 0; s < cg.in.B * cg.in.T; ++s)
+      for (int64_t d = 0; d < D; ++d) {
+        for (int64_t h = 0; h < NH; ++h)
+          if (flash_test::grad_at(cg.in, gg, 0, s, h, d) != flash_test::grad_at(ce.in, ge, 0, s, h, d) &&
+              failures++ < 8)
+            ADD_FAILURE() << "dq slot " << s << " head " << h << " dim " << d;
+        for (int which = 1; which < 3; ++which)
+          for (int64_t j = 0; j < cg.in.NKV; ++j) {
+            double sum = 0.0, mag = 0.0, tol = 0.0;
+            for (int64_t h = j * group; h < (j + 1) * group; ++h) {
+              const double x = flash_test::grad_at(ce.in, ge, which, s, h, d);
+              sum += x, mag += std::fabs(x);
+              tol += bud[static_cast<size_t>(s * 3 * C + which * C + h * D + d)];
+            }
+            const double got = flash_test::grad_at(cg.in, gg, which, s, j, d);
+            tol += u * (std::fabs(got) + mag);
+            if (!(std::fabs(got - sum) <= tol) && failures++ < 8)
+              ADD_FAILURE() << "d" << "qkv"[which] << " slot " << s << " kv head " << j << " dim " << d << ": got "
+                            << got << ", sum over the group " << sum << ", budget " << tol;
+          }
+      }
+  }
+}
+
+TEST(FlashEmulationBackward, RunsAndBlockOrdersGiveBitwiseEqualGradients) {
+  // Two runs, and a run with the blocks of each grid (and the preprocess rows) taken in reverse order on another
+  // number of threads: the same bits, since every output is accumulated by one warp in a fixed order.
+  std::mt19937_64 g(test::test_seed());
+  std::vector<flash_test::NamedCase> cases = flash_test::standard_cases(g, 64, /*long_t=*/false);
+  for (auto& nc : cases) {
+    if (nc.name != "causal T=257" && nc.name.rfind("prefix_shared", 0) != 0) continue;
+    SCOPED_TRACE(nc.name);
+    const BwdCase c = make_bwd_case(g, std::move(nc.in));
+    flash_test::Grads a = flash_test::make_grads(c.in, 0x7fc0), b = a, r = a;
+    emulate_bwd(c, a, GradWrite::Overwrite);
+    emulate_bwd(c, b, GradWrite::Overwrite);
+#if defined(_OPENMP)
+    const int threads = omp_get_max_threads();
+    omp_set_num_threads(threads > 1 ? 1 : 3);
+#endif
+    emulate_bwd(c, r, GradWrite::Overwrite, /*reverse=*/true);
+#if defined(_OPENMP)
+    omp_set_num_threads(threads);
+#endif
+    EXPECT_TRUE(bitwise_equal(a, b));
+    EXPECT_TRUE(bitwise_equal(a, r));
+  }
+}
+
+// sum over (b, t, h, d) of out * dout for the exact attention in double on x ([B, T, 3C], q | k | v as ref_qkv), with
+// the spans of `in`.
+double exact_loss(const Inputs& in, const std::vector<double>& x, const std::vector<float>& dout) {
+  const int64_t T = in.T, NH = in.NH, D = in.D, C = in.C(), C3 = 3 * C;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  std::vector<double> w(static_cast<size_t>(T));
+  double loss = 0.0;
+  for (int64_t b = 0; b < in.B; ++b)
+    for (int64_t h = 0; h < NH; ++h) {
+      const double* base = x.data() + b * T * C3 + h * D;
+      for (int64_t t = 0; t < T; ++t) {
+        double m = -INFINITY;
+        for (int64_t k = 0; k <= t; ++k) {
+          if (!flash_test::sees(in, b, t, k)) continue;
+          double s = 0.0;
+          for (int64_t d = 0; d < D; ++d) s += base[t * C3 + d] * base[k * C3 + C + d];
+          w[static_cast<size_t>(k)] = s * scale;
+          m = std::max(m, s * scale);
+        }
+        double z = 0.0;
+        for (int64_t k = 0; k <= t; ++k)
+          if (flash_test::sees(in, b, t, k)) z += (w[static_cast<size_t>(k)] = std::exp(w[static_cast<size_t>(k)] - m));
+        for (int64_t d = 0; d < D; ++d) {
+          double o = 0.0;
+          for (int64_t k = 0; k <= t; ++k)
+            if (flash_test::sees(in, b, t, k)) o += w[static_cast<size_t>(k)] * base[k * C3 + 2 * C + d];
+          loss += o / z * dout[static_cast<size_t>((b * T + t) * C + h * D + d)];
+        }
+      }
+    }
+  return loss;
+}
+
+TEST(FlashEmulationBackward, GradientsMatchDerivativesOfTheExactLoss) {
+  // A few emulated gradient elements (of the emulated forward's out and lse) against a derivative independent of the
+  // CPU oracle's backward: d/de L(x + e delta) at e = 0 along one input element (delta a unit vector), for
+  // L = sum out * dout of the exact attention in double, by central differences with one Richardson step (error
+  // O(h^4) at h = 2^-10, far below the budget). Budget per element: tests/flash_test_cases.h, plus u |grad| for the
+  // output rounding. Elements: for each of q, k and v, random slots (and the first and last slot of the row, and the
+  // slot after a one-slot segment of the packed row), random head and dim.
+  std::mt19937_64 g(test::test_seed());
+  for (int64_t D : {64, 128}) {
+    Inputs in = flash_test::packed_inputs(g, 1, 100, 2, D);
+    in.span = flash_test::padding_spans(1, 100);
+    flash_test::pack_row(in.span, 100, 0, 0, {40, 1, 59});
+    const BwdCase c = make_bwd_case(g, std::move(in));
+    SCOPED_TRACE("D=" + std::to_string(D));
+    flash_test::Grads got = flash_test::make_grads(c.in, 0x7fc0);
+    emulate_bwd(c, got, GradWrite::Overwrite);
+    const flash_test::Result ref_fwd = flash_test::oracle(c.in);
+    const std::vector<double> bud = flash_test::backward_budgets(c.in, c.dout_ref, ref_fwd);
+    const int64_t C = c.in.C();
+    std::vector<double> x(c.in.ref_qkv.begin(), c.in.ref_qkv.end());
+    std::uniform_int_distribution<int64_t> slot(0, c.in.T - 1), head(0, c.in.NH - 1), dim(0, D - 1);
+    for (int which = 0; which < 3; ++which)
+      for (int64_t s : {int64_t{0}, int64_t{41}, c.in.T - 1, slot(g), slot(g), slot(g)}) {
+        const int64_t h = head(g), d = dim(g);
+        const size_t i = static_cast<size_t>(s * 3 * C + which * C + h * D + d);
+        const auto fd = [&](double step) {
+          const double x0 = x[i];
+          x[i] = x0 + step;
+          const double lp = exact_loss(c.in, x, c.dout_ref);
+          x[i] = x0 - step;
+          const double lm = exact_loss(c.in, x, c.dout_ref);
+          x[i] = x0;
+          return (lp - lm) / (2 * step);
+        };
+        const double step = std::ldexp(1.0, -10), deriv = (4 * fd(step / 2) - fd(step)) / 3;
+        const double gi = flash_test::grad_at(c.in, got, which, s, h, d);
+        EXPECT_NEAR(gi, deriv, bud[i] + std::ldexp(1.0, -8) * std::fabs(gi) + 1e-9)
+            << "d" << "qkv"[which] << " slot " << s << " head " << h << " dim " << d;
+      }
+  }
+}
+
+TEST(FlashEmulationBackward, BadParamsAreErrorsNamingTheRule) {
+  std::mt19937_64 g(test::test_seed());
+  Inputs in = flash_test::grouped_inputs(g, 1, 8, 4, 2, 64);
+  std::vector<uint16_t> out(static_cast<size_t>(8 * 4 * 64)), dout(out.size());
+  std::vector<float> lse(32), delta(32);
+  flash_test::Grads gr = flash_test::make_grads(in, 0);
+  const flash::BackwardParams good = flash_test::backward_params_for(
+      in, nullptr, in.q.data(), in.k.data(), in.v.data(), out.data(), dout.data(), lse.data(), nullptr, nullptr,
+      gr.dq.data(), gr.dk.data(), gr.dv.data(), delta.data(), GradWrite::Overwrite);
+  const auto expect_error = [&](flash::BackwardParams p, const char* needle) {
+    try {
+      flash::emulate_backward(p);
+      ADD_FAILURE() << "no error for " << needle;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  flash::BackwardParams p = good;
+  p.delta = nullptr;
+  expect_error(p, "delta workspace must not be null");
+  p = good;
+  p.dk_stride = 64;
+  expect_error(p, "dk row stride 64 is shorter");
+  p = good;
+  p.dq = gr.dq.data() + 1;
+  expect_error(p, "dq must start at a multiple of 16 bytes");
+  p = good;
+  p.head_dim = 96;
+  expect_error(p, "head_dim must be 64 or 128");
 }
 
 // --- parameter checks -----------------------------------------------------------------------------------------------
