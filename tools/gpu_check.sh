@@ -550,11 +550,11 @@ sanitizer_phase() {
 mc_runs=()
 for b in test_cuda_kernels_a test_cuda_kernels_b test_cuda_bf16 test_cuda_backend test_cuda_shapes test_cuda_runtime \
     test_cuda_pair_loss test_cuda_optim_step test_cuda_graphs test_cuda_attention_spans test_cuda_layout_kernels \
-    test_cuda_layouts test_cuda_gather; do
+    test_cuda_layouts test_cuda_gather test_cuda_checkpointing; do
   mc_runs+=("$b|tests/$b|-$BIG")
 done
 mc_runs+=("fusion|tests/test_cuda_fusion|CudaFusion.*:-*Gpt2Step*")
-mc_runs+=("flash attention|tests/test_cuda_flash|CudaFlash.*:-*T4096*")
+mc_runs+=("flash attention|tests/test_cuda_flash|CudaFlash.*:-*T4096*:*LongRows*")
 if [ "$cuda_train_ok" = 1 ]; then
   rm -rf "$TRAIN/run-san" "$TRAIN/refcache-san"
   mc_runs+=("dpo train device=cuda (2 steps)|$BUILD/dpo train model=$TRAIN/base train_file=$TRAIN/prefs.jsonl out_dir=$TRAIN/run-san device=cuda max_steps=2 per_device_train_batch_size=4 learning_rate=2e-4 max_length=96 max_prompt_length=48 ref_cache_dir=$TRAIN/refcache-san --plain|")
@@ -565,7 +565,8 @@ sanitizer_phase racecheck racecheck \
   "attention, log-prob (fp32)|tests/test_cuda_kernels_b|CudaAttention.*:CudaLogprob.*-$BIG" \
   "LayerNorm, encoder backward, sum of squares (fp32)|tests/test_cuda_kernels_a|CudaLayerNorm.*:CudaEncoder.Backward*:CudaElementwise.SumSquares*-$BIG" \
   "attention, log-prob, LayerNorm (bf16)|tests/test_cuda_bf16|CudaBf16Ops.Attention*:CudaBf16Ops.Logprob*:CudaBf16Ops.LayerNorm*" \
-  "flash attention forward (bf16)|tests/test_cuda_flash|CudaFlash.ForwardHeadDim*"
+  "flash attention forward (bf16)|tests/test_cuda_flash|CudaFlash.ForwardHeadDim*" \
+  "flash attention backward (bf16)|tests/test_cuda_flash|CudaFlash.BackwardHeadDim64*"
 # initcheck: a device read of memory nothing wrote, over the whole model (small shapes).
 sanitizer_phase initcheck initcheck \
   "GPT-2 forward + backward vs CPU (fp32)|tests/test_cuda_backend|CudaBackend.Gpt2LogprobsAndGradientsMatchCpu" \
