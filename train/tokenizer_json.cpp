@@ -11,6 +11,7 @@
 #include <array>
 #include <fstream>
 #include <limits>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <queue>
 #include <sstream>
@@ -561,6 +562,10 @@ struct JsonTokenizer::Impl {
   std::vector<DecStep> dec;
   bool has_decoder = false;
   int32_t eos = -1;
+  // bpe()'s results for words of at most kCachedWordBytes, up to kCachedWords of them (then it starts over).
+  static constexpr size_t kCachedWordBytes = 64, kCachedWords = size_t{1} << 18;
+  mutable std::unordered_map<std::string, std::vector<int32_t>> cache;
+  mutable std::mutex cache_mutex;
 
   static uint64_t key(int32_t a, int32_t b) { return static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32 | static_cast<uint32_t>(b); }
 
@@ -887,6 +892,26 @@ struct JsonTokenizer::Impl {
   // tokenizers' BPE::tokenize of one word: characters (or their byte tokens, or unk), then merges by rank, the
   // leftmost first among equal ranks.
   void bpe(const std::string& w, std::vector<int32_t>& ids) const {
+    // Words repeat (tokenizers keeps the same kind of cache): short ones are looked up first.
+    const bool cacheable = w.size() <= kCachedWordBytes;
+    if (cacheable) {
+      std::lock_guard<std::mutex> lock(cache_mutex);
+      auto it = cache.find(w);
+      if (it != cache.end()) {
+        ids.insert(ids.end(), it->second.begin(), it->second.end());
+        return;
+      }
+    }
+    const size_t first = ids.size();
+    bpe_uncached(w, ids);
+    if (cacheable) {
+      std::lock_guard<std::mutex> lock(cache_mutex);
+      if (cache.size() >= kCachedWords) cache.clear();
+      cache.emplace(w, std::vector<int32_t>(ids.begin() + static_cast<std::ptrdiff_t>(first), ids.end()));
+    }
+  }
+
+  void bpe_uncached(const std::string& w, std::vector<int32_t>& ids) const {
     if (ignore_merges) {
       auto it = vocab.find(w);
       if (it != vocab.end()) {

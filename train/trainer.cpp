@@ -213,12 +213,13 @@ OptimConfig optim_config(const TrainConfig& c) {
   return o;
 }
 
-// The ids themselves are checked against the model's vocab_size where the data is loaded (DataOptions::vocab_size),
-// so that token-id records may use every id of the model whatever the tokenizer's vocabulary.
-void check_fits(const TrainConfig& c, const GPT2& model, const Tokenizer& tok, const std::string& which) {
-  if (tok.eos_id() >= model.config().vocab_size && dynamic_cast<const ByteTokenizer*>(&tok) == nullptr)
-    throw InputError(which + ": the EOS id " + std::to_string(tok.eos_id()) + " is outside the model's vocab_size " +
-                     std::to_string(model.config().vocab_size));
+// Token ids are checked against the model's vocab_size where the data is loaded (DataOptions::vocab_size, set by
+// bind_model_ids), so that token-id records may use every id of the model whatever the tokenizer's vocabulary.
+// `ids_bound`: the data's ids lie below it (the policy's vocab_size), so a reference model must embed them all.
+void check_fits(const TrainConfig& c, const GPT2& model, const std::string& which, int64_t ids_bound) {
+  if (model.config().vocab_size < ids_bound)
+    throw InputError(which + ": vocab_size " + std::to_string(model.config().vocab_size) +
+                     " is smaller than the policy's " + std::to_string(ids_bound) + ", whose ids the data may hold");
   if (c.max_length > model.config().max_seq_len)
     throw InputError("key 'max_length': " + std::to_string(c.max_length) + " exceeds the model's n_positions (" +
                      std::to_string(model.config().max_seq_len) + ")");
@@ -733,7 +734,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
 
   auto policy = load_verified_model(*be, cfg.model, model_dtype(cfg));
   say("tokenizer: " + tok->name() + "; " + bind_model_ids(cfg, *policy, cfg.model, *tok, dopt));
-  check_fits(cfg, *policy, *tok, cfg.model);
+  check_fits(cfg, *policy, cfg.model, dopt.vocab_size);
   policy->set_logits_chunk_rows(cfg.logits_chunk_rows);
 
   // Data (every rank loads all of it: the epoch order is computed identically everywhere)
@@ -776,7 +777,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     std::error_code same_ec;
     ref = fs::equivalent(ref_dir, cfg.model, same_ec) ? load_gpt2_checkpoint(*be, ref_dir, model_dtype(cfg))
                                                       : load_verified_model(*be, ref_dir, model_dtype(cfg));
-    check_fits(cfg, *ref, *tok, ref_dir);
+    check_fits(cfg, *ref, ref_dir, dopt.vocab_size);
     ref->set_logits_chunk_rows(cfg.logits_chunk_rows);
     if (cached) {
       const std::string cache_dir = cfg.ref_cache_dir.empty() ? default_ref_cache_dir() : cfg.ref_cache_dir;
@@ -1390,7 +1391,7 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
   auto policy = load_verified_model(*be, checkpoint, model_dtype(cfg));
   DataOptions dopt = data_options(cfg);
   bind_model_ids(cfg, *policy, checkpoint, *tok, dopt);
-  check_fits(cfg, *policy, *tok, checkpoint);
+  check_fits(cfg, *policy, checkpoint, dopt.vocab_size);
   policy->set_logits_chunk_rows(cfg.logits_chunk_rows);
   const std::string path = cfg.eval_file.empty() ? cfg.train_file : cfg.eval_file;
   LoadStats st;
@@ -1401,7 +1402,7 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
   if (!cfg.reference_free) {
     const std::string ref_dir = cfg.ref_model.empty() ? cfg.model : cfg.ref_model;
     ref = load_verified_model(*be, ref_dir, model_dtype(cfg));
-    check_fits(cfg, *ref, *tok, ref_dir);
+    check_fits(cfg, *ref, ref_dir, dopt.vocab_size);
     ref->set_logits_chunk_rows(cfg.logits_chunk_rows);
   }
   const auto t0 = std::chrono::steady_clock::now();
