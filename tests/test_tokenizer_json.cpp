@@ -98,6 +98,7 @@ TEST_P(HfParity, RoundTripOfRandomText) {
     const std::vector<int32_t> ids = tok.encode(s);
     for (int32_t id : ids) ASSERT_TRUE(id >= 0 && id < tok.vocab_size());
     std::string back = tok.decode(ids, SpecialTokens::Keep);
+    if (GetParam() == "misc") continue;  // lowercases, folds compatibility forms, maps unknown characters to <unk>
     if (GetParam() == "qwen2_nfc") {
       EXPECT_EQ(back, tok.decode(tok.encode(back), SpecialTokens::Keep)) << json(s).dump();  // NFC is idempotent
       continue;
@@ -112,7 +113,7 @@ TEST_P(HfParity, RoundTripOfRandomText) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfParity,
-                         ::testing::Values("gpt2", "llama3", "qwen2_nfc", "sp_bpe", "metaspace"),
+                         ::testing::Values("gpt2", "llama3", "qwen2_nfc", "sp_bpe", "metaspace", "misc"),
                          [](const auto& info) { return info.param; });
 
 TEST(JsonTokenizer, SpecialTokensSplitOutAndEosIsSettable) {
