@@ -304,6 +304,28 @@ TEST(JsonTokenizerTraining, TextRecordsUseTheTokenizerBesideTheModelAndItsEos) {
   EXPECT_TRUE(std::isfinite(r.last_log.at("loss")));
 }
 
+// dpo sample finds the tokenizer.json beside the model, encodes the prompt with it and decodes the completion.
+TEST(JsonTokenizerCli, SampleUsesTheTokenizerBesideTheModel) {
+  TinyJsonModel w;
+  const std::string dpo_bin = std::string(DPO_BINARY_DIR) + "/dpo";
+  const dpo::test::CliResult r = dpo::test::run_cli(
+      dpo_bin, w.dir, "sample " + dpo::test::shell_quote(w / "model") + " -p 'Café 😀' --max-new-tokens 4 --temperature 0");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(r.out.rfind("Café 😀", 0), 0u) << r.out;
+  // The byte tokenizer named for this 462-token model: sampled ids above 256 have no byte to render; they are
+  // left out and counted (8 samples of 6 tokens make it all but certain that some are drawn).
+  const dpo::test::CliResult b = dpo::test::run_cli(
+      dpo_bin, w.dir, "sample " + dpo::test::shell_quote(w / "model") +
+                          " -p 'Caf' -n 8 --max-new-tokens 6 --temperature 1 --tokenizer byte");
+  EXPECT_EQ(b.code, 0) << b.err;
+  EXPECT_NE(b.err.find("outside the vocabulary of the byte tokenizer (257 ids)"), std::string::npos) << b.err;
+  const dpo::test::CliResult bad = dpo::test::run_cli(
+      dpo_bin, w.dir, "sample " + dpo::test::shell_quote(w / "model") + " -p x --tokenizer " +
+                          dpo::test::shell_quote(w / "nothing.json"));
+  EXPECT_EQ(bad.code, 2) << bad.err;
+  EXPECT_NE(bad.err.find("key 'tokenizer'"), std::string::npos) << bad.err;
+}
+
 TEST(JsonTokenizerCli, BadTokenizerJsonExitsTwoNamingFileAndJsonPath) {
   TinyJsonModel w;
   json j = read_json(kDir / "llama3" / "tokenizer.json");

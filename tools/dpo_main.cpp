@@ -481,12 +481,22 @@ int cmd_sample(SampleArgs& a) {
                  longest, static_cast<long long>(n_pos - static_cast<int64_t>(longest)));
   dpo::Rng rng(a.seed);
   auto outs = dpo::generate(*model, prompts, a.opt, rng);
+  // A model's vocabulary may be larger than its tokenizer's (padded, as Qwen2's; or the byte tokenizer named for
+  // a bigger model): ids without a token render as nothing, as in HF's decode, and are counted.
+  int64_t unrenderable = 0;
   for (size_t i = 0; i < outs.size(); ++i) {
     std::vector<int32_t> ids;
-    for (int32_t t : outs[i])
-      if (t != tok->eos_id()) ids.push_back(t);
+    for (int32_t t : outs[i]) {
+      if (t == tok->eos_id()) continue;
+      if (t >= tok->vocab_size()) ++unrenderable;
+      else ids.push_back(t);
+    }
     std::printf("%s%s\n", a.prompts[i / static_cast<size_t>(a.num)].c_str(), tok->decode(ids).c_str());
   }
+  if (unrenderable > 0)
+    std::fprintf(stderr, "dpo sample: note: %lld sampled ids are outside the vocabulary of the %s tokenizer (%lld ids) "
+                 "and were left out of the text\n", static_cast<long long>(unrenderable), tok->name().c_str(),
+                 static_cast<long long>(tok->vocab_size()));
   return 0;
 }
 
