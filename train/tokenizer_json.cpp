@@ -9,12 +9,15 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdio>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <queue>
 #include <sstream>
+#include <tuple>
 #include <unordered_map>
 
 #include "runtime/error.h"
