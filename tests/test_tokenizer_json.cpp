@@ -112,6 +112,25 @@ TEST_P(HfParity, RoundTripOfRandomText) {
   }
 }
 
+// The interface takes any byte string (validating UTF-8 is the data loader's business): random bytes, invalid
+// sequences included, encode to ids of the vocabulary without a crash, and the byte-level tokenizers, which have
+// a token for every byte, give the bytes back.
+TEST_P(HfParity, AnyBytesEncodeWithinTheVocabulary) {
+  JsonTokenizer tok((kDir / GetParam() / "tokenizer.json").string());
+  std::mt19937_64 g(99);
+  const bool byte_level = GetParam() == "gpt2" || GetParam() == "llama3";
+  for (int k = 0; k < 300; ++k) {
+    std::string s(static_cast<size_t>(g() % 48), '\0');
+    for (char& c : s) c = static_cast<char>(g() % 4 == 0 ? 0x80 + g() % 0x80 : g() % 256);
+    const std::vector<int32_t> ids = tok.encode(s);
+    for (int32_t id : ids) ASSERT_TRUE(id >= 0 && id < tok.vocab_size()) << id;
+    const std::string back = tok.decode(ids, SpecialTokens::Keep);
+    if (byte_level && dpo::valid_utf8(s)) {
+      EXPECT_EQ(back, s);
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, HfParity,
                          ::testing::Values("gpt2", "llama3", "qwen2_nfc", "sp_bpe", "metaspace", "misc"),
                          [](const auto& info) { return info.param; });
