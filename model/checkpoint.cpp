@@ -127,6 +127,41 @@ std::string gpt2_config_json(const GPT2Config& c) {
   return j.dump(2) + "\n";
 }
 
+SpecialTokenIds special_token_ids(const GPT2Config& c, const std::string& dir) {
+  json config = c.hf_extra_json.empty() ? json::object() : json::parse(c.hf_extra_json);
+  if (c.eos_token_id >= 0) config["eos_token_id"] = c.eos_token_id;
+  json gen = json::object();
+  if (!c.generation_config.empty()) gen = json::parse(c.generation_config);
+  // Reads `key` of `j` (from `file`): an id, a list of ids, or null / absent (nothing).
+  auto ids = [&](const json& j, const char* file, const char* key) {
+    std::vector<int64_t> out;
+    if (!j.contains(key) || j[key].is_null()) return out;
+    const json& v = j[key];
+    const json list = v.is_array() ? v : json::array({v});
+    for (const json& e : list) {
+      if (!e.is_number_integer() || e.get<int64_t>() < 0 || e.get<int64_t>() >= c.vocab_size)
+        throw InputError((std::filesystem::path(dir) / file).string() + ": field '" + key + "' is " + v.dump() +
+                         "; expected a token id, or a list of them, in [0, vocab_size = " +
+                         std::to_string(c.vocab_size) + ")");
+      out.push_back(e.get<int64_t>());
+    }
+    return out;
+  };
+  SpecialTokenIds r;
+  for (const auto& [j, file] : {std::pair<const json&, const char*>{config, "config.json"},
+                                std::pair<const json&, const char*>{gen, kGenerationConfigFile}}) {
+    if (r.eos.empty()) {
+      r.eos = ids(j, file, "eos_token_id");
+      if (!r.eos.empty()) r.eos_source = file;
+    }
+    if (r.pad < 0) {
+      const auto p = ids(j, file, "pad_token_id");
+      if (!p.empty()) r.pad = p[0], r.pad_source = file;
+    }
+  }
+  return r;
+}
+
 LoadReport load_gpt2_weights(GPT2& model, const std::string& path) {
   SafetensorsFile file(path);
   LoadReport report;

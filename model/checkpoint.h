@@ -31,6 +31,18 @@ struct LoadReport {
   std::vector<std::string> ignored;  // buffers that are not parameters
 };
 
+// The special-token ids a model's directory names: eos_token_id (an integer or a list, as Llama 3's files have it)
+// and pad_token_id, from config.json (GPT2Config keeps them: bos/eos_token_id when an integer, other forms in
+// hf_extra_json) and else from generation_config.json. Ids that are not integers in [0, vocab_size) throw
+// InputError naming `dir`'s file and the field.
+struct SpecialTokenIds {
+  std::vector<int64_t> eos;  // empty: none named; several: the order of the file's list
+  std::string eos_source;    // "config.json" or "generation_config.json" (empty when none)
+  int64_t pad = -1;          // -1: none named
+  std::string pad_source;
+};
+SpecialTokenIds special_token_ids(const GPT2Config& cfg, const std::string& dir);
+
 // Loads weights into an existing model whose config matches the file's shapes.
 LoadReport load_gpt2_weights(GPT2& model, const std::string& safetensors_path);
 

@@ -213,6 +213,52 @@ TEST(LoadPreferences, TokenIdForm) {
   EXPECT_EQ(d[0].rejected, (Ids{0, kEos}));
 }
 
+// Token-id records take the model's vocabulary and EOS (DataOptions::vocab_size, ids_eos_id), not the byte
+// tokenizer's: GPT-2's 50257 ids with <|endoftext|> = 50256 appended; text records keep the tokenizer's EOS.
+TEST(LoadPreferences, TokenIdsUseTheModelsVocabularyAndEos) {
+  const std::string path = write_file(R"({"prompt_ids": [290, 50000], "chosen_ids": [7, 50255], "rejected_ids": [0]})"
+                                      "\n" R"({"prompt": "Q", "chosen": "ab", "rejected": "c"})" "\n");
+  ByteTokenizer tok;
+  DataOptions opt;
+  opt.vocab_size = 50257;
+  opt.ids_eos_id = 50256;
+  auto d = load_preferences(path, tok, opt, nullptr);
+  ASSERT_EQ(d.size(), 2u);
+  EXPECT_EQ(d[0].prompt, (Ids{290, 50000}));
+  EXPECT_EQ(d[0].chosen, (Ids{7, 50255, 50256}));
+  EXPECT_EQ(d[0].rejected, (Ids{0, 50256}));
+  EXPECT_EQ(d[1].chosen, with_eos(bytes("ab")));  // the byte tokenizer's text: its own EOS, 256
+  // A completion already ending with the model's EOS does not get a second one.
+  const std::string ends = write_file(R"({"prompt_ids": [1], "chosen_ids": [5, 50256], "rejected_ids": [50256, 3]})"
+                                      "\n", "_ends");
+  auto e = load_preferences(ends, tok, opt, nullptr);
+  EXPECT_EQ(e[0].chosen, (Ids{5, 50256}));
+  EXPECT_EQ(e[0].rejected, (Ids{50256, 3, 50256}));
+  // The bound is the model's vocab_size: 50257 is one past it, named with file:line, field, index and id.
+  const std::string bad = write_file(std::string(kGood) + "\n" +
+                                     R"({"prompt_ids": [1], "chosen_ids": [2, 50257], "rejected_ids": [3]})" "\n",
+                                     "_bad");
+  expect_input_error([&] { load_preferences(bad, tok, opt, nullptr); },
+                     {bad + ":2:", "'chosen_ids'", "index 1", "50257", "[0, 50257)"});
+}
+
+// A model smaller than the byte tokenizer: its token-id records load (ids below its vocab_size, its EOS), and a
+// text record, whose byte EOS 256 it cannot hold, is refused naming file:line.
+TEST(LoadPreferences, SmallModelVocabularyRefusesByteEosOfTextRecords) {
+  ByteTokenizer tok;
+  DataOptions opt;
+  opt.vocab_size = 96;
+  opt.ids_eos_id = 95;
+  const std::string ids = write_file(R"({"prompt_ids": [1, 94], "chosen_ids": [3], "rejected_ids": [4]})" "\n");
+  auto d = load_preferences(ids, tok, opt, nullptr);
+  EXPECT_EQ(d[0].chosen, (Ids{3, 95}));
+  const std::string text = write_file(R"({"prompt": "Q", "chosen": "A", "rejected": "B"})" "\n", "_text");
+  expect_input_error([&] { load_preferences(text, tok, opt, nullptr); }, {text + ":1:", "EOS id 256", "[0, 96)"});
+  // A byte of the text outside the model's vocabulary is refused too ('y' = 121 >= 96).
+  const std::string high = write_file(std::string(kGood) + "\n", "_high");
+  expect_input_error([&] { load_preferences(high, tok, opt, nullptr); }, {high + ":1:", "token id 121", "'chosen'"});
+}
+
 TEST(LoadPreferences, BlankLinesIgnoredLineNumbersPhysical) {
   const std::string path = write_file(std::string("\n") + kGood + "\n   \t\n\n" + kGood + "\n" +
                                       R"({"prompt": "a", "chosen": 1, "rejected": "b"})" + "\n\n");

@@ -29,6 +29,7 @@
 #include "train/run_control.h"
 #include "train/sample.h"
 #include "train/tokenizer.h"
+#include "train/tokenizer_json.h"
 #include "train/trainer.h"
 
 namespace {
@@ -530,6 +531,7 @@ struct SampleArgs {
   dpo::SampleOptions opt;
   uint64_t seed = 0;
   int64_t num = 1;
+  std::string tokenizer;  // empty: the checkpoint's tokenizer.json when it has one, else byte
 };
 
 int cmd_sample(SampleArgs& a) {
@@ -538,16 +540,31 @@ int cmd_sample(SampleArgs& a) {
   auto be = dpo::make_cpu_backend();
   dpo::verify_checkpoint(a.checkpoint, dpo::CheckpointUse::Model);
   auto model = dpo::load_gpt2_checkpoint(*be, a.checkpoint, dpo::DType::F32);
-  auto tok = dpo::make_tokenizer("byte");
-  if (tok->vocab_size() > model->config().vocab_size)
+  const std::filesystem::path next_to_model = std::filesystem::path(a.checkpoint) / "tokenizer.json";
+  std::error_code ec;
+  auto tok = dpo::make_tokenizer(!a.tokenizer.empty() ? a.tokenizer
+                                 : std::filesystem::is_regular_file(next_to_model, ec) ? next_to_model.string()
+                                                                                        : "byte");
+  if (auto* json_tok = dynamic_cast<dpo::JsonTokenizer*>(tok.get())) {
+    // Generation stops at the model's EOS (the first of a list); without one it runs to --max-new-tokens.
+    const dpo::SpecialTokenIds ids = dpo::special_token_ids(model->config(), a.checkpoint);
+    if (!ids.eos.empty()) json_tok->set_eos_id(static_cast<int32_t>(ids.eos[0]));
+  } else if (tok->vocab_size() > model->config().vocab_size) {
     throw dpo::InputError(a.checkpoint + ": vocab_size " + std::to_string(model->config().vocab_size) +
                           " is smaller than the byte tokenizer's " + std::to_string(tok->vocab_size()));
+  }
   if (a.num <= 0) throw dpo::InputError("--num must be > 0");
   a.opt.eos_id = tok->eos_id();
   std::vector<std::vector<int32_t>> prompts;
   for (const auto& p : a.prompts) {
     if (!dpo::valid_utf8(p)) throw dpo::InputError("prompt is not valid UTF-8");
-    for (int64_t i = 0; i < a.num; ++i) prompts.push_back(tok->encode(p));
+    const std::vector<int32_t> ids = tok->encode(p);
+    for (int32_t id : ids)
+      if (id >= model->config().vocab_size)
+        throw dpo::InputError("prompt: the " + tok->name() + " tokenizer made token id " + std::to_string(id) +
+                              ", outside the vocabulary of " + a.checkpoint + " (vocab_size " +
+                              std::to_string(model->config().vocab_size) + ")");
+    for (int64_t i = 0; i < a.num; ++i) prompts.push_back(ids);
   }
   // generate() stops a completion when the context is full; say so when --max-new-tokens asks for more than
   // that (capped, not refused: every prompt still gets as many tokens as fit).
@@ -563,12 +580,22 @@ int cmd_sample(SampleArgs& a) {
                  longest, static_cast<long long>(n_pos - static_cast<int64_t>(longest)));
   dpo::Rng rng(a.seed);
   auto outs = dpo::generate(*model, prompts, a.opt, rng);
+  // A model's vocabulary may be larger than its tokenizer's (padded, as Qwen2's; or the byte tokenizer named for
+  // a bigger model): ids without a token render as nothing, as in HF's decode, and are counted.
+  int64_t unrenderable = 0;
   for (size_t i = 0; i < outs.size(); ++i) {
     std::vector<int32_t> ids;
-    for (int32_t t : outs[i])
-      if (t != tok->eos_id()) ids.push_back(t);
+    for (int32_t t : outs[i]) {
+      if (t == tok->eos_id()) continue;
+      if (t >= tok->vocab_size()) ++unrenderable;
+      else ids.push_back(t);
+    }
     std::printf("%s%s\n", a.prompts[i / static_cast<size_t>(a.num)].c_str(), tok->decode(ids).c_str());
   }
+  if (unrenderable > 0)
+    std::fprintf(stderr, "dpo sample: note: %lld sampled ids are outside the vocabulary of the %s tokenizer (%lld ids) "
+                 "and were left out of the text\n", static_cast<long long>(unrenderable), tok->name().c_str(),
+                 static_cast<long long>(tok->vocab_size()));
   return 0;
 }
 
@@ -613,10 +640,12 @@ int main(int argc, char** argv) {
   add_train_args(evalc, ea.t, false);
 
   SampleArgs sa;
-  auto* sample = app.add_subcommand("sample", "Sample completions from a checkpoint (byte tokenizer)");
+  auto* sample = app.add_subcommand("sample", "Sample completions from a checkpoint");
   sample->add_option("checkpoint", sa.checkpoint, "checkpoint directory")->required();
   sample->add_option("--prompt,-p", sa.prompts, "prompt text (repeatable)")->required();
   sample->add_option("--num,-n", sa.num, "samples per prompt")->capture_default_str();
+  sample->add_option("--tokenizer", sa.tokenizer,
+                     "byte or a tokenizer.json path; default: the checkpoint's tokenizer.json if present, else byte");
   sample->add_option("--temperature", sa.opt.temperature, "0 = greedy")->capture_default_str();
   sample->add_option("--top-k", sa.opt.top_k, "keep the k most likely tokens; 0 = off")->capture_default_str();
   sample->add_option("--top-p", sa.opt.top_p, "nucleus sampling mass; 1 = off")->capture_default_str();

@@ -15,6 +15,8 @@ PKGS=(
   libopenmpi-dev openmpi-bin   # MPI (CPU data-parallel backend, NCCL bootstrap)
   libcairo2-dev fonts-dejavu-core   # PNG charts (train/plot.cpp) and their font
   libssl-dev             # SHA-256 (reference-cache keys, checkpoint verification)
+  libpcre2-dev           # tokenizer.json pre-tokenizer regexes (Unicode classes, lookaheads)
+  libicu-dev             # tokenizer.json normalizers (NFC, NFKC, ...)
   clang libclang-rt-14-dev   # libFuzzer targets for the input readers (tests/fuzz)
 )
 

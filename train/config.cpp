@@ -176,7 +176,10 @@ const std::vector<Key>& keys() {
       STRING_KEY(train_file, "training data, JSONL (prompt/chosen/rejected or *_ids)"),
       STRING_KEY(eval_file, "evaluation data, JSONL; optional"),
       STRING_KEY(out_dir, "output directory: metrics.jsonl, checkpoints/, config.yaml"),
-      STRING_KEY(tokenizer, "tokenizer: byte"),
+      STRING_KEY(tokenizer, "byte (ids 0-255 are bytes, 256 EOS), or the path of an HF tokenizer.json; unset: the model "
+                            "directory's tokenizer.json when it has one, else byte"),
+      INT_KEY(eos_token_id, "EOS appended to completions; -1 = the model's (config.json, else generation_config.json; "
+                            "the first of a list); the byte tokenizer's text records use 256 unless this is set"),
       STRING_KEY(device, "cpu or cuda"),
       STRING_KEY(precision, "fp32, or bf16: bf16 weights and activations with fp32 master weights, gradients and "
                             "optimizer state (meant for cuda; on cpu it is emulated and slow)"),
@@ -379,7 +382,8 @@ void validate(const TrainConfig& c, RunKind kind) {
   if (c.train_file.empty()) bad("train_file", "is required");
   if (c.out_dir.empty()) bad("out_dir", "is required");
   if (c.device != "cpu" && c.device != "cuda") bad("device", "must be cpu or cuda, got '" + c.device + "'");
-  if (c.tokenizer != "byte") bad("tokenizer", "must be byte, got '" + c.tokenizer + "'");
+  if (c.tokenizer.empty()) bad("tokenizer", "must be byte or the path of a tokenizer.json, got ''");
+  range("eos_token_id", c.eos_token_id, -1, kMaxCount);
   if (c.precision != "fp32" && c.precision != "bf16")
     bad("precision", "must be fp32 or bf16, got '" + c.precision + "'");
   // seed: any integer (it is used as its 64-bit pattern).

@@ -29,7 +29,8 @@ struct TrainConfig {
   std::string train_file;  // JSONL
   std::string eval_file;   // JSONL, optional
   std::string out_dir;
-  std::string tokenizer = "byte";
+  std::string tokenizer = "byte";  // "byte" or a tokenizer.json path; when not given, <model>/tokenizer.json if present
+  int64_t eos_token_id = -1;       // -1: the model's (config.json, else generation_config.json)
   std::string device = "cpu";
   std::string precision = "fp32";  // fp32 | bf16 (bf16 weights/activations, fp32 master weights and gradients)
   int64_t seed = 42;

@@ -128,8 +128,9 @@ std::vector<int32_t> parse_ids(const json& v, const std::string& key, int64_t vo
 
 // The sequences of `roles` in order, from the text form or the token-id form; roles[0] is the prompt.
 // Checks forms, presence, types, ids, UTF-8 and emptiness (prompt non-empty, completions non-empty before EOS).
+// *eos: the EOS of the record's form (text: the tokenizer's; token ids: opt.ids_eos_id when set).
 std::vector<std::vector<int32_t>> parse_sequences(const json& j, const std::vector<Role>& roles,
-                                                  const Tokenizer& tok) {
+                                                  const Tokenizer& tok, const DataOptions& opt, int32_t* eos_out) {
   const char* text_seen = nullptr;
   const char* ids_seen = nullptr;
   for (const Role& r : roles) {
@@ -149,6 +150,7 @@ std::vector<std::vector<int32_t>> parse_sequences(const json& j, const std::vect
                        fld(roles[0].text));
   }
   const bool text = text_seen != nullptr;
+  const int64_t vocab = opt.vocab_size > 0 ? opt.vocab_size : tok.vocab_size();
   std::vector<std::vector<int32_t>> seqs;
   for (const Role& r : roles) {
     const std::string key = text ? r.text : r.ids;
@@ -161,11 +163,24 @@ std::vector<std::vector<int32_t>> parse_sequences(const json& j, const std::vect
       if (b != std::string::npos)
         bad("invalid_utf8", "invalid UTF-8 at byte " + std::to_string(b) + " of the string" + fld(key));
       seqs.push_back(tok.encode(s));
+      for (size_t k = 0; k < seqs.back().size(); ++k)
+        if (seqs.back()[k] >= vocab)
+          bad("id_out_of_range", "the " + tok.name() + " tokenizer made token id " + std::to_string(seqs.back()[k]) +
+                                     " (token " + std::to_string(k) + "), outside the model's vocabulary [0, " +
+                                     std::to_string(vocab) + ")" + fld(key));
     } else {
-      seqs.push_back(parse_ids(*it, key, tok.vocab_size()));
+      seqs.push_back(parse_ids(*it, key, vocab));
     }
   }
-  const int32_t eos = tok.eos_id();
+  const int32_t eos = text || opt.ids_eos_id < 0 ? tok.eos_id() : opt.ids_eos_id;
+  if (opt.append_eos && eos < 0)
+    throw InputError("no EOS id to append: the " + tok.name() + " tokenizer names none and neither the model's "
+                     "config.json / generation_config.json nor the key 'eos_token_id' gives one");
+  if (opt.append_eos && eos >= vocab)
+    bad("id_out_of_range", "the EOS id " + std::to_string(eos) + " (the " + tok.name() +
+                               " tokenizer's) is outside the model's vocabulary [0, " + std::to_string(vocab) +
+                               "); token-id records end with the model's own EOS" + fld(text ? roles[1].text : roles[1].ids));
+  *eos_out = eos;
   for (size_t k = 0; k < roles.size(); ++k) {
     const std::string key = text ? roles[k].text : roles[k].ids;
     const auto& s = seqs[k];
@@ -403,6 +418,10 @@ uint64_t mix64(uint64_t z) {
 
 void DataOptions::validate() const {
   if (max_length <= 0) throw InputError("data options: max_length must be > 0, got " + std::to_string(max_length));
+  if (vocab_size < 0) throw InputError("data options: vocab_size must be >= 0, got " + std::to_string(vocab_size));
+  if (ids_eos_id >= 0 && vocab_size > 0 && ids_eos_id >= vocab_size)
+    throw InputError("data options: EOS id " + std::to_string(ids_eos_id) + " is outside the model's vocabulary [0, " +
+                     std::to_string(vocab_size) + ")");
   if (rule == TruncationRule::Trl1) {
     if (truncation != TruncationMode::KeepStart)
       throw InputError("data options: truncation_mode keep_end is not supported with truncation: trl1 (use "
@@ -422,7 +441,8 @@ std::vector<PreferencePair> load_preferences(const std::string& path, const Toke
                                           {"rejected", "rejected_ids"}};
   int64_t with_scores = 0;
   auto parse = [&](const json& j, Cut* cut) {
-    auto seqs = parse_sequences(j, roles, tok);
+    int32_t eos = -1;
+    auto seqs = parse_sequences(j, roles, tok, opt, &eos);
     PreferencePair p;
     const bool hc = j.contains("score_chosen"), hr = j.contains("score_rejected");
     if (hc != hr)
@@ -452,8 +472,8 @@ std::vector<PreferencePair> load_preferences(const std::string& path, const Toke
     p.chosen = std::move(seqs[1]);
     p.rejected = std::move(seqs[2]);
     if (opt.append_eos) {
-      append_eos(p.chosen, tok.eos_id());
-      append_eos(p.rejected, tok.eos_id());
+      append_eos(p.chosen, eos);
+      append_eos(p.rejected, eos);
     }
     *cut = truncate_record(p.prompt, {&p.chosen, &p.rejected}, opt);
     if (p.has_scores && *cut != Cut::Dropped) ++with_scores;
@@ -468,11 +488,12 @@ std::vector<SftExample> load_sft(const std::string& path, const Tokenizer& tok, 
                                  LoadStats* stats) {
   static const std::vector<Role> roles = {{"prompt", "prompt_ids"}, {"completion", "completion_ids"}};
   auto parse = [&](const json& j, Cut* cut) {
-    auto seqs = parse_sequences(j, roles, tok);
+    int32_t eos = -1;
+    auto seqs = parse_sequences(j, roles, tok, opt, &eos);
     SftExample e;
     e.prompt = std::move(seqs[0]);
     e.completion = std::move(seqs[1]);
-    if (opt.append_eos) append_eos(e.completion, tok.eos_id());
+    if (opt.append_eos) append_eos(e.completion, eos);
     *cut = truncate_record(e.prompt, {&e.completion}, opt);
     return e;
   };

@@ -7,6 +7,8 @@
 // Preference records take one of two forms (load_preferences):
 //   text      {"prompt": str, "chosen": str, "rejected": str}                 tokenised with the given Tokenizer
 //   token ids {"prompt_ids": [int], "chosen_ids": [int], "rejected_ids": [int]}  each id in [0, vocab_size)
+// where vocab_size is the model's (DataOptions::vocab_size), or the tokenizer's when that is not set; the ids a
+// tokenizer makes of a text record are held to the same bound.
 // plus optional "score_chosen" / "score_rejected" (finite numbers, both or neither; for ODPO). Other fields
 // are allowed and ignored (datasets carry ids, sources, ratings, ...). Chat-style message lists are not
 // supported: apply the chat template before writing the file. SFT records (load_sft) are {"prompt",
@@ -36,7 +38,8 @@
 // A file that cannot be opened, an I/O error, or a file with no kept record throws InputError naming the file.
 //
 // EOS (DataOptions::append_eos): appended to each completion unless it already ends with eos_id (never doubled);
-// never added to the prompt. EOS ids elsewhere in a token-id record are kept as given.
+// never added to the prompt. EOS ids elsewhere in a token-id record are kept as given. Text records take the
+// tokenizer's eos_id(), token-id records DataOptions::ids_eos_id (the model's EOS; the tokenizer's when unset).
 //
 // Truncation, after EOS (DataOptions::rule; a completion cut loses its EOS; a record with anything cut counts once
 // in LoadStats::truncated). SFT records follow the same rules with their single completion.
@@ -94,6 +97,10 @@ struct DataOptions {
   int64_t max_prompt_length = 256;  // Legacy: prompt length after a cut; not used by Trl1
   bool skip_malformed = false;  // skip and count malformed records instead of throwing
   bool append_eos = true;
+  // The model's vocabulary size: every id must lie in [0, vocab_size); 0 = the tokenizer's vocab_size().
+  int64_t vocab_size = 0;
+  // The EOS appended to token-id records (the model's config names it); -1 = the tokenizer's eos_id().
+  int32_t ids_eos_id = -1;
   // ODPO (odpo_alpha > 0): every preference record must carry score_chosen > score_rejected with a finite
   // difference (the offset is log(score_chosen - score_rejected)); checked while loading so that the error names
   // file:line (the loss itself, device code, assumes it).

@@ -1,6 +1,9 @@
 #include "train/tokenizer.h"
 
+#include <filesystem>
+
 #include "runtime/error.h"
+#include "train/tokenizer_json.h"
 
 namespace dpo {
 
@@ -29,7 +32,10 @@ std::string ByteTokenizer::decode(const std::vector<int32_t>& ids) const {
 
 std::unique_ptr<Tokenizer> make_tokenizer(const std::string& name) {
   if (name == "byte") return std::make_unique<ByteTokenizer>();
-  throw InputError("tokenizer: unknown name '" + name + "' (known: \"byte\")");
+  std::error_code ec;
+  if (!std::filesystem::is_regular_file(name, ec))
+    throw InputError("key 'tokenizer': '" + name + "' is neither \"byte\" nor a tokenizer.json file");
+  return std::make_unique<JsonTokenizer>(name);
 }
 
 size_t utf8_first_invalid(std::string_view s) {

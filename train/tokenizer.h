@@ -1,8 +1,8 @@
 // Tokenizers: text <-> token ids.
 //
-// The trainer sees a tokenizer only through the `Tokenizer` interface, so a BPE tokenizer (GPT-2's) can be added
-// later without touching the data pipeline. The one implementation today is `ByteTokenizer`: ids 0..255 are the
-// raw bytes of the UTF-8 text, id 256 is end-of-sequence (EOS); vocab_size 257.
+// The trainer sees a tokenizer only through the `Tokenizer` interface. Two implementations: `ByteTokenizer` (the
+// demo's: ids 0..255 are the raw bytes of the UTF-8 text, id 256 is end-of-sequence (EOS); vocab_size 257), and
+// `JsonTokenizer` (train/tokenizer_json.h: HF tokenizer.json files, byte-level and SentencePiece-style BPE).
 #pragma once
 
 #include <cstdint>
@@ -22,7 +22,7 @@ class Tokenizer {
   // An id outside [0, vocab_size) throws dpo::Error.
   virtual std::string decode(const std::vector<int32_t>& ids) const = 0;
   virtual int64_t vocab_size() const = 0;
-  virtual int32_t eos_id() const = 0;
+  virtual int32_t eos_id() const = 0;  // -1: not known (a tokenizer.json whose EOS the model has not named yet)
   virtual std::string name() const = 0;
 };
 
@@ -39,7 +39,8 @@ class ByteTokenizer final : public Tokenizer {
   std::string name() const override { return "byte"; }
 };
 
-// "byte" -> ByteTokenizer. Any other name throws InputError naming it and listing the known ones.
+// "byte" -> ByteTokenizer; the path of a file -> JsonTokenizer (train/tokenizer_json.h; its EOS is set by the
+// caller). Anything else throws InputError naming the key 'tokenizer'.
 std::unique_ptr<Tokenizer> make_tokenizer(const std::string& name);
 
 // Strict UTF-8 (RFC 3629): rejects overlong forms (C0 80, E0 80 80, F0 80 80 80), surrogates (ED A0 80 ..

@@ -30,6 +30,7 @@
 #include "train/reference.h"
 #include "train/run_control.h"
 #include "train/tokenizer.h"
+#include "train/tokenizer_json.h"
 
 #ifdef DPO_HAVE_CUDA
 #include "runtime/cuda/nvtx.h"
@@ -66,6 +67,57 @@ std::unique_ptr<Backend> make_backend(const TrainConfig& c, Communicator& comm) 
 #endif
   }
   return make_cpu_backend(static_cast<int>(c.num_threads));
+}
+
+// The run's tokenizer: the key `tokenizer`, or, when the key is not given, the model directory's tokenizer.json if
+// it has one, else the byte tokenizer.
+std::unique_ptr<Tokenizer> run_tokenizer(const TrainConfig& c) {
+  if (!c.given.count("tokenizer") && c.tokenizer == "byte") {
+    std::error_code ec;
+    const fs::path next_to_model = fs::path(c.model) / "tokenizer.json";
+    if (fs::is_regular_file(next_to_model, ec)) return make_tokenizer(next_to_model.string());
+  }
+  return make_tokenizer(c.tokenizer);
+}
+
+// The model's side of the data options: its vocab_size bounds every id, and its EOS (the key eos_token_id, else
+// config.json's, else generation_config.json's; the first of a list) ends token-id records' completions and, for
+// a tokenizer.json, text records' too. The byte tokenizer's text records keep its own EOS, 256. Returns a line
+// for the run log saying where the EOS came from.
+std::string bind_model_ids(const TrainConfig& c, const GPT2& model, const std::string& dir, Tokenizer& tok,
+                           DataOptions& d) {
+  const int64_t V = model.config().vocab_size;
+  d.vocab_size = V;
+  const SpecialTokenIds ids = special_token_ids(model.config(), dir);
+  int64_t eos = c.eos_token_id;
+  std::string from = "the key eos_token_id";
+  if (eos < 0 && !ids.eos.empty()) {
+    eos = ids.eos[0];
+    from = (fs::path(dir) / ids.eos_source).string() + " eos_token_id";
+    if (ids.eos.size() > 1) {
+      from += " (the first of " + std::to_string(ids.eos.size()) + ": [";
+      for (size_t i = 0; i < ids.eos.size(); ++i) from += (i ? ", " : "") + std::to_string(ids.eos[i]);
+      from += "]; the key eos_token_id picks another)";
+    }
+  }
+  if (eos >= V)
+    throw InputError("key 'eos_token_id': " + std::to_string(eos) + " is outside the model's vocabulary [0, " +
+                     std::to_string(V) + ")");
+  if (auto* json_tok = dynamic_cast<JsonTokenizer*>(&tok)) {
+    if (eos < 0)
+      throw InputError("key 'eos_token_id': " + tok.name() + " does not say which token ends a sequence and " +
+                       dir + "'s config.json and generation_config.json name no eos_token_id; set the key");
+    if (eos >= json_tok->vocab_size())
+      throw InputError("key 'eos_token_id': " + std::to_string(eos) + " is not a token of " + tok.name() +
+                       " (vocabulary [0, " + std::to_string(json_tok->vocab_size()) + "))");
+    json_tok->set_eos_id(static_cast<int32_t>(eos));
+  }
+  d.ids_eos_id = static_cast<int32_t>(eos);
+  if (eos < 0) return "eos: " + std::to_string(tok.eos_id()) + " (the " + tok.name() + " tokenizer's)";
+  std::string line = "eos: " + std::to_string(eos) + " from " + from;
+  if (dynamic_cast<const ByteTokenizer*>(&tok) && eos != tok.eos_id())
+    line += "; text records end with the byte tokenizer's " + std::to_string(tok.eos_id());
+  return line;
 }
 
 DataOptions data_options(const TrainConfig& config) {
@@ -161,10 +213,13 @@ OptimConfig optim_config(const TrainConfig& c) {
   return o;
 }
 
-void check_fits(const TrainConfig& c, const GPT2& model, const Tokenizer& tok, const std::string& which) {
-  if (tok.vocab_size() > model.config().vocab_size)
-    throw InputError(which + ": the " + tok.name() + " tokenizer has " + std::to_string(tok.vocab_size()) +
-                     " ids but the model's vocab_size is " + std::to_string(model.config().vocab_size));
+// Token ids are checked against the model's vocab_size where the data is loaded (DataOptions::vocab_size, set by
+// bind_model_ids), so that token-id records may use every id of the model whatever the tokenizer's vocabulary.
+// `ids_bound`: the data's ids lie below it (the policy's vocab_size), so a reference model must embed them all.
+void check_fits(const TrainConfig& c, const GPT2& model, const std::string& which, int64_t ids_bound) {
+  if (model.config().vocab_size < ids_bound)
+    throw InputError(which + ": vocab_size " + std::to_string(model.config().vocab_size) +
+                     " is smaller than the policy's " + std::to_string(ids_bound) + ", whose ids the data may hold");
   if (c.max_length > model.config().max_seq_len)
     throw InputError("key 'max_length': " + std::to_string(c.max_length) + " exceeds the model's n_positions (" +
                      std::to_string(model.config().max_seq_len) + ")");
@@ -642,8 +697,8 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   Communicator& comm = ro.comm ? *ro.comm : *own_comm;
   const int n_ranks = comm.size(), me = comm.rank();
   const bool lead = me == 0;  // rank 0 alone writes out_dir and prints
-  auto tok = make_tokenizer(cfg.tokenizer);
-  const DataOptions dopt = data_options(cfg);
+  auto tok = run_tokenizer(cfg);
+  DataOptions dopt = data_options(cfg);
   std::unique_ptr<Progress> progress;
   auto say = [&](const std::string& s) {
     if (ro.quiet || !lead) return;
@@ -679,7 +734,8 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   if (on_cpu) say("cpu kernels: " + kernels.summary());
 
   auto policy = load_verified_model(*be, cfg.model, model_dtype(cfg));
-  check_fits(cfg, *policy, *tok, cfg.model);
+  say("tokenizer: " + tok->name() + "; " + bind_model_ids(cfg, *policy, cfg.model, *tok, dopt));
+  check_fits(cfg, *policy, cfg.model, dopt.vocab_size);
   policy->set_logits_chunk_rows(cfg.logits_chunk_rows);
   policy->set_gradient_checkpointing(cfg.gradient_checkpointing ? cfg.gradient_checkpointing_interval : 0);
 
@@ -723,7 +779,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     std::error_code same_ec;
     ref = fs::equivalent(ref_dir, cfg.model, same_ec) ? load_gpt2_checkpoint(*be, ref_dir, model_dtype(cfg))
                                                       : load_verified_model(*be, ref_dir, model_dtype(cfg));
-    check_fits(cfg, *ref, *tok, ref_dir);
+    check_fits(cfg, *ref, ref_dir, dopt.vocab_size);
     ref->set_logits_chunk_rows(cfg.logits_chunk_rows);
     // Forward only: the same arrangement keeps one segment's activations live and recomputes nothing.
     ref->set_gradient_checkpointing(cfg.gradient_checkpointing ? cfg.gradient_checkpointing_interval : 0);
@@ -1335,20 +1391,22 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
   if (!comm_in) own_comm = make_communicator();
   Communicator& comm = comm_in ? *comm_in : *own_comm;
   auto be = make_backend(cfg, comm);
-  auto tok = make_tokenizer(cfg.tokenizer);
+  auto tok = run_tokenizer(cfg);
   auto policy = load_verified_model(*be, checkpoint, model_dtype(cfg));
-  check_fits(cfg, *policy, *tok, checkpoint);
+  DataOptions dopt = data_options(cfg);
+  bind_model_ids(cfg, *policy, checkpoint, *tok, dopt);
+  check_fits(cfg, *policy, checkpoint, dopt.vocab_size);
   policy->set_logits_chunk_rows(cfg.logits_chunk_rows);
   const std::string path = cfg.eval_file.empty() ? cfg.train_file : cfg.eval_file;
   LoadStats st;
-  auto data = load_preferences(path, *tok, data_options(cfg), &st);
+  auto data = load_preferences(path, *tok, dopt, &st);
   check_same_on_all_ranks(comm, {static_cast<double>(data.size())}, "the number of evaluation records");
   LossConfig lc = loss_config(cfg);
   std::unique_ptr<GPT2> ref;
   if (!cfg.reference_free) {
     const std::string ref_dir = cfg.ref_model.empty() ? cfg.model : cfg.ref_model;
     ref = load_verified_model(*be, ref_dir, model_dtype(cfg));
-    check_fits(cfg, *ref, *tok, ref_dir);
+    check_fits(cfg, *ref, ref_dir, dopt.vocab_size);
     ref->set_logits_chunk_rows(cfg.logits_chunk_rows);
   }
   const auto t0 = std::chrono::steady_clock::now();
