@@ -16,7 +16,7 @@ PKGS=(
   libcairo2-dev fonts-dejavu-core   # PNG charts (train/plot.cpp) and their font
   libssl-dev             # SHA-256 (reference-cache keys, checkpoint verification)
   libpcre2-dev           # tokenizer.json pre-tokenizer regexes (Unicode classes, lookaheads)
-  libicu-dev             # tokenizer.json normalizers (NFC, NFKC, ...)
+  libutf8proc-dev        # tokenizer.json normalizers (NFC, NFKC, ...) and lowercasing
   clang libclang-rt-14-dev   # libFuzzer targets for the input readers (tests/fuzz)
 )
 

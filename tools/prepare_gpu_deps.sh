@@ -57,6 +57,8 @@ PKGS=(
   libcairo2-dev libcairo2 libfontconfig-dev libfontconfig1 fonts-dejavu-core   # pkg_check_modules(cairo fontconfig)
   libpixman-1-0 libpng16-16 libfreetype6 libbrotli1 libexpat1 zlib1g           #   cairo's and fontconfig's needs
   libxcb1 libxcb-render0 libxcb-shm0 libx11-6 libxext6 libxrender1 libxau6 libxdmcp6 libbsd0 libmd0
+  libpcre2-dev libpcre2-8-0 libpcre2-16-0 libpcre2-32-0 libpcre2-posix3   # pkg_check_modules(libpcre2-8)
+  libutf8proc-dev libutf8proc2                         # pkg_check_modules(libutf8proc)
   pkgconf-bin libpkgconf3                              # pkg-config itself (find_package(PkgConfig REQUIRED))
 )
 # Sonames a C++ toolchain always provides; anything else a carried library needs must be carried too.

@@ -2,14 +2,12 @@
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
-#include <unicode/locid.h>
-#include <unicode/normalizer2.h>
-#include <unicode/uchar.h>
-#include <unicode/unistr.h>
+#include <utf8proc.h>
 
 #include <algorithm>
 #include <array>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -366,29 +364,102 @@ void split_piece(const Piece& p, const std::vector<std::pair<size_t, size_t>>& m
 
 struct NormStep {
   enum Kind { Unicode, Lowercase, Replace, Prepend } kind;
-  const icu::Normalizer2* form = nullptr;  // Unicode
-  Pattern pattern;                         // Replace
-  std::string content;                     // Replace, Prepend
+  int unicode_options = 0;  // Unicode: utf8proc_map options of the form (NFC, NFD, NFKC, NFKD)
+  Pattern pattern;          // Replace
+  std::string content;      // Replace, Prepend
 };
 
-std::string to_utf8(const icu::UnicodeString& u) {
-  std::string s;
-  u.toUTF8String(s);
-  return s;
+// The code points of s; a byte that does not start a valid UTF-8 sequence becomes U+FFFD (the loaders validate
+// text records, so this only matters for text that never reaches a loader).
+std::vector<utf8proc_int32_t> code_points(const std::string& s) {
+  std::vector<utf8proc_int32_t> cps;
+  cps.reserve(s.size());
+  const auto* p = reinterpret_cast<const utf8proc_uint8_t*>(s.data());
+  for (size_t i = 0; i < s.size();) {
+    utf8proc_int32_t c = 0;
+    const utf8proc_ssize_t n = utf8proc_iterate(p + i, static_cast<utf8proc_ssize_t>(s.size() - i), &c);
+    if (n <= 0) {
+      cps.push_back(0xFFFD);
+      i += 1;
+    } else {
+      cps.push_back(c);
+      i += static_cast<size_t>(n);
+    }
+  }
+  return cps;
+}
+
+void append_utf8(std::string& out, utf8proc_int32_t c) {
+  utf8proc_uint8_t b[4];
+  const utf8proc_ssize_t n = utf8proc_encode_char(c, b);
+  out.append(reinterpret_cast<const char*>(b), static_cast<size_t>(n));
+}
+
+std::string normalize_unicode(const std::string& s, int options) {
+  std::string valid;
+  for (const utf8proc_int32_t c : code_points(s)) append_utf8(valid, c);
+  utf8proc_uint8_t* dst = nullptr;
+  const utf8proc_ssize_t n =
+      utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(valid.data()), static_cast<utf8proc_ssize_t>(valid.size()),
+                   &dst, static_cast<utf8proc_option_t>(options));
+  if (n < 0) throw Error(std::string("tokenizer: Unicode normalization failed: ") + utf8proc_errmsg(n));
+  std::string r(reinterpret_cast<const char*>(dst), static_cast<size_t>(n));
+  std::free(dst);
+  return r;
+}
+
+bool is_cased(utf8proc_int32_t c) {
+  const utf8proc_category_t k = utf8proc_category(c);
+  return k == UTF8PROC_CATEGORY_LU || k == UTF8PROC_CATEGORY_LL || k == UTF8PROC_CATEGORY_LT;
+}
+
+bool is_case_ignorable(utf8proc_int32_t c) {
+  switch (utf8proc_category(c)) {
+    case UTF8PROC_CATEGORY_MN: case UTF8PROC_CATEGORY_ME: case UTF8PROC_CATEGORY_CF: case UTF8PROC_CATEGORY_LM:
+    case UTF8PROC_CATEGORY_SK: return true;
+    default: break;
+  }
+  switch (c) {  // Word_Break MidLetter, MidNumLet and Single_Quote
+    case 0x27: case 0x2E: case 0x3A: case 0xB7: case 0x387: case 0x55F: case 0x5F4: case 0x2018: case 0x2019:
+    case 0x2024: case 0x2027: case 0xFE13: case 0xFE52: case 0xFE55: case 0xFF07: case 0xFF0E: case 0xFF1A:
+      return true;
+    default: return false;
+  }
+}
+
+// Full lowercase mapping as Rust's str::to_lowercase (what HF's Lowercase normalizer calls): the per-code-point
+// mapping, U+0130 to "i" + U+0307 (its one multi-code-point mapping), and capital sigma to final sigma at the end
+// of a word (Unicode's Final_Sigma: a cased letter before it and none after it, case-ignorable code points
+// skipped on both sides; cased = general categories Lu, Ll, Lt).
+std::string lowercase(const std::string& s) {
+  const std::vector<utf8proc_int32_t> cps = code_points(s);
+  std::string out;
+  out.reserve(s.size());
+  for (size_t i = 0; i < cps.size(); ++i) {
+    const utf8proc_int32_t c = cps[i];
+    if (c == 0x130) {
+      out += "i\xCC\x87";
+      continue;
+    }
+    if (c == 0x3A3) {
+      size_t j = i;
+      while (j > 0 && is_case_ignorable(cps[j - 1])) --j;
+      const bool before = j > 0 && is_cased(cps[j - 1]);
+      size_t k = i + 1;
+      while (k < cps.size() && is_case_ignorable(cps[k])) ++k;
+      const bool after = k < cps.size() && is_cased(cps[k]);
+      append_utf8(out, before && !after ? 0x3C2 : 0x3C3);
+      continue;
+    }
+    append_utf8(out, utf8proc_tolower(c));
+  }
+  return out;
 }
 
 std::string apply_norm(const NormStep& n, const std::string& s) {
   switch (n.kind) {
-    case NormStep::Unicode: {
-      UErrorCode st = U_ZERO_ERROR;
-      const icu::UnicodeString r = n.form->normalize(icu::UnicodeString::fromUTF8(s), st);
-      if (U_FAILURE(st)) throw Error(std::string("tokenizer: Unicode normalization failed: ") + u_errorName(st));
-      return to_utf8(r);
-    }
-    case NormStep::Lowercase: {
-      icu::UnicodeString u = icu::UnicodeString::fromUTF8(s);
-      return to_utf8(u.toLower(icu::Locale::getRoot()));
-    }
+    case NormStep::Unicode: return normalize_unicode(s, n.unicode_options);
+    case NormStep::Lowercase: return lowercase(s);
     case NormStep::Replace: return n.pattern.replace_all(s, n.content);
     case NormStep::Prepend: return s.empty() ? s : n.content + s;
   }
@@ -541,7 +612,12 @@ struct AddedToken {
   bool special, lstrip, rstrip, normalized;
 };
 
-bool is_white_space(std::string_view s, size_t i, size_t len) { return u_isUWhiteSpace(static_cast<UChar32>(code_point(s, i, len))); }
+// Unicode's White_Space property (PropList.txt; what Rust's char::is_whitespace tests).
+bool is_white_space(std::string_view s, size_t i, size_t len) {
+  const uint32_t c = static_cast<uint32_t>(code_point(s, i, len));
+  return (c >= 0x9 && c <= 0xD) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 || (c >= 0x2000 && c <= 0x200A) ||
+         c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
+}
 
 }  // namespace
 
@@ -579,14 +655,11 @@ struct JsonTokenizer::Impl {
       for (const auto& [e, p] : rd.list(n, "normalizers", jp)) read_norm(rd, *e, p);
       return;
     }
-    UErrorCode st = U_ZERO_ERROR;
     if (t == "NFC" || t == "NFD" || t == "NFKC" || t == "NFKD") {
       s.kind = NormStep::Unicode;
-      s.form = t == "NFC"    ? icu::Normalizer2::getNFCInstance(st)
-               : t == "NFD"  ? icu::Normalizer2::getNFDInstance(st)
-               : t == "NFKC" ? icu::Normalizer2::getNFKCInstance(st)
-                             : icu::Normalizer2::getNFKDInstance(st);
-      if (U_FAILURE(st)) throw Error("tokenizer: ICU has no " + t + " data: " + u_errorName(st));
+      const int compat = t == "NFKC" || t == "NFKD" ? UTF8PROC_COMPAT : 0;
+      s.unicode_options =
+          UTF8PROC_STABLE | compat | (t == "NFC" || t == "NFKC" ? UTF8PROC_COMPOSE : UTF8PROC_DECOMPOSE);
     } else if (t == "Lowercase") {
       s.kind = NormStep::Lowercase;
     } else if (t == "Replace") {

@@ -8,7 +8,7 @@
 //   added_tokens   split out of the text before normalization (normalized: false) or after it (normalized: true),
 //                  leftmost-longest; lstrip / rstrip; `special` decides what decode(ids, Skip) drops.
 //                  single_word: true is refused.
-//   normalizer     NFC, NFD, NFKC, NFKD (ICU), Lowercase, Replace (String or Regex pattern), Prepend, Sequence.
+//   normalizer     NFC, NFD, NFKC, NFKD (utf8proc), Lowercase, Replace (String or Regex pattern), Prepend, Sequence.
 //   pre_tokenizer  ByteLevel (add_prefix_space, use_regex with GPT-2's pattern), Split (String or Regex pattern,
 //                  every behavior, invert), Metaspace (replacement, prepend_scheme always / first / never, split),
 //                  Digits, Sequence.
