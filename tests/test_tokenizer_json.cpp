@@ -163,6 +163,39 @@ struct TempDir {
   ~TempDir() { fs::remove_all(path); }
 };
 
+// The normalizers' output, read back through a tokenizer whose model is byte fallback only (no merges, the 256
+// <0xXX> tokens), so decode(encode(text)) is the normalized text. Expected strings: HF tokenizers 0.23's
+// normalizers.Lowercase().normalize_str / NFKC().normalize_str on the same inputs (per character: capital sigma
+// never takes the final form; U+0130 becomes "i" + U+0307; NFKC folds the fi ligature and the circled one).
+TEST(JsonTokenizer, NormalizersMatchHfTokenizers) {
+  TempDir t;
+  auto load = [&](const json& normalizer) {
+    json vocab = json::object();
+    char name[8];
+    for (int b = 0; b < 256; ++b) {
+      std::snprintf(name, sizeof name, "<0x%02X>", b);
+      vocab[name] = b;
+    }
+    json j = {{"version", "1.0"}, {"truncation", nullptr}, {"padding", nullptr}, {"added_tokens", json::array()},
+              {"normalizer", normalizer}, {"pre_tokenizer", nullptr}, {"post_processor", nullptr},
+              {"decoder", {{"type", "ByteFallback"}}},
+              {"model", {{"type", "BPE"}, {"dropout", nullptr}, {"unk_token", nullptr},
+                         {"continuing_subword_prefix", nullptr}, {"end_of_word_suffix", nullptr},
+                         {"fuse_unk", false}, {"byte_fallback", true}, {"ignore_merges", false},
+                         {"vocab", vocab}, {"merges", json::array()}}}};
+    const fs::path p = t.path / "bytes.json";
+    std::ofstream(p) << j.dump();
+    return std::make_unique<JsonTokenizer>(p.string());
+  };
+  const auto lower = load({{"type", "Lowercase"}});
+  auto round = [](const JsonTokenizer& tok, const std::string& s) { return tok.decode(tok.encode(s)); };
+  EXPECT_EQ(round(*lower, "\u039F\u0394\u039F\u03A3 \u03A3\u0391\u03A3"), "\u03BF\u03B4\u03BF\u03C3 \u03C3\u03B1\u03C3");
+  EXPECT_EQ(round(*lower, "\u0130stanbul"), "i\u0307stanbul");
+  EXPECT_EQ(round(*lower, "\u00C0\u00C9\u00CE \u01C5"), "\u00E0\u00E9\u00EE \u01C6");
+  const auto nfkc = load({{"type", "NFKC"}});
+  EXPECT_EQ(round(*nfkc, "\uFB01\u2460\u01C5"), "fi1D\u017E");
+}
+
 // Loads the gpt2 fixture changed by `edit`, written to a file, and returns the InputError's message ("" if none).
 template <class Edit>
 std::string load_error(const TempDir& t, const std::string& name, Edit edit) {

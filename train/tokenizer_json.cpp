@@ -408,50 +408,17 @@ std::string normalize_unicode(const std::string& s, int options) {
   return r;
 }
 
-bool is_cased(utf8proc_int32_t c) {
-  const utf8proc_category_t k = utf8proc_category(c);
-  return k == UTF8PROC_CATEGORY_LU || k == UTF8PROC_CATEGORY_LL || k == UTF8PROC_CATEGORY_LT;
-}
-
-bool is_case_ignorable(utf8proc_int32_t c) {
-  switch (utf8proc_category(c)) {
-    case UTF8PROC_CATEGORY_MN: case UTF8PROC_CATEGORY_ME: case UTF8PROC_CATEGORY_CF: case UTF8PROC_CATEGORY_LM:
-    case UTF8PROC_CATEGORY_SK: return true;
-    default: break;
-  }
-  switch (c) {  // Word_Break MidLetter, MidNumLet and Single_Quote
-    case 0x27: case 0x2E: case 0x3A: case 0xB7: case 0x387: case 0x55F: case 0x5F4: case 0x2018: case 0x2019:
-    case 0x2024: case 0x2027: case 0xFE13: case 0xFE52: case 0xFE55: case 0xFF07: case 0xFF0E: case 0xFF1A:
-      return true;
-    default: return false;
-  }
-}
-
-// Full lowercase mapping as Rust's str::to_lowercase (what HF's Lowercase normalizer calls): the per-code-point
-// mapping, U+0130 to "i" + U+0307 (its one multi-code-point mapping), and capital sigma to final sigma at the end
-// of a word (Unicode's Final_Sigma: a cased letter before it and none after it, case-ignorable code points
-// skipped on both sides; cased = general categories Lu, Ll, Lt).
+// HF's Lowercase normalizer: each character's full lowercase mapping (Rust's char::to_lowercase, one character at
+// a time, so no context: capital sigma always becomes U+03C3, never the final form). The one multi-character
+// mapping is U+0130 (I with dot above) to "i" + U+0307; everything else is utf8proc's per-code-point mapping.
 std::string lowercase(const std::string& s) {
-  const std::vector<utf8proc_int32_t> cps = code_points(s);
   std::string out;
   out.reserve(s.size());
-  for (size_t i = 0; i < cps.size(); ++i) {
-    const utf8proc_int32_t c = cps[i];
-    if (c == 0x130) {
+  for (const utf8proc_int32_t c : code_points(s)) {
+    if (c == 0x130)
       out += "i\xCC\x87";
-      continue;
-    }
-    if (c == 0x3A3) {
-      size_t j = i;
-      while (j > 0 && is_case_ignorable(cps[j - 1])) --j;
-      const bool before = j > 0 && is_cased(cps[j - 1]);
-      size_t k = i + 1;
-      while (k < cps.size() && is_case_ignorable(cps[k])) ++k;
-      const bool after = k < cps.size() && is_cased(cps[k]);
-      append_utf8(out, before && !after ? 0x3C2 : 0x3C3);
-      continue;
-    }
-    append_utf8(out, utf8proc_tolower(c));
+    else
+      append_utf8(out, utf8proc_tolower(c));
   }
   return out;
 }
