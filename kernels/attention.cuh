@@ -54,6 +54,17 @@ void attention_forward_spans(CudaContext& ctx, float* out, float* att, const flo
 void attention_forward_spans(CudaContext& ctx, __nv_bfloat16* out, __nv_bfloat16* att, const __nv_bfloat16* qkv,
                              const int32_t* span, int64_t B, int64_t T, int64_t C, int64_t NH);
 
+// --- Spans of a key mask (the flash kernels' one form; CPU twin cpu::attention_keymask_spans, kernels/attention.h) --
+// span[B,T,kSpanWidth] (=) from a key mask: real slot t of row b -> {first real slot of the row, t, t}, padding slot
+// t -> {t, t, t}; a row with no real slot has only padding spans. Two mask forms: keymask [B,T] int32 (non-zero =
+// real; null = all real), which also writes mask_copy[B*T] = 1.0f / 0.0f when mask_copy is not null (the flash
+// saved state keeps it for the backward, runtime/cuda/cuda_backend.h); or mask [B*T] float (non-zero = real), that
+// copy. Both give the same integers as the CPU twin. One warp per row: a min-reduction over the row's slots for
+// its first real slot, then each lane writes the spans of its slots. No atomics, no scratch.
+void attention_keymask_spans(CudaContext& ctx, int32_t* span, float* mask_copy, const int32_t* keymask, int64_t B,
+                             int64_t T);
+void attention_keymask_spans(CudaContext& ctx, int32_t* span, const float* mask, int64_t B, int64_t T);
+
 // --- Incremental decoding (the key/value cache); contract of the CPU twins in kernels/attention.h ------------------
 //   attention_cache_store: kcache[b,t,:] = qkv[b,t,C:2C], vcache[b,t,:] = qkv[b,t,2C:3C] for t < T <= Tc   (=)
 //   attention_decode_forward: with p = pos[b] (one new token per sequence, qkv [B,3C]):
