@@ -386,10 +386,15 @@ Result run_pairs(GPT2& m, const Batch& b, const LossConfig& lc) {
   m.fused_backward();
   const auto stats = vec(be, head.stats);
   Result r;
-  for (int64_t s = 0; s < 2 * P; ++s) {  // in pair order, whatever the layout's row order
-    const int64_t q = s / 2, side = s % 2;
-    r.logp.push_back(stats[static_cast<size_t>(pair_row(rows, P, q, side) * kSeqStatsWidth + kSeqLogp)]);
-  }
+  // By record (the layouts order pairs by row, first-fit; b.indices[q] names pair q's record; distinct here), chosen
+  // then rejected, so that every layout's vector lines up with the padded batch's.
+  r.logp.assign(static_cast<size_t>(2 * P), std::nan(""));
+  for (int64_t q = 0; q < P; ++q)
+    for (int64_t side = 0; side < 2; ++side) {
+      const auto rec = static_cast<size_t>(b.indices[static_cast<size_t>(q)]);
+      r.logp.at(2 * rec + static_cast<size_t>(side)) =
+          stats[static_cast<size_t>(pair_row(rows, P, q, side) * kSeqStatsWidth + kSeqLogp)];
+    }
   r.grads = vec(be, m.grads());
   r.grad_bytes = bytes_of(be, m.grads());
   r.logp_bytes = bytes_of(be, head.stats);
@@ -407,7 +412,7 @@ TEST(CudaFlashModel, PackedAndPrefixSharedMatchEagerAndTheCpuModel) {
   Backend &cpu = *cpu_be, &gpu = *gpu_be;
   const GPT2Config cfg = flash_config();
   const std::vector<PreferencePair> data = test::random_pairs(g, 7, static_cast<int32_t>(cfg.vocab_size), 45, 30);
-  const std::vector<int64_t> idx = {4, 0, 6, 2, 1, 5, 3};
+  const std::vector<int64_t> idx = {4, 0, 6, 2, 1, 5, 3};  // a permutation of the records (run_pairs keys by them)
   LossConfig lc;
   lc.terms = {{LossType::Sigmoid, 1.0}, {LossType::Sft, 0.2}};
   GPT2 c16(cpu, cfg, DType::BF16), ge(gpu, cfg, DType::BF16);
