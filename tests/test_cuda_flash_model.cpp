@@ -70,6 +70,13 @@ Tensor put(Backend& be, const Tensor& host, DType dtype) {
 
 std::vector<double> vec(Backend& be, const Tensor& t) { return to_host_f64(be, t); }
 
+// An I32 device tensor's values (copy_to_host converts between floating dtypes only).
+std::vector<int32_t> ints(Backend& be, const Tensor& t) {
+  Tensor h = Tensor::host(t.shape(), DType::I32);
+  be.copy_to_host(h, t);
+  return std::vector<int32_t>(h.data<int32_t>(), h.data<int32_t>() + h.numel());
+}
+
 std::string bytes_of(Backend& be, const Tensor& t) {
   Tensor h = Tensor::host(t.shape(), t.dtype());
   be.copy_to_host(h, t);
@@ -139,21 +146,22 @@ TEST(CudaFlashModel, KeymaskSpansMatchTheCpuTwin) {
     ASSERT_EQ(cudaMemsetAsync(copy.raw(), 0xFF, static_cast<size_t>(copy.nbytes()), st), cudaSuccess);
     cuda::attention_keymask_spans(ctx, static_cast<int32_t*>(span.raw()), static_cast<float*>(copy.raw()),
                                   static_cast<const int32_t*>(d_mask.raw()), B, T);
-    const auto got = vec(*be, span), got_copy = vec(*be, copy);
+    const auto got = ints(*be, span);
+    const auto got_copy = vec(*be, copy);
     for (size_t i = 0; i < want.size(); ++i) ASSERT_EQ(got[i], want[i]) << "span entry " << i;
     for (size_t i = 0; i < mask.size(); ++i) ASSERT_EQ(got_copy[i], mask[i] != 0 ? 1.0 : 0.0) << "mask copy " << i;
 
     ASSERT_EQ(cudaMemsetAsync(span.raw(), 0x7F, static_cast<size_t>(span.nbytes()), st), cudaSuccess);
     cuda::attention_keymask_spans(ctx, static_cast<int32_t*>(span.raw()), static_cast<const float*>(copy.raw()), B,
                                   T);
-    const auto again = vec(*be, span);
+    const auto again = ints(*be, span);
     for (size_t i = 0; i < want.size(); ++i) ASSERT_EQ(again[i], want[i]) << "span entry " << i << " (float mask)";
 
     // A null key mask: every slot real.
     std::vector<int32_t> all(static_cast<size_t>(B * T * kSpanWidth));
     cpu::attention_keymask_spans(all.data(), nullptr, B, T);
     cuda::attention_keymask_spans(ctx, static_cast<int32_t*>(span.raw()), nullptr, nullptr, B, T);
-    const auto got_all = vec(*be, span);
+    const auto got_all = ints(*be, span);
     for (size_t i = 0; i < all.size(); ++i) ASSERT_EQ(got_all[i], all[i]) << "span entry " << i << " (no mask)";
   }
 }

@@ -697,6 +697,7 @@ void CudaBackend::flash_forward(const Tensor& out, const Tensor& saved, const Te
   p.out = static_cast<uint16_t*>(out.raw());
   p.out_stride = C;
   p.lse = ptr<float>(saved);
+  flash::check_params(p, "attention (attn_implementation flash)");  // head size, alignment: before any launch
   float* marks = p.lse + B * n_head * T;
   if (span.defined()) {
     cuda::fill(*ctx_, marks, B * T, kFlashSpansMark);
@@ -706,7 +707,6 @@ void CudaBackend::flash_forward(const Tensor& out, const Tensor& saved, const Te
     cuda::attention_keymask_spans(*ctx_, ptr<int32_t>(flash_spans_), marks, opt_ptr<int32_t>(keymask), B, T);
     p.span = ptr<int32_t>(flash_spans_);
   }
-  flash::check_params(p, "attention (attn_implementation flash)");
   flash::flash_attention_forward(*ctx_, p);
 }
 
@@ -747,6 +747,9 @@ void CudaBackend::flash_backward(const Tensor& dqkv, const Tensor& dout, const T
   p.dq_stride = p.dk_stride = p.dv_stride = 3 * C;
   p.write = GradWrite::Accumulate;  // the op's contract is dqkv +=
   p.lse = ptr<float>(saved);
+  grow_workspace(flash_delta_, B * n_head * T, DType::F32);
+  p.delta = ptr<float>(flash_delta_);
+  flash::check_backward_params(p, "attention backward (attn_implementation flash)");  // before any launch
   if (span.defined()) {
     p.span = ptr<int32_t>(span);
   } else {
@@ -754,9 +757,6 @@ void CudaBackend::flash_backward(const Tensor& dqkv, const Tensor& dout, const T
     cuda::attention_keymask_spans(*ctx_, ptr<int32_t>(flash_spans_), p.lse + B * n_head * T, B, T);
     p.span = ptr<int32_t>(flash_spans_);
   }
-  grow_workspace(flash_delta_, B * n_head * T, DType::F32);
-  p.delta = ptr<float>(flash_delta_);
-  flash::check_backward_params(p, "attention backward (attn_implementation flash)");
   flash::flash_attention_backward(*ctx_, p);
 }
 
