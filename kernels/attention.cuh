@@ -41,7 +41,8 @@ void attention_backward(CudaContext& ctx, __nv_bfloat16* dqkv, const __nv_bfloat
 // attention_forward_spans: the forward above with span [B,T,kSpanWidth] int32 (device) in place of the key mask:
 // query t of row b sees the keys s with span_sees(span[b,t], t, s). Same outputs, storage, arithmetic, scratch and
 // determinism as attention_forward; the kernels are the same (the span is read by the softmax only), so the cost is
-// that of the key-mask form (the full lower triangle); a flash kernel whose work follows the spans is another step.
+// that of the key-mask form (the full lower triangle); the flash kernels (kernels/flash_attention.h, the backend's
+// attn_implementation flash) are the path whose work follows the spans.
 // With the spans a key mask implies, att and out are bitwise those of attention_forward with that mask at every
 // real query slot (the softmax visits the same keys on the same lanes in the same order).
 // The backward of this forward is attention_backward above: it reads only att, whose zeros carry the spans.
