@@ -9,8 +9,8 @@
 // Budgets (norm-wise relative, ||got - ref|| / ||ref||): the bf16 model budgets of
 // CudaBackend.Bf16ModelMatchesTheCpuBf16ModelAndTheDoubleOracle and tests/test_gpt2_bf16.cpp: sequence log-probs
 // 2e-3, gradients 3e-2. They apply unchanged because the flash path changes only where bf16 rounding happens
-// inside attention, not how much: it rounds each probability to bf16 before P.V (at most 2^-9 of each weight, so
-// 2^-9 max|v| per output, the size of the one rounding of out that both paths make) and dS before its products,
+// inside attention, not how much: it rounds each probability to bf16 before P.V (at most u = 2^-8 of each weight, so
+// u max|v| per output, the size of the one rounding of out that both paths make) and dS before its products,
 // where the eager path rounds the saved probabilities; both stay a few bf16 roundings per op away from the CPU's
 // bf16 model, which is what those budgets were measured for (there: 9e-5 and 6e-3 against budgets 2e-3 and 3e-2).
 // A wrong mask, a dropped tile or a wrong saved state moves the log-probs by whole percents (one key of a row of n
