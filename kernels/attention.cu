@@ -498,7 +498,60 @@ void attention_decode_forward_impl(CudaContext& ctx, St* out, St* kcache, St* vc
   DPO_CUDA_CHECK(cudaGetLastError());
 }
 
+// One warp per row (kernels/attention.cuh, "Spans of a key mask"). Each lane's first real slot is its smallest (its
+// slots ascend), the butterfly min gives the row's; the warp's row is the same for all its lanes, so the early
+// return keeps whole warps and every lane reaches the shuffles.
+constexpr int kSpanRowsPerBlock = 4;
+
+template <class M>
+__global__ void __launch_bounds__(kSpanRowsPerBlock * 32)
+    keymask_spans_kernel(int32_t* span, float* mask_copy, const M* mask, int64_t B, int64_t T) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kSpanRowsPerBlock + threadIdx.x / 32;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  if (b >= B) return;
+  const M* m = mask != nullptr ? mask + b * T : nullptr;
+  long long lo = static_cast<long long>(T);
+  for (int64_t t = lane; t < T; t += 32)
+    if (m == nullptr || m[t] != M(0)) {
+      lo = t;
+      break;
+    }
+  for (int off = 16; off > 0; off >>= 1) {
+    const long long o = __shfl_xor_sync(0xffffffffu, lo, off);
+    lo = o < lo ? o : lo;
+  }
+  for (int64_t t = lane; t < T; t += 32) {
+    const bool real = m == nullptr || m[t] != M(0);
+    int32_t* sp = span + (b * T + t) * kSpanWidth;
+    sp[kSpanLo] = static_cast<int32_t>(real ? lo : t);
+    sp[kSpanHoleLo] = static_cast<int32_t>(t);
+    sp[kSpanHoleHi] = static_cast<int32_t>(t);
+    if (mask_copy != nullptr) mask_copy[b * T + t] = real ? 1.0f : 0.0f;
+  }
+}
+
+template <class M>
+void keymask_spans_impl(CudaContext& ctx, int32_t* span, float* mask_copy, const M* mask, int64_t B, int64_t T) {
+  DPO_ASSERT(B >= 0 && T >= 0 && T <= INT32_MAX, "attention_keymask_spans: bad sizes B=" + std::to_string(B) +
+                                                     " T=" + std::to_string(T));
+  if (B == 0 || T == 0) return;
+  const int64_t blocks = (B + kSpanRowsPerBlock - 1) / kSpanRowsPerBlock;
+  DPO_ASSERT(blocks <= INT32_MAX, "attention_keymask_spans: B too large");
+  keymask_spans_kernel<M><<<static_cast<unsigned>(blocks), kSpanRowsPerBlock * 32, 0, ctx.stream()>>>(
+      span, mask_copy, mask, B, T);
+  DPO_CUDA_CHECK(cudaGetLastError());
+}
+
 }  // namespace
+
+void attention_keymask_spans(CudaContext& ctx, int32_t* span, float* mask_copy, const int32_t* keymask, int64_t B,
+                             int64_t T) {
+  keymask_spans_impl(ctx, span, mask_copy, keymask, B, T);
+}
+void attention_keymask_spans(CudaContext& ctx, int32_t* span, const float* mask, int64_t B, int64_t T) {
+  DPO_ASSERT(mask != nullptr || B * T == 0, "attention_keymask_spans: mask is null");
+  keymask_spans_impl<float>(ctx, span, nullptr, mask, B, T);
+}
 
 void attention_forward(CudaContext& ctx, float* out, float* att, const float* qkv, const int32_t* keymask, int64_t B,
                        int64_t T, int64_t C, int64_t NH) {

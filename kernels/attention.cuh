@@ -41,7 +41,8 @@ void attention_backward(CudaContext& ctx, __nv_bfloat16* dqkv, const __nv_bfloat
 // attention_forward_spans: the forward above with span [B,T,kSpanWidth] int32 (device) in place of the key mask:
 // query t of row b sees the keys s with span_sees(span[b,t], t, s). Same outputs, storage, arithmetic, scratch and
 // determinism as attention_forward; the kernels are the same (the span is read by the softmax only), so the cost is
-// that of the key-mask form (the full lower triangle); a flash kernel whose work follows the spans is another step.
+// that of the key-mask form (the full lower triangle); the flash kernels (kernels/flash_attention.h, the backend's
+// attn_implementation flash) are the path whose work follows the spans.
 // With the spans a key mask implies, att and out are bitwise those of attention_forward with that mask at every
 // real query slot (the softmax visits the same keys on the same lanes in the same order).
 // The backward of this forward is attention_backward above: it reads only att, whose zeros carry the spans.
@@ -53,6 +54,17 @@ void attention_forward_spans(CudaContext& ctx, float* out, float* att, const flo
                              int64_t B, int64_t T, int64_t C, int64_t NH);
 void attention_forward_spans(CudaContext& ctx, __nv_bfloat16* out, __nv_bfloat16* att, const __nv_bfloat16* qkv,
                              const int32_t* span, int64_t B, int64_t T, int64_t C, int64_t NH);
+
+// --- Spans of a key mask (the flash kernels' one form; CPU twin cpu::attention_keymask_spans, kernels/attention.h) --
+// span[B,T,kSpanWidth] (=) from a key mask: real slot t of row b -> {first real slot of the row, t, t}, padding slot
+// t -> {t, t, t}; a row with no real slot has only padding spans. Two mask forms: keymask [B,T] int32 (non-zero =
+// real; null = all real), which also writes mask_copy[B*T] = 1.0f / 0.0f when mask_copy is not null (the flash
+// saved state keeps it for the backward, runtime/cuda/cuda_backend.h); or mask [B*T] float (non-zero = real), that
+// copy. Both give the same integers as the CPU twin. One warp per row: a min-reduction over the row's slots for
+// its first real slot, then each lane writes the spans of its slots. No atomics, no scratch.
+void attention_keymask_spans(CudaContext& ctx, int32_t* span, float* mask_copy, const int32_t* keymask, int64_t B,
+                             int64_t T);
+void attention_keymask_spans(CudaContext& ctx, int32_t* span, const float* mask, int64_t B, int64_t T);
 
 // --- Incremental decoding (the key/value cache); contract of the CPU twins in kernels/attention.h ------------------
 //   attention_cache_store: kcache[b,t,:] = qkv[b,t,C:2C], vcache[b,t,:] = qkv[b,t,2C:3C] for t < T <= Tc   (=)

@@ -114,6 +114,16 @@ namespace dpo::cpu {
 // Throws dpo::Error (prefixed by fn) for the first span that is not span_valid, in slot order.
 void check_attention_spans(const int32_t* span, int64_t B, int64_t T_, const char* fn);
 
+// The padded layout's spans of a key mask (kernels/batch_layout.h), so that a kernel that takes spans only (the flash
+// kernels, kernels/flash_attention.h) runs key-mask batches: keymask [B,T] I32 (non-zero = real; null = all real),
+// span [B,T,kSpanWidth] (=): real slot t of row b -> {lo_b, t, t} with lo_b the row's first real slot; padding
+// slot t -> {t, t, t} (itself only). Every span written is valid. The rows of a padded batch are left- or
+// right-padded, their real slots contiguous; then a real query sees exactly the keys the key-mask rule lets it see
+// (the equivalence of kernels/attention.h above). A mask with padding between two real slots is outside that
+// contract: a later real query would also see the padding between them. The GPU twin is
+// cuda::attention_keymask_spans (kernels/attention.cuh); both write the same integers.
+void attention_keymask_spans(int32_t* span, const int32_t* keymask, int64_t B, int64_t T_);
+
 template <class T>
 void attention_forward_spans(T* out, T* att, const T* qkv, const int32_t* span, int64_t B, int64_t T_, int64_t C,
                              int64_t NH);

@@ -123,6 +123,20 @@ void backward_impl(T* dqkv, const T* dout, const T* qkv, const T* att, const Key
 
 }  // namespace
 
+void attention_keymask_spans(int32_t* span, const int32_t* keymask, int64_t B, int64_t T_) {
+  for (int64_t b = 0; b < B; ++b) {
+    const int32_t* m = keymask ? keymask + b * T_ : nullptr;
+    int64_t lo = 0;
+    while (m && lo < T_ && m[lo] == 0) ++lo;
+    for (int64_t t = 0; t < T_; ++t) {
+      int32_t* sp = span + (b * T_ + t) * kSpanWidth;
+      const bool real = m == nullptr || m[t] != 0;
+      sp[kSpanLo] = static_cast<int32_t>(real ? lo : t);
+      sp[kSpanHoleLo] = sp[kSpanHoleHi] = static_cast<int32_t>(t);
+    }
+  }
+}
+
 void check_attention_spans(const int32_t* span, int64_t B, int64_t T_, const char* fn) {
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < T_; ++t) {

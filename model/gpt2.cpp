@@ -495,8 +495,8 @@ void GPT2::backward_trunk() {
     be.matmul_backward(a.datty, grad(p + "attn.c_proj.weight"), grad(p + "attn.c_proj.bias"), a.dres, L.atty,
                        param(p + "attn.c_proj.weight"), WeightLayout::InOut, first);
     be.fill_zero(a.dqkv);  // attention_backward accumulates (its kernels have no "=" form)
-    if (layout_) be.attention_backward_spans(a.dqkv, a.datty, L.qkv, L.att, layout_->span, NH);
-    else be.attention_backward(a.dqkv, a.datty, L.qkv, L.att, NH);
+    if (layout_) be.attention_backward_spans(a.dqkv, a.datty, L.qkv, L.atty, L.att, layout_->span, NH);
+    else be.attention_backward(a.dqkv, a.datty, L.qkv, L.atty, L.att, NH);
     if (!ow) be.fill_zero(a.dln);
     be.matmul_backward(a.dln, grad(p + "attn.c_attn.weight"), grad(p + "attn.c_attn.bias"), a.dqkv, L.ln1,
                        param(p + "attn.c_attn.weight"), WeightLayout::InOut, first);

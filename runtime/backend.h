@@ -54,6 +54,9 @@ class GraphCaptureError : public Error {
   using Error::Error;
 };
 
+// The attention kernels a backend runs (Backend::set_attention_impl).
+enum class AttentionImpl { Eager, Flash };
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -165,12 +168,29 @@ class Backend {
   // qkv[B,T,3C] -> out[B,T,C]; `saved` holds what the backward needs, in a backend-defined shape
   // (attention_saved_shape): the CPU backend keeps the per-row log-sum-exp and the key mask (or, with
   // CpuAttention::Reference, the probabilities [B,NH,T,T]). keymask[B,T] I32 is optional.
+  // The backward takes the forward's own output `out` [B,T,C] (as the forward wrote it: the flash backward's
+  // preprocess sums dout * out per row); a backend whose saved state suffices ignores it. The shape and dtype of
+  // `saved` are one function of the backend and its attention implementation (set_attention_impl below), so they
+  // must be asked again after that setting changes.
   virtual Shape attention_saved_shape(int64_t B, int64_t T, int64_t NH) const = 0;
   virtual DType attention_saved_dtype(DType activation) const { return activation; }
   virtual void attention_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& keymask,
                                  int64_t n_head) = 0;
-  virtual void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
-                                  int64_t n_head) = 0;
+  virtual void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
+                                  const Tensor& saved, int64_t n_head) = 0;
+  // Which attention kernels the backend runs (HF's config key attn_implementation, docs/training.md):
+  //   Eager: the backend's default kernels (the CPU's blocked or reference kernels; the CUDA backend's
+  //          materialised [B,NH,T,T] softmax).
+  //   Flash: the tensor-core flash kernels (kernels/flash_attention.h), BF16 activations on the CUDA backend only;
+  //          the saved state is then the per-row log-sum-exp and the key mask (runtime/cuda/cuda_backend.h).
+  // The base class knows only Eager: Flash throws dpo::Error naming the backend. Set it before the model allocates
+  // its activations (the saved state's shape follows it).
+  virtual void set_attention_impl(AttentionImpl impl) {
+    if (impl != AttentionImpl::Eager)
+      throw Error("attn_implementation flash: the " + name() +
+                  " backend has no flash attention kernels (they run on the CUDA backend in bf16)");
+  }
+  virtual AttentionImpl attention_impl() const { return AttentionImpl::Eager; }
   // The same ops under a batch layout's spans (kernels/batch_layout.h, kernels/attention.h): span [B,T,kSpanWidth]
   // I32; query slot t of row b attends to the key slots k of row b with span_sees(span[b,t], t, k) instead of the
   // key-mask rule. Same tensors and contracts otherwise (saved: attention_saved_shape / attention_saved_dtype; out
@@ -181,7 +201,7 @@ class Backend {
   // (kernels/attention.cuh).
   virtual void attention_forward_spans(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& span,
                                        int64_t n_head) = 0;
-  virtual void attention_backward_spans(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
+  virtual void attention_backward_spans(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
                                         const Tensor& saved, const Tensor& span, int64_t n_head) = 0;
   // Incremental decoding with a key/value cache (kernels/attention.h). kcache, vcache [B,Tc,C] in the activation
   // dtype, positions per sequence.

@@ -118,9 +118,9 @@ void CountingBackend::attention_forward(const Tensor& out, const Tensor& saved, 
   inner_->attention_forward(out, saved, qkv, keymask, n_head);
 }
 void CountingBackend::attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
-                                         const Tensor& saved, int64_t n_head) {
+                                         const Tensor& out, const Tensor& saved, int64_t n_head) {
   count(Kind::Op, "attention_backward");
-  inner_->attention_backward(dqkv, dout, qkv, saved, n_head);
+  inner_->attention_backward(dqkv, dout, qkv, out, saved, n_head);
 }
 void CountingBackend::attention_forward_spans(const Tensor& out, const Tensor& saved, const Tensor& qkv,
                                               const Tensor& span, int64_t n_head) {
@@ -128,9 +128,10 @@ void CountingBackend::attention_forward_spans(const Tensor& out, const Tensor& s
   inner_->attention_forward_spans(out, saved, qkv, span, n_head);
 }
 void CountingBackend::attention_backward_spans(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
-                                               const Tensor& saved, const Tensor& span, int64_t n_head) {
+                                               const Tensor& out, const Tensor& saved, const Tensor& span,
+                                               int64_t n_head) {
   count(Kind::Op, "attention_backward_spans");
-  inner_->attention_backward_spans(dqkv, dout, qkv, saved, span, n_head);
+  inner_->attention_backward_spans(dqkv, dout, qkv, out, saved, span, n_head);
 }
 void CountingBackend::attention_cache_store(const Tensor& kcache, const Tensor& vcache, const Tensor& qkv) {
   count(Kind::Op, "attention_cache_store");

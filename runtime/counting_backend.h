@@ -91,12 +91,14 @@ class CountingBackend final : public Backend {
   DType attention_saved_dtype(DType activation) const override { return inner_->attention_saved_dtype(activation); }
   void attention_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& keymask,
                          int64_t n_head) override;
-  void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
-                          int64_t n_head) override;
+  void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
+                          const Tensor& saved, int64_t n_head) override;
+  void set_attention_impl(AttentionImpl impl) override { inner_->set_attention_impl(impl); }
+  AttentionImpl attention_impl() const override { return inner_->attention_impl(); }
   void attention_forward_spans(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& span,
                                int64_t n_head) override;
-  void attention_backward_spans(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
-                                const Tensor& span, int64_t n_head) override;
+  void attention_backward_spans(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
+                                const Tensor& saved, const Tensor& span, int64_t n_head) override;
   void attention_cache_store(const Tensor& kcache, const Tensor& vcache, const Tensor& qkv) override;
   void attention_decode_forward(const Tensor& out, const Tensor& kcache, const Tensor& vcache, const Tensor& qkv,
                                 const Tensor& pos, int64_t n_head) override;

@@ -421,8 +421,9 @@ class CpuBackend final : public Backend {
                          int64_t n_head) override {
     attention_forward_any(out, saved, qkv, keymask, Tensor(), n_head);
   }
-  void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
-                          int64_t n_head) override {
+  // `out` is not needed: the saved state suffices for both CPU kernels.
+  void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& /*out*/,
+                          const Tensor& saved, int64_t n_head) override {
     attention_backward_any(dqkv, dout, qkv, saved, Tensor(), n_head);
   }
   void attention_forward_spans(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& span,
@@ -430,8 +431,8 @@ class CpuBackend final : public Backend {
     check_host(span, "attention span");
     attention_forward_any(out, saved, qkv, Tensor(), span, n_head);
   }
-  void attention_backward_spans(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
-                                const Tensor& span, int64_t n_head) override {
+  void attention_backward_spans(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& /*out*/,
+                                const Tensor& saved, const Tensor& span, int64_t n_head) override {
     check_host(span, "attention span");
     attention_backward_any(dqkv, dout, qkv, saved, span, n_head);
   }

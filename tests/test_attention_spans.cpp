@@ -202,6 +202,23 @@ std::vector<int32_t> pad_mask(const PadCase& pc) {
   return m;
 }
 
+// cpu::attention_keymask_spans (the library's form of spans_of_mask above, which the flash path of the CUDA backend
+// mirrors on the device) writes exactly the spans this file's own construction gives, for every padding case, a
+// row of padding only, and a null mask (every slot real: {0, t, t}).
+TEST(AttentionSpans, KeymaskSpansAreThePaddedLayouts) {
+  for (const PadCase& pc : kPadCases) {
+    SCOPED_TRACE("T = " + std::to_string(pc.d.T));
+    auto mask = pad_mask(pc);
+    for (int64_t t = 0; t < pc.d.T; ++t) mask[2 * pc.d.T + t] = 0;  // row 2: padding only
+    std::vector<int32_t> got(static_cast<size_t>(pc.d.B * pc.d.T * kSpanWidth), -7);
+    attention_keymask_spans(got.data(), mask.data(), pc.d.B, pc.d.T);
+    EXPECT_EQ(got, spans_of_mask(mask, pc.d.B, pc.d.T));
+    std::fill(got.begin(), got.end(), -7);
+    attention_keymask_spans(got.data(), nullptr, pc.d.B, pc.d.T);
+    EXPECT_EQ(got, spans_of_mask(std::vector<int32_t>(mask.size(), 1), pc.d.B, pc.d.T));
+  }
+}
+
 template <class T>
 void mask_spans_case(Kernel k, const PadCase& pc) {
   const Dims& d = pc.d;
@@ -664,7 +681,7 @@ TEST(AttentionSpansBackend, RunsTheKernelsForBothCpuAttentions) {
       dpo::Tensor dqkv = host_tensor(dqkv0, {d.B, d.T, C3}, dt);
       const dpo::Tensor q = host_tensor(qkv, {d.B, d.T, C3}, dt), dO = host_tensor(dout, {d.B, d.T, d.C}, dt);
       be.attention_forward_spans(out, saved, q, sp, d.NH);
-      be.attention_backward_spans(dqkv, dO, q, saved, sp, d.NH);
+      be.attention_backward_spans(dqkv, dO, q, out, saved, sp, d.NH);
       const auto got_out = as_f64(out), got_dqkv = as_f64(dqkv);
       if (dt == dpo::DType::F64) {
         EXPECT_TRUE(bitwise_equal(got_out, want.out));
@@ -683,6 +700,26 @@ TEST(AttentionSpansBackend, RunsTheKernelsForBothCpuAttentions) {
       }
     }
     EXPECT_EQ(be.counts().ops - be.counts().allocations, 6);  // the two ops per dtype; empty() counts too
+  }
+}
+
+// attn_implementation flash is the CUDA backend's: the CPU backend (and a counting backend over it) refuses it with an
+// error naming the setting, keeps eager, and its saved state is unchanged.
+TEST(AttentionSpansBackend, CpuBackendRefusesFlash) {
+  auto cpu = dpo::make_cpu_backend(0, dpo::CpuAttention::Tiled);
+  dpo::CountingBackend counted(*cpu);
+  for (dpo::Backend* be : {cpu.get(), static_cast<dpo::Backend*>(&counted)}) {
+    const dpo::Shape before = be->attention_saved_shape(2, 9, 3);
+    EXPECT_NO_THROW(be->set_attention_impl(dpo::AttentionImpl::Eager));
+    try {
+      be->set_attention_impl(dpo::AttentionImpl::Flash);
+      ADD_FAILURE() << "flash accepted on the CPU backend";
+    } catch (const dpo::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("attn_implementation flash"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("cpu"), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(be->attention_impl(), dpo::AttentionImpl::Eager);
+    EXPECT_EQ(be->attention_saved_shape(2, 9, 3), before);
   }
 }
 
@@ -718,9 +755,9 @@ TEST(AttentionSpansBackend, ChecksSpansAndTheFormOfTheSavedState) {
                "row 0, slot 7");
   const dpo::Tensor sp = host_i32(span, {d.B, d.T, kSpanWidth});
   be->attention_forward_spans(out, saved, q, sp, d.NH);
-  expect_error([&] { be->attention_backward(dqkv, dO, q, saved, d.NH); }, "attention_backward_spans");
+  expect_error([&] { be->attention_backward(dqkv, dO, q, out, saved, d.NH); }, "attention_backward_spans");
   be->attention_forward(out, saved, q, dpo::Tensor(), d.NH);
-  expect_error([&] { be->attention_backward_spans(dqkv, dO, q, saved, sp, d.NH); }, "attention_forward_spans");
+  expect_error([&] { be->attention_backward_spans(dqkv, dO, q, out, saved, sp, d.NH); }, "attention_forward_spans");
 }
 
 }  // namespace

@@ -202,6 +202,98 @@ TEST(Bench, RejectsBadFlags) {
   EXPECT_THROW(run_bench(o), InputError);
 }
 
+// --attention-only on the CPU backend times its blocked kernels (eager only: the flash kernels are CUDA's). Tiny sizes,
+// one T a multiple of nothing (37) and one above a key tile (70). The FLOP figures are recomputed here from the
+// convention's formula (forward 4*B*H*T^2*d/2, forward + backward 3.5x that) and the reported medians.
+TEST(Bench, AttentionOnlyOnCpu) {
+  const std::string path = (std::filesystem::temp_directory_path() /
+                            ("dpo_test_bench_attn_" + std::to_string(::getpid()) + ".json"))
+                               .string();
+  BenchOptions o;
+  o.attention_only = true;
+  o.seq_lens = {37, 70};
+  o.attn_batch = 2, o.attn_heads = 3, o.attn_head_dim = 16;
+  o.steps = 3, o.warmup = 0;
+  o.threads = 1;
+  o.json_path = path;
+  o.command_line = "dpo bench --attention-only (test)";
+  o.print_table = false;
+  const json r = run_bench(o);
+  for (const char* k : {"schema", "date", "git_commit", "command_line", "machine", "device", "backend", "mode",
+                        "causal", "precision", "batch", "heads", "head_dim", "seq_lens", "warmup", "steps", "timing",
+                        "flops_convention", "results"})
+    EXPECT_TRUE(r.contains(k)) << k;
+  EXPECT_EQ(r["schema"], "dpo-bench-attention-1");
+  EXPECT_EQ(r["backend"], "cpu");
+  EXPECT_EQ(r["precision"], "bf16");
+  EXPECT_EQ(r["warmup"], 1);  // at least one untimed run
+  ASSERT_EQ(r["results"].size(), 2u);  // one implementation (eager) per T on the CPU
+  for (size_t i = 0; i < 2; ++i) {
+    const json& row = r["results"][i];
+    SCOPED_TRACE(row.dump());
+    ASSERT_FALSE(row.contains("error"));
+    const int64_t T = o.seq_lens[i];
+    EXPECT_EQ(row["T"], T);
+    EXPECT_EQ(row["implementation"], "eager");
+    EXPECT_EQ(row["forward_times_s"].size(), 3u);
+    EXPECT_EQ(row["forward_backward_times_s"].size(), 3u);
+    const double f = row["forward_s"].get<double>(), fb = row["forward_backward_s"].get<double>();
+    EXPECT_GT(f, 0);
+    EXPECT_GT(fb, 0);
+    EXPECT_DOUBLE_EQ(row["backward_s"].get<double>(), fb - f);
+    auto ts = row["forward_times_s"].get<std::vector<double>>();
+    std::sort(ts.begin(), ts.end());
+    EXPECT_DOUBLE_EQ(f, ts[1]);  // the median of three
+    const double flops = 4.0 * 2 * 3 * static_cast<double>(T * T) * 16 / 2;
+    EXPECT_NEAR(row["forward_tflops"].get<double>(), flops / f / 1e12, 1e-9 * flops / f / 1e12);
+    EXPECT_NEAR(row["forward_backward_tflops"].get<double>(), 3.5 * flops / fb / 1e12, 1e-9 * 3.5 * flops / fb / 1e12);
+  }
+  std::ifstream in(path);
+  ASSERT_TRUE(in.good());
+  const json file = json::parse(in);
+  EXPECT_EQ(file["results"].size(), 2u);
+  std::filesystem::remove(path);
+
+  // Flag validation: InputError naming the flag.
+  const auto refused = [](BenchOptions b, const std::string& needle) {
+    try {
+      run_bench(b);
+      ADD_FAILURE() << "no error; expected one naming " << needle;
+    } catch (const InputError& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  BenchOptions bad = o;
+  bad.json_path.clear();
+  bad.seq_lens = {};
+  refused(bad, "--seq-lens");
+  bad.seq_lens = {16, 0};
+  refused(bad, "--seq-lens");
+  bad.seq_lens = {16};
+  bad.attn_head_dim = 0;
+  refused(bad, "--attn-head-dim");
+  bad.attn_head_dim = 16;
+  bad.steps = 0;
+  refused(bad, "--steps");
+}
+
+// The full-step bench's --attn-implementation: flash needs CUDA and bf16 (InputError naming the flag).
+TEST(Bench, FlashAttentionRefusedOnCpu) {
+  BenchOptions o;
+  o.shape = "tiny";
+  o.print_table = false;
+  o.attn_implementation = "flash";
+  o.precision = "bf16";
+  try {
+    run_bench(o);
+    ADD_FAILURE() << "no error";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("--attn-implementation"), std::string::npos) << e.what();
+  }
+  o.attn_implementation = "sdpa";
+  EXPECT_THROW(run_bench(o), InputError);
+}
+
 // --kernels reads CUPTI on a GPU: on the CPU it is bad usage (InputError naming the flag and what it needs), before
 // any model is built, and the CLI exits with status 2.
 TEST(Bench, KernelsRefusedOnCpu) {

@@ -95,6 +95,28 @@ TEST(Config, OutOfRangeValuesNameTheKey) {
   EXPECT_EQ(with({"beta=0.01"}), "");
 }
 
+// attn_implementation (HF's key): eager by default; flash only with device cuda and precision bf16 (fp32 is the parity
+// mode), each refusal naming the key and what it needs.
+TEST(Config, AttnImplementationNeedsCudaAndBf16) {
+  auto with = [](std::vector<std::string> extra) {
+    std::vector<std::string> ov = kRequired;
+    ov.insert(ov.end(), extra.begin(), extra.end());
+    return error_of("", ov);
+  };
+  EXPECT_EQ(load_train_config("", kRequired, RunKind::Dpo).attn_implementation, "eager");
+  EXPECT_EQ(with({"attn_implementation=eager"}), "");
+  const std::string unknown = with({"attn_implementation=sdpa"});
+  EXPECT_NE(unknown.find("key 'attn_implementation'"), std::string::npos) << unknown;
+  EXPECT_NE(unknown.find("eager, flash"), std::string::npos) << unknown;
+  const std::string cpu = with({"attn_implementation=flash", "precision=bf16"});
+  EXPECT_NE(cpu.find("key 'attn_implementation'"), std::string::npos) << cpu;
+  EXPECT_NE(cpu.find("device: cuda"), std::string::npos) << cpu;
+  const std::string fp32 = with({"attn_implementation=flash", "device=cuda"});
+  EXPECT_NE(fp32.find("key 'attn_implementation'"), std::string::npos) << fp32;
+  EXPECT_NE(fp32.find("precision: bf16"), std::string::npos) << fp32;
+  EXPECT_EQ(with({"attn_implementation=flash", "device=cuda", "precision=bf16"}), "");
+}
+
 TEST(Config, RequiredKeys) {
   EXPECT_NE(error_of("", {"train_file=t", "out_dir=o"}).find("key 'model'"), std::string::npos);
   EXPECT_NE(error_of("", {"model=m", "out_dir=o"}).find("key 'train_file'"), std::string::npos);

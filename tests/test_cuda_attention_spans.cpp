@@ -210,11 +210,11 @@ TEST_F(CudaAttentionSpans, BackwardAccumulatesAndMatchesCpuTwin) {
       const Tensor d_qkv = upload(qkv, {B, T, 3 * C}, dt), d_dout = upload(dout, {B, T, C}, dt),
                    d_att = upload(att, {B, NH, T, T}, dt), d_span = upload_i32(span, {B, T, kSpanWidth});
       Tensor dqkv = upload(dqkv0, {B, T, 3 * C}, dt);
-      gpu().attention_backward_spans(dqkv, d_dout, d_qkv, d_att, d_span, NH);
+      gpu().attention_backward_spans(dqkv, d_dout, d_qkv, Tensor(), d_att, d_span, NH);
       const auto got = read(dqkv);
       expect_near(got, ref, 2.0 * static_cast<double>(hs + T) * kEps * std::max(1.0, max_abs(ref)), dt, "dqkv");
       Tensor again = upload(dqkv0, {B, T, 3 * C}, dt);
-      gpu().attention_backward_spans(again, d_dout, d_qkv, d_att, d_span, NH);
+      gpu().attention_backward_spans(again, d_dout, d_qkv, Tensor(), d_att, d_span, NH);
       EXPECT_TRUE(bitwise_equal(read(again), got)) << "two identical calls differ";
     }
 }
@@ -319,7 +319,7 @@ TEST_F(CudaAttentionSpans, SpanTensorIsChecked) {
   expect_error([&] { gpu().attention_forward_spans(out, att, q, Tensor(), NH); });
   Tensor host_span = Tensor::host({B, T, kSpanWidth}, DType::I32);
   expect_error([&] { gpu().attention_forward_spans(out, att, q, host_span, NH); });
-  expect_error([&] { gpu().attention_backward_spans(dqkv, out, q, att, upload_i32(span, {B, T, 2}), NH); });
+  expect_error([&] { gpu().attention_backward_spans(dqkv, out, q, out, att, upload_i32(span, {B, T, 2}), NH); });
 }
 
 }  // namespace

@@ -515,7 +515,7 @@ TEST_P(CudaAttentionPadding, ForwardAndBackwardMatchCpu) {
   Tensor c_out = Tensor::host({B, T, C}, A), c_saved = Tensor::host(saved_shape, saved_dtype);
   cpu.attention_forward(c_out, c_saved, c_qkv, c_mask, NH);
   Tensor c_dqkv = host_tensor(dqkv0, A, {B, T, 3 * C});
-  cpu.attention_backward(c_dqkv, c_dout, c_qkv, c_saved, NH);
+  cpu.attention_backward(c_dqkv, c_dout, c_qkv, c_out, c_saved, NH);
   const auto ref_out = host_values(c_out), ref_att = host_values(c_saved), ref_dqkv = host_values(c_dqkv);
 
   // GPU forward from poisoned outputs.
@@ -562,7 +562,7 @@ TEST_P(CudaAttentionPadding, ForwardAndBackwardMatchCpu) {
   const Tensor d_dout = upload(gpu, dout, A, {B, T, C});
   const Tensor d_saved_ref = upload(gpu, ref_att, saved_dtype, saved_shape);
   const Tensor d_dqkv = upload(gpu, dqkv0, A, {B, T, 3 * C});
-  gpu.attention_backward(d_dqkv, d_dout, d_qkv, d_saved_ref, NH);
+  gpu.attention_backward(d_dqkv, d_dout, d_qkv, d_out, d_saved_ref, NH);
   const auto dqkv = download(gpu, d_dqkv);
   const double bwd = 2.0 * static_cast<double>(hs + T) * kEps * std::max(1.0, max_abs(ref_dqkv));
   expect_close(dqkv, ref_dqkv, [&](size_t, double a, double b) { return bwd + bf16_slack(a, b); }, "dqkv");
@@ -580,7 +580,7 @@ TEST_P(CudaAttentionPadding, ForwardAndBackwardMatchCpu) {
   // fp32: the GPU backward on the GPU's own probabilities (the training path) against the CPU's.
   if (!bf) {
     const Tensor d_dqkv2 = upload(gpu, dqkv0, A, {B, T, 3 * C});
-    gpu.attention_backward(d_dqkv2, d_dout, d_qkv, d_saved, NH);
+    gpu.attention_backward(d_dqkv2, d_dout, d_qkv, d_out, d_saved, NH);
     expect_close(download(gpu, d_dqkv2), ref_dqkv, [&](size_t, double, double) { return 2.0 * bwd; },
                  "dqkv through the GPU's own probabilities");
   }

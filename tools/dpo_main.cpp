@@ -280,7 +280,9 @@ int cmd_plan(const PlanArgs& a) {
   in.ranks = a.ranks;
   in.zero1 = cfg.zero_stage == 1;
   const bool cuda = cfg.device == "cuda";
-  in.attention = cuda ? dpo::AttentionSaved::Probabilities : dpo::AttentionSaved::RowStats;
+  // attn_implementation flash keeps the CPU blocked kernels' state on the GPU too (runtime/cuda/cuda_backend.h).
+  in.attention = cuda && cfg.attn_implementation != "flash" ? dpo::AttentionSaved::Probabilities
+                                                           : dpo::AttentionSaved::RowStats;
   // An allowance for what the CUDA runtime and libraries hold outside our tensors (context, cuBLAS/cuDNN
   // workspaces, allocator rounding); not measured.
   in.device_reserve = cuda ? int64_t{1} << 30 : 0;
@@ -737,6 +739,20 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   bench->add_flag("--kernels", bench_opt.kernels,
                   "GPU time per kernel over the timed steps, from CUPTI activity records (--device cuda, CUDA build)");
+  bench->add_option("--attn-implementation", bench_opt.attn_implementation,
+                    "eager (default) or flash (the flash attention kernels; --device cuda --precision bf16), as the "
+                    "training key attn_implementation")
+      ->capture_default_str();
+  bench->add_flag("--attention-only", bench_opt.attention_only,
+                  "time causal attention alone (bf16; forward and forward+backward, eager and, on cuda, flash) "
+                  "instead of DPO steps; --steps runs per measurement, median");
+  bench->add_option("--seq-lens", bench_opt.seq_lens, "--attention-only: sequence lengths T, comma-separated")
+      ->delimiter(',')
+      ->capture_default_str();
+  bench->add_option("--attn-batch", bench_opt.attn_batch, "--attention-only: batch size B")->capture_default_str();
+  bench->add_option("--attn-heads", bench_opt.attn_heads, "--attention-only: heads H")->capture_default_str();
+  bench->add_option("--attn-head-dim", bench_opt.attn_head_dim, "--attention-only: head dimension d")
+      ->capture_default_str();
 
   // An unknown subcommand is named (CLI11 would only say that a subcommand is required).
   if (argc > 1 && argv[1][0] != '-') {

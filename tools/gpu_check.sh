@@ -25,10 +25,11 @@
 #     resume     the train phase's cuda run resumed from its step-10 checkpoint: final weights and optimizer
 #                state byte-identical to the uninterrupted run
 #     profile    whether nsys/ncu exist and ncu may read counters (tools/profile_probe.sh)      -> in env.txt
-#     bench      dpo bench on GPT-2 124M, HH lengths, bf16 and fp32, the per-kernel table (--kernels, CUPTI),
-#                PyTorch eager bf16/fp32 (torch.compile
+#     bench      dpo bench on GPT-2 124M, HH lengths, bf16 and fp32 (bf16 also with attn_implementation flash),
+#                the per-kernel table (--kernels, CUPTI), PyTorch eager bf16/fp32 (torch.compile
 #                only with --bench-compile: a cold compile does not fit), causal SDPA alone pinned to
-#                PyTorch's flash and cuDNN backends (bench_torch.py --attention-only)         -> bench.log
+#                PyTorch's flash and cuDNN backends (bench_torch.py --attention-only), and our attention alone,
+#                eager and flash (dpo bench --attention-only)                                 -> bench.log
 #   tier t2 (full run, two or more GPUs only; takes the bench's time): data-parallel training with NCCL across the
 #     GPUs (mpirun -np N when a launcher exists) against the 1-GPU run; on one GPU it reports itself as not run.
 # --plan prints the phases, tiers, limits and estimates for the chosen mode and checks that the limits add up to
@@ -555,6 +556,7 @@ for b in test_cuda_kernels_a test_cuda_kernels_b test_cuda_bf16 test_cuda_backen
 done
 mc_runs+=("fusion|tests/test_cuda_fusion|CudaFusion.*:-*Gpt2Step*")
 mc_runs+=("flash attention|tests/test_cuda_flash|CudaFlash.*:-*T4096*:*LongRows*")
+mc_runs+=("flash in the backend|tests/test_cuda_flash_model|CudaFlashModel.KeymaskSpans*:CudaFlashModel.BackendFlashOps*")
 if [ "$cuda_train_ok" = 1 ]; then
   rm -rf "$TRAIN/run-san" "$TRAIN/refcache-san"
   mc_runs+=("dpo train device=cuda (2 steps)|$BUILD/dpo train model=$TRAIN/base train_file=$TRAIN/prefs.jsonl out_dir=$TRAIN/run-san device=cuda max_steps=2 per_device_train_batch_size=4 learning_rate=2e-4 max_length=96 max_prompt_length=48 ref_cache_dir=$TRAIN/refcache-san --plain|")
@@ -700,10 +702,15 @@ if [ "$(limit_of bench)" != 0 ]; then
     done
     # The fusions (docs/architecture.md, "Fusions"): bf16 with every fusion (the GELU epilogues too) and with none,
     # against the default run above; then the larger batch (32 pairs), where launch overhead matters less.
-    for variant in all none big; do
+    # flash: the same step with attn_implementation flash (opt-in; docs/gpu-validation.md point 10).
+    for variant in all none big flash; do
       l=$(left); [ "$l" -ge 8 ] || { echo "== dpo bench bf16 $variant: not run (time)" >>"$OUT/bench.log"; continue; }
       vargs=("${bench_args[@]}"); fus=""
-      case $variant in all|none) fus=$variant ;; big) vargs=(--shape gpt2-124m --workload hh --pairs 32 --steps 3 --warmup 1) ;; esac
+      case $variant in
+        all|none) fus=$variant ;;
+        big) vargs=(--shape gpt2-124m --workload hh --pairs 32 --steps 3 --warmup 1) ;;
+        flash) vargs+=(--attn-implementation flash) ;;
+      esac
       echo "== DPO_FUSIONS=$fus dpo bench --device cuda ${vargs[*]} --precision bf16 (limit $((l / 3))s)" >>"$OUT/bench.log"
       DPO_FUSIONS=$fus tmo "$((l / 3))" "$BUILD/dpo" bench --device cuda "${vargs[@]}" --precision bf16 \
           --json "$WORK/bench-dpo-bf16-$variant.json" >>"$OUT/bench.log" 2>&1 || brc=1
@@ -738,7 +745,17 @@ if [ "$(limit_of bench)" != 0 ]; then
           >>"$OUT/bench.log" 2>&1 || brc=1
       cat "$WORK/bench-torch-attention-$sdpa.json" >>"$OUT/bench.log" 2>/dev/null
     done
-    phase_done bench "$([ $brc = 0 ] && echo ok || echo FAIL)" $(( $(date +%s) - t0 )) "bench.log: dpo bench, PyTorch eager, SDPA flash/cuDNN attention"
+    # Our attention alone at two of the peers' lengths, eager and flash (dpo bench --attention-only, CUDA events).
+    l=$(left)
+    if [ "$l" -ge 5 ]; then
+      echo "== dpo bench --attention-only --device cuda --seq-lens 512,2048 --steps 5 --warmup 2 (limit ${l}s)" >>"$OUT/bench.log"
+      tmo "$l" "$BUILD/dpo" bench --attention-only --device cuda --seq-lens 512,2048 --steps 5 --warmup 2 \
+          --json "$WORK/bench-dpo-attention.json" >>"$OUT/bench.log" 2>&1 || brc=1
+      cat "$WORK/bench-dpo-attention.json" >>"$OUT/bench.log" 2>/dev/null
+    else
+      echo "== dpo bench --attention-only: not run (time)" >>"$OUT/bench.log"
+    fi
+    phase_done bench "$([ $brc = 0 ] && echo ok || echo FAIL)" $(( $(date +%s) - t0 )) "bench.log: dpo bench (eager, flash), PyTorch eager, SDPA flash/cuDNN attention, attention alone"
   fi
 fi
 

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <ctime>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <memory>
 #include <sstream>
@@ -226,7 +227,13 @@ GPT2Config bench_shape(const std::string& name) {
 }
 
 json run_bench(const BenchOptions& o) {
+  if (o.attention_only) return run_attention_bench(o);
   // --- validation -------------------------------------------------------------------------------------------
+  if (o.attn_implementation != "eager" && o.attn_implementation != "flash")
+    throw InputError("--attn-implementation: unknown value '" + o.attn_implementation + "'; valid: eager, flash");
+  if (o.attn_implementation == "flash" && (o.device != "cuda" || o.precision != "bf16"))
+    throw InputError("--attn-implementation flash needs --device cuda --precision bf16 (fp32 is the parity mode), "
+                     "got --device " + o.device + " --precision " + o.precision);
   const GPT2Config mc = bench_shape(o.shape);
   const Lengths len = workload_lengths(o);
   if (o.pairs <= 0) throw InputError("--pairs must be > 0");
@@ -256,6 +263,13 @@ json run_bench(const BenchOptions& o) {
   if (peak < 0) peak = cuda ? 989.0 : 0.0;  // 0: none
 
   auto be = bench_backend(o);
+  if (o.attn_implementation == "flash") {
+    try {
+      be->set_attention_impl(AttentionImpl::Flash);
+    } catch (const Error& e) {
+      throw InputError(std::string("--attn-implementation flash: ") + e.what());
+    }
+  }
   const int threads_used = cuda ? 0 : omp_get_max_threads();
 
   // --- model, data --------------------------------------------------------------------------------------------
@@ -490,6 +504,7 @@ json run_bench(const BenchOptions& o) {
   r["cpu_kernels"] = cuda ? json(nullptr) : current_kernel_set().to_json();
   r["dtype"] = o.precision == "bf16" ? "BF16 (F32 master weights, gradients, optimizer state)" : "F32";
   r["precision"] = o.precision;
+  r["attn_implementation"] = o.attn_implementation;
   r["seed"] = o.seed;
   r["shape"] = {{"name", o.shape},          {"n_layer", mc.n_layer},        {"n_embd", mc.n_embd},
                 {"n_head", mc.n_head},      {"vocab_size", mc.vocab_size}, {"n_positions", mc.max_seq_len},
@@ -586,6 +601,168 @@ json run_bench(const BenchOptions& o) {
   r["kernel_trace"] = kt;
 
   if (o.print_table) std::fputs(format_bench_table(r).c_str(), stdout);
+  if (!o.json_path.empty()) {
+    std::ofstream f(o.json_path);
+    if (!f) throw InputError("--json: cannot write " + o.json_path);
+    f << r.dump(2) << "\n";
+    if (!f) throw InputError("--json: write failed for " + o.json_path);
+  }
+  return r;
+}
+
+namespace {
+
+// The wall time of each of `steps` runs of fn after max(warmup, 1) untimed ones: CUDA events on the backend's stream
+// around each run (then the end event is waited for), or steady_clock around fn + synchronize on the CPU.
+std::vector<double> time_runs(Backend& be, bool cuda, int64_t warmup, int64_t steps, const std::function<void()>& fn) {
+  for (int64_t i = 0; i < std::max<int64_t>(warmup, 1); ++i) fn();
+  be.synchronize();
+  std::vector<double> t;
+#ifdef DPO_HAVE_CUDA
+  if (cuda) {
+    const auto check = [](cudaError_t e, const char* what) {
+      if (e != cudaSuccess) throw Error(std::string("dpo bench --attention-only: ") + what + ": " + cudaGetErrorString(e));
+    };
+    struct Events {
+      cudaEvent_t a = nullptr, b = nullptr;
+      ~Events() {
+        if (a) cudaEventDestroy(a);
+        if (b) cudaEventDestroy(b);
+      }
+    } ev;
+    check(cudaEventCreate(&ev.a), "cudaEventCreate");
+    check(cudaEventCreate(&ev.b), "cudaEventCreate");
+    auto stream = static_cast<cudaStream_t>(be.native_stream());
+    for (int64_t i = 0; i < steps; ++i) {
+      check(cudaEventRecord(ev.a, stream), "cudaEventRecord");
+      fn();
+      check(cudaEventRecord(ev.b, stream), "cudaEventRecord");
+      check(cudaEventSynchronize(ev.b), "cudaEventSynchronize");
+      float ms = 0;
+      check(cudaEventElapsedTime(&ms, ev.a, ev.b), "cudaEventElapsedTime");
+      t.push_back(static_cast<double>(ms) * 1e-3);
+    }
+    return t;
+  }
+#else
+  (void)cuda;
+#endif
+  for (int64_t i = 0; i < steps; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    be.synchronize();
+    t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return t;
+}
+
+const char* impl_name(AttentionImpl i) { return i == AttentionImpl::Flash ? "flash" : "eager"; }
+
+}  // namespace
+
+json run_attention_bench(const BenchOptions& o) {
+  if (o.steps <= 0) throw InputError("--steps must be > 0");
+  if (o.warmup < 0) throw InputError("--warmup must be >= 0");
+  if (o.seq_lens.empty()) throw InputError("--seq-lens: give at least one sequence length");
+  constexpr int64_t kMaxDim = int64_t{1} << 20;
+  for (int64_t T : o.seq_lens)
+    if (T < 1 || T > kMaxDim)
+      throw InputError("--seq-lens: every length must be in [1, " + std::to_string(kMaxDim) + "], got " +
+                       std::to_string(T));
+  if (o.attn_batch < 1 || o.attn_batch > kMaxDim) throw InputError("--attn-batch must be in [1, 2^20]");
+  if (o.attn_heads < 1 || o.attn_heads > 4096) throw InputError("--attn-heads must be in [1, 4096]");
+  if (o.attn_head_dim < 1 || o.attn_head_dim > 4096) throw InputError("--attn-head-dim must be in [1, 4096]");
+  const bool cuda = o.device == "cuda";
+  auto be = bench_backend(o);
+  const int64_t B = o.attn_batch, H = o.attn_heads, d = o.attn_head_dim, C = H * d;
+  std::vector<AttentionImpl> impls = {AttentionImpl::Eager};
+  if (cuda) impls.push_back(AttentionImpl::Flash);
+
+  json rows = json::array();
+  Rng rng(o.seed);
+  for (int64_t T : o.seq_lens) {
+    // The same N(0, 1) inputs for every implementation at this T.
+    Tensor hq = Tensor::host({B, T, 3 * C}, DType::F32), hd = Tensor::host({B, T, C}, DType::F32);
+    for (int64_t i = 0; i < hq.numel(); ++i) hq.data<float>()[i] = static_cast<float>(rng.normal());
+    for (int64_t i = 0; i < hd.numel(); ++i) hd.data<float>()[i] = static_cast<float>(rng.normal());
+    const double fwd_flops = 4.0 * static_cast<double>(B * H) * static_cast<double>(T) * static_cast<double>(T) *
+                             static_cast<double>(d) / 2.0;
+    for (AttentionImpl impl : impls) {
+      json row = {{"T", T}, {"implementation", impl_name(impl)}};
+      try {
+        be->set_attention_impl(impl);
+        const Tensor qkv = be->empty({B, T, 3 * C}, DType::BF16), dout = be->empty({B, T, C}, DType::BF16);
+        be->copy_from_host(qkv, hq);
+        be->copy_from_host(dout, hd);
+        const Tensor out = be->empty({B, T, C}, DType::BF16);
+        const Tensor saved = be->empty(be->attention_saved_shape(B, T, H), be->attention_saved_dtype(DType::BF16));
+        const Tensor dqkv = be->zeros({B, T, 3 * C}, DType::BF16);
+        const auto fwd = [&] { be->attention_forward(out, saved, qkv, Tensor(), H); };
+        const auto fwd_bwd = [&] {
+          fwd();
+          be->attention_backward(dqkv, dout, qkv, out, saved, H);
+        };
+        const auto tf = time_runs(*be, cuda, o.warmup, o.steps, fwd);
+        const auto tfb = time_runs(*be, cuda, o.warmup, o.steps, fwd_bwd);
+        const double mf = median(tf), mfb = median(tfb);
+        row["forward_s"] = mf;
+        row["forward_times_s"] = tf;
+        row["forward_backward_s"] = mfb;
+        row["forward_backward_times_s"] = tfb;
+        row["backward_s"] = mfb - mf;
+        row["forward_tflops"] = mf > 0 ? fwd_flops / mf / 1e12 : 0.0;
+        row["forward_backward_tflops"] = mfb > 0 ? 3.5 * fwd_flops / mfb / 1e12 : 0.0;
+      } catch (const InputError&) {
+        throw;
+      } catch (const Error& e) {  // the implementation refused the shape (or the device failed): say so, go on
+        row["error"] = e.what();
+      }
+      rows.push_back(row);
+    }
+    be->set_attention_impl(AttentionImpl::Eager);
+  }
+
+  json r;
+  r["schema"] = "dpo-bench-attention-1";
+  r["date"] = utc_now();
+  const std::string git = run_cmd("git rev-parse HEAD 2>/dev/null");
+  r["git_commit"] = git.empty() ? "unknown" : git;
+  r["command_line"] = o.command_line;
+  r["machine"] = {{"uname", run_cmd("uname -a")}, {"nproc", online_cpus()}, {"cpu_model", cpu_model()}};
+  r["device"] = o.device;
+  r["backend"] = be->name();
+  r["mode"] = "attention-only";
+  r["causal"] = true;
+  r["precision"] = "bf16";
+  r["batch"] = B;
+  r["heads"] = H;
+  r["head_dim"] = d;
+  r["seq_lens"] = o.seq_lens;
+  r["warmup"] = std::max<int64_t>(o.warmup, 1);
+  r["steps"] = o.steps;
+  r["seed"] = o.seed;
+  r["timing"] = cuda ? "CUDA events around each run on the backend's stream; median of steps runs"
+                     : "steady_clock around each run; median of steps runs";
+  r["flops_convention"] = "forward 4*B*H*T^2*d/2 (causal), backward 2.5x forward";
+  r["results"] = rows;
+  if (o.print_table) {
+    std::printf("dpo bench --attention-only: %s, bf16, causal, B %lld, %lld heads of %lld, median of %lld runs\n",
+                be->name().c_str(), static_cast<long long>(B), static_cast<long long>(H), static_cast<long long>(d),
+                static_cast<long long>(o.steps));
+    for (const auto& row : rows) {
+      const auto T = row["T"].get<int64_t>();
+      const auto name = row["implementation"].get<std::string>();
+      if (row.contains("error")) {
+        std::printf("T=%5lld %s: not run: %s\n", static_cast<long long>(T), name.c_str(),
+                    row["error"].get<std::string>().c_str());
+        continue;
+      }
+      std::printf("T=%5lld %s: forward %.3f ms (%.1f TFLOP/s), forward+backward %.3f ms (%.1f TFLOP/s)\n",
+                  static_cast<long long>(T), name.c_str(), row["forward_s"].get<double>() * 1e3,
+                  row["forward_tflops"].get<double>(), row["forward_backward_s"].get<double>() * 1e3,
+                  row["forward_backward_tflops"].get<double>());
+    }
+  }
   if (!o.json_path.empty()) {
     std::ofstream f(o.json_path);
     if (!f) throw InputError("--json: cannot write " + o.json_path);

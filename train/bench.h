@@ -41,6 +41,7 @@
 #include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "model/gpt2.h"
 
@@ -81,6 +82,15 @@ struct BenchOptions {
   // slot (HeadRows::All). With CUDA graphs on the captured step runs over every slot either way (the per-batch
   // upload of the scored slots cannot be captured).
   bool head_compaction = true;
+  // --attn-implementation eager|flash: the backend's attention kernels for the full-step bench, as the training key
+  // attn_implementation (flash: --device cuda --precision bf16 only).
+  std::string attn_implementation = "eager";
+  // --attention-only: time causal attention alone instead of DPO steps (run_attention_bench below).
+  bool attention_only = false;
+  std::vector<int64_t> seq_lens = {256, 512, 1024, 2048};  // --seq-lens
+  int64_t attn_batch = 8;      // --attn-batch: B
+  int64_t attn_heads = 12;     // --attn-heads: H
+  int64_t attn_head_dim = 64;  // --attn-head-dim: d (flash: 64 or 128)
   // Test hook: called with the policy right before the first timed step (after = false) and after the last one
   // (after = true).
   std::function<void(const GPT2& policy, bool after)> inspect;
@@ -95,5 +105,20 @@ nlohmann::json run_bench(const BenchOptions& opt);
 
 // The readable table for a run_bench result.
 std::string format_bench_table(const nlohmann::json& r);
+
+// `dpo bench --attention-only` (run_bench calls it when attention_only is set): the backend's attention ops alone on
+// a packed qkv [B, T, 3 H d] (GPT-2's layout; no key mask), BF16, causal, at each T of seq_lens: the forward
+// (attention_forward) and the forward + backward (attention_forward then attention_backward, dqkv +=), each timed
+// over `steps` runs after `warmup` untimed ones (at least one), median reported. Implementations: on CUDA eager
+// (the materialised kernels) and flash (kernels/flash_attention.h); on the CPU the eager one only, the blocked CPU
+// kernels (so the bench and its JSON are testable without a GPU). CUDA runs are timed with CUDA events around each
+// run on the backend's stream; CPU runs with steady_clock. FLOPs follow flash-attention's convention, as
+// tools/bench_torch.py --attention-only: forward 4 B H T^2 d / 2 (causal), backward 2.5x forward, so forward +
+// backward counts 3.5x. Inputs N(0, 1) from the seed, the same for both implementations. A shape an implementation
+// refuses (e.g. flash with a head dim other than 64 or 128) is a row with "error" instead of times.
+// JSON: schema "dpo-bench-attention-1", the run's settings, and "results": one row per (T, implementation) with T,
+// implementation, forward_s, forward_backward_s, backward_s (the difference), their per-run times, forward_tflops,
+// forward_backward_tflops.
+nlohmann::json run_attention_bench(const BenchOptions& opt);
 
 }  // namespace dpo

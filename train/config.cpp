@@ -245,6 +245,8 @@ const std::vector<Key>& keys() {
       INT_KEY(per_device_train_batch_size, "pairs per micro-batch"),
       INT_KEY(per_device_eval_batch_size, "pairs per evaluation batch"),
       INT_KEY(gradient_accumulation_steps, "micro-batches per optimizer step"),
+      STRING_KEY(attn_implementation, "eager (default) or flash: the flash attention kernels (device: cuda, "
+                                      "precision: bf16 only; not yet run on a GPU, see docs/gpu-validation.md)"),
       STRING_KEY(batch_layout, "how pairs sit in a batch's rows: padded (one sequence per row), packed (whole pairs "
                                "packed into rows, no padding inside), prefix_shared (each prompt computed once for "
                                "both completions; pairs packed)"),
@@ -445,6 +447,14 @@ void validate(const TrainConfig& c, RunKind kind) {
   range("per_device_train_batch_size", c.per_device_train_batch_size, 1, kMaxBatch);
   range("pad_to_multiple_of", c.pad_to_multiple_of, 0, int64_t{1} << 20);
   range("max_tokens_per_row", c.max_tokens_per_row, 0, int64_t{1} << 24);
+  if (c.attn_implementation != "eager" && c.attn_implementation != "flash")
+    bad("attn_implementation", "unknown value '" + c.attn_implementation + "'; valid: eager, flash");
+  if (c.attn_implementation == "flash" && c.device != "cuda")
+    bad("attn_implementation", "flash needs device: cuda (the flash kernels run on the GPU only), got device: " +
+                                   c.device);
+  if (c.attn_implementation == "flash" && c.precision != "bf16")
+    bad("attn_implementation", "flash needs precision: bf16 (fp32 is the parity mode and runs the eager kernels), "
+                               "got precision: " + c.precision);
   if (c.batch_layout != "padded" && c.batch_layout != "packed" && c.batch_layout != "prefix_shared")
     bad("batch_layout", "unknown value '" + c.batch_layout + "'; valid: padded, packed, prefix_shared");
   if (kind == RunKind::Sft && c.batch_layout != "padded")

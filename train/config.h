@@ -79,6 +79,9 @@ struct TrainConfig {
   // per segment of gradient_checkpointing_interval blocks and the backward recomputes the segment from it.
   bool gradient_checkpointing = false;
   int64_t gradient_checkpointing_interval = 1;
+  // HF's key: eager (the backend's default kernels) | flash (the tensor-core flash kernels: device cuda, precision
+  // bf16 only; Backend::set_attention_impl).
+  std::string attn_implementation = "eager";
   std::string batch_layout = "padded";  // padded | packed | prefix_shared (kernels/batch_layout.h)
   int64_t max_tokens_per_row = 0;        // packed / prefix_shared rows; 0 = 2 * max_length
   int64_t pad_to_multiple_of = 0;  // pad each training micro-batch's rows to a multiple of this; 0 = to the longest

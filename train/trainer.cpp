@@ -50,7 +50,20 @@ using json = nlohmann::json;
 namespace {
 
 // device: cuda takes the GPU numbered by the process's rank on its node (runtime/comm.h, node_local_rank).
+// attn_implementation is a setting of the backend (Backend::set_attention_impl), made before any model exists.
+std::unique_ptr<Backend> make_device_backend(const TrainConfig& c, Communicator& comm);
 std::unique_ptr<Backend> make_backend(const TrainConfig& c, Communicator& comm) {
+  auto be = make_device_backend(c, comm);
+  if (c.attn_implementation == "flash") {
+    try {
+      be->set_attention_impl(AttentionImpl::Flash);
+    } catch (const Error& e) {
+      throw InputError(std::string("key 'attn_implementation': ") + e.what());
+    }
+  }
+  return be;
+}
+std::unique_ptr<Backend> make_device_backend(const TrainConfig& c, Communicator& comm) {
   if (c.device == "cuda") {
 #ifdef DPO_HAVE_CUDA
     try {

@@ -4,6 +4,7 @@
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -13,6 +14,7 @@
 #include "kernels/batch_layout.h"
 #include "kernels/elementwise.cuh"
 #include "kernels/encoder.cuh"
+#include "kernels/flash_attention.h"
 #include "kernels/gather.cuh"
 #include "kernels/gelu.cuh"
 #include "kernels/layernorm.cuh"
@@ -564,6 +566,7 @@ void CudaBackend::matmul_backward_dgelu(const Tensor& dpre, const Tensor& dw, co
 
 void CudaBackend::attention_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& keymask,
                                     int64_t n_head) {
+  if (attn_impl_ == AttentionImpl::Flash) return flash_forward(out, saved, qkv, keymask, Tensor(), n_head);
   const DType A = check_activation(qkv, "attention qkv");
   check_is(out, A, "attention out");
   check_is(saved, attention_saved_dtype(A), "attention saved");
@@ -583,8 +586,9 @@ void CudaBackend::attention_forward(const Tensor& out, const Tensor& saved, cons
   });
 }
 
-void CudaBackend::attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
-                                     int64_t n_head) {
+void CudaBackend::attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
+                                     const Tensor& saved, int64_t n_head) {
+  if (attn_impl_ == AttentionImpl::Flash) return flash_backward(dqkv, dout, qkv, out, saved, Tensor(), n_head);
   const DType A = check_activation(qkv, "attention qkv");
   check_is(dqkv, A, "attention dqkv");
   check_is(dout, A, "attention dout");
@@ -603,6 +607,10 @@ void CudaBackend::attention_backward(const Tensor& dqkv, const Tensor& dout, con
 
 void CudaBackend::attention_forward_spans(const Tensor& out, const Tensor& saved, const Tensor& qkv,
                                           const Tensor& span, int64_t n_head) {
+  if (attn_impl_ == AttentionImpl::Flash) {
+    DPO_ASSERT(span.defined(), "attention span: tensor is undefined");
+    return flash_forward(out, saved, qkv, Tensor(), span, n_head);
+  }
   const DType A = check_activation(qkv, "attention qkv");
   check_is(out, A, "attention out");
   check_is(saved, attention_saved_dtype(A), "attention saved");
@@ -621,11 +629,135 @@ void CudaBackend::attention_forward_spans(const Tensor& out, const Tensor& saved
 }
 
 void CudaBackend::attention_backward_spans(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv,
-                                           const Tensor& saved, const Tensor& span, int64_t n_head) {
+                                           const Tensor& out, const Tensor& saved, const Tensor& span,
+                                           int64_t n_head) {
+  if (attn_impl_ == AttentionImpl::Flash) {
+    DPO_ASSERT(span.defined(), "attention span: tensor is undefined");
+    return flash_backward(dqkv, dout, qkv, out, saved, span, n_head);
+  }
   DPO_ASSERT(qkv.dim() == 3, "attention qkv must be [B,T,3C], got " + shape_str(qkv.shape()));
   check_i32(span, "attention span");
   check_shape(span, {qkv.size(0), qkv.size(1), kSpanWidth}, "attention span");
-  attention_backward(dqkv, dout, qkv, saved, n_head);
+  attention_backward(dqkv, dout, qkv, out, saved, n_head);
+}
+
+// --- flash attention (cuda_backend.h, "Two attention implementations") ----------------------------------------------
+
+namespace {
+
+// The saved state's per-slot entry of the spans form (the CPU backend's kSpansMark).
+constexpr float kFlashSpansMark = 2.0f;
+
+// The packed qkv [B,T,3C] of GPT-2's c_attn as the flash kernels' q, k, v views: q = qkv, k = qkv + C, v = qkv + 2C,
+// rows of 3C elements, NH heads of C / NH on both sides (no grouped-query heads here).
+template <class P>
+void set_qkv_views(P& p, const Tensor& qkv, int64_t B, int64_t T, int64_t C, int64_t NH) {
+  const auto* base = static_cast<const uint16_t*>(qkv.raw());
+  p.q = base;
+  p.k = base + C;
+  p.v = base + 2 * C;
+  p.B = B, p.T = T, p.n_head = NH, p.n_kv_head = NH, p.head_dim = C / NH;
+  p.q_stride = p.k_stride = p.v_stride = 3 * C;
+}
+
+}  // namespace
+
+void CudaBackend::grow_workspace(Tensor& ws, int64_t n, DType dt) {
+  if (ws.defined() && ws.numel() >= n) return;
+  ws = Tensor();  // the smaller buffer goes first (stream-ordered free)
+  ws = empty({std::max<int64_t>(n, 1)}, dt);
+}
+
+void CudaBackend::flash_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& keymask,
+                                const Tensor& span, int64_t n_head) {
+  const DType A = check_activation(qkv, "attention qkv");
+  if (A != DType::BF16)
+    throw Error("attention: attn_implementation flash runs BF16 activations only, got " + std::string(dtype_name(A)) +
+                " (fp32 is the parity mode: use attn_implementation eager)");
+  check_is(out, A, "attention out");
+  check_is(saved, attention_saved_dtype(A), "attention saved");
+  DPO_ASSERT(qkv.dim() == 3 && n_head > 0, "attention qkv must be [B,T,3C], got " + shape_str(qkv.shape()));
+  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
+  DPO_ASSERT(qkv.size(2) == 3 * C && C % n_head == 0, "attention qkv " + shape_str(qkv.shape()));
+  check_shape(out, {B, T, C}, "attention out");
+  check_shape(saved, attention_saved_shape(B, T, n_head), "attention saved");
+  if (keymask.defined()) {
+    check_i32(keymask, "attention keymask");
+    check_shape(keymask, {B, T}, "attention keymask");
+  }
+  if (span.defined()) {
+    check_i32(span, "attention span");
+    check_shape(span, {B, T, kSpanWidth}, "attention span");
+  }
+  DPO_ASSERT(!overlap(out, qkv) && !overlap(out, saved) && !overlap(saved, qkv),
+             "attention: out, saved and qkv must not overlap (attn_implementation flash)");
+  if (B * T == 0) return;
+  flash::Params p;
+  set_qkv_views(p, qkv, B, T, C, n_head);
+  p.out = static_cast<uint16_t*>(out.raw());
+  p.out_stride = C;
+  p.lse = ptr<float>(saved);
+  flash::check_params(p, "attention (attn_implementation flash)");  // head size, alignment: before any launch
+  float* marks = p.lse + B * n_head * T;
+  if (span.defined()) {
+    cuda::fill(*ctx_, marks, B * T, kFlashSpansMark);
+    p.span = ptr<int32_t>(span);
+  } else {
+    grow_workspace(flash_spans_, B * T * kSpanWidth, DType::I32);
+    cuda::attention_keymask_spans(*ctx_, ptr<int32_t>(flash_spans_), marks, opt_ptr<int32_t>(keymask), B, T);
+    p.span = ptr<int32_t>(flash_spans_);
+  }
+  flash::flash_attention_forward(*ctx_, p);
+}
+
+void CudaBackend::flash_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
+                                 const Tensor& saved, const Tensor& span, int64_t n_head) {
+  const DType A = check_activation(qkv, "attention qkv");
+  if (A != DType::BF16)
+    throw Error("attention: attn_implementation flash runs BF16 activations only, got " + std::string(dtype_name(A)) +
+                " (fp32 is the parity mode: use attn_implementation eager)");
+  check_is(dqkv, A, "attention dqkv");
+  check_is(dout, A, "attention dout");
+  DPO_ASSERT(out.defined(), "attention out: the flash backward needs the forward's output (tensor is undefined)");
+  check_is(out, A, "attention out");
+  check_is(saved, attention_saved_dtype(A), "attention saved");
+  DPO_ASSERT(qkv.dim() == 3 && n_head > 0, "attention qkv must be [B,T,3C], got " + shape_str(qkv.shape()));
+  const int64_t B = qkv.size(0), T = qkv.size(1), C = qkv.size(2) / 3;
+  DPO_ASSERT(qkv.size(2) == 3 * C && C % n_head == 0, "attention qkv " + shape_str(qkv.shape()));
+  check_shape(dqkv, qkv.shape(), "attention dqkv");
+  check_shape(dout, {B, T, C}, "attention dout");
+  check_shape(out, {B, T, C}, "attention out");
+  check_shape(saved, attention_saved_shape(B, T, n_head), "attention saved");
+  if (span.defined()) {
+    check_i32(span, "attention span");
+    check_shape(span, {B, T, kSpanWidth}, "attention span");
+  }
+  DPO_ASSERT(!overlap(dqkv, qkv) && !overlap(dqkv, dout) && !overlap(dqkv, out) && !overlap(dqkv, saved),
+             "attention: dqkv must not overlap qkv, dout, out or saved (attn_implementation flash)");
+  if (B * T == 0) return;
+  flash::BackwardParams p;
+  set_qkv_views(p, qkv, B, T, C, n_head);
+  p.out = static_cast<const uint16_t*>(out.raw());
+  p.dout = static_cast<const uint16_t*>(dout.raw());
+  p.out_stride = p.dout_stride = C;
+  auto* dbase = static_cast<uint16_t*>(dqkv.raw());
+  p.dq = dbase;
+  p.dk = dbase + C;
+  p.dv = dbase + 2 * C;
+  p.dq_stride = p.dk_stride = p.dv_stride = 3 * C;
+  p.write = GradWrite::Accumulate;  // the op's contract is dqkv +=
+  p.lse = ptr<float>(saved);
+  grow_workspace(flash_delta_, B * n_head * T, DType::F32);
+  p.delta = ptr<float>(flash_delta_);
+  flash::check_backward_params(p, "attention backward (attn_implementation flash)");  // before any launch
+  if (span.defined()) {
+    p.span = ptr<int32_t>(span);
+  } else {
+    grow_workspace(flash_spans_, B * T * kSpanWidth, DType::I32);
+    cuda::attention_keymask_spans(*ctx_, ptr<int32_t>(flash_spans_), p.lse + B * n_head * T, B, T);
+    p.span = ptr<int32_t>(flash_spans_);
+  }
+  flash::flash_attention_backward(*ctx_, p);
 }
 
 namespace {

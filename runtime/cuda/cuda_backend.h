@@ -93,21 +93,47 @@ class CudaBackend final : public Backend {
                            const Tensor& bias, WeightLayout layout) override;
   void matmul_backward_dgelu(const Tensor& dpre, const Tensor& dw, const Tensor& dbias, const Tensor& dout,
                              const Tensor& inp, const Tensor& w, const Tensor& pre, WeightLayout layout) override;
-  // The probabilities [B,NH,T,T], as on the CPU (kernels/attention.cuh), stored in the activation dtype (BF16
-  // probabilities for A = BF16, rounded once from the fp32 softmax).
-  Shape attention_saved_shape(int64_t B, int64_t T, int64_t NH) const override { return {B, NH, T, T}; }
-  DType attention_saved_dtype(DType activation) const override { return activation; }
+  // Two attention implementations (set_attention_impl; HF's key attn_implementation, docs/training.md):
+  //   Eager (the default): the materialised kernels (kernels/attention.cuh). Saved state: the probabilities
+  //     [B,NH,T,T], as on the CPU's reference kernels, in the activation dtype (BF16 probabilities for A = BF16,
+  //     rounded once from the fp32 softmax). The backward ignores `out`.
+  //   Flash: the tensor-core kernels (kernels/flash_attention.h), A = BF16 only (an F32 call throws dpo::Error:
+  //     fp32 is the parity mode and stays on the eager kernels); head size C / NH of 64 or 128. Saved state: F32
+  //     [B*NH*T + B*T], the CPU blocked kernels' layout (model/memory_plan.h, RowStats): the log-sum-exp
+  //     [B,NH,T] of every query row, then one entry per slot saying which forward wrote it, 1 / 0 for the key
+  //     mask's real / padding slots (the key-mask form), 2 for the spans form. The key-mask form runs the flash
+  //     kernels on the padded layout's spans of the mask (cuda::attention_keymask_spans into a workspace: real
+  //     slot t -> {first real slot of the row, t, t}, padding slot t -> {t, t, t}; a null mask is all real), and
+  //     its backward derives them again from the saved entries, so the mask need not be passed to it. Padding
+  //     query slots thus see only themselves (eager: left padding sees nothing, right padding the real keys); their
+  //     outputs are never scored and get no gradient, so the model's real slots are unaffected. The backward reads
+  //     the forward's `out` (delta = rowsum(dout * out)) and accumulates into dqkv (GradWrite::Accumulate, one
+  //     rounding). Workspaces (the spans I32 [B*T*3], delta F32 [B*NH*T]) are owned here and only grow, so a
+  //     steady shape allocates nothing (CUDA graphs). They grow only for a B*T (B*NH*T) above every earlier
+  //     call's, which grows the model's own activation buffers too (GPT2::buffers_generation), so the trainer
+  //     recaptures its graphs before one could replay a freed workspace address (as for CudaContext::scratch). Deterministic: two runs give bitwise equal results.
+  // Neither checks the spans on the host (a sync): a span that is not valid makes its query's output NaN (eager)
+  // or that of a query seeing nothing 0 (flash, kernels/flash_attention.h); never an out-of-bounds access.
+  void set_attention_impl(AttentionImpl impl) override { attn_impl_ = impl; }
+  AttentionImpl attention_impl() const override { return attn_impl_; }
+  Shape attention_saved_shape(int64_t B, int64_t T, int64_t NH) const override {
+    if (attn_impl_ == AttentionImpl::Flash) return {B * NH * T + B * T};
+    return {B, NH, T, T};
+  }
+  DType attention_saved_dtype(DType activation) const override {
+    return attn_impl_ == AttentionImpl::Flash ? DType::F32 : activation;
+  }
   void attention_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& keymask,
                          int64_t n_head) override;
-  void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
-                          int64_t n_head) override;
-  // Spans (kernels/attention.cuh): the span tensor is not read on the host (that would need a sync), so a span that
-  // is not valid is not reported here: its query's output row becomes NaN. The backward is attention_backward's
-  // (the saved probabilities carry the spans); it checks the span tensor's shape and dtype only.
+  void attention_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
+                          const Tensor& saved, int64_t n_head) override;
+  // Spans (kernels/attention.cuh): the span tensor is not read on the host (that would need a sync). The eager
+  // backward is attention_backward's (the saved probabilities carry the spans); it checks the span tensor's shape
+  // and dtype only. The flash backward takes the spans again.
   void attention_forward_spans(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& span,
                                int64_t n_head) override;
-  void attention_backward_spans(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& saved,
-                                const Tensor& span, int64_t n_head) override;
+  void attention_backward_spans(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
+                                const Tensor& saved, const Tensor& span, int64_t n_head) override;
   // The key/value cache ops (kernels/attention.cuh): F32 or BF16 caches. A position outside [0, Tc) is not checked
   // here (it would need a sync): that sequence's out row becomes NaN and its cache is left as it was.
   void attention_cache_store(const Tensor& kcache, const Tensor& vcache, const Tensor& qkv) override;
@@ -176,10 +202,20 @@ class CudaBackend final : public Backend {
   void check_adamw_args(const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
                         const AdamWParams& p) const;
   void check_step_tensors(const Tensor& record, const Tensor& state) const;
+  // The flash forms of the attention ops (span undefined: the key-mask form).
+  void flash_forward(const Tensor& out, const Tensor& saved, const Tensor& qkv, const Tensor& keymask,
+                     const Tensor& span, int64_t n_head);
+  void flash_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
+                      const Tensor& saved, const Tensor& span, int64_t n_head);
+  // `ws` holding at least n elements of dtype dt (grown only; the old buffer is freed in stream order).
+  void grow_workspace(Tensor& ws, int64_t n, DType dt);
 
   std::shared_ptr<CudaContext> ctx_;
   cuda::AdamWSegmentTable adamw_segments_;  // after ctx_: freed on its stream before the context goes
   Tensor norm_scratch_;  // F64 [cuda::kSumSquaresBlocks], sum_squares_into's partial sums (holds the context)
+  AttentionImpl attn_impl_ = AttentionImpl::Eager;
+  Tensor flash_spans_;  // I32, the key-mask form's spans (grown only)
+  Tensor flash_delta_;  // F32, the flash backward's delta (grown only)
 };
 
 }  // namespace dpo
