@@ -208,13 +208,14 @@ EOF
     done
   done < <(find "$tmp" -type f \( -name '*.so*' -o -path '*/usr/bin/*' \) -print0)
   [ -z "$missing" ] || die "carried libraries need sonames that are not carried:"$'\n'"$missing"
-  glibc=$(find "$tmp" -type f \( -name '*.so*' -o -path '*/usr/bin/*' \) -exec objdump -T {} + 2>/dev/null \
+  # (objdump fails on the scripts among them, e.g. pcre2-config: that must not end the script)
+  glibc=$({ find "$tmp" -type f \( -name '*.so*' -o -path '*/usr/bin/*' \) -exec objdump -T {} + 2>/dev/null || true; } \
           | grep -o 'GLIBC_[0-9.]*' | sort -Vu | tail -n1)
 
   # Sonames of the carried shared libraries (env.sh offers the host only those it lacks).
   while IFS= read -r -d '' so; do
     n=$(objdump -p "$so" 2>/dev/null | awk '/SONAME/{print $2}')
-    [ -n "$n" ] && [ -e "$(dirname "$so")/$n" ] && echo "$n ${so#"$tmp"/}"
+    if [ -n "$n" ] && [ -e "$(dirname "$so")/$n" ]; then echo "$n ${so#"$tmp"/}"; fi  # (a failed test must not end the loop's status)
   done < <(find "$tmp/usr/lib" -type f -name 'lib*.so*' ! -name 'libopenblas*' -print0) | sort >"$tmp/SONAMES"
 
   # OpenBLAS is 36 MB as a file and 10 MB gzipped: store it gzipped (env.sh expands it on the machine that
