@@ -11,8 +11,8 @@
 // Backward launch, three kernels in stream order: the preprocess (one thread per (b, h, t), 256 per block); the
 // dk/dv pass (128 threads per (key tile, kv head, b)); the dq pass (128 threads per (query block, h, b)). Both
 // passes use 4 x 64 x (D + 8) bf16 of dynamic shared memory plus 20 bytes per query for the dk/dv pass's lse,
-// delta and span (37 KiB at D = 64, 69 KiB at D = 128: the limit is raised with cudaFuncSetAttribute before each
-// launch). Registers, ptxas (CUDA 13, sm_90), no local memory in any: dk/dv pass 248 at D = 128 (dk and dv
+// delta and span (37 KiB at D = 64, 69 KiB at D = 128: the limit is raised with cudaFuncSetAttribute before the
+// first launch). Registers, ptxas (CUDA 13, sm_90), no local memory in any: dk/dv pass 248 at D = 128 (dk and dv
 // accumulators 128, one half block of scores and dP 32, P / dS fragments 8; the loop over the two halves is kept
 // rolled) and 167 at D = 64; dq pass 204 at D = 128 and 168 at D = 64; preprocess 30.
 #include <cuda_bf16.h>
@@ -164,8 +164,15 @@ void launch_backward(CudaContext& ctx, const BackwardParams& p) {
   DPO_CUDA_CHECK(cudaGetLastError());
   // Above the 48 KiB default at D = 128 (bwd_smem_bytes: 70 KiB), so the limit is raised explicitly for both.
   const int smem = static_cast<int>(bwd_smem_bytes<D>());
-  DPO_CUDA_CHECK(cudaFuncSetAttribute(flash_dkdv_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  DPO_CUDA_CHECK(cudaFuncSetAttribute(flash_dq_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  // Once per head dim and process (one device per process here): the first call runs eagerly, before any CUDA
+  // graph captures a step (train/trainer.cpp captures a shape's second micro-batch), so the attribute call never
+  // falls inside a capture.
+  static const bool smem_raised = [smem] {
+    DPO_CUDA_CHECK(cudaFuncSetAttribute(flash_dkdv_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    DPO_CUDA_CHECK(cudaFuncSetAttribute(flash_dq_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    return true;
+  }();
+  (void)smem_raised;
   flash_dkdv_kernel<D><<<grid_x(dkdv_grid_blocks(p), "dk/dv pass"), kThreads, smem, ctx.stream()>>>(p);
   DPO_CUDA_CHECK(cudaGetLastError());
   flash_dq_kernel<D><<<grid_x(dq_grid_blocks(p), "dq pass"), kThreads, smem, ctx.stream()>>>(p);
