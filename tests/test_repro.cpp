@@ -186,6 +186,74 @@ TEST(ReproClosedForm, DistancesOnKnownDistributions) {
   EXPECT_EQ(kl_divergence({1.0, 0.0}, {0.5, 0.5}), std::log(2.0));  // 0 log 0 = 0
 }
 
+// Best-of-N against brute force: every ordered N-tuple of draws from q enumerated, its probability given to the
+// draws of highest reward in equal shares (ties broken uniformly). Sums of at most 6^4 products in double: 1e-13.
+std::vector<double> best_of_n_brute_force(const std::vector<double>& q, const std::vector<double>& r, int n) {
+  const size_t K = q.size();
+  std::vector<double> out(K, 0.0);
+  std::vector<size_t> draw(static_cast<size_t>(n), 0);
+  while (true) {
+    double p = 1, best = -INFINITY;
+    for (size_t d : draw) p *= q[d], best = std::max(best, r[d]);
+    int ties = 0;
+    for (size_t d : draw) ties += r[d] == best ? 1 : 0;
+    for (size_t d : draw)
+      if (r[d] == best) out[d] += p / ties;
+    size_t i = 0;
+    while (i < draw.size() && ++draw[i] == K) draw[i++] = 0;
+    if (i == draw.size()) break;
+  }
+  return out;
+}
+
+TEST(ReproClosedForm, BestOfNMatchesEnumerationWithTies) {
+  std::mt19937_64 g(test_seed());
+  std::uniform_real_distribution<double> u(0.05, 1.0);
+  // Rewards with ties (two values shared by two items each), an unsorted order, and an item of probability 0 that
+  // holds the highest reward (it can never be drawn, so it gets 0).
+  const std::vector<double> r = {1.0, -2.0, 1.0, 0.5, -2.0, 3.0};
+  std::vector<double> q(6);
+  double s = 0;
+  for (int i = 0; i < 5; ++i) s += q[i] = u(g);
+  for (int i = 0; i < 5; ++i) q[i] /= s;
+  q[5] = 0.0;
+  for (int n : {1, 2, 3, 4}) {
+    std::vector<double> pi = best_of_n_distribution(q, r, n);
+    const std::vector<double> ref = best_of_n_brute_force(q, r, n);
+    double total = 0;
+    for (size_t i = 0; i < q.size(); ++i) {
+      EXPECT_NEAR(pi[i], ref[i], 1e-13) << "N " << n << " item " << i;
+      total += pi[i];
+    }
+    EXPECT_NEAR(total, 1.0, 1e-13);
+    EXPECT_EQ(pi[5], 0.0);
+    const double kl = kl_divergence(pi, q);
+    EXPECT_NEAR(kl, kl_divergence(ref, q), 1e-12) << "N " << n;
+    // Ties make it strictly smaller than the no-tie value (equal at N = 1: both 0).
+    if (n == 1) EXPECT_NEAR(kl, 0.0, 1e-15);
+    else EXPECT_LT(kl, best_of_n_kl_bound(n) - 1e-3) << "N " << n;
+  }
+}
+
+// Without ties on M equally likely items, best-of-N puts (k^N - (k-1)^N) / M^N on the k-th smallest: its KL tends to
+// the continuous value log N - (N-1)/N from below as M grows (a Riemann sum of the integral; error O(log M / M)).
+TEST(ReproClosedForm, BestOfNWithoutTiesApproachesLogNMinusOne) {
+  EXPECT_DOUBLE_EQ(best_of_n_kl_bound(1), 0.0);
+  EXPECT_NEAR(best_of_n_kl_bound(4), std::log(4.0) - 0.75, 1e-15);
+  std::mt19937_64 g(test_seed());
+  const int M = 2000;
+  std::vector<double> q(M, 1.0 / M), r(M);
+  for (int i = 0; i < M; ++i) r[i] = i;
+  std::shuffle(r.begin(), r.end(), g);
+  for (int n : {2, 4, 16}) {
+    const double kl = kl_divergence(best_of_n_distribution(q, r, n), q);
+    EXPECT_LE(kl, best_of_n_kl_bound(n));
+    EXPECT_GT(kl, best_of_n_kl_bound(n) - 0.01) << "N " << n;
+  }
+  EXPECT_THROW(best_of_n_distribution({0.5, 0.4}, {0, 1}, 2), Error);  // not a distribution
+  EXPECT_THROW(best_of_n_distribution({0.5, 0.5}, {0, 1}, 0), Error);
+}
+
 // ---------------------------------------------------------------------------------------------- experiments
 
 json read_json(const std::string& path) {
@@ -223,6 +291,67 @@ TEST(ReproExperiments, IpoBandit) {
 TEST(ReproExperiments, Optimum) { run_and_check("optimum", {"tv_vs_pairs.png", "dpo_loss.png"}); }
 TEST(ReproExperiments, Overfit) { run_and_check("overfit", {"kl_vs_epochs.png"}); }
 
+// frontier at a tiny size (a barely trained model, so oracle pairs): the report is complete and every criterion is
+// computed; whether they pass at this size is not asserted.
+TEST(ReproExperiments, FrontierTinyReportIsWellFormed) {
+  test::ScratchDir dir("repro_");
+  FrontierSizes z;
+  z.pipeline = {1, 32, 2, 400, 1, 40, 9, 3, 10, 1};
+  z.betas = {0.1, 1.0};
+  z.rpo_betas = {0.1};
+  z.seeds = 2;
+  z.best_of_n = {1, 2, 4};
+  z.bon_samples_per_prompt = 6;
+  z.bootstrap = 20;
+  z.oracle_pairs = true;
+  ReproOptions opt;
+  opt.name = "frontier";
+  opt.out_dir = dir / "out";
+  opt.frontier_sizes = &z;
+  const int rc = run_repro(opt);
+  EXPECT_TRUE(rc == 0 || rc == 1);
+  const json r = read_json(dir / "out/report.json");
+  EXPECT_EQ(r["experiment"], "frontier");
+  EXPECT_EQ(r["passed"].get<bool>(), rc == 0);
+  // One criterion each: dominance, 2 Best-of-N bounds, 2 Best-of-N increases, 2 per RPO beta, 2 log-prob falls.
+  ASSERT_EQ(r["criteria"].size(), 1u + 2 + 2 + 2 + 2);
+  for (const auto& c : r["criteria"]) {
+    EXPECT_TRUE(c["measured"].is_number() || c["measured"].is_null()) << c.dump();
+    EXPECT_TRUE(c["threshold"].is_number()) << c.dump();
+    EXPECT_TRUE(c["pass"].is_boolean());
+  }
+  // The Best-of-N bounds hold by construction (the exact KL of a tie-breaking best-of-N), even at this size.
+  for (const auto& c : r["criteria"])
+    if (c["id"].get<std::string>().find("KL <= log N") != std::string::npos) EXPECT_TRUE(c["pass"].get<bool>());
+  const json& res = r["results"];
+  ASSERT_EQ(res["dpo"].size(), 2u);
+  ASSERT_EQ(res["rpo"].size(), 1u);
+  ASSERT_EQ(res["best_of_n"].size(), 3u);
+  for (const json* list : {&res["dpo"], &res["rpo"]})
+    for (const auto& p : *list) {
+      ASSERT_EQ(p["runs"].size(), 2u);
+      for (const char* k : {"reward", "kl", "grammatical", "heldout_logp_chosen", "heldout_logp_rejected"}) {
+        EXPECT_TRUE(std::isfinite(p[k]["mean"].get<double>())) << k << " " << p.dump();
+        EXPECT_GE(p[k]["se"].get<double>(), 0.0) << k;
+      }
+      // Each DPO / RPO run logged both log-prob curves.
+      for (const auto& run : p["runs"]) {
+        std::ifstream f(run["dir"].get<std::string>() + "/metrics.jsonl");
+        std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+        EXPECT_NE(all.find("logps/chosen"), std::string::npos);
+        EXPECT_NE(all.find("logps/rejected"), std::string::npos);
+      }
+    }
+  EXPECT_EQ(res["preferred_ft"]["runs"].size(), 2u);
+  EXPECT_NEAR(res["best_of_n"][0]["kl"]["mean"].get<double>(), 0.0, 1e-15);  // N = 1 is the SFT policy
+  for (const char* png : {"reward_vs_kl.png", "logps.png", "grammatical_vs_beta.png"})
+    EXPECT_GT(std::filesystem::file_size(dir / (std::string("out/") + png)), 0u) << png;
+  std::ifstream md(dir / "out/report.md");
+  std::string text((std::istreambuf_iterator<char>(md)), std::istreambuf_iterator<char>());
+  for (const char* s : {"| DPO | 0.1 |", "| RPO | 0.1 |", "| Preferred-FT |", "| Best-of-N | 4 |", "## Criteria"})
+    EXPECT_NE(text.find(s), std::string::npos) << s;
+}
+
 // Same seed, same numbers (the timing field aside).
 TEST(ReproExperiments, Deterministic) {
   test::ScratchDir dir("repro_");
@@ -248,6 +377,7 @@ TEST(ReproCli, ListNamesEveryExperiment) {
   const auto r = test::run_cli(kDpo, dir.dir, "repro --list");
   EXPECT_EQ(r.code, 0) << r.err;
   for (const char* n : {"ipo-bandit", "optimum", "overfit", "frontier"}) EXPECT_NE(r.out.find(n), std::string::npos);
+  EXPECT_EQ(r.out.find("not implemented"), std::string::npos) << r.out;
 }
 
 TEST(ReproCli, RunPrintsPassLinesAndExitsZero) {
@@ -269,7 +399,7 @@ TEST(ReproCli, BadInputsExitTwoWithAMessage) {
   };
   for (const Case& c : std::vector<Case>{
            {"repro nonsense --out o", "unknown experiment 'nonsense'; valid: ipo-bandit, optimum, overfit, frontier"},
-           {"repro frontier --out o", "'frontier' is not implemented yet"},
+           {"repro frontier --out o --seed x", "--seed"},
            {"repro overfit", "--out is required"},
            {"repro", "an experiment name is required"},
            {"repro overfit --out o --seed x", "--seed"},

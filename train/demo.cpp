@@ -24,16 +24,6 @@ using json = nlohmann::json;
 
 namespace {
 
-struct Sizes {
-  int64_t n_layer, n_embd, n_head, sft_examples, sft_epochs, pair_prompts, eval_prompts, eval_samples_per_prompt,
-      eval_pairs_prompts, dpo_epochs;
-};
-
-// Sized for a 2-core machine: about two minutes with two betas. A byte-level model needs roughly 30k sequence
-// passes of SFT before it spells the task's words; with less, its samples hold no sentiment words at all and
-// every sampled pair is a tie.
-constexpr Sizes kSizes = {3, 64, 4, 10000, 3, 600, 9, 24, 100, 3};
-
 std::string fmt(double v, int prec = 3) {
   std::ostringstream s;
   s.setf(std::ios::fixed);
@@ -42,7 +32,10 @@ std::string fmt(double v, int prec = 3) {
   return s.str();
 }
 
-// Sequence log-probs of completions under `m` (rows: prompt + completion, weights on the completion).
+}  // namespace
+
+namespace demo {
+
 std::vector<double> completion_logps(GPT2& m, const std::vector<SftExample>& ex, int64_t batch) {
   std::vector<double> out(ex.size());
   const int64_t n = static_cast<int64_t>(ex.size());
@@ -56,11 +49,6 @@ std::vector<double> completion_logps(GPT2& m, const std::vector<SftExample>& ex,
   }
   return out;
 }
-
-struct Samples {
-  std::vector<std::string> prompts, completions;  // completion text without EOS
-  std::vector<SftExample> examples;               // token form, completion with EOS when generated
-};
 
 Samples sample_from(GPT2& m, const Tokenizer& tok, const std::vector<std::string>& prompts, uint64_t seed,
                     int64_t batch) {
@@ -91,11 +79,6 @@ Samples sample_from(GPT2& m, const Tokenizer& tok, const std::vector<std::string
   return s;
 }
 
-struct PolicyEval {
-  double reward_mean = 0, reward_sem = 0, kl = 0, kl_sem = 0, grammatical = 0;
-  std::vector<std::string> examples;
-};
-
 PolicyEval evaluate_policy(GPT2& policy, GPT2& sft, const Tokenizer& tok, const std::vector<std::string>& prompts,
                            uint64_t seed) {
   Samples s = sample_from(policy, tok, prompts, seed, 64);
@@ -115,15 +98,9 @@ PolicyEval evaluate_policy(GPT2& policy, GPT2& sft, const Tokenizer& tok, const 
   }
   e.reward_sem = std::sqrt(std::max(0.0, r2 - e.reward_mean * e.reward_mean) / n);
   e.kl_sem = std::sqrt(std::max(0.0, k2 - e.kl * e.kl) / n);
+  e.grammatical_sem = std::sqrt(std::max(0.0, e.grammatical * (1 - e.grammatical)) / n);
   return e;
 }
-
-// Pairs from SFT samples labelled by the ground-truth reward; ties are dropped (and counted). Pairs are kept in
-// token form: a sampled completion need not be valid UTF-8, so it cannot always be written as JSON text.
-struct TokenPair {
-  std::vector<int32_t> prompt, chosen, rejected;
-  double score_chosen = 0, score_rejected = 0;
-};
 
 std::vector<TokenPair> label_pairs(const Samples& s, int64_t* ties) {
   std::vector<TokenPair> out;
@@ -169,7 +146,8 @@ std::vector<std::map<std::string, double>> read_metrics(const std::string& path)
   return out;
 }
 
-Series curve(const std::vector<std::map<std::string, double>>& rows, const std::string& key, const std::string& label) {
+Series metric_curve(const std::vector<std::map<std::string, double>>& rows, const std::string& key,
+                    const std::string& label) {
   Series s;
   s.label = label;
   for (const auto& r : rows) {
@@ -181,36 +159,26 @@ Series curve(const std::vector<std::map<std::string, double>>& rows, const std::
   return s;
 }
 
-}  // namespace
-
-std::string run_demo(const DemoOptions& opt) {
-  const auto t0 = std::chrono::steady_clock::now();
-  if (opt.out_dir.empty()) throw InputError("--out is required");
-  if (fs::exists(fs::path(opt.out_dir) / "report.json"))
-    throw InputError("--out: " + opt.out_dir + " already holds a demo report; choose a new directory");
-  if (opt.betas.empty()) throw InputError("--betas needs at least one value");
-  for (double b : opt.betas)
-    if (!(b > 0) || !std::isfinite(b)) throw InputError("--betas: every beta must be > 0, got " + std::to_string(b));
-  const Sizes& z = kSizes;
-  const fs::path out = opt.out_dir;
+Prepared prepare(const std::string& out_dir, const Sizes& z, uint64_t seed, int64_t num_threads,
+                 bool plain_progress, const std::function<void(const std::string&)>& say) {
+  const fs::path out = out_dir;
   std::error_code ec;
   fs::create_directories(out / "data", ec);
   if (ec) throw InputError("--out: cannot create " + out.string() + ": " + ec.message());
-  auto say = [&](const std::string& s) { std::fprintf(stderr, "[demo] %s\n", s.c_str()); };
-  auto elapsed = [&]() { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
   auto tok = make_tokenizer("byte");
+  Prepared p;
 
   // (a) corpus
   SentimentCorpusOptions co;
   co.n_train = z.sft_examples;
   co.n_eval = 0;
-  co.seed = opt.seed;
+  co.seed = seed;
   write_sft_jsonl((out / "data/sft.jsonl").string(), make_sft_corpus(co));
   say("(a) corpus: " + std::to_string(z.sft_examples) + " SFT examples -> " + (out / "data/sft.jsonl").string());
 
   // (b) SFT from a random init
   {
-    auto be = make_cpu_backend(static_cast<int>(opt.num_threads));
+    auto be = make_cpu_backend(static_cast<int>(num_threads));
     GPT2Config c;
     c.vocab_size = tok->vocab_size();
     c.max_seq_len = 80;  // prompts <= 24 bytes + completions <= 48 bytes + EOS
@@ -218,19 +186,19 @@ std::string run_demo(const DemoOptions& opt) {
     c.n_embd = z.n_embd;
     c.n_head = z.n_head;
     GPT2 m(*be, c, DType::F32);
-    Rng rng(opt.seed);
+    Rng rng(seed);
     m.init_random(rng);
     save_gpt2_checkpoint(m, (out / "init").string());
   }
-  TrainConfig base;
+  TrainConfig& base = p.base;
   base.max_length = 80;
   base.max_prompt_length = kMaxPromptBytes + 1;
-  base.seed = static_cast<int64_t>(opt.seed);
-  base.num_threads = opt.num_threads;
+  base.seed = static_cast<int64_t>(seed);
+  base.num_threads = num_threads;
   base.ref_cache_dir = (out / "ref_cache").string();
   base.logging_steps = 10;
   RunOptions ro;
-  ro.plain_progress = opt.plain_progress;
+  ro.plain_progress = plain_progress;
 
   TrainConfig sft = base;
   sft.model = (out / "init").string();
@@ -244,41 +212,94 @@ std::string run_demo(const DemoOptions& opt) {
   sft.num_train_epochs = z.sft_epochs;
   say("(b) SFT of a GPT-2 (" + std::to_string(z.n_layer) + " layers, width " + std::to_string(z.n_embd) + ")");
   RunSummary sft_run = run_training(sft, RunKind::Sft, ro);
-  const std::string sft_ckpt = sft_run.final_checkpoint;
+  p.sft_checkpoint = sft_run.final_checkpoint;
+  p.sft_out_dir = sft.out_dir;
 
   // (c) pairs from SFT samples, labelled by the ground-truth reward
-  auto be = make_cpu_backend(static_cast<int>(opt.num_threads));
-  verify_checkpoint(sft_ckpt, CheckpointUse::Model);  // read back what the run wrote: its checksums first
-  auto sft_model = load_gpt2_checkpoint(*be, sft_ckpt, DType::F32);
+  auto be = make_cpu_backend(static_cast<int>(num_threads));
+  verify_checkpoint(p.sft_checkpoint, CheckpointUse::Model);  // read back what the run wrote: its checksums first
+  auto sft_model = load_gpt2_checkpoint(*be, p.sft_checkpoint, DType::F32);
   std::vector<std::string> pair_prompts;
-  {
-    SentimentCorpusOptions po = co;
-    po.n_train = z.pair_prompts;
-    po.n_eval = z.eval_pairs_prompts;
-    for (const auto& p : train_prompts(po)) {
-      pair_prompts.push_back(p);
-      pair_prompts.push_back(p);  // two samples per prompt make one candidate pair
-    }
-    int64_t ties = 0;
-    Samples s = sample_from(*sft_model, *tok, pair_prompts, opt.seed + 1, 64);
-    auto pairs = label_pairs(s, &ties);
-    write_token_pairs((out / "data/pairs_train.jsonl").string(), pairs);
-    std::vector<std::string> eval_pp;
-    for (const auto& p : eval_prompts(po)) {
-      eval_pp.push_back(p);
-      eval_pp.push_back(p);
-    }
-    int64_t eval_ties = 0;
-    auto eval_pairs = label_pairs(sample_from(*sft_model, *tok, eval_pp, opt.seed + 2, 64), &eval_ties);
-    write_token_pairs((out / "data/pairs_eval.jsonl").string(), eval_pairs);
-    say("(c) pairs: " + std::to_string(pairs.size()) + " train, " + std::to_string(eval_pairs.size()) +
-        " held-out (ties dropped: " + std::to_string(ties + eval_ties) + ")");
+  SentimentCorpusOptions po = co;
+  po.n_train = z.pair_prompts;
+  po.n_eval = z.eval_pairs_prompts;
+  for (const auto& q : train_prompts(po)) {
+    pair_prompts.push_back(q);
+    pair_prompts.push_back(q);  // two samples per prompt make one candidate pair
   }
+  int64_t ties = 0;
+  Samples s = sample_from(*sft_model, *tok, pair_prompts, seed + 1, 64);
+  auto pairs = label_pairs(s, &ties);
+  p.pairs_train = (out / "data/pairs_train.jsonl").string();
+  write_token_pairs(p.pairs_train, pairs);
+  std::vector<std::string> eval_pp;
+  for (const auto& q : eval_prompts(po)) {
+    eval_pp.push_back(q);
+    eval_pp.push_back(q);
+  }
+  int64_t eval_ties = 0;
+  auto eval_pairs = label_pairs(sample_from(*sft_model, *tok, eval_pp, seed + 2, 64), &eval_ties);
+  p.pairs_eval = (out / "data/pairs_eval.jsonl").string();
+  write_token_pairs(p.pairs_eval, eval_pairs);
+  p.n_train_pairs = static_cast<int64_t>(pairs.size());
+  p.n_eval_pairs = static_cast<int64_t>(eval_pairs.size());
+  p.ties = ties + eval_ties;
+  say("(c) pairs: " + std::to_string(pairs.size()) + " train, " + std::to_string(eval_pairs.size()) +
+      " held-out (ties dropped: " + std::to_string(ties + eval_ties) + ")");
+  return p;
+}
+
+TrainConfig dpo_config(const Prepared& p, const std::string& out_dir, double beta, int64_t epochs) {
+  TrainConfig d = p.base;
+  d.model = p.sft_checkpoint;
+  d.train_file = p.pairs_train;
+  d.eval_file = p.pairs_eval;
+  d.out_dir = out_dir;
+  d.beta = beta;
+  d.learning_rate = 2e-4;
+  d.lr_scheduler_type = "constant_with_warmup";
+  d.warmup_steps = 10;
+  d.per_device_train_batch_size = 16;
+  d.gradient_accumulation_steps = 2;
+  d.num_train_epochs = epochs;
+  d.eval_steps = 20;
+  return d;
+}
+
+std::vector<std::string> repeated_eval_prompts(int64_t per_prompt) {
+  std::vector<std::string> out;
+  for (const auto& p : eval_prompt_set())
+    for (int64_t k = 0; k < per_prompt; ++k) out.push_back(p);
+  return out;
+}
+
+}  // namespace demo
+
+std::string run_demo(const DemoOptions& opt) {
+  using namespace demo;
+  const auto t0 = std::chrono::steady_clock::now();
+  if (opt.out_dir.empty()) throw InputError("--out is required");
+  if (fs::exists(fs::path(opt.out_dir) / "report.json"))
+    throw InputError("--out: " + opt.out_dir + " already holds a demo report; choose a new directory");
+  if (opt.betas.empty()) throw InputError("--betas needs at least one value");
+  for (double b : opt.betas)
+    if (!(b > 0) || !std::isfinite(b)) throw InputError("--betas: every beta must be > 0, got " + std::to_string(b));
+  const Sizes& z = kDemoSizes;
+  const fs::path out = opt.out_dir;
+  auto say = [&](const std::string& s) { std::fprintf(stderr, "[demo] %s\n", s.c_str()); };
+  auto elapsed = [&]() { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); };
+  auto tok = make_tokenizer("byte");
+  RunOptions ro;
+  ro.plain_progress = opt.plain_progress;
+
+  // (a)-(c)
+  const Prepared prep = prepare(opt.out_dir, z, opt.seed, opt.num_threads, opt.plain_progress, say);
+  const std::string& sft_ckpt = prep.sft_checkpoint;
+  auto be = make_cpu_backend(static_cast<int>(opt.num_threads));
+  auto sft_model = load_gpt2_checkpoint(*be, sft_ckpt, DType::F32);
 
   // Held-out prompts for (e): the eval prompt set, each repeated.
-  std::vector<std::string> eval_prompts_rep;
-  for (const auto& p : eval_prompt_set())
-    for (int64_t k = 0; k < z.eval_samples_per_prompt; ++k) eval_prompts_rep.push_back(p);
+  const std::vector<std::string> eval_prompts_rep = repeated_eval_prompts(z.eval_samples_per_prompt);
   PolicyEval sft_eval = evaluate_policy(*sft_model, *sft_model, *tok, eval_prompts_rep, opt.seed + 3);
   say("(e) SFT policy: reward " + fmt(sft_eval.reward_mean) + " +- " + fmt(sft_eval.reward_sem));
 
@@ -290,21 +311,9 @@ std::string run_demo(const DemoOptions& opt) {
   frontier.style = Series::Style::LinePoints;
   json best;
   for (double beta : opt.betas) {
-    TrainConfig d = base;
-    d.model = sft_ckpt;
-    d.train_file = (out / "data/pairs_train.jsonl").string();
-    d.eval_file = (out / "data/pairs_eval.jsonl").string();
     std::ostringstream name;
     name << "dpo_beta_" << beta;
-    d.out_dir = (out / name.str()).string();
-    d.beta = beta;
-    d.learning_rate = 2e-4;
-    d.lr_scheduler_type = "constant_with_warmup";
-    d.warmup_steps = 10;
-    d.per_device_train_batch_size = 16;
-    d.gradient_accumulation_steps = 2;
-    d.num_train_epochs = z.dpo_epochs;
-    d.eval_steps = 20;
+    TrainConfig d = dpo_config(prep, (out / name.str()).string(), beta, z.dpo_epochs);
     say("(d) DPO with beta " + fmt(beta, 3));
     RunSummary r = run_training(d, RunKind::Dpo, ro);
     verify_checkpoint(r.final_checkpoint, CheckpointUse::Model);
@@ -328,15 +337,15 @@ std::string run_demo(const DemoOptions& opt) {
     frontier.y.push_back(e.reward_mean);
     if (best.is_null() || std::fabs(beta - 0.1) < std::fabs(best["beta"].get<double>() - 0.1)) best = j;
     auto rows = read_metrics(d.out_dir + "/metrics.jsonl");
-    Chart c1{"DPO beta " + fmt(beta, 2) + ": loss", "step", "loss", {curve(rows, "loss", "train"), curve(rows, "eval_loss", "held-out")}};
-    Chart c2{"DPO beta " + fmt(beta, 2) + ": implicit reward", "step", "reward", {curve(rows, "rewards/chosen", "chosen"), curve(rows, "rewards/rejected", "rejected"), curve(rows, "rewards/margins", "margin")}};
-    Chart c3{"DPO beta " + fmt(beta, 2) + ": preference accuracy", "step", "accuracy", {curve(rows, "rewards/accuracies", "train"), curve(rows, "eval_rewards/accuracies", "held-out")}};
+    Chart c1{"DPO beta " + fmt(beta, 2) + ": loss", "step", "loss", {metric_curve(rows, "loss", "train"), metric_curve(rows, "eval_loss", "held-out")}};
+    Chart c2{"DPO beta " + fmt(beta, 2) + ": implicit reward", "step", "reward", {metric_curve(rows, "rewards/chosen", "chosen"), metric_curve(rows, "rewards/rejected", "rejected"), metric_curve(rows, "rewards/margins", "margin")}};
+    Chart c3{"DPO beta " + fmt(beta, 2) + ": preference accuracy", "step", "accuracy", {metric_curve(rows, "rewards/accuracies", "train"), metric_curve(rows, "eval_rewards/accuracies", "held-out")}};
     curves.push_back(c1);
     curves.push_back(c2);
     curves.push_back(c3);
   }
-  auto sft_rows = read_metrics(sft.out_dir + "/metrics.jsonl");
-  curves.insert(curves.begin(), Chart{"SFT: loss (NLL per token)", "step", "loss", {curve(sft_rows, "loss", "train")}});
+  auto sft_rows = read_metrics(prep.sft_out_dir + "/metrics.jsonl");
+  curves.insert(curves.begin(), Chart{"SFT: loss (NLL per token)", "step", "loss", {metric_curve(sft_rows, "loss", "train")}});
   write_png_grid(curves, 3, (out / "training_curves.png").string());
   Series sft_point;
   sft_point.label = "SFT";

@@ -158,7 +158,10 @@ const std::vector<ReproExperiment>& repro_experiments() {
        "IPO paper's argument: deterministic preferences, many epochs; DPO's KL to the reference keeps rising, "
        "IPO's settles",
        true},
-      {"frontier", "DPO paper fig. 2: reward vs KL on the sentiment task (not implemented yet)", false},
+      {"frontier",
+       "DPO paper fig. 2: reward vs KL(policy || SFT) on the sentiment task; DPO over betas and seeds against "
+       "Preferred-FT, Best-of-N and RPO; grammaticality and log-prob curves (minutes)",
+       true},
   };
   return list;
 }
@@ -174,8 +177,7 @@ int run_repro(const ReproOptions& opt) {
   if (!exp) throw InputError("repro: unknown experiment '" + opt.name + "'; valid: " + names + " (dpo repro --list)");
   if (!exp->implemented)
     throw InputError("repro: experiment '" + opt.name +
-                     "' is not implemented yet (it needs the sentiment-task trainer); implemented: ipo-bandit, "
-                     "optimum, overfit");
+                     "' is not implemented yet");
   if (opt.out_dir.empty()) throw InputError("--out is required");
   const fs::path out = opt.out_dir;
   if (fs::exists(out / "report.json"))
@@ -191,7 +193,8 @@ int run_repro(const ReproOptions& opt) {
   repro::ExperimentOutput res;
   if (opt.name == "ipo-bandit") res = repro::run_ipo_bandit(opt, *backend, out);
   else if (opt.name == "optimum") res = repro::run_optimum(opt, *backend, out);
-  else res = repro::run_overfit(opt, *backend, out);
+  else if (opt.name == "overfit") res = repro::run_overfit(opt, *backend, out);
+  else res = repro::run_frontier(opt, *backend, out);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   bool all = true;
@@ -226,7 +229,9 @@ int run_repro(const ReproOptions& opt) {
                  {"criteria_passed", n_pass},
                  {"criteria_total", res.criteria.size()},
                  {"seconds", seconds}};
-  write_file_atomic((out / "report.json").string(), report.dump(2) + "\n");
+  // Sampled text (frontier) may hold invalid UTF-8 (a policy can emit any byte): JSON gets U+FFFD in its place.
+  write_file_atomic((out / "report.json").string(),
+                    report.dump(2, ' ', false, json::error_handler_t::replace) + "\n");
   std::ostringstream md;
   md << "# dpo repro " << opt.name << "\n\n"
      << "Command: `dpo repro " << opt.name << " --out DIR" << (opt.full ? " --full" : "") << " --seed " << opt.seed

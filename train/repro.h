@@ -10,12 +10,17 @@
 //               optimum alongside.
 //   overfit     IPO paper's argument: deterministic preferences, many epochs; DPO's KL(policy || reference) keeps
 //               rising toward the collapse limit whatever beta is, IPO's settles at its optimum's value.
+//   frontier    DPO paper figure 2 (left) on the built-in sentiment task (train/demo.h): reward against
+//               KL(policy || SFT) for DPO over betas and seeds, Preferred-FT, Best-of-N from the SFT policy and DPO
+//               with the SFT term (RPO), with grammaticality and the chosen / rejected log-prob curves.
 //
-// Every experiment is offline, seeded and deterministic (double arithmetic on the host; the same seed gives the same
-// numbers), writes DIR/report.json, DIR/report.md and PNG plots, prints one PASS/FAIL line per criterion with the
-// measured number beside the threshold, and run_repro returns 0 when every criterion passes, 1 otherwise.
-// Every per-pair loss and its derivatives come from pair_loss_eval (kernels/pair_loss.h); the optimizer is the
-// product's AdamW (train/optim.h) on a host F64 tensor of the policy's logits.
+// ipo-bandit, optimum and overfit are exact: double arithmetic on the host, tabular policies, enumeration. frontier
+// trains GPT-2 models on the CPU backend and estimates by sampling (standard errors reported). Every experiment is
+// offline and seeded (the same seed gives the same numbers at one thread count), writes DIR/report.json,
+// DIR/report.md and PNG plots, prints one PASS/FAIL line per criterion with the measured number beside the
+// threshold, and run_repro returns 0 when every criterion passes, 1 otherwise.
+// In the exact experiments every per-pair loss and its derivatives come from pair_loss_eval (kernels/pair_loss.h);
+// the optimizer is the product's AdamW (train/optim.h) on a host F64 tensor of the policy's logits.
 #pragma once
 
 #include <cstdint>
@@ -24,22 +29,42 @@
 #include <vector>
 
 #include "kernels/pair_loss.h"
+#include "train/demo.h"
 
 namespace dpo {
+
+// Sizes of `frontier`. frontier_sizes(false) is the default run, frontier_sizes(true) the --full one; tests pass
+// smaller ones through ReproOptions::frontier_sizes.
+struct FrontierSizes {
+  demo::Sizes pipeline = demo::kDemoSizes;  // SFT model, SFT corpus, pair prompts, evaluation samples, DPO epochs
+  std::vector<double> betas;                // DPO's betas (each > 0)
+  std::vector<double> rpo_betas;            // RPO's betas: a subset of `betas` (equal-beta comparisons)
+  int64_t seeds = 3;                        // DPO / RPO / Preferred-FT runs per setting (training order, sampling)
+  double rpo_sft_weight = 1.0;              // weight of the sft term in loss_type [sigmoid, sft]
+  std::vector<int64_t> best_of_n;           // N values, increasing, the first >= 1
+  int64_t bon_samples_per_prompt = 128;     // SFT samples per held-out prompt for Best-of-N
+  int64_t bootstrap = 200;                  // bootstrap resamples for Best-of-N's standard errors
+  int64_t logging_steps = 2;                // metrics.jsonl interval of the DPO / RPO runs (the log-prob curves)
+  // Tests only: preference pairs drawn from the grammar (make_oracle_preferences) instead of labelled SFT samples,
+  // for sizes at which the SFT model spells no sentiment word yet and every sampled pair is a tie.
+  bool oracle_pairs = false;
+};
+FrontierSizes frontier_sizes(bool full);
 
 struct ReproOptions {
   std::string name;     // an experiment of repro_experiments()
   std::string out_dir;  // created if missing; must not already hold a report.json
   bool full = false;    // the paper-sized version (more steps, more pairs)
   uint64_t seed = 1;
-  int64_t num_threads = 0;  // CPU backend threads (0 = OpenMP default); the results do not depend on it
+  int64_t num_threads = 0;  // CPU backend threads (0 = OpenMP default); the exact experiments do not depend on it
+  const FrontierSizes* frontier_sizes = nullptr;  // tests: frontier's sizes instead of frontier_sizes(full)
 };
 
 struct ReproExperiment {
   std::string name, summary;
   bool implemented = true;
 };
-// The experiments `dpo repro --list` prints, in order (frontier is listed, not implemented yet).
+// The experiments `dpo repro --list` prints, in order.
 const std::vector<ReproExperiment>& repro_experiments();
 
 // Runs one experiment. Returns 0 when every criterion passed, 1 when one failed. InputError for an unknown or
@@ -94,5 +119,16 @@ BradleyTerryFit bradley_terry_fit(int64_t n_items, const std::vector<WeightedPai
 // 0.5 * sum |p - q|, and KL(p || q) = sum p log(p / q) over p > 0.
 double total_variation(const std::vector<double>& p, const std::vector<double>& q);
 double kl_divergence(const std::vector<double>& p, const std::vector<double>& q);
+
+// Best-of-N: draw N completions from a base distribution q over items (probabilities `prob`, rewards `reward`),
+// keep one of highest reward, ties broken uniformly at random. Returns that policy's probabilities over the items:
+//   pi_N(y) = q(y) * (F(v)^N - F(v-)^N) / p(v),  v = reward(y),
+// p(v) = q(reward = v), F(v) = q(reward <= v), F(v-) = F(v) - p(v) (docs/reproductions.md derives it). Items of
+// probability 0 get 0. Error unless n >= 1, the sizes match, and the probabilities are finite, >= 0 and sum to 1
+// within 1e-9.
+std::vector<double> best_of_n_distribution(const std::vector<double>& prob, const std::vector<double>& reward,
+                                           int64_t n);
+// log N - (N - 1) / N: KL(best-of-N || q) when no two items tie in reward, the upper bound with ties.
+double best_of_n_kl_bound(int64_t n);
 
 }  // namespace dpo

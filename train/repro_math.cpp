@@ -262,4 +262,42 @@ double kl_divergence(const std::vector<double>& p, const std::vector<double>& q)
   return s;
 }
 
+std::vector<double> best_of_n_distribution(const std::vector<double>& prob, const std::vector<double>& reward,
+                                           int64_t n) {
+  DPO_ASSERT(n >= 1, "best_of_n_distribution: N must be >= 1");
+  DPO_ASSERT(prob.size() == reward.size(), "best_of_n_distribution: prob and reward sizes differ");
+  double total = 0;
+  for (double q : prob) {
+    DPO_ASSERT(std::isfinite(q) && q >= 0, "best_of_n_distribution: probabilities must be finite and >= 0");
+    total += q;
+  }
+  DPO_ASSERT(std::fabs(total - 1) <= 1e-9, "best_of_n_distribution: probabilities must sum to 1");
+  for (double r : reward) DPO_ASSERT(std::isfinite(r), "best_of_n_distribution: rewards must be finite");
+  // Items by increasing reward; each run of equal rewards is one value v with mass p(v) and F(v) = mass up to it.
+  std::vector<size_t> order(prob.size());
+  std::iota(order.begin(), order.end(), size_t{0});
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return reward[a] < reward[b]; });
+  std::vector<double> out(prob.size(), 0.0);
+  double below = 0;  // F(v-)
+  for (size_t i = 0; i < order.size();) {
+    size_t j = i;
+    double pv = 0;
+    while (j < order.size() && reward[order[j]] == reward[order[i]]) pv += prob[order[j++]];
+    // F(v) of the last value is 1 up to rounding: clamp so that the masses P(max = v) sum to exactly 1 - 0^N.
+    const double fv = j == order.size() ? 1.0 : std::min(1.0, below + pv);
+    const double pmax = std::pow(fv, static_cast<double>(n)) - std::pow(below, static_cast<double>(n));
+    if (pv > 0)
+      for (size_t k = i; k < j; ++k) out[order[k]] = prob[order[k]] * (pmax / pv);
+    below = fv;
+    i = j;
+  }
+  return out;
+}
+
+double best_of_n_kl_bound(int64_t n) {
+  DPO_ASSERT(n >= 1, "best_of_n_kl_bound: N must be >= 1");
+  const double N = static_cast<double>(n);
+  return std::log(N) - (N - 1) / N;
+}
+
 }  // namespace dpo
