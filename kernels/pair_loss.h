@@ -32,6 +32,9 @@
 //   ApoDown     s(beta c) + (1 - s(beta (c - r)))
 //   Simpo       -(1-eps) log s(u) - eps log s(-u),  u = beta (pc / lc - pr / lr) - gamma   (gamma = simpo_gamma;
 //               reference-free by definition: the reference and f_div never enter it)
+//   Aot, AotUnpaired  batch terms (TRL's aot, aot_unpaired): a pair's value depends on the other pairs of its
+//               micro-batch (they sort the log-ratios), so pair_loss_eval gives them 0 (value and derivatives) and
+//               train/loss.h's batch_loss evaluates them over the whole micro-batch on the host.
 // loss = sum_i weight_i * term_i over the params' terms, in their order; d_chosen / d_rejected are its derivatives
 // w.r.t. policy_chosen / policy_rejected. Metrics (TRL's, independent of the loss type): reward = beta * (policy -
 // ref) of the summed log-probs, accuracy = [reward_chosen > reward_rejected] (strict), margin = reward_chosen -
@@ -81,8 +84,9 @@ namespace dpo {
 enum class LossType : int32_t {
   Sigmoid, Ipo, Hinge, Robust, Cdpo, Sft,
   ExoPair, NcaPair, BcoPair, SppoHard, ApoZero, ApoDown, Discopop, SigmoidNorm, Simpo,
+  Aot, AotUnpaired,  // batch terms: 0 here, evaluated over a whole micro-batch on the host (is_batch_term)
 };
-constexpr int kNumLossTypes = static_cast<int>(LossType::Simpo) + 1;
+constexpr int kNumLossTypes = static_cast<int>(LossType::AotUnpaired) + 1;
 constexpr int kMaxLossTerms = kNumLossTypes;  // one per LossType: validate() refuses a type listed twice
 
 // TRL's f_divergence_type: how a log-ratio becomes the score the f-divergence losses compare (formulas above).
@@ -171,6 +175,9 @@ DPO_HD inline Score f_score(FDivergence f, double alpha, double x) {
 }
 
 }  // namespace pair_math
+
+// The losses that couple the pairs of a micro-batch (pair_loss_eval gives them 0; train/loss.h's batch_loss).
+DPO_HD inline bool is_batch_term(LossType t) { return t == LossType::Aot || t == LossType::AotUnpaired; }
 
 // The f-divergence losses: the types whose TRL form compares the scores Sc, Sr (the rest take the plain log-ratios
 // and are refused with a non-default f_div, as TRL does; Sft takes neither but TRL allows it).
@@ -348,6 +355,9 @@ DPO_HD inline PairLossOutput pair_loss_eval(const PairLossParams& p, const PairL
         g_r = -du * beta * ir;
         break;
       }
+      case LossType::Aot:
+      case LossType::AotUnpaired:
+        break;  // batch terms (is_batch_term): 0 per pair
     }
     // Only the f-divergence terms set g_sc / g_sr. A zero one adds nothing, even where dS/dx overflowed (ForwardKl
     // at a log-ratio below about -709: Sft, or Hinge past its kink, must not turn 0 * inf into NaN).
