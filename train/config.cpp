@@ -210,8 +210,8 @@ const std::vector<Key>& keys() {
             return n;
           }},
       DOUBLE_KEY(beta, "KL strength beta, in (0, 1e6]; IPO's tau"),
-      DOUBLE_KEY(label_smoothing, "epsilon of robust / cdpo / exo_pair / simpo, in [0, 0.5); exo_pair needs > 0 "
-                                  "(its paper: 1e-3)"),
+      DOUBLE_KEY(label_smoothing, "epsilon of robust / cdpo / exo_pair / simpo / aot / aot_unpaired, in [0, 0.5); "
+                                  "exo_pair needs > 0 (its paper: 1e-3)"),
       BOOL_KEY(ipo_length_normalize, "IPO on per-token mean log-ratios, as TRL's ipo; false: the IPO paper's "
                                      "summed log-ratios"),
       DOUBLE_KEY(odpo_alpha, "ODPO offset alpha * log(score_chosen - score_rejected), in [0, 1e6]; 0 = off"),
