@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/logprob.h"
 #include "kernels/pair_loss.h"
 #include "model/checkpoint.h"
 #include "runtime/error.h"
@@ -1114,6 +1115,131 @@ TEST(Aot, TrainerRuns) {
   packed.batch_layout = "packed";
   const std::string e = error_of([&] { validate(packed, RunKind::Dpo); });
   EXPECT_NE(e.find("batch_layout"), std::string::npos) << e;
+}
+
+// --- WPO (use_weighting) ----------------------------------------------------------------------------------------
+
+// TRL's numbers: per-token policy log-probs and TRL's log_sum_sq_probs (log sum_v p_v^2) per token; the pair's
+// inputs are their sums (kSeqLogp, and kSeqWpoLogp = sum of lp - log sum p^2) and the token counts. The weight is a
+// constant, so the derivative w.r.t. each token log-prob is the sequence's dL/dlogp (every token weighs 1).
+TEST(Wpo, MatchesTrlFixture) {
+  const std::string path = std::string(DPO_FIXTURE_DIR) + "/trl_losses.json";
+  std::ifstream f(path);
+  ASSERT_TRUE(f.good()) << path;
+  const nlohmann::json doc = nlohmann::json::parse(f);
+  size_t n_cases = 0;
+  for (const auto& c : doc.at("wpo_cases")) {
+    SCOPED_TRACE(c.at("name").get<std::string>());
+    LossConfig cfg;
+    cfg.terms = make_loss_terms(c.at("loss_type").get<std::vector<std::string>>(),
+                                c.at("loss_weights").get<std::vector<double>>());
+    cfg.beta = c.at("beta").get<double>();
+    cfg.use_weighting = true;
+    for (const auto& p : c.at("pairs")) {
+      const auto tc = p.at("policy_chosen").get<std::vector<double>>();
+      const auto tr = p.at("policy_rejected").get<std::vector<double>>();
+      const auto sc = p.at("log_sum_sq_chosen").get<std::vector<double>>();
+      const auto sr = p.at("log_sum_sq_rejected").get<std::vector<double>>();
+      double pc = 0, pr = 0, ac = 0, ar = 0;
+      for (size_t k = 0; k < tc.size(); ++k) pc += tc[k], ac += tc[k] - sc[k];
+      for (size_t k = 0; k < tr.size(); ++k) pr += tr[k], ar += tr[k] - sr[k];
+      PairInput in = pair(pc, pr, p.at("rc").get<double>(), p.at("rr").get<double>(),
+                          static_cast<int64_t>(tc.size()), static_cast<int64_t>(tr.size()));
+      in.wpo_chosen = ac;
+      in.wpo_rejected = ar;
+      const PairOutput o = pair_loss(cfg, in);
+      // float64 on both sides: 1e-12 absolute plus 1e-10 relative.
+      const auto tol = [](double v) { return 1e-12 + 1e-10 * std::fabs(v); };
+      const double loss = p.at("loss").get<double>();
+      EXPECT_NEAR(o.loss, loss, tol(loss));
+      for (double g : p.at("d_policy_chosen").get<std::vector<double>>()) EXPECT_NEAR(o.d_policy_chosen, g, tol(g));
+      for (double g : p.at("d_policy_rejected").get<std::vector<double>>()) EXPECT_NEAR(o.d_policy_rejected, g, tol(g));
+      // Without the weighting the loss differs (the weight exp(mean aligned log-probs) is not 1 here).
+      LossConfig plain = cfg;
+      plain.use_weighting = false;
+      EXPECT_NE(pair_loss(plain, in).loss, o.loss);
+    }
+    ++n_cases;
+  }
+  EXPECT_GE(n_cases, 3u);
+}
+
+// The statistic kSeqWpoLogp of the CPU log-prob forward against a direct long-double computation from the
+// materialised logits: sum over the rows with a non-zero weight (unweighted: 0.5 and 2 count once) of
+// log p(target) - log sum_v p_v^2. Rows with weight 0 hold NaN logits (never read). Double: 1e-12 relative to the
+// row count; float: the CPU twin works in double and rounds once.
+TEST(Wpo, CpuStatisticAgainstDirectComputation) {
+  std::mt19937_64 g(test::test_seed());
+  const int64_t B = 4, T = 6, V = 53;
+  std::normal_distribution<double> nd(0, 3);
+  std::vector<double> logits(static_cast<size_t>(B * T * V)), w(static_cast<size_t>(B * T), 1.0);
+  std::vector<int32_t> tg(static_cast<size_t>(B * T));
+  for (auto& x : logits) x = nd(g);
+  for (int64_t i = 0; i < B * T; ++i) tg[static_cast<size_t>(i)] = static_cast<int32_t>((i * 7 + 3) % V);
+  for (int64_t b = 0; b < B; ++b) w[static_cast<size_t>(b * T)] = 0.0;  // the prompt's slot
+  w[5] = 0.5, w[9] = 2.0, w[static_cast<size_t>(B * T - 1)] = 0.0;
+  for (int64_t i = 0; i < B * T; ++i)
+    if (w[static_cast<size_t>(i)] == 0)
+      std::fill(logits.begin() + i * V, logits.begin() + (i + 1) * V, std::nan(""));
+  std::vector<double> seq(static_cast<size_t>(B), NAN), stats(static_cast<size_t>(B * kSeqStatsWidth), NAN);
+  cpu::logprob_forward<double>(seq.data(), nullptr, stats.data(), logits.data(), tg.data(), w.data(), B, T, V, V);
+  std::vector<float> logits32(logits.begin(), logits.end()), w32(w.begin(), w.end());
+  std::vector<float> seq32(static_cast<size_t>(B)), stats32(static_cast<size_t>(B * kSeqStatsWidth));
+  cpu::logprob_forward<float>(seq32.data(), nullptr, stats32.data(), logits32.data(), tg.data(), w32.data(), B, T, V,
+                              V);
+  for (int64_t b = 0; b < B; ++b) {
+    long double want = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t i = b * T + t;
+      if (w[static_cast<size_t>(i)] == 0) continue;
+      const double* x = logits.data() + i * V;
+      long double z = 0, z2 = 0;
+      for (int64_t v = 0; v < V; ++v) z += std::exp(static_cast<long double>(x[v]));
+      for (int64_t v = 0; v < V; ++v) z2 += std::exp(2.0L * x[v]) / (z * z);
+      want += (x[tg[static_cast<size_t>(i)]] - std::log(z)) - std::log(z2);
+    }
+    const double got = stats[static_cast<size_t>(b * kSeqStatsWidth + kSeqWpoLogp)];
+    EXPECT_NEAR(got, static_cast<double>(want), 1e-12 * T * (1 + std::fabs(static_cast<double>(want)))) << b;
+    EXPECT_NEAR(stats32[static_cast<size_t>(b * kSeqStatsWidth + kSeqWpoLogp)], got, 1e-6 * (1 + std::fabs(got)));
+  }
+}
+
+TEST(Wpo, WeightMultipliesEveryTermAndIsDetached) {
+  std::mt19937_64 g(31);
+  LossConfig cfg = aot_config({{LossType::Sigmoid, 1.0}, {LossType::Ipo, 0.3}, {LossType::Sft, 0.2}}, 0.2);
+  for (PairInput in : random_pairs(g, 8, 4.0)) {
+    in.wpo_chosen = -0.7 * static_cast<double>(in.len_chosen);
+    in.wpo_rejected = -1.9 * static_cast<double>(in.len_rejected);
+    const PairOutput plain = pair_loss(cfg, in);
+    LossConfig w = cfg;
+    w.use_weighting = true;
+    const PairOutput o = pair_loss(w, in);
+    const double pw = std::exp(-0.7 - 1.9);
+    EXPECT_NEAR(o.loss, pw * plain.loss, 1e-14 * (1 + std::fabs(plain.loss)));
+    EXPECT_NEAR(o.d_policy_chosen, pw * plain.d_policy_chosen, 1e-15);
+    EXPECT_NEAR(o.d_policy_rejected, pw * plain.d_policy_rejected, 1e-15);
+    EXPECT_EQ(o.reward_chosen, plain.reward_chosen);  // metrics unchanged
+  }
+  LossConfig bad = aot_config({{LossType::Aot, 1.0}}, 0.1);
+  bad.use_weighting = true;
+  EXPECT_NE(error_of([&] { bad.validate(); }).find("use_weighting"), std::string::npos);
+}
+
+// A trainer run with use_weighting: the model's log-prob pass produces the statistic, the device loss (here the CPU
+// backend's) reads it; the weighted run trains (finite, moves the weights) and differs from the plain one.
+TEST(Wpo, TrainerRun) {
+  test::ScratchDir w("dpo_wpo_run_");
+  test::write_tiny_fixture(w.dir.string(), 12);
+  TrainConfig a = tiny_run(w, "plain", "sigmoid", 4);
+  TrainConfig b = tiny_run(w, "wpo", "sigmoid", 4);
+  b.use_weighting = true;
+  const RunSummary ra = run_training(a, RunKind::Dpo, quiet_run());
+  const RunSummary rb = run_training(b, RunKind::Dpo, quiet_run());
+  EXPECT_TRUE(std::isfinite(rb.last_log.at("loss")));
+  // The weight is exp(mean aligned log-prob of chosen + rejected): exactly 1 for a uniform model (log p = log sum
+  // p^2 = -log V), near 1 for the near-uniform tiny one, never exactly 1 here.
+  EXPECT_NE(rb.last_log.at("loss"), ra.last_log.at("loss"));
+  EXPECT_NE(test::checkpoint_weights(ra.final_checkpoint), test::checkpoint_weights(rb.final_checkpoint));
 }
 
 }  // namespace

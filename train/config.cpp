@@ -223,6 +223,8 @@ const std::vector<Key>& keys() {
                                     "alpha_divergence; not reverse_kl only with sigmoid, sigmoid_norm, hinge, ipo, "
                                     "exo_pair, robust, cdpo, discopop, sft"),
       DOUBLE_KEY(f_alpha_divergence_coef, "alpha of f_divergence_type alpha_divergence, in [-1e6, 1e6]"),
+      BOOL_KEY(use_weighting, "WPO: each pair's loss times exp(mean per-token log p(y_t) - log sum_v p_v^2 of the "
+                              "chosen + of the rejected completion), the weight detached (TRL's); not with aot"),
       DOUBLE_KEY(ld_alpha, "LD-DPO: log-probs sum the first min(len_chosen, len_rejected) completion tokens plus "
                            "ld_alpha times the rest (policy and reference), in (0, 1]; 1 = off (TRL's None); not "
                            "with sft / rpo_alpha"),

@@ -55,13 +55,13 @@ bool has_term(const LossConfig& cfg, LossType t) {
 
 // Whether a term divides by the chosen / rejected completion length (the preconditions of kernels/pair_loss.h).
 bool uses_len_chosen(const LossConfig& cfg) {
-  return std::any_of(cfg.terms.begin(), cfg.terms.end(), [&cfg](const LossTerm& x) {
+  return cfg.use_weighting || std::any_of(cfg.terms.begin(), cfg.terms.end(), [&cfg](const LossTerm& x) {
     return x.type == LossType::Sft || x.type == LossType::SigmoidNorm || x.type == LossType::Simpo ||
            (x.type == LossType::Ipo && cfg.ipo_length_normalize);
   });
 }
 bool uses_len_rejected(const LossConfig& cfg) {
-  return std::any_of(cfg.terms.begin(), cfg.terms.end(), [&cfg](const LossTerm& x) {
+  return cfg.use_weighting || std::any_of(cfg.terms.begin(), cfg.terms.end(), [&cfg](const LossTerm& x) {
     return x.type == LossType::SigmoidNorm || x.type == LossType::Simpo ||
            (x.type == LossType::Ipo && cfg.ipo_length_normalize);
   });
@@ -99,6 +99,7 @@ PairLossParams params_of(const LossConfig& cfg) {
   p.simpo_gamma = cfg.simpo_gamma;
   p.f_div = cfg.f_divergence;
   p.f_alpha = cfg.f_alpha_divergence_coef;
+  p.weighting = cfg.use_weighting ? PairWeighting::Wpo : PairWeighting::None;
   return p;
 }
 
@@ -246,6 +247,10 @@ void LossConfig::validate(const std::string& where) const {
     input_error(where, "reference_free",
                 "must be true when the losses are simpo (and sft) only: SimPO uses no reference model, which would "
                 "be loaded and run for nothing but the reward metrics");
+  if (use_weighting && has_batch_terms(*this))
+    input_error(where, "use_weighting",
+                "is true but loss_type lists aot or aot_unpaired: they sort the micro-batch, which would misalign "
+                "WPO's per-pair weights (TRL refuses the combination too)");
   if (!std::isfinite(odpo_alpha) || !(odpo_alpha >= 0))
     input_error(where, "odpo_alpha", "must be finite and >= 0, got " + fmt(odpo_alpha));
   if (odpo_alpha > 0 && !has_term(*this, LossType::Sigmoid))
@@ -275,6 +280,8 @@ PairLossInput pair_loss_input(const LossConfig& cfg, const PairInput& in) {
   x.ref_rejected = in.ref_rejected;
   x.len_chosen = static_cast<double>(in.len_chosen);
   x.len_rejected = static_cast<double>(in.len_rejected);
+  x.wpo_chosen = in.wpo_chosen;
+  x.wpo_rejected = in.wpo_rejected;
   if (cfg.odpo_alpha > 0) {
     const double gap = in.score_chosen - in.score_rejected;
     DPO_ASSERT(in.has_scores && gap > 0 && std::isfinite(gap),

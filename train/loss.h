@@ -100,6 +100,9 @@ struct LossConfig {
   double simpo_gamma = 0.5;           // SimPO's target margin (TRL CPOConfig's default)
   FDivergence f_divergence = FDivergence::ReverseKl;  // TRL's f_divergence_type
   double f_alpha_divergence_coef = 0.5;               // alpha of alpha_divergence (TRL's default)
+  // WPO (TRL's use_weighting): each pair's loss times exp(mean aligned log-prob of chosen + of rejected), the
+  // weight detached (kernels/pair_loss.h PairWeighting::Wpo).
+  bool use_weighting = false;
 
   // Throws InputError "<where>: <key> ..." (just "<key> ..." when where is empty) naming the key:
   //   beta            not finite or <= 0
@@ -113,6 +116,7 @@ struct LossConfig {
   //   f_alpha_divergence_coef  not finite
   //   f_divergence_type        not reverse_kl with a loss outside the f-divergence set
   //   reference_free  false with only simpo (and sft) listed
+//   use_weighting   true with aot or aot_unpaired (TRL refuses it: the sort would misalign the per-pair weights)
   void validate(const std::string& where = "") const;
 };
 
@@ -127,6 +131,7 @@ struct PairInput {
                                                   // simpo)
   bool has_scores = false;                        // ODPO scores present
   double score_chosen = 0, score_rejected = 0;
+  double wpo_chosen = 0, wpo_rejected = 0;        // aligned log-prob sums (kSeqWpoLogp), for use_weighting
 };
 
 struct PairOutput {

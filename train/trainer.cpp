@@ -144,6 +144,7 @@ LossConfig loss_config(const TrainConfig& c) {
   l.simpo_gamma = c.simpo_gamma;
   l.f_divergence = parse_f_divergence(c.f_divergence_type);
   l.f_alpha_divergence_coef = c.f_alpha_divergence_coef;
+  l.use_weighting = c.use_weighting;
   l.validate();
   return l;
 }
@@ -597,6 +598,8 @@ std::vector<double> host_batch_loss(Backend& be, const Tensor& stats, const Tens
     x.len_rejected = static_cast<int64_t>(st[ir * kSeqStatsWidth + kSeqTokens]);
     x.ref_chosen = rf[ic];
     x.ref_rejected = rf[ir];
+    x.wpo_chosen = st[ic * kSeqStatsWidth + kSeqWpoLogp];
+    x.wpo_rejected = st[ir * kSeqStatsWidth + kSeqWpoLogp];
     x.has_scores = b.has_scores;
     if (b.has_scores) {
       x.score_chosen = b.score_chosen[static_cast<size_t>(q)];
