@@ -24,11 +24,10 @@
 // kSeqWpoLogp's sum of exp(2(x - max)) runs in the same online (max, sum) pass as the log-sum-exp, as the square of
 // each exp(x - max) term (one multiply-add per element, no extra exponential). Like the other statistics it uses
 // the unweighted mask m (TRL's aligned log-probs are masked by the completion mask, not by LD-DPO's weights).
-// Room for the later losses (append a column before kSeqStatsWidth and one term to each kernel's row pass and
-// per-sequence sum; existing columns never move, so readers indexing by name keep working):
-//   - LD-DPO (ld_alpha): the log-prob of the tail beyond a per-pair shared length, sum_t m * [pos > shared] * lp;
-//     the shared length is an input per sequence, the split a per-token predicate in the per-sequence sum.
-//   - per-token values (the token log-probs themselves) are the token_logp output, [B, T].
+// A later statistic appends a column before kSeqStatsWidth and one term to each kernel's row pass and per-sequence
+// sum; existing columns never move, so readers indexing by name keep working. LD-DPO (ld_alpha) needs none: it is
+// the weights w themselves (train/data.h apply_ld_alpha). Per-token values (the token log-probs themselves) are the
+// token_logp output, [B, T].
 #pragma once
 
 #include <cstdint>
