@@ -4,9 +4,11 @@
 //           (4 floats or 8 bf16) on the 16-byte-aligned middle of the row, then a fixed-shape block reduction; lp
 //           goes to token_logp (or a scratch). A second kernel, one block per sequence, sums weights * lp in double
 //           in a fixed order. Two passes instead of atomics: the per-sequence sum is bitwise reproducible.
-//           With seq_stats the row pass also sums the row's logits (one add per element in the same loop, reduced
-//           by the same fixed tree as the (max, sum) pair) into a per-row scratch, and the sequence kernel adds the
-//           completion token count and those row sums next to the log-prob sum (kernels/seq_stats.h).
+//           The online pass also sums the squares of its exponentials (exp(2(x - max)), one multiply-add per
+//           element, reduced with the pair). With seq_stats the row pass also sums the row's logits (one add per
+//           element in the same loop, reduced by the same fixed tree as the (max, sum) pair) and writes the row's
+//           logit sum and lp - log sum p^2 to per-row scratches, and the sequence kernel adds the completion token
+//           count and those row values next to the log-prob sum (kernels/seq_stats.h).
 // backward: one block per row: the same (max, sum) pass, a barrier, then every element is rewritten as
 //           g * (onehot - exp(x - max) / sum). Each thread reads an element before it writes it and all reads of
 //           the first pass finish at the barrier, so dlogits may alias logits.
@@ -40,24 +42,30 @@ constexpr int kRowThreads = 512;  // one block per (b, t) row
 constexpr int kSeqThreads = 256;  // one block per sequence
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// Running (max, sum of exp(x - max)) of a set of values; m = -inf, s = 0 for the empty set.
+// Running (max, sum of exp(x - max), sum of exp(2 (x - max))) of a set of values; m = -inf, s = s2 = 0 for the
+// empty set. s2 (for kSeqWpoLogp) squares the same exponentials: no exponential of its own.
 struct MaxSum {
-  float m, s;
+  float m, s, s2;
 };
 
-// Symmetric in its arguments (fmaxf and + commute), so a butterfly reduction gives every lane the same bits.
+// Symmetric in its arguments (fmaxf, + and * commute), so a butterfly reduction gives every lane the same bits.
 __device__ MaxSum combine(MaxSum a, MaxSum b) {
   const float m = fmaxf(a.m, b.m);
-  if (m == -INFINITY) return {m, 0.0f};  // both empty (or all -inf): avoid exp(-inf - -inf) = NaN
-  return {m, a.s * expf(a.m - m) + b.s * expf(b.m - m)};
+  if (m == -INFINITY) return {m, 0.0f, 0.0f};  // both empty (or all -inf): avoid exp(-inf - -inf) = NaN
+  const float ea = expf(a.m - m), eb = expf(b.m - m);
+  return {m, a.s * ea + b.s * eb, a.s2 * (ea * ea) + b.s2 * (eb * eb)};
 }
 
 __device__ void add1(MaxSum& st, float x) {
   if (x > st.m) {
-    st.s = st.s * expf(st.m - x) + 1.0f;
+    const float r = expf(st.m - x);  // 0 for the first value (m = -inf)
+    st.s = st.s * r + 1.0f;
+    st.s2 = st.s2 * (r * r) + 1.0f;
     st.m = x;
   } else if (st.m != -INFINITY) {
-    st.s += expf(x - st.m);
+    const float e = expf(x - st.m);
+    st.s += e;
+    st.s2 += e * e;
   }
 }
 
@@ -103,14 +111,22 @@ __device__ void add_vec(MaxSum& st, const float (&x)[K]) {
   }
   const float mk = y[0];
   if (mk > st.m) {
-    st.s *= expf(st.m - mk);  // 0 * exp(-inf) = 0 for the first chunk
+    const float r = expf(st.m - mk);  // 0 for the first chunk: 0 * 0 = 0
+    st.s *= r;
+    st.s2 *= r * r;
     st.m = mk;
   }
   if (st.m == -INFINITY) return;
-  float e = expf(x[0] - st.m);
+  float ek = expf(x[0] - st.m);
+  float e = ek, e2 = ek * ek;
 #pragma unroll
-  for (int k = 1; k < K; ++k) e += expf(x[k] - st.m);
+  for (int k = 1; k < K; ++k) {
+    ek = expf(x[k] - st.m);
+    e += ek;
+    e2 += ek * ek;
+  }
   st.s += e;
+  st.s2 += e2;
 }
 
 // Number of leading elements before p + head is 16-byte aligned (p is an St*, so sizeof(St)-aligned), at most V.
@@ -132,7 +148,7 @@ __device__ MaxSum row_max_sum(const St* x, int64_t V, float* xsum = nullptr) {
   __shared__ float warp_xs[kRowThreads / 32];
   __shared__ MaxSum result;
   __shared__ float result_xs;
-  MaxSum st{-INFINITY, 0.0f};
+  MaxSum st{-INFINITY, 0.0f, 0.0f};
   float xs = 0.0f;
   const int64_t head = aligned_head(x, V);
   const int64_t nv = (V - head) / K;
@@ -159,7 +175,8 @@ __device__ MaxSum row_max_sum(const St* x, int64_t V, float* xsum = nullptr) {
   }
 
   for (int off = 16; off > 0; off >>= 1) {
-    const MaxSum o{__shfl_xor_sync(kFullMask, st.m, off), __shfl_xor_sync(kFullMask, st.s, off)};
+    const MaxSum o{__shfl_xor_sync(kFullMask, st.m, off), __shfl_xor_sync(kFullMask, st.s, off),
+                   __shfl_xor_sync(kFullMask, st.s2, off)};
     st = combine(st, o);
     if constexpr (kSum) xs += __shfl_xor_sync(kFullMask, xs, off);
   }
@@ -171,10 +188,11 @@ __device__ MaxSum row_max_sum(const St* x, int64_t V, float* xsum = nullptr) {
   __syncthreads();
   if (warp == 0) {
     const bool live = lane < int(blockDim.x / 32);
-    st = live ? warp_part[lane] : MaxSum{-INFINITY, 0.0f};
+    st = live ? warp_part[lane] : MaxSum{-INFINITY, 0.0f, 0.0f};
     if constexpr (kSum) xs = live ? warp_xs[lane] : 0.0f;
     for (int off = 16; off > 0; off >>= 1) {
-      const MaxSum o{__shfl_xor_sync(kFullMask, st.m, off), __shfl_xor_sync(kFullMask, st.s, off)};
+      const MaxSum o{__shfl_xor_sync(kFullMask, st.m, off), __shfl_xor_sync(kFullMask, st.s, off),
+                     __shfl_xor_sync(kFullMask, st.s2, off)};
       st = combine(st, o);
       if constexpr (kSum) xs += __shfl_xor_sync(kFullMask, xs, off);
     }
@@ -206,17 +224,18 @@ __global__ void logprob_owner_kernel(int32_t* __restrict__ owner, const int32_t*
 }
 
 // lp[i] for row i = blockIdx.x (see logprob.cuh for the out-of-range target rule); with kStats also row_sum[i], the
-// fp32 sum of the row's V logits (0 for a row with weight 0 or, with owner, a row in no range: logits never read).
+// fp32 sum of the row's V logits, and row_wpo[i] = lp[i] - log sum_v p^2 (kSeqWpoLogp's term) (both 0 for a row
+// with weight 0 or, with owner, a row in no range: logits never read).
 template <class St, bool kStats>
 __global__ void __launch_bounds__(kRowThreads)
-    logprob_rows_kernel(float* __restrict__ lp, float* __restrict__ row_sum, const St* __restrict__ logits,
-                        const int32_t* __restrict__ targets, const float* __restrict__ weights,
-                        const int32_t* __restrict__ owner, int64_t V, int64_t ld) {
+    logprob_rows_kernel(float* __restrict__ lp, float* __restrict__ row_sum, float* __restrict__ row_wpo,
+                        const St* __restrict__ logits, const int32_t* __restrict__ targets,
+                        const float* __restrict__ weights, const int32_t* __restrict__ owner, int64_t V, int64_t ld) {
   const int64_t i = blockIdx.x;
   if (weights[i] == 0.0f || (owner && owner[i] < 0)) {  // uniform across the block
     if (threadIdx.x == 0) {
       lp[i] = 0.0f;
-      if constexpr (kStats) row_sum[i] = 0.0f;
+      if constexpr (kStats) row_sum[i] = row_wpo[i] = 0.0f;
     }
     return;
   }
@@ -226,8 +245,13 @@ __global__ void __launch_bounds__(kRowThreads)
   if (threadIdx.x == 0) {
     const int32_t tgt = targets[i];
     // (x_t - max) - log(sum): the two large terms cancel exactly first, unlike x_t - (max + log(sum)).
-    lp[i] = (tgt >= 0 && tgt < V) ? (to_float(x[tgt]) - st.m) - logf(st.s) : NAN;
-    if constexpr (kStats) row_sum[i] = xs;
+    const float log_s = logf(st.s);
+    const float lpi = (tgt >= 0 && tgt < V) ? (to_float(x[tgt]) - st.m) - log_s : NAN;
+    lp[i] = lpi;
+    if constexpr (kStats) {
+      row_sum[i] = xs;
+      row_wpo[i] = lpi - (logf(st.s2) - 2.0f * log_s);  // log sum p^2 = log s2 - 2 log s (the max cancels)
+    }
   }
 }
 
@@ -238,11 +262,12 @@ __global__ void __launch_bounds__(kRowThreads)
 // sums over those tokens, written as row b of seq_stats (kernels/seq_stats.h).
 __global__ void __launch_bounds__(kSeqThreads)
     logprob_seq_kernel(float* __restrict__ seq_logp, float* __restrict__ stats, const float* __restrict__ lp,
-                       const float* __restrict__ row_sum, const float* __restrict__ weights,
-                       const int32_t* __restrict__ seg, int64_t T, int64_t BT) {
+                       const float* __restrict__ row_sum, const float* __restrict__ row_wpo,
+                       const float* __restrict__ weights, const int32_t* __restrict__ seg, int64_t T, int64_t BT) {
   __shared__ double part[kSeqThreads];
   __shared__ double part_n[kSeqThreads];
   __shared__ double part_x[kSeqThreads];
+  __shared__ double part_w[kSeqThreads];
   const int64_t b = blockIdx.x;
   const bool with_stats = stats != nullptr;  // uniform across the grid
   int64_t lo = b * T, hi = lo + T;
@@ -251,24 +276,27 @@ __global__ void __launch_bounds__(kSeqThreads)
     lo = s0 < 0 ? 0 : (s0 > BT ? BT : s0);
     hi = s1 < lo ? lo : (s1 > BT ? BT : s1);
   }
-  double acc = 0.0, n = 0.0, xs = 0.0;
+  double acc = 0.0, n = 0.0, xs = 0.0, wp = 0.0;
   for (int64_t i = lo + threadIdx.x; i < hi; i += kSeqThreads) {
     const float w = weights[i];
     acc += static_cast<double>(w) * static_cast<double>(lp[i]);
     if (with_stats && w != 0.0f) {
       n += 1.0;
       xs += static_cast<double>(row_sum[i]);
+      wp += static_cast<double>(row_wpo[i]);
     }
   }
   part[threadIdx.x] = acc;
   part_n[threadIdx.x] = n;
   part_x[threadIdx.x] = xs;
+  part_w[threadIdx.x] = wp;
   __syncthreads();
   for (int stride = kSeqThreads / 2; stride > 0; stride >>= 1) {
     if (int(threadIdx.x) < stride) {
       part[threadIdx.x] += part[threadIdx.x + stride];
       part_n[threadIdx.x] += part_n[threadIdx.x + stride];
       part_x[threadIdx.x] += part_x[threadIdx.x + stride];
+      part_w[threadIdx.x] += part_w[threadIdx.x + stride];
     }
     __syncthreads();
   }
@@ -280,6 +308,7 @@ __global__ void __launch_bounds__(kSeqThreads)
       row[kSeqLogp] = logp;
       row[kSeqTokens] = static_cast<float>(part_n[0]);
       row[kSeqLogitSum] = static_cast<float>(part_x[0]);
+      row[kSeqWpoLogp] = static_cast<float>(part_w[0]);
     }
   }
 }
@@ -372,12 +401,13 @@ void logprob_forward_impl(CudaContext& ctx, float* seq_logp, float* token_logp, 
   DPO_ASSERT(V > 0, "logprob_forward: V must be positive");
   DPO_ASSERT(ld >= V, "logprob_forward: row stride " + std::to_string(ld) + " < V " + std::to_string(V));
   DPO_ASSERT(S <= INT_MAX, "logprob_forward: the sequence count exceeds the grid's x range");
-  // Scratch, freed in stream order: lp when the caller does not want token_logp, then the rows' logit sums when
-  // it wants seq_stats; with seg the slots' sequences.
-  const int64_t n_scratch = (token_logp ? 0 : BT) + (seq_stats ? BT : 0);
+  // Scratch, freed in stream order: lp when the caller does not want token_logp, then the rows' logit sums and
+  // aligned log-probs when it wants seq_stats; with seg the slots' sequences.
+  const int64_t n_scratch = (token_logp ? 0 : BT) + (seq_stats ? 2 * BT : 0);
   std::shared_ptr<Buffer> scratch, owner_buf;
   float* lp = token_logp;
   float* row_sum = nullptr;
+  float* row_wpo = nullptr;
   if (n_scratch > 0) {
     scratch = ctx.alloc(n_scratch * static_cast<int64_t>(sizeof(float)));
     float* s = static_cast<float*>(scratch->data());
@@ -385,7 +415,10 @@ void logprob_forward_impl(CudaContext& ctx, float* seq_logp, float* token_logp, 
       lp = s;
       s += BT;
     }
-    if (seq_stats) row_sum = s;
+    if (seq_stats) {
+      row_sum = s;
+      row_wpo = s + BT;
+    }
   }
   const int32_t* owner = nullptr;
   if (seg) {
@@ -395,16 +428,16 @@ void logprob_forward_impl(CudaContext& ctx, float* seq_logp, float* token_logp, 
   if (BT > 0) {
     if (seq_stats) {
       logprob_rows_kernel<St, true><<<grid_rows("logprob_forward", BT), kRowThreads, 0, ctx.stream()>>>(
-          lp, row_sum, logits, targets, weights, owner, V, ld);
+          lp, row_sum, row_wpo, logits, targets, weights, owner, V, ld);
     } else {
       logprob_rows_kernel<St, false><<<grid_rows("logprob_forward", BT), kRowThreads, 0, ctx.stream()>>>(
-          lp, nullptr, logits, targets, weights, owner, V, ld);
+          lp, nullptr, nullptr, logits, targets, weights, owner, V, ld);
     }
     DPO_CUDA_CHECK(cudaGetLastError());
   }
   if (S > 0) {
     logprob_seq_kernel<<<static_cast<unsigned>(S), kSeqThreads, 0, ctx.stream()>>>(seq_logp, seq_stats, lp, row_sum,
-                                                                                    weights, seg, T, BT);
+                                                                                    row_wpo, weights, seg, T, BT);
     DPO_CUDA_CHECK(cudaGetLastError());
   }
 }

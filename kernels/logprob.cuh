@@ -10,8 +10,10 @@
 // Storage: logits and dlogits are float or bf16 (the same type); weights, seq_logp, token_logp and dseq are always
 // float (per-token / per-sequence scalars, runtime/backend.h). bf16 logits are read exactly; the log-sum-exp is fp32
 // (online max / sum of exponentials), the per-sequence sum double, and each bf16 dlogits element is rounded once.
-// seq_stats (float): the logit sum of a row is an fp32 sum taken in the row's (max, sum) pass (fixed tree), the
-// per-sequence sums of the stats are double in a fixed order, like seq_logp (whose value kSeqLogp repeats bitwise).
+// seq_stats (float): the logit sum of a row is an fp32 sum taken in the row's (max, sum) pass (fixed tree), and so
+// is the sum of squared exponentials behind kSeqWpoLogp (log sum p^2 = log s2 - 2 log s, s2 = sum exp(2(x - max)));
+// the per-sequence sums of the stats are double in a fixed order, like seq_logp (whose value kSeqLogp repeats
+// bitwise).
 // Targets: the CPU twin throws on a target outside [0, V) with a non-zero weight; here the data pipeline is trusted
 // to have validated the ids (no device-to-host sync to check them). Such a target never causes an out-of-bounds
 // access: its lp is NaN (so seq_logp[b] is NaN) and its dlogits row is all NaN, which the trainer's non-finite
@@ -20,8 +22,8 @@
 // elements; columns [V, ld) are padding, never read and never written (they may hold NaN). ld a multiple of 16
 // bytes keeps every row on the 16-byte vector path; any ld >= V is correct. The forms without `ld` are ld = V.
 // Deterministic: fixed reduction trees, no atomics; repeated calls give bitwise-equal results.
-// The forward takes a stream-ordered scratch from ctx.alloc: B*T floats when token_logp is null, B*T more when
-// seq_stats is requested (the rows' logit sums).
+// The forward takes a stream-ordered scratch from ctx.alloc: B*T floats when token_logp is null, 2*B*T more when
+// seq_stats is requested (the rows' logit sums and aligned log-probs).
 //
 // Per-sequence slot ranges (the _segments forms; contract in kernels/logprob.h): seg[S,2] int32 on the device,
 // sequence s's slots [seg[s,0], seg[s,1]) of the B*T slots; seq_logp, dseq [S], seq_stats [S, kSeqStatsWidth],

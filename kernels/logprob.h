@@ -4,7 +4,8 @@
 //   forward : seq_logp[B] = sum_t weights[b,t] * lp[b,t]                   (=)
 //             token_logp[B,T] = lp (skipped if null)                       (=)
 //             seq_stats[B, kSeqStatsWidth] (skipped if null)               (=)  the per-sequence statistics of
-//             kernels/seq_stats.h: the seq_logp value, the completion token count, the sum of the logits.
+//             kernels/seq_stats.h: the seq_logp value, the completion token count, the sum of the logits, WPO's
+//             aligned log-prob sum.
 //   backward: dlogits[b,t,:] = dseq[b] * weights[b,t] * (onehot(targets[b,t]) - softmax(logits[b,t,:]))   (=)
 //             rows with weight 0 are set to 0. dlogits may alias logits (in place).
 // Row stride: the forms with `ld` read logits and write dlogits as B*T rows of ld >= V elements (row (b,t) starts

@@ -60,22 +60,25 @@ std::vector<int32_t> row_ranges(const char* fn, int64_t B, int64_t T_) {
   return seg;
 }
 
-// log(sum_v exp(x[v])) over x[0, V); with `sum` non-null also *sum = sum_v x[v], taken in the same pass as the
-// exponentials (the forward's statistics, kernels/seq_stats.h).
+// log(sum_v exp(x[v])) over x[0, V); with `sum` non-null also *sum = sum_v x[v] and *log_sum_sq = log sum_v p[v]^2
+// (p = softmax(x)), taken in the same pass as the exponentials (the forward's statistics, kernels/seq_stats.h).
 template <class T>
-double logsumexp(const T* x, int64_t V, double* sum = nullptr) {
+double logsumexp(const T* x, int64_t V, double* sum = nullptr, double* log_sum_sq = nullptr) {
   T mx = x[0];
   for (int64_t v = 1; v < V; ++v) mx = std::max(mx, x[v]);
   const double m = static_cast<double>(mx);
   double s = 0.0;
   if (sum) {
-    double xs = 0.0;
+    double xs = 0.0, s2 = 0.0;
     for (int64_t v = 0; v < V; ++v) {
       const double xv = static_cast<double>(x[v]);
-      s += std::exp(xv - m);
+      const double e = std::exp(xv - m);
+      s += e;
+      s2 += e * e;
       xs += xv;
     }
     *sum = xs;
+    *log_sum_sq = std::log(s2) - 2.0 * std::log(s);
   } else {
     for (int64_t v = 0; v < V; ++v) s += std::exp(static_cast<double>(x[v]) - m);
   }
@@ -97,25 +100,28 @@ void forward_impl(T* seq_logp, T* token_logp, T* seq_stats, const T* logits, con
   const int64_t BT = static_cast<int64_t>(owner.size());
   std::vector<double> lp(BT);
   std::vector<double> row_sum(seq_stats ? BT : 0);  // sum of the row's logits, scored rows with weight != 0
+  std::vector<double> row_lss(seq_stats ? BT : 0);  // log sum_v p^2 of those rows
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < BT; ++i) {
     if (owner[i] < 0 || weights[i] == T(0)) {
       lp[i] = 0.0;
-      if (seq_stats) row_sum[i] = 0.0;
+      if (seq_stats) row_sum[i] = row_lss[i] = 0.0;
       continue;
     }
     const T* x = logits + i * ld;
-    lp[i] = static_cast<double>(x[targets[i]]) - logsumexp(x, V, seq_stats ? &row_sum[i] : nullptr);
+    lp[i] = static_cast<double>(x[targets[i]]) -
+            logsumexp(x, V, seq_stats ? &row_sum[i] : nullptr, seq_stats ? &row_lss[i] : nullptr);
   }
   // The per-sequence sums run over the sequence's slots in order after the parallel loop: deterministic for any
   // thread count.
   for (int64_t s = 0; s < S; ++s) {
-    double acc = 0.0, n = 0.0, xs = 0.0;
+    double acc = 0.0, n = 0.0, xs = 0.0, wpo = 0.0;
     for (int64_t i = seg[2 * s]; i < seg[2 * s + 1]; ++i) {
       acc += static_cast<double>(weights[i]) * lp[i];
       if (seq_stats && weights[i] != T(0)) {
         n += 1.0;
         xs += row_sum[i];
+        wpo += lp[i] - row_lss[i];
       }
     }
     seq_logp[s] = static_cast<T>(acc);
@@ -124,6 +130,7 @@ void forward_impl(T* seq_logp, T* token_logp, T* seq_stats, const T* logits, con
       st[kSeqLogp] = static_cast<T>(acc);
       st[kSeqTokens] = static_cast<T>(n);
       st[kSeqLogitSum] = static_cast<T>(xs);
+      st[kSeqWpoLogp] = static_cast<T>(wpo);
     }
   }
   if (token_logp) {

@@ -32,6 +32,13 @@
 //   ApoDown     s(beta c) + (1 - s(beta (c - r)))
 //   Simpo       -(1-eps) log s(u) - eps log s(-u),  u = beta (pc / lc - pr / lr) - gamma   (gamma = simpo_gamma;
 //               reference-free by definition: the reference and f_div never enter it)
+//   Aot, AotUnpaired  batch terms (TRL's aot, aot_unpaired): a pair's value depends on the other pairs of its
+//               micro-batch (they sort the log-ratios), so pair_loss_eval gives them 0 (value and derivatives) and
+//               train/loss.h's batch_loss evaluates them over the whole micro-batch on the host.
+// WPO (PairWeighting::Wpo, TRL's use_weighting; Zhou et al. 2024, arXiv 2406.11827, eq. 2): every term is multiplied
+// by the pair's weight w = exp(ac / lc) * exp(ar / lr), ac, ar the sequences' aligned log-prob sums (kSeqWpoLogp of
+// kernels/seq_stats.h: sum over completion tokens of log p(y_t) - log sum_v p_v^2), treated as a constant (TRL
+// computes it under no_grad): the derivatives are w times the term's.
 // loss = sum_i weight_i * term_i over the params' terms, in their order; d_chosen / d_rejected are its derivatives
 // w.r.t. policy_chosen / policy_rejected. Metrics (TRL's, independent of the loss type): reward = beta * (policy -
 // ref) of the summed log-probs, accuracy = [reward_chosen > reward_rejected] (strict), margin = reward_chosen -
@@ -49,8 +56,8 @@
 //     and > 0, simpo_gamma and f_alpha finite, f_div ReverseKl unless every term is one of the f-divergence ones
 //     (Sigmoid, Cdpo, Robust, Ipo, Hinge, Sft, ExoPair, SigmoidNorm, Discopop);
 //   - len_chosen, len_rejected > 0 where a term divides by them (Sft: len_chosen; PerToken Ipo, SigmoidNorm,
-//     Simpo: both) (the loaders refuse empty completions and truncation keeps >= 1 completion token, so every
-//     batch row has kSeqTokens >= 1);
+//     Simpo, and every term with PairWeighting::Wpo: both) (the loaders refuse empty completions and truncation
+//     keeps >= 1 completion token, so every batch row has kSeqTokens >= 1);
 //   - offset finite (odpo_offset of scores with score_chosen > score_rejected, which the loaders check with
 //     DataOptions::require_score_gap, naming file:line).
 // A violated precondition gives a non-finite loss or gradient (division by 0, log of a non-positive number),
@@ -81,14 +88,17 @@ namespace dpo {
 enum class LossType : int32_t {
   Sigmoid, Ipo, Hinge, Robust, Cdpo, Sft,
   ExoPair, NcaPair, BcoPair, SppoHard, ApoZero, ApoDown, Discopop, SigmoidNorm, Simpo,
+  Aot, AotUnpaired,  // batch terms: 0 here, evaluated over a whole micro-batch on the host (is_batch_term)
 };
-constexpr int kNumLossTypes = static_cast<int>(LossType::Simpo) + 1;
+constexpr int kNumLossTypes = static_cast<int>(LossType::AotUnpaired) + 1;
 constexpr int kMaxLossTerms = kNumLossTypes;  // one per LossType: validate() refuses a type listed twice
 
 // TRL's f_divergence_type: how a log-ratio becomes the score the f-divergence losses compare (formulas above).
 enum class FDivergence : int32_t { ReverseKl, ForwardKl, Js, Alpha };
 
 enum class IpoNorm : int32_t { PerToken, Summed };
+// Per-pair weighting of the loss: none, or WPO's (formula above).
+enum class PairWeighting : int32_t { None, Wpo };
 enum class RefMode : int32_t { WithReference, ReferenceFree };
 // Where pair q's two sequences sit in the per-sequence arrays (stats, ref_logp, dseq) of P pairs: Blocked, chosen q
 // and rejected P + q (padded batches); Interleaved, chosen 2q and rejected 2q + 1 (batch layouts,
@@ -114,6 +124,7 @@ struct PairLossParams {
   double f_alpha = 0.5;                 // alpha of FDivergence::Alpha (TRL's f_alpha_divergence_coef default)
   IpoNorm ipo_norm = IpoNorm::PerToken;
   RefMode ref = RefMode::WithReference;
+  PairWeighting weighting = PairWeighting::None;  // TRL's use_weighting (WPO)
   PairRows rows = PairRows::Blocked;  // the order of the per-sequence arrays (not a loss setting)
 };
 
@@ -126,6 +137,8 @@ struct PairLossInput {
   double offset = 0;                              // ODPO offset (Sigmoid term only)
   // Metrics only (never enter the loss): kSeqLogitSum of each row, for TRL's logits/* (kSumLogitChosen below).
   double logit_sum_chosen = 0, logit_sum_rejected = 0;
+  // kSeqWpoLogp of each row: WPO's aligned log-prob sums (PairWeighting::Wpo only).
+  double wpo_chosen = 0, wpo_rejected = 0;
 };
 
 struct PairLossOutput {
@@ -172,6 +185,9 @@ DPO_HD inline Score f_score(FDivergence f, double alpha, double x) {
 
 }  // namespace pair_math
 
+// The losses that couple the pairs of a micro-batch (pair_loss_eval gives them 0; train/loss.h's batch_loss).
+DPO_HD inline bool is_batch_term(LossType t) { return t == LossType::Aot || t == LossType::AotUnpaired; }
+
 // The f-divergence losses: the types whose TRL form compares the scores Sc, Sr (the rest take the plain log-ratios
 // and are refused with a non-default f_div, as TRL does; Sft takes neither but TRL allows it).
 DPO_HD inline bool uses_f_divergence(LossType t) {
@@ -202,6 +218,10 @@ DPO_HD inline PairLossOutput pair_loss_eval(const PairLossParams& p, const PairL
   const double delta = sc.value - sr.value;  // dDelta/dSc = 1, dDelta/dSr = -1
   const double beta = p.beta;
   const double eps = p.label_smoothing;
+  // WPO's pair weight, a constant of the pair (no derivative): exp of the two per-token mean aligned log-probs.
+  const double pw = p.weighting == PairWeighting::Wpo
+                        ? ::exp(in.wpo_chosen / in.len_chosen + in.wpo_rejected / in.len_rejected)
+                        : 1.0;
 
   PairLossOutput out;
   out.reward_chosen = beta * c;
@@ -348,11 +368,19 @@ DPO_HD inline PairLossOutput pair_loss_eval(const PairLossParams& p, const PairL
         g_r = -du * beta * ir;
         break;
       }
+      case LossType::Aot:
+      case LossType::AotUnpaired:
+        break;  // batch terms (is_batch_term): 0 per pair
     }
     // Only the f-divergence terms set g_sc / g_sr. A zero one adds nothing, even where dS/dx overflowed (ForwardKl
     // at a log-ratio below about -709: Sft, or Hinge past its kink, must not turn 0 * inf into NaN).
-    const double d_c = g_c + (g_sc != 0.0 ? g_sc * sc.deriv : 0.0);
-    const double d_r = g_r + (g_sr != 0.0 ? g_sr * sr.deriv : 0.0);
+    double d_c = g_c + (g_sc != 0.0 ? g_sc * sc.deriv : 0.0);
+    double d_r = g_r + (g_sr != 0.0 ? g_sr * sr.deriv : 0.0);
+    if (p.weighting == PairWeighting::Wpo) {
+      value *= pw;
+      d_c *= pw;
+      d_r *= pw;
+    }
     out.term[i] = value;
     out.loss += p.weight[i] * value;
     out.d_chosen += p.weight[i] * d_c;
@@ -417,6 +445,8 @@ DPO_HD inline PairLossInput pair_input_at(const F* stats, const F* ref_logp, con
   in.offset = offset ? static_cast<double>(offset[q]) : 0.0;
   in.logit_sum_chosen = static_cast<double>(rc[kSeqLogitSum]);
   in.logit_sum_rejected = static_cast<double>(rr[kSeqLogitSum]);
+  in.wpo_chosen = static_cast<double>(rc[kSeqWpoLogp]);
+  in.wpo_rejected = static_cast<double>(rr[kSeqWpoLogp]);
   return in;
 }
 

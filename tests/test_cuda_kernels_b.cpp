@@ -749,6 +749,16 @@ void logprob_stats_case(CudaKernelsB& f, int64_t B, int64_t T, int64_t V, int64_
   const auto seq_tol = seq_budgets(d, ref_lp, lp_tol);
   auto stats_tol = logit_sum_budgets(d, ref_stats);
   for (int64_t b = 0; b < B; ++b) stats_tol[b * kSeqStatsWidth + kSeqLogp] = seq_tol[b];  // kSeqTokens: 0, exact
+  // kSeqWpoLogp: per scored row (weight != 0, unweighted) lp - (log s2 - 2 log s); s2, the fp32 sum of the squared
+  // exponentials, carries the same relative rounding as s, so log s2 - 2 log s takes up to three log-sum-exp budgets
+  // beside lp's own; plus one float rounding of each total.
+  for (int64_t b = 0; b < B; ++b) {
+    double t = 0.0;
+    for (int64_t s = 0; s < T; ++s)
+      if (d.weights[b * T + s] != 0.0f) t += lp_tol[b * T + s] + 3.0 * lse_budget(V);
+    const double v = ref_stats[b * kSeqStatsWidth + kSeqWpoLogp];
+    stats_tol[b * kSeqStatsWidth + kSeqWpoLogp] = t + 2.0 * kEps * std::fabs(v);
+  }
 
   const auto padded = spread_rows(d.logits, B * T, V, ld, std::numeric_limits<float>::quiet_NaN());
   DeviceArray<float> d_logits32(f.ctx(), Bf16 ? std::vector<float>() : padded);

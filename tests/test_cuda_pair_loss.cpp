@@ -73,6 +73,8 @@ Inputs random_inputs(std::mt19937_64& g, int64_t P) {
     row[kSeqLogp] = static_cast<float>(ref + shift(g));
     row[kSeqTokens] = static_cast<float>(len(g));
     row[kSeqLogitSum] = static_cast<float>(lp(g) * 40.0);  // metrics only (the kSumLogit* columns)
+    // WPO's aligned log-prob sum: a per-token mean in [-3, -0.05] (log p - log sum p^2 <= 0).
+    row[kSeqWpoLogp] = static_cast<float>(-row[kSeqTokens] * std::uniform_real_distribution<double>(0.05, 3.0)(g));
   }
   for (int64_t q = 0; q < P; ++q) in.offset[static_cast<size_t>(q)] = static_cast<float>(1.3 * std::log(gap(g)));
   return in;
@@ -225,6 +227,9 @@ std::vector<Case> every_loss() {
               p.f_alpha = 0.6;
             }),
        false},
+      {"wpo", with(params_for({{LossType::Sigmoid, 1.0}, {LossType::Ipo, 0.2}, {LossType::Sft, 0.3}}, 0.1),
+                   [](PairLossParams& p) { p.weighting = PairWeighting::Wpo; }),
+       true},
       {"all_six_weighted",
        params_for({{LossType::Sigmoid, 1.0}, {LossType::Ipo, 0.25}, {LossType::Hinge, 0.5}, {LossType::Robust, 0.3},
                    {LossType::Cdpo, 2.0}, {LossType::Sft, 0.7}},

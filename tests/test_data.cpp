@@ -937,6 +937,112 @@ TEST(Batch, MatchesLogprobKernelSemantics) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------- LD-DPO weights
+
+// two_pairs(): pair 0 has chosen 2, rejected 3 completion tokens (shared 2: the rejected's third is the tail), pair
+// 1 chosen 3, rejected 2 (the chosen's third). Weights written out by hand.
+TEST(LdAlpha, WeightsByHand) {
+  const auto d = two_pairs();
+  Batch b = make_batch(d, {0, 1}, DType::F64, 7);
+  const std::vector<double> plain = weights_of<double>(b);
+  apply_ld_alpha(b, 1.0);
+  EXPECT_EQ(weights_of<double>(b), plain);  // 1: exactly nothing changes
+  apply_ld_alpha(b, 0.25);
+  const std::vector<double> weights = {0, 1, 1, 0,    0, 0,  //
+                                       0, 0, 1, 1,    0.25, 0,  //
+                                       0, 1, 1, 0.25, 0, 0,  //
+                                       0, 0, 1, 1,    0, 0};
+  EXPECT_EQ(weights_of<double>(b), weights);
+  for (double a : {0.0, -0.5, 1.5, std::nan(""), std::numeric_limits<double>::infinity()}) {
+    Batch c = make_batch(d, {0, 1}, DType::F32, 7);
+    EXPECT_THROW(apply_ld_alpha(c, a), Error) << a;
+  }
+}
+
+// The log-prob kernel's weighted sum over an LD-weighted batch is, for every sequence, the sum of its first
+// min(len_chosen, len_rejected) completion token log-probs plus ld_alpha times the rest (TRL's shared_logps +
+// ld_alpha * tail_logps), in every batch layout. Each scored slot's logits are drawn from a generator seeded by
+// (record, side, token index), so every layout scores the same token log-probs; unscored slots hold NaN (never
+// read). The expectation is computed here from those logits in long double, without the batch.
+TEST(LdAlpha, KernelSumIsSharedPlusAlphaTailInEveryLayout) {
+  std::mt19937_64 g(777);
+  auto len = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(g); };
+  auto ids = [&](int n) {
+    Ids v(static_cast<size_t>(n));
+    for (auto& x : v) x = std::uniform_int_distribution<int32_t>(0, 36)(g);
+    return v;
+  };
+  std::vector<PreferencePair> d(9);
+  for (auto& p : d) p.prompt = ids(len(1, 6)), p.chosen = ids(len(1, 11)), p.rejected = ids(len(1, 11));
+  d[0].chosen = ids(4), d[0].rejected = ids(4);  // equal lengths: no tail
+  d[1].chosen = ids(1), d[1].rejected = ids(9);
+  const int64_t V = 37;
+  const double alpha = 0.3;
+  auto row_logits = [V](int64_t record, int side, int64_t k) {
+    std::mt19937_64 r(static_cast<uint64_t>((record * 2 + side) * 4096 + k));
+    std::normal_distribution<double> nd(0, 2);
+    std::vector<double> l(static_cast<size_t>(V));
+    for (auto& x : l) x = nd(r);
+    return l;
+  };
+  const std::vector<int64_t> idx = {3, 0, 8, 1, 5, 2, 7, 4, 6, 3};  // record 3 twice
+  // Expected per (record, side).
+  auto expect = [&](int64_t record, int side) {
+    const PreferencePair& p = d[static_cast<size_t>(record)];
+    const Ids& comp = side == 0 ? p.chosen : p.rejected;
+    const size_t n = std::min(p.chosen.size(), p.rejected.size());
+    long double s = 0;
+    for (size_t k = 0; k < comp.size(); ++k) {
+      const std::vector<double> l = row_logits(record, side, static_cast<int64_t>(k));
+      const double m = *std::max_element(l.begin(), l.end());
+      long double z = 0;
+      for (double x : l) z += std::exp(static_cast<long double>(x - m));
+      const long double lp = l[static_cast<size_t>(comp[k])] - m - std::log(z);
+      s += (k < n ? 1.0L : static_cast<long double>(alpha)) * lp;
+    }
+    return static_cast<double>(s);
+  };
+  for (BatchLayout layout : {BatchLayout::Padded, BatchLayout::Packed, BatchLayout::PrefixShared}) {
+    SCOPED_TRACE(batch_layout_name(layout));
+    Batch b = make_layout_batch(d, idx, layout, 40, DType::F64, kEos);
+    apply_ld_alpha(b, alpha);
+    const int64_t P = b.pairs, T = b.T, R = b.tokens.size(0);
+    const bool padded = layout == BatchLayout::Padded;
+    std::vector<double> logits(static_cast<size_t>(R * T * V), NAN);
+    const double* w = b.weights.data<double>();
+    std::vector<int32_t> seg;
+    for (int64_t q = 0; q < P; ++q)
+      for (int side = 0; side < 2; ++side) {
+        int64_t lo = 0, hi = 0;
+        if (padded) {
+          lo = (side == 0 ? q : P + q) * T, hi = lo + T;
+        } else {
+          lo = b.seg[static_cast<size_t>(2 * (2 * q + side))], hi = b.seg[static_cast<size_t>(2 * (2 * q + side) + 1)];
+        }
+        int64_t k = 0;
+        for (int64_t i = lo; i < hi; ++i) {
+          if (w[i] == 0) continue;
+          const std::vector<double> l = row_logits(b.indices[static_cast<size_t>(q)], side, k++);
+          std::copy(l.begin(), l.end(), logits.begin() + i * V);
+        }
+      }
+    for (int64_t x : b.seg) seg.push_back(static_cast<int32_t>(x));
+    std::vector<double> seq(static_cast<size_t>(2 * P), NAN);
+    if (padded)
+      cpu::logprob_forward<double>(seq.data(), nullptr, logits.data(), b.targets.data<int32_t>(), w, R, T, V);
+    else
+      cpu::logprob_forward_segments<double>(seq.data(), nullptr, nullptr, logits.data(), b.targets.data<int32_t>(),
+                                            w, seg.data(), 2 * P, R, T, V, V);
+    for (int64_t q = 0; q < P; ++q)
+      for (int side = 0; side < 2; ++side) {
+        const int64_t at = padded ? side * P + q : 2 * q + side;
+        const int64_t record = b.indices[static_cast<size_t>(q)];
+        // A sum of at most 11 terms of size < 20, each exact to a few ulp in double: 1e-12.
+        EXPECT_NEAR(seq[static_cast<size_t>(at)], expect(record, side), 1e-12) << "record " << record << " side " << side;
+      }
+  }
+}
+
 TEST(Batch, ScoresFollowIndices) {
   auto d = two_pairs();
   d[0].has_scores = d[1].has_scores = true;

@@ -3,6 +3,7 @@
 #include <yaml-cpp/eventhandler.h>
 #include <yaml-cpp/yaml.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <filesystem>
@@ -205,7 +206,8 @@ const std::vector<Key>& keys() {
       BOOL_KEY(skip_malformed, "skip and count malformed records instead of stopping"),
       Key{"loss_type", Kind::StringList, "one loss or a list (TRL's names): sigmoid, ipo, hinge, robust, cdpo, sft, "
                                          "exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, discopop, "
-                                         "sigmoid_norm, simpo (aot, aot_unpaired: not available, batch-dependent)",
+                                         "sigmoid_norm, simpo, aot, aot_unpaired (these two sort the micro-batch: "
+                                         "batch_layout padded, logits of the whole micro-batch in memory)",
           [](TrainConfig& c, const YAML::Node& n) { c.loss_type = as_list<std::string>(n, as_string); },
           [](const TrainConfig& c) { return YAML::Node(c.loss_type); }},
       Key{"loss_weights", Kind::DoubleList, "weights of the loss_type list; empty = 1 each",
@@ -216,8 +218,8 @@ const std::vector<Key>& keys() {
             return n;
           }},
       DOUBLE_KEY(beta, "KL strength beta, in (0, 1e6]; IPO's tau"),
-      DOUBLE_KEY(label_smoothing, "epsilon of robust / cdpo / exo_pair / simpo, in [0, 0.5); exo_pair needs > 0 "
-                                  "(its paper: 1e-3)"),
+      DOUBLE_KEY(label_smoothing, "epsilon of robust / cdpo / exo_pair / simpo / aot / aot_unpaired, in [0, 0.5); "
+                                  "exo_pair needs > 0 (its paper: 1e-3)"),
       BOOL_KEY(ipo_length_normalize, "IPO on per-token mean log-ratios, as TRL's ipo; false: the IPO paper's "
                                      "summed log-ratios"),
       DOUBLE_KEY(odpo_alpha, "ODPO offset alpha * log(score_chosen - score_rejected), in [0, 1e6]; 0 = off"),
@@ -229,6 +231,11 @@ const std::vector<Key>& keys() {
                                     "alpha_divergence; not reverse_kl only with sigmoid, sigmoid_norm, hinge, ipo, "
                                     "exo_pair, robust, cdpo, discopop, sft"),
       DOUBLE_KEY(f_alpha_divergence_coef, "alpha of f_divergence_type alpha_divergence, in [-1e6, 1e6]"),
+      BOOL_KEY(use_weighting, "WPO: each pair's loss times exp(mean per-token log p(y_t) - log sum_v p_v^2 of the "
+                              "chosen + of the rejected completion), the weight detached (TRL's); not with aot"),
+      DOUBLE_KEY(ld_alpha, "LD-DPO: log-probs sum the first min(len_chosen, len_rejected) completion tokens plus "
+                           "ld_alpha times the rest (policy and reference), in (0, 1]; 1 = off (TRL's None); not "
+                           "with sft / rpo_alpha"),
       BOOL_KEY(precompute_ref_log_probs, "compute reference log-probs once and cache them on disk"),
       STRING_KEY(ref_cache_dir, "reference log-prob cache; empty = $XDG_CACHE_HOME/dpo/ref or ~/.cache/dpo/ref"),
       DOUBLE_KEY(learning_rate, "peak learning rate, in (0, 1]"),
@@ -487,6 +494,24 @@ void validate(const TrainConfig& c, RunKind kind) {
     real("discopop_tau", c.discopop_tau, 0, true, 1e6);
     real("simpo_gamma", c.simpo_gamma, -1e6, false, 1e6);
     real("f_alpha_divergence_coef", c.f_alpha_divergence_coef, -1e6, false, 1e6);
+    // aot, aot_unpaired take the unfused path (GPT2::sequence_logprobs), which takes padded batches only.
+    for (const std::string& t : c.loss_type)
+      if ((t == "aot" || t == "aot_unpaired") && c.batch_layout != "padded")
+        bad("batch_layout", "must be padded with loss_type " + t + " (its loss sorts the whole micro-batch, which "
+                            "is scored in one unchunked pass that takes padded batches only), got '" +
+                                c.batch_layout + "'");
+    // ld_alpha: 0, which TRL accepts, would make the tail tokens unscored slots here (weight 0), dropping them
+    // from the completion lengths (ipo, sigmoid_norm) and logits/* that TRL counts them in.
+    real("ld_alpha", c.ld_alpha, 0, true, 1);
+    // TRL's sft term reads the unweighted per-token log-probs; this trainer has one (weighted) log-prob per
+    // sequence, so the two would differ silently.
+    if (c.ld_alpha != 1) {
+      const bool sft = std::find(c.loss_type.begin(), c.loss_type.end(), "sft") != c.loss_type.end();
+      if (sft || c.rpo_alpha > 0)
+        bad("ld_alpha", "is " + num(c.ld_alpha) + " but " + (sft ? "loss_type lists sft" : "rpo_alpha is set") +
+                            ": TRL's sft term takes the unweighted log-probs, which this trainer does not compute "
+                            "beside the LD-weighted ones; use ld_alpha: 1 with sft / rpo_alpha");
+    }
     if (c.f_divergence_type != "reverse_kl" && c.f_divergence_type != "forward_kl" &&
         c.f_divergence_type != "js_divergence" && c.f_divergence_type != "alpha_divergence")
       bad("f_divergence_type", "unknown value '" + c.f_divergence_type +

@@ -59,6 +59,8 @@ struct TrainConfig {
   double simpo_gamma = 0.5;                   // TRL CPOConfig's simpo_gamma
   std::string f_divergence_type = "reverse_kl";  // TRL's f_divergence_type
   double f_alpha_divergence_coef = 0.5;       // TRL's f_alpha_divergence_coef
+  bool use_weighting = false;  // WPO: pair losses weighted by the policy's length-normalised probabilities (TRL's)
+  double ld_alpha = 1.0;  // LD-DPO: weight of the tokens past a pair's shared length, in (0, 1]; 1 = off (TRL: None)
   // reference log-probs
   bool precompute_ref_log_probs = true;
   std::string ref_cache_dir;  // empty = $XDG_CACHE_HOME/dpo/ref or ~/.cache/dpo/ref

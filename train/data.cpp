@@ -6,6 +6,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <type_traits>
 #include <utility>
 
 #include "runtime/error.h"
@@ -690,6 +691,46 @@ Batch make_layout_batch(const std::vector<PreferencePair>& data, const std::vect
   }
   if (!b.has_scores) b.score_chosen.clear(), b.score_rejected.clear();
   return b;
+}
+
+void apply_ld_alpha(Batch& b, double ld_alpha) {
+  if (!(ld_alpha > 0 && ld_alpha <= 1))
+    throw Error("apply_ld_alpha: ld_alpha must be in (0, 1], got " + std::to_string(ld_alpha));
+  if (ld_alpha == 1) return;
+  const int64_t P = b.pairs, T = b.T;
+  const bool padded = b.layout == BatchLayout::Padded;
+  DPO_ASSERT(padded ? b.weights.size(0) == 2 * P : static_cast<int64_t>(b.seg.size()) == 4 * P,
+             "apply_ld_alpha: not a preference batch");
+  auto run = [&](auto* w) {
+    using W = std::remove_pointer_t<decltype(w)>;
+    // Sequence s (0: chosen, 1: rejected of pair q) spans slots [lo, hi).
+    auto range = [&](int64_t q, int s) -> std::pair<int64_t, int64_t> {
+      if (padded) {
+        const int64_t row = s == 0 ? q : P + q;
+        return {row * T, (row + 1) * T};
+      }
+      const auto i = static_cast<size_t>(2 * (2 * q + s));
+      return {b.seg[i], b.seg[i + 1]};
+    };
+    auto scored = [&](std::pair<int64_t, int64_t> r) {
+      int64_t n = 0;
+      for (int64_t i = r.first; i < r.second; ++i) n += w[i] != W(0) ? 1 : 0;
+      return n;
+    };
+    for (int64_t q = 0; q < P; ++q) {
+      const auto rc = range(q, 0), rr = range(q, 1);
+      const int64_t shared = std::min(scored(rc), scored(rr));
+      for (const auto& r : {rc, rr}) {
+        int64_t k = 0;
+        for (int64_t i = r.first; i < r.second; ++i) {
+          if (w[i] == W(0)) continue;
+          if (k++ >= shared) w[i] = static_cast<W>(static_cast<double>(w[i]) * ld_alpha);
+        }
+      }
+    }
+  };
+  if (b.weights.dtype() == DType::F32) run(b.weights.data<float>());
+  else run(b.weights.data<double>());
 }
 
 void pad_batch_columns(Batch& b, int64_t T, int32_t pad_id) {

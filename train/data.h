@@ -178,6 +178,18 @@ Batch make_batch(const std::vector<PreferencePair>& data, const std::vector<int6
 Batch make_sft_batch(const std::vector<SftExample>& data, const std::vector<int64_t>& indices, DType weight_dtype,
                      int32_t pad_id);
 
+// LD-DPO's length desensitisation (Liu et al. 2024, arXiv 2409.06411) as TRL 1.16 applies it (`ld_alpha`): pair q's
+// completions share their first n = min(len_chosen, len_rejected) scored tokens; each sequence's later tokens (the
+// tail of the longer one) weigh ld_alpha, so a sequence's weighted log-prob (kernels/logprob.h) is
+//   sum of its first n token log-probs + ld_alpha * sum of the rest,
+// TRL's `shared_logps + ld_alpha * tail_logps`, for the policy and the reference alike (both score the same
+// batch). Acts on b's preference weights in place, in any layout: a sequence's scored slots are its slots with a
+// non-zero weight, in slot order (padded: row q and row P + q; layouts: the ranges seg[2q], seg[2q + 1]), the k-th
+// of them (k = 0, 1, ...) in the tail when k >= n. Exactly nothing changes with ld_alpha == 1; ld_alpha must be in
+// (0, 1] (Error otherwise): 0 would turn the tail into unscored slots, which the completion lengths
+// (kSeqTokens, kernels/seq_stats.h) and the LM head's scored rows then leave out, unlike TRL's.
+void apply_ld_alpha(Batch& b, double ld_alpha);
+
 // Pads every row of b with padding columns up to T >= b.T (tokens pad_id, key mask 0, target -1, weight 0): the
 // positions a batch of longer rows would pad, so the per-sequence results are those of the narrower batch up to
 // rounding (a wider GEMM may round differently). For shape buckets (pad_to_multiple_of, CUDA graphs).

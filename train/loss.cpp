@@ -23,7 +23,8 @@ constexpr NamedType kNames[] = {
     {"bco_pair", LossType::BcoPair},       {"sppo_hard", LossType::SppoHard},
     {"apo_zero", LossType::ApoZero},       {"apo_down", LossType::ApoDown},
     {"discopop", LossType::Discopop},      {"sigmoid_norm", LossType::SigmoidNorm},
-    {"simpo", LossType::Simpo},            {"dpo", LossType::Sigmoid},
+    {"simpo", LossType::Simpo},            {"aot", LossType::Aot},
+    {"aot_unpaired", LossType::AotUnpaired}, {"dpo", LossType::Sigmoid},
 };
 constexpr int kNumCanonical = kNumLossTypes;
 static_assert(sizeof(kNames) / sizeof(kNames[0]) == kNumCanonical + 1, "one canonical name per LossType");
@@ -54,13 +55,13 @@ bool has_term(const LossConfig& cfg, LossType t) {
 
 // Whether a term divides by the chosen / rejected completion length (the preconditions of kernels/pair_loss.h).
 bool uses_len_chosen(const LossConfig& cfg) {
-  return std::any_of(cfg.terms.begin(), cfg.terms.end(), [&cfg](const LossTerm& x) {
+  return cfg.use_weighting || std::any_of(cfg.terms.begin(), cfg.terms.end(), [&cfg](const LossTerm& x) {
     return x.type == LossType::Sft || x.type == LossType::SigmoidNorm || x.type == LossType::Simpo ||
            (x.type == LossType::Ipo && cfg.ipo_length_normalize);
   });
 }
 bool uses_len_rejected(const LossConfig& cfg) {
-  return std::any_of(cfg.terms.begin(), cfg.terms.end(), [&cfg](const LossTerm& x) {
+  return cfg.use_weighting || std::any_of(cfg.terms.begin(), cfg.terms.end(), [&cfg](const LossTerm& x) {
     return x.type == LossType::SigmoidNorm || x.type == LossType::Simpo ||
            (x.type == LossType::Ipo && cfg.ipo_length_normalize);
   });
@@ -98,7 +99,60 @@ PairLossParams params_of(const LossConfig& cfg) {
   p.simpo_gamma = cfg.simpo_gamma;
   p.f_div = cfg.f_divergence;
   p.f_alpha = cfg.f_alpha_divergence_coef;
+  p.weighting = cfg.use_weighting ? PairWeighting::Wpo : PairWeighting::None;
   return p;
+}
+
+// The pairs' indices sorted by v ascending: a stable sort (ties in pair order) under a total order that puts NaN
+// last, so that a NaN log-prob cannot break the sort's ordering requirement (it gives a NaN loss instead).
+std::vector<size_t> ascending(const std::vector<double>& v) {
+  std::vector<size_t> o(v.size());
+  for (size_t i = 0; i < o.size(); ++i) o[i] = i;
+  std::stable_sort(o.begin(), o.end(), [&v](size_t a, size_t b) {
+    const bool na = std::isnan(v[a]), nb = std::isnan(v[b]);
+    if (na || nb) return !na && nb;
+    return v[a] < v[b];
+  });
+  return o;
+}
+
+// Adds batch term t (aot, aot_unpaired; formulas in train/loss.h) of the micro-batch `pairs` to b: its value to
+// loss_sum (weighted) and term_loss_sum[t] (unweighted), its derivatives (weighted, / normalizer) to b's per-pair
+// derivatives.
+void add_batch_term(const LossConfig& cfg, const LossTerm& term, const std::vector<PairInput>& pairs,
+                    double normalizer, BatchLoss& b, size_t t) {
+  const size_t P = pairs.size();
+  const bool ref = !cfg.reference_free;
+  std::vector<double> lhs(P), rhs(P);  // the two sorted sequences: aot x, y; aot_unpaired c, r
+  for (size_t q = 0; q < P; ++q) {
+    const PairInput& in = pairs[q];
+    const double rc = ref ? in.ref_chosen : 0.0, rr = ref ? in.ref_rejected : 0.0;
+    if (term.type == LossType::Aot) {
+      lhs[q] = in.policy_chosen - in.policy_rejected;
+      rhs[q] = rc - rr;
+    } else {
+      lhs[q] = in.policy_chosen - rc;
+      rhs[q] = in.policy_rejected - rr;
+    }
+  }
+  const std::vector<size_t> ol = ascending(lhs), orr = ascending(rhs);
+  const double beta = cfg.beta, eps = cfg.label_smoothing, w = term.weight;
+  double sum = 0;
+  for (size_t k = 0; k < P; ++k) {
+    const double z = beta * (lhs[ol[k]] - rhs[orr[k]]);
+    sum += (1 - eps) * pair_math::softplus(-z) + eps * pair_math::softplus(z);
+    const double dd = beta * (-(1 - eps) * pair_math::sigmoid(-z) + eps * pair_math::sigmoid(z)) * w / normalizer;
+    if (term.type == LossType::Aot) {
+      // d/dx of rank k's pair; x = policy_chosen - policy_rejected. The reference's y carries no gradient.
+      b.d_policy_chosen[ol[k]] += dd;
+      b.d_policy_rejected[ol[k]] -= dd;
+    } else {
+      b.d_policy_chosen[ol[k]] += dd;
+      b.d_policy_rejected[orr[k]] -= dd;
+    }
+  }
+  b.term_loss_sum[t] += sum;
+  b.loss_sum += w * sum;
 }
 
 }  // namespace
@@ -112,10 +166,6 @@ double sigmoid(double x) { return pair_math::sigmoid(x); }
 LossType parse_loss_type(const std::string& name) {
   for (const auto& n : kNames)
     if (name == n.name) return n.type;
-  if (name == "aot" || name == "aot_unpaired")
-    throw InputError("loss_type: '" + name + "' is not available: TRL's " + name + " sorts the log-ratios of the "
-                     "whole micro-batch, so a pair's loss depends on the other pairs in its micro-batch and on how "
-                     "the batch is split over ranks and chunks; it is tracked by issue #18");
   std::string valid;
   for (int i = 0; i < kNumCanonical; ++i) valid += std::string(i ? ", " : "") + kNames[i].name;
   throw InputError("loss_type: unknown value '" + name + "'; valid: " + valid);
@@ -169,10 +219,11 @@ void LossConfig::validate(const std::string& where) const {
   }
   if (!any_positive) input_error(where, "loss_weights", "are all 0; at least one must be > 0");
   if (label_smoothing > 0 && !has_term(*this, LossType::Robust) && !has_term(*this, LossType::Cdpo) &&
-      !has_term(*this, LossType::ExoPair) && !has_term(*this, LossType::Simpo))
+      !has_term(*this, LossType::ExoPair) && !has_term(*this, LossType::Simpo) && !has_term(*this, LossType::Aot) &&
+      !has_term(*this, LossType::AotUnpaired))
     input_error(where, "label_smoothing",
-                "is " + fmt(label_smoothing) + " but only the robust, cdpo, exo_pair and simpo losses use it (a "
-                "smoothed 'sigmoid' is 'cdpo' here)");
+                "is " + fmt(label_smoothing) + " but only the robust, cdpo, exo_pair, simpo, aot and aot_unpaired "
+                "losses use it (a smoothed 'sigmoid' is 'cdpo' here)");
   if (label_smoothing == 0 && has_term(*this, LossType::ExoPair))
     input_error(where, "label_smoothing",
                 "must be > 0 with the exo_pair loss (its target distribution is (1 - eps, eps) and it takes log "
@@ -196,11 +247,19 @@ void LossConfig::validate(const std::string& where) const {
     input_error(where, "reference_free",
                 "must be true when the losses are simpo (and sft) only: SimPO uses no reference model, which would "
                 "be loaded and run for nothing but the reward metrics");
+  if (use_weighting && has_batch_terms(*this))
+    input_error(where, "use_weighting",
+                "is true but loss_type lists aot or aot_unpaired: they sort the micro-batch, which would misalign "
+                "WPO's per-pair weights (TRL refuses the combination too)");
   if (!std::isfinite(odpo_alpha) || !(odpo_alpha >= 0))
     input_error(where, "odpo_alpha", "must be finite and >= 0, got " + fmt(odpo_alpha));
   if (odpo_alpha > 0 && !has_term(*this, LossType::Sigmoid))
     input_error(where, "odpo_alpha", "is " + fmt(odpo_alpha) + " but the ODPO offset applies only to the sigmoid loss, "
                                      "which is not in loss_type");
+}
+
+bool has_batch_terms(const LossConfig& cfg) {
+  return std::any_of(cfg.terms.begin(), cfg.terms.end(), [](const LossTerm& t) { return is_batch_term(t.type); });
 }
 
 PairOutput pair_loss(const LossConfig& cfg, const PairInput& in) {
@@ -221,6 +280,8 @@ PairLossInput pair_loss_input(const LossConfig& cfg, const PairInput& in) {
   x.ref_rejected = in.ref_rejected;
   x.len_chosen = static_cast<double>(in.len_chosen);
   x.len_rejected = static_cast<double>(in.len_rejected);
+  x.wpo_chosen = in.wpo_chosen;
+  x.wpo_rejected = in.wpo_rejected;
   if (cfg.odpo_alpha > 0) {
     const double gap = in.score_chosen - in.score_rejected;
     DPO_ASSERT(in.has_scores && gap > 0 && std::isfinite(gap),
@@ -261,12 +322,38 @@ BatchLoss batch_loss(const LossConfig& cfg, const std::vector<PairInput>& pairs,
     b.logps_chosen_sum += pairs[i].policy_chosen;
     b.logps_rejected_sum += pairs[i].policy_rejected;
   }
+  for (size_t t = 0; t < cfg.terms.size(); ++t)
+    if (is_batch_term(cfg.terms[t].type)) add_batch_term(cfg, cfg.terms[t], pairs, normalizer, b, t);
   return b;
+}
+
+std::vector<double> pair_sums_row(const BatchLoss& bl, const std::vector<PairInput>& pairs,
+                                  const std::vector<double>& logit_sums) {
+  const size_t P = pairs.size();
+  DPO_ASSERT(logit_sums.size() == 2 * P, "pair_sums_row: logit_sums must have 2P entries");
+  DPO_ASSERT(bl.term_loss_sum.size() <= static_cast<size_t>(kMaxLossTerms), "pair_sums_row: too many terms");
+  std::vector<double> row(kPairSumsWidth, 0.0);
+  row[kSumLoss] = bl.loss_sum;
+  row[kSumRewardChosen] = bl.reward_chosen_sum;
+  row[kSumRewardRejected] = bl.reward_rejected_sum;
+  row[kSumAccuracy] = bl.accuracy_sum;
+  row[kSumMargin] = bl.margin_sum;
+  row[kSumLogpChosen] = bl.logps_chosen_sum;
+  row[kSumLogpRejected] = bl.logps_rejected_sum;
+  for (size_t t = 0; t < bl.term_loss_sum.size(); ++t) row[kSumTerm + t] = bl.term_loss_sum[t];
+  for (size_t q = 0; q < P; ++q) {
+    row[kSumTokensChosen] += static_cast<double>(pairs[q].len_chosen);
+    row[kSumTokensRejected] += static_cast<double>(pairs[q].len_rejected);
+    row[kSumLogitChosen] += logit_sums[q];
+    row[kSumLogitRejected] += logit_sums[P + q];
+  }
+  return row;
 }
 
 void pair_chunk_grads(const LossConfig& cfg, const std::vector<PairInput>& pairs, int64_t q0, int64_t q1,
                       const std::vector<double>& logp, double normalizer, std::vector<double>& dseq) {
   const auto P = static_cast<int64_t>(pairs.size());
+  DPO_ASSERT(!has_batch_terms(cfg), "pair_chunk_grads: aot / aot_unpaired need the whole batch (batch_loss)");
   DPO_ASSERT(0 <= q0 && q0 <= q1 && q1 <= P, "pair_chunk_grads: pairs [q0, q1) out of range");
   DPO_ASSERT(static_cast<int64_t>(logp.size()) == 2 * P && static_cast<int64_t>(dseq.size()) == 2 * P,
              "pair_chunk_grads: logp and dseq must have 2P entries");

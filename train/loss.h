@@ -32,9 +32,11 @@
 //  * label_smoothing is used by robust, cdpo, exo_pair and simpo only; validate() rejects label_smoothing > 0
 //    without one of them (a silent no-op would surprise TRL users). exo_pair needs label_smoothing > 0, as TRL
 //    requires (log eps; the EXO paper recommends 1e-3).
-//  * TRL's aot and aot_unpaired sort the micro-batch's log-ratios, so a pair's loss depends on the other pairs of
-//    its micro-batch (and on how a batch is split across ranks): parse_loss_type refuses them with an InputError
-//    naming issue #18, which tracks them.
+//  * TRL's aot and aot_unpaired (AOT, Melnyk et al. 2024) sort the micro-batch's log-ratios, so a pair's loss
+//    depends on the other pairs of its micro-batch: they are batch terms (is_batch_term, kernels/pair_loss.h),
+//    evaluated by batch_loss over one whole micro-batch, exactly and deterministically (double, a stable sort with
+//    ties in pair order), never by the per-pair function. Their value depends on the micro-batch as TRL's depends
+//    on its per-device batch; the trainer's micro-batches never span ranks, so not on the rank count.
 //  * f_divergence_type other than reverse_kl is refused when a loss outside TRL's f-divergence set is listed (TRL's
 //    rule: nca_pair, bco_pair, sppo_hard, apo_zero, apo_down take the plain log-ratios); simpo is refused with
 //    it too (reference-free: there is no log-ratio to transform), and a loss list of only simpo (and sft) is
@@ -66,9 +68,8 @@ namespace dpo {
 // LossType: kernels/pair_loss.h (the device code switches on it).
 
 // "sigmoid" (alias "dpo"), "ipo", "hinge", "robust", "cdpo", "sft", "exo_pair", "nca_pair", "bco_pair",
-// "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "simpo". Exact, lower case.
-// Unknown -> InputError("loss_type: unknown value '<s>'; valid: sigmoid, ipo, ..."); "aot" / "aot_unpaired" ->
-// InputError saying why they are not available.
+// "sppo_hard", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "simpo", "aot", "aot_unpaired". Exact, lower
+// case. Unknown -> InputError("loss_type: unknown value '<s>'; valid: sigmoid, ipo, ...").
 LossType parse_loss_type(const std::string& name);
 const char* loss_type_name(LossType type);  // the canonical name parse_loss_type accepts
 
@@ -99,6 +100,9 @@ struct LossConfig {
   double simpo_gamma = 0.5;           // SimPO's target margin (TRL CPOConfig's default)
   FDivergence f_divergence = FDivergence::ReverseKl;  // TRL's f_divergence_type
   double f_alpha_divergence_coef = 0.5;               // alpha of alpha_divergence (TRL's default)
+  // WPO (TRL's use_weighting): each pair's loss times exp(mean aligned log-prob of chosen + of rejected), the
+  // weight detached (kernels/pair_loss.h PairWeighting::Wpo).
+  bool use_weighting = false;
 
   // Throws InputError "<where>: <key> ..." (just "<key> ..." when where is empty) naming the key:
   //   beta            not finite or <= 0
@@ -112,8 +116,13 @@ struct LossConfig {
   //   f_alpha_divergence_coef  not finite
   //   f_divergence_type        not reverse_kl with a loss outside the f-divergence set
   //   reference_free  false with only simpo (and sft) listed
+//   use_weighting   true with aot or aot_unpaired (TRL refuses it: the sort would misalign the per-pair weights)
   void validate(const std::string& where = "") const;
 };
+
+// Whether cfg lists a batch term (aot, aot_unpaired): its loss is batch_loss over whole micro-batches on the host,
+// not the per-pair function (on the device or per chunk).
+bool has_batch_terms(const LossConfig& cfg);
 
 struct PairInput {
   double policy_chosen = 0, policy_rejected = 0;  // summed completion log-probs
@@ -122,6 +131,7 @@ struct PairInput {
                                                   // simpo)
   bool has_scores = false;                        // ODPO scores present
   double score_chosen = 0, score_rejected = 0;
+  double wpo_chosen = 0, wpo_rejected = 0;        // aligned log-prob sums (kSeqWpoLogp), for use_weighting
 };
 
 struct PairOutput {
@@ -157,11 +167,31 @@ struct BatchLoss {
 // Gradient-accumulation rule: `normalizer` is the global pair count of the optimizer step (all micro-batches, all
 // ranks), so micro-batches' gradients add up to the gradient of the mean loss over the step. The sums are left
 // unnormalised so they can be reduced across micro-batches and ranks. normalizer must be finite and > 0 (Error).
+//
+// `pairs` is one micro-batch. The per-pair terms are pair_loss_eval's; the batch terms (TRL 1.16's forms, AOT of
+// Melnyk et al. 2024, arXiv 2406.05882), with l(d) = -(1-eps) log s(beta d) - eps log s(-beta d), eps =
+// label_smoothing, sort(v) the values of v in ascending order and k = 0..P-1 the rank:
+//   aot           sum_k l(sort(x)_k - sort(y)_k),  x_q = policy_chosen_q - policy_rejected_q, y_q the same of the
+//                 reference (0 with reference_free)
+//   aot_unpaired  sum_k l(sort(c)_k - sort(r)_k),  c_q, r_q the pairs' chosen and rejected log-ratios
+// (TRL averages the same terms over its per-device batch). The gradient flows through the sort permutation: rank
+// k's dl/dd goes to the pair(s) sorted to rank k (aot: + to its chosen, - to its rejected log-prob; aot_unpaired:
+// + to the chosen log-prob ranked k among the c, - to the rejected one ranked k among the r). Ties are ranked in
+// pair order (a stable sort), NaN last; the sorted values, hence the loss, do not depend on the tie rule, and the
+// gradient only where tied pairs differ in their other inputs (where the loss is not differentiable). The per-pair
+// fields of these terms are not defined: only term_loss_sum and the derivatives are.
 BatchLoss batch_loss(const LossConfig& cfg, const std::vector<PairInput>& pairs, double normalizer);
 
+// The PairSum row (kernels/pair_loss.h, kPairSumsWidth doubles) of a batch_loss result over `pairs`: what the device
+// loss (Backend::preference_loss) adds up for the same pairs. logit_sums: each sequence's kSeqLogitSum (metrics
+// only), [chosen 0..P-1, rejected P..2P-1].
+std::vector<double> pair_sums_row(const BatchLoss& bl, const std::vector<PairInput>& pairs,
+                                  const std::vector<double>& logit_sums);
+
 // The loss gradient of pairs [q0, q1) of a batch laid out as [chosen 0..P-1, rejected P..2P-1] (P = pairs.size()),
-// for the chunked LM head (GPT2::LossHead): logp holds the policy's summed log-probs of those pairs' two rows
-// (other entries are ignored), `pairs` the rest of each pair's inputs (its policy fields are ignored). Sets
+// for the chunked LM head (GPT2::LossHead; cfg without batch terms, which need all the batch's pairs at once):
+// logp holds the policy's summed log-probs of those pairs' two rows (other entries are ignored), `pairs` the rest
+// of each pair's inputs (its policy fields are ignored). Sets
 // dseq[q] and dseq[P + q] to batch_loss's d_policy_chosen / d_policy_rejected (divided by `normalizer`), the same
 // values one batch_loss call over all pairs gives.
 void pair_chunk_grads(const LossConfig& cfg, const std::vector<PairInput>& pairs, int64_t q0, int64_t q1,

@@ -1,5 +1,6 @@
 #include "train/reference.h"
 
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 
@@ -11,7 +12,9 @@ namespace dpo {
 
 Batch BatchShape::make(const std::vector<PreferencePair>& data, const std::vector<int64_t>& indices,
                        DType weight_dtype) const {
-  return make_layout_batch(data, indices, layout, max_tokens_per_row, weight_dtype, 0);
+  Batch b = make_layout_batch(data, indices, layout, max_tokens_per_row, weight_dtype, 0);
+  apply_ld_alpha(b, ld_alpha);
+  return b;
 }
 
 LayoutScope::LayoutScope(GPT2& m, const Batch& b) {
@@ -100,9 +103,18 @@ std::string default_ref_cache_dir() {
 }
 
 RefCacheResult cached_ref_logps(GPT2& ref, const std::vector<PreferencePair>& data, const std::string& data_path,
-                                const std::string& settings, const std::string& cache_dir, int64_t batch_pairs,
+                                const std::string& settings_in, const std::string& cache_dir, int64_t batch_pairs,
                                 const BatchShape& shape) {
   namespace fs = std::filesystem;
+  // LD-DPO's weights change the reference's log-probs themselves: recorded here, whatever the caller's settings
+  // say, so a cache made without them (or with another ld_alpha) is never reused. Without ld_alpha the key is
+  // unchanged (earlier caches stay valid). %a: the exact double.
+  std::string settings = settings_in;
+  if (shape.ld_alpha != 1.0) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, ";ld_alpha=%a", shape.ld_alpha);
+    settings += buf;
+  }
   Tensor host = Tensor::host({ref.params().numel()}, DType::F32);
   ref.backend().copy_to_host(host, ref.master_params());
   Sha256 wh;

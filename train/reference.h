@@ -4,11 +4,11 @@
 // The cache key is SHA-256 over the reference parameters as loaded (bytes of the F32 vector plus the config), the
 // data file's bytes, the tokens the reference scores (every pair's prompt, chosen and rejected ids, so any
 // tokenisation or truncation setting changes it), and a settings string (the trainer builds it from its config:
-// tokenizer, lengths, truncation, precision, device, batch size). The cache file is
-// <cache_dir>/ref-<key>.safetensors holding F64 "chosen" and "rejected" [N] and, in its metadata, every component
-// of the key and "values_sha256", the SHA-256 of the two tensors' bytes. A file whose metadata does not match what
-// this run computes, whose values do not match values_sha256 (a flipped bit), or that is unreadable, is reported
-// as stale and recomputed (and rewritten); it is never used.
+// tokenizer, lengths, truncation, precision, device, batch size; cached_ref_logps appends the shape's ld_alpha
+// when it is not 1). The cache file is <cache_dir>/ref-<key>.safetensors holding F64 "chosen" and "rejected" [N]
+// and, in its metadata, every component of the key and "values_sha256", the SHA-256 of the two tensors' bytes. A
+// file whose metadata does not match what this run computes, whose values do not match values_sha256 (a flipped
+// bit), or that is unreadable, is reported as stale and recomputed (and rewritten); it is never used.
 #pragma once
 
 #include <string>
@@ -33,7 +33,8 @@ std::vector<double> sequence_logps(GPT2& m, const Batch& b);
 struct BatchShape {
   BatchLayout layout = BatchLayout::Padded;
   int64_t max_tokens_per_row = 0;  // packed / prefix_shared rows
-  // A batch of `data`'s records `indices` in this shape (make_batch for Padded).
+  double ld_alpha = 1.0;  // LD-DPO's weight of the tokens past a pair's shared length (apply_ld_alpha); 1: none
+  // A batch of `data`'s records `indices` in this shape (make_batch for Padded), with ld_alpha applied.
   Batch make(const std::vector<PreferencePair>& data, const std::vector<int64_t>& indices, DType weight_dtype) const;
 };
 

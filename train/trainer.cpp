@@ -156,6 +156,7 @@ BatchShape batch_shape(const TrainConfig& c) {
   BatchShape b;
   b.layout = parse_batch_layout(c.batch_layout);
   b.max_tokens_per_row = c.max_tokens_per_row > 0 ? c.max_tokens_per_row : 2 * c.max_length;
+  b.ld_alpha = c.ld_alpha;  // also recorded in the reference cache's key (cached_ref_logps)
   return b;
 }
 
@@ -208,6 +209,7 @@ LossConfig loss_config(const TrainConfig& c) {
   l.simpo_gamma = c.simpo_gamma;
   l.f_divergence = parse_f_divergence(c.f_divergence_type);
   l.f_alpha_divergence_coef = c.f_alpha_divergence_coef;
+  l.use_weighting = c.use_weighting;
   l.validate();
   return l;
 }
@@ -643,6 +645,49 @@ Tensor odpo_offsets_on_device(Backend& be, DType gd, const Batch& b, const LossC
   return h.defined() ? to_backend(be, h) : Tensor();
 }
 
+// The loss of a micro-batch whose loss has batch terms (aot, aot_unpaired: train/loss.h batch_loss), on the host:
+// each pair's inputs from the policy's per-sequence statistics `stats` [2P, kSeqStatsWidth] and the reference's
+// log-probs `ref` [2P] (undefined: reference-free), in b's row order, and b's scores. Returns the PairSum row
+// (kernels/pair_loss.h), as the device loss would add it up; with dseq non-null, sets it to the gradient w.r.t.
+// the policy's log-probs (divided by `normalizer`), [2P] in b's row order.
+std::vector<double> host_batch_loss(Backend& be, const Tensor& stats, const Tensor& ref, const Batch& b,
+                                    const LossConfig& lc, double normalizer, std::vector<double>* dseq) {
+  const int64_t P = b.pairs;
+  const PairRows rows = pair_rows_of(b);
+  const std::vector<double> st = to_host_f64(be, stats);
+  const std::vector<double> rf = ref.defined() ? to_host_f64(be, ref) : std::vector<double>(2 * P, 0.0);
+  std::vector<PairInput> in(static_cast<size_t>(P));
+  std::vector<double> logit_sums(static_cast<size_t>(2 * P));
+  for (int64_t q = 0; q < P; ++q) {
+    const auto ic = static_cast<size_t>(pair_row(rows, P, q, 0)), ir = static_cast<size_t>(pair_row(rows, P, q, 1));
+    PairInput& x = in[static_cast<size_t>(q)];
+    x.policy_chosen = st[ic * kSeqStatsWidth + kSeqLogp];
+    x.policy_rejected = st[ir * kSeqStatsWidth + kSeqLogp];
+    x.len_chosen = static_cast<int64_t>(st[ic * kSeqStatsWidth + kSeqTokens]);
+    x.len_rejected = static_cast<int64_t>(st[ir * kSeqStatsWidth + kSeqTokens]);
+    x.ref_chosen = rf[ic];
+    x.ref_rejected = rf[ir];
+    x.wpo_chosen = st[ic * kSeqStatsWidth + kSeqWpoLogp];
+    x.wpo_rejected = st[ir * kSeqStatsWidth + kSeqWpoLogp];
+    x.has_scores = b.has_scores;
+    if (b.has_scores) {
+      x.score_chosen = b.score_chosen[static_cast<size_t>(q)];
+      x.score_rejected = b.score_rejected[static_cast<size_t>(q)];
+    }
+    logit_sums[static_cast<size_t>(q)] = st[ic * kSeqStatsWidth + kSeqLogitSum];
+    logit_sums[static_cast<size_t>(P + q)] = st[ir * kSeqStatsWidth + kSeqLogitSum];
+  }
+  const BatchLoss bl = batch_loss(lc, in, normalizer);
+  if (dseq) {
+    dseq->assign(static_cast<size_t>(2 * P), 0.0);
+    for (int64_t q = 0; q < P; ++q) {
+      (*dseq)[static_cast<size_t>(pair_row(rows, P, q, 0))] = bl.d_policy_chosen[static_cast<size_t>(q)];
+      (*dseq)[static_cast<size_t>(pair_row(rows, P, q, 1))] = bl.d_policy_rejected[static_cast<size_t>(q)];
+    }
+  }
+  return pair_sums_row(bl, in, logit_sums);
+}
+
 // Batches of batch_pairs pairs, contiguous runs of batches per rank; sums folded in batch order. num_tokens: the
 // training tokens so far, reported as eval_num_tokens (TRL); < 0 leaves it out.
 std::map<std::string, double> evaluate(Communicator& comm, GPT2& policy, GPT2* live_ref, const RefLogps* cached,
@@ -666,12 +711,17 @@ std::map<std::string, double> evaluate(Communicator& comm, GPT2& policy, GPT2* l
       policy.score(to_backend(be, b.tokens), to_backend(be, b.keymask), to_backend(be, b.targets),
                    to_backend(be, b.weights), seq, stats, b.weights);
     }
-    Tensor dseq = be.empty({2 * P}, gd), sums = be.empty({kPairSumsWidth}, DType::F64);
-    PairLossParams params = pair_loss_params(lc);
-    params.rows = pair_rows_of(b);
-    be.preference_loss(Backend::PairLossOutputs{dseq, Tensor(), sums}, stats, ref,
-                       odpo_offsets_on_device(be, gd, b, lc), params, 1.0);
-    const std::vector<double> s = to_host_f64(be, sums);
+    std::vector<double> s;
+    if (has_batch_terms(lc)) {  // aot, aot_unpaired: over the whole eval batch, on the host
+      s = host_batch_loss(be, stats, ref, b, lc, 1.0, nullptr);
+    } else {
+      Tensor dseq = be.empty({2 * P}, gd), sums = be.empty({kPairSumsWidth}, DType::F64);
+      PairLossParams params = pair_loss_params(lc);
+      params.rows = pair_rows_of(b);
+      be.preference_loss(Backend::PairLossOutputs{dseq, Tensor(), sums}, stats, ref,
+                         odpo_offsets_on_device(be, gd, b, lc), params, 1.0);
+      s = to_host_f64(be, sums);
+    }
     Window cw;
     cw.add_pair_sums(s.data(), P, policy.config().vocab_size);
     chunks.push_back(cw);
@@ -1176,7 +1226,33 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
         head.params = lp;
         head.normalizer = normalizer;
         begin_micro_batch(c);
-        if (use_graphs && b.layout == BatchLayout::Padded) {
+        if (has_batch_terms(lc)) {
+          // aot, aot_unpaired: a pair's loss depends on the whole micro-batch, so the unfused path: every
+          // sequence's log-prob first (the micro-batch's logits kept), the loss on the host, then the backward
+          // from dL/dlogp. Padded batches only (config validation).
+          const int64_t P = b.pairs;
+          const Tensor ref_dev = ref_logps_on_device(*be, gd, b, cached ? &ref_train : nullptr,
+                                                     use_ref && !cached ? ref.get() : nullptr);
+          Tensor seq = be->empty({2 * P}, gd), stats = be->empty({2 * P, kSeqStatsWidth}, gd);
+          {
+            DPO_PHASE("forward + log-probs");
+            policy->sequence_logprobs(to_backend(*be, b.tokens), to_backend(*be, b.keymask),
+                                      to_backend(*be, b.targets), to_backend(*be, b.weights), seq, Tensor(), stats);
+          }
+          std::vector<double> dseq;
+          const std::vector<double> row = host_batch_loss(*be, stats, ref_dev, b, lc, normalizer, &dseq);
+          Tensor row_h = Tensor::host({kPairSumsWidth}, DType::F64), dseq_h = Tensor::host({2 * P}, gd);
+          std::copy(row.begin(), row.end(), row_h.data<double>());
+          for (int64_t i = 0; i < 2 * P; ++i) {
+            if (gd == DType::F64) dseq_h.data<double>()[i] = dseq[static_cast<size_t>(i)];
+            else dseq_h.data<float>()[i] = static_cast<float>(dseq[static_cast<size_t>(i)]);
+          }
+          be->copy_from_host(row_sums, row_h);
+          {
+            DPO_PHASE("backward");
+            policy->backward(to_backend(*be, dseq_h));
+          }
+        } else if (use_graphs && b.layout == BatchLayout::Padded) {
           MicroGraph& e = micro_graphs[{b.pairs, b.T, normalizer}];
           if (!e.sums.defined()) {
             e.tokens = be->empty(b.tokens.shape(), DType::I32);
