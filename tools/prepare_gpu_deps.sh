@@ -338,7 +338,8 @@ if [ "$verify" = 1 ]; then
     || { tail -n 30 "$vlog"; die "verify: configure failed (log $vlog)"; }
   bad=0
   for key in yaml-cpp_DIR nlohmann_json_DIR CLI11_DIR GTest_DIR OPENSSL_INCLUDE_DIR OPENSSL_CRYPTO_LIBRARY \
-             DPO_OPENBLAS_LIB CBLAS_INCLUDE_DIR PKG_CONFIG_EXECUTABLE pkgcfg_lib_CAIRO_cairo pkgcfg_lib_CAIRO_fontconfig; do
+             DPO_OPENBLAS_LIB CBLAS_INCLUDE_DIR PKG_CONFIG_EXECUTABLE pkgcfg_lib_CAIRO_cairo pkgcfg_lib_CAIRO_fontconfig \
+             pkgcfg_lib_PCRE2_pcre2-8 pkgcfg_lib_UTF8PROC_utf8proc; do
     val=$(grep -E "^$key(:[A-Z]+)?=" "$vb/CMakeCache.txt" | head -n1 | cut -d= -f2-)
     case "$val" in
       "$DEPS"/*|"$DPO_DEPS_LIBDIR"/*) printf '  %-26s %s\n' "$key" "${val#"$REPO"/}" ;;
