@@ -37,6 +37,7 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include "kernels/common.h"
@@ -63,6 +64,26 @@ struct Params {
   int64_t q_stride = 0, k_stride = 0, v_stride = 0, out_stride = 0;  // elements between consecutive slots
 };
 
+// One strided bf16 array of the kernels: `heads` heads of head_dim per row, rows `stride` elements apart.
+struct RowArray {
+  const char* name;
+  const void* ptr;
+  int64_t stride, heads;
+};
+
+// Every row holds its heads (stride >= heads * head_dim), and the 16-byte loads / 4-byte stores are aligned: the
+// array at a multiple of 16 bytes, the stride a multiple of 8 elements (dpo::Error naming fn and the array).
+inline void check_row_arrays(const char* fn, int64_t head_dim, std::initializer_list<RowArray> arrays) {
+  for (const RowArray& a : arrays) {
+    if (a.stride < a.heads * head_dim)
+      throw Error(std::string(fn) + ": " + a.name + " row stride " + std::to_string(a.stride) +
+                  " is shorter than its " + std::to_string(a.heads) + " heads of " + std::to_string(head_dim));
+    if (a.stride % 8 != 0 || reinterpret_cast<uintptr_t>(a.ptr) % 16 != 0)
+      throw Error(std::string(fn) + ": " + a.name + " must start at a multiple of 16 bytes with a row stride that is "
+                  "a multiple of 8 elements (got stride " + std::to_string(a.stride) + ")");
+  }
+}
+
 // The checks both entry points make before anything runs (dpo::Error naming fn and the rule broken): positive
 // sizes, D in {64, 128}, n_kv_head dividing n_head, every row holding its heads (stride >= heads * D), and the
 // alignment the kernel's 16-byte loads and 4-byte stores need: q, k, v, out at multiples of 16 bytes and every
@@ -78,22 +99,10 @@ inline void check_params(const Params& p, const char* fn) {
     fail("n_kv_head (" + std::to_string(p.n_kv_head) + ") must divide n_head (" + std::to_string(p.n_head) + ")");
   if (p.T > INT32_MAX) fail("T must fit the int32 spans (got " + std::to_string(p.T) + ")");
   if (!p.q || !p.k || !p.v || !p.out || !p.lse) fail("q, k, v, out and lse must not be null");
-  const struct {
-    const char* name;
-    const void* ptr;
-    int64_t stride, heads;
-  } arrays[] = {{"q", p.q, p.q_stride, p.n_head},
-                {"k", p.k, p.k_stride, p.n_kv_head},
-                {"v", p.v, p.v_stride, p.n_kv_head},
-                {"out", p.out, p.out_stride, p.n_head}};
-  for (const auto& a : arrays) {
-    if (a.stride < a.heads * p.head_dim)
-      fail(std::string(a.name) + " row stride " + std::to_string(a.stride) + " is shorter than its " +
-           std::to_string(a.heads) + " heads of " + std::to_string(p.head_dim));
-    if (a.stride % 8 != 0 || reinterpret_cast<uintptr_t>(a.ptr) % 16 != 0)
-      fail(std::string(a.name) + " must start at a multiple of 16 bytes with a row stride that is a multiple of 8 "
-           "elements (got stride " + std::to_string(a.stride) + ")");
-  }
+  check_row_arrays(fn, p.head_dim, {{"q", p.q, p.q_stride, p.n_head},
+                                    {"k", p.k, p.k_stride, p.n_kv_head},
+                                    {"v", p.v, p.v_stride, p.n_kv_head},
+                                    {"out", p.out, p.out_stride, p.n_head}});
 }
 
 // The GPU kernel (kernels/flash_attention.cu): asynchronous on ctx.stream(), no scratch. check_params first
@@ -162,22 +171,10 @@ inline void check_backward_params(const BackwardParams& p, const char* fn) {
   if (!p.dout || !p.dq || !p.dk || !p.dv || !p.delta) fail("dout, dq, dk, dv and the delta workspace must not be null");
   if (reinterpret_cast<uintptr_t>(p.lse) % 4 != 0 || reinterpret_cast<uintptr_t>(p.delta) % 4 != 0)
     fail("lse and the delta workspace must be 4-byte aligned");
-  const struct {
-    const char* name;
-    const void* ptr;
-    int64_t stride, heads;
-  } arrays[] = {{"dout", p.dout, p.dout_stride, p.n_head},
-                {"dq", p.dq, p.dq_stride, p.n_head},
-                {"dk", p.dk, p.dk_stride, p.n_kv_head},
-                {"dv", p.dv, p.dv_stride, p.n_kv_head}};
-  for (const auto& a : arrays) {
-    if (a.stride < a.heads * p.head_dim)
-      fail(std::string(a.name) + " row stride " + std::to_string(a.stride) + " is shorter than its " +
-           std::to_string(a.heads) + " heads of " + std::to_string(p.head_dim));
-    if (a.stride % 8 != 0 || reinterpret_cast<uintptr_t>(a.ptr) % 16 != 0)
-      fail(std::string(a.name) + " must start at a multiple of 16 bytes with a row stride that is a multiple of 8 "
-           "elements (got stride " + std::to_string(a.stride) + ")");
-  }
+  check_row_arrays(fn, p.head_dim, {{"dout", p.dout, p.dout_stride, p.n_head},
+                                    {"dq", p.dq, p.dq_stride, p.n_head},
+                                    {"dk", p.dk, p.dk_stride, p.n_kv_head},
+                                    {"dv", p.dv, p.dv_stride, p.n_kv_head}});
 }
 
 // The GPU backward (kernels/flash_attention.cu): three kernels on ctx.stream() (preprocess, dk/dv pass, dq pass),
