@@ -118,6 +118,7 @@ struct GPT2::Acts {
   // block (ln_f's input): those are buffers of their own.
   std::vector<Layer> layers;
   int64_t interval = 0;          // 0: every block has buffers of its own
+  bool forward_only = false;     // ModelMode::ForwardOnly's arrangement (gpt2.h): one block, the stream in place
   int64_t scratch_segment = -1;  // checkpointing: the segment whose activations the scratch slots hold (-1: none)
   Tensor lnf, lnf_mean, lnf_rstd;
   Tensor logits;  // [B,T,ldv], allocated by forward() only (the unfused path)
@@ -153,16 +154,20 @@ Tensor GPT2::param(const std::string& name) const {
 
 Tensor GPT2::master_param(const std::string& name) const {
   DPO_ASSERT(!master_sharded_, "master_param('" + name + "'): the master weights are sharded");
+  // A forward-only BF16 model has no F32 master to write into (assign_weights rounds as the master path would).
+  if (mode_ == ModelMode::ForwardOnly && dtype_ == DType::BF16)
+    throw Error("master_param('" + name + "'): a forward-only BF16 model keeps no F32 master; use assign_weights");
   const ParamSpec& s = spec(name);
   return master_.view(s.offset, s.shape);
 }
 
 void GPT2::sync_params() {
-  if (dtype_ != DType::BF16) return;
+  if (dtype_ != DType::BF16 || mode_ == ModelMode::ForwardOnly) return;  // ForwardOnly: master_ is params_
   if (master_.numel() > 0) be_->convert(params_.view(master_begin_, {master_.numel()}), master_);
 }
 
 void GPT2::shard_master(int64_t begin, int64_t end) {
+  require_train("shard_master");
   DPO_ASSERT(dtype_ == DType::BF16, "shard_master: only BF16 models keep a separate master copy");
   DPO_ASSERT(!master_sharded_, "shard_master: already sharded");
   DPO_ASSERT(0 <= begin && begin <= end && end <= params_.numel(),
@@ -175,6 +180,7 @@ void GPT2::shard_master(int64_t begin, int64_t end) {
 }
 
 Tensor GPT2::grad(const std::string& name) const {
+  require_train("grad");
   const ParamSpec& s = spec(name);
   return grads_.view(s.offset, s.shape);
 }
@@ -198,11 +204,73 @@ void GPT2::init_random(Rng& rng) {
     }
   }
   DPO_ASSERT(!master_sharded_, "init_random: the master weights are sharded");
-  be_->copy_from_host(master_, host);
-  sync_params();
+  assign_weights(host);
 }
 
-void GPT2::zero_grad() { be_->fill_zero(grads_); }
+void GPT2::zero_grad() {
+  require_train("zero_grad");
+  be_->fill_zero(grads_);
+}
+
+void GPT2::require_train(const char* what) const {
+  if (mode_ == ModelMode::ForwardOnly)
+    throw Error(std::string(what) + ": the model is in forward-only mode (no gradients, no master weights)");
+}
+
+void GPT2::set_mode(ModelMode mode) {
+  if (mode == mode_) return;
+  if (mode == ModelMode::Train)
+    throw Error("set_mode: a forward-only model cannot return to training (its gradient and master buffers were "
+                "freed); load it again");
+  DPO_ASSERT(!master_sharded_, "set_mode: the master weights are sharded");
+  mode_ = mode;
+  grads_ = Tensor();
+  master_ = params_;  // BF16: the F32 master is freed here
+  grad_hook_ = nullptr;
+  // The training arrangement's buffers are released, so that the forward-only peak is its own.
+  acts_.reset();
+  act_pool_.clear();
+  compact_dln_ = Tensor();
+  ++buffers_generation_;
+  targets_ = Tensor();
+  head_done_ = false;
+}
+
+void GPT2::assign_weights(const Tensor& src) {
+  DPO_ASSERT(!master_sharded_, "assign_weights: the master weights are sharded");
+  const int64_t n = params_.numel();
+  DPO_ASSERT(src.defined() && src.numel() == n && (src.dtype() == DType::F32 || src.dtype() == DType::F64),
+             "assign_weights: expected " + std::to_string(n) + " F32 or F64 values, got " +
+                 (src.defined() ? shape_str(src.shape()) + " " + dtype_name(src.dtype()) : std::string("none")));
+  const Tensor flat = src.view(0, {n});
+  const bool on_device = src.device() == be_->device();
+  if (mode_ == ModelMode::Train || dtype_ != DType::BF16) {
+    if (on_device) be_->convert(master_, flat);  // same dtype: a copy
+    else be_->copy_from_host(master_, flat);
+    sync_params();
+    return;
+  }
+  // ForwardOnly BF16: params = BF16(F32(src)), the rounding a Train model's load and sync_params() apply, through
+  // an F32 buffer of at most 2^24 elements (64 MiB) instead of a whole master copy.
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(n, int64_t{1} << 24));
+  Tensor tmp = be_->empty({chunk}, DType::F32);
+  Tensor host_f32 = on_device || src.dtype() == DType::F32 ? Tensor() : Tensor::host({chunk}, DType::F32);
+  for (int64_t i = 0; i < n; i += chunk) {
+    const int64_t m = std::min(chunk, n - i);
+    const Tensor t = tmp.view(0, {m}), part = flat.view(i, {m});
+    if (on_device) {
+      be_->convert(t, part);
+    } else if (src.dtype() == DType::F32) {
+      be_->copy_from_host(t, part);
+    } else {  // host F64: rounded to F32 on the host (round to nearest even, as every F64 -> F32 path here)
+      const double* p = part.data<double>();
+      float* q = host_f32.data<float>();
+      for (int64_t k = 0; k < m; ++k) q[k] = static_cast<float>(p[k]);
+      be_->copy_from_host(t, host_f32.view(0, {m}));
+    }
+    be_->convert(params_.view(i, {m}), t);
+  }
+}
 
 void GPT2::set_gradient_checkpointing(int64_t interval) {
   if (interval < 0) throw Error("gradient checkpointing interval must be >= 0, got " + std::to_string(interval));
@@ -217,12 +285,14 @@ void GPT2::set_gradient_checkpointing(int64_t interval) {
 }
 
 void GPT2::ensure_acts(int64_t B, int64_t T) {
-  const int64_t interval = ckpt_interval_ > 0 ? std::min(ckpt_interval_, cfg_.n_layer) : 0;
-  if (acts_ && acts_->B == B && acts_->T == T && acts_->interval == interval) return;
+  const bool fwd = mode_ == ModelMode::ForwardOnly;
+  const int64_t interval = !fwd && ckpt_interval_ > 0 ? std::min(ckpt_interval_, cfg_.n_layer) : 0;
+  if (acts_ && acts_->B == B && acts_->T == T && acts_->interval == interval && acts_->forward_only == fwd) return;
   auto a = std::make_shared<Acts>();
   a->B = B;
   a->T = T;
   a->interval = interval;
+  a->forward_only = fwd;
   const int64_t C = cfg_.n_embd, NH = cfg_.n_head;
   // Every activation is a view of a buffer of act_pool_ that only ever grows (the i-th tensor below always takes
   // buffer i), so a batch no larger than an earlier one allocates nothing and keeps every device address: what a
@@ -260,7 +330,16 @@ void GPT2::ensure_acts(int64_t B, int64_t T) {
   };
   const int64_t NL = cfg_.n_layer;
   a->layers.resize(static_cast<size_t>(NL));
-  if (interval == 0) {
+  if (fwd) {
+    // One block's buffers for every block, and the residual stream in place in `encoded`: block l reads it (ln_1,
+    // the first residual add) before its last residual add overwrites it, so no block's input outlives it.
+    Acts::Layer slot;
+    block(slot, false);
+    for (auto& L : a->layers) {
+      L = slot;
+      L.res3 = a->encoded;
+    }
+  } else if (interval == 0) {
     for (auto& L : a->layers) block(L, true);
   } else {
     // The last slot's block always ends a segment: its res3 is never a slot buffer.
@@ -276,6 +355,10 @@ void GPT2::ensure_acts(int64_t B, int64_t T) {
   a->lnf_mean = stat({B, T});
   a->lnf_rstd = stat({B, T});
   a->proj = t({B, T, C});
+  if (fwd) {  // no backward scratch
+    acts_ = std::move(a);
+    return;
+  }
   a->dres = t({B, T, C});
   a->dln = t({B, T, C});
   a->dqkv = t({B, T, 3 * C});
@@ -409,6 +492,7 @@ void GPT2::sequence_logprobs(const Tensor& tokens, const Tensor& keymask, const 
 }
 
 void GPT2::backward(const Tensor& dseq) {
+  require_train("backward");
   DPO_ASSERT(acts_ && targets_.defined(), "backward without a preceding sequence_logprobs");
   Acts& a = *acts_;
   Backend& be = *be_;
@@ -635,6 +719,7 @@ void GPT2::fused_head(const Tensor& targets, const Tensor& weights, int64_t pair
 std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keymask, const Tensor& targets,
                                         const Tensor& weights, const LossHead& head,
                                         std::vector<double>* seq_stats) {
+  require_train("fused_forward");
   DPO_ASSERT(static_cast<bool>(head.grad), "fused_forward: the loss head has no grad function");
   DPO_ASSERT(!layout_, "fused_forward: a batch layout is set (only score and fused_forward_pairs take one)");
   forward_trunk(tokens, keymask);
@@ -690,6 +775,7 @@ std::vector<double> GPT2::fused_forward(const Tensor& tokens, const Tensor& keym
 
 void GPT2::fused_forward_pairs(const Tensor& tokens, const Tensor& keymask, const Tensor& targets,
                                const Tensor& weights, const PairLossHead& head) {
+  require_train("fused_forward_pairs");
   forward_trunk(tokens, keymask);
   check_head_args(targets, weights);
   Backend& be = *be_;
@@ -818,7 +904,7 @@ void GPT2::layout_head(const Tensor& targets, const Tensor& weights, const Tenso
     params.rows = PairRows::Interleaved;
     be.fill_zero(a.dln);
   }
-  const Tensor wte = param("wte.weight"), dwte = grad("wte.weight");
+  const Tensor wte = param("wte.weight"), dwte = head ? grad("wte.weight") : Tensor();
   for (size_t ci = 0; ci < plan_rows.size(); ++ci) {
     const RowChunk& c = plan_rows[ci];
     const int64_t s0 = 2 * c.q0, ns = 2 * c.nq;
@@ -976,8 +1062,8 @@ void GPT2::compact_head(const HeadPlan& plan, const Tensor& targets, const Tenso
     be.gather_rows(tg, targets.view(0, {N, 1}), idx.view(0, {n_all}));
     be.gather_rows(w, weights.view(0, {N, 1}), idx.view(0, {n_all}));
   }
-  const Tensor wte = param("wte.weight"), dwte = grad("wte.weight");
-  const Tensor lnf = a.lnf.view(0, {N, C}), dln = a.dln.view(0, {N, C});
+  const Tensor wte = param("wte.weight"), dwte = dseq.defined() ? grad("wte.weight") : Tensor();
+  const Tensor lnf = a.lnf.view(0, {N, C}), dln = dseq.defined() ? a.dln.view(0, {N, C}) : Tensor();
   for (const auto& chunk : plan.chunks) {
     const int64_t row0 = chunk.front().row0;
     int64_t n = 0;
@@ -1021,6 +1107,7 @@ void GPT2::compact_head(const HeadPlan& plan, const Tensor& targets, const Tenso
 }
 
 void GPT2::fused_backward() {
+  require_train("fused_backward");
   DPO_ASSERT(acts_ && head_done_, "fused_backward without a preceding fused_forward");
   backward_trunk();
   head_done_ = false;

@@ -116,8 +116,8 @@ class GPT2 {
   const ParamSpec& spec(const std::string& name) const;  // throws Error for an unknown name
 
   const Tensor& params() const { return params_; }        // the compute copy (dtype())
-  const Tensor& master_params() const { return master_; }  // F32 master (BF16) or params() itself
-  const Tensor& grads() const { return grads_; }           // grad_dtype(dtype())
+  const Tensor& master_params() const { return master_; }  // F32 master (BF16) or params() itself (ForwardOnly)
+  const Tensor& grads() const { return grads_; }           // grad_dtype(dtype()); undefined in ForwardOnly mode
   Tensor param(const std::string& name) const;
   Tensor master_param(const std::string& name) const;
   Tensor grad(const std::string& name) const;
@@ -157,6 +157,27 @@ class GPT2 {
   // Throws Error for interval < 0.
   void set_gradient_checkpointing(int64_t interval);
   int64_t gradient_checkpointing() const { return ckpt_interval_; }
+
+  // --- Forward-only mode (a model that is never trained: the live reference, evaluation, scoring) ----------------
+  // ModelMode::ForwardOnly frees the gradient vector and, in BF16, the F32 master copy: params() is then the only
+  // copy of the weights, grads() is undefined and master_params() is params() (so a BF16 model's "master" is its
+  // BF16 weights). Activations take the forward-only arrangement: one block's buffers, reused by every block, and
+  // one [B,T,C] residual-stream buffer that each block updates in place (the embeddings' output included; a block
+  // reads its input before it writes its output there), no per-layer buffer, no backward scratch, whatever the
+  // checkpointing interval says. Every forward entry point runs the same ops in the same order on the same
+  // inputs as in ModelMode::Train, so its outputs are bitwise those of a trained-mode model with the same
+  // weights (tests/test_checkpointing.cpp). backward, fused_forward, fused_forward_pairs and fused_backward throw
+  // dpo::Error. One-way: a ForwardOnly model does not return to Train (Error); setting the same mode again does
+  // nothing. model/memory_plan.h counts the arrangement.
+  enum class ModelMode { Train, ForwardOnly };
+  void set_mode(ModelMode mode);
+  ModelMode mode() const { return mode_; }
+  // Overwrites every weight with `src` ([num_parameters], F32 or F64, host or this backend's device): into the
+  // master and then sync_params() when there is a master, else (ForwardOnly) into params() rounded exactly as
+  // sync_params() rounds the master (F64 first to F32, then to BF16), so a ForwardOnly model given the master
+  // weights of a Train model holds bitwise its params(). The TR-DPO reference mix writes its weights this way.
+  // Error when the master is sharded.
+  void assign_weights(const Tensor& src);
 
   // tokens [B,T] I32 on the backend's device, T <= max_seq_len; keymask [B,T] I32 (1 real, 0 padding) or
   // undefined. Positions are 0..T-1 for every row. Returns the logits [B,T,ldv] (ldv = logits_stride(); the logits
@@ -401,6 +422,8 @@ class GPT2 {
   bool master_sharded_ = false;
   Fusions fusions_;
   int64_t ckpt_interval_ = 0;  // set_gradient_checkpointing
+  ModelMode mode_ = ModelMode::Train;
+  void require_train(const char* what) const;  // Error naming `what` in ForwardOnly mode
   GradReadyHook grad_hook_;
   int64_t master_begin_ = 0;
   std::shared_ptr<Acts> acts_;
