@@ -79,6 +79,15 @@ class Backend {
   // NaN stays NaN). The same dtype is a copy.
   virtual void convert(const Tensor& dst, const Tensor& src) = 0;
   virtual void synchronize() {}
+  // What this backend knows of its device's memory; -1 for what it does not know (the CPU backend: all of it; the
+  // CPU's tensors are counted by host_memory_stats(), runtime/tensor.h). free / total: the device's free and total
+  // bytes (device-wide: other processes count as used). live / peak: bytes of this backend's tensors alive now and
+  // the most alive at once since reset_peak_memory(), as requested (before the allocator's rounding).
+  struct MemoryInfo {
+    int64_t free = -1, total = -1, live = -1, peak = -1;
+  };
+  virtual MemoryInfo memory_info() { return {}; }
+  virtual void reset_peak_memory() {}
   // The stream every op is enqueued on (a cudaStream_t for the CUDA backend, type-erased; nullptr on the CPU), for
   // components that must order their own work after the backend's (the NCCL communicator).
   virtual void* native_stream() const { return nullptr; }

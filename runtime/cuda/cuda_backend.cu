@@ -135,6 +135,14 @@ void CudaBackend::check_i32(const Tensor& t, const char* name) const {
 
 // --- memory -------------------------------------------------------------------------------------------------------
 
+Backend::MemoryInfo CudaBackend::memory_info() {
+  MemoryInfo m;
+  ctx_->mem_get_info(&m.free, &m.total);
+  m.live = ctx_->live_bytes();
+  m.peak = ctx_->peak_bytes();
+  return m;
+}
+
 Tensor CudaBackend::empty(Shape shape, DType dtype) {
   int64_t n = 1;
   for (int64_t d : shape) {

@@ -57,6 +57,9 @@ class CudaBackend final : public Backend {
   // same dtype is copy(). dst and src must not overlap.
   void convert(const Tensor& dst, const Tensor& src) override;
   void synchronize() override;
+  // free / total from cudaMemGetInfo, live / peak from the context's allocation counts (CudaContext::live_bytes).
+  MemoryInfo memory_info() override;
+  void reset_peak_memory() override { ctx_->reset_peak_bytes(); }
   void* native_stream() const override { return static_cast<void*>(ctx_->stream()); }
   // A CUDA graph of the stream's work (runtime/backend.h): cudaStreamBeginCapture in thread-local mode, so a call
   // that is not allowed during capture (a synchronisation, a synchronous copy, cudaMalloc) fails and the capture

@@ -38,7 +38,23 @@ std::shared_ptr<Buffer> CudaContext::alloc(int64_t bytes) {
   void* p = nullptr;
   DPO_CUDA_CHECK(cudaMallocAsync(&p, static_cast<size_t>(bytes > 0 ? bytes : 1), stream_));
   cudaStream_t s = stream_;
-  return std::make_shared<Buffer>(p, bytes, Device{DeviceKind::CUDA, device_}, [s](void* q) { cudaFreeAsync(q, s); });
+  std::shared_ptr<AllocCounts> counts = counts_;
+  const int64_t now = counts->live.fetch_add(bytes) + bytes;
+  int64_t peak = counts->peak.load();
+  while (now > peak && !counts->peak.compare_exchange_weak(peak, now)) {
+  }
+  return std::make_shared<Buffer>(p, bytes, Device{DeviceKind::CUDA, device_}, [s, counts, bytes](void* q) {
+    cudaFreeAsync(q, s);
+    counts->live.fetch_sub(bytes);
+  });
+}
+
+void CudaContext::mem_get_info(int64_t* free_bytes, int64_t* total_bytes) const {
+  DPO_CUDA_CHECK(cudaSetDevice(device_));
+  size_t f = 0, t = 0;
+  DPO_CUDA_CHECK(cudaMemGetInfo(&f, &t));
+  *free_bytes = static_cast<int64_t>(f);
+  *total_bytes = static_cast<int64_t>(t);
 }
 
 void* CudaContext::scratch(int64_t bytes) {

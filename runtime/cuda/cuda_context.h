@@ -10,6 +10,7 @@
 #include <cudnn.h>
 #endif
 
+#include <atomic>
 #include <cstddef>
 #include <memory>
 #include <string>
@@ -46,6 +47,16 @@ class CudaContext {
   void* scratch(int64_t bytes);
   void synchronize();
 
+  // Bytes of the buffers alloc() handed out that are alive now, and the most alive at once since
+  // reset_peak_bytes(), as requested (the pool's rounding and the cuBLASLt workspace not included). Counted on the
+  // host when a buffer is made and when it is released (its cudaFreeAsync enqueued); thread-safe.
+  int64_t live_bytes() const { return counts_->live.load(); }
+  int64_t peak_bytes() const { return counts_->peak.load(); }
+  void reset_peak_bytes() { counts_->peak.store(counts_->live.load()); }
+  // cudaMemGetInfo on this context's device: free and total bytes, device-wide (other processes' memory, the
+  // pool's cached blocks and the CUDA context itself count as used).
+  void mem_get_info(int64_t* free_bytes, int64_t* total_bytes) const;
+
   // Number of CUDA devices this process can use. 0 when the machine has no GPU: cudaErrorNoDevice, or no CUDA
   // driver installed at all (cudaDriverGetVersion reports 0). Any other failure, e.g. a driver older than this
   // toolkit needs (cudaErrorInsufficientDriver with a driver present) or a broken device node, throws dpo::Error
@@ -73,6 +84,11 @@ class CudaContext {
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
   std::shared_ptr<Buffer> scratch_;
+  struct AllocCounts {
+    std::atomic<int64_t> live{0}, peak{0};
+  };
+  // Shared with every buffer's release, which may run after the context is gone.
+  std::shared_ptr<AllocCounts> counts_ = std::make_shared<AllocCounts>();
 };
 
 }  // namespace dpo
