@@ -124,6 +124,43 @@ TEST(Bench, LiveReferenceFlopsAndPeak) {
   EXPECT_FALSE(format_bench_table(r).empty());
 }
 
+// Peak memory per phase (phase_peak_memory): on the CPU every timed phase has a host figure and no device figure
+// (the CPU backend counts host buffers only); each holds at least what the step keeps throughout (the policy's
+// weights and gradients, AdamW's two moments and the step's gradient: 5 F32 vectors of N); the forward's peak is
+// at least the backward's, because in fp32 on the CPU the backward allocates nothing (the forward makes every
+// activation and gradient-scratch buffer, GPT2::ensure_acts), so the backward's peak is the bytes alive when it
+// starts, all of which were alive during the forward; and recomputation lowers the forward's peak (2 layers: one
+// block's buffers plus two kept outputs instead of two blocks).
+TEST(Bench, PeakMemoryPerPhase) {
+  BenchOptions o;
+  o.shape = "tiny";
+  o.workload = "custom";
+  o.prompt_len = 9, o.chosen_len = 6, o.rejected_len = 5;
+  o.pairs = 2, o.steps = 1, o.warmup = 1;
+  o.threads = 1;
+  o.print_table = false;
+  auto forward_peak = [](const json& r) {
+    return r["phase_peak_memory"]["policy_forward_fused_head"]["host_bytes"].get<double>();
+  };
+  const json r = run_bench(o);
+  const double N = r["shape"]["parameters"].get<double>();
+  for (const char* k : {"batch_and_zero", "reference_forward", "policy_forward_fused_head", "loss", "backward",
+                        "optimizer"}) {
+    SCOPED_TRACE(k);
+    ASSERT_TRUE(r["phase_peak_memory"].contains(k));
+    const json& e = r["phase_peak_memory"][k];
+    EXPECT_TRUE(e["device_bytes"].is_null());
+    EXPECT_GE(e["host_bytes"].get<double>(), 5 * 4 * N);
+    EXPECT_LE(e["host_bytes"].get<double>(), r["peak_tensor_bytes"].get<double>());
+  }
+  EXPECT_FALSE(r["phase_peak_memory"].contains("other"));
+  EXPECT_TRUE(r["peak_device_tensor_bytes"].is_null());
+  EXPECT_GE(forward_peak(r), r["phase_peak_memory"]["backward"]["host_bytes"].get<double>());
+  EXPECT_NE(format_bench_table(r).find("peak memory per phase"), std::string::npos);
+  o.gradient_checkpointing = 1;
+  EXPECT_LT(forward_peak(run_bench(o)), forward_peak(r));
+}
+
 // --length-spread lognormal: lengths are the means times quantiles of LogNormal(-s^2/2, s), s = 0.4, at
 // (k + 0.5)/16, indexed k = i (prompt), 5i + 3 (chosen), 11i + 7 (rejected) mod 16. The expected token count is
 // computed here from the distribution itself (inverse normal CDF by bisection on erfc), not from the table in

@@ -305,8 +305,8 @@ json run_bench(const BenchOptions& o) {
     ref->set_logits_chunk_rows(o.logits_chunk_rows);
     ref->set_gradient_checkpointing(o.gradient_checkpointing);
     ref->set_head_rows(head_rows);
-    be->copy(ref->master_params(), policy.master_params());  // the reference starts as the policy, as in a real run
-    ref->sync_params();
+    ref->set_mode(GPT2::ModelMode::ForwardOnly);  // as the trainer's live reference
+    ref->assign_weights(policy.master_params());  // the reference starts as the policy, as in a real run
   }
   std::vector<PreferencePair> data(static_cast<size_t>(o.pairs));
   const auto V = static_cast<uint64_t>(mc.vocab_size);
@@ -346,15 +346,35 @@ json run_bench(const BenchOptions& o) {
   using clk = std::chrono::steady_clock;
   int64_t tokens_total = 0, padded_T = 0, slots_used = 0, rows = 0;
   double last_loss = 0, last_grad_norm = 0;
+  // Peak bytes per phase (phases 0-5; "other" is a remainder, not a span), the largest over the steps seen: the
+  // counted host buffers (host_memory_stats: every CPU tensor) and the CUDA backend's counted tensors
+  // (Backend::memory_info; -1 where the backend does not count). Each phase's peak starts from the bytes alive
+  // when it begins, so it includes everything the step keeps (weights, optimizer state, activation buffers).
+  std::array<int64_t, kNumPhases> host_peak{}, dev_peak{};
+  host_peak.fill(-1);
+  dev_peak.fill(-1);
+  int64_t run_host_peak = 0, run_dev_peak = -1;  // over the whole run: the resets below must not lose them
+  auto reset_peaks = [&] {
+    run_host_peak = std::max(run_host_peak, host_memory_stats().peak);
+    run_dev_peak = std::max(run_dev_peak, be->memory_info().peak);
+    reset_host_peak_bytes();
+    be->reset_peak_memory();
+  };
   auto step = [&](std::array<double, kNumPhases>& ph) -> double {
     be->synchronize();
     const auto t0 = clk::now();
     auto t = t0;
+    reset_peaks();
     auto mark = [&](int k) {
       if (cuda) be->synchronize();
       const auto n = clk::now();
       ph[static_cast<size_t>(k)] = std::chrono::duration<double>(n - t).count();
       t = n;
+      auto& hp = host_peak[static_cast<size_t>(k)];
+      hp = std::max(hp, host_memory_stats().peak);
+      auto& dp = dev_peak[static_cast<size_t>(k)];
+      dp = std::max(dp, be->memory_info().peak);
+      reset_peaks();
       phase_range_pop();
       if (k + 1 < 6) phase_range_push(kPhases[k + 1]);
     };
@@ -550,6 +570,18 @@ json run_bench(const BenchOptions& o) {
   }
   r["phase_seconds_median"] = pm;
   r["phase_seconds"] = praw;
+  json peaks = json::object();
+  for (int k = 0; k + 1 < kNumPhases; ++k) {
+    const int64_t h = host_peak[static_cast<size_t>(k)], d = dev_peak[static_cast<size_t>(k)];
+    peaks[kPhases[k]] = {{"host_bytes", num_or_null(static_cast<double>(h), h >= 0)},
+                         {"device_bytes", num_or_null(static_cast<double>(d), d >= 0)}};
+  }
+  r["phase_peak_memory"] = peaks;
+  r["phase_peak_memory_note"] =
+      "per phase, the most bytes alive at once over the warm-up and timed steps: host_bytes = counted host buffers "
+      "(every CPU-backend tensor; on cuda the host staging tensors only), device_bytes = the CUDA backend's counted "
+      "tensors (null on cpu); both include what the step keeps between phases (weights, gradients, optimizer "
+      "state, activation buffers), neither the allocator's rounding nor library workspaces";
   r["phase_timing"] = cuda ? "host steady_clock with backend.synchronize() at every phase boundary (not CUDA events)"
                            : "host steady_clock (CPU: synchronous, exact)";
   std::ostringstream fs;
@@ -565,7 +597,11 @@ json run_bench(const BenchOptions& o) {
   // The CPU backend's tensors are counted host buffers (runtime/tensor.h): their peak over the whole run (setup,
   // warm-up and timed steps), what `dpo plan` predicts. On a GPU the host buffers are only staging: null.
   const bool counted = !cuda;
-  r["peak_tensor_bytes"] = num_or_null(static_cast<double>(host_memory_stats().peak), counted);
+  r["peak_tensor_bytes"] =
+      num_or_null(static_cast<double>(std::max(run_host_peak, host_memory_stats().peak)), counted);
+  run_dev_peak = std::max(run_dev_peak, be->memory_info().peak);
+  // The CUDA backend's counted tensors (Backend::memory_info), same span; null where the backend does not count.
+  r["peak_device_tensor_bytes"] = num_or_null(static_cast<double>(run_dev_peak), run_dev_peak >= 0);
   r["device_memory_used_mib"] = num_or_null(dev_mib, dev_mib >= 0);
   r["device_memory_note"] = "cudaMemGetInfo total - free after the timed steps (device-wide, not a peak); null on CPU";
   r["last_loss"] = last_loss;
@@ -825,6 +861,18 @@ std::string format_bench_table(const json& r) {
     const double v = r["phase_seconds_median"][k].get<double>();
     std::snprintf(b, sizeof b, "    %-22s %.4f  (%5.1f%%)\n", k, v, med > 0 ? 100 * v / med : 0.0);
     s << b;
+  }
+  if (r.contains("phase_peak_memory")) {
+    s << "  peak memory per phase (MiB; host: counted host buffers, device: the CUDA backend's tensors)\n";
+    for (int k = 0; k + 1 < kNumPhases; ++k) {
+      const json& e = r["phase_peak_memory"][kPhases[k]];
+      auto mib = [&](const char* key) {
+        return e[key].is_null() ? std::string("n/a") : f("%.1f", e[key].get<double>() / 1048576.0);
+      };
+      std::snprintf(b, sizeof b, "    %-26s host %10s   device %10s\n", kPhases[k], mib("host_bytes").c_str(),
+                    mib("device_bytes").c_str());
+      s << b;
+    }
   }
   line("FLOPs / step", f("%.4g", r["flops_per_step"].get<double>()) + "  = " + r["flops_formula"].get<std::string>());
   line("achieved", f("%.2f GFLOP/s", r["achieved_flops_per_second"].get<double>() / 1e9));
