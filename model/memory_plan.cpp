@@ -47,6 +47,43 @@ ActivationBytes activation_bytes(const GPT2Config& cfg, DType dtype, int64_t row
   return out;
 }
 
+ActivationBytes forward_only_activation_bytes(const GPT2Config& cfg, DType dtype, int64_t rows, int64_t T,
+                                              AttentionSaved attention) {
+  // One scratch block without its own res3 (the stream lives in `encoded`) and its attention state; ln_f and the
+  // c_proj scratch as in training; nothing for a backward.
+  const ActivationBytes one = activation_bytes(cfg, dtype, rows, T, 1, attention);
+  const int64_t block_res3 = rows * T * cfg.n_embd * dtype_size(dtype);
+  ActivationBytes out;
+  out.blocks = one.blocks - cfg.n_layer * block_res3;  // interval 1 keeps one res3 per layer: none here
+  out.attention = one.attention;
+  out.other = one.other;
+  return out;
+}
+
+std::string memory_term_remedy(const std::string& term) {
+  if (term == "reference activations")
+    return "precompute_ref_log_probs: true, or a smaller per_device_train_batch_size or max_length";
+  if (term.rfind("activations", 0) == 0 || term == "backward scratch")
+    return "gradient_checkpointing: true, or a smaller per_device_train_batch_size or max_length";
+  if (term == "LM-head chunk") return "a smaller logits_chunk_rows";
+  if (term == "reference model") return "precompute_ref_log_probs: true";
+  if (term == "AdamW moments" || term == "master weights" || term == "ZeRO-1 gather buffers")
+    return "zero_stage: 1 over more ranks";
+  if (term == "weights" || term == "gradients") return "a smaller model or precision: bf16";
+  if (term == "batch inputs") return "a smaller per_device_train_batch_size or max_length";
+  return "more device memory";
+}
+
+std::string memory_fit_error(const MemoryPlan& plan, int64_t available_bytes, const std::string& available_source,
+                             const std::string& override_hint) {
+  if (plan.total <= available_bytes) return "";
+  const MemoryTerm& big = plan.largest();
+  return "the training step needs about " + format_bytes(plan.total) + " per device (dpo plan's memory model), " +
+         available_source + " is " + format_bytes(available_bytes) + " (" +
+         format_bytes(plan.total - available_bytes) + " short); the largest term is '" + big.name + "' (" +
+         format_bytes(big.bytes) + "): " + memory_term_remedy(big.name) + ". " + override_hint;
+}
+
 MemoryPlan plan_memory(const MemoryPlanInput& in) {
   DPO_ASSERT(in.dtype == DType::F32 || in.dtype == DType::F64 || in.dtype == DType::BF16,
              std::string("plan_memory: dtype must be F32, F64 or BF16, got ") + dtype_name(in.dtype));
@@ -96,12 +133,20 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
   add("LM-head chunk", head, std::to_string(chunk) + " logits rows x " + std::to_string(ldv) +
                                  " columns (+ gathered rows); logits_chunk_rows reduces it");
   if (in.reference == ReferencePlan::Live) {
-    const int64_t ref_w = N * (a + gs + (bf16 ? 4 : 0));
-    add("reference model", ref_w,
-        "a second model's weights (and, as every GPT2, its gradient buffer); precompute_ref_log_probs: true frees it");
-    const ActivationBytes ra =
-        activation_bytes(m, in.dtype, in.rows, in.T, in.checkpoint_interval, in.attention);
-    add("reference activations", ra.total() + head, "its forward's buffers and LM-head chunk, kept between steps");
+    // Forward-only (GPT2::ModelMode::ForwardOnly): the weights in the compute dtype and nothing else, BF16 ones
+    // with no F32 master. The reference is loaded as a training model and then made forward-only; that moment's
+    // extra gradient (and master) bytes come before the optimizer's moments exist, so never above this peak.
+    add("reference model", N * a,
+        std::string("a second model's weights in ") + dtype_name(in.dtype) +
+            " (forward-only: no gradients, no master); precompute_ref_log_probs: true frees it");
+    const ActivationBytes ra = forward_only_activation_bytes(m, in.dtype, in.rows, in.T, in.attention);
+    // Its chunked head (GPT2::score): units of one padded row (not pairs) or one layout row, as many as
+    // logits_chunk_rows holds, at least one; the logits chunk and, compacted, the gathered ln_f rows (no
+    // gradient rows).
+    const int64_t ref_chunk = std::min(in.rows, std::max<int64_t>(1, in.logits_chunk_rows / in.T)) * in.T;
+    const int64_t ref_head = ref_chunk * ldv * a + (in.compact_head ? ref_chunk * m.n_embd * a : 0);
+    add("reference activations", ra.total() + ref_head,
+        "its forward's one block, residual stream, ln_f and LM-head chunk, kept between steps");
   }
   const int64_t slot_bytes = 12 + gs + (in.pair_rows ? 0 : 4 + kSpanWidth * 4);
   add("batch inputs", in.rows * in.T * slot_bytes, "tokens, key mask, targets, weights (and positions, spans)");

@@ -27,7 +27,7 @@ enum class AttentionSaved {
 enum class ReferencePlan {
   None,    // reference_free
   Cached,  // precomputed log-probs: the reference model is freed before training
-  Live,    // a second model scores every micro-batch
+  Live,    // a second model, forward-only (GPT2::ModelMode::ForwardOnly), scores every micro-batch
 };
 
 struct MemoryPlanInput {
@@ -76,6 +76,20 @@ struct ActivationBytes {
 };
 ActivationBytes activation_bytes(const GPT2Config& cfg, DType dtype, int64_t rows, int64_t T, int64_t interval,
                                  AttentionSaved attention);
+// The same for a GPT2 in ModelMode::ForwardOnly (the live reference): one block's buffers and the in-place
+// residual stream, no backward scratch, whatever the layer count or checkpointing interval.
+ActivationBytes forward_only_activation_bytes(const GPT2Config& cfg, DType dtype, int64_t rows, int64_t T,
+                                              AttentionSaved attention);
+
+// What reduces a term of the plan, by its name ("gradient_checkpointing: true, ..."): the key or setting to change.
+std::string memory_term_remedy(const std::string& term);
+
+// The fit check before training: empty when plan.total <= available_bytes, else the error message: the plan's
+// total, what is available and where that figure comes from (`available_source`, e.g. "free device memory
+// (cudaMemGetInfo)" or "key 'device_memory'"), the largest term with the key that reduces it, and
+// `override_hint` (how to start anyway).
+std::string memory_fit_error(const MemoryPlan& plan, int64_t available_bytes, const std::string& available_source,
+                             const std::string& override_hint);
 
 // "80GiB", "80 GB", "512MiB", "1.5TiB", "1000000" (bytes): binary (KiB, MiB, GiB, TiB) and decimal (KB, MB, GB,
 // TB) units, case-insensitive. Throws InputError naming `what` for anything else or a value below 1 byte.

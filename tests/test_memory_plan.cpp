@@ -21,6 +21,7 @@
 #include "train/loss.h"
 #include "train/reference.h"
 #include "train/optim.h"
+#include "train/trainer.h"
 
 namespace dpo {
 namespace {
@@ -45,12 +46,17 @@ Measured measure_step(const GPT2Config& cfg, DType dt, int64_t P, int64_t T, int
   Measured out;
   {
     const DType gd = grad_dtype(dt);
-    GPT2 policy(*be, cfg, dt);
+    // The live reference as the trainer keeps it: forward-only (made so before the policy exists, so that its
+    // moment as a training model is not this window's peak; in the trainer the optimizer's moments come later).
     std::unique_ptr<GPT2> ref;
-    if (live_ref) ref = std::make_unique<GPT2>(*be, cfg, dt);
     Rng rng(5);
+    if (live_ref) {
+      ref = std::make_unique<GPT2>(*be, cfg, dt);
+      ref->init_random(rng);
+      ref->set_mode(GPT2::ModelMode::ForwardOnly);
+    }
+    GPT2 policy(*be, cfg, dt);
     policy.init_random(rng);
-    if (ref) ref->init_random(rng);
     for (GPT2* m : {&policy, ref.get()}) {
       if (!m) continue;
       m->set_gradient_checkpointing(interval);
@@ -253,11 +259,88 @@ TEST(MemoryPlan, TermsFollowShardingReferenceAndAttentionForm) {
   EXPECT_EQ(term(z, "AdamW moments"), 8 * ((N + 7) / 8));
   EXPECT_EQ(term(z, "master weights"), 4 * ((N + 7) / 8));
   in.reference = ReferencePlan::Live;
-  EXPECT_EQ(term(plan_memory(in), "reference model"), (2 + 4 + 4) * N);
+  const MemoryPlan live = plan_memory(in);
+  EXPECT_EQ(term(live, "reference model"), 2 * N);  // forward-only: BF16 weights, no master, no gradients
+  // The reference's activations: one block (no res3), the stream, ln_f and c_proj scratch, no backward scratch;
+  // and its head's logits chunk (logits_chunk_rows 2048 / T 1024: two rows of T) and gathered ln_f rows.
+  const int64_t BT = 8 * 1024, C = 768, ldv = GPT2::logits_stride(50257);
+  const int64_t one_block = BT * (15 * C * 2 + 4 * 4) + int64_t{8} * 12 * 1024 * 1024 * 2;
+  const int64_t rest = BT * (3 * C * 2 + 2 * 4);
+  EXPECT_EQ(term(live, "reference activations"), one_block + rest + 2 * 1024 * (ldv + C) * 2);
   EXPECT_THROW(parse_bytes("80 parsecs", "--device-memory"), InputError);
   EXPECT_EQ(parse_bytes("80GiB", "x"), int64_t{80} << 30);
   EXPECT_EQ(parse_bytes("80 GB", "x"), int64_t{80000000000});
   EXPECT_EQ(parse_bytes("1.5KiB", "x"), 1536);
+}
+
+// The fit check's decision (the trainer compares the plan with the device's free memory or device_memory): no
+// message when the total fits exactly; one byte short names the total, the figure and its source, the largest
+// term with the key that reduces it, and the override.
+TEST(MemoryFitCheck, DecisionNamesTheLargestTermAndItsKey) {
+  MemoryPlanInput in;
+  in.model = GPT2Config{};
+  in.dtype = DType::BF16;
+  in.pairs = 4;
+  in.rows = 8;
+  in.T = 1024;
+  in.attention = AttentionSaved::Probabilities;
+  in.reference = ReferencePlan::Live;
+  const MemoryPlan plan = plan_memory(in);
+  EXPECT_EQ(memory_fit_error(plan, plan.total, "free memory", "override"), "");
+  EXPECT_EQ(memory_fit_error(plan, int64_t{1} << 50, "free memory", "override"), "");
+  const std::string e = memory_fit_error(plan, plan.total - 1, "the free memory of cuda:0 (cudaMemGetInfo)",
+                                         "allow_memory_overcommit: true starts the run anyway");
+  EXPECT_NE(e.find(format_bytes(plan.total)), std::string::npos) << e;
+  EXPECT_NE(e.find("the free memory of cuda:0"), std::string::npos) << e;
+  EXPECT_NE(e.find("'" + plan.largest().name + "'"), std::string::npos) << e;
+  EXPECT_NE(e.find(memory_term_remedy(plan.largest().name)), std::string::npos) << e;
+  EXPECT_NE(e.find("allow_memory_overcommit: true"), std::string::npos) << e;
+  // The remedies name real keys.
+  EXPECT_EQ(memory_term_remedy("activations: blocks").find("gradient_checkpointing: true"), 0u);
+  EXPECT_EQ(memory_term_remedy("reference model"), "precompute_ref_log_probs: true");
+  EXPECT_NE(memory_term_remedy("LM-head chunk").find("logits_chunk_rows"), std::string::npos);
+}
+
+// The fit check in `dpo train` on the CPU: it runs only against device_memory (the CPU backend reports no free
+// memory); too little stops the run before it starts (InputError, nothing written), allow_memory_overcommit starts
+// it anyway, enough memory passes, and a malformed size is an input error naming the key.
+TEST(MemoryFitCheck, TrainRefusesAStepThatCannotFit) {
+  test::ScratchDir w("dpo_fit_");
+  test::write_tiny_fixture(w.dir.string(), 6);
+  TrainConfig c;
+  c.model = w / "base";
+  c.train_file = w / "pref.jsonl";
+  c.ref_cache_dir = w / "cache";
+  c.max_length = 32;
+  c.per_device_train_batch_size = 2;
+  c.max_steps = 1;
+  c.precompute_ref_log_probs = false;
+  c.out_dir = w / "small";
+  c.device_memory = "100KiB";
+  RunOptions ro;
+  ro.quiet = true;
+  try {
+    run_training(c, RunKind::Dpo, ro);
+    FAIL() << "a step planned above device_memory started";
+  } catch (const InputError& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("key 'device_memory'"), std::string::npos) << m;
+    EXPECT_NE(m.find("the largest term is"), std::string::npos) << m;
+    EXPECT_NE(m.find("allow_memory_overcommit: true"), std::string::npos) << m;
+  }
+  EXPECT_FALSE(std::filesystem::exists(w / "small")) << "the refused run wrote its out_dir";
+  c.allow_memory_overcommit = true;
+  EXPECT_EQ(run_training(c, RunKind::Dpo, ro).steps, 1);
+  c.allow_memory_overcommit = false;
+  c.device_memory = "4GiB";
+  c.out_dir = w / "enough";
+  EXPECT_EQ(run_training(c, RunKind::Dpo, ro).steps, 1);
+  try {
+    load_train_config("", {"model=m", "train_file=t", "out_dir=o", "device_memory=lots"}, RunKind::Dpo);
+    FAIL() << "device_memory 'lots' accepted";
+  } catch (const InputError& e) {
+    EXPECT_NE(std::string(e.what()).find("device_memory"), std::string::npos) << e.what();
+  }
 }
 
 // `dpo plan`: a GPT-2-shaped checkpoint directory (config.json only is read), a config, the fit decision and JSON.

@@ -234,19 +234,6 @@ struct PlanArgs {
   bool json = false;
 };
 
-// What reduces each term of the plan (printed when the step does not fit).
-std::string plan_remedy(const std::string& term) {
-  if (term.rfind("activations", 0) == 0 || term == "backward scratch")
-    return "gradient_checkpointing: true, or a smaller per_device_train_batch_size or max_length";
-  if (term == "LM-head chunk") return "a smaller logits_chunk_rows";
-  if (term == "reference model" || term == "reference activations") return "precompute_ref_log_probs: true";
-  if (term == "AdamW moments" || term == "master weights" || term == "ZeRO-1 gather buffers")
-    return "zero_stage: 1 over more ranks";
-  if (term == "weights" || term == "gradients") return "a smaller model or precision: bf16";
-  if (term == "batch inputs") return "a smaller per_device_train_batch_size or max_length";
-  return "device memory";
-}
-
 // dpo plan: the memory model (model/memory_plan.h) of one training step of the config, per device. Exit 0 when
 // it fits --device-memory, 1 when it does not, 2 for a bad config or flag.
 int cmd_plan(const PlanArgs& a) {
@@ -255,38 +242,8 @@ int cmd_plan(const PlanArgs& a) {
   fit_config_to_models(cfg, dpo::RunKind::Dpo, false);
   const int64_t device_bytes = dpo::parse_bytes(a.device_memory, "--device-memory");
   if (a.ranks < 1) throw dpo::InputError("--ranks must be >= 1, got " + std::to_string(a.ranks));
-  dpo::MemoryPlanInput in;
-  in.model = dpo::load_gpt2_config((std::filesystem::path(cfg.model) / "config.json").string());
-  in.dtype = cfg.precision == "bf16" ? dpo::DType::BF16 : dpo::DType::F32;
-  in.pairs = cfg.per_device_train_batch_size;
-  // The largest micro-batch the data can make: padded rows of max_length (rounded up to pad_to_multiple_of);
-  // a layout's rows hold at most max_tokens_per_row slots, and a pair longer than that (at most 2 * max_length
-  // slots) gets a row of its own: at most one row per pair.
-  const bool padded = cfg.batch_layout == "padded";
-  if (padded) {
-    const int64_t m = std::max<int64_t>(cfg.pad_to_multiple_of, 1);
-    in.rows = 2 * in.pairs;
-    in.T = (cfg.max_length + m - 1) / m * m;
-  } else {
-    in.rows = in.pairs;
-    in.T = std::max(cfg.max_tokens_per_row > 0 ? cfg.max_tokens_per_row : 2 * cfg.max_length, 2 * cfg.max_length);
-  }
-  in.pair_rows = padded;
-  in.logits_chunk_rows = cfg.logits_chunk_rows;
-  in.checkpoint_interval = cfg.gradient_checkpointing ? cfg.gradient_checkpointing_interval : 0;
-  in.reference = cfg.reference_free             ? dpo::ReferencePlan::None
-                 : cfg.precompute_ref_log_probs ? dpo::ReferencePlan::Cached
-                                                : dpo::ReferencePlan::Live;
-  in.ranks = a.ranks;
-  in.zero1 = cfg.zero_stage == 1;
-  const bool cuda = cfg.device == "cuda";
-  // attn_implementation flash keeps the CPU blocked kernels' state on the GPU too (runtime/cuda/cuda_backend.h).
-  in.attention = cuda && cfg.attn_implementation != "flash" ? dpo::AttentionSaved::Probabilities
-                                                           : dpo::AttentionSaved::RowStats;
-  // An allowance for what the CUDA runtime and libraries hold outside our tensors (context, cuBLAS/cuDNN
-  // workspaces, allocator rounding); not measured.
-  in.device_reserve = cuda ? int64_t{1} << 30 : 0;
-  in.f32_op_copies = !cuda;
+  const dpo::MemoryPlanInput in = dpo::memory_plan_input(
+      cfg, dpo::load_gpt2_config((std::filesystem::path(cfg.model) / "config.json").string()), a.ranks);
   const dpo::MemoryPlan plan = dpo::plan_memory(in);
   const bool fits = plan.total <= device_bytes;
   const dpo::MemoryTerm& big = plan.largest();
@@ -299,7 +256,7 @@ int cmd_plan(const PlanArgs& a) {
     j["device_memory_bytes"] = device_bytes;
     j["fits"] = fits;
     j["largest"] = big.name;
-    j["reduce_largest"] = plan_remedy(big.name);
+    j["reduce_largest"] = dpo::memory_term_remedy(big.name);
     j["micro_batch"] = {{"pairs", in.pairs}, {"rows", in.rows}, {"T", in.T}};
     std::printf("%s\n", j.dump(2).c_str());
     return fits ? 0 : 1;
@@ -323,7 +280,7 @@ int cmd_plan(const PlanArgs& a) {
   else
     std::printf("does not fit in %s (%s over); the largest term is '%s' (%s): %s\n",
                 dpo::format_bytes(device_bytes).c_str(), dpo::format_bytes(plan.total - device_bytes).c_str(),
-                big.name.c_str(), dpo::format_bytes(big.bytes).c_str(), plan_remedy(big.name).c_str());
+                big.name.c_str(), dpo::format_bytes(big.bytes).c_str(), dpo::memory_term_remedy(big.name).c_str());
   return fits ? 0 : 1;
 }
 

@@ -194,6 +194,10 @@ const std::vector<Key>& keys() {
       INT_KEY(gradient_checkpointing_interval, "with gradient_checkpointing: blocks per recomputed segment (1 to "
                                                "2^31 - 1, above n_layer: n_layer); one [B,T,C] input kept per "
                                                "segment, one segment's activations live at a time"),
+      STRING_KEY(device_memory, "memory per device for the fit check before training, e.g. 80GiB or 24GB; unset: the "
+                                "device's free memory on cuda, no check on cpu"),
+      BOOL_KEY(allow_memory_overcommit, "start training even when the memory model (dpo plan) says the step does not "
+                                        "fit device_memory or the device's free memory"),
       INT_KEY(max_length, "maximum prompt + completion tokens; unset: min(512, the model's n_positions)"),
       STRING_KEY(truncation, "trl1 (TRL 1.x: prompt + completion cut to max_length, records whose prompt has >= "
                              "max_length tokens dropped and counted) or legacy (prompt cut to max_prompt_length "
@@ -399,6 +403,7 @@ void validate(const TrainConfig& c, RunKind kind) {
   range("num_threads", c.num_threads, 0, kMaxThreads);
   range("logits_chunk_rows", c.logits_chunk_rows, 1, kMaxCount);
   range("gradient_checkpointing_interval", c.gradient_checkpointing_interval, 1, kMaxCount);
+  if (!c.device_memory.empty()) parse_bytes(c.device_memory, "key 'device_memory'");  // InputError naming it
   if (c.zero_stage != 0 && c.zero_stage != 1)
     bad("zero_stage", "must be 0 or 1, got " + std::to_string(c.zero_stage));
   range("max_length", c.max_length, 1, kMaxBatch);
@@ -630,6 +635,41 @@ TrainConfig load_train_config(const std::string& path, const std::vector<std::st
                      e.what());
   }
   return cfg;
+}
+
+MemoryPlanInput memory_plan_input(const TrainConfig& cfg, const GPT2Config& model, int64_t ranks) {
+  MemoryPlanInput in;
+  in.model = model;
+  in.dtype = cfg.precision == "bf16" ? DType::BF16 : DType::F32;
+  in.pairs = cfg.per_device_train_batch_size;
+  // The largest micro-batch the data can make: padded rows of max_length (rounded up to pad_to_multiple_of);
+  // a layout's rows hold at most max_tokens_per_row slots, and a pair longer than that (at most 2 * max_length
+  // slots) gets a row of its own: at most one row per pair.
+  const bool padded = cfg.batch_layout == "padded";
+  if (padded) {
+    const int64_t m = std::max<int64_t>(cfg.pad_to_multiple_of, 1);
+    in.rows = 2 * in.pairs;
+    in.T = (cfg.max_length + m - 1) / m * m;
+  } else {
+    in.rows = in.pairs;
+    in.T = std::max(cfg.max_tokens_per_row > 0 ? cfg.max_tokens_per_row : 2 * cfg.max_length, 2 * cfg.max_length);
+  }
+  in.pair_rows = padded;
+  in.logits_chunk_rows = cfg.logits_chunk_rows;
+  in.checkpoint_interval = cfg.gradient_checkpointing ? cfg.gradient_checkpointing_interval : 0;
+  in.reference = cfg.reference_free             ? ReferencePlan::None
+                 : cfg.precompute_ref_log_probs ? ReferencePlan::Cached
+                                                : ReferencePlan::Live;
+  in.ranks = ranks;
+  in.zero1 = cfg.zero_stage == 1;
+  const bool cuda = cfg.device == "cuda";
+  // attn_implementation flash keeps the CPU blocked kernels' state on the GPU too (runtime/cuda/cuda_backend.h).
+  in.attention = cuda && cfg.attn_implementation != "flash" ? AttentionSaved::Probabilities : AttentionSaved::RowStats;
+  // An allowance for what the CUDA runtime and libraries hold outside our tensors (context, cuBLAS/cuDNN
+  // workspaces, allocator rounding); not measured.
+  in.device_reserve = cuda ? int64_t{1} << 30 : 0;
+  in.f32_op_copies = !cuda;
+  return in;
 }
 
 std::string to_yaml(const TrainConfig& cfg) {

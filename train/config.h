@@ -20,6 +20,8 @@
 #include <string>
 #include <vector>
 
+#include "model/memory_plan.h"
+
 namespace dpo {
 
 struct TrainConfig {
@@ -81,6 +83,11 @@ struct TrainConfig {
   // per segment of gradient_checkpointing_interval blocks and the backward recomputes the segment from it.
   bool gradient_checkpointing = false;
   int64_t gradient_checkpointing_interval = 1;
+  // The fit check before training (docs/training.md, "Memory"): on cuda the memory model's total (dpo plan) against
+  // the device's free memory, or against device_memory when given (e.g. "80GiB"; on cpu the check runs only then);
+  // a step that cannot fit stops the run before it starts (InputError) unless allow_memory_overcommit is true.
+  std::string device_memory;
+  bool allow_memory_overcommit = false;
   // HF's key: eager (the backend's default kernels) | flash (the tensor-core flash kernels: device cuda, precision
   // bf16 only; Backend::set_attention_impl).
   std::string attn_implementation = "eager";
@@ -143,6 +150,12 @@ void resolve_truncation(TrainConfig& cfg);
 // n_positions throws InputError naming the key to set. Returns one line per value changed or chosen for the user
 // (also: truncation: legacy chosen because max_prompt_length is set), for the run's log.
 std::vector<std::string> fit_to_model(TrainConfig& cfg, int64_t n_positions, const std::string& model, RunKind kind);
+
+// The memory model's input (model/memory_plan.h) for one training step of `cfg` with the policy `model`, per
+// device over `ranks` data-parallel ranks: the largest micro-batch the data can make (padded rows of max_length
+// rounded up to pad_to_multiple_of; a layout's rows of max_tokens_per_row), the reference as the run keeps it, the
+// attention state and the CUDA allowance of the run's device. `dpo plan` and the trainer's fit check share it.
+MemoryPlanInput memory_plan_input(const TrainConfig& cfg, const GPT2Config& model, int64_t ranks);
 
 // The effective configuration as YAML (written to <out_dir>/config.yaml) and as a key table for --help-config.
 std::string to_yaml(const TrainConfig& cfg);

@@ -1,7 +1,8 @@
 // Reference-model log-probs: computed live, or once per (reference weights, data, tokenisation settings) and
 // cached on disk.
 //
-// The cache key is SHA-256 over the reference parameters as loaded (bytes of the F32 vector plus the config), the
+// The cache key is SHA-256 over the reference's weights as it computes with them (master_params() as an F32
+// vector: the loaded values in fp32, the BF16 weights of the trainer's forward-only BF16 reference) and config, the
 // data file's bytes, the tokens the reference scores (every pair's prompt, chosen and rejected ids, so any
 // tokenisation or truncation setting changes it), and a settings string (the trainer builds it from its config:
 // tokenizer, lengths, truncation, precision, device, batch size; cached_ref_logps appends the shape's ld_alpha

@@ -739,6 +739,38 @@ std::string fmt(double v) {
   return b;
 }
 
+// The fit check before training (TrainConfig::device_memory, allow_memory_overcommit; docs/training.md,
+// "Memory"): the memory model's total per device against device_memory when given, else the device's free memory
+// plus what this backend's tensors already hold (CUDA; the CPU backend reports none: no check). Every rank
+// checks its own device and all stop when one does not fit (each would otherwise wait for the others).
+void check_memory_fit(const TrainConfig& cfg, Backend& be, Communicator& comm) {
+  int64_t available = -1;
+  std::string source;
+  if (!cfg.device_memory.empty()) {
+    available = parse_bytes(cfg.device_memory, "key 'device_memory'");
+    source = "key 'device_memory'";
+  } else {
+    const Backend::MemoryInfo mi = be.memory_info();
+    if (mi.free >= 0) {
+      available = mi.free + std::max<int64_t>(mi.live, 0);
+      source = "the free memory of " + be.device().str() + " (cudaMemGetInfo)";
+    }
+  }
+  std::string why;
+  if (available >= 0) {
+    const GPT2Config model = load_gpt2_config((fs::path(cfg.model) / "config.json").string());
+    why = memory_fit_error(plan_memory(memory_plan_input(cfg, model, comm.size())), available, source,
+                           "allow_memory_overcommit: true starts the run anyway");
+  }
+  if (cfg.allow_memory_overcommit) return;
+  double bad = why.empty() ? 0.0 : 1.0;
+  comm.allreduce_sum(&bad, 1);
+  if (!why.empty()) throw InputError("memory fit check: " + why);
+  if (bad > 0)
+    throw InputError("the memory model says another rank's training step does not fit its device (see its "
+                     "message); allow_memory_overcommit: true starts the run anyway");
+}
+
 }  // namespace
 
 RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& ro) {
@@ -796,6 +828,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   const json cpu_kernels = on_cpu ? kernels.to_json() : json();
   if (on_cpu) say("cpu kernels: " + kernels.summary());
 
+  if (kind == RunKind::Dpo) check_memory_fit(cfg, *be, comm);  // before any model is loaded
   auto policy = load_verified_model(*be, cfg.model, model_dtype(cfg));
   say("tokenizer: " + tok->name() + "; " + bind_model_ids(cfg, *policy, cfg.model, *tok, dopt));
   check_fits(cfg, *policy, cfg.model, dopt.vocab_size);
@@ -844,8 +877,14 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
                                                       : load_verified_model(*be, ref_dir, model_dtype(cfg));
     check_fits(cfg, *ref, ref_dir, dopt.vocab_size);
     ref->set_logits_chunk_rows(cfg.logits_chunk_rows);
-    // Forward only: the same arrangement keeps one segment's activations live and recomputes nothing.
-    ref->set_gradient_checkpointing(cfg.gradient_checkpointing ? cfg.gradient_checkpointing_interval : 0);
+    // Forward only (cached or live): its gradient and master buffers are freed and its activations take the
+    // forward-only arrangement, bitwise the same log-probs (model/gpt2.h). DPO_TEST_TRAIN_MODE_REFERENCE=1 (tests)
+    // keeps it a training-mode model, for the equality test against that arrangement.
+    const char* train_mode_ref = std::getenv("DPO_TEST_TRAIN_MODE_REFERENCE");
+    if (train_mode_ref && std::string(train_mode_ref) == "1")
+      ref->set_gradient_checkpointing(cfg.gradient_checkpointing ? cfg.gradient_checkpointing_interval : 0);
+    else
+      ref->set_mode(GPT2::ModelMode::ForwardOnly);
     if (cached) {
       const std::string cache_dir = cfg.ref_cache_dir.empty() ? default_ref_cache_dir() : cfg.ref_cache_dir;
       auto one = [&](const std::vector<PreferencePair>& d, const std::string& path) {
@@ -1482,6 +1521,7 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
   auto be = make_backend(cfg, comm);
   auto tok = run_tokenizer(cfg);
   auto policy = load_verified_model(*be, checkpoint, model_dtype(cfg));
+  policy->set_mode(GPT2::ModelMode::ForwardOnly);  // scored only
   DataOptions dopt = data_options(cfg);
   bind_model_ids(cfg, *policy, checkpoint, *tok, dopt);
   check_fits(cfg, *policy, checkpoint, dopt.vocab_size);
@@ -1495,6 +1535,7 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
   if (!cfg.reference_free) {
     const std::string ref_dir = cfg.ref_model.empty() ? cfg.model : cfg.ref_model;
     ref = load_verified_model(*be, ref_dir, model_dtype(cfg));
+    ref->set_mode(GPT2::ModelMode::ForwardOnly);
     check_fits(cfg, *ref, ref_dir, dopt.vocab_size);
     ref->set_logits_chunk_rows(cfg.logits_chunk_rows);
   }
