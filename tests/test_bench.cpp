@@ -129,7 +129,8 @@ TEST(Bench, LiveReferenceFlopsAndPeak) {
 // weights and gradients, AdamW's two moments and the step's gradient: 5 F32 vectors of N); the forward's peak is
 // at least the backward's, because in fp32 on the CPU the backward allocates nothing (the forward makes every
 // activation and gradient-scratch buffer, GPT2::ensure_acts), so the backward's peak is the bytes alive when it
-// starts, all of which were alive during the forward; and recomputation lowers the forward's peak (2 layers: one
+// starts, all of which were alive during the forward (and in the timed steps it adds nothing above that); and
+// recomputation lowers the forward's peak (2 layers: one
 // block's buffers plus two kept outputs instead of two blocks).
 TEST(Bench, PeakMemoryPerPhase) {
   BenchOptions o;
@@ -150,12 +151,17 @@ TEST(Bench, PeakMemoryPerPhase) {
     ASSERT_TRUE(r["phase_peak_memory"].contains(k));
     const json& e = r["phase_peak_memory"][k];
     EXPECT_TRUE(e["device_bytes"].is_null());
+    EXPECT_TRUE(e["device_added_bytes"].is_null());
+    EXPECT_GE(e["host_added_bytes"].get<double>(), 0);
+    EXPECT_LE(e["host_added_bytes"].get<double>(), e["host_bytes"].get<double>());
     EXPECT_GE(e["host_bytes"].get<double>(), 5 * 4 * N);
     EXPECT_LE(e["host_bytes"].get<double>(), r["peak_tensor_bytes"].get<double>());
   }
   EXPECT_FALSE(r["phase_peak_memory"].contains("other"));
   EXPECT_TRUE(r["peak_device_tensor_bytes"].is_null());
   EXPECT_GE(forward_peak(r), r["phase_peak_memory"]["backward"]["host_bytes"].get<double>());
+  // In the steady state the backward allocates nothing.
+  EXPECT_EQ(r["phase_peak_memory"]["backward"]["host_added_bytes"].get<double>(), 0);
   EXPECT_NE(format_bench_table(r).find("peak memory per phase"), std::string::npos);
   o.gradient_checkpointing = 1;
   EXPECT_LT(forward_peak(run_bench(o)), forward_peak(r));

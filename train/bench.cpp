@@ -350,15 +350,23 @@ json run_bench(const BenchOptions& o) {
   // counted host buffers (host_memory_stats: every CPU tensor) and the CUDA backend's counted tensors
   // (Backend::memory_info; -1 where the backend does not count). Each phase's peak starts from the bytes alive
   // when it begins, so it includes everything the step keeps (weights, optimizer state, activation buffers).
-  std::array<int64_t, kNumPhases> host_peak{}, dev_peak{};
+  // The *_added figures: the most a phase held above the bytes alive when it began, over the timed steps only
+  // (the steady state: the warm-up's first step also allocates the buffers every later step reuses).
+  std::array<int64_t, kNumPhases> host_peak{}, dev_peak{}, host_added{}, dev_added{};
   host_peak.fill(-1);
   dev_peak.fill(-1);
+  host_added.fill(-1);
+  dev_added.fill(-1);
+  bool timed = false;
+  int64_t host_start = 0, dev_start = -1;  // bytes alive when the current phase began
   int64_t run_host_peak = 0, run_dev_peak = -1;  // over the whole run: the resets below must not lose them
   auto reset_peaks = [&] {
     run_host_peak = std::max(run_host_peak, host_memory_stats().peak);
     run_dev_peak = std::max(run_dev_peak, be->memory_info().peak);
     reset_host_peak_bytes();
     be->reset_peak_memory();
+    host_start = host_memory_stats().live;
+    dev_start = be->memory_info().live;
   };
   auto step = [&](std::array<double, kNumPhases>& ph) -> double {
     be->synchronize();
@@ -370,10 +378,14 @@ json run_bench(const BenchOptions& o) {
       const auto n = clk::now();
       ph[static_cast<size_t>(k)] = std::chrono::duration<double>(n - t).count();
       t = n;
-      auto& hp = host_peak[static_cast<size_t>(k)];
-      hp = std::max(hp, host_memory_stats().peak);
-      auto& dp = dev_peak[static_cast<size_t>(k)];
-      dp = std::max(dp, be->memory_info().peak);
+      const auto i = static_cast<size_t>(k);
+      const int64_t hp = host_memory_stats().peak, dp = be->memory_info().peak;
+      host_peak[i] = std::max(host_peak[i], hp);
+      dev_peak[i] = std::max(dev_peak[i], dp);
+      if (timed) {
+        host_added[i] = std::max(host_added[i], hp - host_start);
+        if (dp >= 0) dev_added[i] = std::max(dev_added[i], dp - dev_start);
+      }
       reset_peaks();
       phase_range_pop();
       if (k + 1 < 6) phase_range_push(kPhases[k + 1]);
@@ -486,6 +498,7 @@ json run_bench(const BenchOptions& o) {
   }
   std::vector<double> times;
   std::vector<std::vector<double>> phases(kNumPhases);
+  timed = true;
   for (int64_t i = 0; i < o.steps; ++i) {
     times.push_back(step(ph));
     for (int k = 0; k < kNumPhases; ++k) phases[static_cast<size_t>(k)].push_back(ph[static_cast<size_t>(k)]);
@@ -572,16 +585,20 @@ json run_bench(const BenchOptions& o) {
   r["phase_seconds"] = praw;
   json peaks = json::object();
   for (int k = 0; k + 1 < kNumPhases; ++k) {
-    const int64_t h = host_peak[static_cast<size_t>(k)], d = dev_peak[static_cast<size_t>(k)];
+    const auto i = static_cast<size_t>(k);
+    const int64_t h = host_peak[i], d = dev_peak[i], ha = host_added[i], da = dev_added[i];
     peaks[kPhases[k]] = {{"host_bytes", num_or_null(static_cast<double>(h), h >= 0)},
-                         {"device_bytes", num_or_null(static_cast<double>(d), d >= 0)}};
+                         {"device_bytes", num_or_null(static_cast<double>(d), d >= 0)},
+                         {"host_added_bytes", num_or_null(static_cast<double>(ha), ha >= 0)},
+                         {"device_added_bytes", num_or_null(static_cast<double>(da), da >= 0)}};
   }
   r["phase_peak_memory"] = peaks;
   r["phase_peak_memory_note"] =
       "per phase, the most bytes alive at once over the warm-up and timed steps: host_bytes = counted host buffers "
       "(every CPU-backend tensor; on cuda the host staging tensors only), device_bytes = the CUDA backend's counted "
       "tensors (null on cpu); both include what the step keeps between phases (weights, gradients, optimizer "
-      "state, activation buffers), neither the allocator's rounding nor library workspaces";
+      "state, activation buffers), neither the allocator's rounding nor library workspaces; *_added_bytes = the "
+      "most the phase held above the bytes alive when it began, over the timed steps (its own temporaries)";
   r["phase_timing"] = cuda ? "host steady_clock with backend.synchronize() at every phase boundary (not CUDA events)"
                            : "host steady_clock (CPU: synchronous, exact)";
   std::ostringstream fs;
@@ -863,14 +880,16 @@ std::string format_bench_table(const json& r) {
     s << b;
   }
   if (r.contains("phase_peak_memory")) {
-    s << "  peak memory per phase (MiB; host: counted host buffers, device: the CUDA backend's tensors)\n";
+    s << "  peak memory per phase (MiB; host: counted host buffers, device: the CUDA backend's tensors; +: above "
+         "the phase's start)\n";
     for (int k = 0; k + 1 < kNumPhases; ++k) {
       const json& e = r["phase_peak_memory"][kPhases[k]];
       auto mib = [&](const char* key) {
         return e[key].is_null() ? std::string("n/a") : f("%.1f", e[key].get<double>() / 1048576.0);
       };
-      std::snprintf(b, sizeof b, "    %-26s host %10s   device %10s\n", kPhases[k], mib("host_bytes").c_str(),
-                    mib("device_bytes").c_str());
+      std::snprintf(b, sizeof b, "    %-26s host %9s (+%8s)   device %9s (+%8s)\n", kPhases[k],
+                    mib("host_bytes").c_str(), mib("host_added_bytes").c_str(), mib("device_bytes").c_str(),
+                    mib("device_added_bytes").c_str());
       s << b;
     }
   }
