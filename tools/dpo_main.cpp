@@ -229,7 +229,7 @@ int cmd_train(const TrainArgs& a, dpo::RunKind kind) {
 
 struct PlanArgs {
   TrainArgs t;
-  std::string device_memory = "80GiB";
+  std::string device_memory;  // empty: the config's device_memory, else 80GiB
   int64_t ranks = 1;
   bool json = false;
 };
@@ -240,7 +240,10 @@ int cmd_plan(const PlanArgs& a) {
   dpo::TrainConfig cfg = dpo::load_train_config(a.t.config, a.t.overrides, dpo::RunKind::Dpo);
   cfg.model = resolve_latest(cfg.model, "key 'model'", false);
   fit_config_to_models(cfg, dpo::RunKind::Dpo, false);
-  const int64_t device_bytes = dpo::parse_bytes(a.device_memory, "--device-memory");
+  const int64_t device_bytes =
+      !a.device_memory.empty()   ? dpo::parse_bytes(a.device_memory, "--device-memory")
+      : !cfg.device_memory.empty() ? dpo::parse_bytes(cfg.device_memory, "key 'device_memory'")
+                                   : dpo::parse_bytes("80GiB", "--device-memory");
   if (a.ranks < 1) throw dpo::InputError("--ranks must be >= 1, got " + std::to_string(a.ranks));
   const dpo::MemoryPlanInput in = dpo::memory_plan_input(
       cfg, dpo::load_gpt2_config((std::filesystem::path(cfg.model) / "config.json").string()), a.ranks);
@@ -644,8 +647,8 @@ int main(int argc, char** argv) {
                                            "when it fits --device-memory, 1 when not");
   planc->add_option("--config,-c", plan_args.t.config, "YAML config file (keys: dpo train --help-config)");
   planc->add_option("overrides", plan_args.t.overrides, "key=value overrides applied after the config file");
-  planc->add_option("--device-memory", plan_args.device_memory, "memory per device, e.g. 80GiB, 24GB")
-      ->capture_default_str();
+  planc->add_option("--device-memory", plan_args.device_memory,
+                    "memory per device, e.g. 80GiB, 24GB; default: the config's device_memory, else 80GiB");
   planc->add_option("--ranks", plan_args.ranks, "data-parallel ranks (ZeRO-1's share with zero_stage: 1)")
       ->capture_default_str();
   planc->add_flag("--json", plan_args.json, "print the plan as JSON");
