@@ -238,6 +238,13 @@ const std::vector<Key>& keys() {
                            "with sft / rpo_alpha"),
       BOOL_KEY(precompute_ref_log_probs, "compute reference log-probs once and cache them on disk"),
       STRING_KEY(ref_cache_dir, "reference log-prob cache; empty = $XDG_CACHE_HOME/dpo/ref or ~/.cache/dpo/ref"),
+      BOOL_KEY(sync_ref_model, "TR-DPO: update the live reference from the policy after every "
+                               "ref_model_sync_steps-th optimizer step; needs precompute_ref_log_probs: false and a "
+                               "loss with a reference (not reference_free)"),
+      DOUBLE_KEY(ref_model_mixup_alpha, "TR-DPO alpha, in [0, 1]: reference = alpha * policy + (1 - alpha) * "
+                                        "reference at each sync; 1 = a hard copy"),
+      INT_KEY(ref_model_sync_steps, "TR-DPO tau: optimizer steps between reference syncs (after steps tau, 2 tau, "
+                                    "...), 1 to 2^31 - 1"),
       DOUBLE_KEY(learning_rate, "peak learning rate, in (0, 1]"),
       DOUBLE_KEY(weight_decay, "AdamW decoupled weight decay (not on biases and LayerNorm); >= 0 and "
                                "learning_rate * weight_decay <= 1"),
@@ -478,6 +485,8 @@ void validate(const TrainConfig& c, RunKind kind) {
   parse_profile_steps(c.profile_steps);
   if (!c.profile_steps.empty() && c.device != "cuda")
     bad("profile_steps", "needs device: cuda (it opens a CUDA profiler capture range), got device: " + c.device);
+  if (kind == RunKind::Sft && c.sync_ref_model)
+    bad("sync_ref_model", "is a DPO option (TR-DPO); an SFT run has no reference model");
   if (kind == RunKind::Dpo) {
     // beta, odpo_alpha, rpo_alpha and the loss weights scale the loss and its gradient (in float32); 1e6 is far
     // above any useful value and keeps beta times a sequence's log-ratio and the gradient norms finite.
@@ -512,6 +521,19 @@ void validate(const TrainConfig& c, RunKind kind) {
                             ": TRL's sft term takes the unweighted log-probs, which this trainer does not compute "
                             "beside the LD-weighted ones; use ld_alpha: 1 with sft / rpo_alpha");
     }
+    real("ref_model_mixup_alpha", c.ref_model_mixup_alpha, 0, false, 1);
+    range("ref_model_sync_steps", c.ref_model_sync_steps, 1, kMaxCount);
+    // TRL refuses the same combination: the cached log-probs are those of the initial reference, stale after
+    // the first sync.
+    if (c.sync_ref_model && c.precompute_ref_log_probs)
+      bad("sync_ref_model", "is true but precompute_ref_log_probs is true (its default here): the cached reference "
+                            "log-probs would be stale after the first sync; set precompute_ref_log_probs: false "
+                            "(a live reference) or sync_ref_model: false");
+    // TRL has no reference-free DPO loss to pair it with (SimPO is CPOTrainer's, which has no reference model);
+    // here the reference would be loaded and updated without entering the loss, so the request is refused.
+    if (c.sync_ref_model && c.reference_free)
+      bad("sync_ref_model", "is true but reference_free is true: the loss uses no reference model, so there is "
+                            "nothing to sync; set sync_ref_model: false or reference_free: false");
     if (c.f_divergence_type != "reverse_kl" && c.f_divergence_type != "forward_kl" &&
         c.f_divergence_type != "js_divergence" && c.f_divergence_type != "alpha_divergence")
       bad("f_divergence_type", "unknown value '" + c.f_divergence_type +

@@ -64,6 +64,12 @@ struct TrainConfig {
   // reference log-probs
   bool precompute_ref_log_probs = true;
   std::string ref_cache_dir;  // empty = $XDG_CACHE_HOME/dpo/ref or ~/.cache/dpo/ref
+  // TR-DPO (TRL's names and defaults): after every ref_model_sync_steps-th optimizer step, the live reference
+  // becomes ref_model_mixup_alpha * policy + (1 - ref_model_mixup_alpha) * reference (alpha 1: a hard copy).
+  // Needs precompute_ref_log_probs: false and a loss with a reference (docs/training.md, "TR-DPO").
+  bool sync_ref_model = false;
+  double ref_model_mixup_alpha = 0.6;    // in [0, 1]
+  int64_t ref_model_sync_steps = 512;    // >= 1
   // optimisation
   double learning_rate = 1e-6;
   double weight_decay = 0.0;
