@@ -529,8 +529,9 @@ void validate(const TrainConfig& c, RunKind kind) {
       bad("sync_ref_model", "is true but precompute_ref_log_probs is true (its default here): the cached reference "
                             "log-probs would be stale after the first sync; set precompute_ref_log_probs: false "
                             "(a live reference) or sync_ref_model: false");
-    // TRL has no reference-free DPO loss to pair it with (SimPO is CPOTrainer's, which has no reference model);
-    // here the reference would be loaded and updated without entering the loss, so the request is refused.
+    // TRL refuses sync_ref_model wherever it has no reference model to update (a PEFT policy), and its DPOTrainer
+    // has no reference-free mode (SimPO is CPOTrainer's, which has neither a reference nor this key). Here the
+    // reference would be updated without ever entering the loss: refused rather than a silent no-op.
     if (c.sync_ref_model && c.reference_free)
       bad("sync_ref_model", "is true but reference_free is true: the loss uses no reference model, so there is "
                             "nothing to sync; set sync_ref_model: false or reference_free: false");
