@@ -243,8 +243,9 @@ ExperimentOutput run_odpo(const ReproOptions& opt, Backend& backend, const fs::p
   const AlphaPoint& dpo0 = points.front();
   json tests = json::array();
   std::ostringstream ttab;
-  ttab << "| alpha | reward - DPO's [95% CI] | t | p | KL - DPO's [95% CI] | t | p | grammatical - DPO's | p |\n"
-       << "|---|---|---|---|---|---|---|---|---|\n";
+  ttab << "| alpha | reward - DPO's [95% CI] | t | p | KL - DPO's [95% CI] | t | p | grammatical - DPO's | p | "
+          "D (training) - DPO's [95% CI] | t | p |\n"
+       << "|---|---|---|---|---|---|---|---|---|---|---|---|\n";
   const bool can_test = z.seeds >= 2;
   for (size_t i = 1; i < points.size() && can_test; ++i) {
     const AlphaPoint& p = points[i];
@@ -262,7 +263,7 @@ ExperimentOutput run_odpo(const ReproOptions& opt, Backend& backend, const fs::p
              fmt(t.p_two_sided, 2);
     };
     ttab << "| " << tag(p.alpha) << " | " << cell(tr) << " | " << cell(tk) << " | " << fmt(tg.diff, 3) << " | "
-         << fmt(tg.p_two_sided, 2) << " |\n";
+         << fmt(tg.p_two_sided, 2) << " | " << cell(td) << " |\n";
   }
 
   // ---- plots
