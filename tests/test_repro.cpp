@@ -492,7 +492,8 @@ TEST(ReproCli, ListNamesEveryExperiment) {
   test::ScratchDir dir("repro_cli_");
   const auto r = test::run_cli(kDpo, dir.dir, "repro --list");
   EXPECT_EQ(r.code, 0) << r.err;
-  for (const char* n : {"ipo-bandit", "optimum", "overfit", "frontier", "odpo"}) EXPECT_NE(r.out.find(n), std::string::npos);
+  for (const char* n : {"ipo-bandit", "optimum", "overfit", "frontier", "odpo"})
+    EXPECT_NE(r.out.find(n), std::string::npos);
   EXPECT_EQ(r.out.find("not implemented"), std::string::npos) << r.out;
 }
 
@@ -514,7 +515,8 @@ TEST(ReproCli, BadInputsExitTwoWithAMessage) {
     std::string args, message;
   };
   for (const Case& c : std::vector<Case>{
-           {"repro nonsense --out o", "unknown experiment 'nonsense'; valid: ipo-bandit, optimum, overfit, frontier, odpo"},
+           {"repro nonsense --out o",
+            "unknown experiment 'nonsense'; valid: ipo-bandit, optimum, overfit, frontier, odpo"},
            {"repro frontier --out o --seed x", "--seed"},
            {"repro odpo --out o --threads x", "--threads"},
            {"repro overfit", "--out is required"},

@@ -2,8 +2,8 @@
 // experiments compute from theory, not numbers copied from a run). Label `slow` (the file name): minutes, not
 // seconds. docs/reproductions.md has the criteria, their reasons and the default runs.
 //
-//   ipo-bandit, optimum, overfit  their default runs (seconds; seed 1, as in docs/reproductions.md; tests/test_repro.cpp
-//                                 asserts the same on every run of the test command)
+//   ipo-bandit, optimum, overfit  their default runs (seconds; seed 1, as in docs/reproductions.md;
+//                                 tests/test_repro.cpp asserts the same on every run of the test command)
 //   frontier                      the demo's pipeline, DPO at beta 0.05, 0.5 and 5, RPO at 0.05, 2 seeds, 144
 //                                 evaluation samples, Best-of-N up to 16 from 64 SFT samples per prompt
 //   odpo                          the demo's pipeline, alpha 0 (DPO), 1 and 2 at beta 0.1, 3 seeds, 144 evaluation

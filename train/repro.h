@@ -19,10 +19,10 @@
 //               and KL with confidence intervals and paired t-tests, reported.
 //
 // ipo-bandit, optimum and overfit are exact: double arithmetic on the host, tabular policies, enumeration. frontier
-// and odpo train GPT-2 models on the CPU backend and estimates by sampling (standard errors reported). Every experiment is
-// offline and seeded (the same seed gives the same numbers at one thread count), writes DIR/report.json,
-// DIR/report.md and PNG plots, prints one PASS/FAIL line per criterion with the measured number beside the
-// threshold, and run_repro returns 0 when every criterion passes, 1 otherwise.
+// and odpo train GPT-2 models on the CPU backend and estimate by sampling (standard errors reported). Every
+// experiment is offline and seeded (the same seed gives the same numbers at one thread count), writes
+// DIR/report.json, DIR/report.md and PNG plots, prints one PASS/FAIL line per criterion with the measured number
+// beside the threshold, and run_repro returns 0 when every criterion passes, 1 otherwise.
 // In the exact experiments every per-pair loss and its derivatives come from pair_loss_eval (kernels/pair_loss.h);
 // the optimizer is the product's AdamW (train/optim.h) on a host F64 tensor of the policy's logits.
 #pragma once

@@ -296,7 +296,8 @@ ExperimentOutput run_odpo(const ReproOptions& opt, Backend& backend, const fs::p
   }
   {
     Chart c{"Gap spread D (mean margin, gap >= 2 minus gap 1) against alpha", "alpha", "D", {}};
-    Series tr{"training pairs", {}, {}, Series::Style::LinePoints}, he{"held-out pairs", {}, {}, Series::Style::LinePoints};
+    Series tr{"training pairs", {}, {}, Series::Style::LinePoints};
+    Series he{"held-out pairs", {}, {}, Series::Style::LinePoints};
     for (const AlphaPoint& p : points) {
       tr.x.push_back(p.alpha), tr.y.push_back(p.d_train.mean);
       he.x.push_back(p.alpha), he.y.push_back(p.d_heldout.mean);
@@ -366,7 +367,8 @@ ExperimentOutput run_odpo(const ReproOptions& opt, Backend& backend, const fs::p
         "margin beta Delta of gap >= 2 pairs minus that of gap-1 pairs (seed mean and 95% CI over seeds).\n\n"
      << "SFT: reward " << fmt(sft_eval.reward_mean, 3) << " ± " << fmt(sft_eval.reward_sem, 2) << ", grammatical "
      << fmt(sft_eval.grammatical, 3) << ".\n\n"
-     << "| alpha | mean reward | KL | grammatical | D, training pairs | D, held-out pairs | margin by gap (training) |\n"
+     << "| alpha | mean reward | KL | grammatical | D, training pairs | D, held-out pairs | "
+        "margin by gap (training) |\n"
      << "|---|---|---|---|---|---|---|\n";
   for (const AlphaPoint& p : points) {
     md << "| " << tag(p.alpha) << (p.alpha == 0 ? " (DPO)" : "") << " | " << ci95(p.reward, z.seeds) << " | "
