@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "runtime/error.h"
@@ -446,6 +447,14 @@ TEST(ReproExperiments, OdpoTinyReportIsWellFormed) {
   EXPECT_TRUE(gaps.contains("2") || gaps.contains("3") || gaps.contains("4")) << gaps.dump();
   for (const auto& p : res["alphas"]) {
     ASSERT_EQ(p["runs"].size(), 2u);
+    // Each run trained with its alpha (alpha 0: DPO): the config the trainer wrote back.
+    for (const auto& run : p["runs"]) {
+      std::ifstream f(run["dir"].get<std::string>() + "/config.yaml");
+      std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+      std::ostringstream want;
+      want << "\nodpo_alpha: " << p["alpha"].get<double>() << "\n";
+      EXPECT_NE(all.find(want.str()), std::string::npos) << want.str() << " in " << run["dir"];
+    }
     for (const char* k : {"reward", "kl", "grammatical", "train_gap_spread", "heldout_gap_spread"}) {
       EXPECT_TRUE(std::isfinite(p[k]["mean"].get<double>())) << k << " " << p.dump();
       ASSERT_EQ(p[k]["ci95"].size(), 2u) << k;
