@@ -668,17 +668,18 @@ int main(int argc, char** argv) {
   bool repro_list = false;
   auto* repro = app.add_subcommand(
       "repro",
-      "Small reproductions of the DPO and IPO papers' claims, with PASS/FAIL criteria from theory.\n"
+      "Small reproductions of the DPO, IPO and ODPO papers' claims, with PASS/FAIL criteria from theory.\n"
       "Writes DIR/report.json, DIR/report.md and PNG plots and prints one PASS/FAIL line per criterion.\n"
       "Exit status: 0 when every criterion passes, 1 when one fails, 2 on bad input. docs/reproductions.md");
-  repro->add_option("name", repro_opt.name, "experiment: ipo-bandit, optimum, overfit, frontier (dpo repro --list)");
+  repro->add_option("name", repro_opt.name,
+                    "experiment: ipo-bandit, optimum, overfit, frontier, odpo (dpo repro --list)");
   repro->add_flag("--list", repro_list, "list the experiments, one line each, and exit");
   repro->add_option("--out,-o", repro_opt.out_dir, "output directory (must not hold a report.json)");
   repro->add_flag("--full", repro_opt.full,
-                  "the paper-sized version (more steps / pairs / seeds; frontier: about an hour)");
+                  "the paper-sized version (more steps / pairs / seeds; frontier, odpo: many times the default)");
   repro->add_option("--seed", repro_opt.seed, "seed for data, reference, reward and batches")->capture_default_str();
   repro->add_option("--threads", repro_opt.num_threads,
-                    "CPU threads; 0 = OpenMP default (frontier's numbers may change with it)")
+                    "CPU threads; 0 = OpenMP default (frontier's and odpo's numbers may change with it)")
       ->check(CLI::Range(int64_t{0}, dpo::kMaxThreads))
       ->capture_default_str();
 
