@@ -1,6 +1,6 @@
 // RMSNorm over the last dimension on the GPU. Contract: kernels/rmsnorm.h (CPU twin cpu::rmsnorm_forward/backward).
 //   forward : rstd[N] = 1 / sqrt(mean_c(inp^2) + eps);  out[N,C] = inp * rstd * w                 (=)
-//   backward: dinp[N,C] += rstd * (g - xn * mean_c(g * xn)), g = w * dout, xn = inp * rstd        (+=; = with Overwrite)
+//   backward: dinp[N,C] += rstd * (g - xn * mean_c(g * xn)), g = w * dout, xn = inp * rstd   (+=; = with Overwrite)
 //             dw[C] += sum_n dout * xn                                                             (+=)
 //             dinp must not alias dout or inp.
 // Storage: inp, w, out (forward) and dinp, dout, inp, w (backward) are float or bf16, one type per call; rstd and dw

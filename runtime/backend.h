@@ -448,7 +448,7 @@ struct LlamaHeads {
   int64_t N, D;
 };
 inline LlamaHeads check_llama_heads(const Tensor& t, int64_t n_head, int64_t n_kv_head, bool need_groups,
-                                const char* name) {
+                                    const char* name) {
   const std::string nm(name);
   DPO_ASSERT(t.defined(), nm + ": tensor is undefined");
   DPO_ASSERT(n_head >= 1 && n_kv_head >= 1, nm + ": n_head and n_kv_head must be >= 1, got " +

@@ -928,10 +928,11 @@ class CpuBackend final : public Backend {
   }
 
   // compact [N, (n_head + 2 n_kv_head) D] and expanded [N, 3 n_head D]; returns N, D.
-  static LlamaHeads check_repeat_kv(const Tensor& compact, const Tensor& expanded, int64_t n_head, int64_t n_kv_head,
-                                  const char* op, const char* compact_name, const char* expanded_name) {
-    const LlamaHeads hr = check_llama_heads(compact, n_head, n_kv_head, true,
-                                        (std::string(op) + " " + compact_name).c_str());
+  static LlamaHeads check_repeat_kv(const Tensor& compact, const Tensor& expanded, int64_t n_head,
+                                    int64_t n_kv_head, const char* op, const char* compact_name,
+                                    const char* expanded_name) {
+    const LlamaHeads hr =
+        check_llama_heads(compact, n_head, n_kv_head, true, (std::string(op) + " " + compact_name).c_str());
     const std::string en = std::string(op) + " " + expanded_name;
     DPO_ASSERT(check_llama_rows(expanded, 3 * n_head * hr.D, en.c_str()) == hr.N,
                en + " " + shape_str(expanded.shape()) + " must have N = " + std::to_string(hr.N) + " rows");

@@ -238,7 +238,8 @@ TEST_F(CudaLlama, ResidualRmsNormIsBitwiseThePair) {
       const Tensor ha = host(randn_in(A, N * C), {N, C}, A), hb = host(randn_in(A, N * C), {N, C}, A);
       const Tensor hw = host(randn_in(A, C), {C}, A);
       const Tensor a = dev(ha, s.offset), b = dev(hb, s.offset), w = dev(hw);
-      Tensor sum = dev_poisoned({N, C}, A, s.offset), out = dev_poisoned({N, C}, A), rstd = dev_poisoned({N}, DType::F32);
+      Tensor sum = dev_poisoned({N, C}, A, s.offset), out = dev_poisoned({N, C}, A);
+      Tensor rstd = dev_poisoned({N}, DType::F32);
       gpu_->residual_forward(sum, a, b);
       gpu_->rmsnorm_forward(out, rstd, sum, w, 1e-5);
       Tensor res2 = dev_poisoned({N, C}, A, s.offset), out2 = dev_poisoned({N, C}, A),
@@ -393,7 +394,8 @@ TEST_F(CudaLlama, SwigluMatchesTheCpuTwin) {
             const double sg = 1.0 / (1.0 + std::exp(-gt));
             ty[n * I + i] = 12 * kEps * std::fabs(gt * sg * u) + (bf ? ulp_bf16(cy[n * I + i]) : 0.0);
             const int64_t a = n * 2 * I + i, b = a + I;
-            tdx[a] = 12 * kEps * std::fabs(d * u) * (sg + std::fabs(gt) * sg * (1 - sg)) + (bf ? ulp_bf16(cdx[a]) : 0.0);
+            tdx[a] = 12 * kEps * std::fabs(d * u) * (sg + std::fabs(gt) * sg * (1 - sg)) +
+                     (bf ? ulp_bf16(cdx[a]) : 0.0);
             tdx[b] = 12 * kEps * std::fabs(d * gt * sg) + (bf ? ulp_bf16(cdx[b]) : 0.0);
           }
         expect_within(values(g_y), cy, ty, "swiglu_forward");
