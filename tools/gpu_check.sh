@@ -569,7 +569,8 @@ sanitizer_phase racecheck racecheck \
   "LayerNorm, encoder backward, sum of squares (fp32)|tests/test_cuda_kernels_a|CudaLayerNorm.*:CudaEncoder.Backward*:CudaElementwise.SumSquares*-$BIG" \
   "attention, log-prob, LayerNorm (bf16)|tests/test_cuda_bf16|CudaBf16Ops.Attention*:CudaBf16Ops.Logprob*:CudaBf16Ops.LayerNorm*" \
   "flash attention forward (bf16)|tests/test_cuda_flash|CudaFlash.ForwardHeadDim*" \
-  "flash attention backward (bf16)|tests/test_cuda_flash|CudaFlash.BackwardHeadDim64*"
+  "flash attention backward (bf16)|tests/test_cuda_flash|CudaFlash.BackwardHeadDim64*" \
+  "RMSNorm (fp32, bf16)|tests/test_cuda_llama_kernels|CudaLlama.RmsNorm*"
 # initcheck: a device read of memory nothing wrote, over the whole model (small shapes).
 sanitizer_phase initcheck initcheck \
   "GPT-2 forward + backward vs CPU (fp32)|tests/test_cuda_backend|CudaBackend.Gpt2LogprobsAndGradientsMatchCpu" \
