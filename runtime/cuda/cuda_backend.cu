@@ -293,38 +293,42 @@ void CudaBackend::encoder_forward(const Tensor& out, const Tensor& tokens, const
   const DType A = check_activation(out, "encoder out");
   check_i32(tokens, "encoder tokens");
   check_is(wte, A, "encoder wte");
-  check_is(wpe, A, "encoder wpe");
-  DPO_ASSERT(tokens.dim() == 2 && wte.dim() == 2 && wpe.dim() == 2,
+  if (wpe.defined()) check_is(wpe, A, "encoder wpe");  // undefined: no position embedding (runtime/backend.h)
+  DPO_ASSERT(tokens.dim() == 2 && wte.dim() == 2 && (!wpe.defined() || wpe.dim() == 2),
              "encoder: tokens, wte and wpe must be 2-D, got " + shape_str(tokens.shape()) + ", " +
-                 shape_str(wte.shape()) + ", " + shape_str(wpe.shape()));
+                 shape_str(wte.shape()) + ", " + (wpe.defined() ? shape_str(wpe.shape()) : "undefined"));
   const int64_t B = tokens.size(0), T = tokens.size(1), V = wte.size(0), C = wte.size(1);
   check_shape(out, {B, T, C}, "encoder out");
-  DPO_ASSERT(wpe.size(0) >= T && wpe.size(1) == C, "wpe " + shape_str(wpe.shape()) + " for T=" + std::to_string(T));
+  if (wpe.defined())
+    DPO_ASSERT(wpe.size(0) >= T && wpe.size(1) == C, "wpe " + shape_str(wpe.shape()) + " for T=" + std::to_string(T));
   with_storage(A, [&](auto z) {
     using S = decltype(z);
-    cuda::encoder_forward(*ctx_, ptr<S>(out), tokens.data<int32_t>(), ptr<S>(wte), ptr<S>(wpe), B, T, C, V);
+    cuda::encoder_forward(*ctx_, ptr<S>(out), tokens.data<int32_t>(), ptr<S>(wte), opt_ptr<S>(wpe), B, T, C, V);
   });
 }
 
 void CudaBackend::encoder_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens) {
   const DType A = check_activation(dout, "encoder dout");
   check_is(dwte, grad_dtype(A), "encoder dwte");
-  check_is(dwpe, grad_dtype(A), "encoder dwpe");
+  if (dwpe.defined()) check_is(dwpe, grad_dtype(A), "encoder dwpe");  // undefined: no position embedding
   check_i32(tokens, "encoder tokens");
-  DPO_ASSERT(tokens.dim() == 2 && dwte.dim() == 2 && dwpe.dim() == 2,
+  DPO_ASSERT(tokens.dim() == 2 && dwte.dim() == 2 && (!dwpe.defined() || dwpe.dim() == 2),
              "encoder: tokens, dwte and dwpe must be 2-D, got " + shape_str(tokens.shape()) + ", " +
-                 shape_str(dwte.shape()) + ", " + shape_str(dwpe.shape()));
+                 shape_str(dwte.shape()) + ", " + (dwpe.defined() ? shape_str(dwpe.shape()) : "undefined"));
   const int64_t B = tokens.size(0), T = tokens.size(1), V = dwte.size(0), C = dwte.size(1);
   check_shape(dout, {B, T, C}, "encoder dout");
-  DPO_ASSERT(dwpe.size(0) >= T && dwpe.size(1) == C, "dwpe " + shape_str(dwpe.shape()) + " for T=" + std::to_string(T));
+  if (dwpe.defined())
+    DPO_ASSERT(dwpe.size(0) >= T && dwpe.size(1) == C,
+               "dwpe " + shape_str(dwpe.shape()) + " for T=" + std::to_string(T));
   with_storage(A, [&](auto z) {
     using S = decltype(z);
-    cuda::encoder_backward(*ctx_, f32(dwte), f32(dwpe), ptr<S>(dout), tokens.data<int32_t>(), B, T, C, V);
+    cuda::encoder_backward(*ctx_, f32(dwte), opt_ptr<float>(dwpe), ptr<S>(dout), tokens.data<int32_t>(), B, T, C, V);
   });
 }
 
 void CudaBackend::encoder_forward_pos(const Tensor& out, const Tensor& tokens, const Tensor& pos, const Tensor& wte,
                                       const Tensor& wpe) {
+  if (!wpe.defined()) return encoder_forward(out, tokens, wte, wpe);  // no position embedding: pos unused
   const DType A = check_activation(out, "encoder out");
   check_i32(tokens, "encoder tokens");
   check_i32(pos, "encoder pos");
@@ -346,6 +350,7 @@ void CudaBackend::encoder_forward_pos(const Tensor& out, const Tensor& tokens, c
 
 void CudaBackend::encoder_backward_pos(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
                                        const Tensor& tokens, const Tensor& pos) {
+  if (!dwpe.defined()) return encoder_backward(dwte, dwpe, dout, tokens);  // no position embedding: pos unused
   const DType A = check_activation(dout, "encoder dout");
   check_is(dwte, grad_dtype(A), "encoder dwte");
   check_is(dwpe, grad_dtype(A), "encoder dwpe");
@@ -443,6 +448,38 @@ void CudaBackend::residual_layernorm_forward(const Tensor& res_out, const Tensor
     cuda::residual_layernorm_forward(*ctx_, ptr<S>(res_out), ptr<S>(ln_out), f32(mean), f32(rstd), ptr<S>(a),
                                      ptr<S>(b), ptr<S>(w), ptr<S>(bias), N, C, eps);
   });
+}
+
+// --- Llama-family ops ---------------------------------------------------------------------------------------------
+
+void CudaBackend::rmsnorm_forward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, double) {
+  throw Error("rmsnorm_forward is not yet on CUDA");
+}
+void CudaBackend::rmsnorm_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                   const Tensor&, GradWrite) {
+  throw Error("rmsnorm_backward is not yet on CUDA");
+}
+void CudaBackend::residual_rmsnorm_forward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                           const Tensor&, double) {
+  throw Error("residual_rmsnorm_forward is not yet on CUDA");
+}
+void CudaBackend::rope_forward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
+                               int64_t) {
+  throw Error("rope_forward is not yet on CUDA");
+}
+void CudaBackend::rope_backward(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t,
+                                int64_t) {
+  throw Error("rope_backward is not yet on CUDA");
+}
+void CudaBackend::swiglu_forward(const Tensor&, const Tensor&) { throw Error("swiglu_forward is not yet on CUDA"); }
+void CudaBackend::swiglu_backward(const Tensor&, const Tensor&, const Tensor&) {
+  throw Error("swiglu_backward is not yet on CUDA");
+}
+void CudaBackend::repeat_kv_forward(const Tensor&, const Tensor&, int64_t, int64_t) {
+  throw Error("repeat_kv_forward is not yet on CUDA");
+}
+void CudaBackend::repeat_kv_backward(const Tensor&, const Tensor&, int64_t, int64_t) {
+  throw Error("repeat_kv_backward is not yet on CUDA");
 }
 
 namespace {
