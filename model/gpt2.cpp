@@ -748,15 +748,31 @@ void GPT2::backward_trunk() {
 
 // --- the chunked LM head ---------------------------------------------------------------------------------------
 
-void GPT2::set_logits_chunk_rows(int64_t rows) {
-  if (rows < 1) throw Error("logits_chunk_rows must be >= 1, got " + std::to_string(rows));
-  if (rows != chunk_rows_ && (chunk_.defined() || compact_ln_.defined() || compact_dln_.defined())) {
+int64_t GPT2::chunk_rows_within(int64_t rows, int64_t bytes, int64_t vocab_size, DType dtype) {
+  const int64_t row_bytes = logits_stride(vocab_size) * dtype_size(dtype);
+  return std::max<int64_t>(1, std::min(rows, bytes / row_bytes));
+}
+
+void GPT2::set_chunk_limits(int64_t rows, int64_t bytes) {
+  const int64_t before = head_rows_limit();
+  chunk_rows_ = rows;
+  chunk_bytes_ = bytes;
+  if (head_rows_limit() != before && (chunk_.defined() || compact_ln_.defined() || compact_dln_.defined())) {
     chunk_ = Tensor();
     compact_ln_ = Tensor();
     compact_dln_ = Tensor();
     ++buffers_generation_;
   }
-  chunk_rows_ = rows;
+}
+
+void GPT2::set_logits_chunk_rows(int64_t rows) {
+  if (rows < 1) throw Error("logits_chunk_rows must be >= 1, got " + std::to_string(rows));
+  set_chunk_limits(rows, chunk_bytes_);
+}
+
+void GPT2::set_logits_chunk_bytes(int64_t bytes) {
+  if (bytes < 1) throw Error("logits_chunk_bytes must be >= 1, got " + std::to_string(bytes));
+  set_chunk_limits(chunk_rows_, bytes);
 }
 
 int64_t GPT2::logits_buffer_numel() const {
@@ -781,7 +797,7 @@ std::vector<std::vector<GPT2::Range>> GPT2::plan_chunks(int64_t B, int64_t T, in
   const int64_t per_unit = pair_stride > 0 ? 2 : 1;
   const int64_t units = pair_stride > 0 ? pair_stride : B;
   const int64_t unit_rows = per_unit * std::max<int64_t>(T, 1);
-  const int64_t k = std::min(units, std::max<int64_t>(1, chunk_rows_ / unit_rows));  // units per chunk
+  const int64_t k = std::min(units, std::max<int64_t>(1, head_rows_limit() / unit_rows));  // units per chunk
   std::vector<std::vector<Range>> plan;
   for (int64_t u0 = 0; u0 < units; u0 += k) {
     const int64_t n = std::min(k, units - u0);
@@ -994,7 +1010,7 @@ void GPT2::set_layout(const Layout* layout) {
 
 std::vector<GPT2::RowChunk> GPT2::plan_row_chunks(int64_t R, int64_t T) const {
   std::vector<RowChunk> plan;
-  const int64_t per = std::max<int64_t>(1, chunk_rows_ / std::max<int64_t>(T, 1));  // rows per chunk
+  const int64_t per = std::max<int64_t>(1, head_rows_limit() / std::max<int64_t>(T, 1));  // rows per chunk
   int64_t q = 0;
   for (int64_t r0 = 0; r0 < R; r0 += per) {
     const int64_t nr = std::min(per, R - r0);
@@ -1118,13 +1134,14 @@ std::optional<GPT2::HeadPlan> GPT2::plan_scored(const Tensor& weights, const Ten
     for (int64_t i = b; i < e; ++i) c += scored[static_cast<size_t>(i)];
     return c;
   };
-  // Greedy chunks of whole units (rows[u]: a unit's compact rows): at most chunk_rows_ rows, at least one unit.
+  // Greedy chunks of whole units (rows[u]: a unit's compact rows): at most head_rows_limit() rows, at least one unit.
+  const int64_t limit = head_rows_limit();
   auto chunk_units = [&](const std::vector<int64_t>& rows) {
     std::vector<std::pair<int64_t, int64_t>> c;  // [u0, u1)
     const auto U = static_cast<int64_t>(rows.size());
     for (int64_t u0 = 0; u0 < U;) {
       int64_t u1 = u0 + 1, sum = rows[static_cast<size_t>(u0)];
-      while (u1 < U && sum + rows[static_cast<size_t>(u1)] <= chunk_rows_) sum += rows[static_cast<size_t>(u1++)];
+      while (u1 < U && sum + rows[static_cast<size_t>(u1)] <= limit) sum += rows[static_cast<size_t>(u1++)];
       c.push_back({u0, u1});
       u0 = u1;
     }

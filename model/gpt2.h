@@ -240,6 +240,14 @@ class GPT2 {
   // gradient is known, so no logits are recomputed.
   void set_logits_chunk_rows(int64_t rows);  // >= 1 (Error otherwise); default kDefaultLogitsChunkRows
   int64_t logits_chunk_rows() const { return chunk_rows_; }
+  // The chunk is bounded in bytes too, whatever the vocabulary: a chunk holds at most
+  // chunk_rows_within(logits_chunk_rows, logits_chunk_bytes, V, dtype) rows (then whole units, at least one, as
+  // above). 2048 rows of Qwen2's 151936-token vocabulary are 1.2 GB in fp32; the default 512 MiB keeps GPT-2's 2048
+  // rows in fp32 and bf16 and caps a 152k vocabulary at 883 (fp32) or 1766 (bf16) rows.
+  void set_logits_chunk_bytes(int64_t bytes);  // >= 1 (Error otherwise); default kDefaultLogitsChunkBytes
+  int64_t logits_chunk_bytes() const { return chunk_bytes_; }
+  // min(rows, bytes / (logits_stride(vocab_size) * dtype size)), at least 1.
+  static int64_t chunk_rows_within(int64_t rows, int64_t bytes, int64_t vocab_size, DType dtype);
   //
   // Compaction (HeadRows::Scored, the default): most slots of a preference batch are prompt or padding, which no
   // log-prob reads (weight 0); the head then computes logits only for the scored slots (weight != 0), a third of
@@ -338,6 +346,7 @@ class GPT2 {
   int64_t buffers_generation() const { return buffers_generation_; }
 
   static constexpr int64_t kDefaultLogitsChunkRows = 2048;
+  static constexpr int64_t kDefaultLogitsChunkBytes = int64_t{512} << 20;
 
   // Gradient buckets, for overlapping the gradient all-reduce with the backward pass. The ranges (offset, numel)
   // of grads() in the order their gradients become final in a backward pass: ln_f, h.{L-1}, ..., h.0, then
@@ -471,6 +480,11 @@ class GPT2 {
   int64_t buffers_generation_ = 0;
   Tensor tokens_, keymask_, targets_, weights_;  // inputs of the last sequence_logprobs, for backward
   int64_t chunk_rows_ = kDefaultLogitsChunkRows;
+  int64_t chunk_bytes_ = kDefaultLogitsChunkBytes;
+  int64_t head_rows_limit() const {  // the rows a chunk may hold (set_logits_chunk_bytes)
+    return chunk_rows_within(chunk_rows_, chunk_bytes_, cfg_.vocab_size, dtype_);
+  }
+  void set_chunk_limits(int64_t rows, int64_t bytes);
   Tensor chunk_;           // the chunked LM head's logits buffer
   HeadRows head_rows_ = HeadRows::Scored;
   Tensor compact_ln_, compact_dln_;  // the compacted head's [rows, C] gathered ln_f rows and their gradient

@@ -218,6 +218,42 @@ TEST(LlamaModel, DecodeMatchesForward) {
   }
 }
 
+// The LM-head chunk bounded in bytes (set_logits_chunk_bytes): the rows follow from the vocabulary and the dtype,
+// whole sequences, at least one; the log-probs do not change.
+TEST(LlamaModel, ChunkBytesBoundTheLogitsBuffer) {
+  Fixture fx("llama_gqa");
+  auto be = make_cpu_backend();
+  auto model = load_gpt2_checkpoint(*be, fx.dir, DType::F64);
+  model->set_head_rows(HeadRows::All);
+  const int64_t ldv = model->logits_stride(), row = ldv * 8;  // bytes of one F64 logits row
+  EXPECT_EQ(GPT2::chunk_rows_within(2048, 100 * row + 7, 163, DType::F64), 100);
+  EXPECT_EQ(GPT2::chunk_rows_within(50, 100 * row, 163, DType::F64), 50);
+  EXPECT_EQ(GPT2::chunk_rows_within(2048, 1, 163, DType::F64), 1);
+  // Qwen2's vocabulary at the default budget (docs/training.md): 883 rows in F32, 1766 in BF16.
+  EXPECT_EQ(GPT2::chunk_rows_within(2048, GPT2::kDefaultLogitsChunkBytes, 151936, DType::F32), 883);
+  EXPECT_EQ(GPT2::chunk_rows_within(2048, GPT2::kDefaultLogitsChunkBytes, 151936, DType::BF16), 1766);
+  EXPECT_THROW(model->set_logits_chunk_bytes(0), Error);
+  Tensor weights = be->empty({fx.B, fx.T}, DType::F64);
+  be->copy_from_host(weights, fx.weights64);
+  auto score = [&]() {
+    Tensor seq = be->empty({fx.B}, DType::F64);
+    fill(*be, seq, std::nan(""));
+    model->score(fx.tokens, fx.keymask, fx.targets, weights, seq);
+    return to_vec(*be, seq);
+  };
+  model->set_logits_chunk_rows(1 << 20);
+  const std::vector<double> all = score();
+  EXPECT_EQ(model->logits_buffer_numel(), fx.B * fx.T * ldv);  // one chunk of the whole batch
+  for (int64_t budget : {fx.T * row, 2 * fx.T * row + row - 1, int64_t{1}}) {
+    SCOPED_TRACE("bytes " + std::to_string(budget));
+    model->set_logits_chunk_bytes(budget);
+    const std::vector<double> got = score();
+    const int64_t seqs = std::max<int64_t>(1, budget / row / fx.T);  // whole sequences, at least one
+    EXPECT_EQ(model->logits_buffer_numel(), seqs * fx.T * ldv);
+    for (int64_t b = 0; b < fx.B; ++b) EXPECT_NEAR(got[static_cast<size_t>(b)], all[static_cast<size_t>(b)], 1e-12);
+  }
+}
+
 // config.json deviations the model cannot compute are refused, naming the key.
 TEST(LlamaConfig, RefusesWhatItCannotCompute) {
   namespace fs = std::filesystem;
