@@ -96,7 +96,9 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
       in.attention == AttentionSaved::RowStats ? "per-row log-sum-exp and key mask per live block"
                                                : "[B,NH,T,T] probabilities per live block (grows with T^2)");
   add("activations: embeddings, ln_f, scratch", act.other, "[B,T,C] embeddings, ln_f output, c_proj scratch");
-  add("backward scratch", act.backward_scratch, "14 [B,T,C]-wide gradient buffers, reused by every block");
+  add("backward scratch", act.backward_scratch,
+      m.arch == Arch::Llama ? "the blocks' gradient buffers (6 [B,T,C], 3 [B,T,I] wide), reused by every block"
+                            : "14 [B,T,C]-wide gradient buffers, reused by every block");
   p.activations = act.total();
 
   // The chunked LM head (GPT2::plan_chunks / plan_row_chunks): whole units of 2T slots (a pair of padded rows) or
