@@ -15,6 +15,9 @@
 
 #include "model/checkpoint.h"
 #include "runtime/safetensors.h"
+#include "test_fixture.h"
+#include "test_util.h"
+#include "train/reference.h"
 #ifdef DPO_HAVE_CUDA
 #include "runtime/cuda/cuda_context.h"
 #endif
@@ -221,6 +224,29 @@ TEST(LlamaModel, DecodeMatchesForward) {
       got = to_vec(*be, model->decode_step({tok.data<int32_t>()[t]}, {t}));
       for (int64_t v = 0; v < V; ++v)
         ASSERT_NEAR(got[static_cast<size_t>(v)], full[static_cast<size_t>(t * ldv + v)], 1e-10) << name << " t " << t;
+    }
+  }
+}
+
+// Packed and prefix-shared rows (several sequences per row, positions restarting per sequence, the rejected
+// completion's positions continuing the prompt's): the rotary positions come from the layout, so every pair's
+// log-probs equal the padded batch's, in double to round-off.
+TEST(LlamaModel, LayoutsMatchPadded) {
+  Fixture fx("llama3_tied");
+  auto be = make_cpu_backend();
+  auto model = load_gpt2_checkpoint(*be, fx.dir, DType::F64);
+  std::mt19937_64 g(test::test_seed());
+  const auto data = test::random_pairs(g, 9, static_cast<int32_t>(model->config().vocab_size), 9, 7);
+  const RefLogps padded = compute_ref_logps(*model, data, 4);
+  for (BatchLayout layout : {BatchLayout::Packed, BatchLayout::PrefixShared}) {
+    SCOPED_TRACE(batch_layout_name(layout));
+    BatchShape shape;
+    shape.layout = layout;
+    shape.max_tokens_per_row = 40;
+    const RefLogps got = compute_ref_logps(*model, data, 4, shape);
+    for (size_t i = 0; i < data.size(); ++i) {
+      EXPECT_NEAR(got.chosen[i], padded.chosen[i], 1e-10 * std::fabs(padded.chosen[i])) << i;
+      EXPECT_NEAR(got.rejected[i], padded.rejected[i], 1e-10 * std::fabs(padded.rejected[i])) << i;
     }
   }
 }
