@@ -17,6 +17,7 @@
 #include "runtime/safetensors.h"
 #include "test_fixture.h"
 #include "test_util.h"
+#include "train/bench.h"
 #include "train/reference.h"
 #ifdef DPO_HAVE_CUDA
 #include "runtime/cuda/cuda_context.h"
@@ -347,6 +348,17 @@ TEST(LlamaCuda, MatchesHfInF32AndBf16) {
   const Tensor g0 = grads(), g1 = grads();
   EXPECT_EQ(std::memcmp(g0.raw(), g1.raw(), static_cast<size_t>(g0.nbytes())), 0);
 #endif
+}
+
+// dpo bench's Llama-family shapes have the parameter counts of the HF models they name (sum of numel over
+// AutoModelForCausalLM(config).parameters(), tied heads counted once).
+TEST(LlamaConfig, BenchShapesHaveTheNamedModelsParameterCounts) {
+  EXPECT_EQ(bench_shape("smollm-135m").num_parameters(), 134515008);   // HuggingFaceTB/SmolLM-135M
+  EXPECT_EQ(bench_shape("smollm-360m").num_parameters(), 361821120);   // HuggingFaceTB/SmolLM-360M
+  EXPECT_EQ(bench_shape("qwen2-0.5b").num_parameters(), 494032768);    // Qwen/Qwen2-0.5B
+  EXPECT_EQ(bench_shape("llama-1b").num_parameters(), 1235814400);     // meta-llama/Llama-3.2-1B
+  EXPECT_TRUE(bench_shape("llama-1b").rope_scaling.enabled());
+  EXPECT_THROW(bench_shape("llama-7b"), InputError);
 }
 
 // config.json deviations the model cannot compute are refused, naming the key.
