@@ -189,6 +189,9 @@ const std::vector<Key>& keys() {
       INT_KEY(zero_stage, "0 or 1; 1 shards the AdamW moments across the ranks (ZeRO-1; same results)"),
       INT_KEY(logits_chunk_rows, "token rows per chunk of the LM head and log-softmax (a chunk holds at least one "
                                  "pair); logits memory is chunk x vocab, independent of the batch size"),
+      INT_KEY(logits_chunk_bytes, "bytes of logits per chunk of the LM head (default 536870912 = 512 MiB): the rows "
+                                  "are the fewer of logits_chunk_rows and this over one row's bytes (vocab x dtype "
+                                  "size), at least one pair"),
       BOOL_KEY(gradient_checkpointing, "recompute each block's activations in the backward instead of keeping them "
                                         "(bitwise the same results; docs/training.md, \"Memory\")"),
       INT_KEY(gradient_checkpointing_interval, "with gradient_checkpointing: blocks per recomputed segment (1 to "
@@ -405,6 +408,7 @@ void validate(const TrainConfig& c, RunKind kind) {
   // seed: any integer (it is used as its 64-bit pattern).
   range("num_threads", c.num_threads, 0, kMaxThreads);
   range("logits_chunk_rows", c.logits_chunk_rows, 1, kMaxCount);
+  range("logits_chunk_bytes", c.logits_chunk_bytes, 1, int64_t{1} << 50);
   range("gradient_checkpointing_interval", c.gradient_checkpointing_interval, 1, kMaxCount);
   if (c.zero_stage != 0 && c.zero_stage != 1)
     bad("zero_stage", "must be 0 or 1, got " + std::to_string(c.zero_stage));

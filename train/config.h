@@ -82,6 +82,7 @@ struct TrainConfig {
   int64_t per_device_train_batch_size = 8;  // pairs per micro-batch
   int64_t per_device_eval_batch_size = 16;
   int64_t logits_chunk_rows = 2048;  // LM head + log-softmax rows per chunk (at least one pair); memory chunk x V
+  int64_t logits_chunk_bytes = int64_t{512} << 20;  // and at most this many bytes of logits per chunk (GPT2.h)
   int64_t gradient_accumulation_steps = 1;
   // Activation recomputation (GPT2::set_gradient_checkpointing; TRL/HF's key name): the forward keeps one input
   // per segment of gradient_checkpointing_interval blocks and the backward recomputes the segment from it.

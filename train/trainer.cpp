@@ -831,6 +831,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   say("tokenizer: " + tok->name() + "; " + bind_model_ids(cfg, *policy, cfg.model, *tok, dopt));
   check_fits(cfg, *policy, cfg.model, dopt.vocab_size);
   policy->set_logits_chunk_rows(cfg.logits_chunk_rows);
+  policy->set_logits_chunk_bytes(cfg.logits_chunk_bytes);
   policy->set_gradient_checkpointing(cfg.gradient_checkpointing ? cfg.gradient_checkpointing_interval : 0);
 
   // Data (every rank loads all of it: the epoch order is computed identically everywhere)
@@ -889,6 +890,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
                          "update mixes the two parameter by parameter, so they must have the same architecture");
     }
     ref->set_logits_chunk_rows(cfg.logits_chunk_rows);
+    ref->set_logits_chunk_bytes(cfg.logits_chunk_bytes);
     // Forward only: the same arrangement keeps one segment's activations live and recomputes nothing.
     ref->set_gradient_checkpointing(cfg.gradient_checkpointing ? cfg.gradient_checkpointing_interval : 0);
     if (cached) {
@@ -1555,6 +1557,7 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
   bind_model_ids(cfg, *policy, checkpoint, *tok, dopt);
   check_fits(cfg, *policy, checkpoint, dopt.vocab_size);
   policy->set_logits_chunk_rows(cfg.logits_chunk_rows);
+  policy->set_logits_chunk_bytes(cfg.logits_chunk_bytes);
   const std::string path = cfg.eval_file.empty() ? cfg.train_file : cfg.eval_file;
   LoadStats st;
   auto data = load_preferences(path, *tok, dopt, &st);
@@ -1566,6 +1569,7 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
     ref = load_verified_model(*be, ref_dir, model_dtype(cfg));
     check_fits(cfg, *ref, ref_dir, dopt.vocab_size);
     ref->set_logits_chunk_rows(cfg.logits_chunk_rows);
+    ref->set_logits_chunk_bytes(cfg.logits_chunk_bytes);
   }
   const auto t0 = std::chrono::steady_clock::now();
   // eval_num_tokens: the training tokens the checkpoint's run had seen (TRL reports the trainer's count), when
