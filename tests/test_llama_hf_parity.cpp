@@ -15,109 +15,16 @@
 
 #include "model/checkpoint.h"
 #include "runtime/safetensors.h"
+#include "llama_fixture.h"
 #include "test_fixture.h"
 #include "test_util.h"
 #include "train/bench.h"
 #include "train/reference.h"
-#ifdef DPO_HAVE_CUDA
-#include "runtime/cuda/cuda_context.h"
-#endif
 
 namespace dpo {
 namespace {
 
-const std::string kRoot = std::string(DPO_FIXTURE_DIR) + "/llama_tiny";
-const char* kModels[] = {"llama_gqa", "llama3_tied", "qwen2_bias"};
-
-struct Fixture {
-  explicit Fixture(const std::string& name) : dir(kRoot + "/" + name), io(dir + "/io.safetensors") {}
-  std::string dir;
-  SafetensorsFile io;
-  Tensor tokens = io.read("tokens"), keymask = io.read("keymask"), targets = io.read("targets");
-  Tensor weights64 = io.read("weights"), logits = io.read("logits"), seq_logp = io.read("seq_logp");
-  int64_t B = tokens.size(0), T = tokens.size(1);
-};
-
-// max |ours - ref| / max |ref|: norm-wise relative error (as tests/test_gpt2_hf_parity.cpp).
-double rel_err(const std::vector<double>& ours, const std::vector<double>& ref) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    const double e = std::fabs(ours[i] - ref[i]);
-    if (!(e <= num)) num = e;
-    den = std::max(den, std::fabs(ref[i]));
-  }
-  return num / den;
-}
-
-std::vector<double> to_vec(Backend& be, const Tensor& t) {
-  Tensor h = Tensor::host(t.shape(), DType::F64);
-  be.copy_to_host(h, t);
-  return std::vector<double>(h.data<double>(), h.data<double>() + h.numel());
-}
-
-void fill(Backend& be, const Tensor& t, double v) {
-  Tensor h = Tensor::host(t.shape(), DType::F64);
-  for (int64_t i = 0; i < h.numel(); ++i) h.data<double>()[i] = v;
-  be.copy_from_host(t, h);
-}
-
-struct Result {
-  double logits_err = 0, seq_err = 0, max_grad_err = 0;
-  std::string worst_grad;
-};
-
-// The model on `be` (the CPU backend by default, the CUDA backend in the LlamaCuda tests) against the fixture.
-Result run(const std::string& name, DType dtype, std::unique_ptr<Backend> be_in = nullptr) {
-  Fixture fx(name);
-  auto be = be_in ? std::move(be_in) : make_cpu_backend();
-  auto model = load_gpt2_checkpoint(*be, fx.dir, dtype);
-  EXPECT_EQ(model->config().arch, Arch::Llama);
-  const DType gd = grad_dtype(dtype);
-  Tensor weights = be->empty({fx.B, fx.T}, gd);
-  be->copy_from_host(weights, fx.weights64);
-  Tensor seq = be->empty({fx.B}, gd);
-  fill(*be, seq, std::nan(""));
-  const Tensor tokens = to_backend(*be, fx.tokens), keymask = to_backend(*be, fx.keymask),
-               targets = to_backend(*be, fx.targets);
-
-  // Logits only where keymask == 1 (padded query rows are implementation-defined).
-  const Tensor& logits = model->forward(tokens, keymask);
-  const std::vector<double> all = to_vec(*be, logits);
-  const int64_t V = model->config().vocab_size, ldv = model->logits_stride();
-  std::vector<double> ours, ref;
-  for (int64_t bt = 0; bt < fx.B * fx.T; ++bt) {
-    if (fx.keymask.data<int32_t>()[bt] == 0) continue;
-    for (int64_t v = 0; v < V; ++v) {
-      ours.push_back(all[static_cast<size_t>(bt * ldv + v)]);
-      ref.push_back(fx.logits.data<double>()[bt * V + v]);
-    }
-  }
-  Result r;
-  r.logits_err = rel_err(ours, ref);
-
-  model->sequence_logprobs(tokens, keymask, targets, weights, seq);
-  const std::vector<double> s = to_vec(*be, seq);
-  for (int64_t b = 0; b < fx.B; ++b) {
-    const double want = fx.seq_logp.data<double>()[b];
-    r.seq_err = std::max(r.seq_err, std::fabs(s[static_cast<size_t>(b)] - want) / std::fabs(want));
-  }
-
-  Tensor dseq = be->empty({fx.B}, gd);
-  fill(*be, dseq, 1.0);  // d(sum_b seq_logp) / d seq_logp
-  model->zero_grad();
-  model->backward(dseq);
-  for (const auto& sp : model->specs()) {
-    Tensor g = fx.io.read("grad." + sp.name);
-    EXPECT_EQ(g.shape(), sp.shape) << sp.name;
-    std::vector<double> gref(g.data<double>(), g.data<double>() + g.numel());
-    const double e = rel_err(to_vec(*be, model->grad(sp.name)), gref);
-    if (!(e <= r.max_grad_err)) {
-      r.max_grad_err = e;
-      r.worst_grad = sp.name;
-    }
-  }
-  return r;
-}
+using namespace llama_test;
 
 class LlamaHfParity : public ::testing::TestWithParam<const char*> {};
 
@@ -300,54 +207,6 @@ TEST(LlamaModel, ChunkBytesBoundTheLogitsBuffer) {
     EXPECT_EQ(model->logits_buffer_numel(), seqs * fx.T * ldv);
     for (int64_t b = 0; b < fx.B; ++b) EXPECT_NEAR(got[static_cast<size_t>(b)], all[static_cast<size_t>(b)], 1e-12);
   }
-}
-
-// The same parity on the GPU (skipped without one). F32: the CUDA path is another float computation of the same
-// functions (cuBLASLt GEMMs, warp reductions, fp32 statistics), whose distance to the exact result is of the CPU
-// float model's order (a few 1e-6 here): 1e-4 as for the CPU and as tests/test_cuda_backend.cpp's GPT-2 bound.
-// BF16 (parameters and activations rounded to 8-bit mantissas, unit roundoff 3.9e-3; F32 statistics, softmax and
-// gradients): each of the ~10 roundings per layer adds up to 3.9e-3 relative, so logits and log-probs within a few
-// 1e-2; 0.1 norm-wise still fails for a wrong rotation, grouping or norm (errors of order 1). The backward is run
-// twice: bitwise the same gradients (no atomics in the Llama ops).
-TEST(LlamaCuda, MatchesHfInF32AndBf16) {
-#ifndef DPO_HAVE_CUDA
-  GTEST_SKIP() << "built without CUDA";
-#else
-  if (CudaContext::device_count() == 0) GTEST_SKIP() << CudaContext::query_devices().message;
-  for (const char* name : kModels) {
-    SCOPED_TRACE(name);
-    const Result f = run(name, DType::F32, make_cuda_backend(0));
-    EXPECT_LT(f.logits_err, 1e-4);
-    EXPECT_LT(f.seq_err, 1e-4);
-    EXPECT_LT(f.max_grad_err, 1e-4) << "worst parameter: " << f.worst_grad;
-    const Result h = run(name, DType::BF16, make_cuda_backend(0));
-    EXPECT_LT(h.logits_err, 0.1);
-    EXPECT_LT(h.seq_err, 0.1);
-    EXPECT_LT(h.max_grad_err, 0.25) << "worst parameter: " << h.worst_grad;  // as Bf16WithinItsRounding
-    std::printf("%s CUDA vs HF float64: f32 logits %.2e seq %.2e grads %.2e; bf16 logits %.2e seq %.2e grads %.2e\n",
-                name, f.logits_err, f.seq_err, f.max_grad_err, h.logits_err, h.seq_err, h.max_grad_err);
-  }
-  // Determinism: two backward passes of the same batch give bitwise the same gradients.
-  Fixture fx("llama_gqa");
-  auto be = make_cuda_backend(0);
-  auto model = load_gpt2_checkpoint(*be, fx.dir, DType::BF16);
-  Tensor weights = be->empty({fx.B, fx.T}, DType::F32), seq = be->empty({fx.B}, DType::F32),
-         dseq = be->empty({fx.B}, DType::F32);
-  be->copy_from_host(weights, fx.weights64);
-  fill(*be, dseq, 1.0);
-  const Tensor tokens = to_backend(*be, fx.tokens), keymask = to_backend(*be, fx.keymask),
-               targets = to_backend(*be, fx.targets);
-  auto grads = [&]() {
-    model->zero_grad();
-    model->sequence_logprobs(tokens, keymask, targets, weights, seq);
-    model->backward(dseq);
-    Tensor h = Tensor::host({model->grads().numel()}, DType::F32);
-    be->copy_to_host(h, model->grads());
-    return h;
-  };
-  const Tensor g0 = grads(), g1 = grads();
-  EXPECT_EQ(std::memcmp(g0.raw(), g1.raw(), static_cast<size_t>(g0.nbytes())), 0);
-#endif
 }
 
 // dpo bench's Llama-family shapes have the parameter counts of the HF models they name (sum of numel over
