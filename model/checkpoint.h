@@ -1,4 +1,6 @@
-// HF-format GPT-2 checkpoints: a directory with config.json and model.safetensors.
+// HF-format checkpoints: a directory with config.json and model.safetensors. GPT-2 below; config.json's model_type
+// llama, qwen2 or mistral selects the Llama family, whose keys and tensor names model/hf_llama.h describes (the
+// functions here dispatch to it, so every caller loads and saves both architectures alike).
 //
 // Loading accepts what HF writes: tensor names with or without the "transformer." prefix, F32/F64/BF16/F16
 // weights (converted to the model's dtype), the non-parameter buffers old checkpoints carry (h.<l>.attn.bias,

@@ -74,8 +74,8 @@ using json = nlohmann::json;
 constexpr const char* kChecksumsFormat = "dpo-checksums-1";
 
 // The files of a checkpoint directory that dpo writes and reads back.
-const char* const kCheckpointFiles[] = {"config.json", "model.safetensors", "optimizer.safetensors",
-                                        "trainer_state.json", "generation_config.json"};
+const char* const kCheckpointFiles[] = {"config.json",        "model.safetensors",      "optimizer.safetensors",
+                                        "trainer_state.json", "generation_config.json", "ref_model.safetensors"};
 
 }  // namespace
 
