@@ -7,6 +7,8 @@
 // calls; its weights can be overwritten (assign_weights) with the master path's rounding; its measured activation
 // bytes are what model/memory_plan.h predicts. And the trainer: a run whose live reference is forward-only ends
 // with weights bitwise those of a run whose reference is a training-mode model (DPO_TEST_TRAIN_MODE_REFERENCE).
+// GPT-2 and the Llama family (grouped-query heads, q/k/v biases, an untied head, Llama 3 rope scaling: its blocks
+// update the residual stream in place under the same rule).
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -14,6 +16,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "model/gpt2.h"
@@ -31,13 +34,24 @@ namespace {
 
 using Mode = GPT2::ModelMode;
 
-GPT2Config small_config() {
+// GPT-2, or (llama) a Qwen2-style Llama-family model: 3 query heads sharing 1 key/value head, q/k/v biases, an
+// untied head, an SwiGLU width of 10 and Llama 3 rope scaling.
+GPT2Config small_config(bool llama = false) {
   GPT2Config c;
   c.vocab_size = 29;  // not a multiple of anything
   c.max_seq_len = 48;
   c.n_embd = 12;
   c.n_head = 3;
   c.n_layer = 5;
+  if (llama) {
+    c.arch = Arch::Llama;
+    c.model_type = "qwen2";
+    c.n_kv_head = 1;
+    c.intermediate_size = 10;
+    c.attention_bias = true;
+    c.tie_word_embeddings = false;
+    c.rope_scaling = RopeScaling{8, 1, 4, 16};
+  }
   return c;
 }
 
@@ -101,28 +115,30 @@ std::string forward_outputs(GPT2& m, const test::PaddedBatch& in, const std::vec
   return out;
 }
 
-class ForwardOnly : public ::testing::TestWithParam<DType> {};
+// (dtype, Llama family)
+class ForwardOnly : public ::testing::TestWithParam<std::tuple<DType, bool>> {};
 
 TEST_P(ForwardOnly, OutputsAreBitwiseThoseOfATrainingModel) {
   std::mt19937_64 g(test::test_seed());
   auto be = make_cpu_backend();
-  const DType dt = GetParam();
-  GPT2 train(*be, small_config(), dt);
+  const DType dt = std::get<0>(GetParam());
+  const GPT2Config cfg = small_config(std::get<1>(GetParam()));
+  GPT2 train(*be, cfg, dt);
   randomize(train, g);
   // Two ways to a forward-only model: weights written before the switch (as the trainer loads the reference),
   // and weights assigned afterwards from the training model's master (as the bench and a weight mix do).
-  GPT2 fwd_loaded(*be, small_config(), dt);
+  GPT2 fwd_loaded(*be, cfg, dt);
   be->copy(fwd_loaded.master_params(), train.master_params());
   fwd_loaded.sync_params();
   fwd_loaded.set_mode(Mode::ForwardOnly);
-  GPT2 fwd_assigned(*be, small_config(), dt);
+  GPT2 fwd_assigned(*be, cfg, dt);
   fwd_assigned.set_mode(Mode::ForwardOnly);
   fwd_assigned.assign_weights(train.master_params());
   ASSERT_TRUE(bytes_of(fwd_loaded.params()) == bytes_of(train.params()));
   ASSERT_TRUE(bytes_of(fwd_assigned.params()) == bytes_of(train.params()));
 
-  const test::PaddedBatch in = test::make_padded_batch(g, small_config().vocab_size, 4, 10);
-  const std::vector<PreferencePair> pairs = test::random_pairs(g, 5, static_cast<int32_t>(small_config().vocab_size));
+  const test::PaddedBatch in = test::make_padded_batch(g, cfg.vocab_size, 4, 10);
+  const std::vector<PreferencePair> pairs = test::random_pairs(g, 5, static_cast<int32_t>(cfg.vocab_size));
   for (const Fusions& f : {Fusions::all(), Fusions::none()}) {
     SCOPED_TRACE(f == Fusions::all() ? "fusions all" : "fusions none");
     for (GPT2* m : {&train, &fwd_loaded, &fwd_assigned}) m->set_fusions(f);
@@ -141,23 +157,28 @@ TEST_P(ForwardOnly, OutputsAreBitwiseThoseOfATrainingModel) {
 TEST_P(ForwardOnly, HoldsNoGradientsOrMasterAndRefusesTraining) {
   std::mt19937_64 g(test::test_seed());
   auto be = make_cpu_backend();
-  const DType dt = GetParam();
+  const DType dt = std::get<0>(GetParam());
+  const GPT2Config cfg = small_config(std::get<1>(GetParam()));
   const int64_t live0 = host_memory_stats().live;
-  GPT2 m(*be, small_config(), dt);
+  GPT2 m(*be, cfg, dt);
   randomize(m, g);
   m.set_mode(Mode::ForwardOnly);
   m.set_mode(Mode::ForwardOnly);  // the same mode again: nothing
   EXPECT_EQ(m.mode(), Mode::ForwardOnly);
-  const int64_t N = small_config().num_parameters();
-  // Only the weights in the compute dtype remain (BF16: no F32 master; every dtype: no gradient vector).
-  EXPECT_EQ(host_memory_stats().live - live0, N * dtype_size(dt));
+  const int64_t N = cfg.num_parameters();
+  // Only the weights in the compute dtype remain (BF16: no F32 master; every dtype: no gradient vector), and a
+  // Llama's rotary cos / sin tables [max_seq_len, head_dim / 2] in the statistics dtype.
+  const int64_t rope = cfg.arch == Arch::Llama ? 2 * cfg.max_seq_len * (cfg.head_dim() / 2) * dtype_size(grad_dtype(dt))
+                                               : 0;
+  EXPECT_EQ(host_memory_stats().live - live0, N * dtype_size(dt) + rope);
   EXPECT_FALSE(m.grads().defined());
   EXPECT_EQ(m.master_params().dtype(), dt);
   EXPECT_THROW(m.set_mode(Mode::Train), Error);
   EXPECT_THROW(m.zero_grad(), Error);
-  EXPECT_THROW(m.grad("wte.weight"), Error);
-  if (dt == DType::BF16) EXPECT_THROW(m.master_param("wte.weight"), Error);
-  const test::PaddedBatch in = test::make_padded_batch(g, small_config().vocab_size, 2, 6);
+  const std::string embed = cfg.arch == Arch::Llama ? "embed_tokens.weight" : "wte.weight";
+  EXPECT_THROW(m.grad(embed), Error);
+  if (dt == DType::BF16) EXPECT_THROW(m.master_param(embed), Error);
+  const test::PaddedBatch in = test::make_padded_batch(g, cfg.vocab_size, 2, 6);
   const DType gd = grad_dtype(dt);
   Tensor w = Tensor::host({2, 6}, gd), seq = Tensor::host({2}, gd), dseq = Tensor::host({2}, gd);
   m.sequence_logprobs(in.tokens, in.keymask, in.targets, w, seq);
@@ -213,42 +234,49 @@ TEST(ForwardOnlyWeights, AssignRoundsAsTheMasterPath) {
 TEST(ForwardOnlyMemory, MeasuredActivationsAreThePlannedOnes) {
   std::mt19937_64 g(test::test_seed());
   auto be = make_cpu_backend();
-  GPT2Config cfg = small_config();
-  cfg.n_layer = 6;
-  for (DType dt : {DType::F32, DType::F64}) {
-    SCOPED_TRACE(dtype_name(dt));
-    const test::PaddedBatch in = test::make_padded_batch(g, cfg.vocab_size, 3, 17);
-    const DType gd = grad_dtype(dt);
-    Tensor w = Tensor::host({in.B, in.T}, gd), seq = Tensor::host({in.B}, gd);
-    for (int64_t i = 0; i < in.B * in.T; ++i) {
-      if (gd == DType::F64) w.data<double>()[i] = in.weights.data<double>()[i];
-      else w.data<float>()[i] = static_cast<float>(in.weights.data<double>()[i]);
+  for (bool llama : {false, true}) {
+    for (DType dt : {DType::F32, DType::F64}) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + (llama ? " llama" : " gpt2"));
+      GPT2Config cfg = small_config(llama);
+      cfg.n_layer = 6;
+      const test::PaddedBatch in = test::make_padded_batch(g, cfg.vocab_size, 3, 17);
+      const DType gd = grad_dtype(dt);
+      Tensor w = Tensor::host({in.B, in.T}, gd), seq = Tensor::host({in.B}, gd);
+      for (int64_t i = 0; i < in.B * in.T; ++i) {
+        if (gd == DType::F64) w.data<double>()[i] = in.weights.data<double>()[i];
+        else w.data<float>()[i] = static_cast<float>(in.weights.data<double>()[i]);
+      }
+      auto measure = [&](Mode mode) {
+        GPT2 m(*be, cfg, dt);
+        randomize(m, g);
+        m.set_mode(mode);
+        m.set_head_rows(HeadRows::All);
+        m.set_logits_chunk_rows(in.T);
+        const int64_t before = host_memory_stats().live;
+        reset_host_peak_bytes();
+        m.score(in.tokens, in.keymask, in.targets, w, seq);
+        return host_memory_stats().peak - before;
+      };
+      const int64_t fwd = measure(Mode::ForwardOnly), train = measure(Mode::Train);
+      const int64_t chunk = in.T * GPT2::logits_stride(cfg.vocab_size) * dtype_size(dt);
+      const ActivationBytes plan = forward_only_activation_bytes(cfg, dt, in.B, in.T, AttentionSaved::RowStats);
+      const ActivationBytes full = activation_bytes(cfg, dt, in.B, in.T, 0, AttentionSaved::RowStats);
+      EXPECT_EQ(plan.backward_scratch, 0);
+      EXPECT_EQ(fwd, plan.total() + chunk);
+      EXPECT_EQ(train, full.total() + chunk);
+      // One block instead of six, no per-layer output, no backward scratch: under a quarter here.
+      EXPECT_LT(4 * fwd, train);
     }
-    auto measure = [&](Mode mode) {
-      GPT2 m(*be, cfg, dt);
-      randomize(m, g);
-      m.set_mode(mode);
-      m.set_head_rows(HeadRows::All);
-      m.set_logits_chunk_rows(in.T);
-      const int64_t before = host_memory_stats().live;
-      reset_host_peak_bytes();
-      m.score(in.tokens, in.keymask, in.targets, w, seq);
-      return host_memory_stats().peak - before;
-    };
-    const int64_t fwd = measure(Mode::ForwardOnly), train = measure(Mode::Train);
-    const int64_t chunk = in.T * GPT2::logits_stride(cfg.vocab_size) * dtype_size(dt);
-    const ActivationBytes plan = forward_only_activation_bytes(cfg, dt, in.B, in.T, AttentionSaved::RowStats);
-    const ActivationBytes full = activation_bytes(cfg, dt, in.B, in.T, 0, AttentionSaved::RowStats);
-    EXPECT_EQ(plan.backward_scratch, 0);
-    EXPECT_EQ(fwd, plan.total() + chunk);
-    EXPECT_EQ(train, full.total() + chunk);
-    // One block instead of six, no per-layer output, no backward scratch: under a quarter here.
-    EXPECT_LT(4 * fwd, train);
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, ForwardOnly, ::testing::Values(DType::F32, DType::F64, DType::BF16),
-                         [](const ::testing::TestParamInfo<DType>& i) { return std::string(dtype_name(i.param)); });
+INSTANTIATE_TEST_SUITE_P(Dtypes, ForwardOnly,
+                         ::testing::Combine(::testing::Values(DType::F32, DType::F64, DType::BF16),
+                                            ::testing::Bool()),
+                         [](const ::testing::TestParamInfo<std::tuple<DType, bool>>& i) {
+                           return std::string(dtype_name(std::get<0>(i.param))) +
+                                  (std::get<1>(i.param) ? "_llama" : "_gpt2");
+                         });
 
 // The trainer: 3 optimizer steps of 2 accumulated micro-batches with a live reference, fp32 and bf16, recomputation
 // off and on: the forward-only reference gives weights, optimizer state and loss bitwise those of a training-mode

@@ -137,7 +137,7 @@ TEST(TrDpoMix, Bf16RoundsOnceToTheNearestBf16) {
 
 // sync_reference on GPT-2 models of the CPU backend: the reference's parameters become the mix of its own stored
 // values with the policy's master weights; a BF16 reference's master holds the same values, and alpha = 1 makes
-// it the policy's BF16 compute copy bitwise.
+// it the policy's BF16 compute copy bitwise. The same for a forward-only reference (the trainer's: no master).
 TEST(TrDpoMix, SyncReferenceOnModels) {
   GPT2Config c;
   c.vocab_size = 61;
@@ -146,38 +146,42 @@ TEST(TrDpoMix, SyncReferenceOnModels) {
   c.n_head = 2;
   c.n_layer = 2;
   auto be = make_cpu_backend(1);
-  for (const DType dt : {DType::F32, DType::BF16}) {
-    for (const double alpha : {0.6, 1.0}) {
-      SCOPED_TRACE(std::string(dtype_name(dt)) + " alpha " + std::to_string(alpha));
-      GPT2 policy(*be, c, dt), ref(*be, c, dt);
-      Rng r1(5), r2(6);
-      policy.init_random(r1);
-      ref.init_random(r2);
-      const int64_t n = policy.params().numel();
-      Tensor pw = Tensor::host({n}, DType::F32);
-      be->copy_to_host(pw, policy.master_params());
-      Tensor before = Tensor::host({n}, DType::F64);
-      be->copy_to_host(before, ref.params());
-      sync_reference(ref, pw, alpha);
-      Tensor after = Tensor::host({n}, DType::F64), master = Tensor::host({n}, DType::F64);
-      be->copy_to_host(after, ref.params());
-      be->copy_to_host(master, ref.master_params());
-      Tensor pol_compute = Tensor::host({n}, DType::F64);
-      be->copy_to_host(pol_compute, policy.params());
-      // One rounding to dt of the double mix: within half an ulp of dt (bf16: 2^-8 relative, f32: 2^-24).
-      const double half_ulp = dt == DType::BF16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -24);
-      int64_t wrong = 0, moved = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        const double exact =
-            alpha * static_cast<double>(pw.data<float>()[i]) + (1.0 - alpha) * before.data<double>()[i];
-        const double got = after.data<double>()[i];
-        wrong += std::fabs(got - exact) > half_ulp * std::fabs(exact);
-        wrong += master.data<double>()[i] != got;  // the master follows (F32: the same tensor)
-        if (alpha == 1.0) wrong += got != pol_compute.data<double>()[i];
-        moved += got != before.data<double>()[i];
+  for (const bool forward_only : {false, true}) {
+    for (const DType dt : {DType::F32, DType::BF16}) {
+      for (const double alpha : {0.6, 1.0}) {
+        SCOPED_TRACE(std::string(dtype_name(dt)) + " alpha " + std::to_string(alpha) +
+                     (forward_only ? " forward-only reference" : ""));
+        GPT2 policy(*be, c, dt), ref(*be, c, dt);
+        Rng r1(5), r2(6);
+        policy.init_random(r1);
+        ref.init_random(r2);
+        if (forward_only) ref.set_mode(GPT2::ModelMode::ForwardOnly);
+        const int64_t n = policy.params().numel();
+        Tensor pw = Tensor::host({n}, DType::F32);
+        be->copy_to_host(pw, policy.master_params());
+        Tensor before = Tensor::host({n}, DType::F64);
+        be->copy_to_host(before, ref.params());
+        sync_reference(ref, pw, alpha);
+        Tensor after = Tensor::host({n}, DType::F64), master = Tensor::host({n}, DType::F64);
+        be->copy_to_host(after, ref.params());
+        be->copy_to_host(master, ref.master_params());
+        Tensor pol_compute = Tensor::host({n}, DType::F64);
+        be->copy_to_host(pol_compute, policy.params());
+        // One rounding to dt of the double mix: within half an ulp of dt (bf16: 2^-8 relative, f32: 2^-24).
+        const double half_ulp = dt == DType::BF16 ? std::ldexp(1.0, -8) : std::ldexp(1.0, -24);
+        int64_t wrong = 0, moved = 0;
+        for (int64_t i = 0; i < n; ++i) {
+          const double exact =
+              alpha * static_cast<double>(pw.data<float>()[i]) + (1.0 - alpha) * before.data<double>()[i];
+          const double got = after.data<double>()[i];
+          wrong += std::fabs(got - exact) > half_ulp * std::fabs(exact);
+          wrong += master.data<double>()[i] != got;  // the master follows (F32: the same tensor)
+          if (alpha == 1.0) wrong += got != pol_compute.data<double>()[i];
+          moved += got != before.data<double>()[i];
+        }
+        EXPECT_EQ(wrong, 0);
+        EXPECT_GT(moved, n / 2);  // the two models differ almost everywhere, so the mix moved the reference
       }
-      EXPECT_EQ(wrong, 0);
-      EXPECT_GT(moved, n / 2);  // the two models differ almost everywhere, so the mix moved the reference
     }
   }
 }
