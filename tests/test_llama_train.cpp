@@ -198,6 +198,39 @@ TEST_P(LlamaTrain, ResumeIsBitIdentical) {
   EXPECT_NE(test::checkpoint_weights(w / "base"), test::checkpoint_weights(a.final_checkpoint));
 }
 
+// TR-DPO on a Llama-family model (sync_ref_model, a live forward-only BF16 reference): stopped after step 4 and
+// resumed (syncs after steps 2, 4 and 6) ends bitwise the uninterrupted run, the synced reference
+// (ref_model.safetensors, in the HF names and layouts of model.safetensors) included, and the syncs moved it.
+TEST_P(LlamaTrain, TrDpoResumeAcrossSyncsIsBitIdentical) {
+  Workdir w;
+  setup(w, GetParam(), 22);
+  TrainConfig full = base_config(w, "full");
+  full.precision = "bf16";
+  full.precompute_ref_log_probs = false;
+  full.sync_ref_model = true;
+  full.ref_model_mixup_alpha = 0.6;
+  full.ref_model_sync_steps = 2;
+  const RunSummary a = run_training(full, RunKind::Dpo, quiet());
+  ASSERT_EQ(a.steps, 6);
+  TrainConfig part = full;
+  part.out_dir = w / "part";
+  part.save_steps = 4;
+  run_training(part, RunKind::Dpo, quiet());
+  const fs::path step4 = fs::path(part.out_dir) / "checkpoints" / "step-4";
+  fs::remove_all(fs::path(part.out_dir) / "checkpoints" / "step-6");
+  ASSERT_TRUE(fs::exists(step4 / "ref_model.safetensors"));
+  RunOptions ro = quiet();
+  ro.resume = step4.string();
+  const RunSummary b = run_training(part, RunKind::Dpo, ro);
+  ASSERT_EQ(b.steps, 6);
+  for (const char* f : {"model.safetensors", "optimizer.safetensors", "ref_model.safetensors"}) {
+    const std::string fa = slurp(a.final_checkpoint + "/" + f);
+    ASSERT_FALSE(fa.empty()) << f;
+    EXPECT_TRUE(fa == slurp(b.final_checkpoint + "/" + f)) << f << " differs from the uninterrupted run's";
+  }
+  EXPECT_NE(slurp(a.final_checkpoint + "/ref_model.safetensors"), slurp((step4 / "ref_model.safetensors").string()));
+}
+
 INSTANTIATE_TEST_SUITE_P(Models, LlamaTrain, ::testing::Values("llama", "qwen2"),
                          [](const auto& info) { return std::string(info.param); });
 

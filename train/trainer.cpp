@@ -18,6 +18,7 @@
 
 #include "kernels/seq_stats.h"
 #include "model/checkpoint.h"
+#include "model/hf_llama.h"
 #include "runtime/blas_info.h"
 #include "runtime/comm.h"
 #include "runtime/kernel_trace.h"
@@ -334,8 +335,11 @@ void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW
                                     "trainer_state.json"};
   if (ref_weights.defined()) {
     const Tensor rw = convert_host(ref_weights.reshape({ref_weights.numel()}), DType::F32, kRefModelFile);
+    // The names and layouts of model.safetensors, so that load_gpt2_weights reads it back on resume.
     std::vector<std::pair<std::string, Tensor>> tensors;
-    for (const auto& s : model.specs()) tensors.emplace_back("transformer." + s.name, rw.view(s.offset, s.shape));
+    if (model.config().arch == Arch::Llama) tensors = llama_hf_tensors(model, rw);
+    else
+      for (const auto& s : model.specs()) tensors.emplace_back("transformer." + s.name, rw.view(s.offset, s.shape));
     save_safetensors((tmp / kRefModelFile).string(), tensors, {{"format", "pt"}});
     files.push_back(kRefModelFile);
   }
@@ -912,12 +916,13 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       const GPT2Config& a = policy->config();
       const GPT2Config& r = ref->config();
       auto dims = [](const GPT2Config& c) {
-        return "n_layer " + std::to_string(c.n_layer) + ", n_head " + std::to_string(c.n_head) + ", n_embd " +
-               std::to_string(c.n_embd) + ", vocab_size " + std::to_string(c.vocab_size) + ", n_positions " +
-               std::to_string(c.max_seq_len);
+        return "model_type " + c.model_type + ", n_layer " + std::to_string(c.n_layer) + ", n_head " +
+               std::to_string(c.n_head) + ", n_embd " + std::to_string(c.n_embd) + ", vocab_size " +
+               std::to_string(c.vocab_size) + ", n_positions " + std::to_string(c.max_seq_len) + ", " +
+               std::to_string(c.num_parameters()) + " parameters";
       };
-      if (a.n_layer != r.n_layer || a.n_head != r.n_head || a.n_embd != r.n_embd || a.vocab_size != r.vocab_size ||
-          a.max_seq_len != r.max_seq_len)
+      if (a.arch != r.arch || a.n_layer != r.n_layer || a.n_head != r.n_head || a.n_embd != r.n_embd ||
+          a.vocab_size != r.vocab_size || a.max_seq_len != r.max_seq_len || a.num_parameters() != r.num_parameters())
         throw InputError("key 'sync_ref_model': the reference model " + ref_dir + " (" + dims(r) +
                          ") and the policy " + cfg.model + " (" + dims(a) + ") differ in shape; the reference "
                          "update mixes the two parameter by parameter, so they must have the same architecture");
