@@ -1,11 +1,11 @@
-// The GPU side of forward-only mode and of the memory queries. GPT2::ModelMode::ForwardOnly runs the training
-// model's forward ops in the same order on the same inputs, only in other buffers, so on the GPU too its scores
-// are bitwise a training-mode model's (deterministic kernels; checked first by repeating the training model's
-// pass): BF16 and F32, padded and prefix_shared batches, the compacted LM head and the full one, fusions defaults
-// and all; and its weights, assigned from the training model's device master, are bitwise that model's (the same
-// F32 -> BF16 conversion kernel as sync_params). Backend::memory_info on CUDA: free <= total, live and peak count
-// exactly the bytes of the tensors the backend makes, and reset_peak_memory() brings peak down to live. Skips
-// without a GPU.
+// The GPU side of forward-only mode and of the memory queries. GPT2::ModelMode::ForwardOnly runs the training model's
+// forward ops in the same order on the same inputs, only in other buffers, so on the GPU too its scores are bitwise a
+// training-mode model's (deterministic kernels; checked first by repeating the training model's pass): BF16 and F32,
+// padded and prefix_shared batches, the compacted LM head and the full one, fusions defaults and all, GPT-2 and a
+// Llama-family model (grouped-query heads, q/k/v biases, untied head); and its weights, assigned from the training
+// model's device master, are bitwise that model's (the same F32 -> BF16 conversion kernel as sync_params).
+// Backend::memory_info on CUDA: free <= total, live and peak count exactly the bytes of the tensors the backend makes,
+// and reset_peak_memory() brings peak down to live. Skips without a GPU.
 #include <gtest/gtest.h>
 
 #include <random>
@@ -28,13 +28,22 @@ namespace {
     if (CudaContext::device_count() == 0) GTEST_SKIP() << CudaContext::query_devices().message; \
   } while (0)
 
-GPT2Config config() {
+GPT2Config config(bool llama) {
   GPT2Config c;
   c.vocab_size = 97;
   c.max_seq_len = 48;
   c.n_embd = 64;
   c.n_head = 4;
   c.n_layer = 5;
+  if (llama) {
+    c.arch = Arch::Llama;
+    c.model_type = "qwen2";
+    c.n_kv_head = 2;
+    c.intermediate_size = 88;
+    c.attention_bias = true;
+    c.tie_word_embeddings = false;
+    c.rope_scaling = RopeScaling{8, 1, 4, 16};
+  }
   return c;
 }
 
@@ -60,30 +69,33 @@ TEST(CudaForwardOnly, ScoresBitwiseThoseOfATrainingModel) {
   DPO_REQUIRE_GPU();
   auto be = make_cuda_backend(0);
   std::mt19937_64 g(test::test_seed());
-  const GPT2Config cfg = config();
-  const std::vector<PreferencePair> data = test::random_pairs(g, 6, static_cast<int32_t>(cfg.vocab_size), 12, 9);
+  const auto V = static_cast<int32_t>(config(false).vocab_size);  // the same in both architectures
+  const std::vector<PreferencePair> data = test::random_pairs(g, 6, V, 12, 9);
   const std::vector<int64_t> idx = {4, 1, 5, 0, 3, 2};
-  for (DType dt : {DType::BF16, DType::F32}) {
-    SCOPED_TRACE(dtype_name(dt));
-    GPT2 train(*be, cfg, dt);
-    Rng rng(23);
-    train.init_random(rng);
-    GPT2 fwd(*be, cfg, dt);
-    fwd.set_mode(GPT2::ModelMode::ForwardOnly);
-    fwd.assign_weights(train.master_params());  // device F32 master -> the forward-only model's weights
-    ASSERT_TRUE(bytes_of(*be, fwd.params()) == bytes_of(*be, train.params()));
-    for (GPT2* m : {&train, &fwd}) m->set_logits_chunk_rows(24);  // several chunks
-    std::vector<Batch> batches;
-    for (BatchLayout layout : {BatchLayout::Padded, BatchLayout::PrefixShared})
-      batches.push_back(make_layout_batch(data, idx, layout, 64, grad_dtype(dt), 0));
-    for (const Fusions& f : {Fusions::defaults(), Fusions::all()}) {
-      SCOPED_TRACE(f == Fusions::all() ? "fusions all" : "fusions defaults");
-      train.set_fusions(f);
-      fwd.set_fusions(f);
-      const std::string want = scores(train, batches);
-      ASSERT_TRUE(scores(train, batches) == want)
-          << "the training model's scores are not bitwise repeatable: the kernels are not deterministic";
-      EXPECT_TRUE(scores(fwd, batches) == want) << "forward-only scores differ";
+  for (bool llama : {false, true}) {
+    for (DType dt : {DType::BF16, DType::F32}) {
+      SCOPED_TRACE(std::string(dtype_name(dt)) + (llama ? " llama" : " gpt2"));
+      const GPT2Config cfg = config(llama);
+      GPT2 train(*be, cfg, dt);
+      Rng rng(23);
+      train.init_random(rng);
+      GPT2 fwd(*be, cfg, dt);
+      fwd.set_mode(GPT2::ModelMode::ForwardOnly);
+      fwd.assign_weights(train.master_params());  // device F32 master -> the forward-only model's weights
+      ASSERT_TRUE(bytes_of(*be, fwd.params()) == bytes_of(*be, train.params()));
+      for (GPT2* m : {&train, &fwd}) m->set_logits_chunk_rows(24);  // several chunks
+      std::vector<Batch> batches;
+      for (BatchLayout layout : {BatchLayout::Padded, BatchLayout::PrefixShared})
+        batches.push_back(make_layout_batch(data, idx, layout, 64, grad_dtype(dt), 0));
+      for (const Fusions& f : {Fusions::defaults(), Fusions::all()}) {
+        SCOPED_TRACE(f == Fusions::all() ? "fusions all" : "fusions defaults");
+        train.set_fusions(f);
+        fwd.set_fusions(f);
+        const std::string want = scores(train, batches);
+        ASSERT_TRUE(scores(train, batches) == want)
+            << "the training model's scores are not bitwise repeatable: the kernels are not deterministic";
+        EXPECT_TRUE(scores(fwd, batches) == want) << "forward-only scores differ";
+      }
     }
   }
 }
