@@ -176,8 +176,7 @@ int cmd_init(const std::string& out, dpo::GPT2Config cfg, uint64_t seed) {
   dpo::GPT2& model = *made;
   dpo::Rng rng(seed);
   model.init_random(rng);
-  dpo::save_gpt2_checkpoint(model, out);
-  dpo::write_checksums(out, {"config.json", "model.safetensors"});
+  dpo::write_checksums(out, dpo::save_gpt2_checkpoint(model, out));  // the weights may be sharded (over 5 GB)
   std::printf("wrote %s (GPT-2, %lld parameters, seed %llu)\n", out.c_str(),
               static_cast<long long>(cfg.num_parameters()), static_cast<unsigned long long>(seed));
   return 0;
