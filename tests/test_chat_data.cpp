@@ -289,6 +289,33 @@ TEST(ShardedCheckpoints, TheTrainerSavesShardsThatVerifyLoadAndMatchTheSingleFil
   EXPECT_THROW(verify_checkpoint(rs.final_checkpoint, CheckpointUse::Model), InputError);
 }
 
+TEST(ShardedCheckpoints, ResumeFromAShardedCheckpointIsBitwiseTheUninterruptedRun) {
+  ChatRun w;
+  write_model(w / "model", true);
+  TrainConfig full = chat_config(w, w / "model", "full");
+  full.max_shard_size = "8KB";
+  const RunSummary a = run_training(full, RunKind::Dpo, quiet());
+  ASSERT_EQ(a.steps, 4);  // 4 records, 2 per step, 2 epochs
+  TrainConfig part = full;
+  part.out_dir = w / "part";
+  part.save_steps = 2;
+  run_training(part, RunKind::Dpo, quiet());
+  fs::remove_all(fs::path(part.out_dir) / "checkpoints" / "step-4");
+  RunOptions ro = quiet();
+  ro.resume = (fs::path(part.out_dir) / "checkpoints" / "step-2").string();
+  ASSERT_TRUE(fs::exists(ro.resume + "/" + kSafetensorsIndexName));
+  const RunSummary b = run_training(part, RunKind::Dpo, ro);
+  ASSERT_EQ(b.steps, 4);
+  const SafetensorsDir da(a.final_checkpoint), db(b.final_checkpoint);
+  ASSERT_EQ(da.files().size(), db.files().size());
+  for (size_t i = 0; i < da.files().size(); ++i)
+    EXPECT_TRUE(slurp(da.files()[i]) == slurp(db.files()[i])) << da.files()[i];
+  EXPECT_TRUE(slurp(a.final_checkpoint + "/" + kSafetensorsIndexName) ==
+              slurp(b.final_checkpoint + "/" + kSafetensorsIndexName));
+  EXPECT_TRUE(slurp(a.final_checkpoint + "/optimizer.safetensors") ==
+              slurp(b.final_checkpoint + "/optimizer.safetensors"));
+}
+
 TEST(ShardedCheckpoints, MaxShardSizeKeyValidated) {
   ChatRun w;
   TrainConfig c = chat_config(w, w / "model", "out");

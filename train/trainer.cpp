@@ -419,7 +419,7 @@ Position load_checkpoint(const std::string& dir, GPT2& model, AdamW& opt, const 
                      " was written (its SHA-256 differs from the one in trainer_state.json); resuming would continue "
                      "on other data. Restore the file, or start a new run from the checkpoint's weights with "
                      "model=" + dir);
-  load_gpt2_weights(model, (fs::path(dir) / "model.safetensors").string());
+  load_gpt2_weights(model, dir);  // either form of the weights
   SafetensorsFile of((fs::path(dir) / "optimizer.safetensors").string());
   Backend& be = model.backend();
   Tensor m = of.read_as("exp_avg", DType::F32), v = of.read_as("exp_avg_sq", DType::F32);
