@@ -50,8 +50,8 @@ SpecialTokenIds special_token_ids(const GPT2Config& cfg, const std::string& dir)
 // model directory with model.safetensors or model.safetensors.index.json and its shards (SafetensorsDir).
 LoadReport load_gpt2_weights(GPT2& model, const std::string& path);
 
-// config.json + the weights (either form, SafetensorsDir) from `dir`, and generation_config.json when present (a JSON object, else
-// InputError naming it).
+// config.json + the weights (either form, SafetensorsDir) from `dir`, and generation_config.json when present (a
+// JSON object, else InputError naming it).
 std::unique_ptr<GPT2> load_gpt2_checkpoint(Backend& backend, const std::string& dir, DType dtype,
                                            LoadReport* report = nullptr);
 

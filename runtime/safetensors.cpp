@@ -256,8 +256,8 @@ SafetensorsDir::SafetensorsDir(std::string dir) : dir_(std::move(dir)) {
   const fs::path single = root / kSafetensorsSingleName, index = root / kSafetensorsIndexName;
   if (fs::exists(single, ec) || !fs::exists(index, ec)) {
     if (!fs::exists(single, ec))
-      throw InputError(dir_ + ": no model weights (neither " + kSafetensorsSingleName + " nor " +
-                       kSafetensorsIndexName + ")");
+      throw InputError(single.string() + ": no such file (and no " + kSafetensorsIndexName +
+                       " of sharded weights either): the directory holds no model weights");
     path_ = single.string();
     files_.emplace_back(path_);
     for (const auto& e : files_[0].entries()) {
@@ -446,7 +446,9 @@ std::string write_safetensors_temporary(const std::string& path,
   for (const auto& [name, t] : tensors) {
     DPO_ASSERT(t.device().kind == DeviceKind::CPU, "save_safetensors takes host tensors: " + name);
     DPO_ASSERT(seen.insert(name).second, "duplicate tensor name " + name);
-    header[name] = {{"dtype", dtype_name(t.dtype())}, {"shape", t.shape()}, {"data_offsets", {offset, offset + t.nbytes()}}};
+    header[name] = {{"dtype", dtype_name(t.dtype())},
+                    {"shape", t.shape()},
+                    {"data_offsets", {offset, offset + t.nbytes()}}};
     offset += t.nbytes();
   }
   std::string h = header.dump();

@@ -344,7 +344,8 @@ TEST(SafetensorsShardedBad, IndexSyntaxAndShape) {
   EXPECT_INPUT_ERROR(SafetensorsDir(d.dir()), p, "weight_map['y']");
   d.index(R"({"metadata": [], "weight_map": )" + std::string(kGoodMap) + "}");
   EXPECT_INPUT_ERROR(SafetensorsDir(d.dir()), p, "'metadata'");
-  d.index(R"({"weight_map": {"x": "a.safetensors", "y": "a.safetensors", "z": "b.safetensors", "x": "b.safetensors"}})");
+  d.index(R"({"weight_map": {"x": "a.safetensors", "y": "a.safetensors", "z": "b.safetensors",)"
+          R"( "x": "b.safetensors"}})");
   EXPECT_INPUT_ERROR(SafetensorsDir(d.dir()), p, "key 'x' appears twice");
 }
 
@@ -366,7 +367,8 @@ TEST(SafetensorsShardedBad, ShardMissingOrOutsideTheDirectory) {
 
 TEST(SafetensorsShardedBad, TensorAbsentFromItsShard) {
   TwoShards d;
-  d.index(R"({"weight_map": {"x": "a.safetensors", "y": "a.safetensors", "z": "b.safetensors", "w": "b.safetensors"}})");
+  d.index(R"({"weight_map": {"x": "a.safetensors", "y": "a.safetensors", "z": "b.safetensors",)"
+          R"( "w": "b.safetensors"}})");
   EXPECT_INPUT_ERROR(SafetensorsDir(d.dir()), d.index_path(), "'w'", "'b.safetensors'", "does not hold it");
 }
 

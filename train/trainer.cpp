@@ -294,7 +294,9 @@ void check_resume_config(const std::string& saved_yaml, const TrainConfig& now, 
   if (!a["truncation"]) a["truncation"] = "legacy";
   // Checkpoints written before the f-divergence, DiscoPOP and SimPO keys existed ran with their defaults.
   const YAML::Node defaults = YAML::Load(to_yaml(TrainConfig{}));
-  for (const char* k : {"discopop_tau", "simpo_gamma", "f_divergence_type", "f_alpha_divergence_coef", "pad_token_id"})
+  // pad_token_id: also absent from checkpoints written before it existed (they padded with 0).
+  for (const char* k :
+       {"discopop_tau", "simpo_gamma", "f_divergence_type", "f_alpha_divergence_coef", "pad_token_id"})
     if (!a[k]) a[k] = defaults[k];
   std::vector<std::string> diff;
   for (auto it = b.begin(); it != b.end(); ++it) {
@@ -331,7 +333,8 @@ struct Position {
 void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW& opt, const Tensor& m,
                       const Tensor& v, const Tensor& weights, const Position& p, const std::string& config_yaml,
                       const std::string& train_sha256, int64_t save_total_limit, const json& cpu_kernels,
-                      int64_t max_shard_bytes, const std::vector<std::pair<std::string, std::string>>& tokenizer_files) {
+                      int64_t max_shard_bytes,
+                      const std::vector<std::pair<std::string, std::string>>& tokenizer_files) {
   const fs::path root = fs::path(out_dir) / "checkpoints";
   const std::string name = "step-" + std::to_string(p.step);
   const fs::path final_dir = root / name;
@@ -352,9 +355,9 @@ void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW
   std::vector<std::string> files = weights.defined()
                                        ? save_gpt2_checkpoint(model, tmp.string(), weights, max_shard_bytes)
                                        : save_gpt2_checkpoint(model, tmp.string(), max_shard_bytes);
-  for (const auto& [name, bytes] : tokenizer_files) {
-    write_file_atomic((tmp / name).string(), bytes);
-    files.push_back(name);
+  for (const auto& [file, bytes] : tokenizer_files) {
+    write_file_atomic((tmp / file).string(), bytes);
+    files.push_back(file);
   }
   save_safetensors((tmp / "optimizer.safetensors").string(), {{"exp_avg", m}, {"exp_avg_sq", v}},
                    {{"optimizer", "adamw"}, {"step", std::to_string(opt.step_count())}});
