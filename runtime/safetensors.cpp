@@ -254,17 +254,12 @@ SafetensorsDir::SafetensorsDir(std::string dir) : dir_(std::move(dir)) {
   if (!fs::is_directory(dir_, ec)) throw InputError(dir_ + ": not a model directory");
   const fs::path root(dir_);
   const fs::path single = root / kSafetensorsSingleName, index = root / kSafetensorsIndexName;
-  if (fs::exists(single, ec) || !fs::exists(index, ec)) {
-    if (!fs::exists(single, ec))
-      throw InputError(single.string() + ": no such file (and no " + kSafetensorsIndexName +
-                       " of sharded weights either): the directory holds no model weights");
-    path_ = single.string();
-    files_.emplace_back(path_);
-    for (const auto& e : files_[0].entries()) {
-      entries_.push_back(e);
-      file_index_[e.name] = 0;
-    }
-    std::sort(entries_.begin(), entries_.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
+  const bool has_single = fs::exists(single, ec), has_index = fs::exists(index, ec);
+  if (!has_single && !has_index)
+    throw InputError(single.string() + ": no such file (and no " + kSafetensorsIndexName +
+                     " of sharded weights either): the directory holds no model weights");
+  if (has_single) {  // it wins over an index, as in transformers
+    open_single(single.string());
     return;
   }
 
@@ -368,12 +363,16 @@ SafetensorsDir SafetensorsDir::open(const std::string& path) {
   if (std::filesystem::is_directory(path, ec)) return SafetensorsDir(path);
   SafetensorsDir d;
   d.dir_ = std::filesystem::path(path).parent_path().string();
-  d.path_ = path;
-  d.files_.emplace_back(path);
-  d.entries_ = d.files_[0].entries();
-  for (const auto& e : d.entries_) d.file_index_[e.name] = 0;
-  std::sort(d.entries_.begin(), d.entries_.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
+  d.open_single(path);
   return d;
+}
+
+void SafetensorsDir::open_single(const std::string& path) {
+  path_ = path;
+  files_.emplace_back(path);
+  entries_ = files_[0].entries();
+  for (const auto& e : entries_) file_index_[e.name] = 0;
+  std::sort(entries_.begin(), entries_.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
 }
 
 std::vector<std::string> SafetensorsDir::files() const {

@@ -89,6 +89,7 @@ class SafetensorsDir {
 
  private:
   SafetensorsDir() = default;
+  void open_single(const std::string& path);  // the single form: one file holds every tensor
   const SafetensorsFile& holder(const std::string& name) const;
 
   std::string dir_, path_;
