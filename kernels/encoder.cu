@@ -24,7 +24,8 @@ static unsigned grid_for(int64_t n) {
 
 // One warp per row (b,t): out row = wte row + wpe row, split on its own (kernels/bf16.cuh) since the three row
 // addresses depend on the token, the position and C. The position is t, or pos[bt] when pos is given (P: the rows
-// of wpe). A token outside [0, V) or a position outside [0, P) gives a NaN row.
+// of wpe). A token outside [0, V) or a position outside [0, P) gives a NaN row. wpe == nullptr: no position
+// embedding, out row = wte row (pos and P unused).
 template <class T>
 static __global__ void encoder_forward_kernel(T* out, const int32_t* tokens, const int32_t* pos, const T* wte,
                                               const T* wpe, int64_t BT, int64_t T_, int64_t C, int64_t V,
@@ -34,14 +35,22 @@ static __global__ void encoder_forward_kernel(T* out, const int32_t* tokens, con
   const int lane = static_cast<int>(threadIdx.x % kWarpSize);
   if (bt >= BT) return;
   const int64_t tok = tokens[bt];
-  const int64_t p = pos ? static_cast<int64_t>(pos[bt]) : bt % T_;
+  const int64_t p = wpe == nullptr ? 0 : pos ? static_cast<int64_t>(pos[bt]) : bt % T_;
   T* o = out + bt * C;
-  if (tok < 0 || tok >= V || p < 0 || p >= P) {
+  if (tok < 0 || tok >= V || (wpe != nullptr && (p < 0 || p >= P))) {
     const T nan = from_float<T>(__int_as_float(0x7fffffff));
     for (int64_t c = lane; c < C; c += kWarpSize) o[c] = nan;
     return;
   }
   const T* we = wte + tok * C;
+  if (wpe == nullptr) {  // a copy of the row (to_float / from_float<T> are exact round trips)
+    const VecView views[] = {{o, sizeof(T)}, {we, sizeof(T)}};
+    const int64_t head = vec_head(C, G, views, 2);
+    split_loop<G>(
+        lane, kWarpSize, C, head, [&](int64_t c) { o[c] = we[c]; },
+        [&](int64_t c) { store_pack<G>(o, c, load_pack<G>(we, c)); });
+    return;
+  }
   const T* pe = wpe + p * C;
   const VecView views[] = {{o, sizeof(T)}, {we, sizeof(T)}, {pe, sizeof(T)}};
   const int64_t head = vec_head(C, G, views, 3);
@@ -235,6 +244,7 @@ static void encoder_backward_impl(CudaContext& ctx, float* dwte, float* dwpe, co
   DPO_NVTX_RANGE("encoder_backward");
   if (B * T_ * C <= 0 || V <= 0) return;
   sorted_row_sums(ctx, dwte, dout, tokens, B * T_, C, V, kEncoderSegmentRows);
+  if (dwpe == nullptr) return;  // no position embedding
   encoder_backward_wpe_kernel<T><<<grid_for(T_ * C), kThreads, 0, ctx.stream()>>>(dwpe, dout, B, T_, C);
   DPO_CUDA_CHECK(cudaGetLastError());
 }
@@ -246,7 +256,8 @@ static void encoder_backward_pos_impl(CudaContext& ctx, float* dwte, float* dwpe
   DPO_NVTX_RANGE("encoder_backward_pos");
   if (B * T_ * C <= 0) return;
   if (V > 0) sorted_row_sums(ctx, dwte, dout, tokens, B * T_, C, V, kEncoderSegmentRows);
-  if (P > 0) sorted_row_sums(ctx, dwpe, dout, pos, B * T_, C, P, encoder_position_segment_rows(B));
+  if (P > 0 && dwpe != nullptr)
+    sorted_row_sums(ctx, dwpe, dout, pos, B * T_, C, P, encoder_position_segment_rows(B));
 }
 
 void encoder_forward(CudaContext& ctx, float* out, const int32_t* tokens, const float* wte, const float* wpe, int64_t B,

@@ -43,6 +43,8 @@
 // A position outside [0, P) is not checked (that needs a device-to-host sync): the forward writes NaN to that slot's
 // out row (never reading outside wpe) and the backward skips its dout row for dwpe (sorted last, as an out-of-range
 // token is for dwte), so the loss turns NaN and nothing outside dwpe is written.
+// No position embedding (Llama-family models): wpe == nullptr makes out = wte[tokens] (a copy of the rows, bitwise),
+// dwpe == nullptr leaves only the dwte sums; pos and P are then not read.
 // 64-bit indices throughout; asynchronous on ctx.stream().
 #pragma once
 #include <cuda_bf16.h>

@@ -14,6 +14,10 @@
 // dpo::Error naming the slot before anything is written. Every element of dwte and dwpe is summed over its slots in
 // flat slot order (b*T + t ascending), whatever the thread count. With pos[b,t] = t the orders and the arithmetic
 // are those of encoder_forward / encoder_backward: the results are bitwise equal.
+//
+// No position embedding (Llama-family models; rotary positions are applied in the attention instead): wpe ==
+// nullptr (forward) makes out = wte[tokens] (=), dwpe == nullptr (backward) leaves only the dwte sums; pos and
+// n_positions are then not read.
 #pragma once
 #include <cstdint>
 

@@ -13,8 +13,12 @@ void encoder_forward(T* out, const int32_t* tokens, const T* wte, const T* wpe, 
 #pragma omp parallel for schedule(static)
   for (int64_t bt = 0; bt < BT; ++bt) {
     const T* e = wte + static_cast<int64_t>(tokens[bt]) * C;
-    const T* p = wpe + (bt % T_) * C;
     T* o = out + bt * C;
+    if (wpe == nullptr) {
+      for (int64_t c = 0; c < C; ++c) o[c] = e[c];
+      continue;
+    }
+    const T* p = wpe + (bt % T_) * C;
     for (int64_t c = 0; c < C; ++c) o[c] = e[c] + p[c];
   }
 }
@@ -35,6 +39,7 @@ void encoder_backward(T* dwte, T* dwpe, const T* dout, const int32_t* tokens, in
       for (int64_t c = c0; c < c1; ++c) dw[c] += d[c];
     }
   }
+  if (dwpe == nullptr) return;
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < T_; ++t) {
     T* dp = dwpe + t * C;
@@ -80,6 +85,7 @@ void scatter_add_rows(T* dst, const T* src, const int32_t* idx, int64_t n, int64
 template <class T>
 void encoder_forward_pos(T* out, const int32_t* tokens, const int32_t* pos, const T* wte, const T* wpe, int64_t B,
                          int64_t T_, int64_t C, int64_t n_positions) {
+  if (wpe == nullptr) return encoder_forward(out, tokens, wte, wpe, B, T_, C);  // no position embedding
   check_positions("encoder_forward_pos", pos, B, T_, n_positions);
   const int64_t BT = B * T_;
 #pragma omp parallel for schedule(static)
@@ -94,6 +100,7 @@ void encoder_forward_pos(T* out, const int32_t* tokens, const int32_t* pos, cons
 template <class T>
 void encoder_backward_pos(T* dwte, T* dwpe, const T* dout, const int32_t* tokens, const int32_t* pos, int64_t B,
                           int64_t T_, int64_t C, int64_t n_positions) {
+  if (dwpe == nullptr) return scatter_add_rows(dwte, dout, tokens, B * T_, C);  // no position embedding
   check_positions("encoder_backward_pos", pos, B, T_, n_positions);
   // dwte: the order of encoder_backward's token loop. dwpe: with pos[b,t] = t, the slots of position t in slot
   // order are b = 0..B-1, encoder_backward's order for dwpe[t].

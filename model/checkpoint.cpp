@@ -8,6 +8,7 @@
 #include <set>
 #include <sstream>
 
+#include "model/hf_llama.h"
 #include "runtime/safetensors.h"
 
 namespace dpo {
@@ -38,38 +39,45 @@ GPT2Config load_gpt2_config(const std::string& path) {
     throw InputError(path + ": not valid JSON: " + e.what());
   }
   if (!j.is_object()) throw InputError(path + ": top level is not a JSON object");
-  if (j.contains("model_type") && j["model_type"] != "gpt2")
-    throw InputError(path + ": field 'model_type' is " + j["model_type"].dump() + ", only \"gpt2\" is supported");
+  const bool llama = j.contains("model_type") && j["model_type"].is_string() &&
+                     is_llama_model_type(j["model_type"].get<std::string>());
+  if (j.contains("model_type") && j["model_type"] != "gpt2" && !llama)
+    throw InputError(path + ": field 'model_type' is " + j["model_type"].dump() +
+                     "; supported: \"gpt2\", \"llama\", \"qwen2\", \"mistral\"");
   GPT2Config c;
-  c.vocab_size = get_int(j, path, "vocab_size", true, 0);
-  c.max_seq_len = get_int(j, path, "n_positions", true, 0);
-  c.n_embd = get_int(j, path, "n_embd", true, 0);
-  c.n_layer = get_int(j, path, "n_layer", true, 0);
-  c.n_head = get_int(j, path, "n_head", true, 0);
-  if (j.contains("layer_norm_epsilon")) {
-    if (!j["layer_norm_epsilon"].is_number())
-      throw InputError(path + ": field 'layer_norm_epsilon' must be a number");
-    c.ln_eps = j["layer_norm_epsilon"].get<double>();
+  if (llama) {
+    c = llama_config_from_json(j, path);
+  } else {
+    c.vocab_size = get_int(j, path, "vocab_size", true, 0);
+    c.max_seq_len = get_int(j, path, "n_positions", true, 0);
+    c.n_embd = get_int(j, path, "n_embd", true, 0);
+    c.n_layer = get_int(j, path, "n_layer", true, 0);
+    c.n_head = get_int(j, path, "n_head", true, 0);
+    if (j.contains("layer_norm_epsilon")) {
+      if (!j["layer_norm_epsilon"].is_number())
+        throw InputError(path + ": field 'layer_norm_epsilon' must be a number");
+      c.ln_eps = j["layer_norm_epsilon"].get<double>();
+    }
+    if (j.contains("n_inner") && !j["n_inner"].is_null()) {
+      int64_t inner = get_int(j, path, "n_inner", false, 0);
+      if (inner != 4 * c.n_embd)
+        throw InputError(path + ": field 'n_inner' is " + std::to_string(inner) + ", only 4*n_embd (" +
+                         std::to_string(4 * c.n_embd) + ") is supported");
+    }
+    if (j.contains("activation_function")) {
+      const json& a = j["activation_function"];
+      if (!a.is_string() || (a != "gelu_new" && a != "gelu_pytorch_tanh"))
+        throw InputError(path + ": field 'activation_function' is " + a.dump() +
+                         ", only the tanh GELU (\"gelu_new\", \"gelu_pytorch_tanh\") is supported");
+    }
+    if (j.contains("tie_word_embeddings") && j["tie_word_embeddings"] != true)
+      throw InputError(path + ": field 'tie_word_embeddings' must be true (the LM head is tied to wte)");
+    for (const char* flag : {"scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"})
+      if (j.contains(flag) && j[flag] == true)
+        throw InputError(path + ": field '" + std::string(flag) + "' = true is not supported");
+    if (j.contains("scale_attn_weights") && j["scale_attn_weights"] != true)
+      throw InputError(path + ": field 'scale_attn_weights' must be true");
   }
-  if (j.contains("n_inner") && !j["n_inner"].is_null()) {
-    int64_t inner = get_int(j, path, "n_inner", false, 0);
-    if (inner != 4 * c.n_embd)
-      throw InputError(path + ": field 'n_inner' is " + std::to_string(inner) + ", only 4*n_embd (" +
-                       std::to_string(4 * c.n_embd) + ") is supported");
-  }
-  if (j.contains("activation_function")) {
-    const json& a = j["activation_function"];
-    if (!a.is_string() || (a != "gelu_new" && a != "gelu_pytorch_tanh"))
-      throw InputError(path + ": field 'activation_function' is " + a.dump() +
-                       ", only the tanh GELU (\"gelu_new\", \"gelu_pytorch_tanh\") is supported");
-  }
-  if (j.contains("tie_word_embeddings") && j["tie_word_embeddings"] != true)
-    throw InputError(path + ": field 'tie_word_embeddings' must be true (the LM head is tied to wte)");
-  for (const char* flag : {"scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"})
-    if (j.contains(flag) && j[flag] == true)
-      throw InputError(path + ": field '" + std::string(flag) + "' = true is not supported");
-  if (j.contains("scale_attn_weights") && j["scale_attn_weights"] != true)
-    throw InputError(path + ": field 'scale_attn_weights' must be true");
   c.validate(path);
   // What the model does not compute with is kept for the checkpoints saved from it: integer special-token ids,
   // and every key the saver does not write itself (other forms of the ids, such as null, included).
@@ -93,7 +101,7 @@ GPT2Config load_gpt2_config(const std::string& path) {
 }
 
 std::string gpt2_config_json(const GPT2Config& c) {
-  json j = {
+  json j = c.arch == Arch::Llama ? llama_config_to_json(c) : json{
       {"architectures", {"GPT2LMHeadModel"}},
       {"model_type", "gpt2"},
       {"vocab_size", c.vocab_size},
@@ -163,6 +171,7 @@ SpecialTokenIds special_token_ids(const GPT2Config& c, const std::string& dir) {
 }
 
 LoadReport load_gpt2_weights(GPT2& model, const std::string& weights) {
+  if (model.config().arch == Arch::Llama) return load_llama_weights(model, weights);
   const SafetensorsDir file = SafetensorsDir::open(weights);
   const std::string& path = file.path();  // the single file or the index: what messages name
   LoadReport report;
@@ -242,6 +251,17 @@ std::unique_ptr<GPT2> load_gpt2_checkpoint(Backend& backend, const std::string& 
   return model;
 }
 
+std::vector<std::pair<std::string, Tensor>> hf_weight_tensors(const GPT2& model, const Tensor& host_weights) {
+  DPO_ASSERT(host_weights.device().kind == DeviceKind::CPU && host_weights.dtype() == DType::F32 &&
+                 host_weights.numel() == model.params().numel(),
+             "hf_weight_tensors: host_weights must be a host F32 tensor of num_parameters elements");
+  if (model.config().arch == Arch::Llama) return llama_hf_tensors(model, host_weights);
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const auto& s : model.specs())
+    tensors.emplace_back("transformer." + s.name, host_weights.view(s.offset, s.shape));
+  return tensors;
+}
+
 std::vector<std::string> save_gpt2_checkpoint(const GPT2& model, const std::string& dir, int64_t max_shard_bytes) {
   Tensor host = Tensor::host({model.params().numel()}, DType::F32);
   DPO_ASSERT(!model.master_sharded(), "save_gpt2_checkpoint: the master weights are sharded; gather them first");
@@ -260,9 +280,8 @@ std::vector<std::string> save_gpt2_checkpoint(const GPT2& model, const std::stri
   Tensor host = host_weights.dtype() == DType::F32 ? host_weights.reshape({host_weights.numel()})
                                                    : convert_host(host_weights.reshape({host_weights.numel()}),
                                                                   DType::F32, "save_gpt2_checkpoint");
-  std::vector<std::pair<std::string, Tensor>> tensors;
-  for (const auto& s : model.specs()) tensors.emplace_back("transformer." + s.name, host.view(s.offset, s.shape));
-  std::vector<std::string> written = save_safetensors_dir(dir, tensors, {{"format", "pt"}}, max_shard_bytes);
+  std::vector<std::string> written =
+      save_safetensors_dir(dir, hf_weight_tensors(model, host), {{"format", "pt"}}, max_shard_bytes);
   write_file_atomic((fs::path(dir) / "config.json").string(), gpt2_config_json(model.config()));
   written.push_back("config.json");
   if (!model.config().generation_config.empty()) {

@@ -24,14 +24,40 @@ void GPT2Config::validate(const std::string& where) const {
     throw InputError(where + ": n_embd (" + std::to_string(n_embd) + ") is not divisible by n_head (" +
                      std::to_string(n_head) + ")");
   if (vocab_size > INT32_MAX) throw InputError(where + ": vocab_size does not fit in int32 token ids");
+  if (arch == Arch::Llama) {
+    if (n_kv_head < 0) throw InputError(where + ": num_key_value_heads must be positive, got " + std::to_string(n_kv_head));
+    if (intermediate_size < 0)
+      throw InputError(where + ": intermediate_size must be positive, got " + std::to_string(intermediate_size));
+    if (n_head % kv_heads() != 0)
+      throw InputError(where + ": num_attention_heads (" + std::to_string(n_head) +
+                       ") is not a multiple of num_key_value_heads (" + std::to_string(kv_heads()) + ")");
+    if (head_dim() % 2 != 0)
+      throw InputError(where + ": the head dimension hidden_size / num_attention_heads (" + std::to_string(head_dim()) +
+                       ") must be even for rotary embeddings");
+    if (!(rope_theta > 0) || !std::isfinite(rope_theta))
+      throw InputError(where + ": rope_theta must be a positive finite number");
+    if (rope_scaling.enabled()) {
+      const RopeScaling& r = rope_scaling;
+      if (!std::isfinite(r.factor) || !(r.low_freq_factor > 0) || !(r.high_freq_factor > r.low_freq_factor) ||
+          !std::isfinite(r.high_freq_factor) || r.original_max_position_embeddings <= 0)
+        throw InputError(where + ": rope_scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor and "
+                                 "original_max_position_embeddings > 0");
+    }
+  }
   if (!(ln_eps > 0) || !std::isfinite(ln_eps))
     throw InputError(where + ": layer_norm_epsilon must be a positive finite number");
   // An impossible size is an input error, not an overflow or a failed allocation later: at most 2^40 parameters
   // (4 TiB of fp32 weights, 16 TiB with gradients and AdamW moments: beyond any one machine; GPT-2 XL has
   // 1.6e9). Computed in long double so that the check itself cannot overflow.
   const long double C = static_cast<long double>(n_embd);
-  const long double n = static_cast<long double>(vocab_size) * C + static_cast<long double>(max_seq_len) * C +
-                        static_cast<long double>(n_layer) * (12.0L * C * C + 13.0L * C) + 2.0L * C;
+  long double n = static_cast<long double>(vocab_size) * C + static_cast<long double>(max_seq_len) * C +
+                  static_cast<long double>(n_layer) * (12.0L * C * C + 13.0L * C) + 2.0L * C;
+  if (arch == Arch::Llama) {
+    const long double W = static_cast<long double>(n_head + 2 * kv_heads()) * static_cast<long double>(head_dim());
+    const long double I = static_cast<long double>(mlp_width());
+    n = static_cast<long double>(vocab_size) * C * (tied_head() ? 1.0L : 2.0L) + C +
+        static_cast<long double>(n_layer) * (C * W + W + C * C + 2.0L * C + 3.0L * C * I);
+  }
   constexpr long double kMaxParams = 1099511627776.0L;  // 2^40
   if (n > kMaxParams) {
     std::ostringstream m;
@@ -45,6 +71,11 @@ void GPT2Config::validate(const std::string& where) const {
 
 int64_t GPT2Config::num_parameters() const {
   const int64_t C = n_embd;
+  if (arch == Arch::Llama) {
+    const int64_t W = qkv_width(), I = mlp_width();
+    return vocab_size * C * (tied_head() ? 1 : 2) + C +
+           n_layer * (C * W + (attention_bias ? W : 0) + C * C + 2 * C + 3 * C * I);
+  }
   return vocab_size * C + max_seq_len * C + n_layer * (12 * C * C + 13 * C) + 2 * C;
 }
 
@@ -85,6 +116,25 @@ std::vector<ParamSpec> gpt2_param_specs(const GPT2Config& cfg) {
     s.push_back({std::move(name), std::move(shape), off, decay});
     off += n;
   };
+  if (cfg.arch == Arch::Llama) {
+    // HF LlamaForCausalLM's order and names without "model."; q|k|v and gate|up concatenated, dense weights in
+    // the [in, out] layout (WeightLayout::InOut) as GPT-2's, lm_head [V, C] (OutIn) as the tied embedding.
+    const int64_t W = cfg.qkv_width(), I = cfg.mlp_width();
+    add("embed_tokens.weight", {cfg.vocab_size, C}, true);
+    for (int64_t l = 0; l < cfg.n_layer; ++l) {
+      const std::string p = "layers." + std::to_string(l) + ".";
+      add(p + "input_layernorm.weight", {C}, false);
+      add(p + "self_attn.qkv_proj.weight", {C, W}, true);
+      if (cfg.attention_bias) add(p + "self_attn.qkv_proj.bias", {W}, false);
+      add(p + "self_attn.o_proj.weight", {C, C}, true);
+      add(p + "post_attention_layernorm.weight", {C}, false);
+      add(p + "mlp.gate_up_proj.weight", {C, 2 * I}, true);
+      add(p + "mlp.down_proj.weight", {I, C}, true);
+    }
+    add("norm.weight", {C}, false);
+    if (!cfg.tied_head()) add("lm_head.weight", {cfg.vocab_size, C}, true);
+    return s;
+  }
   add("wte.weight", {cfg.vocab_size, C}, true);
   add("wpe.weight", {cfg.max_seq_len, C}, true);
   for (int64_t l = 0; l < cfg.n_layer; ++l) {
@@ -112,6 +162,10 @@ struct GPT2::Acts {
   Tensor encoded;  // [B,T,C]
   struct Layer {
     Tensor ln1, ln1_mean, ln1_rstd, qkv, atty, att, res2, ln2, ln2_mean, ln2_rstd, fch, fch_gelu, res3;
+    // Llama: qkv is the compact [B,T,(NH + 2 KV) D] projection, rotated in place; qkvx its grouped-query expansion
+    // [B,T,3C] that the attention reads (qkv itself when KV == NH); fch the gate|up [B,T,2I], fch_gelu the SwiGLU
+    // output [B,T,I]. The norms' *_mean are undefined (RMSNorm keeps only rstd).
+    Tensor qkvx;
   };
   // With checkpointing (interval > 0) layers[l] are views: block l of segment k = l / interval uses scratch slot
   // l - k * interval, except its res3 when it ends a segment (the next segment's saved input) or is the last
@@ -124,6 +178,8 @@ struct GPT2::Acts {
   Tensor proj;  // [B,T,C] scratch for c_proj outputs before the residual add
   // gradient scratch
   Tensor dres, dln, dqkv, datty, dfch, dfch_gelu;
+  Tensor dqkvc;  // Llama: d(compact qkv) [B,T,(NH + 2 KV) D] (dqkv itself when KV == NH)
+  Tensor pos;    // Llama: [B*T] I32, position t of every slot (b, t): the rotary positions of a padded batch
 };
 
 GPT2::GPT2(Backend& backend, GPT2Config cfg, DType dtype)
@@ -131,14 +187,79 @@ GPT2::GPT2(Backend& backend, GPT2Config cfg, DType dtype)
   cfg_.validate("GPT2Config");
   specs_ = gpt2_param_specs(cfg_);
   const int64_t n = cfg_.num_parameters();
-  DPO_ASSERT(specs_.back().offset + cfg_.n_embd == n, "parameter layout does not add up");
+  int64_t last = 1;
+  for (int64_t d : specs_.back().shape) last *= d;
+  DPO_ASSERT(specs_.back().offset + last == n, "parameter layout does not add up");
   DPO_ASSERT(dtype_ == DType::F32 || dtype_ == DType::F64 || dtype_ == DType::BF16,
              std::string("GPT2: dtype must be F32, F64 or BF16, got ") + dtype_name(dtype_));
   gdtype_ = grad_dtype(dtype_);
   params_ = be_->zeros({n}, dtype_);
   master_ = dtype_ == DType::BF16 ? be_->zeros({n}, DType::F32) : params_;
   grads_ = be_->zeros({n}, gdtype_);
+  if (llama()) build_rope_tables();
 }
+
+void GPT2::build_rope_tables() {
+  // HF LlamaRotaryEmbedding: inv_freq in float32 from rope_theta (and the llama3 scaling), freqs = pos * inv_freq
+  // in float32, cos / sin of those float32 values, then widened to the table's dtype. An F64 model computes all of
+  // it in double instead (its parity fixture computes HF's rotary in float64 too: tests/fixtures/gen_llama.py):
+  // float32 tables would cap an F64 model's agreement with its reference at float32's 1e-7.
+  const int64_t D = cfg_.head_dim(), H = D / 2, P = cfg_.max_seq_len;
+  Tensor cos_h = Tensor::host({P, H}, gdtype_), sin_h = Tensor::host({P, H}, gdtype_);
+  auto fill = [&](auto zero) {
+    using R = decltype(zero);  // float (HF's arithmetic) or double
+    std::vector<R> inv(static_cast<size_t>(H));
+    for (int64_t i = 0; i < H; ++i) {
+      // 1.0 / (base ** (arange(0, dim, 2).float() / dim))
+      const R e = static_cast<R>(2 * i) / static_cast<R>(D);
+      inv[static_cast<size_t>(i)] = R(1) / std::pow(static_cast<R>(cfg_.rope_theta), e);
+    }
+    if (cfg_.rope_scaling.enabled()) {  // _compute_llama3_parameters, elementwise in R
+      const RopeScaling& r = cfg_.rope_scaling;
+      const R factor = static_cast<R>(r.factor), lo = static_cast<R>(r.low_freq_factor),
+              hi = static_cast<R>(r.high_freq_factor);
+      const R old_len = static_cast<R>(r.original_max_position_embeddings);
+      // Python floats: old_context_len / low_freq_factor is computed in double, then compared with R values.
+      const double low_wavelen = static_cast<double>(r.original_max_position_embeddings) / r.low_freq_factor;
+      const double high_wavelen = static_cast<double>(r.original_max_position_embeddings) / r.high_freq_factor;
+      for (R& f : inv) {
+        const R wavelen = static_cast<R>(2 * M_PI) / f;
+        R scaled = static_cast<double>(wavelen) > low_wavelen ? f / factor : f;
+        const R smooth = (old_len / wavelen - lo) / (hi - lo);
+        const R smoothed = (R(1) - smooth) * scaled / factor + smooth * scaled;
+        const bool medium = !(static_cast<double>(wavelen) < high_wavelen) && !(static_cast<double>(wavelen) > low_wavelen);
+        f = medium ? smoothed : scaled;
+      }
+    }
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t i = 0; i < H; ++i) {
+        const R a = static_cast<R>(p) * inv[static_cast<size_t>(i)];
+        const double c = static_cast<double>(std::cos(a)), sn = static_cast<double>(std::sin(a));
+        if (gdtype_ == DType::F64) {
+          cos_h.data<double>()[p * H + i] = c;
+          sin_h.data<double>()[p * H + i] = sn;
+        } else {
+          cos_h.data<float>()[p * H + i] = static_cast<float>(c);
+          sin_h.data<float>()[p * H + i] = static_cast<float>(sn);
+        }
+      }
+  };
+  if (dtype_ == DType::F64) fill(0.0);
+  else fill(0.0f);
+  rope_cos_ = to_backend(*be_, cos_h);
+  rope_sin_ = to_backend(*be_, sin_h);
+}
+
+std::string GPT2::embed_name() const { return llama() ? "embed_tokens.weight" : "wte.weight"; }
+std::string GPT2::layer_prefix(int64_t l) const {
+  return (llama() ? "layers." : "h.") + std::to_string(l) + ".";
+}
+std::string GPT2::first_layer_param(int64_t l) const {
+  return layer_prefix(l) + (llama() ? "input_layernorm.weight" : "ln_1.weight");
+}
+std::string GPT2::final_norm_name() const { return llama() ? "norm.weight" : "ln_f.weight"; }
+Tensor GPT2::head_weight() const { return param(cfg_.tied_head() ? embed_name() : "lm_head.weight"); }
+Tensor GPT2::head_grad() const { return grad(cfg_.tied_head() ? embed_name() : "lm_head.weight"); }
 
 const ParamSpec& GPT2::spec(const std::string& name) const {
   for (const auto& s : specs_)
@@ -186,9 +307,11 @@ void GPT2::init_random(Rng& rng) {
   for (const auto& s : specs_) {
     int64_t n = 1;
     for (int64_t d : s.shape) n *= d;
-    const bool is_ln = s.name.find("ln_") != std::string::npos;
+    // Llama (HF LlamaPreTrainedModel._init_weights): every Linear and the embedding N(0, 0.02), RMSNorm weights 1,
+    // biases 0, no residual scaling.
+    const bool is_ln = s.name.find(llama() ? "norm" : "ln_") != std::string::npos;
     const bool is_bias = s.name.size() >= 5 && s.name.compare(s.name.size() - 5, 5, ".bias") == 0;
-    const bool is_resid = s.name.find("c_proj.weight") != std::string::npos;
+    const bool is_resid = !llama() && s.name.find("c_proj.weight") != std::string::npos;
     for (int64_t i = 0; i < n; ++i) {
       double v;
       if (is_bias) v = 0.0;
@@ -224,6 +347,9 @@ void GPT2::ensure_acts(int64_t B, int64_t T) {
   a->T = T;
   a->interval = interval;
   const int64_t C = cfg_.n_embd, NH = cfg_.n_head;
+  const bool lm = llama();
+  const int64_t W = cfg_.qkv_width(), F = lm ? 2 * cfg_.mlp_width() : 4 * C, G = lm ? cfg_.mlp_width() : 4 * C;
+  const bool expand = lm && cfg_.kv_heads() != NH;
   // Every activation is a view of a buffer of act_pool_ that only ever grows (the i-th tensor below always takes
   // buffer i), so a batch no larger than an earlier one allocates nothing and keeps every device address: what a
   // captured CUDA graph (Backend::capture) relies on. buffers_generation() counts the growths.
@@ -242,20 +368,22 @@ void GPT2::ensure_acts(int64_t B, int64_t T) {
   };
   auto t = [&](Shape s) { return take(std::move(s), dtype_); };
   auto stat = [&](Shape s) { return take(std::move(s), gdtype_); };  // LayerNorm mean / rstd
+  auto mean = [&](Shape s) { return lm ? Tensor() : stat(std::move(s)); };  // RMSNorm has no mean
   a->encoded = t({B, T, C});
   auto block = [&](Acts::Layer& L, bool with_res3) {
     L.ln1 = t({B, T, C});
-    L.ln1_mean = stat({B, T});
+    L.ln1_mean = mean({B, T});
     L.ln1_rstd = stat({B, T});
-    L.qkv = t({B, T, 3 * C});
+    L.qkv = t({B, T, W});
+    L.qkvx = expand ? t({B, T, 3 * C}) : L.qkv;
     L.atty = t({B, T, C});
     L.att = take(be_->attention_saved_shape(B, T, NH), be_->attention_saved_dtype(dtype_));
     L.res2 = t({B, T, C});
     L.ln2 = t({B, T, C});
-    L.ln2_mean = stat({B, T});
+    L.ln2_mean = mean({B, T});
     L.ln2_rstd = stat({B, T});
-    L.fch = t({B, T, 4 * C});
-    L.fch_gelu = t({B, T, 4 * C});
+    L.fch = t({B, T, F});
+    L.fch_gelu = t({B, T, G});
     if (with_res3) L.res3 = t({B, T, C});
   };
   const int64_t NL = cfg_.n_layer;
@@ -273,15 +401,24 @@ void GPT2::ensure_acts(int64_t B, int64_t T) {
     }
   }
   a->lnf = t({B, T, C});
-  a->lnf_mean = stat({B, T});
+  a->lnf_mean = mean({B, T});
   a->lnf_rstd = stat({B, T});
   a->proj = t({B, T, C});
   a->dres = t({B, T, C});
   a->dln = t({B, T, C});
   a->dqkv = t({B, T, 3 * C});
+  a->dqkvc = expand ? t({B, T, W}) : a->dqkv;
   a->datty = t({B, T, C});
-  a->dfch = t({B, T, 4 * C});
-  a->dfch_gelu = t({B, T, 4 * C});
+  a->dfch = t({B, T, F});
+  a->dfch_gelu = t({B, T, G});
+  if (lm) {
+    // The rotary positions of a padded batch: t for slot (b, t), as wpe's rows in the GPT-2 path.
+    Tensor pos_h = Tensor::host({B * T}, DType::I32);
+    for (int64_t i = 0; i < B * T; ++i) pos_h.data<int32_t>()[i] = static_cast<int32_t>(i % std::max<int64_t>(T, 1));
+    Tensor pos = take({B * T}, DType::I32);
+    be_->copy_from_host(pos, pos_h);
+    a->pos = pos;
+  }
   acts_ = std::move(a);
 }
 
@@ -314,9 +451,10 @@ void GPT2::forward_trunk(const Tensor& tokens, const Tensor& keymask,
   if (layout_) {
     check_shape(layout_->pos, {B, T}, "layout pos");
     check_shape(layout_->span, {B, T, kSpanWidth}, "layout span");
-    be.encoder_forward_pos(a.encoded, tokens, layout_->pos, param("wte.weight"), param("wpe.weight"));
+    be.encoder_forward_pos(a.encoded, tokens, layout_->pos, param(embed_name()),
+                           llama() ? Tensor() : param("wpe.weight"));
   } else {
-    be.encoder_forward(a.encoded, tokens, param("wte.weight"), param("wpe.weight"));
+    be.encoder_forward(a.encoded, tokens, param(embed_name()), llama() ? Tensor() : param("wpe.weight"));
   }
   // Fusions (gpt2.h): with residual_layernorm each residual add also computes the LayerNorm that reads its sum
   // (ln_2 after the attention, then the next layer's ln_1 or ln_f after the MLP), so only h.0's ln_1 runs alone.
@@ -328,8 +466,10 @@ void GPT2::forward_trunk(const Tensor& tokens, const Tensor& keymask,
   if (a.interval > 0 && cfg_.n_layer > 0) a.scratch_segment = (cfg_.n_layer - 1) / a.interval;
   if (!fuse_ln || cfg_.n_layer == 0) {
     const Tensor& residual = cfg_.n_layer > 0 ? a.layers.back().res3 : a.encoded;
-    be.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, param("ln_f.weight"), param("ln_f.bias"),
-                         cfg_.ln_eps);
+    if (llama()) be.rmsnorm_forward(a.lnf, a.lnf_rstd, residual, param("norm.weight"), cfg_.ln_eps);
+    else
+      be.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, param("ln_f.weight"), param("ln_f.bias"),
+                           cfg_.ln_eps);
   }
   tokens_ = tokens;
   keymask_ = keymask;
@@ -337,7 +477,94 @@ void GPT2::forward_trunk(const Tensor& tokens, const Tensor& keymask,
   head_done_ = false;
 }
 
+Tensor GPT2::rope_positions() const {
+  const int64_t N = acts_->B * acts_->T;
+  return layout_ ? layout_->pos.view(0, {N}) : acts_->pos;
+}
+
+void GPT2::layer_forward_llama(int64_t l, const Tensor& keymask, bool ln1_here, bool finish) {
+  Acts& a = *acts_;
+  Backend& be = *be_;
+  const int64_t NH = cfg_.n_head, KV = cfg_.kv_heads();
+  const bool fuse_ln = fusions_.residual_layernorm;
+  auto& L = a.layers[static_cast<size_t>(l)];
+  const Tensor& residual = l > 0 ? a.layers[static_cast<size_t>(l - 1)].res3 : a.encoded;
+  const std::string p = layer_prefix(l);
+  DPO_TRACE_RANGE(p + " forward");
+  if (ln1_here) be.rmsnorm_forward(L.ln1, L.ln1_rstd, residual, param(p + "input_layernorm.weight"), cfg_.ln_eps);
+  be.matmul_forward(L.qkv, L.ln1, param(p + "self_attn.qkv_proj.weight"),
+                    cfg_.attention_bias ? param(p + "self_attn.qkv_proj.bias") : Tensor(), WeightLayout::InOut);
+  const Tensor pos = rope_positions();
+  const int64_t N = a.B * a.T;
+  const Tensor qkv2 = L.qkv.view(0, {N, cfg_.qkv_width()});
+  be.rope_forward(qkv2, qkv2, rope_cos_, rope_sin_, pos, NH, KV);
+  if (KV != NH) be.repeat_kv_forward(L.qkvx.view(0, {N, 3 * cfg_.n_embd}), qkv2, NH, KV);
+  if (layout_) be.attention_forward_spans(L.atty, L.att, L.qkvx, layout_->span, NH);
+  else be.attention_forward(L.atty, L.att, L.qkvx, keymask, NH);
+  be.matmul_forward(a.proj, L.atty, param(p + "self_attn.o_proj.weight"), Tensor(), WeightLayout::InOut);
+  const Tensor w2 = param(p + "post_attention_layernorm.weight");
+  if (fuse_ln) {
+    be.residual_rmsnorm_forward(L.res2, L.ln2, L.ln2_rstd, residual, a.proj, w2, cfg_.ln_eps);
+  } else {
+    be.residual_forward(L.res2, residual, a.proj);
+    be.rmsnorm_forward(L.ln2, L.ln2_rstd, L.res2, w2, cfg_.ln_eps);
+  }
+  be.matmul_forward(L.fch, L.ln2, param(p + "mlp.gate_up_proj.weight"), Tensor(), WeightLayout::InOut);
+  be.swiglu_forward(L.fch_gelu.view(0, {N, cfg_.mlp_width()}), L.fch.view(0, {N, 2 * cfg_.mlp_width()}));
+  if (!finish) return;
+  be.matmul_forward(a.proj, L.fch_gelu, param(p + "mlp.down_proj.weight"), Tensor(), WeightLayout::InOut);
+  if (fuse_ln) {
+    const bool last = l + 1 == cfg_.n_layer;
+    auto& next = last ? L : a.layers[static_cast<size_t>(l + 1)];
+    be.residual_rmsnorm_forward(L.res3, last ? a.lnf : next.ln1, last ? a.lnf_rstd : next.ln1_rstd, L.res2, a.proj,
+                                param(last ? std::string("norm.weight") : first_layer_param(l + 1)), cfg_.ln_eps);
+  } else {
+    be.residual_forward(L.res3, L.res2, a.proj);
+  }
+}
+
+void GPT2::layer_backward_llama(int64_t l) {
+  Acts& a = *acts_;
+  Backend& be = *be_;
+  const int64_t NH = cfg_.n_head, KV = cfg_.kv_heads(), N = a.B * a.T, I = cfg_.mlp_width();
+  auto& L = a.layers[static_cast<size_t>(l)];
+  const Tensor& residual = l > 0 ? a.layers[static_cast<size_t>(l - 1)].res3 : a.encoded;
+  const std::string p = layer_prefix(l);
+  const bool ow = fusions_.overwrite_grads;
+  const GradWrite first = first_write();
+  DPO_TRACE_RANGE(p + " backward");
+  // a.dres holds dL/d(residual stream) as in the GPT-2 block (backward_trunk).
+  if (!ow) be.fill_zero(a.dfch_gelu);
+  be.matmul_backward(a.dfch_gelu, grad(p + "mlp.down_proj.weight"), Tensor(), a.dres, L.fch_gelu,
+                     param(p + "mlp.down_proj.weight"), WeightLayout::InOut, first);
+  be.swiglu_backward(a.dfch.view(0, {N, 2 * I}), a.dfch_gelu.view(0, {N, I}), L.fch.view(0, {N, 2 * I}));
+  if (!ow) be.fill_zero(a.dln);
+  be.matmul_backward(a.dln, grad(p + "mlp.gate_up_proj.weight"), Tensor(), a.dfch, L.ln2,
+                     param(p + "mlp.gate_up_proj.weight"), WeightLayout::InOut, first);
+  be.rmsnorm_backward(a.dres, grad(p + "post_attention_layernorm.weight"), a.dln, L.res2,
+                      param(p + "post_attention_layernorm.weight"), L.ln2_rstd, GradWrite::Accumulate);
+  if (!ow) be.fill_zero(a.datty);
+  be.matmul_backward(a.datty, grad(p + "self_attn.o_proj.weight"), Tensor(), a.dres, L.atty,
+                     param(p + "self_attn.o_proj.weight"), WeightLayout::InOut, first);
+  be.fill_zero(a.dqkv);  // attention_backward accumulates
+  if (layout_) be.attention_backward_spans(a.dqkv, a.datty, L.qkvx, L.atty, L.att, layout_->span, NH);
+  else be.attention_backward(a.dqkv, a.datty, L.qkvx, L.atty, L.att, NH);
+  const Tensor dqkvc = a.dqkvc.view(0, {N, cfg_.qkv_width()});
+  if (KV != NH) be.repeat_kv_backward(dqkvc, a.dqkv.view(0, {N, 3 * cfg_.n_embd}), NH, KV);
+  be.rope_backward(dqkvc, dqkvc, rope_cos_, rope_sin_, rope_positions(), NH, KV);
+  if (!ow) be.fill_zero(a.dln);
+  be.matmul_backward(a.dln, grad(p + "self_attn.qkv_proj.weight"),
+                     cfg_.attention_bias ? grad(p + "self_attn.qkv_proj.bias") : Tensor(), a.dqkvc, L.ln1,
+                     param(p + "self_attn.qkv_proj.weight"), WeightLayout::InOut, first);
+  be.rmsnorm_backward(a.dres, grad(p + "input_layernorm.weight"), a.dln, residual, param(p + "input_layernorm.weight"),
+                      L.ln1_rstd, GradWrite::Accumulate);
+}
+
 void GPT2::layer_forward(int64_t l, const Tensor& keymask, bool ln1_here, bool finish) {
+  if (llama()) {
+    layer_forward_llama(l, keymask, ln1_here, finish);
+    return;
+  }
   Acts& a = *acts_;
   Backend& be = *be_;
   const int64_t NH = cfg_.n_head;
@@ -394,7 +621,7 @@ const Tensor& GPT2::forward(const Tensor& tokens, const Tensor& keymask) {
   Acts& a = *acts_;
   // Zeroed once: the padding columns are never written after this (gpt2.h, "Logits layout").
   if (!a.logits.defined()) a.logits = be_->zeros({a.B, a.T, logits_stride()}, dtype_);
-  be_->matmul_forward(a.logits, a.lnf, param("wte.weight"), Tensor(), WeightLayout::OutIn);
+  be_->matmul_forward(a.logits, a.lnf, head_weight(), Tensor(), WeightLayout::OutIn);
   return a.logits;
 }
 
@@ -417,25 +644,26 @@ void GPT2::backward(const Tensor& dseq) {
     DPO_TRACE_RANGE("lm_head backward");
     be.logprob_backward(a.logits, a.logits, targets_, weights_, dseq, cfg_.vocab_size);
     if (!fusions_.overwrite_grads) be.fill_zero(a.dln);
-    be.matmul_backward(a.dln, grad("wte.weight"), Tensor(), a.logits, a.lnf, param("wte.weight"),
-                       WeightLayout::OutIn, first_write());
+    be.matmul_backward(a.dln, head_grad(), Tensor(), a.logits, a.lnf, head_weight(), WeightLayout::OutIn,
+                       first_write());
   }
   backward_trunk();
   targets_ = Tensor();  // the logits were consumed; a second backward needs a new forward
 }
 
 std::vector<std::pair<int64_t, int64_t>> GPT2::grad_buckets() const {
-  // ln_f.{weight,bias} are the last two specs; layer l's twelve specs are contiguous; wte, wpe come first.
+  // The final norm's specs come after the layers (with an untied Llama head, lm_head.weight after it, final
+  // before the norm's: the head's backward runs first); layer l's specs are contiguous; the embeddings come first.
   std::vector<std::pair<int64_t, int64_t>> b;
   const int64_t n = params_.numel();
-  const int64_t lnf = spec("ln_f.weight").offset;
+  const int64_t lnf = spec(final_norm_name()).offset;
   b.push_back({lnf, n - lnf});
   for (int64_t l = cfg_.n_layer - 1; l >= 0; --l) {
-    const int64_t lo = spec("h." + std::to_string(l) + ".ln_1.weight").offset;
-    const int64_t hi = l + 1 < cfg_.n_layer ? spec("h." + std::to_string(l + 1) + ".ln_1.weight").offset : lnf;
+    const int64_t lo = spec(first_layer_param(l)).offset;
+    const int64_t hi = l + 1 < cfg_.n_layer ? spec(first_layer_param(l + 1)).offset : lnf;
     b.push_back({lo, hi - lo});
   }
-  const int64_t first_layer = cfg_.n_layer > 0 ? spec("h.0.ln_1.weight").offset : lnf;
+  const int64_t first_layer = cfg_.n_layer > 0 ? spec(first_layer_param(0)).offset : lnf;
   b.push_back({0, first_layer});
   return b;
 }
@@ -457,8 +685,11 @@ void GPT2::backward_trunk() {
   const GradWrite first = first_write();
   const bool fuse_gelu = fusions_.gelu_epilogue && dtype_ == DType::BF16;
   if (!ow) be.fill_zero(a.dres);
-  be.layernorm_backward(a.dres, grad("ln_f.weight"), grad("ln_f.bias"), a.dln, last, param("ln_f.weight"),
-                        a.lnf_mean, a.lnf_rstd, first);
+  if (llama())
+    be.rmsnorm_backward(a.dres, grad("norm.weight"), a.dln, last, param("norm.weight"), a.lnf_rstd, first);
+  else
+    be.layernorm_backward(a.dres, grad("ln_f.weight"), grad("ln_f.bias"), a.dln, last, param("ln_f.weight"),
+                          a.lnf_mean, a.lnf_rstd, first);
   ready();  // ln_f
   // a.dres holds dL/d(residual stream) at the current depth; both branches of each residual add read it, and
   // each LayerNorm backward accumulates into it, which is the residual backward done in place.
@@ -467,10 +698,15 @@ void GPT2::backward_trunk() {
       // Recomputation: l ends its segment here; rerun the segment's forward from its saved input into the
       // scratch slots, without its last residual add (that output, the next segment's input, is kept and would
       // write the next segment's slot-0 ln_1, which is this segment's).
-      DPO_TRACE_RANGE("h." + std::to_string(l) + " recompute");
+      DPO_TRACE_RANGE(layer_prefix(l) + " recompute");
       const int64_t s = l / a.interval * a.interval;
       for (int64_t j = s; j <= l; ++j) layer_forward(j, keymask_, j == s || !fusions_.residual_layernorm, j < l);
       a.scratch_segment = l / a.interval;
+    }
+    if (llama()) {
+      layer_backward_llama(l);
+      ready();  // layers.l
+      continue;
     }
     auto& L = a.layers[static_cast<size_t>(l)];
     const std::string p = "h." + std::to_string(l) + ".";
@@ -504,22 +740,39 @@ void GPT2::backward_trunk() {
                           param(p + "ln_1.weight"), L.ln1_mean, L.ln1_rstd);
     ready();  // h.l
   }
-  if (layout_) be.encoder_backward_pos(grad("wte.weight"), grad("wpe.weight"), a.dres, tokens_, layout_->pos);
-  else be.encoder_backward(grad("wte.weight"), grad("wpe.weight"), a.dres, tokens_);
+  const Tensor dwpe = llama() ? Tensor() : grad("wpe.weight");
+  if (layout_) be.encoder_backward_pos(grad(embed_name()), dwpe, a.dres, tokens_, layout_->pos);
+  else be.encoder_backward(grad(embed_name()), dwpe, a.dres, tokens_);
   ready();  // wte + wpe
 }
 
 // --- the chunked LM head ---------------------------------------------------------------------------------------
 
-void GPT2::set_logits_chunk_rows(int64_t rows) {
-  if (rows < 1) throw Error("logits_chunk_rows must be >= 1, got " + std::to_string(rows));
-  if (rows != chunk_rows_ && (chunk_.defined() || compact_ln_.defined() || compact_dln_.defined())) {
+int64_t GPT2::chunk_rows_within(int64_t rows, int64_t bytes, int64_t vocab_size, DType dtype) {
+  const int64_t row_bytes = logits_stride(vocab_size) * dtype_size(dtype);
+  return std::max<int64_t>(1, std::min(rows, bytes / row_bytes));
+}
+
+void GPT2::set_chunk_limits(int64_t rows, int64_t bytes) {
+  const int64_t before = head_rows_limit();
+  chunk_rows_ = rows;
+  chunk_bytes_ = bytes;
+  if (head_rows_limit() != before && (chunk_.defined() || compact_ln_.defined() || compact_dln_.defined())) {
     chunk_ = Tensor();
     compact_ln_ = Tensor();
     compact_dln_ = Tensor();
     ++buffers_generation_;
   }
-  chunk_rows_ = rows;
+}
+
+void GPT2::set_logits_chunk_rows(int64_t rows) {
+  if (rows < 1) throw Error("logits_chunk_rows must be >= 1, got " + std::to_string(rows));
+  set_chunk_limits(rows, chunk_bytes_);
+}
+
+void GPT2::set_logits_chunk_bytes(int64_t bytes) {
+  if (bytes < 1) throw Error("logits_chunk_bytes must be >= 1, got " + std::to_string(bytes));
+  set_chunk_limits(chunk_rows_, bytes);
 }
 
 int64_t GPT2::logits_buffer_numel() const {
@@ -544,7 +797,7 @@ std::vector<std::vector<GPT2::Range>> GPT2::plan_chunks(int64_t B, int64_t T, in
   const int64_t per_unit = pair_stride > 0 ? 2 : 1;
   const int64_t units = pair_stride > 0 ? pair_stride : B;
   const int64_t unit_rows = per_unit * std::max<int64_t>(T, 1);
-  const int64_t k = std::min(units, std::max<int64_t>(1, chunk_rows_ / unit_rows));  // units per chunk
+  const int64_t k = std::min(units, std::max<int64_t>(1, head_rows_limit() / unit_rows));  // units per chunk
   std::vector<std::vector<Range>> plan;
   for (int64_t u0 = 0; u0 < units; u0 += k) {
     const int64_t n = std::min(k, units - u0);
@@ -592,7 +845,7 @@ void GPT2::head_forward(const Range& r, const Tensor& logits, const Tensor& seq_
                         const Tensor& targets, const Tensor& weights) {
   DPO_TRACE_RANGE("lm_head forward");
   const int64_t T = acts_->T, C = cfg_.n_embd;
-  be_->matmul_forward(logits, acts_->lnf.view(r.seq0 * T * C, {r.nseq * T, C}), param("wte.weight"), Tensor(),
+  be_->matmul_forward(logits, acts_->lnf.view(r.seq0 * T * C, {r.nseq * T, C}), head_weight(), Tensor(),
                       WeightLayout::OutIn);
   const Tensor stats =
       seq_stats.defined() ? seq_stats.view(r.seq0 * kSeqStatsWidth, {r.nseq, kSeqStatsWidth}) : Tensor();
@@ -607,7 +860,7 @@ void GPT2::fused_head(const Tensor& targets, const Tensor& weights, int64_t pair
   Acts& a = *acts_;
   Backend& be = *be_;
   const int64_t T = a.T, C = cfg_.n_embd, V = cfg_.vocab_size, ldv = logits_stride();
-  const Tensor wte = param("wte.weight"), dwte = grad("wte.weight");
+  const Tensor wte = head_weight(), dwte = head_grad();
   be.fill_zero(a.dln);  // dL/d(ln_f output), accumulated chunk by chunk
   if (plan) {
     compact_head(*plan, targets, weights, seq_dev, stats_dev, dseq_dev, chunk_grad);
@@ -757,7 +1010,7 @@ void GPT2::set_layout(const Layout* layout) {
 
 std::vector<GPT2::RowChunk> GPT2::plan_row_chunks(int64_t R, int64_t T) const {
   std::vector<RowChunk> plan;
-  const int64_t per = std::max<int64_t>(1, chunk_rows_ / std::max<int64_t>(T, 1));  // rows per chunk
+  const int64_t per = std::max<int64_t>(1, head_rows_limit() / std::max<int64_t>(T, 1));  // rows per chunk
   int64_t q = 0;
   for (int64_t r0 = 0; r0 < R; r0 += per) {
     const int64_t nr = std::min(per, R - r0);
@@ -818,7 +1071,7 @@ void GPT2::layout_head(const Tensor& targets, const Tensor& weights, const Tenso
     params.rows = PairRows::Interleaved;
     be.fill_zero(a.dln);
   }
-  const Tensor wte = param("wte.weight"), dwte = grad("wte.weight");
+  const Tensor wte = head_weight(), dwte = head_grad();
   for (size_t ci = 0; ci < plan_rows.size(); ++ci) {
     const RowChunk& c = plan_rows[ci];
     const int64_t s0 = 2 * c.q0, ns = 2 * c.nq;
@@ -881,13 +1134,14 @@ std::optional<GPT2::HeadPlan> GPT2::plan_scored(const Tensor& weights, const Ten
     for (int64_t i = b; i < e; ++i) c += scored[static_cast<size_t>(i)];
     return c;
   };
-  // Greedy chunks of whole units (rows[u]: a unit's compact rows): at most chunk_rows_ rows, at least one unit.
+  // Greedy chunks of whole units (rows[u]: a unit's compact rows): at most head_rows_limit() rows, at least one unit.
+  const int64_t limit = head_rows_limit();
   auto chunk_units = [&](const std::vector<int64_t>& rows) {
     std::vector<std::pair<int64_t, int64_t>> c;  // [u0, u1)
     const auto U = static_cast<int64_t>(rows.size());
     for (int64_t u0 = 0; u0 < U;) {
       int64_t u1 = u0 + 1, sum = rows[static_cast<size_t>(u0)];
-      while (u1 < U && sum + rows[static_cast<size_t>(u1)] <= chunk_rows_) sum += rows[static_cast<size_t>(u1++)];
+      while (u1 < U && sum + rows[static_cast<size_t>(u1)] <= limit) sum += rows[static_cast<size_t>(u1++)];
       c.push_back({u0, u1});
       u0 = u1;
     }
@@ -976,7 +1230,7 @@ void GPT2::compact_head(const HeadPlan& plan, const Tensor& targets, const Tenso
     be.gather_rows(tg, targets.view(0, {N, 1}), idx.view(0, {n_all}));
     be.gather_rows(w, weights.view(0, {N, 1}), idx.view(0, {n_all}));
   }
-  const Tensor wte = param("wte.weight"), dwte = grad("wte.weight");
+  const Tensor wte = head_weight(), dwte = head_grad();
   const Tensor lnf = a.lnf.view(0, {N, C}), dln = a.dln.view(0, {N, C});
   for (const auto& chunk : plan.chunks) {
     const int64_t row0 = chunk.front().row0;
@@ -1036,6 +1290,7 @@ struct GPT2::Decode {
   std::vector<int64_t> filled;  // per sequence: positions [0, filled) hold its tokens' k, v
   // One step's activations, [Bcap, ...]; a step uses the first B rows.
   Tensor x, ln, qkv, atty, proj, res2, fch, fch_gelu, mean, rstd;
+  Tensor qkvx;  // Llama: the grouped-query expansion of qkv [Bcap, 3C] (qkv itself when KV == NH)
   Tensor logits;  // [Bcap, ldv], zeroed once (padding columns, as forward()'s)
   Tensor tok, pos;  // [Bcap] I32 on the device
   Tensor out;  // the logits view handed out, [B, ldv]
@@ -1082,12 +1337,13 @@ const Tensor& GPT2::decode_prefill(const Tensor& tokens, const std::vector<int64
   d->kv = be.empty({cfg_.n_layer, 2, B, capacity, C}, dtype_);
   d->x = t(C);
   d->ln = t(C);
-  d->qkv = t(3 * C);
+  d->qkv = t(cfg_.qkv_width());
+  d->qkvx = llama() && cfg_.kv_heads() != cfg_.n_head ? t(3 * C) : d->qkv;
   d->atty = t(C);
   d->proj = t(C);
   d->res2 = t(C);
-  d->fch = t(4 * C);
-  d->fch_gelu = t(4 * C);
+  d->fch = t(llama() ? 2 * cfg_.mlp_width() : 4 * C);
+  d->fch_gelu = t(llama() ? cfg_.mlp_width() : 4 * C);
   d->mean = be.empty({B}, gdtype_);
   d->rstd = be.empty({B}, gdtype_);
   d->logits = be.zeros({B, ldv}, dtype_);
@@ -1096,13 +1352,14 @@ const Tensor& GPT2::decode_prefill(const Tensor& tokens, const std::vector<int64
   dec_ = d;
   // Each block's k, v are stored as soon as the block has run (with checkpointing its qkv buffer is reused).
   forward_trunk(tokens, Tensor(), [&](int64_t l) {
-    be.attention_cache_store(decode_cache(l, 0), decode_cache(l, 1), acts_->layers[static_cast<size_t>(l)].qkv);
+    const auto& L = acts_->layers[static_cast<size_t>(l)];
+    be.attention_cache_store(decode_cache(l, 0), decode_cache(l, 1), llama() ? L.qkvx : L.qkv);
   });
   // The LM head on each row's last real position only: ln_f output rows gathered into d->ln.
   for (int64_t b = 0; b < B; ++b)
     be.copy(d->ln.view(b * C, {C}), acts_->lnf.view((b * T + lengths[static_cast<size_t>(b)] - 1) * C, {C}));
   d->out = d->logits.view(0, {B, ldv});
-  be.matmul_forward(d->out, d->ln, param("wte.weight"), Tensor(), WeightLayout::OutIn);
+  be.matmul_forward(d->out, d->ln, head_weight(), Tensor(), WeightLayout::OutIn);
   return d->out;
 }
 
@@ -1133,6 +1390,11 @@ const Tensor& GPT2::decode_step(const std::vector<int32_t>& tokens, const std::v
   const Tensor tok = d.tok.view(0, {B}), pos = d.pos.view(0, {B});
   be.copy_from_host(tok, tok_h);
   be.copy_from_host(pos, pos_h);
+  if (llama()) {
+    decode_step_llama(tok, pos);
+    for (int64_t b = 0; b < B; ++b) d.filled[static_cast<size_t>(b)] = positions[static_cast<size_t>(b)] + 1;
+    return d.out;
+  }
   const Tensor x = rows(d.x, C), ln = rows(d.ln, C), qkv = rows(d.qkv, 3 * C), atty = rows(d.atty, C),
                proj = rows(d.proj, C), res2 = rows(d.res2, C), fch = rows(d.fch, 4 * C),
                fch_gelu = rows(d.fch_gelu, 4 * C), mean = d.mean.view(0, {B}), rstd = d.rstd.view(0, {B});
@@ -1168,6 +1430,39 @@ const Tensor& GPT2::decode_step(const std::vector<int32_t>& tokens, const std::v
   be.matmul_forward(d.out, ln, wte, Tensor(), WeightLayout::OutIn);
   for (int64_t b = 0; b < B; ++b) d.filled[static_cast<size_t>(b)] = positions[static_cast<size_t>(b)] + 1;
   return d.out;
+}
+
+void GPT2::decode_step_llama(const Tensor& tok, const Tensor& pos) {
+  Decode& d = *dec_;
+  Backend& be = *be_;
+  const int64_t B = d.B, C = cfg_.n_embd, NH = cfg_.n_head, KV = cfg_.kv_heads(), I = cfg_.mlp_width(),
+                W = cfg_.qkv_width(), ldv = logits_stride();
+  auto rows = [&](const Tensor& buf, int64_t width) { return buf.view(0, {B, width}); };
+  const Tensor x = rows(d.x, C), ln = rows(d.ln, C), qkv = rows(d.qkv, W), qkvx = rows(d.qkvx, 3 * C),
+               atty = rows(d.atty, C), proj = rows(d.proj, C), res2 = rows(d.res2, C), fch = rows(d.fch, 2 * I),
+               act = rows(d.fch_gelu, I), rstd = d.rstd.view(0, {B});
+  // The same ops as layer_forward_llama at M = B rows, each row rotated at its own position.
+  be.encoder_forward(x.view(0, {B, 1, C}), tok.view(0, {B, 1}), param(embed_name()), Tensor());
+  for (int64_t l = 0; l < cfg_.n_layer; ++l) {
+    const std::string p = layer_prefix(l);
+    DPO_TRACE_RANGE(p + " decode");
+    be.rmsnorm_forward(ln, rstd, x, param(p + "input_layernorm.weight"), cfg_.ln_eps);
+    be.matmul_forward(qkv, ln, param(p + "self_attn.qkv_proj.weight"),
+                      cfg_.attention_bias ? param(p + "self_attn.qkv_proj.bias") : Tensor(), WeightLayout::InOut);
+    be.rope_forward(qkv, qkv, rope_cos_, rope_sin_, pos, NH, KV);
+    if (KV != NH) be.repeat_kv_forward(qkvx, qkv, NH, KV);
+    be.attention_decode_forward(atty, decode_cache(l, 0), decode_cache(l, 1), qkvx, pos, NH);
+    be.matmul_forward(proj, atty, param(p + "self_attn.o_proj.weight"), Tensor(), WeightLayout::InOut);
+    be.residual_forward(res2, x, proj);
+    be.rmsnorm_forward(ln, rstd, res2, param(p + "post_attention_layernorm.weight"), cfg_.ln_eps);
+    be.matmul_forward(fch, ln, param(p + "mlp.gate_up_proj.weight"), Tensor(), WeightLayout::InOut);
+    be.swiglu_forward(act, fch);
+    be.matmul_forward(proj, act, param(p + "mlp.down_proj.weight"), Tensor(), WeightLayout::InOut);
+    be.residual_forward(x, res2, proj);
+  }
+  be.rmsnorm_forward(ln, rstd, x, param("norm.weight"), cfg_.ln_eps);
+  d.out = d.logits.view(0, {B, ldv});
+  be.matmul_forward(d.out, ln, head_weight(), Tensor(), WeightLayout::OutIn);
 }
 
 void GPT2::decode_select(const std::vector<int64_t>& rows) {

@@ -10,6 +10,20 @@
 //   ln_f.{weight,bias} [C].
 // Dense weights are in HF's Conv1D layout [in, out] (WeightLayout::InOut); the LM head reads wte as [V, C] (OutIn).
 //
+// The same class runs the Llama family (GPT2Config::arch == Arch::Llama; HF llama, qwen2, mistral) through the same
+// trunk, LM head, recomputation, layouts and decoding, with its own block ops. Its layout (HF's names without the
+// "model." prefix; D = n_embd / n_head, W = (n_head + 2 n_kv_head) D, I = intermediate_size):
+//   embed_tokens.weight [V,C],
+//   layers.<l>.input_layernorm.weight [C], layers.<l>.self_attn.qkv_proj.{weight [C,W], bias [W] (attention_bias
+//   only)} (HF's q_proj | k_proj | v_proj, transposed and concatenated), layers.<l>.self_attn.o_proj.weight [C,C],
+//   layers.<l>.post_attention_layernorm.weight [C], layers.<l>.mlp.gate_up_proj.weight [C,2I] (gate_proj |
+//   up_proj), layers.<l>.mlp.down_proj.weight [I,C],
+//   norm.weight [C], lm_head.weight [V,C] (untied heads only; tied: the head reads embed_tokens).
+// Block: h = rmsnorm(x); qkv = h @ Wqkv (+ b); rotary embedding in place on q and k (tables built on the host as HF
+// builds them, build_rope_tables); k/v heads repeated to n_head (repeat_kv) when n_kv_head < n_head; the GPT-2
+// attention ops; x += attn @ Wo; h = rmsnorm(x); x += swiglu(h @ Wgate|up) @ Wdown. Then rmsnorm and the LM head.
+// Positions: t for slot (b, t) of a padded batch, the layout's pos otherwise (what wpe reads in the GPT-2 path).
+//
 // Every op goes through a Backend, so the same model runs on the CPU (F32 or F64) and, with the CUDA backend, on a GPU.
 //
 // Precision (dtype): F32 or F64 run everything in that type. BF16 is mixed precision (runtime/backend.h): the
@@ -39,13 +53,46 @@
 
 namespace dpo {
 
+// The decoder's two block families. GPT2: LayerNorm, learned positions (wpe), biased GELU MLP, tied head. Llama
+// (HF model_type llama, qwen2, mistral): RMSNorm, rotary positions, grouped-query attention, SwiGLU MLP without
+// biases, q/k/v biases optional (Qwen2), the LM head tied or not.
+enum class Arch { GPT2, Llama };
+
+// Llama 3's rope_type "llama3" frequency scaling (HF _compute_llama3_parameters); factor 0: none (rope_type
+// "default").
+struct RopeScaling {
+  double factor = 0;
+  double low_freq_factor = 1;
+  double high_freq_factor = 4;
+  int64_t original_max_position_embeddings = 8192;
+  bool enabled() const { return factor > 0; }
+  bool operator==(const RopeScaling&) const = default;
+};
+
 struct GPT2Config {
-  int64_t max_seq_len = 1024;  // n_positions
+  Arch arch = Arch::GPT2;
+  std::string model_type = "gpt2";  // HF model_type written back on save: gpt2, or llama / qwen2 / mistral
+  int64_t max_seq_len = 1024;  // n_positions (max_position_embeddings)
   int64_t vocab_size = 50257;
   int64_t n_layer = 12;
   int64_t n_head = 12;
   int64_t n_embd = 768;
-  double ln_eps = 1e-5;
+  double ln_eps = 1e-5;  // layer_norm_epsilon (GPT2) or rms_norm_eps (Llama)
+
+  // Llama only (GPT2 ignores them: its MLP is 4 n_embd wide, its heads all have their own k/v, its head is tied).
+  int64_t n_kv_head = 0;          // num_key_value_heads; 0: n_head. n_head % n_kv_head == 0
+  int64_t intermediate_size = 0;  // the SwiGLU width I; 0: 4 n_embd
+  double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+  bool attention_bias = false;       // q/k/v biases (Qwen2); o_proj never has one
+  bool tie_word_embeddings = true;   // false: lm_head.weight [V, C] of its own
+
+  int64_t head_dim() const { return n_embd / n_head; }
+  int64_t kv_heads() const { return n_kv_head > 0 ? n_kv_head : n_head; }
+  int64_t mlp_width() const { return intermediate_size > 0 ? intermediate_size : 4 * n_embd; }
+  // Width of the fused q|k|v projection: 3 n_embd for GPT2, (n_head + 2 n_kv_head) head_dim for Llama.
+  int64_t qkv_width() const { return (n_head + 2 * (arch == Arch::Llama ? kv_heads() : n_head)) * head_dim(); }
+  bool tied_head() const { return arch == Arch::GPT2 || tie_word_embeddings; }
 
   // Hugging Face config.json content that the model does not compute with, kept so that a checkpoint saved from
   // a loaded model carries it on (model/checkpoint.h): the special-token ids (-1: not given; saved as
@@ -57,7 +104,8 @@ struct GPT2Config {
   std::string hf_extra_json;
   std::string generation_config;
 
-  // Throws InputError("<where>: <field> ...") for non-positive sizes or n_embd % n_head != 0.
+  // Throws InputError("<where>: <field> ...") for non-positive sizes, n_embd % n_head != 0, an odd head_dim or
+  // n_head % n_kv_head != 0 (Llama).
   void validate(const std::string& where) const;
   int64_t num_parameters() const;
 };
@@ -192,6 +240,14 @@ class GPT2 {
   // gradient is known, so no logits are recomputed.
   void set_logits_chunk_rows(int64_t rows);  // >= 1 (Error otherwise); default kDefaultLogitsChunkRows
   int64_t logits_chunk_rows() const { return chunk_rows_; }
+  // The chunk is bounded in bytes too, whatever the vocabulary: a chunk holds at most
+  // chunk_rows_within(logits_chunk_rows, logits_chunk_bytes, V, dtype) rows (then whole units, at least one, as
+  // above). 2048 rows of Qwen2's 151936-token vocabulary are 1.2 GB in fp32; the default 512 MiB keeps GPT-2's 2048
+  // rows in fp32 and bf16 and caps a 152k vocabulary at 883 (fp32) or 1766 (bf16) rows.
+  void set_logits_chunk_bytes(int64_t bytes);  // >= 1 (Error otherwise); default kDefaultLogitsChunkBytes
+  int64_t logits_chunk_bytes() const { return chunk_bytes_; }
+  // min(rows, bytes / (logits_stride(vocab_size) * dtype size)), at least 1.
+  static int64_t chunk_rows_within(int64_t rows, int64_t bytes, int64_t vocab_size, DType dtype);
   //
   // Compaction (HeadRows::Scored, the default): most slots of a preference batch are prompt or padding, which no
   // log-prob reads (weight 0); the head then computes logits only for the scored slots (weight != 0), a third of
@@ -290,6 +346,7 @@ class GPT2 {
   int64_t buffers_generation() const { return buffers_generation_; }
 
   static constexpr int64_t kDefaultLogitsChunkRows = 2048;
+  static constexpr int64_t kDefaultLogitsChunkBytes = int64_t{512} << 20;
 
   // Gradient buckets, for overlapping the gradient all-reduce with the backward pass. The ranges (offset, numel)
   // of grads() in the order their gradients become final in a backward pass: ln_f, h.{L-1}, ..., h.0, then
@@ -392,6 +449,21 @@ class GPT2 {
                   const Tensor& stats_dev, const Tensor& dseq_dev,
                   const std::function<void(const std::vector<Range>&)>& chunk_grad, const HeadPlan* plan);
 
+  // --- the Llama family (gpt2.h top) ---
+  bool llama() const { return cfg_.arch == Arch::Llama; }
+  std::string embed_name() const;                // wte.weight / embed_tokens.weight
+  std::string layer_prefix(int64_t l) const;     // "h.<l>." / "layers.<l>."
+  std::string first_layer_param(int64_t l) const;  // the first spec of layer l (ln_1 / input_layernorm weight)
+  std::string final_norm_name() const;           // ln_f.weight / norm.weight
+  Tensor head_weight() const;  // the LM head's [V, C]: the embedding when tied, else lm_head.weight
+  Tensor head_grad() const;
+  void build_rope_tables();  // rope_cos_, rope_sin_ [max_seq_len, D/2] in grad_dtype(dtype())
+  Tensor rope_positions() const;  // [B*T] I32: the layout's pos, else t for every (b, t)
+  void layer_forward_llama(int64_t l, const Tensor& keymask, bool ln1_here, bool finish);
+  void layer_backward_llama(int64_t l);
+  void decode_step_llama(const Tensor& tok, const Tensor& pos);
+  Tensor rope_cos_, rope_sin_;
+
   Backend* be_;
   GPT2Config cfg_;
   DType dtype_;
@@ -408,6 +480,11 @@ class GPT2 {
   int64_t buffers_generation_ = 0;
   Tensor tokens_, keymask_, targets_, weights_;  // inputs of the last sequence_logprobs, for backward
   int64_t chunk_rows_ = kDefaultLogitsChunkRows;
+  int64_t chunk_bytes_ = kDefaultLogitsChunkBytes;
+  int64_t head_rows_limit() const {  // the rows a chunk may hold (set_logits_chunk_bytes)
+    return chunk_rows_within(chunk_rows_, chunk_bytes_, cfg_.vocab_size, dtype_);
+  }
+  void set_chunk_limits(int64_t rows, int64_t bytes);
   Tensor chunk_;           // the chunked LM head's logits buffer
   HeadRows head_rows_ = HeadRows::Scored;
   Tensor compact_ln_, compact_dln_;  // the compacted head's [rows, C] gathered ln_f rows and their gradient

@@ -28,7 +28,13 @@ ActivationBytes activation_bytes(const GPT2Config& cfg, DType dtype, int64_t row
   // One block's buffers (ensure_acts): ln1, qkv, atty, res2, ln2, fch, fch_gelu, res3 = 16 C activations and four
   // LayerNorm statistics per slot, plus the attention's saved state.
   const int64_t block_res3 = BT * C * a;
-  const int64_t block = BT * (16 * C * a + 4 * s);
+  int64_t block = BT * (16 * C * a + 4 * s);
+  // Llama: ln1, qkv [W], its expansion [3C] when n_kv_head < n_head, atty, res2, ln2, gate|up [2I], SwiGLU [I], res3
+  // and two RMSNorm statistics (rstd only) per slot.
+  const bool llama = cfg.arch == Arch::Llama;
+  const int64_t W = cfg.qkv_width(), I = cfg.mlp_width();
+  const bool expand = llama && cfg.kv_heads() != NH;
+  if (llama) block = BT * ((5 * C + W + (expand ? 3 * C : 0) + 3 * I) * a + 2 * s);
   const int64_t att = attention == AttentionSaved::RowStats
                           ? (rows * NH * T + rows * T) * (dtype == DType::BF16 ? 4 : a)
                           : rows * NH * T * T * a;
@@ -44,14 +50,19 @@ ActivationBytes activation_bytes(const GPT2Config& cfg, DType dtype, int64_t row
   }
   out.other = BT * (3 * C * a + 2 * s);  // encoded, ln_f output and statistics, the c_proj scratch
   out.backward_scratch = BT * 14 * C * a;  // dres, dln, dqkv, datty, dfch, dfch_gelu
+  if (llama) {
+    out.other = BT * (3 * C * a + s + 4);  // encoded, the final norm's output and rstd, the o/down scratch, positions
+    // dres, dln, dqkv [3C], datty, gate|up [2I], SwiGLU [I], d(compact qkv) [W] when expanded
+    out.backward_scratch = BT * (6 * C + 3 * I + (expand ? W : 0)) * a;
+  }
   return out;
 }
 
 MemoryPlan plan_memory(const MemoryPlanInput& in) {
   DPO_ASSERT(in.dtype == DType::F32 || in.dtype == DType::F64 || in.dtype == DType::BF16,
              std::string("plan_memory: dtype must be F32, F64 or BF16, got ") + dtype_name(in.dtype));
-  DPO_ASSERT(in.pairs >= 1 && in.rows >= 1 && in.T >= 1 && in.logits_chunk_rows >= 1 && in.ranks >= 1 &&
-                 in.checkpoint_interval >= 0 && in.device_reserve >= 0,
+  DPO_ASSERT(in.pairs >= 1 && in.rows >= 1 && in.T >= 1 && in.logits_chunk_rows >= 1 && in.logits_chunk_bytes >= 1 &&
+                 in.ranks >= 1 && in.checkpoint_interval >= 0 && in.device_reserve >= 0,
              "plan_memory: sizes must be positive");
   const GPT2Config& m = in.model;
   const int64_t N = m.num_parameters();
@@ -64,6 +75,9 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
     p.terms.push_back({std::move(name), bytes, std::move(note)});
   };
   add("weights", N * a, std::to_string(N) + " parameters in " + dtype_name(in.dtype));
+  // Llama: the rotary cos / sin tables [n_positions, head_dim / 2] each, in the statistics dtype (GPT2 builds them).
+  const int64_t rope = m.arch == Arch::Llama ? 2 * m.max_seq_len * (m.head_dim() / 2) * gs : 0;
+  if (rope > 0) add("rotary tables", rope, "cos and sin [n_positions, head_dim/2]");
   if (bf16) add("master weights", share * 4, "F32 copy the optimizer updates" + zero_note);
   add("gradients", N * gs, std::string("one flat ") + dtype_name(grad_dtype(in.dtype)) + " vector");
   // AdamW (train/optim.h): m and v in F32 (F64 for an F64 model) over this rank's share.
@@ -82,7 +96,9 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
       in.attention == AttentionSaved::RowStats ? "per-row log-sum-exp and key mask per live block"
                                                : "[B,NH,T,T] probabilities per live block (grows with T^2)");
   add("activations: embeddings, ln_f, scratch", act.other, "[B,T,C] embeddings, ln_f output, c_proj scratch");
-  add("backward scratch", act.backward_scratch, "14 [B,T,C]-wide gradient buffers, reused by every block");
+  add("backward scratch", act.backward_scratch,
+      m.arch == Arch::Llama ? "the blocks' gradient buffers (6 [B,T,C], 3 [B,T,I] wide), reused by every block"
+                            : "14 [B,T,C]-wide gradient buffers, reused by every block");
   p.activations = act.total();
 
   // The chunked LM head (GPT2::plan_chunks / plan_row_chunks): whole units of 2T slots (a pair of padded rows) or
@@ -90,13 +106,14 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
   // the same rows.
   const int64_t unit = in.pair_rows ? 2 * in.T : in.T;
   const int64_t units = in.pair_rows ? in.pairs : in.rows;
-  const int64_t chunk = std::min(units, std::max<int64_t>(1, in.logits_chunk_rows / unit)) * unit;
+  const int64_t rows_max = GPT2::chunk_rows_within(in.logits_chunk_rows, in.logits_chunk_bytes, m.vocab_size, in.dtype);
+  const int64_t chunk = std::min(units, std::max<int64_t>(1, rows_max / unit)) * unit;
   const int64_t ldv = GPT2::logits_stride(m.vocab_size);
   const int64_t head = chunk * ldv * a + (in.compact_head ? 2 * chunk * m.n_embd * a : 0);
   add("LM-head chunk", head, std::to_string(chunk) + " logits rows x " + std::to_string(ldv) +
-                                 " columns (+ gathered rows); logits_chunk_rows reduces it");
+                                 " columns (+ gathered rows); logits_chunk_rows or logits_chunk_bytes reduces it");
   if (in.reference == ReferencePlan::Live) {
-    const int64_t ref_w = N * (a + gs + (bf16 ? 4 : 0));
+    const int64_t ref_w = N * (a + gs + (bf16 ? 4 : 0)) + rope;
     add("reference model", ref_w,
         "a second model's weights (and, as every GPT2, its gradient buffer); precompute_ref_log_probs: true frees it");
     const ActivationBytes ra =
@@ -106,7 +123,10 @@ MemoryPlan plan_memory(const MemoryPlanInput& in) {
   const int64_t slot_bytes = 12 + gs + (in.pair_rows ? 0 : 4 + kSpanWidth * 4);
   add("batch inputs", in.rows * in.T * slot_bytes, "tokens, key mask, targets, weights (and positions, spans)");
   if (in.f32_op_copies && bf16)
-    add("op workspace", 3 * in.rows * in.T * 4 * m.n_embd * 4, "the CPU's bf16 ops: F32 copies of one op's operands");
+    // GPT-2: the GELU's three [B,T,4C]; Llama: swiglu_backward's dinp [B,T,2I], dout [B,T,I] and inp [B,T,2I]
+    // (measured: tests/test_memory_plan.cpp).
+    add("op workspace", in.rows * in.T * (m.arch == Arch::Llama ? 5 * m.mlp_width() : 12 * m.n_embd) * 4,
+        "the CPU's bf16 ops: F32 copies of one op's operands");
   if (in.device_reserve > 0)
     add("device reserve", in.device_reserve, "CUDA context, cuBLAS/cuDNN workspaces, allocator slack (allowance)");
   for (const MemoryTerm& t : p.terms) p.total += t.bytes;

@@ -38,6 +38,7 @@ struct MemoryPlanInput {
   int64_t T = 1;             // slots per row
   bool pair_rows = true;     // padded pairs: the LM head's unit is a pair of rows (2T slots); a layout: one row
   int64_t logits_chunk_rows = GPT2::kDefaultLogitsChunkRows;
+  int64_t logits_chunk_bytes = GPT2::kDefaultLogitsChunkBytes;  // GPT2::set_logits_chunk_bytes
   bool compact_head = true;  // HeadRows::Scored with host weights: the head's two gathered [rows, C] buffers
   int64_t checkpoint_interval = 0;  // GPT2::set_gradient_checkpointing (0: off)
   ReferencePlan reference = ReferencePlan::Cached;
@@ -46,7 +47,8 @@ struct MemoryPlanInput {
   AttentionSaved attention = AttentionSaved::RowStats;
   int64_t device_reserve = 0;  // bytes: the CUDA context and library workspaces (an allowance; 0 on the CPU)
   // The CPU backend runs BF16 ops on F32 copies of their operands (runtime/backend.h): at most three [B,T,4C] F32
-  // tensors live inside one op (measured: tests/test_memory_plan.cpp). True: count them (CPU and BF16 only).
+  // tensors live inside one op for GPT-2, five [B,T,I] for the Llama family (SwiGLU's backward) (measured:
+  // tests/test_memory_plan.cpp). True: count them (CPU and BF16 only).
   bool f32_op_copies = false;
 };
 

@@ -103,6 +103,9 @@ class Backend {
 
   // --- GPT-2 ops ----------------------------------------------------------------------------------------------
   // out[B,T,C] = wte[tokens] + wpe[0..T)            | dwte[V,C] +=, dwpe[maxT,C] +=
+  // An undefined wpe (forward) / dwpe (backward) means no position embedding (Llama-family models): out =
+  // wte[tokens] (=, bitwise a copy of the rows), and only dwte accumulates. The _pos variants likewise; pos is then
+  // not used by the encoder (it may be undefined).
   virtual void encoder_forward(const Tensor& out, const Tensor& tokens, const Tensor& wte, const Tensor& wpe) = 0;
   virtual void encoder_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
                                 const Tensor& tokens) = 0;
@@ -273,6 +276,56 @@ class Backend {
     logprob_backward(dlogits, logits, targets, weights, dseq, logits.size(-1));
   }
 
+  // --- Llama-family ops ---------------------------------------------------------------------------------------
+  // Contracts in kernels/rmsnorm.h, kernels/rope.h, kernels/swiglu.h, kernels/repeat_kv.h. Dtypes as above:
+  // activations A (F32, F64 on the CPU only, BF16); parameter gradients, per-row statistics and the RoPE tables
+  // grad_dtype(A). Row-major [N, width] tensors: the last dim is the width, N = numel / width (the leading dims may
+  // be [B,T] or [N]).
+  //
+  // RMSNorm (HF LlamaRMSNorm: statistics in fp32 or wider): rstd[N] = 1 / sqrt(mean_c(inp^2) + eps) (=,
+  // grad_dtype(A)), out[N,C] = inp * rstd * w (=). BF16 uses HF's order, out = round_bf16(w * round_bf16(inp *
+  // rstd)): HF multiplies by the weight after casting the normalised value back to the input dtype
+  // (kernels/rmsnorm.h).
+  virtual void rmsnorm_forward(const Tensor& out, const Tensor& rstd, const Tensor& inp, const Tensor& w,
+                               double eps) = 0;
+  // dinp (= with GradWrite::Overwrite, else +=), dw[C] += (grad_dtype(A)).
+  virtual void rmsnorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dout, const Tensor& inp,
+                                const Tensor& w, const Tensor& rstd, GradWrite dinp_write) = 0;
+  // res_out = a + b (=, rounded exactly as residual_forward rounds it), then rmsnorm_forward(ln_out, rstd, res_out,
+  // w, eps): bitwise equal to the unfused pair on the same backend. res_out may alias a or b; ln_out aliases
+  // nothing.
+  virtual void residual_rmsnorm_forward(const Tensor& res_out, const Tensor& ln_out, const Tensor& rstd,
+                                        const Tensor& a, const Tensor& b, const Tensor& w, double eps) = 0;
+
+  // Rotary position embedding, HF's rotate_half convention (Llama, Qwen2, Mistral). inp/out [N, W] with
+  // W = (n_head + 2 * n_kv_head) * D, each row the heads [q 0..n_head-1 | k 0..n_kv_head-1 | v 0..n_kv_head-1];
+  // D = 2 * cos.size(1). cos, sin [P, D/2] in grad_dtype(A) (the model builds the tables), pos [N] I32 in [0, P)
+  // (any shape with N elements, e.g. the batch layout's [B,T]). For every q and k head, with c = cos[pos[n], i],
+  // s = sin[pos[n], i], i < D/2:  y_i = x_i c - x_{i+D/2} s,   y_{i+D/2} = x_{i+D/2} c + x_i s;   v heads copied
+  // unchanged. (=) out may alias inp (in place is the model's use). The CPU throws naming the first bad pos; CUDA
+  // writes NaN rows.
+  virtual void rope_forward(const Tensor& out, const Tensor& inp, const Tensor& cos, const Tensor& sin,
+                            const Tensor& pos, int64_t n_head, int64_t n_kv_head) = 0;
+  // The transpose rotation: dx_i = dy_i c + dy_{i+D/2} s, dx_{i+D/2} = dy_{i+D/2} c - dy_i s; v heads copied. (=,
+  // dinp may alias dout)
+  virtual void rope_backward(const Tensor& dinp, const Tensor& dout, const Tensor& cos, const Tensor& sin,
+                             const Tensor& pos, int64_t n_head, int64_t n_kv_head) = 0;
+
+  // SwiGLU (HF LlamaMLP: down(silu(gate(x)) * up(x))): inp [N, 2I], each row [gate 0..I-1 | up 0..I-1] (the model
+  // concatenates gate_proj and up_proj into one weight); out [N, I] = silu(gate) * up (=).
+  virtual void swiglu_forward(const Tensor& out, const Tensor& inp) = 0;
+  // dinp [N, 2I] (=): d gate = dout * up * silu'(gate), d up = dout * silu(gate).
+  virtual void swiglu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) = 0;
+
+  // Grouped-query heads for the existing attention ops (HF's repeat_kv): inp [N, (n_head + 2 n_kv_head) D] ->
+  // out [N, 3 n_head D] = [q heads copied | k heads | v heads], where expanded head h takes kv head h / g,
+  // g = n_head / n_kv_head (n_head % n_kv_head == 0, else dpo::Error). (=) With n_kv_head == n_head it is a copy
+  // and the model may skip it.
+  virtual void repeat_kv_forward(const Tensor& out, const Tensor& inp, int64_t n_head, int64_t n_kv_head) = 0;
+  // dinp [N, (n_head + 2 n_kv_head) D] (=): q part copied, each kv head the sum of its g expanded heads' gradients,
+  // added in head order (fixed order: bitwise reproducible).
+  virtual void repeat_kv_backward(const Tensor& dinp, const Tensor& dout, int64_t n_head, int64_t n_kv_head) = 0;
+
   // --- preference loss (kernels/pair_loss.h) -----------------------------------------------------------------
   // A preference batch of P pairs, rows [chosen 0..P-1, rejected P..2P-1], each pair evaluated by pair_loss_eval
   // (the one per-pair function of both backends):
@@ -386,6 +439,36 @@ inline RowIndexShape check_row_index_args(const Tensor& rows, const Tensor& all,
   check_dtype(idx, DType::I32, (o + " idx").c_str());
   check_shape(idx, {rows.size(0)}, (o + " idx").c_str());
   return {rows.size(0), all.size(0), rows.size(1)};
+}
+
+// The shape checks of the Llama-family ops that do not depend on the device (dpo::Error naming the op and argument).
+// Head layout [N, (n_head + 2 n_kv_head) D] of `t`: n_head >= 1, n_kv_head >= 1, the last dim a multiple of
+// n_head + 2 n_kv_head; returns {N, D}. `need_groups`: n_head % n_kv_head == 0 as well (repeat_kv).
+struct LlamaHeads {
+  int64_t N, D;
+};
+inline LlamaHeads check_llama_heads(const Tensor& t, int64_t n_head, int64_t n_kv_head, bool need_groups,
+                                    const char* name) {
+  const std::string nm(name);
+  DPO_ASSERT(t.defined(), nm + ": tensor is undefined");
+  DPO_ASSERT(n_head >= 1 && n_kv_head >= 1, nm + ": n_head and n_kv_head must be >= 1, got " +
+                                                std::to_string(n_head) + " and " + std::to_string(n_kv_head));
+  DPO_ASSERT(!need_groups || n_head % n_kv_head == 0,
+             nm + ": n_head " + std::to_string(n_head) + " is not a multiple of n_kv_head " +
+                 std::to_string(n_kv_head) + " (grouped-query attention shares each kv head among n_head / n_kv_head "
+                 "query heads)");
+  const int64_t heads = n_head + 2 * n_kv_head;
+  const int64_t W = t.dim() > 0 ? t.size(-1) : 0;
+  DPO_ASSERT(W > 0 && W % heads == 0, nm + " " + shape_str(t.shape()) + ": the last dim must be (n_head + 2 * "
+                                           "n_kv_head) * head_size = " + std::to_string(heads) + " * D");
+  return {t.numel() / W, W / heads};
+}
+// Row-major [N, width] view of `t`: the last dim equals `width` (> 0); returns N.
+inline int64_t check_llama_rows(const Tensor& t, int64_t width, const char* name) {
+  DPO_ASSERT(t.defined(), std::string(name) + ": tensor is undefined");
+  DPO_ASSERT(width > 0 && t.dim() > 0 && t.size(-1) == width,
+             std::string(name) + " " + shape_str(t.shape()) + ": expected rows of " + std::to_string(width));
+  return t.numel() / width;
 }
 
 // The checks of preference_loss that do not depend on the device: p.n_terms in [1, kMaxLossTerms], every type a

@@ -188,6 +188,47 @@ void CountingBackend::logprob_backward_segments(const Tensor& dlogits, const Ten
   count(Kind::Op, "logprob_backward_segments");
   inner_->logprob_backward_segments(dlogits, logits, targets, weights, seg, dseq, V);
 }
+void CountingBackend::rmsnorm_forward(const Tensor& out, const Tensor& rstd, const Tensor& inp, const Tensor& w,
+                                      double eps) {
+  count(Kind::Op, "rmsnorm_forward");
+  inner_->rmsnorm_forward(out, rstd, inp, w, eps);
+}
+void CountingBackend::rmsnorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dout, const Tensor& inp,
+                                       const Tensor& w, const Tensor& rstd, GradWrite dinp_write) {
+  count(Kind::Op, "rmsnorm_backward");
+  inner_->rmsnorm_backward(dinp, dw, dout, inp, w, rstd, dinp_write);
+}
+void CountingBackend::residual_rmsnorm_forward(const Tensor& res_out, const Tensor& ln_out, const Tensor& rstd,
+                                               const Tensor& a, const Tensor& b, const Tensor& w, double eps) {
+  count(Kind::Op, "residual_rmsnorm_forward");
+  inner_->residual_rmsnorm_forward(res_out, ln_out, rstd, a, b, w, eps);
+}
+void CountingBackend::rope_forward(const Tensor& out, const Tensor& inp, const Tensor& cos, const Tensor& sin,
+                                   const Tensor& pos, int64_t n_head, int64_t n_kv_head) {
+  count(Kind::Op, "rope_forward");
+  inner_->rope_forward(out, inp, cos, sin, pos, n_head, n_kv_head);
+}
+void CountingBackend::rope_backward(const Tensor& dinp, const Tensor& dout, const Tensor& cos, const Tensor& sin,
+                                    const Tensor& pos, int64_t n_head, int64_t n_kv_head) {
+  count(Kind::Op, "rope_backward");
+  inner_->rope_backward(dinp, dout, cos, sin, pos, n_head, n_kv_head);
+}
+void CountingBackend::swiglu_forward(const Tensor& out, const Tensor& inp) {
+  count(Kind::Op, "swiglu_forward");
+  inner_->swiglu_forward(out, inp);
+}
+void CountingBackend::swiglu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) {
+  count(Kind::Op, "swiglu_backward");
+  inner_->swiglu_backward(dinp, dout, inp);
+}
+void CountingBackend::repeat_kv_forward(const Tensor& out, const Tensor& inp, int64_t n_head, int64_t n_kv_head) {
+  count(Kind::Op, "repeat_kv_forward");
+  inner_->repeat_kv_forward(out, inp, n_head, n_kv_head);
+}
+void CountingBackend::repeat_kv_backward(const Tensor& dinp, const Tensor& dout, int64_t n_head, int64_t n_kv_head) {
+  count(Kind::Op, "repeat_kv_backward");
+  inner_->repeat_kv_backward(dinp, dout, n_head, n_kv_head);
+}
 void CountingBackend::preference_loss(const PairLossOutputs& out, const Tensor& stats, const Tensor& ref_logp,
                                       const Tensor& offset, const PairLossParams& p, double normalizer, int64_t q0,
                                       int64_t q1) {

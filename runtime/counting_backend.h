@@ -119,6 +119,19 @@ class CountingBackend final : public Backend {
                                 const Tensor& weights, const Tensor& seg, int64_t V) override;
   void logprob_backward_segments(const Tensor& dlogits, const Tensor& logits, const Tensor& targets,
                                  const Tensor& weights, const Tensor& seg, const Tensor& dseq, int64_t V) override;
+  void rmsnorm_forward(const Tensor& out, const Tensor& rstd, const Tensor& inp, const Tensor& w, double eps) override;
+  void rmsnorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dout, const Tensor& inp, const Tensor& w,
+                        const Tensor& rstd, GradWrite dinp_write) override;
+  void residual_rmsnorm_forward(const Tensor& res_out, const Tensor& ln_out, const Tensor& rstd, const Tensor& a,
+                                const Tensor& b, const Tensor& w, double eps) override;
+  void rope_forward(const Tensor& out, const Tensor& inp, const Tensor& cos, const Tensor& sin, const Tensor& pos,
+                    int64_t n_head, int64_t n_kv_head) override;
+  void rope_backward(const Tensor& dinp, const Tensor& dout, const Tensor& cos, const Tensor& sin, const Tensor& pos,
+                     int64_t n_head, int64_t n_kv_head) override;
+  void swiglu_forward(const Tensor& out, const Tensor& inp) override;
+  void swiglu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) override;
+  void repeat_kv_forward(const Tensor& out, const Tensor& inp, int64_t n_head, int64_t n_kv_head) override;
+  void repeat_kv_backward(const Tensor& dinp, const Tensor& dout, int64_t n_head, int64_t n_kv_head) override;
   using Backend::preference_loss;
   void preference_loss(const PairLossOutputs& out, const Tensor& stats, const Tensor& ref_logp, const Tensor& offset,
                        const PairLossParams& p, double normalizer, int64_t q0, int64_t q1) override;

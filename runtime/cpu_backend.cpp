@@ -15,7 +15,11 @@
 #include "kernels/logprob.h"
 #include "kernels/matmul.h"
 #include "kernels/pair_loss.h"
+#include "kernels/repeat_kv.h"
 #include "kernels/residual.h"
+#include "kernels/rmsnorm.h"
+#include "kernels/rope.h"
+#include "kernels/swiglu.h"
 #include "runtime/backend.h"
 #include "runtime/blas_info.h"
 #include "runtime/safetensors.h"
@@ -135,12 +139,15 @@ class CpuBackend final : public Backend {
     check_dtype(tokens, DType::I32, "encoder tokens");
     const int64_t B = tokens.size(0), T = tokens.size(1), C = wte.size(1);
     check_shape(out, {B, T, C}, "encoder out");
-    DPO_ASSERT(wpe.size(0) >= T && wpe.size(1) == C, "wpe " + shape_str(wpe.shape()) + " for T=" + std::to_string(T));
     check_same_dtype(out, wte, "out", "wte");
-    check_same_dtype(out, wpe, "out", "wpe");
+    if (wpe.defined()) {  // undefined: no position embedding (runtime/backend.h)
+      DPO_ASSERT(wpe.dim() == 2 && wpe.size(0) >= T && wpe.size(1) == C,
+                 "wpe " + shape_str(wpe.shape()) + " for T=" + std::to_string(T));
+      check_same_dtype(out, wpe, "out", "wpe");
+    }
     dispatch(out.dtype(), [&](auto z) {
       using F = decltype(z);
-      cpu::encoder_forward<F>(out.data<F>(), tokens.data<int32_t>(), wte.data<F>(), wpe.data<F>(), B, T, C);
+      cpu::encoder_forward<F>(out.data<F>(), tokens.data<int32_t>(), wte.data<F>(), opt<F>(wpe), B, T, C);
     });
   }
   void encoder_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens) override {
@@ -154,10 +161,14 @@ class CpuBackend final : public Backend {
     const int64_t B = tokens.size(0), T = tokens.size(1), C = dwte.size(1);
     check_shape(dout, {B, T, C}, "encoder dout");
     check_same_dtype(dout, dwte, "dout", "dwte");
-    check_same_dtype(dout, dwpe, "dout", "dwpe");
+    if (dwpe.defined()) {
+      DPO_ASSERT(dwpe.dim() == 2 && dwpe.size(0) >= T && dwpe.size(1) == C,
+                 "dwpe " + shape_str(dwpe.shape()) + " for T=" + std::to_string(T));
+      check_same_dtype(dout, dwpe, "dout", "dwpe");
+    }
     dispatch(dout.dtype(), [&](auto z) {
       using F = decltype(z);
-      cpu::encoder_backward<F>(dwte.data<F>(), dwpe.data<F>(), dout.data<F>(), tokens.data<int32_t>(), B, T, C);
+      cpu::encoder_backward<F>(dwte.data<F>(), opt<F>(dwpe), dout.data<F>(), tokens.data<int32_t>(), B, T, C);
     });
   }
 
@@ -173,6 +184,7 @@ class CpuBackend final : public Backend {
     check_float(out, "encoder out");
     check_host(tokens, "encoder tokens");
     check_dtype(tokens, DType::I32, "encoder tokens");
+    if (!wpe.defined()) return encoder_forward(out, tokens, wte, wpe);  // no position embedding: pos unused
     DPO_ASSERT(tokens.dim() == 2 && wte.dim() == 2 && wpe.dim() == 2,
                "encoder: tokens, wte and wpe must be 2-D, got " + shape_str(tokens.shape()) + ", " +
                    shape_str(wte.shape()) + ", " + shape_str(wpe.shape()));
@@ -198,6 +210,7 @@ class CpuBackend final : public Backend {
     check_float(dout, "encoder dout");
     check_host(tokens, "encoder tokens");
     check_dtype(tokens, DType::I32, "encoder tokens");
+    if (!dwpe.defined()) return encoder_backward(dwte, dwpe, dout, tokens);  // no position embedding: pos unused
     DPO_ASSERT(tokens.dim() == 2 && dwte.dim() == 2 && dwpe.dim() == 2,
                "encoder: tokens, dwte and dwpe must be 2-D, got " + shape_str(tokens.shape()) + ", " +
                    shape_str(dwte.shape()) + ", " + shape_str(dwpe.shape()));
@@ -671,6 +684,293 @@ class CpuBackend final : public Backend {
     dispatch(dout.dtype(), [&](auto z) {
       using F = decltype(z);
       cpu::residual_backward<F>(da.data<F>(), db.data<F>(), dout.data<F>(), dout.numel());
+    });
+  }
+
+  // --- Llama-family ops (runtime/backend.h) -------------------------------------------------------------------
+  // F32 / F64: the twins of kernels/{rmsnorm,rope,swiglu,repeat_kv}.h. BF16: the same twins in float on F32 copies,
+  // each BF16 output rounded once (RMSNorm: twice, HF's order, kernels/rmsnorm.h).
+
+  // All arguments of one Llama-family call on the host with the dtype of `ref` (undefined ones skipped).
+  static void check_same_host(const Tensor& ref, std::initializer_list<std::pair<const Tensor*, const char*>> ts) {
+    for (const auto& [t, name] : ts) {
+      if (!t->defined()) continue;
+      check_host(*t, name);
+      check_same_dtype(ref, *t, "first argument", name);
+    }
+  }
+  // `a` and `b` are the same tensor or do not overlap (in-place ops).
+  static void check_same_or_apart(const Tensor& a, const Tensor& b, const char* what) {
+    DPO_ASSERT(a.raw() == b.raw() || !overlaps(a, b), std::string(what) + " overlap without being the same tensor");
+  }
+  // The RMSNorm forward in F32 / F64, w undefined: out = inp * rstd (the BF16 path's first step).
+  void rmsnorm_forward_float(const Tensor& out, const Tensor& rstd, const Tensor& inp, const Tensor& w, double eps) {
+    check_float(inp, "rmsnorm inp");
+    const int64_t C = inp.size(-1);
+    DPO_ASSERT(C > 0, "rmsnorm inp " + shape_str(inp.shape()) + " has no channels");
+    const int64_t N = inp.numel() / C;
+    check_shape(out, inp.shape(), "rmsnorm out");
+    if (w.defined()) check_shape(w, {C}, "rmsnorm w");
+    check_host(rstd, "rmsnorm rstd");
+    DPO_ASSERT(rstd.numel() == N, "rmsnorm rstd " + shape_str(rstd.shape()) + " must have N = " + std::to_string(N) +
+                                      " elements");
+    check_same_host(inp, {{&out, "rmsnorm out"}, {&w, "rmsnorm w"}, {&rstd, "rmsnorm rstd"}});
+    DPO_ASSERT(!overlaps(out, inp), "rmsnorm: out overlaps inp");
+    dispatch(inp.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::rmsnorm_forward<F>(out.data<F>(), rstd.data<F>(), inp.data<F>(), opt<F>(w), N, C, eps);
+    });
+  }
+  void rmsnorm_forward(const Tensor& out, const Tensor& rstd, const Tensor& inp, const Tensor& w,
+                       double eps) override {
+    if (is_bf16(inp)) {
+      need(out, DType::BF16, "rmsnorm out");
+      DPO_ASSERT(w.defined(), "rmsnorm w: tensor is undefined");
+      need(w, DType::BF16, "rmsnorm w");
+      need(rstd, DType::F32, "rmsnorm rstd");
+      check_shape(w, {inp.size(-1)}, "rmsnorm w");
+      // HF's order: n = round_bf16(inp * rstd), then out = round_bf16(w * n); w * n is exact in fp32.
+      Tensor n32 = out32(out);
+      rmsnorm_forward_float(n32, rstd, up(inp), Tensor(), eps);
+      n32 = convert_host(convert_host(n32, DType::BF16, "rmsnorm normalised"), DType::F32, "rmsnorm normalised");
+      const Tensor w32 = up(w);
+      const int64_t C = inp.size(-1), NC = n32.numel();
+      float* pn = n32.data<float>();
+      const float* pw = w32.data<float>();
+      for (int64_t i = 0; i < NC; ++i) pn[i] *= pw[i % C];
+      return down(out, n32);
+    }
+    DPO_ASSERT(w.defined(), "rmsnorm w: tensor is undefined");
+    rmsnorm_forward_float(out, rstd, inp, w, eps);
+  }
+  void rmsnorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dout, const Tensor& inp, const Tensor& w,
+                        const Tensor& rstd, GradWrite dinp_write) override {
+    if (is_bf16(inp)) {
+      need(dinp, DType::BF16, "rmsnorm dinp");
+      need(dout, DType::BF16, "rmsnorm dout");
+      need(w, DType::BF16, "rmsnorm w");
+      need(dw, DType::F32, "rmsnorm dw");
+      need(rstd, DType::F32, "rmsnorm rstd");
+      DPO_ASSERT(dinp.defined(), "rmsnorm dinp: tensor is undefined");
+      const Tensor di = dinp_write == GradWrite::Overwrite ? out32(dinp) : up(dinp);
+      rmsnorm_backward(di, dw, up(dout), up(inp), up(w), rstd, dinp_write);
+      return down(dinp, di);
+    }
+    check_float(inp, "rmsnorm inp");
+    const int64_t C = inp.size(-1);
+    DPO_ASSERT(C > 0, "rmsnorm inp " + shape_str(inp.shape()) + " has no channels");
+    const int64_t N = inp.numel() / C;
+    for (const auto& [t, name] : {std::pair<const Tensor*, const char*>{&dinp, "rmsnorm dinp"},
+                                  {&dout, "rmsnorm dout"}, {&w, "rmsnorm w"}, {&dw, "rmsnorm dw"},
+                                  {&rstd, "rmsnorm rstd"}})
+      check_host(*t, name);
+    check_shape(dinp, inp.shape(), "rmsnorm dinp");
+    check_shape(dout, inp.shape(), "rmsnorm dout");
+    check_shape(w, {C}, "rmsnorm w");
+    check_shape(dw, {C}, "rmsnorm dw");
+    DPO_ASSERT(rstd.numel() == N, "rmsnorm rstd " + shape_str(rstd.shape()) + " must have N = " + std::to_string(N) +
+                                      " elements");
+    check_same_host(inp, {{&dinp, "rmsnorm dinp"}, {&dout, "rmsnorm dout"}, {&w, "rmsnorm w"}, {&dw, "rmsnorm dw"},
+                          {&rstd, "rmsnorm rstd"}});
+    dispatch(inp.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::rmsnorm_backward<F>(dinp.data<F>(), dw.data<F>(), dout.data<F>(), inp.data<F>(), w.data<F>(),
+                               rstd.data<F>(), N, C, dinp_write);
+    });
+  }
+  // BF16: the unfused pair itself (the oracle the CUDA kernel is held to). F32 / F64: the fused CPU kernel, bitwise
+  // the same as the pair (kernels/rmsnorm.h).
+  void residual_rmsnorm_forward(const Tensor& res_out, const Tensor& ln_out, const Tensor& rstd, const Tensor& a,
+                                const Tensor& b, const Tensor& w, double eps) override {
+    if (is_bf16(a)) {
+      need(res_out, DType::BF16, "residual_rmsnorm res_out");
+      DPO_ASSERT(res_out.defined() && ln_out.defined(), "residual_rmsnorm: res_out or ln_out is undefined");
+      for (const Tensor* t : {&a, &b, &res_out, &w})
+        DPO_ASSERT(!t->defined() || !overlaps(ln_out, *t), "residual_rmsnorm: ln_out overlaps an input");
+      residual_forward(res_out, a, b);
+      return rmsnorm_forward(ln_out, rstd, res_out, w, eps);
+    }
+    check_float(a, "residual_rmsnorm a");
+    const int64_t C = a.size(-1);
+    DPO_ASSERT(C > 0, "residual_rmsnorm a " + shape_str(a.shape()) + " has no channels");
+    const int64_t N = a.numel() / C;
+    for (const auto& [t, name] :
+         {std::pair<const Tensor*, const char*>{&b, "residual_rmsnorm b"}, {&res_out, "residual_rmsnorm res_out"},
+          {&ln_out, "residual_rmsnorm ln_out"}, {&w, "residual_rmsnorm w"}, {&rstd, "residual_rmsnorm rstd"}})
+      check_host(*t, name);
+    check_shape(b, a.shape(), "residual_rmsnorm b");
+    check_shape(res_out, a.shape(), "residual_rmsnorm res_out");
+    check_shape(ln_out, a.shape(), "residual_rmsnorm ln_out");
+    check_shape(w, {C}, "residual_rmsnorm w");
+    DPO_ASSERT(rstd.numel() == N, "residual_rmsnorm rstd must have N = " + std::to_string(N) + " elements");
+    check_same_host(a, {{&b, "residual_rmsnorm b"}, {&res_out, "residual_rmsnorm res_out"},
+                        {&ln_out, "residual_rmsnorm ln_out"}, {&w, "residual_rmsnorm w"},
+                        {&rstd, "residual_rmsnorm rstd"}});
+    check_same_or_apart(res_out, a, "residual_rmsnorm res_out and a");
+    check_same_or_apart(res_out, b, "residual_rmsnorm res_out and b");
+    for (const Tensor* t : {&a, &b, &res_out, &w})
+      DPO_ASSERT(!overlaps(ln_out, *t), "residual_rmsnorm: ln_out overlaps an input");
+    dispatch(a.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::residual_rmsnorm_forward<F>(res_out.data<F>(), ln_out.data<F>(), rstd.data<F>(), a.data<F>(),
+                                       b.data<F>(), w.data<F>(), N, C, eps);
+    });
+  }
+
+  // The shared checks of rope_forward / rope_backward on (out, inp) = (out, inp) or (dinp, dout); returns N, D, P.
+  struct RopeDims {
+    int64_t N, D, P;
+  };
+  static RopeDims check_rope(const Tensor& out, const Tensor& inp, const Tensor& cos, const Tensor& sin,
+                             const Tensor& pos, int64_t n_head, int64_t n_kv_head, const char* op, bool check_dtypes) {
+    const std::string o(op);
+    const LlamaHeads hr = check_llama_heads(inp, n_head, n_kv_head, false, (o + " inp").c_str());
+    check_host(out, (o + " out").c_str());
+    check_shape(out, inp.shape(), (o + " out").c_str());
+    check_host(cos, (o + " cos").c_str());
+    check_host(sin, (o + " sin").c_str());
+    DPO_ASSERT(cos.dim() == 2 && 2 * cos.size(1) == hr.D,
+               o + ": cos " + shape_str(cos.shape()) + " must be [P, D/2] for head size D = " + std::to_string(hr.D));
+    check_shape(sin, cos.shape(), (o + " sin").c_str());
+    check_host(pos, (o + " pos").c_str());
+    check_dtype(pos, DType::I32, (o + " pos").c_str());
+    DPO_ASSERT(pos.numel() == hr.N, o + ": pos " + shape_str(pos.shape()) + " must have one entry per row (N = " +
+                                        std::to_string(hr.N) + ")");
+    if (check_dtypes)
+      check_same_host(inp, {{&out, (o + " out").c_str()}, {&cos, (o + " cos").c_str()}, {&sin, (o + " sin").c_str()}});
+    check_same_or_apart(out, inp, (o + ": out and inp").c_str());
+    return {hr.N, hr.D, cos.size(0)};
+  }
+  void rope_forward(const Tensor& out, const Tensor& inp, const Tensor& cos, const Tensor& sin, const Tensor& pos,
+                    int64_t n_head, int64_t n_kv_head) override {
+    rope_any(out, inp, cos, sin, pos, n_head, n_kv_head, false);
+  }
+  void rope_backward(const Tensor& dinp, const Tensor& dout, const Tensor& cos, const Tensor& sin, const Tensor& pos,
+                     int64_t n_head, int64_t n_kv_head) override {
+    rope_any(dinp, dout, cos, sin, pos, n_head, n_kv_head, true);
+  }
+  void rope_any(const Tensor& out, const Tensor& inp, const Tensor& cos, const Tensor& sin, const Tensor& pos,
+                int64_t n_head, int64_t n_kv_head, bool backward) {
+    const char* op = backward ? "rope_backward" : "rope_forward";
+    if (is_bf16(inp)) {
+      check_rope(out, inp, cos, sin, pos, n_head, n_kv_head, op, false);
+      need(out, DType::BF16, backward ? "rope_backward dinp" : "rope_forward out");
+      need(cos, DType::F32, backward ? "rope_backward cos" : "rope_forward cos");
+      need(sin, DType::F32, backward ? "rope_backward sin" : "rope_forward sin");
+      const Tensor o = out32(out);  // inp is read from its F32 copy: in place works
+      rope_any(o, up(inp), cos, sin, pos, n_head, n_kv_head, backward);
+      return down(out, o);
+    }
+    check_float(inp, backward ? "rope_backward dout" : "rope_forward inp");
+    const RopeDims d = check_rope(out, inp, cos, sin, pos, n_head, n_kv_head, op, true);
+    dispatch(inp.dtype(), [&](auto z) {
+      using F = decltype(z);
+      if (backward) {
+        cpu::rope_backward<F>(out.data<F>(), inp.data<F>(), cos.data<F>(), sin.data<F>(), pos.data<int32_t>(), d.N,
+                              n_head, n_kv_head, d.D, d.P);
+      } else {
+        cpu::rope_forward<F>(out.data<F>(), inp.data<F>(), cos.data<F>(), sin.data<F>(), pos.data<int32_t>(), d.N,
+                             n_head, n_kv_head, d.D, d.P);
+      }
+    });
+  }
+
+  // inp [N, 2I]; returns I.
+  static int64_t check_swiglu_inp(const Tensor& inp, const char* name) {
+    DPO_ASSERT(inp.defined() && inp.dim() > 0 && inp.size(-1) > 0 && inp.size(-1) % 2 == 0,
+               std::string(name) + " " + (inp.defined() ? shape_str(inp.shape()) : std::string("undefined")) +
+                   ": the last dim must be 2I > 0 ([gate | up])");
+    return inp.size(-1) / 2;
+  }
+  void swiglu_forward(const Tensor& out, const Tensor& inp) override {
+    if (is_bf16(inp)) {
+      need(out, DType::BF16, "swiglu out");
+      DPO_ASSERT(out.defined(), "swiglu out: tensor is undefined");
+      const Tensor o = out32(out);
+      swiglu_forward(o, up(inp));
+      return down(out, o);
+    }
+    check_float(inp, "swiglu inp");
+    const int64_t I = check_swiglu_inp(inp, "swiglu inp"), N = inp.numel() / (2 * I);
+    check_host(out, "swiglu out");
+    DPO_ASSERT(check_llama_rows(out, I, "swiglu out") == N, "swiglu out " + shape_str(out.shape()) + " must have N = " +
+                                                             std::to_string(N) + " rows of I = " + std::to_string(I));
+    check_same_host(inp, {{&out, "swiglu out"}});
+    DPO_ASSERT(!overlaps(out, inp), "swiglu: out overlaps inp");
+    dispatch(inp.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::swiglu_forward<F>(out.data<F>(), inp.data<F>(), N, I);
+    });
+  }
+  void swiglu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) override {
+    if (is_bf16(inp)) {
+      need(dinp, DType::BF16, "swiglu dinp");
+      need(dout, DType::BF16, "swiglu dout");
+      DPO_ASSERT(dinp.defined(), "swiglu dinp: tensor is undefined");
+      const Tensor d = out32(dinp);
+      swiglu_backward(d, up(dout), up(inp));
+      return down(dinp, d);
+    }
+    check_float(inp, "swiglu inp");
+    const int64_t I = check_swiglu_inp(inp, "swiglu inp"), N = inp.numel() / (2 * I);
+    check_host(dinp, "swiglu dinp");
+    check_host(dout, "swiglu dout");
+    check_shape(dinp, inp.shape(), "swiglu dinp");
+    DPO_ASSERT(check_llama_rows(dout, I, "swiglu dout") == N, "swiglu dout " + shape_str(dout.shape()) +
+                                                               " must have N = " + std::to_string(N) +
+                                                               " rows of I = " + std::to_string(I));
+    check_same_host(inp, {{&dinp, "swiglu dinp"}, {&dout, "swiglu dout"}});
+    DPO_ASSERT(!overlaps(dinp, inp) && !overlaps(dinp, dout), "swiglu: dinp overlaps inp or dout");
+    dispatch(inp.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::swiglu_backward<F>(dinp.data<F>(), dout.data<F>(), inp.data<F>(), N, I);
+    });
+  }
+
+  // compact [N, (n_head + 2 n_kv_head) D] and expanded [N, 3 n_head D]; returns N, D.
+  static LlamaHeads check_repeat_kv(const Tensor& compact, const Tensor& expanded, int64_t n_head,
+                                    int64_t n_kv_head, const char* op, const char* compact_name,
+                                    const char* expanded_name) {
+    const LlamaHeads hr =
+        check_llama_heads(compact, n_head, n_kv_head, true, (std::string(op) + " " + compact_name).c_str());
+    const std::string en = std::string(op) + " " + expanded_name;
+    DPO_ASSERT(check_llama_rows(expanded, 3 * n_head * hr.D, en.c_str()) == hr.N,
+               en + " " + shape_str(expanded.shape()) + " must have N = " + std::to_string(hr.N) + " rows");
+    DPO_ASSERT(!overlaps(compact, expanded), std::string(op) + ": " + compact_name + " overlaps " + expanded_name);
+    return hr;
+  }
+  void repeat_kv_forward(const Tensor& out, const Tensor& inp, int64_t n_head, int64_t n_kv_head) override {
+    if (is_bf16(inp)) {  // a copy: exact in F32 and back
+      need(out, DType::BF16, "repeat_kv out");
+      check_repeat_kv(inp, out, n_head, n_kv_head, "repeat_kv_forward", "inp", "out");
+      const Tensor o = out32(out);
+      repeat_kv_forward(o, up(inp), n_head, n_kv_head);
+      return down(out, o);
+    }
+    check_float(inp, "repeat_kv inp");
+    check_host(out, "repeat_kv out");
+    const LlamaHeads hr = check_repeat_kv(inp, out, n_head, n_kv_head, "repeat_kv_forward", "inp", "out");
+    check_same_host(inp, {{&out, "repeat_kv out"}});
+    dispatch(inp.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::repeat_kv_forward<F>(out.data<F>(), inp.data<F>(), hr.N, n_head, n_kv_head, hr.D);
+    });
+  }
+  void repeat_kv_backward(const Tensor& dinp, const Tensor& dout, int64_t n_head, int64_t n_kv_head) override {
+    if (is_bf16(dout)) {
+      need(dinp, DType::BF16, "repeat_kv dinp");
+      check_repeat_kv(dinp, dout, n_head, n_kv_head, "repeat_kv_backward", "dinp", "dout");
+      const Tensor d = out32(dinp);
+      repeat_kv_backward(d, up(dout), n_head, n_kv_head);
+      return down(dinp, d);
+    }
+    check_float(dout, "repeat_kv dout");
+    check_host(dinp, "repeat_kv dinp");
+    const LlamaHeads hr = check_repeat_kv(dinp, dout, n_head, n_kv_head, "repeat_kv_backward", "dinp", "dout");
+    check_same_host(dout, {{&dinp, "repeat_kv dinp"}});
+    dispatch(dout.dtype(), [&](auto z) {
+      using F = decltype(z);
+      cpu::repeat_kv_backward<F>(dinp.data<F>(), dout.data<F>(), hr.N, n_head, n_kv_head, hr.D);
     });
   }
 

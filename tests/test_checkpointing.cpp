@@ -5,12 +5,14 @@
 // loss callback (fused_forward), the device loss (fused_forward_pairs) on padded, packed and prefix_shared
 // batches, gradient accumulation over two micro-batches, intervals 1, 2, 3 and n_layer (5 layers: segments that
 // do and do not divide the depth), fusions all and none, forward-only scoring and the decoding prefill; and the
-// trainer, whose weights after 3 steps are bitwise equal with the key on and off.
+// trainer, whose weights after 3 steps are bitwise equal with the key on and off. The model tests run on GPT-2 and on
+// the Llama family.
 #include <gtest/gtest.h>
 
 #include <cstring>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "model/gpt2.h"
@@ -27,13 +29,24 @@ namespace {
 
 constexpr int64_t kLayers = 5;
 
-GPT2Config ckpt_config() {
+// GPT-2, or (llama) the Llama family with grouped-query heads (3 heads, 1 key/value head), q/k/v biases, an untied
+// head and Llama 3 rope scaling: every op of its blocks is rerun by the recomputation.
+GPT2Config ckpt_config(bool llama = false) {
   GPT2Config c;
   c.vocab_size = 29;  // not a multiple of anything
   c.max_seq_len = 48;
   c.n_embd = 12;
   c.n_head = 3;
   c.n_layer = kLayers;
+  if (llama) {
+    c.arch = Arch::Llama;
+    c.model_type = "qwen2";
+    c.n_kv_head = 1;
+    c.intermediate_size = 10;
+    c.attention_bias = true;
+    c.tie_word_embeddings = false;
+    c.rope_scaling = RopeScaling{8, 1, 4, 16};
+  }
   return c;
 }
 
@@ -129,14 +142,15 @@ Padded padded_inputs(std::mt19937_64& g, const GPT2Config& c, DType wdt, int64_t
   return in;
 }
 
-class Checkpointing : public ::testing::TestWithParam<DType> {};
+// (dtype, Llama family)
+class Checkpointing : public ::testing::TestWithParam<std::tuple<DType, bool>> {};
 
 // The unfused head: sequence_logprobs (with per-token log-probs and statistics) + backward, left and right padding.
 TEST_P(Checkpointing, UnfusedHeadPaddedLeftAndRight) {
   std::mt19937_64 g(test::test_seed());
   auto be = make_cpu_backend();
-  const DType dt = GetParam();
-  GPT2 m(*be, ckpt_config(), dt);
+  const DType dt = std::get<0>(GetParam());
+  GPT2 m(*be, ckpt_config(std::get<1>(GetParam())), dt);
   randomize(m, g);
   const Padded in = padded_inputs(g, m.config(), grad_dtype(dt), 4, 11);
   expect_bitwise(m, [&](GPT2& mm) {
@@ -153,8 +167,8 @@ TEST_P(Checkpointing, UnfusedHeadPaddedLeftAndRight) {
 TEST_P(Checkpointing, ChunkedHeadWithHostLoss) {
   std::mt19937_64 g(test::test_seed());
   auto be = make_cpu_backend();
-  const DType dt = GetParam();
-  GPT2 m(*be, ckpt_config(), dt);
+  const DType dt = std::get<0>(GetParam());
+  GPT2 m(*be, ckpt_config(std::get<1>(GetParam())), dt);
   randomize(m, g);
   const Padded in = padded_inputs(g, m.config(), grad_dtype(dt), 6, 9);
   for (HeadRows rows : {HeadRows::Scored, HeadRows::All})
@@ -238,8 +252,8 @@ std::string pairs_pass(GPT2& m, const PairsCase& pc, const Batch& b) {
 TEST_P(Checkpointing, DeviceLossEveryLayoutAndAccumulation) {
   std::mt19937_64 g(test::test_seed());
   auto be = make_cpu_backend();
-  const DType dt = GetParam();
-  GPT2 m(*be, ckpt_config(), dt);
+  const DType dt = std::get<0>(GetParam());
+  GPT2 m(*be, ckpt_config(std::get<1>(GetParam())), dt);
   randomize(m, g);
   const PairsCase pc = pairs_case(g, static_cast<int32_t>(m.config().vocab_size));
   const std::vector<int64_t> first = {3, 0, 6, 1}, second = {5, 2, 7, 4};
@@ -263,8 +277,8 @@ TEST_P(Checkpointing, DeviceLossEveryLayoutAndAccumulation) {
 TEST_P(Checkpointing, ScoreAndPrefillAreUnchanged) {
   std::mt19937_64 g(test::test_seed());
   auto be = make_cpu_backend();
-  const DType dt = GetParam();
-  GPT2 m(*be, ckpt_config(), dt);
+  const DType dt = std::get<0>(GetParam());
+  GPT2 m(*be, ckpt_config(std::get<1>(GetParam())), dt);
   randomize(m, g);
   const Padded in = padded_inputs(g, m.config(), grad_dtype(dt), 4, 10);
   auto score = [&]() {
@@ -301,8 +315,12 @@ TEST_P(Checkpointing, ScoreAndPrefillAreUnchanged) {
 }
 
 // BF16: the CPU's emulation (every op in float, each result rounded to bf16), where gelu_epilogue also applies.
-INSTANTIATE_TEST_SUITE_P(Dtypes, Checkpointing, ::testing::Values(DType::F32, DType::F64, DType::BF16),
-                         [](const ::testing::TestParamInfo<DType>& i) { return std::string(dtype_name(i.param)); });
+INSTANTIATE_TEST_SUITE_P(Dtypes, Checkpointing,
+                         ::testing::Combine(::testing::Values(DType::F32, DType::F64, DType::BF16), ::testing::Bool()),
+                         [](const ::testing::TestParamInfo<std::tuple<DType, bool>>& i) {
+                           return std::string(dtype_name(std::get<0>(i.param))) +
+                                  (std::get<1>(i.param) ? "_llama" : "_gpt2");
+                         });
 
 TEST(CheckpointingModel, RejectsNegativeInterval) {
   auto be = make_cpu_backend();

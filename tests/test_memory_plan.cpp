@@ -147,6 +147,35 @@ TEST(MemoryPlan, PredictsTheCpuPeakOfATrainingStep) {
         }
 }
 
+// The Llama family: grouped-query heads (the expanded q|k|v and its gradient buffers), an untied head (a second
+// [V, C] parameter), the SwiGLU width, the rotary tables and RMSNorm's single statistic, against the measured step.
+TEST(MemoryPlan, PredictsTheCpuPeakOfALlamaTrainingStep) {
+  struct LlamaShape {
+    int64_t layers, embd, heads, kv, inter, vocab, pairs, T;
+    bool tied;
+  };
+  const LlamaShape shapes[] = {{3, 24, 6, 2, 50, 61, 2, 24, false}, {2, 32, 4, 4, 44, 100, 3, 37, true}};
+  for (const LlamaShape& s : shapes)
+    for (DType dt : {DType::F32, DType::F64, DType::BF16})
+      for (int64_t interval : {int64_t{0}, int64_t{2}})
+        for (bool live : {false, true}) {
+          SCOPED_TRACE("layers " + std::to_string(s.layers) + " kv " + std::to_string(s.kv) + " " + dtype_name(dt) +
+                       " interval " + std::to_string(interval) + (live ? " live ref" : ""));
+          GPT2Config cfg = shape_config({s.layers, s.embd, s.heads, s.vocab, s.pairs, s.T});
+          cfg.arch = Arch::Llama;
+          cfg.model_type = "llama";
+          cfg.n_kv_head = s.kv;
+          cfg.intermediate_size = s.inter;
+          cfg.tie_word_embeddings = s.tied;
+          cfg.max_seq_len = 2 * s.T;  // rotary tables larger than the batch
+          const int64_t chunk = 2 * s.T + 5;
+          const Measured got = measure_step(cfg, dt, s.pairs, s.T, interval, live, chunk);
+          const MemoryPlan plan = plan_memory(plan_input(cfg, dt, s.pairs, s.T, interval, live, chunk));
+          EXPECT_LE(got.peak, plan.total + kSmallBytes) << "measured " << got.peak << ", planned " << plan.total;
+          EXPECT_GE(got.peak, plan.total) << "measured " << got.peak << ", planned " << plan.total;
+        }
+}
+
 // Checkpointing's saving: the predicted activation terms and the measured forward + backward peak shrink by the
 // same factor (within 2%: the measured figure also holds the LM-head chunk and the per-sequence tensors, which do
 // not change), and the factor is what the layout implies: 12 layers at interval 1 keep one block plus 12 [B,T,C]

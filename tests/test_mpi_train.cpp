@@ -251,6 +251,40 @@ TEST(MpiTrain, ZeroStage1Bf16ShardsTheMasterWeightsBitIdentical) {
   expect_same_as_one_process(c, RunKind::Dpo, 6, /*resume_at=*/3);
 }
 
+// TR-DPO (sync_ref_model): every rank mixes the same full policy weights into its live reference after steps 2, 4
+// and 6, so the ranks' references, and with them the losses and weights, stay bit-identical to one process. The
+// ZeRO-1 bf16 case gathers the sharded master for each sync and is interrupted at step 3 (one sync before, two
+// after) and resumed from the checkpoint's ref_model.safetensors.
+void expect_tr_dpo_same_as_one_process(TrainConfig c, int64_t resume_at) {
+  c.precompute_ref_log_probs = false;
+  c.sync_ref_model = true;
+  c.ref_model_sync_steps = 2;
+  c.ref_model_mixup_alpha = 0.6;
+  c.eval_file = c.train_file;
+  c.eval_steps = 3;
+  expect_same_as_one_process(c, RunKind::Dpo, 6, resume_at);
+  if (world().rank() == 0) {
+    const std::string a = slurp(c.out_dir + "/checkpoints/step-6/ref_model.safetensors");
+    ASSERT_FALSE(a.empty());
+    EXPECT_TRUE(a == slurp(c.out_dir + "-single/checkpoints/step-6/ref_model.safetensors"))
+        << "the synced reference after " << world().size() << " ranks differs from one process";
+  }
+  world().barrier();
+}
+
+TEST(MpiTrain, TrDpoSyncIsBitIdenticalToOneProcess) {
+  SharedDir w(22);
+  expect_tr_dpo_same_as_one_process(base_config(w, "trdpo"), 0);
+}
+
+TEST(MpiTrain, TrDpoSyncZeroStage1Bf16ResumeIsBitIdentical) {
+  SharedDir w(22);
+  TrainConfig c = base_config(w, "trdpo_zero1bf16");
+  c.zero_stage = 1;
+  c.precision = "bf16";
+  expect_tr_dpo_same_as_one_process(c, /*resume_at=*/3);
+}
+
 // Paths whose additions are grouped differently from one process (each rank sums its own micro-batches first), so
 // the weights agree with one process up to float reduction order, not bitwise: the reduce-scatter ZeRO-1 path and
 // the bucketed, overlapped all-reduce (both what NCCL runs; forced here on MPI through their environment

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "runtime/error.h"
@@ -254,6 +255,69 @@ TEST(ReproClosedForm, BestOfNWithoutTiesApproachesLogNMinusOne) {
   EXPECT_THROW(best_of_n_distribution({0.5, 0.5}, {0, 1}, 0), Error);
 }
 
+// ---------------------------------------------------------------------------------------------- Student's t
+
+// Closed forms independent of the continued fraction: I_x(1, 1) = x, I_x(a, 1) = x^a, I_x(1, b) = 1 - (1 - x)^b,
+// and the symmetry I_x(a, b) = 1 - I_{1-x}(b, a). The fraction converges to ~1e-15; 1e-12 leaves room for the
+// lgamma and exp of the prefactor.
+TEST(ReproStats, IncompleteBetaClosedForms) {
+  std::mt19937_64 g(test_seed());
+  std::uniform_real_distribution<double> u(0.01, 0.99), ab(0.3, 12.0);
+  for (int i = 0; i < 50; ++i) {
+    const double x = u(g), a = ab(g), b = ab(g);
+    EXPECT_NEAR(incomplete_beta(1, 1, x), x, 1e-12);
+    EXPECT_NEAR(incomplete_beta(a, 1, x), std::pow(x, a), 1e-12) << a << " " << x;
+    EXPECT_NEAR(incomplete_beta(1, b, x), 1 - std::pow(1 - x, b), 1e-12) << b << " " << x;
+    EXPECT_NEAR(incomplete_beta(a, b, x), 1 - incomplete_beta(b, a, 1 - x), 1e-12) << a << " " << b << " " << x;
+  }
+  EXPECT_EQ(incomplete_beta(2, 3, 0), 0.0);
+  EXPECT_EQ(incomplete_beta(2, 3, 1), 1.0);
+  EXPECT_THROW(incomplete_beta(0, 1, 0.5), Error);
+  EXPECT_THROW(incomplete_beta(1, 1, 1.5), Error);
+}
+
+// The t distribution's closed forms at 1 (Cauchy), 2 and 3 degrees of freedom, and table quantiles.
+TEST(ReproStats, StudentTAgainstClosedForms) {
+  const double pi = std::acos(-1.0);
+  for (double t : {-30.0, -4.0, -1.3, -0.2, 0.0, 0.7, 2.5, 9.0, 100.0}) {
+    EXPECT_NEAR(student_t_cdf(t, 1), 0.5 + std::atan(t) / pi, 1e-12) << t;
+    EXPECT_NEAR(student_t_cdf(t, 2), 0.5 + t / (2 * std::sqrt(2 + t * t)), 1e-12) << t;
+    const double s3 = std::sqrt(3.0);
+    EXPECT_NEAR(student_t_cdf(t, 3), 0.5 + (t / (s3 * (1 + t * t / 3)) + std::atan(t / s3)) / pi, 1e-12) << t;
+  }
+  EXPECT_NEAR(student_t_quantile(0.975, 1), std::tan(pi * 0.475), 1e-9);  // 12.7062
+  EXPECT_NEAR(student_t_quantile(0.975, 4), 2.776445, 1e-6);              // statistical tables
+  EXPECT_NEAR(student_t_quantile(0.975, 9), 2.262157, 1e-6);
+  EXPECT_NEAR(student_t_quantile(0.975, 1e7), 1.959964, 1e-5);  // the normal quantile in the limit
+  EXPECT_NEAR(student_t_quantile(0.025, 4), -2.776445, 1e-6);
+  EXPECT_THROW(student_t_quantile(1.0, 4), Error);
+}
+
+TEST(ReproStats, TTests) {
+  // Paired: differences 1, 2, 3, 4: mean 2.5, sd sqrt(5/3), se sd / 2, df 3.
+  const TTest p = paired_t_test({1, 3, 5, 7}, {0, 1, 2, 3});
+  const double se = std::sqrt(5.0 / 3.0) / 2;
+  EXPECT_NEAR(p.diff, 2.5, 1e-15);
+  EXPECT_NEAR(p.se, se, 1e-14);
+  EXPECT_NEAR(p.t, 2.5 / se, 1e-12);
+  EXPECT_EQ(p.df, 3);
+  EXPECT_NEAR(p.p_two_sided, 2 * (1 - student_t_cdf(2.5 / se, 3)), 1e-15);
+  EXPECT_NEAR(p.ci95_lo, 2.5 - student_t_quantile(0.975, 3) * se, 1e-12);
+  // Welch with equal sizes and equal variances is the pooled two-sample test: df 2n - 2, se sqrt(2 s^2 / n).
+  const TTest w = welch_t_test({1, 2, 3, 4, 5}, {3, 4, 5, 6, 7});
+  EXPECT_NEAR(w.diff, -2, 1e-15);
+  EXPECT_NEAR(w.df, 8, 1e-12);
+  EXPECT_NEAR(w.se, std::sqrt(2 * 2.5 / 5), 1e-14);
+  EXPECT_NEAR(w.t, -2, 1e-12);
+  // Tables: t_{0.95, 8} = 1.860 and t_{0.975, 8} = 2.306, so |t| = 2 has a two-sided p between 0.05 and 0.10.
+  EXPECT_GT(w.p_two_sided, 0.05);
+  EXPECT_LT(w.p_two_sided, 0.10);
+  // No spread: the difference is exact.
+  EXPECT_EQ(paired_t_test({2, 3}, {1, 2}).p_two_sided, 0.0);
+  EXPECT_EQ(paired_t_test({2, 3}, {2, 3}).p_two_sided, 1.0);
+  EXPECT_THROW(paired_t_test({1}, {2}), Error);
+}
+
 // ---------------------------------------------------------------------------------------------- experiments
 
 json read_json(const std::string& path) {
@@ -352,6 +416,67 @@ TEST(ReproExperiments, FrontierTinyReportIsWellFormed) {
     EXPECT_NE(text.find(s), std::string::npos) << s;
 }
 
+// odpo at a tiny size (oracle pairs): the report is complete, every criterion and test is computed; whether the
+// criteria pass at this size is not asserted (tests/test_slow_repro.cpp runs a trained configuration).
+TEST(ReproExperiments, OdpoTinyReportIsWellFormed) {
+  test::ScratchDir dir("repro_");
+  OdpoSizes z;
+  z.pipeline = {1, 32, 2, 400, 1, 40, 9, 3, 10, 1};
+  z.alphas = {0.0, 0.5, 2.0};
+  z.seeds = 2;
+  z.oracle_pairs = true;
+  ReproOptions opt;
+  opt.name = "odpo";
+  opt.out_dir = dir / "out";
+  opt.odpo_sizes = &z;
+  const int rc = run_repro(opt);
+  EXPECT_TRUE(rc == 0 || rc == 1);
+  const json r = read_json(dir / "out/report.json");
+  EXPECT_EQ(r["experiment"], "odpo");
+  EXPECT_EQ(r["passed"].get<bool>(), rc == 0);
+  ASSERT_EQ(r["criteria"].size(), 2u);  // one per consecutive pair of alphas
+  for (const auto& c : r["criteria"]) {
+    EXPECT_TRUE(c["measured"].is_number()) << c.dump();
+    EXPECT_TRUE(c["pass"].is_boolean());
+  }
+  const json& res = r["results"];
+  ASSERT_EQ(res["alphas"].size(), 3u);
+  // Oracle pairs hold both gap classes (rewards +-1 and +-2 give gaps 1..4).
+  const json& gaps = r["settings"]["train_pairs_by_gap"];
+  EXPECT_TRUE(gaps.contains("1")) << gaps.dump();
+  EXPECT_TRUE(gaps.contains("2") || gaps.contains("3") || gaps.contains("4")) << gaps.dump();
+  for (const auto& p : res["alphas"]) {
+    ASSERT_EQ(p["runs"].size(), 2u);
+    // Each run trained with its alpha (alpha 0: DPO): the config the trainer wrote back.
+    for (const auto& run : p["runs"]) {
+      std::ifstream f(run["dir"].get<std::string>() + "/config.yaml");
+      std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+      std::ostringstream want;
+      want << "\nodpo_alpha: " << p["alpha"].get<double>() << "\n";
+      EXPECT_NE(all.find(want.str()), std::string::npos) << want.str() << " in " << run["dir"];
+    }
+    for (const char* k : {"reward", "kl", "grammatical", "train_gap_spread", "heldout_gap_spread"}) {
+      EXPECT_TRUE(std::isfinite(p[k]["mean"].get<double>())) << k << " " << p.dump();
+      ASSERT_EQ(p[k]["ci95"].size(), 2u) << k;
+      EXPECT_LE(p[k]["ci95"][0].get<double>(), p[k]["ci95"][1].get<double>()) << k;
+    }
+  }
+  // Each alpha against DPO, paired over the 2 seeds (df 1).
+  ASSERT_EQ(res["vs_dpo"].size(), 2u);
+  for (const auto& t : res["vs_dpo"])
+    for (const char* k : {"reward", "kl"}) {
+      const double p = t[k]["p"].get<double>();
+      EXPECT_TRUE(p >= 0 && p <= 1) << t.dump();
+      EXPECT_EQ(t[k]["df"].get<double>(), 1.0);
+    }
+  for (const char* png : {"reward_vs_kl.png", "margin_by_gap.png", "gap_spread_vs_alpha.png"})
+    EXPECT_GT(std::filesystem::file_size(dir / (std::string("out/") + png)), 0u) << png;
+  std::ifstream md(dir / "out/report.md");
+  std::string text((std::istreambuf_iterator<char>(md)), std::istreambuf_iterator<char>());
+  for (const char* s : {"| 0 (DPO) |", "| 0.5 |", "paired t-test", "## Criteria"})
+    EXPECT_NE(text.find(s), std::string::npos) << s;
+}
+
 // Same seed, same numbers (the timing field aside).
 TEST(ReproExperiments, Deterministic) {
   test::ScratchDir dir("repro_");
@@ -376,7 +501,8 @@ TEST(ReproCli, ListNamesEveryExperiment) {
   test::ScratchDir dir("repro_cli_");
   const auto r = test::run_cli(kDpo, dir.dir, "repro --list");
   EXPECT_EQ(r.code, 0) << r.err;
-  for (const char* n : {"ipo-bandit", "optimum", "overfit", "frontier"}) EXPECT_NE(r.out.find(n), std::string::npos);
+  for (const char* n : {"ipo-bandit", "optimum", "overfit", "frontier", "odpo"})
+    EXPECT_NE(r.out.find(n), std::string::npos);
   EXPECT_EQ(r.out.find("not implemented"), std::string::npos) << r.out;
 }
 
@@ -398,8 +524,10 @@ TEST(ReproCli, BadInputsExitTwoWithAMessage) {
     std::string args, message;
   };
   for (const Case& c : std::vector<Case>{
-           {"repro nonsense --out o", "unknown experiment 'nonsense'; valid: ipo-bandit, optimum, overfit, frontier"},
+           {"repro nonsense --out o",
+            "unknown experiment 'nonsense'; valid: ipo-bandit, optimum, overfit, frontier, odpo"},
            {"repro frontier --out o --seed x", "--seed"},
+           {"repro odpo --out o --threads x", "--threads"},
            {"repro overfit", "--out is required"},
            {"repro", "an experiment name is required"},
            {"repro overfit --out o --seed x", "--seed"},

@@ -136,7 +136,13 @@ int cmd_info(const std::string& dir_arg) {
   auto model = dpo::load_gpt2_checkpoint(*be, dir, dpo::DType::F32, &report);
   const auto& c = model->config();
   std::printf("checkpoint   %s\n", dir.c_str());
-  std::printf("model        gpt2\n");
+  std::printf("model        %s\n", c.model_type.c_str());
+  if (c.arch == dpo::Arch::Llama) {
+    std::printf("kv_heads     %lld\n", static_cast<long long>(c.kv_heads()));
+    std::printf("intermediate %lld\n", static_cast<long long>(c.mlp_width()));
+    std::printf("rope_theta   %g%s\n", c.rope_theta, c.rope_scaling.enabled() ? " (llama3 scaling)" : "");
+    std::printf("tied head    %s\n", c.tied_head() ? "yes" : "no");
+  }
   std::printf("n_layer      %lld\n", static_cast<long long>(c.n_layer));
   std::printf("n_head       %lld\n", static_cast<long long>(c.n_head));
   std::printf("n_embd       %lld\n", static_cast<long long>(c.n_embd));
@@ -148,7 +154,25 @@ int cmd_info(const std::string& dir_arg) {
   return 0;
 }
 
-int cmd_init(const std::string& out, dpo::GPT2Config cfg, uint64_t seed) {
+// --arch and the Llama-family flags of `dpo init` (tools/dpo_main.cpp main()).
+struct InitArch {
+  std::string arch = "gpt2";
+  double rms_norm_eps = 1e-6;
+  double rope_factor = 0;  // --rope-scaling-factor: Llama 3's rope_type llama3 when > 0
+  std::string tie = "true";
+};
+
+int cmd_init(const std::string& out, dpo::GPT2Config cfg, uint64_t seed, const InitArch& ia) {
+  if (ia.arch != "gpt2") {
+    cfg.arch = dpo::Arch::Llama;
+    cfg.model_type = ia.arch;
+    cfg.ln_eps = ia.rms_norm_eps;
+    cfg.rope_scaling.factor = ia.rope_factor;
+    if (ia.tie != "true" && ia.tie != "false")
+      throw dpo::InputError("--tie-word-embeddings: expected true or false, got '" + ia.tie + "'");
+    cfg.tie_word_embeddings = ia.tie == "true";
+    cfg.attention_bias = ia.arch == "qwen2";  // Qwen2's q/k/v biases
+  }
   cfg.validate("dpo init");
   // config.json names the special-token ids of the tokenizer the model is made for: the byte tokenizer's EOS
   // (256) for both, as GPT-2 uses <|endoftext|> (a smaller vocabulary, which that tokenizer cannot use, keeps
@@ -177,7 +201,7 @@ int cmd_init(const std::string& out, dpo::GPT2Config cfg, uint64_t seed) {
   dpo::Rng rng(seed);
   model.init_random(rng);
   dpo::write_checksums(out, dpo::save_gpt2_checkpoint(model, out));  // the weights may be sharded (over 5 GB)
-  std::printf("wrote %s (GPT-2, %lld parameters, seed %llu)\n", out.c_str(),
+  std::printf("wrote %s (%s, %lld parameters, seed %llu)\n", out.c_str(), cfg.model_type.c_str(),
               static_cast<long long>(cfg.num_parameters()), static_cast<unsigned long long>(seed));
   return 0;
 }
@@ -237,7 +261,7 @@ struct PlanArgs {
 std::string plan_remedy(const std::string& term) {
   if (term.rfind("activations", 0) == 0 || term == "backward scratch")
     return "gradient_checkpointing: true, or a smaller per_device_train_batch_size or max_length";
-  if (term == "LM-head chunk") return "a smaller logits_chunk_rows";
+  if (term == "LM-head chunk") return "a smaller logits_chunk_rows or logits_chunk_bytes";
   if (term == "reference model" || term == "reference activations") return "precompute_ref_log_probs: true";
   if (term == "AdamW moments" || term == "master weights" || term == "ZeRO-1 gather buffers")
     return "zero_stage: 1 over more ranks";
@@ -272,6 +296,7 @@ int cmd_plan(const PlanArgs& a) {
   }
   in.pair_rows = padded;
   in.logits_chunk_rows = cfg.logits_chunk_rows;
+  in.logits_chunk_bytes = cfg.logits_chunk_bytes;
   in.checkpoint_interval = cfg.gradient_checkpointing ? cfg.gradient_checkpointing_interval : 0;
   in.reference = cfg.reference_free             ? dpo::ReferencePlan::None
                  : cfg.precompute_ref_log_probs ? dpo::ReferencePlan::Cached
@@ -615,13 +640,30 @@ int main(int argc, char** argv) {
   std::string init_out;
   dpo::GPT2Config cfg;
   uint64_t seed = 0;
-  auto* init = app.add_subcommand("init", "Write a randomly initialised GPT-2 checkpoint in HF format");
+  InitArch init_arch;
+  auto* init = app.add_subcommand("init", "Write a randomly initialised GPT-2 or Llama-family checkpoint in HF format");
   init->add_option("--out", init_out, "Output directory")->required();
-  init->add_option("--n-layer", cfg.n_layer, "Transformer blocks")->capture_default_str();
-  init->add_option("--n-head", cfg.n_head, "Attention heads")->capture_default_str();
-  init->add_option("--n-embd", cfg.n_embd, "Width")->capture_default_str();
+  init->add_option("--arch", init_arch.arch, "gpt2, or a Llama-family model_type: llama, qwen2 (q/k/v biases), mistral")
+      ->check(CLI::IsMember({"gpt2", "llama", "qwen2", "mistral"}))
+      ->capture_default_str();
+  init->add_option("--n-layer,--num-hidden-layers", cfg.n_layer, "Transformer blocks")->capture_default_str();
+  init->add_option("--n-head,--num-attention-heads", cfg.n_head, "Attention heads")->capture_default_str();
+  init->add_option("--n-embd,--hidden-size", cfg.n_embd, "Width")->capture_default_str();
   init->add_option("--vocab-size", cfg.vocab_size, "Vocabulary size")->capture_default_str();
-  init->add_option("--n-positions", cfg.max_seq_len, "Context length")->capture_default_str();
+  init->add_option("--n-positions,--max-position-embeddings", cfg.max_seq_len, "Context length")
+      ->capture_default_str();
+  init->add_option("--num-key-value-heads", cfg.n_kv_head, "Llama family: key/value heads (0: --n-head)")
+      ->capture_default_str();
+  init->add_option("--intermediate-size", cfg.intermediate_size, "Llama family: SwiGLU width (0: 4 x width)")
+      ->capture_default_str();
+  init->add_option("--rope-theta", cfg.rope_theta, "Llama family: rotary base")->capture_default_str();
+  init->add_option("--rms-norm-eps", init_arch.rms_norm_eps, "Llama family: RMSNorm epsilon")->capture_default_str();
+  init->add_option("--tie-word-embeddings", init_arch.tie, "Llama family: LM head tied to the embedding (true/false)")
+      ->capture_default_str();
+  init->add_option("--rope-scaling-factor", init_arch.rope_factor,
+                   "Llama family: Llama 3 rope scaling factor (0: none; low/high frequency factors 1/4, original "
+                   "context 8192, as Llama 3.2)")
+      ->capture_default_str();
   init->add_option("--seed", seed, "RNG seed")->capture_default_str();
 
   TrainArgs train_args, sft_args;
@@ -667,17 +709,18 @@ int main(int argc, char** argv) {
   bool repro_list = false;
   auto* repro = app.add_subcommand(
       "repro",
-      "Small reproductions of the DPO and IPO papers' claims, with PASS/FAIL criteria from theory.\n"
+      "Small reproductions of the DPO, IPO and ODPO papers' claims, with PASS/FAIL criteria from theory.\n"
       "Writes DIR/report.json, DIR/report.md and PNG plots and prints one PASS/FAIL line per criterion.\n"
       "Exit status: 0 when every criterion passes, 1 when one fails, 2 on bad input. docs/reproductions.md");
-  repro->add_option("name", repro_opt.name, "experiment: ipo-bandit, optimum, overfit, frontier (dpo repro --list)");
+  repro->add_option("name", repro_opt.name,
+                    "experiment: ipo-bandit, optimum, overfit, frontier, odpo (dpo repro --list)");
   repro->add_flag("--list", repro_list, "list the experiments, one line each, and exit");
   repro->add_option("--out,-o", repro_opt.out_dir, "output directory (must not hold a report.json)");
   repro->add_flag("--full", repro_opt.full,
-                  "the paper-sized version (more steps / pairs / seeds; frontier: about an hour)");
+                  "the paper-sized version (more steps / pairs / seeds; frontier, odpo: many times the default)");
   repro->add_option("--seed", repro_opt.seed, "seed for data, reference, reward and batches")->capture_default_str();
   repro->add_option("--threads", repro_opt.num_threads,
-                    "CPU threads; 0 = OpenMP default (frontier's numbers may change with it)")
+                    "CPU threads; 0 = OpenMP default (frontier's and odpo's numbers may change with it)")
       ->check(CLI::Range(int64_t{0}, dpo::kMaxThreads))
       ->capture_default_str();
 
@@ -695,7 +738,7 @@ int main(int argc, char** argv) {
   dpo::BenchOptions bench_opt;
   std::string bench_json;
   auto* bench = app.add_subcommand("bench", "Time full DPO optimizer steps on a random-init GPT-2 and synthetic pairs");
-  bench->add_option("--shape", bench_opt.shape, "tiny, small, gpt2-124m or gpt2-350m")->capture_default_str();
+  bench->add_option("--shape", bench_opt.shape, "tiny, small, gpt2-124m, gpt2-350m, llama-tiny, smollm-135m, smollm-360m, qwen2-0.5b or llama-1b")->capture_default_str();
   bench->add_option("--workload", bench_opt.workload, "hh (150/90/70), tldr (512/35/35), long (768/256/256), custom")
       ->capture_default_str();
   bench->add_option("--prompt-len", bench_opt.prompt_len, "custom workload: prompt tokens");
@@ -786,7 +829,7 @@ int main(int argc, char** argv) {
 
   try {
     if (*info) return cmd_info(info_dir);
-    if (*init) return cmd_init(init_out, cfg, seed);
+    if (*init) return cmd_init(init_out, cfg, seed, init_arch);
     if (*train) return cmd_train(train_args, dpo::RunKind::Dpo);
     if (*sftc) return cmd_train(sft_args, dpo::RunKind::Sft);
     if (*evalc) return cmd_eval(ea);

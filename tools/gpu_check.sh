@@ -557,6 +557,7 @@ done
 mc_runs+=("fusion|tests/test_cuda_fusion|CudaFusion.*:-*Gpt2Step*")
 mc_runs+=("flash attention|tests/test_cuda_flash|CudaFlash.*:-*T4096*:*LongRows*")
 mc_runs+=("flash in the backend|tests/test_cuda_flash_model|CudaFlashModel.KeymaskSpans*:CudaFlashModel.BackendFlashOps*")
+mc_runs+=("Llama-family kernels|tests/test_cuda_llama_kernels|CudaLlama.*")
 if [ "$cuda_train_ok" = 1 ]; then
   rm -rf "$TRAIN/run-san" "$TRAIN/refcache-san"
   mc_runs+=("dpo train device=cuda (2 steps)|$BUILD/dpo train model=$TRAIN/base train_file=$TRAIN/prefs.jsonl out_dir=$TRAIN/run-san device=cuda max_steps=2 per_device_train_batch_size=4 learning_rate=2e-4 max_length=96 max_prompt_length=48 ref_cache_dir=$TRAIN/refcache-san --plain|")
@@ -568,7 +569,8 @@ sanitizer_phase racecheck racecheck \
   "LayerNorm, encoder backward, sum of squares (fp32)|tests/test_cuda_kernels_a|CudaLayerNorm.*:CudaEncoder.Backward*:CudaElementwise.SumSquares*-$BIG" \
   "attention, log-prob, LayerNorm (bf16)|tests/test_cuda_bf16|CudaBf16Ops.Attention*:CudaBf16Ops.Logprob*:CudaBf16Ops.LayerNorm*" \
   "flash attention forward (bf16)|tests/test_cuda_flash|CudaFlash.ForwardHeadDim*" \
-  "flash attention backward (bf16)|tests/test_cuda_flash|CudaFlash.BackwardHeadDim64*"
+  "flash attention backward (bf16)|tests/test_cuda_flash|CudaFlash.BackwardHeadDim64*" \
+  "RMSNorm (fp32, bf16)|tests/test_cuda_llama_kernels|CudaLlama.RmsNorm*"
 # initcheck: a device read of memory nothing wrote, over the whole model (small shapes).
 sanitizer_phase initcheck initcheck \
   "GPT-2 forward + backward vs CPU (fp32)|tests/test_cuda_backend|CudaBackend.Gpt2LogprobsAndGradientsMatchCpu" \

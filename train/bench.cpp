@@ -222,7 +222,34 @@ GPT2Config bench_shape(const std::string& name) {
   else if (name == "small") c.n_layer = 6, c.n_embd = 384, c.n_head = 6;
   else if (name == "gpt2-124m") c.n_layer = 12, c.n_embd = 768, c.n_head = 12;
   else if (name == "gpt2-350m") c.n_layer = 24, c.n_embd = 1024, c.n_head = 16;
-  else throw InputError("--shape: unknown value '" + name + "'; valid: tiny, small, gpt2-124m, gpt2-350m");
+  else {
+    // The Llama family (HF config.json values of the named models; n_positions kept at 4096, which bounds only
+    // the rotary tables and the workload's lengths here).
+    auto llama = [&](const char* type, int64_t L, int64_t C, int64_t H, int64_t KV, int64_t I, int64_t V, bool tied,
+                     double theta) {
+      c.arch = Arch::Llama;
+      c.model_type = type;
+      c.n_layer = L, c.n_embd = C, c.n_head = H, c.n_kv_head = KV, c.intermediate_size = I, c.vocab_size = V;
+      c.tie_word_embeddings = tied;
+      c.rope_theta = theta;
+      c.attention_bias = std::string(type) == "qwen2";
+      c.ln_eps = 1e-5;
+      c.max_seq_len = 4096;
+    };
+    if (name == "llama-tiny") llama("llama", 2, 128, 4, 2, 352, 50257, false, 10000);
+    else if (name == "smollm-135m") llama("llama", 30, 576, 9, 3, 1536, 49152, true, 10000);
+    else if (name == "smollm-360m") llama("llama", 32, 960, 15, 5, 2560, 49152, true, 10000);
+    else if (name == "qwen2-0.5b") llama("qwen2", 24, 896, 14, 2, 4864, 151936, true, 1000000);
+    else if (name == "llama-1b") {  // Llama 3.2 1B
+      llama("llama", 16, 2048, 32, 8, 8192, 128256, true, 500000);
+      c.rope_scaling = RopeScaling{32, 1, 4, 8192};
+    } else {
+      throw InputError("--shape: unknown value '" + name +
+                       "'; valid: tiny, small, gpt2-124m, gpt2-350m, llama-tiny, smollm-135m, smollm-360m, "
+                       "qwen2-0.5b, llama-1b");
+    }
+  }
+  c.validate("--shape " + name);
   return c;
 }
 
@@ -508,7 +535,12 @@ json run_bench(const BenchOptions& o) {
   r["seed"] = o.seed;
   r["shape"] = {{"name", o.shape},          {"n_layer", mc.n_layer},        {"n_embd", mc.n_embd},
                 {"n_head", mc.n_head},      {"vocab_size", mc.vocab_size}, {"n_positions", mc.max_seq_len},
-                {"parameters", mc.num_parameters()}};
+                {"parameters", mc.num_parameters()}, {"model_type", mc.model_type}};
+  if (mc.arch == Arch::Llama) {
+    r["shape"]["n_kv_head"] = mc.kv_heads();
+    r["shape"]["intermediate_size"] = mc.mlp_width();
+    r["shape"]["tie_word_embeddings"] = mc.tied_head();
+  }
   r["workload"] = {{"name", o.workload},
                    {"prompt_len", len.prompt},
                    {"chosen_len", len.chosen},

@@ -48,7 +48,8 @@
 namespace dpo {
 
 struct BenchOptions {
-  std::string shape = "small";         // tiny | small | gpt2-124m | gpt2-350m
+  std::string shape = "small";  // tiny | small | gpt2-124m | gpt2-350m | llama-tiny | smollm-135m | smollm-360m |
+                                // qwen2-0.5b | llama-1b
   std::string workload = "hh";         // hh | tldr | long | custom
   int64_t prompt_len = 0, chosen_len = 0, rejected_len = 0;  // custom only (all > 0)
   int64_t pairs = 1;

@@ -192,6 +192,9 @@ const std::vector<Key>& keys() {
       INT_KEY(zero_stage, "0 or 1; 1 shards the AdamW moments across the ranks (ZeRO-1; same results)"),
       INT_KEY(logits_chunk_rows, "token rows per chunk of the LM head and log-softmax (a chunk holds at least one "
                                  "pair); logits memory is chunk x vocab, independent of the batch size"),
+      INT_KEY(logits_chunk_bytes, "bytes of logits per chunk of the LM head (default 536870912 = 512 MiB): the rows "
+                                  "are the fewer of logits_chunk_rows and this over one row's bytes (vocab x dtype "
+                                  "size), at least one pair"),
       BOOL_KEY(gradient_checkpointing, "recompute each block's activations in the backward instead of keeping them "
                                         "(bitwise the same results; docs/training.md, \"Memory\")"),
       INT_KEY(gradient_checkpointing_interval, "with gradient_checkpointing: blocks per recomputed segment (1 to "
@@ -241,6 +244,13 @@ const std::vector<Key>& keys() {
                            "with sft / rpo_alpha"),
       BOOL_KEY(precompute_ref_log_probs, "compute reference log-probs once and cache them on disk"),
       STRING_KEY(ref_cache_dir, "reference log-prob cache; empty = $XDG_CACHE_HOME/dpo/ref or ~/.cache/dpo/ref"),
+      BOOL_KEY(sync_ref_model, "TR-DPO: update the live reference from the policy after every "
+                               "ref_model_sync_steps-th optimizer step; needs precompute_ref_log_probs: false and a "
+                               "loss with a reference (not reference_free)"),
+      DOUBLE_KEY(ref_model_mixup_alpha, "TR-DPO alpha, in [0, 1]: reference = alpha * policy + (1 - alpha) * "
+                                        "reference at each sync; 1 = a hard copy"),
+      INT_KEY(ref_model_sync_steps, "TR-DPO tau: optimizer steps between reference syncs (after steps tau, 2 tau, "
+                                    "...), 1 to 2^31 - 1"),
       DOUBLE_KEY(learning_rate, "peak learning rate, in (0, 1]"),
       DOUBLE_KEY(weight_decay, "AdamW decoupled weight decay (not on biases and LayerNorm); >= 0 and "
                                "learning_rate * weight_decay <= 1"),
@@ -406,6 +416,7 @@ void validate(const TrainConfig& c, RunKind kind) {
   // seed: any integer (it is used as its 64-bit pattern).
   range("num_threads", c.num_threads, 0, kMaxThreads);
   range("logits_chunk_rows", c.logits_chunk_rows, 1, kMaxCount);
+  range("logits_chunk_bytes", c.logits_chunk_bytes, 1, int64_t{1} << 50);
   range("gradient_checkpointing_interval", c.gradient_checkpointing_interval, 1, kMaxCount);
   if (c.zero_stage != 0 && c.zero_stage != 1)
     bad("zero_stage", "must be 0 or 1, got " + std::to_string(c.zero_stage));
@@ -486,6 +497,8 @@ void validate(const TrainConfig& c, RunKind kind) {
   parse_profile_steps(c.profile_steps);
   if (!c.profile_steps.empty() && c.device != "cuda")
     bad("profile_steps", "needs device: cuda (it opens a CUDA profiler capture range), got device: " + c.device);
+  if (kind == RunKind::Sft && c.sync_ref_model)
+    bad("sync_ref_model", "is a DPO option (TR-DPO); an SFT run has no reference model");
   if (kind == RunKind::Dpo) {
     // beta, odpo_alpha, rpo_alpha and the loss weights scale the loss and its gradient (in float32); 1e6 is far
     // above any useful value and keeps beta times a sequence's log-ratio and the gradient norms finite.
@@ -520,6 +533,20 @@ void validate(const TrainConfig& c, RunKind kind) {
                             ": TRL's sft term takes the unweighted log-probs, which this trainer does not compute "
                             "beside the LD-weighted ones; use ld_alpha: 1 with sft / rpo_alpha");
     }
+    real("ref_model_mixup_alpha", c.ref_model_mixup_alpha, 0, false, 1);
+    range("ref_model_sync_steps", c.ref_model_sync_steps, 1, kMaxCount);
+    // TRL refuses the same combination: the cached log-probs are those of the initial reference, stale after
+    // the first sync.
+    if (c.sync_ref_model && c.precompute_ref_log_probs)
+      bad("sync_ref_model", "is true but precompute_ref_log_probs is true (its default here): the cached reference "
+                            "log-probs would be stale after the first sync; set precompute_ref_log_probs: false "
+                            "(a live reference) or sync_ref_model: false");
+    // TRL refuses sync_ref_model wherever it has no reference model to update (a PEFT policy), and its DPOTrainer
+    // has no reference-free mode (SimPO is CPOTrainer's, which has neither a reference nor this key). Here the
+    // reference would be updated without ever entering the loss: refused rather than a silent no-op.
+    if (c.sync_ref_model && c.reference_free)
+      bad("sync_ref_model", "is true but reference_free is true: the loss uses no reference model, so there is "
+                            "nothing to sync; set sync_ref_model: false or reference_free: false");
     if (c.f_divergence_type != "reverse_kl" && c.f_divergence_type != "forward_kl" &&
         c.f_divergence_type != "js_divergence" && c.f_divergence_type != "alpha_divergence")
       bad("f_divergence_type", "unknown value '" + c.f_divergence_type +

@@ -67,6 +67,12 @@ struct TrainConfig {
   // reference log-probs
   bool precompute_ref_log_probs = true;
   std::string ref_cache_dir;  // empty = $XDG_CACHE_HOME/dpo/ref or ~/.cache/dpo/ref
+  // TR-DPO (TRL's names and defaults): after every ref_model_sync_steps-th optimizer step, the live reference
+  // becomes ref_model_mixup_alpha * policy + (1 - ref_model_mixup_alpha) * reference (alpha 1: a hard copy).
+  // Needs precompute_ref_log_probs: false and a loss with a reference (docs/training.md, "TR-DPO").
+  bool sync_ref_model = false;
+  double ref_model_mixup_alpha = 0.6;    // in [0, 1]
+  int64_t ref_model_sync_steps = 512;    // >= 1
   // optimisation
   double learning_rate = 1e-6;
   double weight_decay = 0.0;
@@ -79,6 +85,7 @@ struct TrainConfig {
   int64_t per_device_train_batch_size = 8;  // pairs per micro-batch
   int64_t per_device_eval_batch_size = 16;
   int64_t logits_chunk_rows = 2048;  // LM head + log-softmax rows per chunk (at least one pair); memory chunk x V
+  int64_t logits_chunk_bytes = int64_t{512} << 20;  // and at most this many bytes of logits per chunk (GPT2.h)
   int64_t gradient_accumulation_steps = 1;
   // Activation recomputation (GPT2::set_gradient_checkpointing; TRL/HF's key name): the forward keeps one input
   // per segment of gradient_checkpointing_interval blocks and the backward recomputes the segment from it.

@@ -75,7 +75,7 @@ constexpr const char* kChecksumsFormat = "dpo-checksums-1";
 
 // The files of a checkpoint directory that dpo writes and reads back.
 const char* const kCheckpointFiles[] = {"config.json", "model.safetensors", "optimizer.safetensors",
-                                        "trainer_state.json", "generation_config.json",
+                                        "trainer_state.json", "generation_config.json", "ref_model.safetensors",
                                         "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
                                         "special_tokens_map.json", "chat_template.jinja"};
 

@@ -1,10 +1,13 @@
 #include "train/reference.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 
 #include "model/checkpoint.h"
+#include "runtime/error.h"
 #include "runtime/safetensors.h"
 #include "train/hash.h"
 
@@ -95,6 +98,43 @@ std::string values_sha256(const double* chosen, const double* rejected, int64_t 
 }
 
 }  // namespace
+
+void mix_weights_host(const Tensor& ref_host, const Tensor& policy_host, double alpha) {
+  DPO_ASSERT(ref_host.device().kind == DeviceKind::CPU && policy_host.device().kind == DeviceKind::CPU,
+             "mix_weights_host: host tensors only");
+  DPO_ASSERT(ref_host.numel() == policy_host.numel(), "mix_weights_host: the reference has " +
+                                                          std::to_string(ref_host.numel()) + " parameters, the policy " +
+                                                          std::to_string(policy_host.numel()));
+  DPO_ASSERT(alpha >= 0 && alpha <= 1, "mix_weights_host: alpha must be in [0, 1]");
+  const int64_t n = ref_host.numel();
+  const Tensor r = ref_host.reshape({n}), p = policy_host.reshape({n});
+  // In chunks, so that the double copies stay small whatever the model's size.
+  constexpr int64_t kChunk = int64_t{1} << 20;
+  for (int64_t o = 0; o < n; o += kChunk) {
+    const int64_t k = std::min(kChunk, n - o);
+    const Tensor rv = r.view(o, {k});
+    Tensor mixed = convert_host(rv, DType::F64, "reference weights");
+    const Tensor pd = convert_host(p.view(o, {k}), DType::F64, "policy weights");
+    double* m = mixed.data<double>();
+    const double* q = pd.data<double>();
+    for (int64_t i = 0; i < k; ++i) m[i] = alpha * q[i] + (1.0 - alpha) * m[i];
+    const Tensor out = convert_host(mixed, rv.dtype(), "reference weights");  // the one rounding
+    std::memcpy(rv.raw(), out.raw(), static_cast<size_t>(out.nbytes()));
+  }
+}
+
+void sync_reference(GPT2& ref, const Tensor& policy_host, double alpha) {
+  Backend& be = ref.backend();
+  const int64_t n = ref.params().numel();
+  DPO_ASSERT(policy_host.numel() == n, "sync_reference: the policy and the reference differ in size");
+  Tensor host = Tensor::host({n}, ref.dtype());  // the stored values, in their own dtype (no device conversion)
+  be.copy_to_host(host, ref.params());
+  mix_weights_host(host, policy_host, alpha);
+  be.copy_from_host(ref.params(), host);
+  const Tensor& master = ref.master_params();
+  if (master.dtype() != ref.dtype() && master.numel() == n)  // a separate F32 master (BF16): the same values
+    be.copy_from_host(master, convert_host(host, master.dtype(), "reference weights"));
+}
 
 std::string default_ref_cache_dir() {
   if (const char* x = std::getenv("XDG_CACHE_HOME"); x && *x) return std::string(x) + "/dpo/ref";

@@ -70,4 +70,25 @@ RefCacheResult cached_ref_logps(GPT2& ref, const std::vector<PreferencePair>& da
 // $XDG_CACHE_HOME/dpo/ref, else $HOME/.cache/dpo/ref, else ./.dpo-cache/ref.
 std::string default_ref_cache_dir();
 
+// TR-DPO's reference update (Gorbatovski et al. 2024, arXiv 2404.09656; TRL's SyncRefModelCallback): each
+// parameter of the reference becomes
+//     ref <- alpha * policy + (1 - alpha) * ref,        alpha = ref_model_mixup_alpha in [0, 1]
+// computed in double from the reference's stored values and rounded once to the reference's dtype (F32: to the
+// nearest float; BF16: to the nearest bf16, so alpha = 1 gives exactly the policy's BF16 compute copy).
+//
+// mix_weights_host: the arithmetic alone, in place on ref_host (host, [n], F32, F64 or BF16) from policy_host
+// (host, [n], any floating dtype).
+void mix_weights_host(const Tensor& ref_host, const Tensor& policy_host, double alpha);
+
+// The update of a live reference model from the policy's full weights `policy_host` (host, [num_parameters], any
+// floating dtype: the trainer passes the F32 master weights, gathered under ZeRO-1), through one host round-trip
+// of the reference's parameters. A BF16 reference's F32 master copy, when it has one, is set to the same (BF16)
+// values, so that saving and reloading it reproduces it exactly. Same config as the policy required (InputError
+// otherwise, checked by the caller; here a size mismatch is an assertion).
+void sync_reference(GPT2& ref, const Tensor& policy_host, double alpha);
+
+// Whether optimizer step `step` (1-based, counted after the step's update, as transformers' global_step in
+// on_step_end) is followed by a reference sync: every `every`-th step (steps every, 2 * every, ...).
+inline bool ref_sync_due(int64_t step, int64_t every) { return every > 0 && step > 0 && step % every == 0; }
+
 }  // namespace dpo

@@ -162,6 +162,10 @@ const std::vector<ReproExperiment>& repro_experiments() {
        "DPO paper fig. 2: reward vs KL(policy || SFT) on the sentiment task; DPO over betas and seeds against "
        "Preferred-FT, Best-of-N and RPO; grammaticality and log-prob curves (minutes)",
        true},
+      {"odpo",
+       "ODPO paper: offset alpha * log(score gap) against DPO on the sentiment task, alpha 0..2, 5 seeds; margins "
+       "by gap, reward and KL with confidence intervals and paired t-tests (minutes)",
+       true},
   };
   return list;
 }
@@ -194,7 +198,8 @@ int run_repro(const ReproOptions& opt) {
   if (opt.name == "ipo-bandit") res = repro::run_ipo_bandit(opt, *backend, out);
   else if (opt.name == "optimum") res = repro::run_optimum(opt, *backend, out);
   else if (opt.name == "overfit") res = repro::run_overfit(opt, *backend, out);
-  else res = repro::run_frontier(opt, *backend, out);
+  else if (opt.name == "frontier") res = repro::run_frontier(opt, *backend, out);
+  else res = repro::run_odpo(opt, *backend, out);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
   bool all = true;

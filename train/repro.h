@@ -13,12 +13,16 @@
 //   frontier    DPO paper figure 2 (left) on the built-in sentiment task (train/demo.h): reward against
 //               KL(policy || SFT) for DPO over betas and seeds, Preferred-FT, Best-of-N from the SFT policy and DPO
 //               with the SFT term (RPO), with grammaticality and the chosen / rejected log-prob curves.
+//   odpo        ODPO paper (Amini et al. 2024, arXiv 2402.10571) on the same task: pairs carrying their ground-truth
+//               score gaps, ODPO's offset alpha * log(gap) over a small alpha grid against DPO (alpha 0) at one beta
+//               and several seeds; the offset raises the margins of large-gap pairs relative to gap-1 pairs; reward
+//               and KL with confidence intervals and paired t-tests, reported.
 //
 // ipo-bandit, optimum and overfit are exact: double arithmetic on the host, tabular policies, enumeration. frontier
-// trains GPT-2 models on the CPU backend and estimates by sampling (standard errors reported). Every experiment is
-// offline and seeded (the same seed gives the same numbers at one thread count), writes DIR/report.json,
-// DIR/report.md and PNG plots, prints one PASS/FAIL line per criterion with the measured number beside the
-// threshold, and run_repro returns 0 when every criterion passes, 1 otherwise.
+// and odpo train GPT-2 models on the CPU backend and estimate by sampling (standard errors reported). Every
+// experiment is offline and seeded (the same seed gives the same numbers at one thread count), writes
+// DIR/report.json, DIR/report.md and PNG plots, prints one PASS/FAIL line per criterion with the measured number
+// beside the threshold, and run_repro returns 0 when every criterion passes, 1 otherwise.
 // In the exact experiments every per-pair loss and its derivatives come from pair_loss_eval (kernels/pair_loss.h);
 // the optimizer is the product's AdamW (train/optim.h) on a host F64 tensor of the policy's logits.
 #pragma once
@@ -51,6 +55,17 @@ struct FrontierSizes {
 };
 FrontierSizes frontier_sizes(bool full);
 
+// Sizes of `odpo`. odpo_sizes(false) is the default run, odpo_sizes(true) the --full one; tests pass smaller ones
+// through ReproOptions::odpo_sizes.
+struct OdpoSizes {
+  demo::Sizes pipeline = demo::kDemoSizes;  // SFT model, SFT corpus, pair prompts, evaluation samples, DPO epochs
+  double beta = 0.1;                        // the one beta every run shares (ODPO against DPO at matched beta)
+  std::vector<double> alphas;               // increasing, the first 0 (DPO); offset alpha * log(score gap)
+  int64_t seeds = 5;                        // runs per alpha (training order, evaluation samples; paired across alphas)
+  bool oracle_pairs = false;                // tests only: pairs from the grammar (as FrontierSizes::oracle_pairs)
+};
+OdpoSizes odpo_sizes(bool full);
+
 struct ReproOptions {
   std::string name;     // an experiment of repro_experiments()
   std::string out_dir;  // created if missing; must not already hold a report.json
@@ -58,6 +73,7 @@ struct ReproOptions {
   uint64_t seed = 1;
   int64_t num_threads = 0;  // CPU backend threads (0 = OpenMP default); the exact experiments do not depend on it
   const FrontierSizes* frontier_sizes = nullptr;  // tests: frontier's sizes instead of frontier_sizes(full)
+  const OdpoSizes* odpo_sizes = nullptr;          // tests: odpo's sizes instead of odpo_sizes(full)
 };
 
 struct ReproExperiment {
@@ -130,5 +146,24 @@ std::vector<double> best_of_n_distribution(const std::vector<double>& prob, cons
                                            int64_t n);
 // log N - (N - 1) / N: KL(best-of-N || q) when no two items tie in reward, the upper bound with ties.
 double best_of_n_kl_bound(int64_t n);
+
+// Student's t, for the confidence intervals and tests over seeds of the sampled experiments (frontier, odpo).
+// incomplete_beta(a, b, x): the regularised incomplete beta function I_x(a, b) (a, b > 0, x in [0, 1]), by its
+// continued fraction. student_t_cdf: P(T <= t) for T ~ t(df), df > 0 (not necessarily an integer);
+// student_t_quantile: its inverse for p in (0, 1), by bisection to 1e-12.
+double incomplete_beta(double a, double b, double x);
+double student_t_cdf(double t, double df);
+double student_t_quantile(double p, double df);
+
+// A two-sided t-test of a mean difference: diff, its standard error, t = diff / se, the degrees of freedom, the
+// two-sided p-value and the 95% confidence interval diff -/+ t_{0.975, df} se. With se = 0 the difference is taken
+// as exact (p 1 when it is 0, else 0).
+struct TTest {
+  double diff = 0, se = 0, t = 0, df = 0, p_two_sided = 1, ci95_lo = 0, ci95_hi = 0;
+};
+// Paired: the differences a_i - b_i (equal sizes >= 2), df = n - 1. Welch: two independent samples (sizes >= 2)
+// with unequal variances, Welch-Satterthwaite df.
+TTest paired_t_test(const std::vector<double>& a, const std::vector<double>& b);
+TTest welch_t_test(const std::vector<double>& a, const std::vector<double>& b);
 
 }  // namespace dpo

@@ -55,12 +55,14 @@ double adam_step_bound(const OptimConfig& c);
 std::string fmt(double v, int prec = 4);  // %.{prec}g
 std::string md_cell(const std::string& s);  // '|' escaped for a Markdown table cell
 
-// Per-experiment entry points (train/repro_bandit.cpp, repro_optimum.cpp, repro_overfit.cpp, repro_frontier.cpp).
+// Per-experiment entry points (train/repro_bandit.cpp, repro_optimum.cpp, repro_overfit.cpp, repro_frontier.cpp,
+// repro_odpo.cpp).
 // `out` exists.
 ExperimentOutput run_ipo_bandit(const ReproOptions& opt, Backend& backend, const std::filesystem::path& out);
 ExperimentOutput run_optimum(const ReproOptions& opt, Backend& backend, const std::filesystem::path& out);
 ExperimentOutput run_overfit(const ReproOptions& opt, Backend& backend, const std::filesystem::path& out);
 ExperimentOutput run_frontier(const ReproOptions& opt, Backend& backend, const std::filesystem::path& out);
+ExperimentOutput run_odpo(const ReproOptions& opt, Backend& backend, const std::filesystem::path& out);
 
 // The sequence space of `optimum` and `overfit`: all V^L sequences of length L over V tokens, item i spelling
 // its base-V digits (most significant first). The reference is a tabular autoregressive model: one logit vector

@@ -292,11 +292,11 @@ void check_resume_config(const std::string& saved_yaml, const TrainConfig& now, 
   // Checkpoints written before the truncation key existed all used the legacy rule (recorded in their
   // max_prompt_length and truncation_mode).
   if (!a["truncation"]) a["truncation"] = "legacy";
-  // Checkpoints written before the f-divergence, DiscoPOP and SimPO keys existed ran with their defaults.
+  // Checkpoints written before the f-divergence, DiscoPOP, SimPO and TR-DPO keys existed ran with their defaults.
   const YAML::Node defaults = YAML::Load(to_yaml(TrainConfig{}));
   // pad_token_id: also absent from checkpoints written before it existed (they padded with 0).
-  for (const char* k :
-       {"discopop_tau", "simpo_gamma", "f_divergence_type", "f_alpha_divergence_coef", "pad_token_id"})
+  for (const char* k : {"discopop_tau", "simpo_gamma", "f_divergence_type", "f_alpha_divergence_coef",
+                        "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "pad_token_id"})
     if (!a[k]) a[k] = defaults[k];
   std::vector<std::string> diff;
   for (auto it = b.begin(); it != b.end(); ++it) {
@@ -328,13 +328,19 @@ struct Position {
   json cpu_kernels;      // read from a checkpoint: the kernel set that wrote it (null: a GPU run, or older)
 };
 
+// The live reference's weights in a checkpoint once TR-DPO (sync_ref_model) has updated it: part of the training
+// state, in model.safetensors' format (HF names, F32; a BF16 reference's values are exact in F32).
+constexpr const char* kRefModelFile = "ref_model.safetensors";
+
 // m, v: all of the moments (host F32, [n_params]), gathered from the ranks' shards under ZeRO-1; weights: all of
-// the master weights (host) when the model's are sharded, else undefined (taken from the model).
+// the master weights (host) when the model's are sharded, else undefined (taken from the model); ref_weights:
+// the synced reference's weights (host, [n_params]), else undefined (no kRefModelFile).
 void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW& opt, const Tensor& m,
                       const Tensor& v, const Tensor& weights, const Position& p, const std::string& config_yaml,
                       const std::string& train_sha256, int64_t save_total_limit, const json& cpu_kernels,
                       int64_t max_shard_bytes,
-                      const std::vector<std::pair<std::string, std::string>>& tokenizer_files) {
+                      const std::vector<std::pair<std::string, std::string>>& tokenizer_files,
+                      const Tensor& ref_weights) {
   const fs::path root = fs::path(out_dir) / "checkpoints";
   const std::string name = "step-" + std::to_string(p.step);
   const fs::path final_dir = root / name;
@@ -372,6 +378,13 @@ void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW
   if (!cpu_kernels.is_null()) st["cpu_kernels"] = cpu_kernels;  // optional: CPU runs only
   write_file_atomic((tmp / "trainer_state.json").string(), st.dump(2) + "\n");
   files.insert(files.end(), {"optimizer.safetensors", "trainer_state.json"});  // beside the model's and tokenizer's
+  if (ref_weights.defined()) {
+    // One file whatever max_shard_size says (save_safetensors_dir's names are the model's own), with the tensors
+    // the model's weights have: HF names and layouts of either architecture, which load_gpt2_weights reads back.
+    const Tensor rw = convert_host(ref_weights.reshape({ref_weights.numel()}), DType::F32, kRefModelFile);
+    save_safetensors((tmp / kRefModelFile).string(), hf_weight_tensors(model, rw), {{"format", "pt"}});
+    files.push_back(kRefModelFile);
+  }
   write_checksums(tmp.string(), files);
   if (fs::exists(final_dir)) fs::remove_all(final_dir);
   fs::rename(tmp, final_dir, ec);
@@ -442,6 +455,23 @@ Position load_checkpoint(const std::string& dir, GPT2& model, AdamW& opt, const 
                                                                                   : -1;
   if (st.contains("cpu_kernels") && st["cpu_kernels"].is_object()) p.cpu_kernels = st["cpu_kernels"];
   return p;
+}
+
+// TR-DPO on resume: loads the checkpoint's synced reference (kRefModelFile, verified with the rest of the
+// checkpoint) into `ref`; returns whether it had one. A checkpoint at or past the first sync
+// (ref_model_sync_steps) must have one.
+bool load_synced_reference(const std::string& dir, GPT2& ref, const TrainConfig& cfg, int64_t step) {
+  const fs::path path = fs::path(dir) / kRefModelFile;
+  if (!fs::exists(path)) {
+    if (step >= cfg.ref_model_sync_steps)
+      throw InputError(path.string() + ": missing: the checkpoint is at step " + std::to_string(step) +
+                       ", after the reference's first sync (sync_ref_model, ref_model_sync_steps " +
+                       std::to_string(cfg.ref_model_sync_steps) + "), so the reference it trained against is part "
+                       "of its state");
+    return false;
+  }
+  load_gpt2_weights(ref, path.string());
+  return true;
 }
 
 // num_tokens at position p, recounted from the data (for a checkpoint that did not record it): every epoch before
@@ -849,6 +879,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   say("tokenizer: " + tok->name() + "; " + bind_model_ids(cfg, *policy, cfg.model, *tok, dopt));
   check_fits(cfg, *policy, cfg.model, dopt.vocab_size);
   policy->set_logits_chunk_rows(cfg.logits_chunk_rows);
+  policy->set_logits_chunk_bytes(cfg.logits_chunk_bytes);
   policy->set_gradient_checkpointing(cfg.gradient_checkpointing ? cfg.gradient_checkpointing_interval : 0);
 
   // Data (every rank loads all of it: the epoch order is computed identically everywhere)
@@ -893,7 +924,22 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     ref = fs::equivalent(ref_dir, cfg.model, same_ec) ? load_gpt2_checkpoint(*be, ref_dir, model_dtype(cfg))
                                                       : load_verified_model(*be, ref_dir, model_dtype(cfg));
     check_fits(cfg, *ref, ref_dir, dopt.vocab_size);
+    if (cfg.sync_ref_model) {  // TR-DPO mixes parameter by parameter
+      const GPT2Config& a = policy->config();
+      const GPT2Config& r = ref->config();
+      auto dims = [](const GPT2Config& c) {
+        return "n_layer " + std::to_string(c.n_layer) + ", n_head " + std::to_string(c.n_head) + ", n_embd " +
+               std::to_string(c.n_embd) + ", vocab_size " + std::to_string(c.vocab_size) + ", n_positions " +
+               std::to_string(c.max_seq_len);
+      };
+      if (a.n_layer != r.n_layer || a.n_head != r.n_head || a.n_embd != r.n_embd || a.vocab_size != r.vocab_size ||
+          a.max_seq_len != r.max_seq_len)
+        throw InputError("key 'sync_ref_model': the reference model " + ref_dir + " (" + dims(r) +
+                         ") and the policy " + cfg.model + " (" + dims(a) + ") differ in shape; the reference "
+                         "update mixes the two parameter by parameter, so they must have the same architecture");
+    }
     ref->set_logits_chunk_rows(cfg.logits_chunk_rows);
+    ref->set_logits_chunk_bytes(cfg.logits_chunk_bytes);
     // Forward only: the same arrangement keeps one segment's activations live and recomputes nothing.
     ref->set_gradient_checkpointing(cfg.gradient_checkpointing ? cfg.gradient_checkpointing_interval : 0);
     if (cached) {
@@ -997,6 +1043,18 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     }
     return mv;
   };
+  // The policy's full master weights as host F32 [n_params] (collective when they are sharded: ZeRO-1 in bf16).
+  auto policy_weights_host = [&]() {
+    Tensor host = Tensor::host({n_params}, DType::F32);
+    if (policy->master_sharded()) {
+      Tensor tmp = be->empty({n_params}, DType::F32);
+      gather_ranges(tmp, policy->master_params());
+      be->copy_to_host(host, tmp);
+    } else {
+      be->copy_to_host(host, policy->master_params());
+    }
+    return host;
+  };
   if (n_ranks > 1 && on_cpu) {
     const std::vector<std::string> sets = kernel_sets_across_ranks(comm, kernels.id());  // collective
     std::string list;
@@ -1015,9 +1073,11 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   }
 
   Position p;
+  bool ref_synced = false;  // TR-DPO: the live reference differs from the one loaded (it belongs in checkpoints)
   if (!ro.resume.empty()) {
     const std::string dir = resolve_resume(ro.resume, cfg.out_dir);
     p = load_checkpoint(dir, *policy, opt, cfg, train_sha256);  // on every rank
+    if (cfg.sync_ref_model) ref_synced = load_synced_reference(dir, *ref, cfg, p.step);
     if (p.num_tokens < 0) {  // a checkpoint without num_tokens: recount the training tokens before it
       std::vector<int64_t> item_tokens;
       for (const auto& x : pairs)
@@ -1076,14 +1136,14 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     DPO_PHASE("checkpoint");
     const auto [m, v] = full_moments();
     Tensor weights;  // the gathered master weights when they are sharded (collective)
-    if (policy->master_sharded()) {
-      Tensor tmp = be->empty({n_params}, DType::F32);
-      gather_ranges(tmp, policy->master_params());
-      weights = Tensor::host({n_params}, DType::F32);
-      be->copy_to_host(weights, tmp);
+    if (policy->master_sharded()) weights = policy_weights_host();
+    Tensor ref_weights;  // the synced reference, in its own dtype (the same on every rank)
+    if (lead && ref_synced) {
+      ref_weights = Tensor::host({n_params}, ref->dtype());
+      be->copy_to_host(ref_weights, ref->params());
     }
     if (lead) write_checkpoint(cfg.out_dir, *policy, opt, m, v, weights, p, config_yaml, train_sha256,
-                                cfg.save_total_limit, cpu_kernels, max_shard_bytes, tokenizer_files);
+                                cfg.save_total_limit, cpu_kernels, max_shard_bytes, tokenizer_files, ref_weights);
     CollectiveTimeoutPause writing;  // the others wait for rank 0's disk, however slow
     comm.barrier();  // no rank runs ahead of a checkpoint it might be asked to resume from
     last_saved = p.step;
@@ -1453,6 +1513,16 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
     w.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count();
     w_grad_norm = info.grad_norm;
     w_lr = info.lr;
+    // TR-DPO (sync_ref_model): the reference update at TRL's moment, SyncRefModelCallback.on_step_end: after the
+    // optimizer step, when transformers' global_step (p.step: steps done, a skipped one included) is a multiple of
+    // ref_model_sync_steps, so before this step's logging, evaluation and checkpoint. Every rank mixes the same
+    // full weights into the same reference, so the references stay identical without an exchange (besides
+    // ZeRO-1's gather of a sharded master). One host round-trip of both models' weights per sync.
+    if (cfg.sync_ref_model && ref_sync_due(p.step, cfg.ref_model_sync_steps)) {
+      DPO_PHASE("reference sync");
+      sync_reference(*ref, policy_weights_host(), cfg.ref_model_mixup_alpha);
+      ref_synced = true;
+    }
 
     const double tps = w.seconds > 0 ? w.tokens / w.seconds : 0;
     if (progress) {
@@ -1536,6 +1606,7 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
   bind_model_ids(cfg, *policy, checkpoint, *tok, dopt);
   check_fits(cfg, *policy, checkpoint, dopt.vocab_size);
   policy->set_logits_chunk_rows(cfg.logits_chunk_rows);
+  policy->set_logits_chunk_bytes(cfg.logits_chunk_bytes);
   const std::string path = cfg.eval_file.empty() ? cfg.train_file : cfg.eval_file;
   LoadStats st;
   auto data = load_preferences(path, *tok, dopt, &st);
@@ -1547,6 +1618,7 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
     ref = load_verified_model(*be, ref_dir, model_dtype(cfg));
     check_fits(cfg, *ref, ref_dir, dopt.vocab_size);
     ref->set_logits_chunk_rows(cfg.logits_chunk_rows);
+    ref->set_logits_chunk_bytes(cfg.logits_chunk_bytes);
   }
   const auto t0 = std::chrono::steady_clock::now();
   // eval_num_tokens: the training tokens the checkpoint's run had seen (TRL reports the trainer's count), when

@@ -21,7 +21,11 @@
 #include "kernels/logprob.cuh"
 #include "kernels/matmul.cuh"
 #include "kernels/pair_loss.cuh"
+#include "kernels/repeat_kv.cuh"
 #include "kernels/residual.cuh"
+#include "kernels/rmsnorm.cuh"
+#include "kernels/rope.cuh"
+#include "kernels/swiglu.cuh"
 #include "runtime/cuda/cuda_check.h"
 #include "runtime/cuda/nvtx.h"
 #include "runtime/safetensors.h"
@@ -293,38 +297,42 @@ void CudaBackend::encoder_forward(const Tensor& out, const Tensor& tokens, const
   const DType A = check_activation(out, "encoder out");
   check_i32(tokens, "encoder tokens");
   check_is(wte, A, "encoder wte");
-  check_is(wpe, A, "encoder wpe");
-  DPO_ASSERT(tokens.dim() == 2 && wte.dim() == 2 && wpe.dim() == 2,
+  if (wpe.defined()) check_is(wpe, A, "encoder wpe");  // undefined: no position embedding (runtime/backend.h)
+  DPO_ASSERT(tokens.dim() == 2 && wte.dim() == 2 && (!wpe.defined() || wpe.dim() == 2),
              "encoder: tokens, wte and wpe must be 2-D, got " + shape_str(tokens.shape()) + ", " +
-                 shape_str(wte.shape()) + ", " + shape_str(wpe.shape()));
+                 shape_str(wte.shape()) + ", " + (wpe.defined() ? shape_str(wpe.shape()) : "undefined"));
   const int64_t B = tokens.size(0), T = tokens.size(1), V = wte.size(0), C = wte.size(1);
   check_shape(out, {B, T, C}, "encoder out");
-  DPO_ASSERT(wpe.size(0) >= T && wpe.size(1) == C, "wpe " + shape_str(wpe.shape()) + " for T=" + std::to_string(T));
+  if (wpe.defined())
+    DPO_ASSERT(wpe.size(0) >= T && wpe.size(1) == C, "wpe " + shape_str(wpe.shape()) + " for T=" + std::to_string(T));
   with_storage(A, [&](auto z) {
     using S = decltype(z);
-    cuda::encoder_forward(*ctx_, ptr<S>(out), tokens.data<int32_t>(), ptr<S>(wte), ptr<S>(wpe), B, T, C, V);
+    cuda::encoder_forward(*ctx_, ptr<S>(out), tokens.data<int32_t>(), ptr<S>(wte), opt_ptr<S>(wpe), B, T, C, V);
   });
 }
 
 void CudaBackend::encoder_backward(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout, const Tensor& tokens) {
   const DType A = check_activation(dout, "encoder dout");
   check_is(dwte, grad_dtype(A), "encoder dwte");
-  check_is(dwpe, grad_dtype(A), "encoder dwpe");
+  if (dwpe.defined()) check_is(dwpe, grad_dtype(A), "encoder dwpe");  // undefined: no position embedding
   check_i32(tokens, "encoder tokens");
-  DPO_ASSERT(tokens.dim() == 2 && dwte.dim() == 2 && dwpe.dim() == 2,
+  DPO_ASSERT(tokens.dim() == 2 && dwte.dim() == 2 && (!dwpe.defined() || dwpe.dim() == 2),
              "encoder: tokens, dwte and dwpe must be 2-D, got " + shape_str(tokens.shape()) + ", " +
-                 shape_str(dwte.shape()) + ", " + shape_str(dwpe.shape()));
+                 shape_str(dwte.shape()) + ", " + (dwpe.defined() ? shape_str(dwpe.shape()) : "undefined"));
   const int64_t B = tokens.size(0), T = tokens.size(1), V = dwte.size(0), C = dwte.size(1);
   check_shape(dout, {B, T, C}, "encoder dout");
-  DPO_ASSERT(dwpe.size(0) >= T && dwpe.size(1) == C, "dwpe " + shape_str(dwpe.shape()) + " for T=" + std::to_string(T));
+  if (dwpe.defined())
+    DPO_ASSERT(dwpe.size(0) >= T && dwpe.size(1) == C,
+               "dwpe " + shape_str(dwpe.shape()) + " for T=" + std::to_string(T));
   with_storage(A, [&](auto z) {
     using S = decltype(z);
-    cuda::encoder_backward(*ctx_, f32(dwte), f32(dwpe), ptr<S>(dout), tokens.data<int32_t>(), B, T, C, V);
+    cuda::encoder_backward(*ctx_, f32(dwte), opt_ptr<float>(dwpe), ptr<S>(dout), tokens.data<int32_t>(), B, T, C, V);
   });
 }
 
 void CudaBackend::encoder_forward_pos(const Tensor& out, const Tensor& tokens, const Tensor& pos, const Tensor& wte,
                                       const Tensor& wpe) {
+  if (!wpe.defined()) return encoder_forward(out, tokens, wte, wpe);  // no position embedding: pos unused
   const DType A = check_activation(out, "encoder out");
   check_i32(tokens, "encoder tokens");
   check_i32(pos, "encoder pos");
@@ -346,6 +354,7 @@ void CudaBackend::encoder_forward_pos(const Tensor& out, const Tensor& tokens, c
 
 void CudaBackend::encoder_backward_pos(const Tensor& dwte, const Tensor& dwpe, const Tensor& dout,
                                        const Tensor& tokens, const Tensor& pos) {
+  if (!dwpe.defined()) return encoder_backward(dwte, dwpe, dout, tokens);  // no position embedding: pos unused
   const DType A = check_activation(dout, "encoder dout");
   check_is(dwte, grad_dtype(A), "encoder dwte");
   check_is(dwpe, grad_dtype(A), "encoder dwpe");
@@ -442,6 +451,181 @@ void CudaBackend::residual_layernorm_forward(const Tensor& res_out, const Tensor
     using S = decltype(z);
     cuda::residual_layernorm_forward(*ctx_, ptr<S>(res_out), ptr<S>(ln_out), f32(mean), f32(rstd), ptr<S>(a),
                                      ptr<S>(b), ptr<S>(w), ptr<S>(bias), N, C, eps);
+  });
+}
+
+// --- Llama-family ops ---------------------------------------------------------------------------------------------
+
+void CudaBackend::rmsnorm_forward(const Tensor& out, const Tensor& rstd, const Tensor& inp, const Tensor& w,
+                                  double eps) {
+  const DType A = check_activation(inp, "rmsnorm inp");
+  check_is(out, A, "rmsnorm out");
+  check_is(w, A, "rmsnorm w");
+  check_is(rstd, grad_dtype(A), "rmsnorm rstd");
+  const int64_t C = inp.size(-1);
+  DPO_ASSERT(C > 0, "rmsnorm inp " + shape_str(inp.shape()) + " has no channels");
+  const int64_t N = inp.numel() / C;
+  check_shape(out, inp.shape(), "rmsnorm out");
+  check_shape(w, {C}, "rmsnorm w");
+  DPO_ASSERT(rstd.numel() == N, "rmsnorm rstd " + shape_str(rstd.shape()) + " must have N = " + std::to_string(N) +
+                                    " elements");
+  DPO_ASSERT(!overlap(out, inp) && !overlap(out, w), "rmsnorm: out overlaps inp or w");
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::rmsnorm_forward(*ctx_, ptr<S>(out), f32(rstd), ptr<S>(inp), ptr<S>(w), N, C, eps);
+  });
+}
+
+void CudaBackend::rmsnorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dout, const Tensor& inp,
+                                   const Tensor& w, const Tensor& rstd, GradWrite dinp_write) {
+  const DType A = check_activation(inp, "rmsnorm inp");
+  const DType G = grad_dtype(A);
+  check_is(dinp, A, "rmsnorm dinp");
+  check_is(dout, A, "rmsnorm dout");
+  check_is(w, A, "rmsnorm w");
+  check_is(dw, G, "rmsnorm dw");
+  check_is(rstd, G, "rmsnorm rstd");
+  const int64_t C = inp.size(-1);
+  DPO_ASSERT(C > 0, "rmsnorm inp " + shape_str(inp.shape()) + " has no channels");
+  const int64_t N = inp.numel() / C;
+  check_shape(dinp, inp.shape(), "rmsnorm dinp");
+  check_shape(dout, inp.shape(), "rmsnorm dout");
+  check_shape(w, {C}, "rmsnorm w");
+  check_shape(dw, {C}, "rmsnorm dw");
+  DPO_ASSERT(rstd.numel() == N, "rmsnorm rstd " + shape_str(rstd.shape()) + " must have N = " + std::to_string(N) +
+                                    " elements");
+  DPO_ASSERT(!overlap(dinp, dout) && !overlap(dinp, inp), "rmsnorm_backward: dinp overlaps dout or inp");
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::rmsnorm_backward(*ctx_, ptr<S>(dinp), f32(dw), ptr<S>(dout), ptr<S>(inp), ptr<S>(w), f32(rstd), N, C,
+                           dinp_write);
+  });
+}
+
+void CudaBackend::residual_rmsnorm_forward(const Tensor& res_out, const Tensor& ln_out, const Tensor& rstd,
+                                           const Tensor& a, const Tensor& b, const Tensor& w, double eps) {
+  const DType A = check_activation(a, "residual_rmsnorm a");
+  check_is(b, A, "residual_rmsnorm b");
+  check_is(res_out, A, "residual_rmsnorm res_out");
+  check_is(ln_out, A, "residual_rmsnorm ln_out");
+  check_is(w, A, "residual_rmsnorm w");
+  check_is(rstd, grad_dtype(A), "residual_rmsnorm rstd");
+  const int64_t C = a.size(-1);
+  DPO_ASSERT(C > 0, "residual_rmsnorm a " + shape_str(a.shape()) + " has no channels");
+  const int64_t N = a.numel() / C;
+  check_shape(b, a.shape(), "residual_rmsnorm b");
+  check_shape(res_out, a.shape(), "residual_rmsnorm res_out");
+  check_shape(ln_out, a.shape(), "residual_rmsnorm ln_out");
+  check_shape(w, {C}, "residual_rmsnorm w");
+  DPO_ASSERT(rstd.numel() == N, "residual_rmsnorm rstd must have N = " + std::to_string(N) + " elements");
+  for (const auto& [t, name] :
+       {std::pair<const Tensor*, const char*>{&a, "a"}, {&b, "b"}, {&res_out, "res_out"}, {&w, "w"}}) {
+    DPO_ASSERT(!overlap(ln_out, *t), std::string("residual_rmsnorm: ln_out overlaps ") + name);
+  }
+  DPO_ASSERT(res_out.raw() == a.raw() || !overlap(res_out, a), "residual_rmsnorm: res_out partly overlaps a");
+  DPO_ASSERT(res_out.raw() == b.raw() || !overlap(res_out, b), "residual_rmsnorm: res_out partly overlaps b");
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::residual_rmsnorm_forward(*ctx_, ptr<S>(res_out), ptr<S>(ln_out), f32(rstd), ptr<S>(a), ptr<S>(b),
+                                   ptr<S>(w), N, C, eps);
+  });
+}
+
+void CudaBackend::rope_any(const Tensor& out, const Tensor& inp, const Tensor& cos, const Tensor& sin,
+                           const Tensor& pos, int64_t n_head, int64_t n_kv_head, bool backward) {
+  const std::string op = backward ? "rope_backward" : "rope_forward";
+  const DType A = check_activation(inp, (op + (backward ? " dout" : " inp")).c_str());
+  check_is(out, A, (op + (backward ? " dinp" : " out")).c_str());
+  check_is(cos, grad_dtype(A), (op + " cos").c_str());
+  check_is(sin, grad_dtype(A), (op + " sin").c_str());
+  check_i32(pos, (op + " pos").c_str());
+  const LlamaHeads hr = check_llama_heads(inp, n_head, n_kv_head, false, (op + " inp").c_str());
+  check_shape(out, inp.shape(), (op + " out").c_str());
+  DPO_ASSERT(cos.dim() == 2 && 2 * cos.size(1) == hr.D,
+             op + ": cos " + shape_str(cos.shape()) + " must be [P, D/2] for head size D = " + std::to_string(hr.D));
+  check_shape(sin, cos.shape(), (op + " sin").c_str());
+  DPO_ASSERT(pos.numel() == hr.N, op + ": pos " + shape_str(pos.shape()) + " must have one entry per row (N = " +
+                                      std::to_string(hr.N) + ")");
+  DPO_ASSERT(out.raw() == inp.raw() || !overlap(out, inp), op + ": out and inp overlap without being the same tensor");
+  const cuda::RopeDirection dir = backward ? cuda::RopeDirection::Backward : cuda::RopeDirection::Forward;
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::rope(*ctx_, ptr<S>(out), ptr<S>(inp), f32(cos), f32(sin), pos.data<int32_t>(), hr.N, n_head, n_kv_head,
+               hr.D, cos.size(0), dir);
+  });
+}
+void CudaBackend::rope_forward(const Tensor& out, const Tensor& inp, const Tensor& cos, const Tensor& sin,
+                               const Tensor& pos, int64_t n_head, int64_t n_kv_head) {
+  rope_any(out, inp, cos, sin, pos, n_head, n_kv_head, false);
+}
+void CudaBackend::rope_backward(const Tensor& dinp, const Tensor& dout, const Tensor& cos, const Tensor& sin,
+                                const Tensor& pos, int64_t n_head, int64_t n_kv_head) {
+  rope_any(dinp, dout, cos, sin, pos, n_head, n_kv_head, true);
+}
+
+namespace {
+
+// inp [N, 2I] (last dim even and > 0); returns I.
+int64_t swiglu_width(const Tensor& inp) {
+  DPO_ASSERT(inp.dim() > 0 && inp.size(-1) > 0 && inp.size(-1) % 2 == 0,
+             "swiglu inp " + shape_str(inp.shape()) + ": the last dim must be 2I > 0 ([gate | up])");
+  return inp.size(-1) / 2;
+}
+
+}  // namespace
+
+void CudaBackend::swiglu_forward(const Tensor& out, const Tensor& inp) {
+  const DType A = check_activation(inp, "swiglu inp");
+  check_is(out, A, "swiglu out");
+  const int64_t I = swiglu_width(inp), N = inp.numel() / (2 * I);
+  DPO_ASSERT(check_llama_rows(out, I, "swiglu out") == N,
+             "swiglu out " + shape_str(out.shape()) + " must have N = " + std::to_string(N) + " rows");
+  DPO_ASSERT(!overlap(out, inp), "swiglu: out overlaps inp");
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::swiglu_forward(*ctx_, ptr<S>(out), ptr<S>(inp), N, I);
+  });
+}
+
+void CudaBackend::swiglu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) {
+  const DType A = check_activation(inp, "swiglu inp");
+  check_is(dinp, A, "swiglu dinp");
+  check_is(dout, A, "swiglu dout");
+  const int64_t I = swiglu_width(inp), N = inp.numel() / (2 * I);
+  check_shape(dinp, inp.shape(), "swiglu dinp");
+  DPO_ASSERT(check_llama_rows(dout, I, "swiglu dout") == N,
+             "swiglu dout " + shape_str(dout.shape()) + " must have N = " + std::to_string(N) + " rows");
+  DPO_ASSERT(!overlap(dinp, inp) && !overlap(dinp, dout), "swiglu: dinp overlaps inp or dout");
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::swiglu_backward(*ctx_, ptr<S>(dinp), ptr<S>(dout), ptr<S>(inp), N, I);
+  });
+}
+
+void CudaBackend::repeat_kv_forward(const Tensor& out, const Tensor& inp, int64_t n_head, int64_t n_kv_head) {
+  const DType A = check_activation(inp, "repeat_kv inp");
+  check_is(out, A, "repeat_kv out");
+  const LlamaHeads hr = check_llama_heads(inp, n_head, n_kv_head, true, "repeat_kv_forward inp");
+  DPO_ASSERT(check_llama_rows(out, 3 * n_head * hr.D, "repeat_kv_forward out") == hr.N,
+             "repeat_kv_forward out " + shape_str(out.shape()) + " must have N = " + std::to_string(hr.N) + " rows");
+  DPO_ASSERT(!overlap(out, inp), "repeat_kv_forward: out overlaps inp");
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::repeat_kv_forward(*ctx_, ptr<S>(out), ptr<S>(inp), hr.N, n_head, n_kv_head, hr.D);
+  });
+}
+
+void CudaBackend::repeat_kv_backward(const Tensor& dinp, const Tensor& dout, int64_t n_head, int64_t n_kv_head) {
+  const DType A = check_activation(dout, "repeat_kv dout");
+  check_is(dinp, A, "repeat_kv dinp");
+  const LlamaHeads hr = check_llama_heads(dinp, n_head, n_kv_head, true, "repeat_kv_backward dinp");
+  DPO_ASSERT(check_llama_rows(dout, 3 * n_head * hr.D, "repeat_kv_backward dout") == hr.N,
+             "repeat_kv_backward dout " + shape_str(dout.shape()) + " must have N = " + std::to_string(hr.N) +
+                 " rows");
+  DPO_ASSERT(!overlap(dinp, dout), "repeat_kv_backward: dinp overlaps dout");
+  with_storage(A, [&](auto z) {
+    using S = decltype(z);
+    cuda::repeat_kv_backward(*ctx_, ptr<S>(dinp), ptr<S>(dout), hr.N, n_head, n_kv_head, hr.D);
   });
 }
 

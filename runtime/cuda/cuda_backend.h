@@ -82,6 +82,22 @@ class CudaBackend final : public Backend {
                                   double eps) override;
   // out (forward) and dout (backward) may have a padded last dim ld > OC (runtime/backend.h, "Padded rows"): it is
   // cuBLASLt's leading dimension, and only columns [0, OC) are read or written (kernels/matmul.cuh).
+  // The Llama-family ops (runtime/backend.h; kernels/rmsnorm.cuh, rope.cuh, swiglu.cuh, repeat_kv.cuh). One launch
+  // each (rmsnorm_backward: two, the dw partials and their fixed-order reduce), no host sync, no atomics. RoPE does
+  // not check the positions (a sync): a row whose position is outside [0, P) is written NaN (kernels/rope.cuh).
+  void rmsnorm_forward(const Tensor& out, const Tensor& rstd, const Tensor& inp, const Tensor& w, double eps) override;
+  void rmsnorm_backward(const Tensor& dinp, const Tensor& dw, const Tensor& dout, const Tensor& inp, const Tensor& w,
+                        const Tensor& rstd, GradWrite dinp_write) override;
+  void residual_rmsnorm_forward(const Tensor& res_out, const Tensor& ln_out, const Tensor& rstd, const Tensor& a,
+                                const Tensor& b, const Tensor& w, double eps) override;
+  void rope_forward(const Tensor& out, const Tensor& inp, const Tensor& cos, const Tensor& sin, const Tensor& pos,
+                    int64_t n_head, int64_t n_kv_head) override;
+  void rope_backward(const Tensor& dinp, const Tensor& dout, const Tensor& cos, const Tensor& sin, const Tensor& pos,
+                     int64_t n_head, int64_t n_kv_head) override;
+  void swiglu_forward(const Tensor& out, const Tensor& inp) override;
+  void swiglu_backward(const Tensor& dinp, const Tensor& dout, const Tensor& inp) override;
+  void repeat_kv_forward(const Tensor& out, const Tensor& inp, int64_t n_head, int64_t n_kv_head) override;
+  void repeat_kv_backward(const Tensor& dinp, const Tensor& dout, int64_t n_head, int64_t n_kv_head) override;
   void matmul_forward(const Tensor& out, const Tensor& inp, const Tensor& w, const Tensor& bias,
                       WeightLayout layout) override;
   using Backend::matmul_backward;
@@ -207,6 +223,9 @@ class CudaBackend final : public Backend {
                      const Tensor& span, int64_t n_head);
   void flash_backward(const Tensor& dqkv, const Tensor& dout, const Tensor& qkv, const Tensor& out,
                       const Tensor& saved, const Tensor& span, int64_t n_head);
+  // rope_forward (backward = false) and rope_backward: the same kernel, the transpose rotation for the backward.
+  void rope_any(const Tensor& out, const Tensor& inp, const Tensor& cos, const Tensor& sin, const Tensor& pos,
+                int64_t n_head, int64_t n_kv_head, bool backward);
   // `ws` holding at least n elements of dtype dt (grown only; the old buffer is freed in stream order).
   void grow_workspace(Tensor& ws, int64_t n, DType dt);
 
