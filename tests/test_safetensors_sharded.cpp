@@ -1,5 +1,5 @@
 // Sharded safetensors (runtime/safetensors.h: SafetensorsDir, save_safetensors_dir, plan_shards,
-// parse_shard_size) and GPT-2 checkpoints saved and loaded in shards (model/checkpoint.h).
+// parse_shard_size) and GPT-2 and Llama-family checkpoints saved and loaded in shards (model/checkpoint.h).
 //
 // Expected shard plans come from the rule of huggingface_hub's split_state_dict_into_shards_factory (the example
 // in its docstring, worked by hand), not from our output. Reads are compared byte for byte with the tensors
@@ -21,6 +21,7 @@
 
 #include "model/checkpoint.h"
 #include "runtime/backend.h"
+#include "model/hf_llama.h"
 #include "runtime/safetensors.h"
 #include "test_util.h"
 
@@ -466,6 +467,111 @@ TEST(GPT2Sharded, LoaderErrorsNameTheIndex) {
   write_text(s / kSafetensorsIndexName, idx.dump());
   EXPECT_INPUT_ERROR(load_gpt2_checkpoint(*be, s.dir.string(), DType::F32), s / kSafetensorsIndexName,
                      "missing tensor 'ln_f.bias'");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Llama-family checkpoints in shards (the HF tensor names and layouts of model/hf_llama.h)
+// ---------------------------------------------------------------------------------------------------------------
+
+const std::string kLlamaRoot = std::string(DPO_FIXTURE_DIR) + "/llama_tiny";
+const char* const kLlamaModels[] = {"llama_gqa", "llama3_tied", "qwen2_bias"};
+
+TEST(LlamaSharded, CheckpointSavedInThreeShardsLoadsBitwise) {
+  for (const char* name : kLlamaModels) {
+    SCOPED_TRACE(name);
+    test::ScratchDir s("dpo_sharded_llama_");
+    auto be = make_cpu_backend(1);
+    auto model = load_gpt2_checkpoint(*be, kLlamaRoot + "/" + name, DType::F32);
+    ASSERT_EQ(model->config().arch, Arch::Llama);
+    const std::vector<float> want = master_of(*model);
+    // The budget from the tensors the saver writes, in its order (HF names: q/k/v and gate/up split).
+    Tensor host = Tensor::host({model->params().numel()}, DType::F32);
+    std::copy(want.begin(), want.end(), host.data<float>());
+    const Named hf = hf_weight_tensors(*model, host);
+    ASSERT_GT(hf.size(), model->specs().size());  // split pieces: not the model's own parameters
+    const std::vector<std::string> written = save_gpt2_checkpoint(*model, s / "sharded", budget_for(hf, 3));
+    EXPECT_EQ(written, (std::vector<std::string>{"model-00001-of-00003.safetensors",
+                                                 "model-00002-of-00003.safetensors",
+                                                 "model-00003-of-00003.safetensors", kSafetensorsIndexName,
+                                                 "config.json"}));
+    EXPECT_FALSE(fs::exists(s / "sharded/model.safetensors"));
+    // The index maps HF's names (what transformers' from_pretrained looks up), not the model's.
+    const json idx = read_json(s / (std::string("sharded/") + kSafetensorsIndexName));
+    EXPECT_TRUE(idx["weight_map"].contains("model.layers.0.self_attn.q_proj.weight"));
+    EXPECT_TRUE(idx["weight_map"].contains("model.norm.weight"));
+    auto back = load_gpt2_checkpoint(*be, s / "sharded", DType::F32);
+    EXPECT_EQ(back->config().model_type, model->config().model_type);
+    EXPECT_TRUE(test::bitwise_equal(master_of(*back), want));
+    // The same tensors and bytes as the single-file save.
+    save_gpt2_checkpoint(*model, s / "single");
+    const SafetensorsDir a(s / "sharded"), b(s / "single");
+    EXPECT_FALSE(b.sharded());
+    ASSERT_EQ(a.entries().size(), b.entries().size());
+    for (size_t i = 0; i < a.entries().size(); ++i) {
+      EXPECT_EQ(a.entries()[i].name, b.entries()[i].name);
+      EXPECT_TRUE(bytes_of(a.read(a.entries()[i].name)) == bytes_of(b.read(b.entries()[i].name)));
+    }
+  }
+}
+
+// A sharded directory as HF ships Llama checkpoints, written here by hand from the fixture's single file (not by
+// our writer): tensors dealt round-robin over three shards, so a shard holds names that are not neighbours, and an
+// index whose weight_map is not in name order. It loads bitwise like the single file.
+TEST(LlamaSharded, HfShardedDirectoryLoads) {
+  for (const char* name : kLlamaModels) {
+    SCOPED_TRACE(name);
+    test::ScratchDir s("dpo_sharded_llama_hf_");
+    const std::string src = kLlamaRoot + "/" + name;
+    const SafetensorsFile single(src + "/model.safetensors");
+    std::vector<Named> shards(3);
+    json weight_map = json::object();
+    int64_t total = 0;
+    std::vector<SafetensorsEntry> order = single.entries();
+    std::reverse(order.begin(), order.end());
+    for (size_t i = 0; i < order.size(); ++i) {
+      const std::string file = "model-0000" + std::to_string(i % 3 + 1) + "-of-00003.safetensors";
+      shards[i % 3].emplace_back(order[i].name, single.read(order[i].name));
+      weight_map[order[i].name] = file;
+      total += order[i].end - order[i].begin;
+    }
+    for (size_t k = 0; k < 3; ++k)
+      save_safetensors(s / ("model-0000" + std::to_string(k + 1) + "-of-00003.safetensors"), shards[k],
+                       {{"format", "pt"}});
+    write_text(s / kSafetensorsIndexName,
+               json{{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}}.dump(2));
+    fs::copy_file(src + "/config.json", s / "config.json");
+
+    auto be = make_cpu_backend(1);
+    auto want = load_gpt2_checkpoint(*be, src, DType::F32);
+    auto got = load_gpt2_checkpoint(*be, s.dir.string(), DType::F32);
+    EXPECT_TRUE(test::bitwise_equal(master_of(*got), master_of(*want)));
+    // The weights alone (load_gpt2_weights on the directory), into a model made from the same config.
+    GPT2 m(*be, want->config(), DType::F32);
+    load_gpt2_weights(m, s.dir.string());
+    EXPECT_TRUE(test::bitwise_equal(master_of(m), master_of(*want)));
+  }
+}
+
+TEST(LlamaSharded, LoaderErrorsNameTheIndex) {
+  test::ScratchDir s("dpo_sharded_llama_");
+  auto be = make_cpu_backend(1);
+  auto model = load_gpt2_checkpoint(*be, kLlamaRoot + "/llama_gqa", DType::F32);
+  Tensor host = Tensor::host({model->params().numel()}, DType::F32);
+  model->backend().copy_to_host(host, model->master_params());
+  save_gpt2_checkpoint(*model, s.dir.string(), budget_for(hf_weight_tensors(*model, host), 2));
+  json idx = read_json(s / kSafetensorsIndexName);
+  const std::string gone = "model.layers.1.mlp.up_proj.weight";
+  const std::string shard = idx["weight_map"][gone].get<std::string>();
+  const SafetensorsFile f(s / shard);
+  Named keep;
+  for (const auto& e : f.entries())
+    if (e.name != gone) keep.emplace_back(e.name, f.read(e.name));
+  save_safetensors(s / shard, keep);
+  idx["weight_map"].erase(gone);
+  idx["metadata"].erase("total_size");
+  write_text(s / kSafetensorsIndexName, idx.dump());
+  EXPECT_INPUT_ERROR(load_gpt2_checkpoint(*be, s.dir.string(), DType::F32), s / kSafetensorsIndexName,
+                     "missing tensor '" + gone + "'");
 }
 
 }  // namespace
