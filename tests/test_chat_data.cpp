@@ -123,9 +123,13 @@ struct ChatRun : test::ScratchDir {
   ChatRun() : ScratchDir("dpo_chat_") {}
 };
 
-// A tiny GPT-2 over the fixture tokenizer's vocabulary in `dir` (config.json: eos_token_id = <|im_end|>, and
-// pad_token_id when >= 0), with the tokenizer files beside it when `with_tokenizer`.
-void write_model(const std::string& dir, bool with_tokenizer, int64_t config_pad = -1) {
+// No pad_token_id in config.json (config_pad): the key absent, or null as Llama 3's config.json has it.
+constexpr int64_t kNoPad = -1, kNullPad = -2;
+
+// A tiny GPT-2 (or, with Arch::Llama, a tiny Llama: grouped-query heads, untied head) over the fixture tokenizer's
+// vocabulary in `dir` (config.json: eos_token_id = <|im_end|>, and pad_token_id when >= 0, null for kNullPad),
+// with the tokenizer files beside it when `with_tokenizer`.
+void write_model(const std::string& dir, bool with_tokenizer, int64_t config_pad = kNoPad, Arch arch = Arch::GPT2) {
   const JsonTokenizer tok(kTokDir + "/tokenizer.json");
   auto be = make_cpu_backend(1);
   GPT2Config c;
@@ -134,8 +138,19 @@ void write_model(const std::string& dir, bool with_tokenizer, int64_t config_pad
   c.n_embd = 16;
   c.n_head = 2;
   c.n_layer = 2;
+  if (arch == Arch::Llama) {
+    c.arch = Arch::Llama;
+    c.model_type = "llama";
+    c.n_embd = 24;
+    c.n_head = 4;
+    c.n_kv_head = 2;
+    c.intermediate_size = 40;
+    c.ln_eps = 1e-6;
+    c.tie_word_embeddings = false;
+  }
   c.bos_token_id = c.eos_token_id = tok.token_id("<|im_end|>");
   if (config_pad >= 0) c.hf_extra_json = json{{"pad_token_id", config_pad}}.dump();
+  if (config_pad == kNullPad) c.hf_extra_json = json{{"pad_token_id", nullptr}}.dump();
   GPT2 m(*be, c, DType::F32);
   Rng rng(11);
   m.init_random(rng);
@@ -233,6 +248,44 @@ TEST(PadTokenId, ResultsAreBitwiseTheSameWhateverThePadId) {
   EXPECT_EQ(metrics(ra.last_log), metrics(rb.last_log));
   EXPECT_EQ(metrics(ra64.last_log), metrics(rc.last_log));
   EXPECT_NE(wa, slurp(w / "model/model.safetensors"));  // it trained
+}
+
+// The same for a Llama: config.json's pad_token_id is read from a Llama config too, and Llama 3's null (no pad
+// id) pads with 0; none of it changes a result.
+TEST(PadTokenId, LlamaResultsAreBitwiseTheSameWhateverThePadId) {
+  ChatRun w;
+  write_model(w / "llama_null", true, kNullPad, Arch::Llama);
+  write_model(w / "llama_pad9", true, /*config_pad=*/9, Arch::Llama);
+  auto be = make_cpu_backend(1);
+  auto pad_of = [&](const std::string& dir) {
+    return special_token_ids(load_gpt2_checkpoint(*be, dir, DType::F32)->config(), dir);
+  };
+  EXPECT_EQ(pad_of(w / "llama_null").pad, -1);
+  const SpecialTokenIds ids = pad_of(w / "llama_pad9");
+  EXPECT_EQ(ids.pad, 9);
+  EXPECT_EQ(ids.pad_source, "config.json");
+  const JsonTokenizer tok(kTokDir + "/tokenizer.json");
+  TrainConfig a = chat_config(w, w / "llama_null", "a");  // pad 0: none named
+  TrainConfig b = chat_config(w, w / "llama_null", "b");
+  b.pad_token_id = tok.vocab_size() - 1;
+  TrainConfig c = chat_config(w, w / "llama_pad9", "c");  // pad 9 from config.json
+  const RunSummary ra = run_training(a, RunKind::Dpo, quiet());
+  const RunSummary rb = run_training(b, RunKind::Dpo, quiet());
+  const RunSummary rc = run_training(c, RunKind::Dpo, quiet());
+  ASSERT_GT(ra.steps, 0);
+  const std::string wa = slurp(ra.final_checkpoint + "/model.safetensors");
+  EXPECT_TRUE(wa == slurp(rb.final_checkpoint + "/model.safetensors"));
+  EXPECT_TRUE(wa == slurp(rc.final_checkpoint + "/model.safetensors"));
+  auto metrics = [](std::map<std::string, double> m) {
+    m.erase("tokens_per_second");  // wall-clock
+    return m;
+  };
+  EXPECT_EQ(metrics(ra.last_log), metrics(rb.last_log));
+  EXPECT_EQ(metrics(ra.last_log), metrics(rc.last_log));
+  EXPECT_NE(wa, slurp(w / "llama_null/model.safetensors"));  // it trained
+  // The saved config.json keeps the source's pad_token_id (null stays null).
+  std::ifstream f(rc.final_checkpoint + "/config.json");
+  EXPECT_EQ(json::parse(f)["pad_token_id"], 9);
 }
 
 TEST(PadTokenId, OutsideTheVocabularyNamesTheKeyOrTheFile) {
