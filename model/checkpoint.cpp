@@ -170,9 +170,10 @@ SpecialTokenIds special_token_ids(const GPT2Config& c, const std::string& dir) {
   return r;
 }
 
-LoadReport load_gpt2_weights(GPT2& model, const std::string& path) {
-  if (model.config().arch == Arch::Llama) return load_llama_weights(model, path);
-  SafetensorsFile file(path);
+LoadReport load_gpt2_weights(GPT2& model, const std::string& weights) {
+  if (model.config().arch == Arch::Llama) return load_llama_weights(model, weights);
+  const SafetensorsDir file = SafetensorsDir::open(weights);
+  const std::string& path = file.path();  // the single file or the index: what messages name
   LoadReport report;
   // Map stored names to parameter names.
   std::map<std::string, const SafetensorsEntry*> by_param;
@@ -243,19 +244,31 @@ std::unique_ptr<GPT2> load_gpt2_checkpoint(Backend& backend, const std::string& 
     }
   }
   auto model = std::make_unique<GPT2>(backend, cfg, dtype);
-  LoadReport r = load_gpt2_weights(*model, (fs::path(dir) / "model.safetensors").string());
+  LoadReport r = load_gpt2_weights(*model, dir);
   if (report) *report = std::move(r);
   return model;
 }
 
-void save_gpt2_checkpoint(const GPT2& model, const std::string& dir) {
+std::vector<std::pair<std::string, Tensor>> hf_weight_tensors(const GPT2& model, const Tensor& host_weights) {
+  DPO_ASSERT(host_weights.device().kind == DeviceKind::CPU && host_weights.dtype() == DType::F32 &&
+                 host_weights.numel() == model.params().numel(),
+             "hf_weight_tensors: host_weights must be a host F32 tensor of num_parameters elements");
+  if (model.config().arch == Arch::Llama) return llama_hf_tensors(model, host_weights);
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  for (const auto& s : model.specs())
+    tensors.emplace_back("transformer." + s.name, host_weights.view(s.offset, s.shape));
+  return tensors;
+}
+
+std::vector<std::string> save_gpt2_checkpoint(const GPT2& model, const std::string& dir, int64_t max_shard_bytes) {
   Tensor host = Tensor::host({model.params().numel()}, DType::F32);
   DPO_ASSERT(!model.master_sharded(), "save_gpt2_checkpoint: the master weights are sharded; gather them first");
   model.backend().copy_to_host(host, model.master_params());  // F32 master weights in BF16 mode
-  save_gpt2_checkpoint(model, dir, host);
+  return save_gpt2_checkpoint(model, dir, host, max_shard_bytes);
 }
 
-void save_gpt2_checkpoint(const GPT2& model, const std::string& dir, const Tensor& host_weights) {
+std::vector<std::string> save_gpt2_checkpoint(const GPT2& model, const std::string& dir, const Tensor& host_weights,
+                                              int64_t max_shard_bytes) {
   namespace fs = std::filesystem;
   DPO_ASSERT(host_weights.device().kind == DeviceKind::CPU && host_weights.numel() == model.params().numel(),
              "save_gpt2_checkpoint: host_weights must be a host tensor of num_parameters elements");
@@ -265,14 +278,15 @@ void save_gpt2_checkpoint(const GPT2& model, const std::string& dir, const Tenso
   Tensor host = host_weights.dtype() == DType::F32 ? host_weights.reshape({host_weights.numel()})
                                                    : convert_host(host_weights.reshape({host_weights.numel()}),
                                                                   DType::F32, "save_gpt2_checkpoint");
-  std::vector<std::pair<std::string, Tensor>> tensors;
-  if (model.config().arch == Arch::Llama) tensors = llama_hf_tensors(model, host);
-  else
-    for (const auto& s : model.specs()) tensors.emplace_back("transformer." + s.name, host.view(s.offset, s.shape));
-  save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
+  std::vector<std::string> written =
+      save_safetensors_dir(dir, hf_weight_tensors(model, host), {{"format", "pt"}}, max_shard_bytes);
   write_file_atomic((fs::path(dir) / "config.json").string(), gpt2_config_json(model.config()));
-  if (!model.config().generation_config.empty())
+  written.push_back("config.json");
+  if (!model.config().generation_config.empty()) {
     write_file_atomic((fs::path(dir) / kGenerationConfigFile).string(), model.config().generation_config);
+    written.push_back(kGenerationConfigFile);
+  }
+  return written;
 }
 
 }  // namespace dpo

@@ -234,8 +234,9 @@ Shape hf_shape(const Piece& p) { return p.in > 0 ? Shape{p.out, p.in} : Shape{p.
 
 }  // namespace
 
-LoadReport load_llama_weights(GPT2& model, const std::string& path) {
-  SafetensorsFile file(path);
+LoadReport load_llama_weights(GPT2& model, const std::string& weights) {
+  const SafetensorsDir file = SafetensorsDir::open(weights);
+  const std::string& path = file.path();  // the single file or the index: what messages name
   LoadReport report;
   const auto plan = pieces(model);
   std::set<std::string> wanted;

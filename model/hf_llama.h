@@ -36,7 +36,9 @@ GPT2Config llama_config_from_json(const nlohmann::json& j, const std::string& pa
 // gpt2_config_json adds for both architectures).
 nlohmann::json llama_config_to_json(const GPT2Config& c);
 
-LoadReport load_llama_weights(GPT2& model, const std::string& safetensors_path);
+// `weights`: one .safetensors file, or a model directory in either form (model.safetensors, or
+// model.safetensors.index.json and its shards, as Llama checkpoints ship: SafetensorsDir).
+LoadReport load_llama_weights(GPT2& model, const std::string& weights);
 // The model's parameters (host_weights: host, [num_parameters] F32) as HF tensors, HF names and layouts.
 std::vector<std::pair<std::string, Tensor>> llama_hf_tensors(const GPT2& model, const Tensor& host_weights);
 

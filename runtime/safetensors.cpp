@@ -1,5 +1,6 @@
 #include "runtime/safetensors.h"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -10,7 +11,9 @@
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <regex>
 #include <set>
+#include <sstream>
 
 namespace dpo {
 
@@ -245,6 +248,158 @@ Tensor SafetensorsFile::read_as(const std::string& name, DType dtype) const {
   return convert_host(raw, dtype, path_ + ": tensor '" + name + "'");
 }
 
+SafetensorsDir::SafetensorsDir(std::string dir) : dir_(std::move(dir)) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (!fs::is_directory(dir_, ec)) throw InputError(dir_ + ": not a model directory");
+  const fs::path root(dir_);
+  const fs::path single = root / kSafetensorsSingleName, index = root / kSafetensorsIndexName;
+  const bool has_single = fs::exists(single, ec), has_index = fs::exists(index, ec);
+  if (!has_single && !has_index)
+    throw InputError(single.string() + ": no such file (and no " + kSafetensorsIndexName +
+                     " of sharded weights either): the directory holds no model weights");
+  if (has_single) {  // it wins over an index, as in transformers
+    open_single(single.string());
+    return;
+  }
+
+  sharded_ = true;
+  path_ = index.string();
+  auto bad_index = [&](const std::string& what) -> void { throw InputError(path_ + ": " + what); };
+  std::ifstream in(index, std::ios::binary);
+  if (!in) bad_index("cannot open for reading");
+  std::ostringstream text;
+  text << in.rdbuf();
+  if (in.bad()) bad_index("read error");
+  json j;
+  // A key repeated in an object is refused: nlohmann-json would keep the last value, so a tensor mapped to two
+  // shards would be read from one of them silently.
+  std::vector<std::set<std::string>> open_keys;
+  const json::parser_callback_t dup_check = [&](int, json::parse_event_t ev, json& parsed) {
+    if (ev == json::parse_event_t::object_start) {
+      open_keys.emplace_back();
+    } else if (ev == json::parse_event_t::object_end) {
+      if (!open_keys.empty()) open_keys.pop_back();
+    } else if (ev == json::parse_event_t::key && !open_keys.empty()) {
+      const std::string k = parsed.get<std::string>();
+      if (!open_keys.back().insert(k).second)
+        bad_index("key '" + k + "' appears twice in one object" +
+                  (open_keys.size() == 2 ? " (a tensor mapped twice in weight_map?)" : ""));
+    }
+    return true;
+  };
+  try {
+    j = json::parse(text.str(), dup_check);
+  } catch (const json::exception& e) {  // parse_error, or out_of_range for a number such as 1e999
+    bad_index(std::string("not valid JSON: ") + e.what());
+  }
+  if (!j.is_object()) bad_index("top level is not a JSON object");
+  if (!j.contains("weight_map") || !j["weight_map"].is_object())
+    bad_index("missing or non-object field 'weight_map'");
+  const json& wm = j["weight_map"];
+  if (wm.empty()) bad_index("field 'weight_map' names no tensors");
+
+  std::map<std::string, std::string> shard_of;  // tensor -> shard name, as the index says
+  std::map<std::string, size_t> shard_slot;     // shard name -> index into files_
+  for (auto it = wm.begin(); it != wm.end(); ++it) {
+    const std::string where = "weight_map['" + it.key() + "']";
+    if (!it.value().is_string()) bad_index(where + " is " + it.value().dump() + ", not a shard file name");
+    const std::string name = it.value().get<std::string>();
+    if (!shard_slot.count(name)) {
+      const fs::path rel(name);
+      bool escapes = name.empty() || rel.is_absolute() || rel.has_root_directory() || rel.has_root_name();
+      for (const auto& part : rel) escapes = escapes || part == "..";
+      if (escapes)
+        bad_index(where + " names shard '" + name +
+                  "', which is not a file inside the directory (absolute paths and '..' are refused)");
+      const fs::path shard = root / rel;
+      if (!fs::is_regular_file(shard, ec))
+        bad_index(where + " names shard '" + name + "', which does not exist (" + shard.string() + ")");
+      shard_slot[name] = files_.size();
+      files_.emplace_back(shard.string());  // validates the shard itself
+    }
+    shard_of[it.key()] = name;
+  }
+  int64_t total = 0;
+  for (const auto& [name, slot] : shard_slot) {
+    const SafetensorsFile& f = files_[slot];
+    for (const auto& e : f.entries()) {
+      auto it = shard_of.find(e.name);
+      if (it == shard_of.end())
+        bad_index("shard '" + name + "' holds tensor '" + e.name + "', which weight_map does not name");
+      if (it->second != name)
+        bad_index("tensor '" + e.name + "' is in two shards: '" + name + "' and '" + it->second +
+                  "' (weight_map names '" + it->second + "')");
+      total += e.end - e.begin;
+    }
+  }
+  for (const auto& [tensor, name] : shard_of) {
+    const SafetensorsEntry* e = files_[shard_slot.at(name)].find(tensor);
+    if (!e) bad_index("weight_map maps tensor '" + tensor + "' to shard '" + name + "', which does not hold it");
+    entries_.push_back(*e);
+    file_index_[tensor] = shard_slot.at(name);
+  }  // shard_of is a std::map: entries_ come out sorted by name
+  if (j.contains("metadata") && !j["metadata"].is_null()) {
+    const json& m = j["metadata"];
+    if (!m.is_object()) bad_index("field 'metadata' is not an object");
+    if (m.contains("total_size")) {
+      const json& ts = m["total_size"];
+      // An integer; some writers store it as a float with an integral value.
+      const bool integral = ts.is_number_unsigned() ||
+                            (ts.is_number_float() && ts.get<double>() >= 0 && ts.get<double>() < 9.0e18 &&
+                             std::floor(ts.get<double>()) == ts.get<double>());
+      if (!integral) bad_index("field 'metadata.total_size' is " + ts.dump() + ", not a byte count");
+      const int64_t said = ts.is_number_unsigned() ? static_cast<int64_t>(ts.get<uint64_t>())
+                                                   : static_cast<int64_t>(ts.get<double>());
+      if (said != total)
+        bad_index("field 'metadata.total_size' is " + std::to_string(said) + " but the shards' tensors hold " +
+                  std::to_string(total) + " bytes");
+    }
+  }
+}
+
+SafetensorsDir SafetensorsDir::open(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) return SafetensorsDir(path);
+  SafetensorsDir d;
+  d.dir_ = std::filesystem::path(path).parent_path().string();
+  d.open_single(path);
+  return d;
+}
+
+void SafetensorsDir::open_single(const std::string& path) {
+  path_ = path;
+  files_.emplace_back(path);
+  entries_ = files_[0].entries();
+  for (const auto& e : entries_) file_index_[e.name] = 0;
+  std::sort(entries_.begin(), entries_.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
+}
+
+std::vector<std::string> SafetensorsDir::files() const {
+  std::vector<std::string> out;
+  for (const auto& f : files_) out.push_back(f.path());
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+const SafetensorsEntry* SafetensorsDir::find(const std::string& name) const {
+  auto it = std::lower_bound(entries_.begin(), entries_.end(), name,
+                             [](const SafetensorsEntry& e, const std::string& n) { return e.name < n; });
+  return it != entries_.end() && it->name == name ? &*it : nullptr;
+}
+
+const SafetensorsFile& SafetensorsDir::holder(const std::string& name) const {
+  auto it = file_index_.find(name);
+  if (it == file_index_.end()) bad(path_, "tensor '" + name + "' not found");
+  return files_[it->second];
+}
+
+const std::string& SafetensorsDir::file_of(const std::string& name) const { return holder(name).path(); }
+
+Tensor SafetensorsDir::read(const std::string& name) const { return holder(name).read(name); }
+
+Tensor SafetensorsDir::read_as(const std::string& name, DType dtype) const { return holder(name).read_as(name, dtype); }
+
 namespace {
 
 std::string temp_name(const std::string& path) { return path + ".tmp." + std::to_string(::getpid()); }
@@ -276,8 +431,13 @@ void write_file_atomic(const std::string& path, const std::string& text) {
   commit_file(f, tmp, path);
 }
 
-void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
-                      const std::map<std::string, std::string>& metadata) {
+namespace {
+
+// Writes the file of `tensors` under a temporary name beside `path` (flushed and synced to disk, closed) and
+// returns that name; on failure nothing is left behind.
+std::string write_safetensors_temporary(const std::string& path,
+                                        const std::vector<std::pair<std::string, Tensor>>& tensors,
+                                        const std::map<std::string, std::string>& metadata) {
   json header = json::object();
   if (!metadata.empty()) header["__metadata__"] = metadata;
   int64_t offset = 0;
@@ -285,7 +445,9 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
   for (const auto& [name, t] : tensors) {
     DPO_ASSERT(t.device().kind == DeviceKind::CPU, "save_safetensors takes host tensors: " + name);
     DPO_ASSERT(seen.insert(name).second, "duplicate tensor name " + name);
-    header[name] = {{"dtype", dtype_name(t.dtype())}, {"shape", t.shape()}, {"data_offsets", {offset, offset + t.nbytes()}}};
+    header[name] = {{"dtype", dtype_name(t.dtype())},
+                    {"shape", t.shape()},
+                    {"data_offsets", {offset, offset + t.nbytes()}}};
     offset += t.nbytes();
   }
   std::string h = header.dump();
@@ -302,12 +464,188 @@ void save_safetensors(const std::string& path, const std::vector<std::pair<std::
     if (!ok) break;
     ok = std::fwrite(t.raw(), 1, static_cast<size_t>(t.nbytes()), f) == static_cast<size_t>(t.nbytes());
   }
+  ok = ok && std::fflush(f) == 0 && ::fsync(fileno(f)) == 0;
+  ok = (std::fclose(f) == 0) && ok;
   if (!ok) {
-    std::fclose(f);
+    const int err = errno;
     std::remove(tmp.c_str());
-    throw Error("writing " + tmp + " failed: " + std::strerror(errno));
+    throw Error("writing " + tmp + " failed: " + std::strerror(err));
   }
-  commit_file(f, tmp, path);
+  return tmp;
+}
+
+void rename_or_throw(const std::string& from, const std::string& to) {
+  if (std::rename(from.c_str(), to.c_str()) != 0) {
+    const int err = errno;
+    std::remove(from.c_str());
+    throw Error("renaming " + from + " to " + to + " failed: " + std::strerror(err));
+  }
+}
+
+// Makes the renames and removals in `dir` durable (best effort: some file systems refuse fsync on a directory).
+void sync_directory(const std::string& dir) {
+  const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY);
+  if (fd < 0) return;
+  (void)::fsync(fd);
+  ::close(fd);
+}
+
+// HF's shard names: <prefix>-<5 digits>-of-<5 digits>.safetensors (the pattern transformers' save_pretrained
+// removes stale shards by).
+bool is_shard_name(const std::string& name) {
+  static const std::regex re("model-[0-9]{5}-of-[0-9]{5}\\.safetensors");
+  return std::regex_match(name, re);
+}
+
+std::string shard_name(size_t k, size_t n) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "model-%05zu-of-%05zu.safetensors", k + 1, n);
+  return buf;
+}
+
+}  // namespace
+
+void save_safetensors(const std::string& path, const std::vector<std::pair<std::string, Tensor>>& tensors,
+                      const std::map<std::string, std::string>& metadata) {
+  rename_or_throw(write_safetensors_temporary(path, tensors, metadata), path);
+}
+
+int64_t parse_shard_size(const std::string& text, const std::string& what) {
+  auto fail = [&]() -> int64_t {
+    throw InputError(what + ": '" + text +
+                     "' is not a shard size; expected a positive number of bytes or a number with a unit KB, MB, GB "
+                     "or TB (\"5GB\", \"500MB\"), as HF's max_shard_size");
+  };
+  std::string t = text;
+  while (!t.empty() && std::isspace(static_cast<unsigned char>(t.back()))) t.pop_back();
+  while (!t.empty() && std::isspace(static_cast<unsigned char>(t.front()))) t.erase(t.begin());
+  double mult = 1;
+  if (t.size() > 2) {
+    std::string unit = t.substr(t.size() - 2);
+    for (char& ch : unit) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+    const std::map<std::string, double> units = {{"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12}};
+    if (auto it = units.find(unit); it != units.end()) {
+      mult = it->second;
+      t = t.substr(0, t.size() - 2);
+      while (!t.empty() && std::isspace(static_cast<unsigned char>(t.back()))) t.pop_back();
+    }
+  }
+  // Digits, and with a unit one decimal point (HF parses the number before a unit as a float).
+  if (t.empty() || std::count(t.begin(), t.end(), '.') > (mult > 1 ? 1 : 0)) return fail();
+  for (char ch : t)
+    if (!std::isdigit(static_cast<unsigned char>(ch)) && ch != '.') return fail();
+  std::istringstream in(t);
+  in.imbue(std::locale::classic());
+  double v = 0;
+  in >> v;
+  if (!in || !in.eof()) return fail();
+  const double bytes = std::floor(v * mult);  // HF: int(value * multiplier)
+  if (!(bytes >= 1) || bytes > 9.0e18) return fail();
+  return static_cast<int64_t>(bytes);
+}
+
+std::vector<std::vector<size_t>> plan_shards(const std::vector<int64_t>& nbytes, int64_t max_shard_bytes) {
+  DPO_ASSERT(max_shard_bytes > 0, "plan_shards: max_shard_bytes must be positive");
+  std::vector<std::vector<size_t>> shards;
+  std::vector<size_t> current;
+  int64_t current_bytes = 0;
+  for (size_t i = 0; i < nbytes.size(); ++i) {
+    if (nbytes[i] > max_shard_bytes) {  // on its own, placed where it is met (the current shard stays open)
+      shards.push_back({i});
+      continue;
+    }
+    if (current_bytes + nbytes[i] > max_shard_bytes) {
+      shards.push_back(std::move(current));
+      current.clear();
+      current_bytes = 0;
+    }
+    current.push_back(i);
+    current_bytes += nbytes[i];
+  }
+  if (!current.empty()) shards.push_back(std::move(current));
+  return shards;
+}
+
+std::vector<std::string> save_safetensors_dir(const std::string& dir,
+                                              const std::vector<std::pair<std::string, Tensor>>& tensors,
+                                              const std::map<std::string, std::string>& metadata,
+                                              int64_t max_shard_bytes) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw Error("cannot create directory " + dir + ": " + ec.message());
+  const fs::path root(dir);
+  std::vector<int64_t> sizes;
+  for (const auto& nt : tensors) sizes.push_back(nt.second.nbytes());
+  std::vector<std::vector<size_t>> plan = plan_shards(sizes, max_shard_bytes);
+  // What an earlier save left that the new set replaces: removed once the new set is in place.
+  auto remove_stale = [&](const std::set<std::string>& keep) {
+    std::vector<fs::path> stale;
+    for (const auto& e : fs::directory_iterator(root, ec)) {
+      const std::string n = e.path().filename().string();
+      if (keep.count(n)) continue;
+      if (n == kSafetensorsSingleName || n == kSafetensorsIndexName || is_shard_name(n)) stale.push_back(e.path());
+    }
+    for (const auto& p : stale) {
+      fs::remove(p, ec);
+      if (ec) throw Error("cannot remove " + p.string() + " (left by an earlier save): " + ec.message());
+    }
+    sync_directory(dir);
+  };
+
+  if (plan.size() <= 1) {
+    save_safetensors((root / kSafetensorsSingleName).string(), tensors, metadata);
+    remove_stale({kSafetensorsSingleName});  // the single file wins over an index already, so this is tidying
+    return {kSafetensorsSingleName};
+  }
+
+  const size_t n = plan.size();
+  std::vector<std::string> names, temporaries;
+  json weight_map = json::object();
+  int64_t total = 0;
+  try {
+    for (size_t k = 0; k < n; ++k) {
+      names.push_back(shard_name(k, n));
+      std::vector<std::pair<std::string, Tensor>> part;
+      for (size_t i : plan[k]) {
+        part.push_back(tensors[i]);
+        weight_map[tensors[i].first] = names.back();
+        total += tensors[i].second.nbytes();
+      }
+      temporaries.push_back(write_safetensors_temporary((root / names.back()).string(), part, metadata));
+    }
+  } catch (...) {
+    for (const auto& t : temporaries) std::remove(t.c_str());
+    throw;
+  }
+  // An earlier index over shards of the same names must not be left pointing at a mix of old and new files.
+  const fs::path index = root / kSafetensorsIndexName;
+  bool replaces = false;
+  for (const auto& nm : names) replaces = replaces || fs::exists(root / nm, ec);
+  if (replaces && fs::exists(index, ec)) {
+    fs::remove(index, ec);
+    if (ec) {
+      for (const auto& t : temporaries) std::remove(t.c_str());
+      throw Error("cannot remove " + index.string() + " before replacing its shards: " + ec.message());
+    }
+    sync_directory(dir);
+  }
+  for (size_t k = 0; k < n; ++k) {
+    if (std::rename(temporaries[k].c_str(), (root / names[k]).string().c_str()) != 0) {
+      const int err = errno;
+      for (size_t r = k; r < n; ++r) std::remove(temporaries[r].c_str());
+      throw Error("renaming " + temporaries[k] + " to " + (root / names[k]).string() + " failed: " +
+                  std::strerror(err));
+    }
+  }
+  sync_directory(dir);
+  const json idx = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
+  write_file_atomic(index.string(), idx.dump(2) + "\n");
+  std::set<std::string> keep(names.begin(), names.end());
+  keep.insert(kSafetensorsIndexName);
+  remove_stale(keep);
+  names.push_back(kSafetensorsIndexName);
+  return names;
 }
 
 }  // namespace dpo

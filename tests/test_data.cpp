@@ -1074,6 +1074,49 @@ TEST(Batch, RejectsBadArguments) {
   EXPECT_NO_THROW(make_batch(e, {0}, DType::F32, 0));
 }
 
+// The pad id changes the padding slots' tokens and nothing else, in every layout (so results cannot depend on it:
+// padding is never attended to, targeted or weighted).
+TEST(Batch, PadIdFillsOnlyPaddingSlotsInEveryLayout) {
+  std::mt19937_64 g(test::test_seed());
+  std::uniform_int_distribution<int32_t> tok(0, 299);
+  std::uniform_int_distribution<int> len(1, 11);
+  std::vector<PreferencePair> d(7);
+  for (auto& p : d) {
+    for (int i = len(g); i > 0; --i) p.prompt.push_back(tok(g));
+    for (int i = len(g); i > 0; --i) p.chosen.push_back(tok(g));
+    for (int i = len(g); i > 0; --i) p.rejected.push_back(tok(g));
+  }
+  const std::vector<int64_t> idx = {3, 0, 6, 1, 5};
+  for (BatchLayout l : {BatchLayout::Padded, BatchLayout::Packed, BatchLayout::PrefixShared}) {
+    SCOPED_TRACE(batch_layout_name(l));
+    const Batch a = make_layout_batch(d, idx, l, 23, DType::F64, 0);
+    const Batch b = make_layout_batch(d, idx, l, 23, DType::F64, 299);
+    ASSERT_EQ(a.tokens.numel(), b.tokens.numel());
+    int64_t pads = 0;
+    for (int64_t i = 0; i < a.tokens.numel(); ++i) {
+      const bool pad = a.keymask.data<int32_t>()[i] == 0;
+      pads += pad;
+      EXPECT_EQ(b.tokens.data<int32_t>()[i], pad ? 299 : a.tokens.data<int32_t>()[i]) << i;
+      if (pad) EXPECT_EQ(a.tokens.data<int32_t>()[i], 0) << i;
+      EXPECT_EQ(a.keymask.data<int32_t>()[i], b.keymask.data<int32_t>()[i]);
+      EXPECT_EQ(a.targets.data<int32_t>()[i], b.targets.data<int32_t>()[i]);
+      EXPECT_EQ(a.weights.data<double>()[i], b.weights.data<double>()[i]);
+    }
+    EXPECT_GT(pads, 0);  // the lengths differ, so some slots are padding
+  }
+}
+
+TEST(DataOptions, PadIdMustBeInTheVocabulary) {
+  DataOptions o;
+  o.vocab_size = 300;
+  o.pad_id = 299;
+  EXPECT_NO_THROW(o.validate());
+  o.pad_id = 300;
+  EXPECT_THROW(o.validate(), InputError);
+  o.pad_id = -1;
+  EXPECT_THROW(o.validate(), InputError);
+}
+
 // ---------------------------------------------------------------------------------------------- SFT
 
 TEST(Sft, LoadBothFormsAndBatch) {

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <random>
 
@@ -401,14 +402,53 @@ TEST(TrDpoRun, ReferenceAfterASyncIsTheHandMixedModel) {
   EXPECT_GT(std::fabs(hand.first - orig.first), 1e-2);
 }
 
+// The model a resume case trains: the tiny GPT-2, or a tiny Llama (grouped-query heads, untied head) over the
+// same byte vocabulary whose checkpoints are saved in shards (max_shard_size below the weights' size).
+enum class ResumeModel { GPT2, LlamaSharded };
+
+void write_tiny_llama(const std::string& dir) {
+  auto be = make_cpu_backend(1);
+  GPT2Config c;
+  c.arch = Arch::Llama;
+  c.model_type = "llama";
+  c.vocab_size = 257;
+  c.max_seq_len = 40;
+  c.n_embd = 24;
+  c.n_head = 4;
+  c.n_kv_head = 2;
+  c.n_layer = 2;
+  c.intermediate_size = 40;
+  c.ln_eps = 1e-6;
+  c.tie_word_embeddings = false;
+  GPT2 m(*be, c, DType::F32);
+  Rng rng(3);
+  m.init_random(rng);
+  fs::remove_all(dir);
+  save_gpt2_checkpoint(m, dir);
+}
+
+// The weights and optimizer files of a checkpoint (model.safetensors or the shards and their index,
+// optimizer.safetensors, ref_model.safetensors), name -> bytes.
+std::map<std::string, std::string> state_files(const std::string& dir) {
+  std::map<std::string, std::string> r;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    const std::string n = e.path().filename().string();
+    if (n.size() > 12 && (n.compare(n.size() - 12, 12, ".safetensors") == 0 || n == kSafetensorsIndexName))
+      r[n] = slurp(e.path().string());
+  }
+  return r;
+}
+
 // Bitwise resume across syncs: 6 steps straight against stopped after step 3 and resumed (syncs after steps 2,
 // 4 and 6: one before the stop, two after), in fp32 and in bf16.
-void run_resume_case(const std::string& precision) {
+void run_resume_case(const std::string& precision, ResumeModel model = ResumeModel::GPT2) {
   Workdir w;
   test::write_tiny_fixture(w.dir.string(), 22);
+  if (model == ResumeModel::LlamaSharded) write_tiny_llama(w / "base");
   g_config_dir = w / "base";
   TrainConfig full = tr_config(w, "full");
   full.precision = precision;
+  if (model == ResumeModel::LlamaSharded) full.max_shard_size = "30KB";  // 87 KB of F32 weights
   full.num_train_epochs = 2;  // 22 pairs / 8 per step: 3 steps per epoch, 6 in all
   full.eval_file = w / "eval.jsonl";
   full.eval_steps = 3;
@@ -425,10 +465,22 @@ void run_resume_case(const std::string& precision) {
   ro.resume = ckpt(part, 3);
   RunSummary b = run_training(part, RunKind::Dpo, ro);
   ASSERT_EQ(b.steps, 6);
-  for (const char* f : {"model.safetensors", "optimizer.safetensors", "ref_model.safetensors"}) {
-    const std::string fa = slurp(a.final_checkpoint + "/" + f);
-    ASSERT_FALSE(fa.empty()) << f;
-    EXPECT_TRUE(fa == slurp(b.final_checkpoint + "/" + f)) << f << " differs from the uninterrupted run's";
+  const auto fa = state_files(a.final_checkpoint), fb = state_files(b.final_checkpoint);
+  for (const char* f : {"optimizer.safetensors", "ref_model.safetensors"}) EXPECT_TRUE(fa.count(f)) << f;
+  if (model == ResumeModel::LlamaSharded) {
+    EXPECT_TRUE(fa.count(kSafetensorsIndexName) && !fa.count("model.safetensors"));
+    int shards = 0;
+    for (const auto& nb : fa) shards += nb.first.rfind("model-", 0) == 0;
+    EXPECT_GE(shards, 2);
+    // The reference stays one file, with the model's HF tensor names (what load_gpt2_weights reads back).
+    EXPECT_NE(SafetensorsFile(a.final_checkpoint + "/ref_model.safetensors").find("model.norm.weight"), nullptr);
+  } else {
+    EXPECT_TRUE(fa.count("model.safetensors"));
+  }
+  ASSERT_EQ(fa.size(), fb.size());
+  for (const auto& [f, bytes] : fa) {
+    ASSERT_TRUE(fb.count(f)) << f;
+    EXPECT_TRUE(bytes == fb.at(f)) << f << " differs from the uninterrupted run's";
   }
   auto strip = [](std::vector<nlohmann::json> v) {
     for (auto& j : v) j.erase("tokens_per_second");
@@ -479,6 +531,7 @@ void run_resume_case(const std::string& precision) {
 
 TEST(TrDpoRun, ResumeAcrossSyncsIsBitIdentical) { run_resume_case("fp32"); }
 TEST(TrDpoRun, ResumeAcrossSyncsIsBitIdenticalBf16) { run_resume_case("bf16"); }
+TEST(TrDpoRun, ResumeAcrossSyncsIsBitIdenticalLlamaSharded) { run_resume_case("fp32", ResumeModel::LlamaSharded); }
 
 // bf16 with alpha = 1: the reference after a sync is the policy's weights rounded to bf16 (its compute copy).
 TEST(TrDpoRun, HardCopyInBf16IsThePolicyRoundedToBf16) {

@@ -200,8 +200,7 @@ int cmd_init(const std::string& out, dpo::GPT2Config cfg, uint64_t seed, const I
   dpo::GPT2& model = *made;
   dpo::Rng rng(seed);
   model.init_random(rng);
-  dpo::save_gpt2_checkpoint(model, out);
-  dpo::write_checksums(out, {"config.json", "model.safetensors"});
+  dpo::write_checksums(out, dpo::save_gpt2_checkpoint(model, out));  // the weights may be sharded (over 5 GB)
   std::printf("wrote %s (%s, %lld parameters, seed %llu)\n", out.c_str(), cfg.model_type.c_str(),
               static_cast<long long>(cfg.num_parameters()), static_cast<unsigned long long>(seed));
   return 0;

@@ -14,6 +14,7 @@
 #include <system_error>
 
 #include "runtime/error.h"
+#include "runtime/safetensors.h"
 
 namespace dpo {
 
@@ -181,6 +182,8 @@ const std::vector<Key>& keys() {
                             "directory's tokenizer.json when it has one, else byte"),
       INT_KEY(eos_token_id, "EOS appended to completions; -1 = the model's (config.json, else generation_config.json; "
                             "the first of a list); the byte tokenizer's text records use 256 unless this is set"),
+      INT_KEY(pad_token_id, "the id that fills padding slots (never scored, so results do not depend on it); -1 = "
+                            "the model's pad_token_id (config.json, else generation_config.json), else 0"),
       STRING_KEY(device, "cpu or cuda"),
       STRING_KEY(precision, "fp32, or bf16: bf16 weights and activations with fp32 master weights, gradients and "
                             "optimizer state (meant for cuda; on cpu it is emulated and slow)"),
@@ -283,6 +286,9 @@ const std::vector<Key>& keys() {
       INT_KEY(eval_steps, "evaluate every N optimizer steps; 0 = at the end only"),
       INT_KEY(save_steps, "checkpoint every N optimizer steps; 0 = at the end only"),
       INT_KEY(save_total_limit, "keep at most N step checkpoints; 0 = all"),
+      STRING_KEY(max_shard_size, "largest weights file of a saved checkpoint, as HF's max_shard_size (\"5GB\", "
+                                 "\"500MB\", or bytes); larger models are saved in shards with "
+                                 "model.safetensors.index.json"),
       STRING_KEY(profile_steps, "optimizer steps inside a CUDA profiler capture range (cudaProfilerStart/Stop, for "
                                 "nsys --capture-range=cudaProfilerApi or ncu --profile-from-start off): \"A-B\" or "
                                 "\"N\", 1-based; empty = off; device: cuda only"),
@@ -407,6 +413,8 @@ void validate(const TrainConfig& c, RunKind kind) {
   if (c.device != "cpu" && c.device != "cuda") bad("device", "must be cpu or cuda, got '" + c.device + "'");
   if (c.tokenizer.empty()) bad("tokenizer", "must be byte or the path of a tokenizer.json, got ''");
   range("eos_token_id", c.eos_token_id, -1, kMaxCount);
+  range("pad_token_id", c.pad_token_id, -1, kMaxCount);
+  (void)parse_shard_size(c.max_shard_size, "key 'max_shard_size'");  // throws naming the key
   if (c.precision != "fp32" && c.precision != "bf16")
     bad("precision", "must be fp32 or bf16, got '" + c.precision + "'");
   // seed: any integer (it is used as its 64-bit pattern).

@@ -33,6 +33,9 @@ struct TrainConfig {
   std::string out_dir;
   std::string tokenizer = "byte";  // "byte" or a tokenizer.json path; when not given, <model>/tokenizer.json if present
   int64_t eos_token_id = -1;       // -1: the model's (config.json, else generation_config.json)
+  // The id padding slots hold (never scored or attended to); -1: the model's pad_token_id (config.json, else
+  // generation_config.json), else 0.
+  int64_t pad_token_id = -1;
   std::string device = "cpu";
   std::string precision = "fp32";  // fp32 | bf16 (bf16 weights/activations, fp32 master weights and gradients)
   int64_t seed = 42;
@@ -110,6 +113,7 @@ struct TrainConfig {
   int64_t eval_steps = 0;  // 0 = evaluate at the end only
   int64_t save_steps = 0;  // 0 = save at the end only
   int64_t save_total_limit = 0;  // keep at most this many step checkpoints; 0 = keep all
+  std::string max_shard_size = "5GB";  // weights files of saved checkpoints, HF's max_shard_size (parse_shard_size)
   // profiling
   std::string profile_steps;  // "A-B" or "N": optimizer steps (1-based, inclusive) inside a CUDA profiler capture
                               // range (cudaProfilerStart/Stop; docs/profiling.md); empty = off. device: cuda only.

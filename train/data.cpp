@@ -423,6 +423,9 @@ void DataOptions::validate() const {
   if (ids_eos_id >= 0 && vocab_size > 0 && ids_eos_id >= vocab_size)
     throw InputError("data options: EOS id " + std::to_string(ids_eos_id) + " is outside the model's vocabulary [0, " +
                      std::to_string(vocab_size) + ")");
+  if (pad_id < 0 || (vocab_size > 0 && pad_id >= vocab_size))
+    throw InputError("data options: pad id " + std::to_string(pad_id) + " is outside the model's vocabulary [0, " +
+                     std::to_string(vocab_size) + ")");
   if (rule == TruncationRule::Trl1) {
     if (truncation != TruncationMode::KeepStart)
       throw InputError("data options: truncation_mode keep_end is not supported with truncation: trl1 (use "

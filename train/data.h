@@ -101,13 +101,17 @@ struct DataOptions {
   int64_t vocab_size = 0;
   // The EOS appended to token-id records (the model's config names it); -1 = the tokenizer's eos_id().
   int32_t ids_eos_id = -1;
+  // The id batches fill padding slots with (make_batch and the others take it as pad_id): the model's pad_token_id
+  // or the key's, else 0. Padding is never scored nor attended to, so results do not depend on it; it must be a
+  // token the model can embed, in [0, vocab_size) (validate).
+  int32_t pad_id = 0;
   // ODPO (odpo_alpha > 0): every preference record must carry score_chosen > score_rejected with a finite
   // difference (the offset is log(score_chosen - score_rejected)); checked while loading so that the error names
   // file:line (the loss itself, device code, assumes it).
   bool require_score_gap = false;
 
   // Throws InputError naming the option unless max_length > 0 and, for Legacy, 0 < max_prompt_length <
-  // max_length; for Trl1, unless truncation is KeepStart.
+  // max_length; for Trl1, unless truncation is KeepStart; and unless 0 <= pad_id < vocab_size (when set).
   void validate() const;
 };
 

@@ -74,8 +74,10 @@ using json = nlohmann::json;
 constexpr const char* kChecksumsFormat = "dpo-checksums-1";
 
 // The files of a checkpoint directory that dpo writes and reads back.
-const char* const kCheckpointFiles[] = {"config.json",        "model.safetensors",      "optimizer.safetensors",
-                                        "trainer_state.json", "generation_config.json", "ref_model.safetensors"};
+const char* const kCheckpointFiles[] = {"config.json", "model.safetensors", "optimizer.safetensors",
+                                        "trainer_state.json", "generation_config.json", "ref_model.safetensors",
+                                        "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
+                                        "special_tokens_map.json", "chat_template.jinja"};
 
 }  // namespace
 
@@ -123,7 +125,17 @@ bool verify_checkpoint(const std::string& dir, CheckpointUse use) {
     if (!files.contains(n) && fs::exists(root / n))
       throw InputError((root / n).string() + ": present but not listed in " + manifest +
                        " (entries removed from the checksum list?)");
-  std::vector<std::string> read = {"config.json", "model.safetensors"};
+  // Weight shards (model-00001-of-00003.safetensors, ...) present must be listed too.
+  for (const auto& e : fs::directory_iterator(root)) {
+    const std::string n = e.path().filename().string();
+    if (n.rfind("model-", 0) == 0 && n.size() > 12 && n.compare(n.size() - 12, 12, ".safetensors") == 0 &&
+        !files.contains(n))
+      throw InputError(e.path().string() + ": present but not listed in " + manifest +
+                       " (entries removed from the checksum list?)");
+  }
+  // The weights: model.safetensors, or the index of a sharded save (its shards are listed files, checked below).
+  const bool sharded = !files.contains("model.safetensors") && files.contains("model.safetensors.index.json");
+  std::vector<std::string> read = {"config.json", sharded ? "model.safetensors.index.json" : "model.safetensors"};
   if (use == CheckpointUse::Resume) read.insert(read.end(), {"trainer_state.json", "optimizer.safetensors"});
   for (const auto& n : read)
     if (!files.contains(n))

@@ -15,7 +15,7 @@ namespace dpo {
 
 Batch BatchShape::make(const std::vector<PreferencePair>& data, const std::vector<int64_t>& indices,
                        DType weight_dtype) const {
-  Batch b = make_layout_batch(data, indices, layout, max_tokens_per_row, weight_dtype, 0);
+  Batch b = make_layout_batch(data, indices, layout, max_tokens_per_row, weight_dtype, pad_id);
   apply_ld_alpha(b, ld_alpha);
   return b;
 }

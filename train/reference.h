@@ -35,6 +35,7 @@ struct BatchShape {
   BatchLayout layout = BatchLayout::Padded;
   int64_t max_tokens_per_row = 0;  // packed / prefix_shared rows
   double ld_alpha = 1.0;  // LD-DPO's weight of the tokens past a pair's shared length (apply_ld_alpha); 1: none
+  int32_t pad_id = 0;     // the id of padding slots (DataOptions::pad_id)
   // A batch of `data`'s records `indices` in this shape (make_batch for Padded), with ld_alpha applied.
   Batch make(const std::vector<PreferencePair>& data, const std::vector<int64_t>& indices, DType weight_dtype) const;
 };

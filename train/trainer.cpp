@@ -94,10 +94,39 @@ std::unique_ptr<Tokenizer> run_tokenizer(const TrainConfig& c) {
   return make_tokenizer(c.tokenizer);
 }
 
+// The tokenizer files every saved checkpoint carries, so that it is a complete HF model directory: the run's
+// tokenizer.json (the key `tokenizer`'s file, saved under that name, or the model directory's) and, when they sit
+// beside it, tokenizer_config.json, special_tokens_map.json and chat_template.jinja (the chat template is in
+// tokenizer_config.json or, as newer transformers save it, in chat_template.jinja). Read once, when the run
+// starts: every checkpoint of a run holds the same bytes. Pairs (name in the checkpoint, bytes); none for the byte
+// tokenizer without a tokenizer.json next to the model.
+std::vector<std::pair<std::string, std::string>> checkpoint_tokenizer_files(const TrainConfig& c) {
+  std::error_code ec;
+  fs::path source;
+  if (c.tokenizer != "byte") source = c.tokenizer;
+  else if (!c.given.count("tokenizer") && fs::is_regular_file(fs::path(c.model) / "tokenizer.json", ec))
+    source = fs::path(c.model) / "tokenizer.json";
+  if (source.empty()) return {};
+  auto slurp = [](const fs::path& p) {
+    std::ifstream f(p, std::ios::binary);
+    std::ostringstream s;
+    s << f.rdbuf();
+    if (!f || f.bad()) throw InputError(p.string() + ": cannot read (it is copied into every checkpoint)");
+    return s.str();
+  };
+  std::vector<std::pair<std::string, std::string>> out = {{"tokenizer.json", slurp(source)}};
+  for (const char* companion : {"tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"}) {
+    const fs::path p = source.parent_path() / companion;
+    if (fs::is_regular_file(p, ec)) out.emplace_back(companion, slurp(p));
+  }
+  return out;
+}
+
 // The model's side of the data options: its vocab_size bounds every id, and its EOS (the key eos_token_id, else
 // config.json's, else generation_config.json's; the first of a list) ends token-id records' completions and, for
-// a tokenizer.json, text records' too. The byte tokenizer's text records keep its own EOS, 256. Returns a line
-// for the run log saying where the EOS came from.
+// a tokenizer.json, text records' too. The byte tokenizer's text records keep its own EOS, 256. Padding slots hold
+// the key pad_token_id, else the model's pad_token_id, else 0. Returns a line for the run log saying where the EOS
+// (and a pad id other than the default) came from.
 std::string bind_model_ids(const TrainConfig& c, const GPT2& model, const std::string& dir, Tokenizer& tok,
                            DataOptions& d) {
   const int64_t V = model.config().vocab_size;
@@ -127,11 +156,21 @@ std::string bind_model_ids(const TrainConfig& c, const GPT2& model, const std::s
     json_tok->set_eos_id(static_cast<int32_t>(eos));
   }
   d.ids_eos_id = static_cast<int32_t>(eos);
-  if (eos < 0) return "eos: " + std::to_string(tok.eos_id()) + " (the " + tok.name() + " tokenizer's)";
+  // Padding: the key pad_token_id, else the model's, else 0 (never scored: results do not depend on it).
+  const int64_t pad = c.pad_token_id >= 0 ? c.pad_token_id : ids.pad >= 0 ? ids.pad : 0;
+  if (pad >= V)
+    throw InputError("key 'pad_token_id': " + std::to_string(pad) + " is outside the model's vocabulary [0, " +
+                     std::to_string(V) + ")");
+  d.pad_id = static_cast<int32_t>(pad);
+  const std::string pad_note =
+      c.pad_token_id >= 0 ? "; pad: " + std::to_string(pad) + " from the key pad_token_id"
+      : ids.pad >= 0      ? "; pad: " + std::to_string(pad) + " from " + (fs::path(dir) / ids.pad_source).string()
+                          : "";
+  if (eos < 0) return "eos: " + std::to_string(tok.eos_id()) + " (the " + tok.name() + " tokenizer's)" + pad_note;
   std::string line = "eos: " + std::to_string(eos) + " from " + from;
   if (dynamic_cast<const ByteTokenizer*>(&tok) && eos != tok.eos_id())
     line += "; text records end with the byte tokenizer's " + std::to_string(tok.eos_id());
-  return line;
+  return line + pad_note;
 }
 
 DataOptions data_options(const TrainConfig& config) {
@@ -247,7 +286,7 @@ const std::set<std::string> kResumeFreeKeys = {"out_dir",       "num_threads", "
                                                "save_steps",    "save_total_limit", "ref_cache_dir", "eval_file",
                                                "per_device_eval_batch_size", "zero_stage", "profile_steps",
                                                "max_consecutive_skipped_steps", "gradient_checkpointing",
-                                               "gradient_checkpointing_interval"};
+                                               "gradient_checkpointing_interval", "max_shard_size"};
 
 void check_resume_config(const std::string& saved_yaml, const TrainConfig& now, const std::string& where) {
   YAML::Node a = YAML::Load(saved_yaml), b = YAML::Load(to_yaml(now));
@@ -256,8 +295,9 @@ void check_resume_config(const std::string& saved_yaml, const TrainConfig& now, 
   if (!a["truncation"]) a["truncation"] = "legacy";
   // Checkpoints written before the f-divergence, DiscoPOP, SimPO and TR-DPO keys existed ran with their defaults.
   const YAML::Node defaults = YAML::Load(to_yaml(TrainConfig{}));
+  // pad_token_id: also absent from checkpoints written before it existed (they padded with 0).
   for (const char* k : {"discopop_tau", "simpo_gamma", "f_divergence_type", "f_alpha_divergence_coef",
-                        "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps"})
+                        "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps", "pad_token_id"})
     if (!a[k]) a[k] = defaults[k];
   std::vector<std::string> diff;
   for (auto it = b.begin(); it != b.end(); ++it) {
@@ -299,6 +339,8 @@ constexpr const char* kRefModelFile = "ref_model.safetensors";
 void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW& opt, const Tensor& m,
                       const Tensor& v, const Tensor& weights, const Position& p, const std::string& config_yaml,
                       const std::string& train_sha256, int64_t save_total_limit, const json& cpu_kernels,
+                      int64_t max_shard_bytes,
+                      const std::vector<std::pair<std::string, std::string>>& tokenizer_files,
                       const Tensor& ref_weights) {
   const fs::path root = fs::path(out_dir) / "checkpoints";
   const std::string name = "step-" + std::to_string(p.step);
@@ -317,8 +359,13 @@ void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW
   } staging{tmp};
   fs::create_directories(tmp, ec);
   if (ec) throw Error("cannot create " + tmp.string() + ": " + ec.message());
-  if (weights.defined()) save_gpt2_checkpoint(model, tmp.string(), weights);
-  else save_gpt2_checkpoint(model, tmp.string());
+  std::vector<std::string> files = weights.defined()
+                                       ? save_gpt2_checkpoint(model, tmp.string(), weights, max_shard_bytes)
+                                       : save_gpt2_checkpoint(model, tmp.string(), max_shard_bytes);
+  for (const auto& [file, bytes] : tokenizer_files) {
+    write_file_atomic((tmp / file).string(), bytes);
+    files.push_back(file);
+  }
   save_safetensors((tmp / "optimizer.safetensors").string(), {{"exp_avg", m}, {"exp_avg_sq", v}},
                    {{"optimizer", "adamw"}, {"step", std::to_string(opt.step_count())}});
   json st = {{"step", p.step},
@@ -331,19 +378,14 @@ void write_checkpoint(const std::string& out_dir, const GPT2& model, const AdamW
              {"format", kCheckpointFormat}};
   if (!cpu_kernels.is_null()) st["cpu_kernels"] = cpu_kernels;  // optional: CPU runs only
   write_file_atomic((tmp / "trainer_state.json").string(), st.dump(2) + "\n");
-  std::vector<std::string> files = {"config.json", "model.safetensors", "optimizer.safetensors",
-                                    "trainer_state.json"};
+  files.insert(files.end(), {"optimizer.safetensors", "trainer_state.json"});  // beside the model's and tokenizer's
   if (ref_weights.defined()) {
+    // One file whatever max_shard_size says (save_safetensors_dir's names are the model's own), with the tensors
+    // the model's weights have: HF names and layouts of either architecture, which load_gpt2_weights reads back.
     const Tensor rw = convert_host(ref_weights.reshape({ref_weights.numel()}), DType::F32, kRefModelFile);
-    // The names and layouts of model.safetensors, so that load_gpt2_weights reads it back on resume.
-    std::vector<std::pair<std::string, Tensor>> tensors;
-    if (model.config().arch == Arch::Llama) tensors = llama_hf_tensors(model, rw);
-    else
-      for (const auto& s : model.specs()) tensors.emplace_back("transformer." + s.name, rw.view(s.offset, s.shape));
-    save_safetensors((tmp / kRefModelFile).string(), tensors, {{"format", "pt"}});
+    save_safetensors((tmp / kRefModelFile).string(), hf_weight_tensors(model, rw), {{"format", "pt"}});
     files.push_back(kRefModelFile);
   }
-  if (fs::exists(tmp / kGenerationConfigFile)) files.push_back(kGenerationConfigFile);  // the source model's
   write_checksums(tmp.string(), files);
   if (fs::exists(final_dir)) fs::remove_all(final_dir);
   fs::rename(tmp, final_dir, ec);
@@ -394,7 +436,7 @@ Position load_checkpoint(const std::string& dir, GPT2& model, AdamW& opt, const 
                      " was written (its SHA-256 differs from the one in trainer_state.json); resuming would continue "
                      "on other data. Restore the file, or start a new run from the checkpoint's weights with "
                      "model=" + dir);
-  load_gpt2_weights(model, (fs::path(dir) / "model.safetensors").string());
+  load_gpt2_weights(model, dir);  // either form of the weights
   SafetensorsFile of((fs::path(dir) / "optimizer.safetensors").string());
   Backend& be = model.backend();
   Tensor m = of.read_as("exp_avg", DType::F32), v = of.read_as("exp_avg_sq", DType::F32);
@@ -829,6 +871,9 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
   const bool lead = me == 0;  // rank 0 alone writes out_dir and prints
   auto tok = run_tokenizer(cfg);
   DataOptions dopt = data_options(cfg);
+  const int64_t max_shard_bytes = parse_shard_size(cfg.max_shard_size, "key 'max_shard_size'");
+  const auto tokenizer_files =
+      lead ? checkpoint_tokenizer_files(cfg) : std::vector<std::pair<std::string, std::string>>{};
   std::unique_ptr<Progress> progress;
   auto say = [&](const std::string& s) {
     if (ro.quiet || !lead) return;
@@ -897,7 +942,8 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
                            static_cast<double>(policy->params().numel())},
                           "the number of training records, evaluation records or model parameters");
 
-  const BatchShape shape = kind == RunKind::Dpo ? batch_shape(cfg) : BatchShape{};
+  BatchShape shape = kind == RunKind::Dpo ? batch_shape(cfg) : BatchShape{};
+  shape.pad_id = dopt.pad_id;
   // Reference
   LossConfig lc;
   std::unique_ptr<GPT2> ref;
@@ -1138,7 +1184,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
       be->copy_to_host(ref_weights, ref->params());
     }
     if (lead) write_checkpoint(cfg.out_dir, *policy, opt, m, v, weights, p, config_yaml, train_sha256,
-                                cfg.save_total_limit, cpu_kernels, ref_weights);
+                                cfg.save_total_limit, cpu_kernels, max_shard_bytes, tokenizer_files, ref_weights);
     CollectiveTimeoutPause writing;  // the others wait for rank 0's disk, however slow
     comm.barrier();  // no rank runs ahead of a checkpoint it might be asked to resume from
     last_saved = p.step;
@@ -1293,7 +1339,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
         sft_norm_tokens += static_cast<double>(sft[static_cast<size_t>(order[p.pos + i])].completion.size());
       for (int64_t c = c0; c < c1; ++c) {
         std::vector<int64_t> idx = chunk_idx(c);
-        Batch b = make_sft_batch(sft, idx, DType::F32, 0);
+        Batch b = make_sft_batch(sft, idx, DType::F32, dopt.pad_id);
         policy->zero_grad();
         begin_micro_batch(c);
         const std::vector<double> lp = policy_train_pass(
@@ -1323,7 +1369,7 @@ RunSummary run_training(const TrainConfig& cfg, RunKind kind, const RunOptions& 
         Batch b = shape.make(pairs, idx, DType::F32);
         if (cfg.pad_to_multiple_of > 1 && b.layout == BatchLayout::Padded) {
           const int64_t m = cfg.pad_to_multiple_of;
-          pad_batch_columns(b, std::min((b.T + m - 1) / m * m, policy->config().max_seq_len), 0);
+          pad_batch_columns(b, std::min((b.T + m - 1) / m * m, policy->config().max_seq_len), dopt.pad_id);
         }
         policy->zero_grad();
         const Tensor row_sums = mb_sums.view((c - c0) * kPairSumsWidth, {kPairSumsWidth});
@@ -1620,8 +1666,10 @@ std::map<std::string, double> run_evaluation(const TrainConfig& cfg, const std::
   const auto t0 = std::chrono::steady_clock::now();
   // eval_num_tokens: the training tokens the checkpoint's run had seen (TRL reports the trainer's count), when
   // its trainer_state.json records them.
+  BatchShape shape = batch_shape(cfg);
+  shape.pad_id = dopt.pad_id;
   auto metrics = evaluate(comm, *policy, ref.get(), nullptr, data, lc, cfg.per_device_eval_batch_size,
-                          checkpoint_num_tokens(checkpoint), batch_shape(cfg));
+                          checkpoint_num_tokens(checkpoint), shape);
   if (report) {
     report->pairs = static_cast<int64_t>(data.size());
     report->truncated = st.truncated;
